@@ -1,0 +1,1 @@
+"""axoneme: the node agent, the standalone pod runtime and the CLI."""

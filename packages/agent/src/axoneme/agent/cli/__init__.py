@@ -1,0 +1,99 @@
+"""The ``axoneme`` command line (shared/CLI.md is the contract).
+
+Each area registers its subcommands from its own module:
+``_offline`` (policy validate/trace/matrix), ``_agentcmds`` (agent run/cleanup,
+status, policy apply/delete/list, namespace, pod, endpoint, identity,
+observe), ``_plugins`` (plugins). A handler returns the exit code; errors
+are ``AxonemeError`` subclasses mapped to exit codes here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from axoneme.core.errors import AxonemeError, ConfigError, InvalidRule, PolicyError
+
+LOG = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+
+# Modules that register subcommands; a missing one is skipped (it belongs to
+# work not landed yet), a broken one fails loudly.
+_AREAS = ("_plugins", "_offline", "_agentcmds")
+
+
+class UsageError(AxonemeError):
+    """Bad command-line usage (exit 2)."""
+
+
+class CLIParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"error: {message} (usage)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def add_output_flag(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
+    p.add_argument("-o", "--output", choices=list(choices), default=choices[0])
+
+
+def fail(message: str, where: str, code: int) -> int:
+    sys.stderr.write(f"error: {message} ({where})\n")
+    return code
+
+
+def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  # type: ignore[type-arg]
+    parser = CLIParser(prog="axoneme", description="identity-based network policy for pods and containers")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG to stderr")
+    parser.add_argument("--api-socket", default=None,
+                        help="agent API socket (default: $AXONEME_API_SOCKET or /var/run/axoneme/axoneme.sock)")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CLIParser)
+    groups: dict[str, argparse._SubParsersAction] = {"": top}  # type: ignore[type-arg]
+    policy = top.add_parser("policy", help="validate, trace, apply and list policies")
+    groups["policy"] = policy.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=CLIParser)
+    for area in _AREAS:
+        try:
+            mod = importlib.import_module(f"axoneme.agent.cli.{area}")
+        except ModuleNotFoundError as e:
+            if e.name == f"axoneme.agent.cli.{area}":
+                continue
+            raise
+        mod.register(groups)
+    return parser, groups
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, _ = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return handler(args)
+    except InvalidRule as e:
+        for problem in e.problems:
+            sys.stderr.write(f"error: {problem}\n")
+        return EXIT_BAD_INPUT
+    except (UsageError, PolicyError, ConfigError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_BAD_INPUT
+    except AxonemeError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Endpoint: one pod's network presence as the datapath and policy see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from axoneme.core.labels import Labels
+
+
+@dataclass(frozen=True, slots=True)
+class NamedPort:
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A local endpoint.
+
+    ``host_ifname``/``host_ifindex`` name the host side of the pod's veth,
+    where datapaths enforce. ``identity`` is the numeric security identity.
+    """
+
+    id: int
+    identity: int
+    labels: Labels
+    ipv4: str | None = None
+    ipv6: str | None = None
+    host_ifname: str = ""
+    host_ifindex: int = 0
+    host_mac: str = ""
+    pod_mac: str = ""
+    netns: str = ""
+    namespace: str = ""
+    pod_name: str = ""
+    named_ports: tuple[NamedPort, ...] = ()
+    container_id: str = field(default="", compare=False)
+
+    @property
+    def pod(self) -> str:
+        return f"{self.namespace}/{self.pod_name}" if self.pod_name else ""

@@ -1,0 +1,249 @@
+"""Security identities: numbers for label sets, as Cilium allocates them.
+
+Reserved numbers are fixed (DESIGN.md). Cluster identities start at 256 and
+are derived from the labels (a stable hash, probing on collision) so the same
+labels get the same number on every node and after a restart; the allocator's
+state can be persisted and restored (``snapshot``/``restore``) and a store
+shared between nodes (etcd/CRD) plugs in through ``IdentityStore``. CIDR and
+FQDN identities are node-local: ``1 << 24 | n``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+from axoneme.core.errors import IdentityError
+from axoneme.core.labels import SOURCE_CIDR, SOURCE_RESERVED, Label, Labels
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ReservedIdentity(IntEnum):
+    UNKNOWN = 0
+    HOST = 1
+    WORLD = 2
+    UNMANAGED = 3
+    HEALTH = 4
+    INIT = 5
+    REMOTE_NODE = 6
+    KUBE_APISERVER = 7
+    INGRESS = 8
+    WORLD_IPV4 = 9
+    WORLD_IPV6 = 10
+
+
+RESERVED_NAMES: Mapping[ReservedIdentity, str] = {
+    ReservedIdentity.HOST: "host",
+    ReservedIdentity.WORLD: "world",
+    ReservedIdentity.UNMANAGED: "unmanaged",
+    ReservedIdentity.HEALTH: "health",
+    ReservedIdentity.INIT: "init",
+    ReservedIdentity.REMOTE_NODE: "remote-node",
+    ReservedIdentity.KUBE_APISERVER: "kube-apiserver",
+    ReservedIdentity.INGRESS: "ingress",
+    ReservedIdentity.WORLD_IPV4: "world-ipv4",
+    ReservedIdentity.WORLD_IPV6: "world-ipv6",
+}
+
+MIN_CLUSTER_IDENTITY = 256
+MAX_CLUSTER_IDENTITY = 65535
+LOCAL_IDENTITY_FLAG = 1 << 24
+MAX_LOCAL_IDENTITY = (2 << 24) - 1
+
+
+class IdentityScope(str):
+    RESERVED = "reserved"
+    CLUSTER = "cluster"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A numeric identity and the labels it stands for.
+
+    ``cidr`` is set for CIDR identities (node-local) so selectors can match
+    by prefix containment rather than by label strings.
+    """
+
+    id: int
+    labels: Labels
+    cidr: IPNetwork | None = field(default=None, compare=False)
+
+    @property
+    def reserved(self) -> bool:
+        return 0 < self.id < MIN_CLUSTER_IDENTITY
+
+    @property
+    def local(self) -> bool:
+        return bool(self.id & LOCAL_IDENTITY_FLAG)
+
+    @property
+    def is_world(self) -> bool:
+        """World or a CIDR identity (CIDR identities carry reserved:world)."""
+        return self.id in (ReservedIdentity.WORLD, ReservedIdentity.WORLD_IPV4,
+                           ReservedIdentity.WORLD_IPV6) or self.cidr is not None
+
+    def label_strings(self) -> list[str]:
+        return self.labels.sorted_strings()
+
+
+def reserved_identity(rid: ReservedIdentity) -> Identity:
+    labels = Labels([Label(SOURCE_RESERVED, RESERVED_NAMES[rid])])
+    if rid is ReservedIdentity.KUBE_APISERVER:
+        labels = labels.union([Label(SOURCE_RESERVED, "remote-node")])
+    cidr: IPNetwork | None = None
+    return Identity(int(rid), labels, cidr)
+
+
+RESERVED_IDENTITIES: tuple[Identity, ...] = tuple(reserved_identity(r) for r in RESERVED_NAMES)
+
+
+def cidr_labels(net: IPNetwork) -> Labels:
+    """Labels of a CIDR identity: its prefix and reserved:world (Cilium)."""
+    return Labels([Label(SOURCE_CIDR, str(net).replace(":", "-")), Label(SOURCE_RESERVED, "world")])
+
+
+class IdentityStore(Protocol):
+    """Where allocations are shared (a file for one node; etcd/CRD for many).
+
+    Who implements: the agent (state dir) and cluster stores (etcd, CRD).
+    """
+
+    def load(self) -> Mapping[int, list[str]]: ...
+
+    def claim(self, number: int, labels: list[str]) -> bool:
+        """Claim ``number`` for ``labels``; False if another label set holds it."""
+        ...
+
+
+def _preferred_number(key: tuple[str, ...]) -> int:
+    digest = hashlib.sha256("\n".join(key).encode()).digest()
+    span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
+    return MIN_CLUSTER_IDENTITY + int.from_bytes(digest[:8], "big") % span
+
+
+class IdentityAllocator:
+    """Allocates cluster identities from labels and local identities for CIDRs.
+
+    Thread-safe. Cluster numbers start at a hash of the sorted label strings,
+    so the same labels get the same number everywhere; on a collision the
+    allocator probes upwards (and, with a shared store, the store arbitrates).
+    """
+
+    def __init__(self, store: IdentityStore | None = None) -> None:
+        self._lock = threading.RLock()
+        self._by_id: dict[int, Identity] = {i.id: i for i in RESERVED_IDENTITIES}
+        self._by_labels: dict[tuple[str, ...], Identity] = {
+            tuple(i.label_strings()): i for i in RESERVED_IDENTITIES
+        }
+        self._cidr: dict[IPNetwork, Identity] = {}
+        self._next_local = 1
+        self._refs: dict[int, int] = {}
+        self._store = store
+        if store is not None:
+            self.restore(store.load())
+
+    # -- cluster identities -------------------------------------------------
+    def allocate(self, labels: Labels) -> Identity:
+        """The identity of ``labels`` (allocating one if new). Idempotent."""
+        key = tuple(labels.sorted_strings())
+        with self._lock:
+            found = self._by_labels.get(key)
+            if found is not None:
+                self._refs[found.id] = self._refs.get(found.id, 0) + 1
+                return found
+            number = _preferred_number(key)
+            span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
+            for _ in range(span):
+                if number not in self._by_id and (
+                    self._store is None or self._store.claim(number, list(key))
+                ):
+                    ident = Identity(number, labels)
+                    self._by_id[number] = ident
+                    self._by_labels[key] = ident
+                    self._refs[number] = 1
+                    return ident
+                number = MIN_CLUSTER_IDENTITY + (number - MIN_CLUSTER_IDENTITY + 1) % span
+            raise IdentityError("cluster identity space 256-65535 is exhausted")
+
+    def release(self, identity: Identity) -> bool:
+        """Drop one reference; returns True when the identity was freed."""
+        with self._lock:
+            if identity.reserved or identity.id not in self._refs:
+                return False
+            self._refs[identity.id] -= 1
+            if self._refs[identity.id] > 0:
+                return False
+            del self._refs[identity.id]
+            ident = self._by_id.pop(identity.id)
+            self._by_labels.pop(tuple(ident.label_strings()), None)
+            if ident.cidr is not None:
+                self._cidr.pop(ident.cidr, None)
+            return True
+
+    # -- local (CIDR) identities ---------------------------------------------
+    def allocate_cidr(self, net: IPNetwork) -> Identity:
+        """Node-local identity for a prefix (``1 << 24 | n``). Idempotent."""
+        with self._lock:
+            found = self._cidr.get(net)
+            if found is not None:
+                return found
+            if self._next_local > MAX_LOCAL_IDENTITY - LOCAL_IDENTITY_FLAG:
+                raise IdentityError("local identity space is exhausted")
+            number = LOCAL_IDENTITY_FLAG | self._next_local
+            while number in self._by_id:
+                self._next_local += 1
+                number = LOCAL_IDENTITY_FLAG | self._next_local
+            self._next_local += 1
+            ident = Identity(number, cidr_labels(net), net)
+            self._cidr[net] = ident
+            self._by_id[number] = ident
+            self._by_labels[tuple(ident.label_strings())] = ident
+            return ident
+
+    def cidr_identities(self) -> dict[IPNetwork, Identity]:
+        with self._lock:
+            return dict(self._cidr)
+
+    # -- lookup / persistence -------------------------------------------------
+    def get(self, number: int) -> Identity | None:
+        with self._lock:
+            return self._by_id.get(number)
+
+    def lookup(self, labels: Labels) -> Identity | None:
+        with self._lock:
+            return self._by_labels.get(tuple(labels.sorted_strings()))
+
+    def all(self) -> list[Identity]:
+        with self._lock:
+            return sorted(self._by_id.values(), key=lambda i: i.id)
+
+    def snapshot(self) -> dict[int, list[str]]:
+        """Allocated (non-reserved) identities: number -> sorted label strings."""
+        with self._lock:
+            return {i.id: i.label_strings() for i in self._by_id.values() if not i.reserved}
+
+    def restore(self, saved: Mapping[int, Iterable[str]]) -> None:
+        """Re-create identities saved by ``snapshot`` (same numbers)."""
+        with self._lock:
+            for number, strings in saved.items():
+                number = int(number)
+                labels = Labels.from_strings(strings)
+                cidr: IPNetwork | None = None
+                if number & LOCAL_IDENTITY_FLAG:
+                    cidr_label = labels.lookup(SOURCE_CIDR, next(
+                        (lab.key for lab in labels.values() if lab.source == SOURCE_CIDR), ""))
+                    if cidr_label is not None:
+                        cidr = ipaddress.ip_network(cidr_label.key.replace("-", ":"))
+                        self._cidr[cidr] = Identity(number, labels, cidr)
+                    self._next_local = max(self._next_local, (number & ~LOCAL_IDENTITY_FLAG) + 1)
+                ident = self._cidr[cidr] if cidr is not None else Identity(number, labels)
+                self._by_id[number] = ident
+                self._by_labels[tuple(labels.sorted_strings())] = ident
+                self._refs.setdefault(number, 0)

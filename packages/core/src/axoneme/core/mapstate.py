@@ -1,0 +1,303 @@
+"""MapState: the neutral, datapath-independent form of one endpoint's policy.
+
+Key = (identity, direction, protocol, port, port prefix length);
+Entry = (allow|deny, proxy port, L7 rules, flags). Only datapath packages
+turn these into ctypes structs, rule text or ipsets.
+
+Conventions shared by every datapath (mirroring Cilium's LPM policy map):
+- identity 0 is the wildcard: any peer.
+- protocol 0 is ANY and then port and prefix are 0 (the protocol is
+  wildcarded only when the port is). ICMP/ICMPv6 keys carry the ICMP type in
+  ``port`` with a full prefix (16).
+- ``port`` with ``prefix_len`` p (0..16) covers ports whose top p bits equal
+  those of ``port``; port ranges are expanded into such blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+
+class Direction(IntEnum):
+    INGRESS = 0
+    EGRESS = 1
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Protocol(IntEnum):
+    ANY = 0
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+    ICMPV6 = 58
+    SCTP = 132
+
+    @classmethod
+    def parse(cls, name: str) -> Protocol:
+        return cls[name.upper().replace("ICMPV4", "ICMP")]
+
+    def __str__(self) -> str:
+        return {"ICMP": "ICMPv4", "ICMPV6": "ICMPv6"}.get(self.name, self.name)
+
+
+PORT_BITS = 16
+# Protocols a port rule with protocol ANY expands to (Cilium).
+PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
+
+
+class Verdict(IntEnum):
+    """Decision of one lookup."""
+
+    DENIED = 0  # no entry (default deny)
+    ALLOWED = 1
+    DENIED_BY_RULE = 2  # an explicit deny entry
+    REDIRECTED = 3  # allowed, to an L7 proxy
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Key:
+    """DO NOT CHANGE the field order: datapaths and dumps sort by it."""
+
+    identity: int
+    direction: Direction
+    protocol: Protocol = Protocol.ANY
+    port: int = 0
+    prefix_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protocol is Protocol.ANY and (self.port or self.prefix_len):
+            raise ValueError("protocol ANY requires port 0 and prefix 0")
+        if not 0 <= self.prefix_len <= PORT_BITS or not 0 <= self.port <= 0xFFFF:
+            raise ValueError(f"bad port/prefix {self.port}/{self.prefix_len}")
+        mask = port_mask(self.prefix_len)
+        if self.port & ~mask & 0xFFFF:
+            raise ValueError(f"port {self.port} has bits outside prefix /{self.prefix_len}")
+
+    @property
+    def l4_prefix(self) -> int:
+        """How specific the L4 part is: 0 (any protocol) .. 1 + 16 (exact port)."""
+        return 0 if self.protocol is Protocol.ANY else 1 + self.prefix_len
+
+    def covers(self, other: Key) -> bool:
+        """Whether every packet matching ``other`` also matches self (same identity & dir)."""
+        if self.identity != other.identity or self.direction != other.direction:
+            return False
+        return self.covers_l4(other)
+
+    def covers_l4(self, other: Key) -> bool:
+        if self.protocol is Protocol.ANY:
+            return True
+        if self.protocol != other.protocol or self.prefix_len > other.prefix_len:
+            return False
+        mask = port_mask(self.prefix_len)
+        return (self.port & mask) == (other.port & mask)
+
+    def matches(self, protocol: Protocol, port: int) -> bool:
+        if self.protocol is Protocol.ANY:
+            return True
+        if self.protocol != protocol:
+            return False
+        mask = port_mask(self.prefix_len)
+        return (self.port & mask) == (port & mask)
+
+    def port_range(self) -> tuple[int, int]:
+        """Inclusive range of ports covered (0, 65535 for a wildcard)."""
+        if self.protocol is Protocol.ANY or self.prefix_len == 0:
+            return 0, 0xFFFF
+        size = 1 << (PORT_BITS - self.prefix_len)
+        return self.port, self.port + size - 1
+
+    def __str__(self) -> str:
+        ident = "ANY" if self.identity == 0 else str(self.identity)
+        if self.protocol is Protocol.ANY:
+            l4 = "ANY"
+        elif self.prefix_len == 0:
+            l4 = f"{self.protocol}"
+        elif self.prefix_len == PORT_BITS:
+            l4 = f"{self.port}/{self.protocol}"
+        else:
+            lo, hi = self.port_range()
+            l4 = f"{lo}-{hi}/{self.protocol}"
+        return f"{self.direction} id={ident} {l4}"
+
+
+def port_mask(prefix_len: int) -> int:
+    return (0xFFFF << (PORT_BITS - prefix_len)) & 0xFFFF if prefix_len else 0
+
+
+def port_range_to_prefixes(start: int, end: int) -> list[tuple[int, int]]:
+    """Split an inclusive port range into (port, prefix_len) blocks."""
+    if not 0 <= start <= end <= 0xFFFF:
+        raise ValueError(f"bad port range {start}-{end}")
+    out: list[tuple[int, int]] = []
+    cur = start
+    while cur <= end:
+        size = 1
+        # grow the block while aligned and within the range
+        while size < (1 << PORT_BITS) and cur % (size * 2) == 0 and cur + size * 2 - 1 <= end:
+            size *= 2
+        out.append((cur, PORT_BITS - size.bit_length() + 1))
+        cur += size
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class L7Rules:
+    """L7 rules attached to a redirected entry: the parser name and its rules.
+
+    ``rules`` holds parser-specific frozen rule objects (core.policy.api); an
+    empty tuple means "allow all at L7, but proxy (visibility)".
+    """
+
+    parser: str
+    rules: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a key decides. Equality covers what a datapath holds.
+
+    ``proxy_port`` is 0 when not redirected. ``l7`` and ``derived_from``
+    (policy/rule references for trace and flows) are agent-side only and so
+    excluded from equality: ``dump()`` of a datapath compares equal to the
+    resolved MapState.
+    """
+
+    deny: bool = False
+    proxy_port: int = 0
+    audit: bool = False
+    auth_required: bool = False
+    l7: L7Rules | None = field(default=None, compare=False)
+    derived_from: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def is_redirect(self) -> bool:
+        return not self.deny and self.proxy_port != 0
+
+    def __str__(self) -> str:
+        if self.deny:
+            return "deny"
+        if self.proxy_port:
+            return f"redirect:{self.proxy_port}"
+        return "allow"
+
+
+ALLOW = Entry()
+DENY = Entry(deny=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Result of ``MapState.lookup``: the verdict and the deciding key/entry."""
+
+    verdict: Verdict
+    key: Key | None = None
+    entry: Entry | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict in (Verdict.ALLOWED, Verdict.REDIRECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class MapChanges:
+    """The minimal change between two MapStates of one endpoint."""
+
+    adds: Mapping[Key, Entry] = field(default_factory=dict)
+    deletes: frozenset[Key] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.adds) or bool(self.deletes)
+
+    def __len__(self) -> int:
+        return len(self.adds) + len(self.deletes)
+
+
+class MapState(Mapping[Key, Entry]):
+    """Key -> Entry for one endpoint, with the lookup every datapath mirrors."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[Key, Entry] | Iterable[tuple[Key, Entry]] = ()) -> None:
+        self._entries: dict[Key, Entry] = dict(entries)
+
+    def __getitem__(self, key: Key) -> Entry:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MapState):
+            return self._entries == other._entries
+        if isinstance(other, Mapping):
+            return self._entries == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return "MapState({" + ", ".join(f"{k}: {v}" for k, v in sorted(self._entries.items())) + "})"
+
+    def diff(self, new: MapState) -> MapChanges:
+        """Changes that turn self into ``new``."""
+        adds = {k: v for k, v in new._entries.items() if self._entries.get(k) != v or
+                (k in self._entries and self._entries[k].l7 != v.l7)}
+        deletes = frozenset(k for k in self._entries if k not in new._entries)
+        return MapChanges(adds, deletes)
+
+    def apply(self, changes: MapChanges) -> MapState:
+        out = dict(self._entries)
+        for k in changes.deletes:
+            out.pop(k, None)
+        out.update(changes.adds)
+        return MapState(out)
+
+    def direction(self, direction: Direction) -> MapState:
+        return MapState({k: v for k, v in self._entries.items() if k.direction == direction})
+
+    def _longest(self, identity: int, direction: Direction, protocol: Protocol, port: int
+                 ) -> tuple[Key, Entry] | None:
+        best: tuple[Key, Entry] | None = None
+        for key, entry in self._entries.items():
+            if key.identity != identity or key.direction != direction:
+                continue
+            if not key.matches(protocol, port):
+                continue
+            if best is None or key.l4_prefix > best[0].l4_prefix:
+                best = (key, entry)
+        return best
+
+    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int) -> Decision:
+        """The decision every datapath implements (Cilium's LPM policy lookup).
+
+        For ICMP, ``port`` is the ICMP type.
+
+        1. Find the longest L4 match among keys for the peer's identity, and
+           the longest among wildcard-identity (0) keys.
+        2. If either match is a deny entry, the packet is denied: deny wins
+           over any allow regardless of specificity (resolution removes allows
+           that a same-identity deny covers, so LPM cannot shadow a deny).
+        3. Otherwise the match with the longer L4 prefix decides; on a tie the
+           identity-specific one.
+        4. No match: denied (the endpoint is enforcing this direction; an
+           unenforced direction holds an allow-all wildcard entry).
+        """
+        specific = self._longest(identity, direction, protocol, port) if identity else None
+        wildcard = self._longest(0, direction, protocol, port)
+        for cand in (specific, wildcard):
+            if cand is not None and cand[1].deny:
+                return Decision(Verdict.DENIED_BY_RULE, cand[0], cand[1])
+        chosen = specific
+        if wildcard is not None and (chosen is None or wildcard[0].l4_prefix > chosen[0].l4_prefix):
+            chosen = wildcard
+        if chosen is None:
+            return Decision(Verdict.DENIED)
+        verdict = Verdict.REDIRECTED if chosen[1].is_redirect else Verdict.ALLOWED
+        return Decision(verdict, chosen[0], chosen[1])

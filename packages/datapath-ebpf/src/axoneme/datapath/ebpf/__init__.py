@@ -1,0 +1,5 @@
+"""axoneme ebpf datapath."""
+
+from axoneme.datapath.ebpf._datapath import EbpfDatapath
+
+__all__ = ["EbpfDatapath"]

@@ -1,0 +1,5 @@
+"""axoneme iptables datapath."""
+
+from axoneme.datapath.iptables._datapath import IptablesDatapath
+
+__all__ = ["IptablesDatapath"]
