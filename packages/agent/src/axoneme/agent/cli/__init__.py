@@ -1,7 +1,7 @@
 """The ``axoneme`` command line (shared/CLI.md is the contract).
 
 Each area registers its subcommands from its own module:
-``_offline`` (policy validate/trace/matrix), ``_agentcmds`` (agent run/cleanup,
+``_validate`` (policy validate), ``_offline`` (policy trace/matrix), ``_agentcmds`` (agent run/cleanup,
 status, policy apply/delete/list, namespace, pod, endpoint, identity,
 observe), ``_plugins`` (plugins). A handler returns the exit code; errors
 are ``AxonemeError`` subclasses mapped to exit codes here.
@@ -25,7 +25,7 @@ EXIT_BAD_INPUT = 2
 
 # Modules that register subcommands; a missing one is skipped (it belongs to
 # work not landed yet), a broken one fails loudly.
-_AREAS = ("_plugins", "_offline", "_agentcmds")
+_AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe")
 
 
 class UsageError(AxonemeError):
