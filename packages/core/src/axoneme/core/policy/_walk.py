@@ -1,0 +1,143 @@
+"""Typed access to untrusted YAML/JSON structures that records problems.
+
+Every accessor takes the value and its field path and returns the value (or
+``None``) after recording a ``Problem`` for anything wrong, so one pass over
+a document reports every problem instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from axoneme.core.errors import Problem
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def item(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, Mapping):
+        return "mapping"
+    return type(value).__name__
+
+
+class Walker:
+    """Collects the problems of one document."""
+
+    def __init__(self, file: str, index: int | None) -> None:
+        self.file = file
+        self.index = index
+        self.problems: list[Problem] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, self.index, path, message))
+
+    def wrong_type(self, path: str, expected: str, value: object) -> None:
+        self.problem(path, f"expected {expected}, got {type_name(value)}")
+
+    # --- containers ------------------------------------------------------------
+
+    def mapping(
+        self,
+        value: object,
+        path: str,
+        allowed: Iterable[str] | None = None,
+        unsupported: Mapping[str, str] | None = None,
+    ) -> dict[str, Any] | None:
+        """A mapping with string keys; reports unknown and unsupported fields.
+
+        ``None`` (YAML ``null`` / an empty value) is treated like ``{}``, as
+        Kubernetes' JSON decoding does for optional struct fields.
+        """
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.wrong_type(path, "a mapping", value)
+            return None
+        out: dict[str, Any] = {}
+        allowed_set = set(allowed) if allowed is not None else None
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                self.problem(path, f"field names must be strings, got {type_name(key)} {key!r}")
+                continue
+            if unsupported and key in unsupported:
+                self.problem(join(path, key), unsupported[key])
+                continue
+            if allowed_set is not None and key not in allowed_set:
+                self.problem(join(path, key), f"unknown field \"{key}\"")
+                continue
+            out[key] = sub
+        return out
+
+    def list(self, value: object, path: str) -> list[Any]:
+        """A list; ``None`` is an empty list (an absent optional field)."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.wrong_type(path, "a list", value)
+            return []
+        return value
+
+    # --- scalars ---------------------------------------------------------------
+
+    def string(self, value: object, path: str, *, allow_empty: bool = True) -> str | None:
+        if not isinstance(value, str):
+            self.wrong_type(path, "a string", value)
+            return None
+        if not allow_empty and not value:
+            self.problem(path, "must not be empty")
+            return None
+        return value
+
+    def opt_string(self, mapping: Mapping[str, Any], key: str, path: str) -> str | None:
+        if key not in mapping or mapping[key] is None:
+            return None
+        return self.string(mapping[key], join(path, key))
+
+    def boolean(self, value: object, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.wrong_type(path, "a boolean", value)
+            return None
+        return value
+
+    def integer(self, value: object, path: str) -> int | None:
+        # bool is an int subclass in Python; YAML `true` is not a number.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.wrong_type(path, "an integer", value)
+            return None
+        return value
+
+    def string_map(self, value: object, path: str) -> dict[str, str] | None:
+        m = self.mapping(value, path)
+        if m is None:
+            return None
+        out: dict[str, str] = {}
+        for k, v in m.items():
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                self.wrong_type(join(path, k), "a string", v)
+                continue
+            if not isinstance(v, str):
+                # Kubernetes rejects unquoted numbers in labels; so do we,
+                # but the message says how to fix it.
+                self.problem(join(path, k), f"expected a string, got {type_name(v)} (quote the value)")
+                continue
+            out[k] = v
+        return out
