@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
 from axoneme.core.errors import InvalidRule, Problem
 from axoneme.core.labels import (
     NAMESPACE_LABELS_PREFIX,
