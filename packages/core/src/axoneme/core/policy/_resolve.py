@@ -1,0 +1,244 @@
+"""Resolution: the rules selecting one endpoint -> its MapState.
+
+Pure function of (endpoint, its selecting rules, the selector cache, the
+cluster's named ports, options); the engine decides when to call it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import PolicyError
+from axoneme.core.identity import ReservedIdentity
+from axoneme.core.mapstate import (
+    PORT_BITS,
+    PORT_PROTOCOLS,
+    Direction,
+    Entry,
+    Key,
+    L7Rules,
+    MapState,
+    Protocol,
+    port_range_to_prefixes,
+)
+from axoneme.core.policy._selectorcache import Selector, SelectorCache
+from axoneme.core.policy.api import EndpointPeer, L7Spec, PeerRule, PortProtocol, Rule
+
+LOG = logging.getLogger(__name__)
+
+# Proxy ports used when the engine is not told (offline tools, tests). The
+# agent passes EngineOptions.proxy_port with the ports its proxies listen on.
+DEFAULT_PROXY_PORTS: Mapping[str, int] = {"http": 15001, "kafka": 15002, "dns": 15053}
+DEFAULT_PROXY_PORT = 15000
+ALLOW_LOCALHOST = "allow-localhost"
+
+L4 = tuple[Protocol, int, int]  # protocol, port, prefix length
+NamedPortMap = Mapping[str, Iterable[tuple[Protocol, int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One endpoint's resolved policy and what it depends on."""
+
+    state: MapState
+    ingress: bool
+    egress: bool
+    deps: frozenset[Selector]  # peer selectors whose selection feeds the state
+    uses_named_ports: bool  # egress named ports (depend on every endpoint's ports)
+    rules: tuple[Rule, ...] = ()  # the selecting rules
+
+
+def default_proxy_port(parser: str, direction: Direction) -> int:
+    return DEFAULT_PROXY_PORTS.get(parser, DEFAULT_PROXY_PORT)
+
+
+class _Allow:
+    __slots__ = ("plain", "l7", "derived")
+
+    def __init__(self) -> None:
+        self.plain = False
+        self.l7: dict[str, list[tuple[str, tuple[object, ...]]]] = {}
+        self.derived: set[str] = set()
+
+
+def _port_l4s(pp: PortProtocol, direction: Direction, endpoint: Endpoint,
+              named: NamedPortMap) -> list[L4]:
+    protos = PORT_PROTOCOLS if pp.protocol.upper() == "ANY" else (Protocol.parse(pp.protocol),)
+    if pp.name:
+        # Named ports: ingress uses the endpoint's own container ports; egress
+        # any endpoint's port of that name (Cilium's global named-port map).
+        if direction is Direction.INGRESS:
+            found: Iterable[tuple[Protocol, int]] = (
+                (Protocol.parse(np.protocol), np.port) for np in endpoint.named_ports
+                if np.name == pp.name)
+        else:
+            found = named.get(pp.name, ())
+        return sorted({(proto, port, PORT_BITS) for proto, port in found if proto in protos})
+    if pp.port == 0:
+        if pp.protocol.upper() == "ANY":
+            return [(Protocol.ANY, 0, 0)]
+        return [(p, 0, 0) for p in protos]
+    if pp.end_port is not None and pp.end_port > pp.port:
+        blocks = port_range_to_prefixes(pp.port, pp.end_port)
+    else:
+        blocks = [(pp.port, PORT_BITS)]
+    return [(p, port, plen) for p in protos for port, plen in blocks]
+
+
+def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint, named: NamedPortMap
+                   ) -> tuple[list[tuple[L4, L7Spec | None]], bool]:
+    """The L4 parts of one rule (with L7 specs) and whether egress named ports were used."""
+    if not pr.ports and not pr.icmps:
+        return [((Protocol.ANY, 0, 0), None)], False
+    out: list[tuple[L4, L7Spec | None]] = []
+    uses_named = False
+    for port_rule in pr.ports:
+        l7 = None if pr.deny else port_rule.l7
+        if not port_rule.ports:
+            out.append(((Protocol.ANY, 0, 0), l7))
+            continue
+        for pp in port_rule.ports:
+            if pp.name and pr.direction is Direction.EGRESS:
+                uses_named = True
+            out.extend((l4, l7) for l4 in _port_l4s(pp, pr.direction, endpoint, named))
+    for icmp in pr.icmps:
+        proto = Protocol.ICMPV6 if icmp.family.lower() == "ipv6" else Protocol.ICMP
+        out.append(((proto, icmp.type, PORT_BITS), None))
+    return out, uses_named
+
+
+def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[int]:
+    if pr.peers is None:
+        return {0}
+    ids: set[int] = set()
+    for peer in pr.peers:
+        sel: Selector = peer.selector if isinstance(peer, EndpointPeer) else peer
+        deps.add(sel)
+        ids |= cache.selected(sel)
+    return ids
+
+
+def resolve_endpoint(
+    endpoint: Endpoint,
+    rules: Sequence[Rule],
+    cache: SelectorCache,
+    named: NamedPortMap,
+    enforcement_mode: str = "default",
+    allow_localhost: str = "auto",
+    proxy_port: Callable[[str, Direction], int] | None = None,
+    strict: bool = True,
+) -> Resolved:
+    """Resolve the rules selecting ``endpoint`` into its MapState.
+
+    ``strict``: different L7 parsers on one key raise PolicyError (policy
+    admission); otherwise the first parser by name wins and it is logged.
+    """
+    dirs = (Direction.INGRESS, Direction.EGRESS)
+    if enforcement_mode == "never":
+        return Resolved(MapState({Key(0, d): Entry() for d in dirs}), False, False,
+                        frozenset(), False, tuple(rules))
+    enforce = {d: enforcement_mode == "always" or any(r.enforces(d) for r in rules) for d in dirs}
+    allows: dict[Key, _Allow] = {}
+    denies: dict[Key, set[str]] = {}
+    deps: set[Selector] = set()
+    uses_named = False
+
+    for rule in rules:
+        for pr in rule.rules:
+            if pr.allows_nothing:
+                continue
+            ids = _peer_ids(pr, cache, deps)
+            if not ids:
+                continue
+            l4s, named_used = _peer_rule_l4s(pr, endpoint, named)
+            uses_named = uses_named or named_used
+            derived = f"{rule.ref} {pr.path}"
+            d = pr.direction
+            for ident in ids:
+                for (proto, port, plen), l7 in l4s:
+                    key = Key(ident, d, proto, port, plen)
+                    if pr.deny:
+                        denies.setdefault(key, set()).add(derived)
+                        continue
+                    acc = allows.get(key)
+                    if acc is None:
+                        acc = allows[key] = _Allow()
+                    acc.derived.add(derived)
+                    if l7 is None:
+                        acc.plain = True
+                    else:
+                        acc.l7.setdefault(l7.parser, []).append((derived, l7.rules))
+
+    # An unenforced direction allows everything except what a deny names.
+    for d in dirs:
+        if not enforce[d]:
+            allows.setdefault(Key(0, d), _Allow()).plain = True
+    if enforce[Direction.INGRESS] and allow_localhost == "auto":
+        acc = allows.setdefault(Key(int(ReservedIdentity.HOST), Direction.INGRESS), _Allow())
+        acc.plain = True
+        acc.derived.add(ALLOW_LOCALHOST)
+
+    return Resolved(_merge(allows, denies, proxy_port or default_proxy_port, strict),
+                    enforce[Direction.INGRESS], enforce[Direction.EGRESS], frozenset(deps),
+                    uses_named, tuple(rules))
+
+
+def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
+           proxy_port: Callable[[str, Direction], int], strict: bool) -> MapState:
+    """Merge contributions into entries.
+
+    Precedence (Cilium's policy map semantics; MapState.lookup relies on it):
+    1. A deny key wins over an allow on the same key.
+    2. An allow key covered by a deny key of the same identity and direction
+       (same or wider L4) is dropped: otherwise the longer-prefix allow would
+       shadow the deny in the LPM lookup. Denies of another identity
+       (incl. the wildcard) need no pruning: lookup checks both and deny wins.
+    3. Among allows on one key, a plain (L4-only) allow beats L7 rules: the
+       L4 allow already admits every request, so L7 is moot.
+    4. A plain allow for the wildcard identity on the exact same
+       (protocol, port, prefix) also makes L7 on that port moot for every peer.
+    5. L7 allows of one parser on one key merge (OR); an empty rule list
+       (allow all, proxied) absorbs the others. Two parsers on one key are a
+       conflict (PolicyError).
+    """
+    deny_index: dict[tuple[int, Direction], list[Key]] = {}
+    for dk in denies:
+        deny_index.setdefault((dk.identity, dk.direction), []).append(dk)
+
+    def denied(key: Key) -> bool:
+        same = deny_index.get((key.identity, key.direction))
+        return key in denies or (same is not None and any(dk.covers(key) for dk in same))
+
+    wildcard_plain = {(k.direction, k.protocol, k.port, k.prefix_len)
+                      for k, a in allows.items() if k.identity == 0 and a.plain and not denied(k)}
+    out: dict[Key, Entry] = {k: Entry(deny=True, derived_from=frozenset(v)) for k, v in denies.items()}
+    for key, acc in allows.items():
+        if denied(key):
+            continue
+        derived = frozenset(acc.derived)
+        if acc.plain or (key.direction, key.protocol, key.port, key.prefix_len) in wildcard_plain:
+            out[key] = Entry(derived_from=derived)
+            continue
+        parsers = sorted(acc.l7)
+        if len(parsers) > 1:
+            msg = (f"conflicting L7 rule types {', '.join(parsers)} for {key} "
+                   f"({'; '.join(sorted(derived))})")
+            if strict:
+                raise PolicyError(msg)
+            LOG.error("%s: using %s", msg, parsers[0])
+        parser = parsers[0]
+        contributions = sorted(acc.l7[parser], key=lambda c: (c[0], repr(c[1])))
+        merged: list[object] = []
+        if not any(not rules for _, rules in contributions):
+            for _, rules in contributions:
+                merged.extend(r for r in rules if r not in merged)
+        out[key] = Entry(proxy_port=proxy_port(parser, key.direction),
+                         l7=L7Rules(parser, tuple(merged)), derived_from=derived)
+    return MapState(out)
+
+
+__all__ = ["Resolved", "resolve_endpoint", "DEFAULT_PROXY_PORTS", "default_proxy_port",
+           "ALLOW_LOCALHOST"]

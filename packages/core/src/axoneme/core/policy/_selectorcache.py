@@ -1,0 +1,239 @@
+"""The selector cache: every selector policies use -> the identities it selects.
+
+Selectors are the peer objects of the policy model (``LabelSelector`` for
+subjects and endpoint peers, ``EntityPeer``, ``CIDRPeer``, ``FQDNPeer``);
+they are frozen and hashable, so they are their own cache keys. The cache
+knows a set of identities (reserved ones, the engine's endpoints, CIDR
+identities); adding or removing one updates every cached selection and
+reports which selectors changed, so the engine recomputes only the endpoints
+whose policy uses one of them (Cilium's SelectorCache + identity notifications).
+
+Matching a new selector against every identity would make loading thousands
+of policies quadratic, so identities are indexed by label ``key=value`` and a
+selector with an ``In`` requirement only checks the identities carrying one
+of its values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Hashable, Iterable
+
+from axoneme.core.identity import Identity, ReservedIdentity
+from axoneme.core.labels import SOURCE_FQDN
+from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
+from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
+
+Selector = Hashable  # LabelSelector | EntityPeer | CIDRPeer | FQDNPeer
+
+R = ReservedIdentity
+WORLD_IDS = frozenset({int(R.WORLD), int(R.WORLD_IPV4), int(R.WORLD_IPV6)})
+_ENTITY_IDS: dict[str, frozenset[int]] = {
+    "host": frozenset({int(R.HOST)}),
+    "remote-node": frozenset({int(R.REMOTE_NODE)}),
+    "kube-apiserver": frozenset({int(R.KUBE_APISERVER)}),
+    "init": frozenset({int(R.INIT)}),
+    "health": frozenset({int(R.HEALTH)}),
+    "unmanaged": frozenset({int(R.UNMANAGED)}),
+    "ingress": frozenset({int(R.INGRESS)}),
+    "all": frozenset({0}),
+    "none": frozenset(),
+}
+
+
+def _entity_matches(entity: str, ident: Identity) -> bool:
+    """Whether a (non-wildcard) entity selects an identity that is not listed in _ENTITY_IDS."""
+    if entity == "world":
+        return ident.is_world
+    if entity == "world-ipv4":
+        return ident.id in (R.WORLD, R.WORLD_IPV4) or (ident.cidr is not None and ident.cidr.version == 4)
+    if entity == "world-ipv6":
+        return ident.id in (R.WORLD, R.WORLD_IPV6) or (ident.cidr is not None and ident.cidr.version == 6)
+    if entity == "cluster":
+        return not ident.is_world and ident.id != 0
+    return False
+
+
+def _cidr_matches(peer: CIDRPeer, ident: Identity) -> bool:
+    if ident.cidr is None:
+        if peer.cidr.prefixlen != 0:
+            return False
+        # A /0 selects world (Cilium: 0.0.0.0/0 == entity world).
+        fam = R.WORLD_IPV4 if peer.cidr.version == 4 else R.WORLD_IPV6
+        return ident.id in (R.WORLD, fam)
+    net = ident.cidr
+    if net.version != peer.cidr.version or not net.subnet_of(peer.cidr):  # type: ignore[arg-type]
+        return False
+    return not any(net.version == e.version and net.subnet_of(e)  # type: ignore[arg-type]
+                   for e in peer.excepts)
+
+
+def _fqdn_matches(peer: FQDNPeer, ident: Identity) -> bool:
+    # Hook for toFQDNs: the DNS proxy allocates identities for learned IPs
+    # labelled ``fqdn:<matchName or matchPattern>`` (Cilium 1.16 style); this
+    # selects exactly those.
+    want = peer.match_name if peer.match_name is not None else peer.match_pattern
+    return any(lab.source == SOURCE_FQDN and lab.key == want for lab in ident.labels.values())
+
+
+def selector_matches(sel: Selector, ident: Identity) -> bool:
+    """Whether a selector selects an identity (the wildcard 0 aside)."""
+    if isinstance(sel, LabelSelector):
+        return sel.matches(ident.labels)
+    if isinstance(sel, EntityPeer):
+        fixed = _ENTITY_IDS.get(sel.entity)
+        if fixed is not None:
+            return ident.id in fixed and ident.id != 0
+        return _entity_matches(sel.entity, ident)
+    if isinstance(sel, CIDRPeer):
+        return _cidr_matches(sel, ident)
+    if isinstance(sel, FQDNPeer):
+        return _fqdn_matches(sel, ident)
+    raise TypeError(f"not a selector: {sel!r}")
+
+
+class SelectorCache:
+    """Selector -> selected identity ids, kept current as identities come and go."""
+
+    def __init__(self) -> None:
+        self._idents: dict[int, Identity] = {}
+        self._refs: dict[int, int] = {}
+        # (label key, value) -> ids carrying it (any source); candidates for In
+        self._kv: dict[tuple[str, str], set[int]] = {}
+        self._sel: dict[Selector, set[int]] = {}
+        self._sel_refs: dict[Selector, int] = {}
+        self._by_id: dict[int, set[Selector]] = {}  # id -> selectors selecting it
+
+    # -- identities --------------------------------------------------------------
+    def identities(self) -> list[Identity]:
+        return list(self._idents.values())
+
+    def identity(self, number: int) -> Identity | None:
+        return self._idents.get(number)
+
+    def __contains__(self, number: object) -> bool:
+        return number in self._idents
+
+    def add_identity(self, ident: Identity) -> set[Selector]:
+        """Reference an identity; returns the selectors whose selection changed."""
+        self._refs[ident.id] = self._refs.get(ident.id, 0) + 1
+        if ident.id in self._idents:
+            return set()
+        self._idents[ident.id] = ident
+        for lab in ident.labels.values():
+            self._kv.setdefault((lab.key, lab.value), set()).add(ident.id)
+        changed: set[Selector] = set()
+        for sel, ids in self._sel.items():
+            if self._wildcard(sel) is None and selector_matches(sel, ident):
+                ids.add(ident.id)
+                changed.add(sel)
+        if changed:
+            self._by_id[ident.id] = set(changed)
+        return changed
+
+    def remove_identity(self, number: int) -> set[Selector]:
+        """Drop one reference; when the last goes, returns the selectors that lost it."""
+        if number not in self._refs:
+            return set()
+        self._refs[number] -= 1
+        if self._refs[number] > 0:
+            return set()
+        del self._refs[number]
+        ident = self._idents.pop(number)
+        for lab in ident.labels.values():
+            bucket = self._kv.get((lab.key, lab.value))
+            if bucket is not None:
+                bucket.discard(number)
+                if not bucket:
+                    del self._kv[(lab.key, lab.value)]
+        changed = self._by_id.pop(number, set())
+        for sel in changed:
+            self._sel[sel].discard(number)
+        return changed
+
+    # -- selectors ---------------------------------------------------------------
+    @staticmethod
+    def _wildcard(sel: Selector) -> frozenset[int] | None:
+        """The fixed answer of selectors that do not depend on identities."""
+        if isinstance(sel, EntityPeer) and sel.entity in ("all", "none"):
+            return _ENTITY_IDS[sel.entity]
+        return None
+
+    def _candidates(self, sel: Selector) -> Iterable[int]:
+        if isinstance(sel, LabelSelector):
+            best: set[int] | None = None
+            for req in sel.requirements:
+                if req.operator is not Operator.IN:
+                    continue
+                key = split_selector_key(req.key)[1]
+                cand: set[int] = set()
+                for v in req.values:
+                    cand |= self._kv.get((key, v), set())
+                if best is None or len(cand) < len(best):
+                    best = cand
+                    if not best:
+                        break
+            if best is not None:
+                return list(best)
+        if isinstance(sel, CIDRPeer):
+            if sel.cidr.prefixlen == 0:
+                return list(self._idents)
+            return [i for i, ident in self._idents.items() if ident.cidr is not None]
+        if isinstance(sel, EntityPeer):
+            fixed = _ENTITY_IDS.get(sel.entity)
+            if fixed is not None:
+                return [i for i in fixed if i in self._idents]
+        return list(self._idents)
+
+    def add_selector(self, sel: Selector) -> None:
+        """Reference a selector (computing its selection on first use)."""
+        self._sel_refs[sel] = self._sel_refs.get(sel, 0) + 1
+        if sel in self._sel:
+            return
+        fixed = self._wildcard(sel)
+        if fixed is not None:
+            self._sel[sel] = set(fixed)
+            return
+        ids = {i for i in self._candidates(sel) if selector_matches(sel, self._idents[i])}
+        self._sel[sel] = ids
+        for i in ids:
+            self._by_id.setdefault(i, set()).add(sel)
+
+    def remove_selector(self, sel: Selector) -> None:
+        refs = self._sel_refs.get(sel)
+        if refs is None:
+            return
+        if refs > 1:
+            self._sel_refs[sel] = refs - 1
+            return
+        del self._sel_refs[sel]
+        ids = self._sel.pop(sel)
+        if self._wildcard(sel) is not None:
+            return
+        for i in ids:
+            users = self._by_id.get(i)
+            if users is not None:
+                users.discard(sel)
+                if not users:
+                    del self._by_id[i]
+
+    def selected(self, sel: Selector) -> set[int]:
+        """Ids a cached selector selects (0 = wildcard). Do not mutate."""
+        found = self._sel.get(sel)
+        if found is None:
+            fixed = self._wildcard(sel)
+            if fixed is not None:
+                return set(fixed)
+            return {i for i in self._candidates(sel) if selector_matches(sel, self._idents[i])}
+        return found
+
+    def selects(self, sel: Selector, number: int) -> bool:
+        return number in self.selected(sel)
+
+
+def cidr_prefixes(peer: CIDRPeer) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Prefixes of a CIDR peer that need identities (a /0 is world, not a CIDR identity)."""
+    return [n for n in (peer.cidr, *peer.excepts) if n.prefixlen != 0]
+
+
+__all__ = ["SelectorCache", "selector_matches", "cidr_prefixes", "WORLD_IDS"]

@@ -1,0 +1,407 @@
+"""The PolicyEngine facade: repository + selector cache + identities -> MapStates.
+
+Incremental: the engine keeps each endpoint's MapState and recomputes only
+what a change can affect:
+- a policy upsert/delete: endpoints selected by the old or new version (and,
+  when the policy brings new CIDR identities, endpoints whose rules use a
+  selector that selects them);
+- an endpoint add/remove/identity change: the endpoint itself, endpoints
+  whose rules use a peer selector that gained/lost the identity, and
+  endpoints with egress named-port rules when the cluster's named ports changed.
+Changes accumulate until ``pending_changes()`` hands them out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from axoneme.core.datapath import IPCacheChanges
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import PolicyError
+from axoneme.core.identity import (
+    RESERVED_IDENTITIES,
+    Identity,
+    IdentityAllocator,
+    ReservedIdentity,
+)
+from axoneme.core.mapstate import Decision, Direction, MapChanges, MapState, Protocol
+from axoneme.core.policy._resolve import Resolved, resolve_endpoint
+from axoneme.core.policy._selectorcache import Selector, SelectorCache
+from axoneme.core.policy.api import Policy, PolicyRef, Rule
+from axoneme.core.policy.repository import PolicyRepository, policy_cidrs, policy_selectors
+
+LOG = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+WORLD_PREFIXES: dict[IPNetwork, int] = {
+    ipaddress.ip_network("0.0.0.0/0"): int(ReservedIdentity.WORLD),
+    ipaddress.ip_network("::/0"): int(ReservedIdentity.WORLD),
+}
+ENFORCEMENT_MODES = ("default", "always", "never")
+ALLOW_LOCALHOST_MODES = ("auto", "policy")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    enforcement_mode: str = "default"  # default | always | never
+    allow_localhost: str = "auto"  # auto: host -> local endpoint ingress always allowed; policy
+    cluster_name: str = "default"
+    proxy_port: Callable[[str, Direction], int] | None = None  # (parser, direction) -> port
+
+    def __post_init__(self) -> None:
+        if self.enforcement_mode not in ENFORCEMENT_MODES:
+            raise PolicyError(f"unknown enforcement mode {self.enforcement_mode!r} "
+                              f"(one of {', '.join(ENFORCEMENT_MODES)})")
+        if self.allow_localhost not in ALLOW_LOCALHOST_MODES:
+            raise PolicyError(f"unknown allow-localhost mode {self.allow_localhost!r}")
+
+
+class PolicyEngine:
+    """Policies and endpoints in, per-endpoint MapStates (and changes) out. Thread-safe."""
+
+    def __init__(self, allocator: IdentityAllocator | None = None,
+                 options: EngineOptions = EngineOptions()) -> None:
+        self.allocator = allocator if allocator is not None else IdentityAllocator()
+        self.options = options
+        self._lock = threading.RLock()
+        self._cache = SelectorCache()
+        for ident in RESERVED_IDENTITIES:
+            self._cache.add_identity(ident)
+        self._repo = PolicyRepository()
+        self._endpoints: dict[int, Endpoint] = {}
+        self._by_identity: dict[int, set[int]] = {}  # identity -> endpoint ids
+        self._resolved: dict[int, Resolved] = {}
+        self._dep_index: dict[Selector, set[int]] = {}  # peer selector -> endpoint ids
+        self._named_users: set[int] = set()
+        self._named: dict[str, Counter[tuple[Protocol, int]]] = {}
+        self._cidr_refs: Counter[IPNetwork] = Counter()
+        self._cidr_ids: dict[IPNetwork, Identity] = {}
+        self._extra_ids: Counter[int] = Counter()
+        self._reported: dict[int, MapState] = {}
+        self._dirty: set[int] = set()
+        self._reported_ipcache: dict[IPNetwork, int] = {}
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def revision(self) -> int:
+        return self._repo.revision
+
+    @property
+    def selector_cache(self) -> SelectorCache:
+        return self._cache
+
+    # -- policies ------------------------------------------------------------------
+    def policies(self) -> list[Policy]:
+        with self._lock:
+            return self._repo.policies()
+
+    def get_policy(self, ref: PolicyRef) -> Policy | None:
+        with self._lock:
+            return self._repo.get(ref)
+
+    def upsert_policy(self, policy: Policy) -> int:
+        """Add or replace (by ref). Raises PolicyError (and changes nothing) on an L7 conflict."""
+        with self._lock:
+            old = self._repo.get(policy.ref)
+            changed = self._add_cidrs(policy_cidrs(policy))
+            for sel in policy_selectors(policy):
+                self._cache.add_selector(sel)
+            self._repo.put(policy)
+            affected = self._endpoints_selected(policy) | self._dependents(changed)
+            if old is not None:
+                affected |= self._endpoints_selected(old)
+            try:
+                results = {eid: self._compute(eid, strict=True) for eid in affected}
+            except PolicyError:
+                self._repo.restore(policy.ref, old)
+                for sel in policy_selectors(policy):
+                    self._cache.remove_selector(sel)
+                self._remove_cidrs(policy_cidrs(policy))
+                raise
+            self._commit(results)
+            if old is not None:
+                self._release_policy(old)
+            LOG.debug("policy %s applied: revision %d, %d endpoints recomputed",
+                      policy.ref, self._repo.revision, len(affected))
+            return self._repo.revision
+
+    def delete_policy(self, ref: PolicyRef) -> int:
+        with self._lock:
+            old = self._repo.remove(ref)
+            if old is None:
+                raise PolicyError(f"no policy {ref}")
+            self._recompute(self._endpoints_selected(old))
+            self._release_policy(old)
+            return self._repo.revision
+
+    def _release_policy(self, old: Policy) -> None:
+        for sel in policy_selectors(old):
+            self._cache.remove_selector(sel)
+        changed = self._remove_cidrs(policy_cidrs(old))
+        self._recompute(self._dependents(changed))
+
+    def _add_cidrs(self, nets: Iterable[IPNetwork]) -> set[Selector]:
+        changed: set[Selector] = set()
+        for net in nets:
+            self._cidr_refs[net] += 1
+            if self._cidr_refs[net] == 1:
+                ident = self.allocator.allocate_cidr(net)
+                self._cidr_ids[net] = ident
+                changed |= self._cache.add_identity(ident)
+        return changed
+
+    def _remove_cidrs(self, nets: Iterable[IPNetwork]) -> set[Selector]:
+        changed: set[Selector] = set()
+        for net in nets:
+            self._cidr_refs[net] -= 1
+            if self._cidr_refs[net] <= 0:
+                del self._cidr_refs[net]
+                ident = self._cidr_ids.pop(net)
+                changed |= self._cache.remove_identity(ident.id)
+        return changed
+
+    def _endpoints_selected(self, policy: Policy) -> set[int]:
+        out: set[int] = set()
+        for rule in policy.rules:
+            if rule.node_selector:
+                continue
+            for ident in self._cache.selected(rule.subject):
+                out |= self._by_identity.get(ident, set())
+        return out
+
+    # -- identities (remote endpoints, FQDN IPs) ----------------------------------------
+    def upsert_identity(self, identity: Identity) -> None:
+        """Make a peer identity known that is not a local endpoint (e.g. a remote pod)."""
+        with self._lock:
+            self._extra_ids[identity.id] += 1
+            self._recompute(self._dependents(self._cache.add_identity(identity)))
+
+    def remove_identity(self, number: int) -> None:
+        with self._lock:
+            if self._extra_ids.get(number, 0) <= 0:
+                return
+            self._extra_ids[number] -= 1
+            if not self._extra_ids[number]:
+                del self._extra_ids[number]
+            self._recompute(self._dependents(self._cache.remove_identity(number)))
+
+    def identities(self) -> list[Identity]:
+        """Every identity the engine knows (reserved, endpoints, CIDR, extra)."""
+        with self._lock:
+            return sorted(self._cache.identities(), key=lambda i: i.id)
+
+    # -- endpoints -----------------------------------------------------------------
+    def _identity_for(self, ep: Endpoint) -> Identity:
+        found = self.allocator.get(ep.identity)
+        return found if found is not None else Identity(ep.identity, ep.labels)
+
+    def upsert_endpoint(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            old = self._endpoints.get(endpoint.id)
+            self._endpoints[endpoint.id] = endpoint
+            changed: set[Selector] = set()
+            if old is None or old.identity != endpoint.identity:
+                changed |= self._cache.add_identity(self._identity_for(endpoint))
+                self._by_identity.setdefault(endpoint.identity, set()).add(endpoint.id)
+                if old is not None:
+                    self._unlink_identity(old)
+                    changed |= self._cache.remove_identity(old.identity)
+            affected = {endpoint.id} | self._dependents(changed)
+            if self._update_named(old, endpoint):
+                affected |= self._named_users
+            self._recompute(affected)
+
+    def remove_endpoint(self, endpoint_id: int) -> None:
+        with self._lock:
+            old = self._endpoints.pop(endpoint_id, None)
+            if old is None:
+                return
+            self._unlink_identity(old)
+            changed = self._cache.remove_identity(old.identity)
+            self._forget(endpoint_id)
+            affected = self._dependents(changed)
+            if self._update_named(old, None):
+                affected |= self._named_users
+            self._recompute(affected)
+
+    def _unlink_identity(self, ep: Endpoint) -> None:
+        users = self._by_identity.get(ep.identity)
+        if users is not None:
+            users.discard(ep.id)
+            if not users:
+                del self._by_identity[ep.identity]
+
+    def endpoints(self) -> list[Endpoint]:
+        with self._lock:
+            return [self._endpoints[i] for i in sorted(self._endpoints)]
+
+    def endpoint(self, endpoint_id: int) -> Endpoint | None:
+        with self._lock:
+            return self._endpoints.get(endpoint_id)
+
+    def _update_named(self, old: Endpoint | None, new: Endpoint | None) -> bool:
+        """Maintain the cluster-wide named-port map; True when its contents changed."""
+        before = set(old.named_ports) if old is not None else set()
+        after = set(new.named_ports) if new is not None else set()
+        if before == after:
+            return False
+        changed = False
+        for np in before - after:
+            counts = self._named.get(np.name)
+            key = (Protocol.parse(np.protocol), np.port)
+            if counts is not None:
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
+                    changed = True
+                if not counts:
+                    del self._named[np.name]
+        for np in after - before:
+            counts = self._named.setdefault(np.name, Counter())
+            key = (Protocol.parse(np.protocol), np.port)
+            counts[key] += 1
+            changed = changed or counts[key] == 1
+        return changed
+
+    # -- resolution ------------------------------------------------------------------
+    def _dependents(self, selectors: Iterable[Selector]) -> set[int]:
+        out: set[int] = set()
+        for sel in selectors:
+            out |= self._dep_index.get(sel, set())
+        return out
+
+    def _compute(self, endpoint_id: int, strict: bool) -> Resolved:
+        ep = self._endpoints[endpoint_id]
+        rules = self._repo.rules_for(ep.identity, self._cache)
+        return resolve_endpoint(ep, rules, self._cache, self._named, self.options.enforcement_mode,
+                                self.options.allow_localhost, self.options.proxy_port, strict)
+
+    def _commit(self, results: dict[int, Resolved]) -> None:
+        for eid, res in results.items():
+            old = self._resolved.get(eid)
+            if old is not None:
+                for sel in old.deps - res.deps:
+                    users = self._dep_index.get(sel)
+                    if users is not None:
+                        users.discard(eid)
+                        if not users:
+                            del self._dep_index[sel]
+            for sel in res.deps if old is None else res.deps - old.deps:
+                self._dep_index.setdefault(sel, set()).add(eid)
+            if res.uses_named_ports:
+                self._named_users.add(eid)
+            else:
+                self._named_users.discard(eid)
+            self._resolved[eid] = res
+            if old is None or old.state != res.state or _l7_differs(old.state, res.state):
+                self._dirty.add(eid)
+
+    def _forget(self, endpoint_id: int) -> None:
+        old = self._resolved.pop(endpoint_id, None)
+        if old is not None:
+            for sel in old.deps:
+                users = self._dep_index.get(sel)
+                if users is not None:
+                    users.discard(endpoint_id)
+                    if not users:
+                        del self._dep_index[sel]
+        self._named_users.discard(endpoint_id)
+        self._dirty.discard(endpoint_id)
+        self._reported.pop(endpoint_id, None)
+
+    def _recompute(self, endpoint_ids: Iterable[int]) -> None:
+        results: dict[int, Resolved] = {}
+        for eid in endpoint_ids:
+            if eid not in self._endpoints:
+                continue
+            try:
+                results[eid] = self._compute(eid, strict=True)
+            except PolicyError as e:
+                LOG.error("endpoint %d: %s", eid, e)
+                results[eid] = self._compute(eid, strict=False)
+        self._commit(results)
+
+    def resolve(self, endpoint_id: int) -> MapState:
+        with self._lock:
+            res = self._resolved.get(endpoint_id)
+            if res is None:
+                raise PolicyError(f"no endpoint {endpoint_id}")
+            return res.state
+
+    def enforcement(self, endpoint_id: int) -> tuple[bool, bool]:
+        with self._lock:
+            res = self._resolved.get(endpoint_id)
+            if res is None:
+                raise PolicyError(f"no endpoint {endpoint_id}")
+            return res.ingress, res.egress
+
+    def selecting_rules(self, endpoint_id: int) -> list[Rule]:
+        """The rules that select an endpoint (for trace and endpoint get)."""
+        with self._lock:
+            res = self._resolved.get(endpoint_id)
+            if res is None:
+                raise PolicyError(f"no endpoint {endpoint_id}")
+            return list(res.rules)
+
+    def pending_changes(self) -> dict[int, MapChanges]:
+        """Per endpoint, the MapState changes since the last call (new endpoints: everything).
+
+        Removed endpoints are not listed: the datapath drops their state on
+        ``endpoint_removed``."""
+        with self._lock:
+            out: dict[int, MapChanges] = {}
+            for eid in sorted(self._dirty):
+                res = self._resolved.get(eid)
+                if res is None:
+                    continue
+                changes = self._reported.get(eid, MapState()).diff(res.state)
+                if changes:
+                    out[eid] = changes
+                self._reported[eid] = res.state
+            self._dirty.clear()
+            return out
+
+    def explain(self, endpoint_id: int, direction: Direction, peer_identity: int,
+                protocol: Protocol, port: int) -> Decision:
+        """The decision for one packet and the entry that made it (derived_from names rules)."""
+        return self.resolve(endpoint_id).lookup(peer_identity, direction, protocol, port)
+
+    # -- ipcache ---------------------------------------------------------------------
+    def ipcache(self) -> dict[IPNetwork, int]:
+        with self._lock:
+            out: dict[IPNetwork, int] = dict(WORLD_PREFIXES)
+            for net, ident in self._cidr_ids.items():
+                out[net] = ident.id
+            for ep in self._endpoints.values():
+                for ip in (ep.ipv4, ep.ipv6):
+                    if ip:
+                        out[ipaddress.ip_network(ip)] = ep.identity
+            return out
+
+    def pending_ipcache_changes(self) -> IPCacheChanges:
+        with self._lock:
+            cur = self.ipcache()
+            upserts = {n: i for n, i in cur.items() if self._reported_ipcache.get(n) != i}
+            deletes = frozenset(n for n in self._reported_ipcache if n not in cur)
+            self._reported_ipcache = cur
+            return IPCacheChanges(upserts, deletes)
+
+    def identity_of_ip(self, ip: str) -> int:
+        addr = ipaddress.ip_address(ip)
+        best: tuple[int, int] | None = None
+        for net, ident in self.ipcache().items():
+            if net.version == addr.version and addr in net and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, ident)
+        return best[1] if best is not None else int(ReservedIdentity.WORLD)
+
+
+def _l7_differs(a: MapState, b: MapState) -> bool:
+    return any(a[k].l7 != b[k].l7 or a[k].derived_from != b[k].derived_from for k in a if k in b)
+
+
+__all__ = ["EngineOptions", "PolicyEngine"]

@@ -1,0 +1,250 @@
+"""PolicyEngine with hand-built rules: resolution, precedence, incremental updates."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from axoneme.core.endpoint import Endpoint, NamedPort
+from axoneme.core.errors import PolicyError
+from axoneme.core.identity import ReservedIdentity
+from axoneme.core.labels import Labels
+from axoneme.core.mapstate import Direction, Entry, Key, MapState, Protocol, Verdict
+from axoneme.core.policy.api import (
+    CIDRPeer,
+    EndpointPeer,
+    EntityPeer,
+    HTTPRule,
+    ICMPField,
+    KafkaRule,
+    L7Spec,
+    PeerRule,
+    Policy,
+    PolicyKind,
+    PolicyRef,
+    PortProtocol,
+    PortRule,
+    Rule,
+)
+from axoneme.core.policy.engine import EngineOptions, PolicyEngine
+from axoneme.core.selectors import LabelSelector
+
+IN, EG = Direction.INGRESS, Direction.EGRESS
+TCP, UDP = Protocol.TCP, Protocol.UDP
+
+
+def sel(**labels: str) -> LabelSelector:
+    return LabelSelector.build({f"k8s:{k}": v for k, v in labels.items()})
+
+
+def ref(name: str, kind: PolicyKind = PolicyKind.CILIUM_NETWORK_POLICY) -> PolicyRef:
+    return PolicyRef(kind, "default", name)
+
+
+def policy(name: str, subject: LabelSelector, *rules: PeerRule, ingress: bool | None = None,
+           egress: bool | None = None, kind: PolicyKind = PolicyKind.CILIUM_NETWORK_POLICY) -> Policy:
+    r = ref(name, kind)
+    ei = any(p.direction is IN for p in rules) if ingress is None else ingress
+    ee = any(p.direction is EG for p in rules) if egress is None else egress
+    return Policy(r, (Rule(r, subject, tuple(rules), enforce_ingress=ei, enforce_egress=ee),))
+
+
+def ports(*specs: tuple[int, str], l7: L7Spec | None = None) -> tuple[PortRule, ...]:
+    return (PortRule(tuple(PortProtocol(p, protocol=proto) for p, proto in specs), l7),)
+
+
+class World:
+    """An engine with pods app=a,b,c (endpoints 1..3)."""
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.engine = PolicyEngine(options=options or EngineOptions())
+        self.ids: dict[str, int] = {}
+        for n, app in enumerate("abc", 1):
+            self.add(n, app)
+
+    def add(self, n: int, app: str, named: tuple[NamedPort, ...] = ()) -> Endpoint:
+        ident = self.engine.allocator.allocate(Labels.from_strings([f"k8s:app={app}"]))
+        ep = Endpoint(n, ident.id, ident.labels, ipv4=f"10.244.0.{n}", pod_name=app,
+                      namespace="default", named_ports=named)
+        self.engine.upsert_endpoint(ep)
+        self.ids[app] = ident.id
+        return ep
+
+    def verdict(self, ep: int, d: Direction, peer: str | int, proto: Protocol = TCP, port: int = 80) -> Verdict:
+        ident = self.ids[peer] if isinstance(peer, str) else peer
+        return self.engine.explain(ep, d, ident, proto, port).verdict
+
+
+def test_no_policy_allows_everything() -> None:
+    w = World()
+    assert w.engine.resolve(1) == MapState({Key(0, IN): Entry(), Key(0, EG): Entry()})
+    assert w.engine.enforcement(1) == (False, False)
+
+
+def test_l3_l4_allow_and_default_deny() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),),
+                                                                 ports=ports((80, "TCP")), path="spec.ingress[0]")))
+    assert w.engine.enforcement(1) == (True, False)
+    assert w.verdict(1, IN, "b") is Verdict.ALLOWED
+    assert w.verdict(1, IN, "b", port=81) is Verdict.DENIED
+    assert w.verdict(1, IN, "c") is Verdict.DENIED
+    assert w.verdict(1, IN, int(ReservedIdentity.HOST), port=1234) is Verdict.ALLOWED  # allow-localhost
+    assert w.verdict(1, EG, "c") is Verdict.ALLOWED  # egress not enforced
+    dec = w.engine.explain(1, IN, w.ids["b"], TCP, 80)
+    assert dec.entry is not None and dec.entry.derived_from == {"CiliumNetworkPolicy default/p spec.ingress[0]"}
+    # endpoints the policy does not select are untouched
+    assert w.engine.enforcement(2) == (False, False)
+
+
+def test_allow_localhost_policy_mode() -> None:
+    w = World(EngineOptions(allow_localhost="policy"))
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),))))
+    assert w.verdict(1, IN, int(ReservedIdentity.HOST)) is Verdict.DENIED
+
+
+def test_enforcement_modes() -> None:
+    w = World(EngineOptions(enforcement_mode="always"))
+    assert w.engine.enforcement(1) == (True, True)
+    assert w.verdict(1, EG, "b") is Verdict.DENIED
+    w = World(EngineOptions(enforcement_mode="never"))
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, deny=True, peers=None)))
+    assert w.engine.enforcement(1) == (False, False)
+    assert w.verdict(1, IN, "b") is Verdict.ALLOWED
+    with pytest.raises(PolicyError):
+        EngineOptions(enforcement_mode="sometimes")
+
+
+def test_deny_beats_allow_and_prunes_covered_allows() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("allow", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),),
+                                                                     ports=ports((80, "TCP")))))
+    w.engine.upsert_policy(policy("deny", sel(app="a"), PeerRule(IN, deny=True, peers=(EndpointPeer(sel(app="b")),))))
+    state = w.engine.resolve(1)
+    assert Key(w.ids["b"], IN, TCP, 80, 16) not in state
+    assert state[Key(w.ids["b"], IN)].deny
+    assert w.verdict(1, IN, "b") is Verdict.DENIED_BY_RULE
+
+
+def test_wildcard_deny_in_unenforced_direction() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("deny", sel(app="a"), PeerRule(EG, deny=True, peers=None, ports=ports((53, "UDP"))),
+                                  egress=False))
+    assert w.engine.enforcement(1) == (False, False)
+    assert w.verdict(1, EG, "b", UDP, 53) is Verdict.DENIED_BY_RULE
+    assert w.verdict(1, EG, "b", TCP, 53) is Verdict.ALLOWED
+
+
+def test_port_any_protocol_expands_and_ranges() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=None, ports=(
+        PortRule((PortProtocol(53), PortProtocol(8000, end_port=8010, protocol="TCP"))),))))
+    state = w.engine.resolve(1)
+    for proto in (TCP, UDP, Protocol.SCTP):
+        assert Key(0, IN, proto, 53, 16) in state
+    for port, want in ((7999, Verdict.DENIED), (8000, Verdict.ALLOWED), (8005, Verdict.ALLOWED),
+                       (8010, Verdict.ALLOWED), (8011, Verdict.DENIED)):
+        assert w.verdict(1, IN, "b", TCP, port) is want, port
+
+
+def test_icmp_keys() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=None, icmps=(ICMPField("IPv4", 8),))))
+    assert Key(0, IN, Protocol.ICMP, 8, 16) in w.engine.resolve(1)
+    assert w.verdict(1, IN, "b", Protocol.ICMP, 8) is Verdict.ALLOWED
+    assert w.verdict(1, IN, "b", Protocol.ICMP, 0) is Verdict.DENIED
+
+
+def test_named_ports_ingress_own_egress_global() -> None:
+    w = World()
+    w.add(2, "b", (NamedPort("web", 8080),))
+    w.engine.upsert_policy(policy("p", LabelSelector(), PeerRule(IN, peers=None, ports=(
+        PortRule((PortProtocol(0, protocol="TCP", name="web"),)),)),
+        PeerRule(EG, peers=None, ports=(PortRule((PortProtocol(0, protocol="TCP", name="web"),)),))))
+    assert w.verdict(2, IN, "a", TCP, 8080) is Verdict.ALLOWED
+    assert w.verdict(1, IN, "b", TCP, 8080) is Verdict.DENIED  # a has no port named web
+    assert w.verdict(1, EG, "b", TCP, 8080) is Verdict.ALLOWED
+    w.add(3, "c", (NamedPort("web", 9090),))  # egress named ports follow the cluster
+    assert w.verdict(1, EG, "c", TCP, 9090) is Verdict.ALLOWED
+
+
+def test_cidr_except_and_entities() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(EG, peers=(CIDRPeer(
+        ipaddress.ip_network("198.51.100.0/24"), (ipaddress.ip_network("198.51.100.128/25"),)),)),
+        PeerRule(EG, peers=(EntityPeer("host"),))))
+    e = w.engine
+    assert w.verdict(1, EG, e.identity_of_ip("198.51.100.5")) is Verdict.ALLOWED
+    assert w.verdict(1, EG, e.identity_of_ip("198.51.100.200")) is Verdict.DENIED
+    assert w.verdict(1, EG, e.identity_of_ip("203.0.113.1")) is Verdict.DENIED
+    assert e.identity_of_ip("203.0.113.1") == ReservedIdentity.WORLD
+    assert e.identity_of_ip("10.244.0.2") == w.ids["b"]
+    assert w.verdict(1, EG, int(ReservedIdentity.HOST)) is Verdict.ALLOWED
+    assert w.verdict(1, EG, "b") is Verdict.DENIED
+    changes = e.pending_ipcache_changes()
+    assert ipaddress.ip_network("198.51.100.128/25") in changes.upserts
+    e.delete_policy(ref("p"))
+    assert ipaddress.ip_network("198.51.100.128/25") in e.pending_ipcache_changes().deletes
+
+
+def test_entity_cluster_and_world() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(EG, peers=(EntityPeer("cluster"),))))
+    assert w.verdict(1, EG, "b") is Verdict.ALLOWED
+    assert w.verdict(1, EG, int(ReservedIdentity.HOST)) is Verdict.ALLOWED
+    assert w.verdict(1, EG, int(ReservedIdentity.WORLD)) is Verdict.DENIED
+    w.add(4, "d")  # a new pod joins "cluster"
+    assert w.verdict(1, EG, "d") is Verdict.ALLOWED
+
+
+def test_l7_merge_and_l4_only_makes_l7_moot() -> None:
+    w = World()
+    get = L7Spec("http", (HTTPRule(method="GET", path="/public"),))
+    post = L7Spec("http", (HTTPRule(method="POST"),))
+    w.engine.upsert_policy(policy("l7a", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),),
+                                                                   ports=ports((80, "TCP"), l7=get))))
+    w.engine.upsert_policy(policy("l7b", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),),
+                                                                   ports=ports((80, "TCP"), l7=post))))
+    entry = w.engine.resolve(1)[Key(w.ids["b"], IN, TCP, 80, 16)]
+    assert entry.is_redirect and entry.l7 is not None
+    assert set(entry.l7.rules) == {HTTPRule(method="GET", path="/public"), HTTPRule(method="POST")}
+    assert w.verdict(1, IN, "b") is Verdict.REDIRECTED
+    w.engine.upsert_policy(policy("l4", sel(app="a"), PeerRule(IN, peers=None, ports=ports((80, "TCP")))))
+    assert w.verdict(1, IN, "b") is Verdict.ALLOWED
+    assert not w.engine.resolve(1)[Key(w.ids["b"], IN, TCP, 80, 16)].is_redirect
+
+
+def test_l7_parser_conflict_rejected_without_change() -> None:
+    w = World()
+    w.engine.upsert_policy(policy("h", sel(app="a"), PeerRule(IN, peers=None, ports=ports(
+        (9092, "TCP"), l7=L7Spec("http")))))
+    rev = w.engine.revision
+    before = w.engine.resolve(1)
+    with pytest.raises(PolicyError, match="conflicting L7"):
+        w.engine.upsert_policy(policy("k", sel(app="a"), PeerRule(IN, peers=None, ports=ports(
+            (9092, "TCP"), l7=L7Spec("kafka", (KafkaRule(topic="t"),))))))
+    assert w.engine.revision == rev
+    assert w.engine.resolve(1) == before
+    assert [p.ref.name for p in w.engine.policies()] == ["h"]
+
+
+def test_pending_changes_are_incremental() -> None:
+    w = World()
+    w.engine.pending_changes()
+    rev = w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),))))
+    assert rev == w.engine.revision
+    changes = w.engine.pending_changes()
+    assert set(changes) == {1}
+    assert Key(0, IN) in changes[1].deletes
+    assert Key(w.ids["b"], IN) in changes[1].adds
+    assert w.engine.pending_changes() == {}
+    # a new pod matching the peer selector only touches the endpoint using it
+    w.add(5, "b")
+    changes = w.engine.pending_changes()
+    assert set(changes) == {5}  # b's identity exists already: only the new endpoint
+    w.engine.remove_endpoint(2)
+    w.engine.remove_endpoint(5)
+    changes = w.engine.pending_changes()
+    assert set(changes) == {1} and Key(w.ids["b"], IN) in changes[1].deletes
+    with pytest.raises(PolicyError):
+        w.engine.delete_policy(ref("nope"))
