@@ -1,0 +1,239 @@
+"""Machinery of the conformance suite: one suite, every installed datapath.
+
+An agent per datapath (session scope: pytest groups the tests by datapath),
+a topology of namespaces x,y,z x pods a,b,c created once through the CLI
+(`axoneme pod run` -> axoneme-cni), a fake outside world netns at
+198.51.100.0/24, and probers that run inside the pods. Datapaths that cannot
+run here are skipped by capability (their probe() reason is printed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+AX = str(Path(sys.executable).with_name("axoneme"))
+PYTHON = sys.executable
+
+# (entry point, mode) of every datapath the suite knows how to configure;
+# the ones not installed or not available here are skipped with a reason.
+DATAPATHS = [("ebpf", ""), ("iptables", "plain"), ("iptables", "ipset")]
+NAMESPACES = ("x", "y", "z")
+PODS = ("a", "b", "c")
+PORTS = (80, 81)
+WORLD_NET = "198.51.100.0/24"
+WORLD_HOST_IP = "198.51.100.1"  # the node's address on the world link
+WORLD_IPS = ("198.51.100.10", "198.51.100.20", "198.51.100.30")
+
+
+def root_or_skip() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("conformance needs root (netns, tc, iptables); run as root")
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def datapath_unavailable(name: str, mode: str) -> str | None:
+    """The probe() reason a datapath can't run here, or None."""
+    from axoneme.core.datapath import DatapathConfig
+    from axoneme.core.errors import AxonemeError
+    from axoneme.core.plugins import installed, load_class
+
+    if name not in installed("axoneme.datapath"):
+        return f"datapath {name!r} is not installed"
+    try:
+        cls = load_class("axoneme.datapath", name)
+        cls(DatapathConfig(mode=mode, bpffs_root=f"/sys/fs/bpf/axoneme-probe-{uuid.uuid4().hex[:6]}")).probe()
+    except AxonemeError as e:
+        return f"datapath {name}{'/' + mode if mode else ''} unavailable: {e}"
+    return None
+
+
+# --- the uplink guard ------------------------------------------------------------
+
+def uplink() -> str | None:
+    out = sh("ip", "-o", "route", "show", "default", check=False).stdout.split()
+    return out[out.index("dev") + 1] if "dev" in out else None
+
+
+
+# --- the outside world -------------------------------------------------------------
+
+
+# --- the agent ---------------------------------------------------------------------
+
+@dataclass
+class Agent:
+    datapath: str
+    mode: str
+    state_dir: Path
+    socket: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    policy_files: list[Path] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.datapath}/{self.mode}" if self.mode else self.datapath
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "AXONEME_API_SOCKET": str(self.socket)}
+
+    def ax(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([AX, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"axoneme {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.ax(*args, "-o", "json").stdout)
+
+    def start(self) -> None:
+        cmd = [AX, "agent", "run", "--datapath", self.datapath, "--state-dir", str(self.state_dir),
+               "--api-socket", str(self.socket)]
+        if self.mode:
+            cmd += ["--iptables-mode", self.mode]
+        self.log = self.state_dir.parent / f"agent-{int(time.time() * 1000)}.log"
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=self.env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if self.ax("status", check=False, timeout=10).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"agent did not become ready:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    # -- policies -------------------------------------------------------------------
+    def apply(self, *paths: Path) -> None:
+        args: list[str] = []
+        for p in paths:
+            args += ["-f", str(p)]
+        self.ax("policy", "apply", *args)
+        self.policy_files.extend(paths)
+        self.wait_realized()
+
+    def reset_policies(self) -> None:
+        for pol in self.json("policy", "list"):  # type: ignore[union-attr]
+            kind, ns, name = pol["kind"], pol.get("namespace", ""), pol["name"]
+            args = ["policy", "delete", f"{kind}/{name}"] + (["-n", ns] if ns else [])
+            self.ax(*args)
+        self.policy_files.clear()
+        self.wait_realized()
+
+    def wait_realized(self, timeout: float = 30) -> None:
+        """Until every endpoint's datapath dump equals its resolved MapState."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            pending = []
+            for ep in self.json("endpoint", "list"):  # type: ignore[union-attr]
+                got = self.json("endpoint", "get", str(ep["id"]))
+                if not realized(got):
+                    pending.append(ep.get("pod", ep["id"]))
+            if not pending:
+                return
+            last = f"not realized: {pending}"
+            time.sleep(0.2)
+        raise AssertionError(f"policy not realized in the datapath within {timeout}s: {last}")
+
+
+def realized(endpoint_json: object) -> bool:
+    """`endpoint get -o json` holds the resolved MapState and the datapath dump."""
+    assert isinstance(endpoint_json, dict), endpoint_json
+    want = endpoint_json.get("policy", {}).get("mapstate")
+    got = endpoint_json.get("datapath", {}).get("dump")
+    assert want is not None and got is not None, f"endpoint get lacks policy.mapstate/datapath.dump: {endpoint_json}"
+    return sorted(map(json.dumps, want)) == sorted(map(json.dumps, got))
+
+
+
+# --- the topology ------------------------------------------------------------------
+
+@dataclass
+class Topology:
+    agent: Agent
+    ips: dict[str, str]  # "x/a" -> IP
+    cluster_file: Path
+
+    def pods(self) -> list[str]:
+        return sorted(self.ips)
+
+
+
+def cluster_yaml(agent: Agent) -> str:
+    """The live cluster as Kubernetes objects, for `axoneme policy matrix`."""
+    docs = []
+    for ns in NAMESPACES:
+        docs.append({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": ns, "labels": {"ns": ns, "kubernetes.io/metadata.name": ns}}})
+    for p in agent.json("pod", "list"):  # type: ignore[union-attr]
+        ports = [{"name": f"serve-{n}-{proto.lower()}", "containerPort": n, "protocol": proto}
+                 for n in PORTS for proto in ("TCP", "UDP")]
+        docs.append({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": p["name"], "namespace": p["namespace"], "labels": p["labels"]},
+                     "spec": {"containers": [{"name": "server", "ports": ports}]},
+                     "status": {"podIP": p["ip"]}})
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+
+
+def wait_servers(topo: Topology) -> None:
+    deadline = time.monotonic() + 30
+    targets = [(ip, 80, "tcp") for ip in topo.ips.values()]
+    while time.monotonic() < deadline:
+        if all(run_prober(topo, "x/a", targets)):
+            return
+        time.sleep(0.3)
+    raise AssertionError("pod servers did not come up")
+
+
+def run_prober(topo: Topology, src: str, targets: list[tuple[str, int, str]]) -> list[bool]:
+    ns, name = src.split("/")
+    r = topo.agent.ax("pod", "exec", name, "-n", ns, "--", PYTHON, str(HERE / "prober.py"),
+                      json.dumps(targets), timeout=120)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+Probe = tuple[str, str, int, str]  # from, to, port, proto ("x/a", "y/b" or an IP, 80, "tcp")
+
+
+def probe_all(topo: Topology, probes: list[Probe]) -> dict[Probe, bool]:
+    """Run every probe, one prober per source pod, sources in parallel."""
+    by_src: dict[str, list[Probe]] = {}
+    for pr in probes:
+        by_src.setdefault(pr[0], []).append(pr)
+    out: dict[Probe, bool] = {}
+
+    def one(src: str) -> None:
+        items = by_src[src]
+        targets = [(topo.ips.get(dst, dst), port, proto) for _, dst, port, proto in items]
+        for pr, ok in zip(items, run_prober(topo, src, targets), strict=True):
+            out[pr] = ok
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(by_src) or 1) as ex:
+        list(ex.map(one, by_src))
+    return out

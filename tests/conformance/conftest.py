@@ -1,0 +1,131 @@
+"""Fixtures of the conformance suite (see _harness.py for the machinery)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # noqa: E402
+    AX,
+    DATAPATHS,
+    HERE,
+    NAMESPACES,
+    PODS,
+    PORTS,
+    PYTHON,
+    WORLD_HOST_IP,
+    WORLD_IPS,
+    Agent,
+    Topology,
+    cluster_yaml,
+    datapath_unavailable,
+    root_or_skip,
+    sh,
+    uplink,
+    wait_servers,
+)
+
+
+@pytest.fixture(scope="session")
+def guard() -> Iterator[None]:
+    """Drop forwarded pod traffic leaving through the uplink, before any probe."""
+    root_or_skip()
+    chain = f"AXON-CGUARD-{uuid.uuid4().hex[:4]}"
+    up = uplink()
+    sh("iptables", "-N", chain)
+    try:
+        if up:
+            sh("iptables", "-A", chain, "-s", "10.244.0.0/16", "-o", up, "-j", "DROP")
+        sh("iptables", "-I", "FORWARD", "1", "-j", chain)
+        yield
+    finally:
+        sh("iptables", "-D", "FORWARD", "-j", chain, check=False)
+        sh("iptables", "-F", chain, check=False)
+        sh("iptables", "-X", chain, check=False)
+
+
+@pytest.fixture(scope="session")
+def world(guard: None) -> Iterator[dict[str, str]]:
+    """A netns holding 198.51.100.{10,20,30} running the pod server, routed via the node."""
+    sfx = uuid.uuid4().hex[:5]
+    ns, host_if, peer_if = f"axon-world-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
+    proc = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        sh("ip", "link", "set", peer_if, "netns", ns)
+        sh("ip", "addr", "add", f"{WORLD_HOST_IP}/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        for ip in WORLD_IPS:
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", peer_if)
+        sh("ip", "-n", ns, "link", "set", peer_if, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", WORLD_HOST_IP)
+        route = sh("ip", "route", "get", WORLD_IPS[0]).stdout
+        assert f"dev {host_if}" in route, f"198.51.100.0/24 is not routed to the test world: {route}"
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, str(HERE / "podserver.py"), "world",
+                                 *map(str, PORTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield {"netns": ns, "host_if": host_if}
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        sh("ip", "link", "del", host_if, check=False)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture(scope="session", params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
+def agent(request: pytest.FixtureRequest, guard: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    name, mode = request.param
+    reason = datapath_unavailable(name, mode)
+    if reason:
+        print(f"SKIP: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="axon-conf-", dir="/tmp"))
+    ag = Agent(name, mode, base / "state", base / "axoneme.sock")
+    try:
+        ag.start()
+        yield ag
+    finally:
+        ag.stop()
+        subprocess.run([AX, "agent", "cleanup", "--state-dir", str(ag.state_dir)], capture_output=True,
+                       env=ag.env(), timeout=120)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture(scope="session")
+def topology(agent: Agent, world: dict[str, str]) -> Iterator[Topology]:
+    """Namespaces x,y,z (label ns=<name>) with pods a,b,c (label pod=<name>)
+    serving TCP and UDP on 80 and 81 (named serve-80-tcp, serve-81-udp, ...)."""
+    created: list[tuple[str, str]] = []
+    try:
+        for ns in NAMESPACES:
+            agent.ax("namespace", "create", ns, "--labels", f"ns={ns}")
+        for ns in NAMESPACES:
+            for pod in PODS:
+                ports: list[str] = []
+                for p in PORTS:
+                    ports += ["--port", f"serve-{p}-tcp:{p}/TCP", "--port", f"serve-{p}-udp:{p}/UDP"]
+                agent.ax("pod", "run", pod, "-n", ns, "--labels", f"pod={pod}", *ports, "--",
+                         PYTHON, str(HERE / "podserver.py"), f"{ns}/{pod}", *map(str, PORTS), timeout=120)
+                created.append((ns, pod))
+        ips = {f"{p['namespace']}/{p['name']}": p["ip"] for p in agent.json("pod", "list")}  # type: ignore[union-attr]
+        cluster = agent.state_dir.parent / "cluster.yaml"
+        cluster.write_text(cluster_yaml(agent))
+        topo = Topology(agent, ips, cluster)
+        wait_servers(topo)
+        yield topo
+    finally:
+        for ns, pod in created:
+            agent.ax("pod", "delete", pod, "-n", ns, check=False)
+        for ns in NAMESPACES:
+            agent.ax("namespace", "delete", ns, check=False)
+
