@@ -17,7 +17,8 @@ import ipaddress
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from axoneme.core.datapath import IPCacheChanges
@@ -85,6 +86,24 @@ class PolicyEngine:
         self._reported: dict[int, MapState] = {}
         self._dirty: set[int] = set()
         self._reported_ipcache: dict[IPNetwork, int] = {}
+        self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Defer recomputation until the block ends (bulk loads: each endpoint once).
+
+        Inside a batch an L7 conflict is not rolled back: it raises PolicyError
+        when the batch ends, after every other endpoint has been recomputed."""
+        with self._lock:
+            if self._deferred is not None:
+                yield
+                return
+            self._deferred = set()
+            try:
+                yield
+            finally:
+                pending, self._deferred = self._deferred, None
+                self._recompute(pending, strict=True)
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -115,6 +134,11 @@ class PolicyEngine:
             affected = self._endpoints_selected(policy) | self._dependents(changed)
             if old is not None:
                 affected |= self._endpoints_selected(old)
+            if self._deferred is not None:
+                self._deferred |= affected
+                if old is not None:
+                    self._release_policy(old)
+                return self._repo.revision
             try:
                 results = {eid: self._compute(eid, strict=True) for eid in affected}
             except PolicyError:
@@ -314,8 +338,12 @@ class PolicyEngine:
         self._dirty.discard(endpoint_id)
         self._reported.pop(endpoint_id, None)
 
-    def _recompute(self, endpoint_ids: Iterable[int]) -> None:
+    def _recompute(self, endpoint_ids: Iterable[int], strict: bool = False) -> None:
+        if self._deferred is not None:
+            self._deferred.update(endpoint_ids)
+            return
         results: dict[int, Resolved] = {}
+        error: PolicyError | None = None
         for eid in endpoint_ids:
             if eid not in self._endpoints:
                 continue
@@ -323,8 +351,11 @@ class PolicyEngine:
                 results[eid] = self._compute(eid, strict=True)
             except PolicyError as e:
                 LOG.error("endpoint %d: %s", eid, e)
+                error = error or e
                 results[eid] = self._compute(eid, strict=False)
         self._commit(results)
+        if strict and error is not None:
+            raise error
 
     def resolve(self, endpoint_id: int) -> MapState:
         with self._lock:

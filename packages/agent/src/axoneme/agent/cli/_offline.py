@@ -1,0 +1,163 @@
+"""``axoneme policy trace`` and ``axoneme policy matrix``: offline, no agent, no root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from axoneme.agent.cli import EXIT_OK, add_output_flag
+from axoneme.core.cluster import Cluster
+from axoneme.core.mapstate import Protocol
+from axoneme.core.policy.parse import parse_policies
+from axoneme.core.policy.trace import (
+    ALLOWED,
+    OfflineCluster,
+    PortSpec,
+    Probe,
+    SideResult,
+    TraceInputError,
+    TraceResult,
+    matrix,
+    parse_icmp_type,
+    parse_port,
+    resolve_peer,
+    trace,
+)
+
+
+def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ignore[type-arg]
+    policy = groups["policy"]
+    t = policy.add_parser("trace", help="offline verdict for one flow, with the deciding rules")
+    _common(t)
+    t.add_argument("--from", dest="src", required=True, metavar="SRC",
+                   help="ns/pod, an IP address, or entity:world / entity:host")
+    t.add_argument("--to", dest="dst", required=True, metavar="DST", help="like --from")
+    t.add_argument("--port", default=None, metavar="PORT[/PROTO]",
+                   help="destination port (number or named port), protocol TCP (default), UDP or SCTP")
+    t.add_argument("--icmp-type", default=None, metavar="T", help="ICMP type (number or name) instead of --port")
+    t.add_argument("--icmp-family", default="IPv4", metavar="F", help="IPv4 (default) or IPv6")
+    t.add_argument("--http-method", default=None)
+    t.add_argument("--http-path", default=None)
+    t.add_argument("--http-host", default=None)
+    t.add_argument("--http-header", dest="http_headers", action="append", default=None,
+                   metavar="'K: V'")
+    t.add_argument("--kafka-role", default=None)
+    t.add_argument("--kafka-topic", default=None)
+    t.add_argument("--kafka-api-key", default=None)
+    t.add_argument("--kafka-api-version", default=None)
+    t.add_argument("--kafka-client-id", default=None)
+    add_output_flag(t)
+    t.set_defaults(handler=run_trace)
+
+    m = policy.add_parser("matrix", help="offline truth table of every pod to every pod")
+    _common(m)
+    m.add_argument("--port", dest="ports", action="append", required=True, metavar="PORT[/PROTO]",
+                   help="port to probe (repeatable; a number or a named port)")
+    add_output_flag(m)
+    m.set_defaults(handler=run_matrix)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", dest="cluster", action="append", required=True, metavar="PATH",
+                   help="cluster description: v1 Namespace and v1 Pod objects (file or directory)")
+    p.add_argument("-f", "--filename", dest="files", action="extend", nargs="+", default=[],
+                   metavar="PATH", help="policy file or directory (repeatable)")
+
+
+def _load(args: argparse.Namespace) -> OfflineCluster:
+    cluster = Cluster.load(args.cluster)
+    policies = parse_policies(args.files) if args.files else []
+    return OfflineCluster.build(cluster, policies)
+
+
+_L7_FLAGS = ("http_method", "http_path", "http_host", "http_headers", "kafka_role", "kafka_topic",
+             "kafka_api_key", "kafka_api_version", "kafka_client_id")
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    if (args.port is None) == (args.icmp_type is None):
+        raise TraceInputError("give exactly one of --port and --icmp-type (--port)")
+    if args.icmp_type is not None:
+        number = parse_icmp_type(args.icmp_type, args.icmp_family)
+        spec: PortSpec | None = None
+        protocol = Protocol.ICMPV6 if args.icmp_family.lower() == "ipv6" else Protocol.ICMP
+    else:
+        spec = parse_port(args.port)
+    env = _load(args)
+    src = resolve_peer(env, args.src, "--from")
+    dst = resolve_peer(env, args.dst, "--to")
+    if spec is not None:
+        target = spec.resolve(env.cluster.pods.get(dst.name))
+        if target is None:
+            raise TraceInputError(f"{dst.name} has no port named {spec.name!r} (--port)")
+        protocol, number = target
+    request = {k: getattr(args, k) for k in _L7_FLAGS if getattr(args, k) is not None}
+    result = trace(env, src, dst, protocol, number, request or None)
+    if args.output == "json":
+        json.dump(result.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(_render_trace(result))
+    return EXIT_OK
+
+
+def _render_side(title: str, side: SideResult) -> list[str]:
+    lines = [f"{title}: {side.verdict}"]
+    if side.rules:
+        lines.append(f"  {side.reason}:")
+        lines.extend(f"    {r}" for r in side.rules)
+    elif side.reason:
+        lines.append(f"  {side.reason}")
+    return lines
+
+
+def _render_trace(r: TraceResult) -> str:
+    if r.protocol in (Protocol.ICMP, Protocol.ICMPV6):
+        what = f"{r.protocol} type {r.port}"
+    else:
+        what = f"{r.port}/{r.protocol}"
+    lines = [f"{r.source.name} (identity {r.source.identity}) -> {r.destination.name} "
+             f"(identity {r.destination.identity}) {what}"]
+    lines += _render_side(f"egress from {r.source.name}", r.egress)
+    lines += _render_side(f"ingress to {r.destination.name}", r.ingress)
+    if r.l7 is not None:
+        lines.append(f"L7: {r.l7.verdict}")
+        if r.l7.reason:
+            lines.append(f"  {r.l7.reason}")
+        for rule in r.l7.rules:
+            body = " ".join(f"{k}={v}" for k, v in rule.items() if k != "parser")
+            lines.append(f"    {rule['parser']}: {body or '(any request)'}")
+    lines.append(f"verdict: {r.verdict.upper()}")
+    return "\n".join(lines) + "\n"
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    specs = [parse_port(p) for p in args.ports]
+    env = _load(args)
+    probes = matrix(env, specs)
+    if args.output == "json":
+        json.dump({"probes": [p.to_json() for p in probes]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(_render_matrix(sorted(env.endpoints), specs, probes))
+    return EXIT_OK
+
+
+def _render_matrix(pods: Sequence[str], specs: Sequence[PortSpec], probes: Sequence[Probe]) -> str:
+    """One truth table per port, like the Kubernetes netpol e2e suite prints."""
+    out: list[str] = []
+    for spec in specs:
+        cells: dict[tuple[str, str], str] = {
+            (p.src, p.dst): "." if p.verdict == ALLOWED else "X" for p in probes if p.spec == spec}
+        allowed = sum(1 for v in cells.values() if v == ".")
+        out.append(f"Port {spec}: {allowed} of {len(cells)} allowed ('.' allowed, 'X' denied"
+                   + (", '-' no such named port)" if spec.name else ")"))
+        width = max(len(p) for p in pods) if pods else 1
+        out.append("\t".join(["-".ljust(width), *pods]))
+        for s in pods:
+            row = [cells.get((s, d), "-") for d in pods]
+            out.append("\t".join([s.ljust(width), *row]))
+        out.append("")
+    return "\n".join(out)

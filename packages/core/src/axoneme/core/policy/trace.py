@@ -1,0 +1,370 @@
+"""Offline analysis: a cluster description + policies -> verdicts with reasons.
+
+What ``axoneme policy trace`` and ``axoneme policy matrix`` compute. Every
+pod of the cluster becomes a local endpoint of one PolicyEngine, so the
+verdicts come from the same MapStates (and the same ``MapState.lookup``)
+the datapaths enforce.
+
+Decision for ``src -> dst`` on a port (Cilium):
+1. A pod talking to itself never leaves its network namespace: allowed.
+2. Egress is decided by the source pod's MapState (peer = the destination's
+   identity), when the source is a pod; otherwise no egress policy applies.
+3. Ingress is decided by the destination pod's MapState (peer = the
+   source's identity), when the destination is a pod.
+4. The flow is allowed only if both sides allow; if an allowing side
+   redirects to an L7 proxy, the flow is "redirected", or, when an L7
+   request is given, the L7 rules of every redirecting side decide.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from axoneme.core.cluster import Cluster, Pod
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import AxonemeError, PolicyError
+from axoneme.core.identity import RESERVED_NAMES, ReservedIdentity
+from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
+from axoneme.core.policy.api import Policy
+from axoneme.core.policy.engine import EngineOptions, PolicyEngine
+
+LOG = logging.getLogger(__name__)
+
+ALLOWED, DENIED, REDIRECTED = "allowed", "denied", "redirected"
+
+
+class TraceInputError(PolicyError):
+    """Bad trace/matrix input (unknown pod, bad port): exit 2."""
+
+
+# -- building the offline engine -------------------------------------------------------
+
+@dataclass
+class OfflineCluster:
+    """A cluster loaded into a PolicyEngine: pods ``ns/name`` -> endpoints."""
+
+    cluster: Cluster
+    engine: PolicyEngine
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cluster: Cluster, policies: Sequence[Policy],
+              options: EngineOptions | None = None) -> OfflineCluster:
+        opts = options or EngineOptions()
+        engine = PolicyEngine(options=opts)
+        out = cls(cluster, engine)
+        with engine.batch():
+            for n, key in enumerate(sorted(cluster.pods), 1):
+                pod = cluster.pods[key]
+                ident = engine.allocator.allocate(cluster.identity_labels(pod, opts.cluster_name))
+                ep = Endpoint(n, ident.id, ident.labels, ipv4=pod.ipv4, ipv6=pod.ipv6,
+                              namespace=pod.namespace, pod_name=pod.name, named_ports=pod.ports)
+                engine.upsert_endpoint(ep)
+                out.endpoints[key] = ep
+            for policy in policies:
+                engine.upsert_policy(policy)
+        return out
+
+    def pod(self, key: str) -> Pod:
+        return self.cluster.pods[key]
+
+
+# -- peers -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One side of a trace: a pod (endpoint set) or an address/entity with an identity."""
+
+    name: str
+    identity: int
+    endpoint: Endpoint | None = None
+
+
+_ENTITY_IDS = {name: int(rid) for rid, name in RESERVED_NAMES.items()}
+
+
+def resolve_peer(env: OfflineCluster, text: str, flag: str) -> Peer:
+    """``ns/pod``, ``pod`` (namespace default), an IP, or ``entity:<name>``."""
+    if text.startswith("entity:"):
+        name = text.split(":", 1)[1]
+        if name not in _ENTITY_IDS:
+            raise TraceInputError(f"unknown entity {name!r} (one of {', '.join(sorted(_ENTITY_IDS))}) ({flag})")
+        return Peer(text, _ENTITY_IDS[name])
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None
+    if addr is not None:
+        for key, ep in env.endpoints.items():
+            if text in (ep.ipv4, ep.ipv6) or any(
+                    ip and ipaddress.ip_address(ip) == addr for ip in (ep.ipv4, ep.ipv6)):
+                return Peer(key, ep.identity, ep)
+        return Peer(str(addr), env.engine.identity_of_ip(str(addr)))
+    key = text if "/" in text else f"default/{text}"
+    found = env.endpoints.get(key)
+    if found is None:
+        known = ", ".join(sorted(env.endpoints)) or "none"
+        raise TraceInputError(f"unknown pod {text!r} (pods: {known}) ({flag})")
+    return Peer(key, found.identity, found)
+
+
+# -- ports -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """``--port`` value: a number or a named port, with a protocol."""
+
+    port: int
+    protocol: Protocol
+    name: str | None = None
+    explicit_protocol: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name or self.port}/{self.protocol}"
+
+    def resolve(self, pod: Pod | None) -> tuple[Protocol, int] | None:
+        """The number on a destination pod (None: a named port it does not have)."""
+        if self.name is None:
+            return self.protocol, self.port
+        for np in pod.ports if pod is not None else ():
+            if np.name == self.name and (not self.explicit_protocol or
+                                         Protocol.parse(np.protocol) == self.protocol):
+                return Protocol.parse(np.protocol), np.port
+        return None
+
+
+def parse_port(text: str) -> PortSpec:
+    """``80``, ``80/UDP``, ``http``, ``serve-80/TCP``."""
+    head, sep, proto = text.partition("/")
+    protocol = Protocol.TCP
+    if sep:
+        if proto.upper() not in ("TCP", "UDP", "SCTP"):
+            raise TraceInputError(f"bad protocol {proto!r} in {text!r}: TCP, UDP or SCTP (--port)")
+        protocol = Protocol.parse(proto)
+    if head.isdigit():
+        number = int(head)
+        if not 1 <= number <= 65535:
+            raise TraceInputError(f"bad port {text!r}: 1-65535 (--port)")
+        return PortSpec(number, protocol, None, bool(sep))
+    if not head or len(head) > 15 or not all(c.isalnum() or c == "-" for c in head) or head.startswith("-"):
+        raise TraceInputError(f"bad port {text!r}: a number 1-65535 or a port name (--port)")
+    return PortSpec(0, protocol, head, bool(sep))
+
+
+def parse_icmp_type(text: str, family: str) -> int:
+    from axoneme.core.policy.parse import ICMP_TYPES
+
+    fam = {"ipv4": "IPv4", "ipv6": "IPv6"}.get(family.lower())
+    if fam is None:
+        raise TraceInputError(f"bad ICMP family {family!r}: IPv4 or IPv6 (--icmp-family)")
+    if text.isdigit() and 0 <= int(text) <= 255:
+        return int(text)
+    if text in ICMP_TYPES[fam]:
+        return ICMP_TYPES[fam][text]
+    raise TraceInputError(f"bad ICMP type {text!r}: 0-255 or one of "
+                          f"{', '.join(sorted(ICMP_TYPES[fam]))} (--icmp-type)")
+
+
+# -- deciding --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SideResult:
+    """One direction's decision."""
+
+    verdict: str  # allowed | denied | redirected
+    rules: tuple[str, ...] = ()
+    reason: str = ""
+    entry: Entry | None = None
+    key: Key | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "rules": list(self.rules)}
+
+
+@dataclass(frozen=True, slots=True)
+class L7Result:
+    verdict: str
+    rules: tuple[dict[str, Any], ...] = ()
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "rules": list(self.rules)}
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    verdict: str
+    egress: SideResult
+    ingress: SideResult
+    l7: L7Result | None
+    source: Peer
+    destination: Peer
+    protocol: Protocol
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "egress": self.egress.to_json(),
+                "ingress": self.ingress.to_json(),
+                "l7": self.l7.to_json() if self.l7 is not None else None}
+
+
+def _side(env: OfflineCluster, ep: Endpoint | None, direction: Direction, peer: Peer,
+          protocol: Protocol, port: int) -> SideResult:
+    what = "egress" if direction is Direction.EGRESS else "ingress"
+    if ep is None:
+        return SideResult(ALLOWED, (), f"not a pod: no {what} policy applies")
+    enforced = env.engine.enforcement(ep.id)[0 if direction is Direction.INGRESS else 1]
+    dec = env.engine.explain(ep.id, direction, peer.identity, protocol, port)
+    return side_from_decision(dec, ep.pod, what, enforced)
+
+
+def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool) -> SideResult:
+    rules = tuple(sorted(dec.entry.derived_from)) if dec.entry is not None else ()
+    if dec.verdict is Verdict.DENIED_BY_RULE:
+        return SideResult(DENIED, rules, "denied by a deny rule", dec.entry, dec.key)
+    if dec.verdict is Verdict.DENIED:
+        return SideResult(DENIED, (), "default deny: no rule allows", None, None)
+    verdict = REDIRECTED if dec.verdict is Verdict.REDIRECTED else ALLOWED
+    if not enforced and not rules:
+        return SideResult(verdict, (), f"no policy selects {pod} for {what}: allowed by default",
+                          dec.entry, dec.key)
+    reason = "redirected to the L7 proxy by" if verdict == REDIRECTED else "allowed by"
+    return SideResult(verdict, rules, reason, dec.entry, dec.key)
+
+
+def l7_rule_json(parser: str, rule: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"parser": parser}
+    try:
+        items = [(f.name, getattr(rule, f.name)) for f in fields(rule)]
+    except TypeError:
+        return {"parser": parser, "rule": repr(rule)}
+    for name, value in items:
+        if value in (None, "", (), []):
+            continue
+        if isinstance(value, tuple):
+            value = [v if isinstance(v, str) else {f.name: getattr(v, f.name) for f in fields(v)}
+                     for v in value]
+        out[name] = value
+    return out
+
+
+def _l7(sides: Sequence[SideResult], request: Mapping[str, Any] | None) -> L7Result | None:
+    redirects = [s for s in sides if s.verdict == REDIRECTED and s.entry is not None and s.entry.l7]
+    if not redirects:
+        return None
+    rules = tuple(l7_rule_json(s.entry.l7.parser, r) for s in redirects  # type: ignore[union-attr]
+                  for r in s.entry.l7.rules)  # type: ignore[union-attr]
+    if not request:
+        return L7Result(REDIRECTED, rules, "redirected to the L7 proxy (give --http-*/--kafka-* "
+                                           "flags to decide a request)")
+    from axoneme.core.plugins import GROUP_L7, load_class
+
+    reasons: list[str] = []
+    for side in redirects:
+        l7 = side.entry.l7 if side.entry is not None else None
+        if l7 is None:
+            continue
+        try:
+            parser = load_class(GROUP_L7, l7.parser)()
+            req = parser.request_from_trace(dict(request))
+            verdict = parser.match(l7.rules, req)
+        except (AxonemeError, NotImplementedError, TypeError, ValueError) as e:
+            return L7Result(DENIED, rules, f"cannot evaluate {l7.parser} rules: {e}")
+        reasons.append(verdict.reason or ("allowed" if verdict.allowed else "denied"))
+        if not verdict.allowed:
+            return L7Result(DENIED, rules, "; ".join(reasons))
+    return L7Result(ALLOWED, rules, "; ".join(reasons))
+
+
+def trace(env: OfflineCluster, src: Peer, dst: Peer, protocol: Protocol, port: int,
+          l7_request: Mapping[str, Any] | None = None) -> TraceResult:
+    if src.endpoint is not None and dst.endpoint is not None and src.endpoint.id == dst.endpoint.id:
+        same = SideResult(ALLOWED, (), "a pod talking to itself: no policy applies")
+        return TraceResult(ALLOWED, same, same, None, src, dst, protocol, port)
+    egress = _side(env, src.endpoint, Direction.EGRESS, dst, protocol, port)
+    ingress = _side(env, dst.endpoint, Direction.INGRESS, src, protocol, port)
+    if DENIED in (egress.verdict, ingress.verdict):
+        return TraceResult(DENIED, egress, ingress, None, src, dst, protocol, port)
+    l7 = _l7((egress, ingress), l7_request)
+    if l7 is None:
+        final = ALLOWED
+    else:
+        final = l7.verdict
+    return TraceResult(final, egress, ingress, l7, src, dst, protocol, port)
+
+
+# -- matrix ----------------------------------------------------------------------------
+
+class _FastLookup:
+    """MapState.lookup over an index by (identity, direction): the same procedure, fewer keys."""
+
+    def __init__(self, state: MapState) -> None:
+        groups: dict[tuple[int, Direction], dict[Key, Entry]] = {}
+        for key, entry in state.items():
+            groups.setdefault((key.identity, key.direction), {})[key] = entry
+        self._groups = groups
+        self._cache: dict[tuple[int, Direction], MapState] = {}
+
+    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int) -> Decision:
+        sub = self._cache.get((identity, direction))
+        if sub is None:
+            entries = dict(self._groups.get((0, direction), {}))
+            entries.update(self._groups.get((identity, direction), {}))
+            sub = self._cache[(identity, direction)] = MapState(entries)
+        return sub.lookup(identity, direction, protocol, port)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    src: str
+    dst: str
+    port: int
+    protocol: Protocol
+    verdict: str
+    spec: PortSpec
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.src, "to": self.dst, "port": self.port,
+                "protocol": str(self.protocol), "verdict": self.verdict}
+
+
+def matrix(env: OfflineCluster, ports: Sequence[PortSpec]) -> list[Probe]:
+    """Every pod to every pod (itself included) on each port; named ports per destination.
+
+    A destination without the named port gets no probe (nothing listens there)."""
+    pods = sorted(env.endpoints)
+    fast = {k: _FastLookup(env.engine.resolve(ep.id)) for k, ep in env.endpoints.items()}
+    probes: list[Probe] = []
+    for spec in ports:
+        for s in pods:
+            sep = env.endpoints[s]
+            for d in pods:
+                dep = env.endpoints[d]
+                target = spec.resolve(env.cluster.pods[d])
+                if target is None:
+                    continue
+                proto, number = target
+                if s == d:
+                    ok = True
+                else:
+                    ok = (fast[s].lookup(dep.identity, Direction.EGRESS, proto, number).allowed and
+                          fast[d].lookup(sep.identity, Direction.INGRESS, proto, number).allowed)
+                probes.append(Probe(s, d, number, proto, ALLOWED if ok else DENIED, spec))
+    return probes
+
+
+def identity_name(env: OfflineCluster, identity: int) -> str:
+    if identity == ReservedIdentity.WORLD:
+        return "world"
+    ident = env.engine.allocator.get(identity)
+    if ident is not None and ident.cidr is not None:
+        return f"cidr:{ident.cidr}"
+    return str(identity)
+
+
+__all__ = ["OfflineCluster", "Peer", "PortSpec", "Probe", "SideResult", "L7Result", "TraceResult",
+           "TraceInputError", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]
