@@ -1,0 +1,57 @@
+"""skb mark values shared by the datapaths and the L7 proxies (one place).
+
+DO NOT CHANGE: these values are the contract between the datapaths (eBPF and
+iptables set/recognise them) and the agent's proxy plumbing
+(``axoneme.agent.proxy``: the TPROXY rules and the upstream sockets). They
+mirror Cilium's bpf/lib/common.h ``MARK_MAGIC_*``:
+
+- ``MARK_MAGIC_TO_PROXY | (proxy_port << 16)``: set by a datapath on a packet
+  that must go to the L7 proxy listening on ``proxy_port`` (the entry's
+  ``Entry.proxy_port``). The agent's mangle/PREROUTING chain ``AXON-PROXY``
+  matches ``mark/MARK_TO_PROXY_MASK`` per port and TPROXYs the packet to the
+  listener; ``ip rule fwmark 0x200/0xf00 lookup 2004`` delivers it locally.
+- ``MARK_MAGIC_FROM_PROXY`` (0x0A00 in the 0x0F00 nibble): carried by every
+  packet of the proxy's upstream connections (SO_MARK on the socket). A
+  datapath must NOT redirect such a packet to the proxy again, but still
+  applies L3/L4 policy to it (e.g. the destination's ingress policy). Test
+  with ``is_from_proxy(mark)``; the upper 16 bits are unused (0).
+"""
+
+from __future__ import annotations
+
+MARK_MAGIC_HOST_MASK = 0x0F00  # the "magic" nibble
+MARK_MAGIC_TO_PROXY = 0x0200  # datapath -> proxy redirect (Cilium MARK_MAGIC_TO_PROXY)
+MARK_MAGIC_FROM_PROXY = 0x0A00  # proxy -> upstream (Cilium MARK_MAGIC_PROXY_INGRESS)
+# A redirect mark is matched on the magic nibble plus the port half.
+MARK_TO_PROXY_MASK = 0xFFFF0F00
+# What TPROXY sets on the packets it diverts (and the ip rule matches).
+TPROXY_MARK = MARK_MAGIC_TO_PROXY
+TPROXY_MASK = MARK_MAGIC_HOST_MASK
+# The routing table holding ``local 0.0.0.0/0 dev lo`` for diverted packets.
+PROXY_ROUTE_TABLE = 2004
+
+
+def to_proxy_mark(proxy_port: int) -> int:
+    """The skb mark a datapath sets to redirect a packet to ``proxy_port``."""
+    if not 0 < proxy_port <= 0xFFFF:
+        raise ValueError(f"bad proxy port {proxy_port}")
+    return MARK_MAGIC_TO_PROXY | (proxy_port << 16)
+
+
+def proxy_port_of(mark: int) -> int:
+    """The proxy port a to-proxy mark carries, 0 if ``mark`` is not one."""
+    if mark & MARK_MAGIC_HOST_MASK != MARK_MAGIC_TO_PROXY:
+        return 0
+    return (mark >> 16) & 0xFFFF
+
+
+def is_from_proxy(mark: int) -> bool:
+    """Whether a packet was sent by an L7 proxy's upstream socket."""
+    return mark & MARK_MAGIC_HOST_MASK == MARK_MAGIC_FROM_PROXY
+
+
+__all__ = [
+    "MARK_MAGIC_HOST_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY", "MARK_TO_PROXY_MASK",
+    "TPROXY_MARK", "TPROXY_MASK", "PROXY_ROUTE_TABLE", "to_proxy_mark", "proxy_port_of",
+    "is_from_proxy",
+]

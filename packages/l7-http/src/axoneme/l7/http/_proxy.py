@@ -1,0 +1,487 @@
+"""The HTTP/1.1 transparent proxy: one asyncio server per listening socket.
+
+Per client connection:
+
+1. Read one request head (idle timeout before the first byte of a
+   keep-alive follow-up, header timeout for the whole first head), parse it
+   strictly (``_wire``); a malformed request gets 4xx/5xx and the connection
+   is closed.
+2. Ask ``policy_for`` (every request: a policy change applies to the next
+   request), match the rules (``HttpParser.match``, shared with
+   ``policy trace``). Denied: 403 "Access denied", the request never reaches
+   the upstream; the body is drained if small and framed, else the
+   connection is closed.
+3. Allowed: connect upstream once per client connection (to the original
+   destination, through ``connect_upstream`` which binds the client's
+   address and sets the from-proxy mark), forward the normalised head and
+   stream the body (chunked bodies re-encoded chunk by chunk), then stream
+   the response back; 1xx are relayed, 101 turns the connection into a
+   tunnel.
+4. Every request and response is reported to ``flow_sink`` as an L7 flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import time
+from typing import Any
+
+from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.l7 import L7Request
+from axoneme.core.l7proxy import ConnectUpstream, FlowSink, PolicyFor, ProxyConfig, ProxyPolicy
+from axoneme.core.mapstate import Direction
+from axoneme.l7.http._parser import HttpParser, apply_actions
+from axoneme.l7.http._wire import (
+    MAX_CHUNK_LINE,
+    MAX_DRAIN,
+    MAX_HEAD_BYTES,
+    MAX_REQUEST_LINE,
+    STATUS_TEXT,
+    HttpError,
+    RequestHead,
+    denied_response,
+    error_response,
+    parse_chunk_size,
+    parse_header_lines,
+    parse_request_head,
+    parse_response_head,
+)
+
+LOG = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+STREAM_LIMIT = MAX_REQUEST_LINE + MAX_HEAD_BYTES + 4
+REDACTED = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+
+
+class _Closed(Exception):
+    """The client connection must be closed (already answered or gone)."""
+
+
+async def plain_connect(src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
+    """Upstream connect without transparency (tests, or when not root)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, dst)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _l4(sport: int, dport: int) -> dict[str, Any]:
+    return {"TCP": {"source_port": sport, "destination_port": dport}}
+
+
+class HttpProxy:
+    """An HTTP proxy on one listening socket (the ``http`` proxy factory)."""
+
+    def __init__(self, sock: socket.socket, *, direction: Direction, policy_for: PolicyFor,
+                 flow_sink: FlowSink, connect_upstream: ConnectUpstream | None = None,
+                 config: ProxyConfig | None = None) -> None:
+        self.sock = sock
+        self.direction = direction
+        self.policy_for = policy_for
+        self.flow_sink = flow_sink
+        self.connect_upstream = connect_upstream or plain_connect
+        self.config = config or ProxyConfig()
+        self.parser = HttpParser()
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task[Any]] = set()
+        self._listen = sock.getsockname()[:2]
+        self.stats = {"requests": 0, "denied": 0, "errors": 0, "refused_connections": 0}
+
+    @property
+    def port(self) -> int:
+        return int(self._listen[1])
+
+    async def start(self) -> None:
+        self.sock.setblocking(False)
+        self._server = await asyncio.start_server(self._client, sock=self.sock, limit=STREAM_LIMIT,
+                                                  backlog=1024)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    # -- one client connection -------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._conns) >= self.config.max_connections:
+            self.stats["refused_connections"] += 1
+            LOG.warning("proxy %d: connection limit %d reached, refusing", self.port,
+                        self.config.max_connections)
+            writer.transport.abort()
+            return
+        assert task is not None
+        self._conns.add(task)
+        conn = _Conn(self, reader, writer)
+        try:
+            await conn.run()
+        except (asyncio.CancelledError, _Closed, ConnectionError, TimeoutError,
+                asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except Exception:  # a bug must not take the listener down
+            LOG.exception("proxy %d: connection handler failed", self.port)
+        finally:
+            self._conns.discard(task)
+            conn.close()
+
+    def emit(self, flow: Flow) -> None:
+        try:
+            self.flow_sink(flow)
+        except Exception:
+            LOG.exception("flow sink failed")
+
+
+class _Conn:
+    __slots__ = ("p", "r", "w", "client", "dst", "up_r", "up_w", "policy", "cfg")
+
+    def __init__(self, proxy: HttpProxy, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.p = proxy
+        self.r = reader
+        self.w = writer
+        self.cfg = proxy.config
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        self.client: tuple[str, int] = (peer[0], peer[1])
+        self.dst: tuple[str, int] = self.cfg.upstream or (local[0], local[1])
+        self.up_r: asyncio.StreamReader | None = None
+        self.up_w: asyncio.StreamWriter | None = None
+        self.policy: ProxyPolicy | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        for w in (self.w, self.up_w):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    w.transport.abort() if w.transport.is_closing() else w.close()
+        self.up_w = None
+
+    async def run(self) -> None:
+        if self.cfg.upstream is None and (self.dst[0], self.dst[1]) == tuple(self.p._listen) \
+                and self.p._listen[0] not in ("0.0.0.0", "::"):
+            # Connected to the listener itself, not redirected: would loop.
+            LOG.warning("proxy %d: direct connection from %s refused", self.p.port, self.client)
+            return
+        first = True
+        while True:
+            head = await self._read_head(first)
+            if head is None:
+                return
+            first = False
+            t0 = time.time()
+            try:
+                req = parse_request_head(head)
+            except HttpError as e:
+                self.p.stats["errors"] += 1
+                LOG.info("proxy %d: refusing malformed request from %s: %s", self.p.port,
+                         self.client, e)
+                await self._send(error_response(e.status, STATUS_TEXT.get(e.status, "Error"),
+                                                e.reason.encode() + b"\n", True))
+                return
+            keep = await self._handle(req, t0)
+            if not keep:
+                return
+
+    async def _read_head(self, first: bool) -> bytes | None:
+        """The next request head, or None at a clean end of the connection."""
+        r = self.r
+        try:
+            async with asyncio.timeout(self.cfg.header_timeout if first else self.cfg.idle_timeout):
+                b = await r.read(1)
+                while b in (b"\r", b"\n"):  # tolerated CRLFs between requests
+                    b = await r.read(1)
+            if not b:
+                return None
+            async with asyncio.timeout(self.cfg.header_timeout):
+                rest = await r.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await self._send(error_response(431, STATUS_TEXT[431], b"request head too large\n", True))
+            raise _Closed() from None
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                await self._send(error_response(400, "Bad Request", b"truncated request\n", True))
+            raise _Closed() from None
+        except TimeoutError:
+            LOG.debug("proxy %d: %s timed out reading a request head", self.p.port, self.client)
+            raise _Closed() from None
+        return b + rest[:-4]
+
+    async def _send(self, data: bytes) -> None:
+        self.w.write(data)
+        await self.w.drain()
+
+    async def _policy(self) -> ProxyPolicy | None:
+        res = self.p.policy_for(self.client[0], self.client[1], self.dst[0], self.dst[1],
+                                self.p.direction)
+        if inspect.isawaitable(res):
+            res = await res
+        if res is None or isinstance(res, ProxyPolicy):
+            return res
+        # tolerate (rules, (source, destination)) / (rules, info)
+        rules, info = res  # type: ignore[misc]
+        if isinstance(info, tuple) and len(info) == 2:
+            return ProxyPolicy(tuple(rules), info[0], info[1])
+        return ProxyPolicy(tuple(rules))
+
+    def _flow(self, req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
+              reply: bool, code: int = 0, latency_ns: int = 0) -> Flow:
+        src_ep = pol.source if pol else FlowEndpoint()
+        dst_ep = pol.destination if pol else FlowEndpoint()
+        url = f"http://{req.host}{req.path}"
+        http: dict[str, Any] = {"code": code, "method": req.method, "url": url,
+                                "protocol": req.version}
+        if not reply:
+            http["headers"] = [{"key": n, "value": "HUBBLE_REDACTED" if n.lower() in REDACTED else v}
+                               for n, v in req.headers]
+            summary = f"{req.version} {req.method} {url}"
+        else:
+            summary = f"{req.version} {code} {latency_ns // 1_000_000}ms ({req.method} {url})"
+        l7 = {"type": "RESPONSE" if reply else "REQUEST", "latency_ns": latency_ns, "http": http}
+        (sip, sport), (dip, dport) = self.client, self.dst
+        if reply:
+            return Flow(time.time(), verdict, dip, sip, dst_ep, src_ep, str(self.p.direction),
+                        type="L7", event_type="l7", l4=_l4(dport, sport), l7=l7, is_reply=True,
+                        summary=summary, ip_version="IPv6" if ":" in sip else "IPv4")
+        return Flow(time.time(), verdict, sip, dip, src_ep, dst_ep, str(self.p.direction),
+                    type="L7", event_type="l7", l4=_l4(sport, dport), l7=l7, is_reply=False,
+                    summary=summary, ip_version="IPv6" if ":" in sip else "IPv4")
+
+    async def _handle(self, req: RequestHead, t0: float) -> bool:
+        """Serve one request; returns whether the connection stays open."""
+        self.p.stats["requests"] += 1
+        pol = await self._policy()
+        allowed = False
+        verdict = None
+        if pol is not None:
+            verdict = self.p.parser.match(pol.rules, L7Request({
+                "method": req.method, "path": req.path, "host": req.host,
+                "headers": req.headers}))
+            allowed = verdict.allowed
+        if not allowed:
+            self.p.stats["denied"] += 1
+            self.p.emit(self._flow(req, pol, FlowVerdict.DROPPED, False, 403))
+            LOG.debug("proxy %d: denied %s %s from %s (%s)", self.p.port, req.method, req.path,
+                      self.client, verdict.reason if verdict else "no policy")
+            keep = req.keep_alive and pol is not None and not req.upgrade and not req.expect_continue
+            if keep and req.has_body:
+                keep = await self._drain_body(req)
+            await self._send(denied_response(not keep))
+            return keep
+        self.p.emit(self._flow(req, pol, FlowVerdict.FORWARDED, False))
+        headers = req.headers
+        if verdict is not None and getattr(verdict, "actions", ()):
+            headers = apply_actions(headers, verdict.actions)  # type: ignore[attr-defined]
+        if req.expect_continue:
+            # We answer 100 ourselves (the request is allowed) and do not
+            # forward the expectation: no interim-response interleaving.
+            headers = [(n, v) for n, v in headers if n.lower() != "expect"]
+        if not await self._ensure_upstream():
+            await self._send(error_response(503, STATUS_TEXT[503], b"upstream connect failed\n",
+                                            True))
+            return False
+        assert self.up_w is not None and self.up_r is not None
+        self.up_w.write(req.serialize(headers))
+        if req.expect_continue and req.has_body:
+            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if req.chunked:
+            await self._relay_chunked(self.r, self.up_w, self.cfg.body_timeout, 400)
+        elif req.content_length:
+            await self._relay_exact(self.r, self.up_w, req.content_length, self.cfg.body_timeout)
+        else:
+            await self.up_w.drain()
+        return await self._relay_response(req, pol, t0)
+
+    async def _drain_body(self, req: RequestHead) -> bool:
+        if req.chunked or req.content_length is None or req.content_length > MAX_DRAIN:
+            return False
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout):
+                await self.r.readexactly(req.content_length)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            raise _Closed() from None
+        return True
+
+    async def _ensure_upstream(self) -> bool:
+        if self.up_w is not None and not self.up_w.transport.is_closing() and \
+                not self.up_r.at_eof():  # type: ignore[union-attr]
+            return True
+        if self.up_w is not None:
+            self.up_w.transport.abort()
+            self.up_w = None
+        try:
+            async with asyncio.timeout(self.cfg.upstream_connect_timeout):
+                sock = await self.p.connect_upstream(self.client, self.dst)
+            self.up_r, self.up_w = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+        except (OSError, TimeoutError) as e:
+            LOG.info("proxy %d: upstream %s unreachable: %s", self.p.port, self.dst, e)
+            return False
+        return True
+
+    async def _relay_exact(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, n: int,
+                           timeout: float) -> None:
+        try:
+            while n > 0:
+                async with asyncio.timeout(timeout):
+                    data = await src.read(min(n, READ_SIZE))
+                if not data:
+                    raise _Closed()
+                n -= len(data)
+                dst.write(data)
+                async with asyncio.timeout(timeout):
+                    await dst.drain()
+        except TimeoutError:
+            raise _Closed() from None
+
+    async def _relay_chunked(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                             timeout: float, err_status: int) -> None:
+        """Relay a chunked body, re-encoded (extensions dropped), trailers validated."""
+        try:
+            while True:
+                async with asyncio.timeout(timeout):
+                    line = await src.readuntil(b"\r\n")
+                size = parse_chunk_size(line[:-2])
+                if size == 0:
+                    trailers = await self._read_trailers(src, timeout)
+                    out = b"0\r\n" + b"".join(n.encode("ascii") + b": " + v.encode("latin-1") +
+                                             b"\r\n" for n, v in trailers) + b"\r\n"
+                    dst.write(out)
+                    async with asyncio.timeout(timeout):
+                        await dst.drain()
+                    return
+                dst.write(b"%x\r\n" % size)
+                await self._relay_exact(src, dst, size, timeout)
+                async with asyncio.timeout(timeout):
+                    crlf = await src.readexactly(2)
+                if crlf != b"\r\n":
+                    raise HttpError(err_status, "missing CRLF after chunk data")
+                dst.write(b"\r\n")
+        except HttpError as e:
+            await self._fail(e, err_status)
+        except asyncio.LimitOverrunError:
+            await self._fail(HttpError(err_status, "chunk-size line too long"), err_status)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            raise _Closed() from None
+
+    async def _fail(self, e: HttpError, err_status: int) -> None:
+        LOG.info("proxy %d: %s: %s", self.p.port, self.client, e)
+        # Mid-body on the request side: the upstream got a partial request,
+        # so both connections go; the client learns why if nothing was sent.
+        if err_status == 400:
+            with contextlib.suppress(Exception):
+                await self._send(error_response(400, "Bad Request", e.reason.encode() + b"\n", True))
+        raise _Closed()
+
+    async def _read_trailers(self, src: asyncio.StreamReader, timeout: float
+                             ) -> list[tuple[str, str]]:
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            async with asyncio.timeout(timeout):
+                line = await src.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            total += len(line)
+            if total > MAX_HEAD_BYTES or len(lines) >= 100 or len(line) > MAX_CHUNK_LINE * 2:
+                raise HttpError(431, "trailers too large")
+            body = line[:-2]
+            if b"\r" in body or b"\n" in body:
+                raise HttpError(400, "bare CR or LF in trailer")
+            lines.append(body)
+        return parse_header_lines(lines, "trailer")
+
+    async def _relay_response(self, req: RequestHead, pol: ProxyPolicy | None, t0: float) -> bool:
+        up_r, up_w = self.up_r, self.up_w
+        assert up_r is not None and up_w is not None
+        while True:
+            try:
+                async with asyncio.timeout(self.cfg.upstream_timeout):
+                    raw = await up_r.readuntil(b"\r\n\r\n")
+                resp = parse_response_head(raw)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                    ConnectionError, HttpError) as e:
+                status = 504 if isinstance(e, TimeoutError) else 502
+                LOG.info("proxy %d: bad/no response from %s: %r", self.p.port, self.dst, e)
+                self.p.emit(self._flow(req, pol, FlowVerdict.ERROR, True, status,
+                                       int((time.time() - t0) * 1e9)))
+                await self._send(error_response(status, STATUS_TEXT[status],
+                                                b"upstream response failed\n", True))
+                return False
+            if 100 <= resp.status < 200 and resp.status != 101:
+                self.w.write(raw)  # interim response: relay and read the final one
+                continue
+            break
+        self.w.write(resp.raw)
+        latency = int((time.time() - t0) * 1e9)
+        self.p.emit(self._flow(req, pol, FlowVerdict.FORWARDED, True, resp.status, latency))
+        if resp.status == 101:
+            await self._tunnel()
+            return False
+        no_body = req.method == "HEAD" or resp.status in (204, 304)
+        if no_body:
+            await self.w.drain()
+        elif resp.chunked:
+            await self._relay_chunked(up_r, self.w, self.cfg.upstream_timeout, 502)
+        elif resp.content_length is not None:
+            if resp.content_length:
+                await self._relay_exact(up_r, self.w, resp.content_length, self.cfg.upstream_timeout)
+            else:
+                await self.w.drain()
+        else:
+            # Delimited by the end of the upstream connection.
+            await self._relay_to_eof(up_r, self.w)
+            return False
+        if resp.close:
+            up_w.close()
+            self.up_w = None
+        return req.keep_alive and not resp.close
+
+    async def _relay_to_eof(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while True:
+            async with asyncio.timeout(self.cfg.upstream_timeout):
+                data = await src.read(READ_SIZE)
+            if not data:
+                await dst.drain()
+                return
+            dst.write(data)
+            await dst.drain()
+
+    async def _tunnel(self) -> None:
+        assert self.up_r is not None and self.up_w is not None
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(READ_SIZE):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.write_eof()
+
+        await asyncio.gather(pump(self.r, self.up_w), pump(self.up_r, self.w),
+                             return_exceptions=True)
+
+
+__all__ = ["HttpProxy", "plain_connect"]

@@ -1,0 +1,330 @@
+"""Strict HTTP/1.1 message-head parsing for the proxy (RFC 9110/9112).
+
+The proxy only forwards what it can frame unambiguously; everything that has
+been used for request smuggling or for a gap between what the policy matched
+and what the upstream interprets is refused with 400 (and the connection is
+closed):
+
+1. Request line ``METHOD SP request-target SP HTTP/1.x`` (single spaces),
+   at most ``MAX_REQUEST_LINE`` bytes; lines end in CRLF; a bare CR or LF,
+   NUL or another control character anywhere in the head is refused.
+2. Header lines ``token ":" OWS value OWS``: whitespace before the colon and
+   obs-fold (a line starting with SP/HT) are refused; at most
+   ``MAX_HEADERS`` lines and ``MAX_HEAD_BYTES`` bytes.
+3. Framing: Content-Length and Transfer-Encoding together, more than one
+   Content-Length (even equal), a non-decimal Content-Length, any
+   Transfer-Encoding other than exactly ``chunked``, or Transfer-Encoding in
+   an HTTP/1.0 request are refused.
+4. request-target: origin-form (``/path?query``) or absolute-form
+   (``http://authority/path?query``, whose authority must equal the Host
+   header); asterisk- and authority-form (CONNECT) are refused. The path part
+   may not contain dot-segments (also ``..;``), encoded ``/``, ``\\``, ``.``
+   or NUL, a backslash, or characters outside RFC 3986 (a server decoding or
+   normalising them would see a different path than the rule matched). What
+   the rules match (``RequestHead.path``) is byte for byte what is forwarded.
+5. HTTP/1.1 requires exactly one Host header; HTTP/1.0 allows none.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # header lines, request line excluded
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4 * 1024
+MAX_CHUNK_SIZE_DIGITS = 15  # < 2**60: no overflow games
+# Denied requests with a body up to this size are drained so the connection
+# stays usable; bigger (or chunked) bodies close the connection instead.
+MAX_DRAIN = 64 * 1024
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_VERSION = re.compile(rb"HTTP/1\.[01]")
+_PCHARS = r"A-Za-z0-9\-._~!$&'()*+,;=:@%"
+_ORIGIN = re.compile(r"(/[" + _PCHARS + r"/]*)(\?[" + _PCHARS + r"/?]*)?")
+_ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?(\?[" + _PCHARS + r"/?]*)?")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
+_BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
+_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_STATUS = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+
+
+class HttpError(Exception):
+    """A request the proxy refuses: status, reason, and whether to close."""
+
+    def __init__(self, status: int, reason: str, close: bool = True) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.close = close
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str  # the request-target as received
+    path: str  # origin-form target: what rules match and what is forwarded
+    version: str  # HTTP/1.1 | HTTP/1.0
+    headers: list[tuple[str, str]]
+    host: str = ""
+    content_length: int | None = None
+    chunked: bool = False
+    keep_alive: bool = True
+    expect_continue: bool = False
+    upgrade: bool = False
+    absolute: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def serialize(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        hs = self.headers if headers is None else headers
+        lines = [f"{self.method} {self.path} {self.version}"]
+        lines.extend(f"{n}: {v}" for n, v in hs)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    version: str
+    raw: bytes  # the head as received, CRLFCRLF included: forwarded unchanged
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_length: int | None = None
+    chunked: bool = False
+    close: bool = False
+
+
+def _split_lines(block: bytes) -> list[bytes]:
+    if b"\n" in block.replace(b"\r\n", b"") or b"\r" in block.replace(b"\r\n", b""):
+        raise HttpError(400, "bare CR or LF in message head")
+    return block.split(b"\r\n")
+
+
+def parse_header_lines(lines: list[bytes], what: str = "header") -> list[tuple[str, str]]:
+    """Validate header (or trailer) lines; returns (name, value) pairs."""
+    if len(lines) > MAX_HEADERS:
+        raise HttpError(431, f"too many {what} lines")
+    if sum(len(x) + 2 for x in lines) > MAX_HEAD_BYTES:
+        raise HttpError(431, f"{what} section too large")
+    out: list[tuple[str, str]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "obsolete line folding")
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise HttpError(400, f"malformed {what} line")
+        value = value.strip(b" \t")
+        if _VALUE.fullmatch(value) is None:
+            raise HttpError(400, f"invalid character in {what} value")
+        out.append((name.decode("ascii"), value.decode("latin-1")))
+    return out
+
+
+def _check_path(path: str) -> None:
+    if _PCT.search(path):
+        raise HttpError(400, "malformed percent-encoding in path")
+    if _BAD_ESCAPE.search(path):
+        raise HttpError(400, "encoded '/', '\\', '.' or NUL in path")
+    for seg in path.split("/"):
+        if seg.split(";", 1)[0] in (".", ".."):
+            raise HttpError(400, "dot-segment in path")
+
+
+def _check_query(query: str) -> None:
+    if _PCT.search(query):
+        raise HttpError(400, "malformed percent-encoding in query")
+
+
+def parse_target(target: str) -> tuple[str, str | None]:
+    """(origin-form path to match and forward, authority of an absolute-form target)."""
+    if target.startswith("/"):
+        m = _ORIGIN.fullmatch(target)
+        if m is None:
+            raise HttpError(400, "invalid request-target")
+        _check_path(m.group(1))
+        if m.group(2):
+            _check_query(m.group(2))
+        return target, None
+    m = _ABSOLUTE.fullmatch(target)
+    if m is None:
+        raise HttpError(400, "request-target is neither origin-form nor absolute-form")
+    authority, path, query = m.group(1), m.group(2) or "/", m.group(3) or ""
+    if _HOST.fullmatch(authority) is None:
+        raise HttpError(400, "invalid authority in request-target")
+    _check_path(path)
+    if query:
+        _check_query(query)
+    return path + query, authority
+
+
+def _list(values: list[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def parse_request_head(block: bytes) -> RequestHead:
+    """Parse a request head (request line + header lines, without the final CRLFCRLF)."""
+    eol = block.find(b"\r\n")
+    line = block if eol < 0 else block[:eol]
+    if len(line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    lines = _split_lines(block)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[1]:
+        raise HttpError(400, "malformed request line")
+    method_b, target_b, version_b = parts
+    if _TOKEN.fullmatch(method_b) is None:
+        raise HttpError(400, "invalid method")
+    if _VERSION.fullmatch(version_b) is None:
+        if version_b.startswith(b"HTTP/") and len(version_b) == 8:
+            raise HttpError(505, "HTTP version not supported")
+        raise HttpError(400, "malformed HTTP version")
+    try:
+        target = target_b.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "non-ASCII request-target") from None
+    method = method_b.decode("ascii")
+    version = version_b.decode("ascii")
+    if method == "CONNECT":
+        raise HttpError(400, "CONNECT (authority-form) is not proxied")
+    headers = parse_header_lines(lines[1:])
+    path, authority = parse_target(target)
+
+    by: dict[str, list[str]] = {}
+    for n, v in headers:
+        by.setdefault(n.lower(), []).append(v)
+    req = RequestHead(method, target, path, version, headers, absolute=authority is not None)
+
+    hosts = by.get("host", [])
+    if len(hosts) > 1:
+        raise HttpError(400, "more than one Host header")
+    if hosts:
+        if _HOST.fullmatch(hosts[0]) is None:
+            raise HttpError(400, "invalid Host header")
+        req.host = hosts[0]
+    elif version == "HTTP/1.1":
+        raise HttpError(400, "missing Host header")
+    if authority is not None:
+        if hosts and hosts[0].lower() != authority.lower():
+            raise HttpError(400, "Host header differs from the absolute-form authority")
+        if not hosts:
+            req.host = authority
+            req.headers.append(("Host", authority))
+
+    cls = by.get("content-length", [])
+    tes = by.get("transfer-encoding", [])
+    if cls and tes:
+        raise HttpError(400, "both Content-Length and Transfer-Encoding")
+    if len(cls) > 1:
+        raise HttpError(400, "more than one Content-Length")
+    if cls:
+        v = cls[0]
+        if not v.isdigit() or not v.isascii() or len(v) > 18:
+            raise HttpError(400, "invalid Content-Length")
+        req.content_length = int(v)
+    if tes:
+        if version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if _list(tes) != ["chunked"]:
+            raise HttpError(501, "unsupported Transfer-Encoding")
+        req.chunked = True
+
+    conn = _list(by.get("connection", []))
+    if version == "HTTP/1.0":
+        req.keep_alive = False  # 1.0 keep-alive is not worth the ambiguity
+    else:
+        req.keep_alive = "close" not in conn
+    expect = _list(by.get("expect", []))
+    if expect:
+        if expect != ["100-continue"]:
+            raise HttpError(417, "unsupported Expect")
+        req.expect_continue = True
+    req.upgrade = "upgrade" in conn and "upgrade" in by
+    return req
+
+
+def parse_response_head(raw: bytes) -> ResponseHead:
+    """Parse a response head (``raw`` ends with CRLFCRLF). Raises HttpError(502)."""
+    try:
+        lines = _split_lines(raw[:-4])
+        m = _STATUS.fullmatch(lines[0])
+        if m is None:
+            raise HttpError(502, "malformed status line")
+        headers = parse_header_lines(lines[1:])
+    except HttpError as e:
+        raise HttpError(502, f"bad upstream response: {e.reason}") from None
+    resp = ResponseHead(int(m.group(1)), lines[0][:8].decode("ascii"), raw, headers)
+    cls: list[str] = []
+    tes: list[str] = []
+    conn: list[str] = []
+    for n, v in headers:
+        ln = n.lower()
+        if ln == "content-length":
+            cls.append(v)
+        elif ln == "transfer-encoding":
+            tes.append(v)
+        elif ln == "connection":
+            conn.append(v)
+    if tes:
+        if cls:
+            raise HttpError(502, "bad upstream response: both Content-Length and Transfer-Encoding")
+        codings = _list(tes)
+        if codings[-1:] != ["chunked"]:
+            # Not chunked: the body runs to the end of the connection.
+            resp.close = True
+        else:
+            if codings != ["chunked"]:
+                raise HttpError(502, "bad upstream response: unsupported Transfer-Encoding")
+            resp.chunked = True
+    elif cls:
+        vals = set(_list(cls))
+        if len(vals) != 1 or not next(iter(vals)).isdigit() or len(next(iter(vals))) > 18:
+            raise HttpError(502, "bad upstream response: invalid Content-Length")
+        resp.content_length = int(next(iter(vals)))
+    if "close" in _list(conn) or (resp.version == "HTTP/1.0" and "keep-alive" not in _list(conn)):
+        resp.close = True
+    return resp
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size of a chunk-size line (without CRLF); extensions are dropped."""
+    if len(line) > MAX_CHUNK_LINE:
+        raise HttpError(400, "chunk-size line too long")
+    size, _, ext = line.partition(b";")
+    if ext:
+        size = size.rstrip(b" \t")
+        if b"\r" in ext or b"\n" in ext or b"\x00" in ext:
+            raise HttpError(400, "invalid chunk extension")
+    if not size or len(size) > MAX_CHUNK_SIZE_DIGITS or \
+            size.strip(b"0123456789abcdefABCDEF"):
+        raise HttpError(400, "invalid chunk size")
+    return int(size, 16)
+
+
+def error_response(status: int, reason: str, body: bytes, close: bool) -> bytes:
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\n")
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode("ascii") + b"\r\n" + body
+
+
+STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 414: "URI Too Long", 417: "Expectation Failed",
+               431: "Request Header Fields Too Large", 501: "Not Implemented",
+               502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+               505: "HTTP Version Not Supported"}
+
+ACCESS_DENIED = b"Access denied"
+
+
+def denied_response(close: bool) -> bytes:
+    return error_response(403, "Forbidden", ACCESS_DENIED, close)
+
+
+__all__ = ["HttpError", "RequestHead", "ResponseHead", "parse_request_head", "parse_response_head",
+           "parse_chunk_size", "parse_target", "parse_header_lines", "error_response",
+           "denied_response", "ACCESS_DENIED", "STATUS_TEXT", "MAX_REQUEST_LINE",
+           "MAX_HEAD_BYTES", "MAX_HEADERS", "MAX_DRAIN"]

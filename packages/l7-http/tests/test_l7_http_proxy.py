@@ -1,0 +1,272 @@
+"""The HTTP proxy on loopback (explicit upstream, no TPROXY)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from axoneme.core.flow import FlowVerdict
+from axoneme.core.l7proxy import ProxyConfig
+from axoneme.core.policy.api import HeaderMatch, HTTPRule
+
+
+@pytest.fixture(autouse=True)
+def _harness(h) -> None:
+    global close_env, count_responses, exchange, make_env, Loop
+    close_env, count_responses, exchange, make_env, Loop = (
+        h.close_env, h.count_responses, h.exchange, h.make_env, h.Loop)
+
+
+RULES = [HTTPRule(method="GET", path="/public(/.*)?"), HTTPRule(method="POST", path="/upload")]
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: svc\r\n{extra}\r\n".encode()
+
+
+def test_allowed_and_denied(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    out = exchange(s, get("/public"))
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"ok /public 0")
+    out = exchange(s, get("/private"))
+    assert out.startswith(b"HTTP/1.1 403 Forbidden") and out.endswith(b"\r\n\r\nAccess denied")
+    assert b"Content-Length: 13" in out
+    # the connection stays usable after a denial without body
+    out = exchange(s, get("/public/a"))
+    assert out.startswith(b"HTTP/1.1 200")
+    assert env.upstream.targets() == [b"/public", b"/public/a"]
+    kinds = [(f.l7["type"], f.verdict, f.l7["http"]["url"]) for f in env.flows]
+    assert ("REQUEST", FlowVerdict.DROPPED, "http://svc/private") in kinds
+    assert ("RESPONSE", FlowVerdict.FORWARDED, "http://svc/public") in kinds
+    resp = [f for f in env.flows if f.l7["type"] == "RESPONSE"][0]
+    assert resp.l7["http"]["code"] == 200 and resp.type == "L7" and resp.is_reply
+
+
+def test_pipelining_checks_every_request(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    out = exchange(s, get("/public") + get("/private") + get("/public/2"), responses=3)
+    assert count_responses(out) == 3
+    assert out.count(b"Access denied") == 1
+    assert env.upstream.targets() == [b"/public", b"/public/2"]
+
+
+def test_policy_change_applies_to_next_request(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    assert exchange(s, get("/public")).startswith(b"HTTP/1.1 200")
+    env.set_rules([HTTPRule(path="/other")])
+    assert exchange(s, get("/public")).startswith(b"HTTP/1.1 403")
+    env.policy["none"] = True
+    out = exchange(s, get("/other"), until_close=True)
+    assert out.startswith(b"HTTP/1.1 403")
+    assert env.upstream.targets() == [b"/public"]
+
+
+def test_chunked_upload_is_streamed_and_reencoded(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
+    out = exchange(s, b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + body)
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"ok /upload 11")
+    assert env.upstream.seen[0][1] == b"hello world"
+
+
+def test_large_body_with_content_length(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    body = b"x" * (3 * 1024 * 1024)
+    out = exchange(s, b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n" % len(body)
+                   + body, timeout=20)
+    assert out.endswith(b"ok /upload %d" % len(body))
+
+
+def test_chunked_response_relayed(env) -> None:
+    env.set_rules([])
+    s = env.connect()
+    out = exchange(s, get("/chunked") + get("/x"), responses=2)
+    assert b"3\r\nok \r\n8\r\n/chunked\r\n0\r\n\r\n" in out
+    assert out.endswith(b"ok /x 0")
+
+
+def test_denied_body_drained_keeps_connection(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    out = exchange(s, b"POST /nope HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
+                   + get("/public"), responses=2)
+    assert out.startswith(b"HTTP/1.1 403") and out.endswith(b"ok /public 0")
+    assert env.upstream.targets() == [b"/public"]
+
+
+def test_denied_chunked_body_closes(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    out = exchange(s, b"POST /nope HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n0\r\n\r\n" + get("/public"), until_close=True)
+    assert out.startswith(b"HTTP/1.1 403") and b"Connection: close" in out
+    assert count_responses(out) == 1
+    assert env.upstream.seen == []
+
+
+def test_expect_continue(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    s.sendall(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n"
+              b"Expect: 100-continue\r\n\r\n")
+    out = b""
+    while not out.endswith(b"\r\n\r\n"):
+        out += s.recv(100)
+    assert out == b"HTTP/1.1 100 Continue\r\n\r\n"
+    out = exchange(s, b"hi")
+    assert out.endswith(b"ok /upload 2")
+    assert b"expect" not in env.upstream.seen[0][0].lower()
+
+
+def test_header_actions_modify_forwarded_request(env) -> None:
+    env.set_rules([HTTPRule(header_matches=(HeaderMatch("X-Id", "fixed", "REPLACE"),
+                                            HeaderMatch("X-Drop", "never", "DELETE")))])
+    s = env.connect()
+    out = exchange(s, get("/", "X-Id: evil\r\nX-Drop: 1\r\n"))
+    assert out.startswith(b"HTTP/1.1 200")
+    head = env.upstream.seen[0][0]
+    assert b"X-Id: fixed" in head and b"evil" not in head and b"X-Drop" not in head
+
+
+def test_absolute_form_forwarded_as_origin_form(env) -> None:
+    env.set_rules([HTTPRule(path="/public")])
+    s = env.connect()
+    out = exchange(s, b"GET http://svc/public HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    out = exchange(s, b"GET http://svc/private HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 403")
+    assert env.upstream.targets() == [b"/public"]
+
+
+def test_head_request_has_no_body(env) -> None:
+    s = env.connect()
+    out = exchange(s, b"HEAD /h HTTP/1.1\r\nHost: svc\r\n\r\n" + get("/g"), responses=2)
+    assert out.endswith(b"ok /g 0") and out.count(b"HTTP/1.1 200") == 2
+
+
+def test_upstream_unreachable_gives_503() -> None:
+    e = make_env()
+    try:
+        e.upstream.server.close()
+        e.loop.run(e.upstream.server.wait_closed())
+        s = e.connect()
+        out = exchange(s, get("/"), until_close=True)
+        assert out.startswith(b"HTTP/1.1 503")
+    finally:
+        close_env(e)
+
+
+def test_idle_and_slow_header_timeouts_close() -> None:
+    e = make_env(config=ProxyConfig(header_timeout=0.3, idle_timeout=0.3, body_timeout=0.3))
+    try:
+        s = e.connect()
+        s.sendall(b"GET / HTTP/1.1\r\nHost:")  # never finishes the head
+        s.settimeout(5)
+        start = time.monotonic()
+        assert s.recv(100) == b""  # closed by the proxy, not by our timeout
+        assert time.monotonic() - start < 5
+        s2 = e.connect()
+        s2.settimeout(5)
+        assert s2.recv(100) == b""  # idle connection closed
+        assert e.upstream.seen == []
+    finally:
+        close_env(e)
+
+
+def test_connection_cap() -> None:
+    e = make_env(config=ProxyConfig(max_connections=2, header_timeout=3, idle_timeout=3))
+    try:
+        held = [e.connect(), e.connect()]
+        time.sleep(0.2)
+        s = e.connect()
+        s.settimeout(5)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert e.proxy.stats["refused_connections"] >= 1
+        for h in held:
+            h.close()
+    finally:
+        close_env(e)
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+     b"0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 501),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+    (b"GET /public HTTP/1.1\r\nHost: svc\r\nX: a\r\n b\r\n\r\n", 400),
+    (b"GET /public HTTP/1.1\r\nHost: svc\r\nX: a\rb\r\n\r\n", 400),
+    (b"GET /public/../private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/%2e%2e/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public%2F..%2Fprivate HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/..;/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public\\..\\private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"CONNECT svc:80 HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET http://evil/public HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n", 400),
+    (b"GET /public HTTP/1.1\r\n\r\n", 400),
+    (b"GET  /public HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public HTTP/2.0\r\nHost: svc\r\n\r\n", 505),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: svc\r\n\r\n", 414),
+    (b"GET /public HTTP/1.1\r\nHost: svc\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /public HTTP/1.1\r\nHost: svc\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"fffffffffffffffffff\r\nx\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"-1\r\nx\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.0\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+])
+def test_smuggling_and_malformed_requests_refused(env, raw: bytes, status: int) -> None:
+    env.set_rules([HTTPRule(path="/public(/.*)?"), HTTPRule(path="/upload")])
+    s = env.connect()
+    out = exchange(s, raw + get("/private") + get("/public"), until_close=True)
+    assert out.startswith(b"HTTP/1.1 %d" % status), out[:200]
+    assert count_responses(out) == 1  # closed: nothing pipelined behind it is processed
+    # nothing reached the upstream except (for chunk errors) a partial /upload
+    for head, _ in env.upstream.seen:
+        assert b"/private" not in head
+    assert all(t == b"/upload" for t in env.upstream.targets())
+
+
+def test_direct_connection_to_listener_refused() -> None:
+    # Without an upstream override a connection whose original destination is
+    # the listener itself (not redirected) must not loop back into the proxy.
+    import asyncio
+
+    from axoneme.core.l7proxy import ProxyPolicy
+    from axoneme.core.mapstate import Direction
+    from axoneme.l7.http import HttpProxy
+
+    loop = Loop()
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    p = HttpProxy(ls, direction=Direction.EGRESS, policy_for=lambda *a: ProxyPolicy(),
+                  flow_sink=lambda f: None)
+    try:
+        loop.run(p.start())
+        s = socket.create_connection(ls.getsockname(), timeout=5)
+        assert exchange(s, get("/"), until_close=True) == b""
+    finally:
+        loop.run(p.stop())
+        loop.close()
+        del asyncio
