@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from axoneme.core.errors import InvalidRule
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import Direction
@@ -25,7 +24,13 @@ from axoneme.core.policy.api import (
     PolicyRef,
     PortProtocol,
 )
-from axoneme.core.policy.parse import Document, load_documents, parse_policies, parse_policy, parse_policy_obj
+from axoneme.core.policy.parse import (
+    Document,
+    load_documents,
+    parse_policies,
+    parse_policy,
+    parse_policy_obj,
+)
 from axoneme.core.selectors import LabelSelector, Operator, Requirement
 
 

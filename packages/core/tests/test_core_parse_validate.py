@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from axoneme.core.errors import InvalidRule, Problem
 from axoneme.core.policy.parse import Document, parse_policy
 

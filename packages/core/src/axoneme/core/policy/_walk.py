@@ -13,6 +13,17 @@ from typing import Any
 from axoneme.core.errors import Problem
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so a problem stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def make_problem(file: str, document: int | None, field: str, message: str) -> Problem:
+    return Problem(printable(file), document, printable(field), printable(message))
+
+
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -48,7 +59,7 @@ class Walker:
         self.problems: list[Problem] = []
 
     def problem(self, path: str, message: str) -> None:
-        self.problems.append(Problem(self.file, self.index, path, message))
+        self.problems.append(make_problem(self.file, self.index, path, message))
 
     def wrong_type(self, path: str, expected: str, value: object) -> None:
         self.problem(path, f"expected {expected}, got {type_name(value)}")

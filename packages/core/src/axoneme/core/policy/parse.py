@@ -44,7 +44,7 @@ from axoneme.core.labels import (
     valid_label_value,
 )
 from axoneme.core.mapstate import Direction
-from axoneme.core.policy._walk import Walker, item, join, type_name
+from axoneme.core.policy._walk import Walker, item, join, make_problem, type_name
 from axoneme.core.policy.api import (
     ENTITIES,
     CIDRPeer,
@@ -169,7 +169,7 @@ def _expand(paths: Sequence[str], problems: list[Problem]) -> list[str]:
             try:
                 names = sorted(os.listdir(path))
             except OSError as e:
-                problems.append(Problem(path, None, "", f"cannot read directory: {e.strerror or e}"))
+                problems.append(make_problem(path, None, "", f"cannot read directory: {e.strerror or e}"))
                 continue
             files.extend(
                 os.path.join(path, n) for n in names
@@ -178,7 +178,7 @@ def _expand(paths: Sequence[str], problems: list[Problem]) -> list[str]:
         elif os.path.exists(path):
             files.append(path)
         else:
-            problems.append(Problem(path, None, "", "no such file or directory"))
+            problems.append(make_problem(path, None, "", "no such file or directory"))
     return files
 
 
@@ -189,7 +189,7 @@ def _read(path: str, problems: list[Problem]) -> bytes | None:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        problems.append(Problem(path, None, "", f"cannot read file: {e.strerror or e}"))
+        problems.append(make_problem(path, None, "", f"cannot read file: {e.strerror or e}"))
         return None
 
 
@@ -214,14 +214,14 @@ def _parse_file(file: str, data: bytes, problems: list[Problem]) -> list[Any]:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            problems.append(Problem(file_name, None, "", f"invalid JSON: not UTF-8 ({e.reason})"))
+            problems.append(make_problem(file_name, None, "", f"invalid JSON: not UTF-8 ({e.reason})"))
             return []
         try:
             return [json.loads(text)]
         except json.JSONDecodeError as e:
-            problems.append(Problem(file_name, None, "", f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}"))
+            problems.append(make_problem(file_name, None, "", f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}"))
         except RecursionError:
-            problems.append(Problem(file_name, None, "", "invalid JSON: nested too deeply"))
+            problems.append(make_problem(file_name, None, "", "invalid JSON: nested too deeply"))
         return []
     objs: list[Any] = []
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -229,13 +229,13 @@ def _parse_file(file: str, data: bytes, problems: list[Problem]) -> list[Any]:
         for obj in yaml.load_all(data, Loader=loader):  # noqa: S506 (safe loader)
             objs.append(obj)
     except yaml.YAMLError as e:
-        problems.append(Problem(file_name, len(objs), "", _yaml_error(e)))
+        problems.append(make_problem(file_name, len(objs), "", _yaml_error(e)))
     except RecursionError:
-        problems.append(Problem(file_name, len(objs), "", "invalid YAML: nested too deeply"))
+        problems.append(make_problem(file_name, len(objs), "", "invalid YAML: nested too deeply"))
     except (ValueError, TypeError, OverflowError) as e:
         # The YAML constructors can fail outside YAMLError on odd scalars
         # (e.g. out-of-range timestamps); still the user's input.
-        problems.append(Problem(file_name, len(objs), "", f"invalid YAML: {e}"))
+        problems.append(make_problem(file_name, len(objs), "", f"invalid YAML: {e}"))
     return objs
 
 
@@ -258,7 +258,7 @@ def _load(paths: Sequence[str]) -> tuple[list[str], list[Document], list[Problem
                 if items is None:
                     items = []
                 if not isinstance(items, list):
-                    problems.append(Problem(file_name, index, "items", f"expected a list, got {type_name(items)}"))
+                    problems.append(make_problem(file_name, index, "items", f"expected a list, got {type_name(items)}"))
                     index += 1
                     continue
                 for it in items:
@@ -287,7 +287,7 @@ def parse_policy(doc: Document) -> Policy:
     w = Walker(doc.file, doc.index)
     policy = _Parser(w).document(doc.obj)
     if w.problems or policy is None:
-        raise InvalidRule(w.problems or [Problem(doc.file, doc.index, "", "invalid policy")])
+        raise InvalidRule(w.problems or [make_problem(doc.file, doc.index, "", "invalid policy")])
     return policy
 
 
