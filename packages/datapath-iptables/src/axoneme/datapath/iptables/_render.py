@@ -1,0 +1,369 @@
+"""MapState -> iptables rule text, and rule text -> MapState.
+
+Everything here is pure (no kernel): the datapath feeds the output to
+``iptables-restore --noflush`` and parses ``iptables-save`` back.
+
+Chain layout (filter table, both families):
+
+- ``AXON-FWD`` (from FORWARD), ``AXON-INPUT`` (from INPUT), ``AXON-OUTPUT``
+  (from OUTPUT): per endpoint, ``-i <host veth>`` jumps to the egress chain
+  ``AXON-EP-<id>-OUT`` and ``-o <host veth>`` to the ingress chain
+  ``AXON-EP-<id>-IN``.
+- An endpoint chain ends every packet in a *verdict chain* reached with
+  ``-g`` (goto), so that when the verdict chain returns, processing continues
+  in the hook chain (a pod -> pod packet passes the source's egress chain and
+  then the destination's ingress chain): ``AXON-ALLOW-<D>`` (log new
+  connections, return = allowed), ``AXON-PXY-<port>-<D>`` (mark for the L7
+  proxy, return), ``AXON-DENY-<D>`` (explicit deny: log, DROP) and
+  ``AXON-DROP-<D>`` (no match: log, DROP).
+- Allowed packets are not ACCEPTed: they return to the built-in chain and
+  meet whatever else the host has there (we never decide for rules we did
+  not create).
+
+Every rule that stands for a MapState key carries the key and entry in its
+comment (``AXK:...``), so ``dump()`` reconstructs the MapState exactly; a key
+that has no address in a family (an identity without prefixes, ICMPv6 in
+the IPv4 table) is kept as a rule that can never match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from axoneme.core.mapstate import PORT_BITS, Direction, Entry, Key, MapState, Protocol
+
+PREFIX = "AXON-"
+FWD_CHAIN = "AXON-FWD"
+INPUT_CHAIN = "AXON-INPUT"
+OUTPUT_CHAIN = "AXON-OUTPUT"
+HOOKS = (("FORWARD", FWD_CHAIN), ("INPUT", INPUT_CHAIN), ("OUTPUT", OUTPUT_CHAIN))
+HOOK_COMMENT = "axon-hook"
+
+# A match no packet satisfies: the same mark bit must be both 1 and 0.
+NEVER = "-m mark --mark 0x1/0x1 -m mark --mark 0x0/0x1"
+REPLY_RULE = "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN"
+
+# DO NOT CHANGE: Cilium's MARK_MAGIC_TO_PROXY and the bits it owns; the L7
+# helpers' TPROXY rules match this.
+MARK_MAGIC_TO_PROXY = 0x0200
+MARK_MASK = 0xFFFF0F00
+
+# NFLOG prefixes: "AXON:<verdict>:<I|E>[:<proxy port>]"
+LOG_ALLOW, LOG_REDIRECT, LOG_DENY, LOG_DROP = "A", "R", "X", "D"
+
+_DIR = {Direction.INGRESS: "IN", Direction.EGRESS: "OUT"}
+_LOGDIR = {Direction.INGRESS: "I", Direction.EGRESS: "E"}
+
+
+def ep_chain(ep_id: int, direction: Direction) -> str:
+    return f"AXON-EP-{ep_id}-{_DIR[direction]}"
+
+
+def set_name(identity: int, family: int) -> str:
+    return f"AXON-ID-{identity}" if family == 4 else f"AXON-ID6-{identity}"
+
+
+def allow_chain(d: Direction) -> str:
+    return f"AXON-ALLOW-{_DIR[d]}"
+
+
+def deny_chain(d: Direction) -> str:
+    return f"AXON-DENY-{_DIR[d]}"
+
+
+def drop_chain(d: Direction) -> str:
+    return f"AXON-DROP-{_DIR[d]}"
+
+
+def proxy_chain(port: int, d: Direction) -> str:
+    return f"AXON-PXY-{port}-{_DIR[d]}"
+
+
+def proxy_mark(port: int) -> int:
+    return MARK_MAGIC_TO_PROXY | (port << 16)
+
+
+def _log(group: int, prefix: str, name: str, new_only: bool) -> str:
+    # Per connection rate limit so a flood of one flow cannot drown the rest.
+    ct = "-m conntrack --ctstate NEW " if new_only else ""
+    return (f"{ct}-m hashlimit --hashlimit-upto 20/sec --hashlimit-burst 10 "
+            f"--hashlimit-mode srcip,dstip,srcport,dstport --hashlimit-name {name} "
+            f"-j NFLOG --nflog-group {group} --nflog-prefix {prefix} --nflog-threshold 1")
+
+
+def shared_chains(group: int) -> dict[str, list[str]]:
+    """The verdict chains every endpoint chain jumps into."""
+    out: dict[str, list[str]] = {}
+    for d in Direction:
+        ld = _LOGDIR[d]
+        out[allow_chain(d)] = [_log(group, f"AXON:{LOG_ALLOW}:{ld}", f"axon-a{ld}", True)]
+        out[deny_chain(d)] = [_log(group, f"AXON:{LOG_DENY}:{ld}", f"axon-x{ld}", False), "-j DROP"]
+        out[drop_chain(d)] = [_log(group, f"AXON:{LOG_DROP}:{ld}", f"axon-d{ld}", False), "-j DROP"]
+    return out
+
+
+def proxy_chain_rules(port: int, d: Direction, group: int) -> list[str]:
+    ld = _LOGDIR[d]
+    return [f"-j MARK --set-xmark {proxy_mark(port):#x}/{MARK_MASK:#x}",
+            _log(group, f"AXON:{LOG_REDIRECT}:{ld}:{port}", f"axon-r{ld}", True)]
+
+
+# ---- keys <-> comments -------------------------------------------------------
+
+_KEY_RE = re.compile(r'--comment "?AXK:(\d+):(\d+):(\d+):(\d+):(\d+):(\d):(\d+):(\d):(\d)"?')
+
+
+def key_comment(key: Key, entry: Entry) -> str:
+    return (f"-m comment --comment AXK:{key.identity}:{int(key.direction)}:{int(key.protocol)}:"
+            f"{key.port}:{key.prefix_len}:{int(entry.deny)}:{entry.proxy_port}:"
+            f"{int(entry.audit)}:{int(entry.auth_required)}")
+
+
+def parse_key_rules(rules: Sequence[str]) -> MapState:
+    out: dict[Key, Entry] = {}
+    for rule in rules:
+        m = _KEY_RE.search(rule)
+        if not m:
+            continue
+        v = [int(x) for x in m.groups()]
+        key = Key(v[0], Direction(v[1]), Protocol(v[2]), v[3], v[4])
+        out[key] = Entry(deny=bool(v[5]), proxy_port=v[6], audit=bool(v[7]), auth_required=bool(v[8]))
+    return MapState(out)
+
+
+# ---- L4 matches --------------------------------------------------------------
+
+def l4_matches(key: Key, family: int) -> list[str] | None:
+    """Match strings (alternatives) for the key's L4 part; None: not in this family."""
+    proto = key.protocol
+    if proto is Protocol.ANY:
+        return [""]
+    if proto in (Protocol.ICMP, Protocol.ICMPV6):
+        if (proto is Protocol.ICMP) != (family == 4):
+            return None
+        p, m, opt = ("icmp", "icmp", "--icmp-type") if family == 4 else (
+            "ipv6-icmp", "icmp6", "--icmpv6-type")
+        if key.prefix_len == 0:
+            return [f"-p {p}"]
+        lo, hi = key.port_range()
+        # ICMP types are 0..255; a type block is one rule per type.
+        return [f"-p {p} -m {m} {opt} {t}" for t in range(lo, min(hi, 255) + 1)] or None
+    name = {Protocol.TCP: "tcp", Protocol.UDP: "udp", Protocol.SCTP: "sctp"}[proto]
+    if key.prefix_len == 0:
+        return [f"-p {name}"]
+    lo, hi = key.port_range()
+    ports = str(lo) if lo == hi else f"{lo}:{hi}"
+    return [f"-p {name} -m {name} --dport {ports}"]
+
+
+# ---- endpoint chains ---------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """How to match the peer addresses of an identity in one family."""
+
+    mode: str  # plain | ipset
+    family: int
+    ranges: Callable[[int], Sequence[str]]  # plain mode: identity -> CIDRs
+
+    def matches(self, identity: int, direction: Direction) -> list[str]:
+        if identity == 0:
+            return [""]
+        if self.mode == "ipset":
+            flag = "src" if direction is Direction.INGRESS else "dst"
+            return [f"-m set --match-set {set_name(identity, self.family)} {flag}"]
+        opt = "-s" if direction is Direction.INGRESS else "-d"
+        return [f"{opt} {cidr}" for cidr in self.ranges(identity)]
+
+
+def _target(entry: Entry | None, d: Direction, deny: bool = False) -> str:
+    if deny or (entry is not None and entry.deny):
+        return f"-g {deny_chain(d)}"
+    if entry is None:
+        raise ValueError("no entry")
+    if entry.is_redirect:
+        return f"-g {proxy_chain(entry.proxy_port, d)}"
+    return f"-g {allow_chain(d)}"
+
+
+def _combine(s: tuple[Key, Entry], w: tuple[Key, Entry] | None, d: Direction) -> str:
+    """Verdict when ``s`` is the longest identity-specific match and ``w`` the
+    longest wildcard match (MapState.lookup steps 2 and 3)."""
+    if s[1].deny or (w is not None and w[1].deny):
+        return _target(None, d, deny=True)
+    if w is not None and w[0].l4_prefix > s[0].l4_prefix:
+        return _target(w[1], d)
+    return _target(s[1], d)
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry], peers: Peers,
+                    tail_drop: bool) -> dict[str, list[str]]:
+    """Chains (main chain first) reproducing ``MapState.lookup`` for one direction.
+
+    First match wins, in this order:
+    1. replies of tracked connections (``--ctdir REPLY``) return: allowed;
+    2. identity-specific keys, longest L4 prefix first: the first one that
+       matches is the longest specific match S. Its verdict is combined with
+       the longest wildcard match W: when wildcard keys nest inside S's port
+       block, S jumps to a sub-chain that tries them (longest first), else the
+       combined verdict with the wildcard key covering S is static;
+       combined: deny if S or W is a deny, else the longer L4 prefix of the
+       two, the specific one on a tie;
+    3. wildcard keys, longest L4 prefix first (no specific key matched);
+    4. the tail: drop (enforced) or return (unenforced direction).
+    """
+    main = ep_chain(ep_id, direction)
+    keys = sorted(((k, e) for k, e in state.items() if k.direction == direction),
+                  key=lambda ke: (-ke[0].l4_prefix, ke[0]))
+    specific = [ke for ke in keys if ke[0].identity != 0]
+    wildcard = [ke for ke in keys if ke[0].identity == 0]
+    chains: dict[str, list[str]] = {main: [REPLY_RULE]}
+    rules = chains[main]
+    subchains: dict[tuple[object, ...], str] = {}
+
+    for s in specific:
+        skey, sentry = s
+        comment = key_comment(skey, sentry)
+        nested = [w for w in wildcard if w[0].l4_prefix > skey.l4_prefix and skey.covers_l4(w[0])]
+        cover = next((w for w in wildcard if w[0].covers_l4(skey)), None)
+        target = _combine(s, cover, direction)
+        if nested:
+            sig = (skey.protocol, skey.port, skey.prefix_len, sentry, cover)
+            name = subchains.get(sig)
+            if name is None:
+                name = f"{main}-S{len(subchains)}"
+                subchains[sig] = name
+                sub: list[str] = []
+                for w in nested:
+                    for l4 in l4_matches(w[0], peers.family) or ():
+                        sub.append(_join(l4, _combine(s, w, direction)))
+                sub.append(target)
+                chains[name] = sub
+            target = f"-g {name}"
+        l4s = l4_matches(skey, peers.family)
+        addrs = peers.matches(skey.identity, direction)
+        if l4s is None or not addrs:
+            rules.append(_join(NEVER, comment, target))
+            continue
+        for addr in addrs:
+            for l4 in l4s:
+                rules.append(_join(addr, l4, comment, target))
+
+    for w in wildcard:
+        comment = key_comment(*w)
+        l4s = l4_matches(w[0], peers.family)
+        if l4s is None:
+            rules.append(_join(NEVER, comment, _target(w[1], direction)))
+            continue
+        for l4 in l4s:
+            rules.append(_join(l4, comment, _target(w[1], direction)))
+
+    tail = f"-g {drop_chain(direction)}" if tail_drop else "-j RETURN"
+    rules.append(f"-m comment --comment AXTAIL:{'drop' if tail_drop else 'allow'} {tail}")
+    return chains
+
+
+def proxy_ports(state: Mapping[Key, Entry]) -> set[tuple[int, Direction]]:
+    return {(e.proxy_port, k.direction) for k, e in state.items() if e.is_redirect}
+
+
+# ---- hook chains -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class EndpointRef:
+    """What the hook chains need (and record) about one endpoint."""
+
+    id: int
+    ifname: str
+    ipv4: str = ""
+    ipv6: str = ""
+    tail_in_drop: bool = True
+    tail_out_drop: bool = True
+
+    def comment(self) -> str:
+        tails = ("d" if self.tail_in_drop else "a") + ("d" if self.tail_out_drop else "a")
+        return (f"-m comment --comment AXEP,{self.id},{self.ifname},{self.ipv4 or '-'},"
+                f"{self.ipv6 or '-'},{tails}")
+
+
+_EP_RE = re.compile(r'--comment "?AXEP,(\d+),([^,\s"]+),([^,\s"]+),([^,\s"]+),([ad])([ad])')
+
+
+def parse_endpoint_refs(rules: Sequence[str]) -> list[EndpointRef]:
+    out = []
+    for rule in rules:
+        m = _EP_RE.search(rule)
+        if m:
+            ep_id, ifname, v4, v6, ti, to = m.groups()
+            out.append(EndpointRef(int(ep_id), ifname, "" if v4 == "-" else v4,
+                                   "" if v6 == "-" else v6, ti == "d", to == "d"))
+    return out
+
+
+def hook_chains(endpoints: Sequence[EndpointRef]) -> dict[str, list[str]]:
+    eps = sorted(endpoints, key=lambda e: e.id)
+    fwd = [_join(f"-i {e.ifname}", e.comment(), f"-j {ep_chain(e.id, Direction.EGRESS)}") for e in eps]
+    fwd += [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps]
+    return {
+        FWD_CHAIN: fwd,
+        INPUT_CHAIN: [f"-i {e.ifname} -j {ep_chain(e.id, Direction.EGRESS)}" for e in eps],
+        OUTPUT_CHAIN: [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps],
+    }
+
+
+def hook_rule(builtin: str, chain: str) -> str:
+    return f"{builtin} -m comment --comment {HOOK_COMMENT} -j {chain}"
+
+
+# ---- iptables-save parsing ---------------------------------------------------
+
+@dataclass(slots=True)
+class Table:
+    chains: dict[str, list[str]]  # chain -> rules (text after "-A <chain> ")
+
+    def axon_chains(self) -> list[str]:
+        return [c for c in self.chains if c.startswith(PREFIX)]
+
+
+def parse_save(text: str, table: str = "filter") -> Table:
+    chains: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:].strip()
+            continue
+        if current != table:
+            continue
+        if line.startswith(":"):
+            chains.setdefault(line[1:].split(" ", 1)[0], [])
+        elif line.startswith("-A "):
+            _, chain, rest = line.split(" ", 2)
+            chains.setdefault(chain, []).append(rest)
+    return Table(chains)
+
+
+def restore_payload(table: str, chains: Mapping[str, Sequence[str]], *,
+                    delete_chains: Sequence[str] = (), pre: Sequence[str] = (),
+                    post: Sequence[str] = ()) -> str:
+    """One transaction: (re)declare ``chains`` (flushing them), fill them,
+    then ``post`` lines (-I/-D on built-ins), then delete ``delete_chains``."""
+    lines = [f"*{table}"]
+    lines += pre
+    lines += [f":{name} - [0:0]" for name in chains]
+    for name, rules in chains.items():
+        lines += [f"-A {name} {r}" for r in rules]
+    lines += post
+    lines += [f"-F {name}" for name in delete_chains]
+    lines += [f"-X {name}" for name in delete_chains]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def port_block_ok(key: Key) -> bool:
+    return 0 <= key.prefix_len <= PORT_BITS
