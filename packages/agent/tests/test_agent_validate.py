@@ -165,3 +165,18 @@ def test_invalid_examples_are_invalid(capsys: pytest.CaptureFixture[str]) -> Non
         code, _, err = run(capsys, "-f", str(f))
         assert code == 2, f
         assert err.startswith("error: ") and str(f) in err
+
+
+def test_empty_directory_is_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "-f", str(tmp_path))
+    assert code == 0 and err == ""
+    assert out == f"{tmp_path}: no *.yaml, *.yml or *.json files\n"
+
+
+def test_duplicate_keys_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = write(tmp_path, "dup.yaml", GOOD_CNP + "  ingress: []\n")
+    code, _, err = run(capsys, "-f", f)
+    assert code == 2 and 'duplicate key "ingress"' in err and "line 11" in err
+    j = write(tmp_path, "dup.json", '{"kind": "NetworkPolicy", "kind": "x"}')
+    code, _, err = run(capsys, "-f", j)
+    assert code == 2 and 'duplicate key "kind"' in err and j in err

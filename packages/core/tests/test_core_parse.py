@@ -448,3 +448,22 @@ def test_load_errors_name_file_and_line(tmp_path: Path) -> None:
     assert "line" in byfile[bad].message and byfile[bad].document == 1
     assert "no such file" in byfile[missing].message
     assert "invalid JSON" in byfile[badj].message and "line 1" in byfile[badj].message
+
+
+def test_api_list_kinds_and_yaml_merge_keys(tmp_path: Path) -> None:
+    write(tmp_path, "l.yaml", """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicyList
+        items:
+        - &base {apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: a}, spec: {endpointSelector: {}}}
+        - <<: *base
+          metadata: {name: b}
+        """)
+    pols = parse_policies([str(tmp_path / "l.yaml")])
+    assert [p.ref.name for p in pols] == ["a", "b"]
+
+
+def test_init_selector_is_not_namespace_scoped() -> None:
+    spec = {"endpointSelector": {}, "ingress": [{"fromEndpoints": [{"matchLabels": {"reserved:init": ""}}]}]}
+    peer = parse_policy_obj(cnp(spec)).rules[0].rules[0].peers[0]  # type: ignore[index]
+    assert peer == EndpointPeer(LabelSelector.build({"reserved:init": ""}))

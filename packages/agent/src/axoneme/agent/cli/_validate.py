@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -39,4 +40,15 @@ def run(args: argparse.Namespace) -> int:
         for file in files:
             name = "<stdin>" if file == "-" else file
             sys.stdout.write(f"{name}: {per_file.get(name, 0)} document(s) valid\n")
+        for path in args.files:
+            # Say so when a directory held no policy files, rather than print nothing.
+            if os.path.isdir(path) and not any(_inside(f, path) for f in files):
+                sys.stdout.write(f"{path}: no *.yaml, *.yml or *.json files\n")
     return EXIT_BAD_INPUT if problems else EXIT_OK
+
+
+def _inside(file: str, directory: str) -> bool:
+    try:
+        return os.path.samefile(os.path.dirname(file) or ".", directory)
+    except OSError:
+        return False

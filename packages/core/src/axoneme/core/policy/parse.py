@@ -207,6 +207,44 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     return f"invalid YAML: {what}"
 
 
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc]
+    """Safe loader that rejects duplicate mapping keys, as kubectl does:
+    a second ``ingress:`` silently replacing the first would drop rules."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key \"{key_node.value}\"", key_node.start_mark)
+            seen.add(key_node.value)
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return result
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key \"{k}\"")
+        out[k] = v
+    return out
+
+
+def _is_list(obj: object) -> bool:
+    """``kind: List`` (kubectl) or ``kind: <Kind>List`` (the API's list kinds)."""
+    if not isinstance(obj, Mapping):
+        return False
+    kind = obj.get("kind")
+    return kind == "List" or (isinstance(kind, str) and kind.endswith("List") and "items" in obj)
+
+
 def _parse_file(file: str, data: bytes, problems: list[Problem]) -> list[Any]:
     """The top-level objects of one file (``None`` for empty documents)."""
     file_name = "<stdin>" if file == "-" else file
@@ -217,16 +255,17 @@ def _parse_file(file: str, data: bytes, problems: list[Problem]) -> list[Any]:
             problems.append(make_problem(file_name, None, "", f"invalid JSON: not UTF-8 ({e.reason})"))
             return []
         try:
-            return [json.loads(text)]
+            return [json.loads(text, object_pairs_hook=_no_duplicates)]
         except json.JSONDecodeError as e:
             problems.append(make_problem(file_name, None, "", f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}"))
         except RecursionError:
             problems.append(make_problem(file_name, None, "", "invalid JSON: nested too deeply"))
+        except ValueError as e:
+            problems.append(make_problem(file_name, None, "", f"invalid JSON: {e}"))
         return []
     objs: list[Any] = []
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        for obj in yaml.load_all(data, Loader=loader):  # noqa: S506 (safe loader)
+        for obj in yaml.load_all(data, Loader=_Loader):  # noqa: S506 (a safe loader)
             objs.append(obj)
     except yaml.YAMLError as e:
         problems.append(make_problem(file_name, len(objs), "", _yaml_error(e)))
@@ -253,7 +292,7 @@ def _load(paths: Sequence[str]) -> tuple[list[str], list[Document], list[Problem
         for obj in _parse_file(file, data, problems):
             if obj is None:
                 continue  # empty document (e.g. a trailing ---), as kubectl skips it
-            if isinstance(obj, Mapping) and obj.get("kind") == "List":
+            if _is_list(obj):
                 items = obj.get("items")
                 if items is None:
                     items = []
