@@ -212,15 +212,19 @@ def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
         same = deny_index.get((key.identity, key.direction))
         return key in denies or (same is not None and any(dk.covers(key) for dk in same))
 
-    wildcard_plain = {(k.direction, k.protocol, k.port, k.prefix_len)
+    wildcard_plain = {(k.direction, k.protocol, k.port, k.prefix_len): a.derived
                       for k, a in allows.items() if k.identity == 0 and a.plain and not denied(k)}
     out: dict[Key, Entry] = {k: Entry(deny=True, derived_from=frozenset(v)) for k, v in denies.items()}
     for key, acc in allows.items():
         if denied(key):
             continue
         derived = frozenset(acc.derived)
-        if acc.plain or (key.direction, key.protocol, key.port, key.prefix_len) in wildcard_plain:
+        if acc.plain:
             out[key] = Entry(derived_from=derived)
+            continue
+        moot = wildcard_plain.get((key.direction, key.protocol, key.port, key.prefix_len))
+        if moot is not None:
+            out[key] = Entry(derived_from=derived | moot)
             continue
         parsers = sorted(acc.l7)
         if len(parsers) > 1:

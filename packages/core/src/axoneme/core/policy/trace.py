@@ -219,10 +219,12 @@ def _side(env: OfflineCluster, ep: Endpoint | None, direction: Direction, peer: 
         return SideResult(ALLOWED, (), f"not a pod: no {what} policy applies")
     enforced = env.engine.enforcement(ep.id)[0 if direction is Direction.INGRESS else 1]
     dec = env.engine.explain(ep.id, direction, peer.identity, protocol, port)
-    return side_from_decision(dec, ep.pod, what, enforced)
+    selecting = any(r.peer_rules(direction) for r in env.engine.selecting_rules(ep.id))
+    return side_from_decision(dec, ep.pod, what, enforced, selecting)
 
 
-def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool) -> SideResult:
+def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool,
+                       selecting: bool = False) -> SideResult:
     rules = tuple(sorted(dec.entry.derived_from)) if dec.entry is not None else ()
     if dec.verdict is Verdict.DENIED_BY_RULE:
         return SideResult(DENIED, rules, "denied by a deny rule", dec.entry, dec.key)
@@ -230,8 +232,9 @@ def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool) -> Si
         return SideResult(DENIED, (), "default deny: no rule allows", None, None)
     verdict = REDIRECTED if dec.verdict is Verdict.REDIRECTED else ALLOWED
     if not enforced and not rules:
-        return SideResult(verdict, (), f"no policy selects {pod} for {what}: allowed by default",
-                          dec.entry, dec.key)
+        why = (f"policies select {pod} for {what} but none enables default deny" if selecting
+               else f"no policy selects {pod} for {what}")
+        return SideResult(verdict, (), f"{why}: allowed by default", dec.entry, dec.key)
     reason = "redirected to the L7 proxy by" if verdict == REDIRECTED else "allowed by"
     return SideResult(verdict, rules, reason, dec.entry, dec.key)
 
