@@ -1,37 +1,611 @@
-"""The ebpf datapath (not implemented yet: probe() says so)."""
+"""The eBPF datapath: BCC-compiled tc programs on each pod's host veth, pinned maps.
+
+Kernel objects (all under ``config.bpffs_root``, default /sys/fs/bpf/axoneme):
+``axoneme_policy_v1`` (LPM trie, every endpoint's MapState), ``axoneme_ipcache_v1``
+(LPM trie), ``axoneme_endpoints_v1`` / ``axoneme_lxc_v1`` (local endpoints by
+ifindex / by IP), ``axoneme_ct_v1`` (LRU conntrack), ``axoneme_metrics_v1``.
+``stop()`` leaves programs attached and maps pinned; the next ``start()``
+recompiles against the same pinned maps (adoption) and swaps the filters in
+place, so established connections survive an agent restart.
+"""
 
 from __future__ import annotations
 
-from axoneme.core.datapath import Datapath
-from axoneme.core.errors import DatapathUnavailable
+import collections
+import ctypes as ct
+import errno
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from axoneme.core.datapath import Datapath, DatapathConfig, DatapathStatus, IPCacheChanges, IPNetwork
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import DatapathProgramError, DatapathUnavailable, MapFullError
+from axoneme.core.flow import Flow
+from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState, Protocol
+
+from axoneme.datapath.ebpf import _bpf, _events, _tc
+from axoneme.datapath.ebpf import _layout as L
+
+LOG = logging.getLogger(__name__)
+
+_FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+# ---- conversions between core types and map structs -------------------------
+
+
+def policy_key(ep_id: int, key: Key) -> L.PolicyKey:
+    k = L.PolicyKey()
+    k.ep_id = ep_id
+    k.identity = key.identity
+    k.direction = int(key.direction)
+    if key.protocol is Protocol.ANY:
+        k.prefixlen = L.POLICY_STATIC_PREFIX
+    else:
+        k.prefixlen = L.POLICY_STATIC_PREFIX + 8 + key.prefix_len
+        k.protocol = int(key.protocol)
+        k.dport = socket.htons(key.port)
+    return k
+
+
+def key_from_policy(k: L.PolicyKey) -> Key:
+    plen = k.prefixlen - L.POLICY_STATIC_PREFIX
+    if plen <= 0:
+        return Key(k.identity, Direction(k.direction))
+    return Key(k.identity, Direction(k.direction), Protocol(k.protocol),
+               socket.ntohs(k.dport), plen - 8)
+
+
+def policy_entry(key: Key, entry: Entry) -> L.PolicyEntry:
+    v = L.PolicyEntry()
+    v.deny = 1 if entry.deny else 0
+    v.proxy_port = 0 if entry.deny else entry.proxy_port
+    v.flags = (L.POLICY_F_AUDIT if entry.audit else 0) | (L.POLICY_F_AUTH if entry.auth_required else 0)
+    v.l4_prefix = key.l4_prefix
+    return v
+
+
+def entry_from_policy(v: L.PolicyEntry) -> Entry:
+    return Entry(deny=bool(v.deny), proxy_port=int(v.proxy_port),
+                 audit=bool(v.flags & L.POLICY_F_AUDIT), auth_required=bool(v.flags & L.POLICY_F_AUTH))
+
+
+def _same_entry(a: L.PolicyEntry, b: L.PolicyEntry) -> bool:
+    return (a.deny, a.proxy_port, a.flags, a.l4_prefix) == (b.deny, b.proxy_port, b.flags, b.l4_prefix)
+
+
+def _addr_bytes(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, bytes]:
+    return (4, addr.packed + bytes(12)) if addr.version == 4 else (6, addr.packed)
+
+
+def ipcache_key(net: IPNetwork) -> L.IPCacheKey:
+    k = L.IPCacheKey()
+    family, raw = _addr_bytes(net.network_address)
+    k.family = family
+    k.prefixlen = 32 + net.prefixlen
+    ct.memmove(k.addr, raw, 16)
+    return k
+
+
+def net_from_ipcache(k: L.IPCacheKey) -> IPNetwork:
+    plen = k.prefixlen - 32
+    if k.family == 4:
+        return ipaddress.IPv4Network((bytes(k.addr)[:4], plen))
+    return ipaddress.IPv6Network((bytes(k.addr), plen))
+
+
+def lxc_key(ip: str) -> L.LxcKey:
+    k = L.LxcKey()
+    family, raw = _addr_bytes(ipaddress.ip_address(ip.split("/")[0]))
+    k.family = family
+    ct.memmove(k.addr, raw, 16)
+    return k
+
+
+def _bpffs_mounted(path: str) -> bool:
+    """Whether ``path`` (or the mount it would live on) is a bpf filesystem."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, fstype = mnt, parts[2]
+    except OSError:
+        return False
+    return fstype == "bpf"
 
 
 class EbpfDatapath(Datapath):
+    """tc programs compiled with BCC; per-endpoint state in pinned maps.
+
+    Thread-safe: map writers hold one lock; ``events()`` may run in its own
+    thread and returns once ``stop()`` is called.
+    """
+
     name = "ebpf"
 
+    def __init__(self, config: DatapathConfig | None = None) -> None:
+        super().__init__(config)
+        opts = self.config.options
+        self._max_endpoints = int(opts.get("max_endpoints", 256))
+        self._policy_total = int(opts.get("policy_map_total",
+                                          self.config.policy_map_max * self._max_endpoints))
+        self._ringbuf_pages = int(opts.get("ringbuf_pages", 256))
+        self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._bpf: Any = None
+        self._fns: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
+        self._queue: collections.deque[L.Event] = collections.deque()
+        self._ep_counts: dict[int, int] | None = None
+        self._map_full_errors = 0
+        self._compile_seconds = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------
+
     def probe(self) -> None:
-        raise DatapathUnavailable("the ebpf datapath is not implemented yet")
+        if os.geteuid() != 0:
+            raise DatapathUnavailable("the ebpf datapath needs root (CAP_BPF, CAP_NET_ADMIN)")
+        try:
+            import bcc  # noqa: F401
+        except Exception as e:  # ImportError or a broken libbcc
+            raise DatapathUnavailable(f"bcc is not importable: {e}") from e
+        self._ensure_bpffs()
+        try:
+            import bcc as _bcc
+
+            b = _bcc.BPF(text=b"int ax_probe(struct __sk_buff *skb) { return 0; }")
+            b.load_func(b"ax_probe", _bcc.BPF.SCHED_CLS)
+            b.cleanup()
+        except Exception as e:
+            raise DatapathUnavailable(f"compiling/loading a tc program failed: {e}") from e
+        self._probe_clsact()
+
+    def _ensure_bpffs(self) -> None:
+        root = self.config.bpffs_root
+        if _bpffs_mounted(root):
+            return
+        mnt = "/sys/fs/bpf"
+        if root.startswith(mnt + "/") or root == mnt:
+            rc = os.system(f"mount -t bpf bpf {mnt} >/dev/null 2>&1")
+            if rc == 0 and _bpffs_mounted(root):
+                LOG.info("mounted bpffs at %s", mnt)
+                return
+        raise DatapathUnavailable(f"no bpf filesystem mounted at {root} (mount -t bpf bpf /sys/fs/bpf)")
+
+    def _probe_clsact(self) -> None:
+        from pyroute2 import IPRoute, netns
+
+        name = f"axprobe-{uuid.uuid4().hex[:8]}"
+        try:
+            netns.create(name)
+            with IPRoute(netns=name) as ipr:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.tc("add", "clsact", lo)
+        except Exception as e:
+            raise DatapathUnavailable(f"tc clsact is not supported: {e}") from e
+        finally:
+            try:
+                netns.remove(name)
+            except Exception:
+                LOG.debug("removing probe netns %s failed", name, exc_info=True)
+
+    def _defines(self) -> dict[str, str | int]:
+        return {
+            "AX_PIN_ROOT": '"%s"' % self.config.bpffs_root,
+            "AX_POLICY_MAX": self._policy_total,
+            "AX_IPCACHE_MAX": self.config.ipcache_max,
+            "AX_CT_MAX": self.config.ct_max,
+            "AX_EP_MAX": self._max_endpoints,
+            "AX_RINGBUF_PAGES": self._ringbuf_pages,
+        }
 
     def start(self) -> None:
-        self.probe()
+        with self._lock:
+            if self._bpf is not None:
+                return
+            if os.geteuid() != 0:
+                raise DatapathUnavailable("the ebpf datapath needs root (CAP_BPF, CAP_NET_ADMIN)")
+            self._ensure_bpffs()
+            os.makedirs(self.config.bpffs_root, exist_ok=True)
+            t0 = time.monotonic()
+            try:
+                b, fns = _bpf.compile_programs(self._defines())
+            except Exception as e:
+                raise DatapathUnavailable(f"compiling the tc programs failed: {e}") from e
+            self._compile_seconds = time.monotonic() - t0
+            self._bpf, self._fns = b, fns
+            self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
+            self._ep_counts = None
+            self._stopped.clear()
+            b[b"ax_events"].open_ring_buffer(self._on_event)
+            self._refresh_node_addresses(prune=True)
+            adopted = self._reattach_all()
+            LOG.info("ebpf datapath started in %.2fs (bpffs %s, %d endpoints adopted)",
+                     self._compile_seconds, self.config.bpffs_root, adopted)
 
     def stop(self) -> None:
-        return None
+        self._stopped.set()
+        # wait for a poller to leave ring_buffer_poll before freeing it
+        with self._poll_lock, self._lock:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+            self._bpf = None
+            self._fns = {}
+            self._fds = {}
 
-    def endpoint_added(self, endpoint, enforce_ingress, enforce_egress):  # type: ignore[no-untyped-def]
-        self.probe()
+    def cleanup(self) -> None:
+        """Detach every filter recorded in the pinned endpoint map, unpin all maps."""
+        self.stop()
+        root = self.config.bpffs_root
+        path = os.path.join(root, _bpf.PINNED_MAPS["ax_endpoints"])
+        if os.path.exists(path):
+            fd = _bpf.libbpf().bpf_obj_get(path.encode())
+            if fd >= 0:
+                try:
+                    for key in list(_bpf.map_keys(fd, ct.c_uint32)):
+                        val = L.Endpoint()
+                        if _bpf.map_lookup(fd, key, val):
+                            self._detach_if_ours(int(key.value), val.ifname.decode(errors="replace"))
+                finally:
+                    os.close(fd)
+        if os.path.isdir(root):
+            shutil.rmtree(root, ignore_errors=True)
 
-    def endpoint_removed(self, endpoint):  # type: ignore[no-untyped-def]
-        self.probe()
+    @staticmethod
+    def _detach_if_ours(ifindex: int, ifname: str) -> None:
+        # an ifindex can be reused by an unrelated interface: check the name
+        current = _tc.ifname_of(ifindex)
+        if current and (not ifname or current == ifname):
+            _tc.detach(ifindex)
 
-    def ipcache_apply(self, changes):  # type: ignore[no-untyped-def]
-        self.probe()
+    def _require(self) -> None:
+        if self._bpf is None:
+            raise DatapathProgramError("ebpf datapath not started")
 
-    def apply(self, endpoint, changes):  # type: ignore[no-untyped-def]
-        self.probe()
+    # ---- endpoints ---------------------------------------------------------------
 
-    def sync(self, endpoint, state):  # type: ignore[no-untyped-def]
-        self.probe()
+    def _endpoint_struct(self, ep: Endpoint, ifindex: int, ifname: str, enforce_ingress: bool,
+                         enforce_egress: bool) -> L.Endpoint:
+        v = L.Endpoint()
+        v.ep_id = ep.id
+        v.identity = ep.identity
+        v.ifindex = ifindex
+        v.flags = (L.EP_F_ENFORCE_INGRESS if enforce_ingress else 0) | (
+            L.EP_F_ENFORCE_EGRESS if enforce_egress else 0)
+        if ep.ipv4:
+            ct.memmove(v.ipv4, ipaddress.IPv4Address(ep.ipv4.split("/")[0]).packed, 4)
+        if ep.ipv6:
+            ct.memmove(v.ipv6, ipaddress.IPv6Address(ep.ipv6.split("/")[0]).packed, 16)
+        v.ifname = ifname.encode()[:15]
+        return v
 
-    def dump(self, endpoint):  # type: ignore[no-untyped-def]
-        self.probe()
+    def _endpoints(self) -> dict[int, L.Endpoint]:
+        fd = self._fds["ax_endpoints"]
+        out: dict[int, L.Endpoint] = {}
+        for key in list(_bpf.map_keys(fd, ct.c_uint32)):
+            val = L.Endpoint()
+            if _bpf.map_lookup(fd, key, val):
+                out[int(key.value)] = val
+        return out
+
+    def endpoint_added(self, endpoint: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:
+        with self._lock:
+            self._require()
+            ifindex = endpoint.host_ifindex or (_tc.ifindex_of(endpoint.host_ifname)
+                                                if endpoint.host_ifname else 0)
+            if not ifindex:
+                raise DatapathProgramError("endpoint_added", errno.ENODEV,
+                                           f"no host interface {endpoint.host_ifname!r} for endpoint {endpoint.id}")
+            ifname = endpoint.host_ifname or _tc.ifname_of(ifindex)
+            val = self._endpoint_struct(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
+            try:
+                # a stale record of the same endpoint on another interface goes first
+                for idx, old in self._endpoints().items():
+                    if old.ep_id == endpoint.id and idx != ifindex:
+                        _bpf.map_delete(self._fds["ax_endpoints"], ct.c_uint32(idx))
+                for ip in (endpoint.ipv4, endpoint.ipv6):
+                    if ip:
+                        _bpf.map_update(self._fds["ax_lxc"], lxc_key(ip), val)
+                _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(ifindex), val)
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    self._map_full_errors += 1
+                    raise MapFullError(f"endpoint map full adding endpoint {endpoint.id}") from e
+                raise DatapathProgramError("endpoint map update", e.errno, str(e)) from e
+            self._attach(ifindex)
+            self._refresh_node_addresses()
+
+    def _attach(self, ifindex: int) -> None:
+        fc, tc_ = self._fns[_bpf.FROM_CONTAINER], self._fns[_bpf.TO_CONTAINER]
+        try:
+            _tc.attach(ifindex, fc.fd, fc.name.decode() if isinstance(fc.name, bytes) else fc.name,
+                       tc_.fd, tc_.name.decode() if isinstance(tc_.name, bytes) else tc_.name)
+        except Exception as e:
+            code = getattr(e, "code", None)
+            raise DatapathProgramError("tc attach", code, f"ifindex {ifindex}: {e}") from e
+
+    def _reattach_all(self) -> int:
+        n = 0
+        for ifindex, val in self._endpoints().items():
+            name = _tc.ifname_of(ifindex)
+            if name and name == val.ifname.decode(errors="replace"):
+                self._attach(ifindex)
+                n += 1
+        return n
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            self._require()
+            for idx, old in self._endpoints().items():
+                if old.ep_id == endpoint.id:
+                    self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
+                    _bpf.map_delete(self._fds["ax_endpoints"], ct.c_uint32(idx))
+                    for family, raw in ((4, bytes(old.ipv4)), (6, bytes(old.ipv6))):
+                        if any(raw):
+                            k = L.LxcKey()
+                            k.family = family
+                            ct.memmove(k.addr, raw + bytes(16 - len(raw)), 16)
+                            _bpf.map_delete(self._fds["ax_lxc"], k)
+            for ip in (endpoint.ipv4, endpoint.ipv6):
+                if ip:
+                    _bpf.map_delete(self._fds["ax_lxc"], lxc_key(ip))
+            fd = self._fds["ax_policy"]
+            for k in [k for k in _bpf.map_keys(fd, L.PolicyKey) if k.ep_id == endpoint.id]:
+                _bpf.map_delete(fd, k)
+            if self._ep_counts is not None:
+                self._ep_counts.pop(endpoint.id, None)
+
+    # ---- ipcache -------------------------------------------------------------------
+
+    def _refresh_node_addresses(self, prune: bool = False) -> None:
+        """The node's own addresses are the host identity (unless the agent says otherwise).
+
+        ``prune`` also removes node entries for addresses the node no longer has
+        (a full ipcache walk: only at start)."""
+        fd = self._fds["ax_ipcache"]
+        want = set()
+        for family, addr in _tc.node_addresses():
+            ip = ipaddress.ip_address(addr)
+            want.add(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
+        for net in want:
+            k, cur = ipcache_key(net), L.IPCacheValue()
+            if _bpf.map_lookup(fd, k, cur) and not cur.flags & L.IPCACHE_F_NODE:
+                continue  # the agent's entry wins
+            v = L.IPCacheValue()
+            v.identity, v.flags = L.ID_HOST, L.IPCACHE_F_NODE
+            try:
+                _bpf.map_update(fd, k, v)
+            except OSError as e:
+                LOG.warning("cannot add node address %s to the ipcache: %s", net, e)
+        for k in list(_bpf.map_keys(fd, L.IPCacheKey)) if prune else ():
+            v = L.IPCacheValue()
+            if _bpf.map_lookup(fd, k, v) and v.flags & L.IPCACHE_F_NODE and net_from_ipcache(k) not in want:
+                _bpf.map_delete(fd, k)
+
+    def ipcache_apply(self, changes: IPCacheChanges) -> None:
+        with self._lock:
+            self._require()
+            fd = self._fds["ax_ipcache"]
+            try:
+                for net in changes.deletes:
+                    if net not in changes.upserts:
+                        _bpf.map_delete(fd, ipcache_key(net))
+                for net, identity in changes.upserts.items():
+                    v = L.IPCacheValue()
+                    v.identity = identity
+                    _bpf.map_update(fd, ipcache_key(net), v)
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    self._map_full_errors += 1
+                    raise MapFullError(f"ipcache map full ({self.config.ipcache_max} entries)") from e
+                raise DatapathProgramError("ipcache update", e.errno, str(e)) from e
+
+    def dump_ipcache(self) -> dict[IPNetwork, int]:
+        with self._lock:
+            self._require()
+            fd = self._fds["ax_ipcache"]
+            out: dict[IPNetwork, int] = {}
+            for k in list(_bpf.map_keys(fd, L.IPCacheKey)):
+                v = L.IPCacheValue()
+                if _bpf.map_lookup(fd, k, v) and not v.flags & L.IPCACHE_F_NODE:
+                    out[net_from_ipcache(k)] = int(v.identity)
+            return out
+
+    # ---- policy ---------------------------------------------------------------------
+
+    def _counts(self) -> dict[int, int]:
+        if self._ep_counts is None:
+            counts: dict[int, int] = collections.Counter()
+            for k in _bpf.map_keys(self._fds["ax_policy"], L.PolicyKey):
+                counts[k.ep_id] += 1
+            self._ep_counts = dict(counts)
+        return self._ep_counts
+
+    def apply(self, endpoint: Endpoint, changes: MapChanges) -> None:
+        with self._lock:
+            self._require()
+            self._apply(endpoint.id, changes)
+
+    def _apply(self, ep_id: int, changes: MapChanges) -> None:
+        fd = self._fds["ax_policy"]
+        adds = {k: policy_entry(k, e) for k, e in changes.adds.items()}
+        deletes = [k for k in changes.deletes if k not in changes.adds]
+        old: dict[Key, L.PolicyEntry | None] = {}
+        for k in list(adds) + deletes:
+            cur = L.PolicyEntry()
+            old[k] = cur if _bpf.map_lookup(fd, policy_key(ep_id, k), cur) else None
+
+        new_keys = sum(1 for k in adds if old[k] is None)
+        gone = sum(1 for k in deletes if old[k] is not None)
+        count = self._counts().get(ep_id, 0)
+        if count + new_keys - gone > self.config.policy_map_max:
+            self._map_full_errors += 1
+            raise MapFullError(
+                f"policy map of endpoint {ep_id} would hold {count + new_keys - gone} entries "
+                f"(policy_map_max {self.config.policy_map_max}); nothing applied")
+
+        def is_deny(v: L.PolicyEntry | None) -> bool:
+            return v is not None and bool(v.deny)
+
+        # Write order, so no intermediate state allows what neither the old nor
+        # the new state allows:
+        # 1. new denies (and allow->deny flips), 2. deletions of allows,
+        # 3. in-place updates that keep allow/deny, 4. new allows (and
+        # deny->allow flips), 5. deletions of denies.
+        ops: list[tuple[Key, L.PolicyEntry | None]] = []
+        ops += [(k, v) for k, v in adds.items() if v.deny and not is_deny(old[k])]
+        ops += [(k, None) for k in deletes if old[k] is not None and not old[k].deny]  # type: ignore[union-attr]
+        ops += [(k, v) for k, v in adds.items()
+                if old[k] is not None and bool(v.deny) == is_deny(old[k])
+                and not _same_entry(v, old[k])]  # type: ignore[arg-type]
+        ops += [(k, v) for k, v in adds.items() if not v.deny and (old[k] is None or is_deny(old[k]))]
+        ops += [(k, None) for k in deletes if is_deny(old[k])]
+
+        done: list[Key] = []
+        try:
+            for k, v in ops:
+                pk = policy_key(ep_id, k)
+                if v is None:
+                    _bpf.map_delete(fd, pk)
+                else:
+                    _bpf.map_update(fd, pk, v)
+                done.append(k)
+        except OSError as e:
+            self._rollback(ep_id, done, old)
+            if e.errno in _FULL_ERRNOS:
+                self._map_full_errors += 1
+                raise MapFullError(
+                    f"policy map full applying {len(changes)} changes to endpoint {ep_id} "
+                    f"({os.strerror(e.errno or 0)}); rolled back") from e
+            raise DatapathProgramError("policy map update", e.errno, str(e)) from e
+        counts = self._counts()
+        counts[ep_id] = count + new_keys - gone
+
+    def _rollback(self, ep_id: int, done: list[Key], old: Mapping[Key, L.PolicyEntry | None]) -> None:
+        fd = self._fds["ax_policy"]
+        for k in reversed(done):
+            prev = old[k]
+            try:
+                if prev is None:
+                    _bpf.map_delete(fd, policy_key(ep_id, k))
+                else:
+                    _bpf.map_update(fd, policy_key(ep_id, k), prev)
+            except OSError:
+                LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
+                self._ep_counts = None
+
+    def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
+        with self._lock:
+            self._require()
+            current = self._dump(endpoint.id)
+            adds = {k: v for k, v in state.items() if current.get(k) != v}
+            deletes = frozenset(k for k in current if k not in state)
+            changes = MapChanges(adds, deletes)
+            if changes:
+                self._apply(endpoint.id, changes)
+            return changes
+
+    def dump(self, endpoint: Endpoint) -> MapState:
+        with self._lock:
+            self._require()
+            return self._dump(endpoint.id)
+
+    def _dump(self, ep_id: int) -> MapState:
+        fd = self._fds["ax_policy"]
+        out: dict[Key, Entry] = {}
+        for k in list(_bpf.map_keys(fd, L.PolicyKey)):
+            if k.ep_id != ep_id:
+                continue
+            v = L.PolicyEntry()
+            if _bpf.map_lookup(fd, k, v):
+                out[key_from_policy(k)] = entry_from_policy(v)
+        return MapState(out)
+
+    def policy_counters(self, endpoint: Endpoint, key: Key) -> tuple[int, int]:
+        """(packets, bytes) the entry ``key`` of ``endpoint`` has decided."""
+        with self._lock:
+            self._require()
+            v = L.PolicyEntry()
+            if not _bpf.map_lookup(self._fds["ax_policy"], policy_key(endpoint.id, key), v):
+                return 0, 0
+            return int(v.packets), int(v.bytes)
+
+    # ---- events ---------------------------------------------------------------------
+
+    def _on_event(self, ctx: Any, data: Any, size: int) -> int:
+        self._queue.append(L.Event.from_buffer_copy(ct.string_at(data, ct.sizeof(L.Event))))
+        return 0
+
+    def events(self) -> Iterator[Flow]:
+        offset = _events.ktime_offset()
+        while not self._stopped.is_set():
+            with self._poll_lock:
+                b = self._bpf
+                if b is None or self._stopped.is_set():
+                    break
+                b.ring_buffer_poll(100)
+            while self._queue:
+                yield _events.to_flow(self._queue.popleft(), offset)
+        while self._queue:
+            yield _events.to_flow(self._queue.popleft(), offset)
+
+    # ---- status -----------------------------------------------------------------------
+
+    def _count_map(self, name: str, key_type: Any) -> int:
+        return sum(1 for _ in _bpf.map_keys(self._fds[name], key_type))
+
+    def metrics(self) -> Mapping[str, float]:
+        with self._lock:
+            out: dict[str, float] = {"map_full_errors": float(self._map_full_errors),
+                                     "compile_seconds": self._compile_seconds}
+            if self._bpf is None:
+                return out
+            out["policy_entries"] = float(self._count_map("ax_policy", L.PolicyKey))
+            out["ipcache_entries"] = float(self._count_map("ax_ipcache", L.IPCacheKey))
+            out["endpoints"] = float(self._count_map("ax_endpoints", ct.c_uint32))
+            out["ct_entries"] = float(self._count_map("ax_ct", L.Tuple))
+            for slot, name in L.METRIC_NAMES.items():
+                out[name] = float(_bpf.percpu_u64_sum(self._fds["ax_metrics"], slot))
+            return out
+
+    def status(self) -> DatapathStatus:
+        if self._bpf is None:
+            return DatapathStatus(self.name, self.config.mode, False, "not started")
+        m = self.metrics()
+        detail = (f"bpffs {self.config.bpffs_root}: {int(m['endpoints'])} endpoints, "
+                  f"{int(m['policy_entries'])} policy entries, {int(m['ipcache_entries'])} ipcache "
+                  f"entries, {int(m['ct_entries'])} connections, {int(m['map_full_errors'])} map-full "
+                  f"errors, {int(m['events_suppressed'])} events suppressed")
+        return DatapathStatus(self.name, self.config.mode, True, detail)
+
+    # ---- for tests and benchmarks --------------------------------------------------
+
+    def program_fd(self, which: str) -> int:
+        """fd of the loaded ``from_container`` or ``to_container`` program."""
+        self._require()
+        name = {"from_container": _bpf.FROM_CONTAINER, "to_container": _bpf.TO_CONTAINER}[which]
+        return int(self._fns[name].fd)
+
+    def map_fd(self, name: str) -> int:
+        self._require()
+        return self._fds[name]
+
+    def bpf(self) -> Any:
+        """The BCC object (layout checks read its generated Key/Leaf types)."""
+        self._require()
+        return self._bpf

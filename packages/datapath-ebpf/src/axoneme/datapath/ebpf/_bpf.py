@@ -1,0 +1,264 @@
+"""Compiling the tc programs with BCC and raw map access through libbpf.
+
+The C sources are assembled into one translation unit (local ``lib/*.h``
+includes inlined once) so BCC's rewriter sees every map access, and compiled
+once per ``start()``; per-endpoint data lives in the pinned maps.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno as errno_mod
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+PROGRAM_FILES = ("from_container.c", "to_container.c")
+FROM_CONTAINER = "ax_from_container"
+TO_CONTAINER = "ax_to_container"
+
+# C map variable (kernel map name, <= 15 chars) -> pin file name under bpffs_root.
+PINNED_MAPS = {
+    "ax_policy": "axoneme_policy_v1",
+    "ax_ipcache": "axoneme_ipcache_v1",
+    "ax_endpoints": "axoneme_endpoints_v1",
+    "ax_lxc": "axoneme_lxc_v1",
+    "ax_ct": "axoneme_ct_v1",
+    "ax_metrics": "axoneme_metrics_v1",
+}
+
+_INCLUDE = re.compile(r'^#include "(lib/[A-Za-z0-9_]+\.h)"\s*$', re.M)
+
+
+def bpf_dir() -> str:
+    return str(resources.files("axoneme.datapath.ebpf") / "bpf")
+
+
+def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROGRAM_FILES) -> str:
+    """One translation unit: ``#define``s, then each file with local includes inlined once."""
+    root = bpf_dir()
+    seen: set[str] = set()
+
+    def inline(rel: str) -> str:
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            text = f.read()
+
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name in seen:
+                return ""
+            seen.add(name)
+            return inline(name)
+
+        return _INCLUDE.sub(repl, text)
+
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    return head + "\n".join(inline(f) for f in files)
+
+
+def compile_programs(defines: dict[str, str | int]) -> tuple[Any, dict[str, Any]]:
+    """Compile with BCC and load both tc programs; returns (BPF, {name: fn})."""
+    import bcc
+
+    text = assemble_source(defines)
+    b = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function"])
+    fns = {name: b.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in (FROM_CONTAINER, TO_CONTAINER)}
+    return b, fns
+
+
+# ---- libbpf map operations --------------------------------------------------
+
+_libbpf: Any = None
+
+
+def libbpf() -> Any:
+    global _libbpf
+    if _libbpf is None:
+        lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        for name, args in (
+            ("bpf_map_update_elem", [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]),
+            ("bpf_map_lookup_elem", [ct.c_int, ct.c_void_p, ct.c_void_p]),
+            ("bpf_map_delete_elem", [ct.c_int, ct.c_void_p]),
+            ("bpf_map_get_next_key", [ct.c_int, ct.c_void_p, ct.c_void_p]),
+            ("bpf_obj_get", [ct.c_char_p]),
+            ("bpf_prog_test_run_opts", [ct.c_int, ct.c_void_p]),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ct.c_int
+        _libbpf = lib
+    return _libbpf
+
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+
+def _err(rc: int) -> int:
+    return -rc if rc < 0 else (ct.get_errno() or errno_mod.EIO)
+
+
+def map_update(fd: int, key: ct.Structure | ct._SimpleCData, value: Any, flags: int = BPF_ANY) -> None:
+    rc = libbpf().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags)
+    if rc != 0:
+        e = _err(rc)
+        raise OSError(e, os.strerror(e))
+
+
+def map_lookup(fd: int, key: Any, value: Any) -> bool:
+    rc = libbpf().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+    if rc == 0:
+        return True
+    e = _err(rc)
+    if e == errno_mod.ENOENT:
+        return False
+    raise OSError(e, os.strerror(e))
+
+
+def map_delete(fd: int, key: Any) -> bool:
+    """Delete; ENOENT counts as success (idempotent) and returns False."""
+    rc = libbpf().bpf_map_delete_elem(fd, ct.byref(key))
+    if rc == 0:
+        return True
+    e = _err(rc)
+    if e == errno_mod.ENOENT:
+        return False
+    raise OSError(e, os.strerror(e))
+
+
+def map_keys(fd: int, key_type: type[ct.Structure] | type[ct._SimpleCData]) -> Iterator[Any]:
+    """Every key (a snapshot walk; keys deleted meanwhile may end the walk early)."""
+    lib = libbpf()
+    prev: Any = None
+    while True:
+        nxt = key_type()
+        rc = lib.bpf_map_get_next_key(fd, ct.byref(prev) if prev is not None else None, ct.byref(nxt))
+        if rc != 0:
+            e = _err(rc)
+            if e == errno_mod.ENOENT:
+                return
+            raise OSError(e, os.strerror(e))
+        yield nxt
+        prev = nxt
+
+
+def possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+def percpu_u64_sum(fd: int, slot: int) -> int:
+    n = possible_cpus()
+    vals = (ct.c_uint64 * n)()
+    key = ct.c_uint32(slot)
+    rc = libbpf().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(vals))
+    if rc != 0:
+        return 0
+    return int(sum(vals))
+
+
+# ---- BPF_PROG_TEST_RUN --------------------------------------------------------
+
+
+class _TestRunOpts(ct.Structure):
+    # mirrors struct bpf_test_run_opts in libbpf 1.x bpf.h
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("data_in", ct.c_void_p),
+        ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p),
+        ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("repeat", ct.c_int),
+        ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+    ]
+
+
+class SkBuffCtx(ct.Structure):
+    """The first fields of struct __sk_buff (uapi), enough to set ifindex/mark."""
+
+    _fields_ = [
+        ("len", ct.c_uint32),
+        ("pkt_type", ct.c_uint32),
+        ("mark", ct.c_uint32),
+        ("queue_mapping", ct.c_uint32),
+        ("protocol", ct.c_uint32),
+        ("vlan_present", ct.c_uint32),
+        ("vlan_tci", ct.c_uint32),
+        ("vlan_proto", ct.c_uint32),
+        ("priority", ct.c_uint32),
+        ("ingress_ifindex", ct.c_uint32),
+        ("ifindex", ct.c_uint32),
+        ("tc_index", ct.c_uint32),
+        ("cb", ct.c_uint32 * 5),
+        ("hash", ct.c_uint32),
+        ("tc_classid", ct.c_uint32),
+        ("data", ct.c_uint32),
+        ("data_end", ct.c_uint32),
+        ("napi_id", ct.c_uint32),
+        ("family", ct.c_uint32),
+        ("remote_ip4", ct.c_uint32),
+        ("local_ip4", ct.c_uint32),
+        ("remote_ip6", ct.c_uint32 * 4),
+        ("local_ip6", ct.c_uint32 * 4),
+        ("remote_port", ct.c_uint32),
+        ("local_port", ct.c_uint32),
+        ("data_meta", ct.c_uint32),
+        ("flow_keys", ct.c_uint64),
+        ("tstamp", ct.c_uint64),
+        ("wire_len", ct.c_uint32),
+        ("gso_segs", ct.c_uint32),
+        ("sk", ct.c_uint64),
+        ("gso_size", ct.c_uint32),
+        ("tstamp_type", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("hwtstamp", ct.c_uint64),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class TestRunResult:
+    retval: int
+    duration_ns: int  # kernel's average per repetition
+    mark: int
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ifindex: int = 0,
+                  mark: int = 0) -> TestRunResult:
+    """Run a tc program on ``packet`` (Ethernet frame) via BPF_PROG_TEST_RUN."""
+    data = ct.create_string_buffer(packet, len(packet))
+    out = ct.create_string_buffer(len(packet) + 256)
+    ctx_in = SkBuffCtx()
+    ctx_in.ifindex = ifindex
+    ctx_in.mark = mark
+    ctx_out = SkBuffCtx()
+    opts = _TestRunOpts()
+    opts.sz = ct.sizeof(_TestRunOpts)
+    opts.data_in = ct.cast(data, ct.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ct.cast(out, ct.c_void_p)
+    opts.data_size_out = len(out)
+    opts.ctx_in = ct.cast(ct.pointer(ctx_in), ct.c_void_p)
+    opts.ctx_size_in = ct.sizeof(SkBuffCtx)
+    opts.ctx_out = ct.cast(ct.pointer(ctx_out), ct.c_void_p)
+    opts.ctx_size_out = ct.sizeof(SkBuffCtx)
+    opts.repeat = repeat
+    rc = libbpf().bpf_prog_test_run_opts(prog_fd, ct.byref(opts))
+    if rc != 0:
+        e = _err(rc)
+        raise OSError(e, os.strerror(e))
+    return TestRunResult(int(opts.retval), int(opts.duration), int(ctx_out.mark))

@@ -1,0 +1,97 @@
+/* tc ingress of the host-side veth: packets leaving the pod.
+ *
+ * 1. Replies of tracked connections pass without policy.
+ * 2. The pod's EGRESS policy decides (peer = destination identity).
+ * 3. If the destination is a local endpoint, its INGRESS policy decides too
+ *    (before routing, so an ingress L7 redirect can still go to the proxy);
+ *    the skb is then marked CHECKED so its to-container program skips it.
+ * 4. Allowed: tracked in CT (a new connection emits policy-verdict events);
+ *    an entry with a proxy port marks the skb for the proxy (TPROXY), unless
+ *    the packet already comes from the proxy.
+ */
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/endpoint.h"
+#include "lib/ipcache.h"
+#include "lib/policy.h"
+#include "lib/conntrack.h"
+#include "lib/events.h"
+#include "lib/identity.h"
+
+int ax_from_container(struct __sk_buff *skb)
+{
+    __u32 ifindex = skb->ifindex;
+    struct ax_endpoint *ep = ax_endpoints.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
+
+    struct ax_pkt p = {};
+    int rc = ax_parse(skb, &p);
+    if (rc == AX_PARSE_PASS)
+        return TC_ACT_OK;
+    __u64 now = bpf_ktime_get_ns();
+    __u32 ep_id = ep->ep_id;
+    __u32 src_id = ep->identity;
+    if (rc < 0) {
+        ax_drop_simple(&p, AX_DIR_EGRESS, ep_id, src_id, 0, AX_DROP_CT_INVALID_HDR, now);
+        return TC_ACT_SHOT;
+    }
+    if (p.is_nd)
+        return TC_ACT_OK;
+    if (ax_ct_is_reply(&p, now)) {
+        ax_metric_inc(AX_METRIC_REPLY);
+        return TC_ACT_OK;
+    }
+
+    struct ax_endpoint *dst_ep = ax_lxc_lookup(p.t.family, p.t.daddr);
+    __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);
+    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
+
+    struct ax_verdict ve = {};
+    ax_policy_decide(ep_id, dst_id, AX_DIR_EGRESS, p.t.proto, p.policy_port, p.len, &ve);
+    if (ve.reason) {
+        ax_emit_drop(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, &ve, now);
+        return TC_ACT_SHOT;
+    }
+    __u16 redirect = from_proxy ? 0 : ve.proxy_port;
+
+    struct ax_verdict vi = {};
+    int checked_ingress = 0;
+    __u32 dst_ep_id = 0;
+    if (dst_ep && !redirect) {
+        dst_ep_id = dst_ep->ep_id;
+        ax_policy_decide(dst_ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &vi);
+        if (vi.reason) {
+            ax_emit_drop(&p, AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
+            return TC_ACT_SHOT;
+        }
+        checked_ingress = 1;
+        if (!from_proxy)
+            redirect = vi.proxy_port;
+    }
+
+    int ct = ax_ct_forward(&p, now, ep_id, src_id, dst_id, redirect);
+    if (ct < 0) {
+        ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
+        ax_drop_simple(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
+        return TC_ACT_SHOT;
+    }
+    if (ct > 0) {
+        ax_emit(&p, AX_EVENT_POLICY_VERDICT,
+                (ve.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+                AX_DIR_EGRESS, ep_id, src_id, dst_id, &ve, now);
+        if (checked_ingress)
+            ax_emit(&p, AX_EVENT_POLICY_VERDICT,
+                    (vi.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+                    AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
+    }
+    if (redirect) {
+        skb->mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
+        ax_metric_inc(AX_METRIC_REDIRECTED);
+    } else {
+        if (checked_ingress)
+            skb->mark = AX_MARK_MAGIC_CHECKED;
+        ax_metric_inc(AX_METRIC_FORWARDED);
+    }
+    return TC_ACT_OK;
+}

@@ -1,0 +1,61 @@
+/* Constants and small helpers shared by every axoneme tc program.
+ *
+ * Values that Python mirrors (marks, drop reasons, event kinds, metric slots)
+ * are fenced: change them here AND in _layout.py, the alignment test checks
+ * the structs but not these numbers.
+ */
+#ifndef AXONEME_COMMON_H
+#define AXONEME_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/pkt_cls.h>
+
+/* DO NOT CHANGE: mirrored in _layout.py */
+#define AX_DIR_INGRESS 0
+#define AX_DIR_EGRESS 1
+
+/* skb->mark values (Cilium's MARK_MAGIC_* layout: magic in bits 8..11).
+ * TO_PROXY: the packet goes to the L7 proxy listening on mark >> 16 (TPROXY).
+ * PROXY: set by the L7 proxy on its upstream sockets; such packets are never
+ *        redirected again but still go through L3/L4 policy.
+ * CHECKED: from-container already applied the local destination's ingress
+ *        policy, so to-container lets the packet through unchecked. */
+#define AX_MARK_MAGIC_MASK 0x0F00
+#define AX_MARK_MAGIC_TO_PROXY 0x0200
+#define AX_MARK_MAGIC_PROXY 0x0A00
+#define AX_MARK_MAGIC_CHECKED 0x0E00
+
+/* Reserved identities (Cilium numbers). */
+#define AX_ID_HOST 1
+#define AX_ID_WORLD 2
+
+/* Drop reasons: Cilium's DROP_* codes (positive), Hubble's DropReason. */
+#define AX_DROP_POLICY 133
+#define AX_DROP_INVALID 134
+#define AX_DROP_CT_INVALID_HDR 135
+#define AX_DROP_UNSUPPORTED_L3 139
+#define AX_DROP_CT_CREATE_FAILED 155
+#define AX_DROP_POLICY_DENY 181
+
+/* Policy match types as Hubble reports them. */
+#define AX_MATCH_NONE 0
+#define AX_MATCH_L3_ONLY 1
+#define AX_MATCH_L3_L4 2
+#define AX_MATCH_L4_ONLY 3
+#define AX_MATCH_ALL 4
+
+/* Per-CPU metric slots in axoneme_metrics_v1. */
+#define AX_METRIC_EVENTS_SUPPRESSED 0
+#define AX_METRIC_EVENTS_LOST 1
+#define AX_METRIC_CT_CREATE_FAILED 2
+#define AX_METRIC_DROPPED 3
+#define AX_METRIC_FORWARDED 4
+#define AX_METRIC_REDIRECTED 5
+#define AX_METRIC_REPLY 6
+#define AX_METRIC_MAX 8
+
+#define AX_NSEC_PER_SEC 1000000000ULL
+
+#endif

@@ -1,0 +1,120 @@
+/* Policy map and the decision procedure (mirror of core.mapstate.MapState.lookup). */
+#ifndef AXONEME_POLICY_H
+#define AXONEME_POLICY_H
+
+#include "lib/common.h"
+
+/* axoneme_policy_v1: one global LPM trie for every endpoint.
+ * LPM data = ep_id (4) | identity (4) | direction (1) | protocol (1) | dport (2)
+ * = 96 bits. ep_id, identity and direction are always matched (72 bits);
+ * protocol ANY stops there (prefixlen 72, protocol/port 0); otherwise the
+ * protocol byte (80) plus the port prefix: prefixlen = 80 + port prefix.
+ * A port range is a set of port prefixes; ICMP keys carry the type in dport
+ * with prefix 16. identity 0 is the wildcard peer. ep_id/identity are in host
+ * order (always matched in full), dport in network order (prefix-matched). */
+struct ax_policy_key {
+    __u32 prefixlen;
+    __u32 ep_id;
+    __u32 identity;
+    __u8 direction;
+    __u8 protocol;
+    __be16 dport;
+};
+
+#define AX_POLICY_STATIC_PREFIX 72
+#define AX_POLICY_FULL_PREFIX 96
+
+#define AX_POLICY_F_AUDIT 1
+#define AX_POLICY_F_AUTH 2
+
+/* l4_prefix mirrors core Key.l4_prefix (0 = ANY protocol, 1 + port prefix
+ * otherwise) so the lookup can compare specificity without the matched key.
+ * packets/bytes count the packets this entry decided (atomic adds). */
+struct ax_policy_entry {
+    __u16 proxy_port;
+    __u8 deny;
+    __u8 flags;
+    __u8 l4_prefix;
+    __u8 pad[3];
+    __u64 packets;
+    __u64 bytes;
+};
+
+BPF_TABLE_PINNED("lpm_trie", struct ax_policy_key, struct ax_policy_entry, ax_policy,
+                 AX_POLICY_MAX, AX_PIN_ROOT "/axoneme_policy_v1", BPF_F_NO_PREALLOC);
+
+struct ax_verdict {
+    __u16 reason;      /* 0 = allowed, else AX_DROP_POLICY / AX_DROP_POLICY_DENY */
+    __u16 proxy_port;  /* != 0: redirect to the L7 proxy */
+    __u8 match_type;
+    __u8 pad[3];
+};
+
+static __always_inline struct ax_policy_entry *
+ax_policy_longest(__u32 ep_id, __u32 identity, __u8 dir, __u8 proto, __u16 port)
+{
+    struct ax_policy_key k = {};
+    k.prefixlen = AX_POLICY_FULL_PREFIX;
+    k.ep_id = ep_id;
+    k.identity = identity;
+    k.direction = dir;
+    k.protocol = proto;
+    k.dport = bpf_htons(port);
+    return ax_policy.lookup(&k);
+}
+
+static __always_inline void ax_policy_account(struct ax_policy_entry *e, __u32 len)
+{
+    __sync_fetch_and_add(&e->packets, 1);
+    __sync_fetch_and_add(&e->bytes, len);
+}
+
+/* Decide one packet for one endpoint and direction. Precedence:
+ * 1. Longest L4 match among keys for the peer identity (the LPM lookup), and
+ *    among wildcard (identity 0) keys.
+ * 2. A deny from either wins, regardless of specificity.
+ * 3. Otherwise the longer L4 prefix decides; a tie goes to the
+ *    identity-specific entry.
+ * 4. No match: dropped with DROP_POLICY (default deny). */
+static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 dir,
+                                             __u8 proto, __u16 port, __u32 len,
+                                             struct ax_verdict *v)
+{
+    struct ax_policy_entry *spec = 0, *wild, *chosen;
+    __u8 specific;
+
+    if (identity)
+        spec = ax_policy_longest(ep_id, identity, dir, proto, port);
+    wild = ax_policy_longest(ep_id, 0, dir, proto, port);
+    v->proxy_port = 0;
+    if (spec && spec->deny) {
+        chosen = spec;
+        specific = 1;
+        v->reason = AX_DROP_POLICY_DENY;
+    } else if (wild && wild->deny) {
+        chosen = wild;
+        specific = 0;
+        v->reason = AX_DROP_POLICY_DENY;
+    } else if (wild && (!spec || wild->l4_prefix > spec->l4_prefix)) {
+        chosen = wild;
+        specific = 0;
+        v->reason = 0;
+    } else if (spec) {
+        chosen = spec;
+        specific = 1;
+        v->reason = 0;
+    } else {
+        v->reason = AX_DROP_POLICY;
+        v->match_type = AX_MATCH_NONE;
+        return;
+    }
+    if (specific)
+        v->match_type = chosen->l4_prefix ? AX_MATCH_L3_L4 : AX_MATCH_L3_ONLY;
+    else
+        v->match_type = chosen->l4_prefix ? AX_MATCH_L4_ONLY : AX_MATCH_ALL;
+    if (!v->reason)
+        v->proxy_port = chosen->proxy_port;
+    ax_policy_account(chosen, len);
+}
+
+#endif

@@ -1,0 +1,77 @@
+/* tc egress of the host-side veth: packets entering the pod.
+ *
+ * 1. Packets marked CHECKED by a local source's from-container pass (the
+ *    mark is cleared).
+ * 2. Replies of tracked connections pass without policy.
+ * 3. The pod's INGRESS policy decides (peer = source identity; packets the
+ *    node itself sent without an ipcache entry are host).
+ * 4. Allowed: tracked in CT; a new connection emits a policy-verdict event.
+ *    A proxy port only sets the TO_PROXY mark here: at this hook the packet
+ *    is past routing, so ingress L7 from non-local sources is not redirected
+ *    (pod-to-pod ingress L7 is redirected by the source's from-container).
+ */
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/endpoint.h"
+#include "lib/ipcache.h"
+#include "lib/policy.h"
+#include "lib/conntrack.h"
+#include "lib/events.h"
+#include "lib/identity.h"
+
+int ax_to_container(struct __sk_buff *skb)
+{
+    __u32 ifindex = skb->ifindex;
+    struct ax_endpoint *ep = ax_endpoints.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
+
+    if ((skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_CHECKED) {
+        skb->mark = 0;
+        return TC_ACT_OK;
+    }
+    struct ax_pkt p = {};
+    int rc = ax_parse(skb, &p);
+    if (rc == AX_PARSE_PASS)
+        return TC_ACT_OK;
+    __u64 now = bpf_ktime_get_ns();
+    __u32 ep_id = ep->ep_id;
+    __u32 dst_id = ep->identity;
+    if (rc < 0) {
+        ax_drop_simple(&p, AX_DIR_INGRESS, ep_id, 0, dst_id, AX_DROP_CT_INVALID_HDR, now);
+        return TC_ACT_SHOT;
+    }
+    if (p.is_nd)
+        return TC_ACT_OK;
+    if (ax_ct_is_reply(&p, now)) {
+        ax_metric_inc(AX_METRIC_REPLY);
+        return TC_ACT_OK;
+    }
+
+    __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
+    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
+
+    struct ax_verdict v = {};
+    ax_policy_decide(ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &v);
+    if (v.reason) {
+        ax_emit_drop(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
+        return TC_ACT_SHOT;
+    }
+    __u16 redirect = from_proxy ? 0 : v.proxy_port;
+    int ct = ax_ct_forward(&p, now, ep_id, src_id, dst_id, redirect);
+    if (ct < 0) {
+        ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
+        ax_drop_simple(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
+        return TC_ACT_SHOT;
+    }
+    if (ct > 0)
+        ax_emit(&p, AX_EVENT_POLICY_VERDICT, redirect ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+                AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
+    if (redirect) {
+        skb->mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
+        ax_metric_inc(AX_METRIC_REDIRECTED);
+    } else {
+        ax_metric_inc(AX_METRIC_FORWARDED);
+    }
+    return TC_ACT_OK;
+}
