@@ -10,18 +10,26 @@ mirror Cilium's bpf/lib/common.h ``MARK_MAGIC_*``:
   ``Entry.proxy_port``). The agent's mangle/PREROUTING chain ``AXON-PROXY``
   matches ``mark/MARK_TO_PROXY_MASK`` per port and TPROXYs the packet to the
   listener; ``ip rule fwmark 0x200/0xf00 lookup 2004`` delivers it locally.
-- ``MARK_MAGIC_FROM_PROXY`` (0x0A00 in the 0x0F00 nibble): carried by every
-  packet of the proxy's upstream connections (SO_MARK on the socket). A
-  datapath must NOT redirect such a packet to the proxy again, but still
-  applies L3/L4 policy to it (e.g. the destination's ingress policy). Test
-  with ``is_from_proxy(mark)``; the upper 16 bits are unused (0).
+- From-proxy marks, carried by every packet of a proxy's upstream
+  connections (SO_MARK on the socket; the upper 16 bits are 0). Test with
+  ``is_from_proxy(mark)``. A datapath never redirects such a packet to the
+  proxy again in the stage that already proxied it, but still applies L3/L4
+  policy to it:
+  - ``MARK_MAGIC_PROXY_INGRESS`` (0x0A00, also ``MARK_MAGIC_FROM_PROXY``):
+    from an ingress proxy. No further redirect at all.
+  - ``MARK_MAGIC_PROXY_EGRESS`` (0x0B00): from an egress proxy. The source's
+    egress stage is done; the destination's ingress policy still applies,
+    including its own L7 redirect (Cilium does the same).
+  ``from_proxy_mark(direction)`` gives the mark for a proxy's direction.
 """
 
 from __future__ import annotations
 
 MARK_MAGIC_HOST_MASK = 0x0F00  # the "magic" nibble
 MARK_MAGIC_TO_PROXY = 0x0200  # datapath -> proxy redirect (Cilium MARK_MAGIC_TO_PROXY)
-MARK_MAGIC_FROM_PROXY = 0x0A00  # proxy -> upstream (Cilium MARK_MAGIC_PROXY_INGRESS)
+MARK_MAGIC_PROXY_INGRESS = 0x0A00  # ingress proxy -> upstream (Cilium MARK_MAGIC_PROXY_INGRESS)
+MARK_MAGIC_PROXY_EGRESS = 0x0B00  # egress proxy -> upstream (Cilium MARK_MAGIC_PROXY_EGRESS)
+MARK_MAGIC_FROM_PROXY = MARK_MAGIC_PROXY_INGRESS
 # A redirect mark is matched on the magic nibble plus the port half.
 MARK_TO_PROXY_MASK = 0xFFFF0F00
 # What TPROXY sets on the packets it diverts (and the ip rule matches).
@@ -46,12 +54,19 @@ def proxy_port_of(mark: int) -> int:
 
 
 def is_from_proxy(mark: int) -> bool:
-    """Whether a packet was sent by an L7 proxy's upstream socket."""
-    return mark & MARK_MAGIC_HOST_MASK == MARK_MAGIC_FROM_PROXY
+    """Whether a packet was sent by an L7 proxy's upstream socket (either direction)."""
+    return mark & MARK_MAGIC_HOST_MASK in (MARK_MAGIC_PROXY_INGRESS, MARK_MAGIC_PROXY_EGRESS)
+
+
+def from_proxy_mark(direction: int) -> int:
+    """The SO_MARK of a proxy's upstream sockets; ``direction`` is a core Direction
+    (INGRESS=0, EGRESS=1) of the policy the proxy enforces."""
+    return MARK_MAGIC_PROXY_EGRESS if direction == 1 else MARK_MAGIC_PROXY_INGRESS
 
 
 __all__ = [
-    "MARK_MAGIC_HOST_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY", "MARK_TO_PROXY_MASK",
+    "MARK_MAGIC_HOST_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY",
+    "MARK_MAGIC_PROXY_INGRESS", "MARK_MAGIC_PROXY_EGRESS", "MARK_TO_PROXY_MASK", "from_proxy_mark",
     "TPROXY_MARK", "TPROXY_MASK", "PROXY_ROUTE_TABLE", "to_proxy_mark", "proxy_port_of",
     "is_from_proxy",
 ]

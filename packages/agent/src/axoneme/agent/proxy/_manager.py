@@ -1,0 +1,209 @@
+"""ProxyManager: proxy ports, listeners and redirect rules for the agent.
+
+The agent calls it synchronously (from a thread, e.g. ``asyncio.to_thread``);
+the proxies themselves run on one event loop in a dedicated thread, so proxy
+traffic never competes with the agent's API loop. ``policy_for`` and
+``flow_sink`` are therefore called on that proxy thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from axoneme.core.errors import AxonemeError
+from axoneme.core.l7proxy import FlowSink, L7ProxyServer, PolicyFor, ProxyConfig
+from axoneme.core.mapstate import Direction
+from axoneme.core.marks import from_proxy_mark
+from axoneme.core.plugins import GROUP_L7, load_class
+
+from ._rules import RedirectRules
+from ._sockets import make_listener, transparent_connector
+
+LOG = logging.getLogger(__name__)
+
+PORT_RANGE = (15000, 15999)
+
+
+class ProxyError(AxonemeError):
+    """A proxy could not be started (no parser, no free port, bind failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    """One running listener."""
+
+    parser: str
+    direction: Direction
+    name: str
+    port: int
+    refs: int
+
+
+class ProxyManager:
+    """Allocates proxy ports, runs one listener per port, owns the TPROXY rules.
+
+    ``factories`` maps parser names to proxy factories and overrides the
+    ``axoneme.l7`` entry points (tests). ``redirect=False`` skips the kernel
+    rules (no root needed); ``transparent=False`` uses plain sockets (the
+    original destination is then the listener itself, so it only makes sense
+    with ``ProxyConfig.upstream``).
+    """
+
+    def __init__(self, policy_for: PolicyFor, flow_sink: FlowSink, *,
+                 port_range: tuple[int, int] = PORT_RANGE, listen_ip: str = "127.0.0.1",
+                 redirect: bool = True, transparent: bool = True,
+                 rules: RedirectRules | None = None, config: ProxyConfig | None = None,
+                 factories: dict[str, Callable[..., L7ProxyServer]] | None = None) -> None:
+        self.policy_for = policy_for
+        self.flow_sink = flow_sink
+        self.port_range = port_range
+        self.listen_ip = listen_ip
+        self.transparent = transparent
+        self.config = config
+        self.rules = rules if rules is not None else (RedirectRules(on_ip=listen_ip) if redirect else None)
+        self._factories = dict(factories or {})
+        self._lock = threading.RLock()
+        self._by_key: dict[tuple[str, Direction, str], int] = {}
+        self._servers: dict[int, tuple[L7ProxyServer, ProxyInfo]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._base_installed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the proxy thread and install the base redirect rules (idempotent)."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                t = threading.Thread(target=loop.run_forever, name="axoneme-proxy", daemon=True)
+                t.start()
+                self._loop, self._thread = loop, t
+            if self.rules is not None and not self._base_installed:
+                self.rules.install_base()
+                self._base_installed = True
+
+    def stop(self) -> None:
+        """Stop every listener and remove every rule, chain, ip rule and route."""
+        with self._lock:
+            for port in list(self._servers):
+                self._stop_port(port)
+            self._by_key.clear()
+            if self._loop is not None:
+                loop, t = self._loop, self._thread
+                loop.call_soon_threadsafe(loop.stop)
+                if t is not None:
+                    t.join(5)
+                loop.close()
+                self._loop = self._thread = None
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the kernel redirect state (safe to call anytime, e.g. at agent start)."""
+        if self.rules is not None:
+            self.rules.cleanup()
+        self._base_installed = False
+
+    def _run(self, coro: Any, timeout: float = 10) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- ports ------------------------------------------------------------------
+
+    def acquire(self, parser: str, direction: Direction, name: str = "",
+                port: int | None = None) -> int:
+        """The port of the listener for (parser, direction, name), started on first use.
+
+        Reference counted; ``port`` asks for a specific port (else the first
+        free one in ``port_range``).
+        """
+        direction = Direction(direction)
+        key = (parser, direction, name)
+        with self._lock:
+            if key in self._by_key:
+                p = self._by_key[key]
+                server, info = self._servers[p]
+                self._servers[p] = (server, ProxyInfo(parser, direction, name, p, info.refs + 1))
+                return p
+            self.start()
+            factory = self._factory(parser)
+            sock, p = self._bind(port)
+            try:
+                server = factory(sock, direction=direction, policy_for=self.policy_for,
+                                 flow_sink=self.flow_sink,
+                                 connect_upstream=transparent_connector(
+                                     from_proxy_mark(direction), spoof_source=self.transparent),
+                                 config=self.config)
+                self._run(server.start())
+                if self.rules is not None:
+                    self.rules.add_port(p, ("udp",) if parser == "dns" else ("tcp",))
+            except Exception as e:
+                sock.close()
+                raise ProxyError(f"cannot start the {parser} proxy on port {p}: {e}") from e
+            self._by_key[key] = p
+            self._servers[p] = (server, ProxyInfo(parser, direction, name, p, 1))
+            LOG.info("started %s %s proxy on port %d", parser, direction, p)
+            return p
+
+    def release(self, parser: str, direction: Direction, name: str = "") -> None:
+        """Drop one reference; the listener and its rule go with the last one."""
+        key = (parser, Direction(direction), name)
+        with self._lock:
+            p = self._by_key.get(key)
+            if p is None:
+                return
+            server, info = self._servers[p]
+            if info.refs > 1:
+                self._servers[p] = (server, ProxyInfo(info.parser, info.direction, info.name, p,
+                                                      info.refs - 1))
+                return
+            del self._by_key[key]
+            self._stop_port(p)
+
+    def port_for(self, parser: str, direction: Direction, name: str = "") -> int | None:
+        return self._by_key.get((parser, Direction(direction), name))
+
+    def proxies(self) -> list[ProxyInfo]:
+        with self._lock:
+            return [info for _, info in self._servers.values()]
+
+    def _stop_port(self, port: int) -> None:
+        server, info = self._servers.pop(port)
+        if self.rules is not None:
+            self.rules.remove_port(port)
+        try:
+            self._run(server.stop())
+        except Exception:
+            LOG.exception("stopping the %s proxy on port %d failed", info.parser, port)
+        LOG.info("stopped %s %s proxy on port %d", info.parser, info.direction, port)
+
+    def _factory(self, parser: str) -> Callable[..., L7ProxyServer]:
+        if parser not in self._factories:
+            factory = load_class(GROUP_L7, parser)().proxy_factory()
+            if factory is None:
+                raise ProxyError(f"the {parser!r} L7 parser has no proxy")
+            self._factories[parser] = factory
+        return self._factories[parser]
+
+    def _bind(self, port: int | None) -> tuple[socket.socket, int]:
+        used = set(self._servers)
+        candidates = [port] if port else [p for p in range(self.port_range[0],
+                                                           self.port_range[1] + 1) if p not in used]
+        last: OSError | None = None
+        for p in candidates:
+            if p in used:
+                raise ProxyError(f"proxy port {p} is already used by another proxy")
+            try:
+                return make_listener(p, self.listen_ip, transparent=self.transparent), p
+            except OSError as e:
+                last = e
+        raise ProxyError(f"no free proxy port in {self.port_range}: {last}")
+
+
+__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE"]
