@@ -467,3 +467,27 @@ def test_init_selector_is_not_namespace_scoped() -> None:
     spec = {"endpointSelector": {}, "ingress": [{"fromEndpoints": [{"matchLabels": {"reserved:init": ""}}]}]}
     peer = parse_policy_obj(cnp(spec)).rules[0].rules[0].peers[0]  # type: ignore[index]
     assert peer == EndpointPeer(LabelSelector.build({"reserved:init": ""}))
+
+
+def test_alias_bombs_and_cycles_are_problems(tmp_path: Path) -> None:
+    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 7):
+        lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 10) + "]")
+    bomb = write(tmp_path, "bomb.yaml", "\n".join(lines) + "\n")
+    cycle = write(tmp_path, "cycle.yaml", "a: &a\n  b: *a\n")
+    with pytest.raises(InvalidRule) as e:
+        load_documents([bomb, cycle])
+    msgs = {p.file: p.message for p in e.value.problems}
+    assert "too large" in msgs[bomb] and "recursive" in msgs[cycle]
+
+
+def test_timestamps_stay_strings(tmp_path: Path) -> None:
+    f = write(tmp_path, "ts.yaml", """\
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: x, creationTimestamp: 2024-01-01T00:00:00Z}
+        spec: {}
+        """)
+    (doc,) = load_documents([f])
+    assert doc.obj["metadata"]["creationTimestamp"] == "2024-01-01T00:00:00Z"
+    assert parse_policy(doc).ref.name == "x"

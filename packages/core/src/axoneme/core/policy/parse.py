@@ -228,6 +228,53 @@ class _Loader(_BaseLoader):  # type: ignore[misc]
         return result
 
 
+# Timestamps stay strings, as Kubernetes' YAML-to-JSON conversion leaves them:
+# documents are passed on as JSON (agent API, -o json).
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.constructor.SafeConstructor.construct_yaml_str)
+
+# YAML aliases share one object between many places; the expanded document
+# is what gets validated, so bound it (and refuse alias cycles).
+MAX_EXPANDED_NODES = 1_000_000
+
+
+def _alias_problem(obj: object) -> str | None:
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(o: object) -> int:
+        if isinstance(o, Mapping):
+            children: Any = o.values()
+        elif isinstance(o, list):
+            children = o
+        else:
+            return 1
+        key = id(o)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise _AliasCycle
+        active.add(key)
+        total = 1
+        for c in children:
+            total = min(total + size(c), MAX_EXPANDED_NODES + 1)
+        active.discard(key)
+        memo[key] = total
+        return total
+
+    try:
+        if size(obj) > MAX_EXPANDED_NODES:
+            return f"document too large: aliases expand it to more than {MAX_EXPANDED_NODES} nodes"
+    except _AliasCycle:
+        return "recursive YAML aliases are not allowed"
+    except RecursionError:
+        return "document nested too deeply"
+    return None
+
+
+class _AliasCycle(Exception):
+    pass
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -292,6 +339,11 @@ def _load(paths: Sequence[str]) -> tuple[list[str], list[Document], list[Problem
         for obj in _parse_file(file, data, problems):
             if obj is None:
                 continue  # empty document (e.g. a trailing ---), as kubectl skips it
+            bad = _alias_problem(obj)
+            if bad is not None:
+                problems.append(make_problem(file_name, index, "", bad))
+                index += 1
+                continue
             if _is_list(obj):
                 items = obj.get("items")
                 if items is None:
