@@ -1,0 +1,268 @@
+"""The agent's REST/JSON API (aiohttp on a unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket as _socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound
+from axoneme.agent._flowstore import FlowFilter, flow_from_json
+from axoneme.agent._runtime import PodRuntime
+from axoneme.core.errors import AxonemeError, ConfigError, InvalidRule, PolicyError
+from axoneme.core.flow import Flow
+
+LOG = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except InvalidRule as e:
+        return _json({"error": str(e), "problems": [str(p) for p in e.problems]}, 400)
+    except NotFound as e:
+        return _json({"error": str(e)}, 404)
+    except Conflict as e:
+        return _json({"error": str(e)}, 409)
+    except (BadRequest, PolicyError, ConfigError) as e:
+        return _json({"error": str(e)}, 400)
+    except AxonemeError as e:
+        LOG.warning("%s %s failed: %s", request.method, request.path, e)
+        return _json({"error": str(e)}, 500)
+    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+        return _json({"error": f"bad request: {e}"}, 400)
+    except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
+        LOG.exception("%s %s crashed", request.method, request.path)
+        return _json({"error": f"internal error: {e}"}, 500)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    data = await request.json()
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _ref(d: dict[str, Any]) -> Any:
+    from axoneme.core.policy.api import PolicyKind, PolicyRef
+
+    kind = PolicyKind(d["kind"])
+    namespace = str(d.get("namespace") or "") if kind.namespaced else ""
+    return PolicyRef(kind, namespace, str(d["name"]))
+
+
+def build_app(agent: Agent) -> web.Application:
+    runtime = PodRuntime(agent)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    r = app.router
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"ok": True})
+
+    async def status(request: web.Request) -> web.Response:
+        return _json(agent.status())
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=agent.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    # CNI
+    async def cni_add(request: web.Request) -> web.Response:
+        return _json(await agent.cni_add(await _body(request)))
+
+    async def cni_del(request: web.Request) -> web.Response:
+        return _json(await agent.cni_del(await _body(request)))
+
+    async def cni_check(request: web.Request) -> web.Response:
+        return _json(await agent.cni_check(await _body(request)))
+
+    async def cni_gc(request: web.Request) -> web.Response:
+        return _json(await agent.cni_gc(await _body(request)))
+
+    # namespaces
+    async def ns_list(request: web.Request) -> web.Response:
+        return _json([agent.namespace_view(n) for n in sorted(agent.namespaces)])
+
+    async def ns_create(request: web.Request) -> web.Response:
+        body = await _body(request)
+        return _json(await agent.namespace_create(str(body.get("name", "")),
+                                                  body.get("labels") or {}), 201)
+
+    async def ns_label(request: web.Request) -> web.Response:
+        body = await _body(request)
+        return _json(await agent.namespace_label(request.match_info["name"],
+                                                 body.get("labels") or {},
+                                                 body.get("remove") or []))
+
+    async def ns_delete(request: web.Request) -> web.Response:
+        await agent.namespace_delete(request.match_info["name"])
+        return _json({"deleted": request.match_info["name"]})
+
+    # policies
+    async def pol_list(request: web.Request) -> web.Response:
+        return _json({"revision": agent.engine.revision, "policies": agent.policy_list()})
+
+    async def pol_apply(request: web.Request) -> web.Response:
+        body = await _body(request)
+        return _json(await agent.policy_apply(body.get("documents") or []))
+
+    async def pol_delete(request: web.Request) -> web.Response:
+        body = await _body(request)
+        refs = [_ref(d) for d in body.get("refs") or []]
+        if not refs:
+            raise BadRequest("no policy given")
+        return _json(await agent.policy_delete(refs))
+
+    # pods
+    async def pod_list(request: web.Request) -> web.Response:
+        ns = request.query.get("namespace")
+        pods = [agent.pod_view(p) for k, p in sorted(agent.pods.items())
+                if not ns or p.namespace == ns]
+        return _json(pods)
+
+    async def pod_run(request: web.Request) -> web.Response:
+        return _json(await agent.pod_run(await _body(request), runtime), 201)
+
+    async def pod_get(request: web.Request) -> web.Response:
+        rec = agent.get_pod(request.match_info["ns"], request.match_info["name"])
+        return _json(agent.pod_view(rec))
+
+    async def pod_delete(request: web.Request) -> web.Response:
+        return _json(await agent.pod_delete(request.match_info["ns"], request.match_info["name"],
+                                            runtime))
+
+    async def pod_logs(request: web.Request) -> web.Response:
+        rec = agent.get_pod(request.match_info["ns"], request.match_info["name"])
+        try:
+            with open(rec.log, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        return web.Response(body=data, content_type="text/plain")
+
+    # endpoints, identities
+    async def ep_list(request: web.Request) -> web.Response:
+        return _json(agent.endpoint_list())
+
+    async def ep_get(request: web.Request) -> web.Response:
+        try:
+            ep_id = int(request.match_info["id"])
+        except ValueError:
+            raise BadRequest(f"invalid endpoint id {request.match_info['id']!r}") from None
+        return _json(await asyncio.to_thread(agent.endpoint_get, ep_id))
+
+    async def id_list(request: web.Request) -> web.Response:
+        return _json(agent.identity_list())
+
+    # flows
+    async def flows_get(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        flt = FlowFilter.from_query(q, q.getall("label", []))
+        fmt = q.get("format", "json")
+        last = q.get("last")
+        follow = q.get("follow") in ("1", "true", "yes")
+        n = int(last) if last else (None if not follow else 0)
+        if not follow and n is None:
+            n = 20
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        if follow:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        node = _socket.gethostname()
+
+        def line(flow: Flow) -> bytes:
+            if fmt == "compact":
+                return (flow.compact() + "\n").encode()
+            d = flow.to_json()
+            if fmt == "jsonpb":
+                d = {"flow": d, "node_name": node, "time": d["time"]}
+            return (json.dumps(d, default=str) + "\n").encode()
+
+        queue = agent.flows.subscribe() if follow else None
+        try:
+            for flow in agent.flows.last(n, flt):
+                await resp.write(line(flow))
+            if queue is not None:
+                while True:
+                    flow_or_none = await queue.get()
+                    if flow_or_none is None:
+                        break
+                    if flt.matches(flow_or_none):
+                        await resp.write(line(flow_or_none))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            if queue is not None:
+                agent.flows.unsubscribe(queue)
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return resp
+
+    async def flows_post(request: web.Request) -> web.Response:
+        data = await request.json()
+        items = data if isinstance(data, list) else data.get("flows", [data])
+        added = 0
+        for item in items:
+            agent.flows.add(flow_from_json(item))
+            added += 1
+        return _json({"added": added})
+
+    r.add_get("/v1/healthz", healthz)
+    r.add_get("/v1/status", status)
+    r.add_get("/metrics", metrics)
+    r.add_post("/v1/cni/add", cni_add)
+    r.add_post("/v1/cni/del", cni_del)
+    r.add_post("/v1/cni/check", cni_check)
+    r.add_post("/v1/cni/gc", cni_gc)
+    r.add_get("/v1/namespaces", ns_list)
+    r.add_post("/v1/namespaces", ns_create)
+    r.add_post("/v1/namespaces/{name}/labels", ns_label)
+    r.add_delete("/v1/namespaces/{name}", ns_delete)
+    r.add_get("/v1/policies", pol_list)
+    r.add_post("/v1/policies", pol_apply)
+    r.add_post("/v1/policies/delete", pol_delete)
+    r.add_get("/v1/pods", pod_list)
+    r.add_post("/v1/pods", pod_run)
+    r.add_get("/v1/pods/{ns}/{name}", pod_get)
+    r.add_delete("/v1/pods/{ns}/{name}", pod_delete)
+    r.add_get("/v1/pods/{ns}/{name}/logs", pod_logs)
+    r.add_get("/v1/endpoints", ep_list)
+    r.add_get("/v1/endpoints/{id}", ep_get)
+    r.add_get("/v1/identities", id_list)
+    r.add_get("/v1/flows", flows_get)
+    r.add_post("/v1/flows", flows_post)
+    return app
+
+
+def socket_in_use(path: str) -> bool:
+    """Whether an agent already answers on ``path``."""
+    if not os.path.exists(path):
+        return False
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

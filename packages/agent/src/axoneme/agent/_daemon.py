@@ -1,0 +1,162 @@
+"""``axoneme agent run`` and ``axoneme agent cleanup``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+from typing import Any
+
+from axoneme.agent import _netlink as nl
+from axoneme.agent import guard
+from axoneme.agent._agent import Agent, AgentConfig, PodRecord, kill_pod_process
+from axoneme.agent._statefile import StateCorrupt, read_json
+from axoneme.core.errors import AxonemeError, ConfigError, DatapathUnavailable, PluginError
+
+LOG = logging.getLogger(__name__)
+
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run the agent until SIGTERM/SIGINT; the exit code."""
+    try:
+        return asyncio.run(_serve(config))
+    except KeyboardInterrupt:  # pragma: no cover
+        return 0
+
+
+async def _serve(config: AgentConfig) -> int:
+    from aiohttp import web
+
+    from axoneme.agent._api import build_app, socket_in_use
+
+    if socket_in_use(config.api_socket):
+        sys.stderr.write(f"error: another agent is already serving {config.api_socket} "
+                         f"(--api-socket)\n")
+        return EXIT_RUNTIME
+    try:
+        agent = Agent(config)
+        await agent.start()
+    except StateCorrupt as e:
+        sys.stderr.write(f"error: {e} ({e.path})\n")
+        return EXIT_BAD_INPUT
+    except DatapathUnavailable as e:
+        sys.stderr.write(f"error: datapath {config.datapath} is unavailable: {e} (--datapath)\n")
+        return EXIT_RUNTIME
+    except PluginError as e:
+        sys.stderr.write(f"error: {e} (--datapath)\n")
+        return EXIT_RUNTIME
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e} (configuration)\n")
+        return EXIT_BAD_INPUT
+    except AxonemeError as e:
+        sys.stderr.write(f"error: {e} (agent start)\n")
+        return EXIT_RUNTIME
+
+    app = build_app(agent)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    sock_dir = os.path.dirname(config.api_socket)
+    if sock_dir:
+        os.makedirs(sock_dir, mode=0o755, exist_ok=True)
+    try:
+        os.unlink(config.api_socket)  # stale socket from a killed agent
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)
+    try:
+        site = web.UnixSite(runner, config.api_socket)
+        await site.start()
+    finally:
+        os.umask(old)
+    os.chmod(config.api_socket, 0o600)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    LOG.warning("axoneme agent ready: datapath %s, api %s, state %s", config.datapath,
+                config.api_socket, config.state_dir)
+    await stop.wait()
+    LOG.warning("axoneme agent stopping")
+    await runner.cleanup()
+    await agent.stop()
+    try:
+        os.unlink(config.api_socket)
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def cleanup(state_dir: str) -> int:
+    """Remove everything an agent with ``state_dir`` made. Idempotent."""
+    from axoneme.core.datapath import DatapathConfig
+    from axoneme.core.plugins import load_driver
+
+    path = os.path.join(state_dir, "state.json")
+    code = 0
+    try:
+        data: dict[str, Any] | None = read_json(path)
+    except StateCorrupt as e:
+        sys.stderr.write(f"error: {e} ({path})\n")
+        data, code = None, EXIT_BAD_INPUT
+    data = data or {}
+    for rec_d in (data.get("pods") or {}).values():
+        try:
+            rec = PodRecord(**rec_d)
+        except TypeError:
+            continue
+        kill_pod_process(rec.pid, rec.pid_start, grace=2.0)
+        nl.delete_netns(rec.netns)
+    for ep in (data.get("endpoints") or {}).values():
+        host = ep.get("host_ifname") or (nl.host_ifname(ep.get("container_id", ""))
+                                         if ep.get("container_id") else "")
+        try:
+            nl.teardown_endpoint(host)
+        except Exception as e:
+            sys.stderr.write(f"warning: cannot remove {host}: {e}\n")
+    name = data.get("datapath")
+    if name:
+        try:
+            dp = load_driver("axoneme.datapath", name, DatapathConfig(
+                state_dir=state_dir, mode=data.get("datapath_mode", ""),
+                pod_cidr=data.get("pod_cidr", "10.244.0.0/16")))
+            dp.cleanup()
+        except Exception as e:
+            sys.stderr.write(f"warning: datapath {name} cleanup failed: {e}\n")
+            code = code or EXIT_RUNTIME
+    try:
+        guard.remove(state_dir)
+    except Exception as e:
+        sys.stderr.write(f"warning: guard removal failed: {e}\n")
+    sock = data.get("api_socket")
+    if sock and os.path.exists(sock):
+        from axoneme.agent._api import socket_in_use
+
+        if not socket_in_use(sock):
+            try:
+                os.unlink(sock)
+            except OSError:
+                pass
+    if code != EXIT_BAD_INPUT:
+        for name_ in ("state.json",):
+            try:
+                os.unlink(os.path.join(state_dir, name_))
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(os.path.join(state_dir, "pods"), ignore_errors=True)
+        for entry in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+            if entry.startswith("state.json.tmp."):
+                try:
+                    os.unlink(os.path.join(state_dir, entry))
+                except OSError:
+                    pass
+        try:
+            os.rmdir(state_dir)
+        except OSError:
+            pass
+    return code

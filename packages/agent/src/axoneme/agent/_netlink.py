@@ -1,0 +1,185 @@
+"""Kernel plumbing for endpoints: network namespaces and the pod veth pair.
+
+Routing follows Cilium: the pod holds its IP as a /32 on eth0, a link route
+to the gateway 169.254.1.1 and a default route via it, with a permanent
+neighbour entry for the gateway pointing at the host veth's MAC, so the pod
+never needs ARP. The host routes the pod IP /32 to the host veth and holds a
+permanent neighbour entry for the pod, proxy_arp is on and rp_filter off on
+the host veth. Everything a failed setup created is removed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+from axoneme.core.errors import AxonemeError
+
+LOG = logging.getLogger(__name__)
+
+GATEWAY_IP = "169.254.1.1"
+NETNS_DIR = "/run/netns"
+
+
+class NetlinkError(AxonemeError):
+    """Setting up or tearing down an endpoint's interfaces failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLink:
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+    mtu: int
+
+
+def host_ifname(container_id: str) -> str:
+    """``lxc`` + 11 hex chars of a hash of the container id (15 chars, IFNAMSIZ-1)."""
+    return "lxc" + hashlib.sha256(container_id.encode()).hexdigest()[:11]
+
+
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        LOG.warning("cannot set %s=%s: %s", path, value, e)
+
+
+def enable_forwarding() -> None:
+    _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+
+
+def create_netns(name: str) -> str:
+    proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetlinkError(f"cannot create network namespace {name}: {proc.stderr.strip()}")
+    path = os.path.join(NETNS_DIR, name)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], capture_output=True)
+    return path
+
+
+def delete_netns(name: str) -> None:
+    """Remove a named netns. Unknown namespaces are fine (idempotent)."""
+    if not name or "/" in name:
+        return
+    if os.path.exists(os.path.join(NETNS_DIR, name)):
+        proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+        if proc.returncode != 0 and os.path.exists(os.path.join(NETNS_DIR, name)):
+            LOG.warning("cannot delete netns %s: %s", name, proc.stderr.strip())
+    etc = os.path.join("/etc/netns", name)
+    if os.path.isdir(etc):
+        for entry in os.listdir(etc):
+            try:
+                os.unlink(os.path.join(etc, entry))
+            except OSError:
+                pass
+        try:
+            os.rmdir(etc)
+        except OSError:
+            pass
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def _iproute(netns: str | None = None):  # type: ignore[no-untyped-def]
+    from pyroute2 import IPRoute, config
+
+    # pyroute2 forks a child to open a socket inside a netns and stops it with
+    # SIGTERM; the forked child shares asyncio's signal wakeup fd, so its
+    # Python-level SIGTERM handler would stop the agent. Default handlers in
+    # the child avoid that.
+    config.disable_mp_signal = True
+
+    if netns is None:
+        return IPRoute(groups=0)
+    return IPRoute(netns=netns, flags=0, groups=0)
+
+
+def link_index(name: str) -> int:
+    """Index of a host link, 0 if it does not exist."""
+    try:
+        return int(open(f"/sys/class/net/{name}/ifindex").read())
+    except (OSError, ValueError):
+        return 0
+
+
+def setup_endpoint(container_id: str, netns_path: str, ifname: str, ip: str,
+                   mtu: int = 1500) -> EndpointLink:
+    """Create the veth pair for one pod and configure both ends."""
+    if not os.path.exists(netns_path):
+        raise NetlinkError(f"network namespace {netns_path} does not exist")
+    host = host_ifname(container_id)
+    with _iproute() as ipr:
+        # a leftover from an interrupted ADD of the same container: ours, by name
+        for idx in ipr.link_lookup(ifname=host):
+            ipr.link("del", index=idx)
+        nsfd = os.open(netns_path, os.O_RDONLY)
+        try:
+            ipr.link("add", ifname=host, kind="veth", mtu=mtu,
+                     peer={"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu})
+        except Exception as e:
+            raise NetlinkError(f"cannot create veth {host} / {ifname} in {netns_path}: {e}") from e
+        finally:
+            os.close(nsfd)
+        try:
+            idx = ipr.link_lookup(ifname=host)[0]
+            link = ipr.get_links(idx)[0]
+            host_mac = link.get_attr("IFLA_ADDRESS")
+            for key, value in (("proxy_arp", "1"), ("rp_filter", "0"), ("forwarding", "1")):
+                _sysctl(f"/proc/sys/net/ipv4/conf/{host}/{key}", value)
+            _sysctl(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6", "1")
+            ipr.link("set", index=idx, state="up")
+            with _iproute(netns_path) as pod:
+                lo = pod.link_lookup(ifname="lo")
+                if lo:
+                    pod.link("set", index=lo[0], state="up")
+                pidx = pod.link_lookup(ifname=ifname)[0]
+                pod_mac = pod.get_links(pidx)[0].get_attr("IFLA_ADDRESS")
+                pod.addr("add", index=pidx, address=ip, prefixlen=32)
+                pod.link("set", index=pidx, state="up")
+                pod.route("add", dst=GATEWAY_IP, dst_len=32, oif=pidx, scope=253)
+                pod.route("add", dst="0.0.0.0", dst_len=0, gateway=GATEWAY_IP, oif=pidx)
+                pod.neigh("replace", dst=GATEWAY_IP, lladdr=host_mac, ifindex=pidx, state=0x80)
+            ipr.route("replace", dst=ip, dst_len=32, oif=idx, scope=253)
+            ipr.neigh("replace", dst=ip, lladdr=pod_mac, ifindex=idx, state=0x80)
+        except Exception as e:
+            try:
+                for i in ipr.link_lookup(ifname=host):
+                    ipr.link("del", index=i)
+            except Exception:  # pragma: no cover - best effort rollback
+                LOG.debug("rollback of %s failed", host, exc_info=True)
+            raise NetlinkError(f"cannot configure endpoint {host} ({ip}): {e}") from e
+    return EndpointLink(host, idx, host_mac, ifname, pod_mac, mtu)
+
+
+def teardown_endpoint(host: str) -> bool:
+    """Delete the host veth (the pod end and the routes go with it).
+
+    Idempotent: a missing link (ENODEV) counts as removed."""
+    if not host:
+        return False
+    with _iproute() as ipr:
+        found = ipr.link_lookup(ifname=host)
+        for idx in found:
+            try:
+                ipr.link("del", index=idx)
+            except Exception as e:  # ENODEV: already gone
+                if getattr(e, "code", None) not in (errno.ENODEV,):
+                    raise NetlinkError(f"cannot delete {host}: {e}") from e
+        return bool(found)
+
+
+def list_host_links(prefix: str = "lxc") -> list[str]:
+    try:
+        return sorted(n for n in os.listdir("/sys/class/net") if n.startswith(prefix))
+    except OSError:
+        return []

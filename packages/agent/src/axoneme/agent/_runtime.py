@@ -1,0 +1,167 @@
+"""The standalone pod runtime: what a container runtime does, without containers.
+
+A pod is a network namespace wired by ``axoneme-cni`` (run through the CNI
+protocol exactly like a runtime runs it: CNI_* environment, network config on
+stdin) and a process started inside it with ``ip netns exec`` semantics
+(the netns plus /etc/netns/<name>/resolv.conf bind-mounted over
+/etc/resolv.conf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from axoneme.agent import _netlink as nl
+from axoneme.core.errors import AxonemeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from axoneme.agent._agent import Agent, PodRecord
+
+LOG = logging.getLogger(__name__)
+
+POD_NETWORK = "axoneme-pods"
+CNI_VERSION = "1.1.0"
+
+
+class CNIError(AxonemeError):
+    """The CNI plugin reported an error."""
+
+
+def cni_binary(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    here = os.path.join(os.path.dirname(sys.executable), "axoneme-cni")
+    if os.access(here, os.X_OK):
+        return here
+    found = shutil.which("axoneme-cni")
+    if found:
+        return found
+    raise AxonemeError("the axoneme-cni executable is not installed (pip install axoneme-cni)")
+
+
+def cni_env(command: str, container_id: str, netns_path: str, namespace: str, pod: str,
+            plugin: str, ifname: str = "eth0") -> dict[str, str]:
+    return {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns_path,
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": os.path.dirname(plugin),
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}",
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+    }
+
+
+async def run_cni(plugin: str, env: Mapping[str, str], config: Mapping[str, Any],
+                  timeout: float = 60.0) -> dict[str, Any]:
+    """Execute the plugin once; its result JSON, or CNIError with its msg/details."""
+    proc = await asyncio.create_subprocess_exec(
+        plugin, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(env))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CNIError(f"CNI {env.get('CNI_COMMAND')} timed out after {timeout:.0f}s") from None
+    text = out.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        try:
+            res = json.loads(text)
+            msg = f"{res.get('msg', 'failed')}" + (f": {res['details']}" if res.get("details") else "")
+            code = res.get("code")
+        except (json.JSONDecodeError, AttributeError):
+            msg, code = text or err.decode(errors="replace").strip(), None
+        raise CNIError(f"CNI {env.get('CNI_COMMAND')} failed (code {code}): {msg}")
+    if not text:
+        return {}
+    try:
+        res = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CNIError(f"CNI plugin printed invalid JSON: {e}") from e
+    return res if isinstance(res, dict) else {}
+
+
+class PodRuntime:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def net_config(self) -> dict[str, Any]:
+        return {"cniVersion": CNI_VERSION, "name": POD_NETWORK, "type": "axoneme-cni",
+                "agentSocket": self.agent.config.api_socket}
+
+    async def start_pod(self, rec: PodRecord, env: Mapping[str, str]) -> str:
+        """Create the netns, wire it through CNI, start the command. Returns the pod IP."""
+        cfg = self.agent.config
+        plugin = cni_binary(cfg.cni_bin)
+        await asyncio.to_thread(nl.create_netns, rec.netns)
+        netns_path = os.path.join(nl.NETNS_DIR, rec.netns)
+        result = await run_cni(plugin, cni_env("ADD", rec.container_id, netns_path, rec.namespace,
+                                               rec.name, plugin), self.net_config())
+        ips = result.get("ips") or []
+        if not ips:
+            raise CNIError("CNI ADD returned no IP address")
+        ip = str(ips[0]["address"]).split("/")[0]
+        etc = os.path.join("/etc/netns", rec.netns)
+        os.makedirs(etc, exist_ok=True)
+        with open(os.path.join(etc, "resolv.conf"), "w") as f:
+            f.write(f"nameserver {cfg.dns_server}\noptions timeout:1 attempts:1\n")
+        os.makedirs(os.path.dirname(rec.log), exist_ok=True)
+        penv = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": "/root", "LANG": "C.UTF-8"}
+        penv.update({str(k): str(v) for k, v in env.items()})
+        penv.update({"POD_NAME": rec.name, "POD_NAMESPACE": rec.namespace, "POD_IP": ip})
+        cwd = rec.cwd if os.path.isdir(rec.cwd) else "/"
+        with open(rec.log, "ab") as log:
+            try:
+                child = subprocess.Popen(
+                    ["ip", "netns", "exec", rec.netns, *rec.command], stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=penv,
+                    start_new_session=True, close_fds=True)
+            except OSError as e:
+                raise AxonemeError(f"cannot start {rec.command[0]}: {e}") from e
+        from axoneme.agent._agent import _proc_start
+
+        rec.pid = child.pid
+        rec.pid_start = _proc_start(child.pid)
+        self.agent._children[child.pid] = child
+        LOG.info("pod %s started: pid %d in %s, ip %s", rec.key, child.pid, rec.netns, ip)
+        return ip
+
+    async def stop_pod(self, rec: PodRecord, cni_del: bool = True) -> None:
+        """Stop the process, CNI DEL, remove the netns. Idempotent."""
+        from axoneme.agent._agent import kill_pod_process
+
+        if rec.pid:
+            await asyncio.to_thread(kill_pod_process, rec.pid, rec.pid_start)
+            child = self.agent._children.pop(rec.pid, None)
+            if child is not None:
+                try:
+                    await asyncio.to_thread(child.wait, 5)
+                except Exception:
+                    pass
+        netns_path = os.path.join(nl.NETNS_DIR, rec.netns) if rec.netns else ""
+        if cni_del and rec.container_id:
+            try:
+                plugin = cni_binary(self.agent.config.cni_bin)
+                env = cni_env("DEL", rec.container_id,
+                              netns_path if os.path.exists(netns_path) else "",
+                              rec.namespace, rec.name, plugin)
+                await run_cni(plugin, env, self.net_config())
+            except Exception as e:
+                LOG.warning("CNI DEL for pod %s failed (%s); removing the endpoint directly",
+                            rec.key, e)
+                await self.agent.cni_del({"container_id": rec.container_id})
+        await asyncio.to_thread(nl.delete_netns, rec.netns)
+        try:
+            os.unlink(rec.log)
+        except OSError:
+            pass

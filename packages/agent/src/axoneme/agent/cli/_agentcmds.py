@@ -1,0 +1,441 @@
+"""Agent commands: agent run/cleanup, status, policy apply/delete/list,
+namespace, endpoint and identity (shared/CLI.md "Node agent")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from axoneme.agent.cli import UsageError, add_output_flag
+
+LOG = logging.getLogger(__name__)
+
+SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
+
+
+def add_socket_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-socket", dest="api_socket_sub", default=None, metavar="PATH",
+                   help="agent API socket (default: $AXONEME_API_SOCKET or "
+                        "/var/run/axoneme/axoneme.sock)")
+
+
+def client(args: argparse.Namespace) -> Any:
+    from axoneme.agent.client import AgentClient
+
+    return AgentClient(getattr(args, "api_socket_sub", None) or getattr(args, "api_socket", None))
+
+
+def dump_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in headers]] + [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        sys.stdout.write("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() + "\n")
+
+
+def register(groups: dict[str, SubParsers]) -> None:
+    top = groups[""]
+    # agent run / cleanup
+    agent = top.add_parser("agent", help="run the node agent, or clean up after one")
+    asub = agent.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                parser_class=type(agent))
+    run = asub.add_parser("run", help="run the node agent (root)")
+    run.add_argument("--datapath", default=None, help="datapath plugin: ebpf (default), iptables, noop")
+    run.add_argument("--iptables-mode", choices=["plain", "ipset"], default=None)
+    run.add_argument("--state-dir", default=None, help="default /var/lib/axoneme")
+    add_socket_flag(run)
+    run.add_argument("--policy-dir", default=None, help="load and follow policies from DIR")
+    run.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON agent config")
+    run.add_argument("--install-cni", action="store_true", default=None,
+                     help="install /etc/cni/net.d/05-axoneme.conflist and /opt/cni/bin/axoneme-cni")
+    run.add_argument("--pod-cidr", default=None, help="pod CIDR (default 10.244.0.0/16)")
+    run.add_argument("--flow-buffer", type=int, default=None, help="flows kept (default 4095)")
+    run.add_argument("--no-guard", action="store_true", default=None,
+                     help="do not install the forwarding guard (unsafe)")
+    run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
+    run.add_argument("--cluster-name", default=None)
+    run.set_defaults(handler=cmd_agent_run)
+    cl = asub.add_parser("cleanup", help="remove every kernel object an agent made")
+    cl.add_argument("--state-dir", default="/var/lib/axoneme")
+    cl.set_defaults(handler=cmd_agent_cleanup)
+
+    st = top.add_parser("status", help="agent health")
+    add_output_flag(st)
+    add_socket_flag(st)
+    st.set_defaults(handler=cmd_status)
+
+    # policy apply/delete/list (the policy group exists)
+    pol = groups["policy"]
+    ap = pol.add_parser("apply", help="apply policies to the running agent")
+    ap.add_argument("-f", "--filename", dest="files", action="append", nargs="+", required=True,
+                    metavar="PATH")
+    add_socket_flag(ap)
+    add_output_flag(ap)
+    ap.set_defaults(handler=cmd_policy_apply)
+    de = pol.add_parser("delete", help="delete policies from the running agent")
+    de.add_argument("ref", nargs="?", metavar="KIND/NAME")
+    de.add_argument("-f", "--filename", dest="files", action="append", nargs="+", metavar="PATH")
+    de.add_argument("-n", "--namespace", default="default")
+    add_socket_flag(de)
+    de.set_defaults(handler=cmd_policy_delete)
+    ls = pol.add_parser("list", help="policies in the running agent")
+    add_output_flag(ls)
+    add_socket_flag(ls)
+    ls.set_defaults(handler=cmd_policy_list)
+
+    # namespaces
+    ns = top.add_parser("namespace", aliases=["ns"], help="standalone namespaces")
+    nsub = ns.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ns))
+    c = nsub.add_parser("create", help="create a namespace")
+    c.add_argument("name")
+    c.add_argument("--labels", "-l", default=None, help="k=v,...")
+    add_socket_flag(c)
+    c.set_defaults(handler=cmd_ns_create)
+    lb = nsub.add_parser("label", help="set (k=v) or remove (k-) namespace labels")
+    lb.add_argument("name")
+    lb.add_argument("labels", nargs="+", metavar="k=v")
+    add_socket_flag(lb)
+    lb.set_defaults(handler=cmd_ns_label)
+    d = nsub.add_parser("delete", help="delete an empty namespace")
+    d.add_argument("name")
+    add_socket_flag(d)
+    d.set_defaults(handler=cmd_ns_delete)
+    nl = nsub.add_parser("list", help="namespaces")
+    add_output_flag(nl)
+    add_socket_flag(nl)
+    nl.set_defaults(handler=cmd_ns_list)
+
+    # endpoints, identities
+    ep = top.add_parser("endpoint", aliases=["ep"], help="local endpoints")
+    esub = ep.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ep))
+    el = esub.add_parser("list", help="endpoints (like cilium-dbg endpoint list)")
+    add_output_flag(el)
+    add_socket_flag(el)
+    el.set_defaults(handler=cmd_ep_list)
+    eg = esub.add_parser("get", help="one endpoint: resolved policy and the datapath's copy")
+    eg.add_argument("id")
+    add_output_flag(eg)
+    add_socket_flag(eg)
+    eg.set_defaults(handler=cmd_ep_get)
+    ident = top.add_parser("identity", help="security identities")
+    isub = ident.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ident))
+    il = isub.add_parser("list", help="identities, reserved ones included")
+    add_output_flag(il)
+    add_socket_flag(il)
+    il.set_defaults(handler=cmd_id_list)
+
+
+# -- agent ------------------------------------------------------------------------------
+
+_CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
+                "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
+                "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
+                "datapath_options")
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    from axoneme.core.errors import ConfigError
+
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config: {e} ({path})") from e
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML: {e} ({path})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping ({path})")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k not in _CONFIG_KEYS:
+            raise ConfigError(f"unknown config key {key!r} ({path})")
+        out[k] = value
+    return out
+
+
+def build_agent_config(args: argparse.Namespace) -> Any:
+    from axoneme.agent._agent import AgentConfig
+    from axoneme.agent.client import resolve_socket
+
+    conf = load_config(args.config)
+    flags = {
+        "datapath": args.datapath, "iptables_mode": args.iptables_mode,
+        "state_dir": args.state_dir, "api_socket": args.api_socket_sub or args.api_socket,
+        "policy_dir": args.policy_dir, "install_cni": args.install_cni,
+        "pod_cidr": args.pod_cidr, "flow_buffer": args.flow_buffer,
+        "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
+    }
+    if args.no_guard:
+        flags["guard"] = False
+    conf.update({k: v for k, v in flags.items() if v is not None})
+    conf["api_socket"] = resolve_socket(conf.get("api_socket"))
+    cfg = AgentConfig(**conf)
+    if cfg.flow_buffer < 1:
+        raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
+    cfg.state_dir = os.path.abspath(cfg.state_dir)
+    cfg.api_socket = os.path.abspath(cfg.api_socket)
+    if cfg.policy_dir:
+        cfg.policy_dir = os.path.abspath(cfg.policy_dir)
+    return cfg
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from axoneme.agent._daemon import run_agent
+
+    if os.geteuid() != 0:
+        sys.stderr.write("error: the agent must run as root (agent run)\n")
+        return 1
+    cfg = build_agent_config(args)
+    root = logging.getLogger()
+    if not args.debug:
+        root.setLevel(logging.INFO)
+        logging.getLogger("aiohttp").setLevel(logging.WARNING)
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
+        logging.getLogger("stevedore").setLevel(logging.WARNING)
+    return run_agent(cfg)
+
+
+def cmd_agent_cleanup(args: argparse.Namespace) -> int:
+    from axoneme.agent._daemon import cleanup
+
+    return cleanup(os.path.abspath(args.state_dir))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = client(args).get("/v1/status")
+    if args.output == "json":
+        dump_json(data)
+        return 0
+    dp = data["datapath"]
+    health = "Ok" if dp.get("healthy") else "Unhealthy"
+    mode = f" ({dp['mode']})" if dp.get("mode") else ""
+    sys.stdout.write(f"Datapath:         {dp.get('name')}{mode}   {health}   {dp.get('detail', '')}\n")
+    sys.stdout.write(f"Endpoints:        {data['endpoints']}\n")
+    sys.stdout.write(f"Identities:       {data['identities']}\n")
+    sys.stdout.write(f"Policy revision:  {data['policy_revision']}\n")
+    comp = data.get("components", {})
+    guard = comp.get("guard", {})
+    sys.stdout.write(f"Guard:            {'installed' if guard.get('installed') else 'off'} "
+                     f"({guard.get('pod_cidr', '')})\n")
+    flows = comp.get("flows", {})
+    sys.stdout.write(f"Flows:            {flows.get('stored', 0)}/{flows.get('capacity', 0)}\n")
+    sys.stdout.write(f"API:              {comp.get('api', {}).get('socket', '')}\n")
+    return 0
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+def _flatten(files: Sequence[Sequence[str]] | None) -> list[str]:
+    return [p for group in files or [] for p in group]
+
+
+def _parse_files(paths: list[str]) -> list[Any]:
+    """Documents and parsed policies of ``paths``; InvalidRule with every problem."""
+    from axoneme.core.errors import InvalidRule
+    from axoneme.core.policy.parse import load_documents, parse_policy
+
+    docs = load_documents(paths)
+    problems = []
+    out = []
+    for d in docs:
+        try:
+            out.append((parse_policy(d), d))
+        except InvalidRule as e:
+            problems.extend(e.problems)
+    if problems:
+        raise InvalidRule(problems)
+    return out
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    paths = _flatten(args.files)
+    parsed = _parse_files(paths)
+    if not parsed:
+        raise UsageError(f"no policy found in {', '.join(paths)}")
+    docs = [{"file": d.file, "index": d.index, "obj": d.obj} for _, d in parsed]
+    res = client(args).post("/v1/policies", {"documents": docs})
+    if args.output == "json":
+        dump_json(res)
+        return 0
+    for ref in res.get("applied", []):
+        where = f"{ref['namespace']}/" if ref["namespace"] else ""
+        sys.stdout.write(f"{ref['kind']} {where}{ref['name']} applied\n")
+    sys.stdout.write(f"revision {res['revision']}\n")
+    return 0
+
+
+_KINDS = {
+    "networkpolicy": "NetworkPolicy", "networkpolicies": "NetworkPolicy", "netpol": "NetworkPolicy",
+    "np": "NetworkPolicy",
+    "ciliumnetworkpolicy": "CiliumNetworkPolicy", "ciliumnetworkpolicies": "CiliumNetworkPolicy",
+    "cnp": "CiliumNetworkPolicy",
+    "ciliumclusterwidenetworkpolicy": "CiliumClusterwideNetworkPolicy",
+    "ciliumclusterwidenetworkpolicies": "CiliumClusterwideNetworkPolicy",
+    "ccnp": "CiliumClusterwideNetworkPolicy",
+}
+
+
+def cmd_policy_delete(args: argparse.Namespace) -> int:
+    refs: list[dict[str, str]] = []
+    paths = _flatten(args.files)
+    if paths:
+        for pol, _ in _parse_files(paths):
+            refs.append({"kind": pol.ref.kind.value, "namespace": pol.ref.namespace,
+                         "name": pol.ref.name})
+    if args.ref:
+        kind_s, sep, name = args.ref.partition("/")
+        kind = _KINDS.get(kind_s.lower().split(".")[0])
+        if not sep or not name or kind is None:
+            raise UsageError(f"expected KIND/NAME with KIND one of NetworkPolicy (netpol), "
+                             f"CiliumNetworkPolicy (cnp), CiliumClusterwideNetworkPolicy (ccnp), "
+                             f"got {args.ref!r}")
+        ns = "" if kind == "CiliumClusterwideNetworkPolicy" else args.namespace
+        refs.append({"kind": kind, "namespace": ns, "name": name})
+    if not refs:
+        raise UsageError("policy delete needs -f PATH or KIND/NAME")
+    res = client(args).post("/v1/policies/delete", {"refs": refs})
+    for ref in res.get("removed", []):
+        where = f"{ref['namespace']}/" if ref["namespace"] else ""
+        sys.stdout.write(f"{ref['kind']} {where}{ref['name']} deleted\n")
+    sys.stdout.write(f"revision {res['revision']}\n")
+    return 0
+
+
+def cmd_policy_list(args: argparse.Namespace) -> int:
+    res = client(args).get("/v1/policies")
+    if args.output == "json":
+        dump_json(res["policies"])
+        return 0
+    table(["REVISION", "KIND", "NAMESPACE", "NAME"],
+          [[p["revision"], p["kind"], p["namespace"] or "-", p["name"]] for p in res["policies"]])
+    return 0
+
+
+# -- namespaces ------------------------------------------------------------------------------------
+
+def parse_label_args(items: Sequence[str] | str | None) -> dict[str, str]:
+    from axoneme.agent._agent import BadRequest, parse_labels
+
+    try:
+        return parse_labels(items)
+    except BadRequest as e:
+        raise UsageError(str(e) + " (--labels)") from None
+
+
+def cmd_ns_create(args: argparse.Namespace) -> int:
+    labels = parse_label_args(args.labels)
+    res = client(args).post("/v1/namespaces", {"name": args.name, "labels": labels})
+    sys.stdout.write(f"namespace/{res['name']} created\n")
+    return 0
+
+
+def cmd_ns_label(args: argparse.Namespace) -> int:
+    remove = [x[:-1] for x in args.labels if x.endswith("-") and "=" not in x]
+    labels = parse_label_args([x for x in args.labels if not (x.endswith("-") and "=" not in x)])
+    from axoneme.agent.client import q
+
+    client(args).post(f"/v1/namespaces/{q(args.name)}/labels", {"labels": labels, "remove": remove})
+    sys.stdout.write(f"namespace/{args.name} labeled\n")
+    return 0
+
+
+def cmd_ns_delete(args: argparse.Namespace) -> int:
+    from axoneme.agent.client import q
+
+    client(args).delete(f"/v1/namespaces/{q(args.name)}")
+    sys.stdout.write(f"namespace/{args.name} deleted\n")
+    return 0
+
+
+def cmd_ns_list(args: argparse.Namespace) -> int:
+    res = client(args).get("/v1/namespaces")
+    if args.output == "json":
+        dump_json(res)
+        return 0
+    table(["NAME", "LABELS"], [[n["name"], ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))]
+                               for n in res])
+    return 0
+
+
+# -- endpoints / identities -----------------------------------------------------------------------
+
+def _enf(flag: bool) -> str:
+    return "Enabled" if flag else "Disabled"
+
+
+def cmd_ep_list(args: argparse.Namespace) -> int:
+    res = client(args).get("/v1/endpoints")
+    if args.output == "json":
+        dump_json(res)
+        return 0
+    headers = ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY",
+               "LABELS (source:key[=value])", "IPv4", "STATUS"]
+    rows: list[list[Any]] = [["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", ""]]
+    for ep in res:
+        labels = ep["labels"] or [""]
+        rows.append([ep["id"], _enf(ep["policy_enforcement"]["ingress"]),
+                     _enf(ep["policy_enforcement"]["egress"]), ep["identity"], labels[0],
+                     ep["ipv4"] or "", ep["status"]])
+        for extra in labels[1:]:
+            rows.append(["", "", "", "", extra, "", ""])
+    table(headers, rows)
+    return 0
+
+
+def cmd_ep_get(args: argparse.Namespace) -> int:
+    try:
+        ep_id = int(args.id)
+    except ValueError:
+        raise UsageError(f"invalid endpoint id {args.id!r}") from None
+    res = client(args).get(f"/v1/endpoints/{ep_id}")
+    if args.output == "json":
+        dump_json(res)
+        return 0
+    sys.stdout.write(f"Endpoint {res['id']}  pod {res['pod']}  identity {res['identity']}  "
+                     f"{res['ipv4']}  {res['status']}\n")
+    sys.stdout.write(f"Interface: {res['host_ifname']} (ifindex {res['host_ifindex']})\n")
+    sys.stdout.write("Labels:\n" + "".join(f"  {lab}\n" for lab in res["labels"]))
+    sys.stdout.write(f"Policy enforcement: ingress {_enf(res['policy_enforcement']['ingress'])}, "
+                     f"egress {_enf(res['policy_enforcement']['egress'])}\n")
+    sys.stdout.write("\nResolved policy (MapState):\n")
+    for e in res.get("policy") or []:
+        sys.stdout.write(f"  {e['key']:<40} {e['entry']:<16} {', '.join(e['derived_from'])}\n")
+    sys.stdout.write("\nDatapath (dump):\n")
+    if res.get("datapath") is None:
+        sys.stdout.write(f"  unavailable: {res.get('datapath_error', '')}\n")
+    else:
+        for e in res["datapath"]:
+            sys.stdout.write(f"  {e['key']:<40} {e['entry']}\n")
+    sys.stdout.write(f"\nIn sync: {'yes' if res.get('in_sync') else 'NO'}\n")
+    return 0
+
+
+def cmd_id_list(args: argparse.Namespace) -> int:
+    res = client(args).get("/v1/identities")
+    if args.output == "json":
+        dump_json([{"id": i["id"], "labels": i["labels"], "reserved": i["reserved"]} for i in res])
+        return 0
+    rows: list[list[Any]] = []
+    for ident in res:
+        labels = ident["labels"] or [""]
+        rows.append([ident["id"], labels[0]])
+        for extra in labels[1:]:
+            rows.append(["", extra])
+    table(["ID", "LABELS"], rows)
+    return 0
