@@ -180,3 +180,13 @@ def test_duplicate_keys_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[s
     j = write(tmp_path, "dup.json", '{"kind": "NetworkPolicy", "kind": "x"}')
     code, _, err = run(capsys, "-f", j)
     assert code == 2 and 'duplicate key "kind"' in err and j in err
+
+
+def test_problems_in_input_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write(tmp_path, "bad.yaml", BAD)
+    broken = write(tmp_path, "broken.yaml", "a: [\n")
+    missing = str(tmp_path / "missing.yaml")
+    code, _, err = run(capsys, "-f", bad, missing, broken)
+    assert code == 2
+    where = [line.rsplit("(", 1)[1] for line in err.splitlines()]
+    assert [w.split(",")[0].rstrip(")") for w in where] == [bad, bad, missing, broken]

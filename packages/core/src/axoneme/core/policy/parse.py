@@ -405,7 +405,23 @@ def check_paths(paths: Sequence[str]) -> tuple[list[Policy], list[Problem], list
             policies.append(parse_policy(doc))
         except InvalidRule as e:
             problems.extend(e.problems)
-    return policies, problems, files, docs
+    return policies, _in_input_order(problems, paths, files), files, docs
+
+
+def _in_input_order(problems: list[Problem], paths: Sequence[str], files: list[str]) -> list[Problem]:
+    """Problems grouped by file in the order the files were given, then by document."""
+    file_rank = {("<stdin>" if f == "-" else f): i for i, f in enumerate(files)}
+
+    def arg_rank(file: str) -> int:
+        for i, p in enumerate(paths):
+            if file == p or (p == "-" and file == "<stdin>") or file.startswith(os.path.join(p, "")):
+                return i
+        return len(paths)
+
+    def key(p: Problem) -> tuple[int, int, int]:
+        return (arg_rank(p.file), file_rank.get(p.file, -1), -1 if p.document is None else p.document)
+
+    return sorted(problems, key=key)
 
 
 # --- selectors -------------------------------------------------------------------
