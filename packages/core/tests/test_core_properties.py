@@ -1,0 +1,216 @@
+"""Property tests of resolution: order independence and monotonicity of denies/allows."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from axoneme.core.endpoint import Endpoint, NamedPort
+from axoneme.core.labels import Labels
+from axoneme.core.mapstate import Direction, MapState, Protocol
+from axoneme.core.policy.api import (
+    CIDRPeer,
+    EndpointPeer,
+    EntityPeer,
+    HTTPRule,
+    ICMPField,
+    L7Spec,
+    PeerRule,
+    Policy,
+    PolicyKind,
+    PolicyRef,
+    PortProtocol,
+    PortRule,
+    Rule,
+)
+from axoneme.core.policy.engine import EngineOptions, PolicyEngine
+from axoneme.core.selectors import LabelSelector
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+APPS = ("a", "b", "c", "d")
+NETS = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "198.51.100.128/25", "192.0.2.0/24", "0.0.0.0/0")]
+
+
+def sel(app: str | None) -> LabelSelector:
+    return LabelSelector.build({"k8s:app": app} if app else {})
+
+
+peers = st.one_of(
+    st.builds(lambda a: EndpointPeer(sel(a)), st.sampled_from((*APPS, None))),
+    st.builds(EntityPeer, st.sampled_from(("cluster", "world", "host", "all", "none"))),
+    st.builds(lambda n, e: CIDRPeer(NETS[n], tuple(NETS[i] for i in e if NETS[i].subnet_of(NETS[n]) and i != n)),
+              st.integers(0, 3), st.lists(st.integers(0, 3), max_size=2)),
+)
+port_protocols = st.sampled_from((
+    PortProtocol(80, protocol="TCP"), PortProtocol(80), PortProtocol(0, protocol="UDP"),
+    PortProtocol(80, end_port=95, protocol="TCP"), PortProtocol(53, protocol="UDP"),
+    PortProtocol(0, protocol="TCP", name="web"),
+))
+l7s = st.sampled_from((None, L7Spec("http"), L7Spec("http", (HTTPRule(method="GET"),)),
+                       L7Spec("http", (HTTPRule(path="/x"),))))
+
+
+@st.composite
+def peer_rules(draw: st.DrawFn, deny: bool | None = None) -> PeerRule:
+    is_deny = draw(st.booleans()) if deny is None else deny
+    direction = draw(st.sampled_from((Direction.INGRESS, Direction.EGRESS)))
+    ps = draw(st.one_of(st.none(), st.lists(peers, min_size=1, max_size=2).map(tuple)))
+    ports: tuple[PortRule, ...] = ()
+    icmps: tuple[ICMPField, ...] = ()
+    kind = draw(st.integers(0, 2))
+    if kind == 1:
+        pps = tuple(draw(st.lists(port_protocols, min_size=1, max_size=2)))
+        l7 = None if is_deny or any(p.end_port or p.port == 0 for p in pps) else draw(l7s)
+        ports = (PortRule(pps, l7),)
+    elif kind == 2:
+        icmps = (ICMPField("IPv4", draw(st.sampled_from((0, 8)))),)
+    return PeerRule(direction, deny=is_deny, peers=ps, ports=ports, icmps=icmps,
+                    path=f"spec.{'deny' if is_deny else 'allow'}")
+
+
+@st.composite
+def policies(draw: st.DrawFn, name: str, deny: bool | None = None) -> Policy:
+    ref = PolicyRef(PolicyKind.CILIUM_CLUSTERWIDE_NETWORK_POLICY, "", name)
+    rules = tuple(draw(st.lists(peer_rules(deny), min_size=1, max_size=3)))
+    subject = sel(draw(st.sampled_from((*APPS, None))))
+    rule = Rule(ref, subject, rules, enforce_ingress=draw(st.booleans()), enforce_egress=draw(st.booleans()))
+    return Policy(ref, (rule,))
+
+
+def policy_sets(deny: bool | None = None, max_size: int = 5) -> st.SearchStrategy[list[Policy]]:
+    return st.integers(0, max_size).flatmap(
+        lambda n: st.tuples(*(policies(f"p{i}", deny) for i in range(n))).map(list))
+
+
+def build(pols: list[Policy], order: list[int] | None = None, endpoints_first: bool = True,
+          mode: str = "default") -> PolicyEngine:
+    engine = PolicyEngine(options=EngineOptions(enforcement_mode=mode))
+
+    def add_endpoints() -> None:
+        for n, app in enumerate(APPS, 1):
+            ident = engine.allocator.allocate(Labels.from_strings([f"k8s:app={app}"]))
+            named = (NamedPort("web", 8000 + n),) if n % 2 else ()
+            engine.upsert_endpoint(Endpoint(n, ident.id, ident.labels, ipv4=f"10.244.0.{n}", named_ports=named))
+
+    if endpoints_first:
+        add_endpoints()
+    for i in order if order is not None else range(len(pols)):
+        engine.upsert_policy(pols[i])
+    if not endpoints_first:
+        add_endpoints()
+    return engine
+
+
+def canonical(engine: PolicyEngine, state: MapState) -> set[tuple[object, ...]]:
+    """A MapState with identities named by their labels (CIDR numbers depend on order)."""
+    out = set()
+    for key, entry in state.items():
+        ident = engine.allocator.get(key.identity)
+        name = "*" if key.identity == 0 else tuple(ident.label_strings()) if ident else key.identity
+        l7 = (entry.l7.parser, frozenset(entry.l7.rules)) if entry.l7 else None
+        out.add((name, key.direction, key.protocol, key.port, key.prefix_len, entry.deny,
+                 entry.proxy_port, l7, entry.derived_from))
+    return out
+
+
+PROBES = [(Protocol.TCP, 80), (Protocol.TCP, 81), (Protocol.TCP, 90), (Protocol.UDP, 80),
+          (Protocol.UDP, 53), (Protocol.TCP, 8001), (Protocol.ICMP, 8), (Protocol.ICMP, 0)]
+PEER_IPS = ["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4", "198.51.100.1",
+            "198.51.100.200", "192.0.2.9", "203.0.113.1"]
+
+
+def allowed_set(engine: PolicyEngine) -> set[tuple[object, ...]]:
+    out = set()
+    peers_ids = {ip: engine.identity_of_ip(ip) for ip in PEER_IPS}
+    peers_ids["host"] = 1
+    for ep in engine.endpoints():
+        for peer, ident in peers_ids.items():
+            for d in (Direction.INGRESS, Direction.EGRESS):
+                for proto, port in PROBES:
+                    if engine.explain(ep.id, d, ident, proto, port).allowed:
+                        out.add((ep.id, peer, d, proto, port))
+    return out
+
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(policy_sets(), st.randoms(use_true_random=False), st.booleans())
+def test_resolution_is_order_independent(pols: list[Policy], rnd, endpoints_first: bool) -> None:
+    order = list(range(len(pols)))
+    rnd.shuffle(order)
+    e1 = build(pols)
+    e2 = build(pols, order, endpoints_first)
+    for ep in e1.endpoints():
+        assert canonical(e1, e1.resolve(ep.id)) == canonical(e2, e2.resolve(ep.id))
+        assert e1.enforcement(ep.id) == e2.enforcement(ep.id)
+
+
+@SETTINGS
+@given(policy_sets(), st.data())
+def test_incremental_equals_fresh(pols: list[Policy], data: st.DataObject) -> None:
+    engine = build(pols)
+    if pols:
+        victim = data.draw(st.integers(0, len(pols) - 1))
+        engine.delete_policy(pols[victim].ref)
+        rest = [p for i, p in enumerate(pols) if i != victim]
+        fresh = build(rest)
+        for ep in fresh.endpoints():
+            assert canonical(engine, engine.resolve(ep.id)) == canonical(fresh, fresh.resolve(ep.id))
+
+
+def widened_deny(pol: Policy, index: int) -> Policy:
+    """One of a policy's allow rules as an L3-only deny: the case where a deny must prune allows."""
+    ref = PolicyRef(PolicyKind.CILIUM_CLUSTERWIDE_NETWORK_POLICY, "", "derived-deny")
+    rule = pol.rules[0]
+    pr = rule.rules[index % len(rule.rules)]
+    deny = PeerRule(pr.direction, deny=True, peers=pr.peers, path="spec.derived")
+    return Policy(ref, (Rule(ref, rule.subject, (deny,)),))
+
+
+@SETTINGS
+@given(policy_sets(), policies("extra-deny", deny=True), st.data())
+def test_adding_a_deny_never_allows_more(pols: list[Policy], deny: Policy, data: st.DataObject) -> None:
+    if pols and data.draw(st.booleans()):
+        deny = widened_deny(pols[data.draw(st.integers(0, len(pols) - 1))], data.draw(st.integers(0, 2)))
+    engine = build(pols)
+    before = allowed_set(engine)
+    engine.upsert_policy(deny)
+    assert allowed_set(engine) <= before
+
+
+@SETTINGS
+@given(policy_sets(deny=False), policies("extra-allow", deny=False))
+def test_adding_an_allow_never_denies_more(pols: list[Policy], allow: Policy) -> None:
+    # enforcement "always": an allow cannot switch a direction into default deny
+    engine = build(pols, mode="always")
+    before = allowed_set(engine)
+    engine.upsert_policy(allow)
+    assert before <= allowed_set(engine)
+
+
+@SETTINGS
+@given(policy_sets(), st.data())
+def test_a_deny_denies_what_it_names(pols: list[Policy], data: st.DataObject) -> None:
+    if not pols:
+        return
+    deny = widened_deny(pols[data.draw(st.integers(0, len(pols) - 1))], data.draw(st.integers(0, 2)))
+    engine = build(pols)
+    engine.upsert_policy(deny)
+    rule = deny.rules[0]
+    pr = rule.rules[0]
+    cache = engine.selector_cache
+    named: set[int] = set()
+    for peer in pr.peers if pr.peers is not None else ():
+        named |= cache.selected(peer.selector if isinstance(peer, EndpointPeer) else peer)
+    for ep in engine.endpoints():
+        if not rule.subject.matches(ep.labels):
+            continue
+        for ip in PEER_IPS:
+            ident = engine.identity_of_ip(ip)
+            if pr.peers is not None and ident not in named and 0 not in named:
+                continue
+            for proto, port in PROBES:
+                assert not engine.explain(ep.id, pr.direction, ident, proto, port).allowed, (ep, ip, proto, port)
+
