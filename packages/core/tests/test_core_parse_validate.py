@@ -431,3 +431,9 @@ def test_np_problems() -> None:
     obj = np_({"podSelector": {}})
     obj["specs"] = []
     assert one(obj).field == "specs"
+
+
+def test_metadata_labels_checked() -> None:
+    obj = cnp({"endpointSelector": {}})
+    obj["metadata"]["labels"] = {"ok": "yes", "bad key": "x", "k": "bad value", "n": 5}
+    assert set(fields(obj)) == {"metadata.labels.bad key", "metadata.labels.k", "metadata.labels.n"}

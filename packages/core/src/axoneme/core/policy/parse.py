@@ -72,7 +72,7 @@ from axoneme.core.selectors import LabelSelector, Operator, Requirement, split_s
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "Document", "ICMP_TYPES", "KAFKA_API_KEYS", "load_documents", "parse_policies",
+    "Document", "ICMP_TYPES", "KAFKA_API_KEYS", "check_paths", "load_documents", "parse_policies",
     "parse_policy", "parse_policy_obj",
 ]
 
@@ -609,7 +609,11 @@ class _Parser:
                 else:
                     namespace = ns
         if m.get("labels") is not None:
-            w.string_map(m["labels"], "metadata.labels")
+            for k, v in (w.string_map(m["labels"], "metadata.labels") or {}).items():
+                if not valid_label_key(k):
+                    w.problem(join("metadata.labels", k), f"invalid label key \"{k}\"")
+                elif not valid_label_value(v):
+                    w.problem(join("metadata.labels", k), f"invalid label value \"{v}\"")
         if m.get("annotations") is not None:
             w.string_map(m["annotations"], "metadata.annotations")
         # A clusterwide policy has no namespace; kubectl ignores one if given.
