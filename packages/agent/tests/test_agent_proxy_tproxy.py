@@ -57,7 +57,7 @@ def _uplink() -> str:
 
 @pytest.fixture
 def topo() -> Iterator[Topo]:
-    sfx = "%04x" % random.randrange(0x10000)
+    sfx = f"{random.randrange(0x10000):04x}"
     r = random.randrange(100, 250)
     cli_ns, srv_ns = f"axtc{sfx}", f"axts{sfx}"
     hc, hs = f"axhc{sfx}", f"axhs{sfx}"

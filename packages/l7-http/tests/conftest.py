@@ -216,3 +216,13 @@ def h() -> Any:
 
     return types.SimpleNamespace(make_env=make_env, close_env=close_env, exchange=exchange,
                                  count_responses=count_responses, Loop=Loop, Upstream=Upstream)
+
+
+@pytest.fixture(scope="module")
+def menv() -> Iterator[Env]:
+    """One proxy + upstream for a whole module (hypothesis tests)."""
+    e = make_env()
+    try:
+        yield e
+    finally:
+        close_env(e)
