@@ -112,6 +112,12 @@ class IptablesDatapath(Datapath):
             self.probe()
             self._stopped.clear()
             self._families = (4, 6) if self.backend.ipv6 else (4,)
+            # The kernel is the truth: forget what a previous start() knew.
+            self._refs.clear()
+            self._states.clear()
+            self._subchains.clear()
+            self._proxy_chains.clear()
+            self._rule_counts.clear()
             self._adopt_ipsets()
             for family in self._families:
                 self._adopt_rules(family)
@@ -149,7 +155,7 @@ class IptablesDatapath(Datapath):
                     self._restore(family, rd.restore_payload("filter", {}, pre=post,
                                                              delete_chains=chains))
             names = [m.group(1) for line in Backend.ipset_save().splitlines()
-                     if (m := _SET_CREATE_RE.match(line))]
+                     if (m := _SET_CREATE_RE.match(line)) and rd.OWNED_SET_RE.match(m.group(1))]
             for name in names:
                 Backend.ipset("destroy", name)
             self._refs.clear()

@@ -323,12 +323,22 @@ def hook_rule(builtin: str, chain: str) -> str:
 
 # ---- iptables-save parsing ---------------------------------------------------
 
+# The chains this datapath creates. Other AXON- chains (the agent's guard and
+# proxy chains) belong to someone else and are never touched.
+OWNED_CHAIN_RE = re.compile(
+    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
+    r"|PXY-\d+-(IN|OUT)|MPXY-\d+)$")
+OWNED_SET_RE = re.compile(r"^AXON-(ID6?-\d+|IPC[46])$")
+
+
 @dataclass(slots=True)
 class Table:
     chains: dict[str, list[str]]  # chain -> rules (text after "-A <chain> ")
 
     def axon_chains(self) -> list[str]:
-        return [c for c in self.chains if c.startswith(PREFIX)]
+        """Chains we own, sub-chains first (a chain can only go once unreferenced)."""
+        owned = [c for c in self.chains if OWNED_CHAIN_RE.match(c)]
+        return sorted(owned, key=lambda c: (-c.count("-"), c))
 
 
 def parse_save(text: str, table: str = "filter") -> Table:
