@@ -210,9 +210,10 @@ def deny_response(req: KafkaRequest, topic_error: int, api_error: int) -> bytes 
         if v >= 3:
             w.array(0)
     elif k == API_VERSIONS:
-        w.int16(api_error).array(0)
-        if v >= 1:
-            w.int32(0)
+        # Clients read an ApiVersions error response as version 0 whatever
+        # version they asked for (and it has no header tags).
+        return frame(Writer(False).int32(req.correlation_id).int16(api_error).int32(0)
+                     .getvalue())
     elif k == CREATE_TOPICS:
         if v >= 2:
             w.int32(0)
