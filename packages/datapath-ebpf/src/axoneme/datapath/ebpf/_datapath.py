@@ -312,23 +312,29 @@ class EbpfDatapath(Datapath):
                 raise DatapathProgramError("endpoint_added", errno.ENODEV,
                                            f"no host interface {endpoint.host_ifname!r} for endpoint {endpoint.id}")
             ifname = endpoint.host_ifname or _tc.ifname_of(ifindex)
-            val = self._endpoint_struct(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
-            try:
-                # a stale record of the same endpoint on another interface goes first
-                for idx, old in self._endpoints().items():
-                    if old.ep_id == endpoint.id and idx != ifindex:
-                        _bpf.map_delete(self._fds["ax_endpoints"], ct.c_uint32(idx))
-                for ip in (endpoint.ipv4, endpoint.ipv6):
-                    if ip:
-                        _bpf.map_update(self._fds["ax_lxc"], lxc_key(ip), val)
-                _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(ifindex), val)
-            except OSError as e:
-                if e.errno in _FULL_ERRNOS:
-                    self._map_full_errors += 1
-                    raise MapFullError(f"endpoint map full adding endpoint {endpoint.id}") from e
-                raise DatapathProgramError("endpoint map update", e.errno, str(e)) from e
+            self._register(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
             self._attach(ifindex)
             self._refresh_node_addresses()
+
+    def _register(self, endpoint: Endpoint, ifindex: int, ifname: str, enforce_ingress: bool = True,
+                  enforce_egress: bool = True) -> None:
+        """Write the endpoint records (no tc attach: benchmarks use this with test runs)."""
+        self._require()
+        val = self._endpoint_struct(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
+        try:
+            # a stale record of the same endpoint on another interface goes first
+            for idx, old in self._endpoints().items():
+                if old.ep_id == endpoint.id and idx != ifindex:
+                    _bpf.map_delete(self._fds["ax_endpoints"], ct.c_uint32(idx))
+            for ip in (endpoint.ipv4, endpoint.ipv6):
+                if ip:
+                    _bpf.map_update(self._fds["ax_lxc"], lxc_key(ip), val)
+            _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(ifindex), val)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                self._map_full_errors += 1
+                raise MapFullError(f"endpoint map full adding endpoint {endpoint.id}") from e
+            raise DatapathProgramError("endpoint map update", e.errno, str(e)) from e
 
     def _attach(self, ifindex: int) -> None:
         fc, tc_ = self._fns[_bpf.FROM_CONTAINER], self._fns[_bpf.TO_CONTAINER]
