@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from axoneme.core.flow import FlowVerdict
-from axoneme.core.l7proxy import ProxyPolicy  # type: ignore[import-not-found,unused-ignore]
 from axoneme.core.policy.api import KafkaRule
 from axoneme.l7.kafka import match_request, parse_request
 from hypothesis import HealthCheck, given, settings
@@ -89,8 +88,13 @@ def test_policy_change_applies_to_next_request() -> None:
 def test_proxy_policy_object_and_async_lookup() -> None:
     async def go() -> None:
         async with Harness(None) as h:
+            class Policy:  # shaped like core.l7proxy.ProxyPolicy
+                rules = PRODUCE_A
+                source = None
+                destination = None
+
             async def lookup() -> Any:
-                return ProxyPolicy(rules=PRODUCE_A)
+                return Policy()
             h.lookup = lookup
             r, w = await h.connect()
             w.write(request_frame(0, 9, [("a", [0])], correlation_id=1))
