@@ -1,0 +1,179 @@
+"""Map-level kernel tests: MapFullError with rollback, dump/sync round trips,
+ipcache, and the C/ctypes layout check. No netns needed."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from axoneme.core.datapath import DatapathConfig, IPCacheChanges
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import MapFullError
+from axoneme.core.labels import Labels
+from axoneme.core.mapstate import (
+    ALLOW,
+    DENY,
+    Direction,
+    Entry,
+    Key,
+    MapChanges,
+    MapState,
+    Protocol,
+)
+
+pytestmark = pytest.mark.privileged
+
+EG, IN = Direction.EGRESS, Direction.INGRESS
+
+
+@pytest.fixture(scope="module")
+def small_dp() -> Iterator:  # type: ignore[type-arg]
+    """policy_map_max 32 per endpoint, 40 entries in the kernel trie overall."""
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF programs and pins maps")
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+    dp = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=32, ct_max=1024,
+                                     ipcache_max=64, options={"policy_map_total": 40,
+                                                              "max_endpoints": 8}))
+    try:
+        dp.start()
+        yield dp
+    finally:
+        dp.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ep(n: int) -> Endpoint:
+    return Endpoint(id=n, identity=1000 + n, labels=Labels())
+
+
+def keys(n: int, identity: int = 7000, port0: int = 1000) -> dict[Key, Entry]:
+    return {Key(identity, IN, Protocol.TCP, port0 + i, 16): ALLOW for i in range(n)}
+
+
+def test_dump_roundtrip_every_key_shape(small_dp) -> None:  # type: ignore[no-untyped-def]
+    state = MapState({
+        Key(0, IN): ALLOW,
+        Key(0, EG, Protocol.UDP): DENY,
+        Key(5, EG, Protocol.TCP, 8080, 15): Entry(proxy_port=15001),
+        Key(6, IN, Protocol.ICMP, 8, 16): ALLOW,
+        Key(7, IN, Protocol.ICMPV6, 128, 16): Entry(deny=True),
+        Key(8, EG, Protocol.SCTP, 0, 0): Entry(audit=True, auth_required=True),
+        Key(9, IN, Protocol.TCP, 0x8000, 1): ALLOW,
+    })
+    changes = small_dp.sync(ep(1), state)
+    assert set(changes.adds) == set(state) and not changes.deletes
+    assert small_dp.dump(ep(1)) == state
+    assert small_dp.dump(ep(2)) == MapState()
+    # sync again: nothing to do; then to a different state: minimal changes
+    assert not small_dp.sync(ep(1), state)
+    new = MapState({k: v for k, v in state.items() if k.identity != 9})
+    changes = small_dp.sync(ep(1), new)
+    assert not changes.adds and changes.deletes == {Key(9, IN, Protocol.TCP, 0x8000, 1)}
+    assert small_dp.dump(ep(1)) == new
+    small_dp.sync(ep(1), MapState())
+    assert small_dp.dump(ep(1)) == MapState()
+
+
+def test_per_endpoint_limit_raises_and_changes_nothing(small_dp) -> None:  # type: ignore[no-untyped-def]
+    before = MapState(keys(30))
+    small_dp.sync(ep(3), before)
+    errors0 = small_dp.metrics()["map_full_errors"]
+    with pytest.raises(MapFullError):
+        small_dp.apply(ep(3), MapChanges(adds=keys(5, identity=7001)))
+    assert small_dp.dump(ep(3)) == before
+    assert small_dp.metrics()["map_full_errors"] == errors0 + 1
+    small_dp.sync(ep(3), MapState())
+
+
+def test_full_kernel_map_rolls_back(small_dp) -> None:  # type: ignore[no-untyped-def]
+    # ep 4 holds 30 of the 40 kernel slots; ep 5 fits its own limit but not the trie
+    small_dp.sync(ep(4), MapState(keys(30)))
+    before = MapState({Key(0, IN): DENY, **keys(3, identity=7100)})
+    small_dp.sync(ep(5), before)
+    errors0 = small_dp.metrics()["map_full_errors"]
+    batch = MapChanges(
+        adds={Key(0, IN): ALLOW,                                    # deny -> allow flip
+              Key(7200, EG, Protocol.UDP, 53, 16): DENY,            # new deny
+              **keys(12, identity=7101)},                           # too many new allows
+        deletes=frozenset({Key(7100, IN, Protocol.TCP, 1000, 16)}))
+    with pytest.raises(MapFullError):
+        small_dp.apply(ep(5), batch)
+    assert small_dp.dump(ep(5)) == before
+    assert small_dp.dump(ep(4)) == MapState(keys(30))
+    assert small_dp.metrics()["map_full_errors"] == errors0 + 1
+    # the datapath still works after the failure
+    small_dp.sync(ep(4), MapState())
+    small_dp.apply(ep(5), batch)
+    assert small_dp.dump(ep(5)) == before.apply(batch)
+    small_dp.sync(ep(5), MapState())
+
+
+def test_ipcache_roundtrip_v4_v6(small_dp) -> None:  # type: ignore[no-untyped-def]
+    nets = {ipaddress.ip_network("10.244.9.9/32"): 1234,
+            ipaddress.ip_network("192.0.2.0/24"): (1 << 24) | 1,
+            ipaddress.ip_network("2001:db8::/32"): (1 << 24) | 2,
+            ipaddress.ip_network("2001:db8::1/128"): 4321}
+    small_dp.ipcache_apply(IPCacheChanges(upserts=nets))
+    got = small_dp.dump_ipcache()
+    assert {k: v for k, v in got.items() if k in nets} == nets
+    small_dp.ipcache_apply(IPCacheChanges(deletes=frozenset(nets)))
+    assert not set(small_dp.dump_ipcache()) & set(nets)
+
+
+def test_status_and_metrics(small_dp) -> None:  # type: ignore[no-untyped-def]
+    st = small_dp.status()
+    assert st.healthy and st.name == "ebpf" and "policy entries" in st.detail
+    m = small_dp.metrics()
+    for name in ("policy_entries", "ipcache_entries", "ct_entries", "map_full_errors",
+                 "events_suppressed", "packets_dropped"):
+        assert name in m
+
+
+def test_probe_passes_as_root(small_dp) -> None:  # type: ignore[no-untyped-def]
+    small_dp.probe()
+
+
+def test_ctypes_mirrors_match_c_structs(small_dp) -> None:  # type: ignore[no-untyped-def]
+    """Cilium alignchecker: every ctypes mirror has the C struct's size and offsets."""
+    import os
+    import uuid
+
+    import bcc
+
+    from axoneme.datapath.ebpf import _bpf
+    from axoneme.datapath.ebpf import _layout as L
+
+    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(root)
+    try:
+        defines = {"AX_PIN_ROOT": f'"{root}"', "AX_POLICY_MAX": 8, "AX_IPCACHE_MAX": 8,
+                   "AX_CT_MAX": 8, "AX_EP_MAX": 8, "AX_RINGBUF_PAGES": 1}
+        # one array map per struct, so BCC generates ctypes from the C definitions
+        extra = "".join(f"BPF_ARRAY(chk_{i}, struct {cname}, 1);\n"
+                        for i, (_, cname) in enumerate(L.MIRRORS))
+        b = bcc.BPF(text=(_bpf.assemble_source(defines) + extra).encode())
+        try:
+            for i, (mirror, cname) in enumerate(L.MIRRORS):
+                gen = b[f"chk_{i}".encode()].Leaf
+                assert ct.sizeof(gen) == ct.sizeof(mirror), cname
+                gen_fields = [f[0] for f in gen._fields_ if not f[0].startswith("__pad")]
+                assert gen_fields == [f[0] for f in mirror._fields_], cname
+                for fname, _ in mirror._fields_:
+                    assert getattr(gen, fname).offset == getattr(mirror, fname).offset, (cname, fname)
+                    assert getattr(gen, fname).size == getattr(mirror, fname).size, (cname, fname)
+        finally:
+            b.cleanup()
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
