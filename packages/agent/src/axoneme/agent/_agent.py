@@ -246,6 +246,14 @@ class Agent:
         self.started = 0.0
         self.policy_dir_errors: dict[str, list[str]] = {}
         self._ip_index: dict[str, EndpointRecord] = {}
+        # the engine counts revisions from 0 on every start; the agent's
+        # revision continues from the persisted one
+        self.rev_base = 0
+        self._saved_revision = 0
+
+    @property
+    def revision(self) -> int:
+        return self.rev_base + self.engine.revision
 
     # -- startup / shutdown ------------------------------------------------------
     def load_state(self) -> dict[str, Any] | None:
@@ -264,6 +272,7 @@ class Agent:
             identities = {int(k): list(v) for k, v in data.get("identities", {}).items()}
             policies = dict(data.get("policies", {}))
             next_id = int(data.get("next_endpoint_id", 1))
+            self._saved_revision = int(data.get("policy_revision", 0))
         except StateCorrupt:
             raise
         except (TypeError, ValueError, AttributeError) as e:
@@ -291,7 +300,7 @@ class Agent:
             "endpoints": {k: dataclasses.asdict(v) for k, v in self.endpoints.items()},
             "identities": {str(k): v for k, v in self.allocator.snapshot().items()},
             "policies": {k: v for k, v in self.policy_docs.items() if v.get("source") == "api"},
-            "policy_revision": self.engine.revision,
+            "policy_revision": self.revision,
         }
 
     async def persist(self) -> None:
@@ -350,7 +359,8 @@ class Agent:
     def _restore_policies(self) -> None:
         from axoneme.core.policy.parse import parse_policy_obj
 
-        for key, rec in list(self.policy_docs.items()):
+        ordered = sorted(self.policy_docs.items(), key=lambda kv: int(kv[1].get("revision", 0)))
+        for key, rec in ordered:
             doc = rec.get("doc", {})
             try:
                 pol = parse_policy_obj(doc.get("obj"), doc.get("file", "<state>"),
@@ -359,7 +369,8 @@ class Agent:
                 LOG.error("persisted policy %s no longer parses, dropping it: %s", key, e)
                 del self.policy_docs[key]
                 continue
-            rec["revision"] = self.engine.upsert_policy(pol)
+            self.engine.upsert_policy(pol)
+        self.rev_base = max(0, self._saved_revision - self.engine.revision)
 
     async def _adopt_endpoints(self) -> None:
         assert self.datapath is not None
@@ -449,7 +460,7 @@ class Agent:
     def _update_gauges(self) -> None:
         self.metrics.endpoints.set(len(self.endpoints))
         self.metrics.identities.set(len(self.allocator.snapshot()))
-        self.metrics.policy_revision.set(self.engine.revision)
+        self.metrics.policy_revision.set(self.revision)
 
     def _reindex(self) -> None:
         self._ip_index = {r.ipv4: r for r in self.endpoints.values() if r.ipv4}
@@ -824,7 +835,7 @@ class Agent:
                     del self.policy_docs[key]
                     removed.append(ref)
             for pol, doc in parsed:
-                rev = self.engine.upsert_policy(pol)
+                rev = self.engine.upsert_policy(pol) + self.rev_base
                 self.policy_docs[self.policy_key(pol.ref)] = {
                     "doc": {"file": str(doc.get("file", "<api>")), "index": int(doc.get("index", 0)),
                             "obj": doc.get("obj")},
@@ -833,7 +844,7 @@ class Agent:
             errors = await self.regenerate()
             await self.persist()
         self._policy_hook(applied, removed)
-        return {"revision": self.engine.revision,
+        return {"revision": self.revision,
                 "applied": [self.ref_view(r) for r in applied],
                 "removed": [self.ref_view(r) for r in removed],
                 "errors": {str(k): v for k, v in errors.items()}}
@@ -849,11 +860,11 @@ class Agent:
             await self.regenerate()
             await self.persist()
         self._policy_hook([], list(refs))
-        return {"revision": self.engine.revision, "removed": [self.ref_view(r) for r in refs]}
+        return {"revision": self.revision, "removed": [self.ref_view(r) for r in refs]}
 
     def _policy_hook(self, added: list[Any], removed: list[Any]) -> None:
         try:
-            self.pm.hook.axoneme_policy_changed(revision=self.engine.revision, added=added,
+            self.pm.hook.axoneme_policy_changed(revision=self.revision, added=added,
                                                 removed=removed)
         except Exception:
             LOG.warning("axoneme_policy_changed hook failed", exc_info=True)
@@ -1032,7 +1043,7 @@ class Agent:
             "datapath": dpv,
             "endpoints": len(self.endpoints),
             "identities": len(self.allocator.snapshot()),
-            "policy_revision": self.engine.revision,
+            "policy_revision": self.revision,
             "components": {
                 "api": {"socket": self.config.api_socket, "healthy": True},
                 "state": {"dir": self.config.state_dir},

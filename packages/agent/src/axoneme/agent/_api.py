@@ -117,7 +117,7 @@ def build_app(agent: Agent) -> web.Application:
 
     # policies
     async def pol_list(request: web.Request) -> web.Response:
-        return _json({"revision": agent.engine.revision, "policies": agent.policy_list()})
+        return _json({"revision": agent.revision, "policies": agent.policy_list()})
 
     async def pol_apply(request: web.Request) -> web.Response:
         body = await _body(request)
