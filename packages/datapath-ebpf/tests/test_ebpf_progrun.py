@@ -1,0 +1,107 @@
+"""The real tc programs run through BPF_PROG_TEST_RUN on crafted frames:
+IPv6, ARP, proxy marks and counters, without attaching anything."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from axoneme.core.datapath import DatapathConfig, IPCacheChanges
+from axoneme.core.endpoint import Endpoint
+from axoneme.core.labels import Labels
+from axoneme.core.mapstate import ALLOW, DENY, Direction, Entry, Key, MapState, Protocol
+
+pytestmark = pytest.mark.privileged
+
+OK, SHOT = 0, 2
+EG, IN = Direction.EGRESS, Direction.INGRESS
+TCP = Protocol.TCP
+LO = 1  # the programs only run in test runs here: lo's ifindex is a safe stand-in
+A = Endpoint(id=7, identity=4007, labels=Labels(), ipv4="10.244.251.1", ipv6="fd00:a::1")
+PEER = 4777
+
+
+@pytest.fixture(scope="module")
+def dp() -> Iterator:  # type: ignore[type-arg]
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF programs and pins maps")
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+    d = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=64, ct_max=1024,
+                                    ipcache_max=64, options={"max_endpoints": 4}))
+    try:
+        d.start()
+        d._register(A, LO, "lo")
+        d.ipcache_apply(IPCacheChanges(upserts={
+            ipaddress.ip_network("10.244.251.2/32"): PEER,
+            ipaddress.ip_network("fd00:a::2/128"): PEER}))
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(dp, which: str, frame: bytes, mark: int = 0):  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import _bpf
+
+    return _bpf.prog_test_run(dp.program_fd(which), frame, ifindex=LO, mark=mark)
+
+
+def test_ipv4_and_ipv6_decided_by_policy(dp) -> None:  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import _packets as P
+
+    allow = Key(PEER, EG, TCP, 80, 16)
+    dp.sync(A, MapState({allow: ALLOW, **{Key(0, IN): ALLOW}}))
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", dport=80)).retval == OK
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", dport=81)).retval == SHOT
+    assert run(dp, "from_container", P.ipv6(A.ipv6, "fd00:a::2", dport=80, sport=41000)).retval == OK
+    assert run(dp, "from_container", P.ipv6(A.ipv6, "fd00:a::2", dport=81)).retval == SHOT
+    # no ipcache entry: world, not allowed
+    assert run(dp, "from_container", P.ipv6(A.ipv6, "fd00:b::9", dport=80)).retval == SHOT
+    packets, nbytes = dp.policy_counters(A, allow)
+    assert packets == 2 and nbytes > 0
+    # ARP is never policed
+    dp.sync(A, MapState())
+    assert run(dp, "from_container", P.arp()).retval == OK
+    assert run(dp, "to_container", P.arp()).retval == OK
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", dport=80, sport=42000)).retval == SHOT
+
+
+def test_ingress_reply_and_checked_mark(dp) -> None:  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(PEER, IN, TCP, 22, 16): ALLOW, Key(0, EG): DENY}))
+    syn = P.ipv4("10.244.251.2", A.ipv4, sport=50000, dport=22)
+    assert run(dp, "to_container", syn).retval == OK
+    assert run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=50000, dport=23)).retval == SHOT
+    # the reply leaves the pod although egress denies everything: CT
+    reply = P.ipv4(A.ipv4, "10.244.251.2", sport=22, dport=50000, flags=P.TCP_SYN | P.TCP_ACK)
+    assert run(dp, "from_container", reply).retval == OK
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=22, dport=50001)).retval == SHOT
+    # already checked by a local source's from-container: passes, mark cleared
+    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, dport=9999), mark=L.MARK_MAGIC_CHECKED)
+    assert r.retval == OK and r.mark == 0
+
+
+def test_proxy_redirect_mark(dp) -> None:  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(PEER, EG, TCP, 80, 16): Entry(proxy_port=15001), Key(0, IN): ALLOW}))
+    r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43000, dport=80))
+    assert r.retval == OK and r.mark == L.MARK_MAGIC_TO_PROXY | (15001 << 16)
+    # the proxy's own packets: not redirected again, still policed
+    r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43001, dport=80),
+            mark=L.MARK_MAGIC_PROXY)
+    assert r.retval == OK and r.mark == L.MARK_MAGIC_PROXY
+    r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43002, dport=81),
+            mark=L.MARK_MAGIC_PROXY)
+    assert r.retval == SHOT
