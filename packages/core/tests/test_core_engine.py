@@ -248,3 +248,50 @@ def test_pending_changes_are_incremental() -> None:
     assert set(changes) == {1} and Key(w.ids["b"], IN) in changes[1].deletes
     with pytest.raises(PolicyError):
         w.engine.delete_policy(ref("nope"))
+
+
+def test_recomputes_only_affected_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World()
+    w.add(4, "d")
+    computed: list[int] = []
+    real = w.engine._compute
+
+    def counting(eid: int, strict: bool):  # type: ignore[no-untyped-def]
+        computed.append(eid)
+        return real(eid, strict)
+
+    monkeypatch.setattr(w.engine, "_compute", counting)
+    w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),))))
+    assert computed == [1]
+    computed.clear()
+    w.engine.upsert_policy(policy("q", sel(app="c"), PeerRule(EG, peers=(EntityPeer("world"),))))
+    assert computed == [3]
+    computed.clear()
+    # a new identity selected by p's peer: only the endpoint whose rules use it (and itself)
+    w.add(5, "b2")
+    assert computed == [5]
+    computed.clear()
+    ident = w.engine.allocator.allocate(Labels.from_strings(["k8s:app=b", "k8s:extra=1"]))
+    w.engine.upsert_endpoint(Endpoint(6, ident.id, ident.labels, ipv4="10.244.0.6"))
+    assert sorted(computed) == [1, 6]
+    computed.clear()
+    # a CIDR identity only touches endpoints with world/CIDR selectors
+    w.engine.upsert_policy(policy("r", sel(app="d"), PeerRule(EG, peers=(CIDRPeer(ipaddress.ip_network("192.0.2.0/24")),))))
+    assert sorted(computed) == [3, 4]
+    computed.clear()
+    w.engine.delete_policy(ref("p"))
+    assert computed == [1]
+
+
+def test_batch_defers_and_computes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World()
+    computed: list[int] = []
+    real = w.engine._compute
+    monkeypatch.setattr(w.engine, "_compute", lambda eid, strict: computed.append(eid) or real(eid, strict))
+    with w.engine.batch():
+        for n in range(5):
+            w.engine.upsert_policy(policy(f"p{n}", LabelSelector(), PeerRule(IN, peers=None, ports=ports((80 + n, "TCP")))))
+        assert computed == []
+    assert sorted(computed) == [1, 2, 3]
+    assert w.verdict(2, IN, "a", TCP, 84) is Verdict.ALLOWED
+    assert w.engine.regenerate(2) == w.engine.resolve(2)

@@ -51,6 +51,30 @@ class Resolved:
     rules: tuple[Rule, ...] = ()  # the selecting rules
 
 
+# Keys are immutable and validated on construction, which costs more than the
+# rest of resolution; keys are interned per L4 template and identity (bounded:
+# cleared when it grows past _KEY_CACHE_MAX).
+_KEY_CACHE: dict[tuple[Direction, Protocol, int, int], dict[int, Key]] = {}
+_KEY_CACHE_MAX = 1 << 20
+_key_count = 0
+
+
+def _key(identity: int, d: Direction, l4: L4) -> Key:
+    global _key_count
+    bucket = _KEY_CACHE.get((d, *l4))
+    if bucket is None:
+        bucket = _KEY_CACHE[(d, *l4)] = {}
+    key = bucket.get(identity)
+    if key is None:
+        if _key_count > _KEY_CACHE_MAX:
+            _KEY_CACHE.clear()
+            _key_count = 0
+            bucket = _KEY_CACHE[(d, *l4)] = {}
+        key = bucket[identity] = Key(identity, d, *l4)
+        _key_count += 1
+    return key
+
+
 def default_proxy_port(parser: str, direction: Direction) -> int:
     return DEFAULT_PROXY_PORTS.get(parser, DEFAULT_PROXY_PORT)
 
@@ -157,9 +181,13 @@ def resolve_endpoint(
             uses_named = uses_named or named_used
             derived = f"{rule.ref} {pr.path}"
             d = pr.direction
-            for ident in ids:
-                for (proto, port, plen), l7 in l4s:
-                    key = Key(ident, d, proto, port, plen)
+            for l4, l7 in l4s:
+                bucket = _KEY_CACHE.get((d, *l4))
+                for ident in ids:
+                    key = bucket.get(ident) if bucket is not None else None
+                    if key is None:
+                        key = _key(ident, d, l4)
+                        bucket = _KEY_CACHE.get((d, *l4))
                     if pr.deny:
                         denies.setdefault(key, set()).add(derived)
                         continue
@@ -209,18 +237,24 @@ def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
         deny_index.setdefault((dk.identity, dk.direction), []).append(dk)
 
     def denied(key: Key) -> bool:
+        if not denies:
+            return False
         same = deny_index.get((key.identity, key.direction))
         return key in denies or (same is not None and any(dk.covers(key) for dk in same))
 
     wildcard_plain = {(k.direction, k.protocol, k.port, k.prefix_len): a.derived
                       for k, a in allows.items() if k.identity == 0 and a.plain and not denied(k)}
     out: dict[Key, Entry] = {k: Entry(deny=True, derived_from=frozenset(v)) for k, v in denies.items()}
+    plain: dict[frozenset[str], Entry] = {}  # entries are immutable: share equal ones
     for key, acc in allows.items():
         if denied(key):
             continue
         derived = frozenset(acc.derived)
         if acc.plain:
-            out[key] = Entry(derived_from=derived)
+            entry = plain.get(derived)
+            if entry is None:
+                entry = plain[derived] = Entry(derived_from=derived)
+            out[key] = entry
             continue
         moot = wildcard_plain.get((key.direction, key.protocol, key.port, key.prefix_len))
         if moot is not None:

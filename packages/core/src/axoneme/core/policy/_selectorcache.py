@@ -27,6 +27,7 @@ from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
 Selector = Hashable  # LabelSelector | EntityPeer | CIDRPeer | FQDNPeer
 
 R = ReservedIdentity
+_EMPTY: set[Selector] = set()
 WORLD_IDS = frozenset({int(R.WORLD), int(R.WORLD_IPV4), int(R.WORLD_IPV6)})
 _ENTITY_IDS: dict[str, frozenset[int]] = {
     "host": frozenset({int(R.HOST)}),
@@ -226,6 +227,10 @@ class SelectorCache:
                 return set(fixed)
             return {i for i in self._candidates(sel) if selector_matches(sel, self._idents[i])}
         return found
+
+    def selectors_of(self, number: int) -> set[Selector]:
+        """Cached selectors (other than the fixed all/none) selecting an identity. Do not mutate."""
+        return self._by_id.get(number, _EMPTY)
 
     def selects(self, sel: Selector, number: int) -> bool:
         return number in self.selected(sel)

@@ -357,6 +357,14 @@ class PolicyEngine:
         if strict and error is not None:
             raise error
 
+    def regenerate(self, endpoint_id: int) -> MapState:
+        """Recompute one endpoint from scratch (drift, restart, benchmarks); returns its MapState."""
+        with self._lock:
+            if endpoint_id not in self._endpoints:
+                raise PolicyError(f"no endpoint {endpoint_id}")
+            self._commit({endpoint_id: self._compute(endpoint_id, strict=False)})
+            return self._resolved[endpoint_id].state
+
     def resolve(self, endpoint_id: int) -> MapState:
         with self._lock:
             res = self._resolved.get(endpoint_id)

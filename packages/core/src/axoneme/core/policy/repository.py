@@ -105,8 +105,11 @@ class PolicyRepository:
     def rules_for(self, identity: int, cache: SelectorCache) -> list[Rule]:
         """Rules whose subject selects ``identity``, in a stable order."""
         found: list[tuple[tuple[PolicyRef, int], Rule]] = []
-        for subject, bucket in self._by_subject.items():
-            if identity in cache.selected(subject):
+        # Only the selectors that select this identity (the cache's reverse
+        # index), not every subject: cost follows the endpoint, not the repository.
+        for subject in cache.selectors_of(identity):
+            bucket = self._by_subject.get(subject)  # type: ignore[call-overload]
+            if bucket is not None:
                 found.extend(bucket.items())
         found.sort(key=lambda item: item[0])
         return [rule for _, rule in found]
