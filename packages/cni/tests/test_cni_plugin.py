@@ -1,0 +1,223 @@
+"""axoneme-cni executed exactly as a runtime runs it (env + stdin), against a fake agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from axoneme.cni.plugin import CNIError, parse_cni_args
+
+PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")
+NETNS = "/proc/self/ns/net"  # exists everywhere; the fake agent never touches it
+
+
+class _UnixHTTPServer(HTTPServer):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        self.socket.bind(self.server_address)
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        conn, _ = self.socket.accept()
+        return conn, ("local", 0)
+
+
+class FakeAgent:
+    """Records requests; answers with canned responses per path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.responses: dict[str, tuple[int, dict[str, Any]]] = {}
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                agent.requests.append((self.path, body))
+                status, payload = agent.responses.get(self.path, (200, {}))
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = _answer
+            do_POST = _answer
+
+        self.server = _UnixHTTPServer(path, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_agent() -> Iterator[FakeAgent]:
+    d = tempfile.mkdtemp(prefix="axcni-")
+    agent = FakeAgent(os.path.join(d, "agent.sock"))
+    try:
+        yield agent
+    finally:
+        agent.close()
+        os.unlink(agent.path)
+        os.rmdir(d)
+
+
+def run_plugin(command: str, config: Any, env: dict[str, str] | None = None,
+               raw: str | None = None) -> tuple[int, Any]:
+    full = {"CNI_COMMAND": command, "CNI_PATH": os.path.dirname(PLUGIN), "PATH": "/usr/bin:/bin"}
+    full.update(env or {})
+    stdin = raw if raw is not None else json.dumps(config)
+    res = subprocess.run([PLUGIN], input=stdin, capture_output=True, text=True, env=full,
+                         timeout=60)
+    out = json.loads(res.stdout) if res.stdout.strip() else None
+    return res.returncode, out
+
+
+def conf(sock: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+    return {"cniVersion": version, "name": "axnet", "type": "axoneme-cni", "agentSocket": sock,
+            **extra}
+
+
+def add_env(cid: str = "c" * 64, args: str = "") -> dict[str, str]:
+    return {"CNI_CONTAINERID": cid, "CNI_NETNS": NETNS, "CNI_IFNAME": "eth0", "CNI_ARGS": args}
+
+
+def test_parse_cni_args_any_order() -> None:
+    a = parse_cni_args("K8S_POD_NAME=web;IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;"
+                       "K8S_POD_INFRA_CONTAINER_ID=abc")
+    b = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web")
+    assert a["K8S_POD_NAME"] == b["K8S_POD_NAME"] == "web"
+    assert a["K8S_POD_NAMESPACE"] == b["K8S_POD_NAMESPACE"] == "prod"
+    assert parse_cni_args("") == {}
+    with pytest.raises(CNIError) as e:
+        parse_cni_args("novalue")
+    assert e.value.code == 4
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_version(version: str) -> None:
+    code, out = run_plugin("VERSION", {"cniVersion": version})
+    assert code == 0
+    assert out["cniVersion"] == version
+    assert "1.0.0" in out["supportedVersions"] and "1.1.0" in out["supportedVersions"]
+    # podman probes VERSION with a dummy config
+    code, out = run_plugin("VERSION", None, raw="")
+    assert code == 0 and out["supportedVersions"]
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "STATUS", "GC"])
+def test_wrong_cni_version_is_code_1(command: str, fake_agent: FakeAgent) -> None:
+    code, out = run_plugin(command, conf(fake_agent.path, "0.2.0"), add_env())
+    assert code != 0
+    assert out["code"] == 1
+    assert "0.2.0" in out["details"]
+    assert fake_agent.requests == []
+
+
+def test_invalid_input_codes(fake_agent: FakeAgent) -> None:
+    code, out = run_plugin("ADD", None, add_env(), raw="{not json")
+    assert code != 0 and out["code"] == 6
+    code, out = run_plugin("ADD", conf(fake_agent.path), {"CNI_NETNS": NETNS, "CNI_IFNAME": "eth0"})
+    assert code != 0 and out["code"] == 4 and "CNI_CONTAINERID" in out["details"]
+    code, out = run_plugin("ADD", conf(fake_agent.path), {**add_env(), "CNI_NETNS": "/no/such/ns"})
+    assert code != 0 and out["code"] == 4 and "/no/such/ns" in out["details"]
+    code, out = run_plugin("FROB", conf(fake_agent.path), add_env())
+    assert code != 0 and out["code"] == 4
+    bad = conf(fake_agent.path)
+    del bad["name"]
+    code, out = run_plugin("ADD", bad, add_env())
+    assert code != 0 and out["code"] == 7
+    code, out = run_plugin("ADD", conf(fake_agent.path, mtu="big"), add_env())
+    assert code != 0 and out["code"] == 7
+    assert fake_agent.requests == []
+
+
+def test_agent_unreachable_is_try_again_later(tmp_path: Path) -> None:
+    sock = str(tmp_path / "missing.sock")
+    for command in ("ADD", "DEL"):
+        code, out = run_plugin(command, conf(sock), add_env())
+        assert code != 0
+        assert out["code"] == 11, out
+        assert sock in out["details"]
+        assert out["cniVersion"] == "1.0.0"
+    code, out = run_plugin("STATUS", conf(sock, "1.1.0"), {})
+    assert code != 0 and out["code"] == 50
+
+
+def test_add_sends_pod_identity_and_prints_result(fake_agent: FakeAgent) -> None:
+    fake_agent.responses["/v1/cni/add"] = (200, {
+        "interfaces": [{"name": "lxcabc", "mac": "aa:bb:cc:dd:ee:ff"},
+                       {"name": "eth0", "mac": "11:22:33:44:55:66", "sandbox": NETNS}],
+        "ips": [{"address": "10.244.0.5/32", "gateway": "169.254.1.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}],
+        "dns": {"nameservers": ["198.51.100.53"]}, "endpoint_id": 3})
+    args = "K8S_POD_NAME=web;IgnoreUnknown=1;K8S_POD_UID=u;K8S_POD_NAMESPACE=prod"
+    code, out = run_plugin("ADD", conf(fake_agent.path, "1.1.0"), add_env("d" * 64, args))
+    assert code == 0, out
+    assert out["cniVersion"] == "1.1.0"
+    assert out["ips"][0]["address"] == "10.244.0.5/32"
+    assert out["interfaces"][1]["sandbox"] == NETNS
+    assert "endpoint_id" not in out  # only spec fields in the result
+    path, body = fake_agent.requests[-1]
+    assert path == "/v1/cni/add"
+    assert body["namespace"] == "prod" and body["pod_name"] == "web"
+    assert body["container_id"] == "d" * 64 and body["network"] == "axnet"
+
+
+def test_agent_conflict_and_refusal_codes(fake_agent: FakeAgent) -> None:
+    fake_agent.responses["/v1/cni/add"] = (409, {"error": "container already has an endpoint"})
+    code, out = run_plugin("ADD", conf(fake_agent.path), add_env())
+    assert code != 0 and out["code"] == 4
+    assert "already has an endpoint" in out["details"]
+    fake_agent.responses["/v1/cni/add"] = (500, {"error": "pod CIDR exhausted"})
+    code, out = run_plugin("ADD", conf(fake_agent.path), add_env())
+    assert code != 0 and out["code"] >= 100 and "exhausted" in out["details"]
+
+
+def test_del_without_netns_and_gc(fake_agent: FakeAgent) -> None:
+    fake_agent.responses["/v1/cni/del"] = (200, {"deleted": False})
+    code, out = run_plugin("DEL", conf(fake_agent.path), {"CNI_CONTAINERID": "e" * 64,
+                                                          "CNI_NETNS": "", "CNI_IFNAME": "eth0"})
+    assert code == 0 and out is None
+    assert fake_agent.requests[-1][1]["container_id"] == "e" * 64
+    valid = [{"containerID": "f" * 64, "ifname": "eth0"}]
+    code, out = run_plugin("GC", conf(fake_agent.path, "1.1.0", **{"cni.dev/valid-attachments": valid}), {})
+    assert code == 0
+    path, body = fake_agent.requests[-1]
+    assert path == "/v1/cni/gc" and body["valid_attachments"] == valid and body["network"] == "axnet"
+    code, out = run_plugin("STATUS", conf(fake_agent.path, "1.1.0"), {})
+    assert code == 0
+    assert fake_agent.requests[-1][0] == "/v1/healthz"
+
+
+def test_check_compares_prev_result(fake_agent: FakeAgent) -> None:
+    fake_agent.responses["/v1/cni/check"] = (200, {"ips": [{"address": "10.244.0.5/32"}]})
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.244.0.5/32"}]}
+    code, _ = run_plugin("CHECK", conf(fake_agent.path, prevResult=prev), add_env())
+    assert code == 0
+    prev["ips"] = [{"address": "10.244.0.9/32"}]
+    code, out = run_plugin("CHECK", conf(fake_agent.path, prevResult=prev), add_env())
+    assert code != 0 and "10.244.0.9/32" in out["details"]
+    fake_agent.responses["/v1/cni/check"] = (404, {"error": "container has no endpoint"})
+    code, out = run_plugin("CHECK", conf(fake_agent.path, prevResult=prev), add_env())
+    assert code != 0 and out["code"] == 3
