@@ -79,10 +79,17 @@ class Upstream:
     def __init__(self, address: str = "127.0.0.1", port: int = 0, echo: bool = False) -> None:
         self.resolver = RecordingResolver(echo=echo)
         logger = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
-        self.udp = DNSServer(self.resolver, address=address, port=port, logger=logger)
-        self.port = self.udp.server.server_address[1]
-        self.tcp = DNSServer(self.resolver, address=address, port=self.port, tcp=True,
-                             logger=logger)
+        for attempt in range(20):
+            self.udp = DNSServer(self.resolver, address=address, port=port, logger=logger)
+            self.port = self.udp.server.server_address[1]
+            try:
+                self.tcp = DNSServer(self.resolver, address=address, port=self.port, tcp=True,
+                                     logger=logger)
+                break
+            except OSError:  # port 0: the TCP twin of the UDP port is taken
+                self.udp.server.server_close()
+                if port or attempt == 19:
+                    raise
         self.address = address
 
     @property
@@ -90,8 +97,11 @@ class Upstream:
         return self.address, self.port
 
     def start(self) -> Upstream:
-        self.udp.start_thread()
-        self.tcp.start_thread()
+        # serve_forever with a short poll so stop() is quick (dnslib's
+        # start_thread uses socketserver's 0.5 s default)
+        for srv in (self.udp, self.tcp):
+            threading.Thread(target=srv.server.serve_forever, kwargs={"poll_interval": 0.02},
+                             daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from axoneme.l7.dns._match import normalize_name
 from dnslib import CLASS, QTYPE, RCODE, RR, DNSError, DNSRecord  # type: ignore[import-untyped]
 
 __all__ = [
     "MalformedMessage", "DnsQuery", "DnsAnswer", "parse_query", "parse_answer",
-    "reject_reply", "rcode_value", "rcode_name", "qtype_name",
+    "reject_reply", "rcode_value", "rcode_name", "qtype_name", "name_of",
 ]
 
 RCODE_NOERROR = 0
@@ -27,6 +28,33 @@ RCODE_REFUSED = 5
 
 class MalformedMessage(ValueError):
     """Bytes that are not a usable DNS message."""
+
+
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_*")
+
+
+def name_of(label: Any) -> str:
+    """A dnslib ``DNSLabel`` as a normalised presentation-format name.
+
+    dnslib's ``str()`` does not escape a ``.`` inside a label, so the
+    two-label name ``sub\\.example`` + ``com`` would print as
+    ``sub.example.com.`` and match ``*.example.com``. Like miekg/dns (what
+    Cilium matches on), ``.`` and ``\\`` are escaped with a backslash and
+    other bytes outside letters, digits, ``-``, ``_``, ``*`` as ``\\DDD``;
+    since patterns cannot contain a backslash, such names only match ``*``.
+    """
+    parts = []
+    for raw in label.label:
+        out = []
+        for b in bytes(raw):
+            if b in _PLAIN:
+                out.append(chr(b))
+            elif b in (0x2E, 0x5C):
+                out.append("\\" + chr(b))
+            else:
+                out.append(f"\\{b:03d}")
+        parts.append("".join(out))
+    return normalize_name(".".join(parts))
 
 
 def qtype_name(qtype: int) -> str:
@@ -111,7 +139,7 @@ def parse_query(data: bytes) -> DnsQuery:
         raise MalformedMessage(f"{len(rec.questions)} questions (need exactly 1)")
     q = rec.questions[0]
     try:
-        qname = normalize_name(str(q.qname))
+        qname = name_of(q.qname)
     except Exception as exc:
         raise MalformedMessage(f"bad query name: {exc}") from exc
     return DnsQuery(rec.header.id, qname, qtype_name(q.qtype), rec)
@@ -137,7 +165,7 @@ def parse_answer(data: bytes, query: DnsQuery | None = None) -> DnsAnswer:
         raise MalformedMessage("not a response")
     if len(rec.questions) != 1:
         raise MalformedMessage(f"{len(rec.questions)} questions in the answer")
-    qname = normalize_name(str(rec.questions[0].qname))
+    qname = name_of(rec.questions[0].qname)
     qtype = qtype_name(rec.questions[0].qtype)
     if query is not None and (rec.header.id != query.id or qname != query.qname
                               or qtype != query.qtype):
@@ -151,8 +179,8 @@ def parse_answer(data: bytes, query: DnsQuery | None = None) -> DnsAnswer:
     for _ in range(len(rrs)):
         nxt = None
         for rr in rrs:
-            if rr.rtype == QTYPE.CNAME and normalize_name(str(rr.rname)) == chain[-1]:
-                nxt = normalize_name(str(rr.rdata.label))
+            if rr.rtype == QTYPE.CNAME and name_of(rr.rname) == chain[-1]:
+                nxt = name_of(rr.rdata.label)
                 ttls.append(int(rr.ttl))
                 break
         if nxt is None or nxt in chain:
@@ -163,7 +191,7 @@ def parse_answer(data: bytes, query: DnsQuery | None = None) -> DnsAnswer:
     ips: list[str] = []
     rrtypes: list[str] = []
     for rr in rrs:
-        if normalize_name(str(rr.rname)) not in in_chain:
+        if name_of(rr.rname) not in in_chain:
             continue
         rrtypes.append(qtype_name(rr.rtype))
         ip = _ip_of(rr)
