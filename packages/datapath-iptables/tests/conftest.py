@@ -204,7 +204,13 @@ def _make_pod(name: str, ns: str, host_if: str, ips: list[str]) -> Pod:
     sh("ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
     sh("ip", "-n", ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
     sh("sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1")
+    # proxy ARP answers after a random delay (up to 0.8 s): longer than a
+    # probe's patience. Pin the gateway's neighbour entry instead.
+    sh("sysctl", "-qw", f"net.ipv4.neigh.{host_if}.proxy_delay=0")
     sh("ip", "link", "set", host_if, "up")
+    mac = open(f"/sys/class/net/{host_if}/address").read().strip()
+    sh("ip", "-n", ns, "neigh", "replace", "169.254.1.1", "lladdr", mac, "dev", "eth0",
+       "nud", "permanent")
     for ip in ips:
         sh("ip", "route", "add", f"{ip}/32", "dev", host_if)
     return Pod(name, ns, host_if, ips)

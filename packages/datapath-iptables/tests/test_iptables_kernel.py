@@ -318,3 +318,41 @@ def test_cleanup_removes_everything(env: Env) -> None:
     env.dp.ipcache_apply(IPCacheChanges({ipaddress.ip_network(f"{env.a.ip}/32"): ID["a"],
                                          ipaddress.ip_network(f"{env.b.ip}/32"): ID["b"],
                                          ipaddress.ip_network(f"{env.c.ip}/32"): ID["c"]}))
+
+
+def _marked_packets(chain: str) -> int:
+    save = subprocess.run(["iptables-save", "-c", "-t", "mangle"], capture_output=True, text=True,
+                          check=True).stdout
+    line = next(ln for ln in save.splitlines() if f"-A {chain} " in ln)
+    return int(line.split("]")[0].strip("[").split(":")[0])
+
+
+def test_redirect_entries_mark_packets_before_routing(env: Env) -> None:
+    port = 15001
+    chain = f"AXIM-{env.topo.suffix}"
+    mark = f"{rd.proxy_mark(port):#x}/{rd.MARK_MASK:#x}"
+    subprocess.run(["iptables", "-t", "mangle", "-N", chain], check=True)
+    try:
+        subprocess.run(["iptables", "-t", "mangle", "-A", chain, "-m", "mark", "--mark", mark,
+                        "-j", "RETURN"], check=True)
+        subprocess.run(["iptables", "-t", "mangle", "-I", "FORWARD", "1", "-s", env.a.ip,
+                        "-j", chain], check=True)
+        env.set(env.a, {k(ID["b"], OUT, TCP, 80): Entry(proxy_port=port),
+                        k(ID["b"], OUT, TCP, 443): ALLOW})
+        env.set(env.b, {k(ID["a"], IN, TCP, 80): ALLOW, k(ID["a"], IN, TCP, 443): ALLOW})
+        before = _marked_packets(chain)
+        assert env.tcp(env.a, env.b, 443)  # allowed, not redirected: no mark
+        assert _marked_packets(chain) == before
+        # no TPROXY rule here: the marked packet is forwarded, still allowed
+        assert env.tcp(env.a, env.b, 80)
+        assert _marked_packets(chain) > before
+        # the redirect goes away: so do the mangle chains
+        env.set(env.a, {k(ID["b"], OUT, TCP, 80): ALLOW})
+        mangle = subprocess.run(["iptables-save", "-t", "mangle"], capture_output=True, text=True,
+                                check=True).stdout
+        assert f":{rd.ep_chain(env.a.ep_id, OUT)} " not in mangle
+    finally:
+        subprocess.run(["iptables", "-t", "mangle", "-D", "FORWARD", "-s", env.a.ip, "-j", chain],
+                       check=False)
+        subprocess.run(["iptables", "-t", "mangle", "-F", chain], check=False)
+        subprocess.run(["iptables", "-t", "mangle", "-X", chain], check=False)

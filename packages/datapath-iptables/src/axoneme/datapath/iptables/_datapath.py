@@ -49,6 +49,8 @@ _SET_ADD_RE = re.compile(r"^add (AXON-ID6?-\d+) (\S+)( nomatch)?")
 _SET_CREATE_RE = re.compile(r"^create (AXON-\S+) ")
 _SUB_RE = re.compile(r"^AXON-EP-(\d+)-(IN|OUT)-S\d+$")
 _PXY_RE = re.compile(r"^AXON-PXY-(\d+)-(IN|OUT)$")
+_MEP_RE = re.compile(r"^AXON-EP-(\d+)-(IN|OUT)(-S\d+)?$")
+_MPXY_RE = re.compile(r"^AXON-MPXY-(\d+)$")
 _DIRS = {"IN": Direction.INGRESS, "OUT": Direction.EGRESS}
 
 
@@ -81,6 +83,9 @@ class IptablesDatapath(Datapath):
         self._proxy_chains: set[tuple[int, Direction]] = set()
         self._subchains: dict[tuple[int, int, Direction], set[str]] = {}
         self._rule_counts: dict[tuple[int, int, Direction], int] = {}
+        # mangle chains (per endpoint, family, direction) of endpoints with redirects
+        self._mangle: dict[tuple[int, int, Direction], set[str]] = {}
+        self._mproxy: set[tuple[int, int]] = set()  # (family, proxy port)
         self._nflog: NflogSocket | None = None
         self._nflog_error = ""
         self._stopped = threading.Event()
@@ -118,9 +123,12 @@ class IptablesDatapath(Datapath):
             self._subchains.clear()
             self._proxy_chains.clear()
             self._rule_counts.clear()
+            self._mangle.clear()
+            self._mproxy.clear()
             self._adopt_ipsets()
             for family in self._families:
                 self._adopt_rules(family)
+                self._adopt_mangle(family)
             self._recompute(set(self._families))
             self._write_base()
             LOG.info("iptables datapath started: mode=%s backend=%s (%s), adopted %d endpoints",
@@ -144,16 +152,19 @@ class IptablesDatapath(Datapath):
         with self._lock:
             backend = self.backend
             for family in (4, 6) if backend.ipv6 else (4,):
-                table = rd.parse_save(backend.save(family))
-                post = []
-                for builtin, chain in rd.HOOKS:
-                    for rule in table.chains.get(builtin, []):
-                        if rule.endswith(f"-j {chain}"):
-                            post.append(f"-D {builtin} {rule}")
-                chains = table.axon_chains()
-                if post or chains:
-                    self._restore(family, rd.restore_payload("filter", {}, pre=post,
-                                                             delete_chains=chains))
+                payload = ""
+                for tname, hooks in (("filter", rd.HOOKS), ("mangle", rd.MANGLE_HOOKS)):
+                    table = rd.parse_save(backend.save(family, tname), tname)
+                    post = []
+                    for builtin, chain in hooks:
+                        for rule in table.chains.get(builtin, []):
+                            if rule.endswith(f"-j {chain}"):
+                                post.append(f"-D {builtin} {rule}")
+                    chains = table.axon_chains()
+                    if post or chains:
+                        payload += rd.restore_payload(tname, {}, pre=post, delete_chains=chains)
+                if payload:
+                    self._restore(family, payload)
             names = [m.group(1) for line in Backend.ipset_save().splitlines()
                      if (m := _SET_CREATE_RE.match(line)) and rd.OWNED_SET_RE.match(m.group(1))]
             for name in names:
@@ -165,6 +176,8 @@ class IptablesDatapath(Datapath):
             self._proxy_chains.clear()
             self._subchains.clear()
             self._rule_counts.clear()
+            self._mangle.clear()
+            self._mproxy.clear()
             self._ipcache = {4: {}, 6: {}}
             self._recompute({4, 6})
 
@@ -220,6 +233,18 @@ class IptablesDatapath(Datapath):
                 if len(parts) == 4 and parts[2].isdigit() and parts[3] in _DIRS:
                     self._rule_counts[(int(parts[2]), family, _DIRS[parts[3]])] = len(rules)
 
+    def _adopt_mangle(self, family: int) -> None:
+        table = rd.parse_save(self.backend.save(family, "mangle"), "mangle")
+        for chain in table.chains:
+            if m := _MEP_RE.match(chain):
+                self._mangle.setdefault((int(m.group(1)), family, _DIRS[m.group(2)]),
+                                        set()).add(chain)
+            elif m := _MPXY_RE.match(chain):
+                self._mproxy.add((family, int(m.group(1))))
+
+    def _redirecting(self, family: int) -> set[tuple[int, Direction]]:
+        return {(ep, d) for (ep, fam, d) in self._mangle if fam == family}
+
     def _write_base(self) -> None:
         """Verdict and hook chains (flushed and refilled: they are derived) and
         the jump rules from the built-in chains (added only when missing)."""
@@ -241,7 +266,16 @@ class IptablesDatapath(Datapath):
                 if not any(r.endswith(f"-j {chain}") for r in table.chains.get(builtin, [])):
                     post.append(f"-I {rd.hook_rule(builtin, chain)}".replace(
                         f"-I {builtin} ", f"-I {builtin} 1 ", 1))
-            self._restore(family, rd.restore_payload("filter", chains, post=post))
+            payload = rd.restore_payload("filter", chains, post=post)
+            mangle = rd.parse_save(self.backend.save(family, "mangle"), "mangle")
+            mpost = []
+            for builtin, chain in rd.MANGLE_HOOKS:
+                if not any(r.endswith(f"-j {chain}") for r in mangle.chains.get(builtin, [])):
+                    mpost.append(f"-I {builtin} 1 -m comment --comment {rd.HOOK_COMMENT} -j {chain}")
+            pre = {rd.PRE_CHAIN: rd.pre_chain(list(self._refs.values()), self._redirecting(family),
+                                              family)}
+            payload += rd.restore_payload("mangle", pre, post=mpost)
+            self._restore(family, payload)
 
     # ---- ipcache --------------------------------------------------------------
 
@@ -400,9 +434,14 @@ class IptablesDatapath(Datapath):
                 if ref is None and not dead:
                     continue
                 hooks = rd.hook_chains(list(self._refs.values()))
-                # sub-chains first: main chains jump to them
-                dead.sort(key=lambda c: -c.count("-"))
-                self._restore(family, rd.restore_payload("filter", hooks, delete_chains=dead))
+                payload = rd.restore_payload("filter", hooks, delete_chains=dead)
+                mdead = sorted(set().union(*(self._mangle.pop((endpoint.id, family, d), set())
+                                             for d in Direction)))
+                if mdead:
+                    pre = {rd.PRE_CHAIN: rd.pre_chain(list(self._refs.values()),
+                                                      self._redirecting(family), family)}
+                    payload += rd.restore_payload("mangle", pre, delete_chains=mdead)
+                self._restore(family, payload)
                 for d in Direction:
                     self._subchains.pop((endpoint.id, family, d), None)
                     self._rule_counts.pop((endpoint.id, family, d), None)
@@ -447,11 +486,12 @@ class IptablesDatapath(Datapath):
         return rd.Peers(self.mode, family, lambda ident: ranges.get(ident, ()))
 
     def _render(self, ep_id: int, d: Direction, family: int,
-                state: Mapping[Key, Entry] | None = None) -> dict[str, list[str]]:
+                state: Mapping[Key, Entry] | None = None,
+                targets: rd.Targets = rd.FILTER) -> dict[str, list[str]]:
         ref = self._refs[ep_id]
         tail = ref.tail_in_drop if d is Direction.INGRESS else ref.tail_out_drop
         st = self._states.get(ep_id, MapState()) if state is None else state
-        return rd.render_endpoint(ep_id, d, st, self._peers(family), tail)
+        return rd.render_endpoint(ep_id, d, st, self._peers(family), tail, targets)
 
     def _render_with_stale(self, ep_id: int, d: Direction, family: int,
                            state: Mapping[Key, Entry] | None = None
@@ -481,37 +521,64 @@ class IptablesDatapath(Datapath):
         family; on failure the families already written are put back."""
         if self.mode == "ipset":
             self._sync_sets(need={k.identity for k in state if k.identity})
-        new_proxies = rd.proxy_ports(state) - self._proxy_chains
         done: list[int] = []
         try:
             for family in self._families:
-                chains: dict[str, list[str]] = {}
-                for port, d in sorted(new_proxies):
-                    chains[rd.proxy_chain(port, d)] = rd.proxy_chain_rules(port, d, self.nflog_group)
-                deletes: list[str] = []
-                for d in sorted(dirs):
-                    c, dels = self._render_with_stale(ep_id, d, family, state)
-                    chains.update(c)
-                    deletes += dels
-                if hooks:
-                    chains.update(rd.hook_chains(list(self._refs.values())))
-                self._restore(family, rd.restore_payload("filter", chains, delete_chains=deletes))
-                self._commit_subchains(chains, deletes, family)
+                self._write_family(ep_id, state, dirs, hooks, family)
                 done.append(family)
         except DatapathError:
             old = self._states.get(ep_id, MapState())
             for family in done:
                 try:
-                    chains = {}
-                    for d in sorted(dirs):
-                        c, dels = self._render_with_stale(ep_id, d, family, old)
-                        chains.update(c)
-                    self._restore(family, rd.restore_payload("filter", chains))
+                    self._write_family(ep_id, old, dirs, hooks, family)
                 except DatapathError:
                     LOG.exception("rollback of endpoint %d (IPv%d) failed", ep_id, family)
             raise
-        self._proxy_chains |= new_proxies
+        self._proxy_chains |= rd.proxy_ports(state)
         self._states[ep_id] = state
+
+    def _write_family(self, ep_id: int, state: MapState, dirs: set[Direction], hooks: bool,
+                      family: int) -> None:
+        chains: dict[str, list[str]] = {}
+        for port, d in sorted(rd.proxy_ports(state) - self._proxy_chains):
+            chains[rd.proxy_chain(port, d)] = rd.proxy_chain_rules(port, d, self.nflog_group)
+        deletes: list[str] = []
+        for d in sorted(dirs):
+            c, dels = self._render_with_stale(ep_id, d, family, state)
+            chains.update(c)
+            deletes += dels
+        if hooks:
+            chains.update(rd.hook_chains(list(self._refs.values())))
+        payload = rd.restore_payload("filter", chains, delete_chains=deletes)
+
+        # mangle: the same lookup, only for directions holding redirects
+        mchains: dict[str, list[str]] = {}
+        mdeletes: list[str] = []
+        mangle = dict(self._mangle)
+        for d in sorted(dirs):
+            key = (ep_id, family, d)
+            old = mangle.get(key, set())
+            if any(e.is_redirect for k, e in state.items() if k.direction == d):
+                c = self._render(ep_id, d, family, state, rd.MANGLE)
+                mchains.update(c)
+                mdeletes += sorted(old - set(c))
+                mangle[key] = set(c)
+            elif old:
+                mdeletes += sorted(old)
+                mangle.pop(key)
+        ports = {e.proxy_port for e in state.values() if e.is_redirect}
+        new_mproxy = {(family, p) for p in ports} - self._mproxy
+        for _, port in sorted(new_mproxy):
+            mchains[rd.mangle_proxy_chain(port)] = rd.mangle_proxy_rules(port)
+        redirecting = {(ep, d) for (ep, fam, d) in mangle if fam == family}
+        if redirecting != self._redirecting(family) or (hooks and redirecting):
+            mchains[rd.PRE_CHAIN] = rd.pre_chain(list(self._refs.values()), redirecting, family)
+        if mchains or mdeletes:
+            payload += rd.restore_payload("mangle", mchains, delete_chains=mdeletes)
+        self._restore(family, payload)
+        self._commit_subchains(chains, deletes, family)
+        self._mangle = mangle
+        self._mproxy |= new_mproxy
 
     def _restore(self, family: int, payload: str) -> None:
         if self.fault_injection is not None and family == 4:

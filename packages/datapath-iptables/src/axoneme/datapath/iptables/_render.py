@@ -178,24 +178,52 @@ class Peers:
         return [f"{opt} {cidr}" for cidr in self.ranges(identity)]
 
 
-def _target(entry: Entry | None, d: Direction, deny: bool = False) -> str:
-    if deny or (entry is not None and entry.deny):
-        return f"-g {deny_chain(d)}"
-    if entry is None:
-        raise ValueError("no entry")
-    if entry.is_redirect:
-        return f"-g {proxy_chain(entry.proxy_port, d)}"
-    return f"-g {allow_chain(d)}"
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """Where each verdict goes. The filter table enforces; the mangle table
+    runs the same lookup before routing only to mark redirected packets for
+    the L7 proxy's TPROXY rule (every other verdict just returns)."""
+
+    table: str = "filter"
+
+    def verdict(self, entry: Entry | None, d: Direction, deny: bool = False) -> str:
+        if deny or (entry is not None and entry.deny):
+            return "-j RETURN" if self.table == "mangle" else f"-g {deny_chain(d)}"
+        if entry is None:
+            raise ValueError("no entry")
+        if entry.is_redirect:
+            if self.table == "mangle":
+                return f"-g {mangle_proxy_chain(entry.proxy_port)}"
+            return f"-g {proxy_chain(entry.proxy_port, d)}"
+        return "-j RETURN" if self.table == "mangle" else f"-g {allow_chain(d)}"
+
+    def tail(self, drop: bool, d: Direction) -> str:
+        if drop and self.table == "filter":
+            return f"-g {drop_chain(d)}"
+        return "-j RETURN"
 
 
-def _combine(s: tuple[Key, Entry], w: tuple[Key, Entry] | None, d: Direction) -> str:
+FILTER = Targets("filter")
+MANGLE = Targets("mangle")
+
+
+def mangle_proxy_chain(port: int) -> str:
+    return f"AXON-MPXY-{port}"
+
+
+def mangle_proxy_rules(port: int) -> list[str]:
+    return [f"-j MARK --set-xmark {proxy_mark(port):#x}/{MARK_MASK:#x}"]
+
+
+def _combine(s: tuple[Key, Entry], w: tuple[Key, Entry] | None, d: Direction,
+             targets: Targets) -> str:
     """Verdict when ``s`` is the longest identity-specific match and ``w`` the
     longest wildcard match (MapState.lookup steps 2 and 3)."""
     if s[1].deny or (w is not None and w[1].deny):
-        return _target(None, d, deny=True)
+        return targets.verdict(None, d, deny=True)
     if w is not None and w[0].l4_prefix > s[0].l4_prefix:
-        return _target(w[1], d)
-    return _target(s[1], d)
+        return targets.verdict(w[1], d)
+    return targets.verdict(s[1], d)
 
 
 def _join(*parts: str) -> str:
@@ -203,7 +231,7 @@ def _join(*parts: str) -> str:
 
 
 def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry], peers: Peers,
-                    tail_drop: bool) -> dict[str, list[str]]:
+                    tail_drop: bool, targets: Targets = FILTER) -> dict[str, list[str]]:
     """Chains (main chain first) reproducing ``MapState.lookup`` for one direction.
 
     First match wins, in this order:
@@ -232,7 +260,7 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
         comment = key_comment(skey, sentry)
         nested = [w for w in wildcard if w[0].l4_prefix > skey.l4_prefix and skey.covers_l4(w[0])]
         cover = next((w for w in wildcard if w[0].covers_l4(skey)), None)
-        target = _combine(s, cover, direction)
+        target = _combine(s, cover, direction, targets)
         if nested:
             sig = (skey.protocol, skey.port, skey.prefix_len, sentry, cover)
             name = subchains.get(sig)
@@ -242,7 +270,7 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
                 sub: list[str] = []
                 for w in nested:
                     for l4 in l4_matches(w[0], peers.family) or ():
-                        sub.append(_join(l4, _combine(s, w, direction)))
+                        sub.append(_join(l4, _combine(s, w, direction, targets)))
                 sub.append(target)
                 chains[name] = sub
             target = f"-g {name}"
@@ -259,12 +287,12 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
         comment = key_comment(*w)
         l4s = l4_matches(w[0], peers.family)
         if l4s is None:
-            rules.append(_join(NEVER, comment, _target(w[1], direction)))
+            rules.append(_join(NEVER, comment, targets.verdict(w[1], direction)))
             continue
         for l4 in l4s:
-            rules.append(_join(l4, comment, _target(w[1], direction)))
+            rules.append(_join(l4, comment, targets.verdict(w[1], direction)))
 
-    tail = f"-g {drop_chain(direction)}" if tail_drop else "-j RETURN"
+    tail = targets.tail(tail_drop, direction)
     rules.append(f"-m comment --comment AXTAIL:{'drop' if tail_drop else 'allow'} {tail}")
     return chains
 
@@ -319,6 +347,34 @@ def hook_chains(endpoints: Sequence[EndpointRef]) -> dict[str, list[str]]:
 
 def hook_rule(builtin: str, chain: str) -> str:
     return f"{builtin} -m comment --comment {HOOK_COMMENT} -j {chain}"
+
+
+PRE_CHAIN = "AXON-PRE"
+MANGLE_HOOKS = (("PREROUTING", PRE_CHAIN),)
+FROM_INGRESS_PROXY = "-m mark --mark 0xa00/0xf00 -j RETURN"
+ALREADY_REDIRECTED = "-m mark --mark 0x200/0xf00 -j RETURN"
+
+
+def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Direction]],
+              family: int) -> list[str]:
+    """mangle/PREROUTING: run the lookup of endpoints with redirect entries
+    before routing, so TPROXY sees the mark: the source pod's egress stage
+    first (from its veth), then the destination pod's ingress stage (by
+    address), unless the egress stage already redirected."""
+    eps = sorted(endpoints, key=lambda e: e.id)
+    rules = [FROM_INGRESS_PROXY]
+    rules += [f"-i {e.ifname} -j {ep_chain(e.id, Direction.EGRESS)}" for e in eps
+              if (e.id, Direction.EGRESS) in redirecting]
+    ingress = []
+    for e in eps:
+        addr = e.ipv4 if family == 4 else e.ipv6
+        if addr and (e.id, Direction.INGRESS) in redirecting:
+            plen = 32 if family == 4 else 128
+            ingress.append(f"-d {addr}/{plen} -j {ep_chain(e.id, Direction.INGRESS)}")
+    if ingress:
+        rules.append(ALREADY_REDIRECTED)
+        rules += ingress
+    return rules
 
 
 # ---- iptables-save parsing ---------------------------------------------------
