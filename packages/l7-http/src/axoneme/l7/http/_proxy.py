@@ -95,7 +95,13 @@ class HttpProxy:
         self.config = config or ProxyConfig()
         self.parser = HttpParser()
         self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
+        self._conns: dict[asyncio.Task[Any], _Conn] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
+        c = self.config
+        # Timeouts are enforced by one periodic check per proxy rather than a
+        # timer per read: per-operation timers cost more than the parsing.
+        self._tick = max(0.02, min(c.header_timeout, c.idle_timeout, c.body_timeout,
+                                   c.upstream_timeout) / 4)
         self._listen = sock.getsockname()[:2]
         self.stats = {"requests": 0, "denied": 0, "errors": 0, "refused_connections": 0}
 
@@ -107,8 +113,19 @@ class HttpProxy:
         self.sock.setblocking(False)
         self._server = await asyncio.start_server(self._client, sock=self.sock, limit=STREAM_LIMIT,
                                                   backlog=1024)
+        self._watch()
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._conns.values()):
+            conn.check(now)
+        self._watchdog = loop.call_later(self._tick, self._watch)
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._server is not None:
             self._server.close()
         for t in list(self._conns):
@@ -131,8 +148,8 @@ class HttpProxy:
             writer.transport.abort()
             return
         assert task is not None
-        self._conns.add(task)
         conn = _Conn(self, reader, writer)
+        self._conns[task] = conn
         try:
             await conn.run()
         except (asyncio.CancelledError, _Closed, ConnectionError, TimeoutError,
@@ -141,7 +158,7 @@ class HttpProxy:
         except Exception:  # a bug must not take the listener down
             LOG.exception("proxy %d: connection handler failed", self.port)
         finally:
-            self._conns.discard(task)
+            self._conns.pop(task, None)
             conn.close()
 
     def emit(self, flow: Flow) -> None:
@@ -152,7 +169,8 @@ class HttpProxy:
 
 
 class _Conn:
-    __slots__ = ("p", "r", "w", "client", "dst", "up_r", "up_w", "policy", "cfg")
+    __slots__ = ("p", "r", "w", "client", "dst", "up_r", "up_w", "policy", "cfg", "loop",
+                 "deadline", "side", "idle", "timed_out")
 
     def __init__(self, proxy: HttpProxy, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -167,10 +185,37 @@ class _Conn:
         self.up_r: asyncio.StreamReader | None = None
         self.up_w: asyncio.StreamWriter | None = None
         self.policy: ProxyPolicy | None = None
+        self.loop = asyncio.get_running_loop()
+        self.deadline = 0.0  # 0: no deadline
+        self.side = "client"  # whose bytes we wait for: client | upstream
+        self.idle = False  # waiting for a keep-alive follow-up request
+        self.timed_out = False
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def arm(self, timeout: float, side: str = "client") -> None:
+        """Set the deadline of the next wait (checked by the proxy's watchdog)."""
+        self.deadline = self.loop.time() + timeout
+        self.side = side
+
+    def check(self, now: float) -> None:
+        if self.idle and self.r._buffer:  # type: ignore[attr-defined]
+            # the next request started: the whole head gets header_timeout
+            self.idle = False
+            self.deadline = min(self.deadline, now + self.cfg.header_timeout)
+        if not self.deadline or now < self.deadline:
+            return
+        self.timed_out = True
+        self.deadline = 0.0
+        LOG.debug("proxy %d: %s timed out waiting for the %s", self.p.port, self.client, self.side)
+        if self.side == "upstream" and self.up_w is not None:
+            self.up_w.transport.abort()  # the client still gets a 504
+        else:
+            self.w.transport.abort()
+            if self.up_w is not None:
+                self.up_w.transport.abort()
 
     def close(self) -> None:
         for w in (self.w, self.up_w):
@@ -208,29 +253,30 @@ class _Conn:
     async def _read_head(self, first: bool) -> bytes | None:
         """The next request head, or None at a clean end of the connection."""
         r = self.r
+        self.arm(self.cfg.header_timeout if first else self.cfg.idle_timeout)
+        self.idle = not first
         try:
-            async with asyncio.timeout(self.cfg.header_timeout if first else self.cfg.idle_timeout):
-                b = await r.read(1)
-                while b in (b"\r", b"\n"):  # tolerated CRLFs between requests
-                    b = await r.read(1)
-            if not b:
-                return None
-            async with asyncio.timeout(self.cfg.header_timeout):
-                rest = await r.readuntil(b"\r\n\r\n")
+            while True:
+                block = await r.readuntil(b"\r\n\r\n")
+                block = block.lstrip(b"\r\n")  # tolerated CRLFs between requests
+                if block:
+                    break
         except asyncio.LimitOverrunError:
             await self._send(error_response(431, STATUS_TEXT[431], b"request head too large\n", True))
             raise _Closed() from None
         except asyncio.IncompleteReadError as e:
-            if e.partial:
+            if e.partial.strip(b"\r\n") and not self.timed_out:
                 await self._send(error_response(400, "Bad Request", b"truncated request\n", True))
             raise _Closed() from None
-        except TimeoutError:
-            LOG.debug("proxy %d: %s timed out reading a request head", self.p.port, self.client)
-            raise _Closed() from None
-        return b + rest[:-4]
+        finally:
+            self.idle = False
+        if len(block) < 4:  # lstrip ate into the terminator: it was only CRLFs + junk
+            raise _Closed()
+        return block[:-4]
 
     async def _send(self, data: bytes) -> None:
         self.w.write(data)
+        self.arm(self.cfg.body_timeout)
         await self.w.drain()
 
     async def _policy(self) -> ProxyPolicy | None:
@@ -303,24 +349,28 @@ class _Conn:
                                             True))
             return False
         assert self.up_w is not None and self.up_r is not None
-        self.up_w.write(req.serialize(headers))
+        head = req.serialize(headers)
         if req.expect_continue and req.has_body:
             await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         if req.chunked:
+            self.up_w.write(head)
             await self._relay_chunked(self.r, self.up_w, self.cfg.body_timeout, 400)
         elif req.content_length:
-            await self._relay_exact(self.r, self.up_w, req.content_length, self.cfg.body_timeout)
+            await self._relay_exact(self.r, self.up_w, req.content_length, self.cfg.body_timeout,
+                                    head)
         else:
+            self.up_w.write(head)
+            self.arm(self.cfg.body_timeout, "upstream")
             await self.up_w.drain()
         return await self._relay_response(req, pol, t0)
 
     async def _drain_body(self, req: RequestHead) -> bool:
         if req.chunked or req.content_length is None or req.content_length > MAX_DRAIN:
             return False
+        self.arm(self.cfg.body_timeout)
         try:
-            async with asyncio.timeout(self.cfg.body_timeout):
-                await self.r.readexactly(req.content_length)
-        except (TimeoutError, asyncio.IncompleteReadError):
+            await self.r.readexactly(req.content_length)
+        except asyncio.IncompleteReadError:
             raise _Closed() from None
         return True
 
@@ -341,40 +391,41 @@ class _Conn:
         return True
 
     async def _relay_exact(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, n: int,
-                           timeout: float) -> None:
-        try:
-            while n > 0:
-                async with asyncio.timeout(timeout):
-                    data = await src.read(min(n, READ_SIZE))
-                if not data:
-                    raise _Closed()
-                n -= len(data)
-                dst.write(data)
-                async with asyncio.timeout(timeout):
-                    await dst.drain()
-        except TimeoutError:
-            raise _Closed() from None
+                           timeout: float, prefix: bytes = b"", side: str = "client") -> None:
+        """Relay exactly n bytes; ``prefix`` (a head) goes out with the first piece."""
+        while n > 0:
+            self.arm(timeout, side)
+            data = await src.read(min(n, READ_SIZE))
+            if not data:
+                raise _Closed()
+            n -= len(data)
+            if prefix:
+                data, prefix = prefix + data, b""
+            dst.write(data)
+            self.arm(timeout, "upstream" if side == "client" else "client")
+            await dst.drain()
 
     async def _relay_chunked(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                              timeout: float, err_status: int) -> None:
         """Relay a chunked body, re-encoded (extensions dropped), trailers validated."""
+        side = "client" if err_status == 400 else "upstream"
         try:
             while True:
-                async with asyncio.timeout(timeout):
-                    line = await src.readuntil(b"\r\n")
+                self.arm(timeout, side)
+                line = await src.readuntil(b"\r\n")
                 size = parse_chunk_size(line[:-2])
                 if size == 0:
-                    trailers = await self._read_trailers(src, timeout)
+                    trailers = await self._read_trailers(src, timeout, side)
                     out = b"0\r\n" + b"".join(n.encode("ascii") + b": " + v.encode("latin-1") +
                                              b"\r\n" for n, v in trailers) + b"\r\n"
                     dst.write(out)
-                    async with asyncio.timeout(timeout):
-                        await dst.drain()
+                    self.arm(timeout, "upstream" if side == "client" else "client")
+                    await dst.drain()
                     return
                 dst.write(b"%x\r\n" % size)
-                await self._relay_exact(src, dst, size, timeout)
-                async with asyncio.timeout(timeout):
-                    crlf = await src.readexactly(2)
+                await self._relay_exact(src, dst, size, timeout, side=side)
+                self.arm(timeout, side)
+                crlf = await src.readexactly(2)
                 if crlf != b"\r\n":
                     raise HttpError(err_status, "missing CRLF after chunk data")
                 dst.write(b"\r\n")
@@ -382,7 +433,7 @@ class _Conn:
             await self._fail(e, err_status)
         except asyncio.LimitOverrunError:
             await self._fail(HttpError(err_status, "chunk-size line too long"), err_status)
-        except (TimeoutError, asyncio.IncompleteReadError):
+        except asyncio.IncompleteReadError:
             raise _Closed() from None
 
     async def _fail(self, e: HttpError, err_status: int) -> None:
@@ -394,13 +445,13 @@ class _Conn:
                 await self._send(error_response(400, "Bad Request", e.reason.encode() + b"\n", True))
         raise _Closed()
 
-    async def _read_trailers(self, src: asyncio.StreamReader, timeout: float
+    async def _read_trailers(self, src: asyncio.StreamReader, timeout: float, side: str
                              ) -> list[tuple[str, str]]:
         lines: list[bytes] = []
         total = 0
         while True:
-            async with asyncio.timeout(timeout):
-                line = await src.readuntil(b"\r\n")
+            self.arm(timeout, side)
+            line = await src.readuntil(b"\r\n")
             if line == b"\r\n":
                 break
             total += len(line)
@@ -417,12 +468,13 @@ class _Conn:
         assert up_r is not None and up_w is not None
         while True:
             try:
-                async with asyncio.timeout(self.cfg.upstream_timeout):
-                    raw = await up_r.readuntil(b"\r\n\r\n")
+                self.arm(self.cfg.upstream_timeout, "upstream")
+                raw = await up_r.readuntil(b"\r\n\r\n")
                 resp = parse_response_head(raw)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     ConnectionError, HttpError) as e:
-                status = 504 if isinstance(e, TimeoutError) else 502
+                status = 504 if self.timed_out else 502
+                self.arm(self.cfg.body_timeout)
                 LOG.info("proxy %d: bad/no response from %s: %r", self.p.port, self.dst, e)
                 self.p.emit(self._flow(req, pol, FlowVerdict.ERROR, True, status,
                                        int((time.time() - t0) * 1e9)))
@@ -433,23 +485,25 @@ class _Conn:
                 self.w.write(raw)  # interim response: relay and read the final one
                 continue
             break
-        self.w.write(resp.raw)
         latency = int((time.time() - t0) * 1e9)
         self.p.emit(self._flow(req, pol, FlowVerdict.FORWARDED, True, resp.status, latency))
         if resp.status == 101:
+            self.w.write(resp.raw)
             await self._tunnel()
             return False
         no_body = req.method == "HEAD" or resp.status in (204, 304)
-        if no_body:
+        if no_body or resp.content_length == 0:
+            self.w.write(resp.raw)
+            self.arm(self.cfg.body_timeout)
             await self.w.drain()
         elif resp.chunked:
+            self.w.write(resp.raw)
             await self._relay_chunked(up_r, self.w, self.cfg.upstream_timeout, 502)
         elif resp.content_length is not None:
-            if resp.content_length:
-                await self._relay_exact(up_r, self.w, resp.content_length, self.cfg.upstream_timeout)
-            else:
-                await self.w.drain()
+            await self._relay_exact(up_r, self.w, resp.content_length, self.cfg.upstream_timeout,
+                                    resp.raw, side="upstream")
         else:
+            self.w.write(resp.raw)
             # Delimited by the end of the upstream connection.
             await self._relay_to_eof(up_r, self.w)
             return False
@@ -460,16 +514,19 @@ class _Conn:
 
     async def _relay_to_eof(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while True:
-            async with asyncio.timeout(self.cfg.upstream_timeout):
-                data = await src.read(READ_SIZE)
+            self.arm(self.cfg.upstream_timeout, "upstream")
+            data = await src.read(READ_SIZE)
             if not data:
                 await dst.drain()
                 return
             dst.write(data)
+            self.arm(self.cfg.body_timeout)
             await dst.drain()
 
     async def _tunnel(self) -> None:
         assert self.up_r is not None and self.up_w is not None
+
+        self.deadline = 0.0  # a tunnel (websocket) may idle: no deadline
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:

@@ -1,0 +1,135 @@
+"""ProxyManager without kernel state: ports, listeners, refcounts, factories."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from axoneme.agent.proxy import ProxyError, ProxyManager
+from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
+from axoneme.core.mapstate import Direction
+from axoneme.core.marks import (
+    MARK_MAGIC_PROXY_EGRESS,
+    MARK_MAGIC_PROXY_INGRESS,
+    from_proxy_mark,
+    is_from_proxy,
+    proxy_port_of,
+    to_proxy_mark,
+)
+
+
+def _free_range(n: int = 8) -> tuple[int, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port, port + n
+
+
+def test_marks_roundtrip() -> None:
+    m = to_proxy_mark(15001)
+    assert m == 0x0200 | (15001 << 16)
+    assert proxy_port_of(m) == 15001 and proxy_port_of(0x0A00) == 0
+    assert not is_from_proxy(m)
+    assert from_proxy_mark(Direction.INGRESS) == MARK_MAGIC_PROXY_INGRESS == 0x0A00
+    assert from_proxy_mark(Direction.EGRESS) == MARK_MAGIC_PROXY_EGRESS == 0x0B00
+    assert is_from_proxy(0x0A00) and is_from_proxy(0x0B00 | 0xF0000000)
+    with pytest.raises(ValueError):
+        to_proxy_mark(0)
+
+
+def test_acquire_release_refcount_and_serving() -> None:
+    flows: list[Any] = []
+    pm = ProxyManager(lambda *a: ProxyPolicy(), flows.append, port_range=_free_range(),
+                      redirect=False, transparent=False)
+    try:
+        p1 = pm.acquire("http", Direction.EGRESS)
+        assert pm.acquire("http", Direction.EGRESS) == p1
+        p2 = pm.acquire("http", Direction.INGRESS)
+        assert p2 != p1 and pm.port_for("http", Direction.INGRESS) == p2
+        assert {(i.direction, i.refs) for i in pm.proxies()} == {(Direction.EGRESS, 2),
+                                                                 (Direction.INGRESS, 1)}
+        # the listener is the http proxy (a direct connection is refused, not looped)
+        c = socket.create_connection(("127.0.0.1", p1), timeout=5)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.recv(100) == b""
+        pm.release("http", Direction.EGRESS)
+        assert pm.port_for("http", Direction.EGRESS) == p1
+        pm.release("http", Direction.EGRESS)
+        assert pm.port_for("http", Direction.EGRESS) is None
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p1), timeout=5)
+    finally:
+        pm.stop()
+    assert pm.proxies() == []
+
+
+def test_explicit_port_and_conflicts() -> None:
+    lo, hi = _free_range()
+    pm = ProxyManager(lambda *a: None, lambda f: None, port_range=(lo, hi), redirect=False,
+                      transparent=False)
+    try:
+        assert pm.acquire("http", Direction.INGRESS, port=hi) == hi
+        with pytest.raises(ProxyError):
+            pm.acquire("http", Direction.EGRESS, port=hi)
+    finally:
+        pm.stop()
+
+
+def test_unknown_parser_fails_loudly() -> None:
+    pm = ProxyManager(lambda *a: None, lambda f: None, redirect=False, transparent=False)
+    try:
+        with pytest.raises(Exception, match="nosuchparser"):
+            pm.acquire("nosuchparser", Direction.INGRESS)
+    finally:
+        pm.stop()
+
+
+def _get(c: socket.socket, path: bytes) -> bytes:
+    c.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    buf = b""
+    while b"\r\n\r\n" not in buf or len(buf) < buf.index(b"\r\n\r\n") + 4 + int(
+            buf.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+        chunk = c.recv(1000)
+        assert chunk
+        buf += chunk
+    return buf
+
+
+def test_end_to_end_with_explicit_upstream() -> None:
+    """A listener from the manager proxies to a fixed upstream (no TPROXY)."""
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    from axoneme.core.policy.api import HTTPRule
+
+    flows: list[Any] = []
+    pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), flows.append,
+                      port_range=_free_range(), redirect=False, transparent=False,
+                      config=ProxyConfig(upstream=srv.server_address[:2]))
+    try:
+        port = pm.acquire("http", Direction.INGRESS)
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _get(c, b"/ok").endswith(b"\r\n\r\n/ok")
+        assert _get(c, b"/no").endswith(b"\r\n\r\nAccess denied")
+        assert [f.verdict.value for f in flows] == ["FORWARDED", "FORWARDED", "DROPPED"]
+        assert all(f.traffic_direction == "INGRESS" for f in flows)
+    finally:
+        pm.stop()
+        srv.shutdown()

@@ -1,0 +1,193 @@
+"""HTTP proxy benchmark: requests/s and p50/p99 latency through the proxy vs
+direct on loopback, keep-alive and a new connection per request, in one run.
+
+The upstream (a minimal asyncio HTTP server), the proxy and the load
+generator each run in their own process. The load generator is ``wrk`` when
+installed, else a bounded Python one. Numbers go to the benchmark's
+extra_info and are printed; nothing is asserted on speed.
+AXONEME_BENCH_QUICK=1: 1 s per case instead of 5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.bench
+
+QUICK = os.environ.get("AXONEME_BENCH_QUICK") == "1"
+SECONDS = 1 if QUICK else 5
+CONNS = 16
+
+UPSTREAM = textwrap.dedent("""
+    import asyncio, sys
+    BODY = b"hello from upstream\\n"
+    OK = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(BODY), BODY)
+    CLOSE = OK.replace(b"\\r\\n\\r\\n", b"\\r\\nConnection: close\\r\\n\\r\\n", 1)
+    async def handle(r, w):
+        try:
+            while True:
+                head = await r.readuntil(b"\\r\\n\\r\\n")
+                if b"onnection: close" in head or b"onnection: Close" in head:
+                    w.write(CLOSE); await w.drain(); break
+                w.write(OK)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+    async def main():
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await srv.serve_forever()
+    asyncio.run(main())
+""")
+
+PROXY = textwrap.dedent("""
+    import asyncio, socket, sys
+    from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
+    from axoneme.core.mapstate import Direction
+    from axoneme.core.policy.api import HTTPRule
+    from axoneme.l7.http import HttpProxy
+    POLICY = ProxyPolicy((HTTPRule(method="GET", path="/bench(/.*)?"),))
+    count = [0]
+    def sink(flow):
+        count[0] += 1
+    async def main():
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0)); s.listen(1024)
+        p = HttpProxy(s, direction=Direction.INGRESS, policy_for=lambda *a: POLICY, flow_sink=sink,
+                      config=ProxyConfig(upstream=("127.0.0.1", int(sys.argv[1]))))
+        await p.start()
+        print(s.getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+""")
+
+PYLOAD = textwrap.dedent("""
+    import asyncio, sys, time
+    port, conns, seconds, close = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+    REQ = b"GET /bench HTTP/1.1\\r\\nHost: bench\\r\\n" + (b"Connection: close\\r\\n" if close else b"") + b"\\r\\n"
+    lat = []
+    async def one(deadline):
+        r = w = None
+        while time.monotonic() < deadline:
+            t = time.perf_counter()
+            if r is None:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(REQ)
+            head = await r.readuntil(b"\\r\\n\\r\\n")
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\\r\\n")[0])
+            await r.readexactly(n)
+            lat.append(time.perf_counter() - t)
+            if close:
+                w.close(); r = w = None
+    async def main():
+        deadline = time.monotonic() + seconds
+        await asyncio.wait_for(asyncio.gather(*(one(deadline) for _ in range(conns))), seconds + 10)
+    t0 = time.monotonic(); asyncio.run(main()); el = time.monotonic() - t0
+    lat.sort()
+    print(len(lat) / el, lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3)
+""")
+
+
+def _spawn(code: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise RuntimeError("benchmark helper failed to start")
+    return proc, int(line)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[int, int]]:
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        up, up_port = _spawn(UPSTREAM)
+        procs.append(up)
+        px, px_port = _spawn(PROXY, str(up_port))
+        procs.append(px)
+        for port in (up_port, px_port):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        yield up_port, px_port
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def _ms(v: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v)
+    assert m, v
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
+
+
+def load(port: int, conns: int, close: bool) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms)."""
+    if shutil.which("wrk"):
+        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{SECONDS}s", "--latency", "--timeout", "5s"]
+        if close:
+            cmd += ["-H", "Connection: close"]
+        out = ""
+        for _ in range(2):  # one retry: a shared CI box can hiccup
+            out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/bench"], capture_output=True,
+                                 text=True, timeout=SECONDS + 30).stdout
+            rps_m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+            p50_m = re.search(r"50%\s+(\S+)", out)
+            p99_m = re.search(r"99%\s+(\S+)", out)
+            if rps_m and p50_m and p99_m:
+                return float(rps_m.group(1)), _ms(p50_m.group(1)), _ms(p99_m.group(1))
+        raise AssertionError(f"cannot parse wrk output:\n{out}")
+    out = subprocess.run([sys.executable, "-c", PYLOAD, str(port), str(conns), str(SECONDS),
+                          "1" if close else "0"], capture_output=True, text=True,
+                         timeout=SECONDS + 30).stdout
+    rps, p50, p99 = (float(x) for x in out.split())
+    return rps, p50, p99
+
+
+CASES = [("keepalive", False, CONNS), ("keepalive-1conn", False, 1), ("newconn", True, CONNS)]
+
+
+def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
+    up_port, px_port = servers
+    results: dict[str, dict[str, float]] = {}
+
+    def run() -> None:
+        for name, close, conns in CASES:
+            for via, port in (("direct", up_port), ("proxy", px_port)):
+                rps, p50, p99 = load(port, conns, close)
+                results[f"{name}/{via}"] = {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+                time.sleep(0.2)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    lines = [f"load generator: {'wrk' if shutil.which('wrk') else 'python'}, {SECONDS}s per case"]
+    for name, _, conns in CASES:
+        d, p = results[f"{name}/direct"], results[f"{name}/proxy"]
+        ratio = p["rps"] / d["rps"] if d["rps"] else 0.0
+        benchmark.extra_info[name] = {"direct": d, "proxy": p, "throughput_ratio": round(ratio, 3),
+                                      "added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
+                                      "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3)}
+        lines.append(f"{name:16} c={conns:<3} direct {d['rps']:9.0f} req/s p50 {d['p50_ms']:.3f} "
+                     f"p99 {d['p99_ms']:.3f} ms | proxy {p['rps']:9.0f} req/s p50 {p['p50_ms']:.3f} "
+                     f"p99 {p['p99_ms']:.3f} ms | ratio {ratio:.2f}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    with open(os.path.join(tempfile.gettempdir(), "axoneme-l7-http-bench.txt"), "w") as f:
+        f.write(report + "\n")
+    assert all(r["rps"] > 0 for r in results.values())
