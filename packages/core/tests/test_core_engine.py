@@ -295,3 +295,24 @@ def test_batch_defers_and_computes_once(monkeypatch: pytest.MonkeyPatch) -> None
     assert sorted(computed) == [1, 2, 3]
     assert w.verdict(2, IN, "a", TCP, 84) is Verdict.ALLOWED
     assert w.engine.regenerate(2) == w.engine.resolve(2)
+
+
+def test_fqdn_hook_selects_learned_ips() -> None:
+    from axoneme.core.policy.api import FQDNPeer
+
+    w = World()
+    peer = FQDNPeer(match_name="example.com")
+    w.engine.upsert_policy(policy("dns", sel(app="a"), PeerRule(EG, peers=(peer,), ports=ports((443, "TCP")))))
+    assert w.engine.fqdn_selectors() == [peer]
+    assert w.verdict(1, EG, w.engine.identity_of_ip("198.51.100.10"), port=443) is Verdict.DENIED
+    w.engine.pending_changes()
+    w.engine.update_fqdn(peer, ["198.51.100.10", "198.51.100.11"])
+    assert set(w.engine.pending_changes()) == {1}
+    ident = w.engine.identity_of_ip("198.51.100.10")
+    assert ident != ReservedIdentity.WORLD
+    assert w.verdict(1, EG, ident, port=443) is Verdict.ALLOWED
+    assert ipaddress.ip_network("198.51.100.10/32") in w.engine.pending_ipcache_changes().upserts
+    w.engine.update_fqdn(peer, ["198.51.100.11"])
+    assert w.engine.identity_of_ip("198.51.100.10") == ReservedIdentity.WORLD
+    assert w.verdict(1, EG, w.engine.identity_of_ip("198.51.100.11"), port=443) is Verdict.ALLOWED
+    assert ipaddress.ip_network("198.51.100.10/32") in w.engine.pending_ipcache_changes().deletes

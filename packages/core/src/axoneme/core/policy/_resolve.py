@@ -145,6 +145,25 @@ def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[in
     return ids
 
 
+# Resolution (Cilium semantics), for one endpoint:
+# 1. Rules select the endpoint when their subject matches its identity labels
+#    (nodeSelector rules never select pods; the repository skips them).
+# 2. A direction is enforced if any selecting rule enforces it, or the mode is
+#    "always"; mode "never" enforces nothing and installs no denies. An
+#    unenforced direction gets the wildcard allow Key(0, D) (denies still apply).
+# 3. Peers become identity sets through the selector cache: no peers = {0}
+#    (any), endpoint selectors by labels (pods and reserved identities),
+#    entities by reserved number (world = 2, 9, 10 and every CIDR identity;
+#    cluster = every non-world identity; all = {0}; none = {}), CIDRs by
+#    prefix containment minus excepts (a /0 also selects world).
+# 4. Ports: none = L3-only Key(id, D); protocol ANY with a port = TCP, UDP and
+#    SCTP keys; port 0 with a protocol = that whole protocol; endPort = prefix
+#    blocks; named ports: ingress from the endpoint's own ports, egress from
+#    every endpoint's ports of that name (unknown name: no key); ICMP type in
+#    the port field with prefix 16.
+# 5. Merging: see _merge (deny > plain allow > L7; L7 rules of one parser OR'ed).
+# 6. allow-localhost "auto": an enforced ingress also allows the host (Key(1, INGRESS)).
+# 7. Replies and a pod's traffic to itself are not policy's business.
 def resolve_endpoint(
     endpoint: Endpoint,
     rules: Sequence[Rule],

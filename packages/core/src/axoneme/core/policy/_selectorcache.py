@@ -70,9 +70,9 @@ def _cidr_matches(peer: CIDRPeer, ident: Identity) -> bool:
 
 
 def _fqdn_matches(peer: FQDNPeer, ident: Identity) -> bool:
-    # Hook for toFQDNs: the DNS proxy allocates identities for learned IPs
-    # labelled ``fqdn:<matchName or matchPattern>`` (Cilium 1.16 style); this
-    # selects exactly those.
+    # toFQDNs selects the identities the engine was told about
+    # (SelectorCache.set_fqdn, fed from the DNS cache) and, as a second hook,
+    # identities labelled ``fqdn:<matchName or matchPattern>`` (Cilium 1.16 style).
     want = peer.match_name if peer.match_name is not None else peer.match_pattern
     return any(lab.source == SOURCE_FQDN and lab.key == want for lab in ident.labels.values())
 
@@ -104,6 +104,34 @@ class SelectorCache:
         self._sel: dict[Selector, set[int]] = {}
         self._sel_refs: dict[Selector, int] = {}
         self._by_id: dict[int, set[Selector]] = {}  # id -> selectors selecting it
+        self._fqdn: dict[FQDNPeer, frozenset[int]] = {}  # learned IP identities per toFQDNs selector
+
+    def _matches(self, sel: Selector, ident: Identity) -> bool:
+        if isinstance(sel, FQDNPeer) and ident.id in self._fqdn.get(sel, frozenset()):
+            return True
+        return selector_matches(sel, ident)
+
+    def set_fqdn(self, peer: FQDNPeer, ids: frozenset[int]) -> set[Selector]:
+        """Set the identities a toFQDNs selector stands for; returns {peer} if its selection changed."""
+        self._fqdn[peer] = frozenset(ids)
+        if not ids:
+            del self._fqdn[peer]
+        cur = self._sel.get(peer)
+        if cur is None:
+            return set()
+        new = {i for i in self._idents if self._matches(peer, self._idents[i])}
+        if new == cur:
+            return set()
+        for i in cur - new:
+            users = self._by_id.get(i)
+            if users is not None:
+                users.discard(peer)
+                if not users:
+                    del self._by_id[i]
+        for i in new - cur:
+            self._by_id.setdefault(i, set()).add(peer)
+        self._sel[peer] = new
+        return {peer}
 
     # -- identities --------------------------------------------------------------
     def identities(self) -> list[Identity]:
@@ -125,7 +153,7 @@ class SelectorCache:
             self._kv.setdefault((lab.key, lab.value), set()).add(ident.id)
         changed: set[Selector] = set()
         for sel, ids in self._sel.items():
-            if self._wildcard(sel) is None and selector_matches(sel, ident):
+            if self._wildcard(sel) is None and self._matches(sel, ident):
                 ids.add(ident.id)
                 changed.add(sel)
         if changed:
@@ -195,7 +223,7 @@ class SelectorCache:
         if fixed is not None:
             self._sel[sel] = set(fixed)
             return
-        ids = {i for i in self._candidates(sel) if selector_matches(sel, self._idents[i])}
+        ids = {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
         self._sel[sel] = ids
         for i in ids:
             self._by_id.setdefault(i, set()).add(sel)
@@ -225,7 +253,7 @@ class SelectorCache:
             fixed = self._wildcard(sel)
             if fixed is not None:
                 return set(fixed)
-            return {i for i in self._candidates(sel) if selector_matches(sel, self._idents[i])}
+            return {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
         return found
 
     def selectors_of(self, number: int) -> set[Selector]:

@@ -33,7 +33,7 @@ from axoneme.core.identity import (
 from axoneme.core.mapstate import Decision, Direction, MapChanges, MapState, Protocol
 from axoneme.core.policy._resolve import Resolved, resolve_endpoint
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
-from axoneme.core.policy.api import Policy, PolicyRef, Rule
+from axoneme.core.policy.api import FQDNPeer, Policy, PolicyRef, Rule
 from axoneme.core.policy.repository import PolicyRepository, policy_cidrs, policy_selectors
 
 LOG = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class PolicyEngine:
         self._cidr_refs: Counter[IPNetwork] = Counter()
         self._cidr_ids: dict[IPNetwork, Identity] = {}
         self._extra_ids: Counter[int] = Counter()
+        self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
         self._reported: dict[int, MapState] = {}
         self._dirty: set[int] = set()
         self._reported_ipcache: dict[IPNetwork, int] = {}
@@ -213,6 +214,37 @@ class PolicyEngine:
             if not self._extra_ids[number]:
                 del self._extra_ids[number]
             self._recompute(self._dependents(self._cache.remove_identity(number)))
+
+    # -- toFQDNs -------------------------------------------------------------------
+    def fqdn_selectors(self) -> list[FQDNPeer]:
+        """toFQDNs selectors used by the applied policies (what to ask the DNS cache about)."""
+        with self._lock:
+            out: set[FQDNPeer] = set()
+            for policy in self._repo:
+                for sel in policy_selectors(policy):
+                    if isinstance(sel, FQDNPeer):
+                        out.add(sel)
+            return sorted(out, key=lambda p: (p.match_name or "", p.match_pattern or ""))
+
+    def update_fqdn(self, peer: FQDNPeer, ips: Iterable[str]) -> None:
+        """Set the IPs a toFQDNs selector currently stands for (from the DNS cache).
+
+        Each IP gets a /32 (/128) CIDR identity in the ipcache; endpoints whose
+        rules use the selector (or a world/CIDR selector covering the IP) are
+        recomputed."""
+        with self._lock:
+            nets = frozenset(ipaddress.ip_network(ip) for ip in ips)
+            old = self._fqdn_nets.get(peer, frozenset())
+            if nets == old:
+                return
+            changed = self._add_cidrs(nets - old)
+            if nets:
+                self._fqdn_nets[peer] = nets
+            else:
+                self._fqdn_nets.pop(peer, None)
+            changed |= self._cache.set_fqdn(peer, frozenset(self._cidr_ids[n].id for n in nets))
+            changed |= self._remove_cidrs(old - nets)
+            self._recompute(self._dependents(changed))
 
     def identities(self) -> list[Identity]:
         """Every identity the engine knows (reserved, endpoints, CIDR, extra)."""
