@@ -247,3 +247,50 @@ def test_fuzz_nothing_refused_reaches_upstream(batch: list[bytes], cut_last: boo
                 req = parse_request(f)
                 assert match_request(FUZZ_RULES, req).allowed, req
     run(go())
+
+
+def test_kafka_proxy_factory_listener() -> None:
+    """The agent-facing listener: (sock, *, direction, policy_for, flow_sink, config)."""
+    import socket
+    from types import SimpleNamespace
+
+    from axoneme.core.mapstate import Direction
+    from axoneme.l7.kafka import KafkaParser
+    from kafka_fakes import FakeBroker
+
+    async def go() -> None:
+        broker = FakeBroker()
+        up = await broker.start()
+        calls: list[tuple[Any, ...]] = []
+        flows: list[Any] = []
+
+        def policy_for(*args: Any) -> Any:
+            calls.append(args)
+            return SimpleNamespace(rules=PRODUCE_A, source=None, destination=None)
+
+        factory = KafkaParser().proxy_factory()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        proxy = factory(sock, direction=Direction.INGRESS, policy_for=policy_for,
+                        flow_sink=flows.append, config=SimpleNamespace(upstream=up))
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection(*sock.getsockname()[:2])
+            w.write(request_frame(0, 9, [("a", [0])], correlation_id=1))
+            w.write(request_frame(0, 9, [("z", [0])], correlation_id=2))
+            assert b"upstream" in (await read_response(r))[1]
+            assert b"upstream" not in (await read_response(r))[1]
+            w.close()
+        finally:
+            await proxy.stop()
+            await broker.stop()
+            sock.close()
+        assert len(calls) == 2  # asked per request
+        src_ip, _, dst_ip, dst_port, direction = calls[0]
+        assert (src_ip, dst_ip, dst_port, direction) == ("127.0.0.1", up[0], up[1],
+                                                         Direction.INGRESS)
+        assert [f.traffic_direction for f in flows] == ["INGRESS", "INGRESS"]
+        assert [f.verdict for f in flows] == [FlowVerdict.FORWARDED, FlowVerdict.DROPPED]
+        assert flows[0].l4["TCP"]["destination_port"] == up[1]
+    run(go())

@@ -23,7 +23,7 @@ class KafkaDecodeError(ValueError):
 class Reader:
     __slots__ = ("buf", "pos", "end")
 
-    def __init__(self, buf: bytes | memoryview, pos: int = 0, end: int | None = None) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview, pos: int = 0, end: int | None = None) -> None:
         self.buf = memoryview(buf)
         self.pos = pos
         self.end = len(self.buf) if end is None else end

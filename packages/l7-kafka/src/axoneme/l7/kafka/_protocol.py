@@ -12,7 +12,8 @@ refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from axoneme.l7.kafka._codec import KafkaDecodeError, Reader
 
@@ -127,34 +128,39 @@ def parse_request(frame: bytes | memoryview) -> KafkaRequest:
         raise KafkaDecodeError(f"negative api version {api_version}")
     client_id = r.string(flexible=False, nullable=True)  # never compact, even in header v2
     flexible = is_flexible(api_key, api_version)
-    base = dict(api_key=api_key, api_version=api_version,
-                correlation_id=correlation_id, client_id=client_id)
+    head = KafkaRequest(api_key, api_version, correlation_id, client_id)
     try:
         r.tagged_fields(flexible)
     except KafkaDecodeError as exc:
-        return KafkaRequest(**base, body_offset=r.pos, error=f"bad header: {exc}")
-    body = r.pos
+        return replace(head, body_offset=r.pos, error=f"bad header: {exc}")
+    head = replace(head, body_offset=r.pos)
     if api_key in TOPICLESS_APIS:
         if api_key == FIND_COORDINATOR:
             try:
-                keys = _find_coordinator(r, api_version, flexible)
+                return replace(head, keys=_find_coordinator(r, api_version, flexible))
             except KafkaDecodeError as exc:
-                return KafkaRequest(**base, body_offset=body, error=str(exc))
-            return KafkaRequest(**base, body_offset=body, keys=keys)
-        return KafkaRequest(**base, body_offset=body)
+                return replace(head, error=str(exc))
+        return head
     max_version = TOPIC_APIS_MAX.get(api_key)
     if max_version is None:
-        return KafkaRequest(**base, body_offset=body,
-                            error=f"unsupported api key {api_name(api_key)}")
+        return replace(head, error=f"unsupported api key {api_name(api_key)}")
     if api_version > max_version:
-        return KafkaRequest(**base, body_offset=body,
-                            error=f"unsupported {api_name(api_key)} version {api_version}")
+        return replace(head, error=f"unsupported {api_name(api_key)} version {api_version}")
     try:
-        fields = _BODY[api_key](r, api_version, flexible)
+        body = _BODY[api_key](r, api_version, flexible)
         r.expect_end()
     except KafkaDecodeError as exc:
-        return KafkaRequest(**base, body_offset=body, error=str(exc))
-    return KafkaRequest(**base, body_offset=body, **fields)
+        return replace(head, error=str(exc))
+    return replace(head, topics=body.topics, all_topics=body.all_topics,
+                   expects_response=body.expects_response, groups=body.groups)
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    topics: tuple[TopicPartitions, ...] = ()
+    all_topics: bool = False
+    expects_response: bool = True
+    groups: tuple[tuple[str, tuple[TopicPartitions, ...] | None], ...] = ()
 
 
 # ---------------------------------------------------------------- bodies
@@ -164,7 +170,7 @@ def _int32_array(r: Reader, f: bool) -> tuple[int, ...]:
     return tuple(r.int32() for _ in range(n))
 
 
-def _produce(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _produce(r: Reader, v: int, f: bool) -> _Body:
     if v >= 3:
         r.string(f, nullable=True)  # transactional id
     acks = r.int16()
@@ -180,10 +186,10 @@ def _produce(r: Reader, v: int, f: bool) -> dict[str, object]:
         r.tagged_fields(f)
         topics.append((name, tuple(parts)))
     r.tagged_fields(f)
-    return {"topics": tuple(topics), "expects_response": acks != 0}
+    return _Body(tuple(topics), expects_response=acks != 0)
 
 
-def _fetch(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _fetch(r: Reader, v: int, f: bool) -> _Body:
     r.int32()  # replica id
     r.int32()  # max wait
     r.int32()  # min bytes
@@ -221,10 +227,10 @@ def _fetch(r: Reader, v: int, f: bool) -> dict[str, object]:
     if v >= 11:
         r.string(f)  # rack id
     r.tagged_fields(f)
-    return {"topics": tuple(topics)}
+    return _Body(tuple(topics))
 
 
-def _list_offsets(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _list_offsets(r: Reader, v: int, f: bool) -> _Body:
     r.int32()  # replica id
     if v >= 2:
         r.int8()  # isolation level
@@ -245,10 +251,10 @@ def _list_offsets(r: Reader, v: int, f: bool) -> dict[str, object]:
     if v >= 10:
         r.int32()  # timeout
     r.tagged_fields(f)
-    return {"topics": tuple(topics)}
+    return _Body(tuple(topics))
 
 
-def _metadata(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _metadata(r: Reader, v: int, f: bool) -> _Body:
     n = r.array_len(f, nullable=v >= 1)
     topics = []
     for _ in range(n or 0):
@@ -267,10 +273,10 @@ def _metadata(r: Reader, v: int, f: bool) -> dict[str, object]:
         r.boolean()  # include topic authorized operations
     r.tagged_fields(f)
     # v0: an empty array means every topic; v1+: null means every topic.
-    return {"topics": tuple(topics), "all_topics": n is None or (v == 0 and n == 0)}
+    return _Body(tuple(topics), all_topics=n is None or (v == 0 and n == 0))
 
 
-def _offset_commit(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _offset_commit(r: Reader, v: int, f: bool) -> _Body:
     r.req_string(f)  # group id
     if v >= 1:
         r.int32()  # generation id
@@ -295,7 +301,7 @@ def _offset_commit(r: Reader, v: int, f: bool) -> dict[str, object]:
         r.tagged_fields(f)
         topics.append((name, tuple(parts)))
     r.tagged_fields(f)
-    return {"topics": tuple(topics)}
+    return _Body(tuple(topics))
 
 
 def _offset_fetch_topics(r: Reader, f: bool, nullable: bool) -> tuple[TopicPartitions, ...] | None:
@@ -310,7 +316,7 @@ def _offset_fetch_topics(r: Reader, f: bool, nullable: bool) -> tuple[TopicParti
     return tuple(topics)
 
 
-def _offset_fetch(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _offset_fetch(r: Reader, v: int, f: bool) -> _Body:
     groups: list[tuple[str, tuple[TopicPartitions, ...] | None]] = []
     if v <= 7:
         group = r.req_string(f)
@@ -328,11 +334,10 @@ def _offset_fetch(r: Reader, v: int, f: bool) -> dict[str, object]:
         r.boolean()  # require stable
     r.tagged_fields(f)
     topics = tuple(tp for _, ts in groups for tp in (ts or ()))
-    return {"topics": topics, "groups": tuple(groups),
-            "all_topics": any(ts is None for _, ts in groups)}
+    return _Body(topics, groups=tuple(groups), all_topics=any(ts is None for _, ts in groups))
 
 
-def _create_topics(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _create_topics(r: Reader, v: int, f: bool) -> _Body:
     topics = []
     for _ in range(r.array_len(f, min_item=9) or 0):
         name = r.req_string(f)
@@ -352,10 +357,10 @@ def _create_topics(r: Reader, v: int, f: bool) -> dict[str, object]:
     if v >= 1:
         r.boolean()  # validate only
     r.tagged_fields(f)
-    return {"topics": tuple(topics)}
+    return _Body(tuple(topics))
 
 
-def _delete_topics(r: Reader, v: int, f: bool) -> dict[str, object]:
+def _delete_topics(r: Reader, v: int, f: bool) -> _Body:
     topics = []
     if v >= 6:
         for _ in range(r.array_len(f, min_item=17) or 0):
@@ -370,7 +375,7 @@ def _delete_topics(r: Reader, v: int, f: bool) -> dict[str, object]:
             topics.append((r.req_string(f), ()))
     r.int32()  # timeout
     r.tagged_fields(f)
-    return {"topics": tuple(topics)}
+    return _Body(tuple(topics))
 
 
 def _find_coordinator(r: Reader, v: int, f: bool) -> tuple[str, ...]:
@@ -387,7 +392,7 @@ def _find_coordinator(r: Reader, v: int, f: bool) -> tuple[str, ...]:
     return keys
 
 
-_BODY = {
+_BODY: dict[int, Callable[[Reader, int, bool], _Body]] = {
     PRODUCE: _produce, FETCH: _fetch, LIST_OFFSETS: _list_offsets, METADATA: _metadata,
     OFFSET_COMMIT: _offset_commit, OFFSET_FETCH: _offset_fetch,
     CREATE_TOPICS: _create_topics, DELETE_TOPICS: _delete_topics,

@@ -284,7 +284,8 @@ class _Session:
             verdict = (L7Verdict(False, None, "no kafka policy for this connection")
                        if rules is None else match_request(rules, req))
             if verdict.allowed:
-                self.uw.write(_SIZE.pack(len(data)) + data)
+                self.uw.write(_SIZE.pack(len(data)))
+                self.uw.write(data)
                 if req.expects_response:
                     await self.pending.put(_Pending(req))
                 self._emit(kafka_flow(req, FlowVerdict.FORWARDED, self.conn, policy=policy_obj))
@@ -368,7 +369,8 @@ class _Session:
                     LOG.warning("kafka proxy: unexpected metadata response: %s", exc)
                     return
             else:
-                out = _SIZE.pack(len(data)) + data
+                self.cw.write(_SIZE.pack(len(data)))
+                out = data
             self.cw.write(out)
             await self.cw.drain()
 
@@ -512,8 +514,9 @@ class StandaloneKafkaProxy:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
+        server = self._server
+        assert isinstance(server, asyncio.Server) and server.sockets
+        host, port = server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def start(self) -> tuple[str, int]:
