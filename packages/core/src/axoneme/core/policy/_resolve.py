@@ -55,7 +55,7 @@ class Resolved:
 # rest of resolution; keys are interned per L4 template and identity (bounded:
 # cleared when it grows past _KEY_CACHE_MAX).
 _KEY_CACHE: dict[tuple[Direction, Protocol, int, int], dict[int, Key]] = {}
-_KEY_CACHE_MAX = 1 << 20
+_KEY_CACHE_MAX = 1 << 18
 _key_count = 0
 
 
