@@ -270,3 +270,110 @@ def test_direct_connection_to_listener_refused() -> None:
         loop.run(p.stop())
         loop.close()
         del asyncio
+
+
+class _RawUpstream:
+    """An upstream that answers every request head with fixed bytes."""
+
+    def __init__(self, reply: bytes, close_after: bool = False) -> None:
+        import threading
+
+        self.reply = reply
+        self.close_after = close_after
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            buf = b""
+            try:
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(4096)
+                    if not data:
+                        break
+                    buf += data
+                c.sendall(self.reply)
+                if self.close_after:
+                    c.close()
+                else:
+                    c.recv(1)
+            except OSError:
+                pass
+            finally:
+                c.close()
+
+
+def _env_with_raw(reply: bytes, close_after: bool = False):
+    from dataclasses import replace
+
+    e = make_env()
+    raw = _RawUpstream(reply, close_after)
+    e.proxy.config = replace(e.proxy.config, upstream=("127.0.0.1", raw.port))
+    return e, raw
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    b"garbage\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n",
+])
+def test_bad_upstream_response_gives_502(reply: bytes) -> None:
+    e, raw = _env_with_raw(reply)
+    try:
+        s = e.connect()
+        out = exchange(s, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n", until_close=True)
+        assert out.startswith(b"HTTP/1.1 502")
+        assert any(f.verdict is FlowVerdict.ERROR for f in e.flows)
+    finally:
+        raw.sock.close()
+        close_env(e)
+
+
+def test_response_delimited_by_close_is_relayed() -> None:
+    e, raw = _env_with_raw(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after=True)
+    try:
+        s = e.connect()
+        out = exchange(s, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n", until_close=True)
+        assert out == b"HTTP/1.1 200 OK\r\n\r\nuntil the end"
+    finally:
+        raw.sock.close()
+        close_env(e)
+
+
+def test_upstream_timeout_gives_504() -> None:
+    from dataclasses import replace
+
+    e = make_env(config=ProxyConfig(header_timeout=2, idle_timeout=2, body_timeout=2,
+                                    upstream_timeout=0.3))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (backlog) but never answers
+    try:
+        e.proxy.config = replace(e.proxy.config, upstream=silent.getsockname())
+        s = e.connect()
+        out = exchange(s, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n", until_close=True)
+        assert out.startswith(b"HTTP/1.1 504")
+    finally:
+        silent.close()
+        close_env(e)
+
+
+def test_upgrade_tunnel_after_101() -> None:
+    e, raw = _env_with_raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade"
+                           b"\r\n\r\nserver-bytes", close_after=True)
+    try:
+        s = e.connect()
+        out = exchange(s, b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
+                       until_close=True)
+        assert out.startswith(b"HTTP/1.1 101") and out.endswith(b"server-bytes")
+    finally:
+        raw.sock.close()
+        close_env(e)
