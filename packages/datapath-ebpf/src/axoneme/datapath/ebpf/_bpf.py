@@ -31,6 +31,7 @@ PINNED_MAPS = {
     "ax_lxc": "axoneme_lxc_v1",
     "ax_ct": "axoneme_ct_v1",
     "ax_metrics": "axoneme_metrics_v1",
+    "ax_rev": "axoneme_rev_v1",
 }
 
 _INCLUDE = re.compile(r'^#include "(lib/[A-Za-z0-9_]+\.h)"\s*$', re.M)

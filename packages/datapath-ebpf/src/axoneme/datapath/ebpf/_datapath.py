@@ -273,6 +273,17 @@ class EbpfDatapath(Datapath):
         if current and (not ifname or current == ifname):
             _tc.detach(ifindex)
 
+    def _bump_revision(self) -> None:
+        """Invalidate every verdict cached in CT entries (see lib/conntrack.h).
+
+        Called after each change of policy, ipcache or endpoints, once the
+        change is fully written: a packet that read the old revision and saw a
+        half-written state cached it under the old revision."""
+        fd = self._fds["ax_rev"]
+        key, cur = ct.c_uint32(0), ct.c_uint64(0)
+        _bpf.map_lookup(fd, key, cur)
+        _bpf.map_update(fd, key, ct.c_uint64((cur.value + 1) & 0xFFFFFFFF))
+
     def _require(self) -> None:
         if self._bpf is None:
             raise DatapathProgramError("ebpf datapath not started")
@@ -315,6 +326,7 @@ class EbpfDatapath(Datapath):
             self._register(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
             self._attach(ifindex)
             self._refresh_node_addresses()
+            self._bump_revision()
 
     def _register(self, endpoint: Endpoint, ifindex: int, ifname: str, enforce_ingress: bool = True,
                   enforce_egress: bool = True) -> None:
@@ -330,6 +342,7 @@ class EbpfDatapath(Datapath):
                 if ip:
                     _bpf.map_update(self._fds["ax_lxc"], lxc_key(ip), val)
             _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(ifindex), val)
+            self._bump_revision()
         except OSError as e:
             if e.errno in _FULL_ERRNOS:
                 self._map_full_errors += 1
@@ -375,6 +388,7 @@ class EbpfDatapath(Datapath):
                 _bpf.map_delete(fd, k)
             if self._ep_counts is not None:
                 self._ep_counts.pop(endpoint.id, None)
+            self._bump_revision()
 
     # ---- ipcache -------------------------------------------------------------------
 
@@ -416,10 +430,12 @@ class EbpfDatapath(Datapath):
                     v.identity = identity
                     _bpf.map_update(fd, ipcache_key(net), v)
             except OSError as e:
+                self._bump_revision()
                 if e.errno in _FULL_ERRNOS:
                     self._map_full_errors += 1
                     raise MapFullError(f"ipcache map full ({self.config.ipcache_max} entries)") from e
                 raise DatapathProgramError("ipcache update", e.errno, str(e)) from e
+            self._bump_revision()
 
     def dump_ipcache(self) -> dict[IPNetwork, int]:
         with self._lock:
@@ -493,12 +509,14 @@ class EbpfDatapath(Datapath):
                 done.append(k)
         except OSError as e:
             self._rollback(ep_id, done, old)
+            self._bump_revision()
             if e.errno in _FULL_ERRNOS:
                 self._map_full_errors += 1
                 raise MapFullError(
                     f"policy map full applying {len(changes)} changes to endpoint {ep_id} "
                     f"({os.strerror(e.errno or 0)}); rolled back") from e
             raise DatapathProgramError("policy map update", e.errno, str(e)) from e
+        self._bump_revision()
         counts = self._counts()
         counts[ep_id] = count + new_keys - gone
 

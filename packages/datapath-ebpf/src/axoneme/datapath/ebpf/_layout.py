@@ -142,7 +142,9 @@ class CTEntry(ct.Structure):
         ("ep_id", ct.c_uint32),
         ("proxy_port", ct.c_uint16),
         ("flags", ct.c_uint8),
-        ("pad", ct.c_uint8),
+        ("cache_owner", ct.c_uint8),
+        ("policy_rev", ct.c_uint32),
+        ("cached_mark", ct.c_uint32),
     ]
 
 

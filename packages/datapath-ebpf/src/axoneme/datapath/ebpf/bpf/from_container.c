@@ -8,6 +8,8 @@
  * 4. Allowed: tracked in CT (a new connection emits policy-verdict events);
  *    an entry with a proxy port marks the skb for the proxy (TPROXY), unless
  *    the packet already comes from the proxy.
+ * Steps 2-3 are skipped when the CT entry caches a verdict computed at the
+ * current policy revision (see conntrack.h): same result, no LPM walks.
  */
 #include "lib/common.h"
 #include "lib/parse.h"
@@ -43,9 +45,20 @@ int ax_from_container(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
 
+    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
+    /* read the revision before any policy lookup: a change racing with this
+     * packet bumps it afterwards and invalidates what we cache below */
+    __u32 rev = ax_policy_rev();
+    struct ax_ct_entry *ce = ax_ct_forward_lookup(&p, now);
+    if (!from_proxy && ax_ct_cached(ce, &p, now, AX_CT_CACHE_FROM_CONTAINER, rev)) {
+        if (ce->cached_mark)
+            skb->mark = ce->cached_mark;
+        ax_metric_inc(AX_METRIC_FORWARDED);
+        return TC_ACT_OK;
+    }
+
     struct ax_endpoint *dst_ep = ax_lxc_lookup(p.t.family, p.t.daddr);
     __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);
-    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
 
     struct ax_verdict ve = {};
     ax_policy_decide(ep_id, dst_id, AX_DIR_EGRESS, p.t.proto, p.policy_port, p.len, &ve);
@@ -70,7 +83,13 @@ int ax_from_container(struct __sk_buff *skb)
             redirect = vi.proxy_port;
     }
 
-    int ct = ax_ct_forward(&p, now, ep_id, src_id, dst_id, redirect);
+    __u32 mark = 0;
+    if (redirect)
+        mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
+    else if (checked_ingress)
+        mark = AX_MARK_MAGIC_CHECKED;
+    int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,
+                           from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_FROM_CONTAINER, rev, mark);
     if (ct < 0) {
         ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
         ax_drop_simple(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
@@ -85,13 +104,8 @@ int ax_from_container(struct __sk_buff *skb)
                     (vi.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
                     AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
     }
-    if (redirect) {
-        skb->mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
-        ax_metric_inc(AX_METRIC_REDIRECTED);
-    } else {
-        if (checked_ingress)
-            skb->mark = AX_MARK_MAGIC_CHECKED;
-        ax_metric_inc(AX_METRIC_FORWARDED);
-    }
+    if (mark)
+        skb->mark = mark;
+    ax_metric_inc(redirect ? AX_METRIC_REDIRECTED : AX_METRIC_FORWARDED);
     return TC_ACT_OK;
 }

@@ -6,6 +6,8 @@
  * 3. The pod's INGRESS policy decides (peer = source identity; packets the
  *    node itself sent without an ipcache entry are host).
  * 4. Allowed: tracked in CT; a new connection emits a policy-verdict event.
+ *    Step 3 is skipped when the CT entry caches a verdict of the current
+ *    policy revision (see conntrack.h).
  *    A proxy port only sets the TO_PROXY mark here: at this hook the packet
  *    is past routing, so ingress L7 from non-local sources is not redirected
  *    (pod-to-pod ingress L7 is redirected by the source's from-container).
@@ -48,8 +50,17 @@ int ax_to_container(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
 
-    __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
     int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
+    __u32 rev = ax_policy_rev();  /* before any lookup: see conntrack.h */
+    struct ax_ct_entry *ce = ax_ct_forward_lookup(&p, now);
+    if (!from_proxy && ax_ct_cached(ce, &p, now, AX_CT_CACHE_TO_CONTAINER, rev)) {
+        if (ce->cached_mark)
+            skb->mark = ce->cached_mark;
+        ax_metric_inc(AX_METRIC_FORWARDED);
+        return TC_ACT_OK;
+    }
+
+    __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 
     struct ax_verdict v = {};
     ax_policy_decide(ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &v);
@@ -58,7 +69,9 @@ int ax_to_container(struct __sk_buff *skb)
         return TC_ACT_SHOT;
     }
     __u16 redirect = from_proxy ? 0 : v.proxy_port;
-    int ct = ax_ct_forward(&p, now, ep_id, src_id, dst_id, redirect);
+    __u32 mark = redirect ? (AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16)) : 0;
+    int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,
+                           from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_TO_CONTAINER, rev, mark);
     if (ct < 0) {
         ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
         ax_drop_simple(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
@@ -67,11 +80,8 @@ int ax_to_container(struct __sk_buff *skb)
     if (ct > 0)
         ax_emit(&p, AX_EVENT_POLICY_VERDICT, redirect ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
                 AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
-    if (redirect) {
-        skb->mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
-        ax_metric_inc(AX_METRIC_REDIRECTED);
-    } else {
-        ax_metric_inc(AX_METRIC_FORWARDED);
-    }
+    if (mark)
+        skb->mark = mark;
+    ax_metric_inc(redirect ? AX_METRIC_REDIRECTED : AX_METRIC_FORWARDED);
     return TC_ACT_OK;
 }

@@ -9,7 +9,14 @@
 
 /* axoneme_ct_v1 (LRU hash) key: struct ax_tuple (parse.h) of the packet that
  * opened the connection, i.e. the forward orientation. A packet whose
- * reversed tuple is present is a reply. */
+ * reversed tuple is present is a reply.
+ *
+ * Verdict cache: a forward packet is decided by the policy maps unless the
+ * entry holds a verdict computed at the current policy revision
+ * (axoneme_rev_v1, bumped by the agent after every policy, ipcache or
+ * endpoint change). So every forward packet still sees the current policy
+ * (revocation drops the next packet), without walking the LPM tries again
+ * for packets of a connection when nothing changed. */
 struct ax_ct_entry {
     __u64 created;     /* ktime ns */
     __u64 last_seen;   /* ktime ns of the last forward or reply packet */
@@ -21,8 +28,25 @@ struct ax_ct_entry {
     __u32 ep_id;       /* endpoint whose policy opened it (first decider) */
     __u16 proxy_port;
     __u8 flags;
-    __u8 pad;
+    __u8 cache_owner;  /* AX_CT_CACHE_*: which program cached the verdict */
+    __u32 policy_rev;  /* revision the cached verdict was computed at */
+    __u32 cached_mark; /* skb->mark an allowed packet gets (0: none) */
 };
+
+#define AX_CT_CACHE_NONE 0
+#define AX_CT_CACHE_FROM_CONTAINER 1
+#define AX_CT_CACHE_TO_CONTAINER 2
+
+/* axoneme_rev_v1: one u64, the policy revision (pinned: programs of a
+ * previous agent run and the current one must see the same revision). */
+BPF_TABLE_PINNED("array", __u32, __u64, ax_rev, 1, AX_PIN_ROOT "/axoneme_rev_v1");
+
+static __always_inline __u32 ax_policy_rev(void)
+{
+    __u32 zero = 0;
+    __u64 *r = ax_rev.lookup(&zero);
+    return r ? (__u32)*r : 0;
+}
 
 #define AX_CT_F_CLOSING 1
 
@@ -75,17 +99,44 @@ static __always_inline int ax_ct_is_reply(struct ax_pkt *p, __u64 now)
     return 1;
 }
 
-/* Record an allowed forward packet. Returns 1 if the connection is new,
- * 0 if it was already tracked, <0 if the entry could not be created. */
-static __always_inline int ax_ct_forward(struct ax_pkt *p, __u64 now, __u32 ep_id,
-                                         __u32 src_id, __u32 dst_id, __u16 proxy_port)
+/* The live CT entry of this forward tuple, or NULL. */
+static __always_inline struct ax_ct_entry *ax_ct_forward_lookup(struct ax_pkt *p, __u64 now)
 {
     struct ax_ct_entry *e = ax_ct.lookup(&p->t);
-    if (e && ax_ct_alive(e, p->t.proto, now)) {
+    if (e && !ax_ct_alive(e, p->t.proto, now))
+        return 0;
+    return e;
+}
+
+/* Fast path: the entry caches a verdict of the current revision for this
+ * program. Returns 1 (and accounts the packet) when it does. */
+static __always_inline int ax_ct_cached(struct ax_ct_entry *e, struct ax_pkt *p, __u64 now,
+                                        __u8 owner, __u32 rev)
+{
+    if (!e || e->cache_owner != owner || e->policy_rev != rev)
+        return 0;
+    e->last_seen = now;
+    __sync_fetch_and_add(&e->packets, 1);
+    __sync_fetch_and_add(&e->bytes, p->len);
+    ax_ct_note_flags(e, p);
+    return 1;
+}
+
+/* Record an allowed forward packet (``e`` from ax_ct_forward_lookup) and
+ * cache its verdict. Returns 1 if the connection is new, 0 if it was already
+ * tracked, <0 if the entry could not be created. */
+static __always_inline int ax_ct_forward(struct ax_ct_entry *e, struct ax_pkt *p, __u64 now,
+                                         __u32 ep_id, __u32 src_id, __u32 dst_id,
+                                         __u16 proxy_port, __u8 owner, __u32 rev, __u32 mark)
+{
+    if (e) {
         e->last_seen = now;
         __sync_fetch_and_add(&e->packets, 1);
         __sync_fetch_and_add(&e->bytes, p->len);
         e->proxy_port = proxy_port;
+        e->cache_owner = owner;
+        e->policy_rev = rev;
+        e->cached_mark = mark;
         /* a new SYN on a closing tuple reopens it */
         if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && !(p->tcp_flags & 0x10))
             e->flags &= ~AX_CT_F_CLOSING;
@@ -101,6 +152,9 @@ static __always_inline int ax_ct_forward(struct ax_pkt *p, __u64 now, __u32 ep_i
     n.dst_identity = dst_id;
     n.ep_id = ep_id;
     n.proxy_port = proxy_port;
+    n.cache_owner = owner;
+    n.policy_rev = rev;
+    n.cached_mark = mark;
     ax_ct_note_flags(&n, p);
     if (ax_ct.update(&p->t, &n) < 0)
         return -1;
