@@ -360,16 +360,23 @@ class IptablesDatapath(Datapath):
                 out[net] = int(ident)
         return out
 
-    def _sync_sets(self, need: Iterable[int] = ()) -> None:
-        """Make the AXON-ID sets hold the current LPM view (ipset mode)."""
+    def _sync_sets(self, need: Iterable[int] = (), only_missing: bool = False) -> None:
+        """Make the AXON-ID sets hold the current LPM view (ipset mode).
+
+        ``need``: identities whose sets must exist (rules about to reference
+        them); with ``only_missing`` the sets that exist are taken as current
+        (ipcache_apply keeps them so) and only absent ones are made."""
         lines: list[str] = []
         wanted = set(need)
         new_sets: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for family in self._families:
             fam = "inet" if family == 4 else "inet6"
-            idents = {int(n.rsplit("-", 1)[1]) for n in self._sets
-                      if n.startswith("AXON-ID-" if family == 4 else "AXON-ID6-")}
-            idents |= wanted
+            if only_missing:
+                idents = {i for i in wanted if rd.set_name(i, family) not in self._sets}
+            else:
+                idents = {int(n.rsplit("-", 1)[1]) for n in self._sets
+                          if n.startswith("AXON-ID-" if family == 4 else "AXON-ID6-")}
+                idents |= wanted
             for ident in idents:
                 name = rd.set_name(ident, family)
                 match, nomatch = self._idsets[family].get(ident, (set(), set()))
@@ -520,7 +527,7 @@ class IptablesDatapath(Datapath):
         """Render ``dirs`` of one endpoint and restore them, one transaction per
         family; on failure the families already written are put back."""
         if self.mode == "ipset":
-            self._sync_sets(need={k.identity for k in state if k.identity})
+            self._sync_sets(need={k.identity for k in state if k.identity}, only_missing=True)
         done: list[int] = []
         try:
             for family in self._families:
