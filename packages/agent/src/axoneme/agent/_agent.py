@@ -129,6 +129,7 @@ class EndpointRecord:
     identity: int = 0
     status: str = "ready"
     created: float = 0.0
+    ready_ms: float = 0.0  # CNI ADD received -> policy in force in the datapath
 
 
 def parse_labels(items: Sequence[str] | str | None) -> dict[str, str]:
@@ -333,6 +334,7 @@ class Agent:
             await asyncio.to_thread(guard_mod.install, self.config.pod_cidr, self.config.state_dir)
             self.guard_installed = True
         nl.enable_forwarding()
+        await asyncio.to_thread(nl.warm_up)
         await asyncio.to_thread(self._dp_call, dp.start)
         await self._adopt_endpoints()
         self.flows.bind_loop(asyncio.get_running_loop())
@@ -384,9 +386,11 @@ class Agent:
                 continue
             rec.host_ifindex = idx
             ep = self._build_endpoint(rec)
-            self.engine.upsert_endpoint(ep)
             self.endpoint_objs[rec.id] = ep
             rec.status = "ready"
+        with self.engine.batch():
+            for ep in self.endpoint_objs.values():
+                self.engine.upsert_endpoint(ep)
         self._reindex()
         desired = self.engine.ipcache()
         self.engine.pending_ipcache_changes()
@@ -622,6 +626,7 @@ class Agent:
                     raise DatapathError(f"policy for endpoint {ep_id} could not be applied: "
                                         f"{errors[ep_id]}")
                 rec.status = "ready"
+                rec.ready_ms = round((time.perf_counter() - t0) * 1000, 3)
                 if pod is not None:
                     pod.container_id = container_id
                 await self.persist()
@@ -996,7 +1001,7 @@ class Agent:
                 "status": rec.status, "pod": f"{rec.namespace}/{rec.pod_name}",
                 "container_id": rec.container_id, "host_ifname": rec.host_ifname,
                 "host_ifindex": rec.host_ifindex, "netns": rec.netns_path,
-                "network": rec.network}
+                "network": rec.network, "ready_ms": rec.ready_ms}
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return [self.endpoint_view(r) for r in sorted(self.endpoints.values(), key=lambda r: r.id)]

@@ -104,6 +104,12 @@ def _iproute(netns: str | None = None):  # type: ignore[no-untyped-def]
     return IPRoute(netns=netns, flags=0, groups=0)
 
 
+def warm_up() -> None:
+    """Import pyroute2 and open one socket now, so the first pod does not pay for it."""
+    with _iproute() as ipr:
+        ipr.link_lookup(ifname="lo")
+
+
 def link_index(name: str) -> int:
     """Index of a host link, 0 if it does not exist."""
     try:
