@@ -33,7 +33,7 @@ pytestmark = [
 ]
 
 QUICK = os.environ.get("AXONEME_BENCH_QUICK") == "1"
-MESSAGES = 1000 if QUICK else 20000
+MESSAGES = 1000 if QUICK else 10000
 PAYLOAD = b"x" * 1024
 
 

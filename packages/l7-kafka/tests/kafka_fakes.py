@@ -89,18 +89,21 @@ async def read_response(r: asyncio.StreamReader, timeout: float = 5) -> tuple[in
 class Harness:
     """A fake broker behind a StandaloneKafkaProxy, in the running loop."""
 
-    def __init__(self, rules: Any, max_frame: int = 1 << 20) -> None:
+    def __init__(self, rules: Any, max_frame: int = 1 << 20,
+                 frame_timeout: float | None = 30.0) -> None:
         self.rules = rules
         self.flows: list[Any] = []
         self.broker = FakeBroker()
         self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
         self.proxy: StandaloneKafkaProxy | None = None
         self.lookup: Callable[[], Any] = lambda: self.rules
 
     async def __aenter__(self) -> Harness:
         up = await self.broker.start()
         self.proxy = StandaloneKafkaProxy(("127.0.0.1", 0), up, lambda: self.lookup(),
-                                          self.flows.append, max_frame=self.max_frame)
+                                          self.flows.append, max_frame=self.max_frame,
+                                          frame_timeout=self.frame_timeout)
         await self.proxy.start()
         return self
 

@@ -155,6 +155,19 @@ def test_truncated_frame_closes_both_sides() -> None:
     run(go())
 
 
+def test_trickling_frame_times_out() -> None:
+    async def go() -> None:
+        async with Harness([], frame_timeout=0.3) as h:
+            r, w = await h.connect()
+            frame = request_frame(18, 3, [], correlation_id=1)
+            w.write(frame[:6])  # size and a little of the body, then nothing
+            await w.drain()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            assert h.broker.frames == []
+            assert "not complete" in h.flows[-1].l7["kafka"]["reason"]
+    run(go())
+
+
 def test_unknown_api_refused_by_closing_when_no_response_possible() -> None:
     async def go() -> None:
         async with Harness([]) as h:
@@ -219,10 +232,12 @@ def _mutate(frame: bytes, how: int, pos: int, byte: int) -> bytes:
     if how == 2:  # truncate the body, fix the size prefix: a short but framed request
         body = frame[4:4 + pos % max(1, len(frame) - 4)]
         return struct.pack(">i", len(body)) + body
+    if how == 3:  # oversized (beyond max_frame) or negative size
+        return struct.pack(">i", (64 * 1024 + 1 + pos) * (-1 if byte & 1 else 1)) + frame[4:]
     return struct.pack(">i", 8 + byte) + bytes([byte]) * (8 + byte)  # random junk
 
 
-frames = st.builds(_mutate, valid_frames, st.integers(0, 3), st.integers(0, 10_000),
+frames = st.builds(_mutate, valid_frames, st.integers(0, 4), st.integers(0, 10_000),
                    st.integers(0, 255))
 
 

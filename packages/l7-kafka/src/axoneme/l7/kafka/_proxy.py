@@ -71,6 +71,9 @@ PolicyLookup = Callable[[], Any]
 FlowSink = Callable[[Flow], None]
 
 _MAX_PENDING = 1024  # in-flight requests per connection before we stop reading
+# Upstream responses read ahead of the client; small, since each may be large.
+_READ_AHEAD = 4
+DEFAULT_FRAME_TIMEOUT = 30.0
 _SIZE = struct.Struct(">i")
 
 
@@ -91,8 +94,14 @@ class ConnInfo:
     traffic_direction: str = "EGRESS"
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | None:
-    """The next frame without its size prefix; None at a clean end of stream."""
+async def read_frame(reader: asyncio.StreamReader, max_frame: int,
+                     frame_timeout: float | None = None) -> bytes | None:
+    """The next frame without its size prefix; None at a clean end of stream.
+
+    Waiting for a frame to start is unbounded (Kafka connections idle for
+    minutes); once its size has arrived, the rest must follow within
+    ``frame_timeout`` seconds, so a trickling peer cannot pin a connection.
+    """
     try:
         head = await reader.readexactly(4)
     except asyncio.IncompleteReadError as exc:
@@ -103,9 +112,12 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | No
     if size < 4 or size > max_frame:
         raise FrameError(f"bad frame size {size} (limit {max_frame})")
     try:
-        return await reader.readexactly(size)
+        async with asyncio.timeout(frame_timeout):
+            return await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise FrameError(f"truncated frame ({size} bytes announced)") from None
+    except TimeoutError:
+        raise FrameError(f"frame of {size} bytes not complete after {frame_timeout}s") from None
 
 
 @dataclass(slots=True)
@@ -195,7 +207,8 @@ def _conn_info(client_writer: asyncio.StreamWriter, upstream_writer: asyncio.Str
 async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
                  upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
                  policy_lookup: PolicyLookup, flow_sink: FlowSink | None = None, *,
-                 conn: ConnInfo | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 conn: ConnInfo | None = None, max_frame: int = DEFAULT_MAX_FRAME,
+                 frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT) -> None:
     """Proxy one client connection to its upstream until either side ends.
 
     ``policy_lookup()`` is called for every request and returns the Kafka
@@ -206,7 +219,8 @@ async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.Str
     """
     session = _Session(client_reader, client_writer, upstream_reader, upstream_writer,
                        policy_lookup, flow_sink,
-                       conn or _conn_info(client_writer, upstream_writer), max_frame)
+                       conn or _conn_info(client_writer, upstream_writer), max_frame,
+                       frame_timeout)
     await session.run()
 
 
@@ -214,14 +228,15 @@ class _Session:
     def __init__(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter,
                  ur: asyncio.StreamReader, uw: asyncio.StreamWriter,
                  policy_lookup: PolicyLookup, flow_sink: FlowSink | None,
-                 conn: ConnInfo, max_frame: int) -> None:
+                 conn: ConnInfo, max_frame: int, frame_timeout: float | None) -> None:
         self.cr, self.cw, self.ur, self.uw = cr, cw, ur, uw
         self.policy_lookup = policy_lookup
         self.flow_sink = flow_sink
         self.conn = conn
         self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
         self.pending: asyncio.Queue[Any] = asyncio.Queue(_MAX_PENDING)
-        self.responses: asyncio.Queue[Any] = asyncio.Queue(16)
+        self.responses: asyncio.Queue[Any] = asyncio.Queue(_READ_AHEAD)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._requests(), name="kafka-requests"),
@@ -264,7 +279,7 @@ class _Session:
     async def _requests(self) -> None:
         while True:
             try:
-                data = await read_frame(self.cr, self.max_frame)
+                data = await read_frame(self.cr, self.max_frame, self.frame_timeout)
             except FrameError as exc:
                 LOG.info("kafka proxy: closing %s:%d: %s", self.conn.ip_source,
                          self.conn.source_port, exc)
@@ -323,7 +338,7 @@ class _Session:
     async def _upstream(self) -> None:
         try:
             while True:
-                data = await read_frame(self.ur, self.max_frame)
+                data = await read_frame(self.ur, self.max_frame)  # trusted side: big, slow fetches
                 if data is None:
                     break
                 await self.responses.put(data)
@@ -487,7 +502,8 @@ class KafkaProxy:
             return self.policy_for(client[0], client[1], upstream[0], upstream[1], direction)
 
         await handle(reader, writer, up_reader, up_writer, lookup, self.flow_sink,
-                     conn=conn, max_frame=self.max_frame)
+                     conn=conn, max_frame=self.max_frame,
+                     frame_timeout=getattr(self.config, "body_timeout", DEFAULT_FRAME_TIMEOUT))
 
 
 class StandaloneKafkaProxy:
@@ -501,8 +517,10 @@ class StandaloneKafkaProxy:
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
                  policy_lookup: PolicyLookup, flow_sink: FlowSink | None = None, *,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME,
+                 frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT) -> None:
         self.listen = listen
+        self.frame_timeout = frame_timeout
         self.upstream = upstream
         self.policy_lookup = policy_lookup
         self.flow_sink = flow_sink
@@ -551,7 +569,8 @@ class StandaloneKafkaProxy:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await handle(reader, writer, up_reader, up_writer, self.policy_lookup,
-                         self.flow_sink, max_frame=self.max_frame)
+                         self.flow_sink, max_frame=self.max_frame,
+                         frame_timeout=self.frame_timeout)
         except (asyncio.CancelledError, ConnectionError, TimeoutError):
             pass
         except Exception:
