@@ -280,10 +280,16 @@ class _Conn:
         await self.w.drain()
 
     async def _policy(self) -> ProxyPolicy | None:
-        res = self.p.policy_for(self.client[0], self.client[1], self.dst[0], self.dst[1],
-                                self.p.direction)
-        if inspect.isawaitable(res):
-            res = await res
+        try:
+            res = self.p.policy_for(self.client[0], self.client[1], self.dst[0], self.dst[1],
+                                    self.p.direction)
+            if inspect.isawaitable(res):
+                res = await res
+        except Exception:
+            # fail closed: no policy answer means no forwarding
+            LOG.exception("proxy %d: policy_for failed for %s -> %s", self.p.port, self.client,
+                          self.dst)
+            return None
         if res is None or isinstance(res, ProxyPolicy):
             return res
         # tolerate (rules, (source, destination)) / (rules, info)

@@ -205,7 +205,7 @@ def parse_request_head(block: bytes) -> RequestHead:
         if _HOST.fullmatch(hosts[0]) is None:
             raise HttpError(400, "invalid Host header")
         req.host = hosts[0]
-    elif version == "HTTP/1.1":
+    elif version == "HTTP/1.1" and authority is None:
         raise HttpError(400, "missing Host header")
     if authority is not None:
         if hosts and hosts[0].lower() != authority.lower():
