@@ -93,3 +93,17 @@ def test_matrix_named_port_missing_on_some_pods(capsys: pytest.CaptureFixture[st
     probes = json.loads(out)["probes"]
     assert probes and {p["to"] for p in probes} == {"default/app1"}
     assert {p["port"] for p in probes} == {80}
+
+
+def test_live_example_policies_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    live = ROOT / "examples" / "live"
+    base = ("policy", "trace", "--cluster", str(DEMO / "cluster.yaml"), "-f", str(live / "00-default-deny.yaml"),
+            "-f", str(live / "10-allow-app2.yaml"), "--to", "default/app1", "--port", "80", "-o", "json")
+    code, out, _ = run(capsys, *base, "--from", "default/app2")
+    assert code == 0 and json.loads(out)["verdict"] == "allowed"
+    code, out, _ = run(capsys, *base, "--from", "default/app3")
+    assert code == 0 and json.loads(out)["verdict"] == "denied"
+    l7 = ("policy", "trace", "--cluster", str(DEMO / "cluster.yaml"), "-f", str(live / "20-l7-public-only.yaml"),
+          "--from", "default/app2", "--to", "default/app1", "--port", "80", "-o", "json")
+    code, out, _ = run(capsys, *l7)
+    assert code == 0 and json.loads(out)["verdict"] == "redirected"
