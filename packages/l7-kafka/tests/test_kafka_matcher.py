@@ -82,6 +82,7 @@ def test_api_version_exact() -> None:
     rules = [KafkaRule(api_key="produce", api_version="9")]
     assert allowed(rules, wire(0, ["x"], version=9))
     assert not allowed(rules, wire(0, ["x"], version=8))
+    assert allowed([KafkaRule(api_key="produce", api_version="09")], wire(0, ["x"], version=9))
 
 
 def test_client_id_exact() -> None:

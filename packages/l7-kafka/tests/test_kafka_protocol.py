@@ -54,6 +54,16 @@ def test_metadata_all_topics(version: int) -> None:
     assert not empty.all_topics and empty.topics == ()
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_metadata_auto_create_flag(flag: bool) -> None:
+    from kafka.protocol.metadata.metadata import MetadataRequest
+    from kafka_frames import encode
+
+    req = _parse(encode(MetadataRequest[9](topics=[MetadataRequest.MetadataRequestTopic(
+        name="x")], allow_auto_topic_creation=flag)))
+    assert req.allow_auto_create is flag
+
+
 def test_metadata_v0_empty_means_all() -> None:
     from kafka.protocol.metadata.metadata import MetadataRequest
     from kafka_frames import encode

@@ -167,6 +167,7 @@ def test_metadata_rewrite_keeps_allowed_and_adds_refused(version: int) -> None:
         correlation_id=5)[4:])
     upstream_req = parse_request(metadata_request_for(req, ("ok",))[4:])  # type: ignore[index]
     assert upstream_req.error is None
+    assert upstream_req.allow_auto_create == req.allow_auto_create
     assert upstream_req.topic_names == ("ok",) and upstream_req.correlation_id == 5
     # A broker that volunteers more topics than asked (tansu does) is filtered.
     upstream = _metadata_response(version, ["ok", "secret"])

@@ -71,7 +71,11 @@ def _rule_matches_header(rule: KafkaRule, req: _Req) -> bool:
     if keys is not None and req.api_key not in keys:
         return False
     if rule.api_version:
-        if req.api_version is None or str(req.api_version) != rule.api_version.strip():
+        try:
+            wanted = int(rule.api_version)
+        except ValueError:
+            return False  # the parser rejects such rules; never match them
+        if req.api_version != wanted:
             return False
     if rule.client_id and rule.client_id != req.client_id:
         return False

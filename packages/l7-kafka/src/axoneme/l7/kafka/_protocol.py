@@ -91,6 +91,7 @@ class KafkaRequest:
     expects_response: bool = True
     groups: tuple[tuple[str, tuple[TopicPartitions, ...] | None], ...] = ()
     keys: tuple[str, ...] = ()  # FindCoordinator v4+ coordinator keys
+    allow_auto_create: bool = True  # Metadata v4+ AllowAutoTopicCreation
     body_offset: int = 0
     error: str | None = None
 
@@ -152,7 +153,8 @@ def parse_request(frame: bytes | memoryview) -> KafkaRequest:
     except KafkaDecodeError as exc:
         return replace(head, error=str(exc))
     return replace(head, topics=body.topics, all_topics=body.all_topics,
-                   expects_response=body.expects_response, groups=body.groups)
+                   expects_response=body.expects_response, groups=body.groups,
+                   allow_auto_create=body.allow_auto_create)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class _Body:
     all_topics: bool = False
     expects_response: bool = True
     groups: tuple[tuple[str, tuple[TopicPartitions, ...] | None], ...] = ()
+    allow_auto_create: bool = True
 
 
 # ---------------------------------------------------------------- bodies
@@ -265,15 +268,15 @@ def _metadata(r: Reader, v: int, f: bool) -> _Body:
             raise KafkaDecodeError("metadata topic given by id only")
         r.tagged_fields(f)
         topics.append((name, ()))
-    if v >= 4:
-        r.boolean()  # allow auto topic creation
+    auto_create = r.boolean() if v >= 4 else True
     if 8 <= v <= 10:
         r.boolean()  # include cluster authorized operations
     if v >= 8:
         r.boolean()  # include topic authorized operations
     r.tagged_fields(f)
     # v0: an empty array means every topic; v1+: null means every topic.
-    return _Body(tuple(topics), all_topics=n is None or (v == 0 and n == 0))
+    return _Body(tuple(topics), all_topics=n is None or (v == 0 and n == 0),
+                 allow_auto_create=auto_create)
 
 
 def _offset_commit(r: Reader, v: int, f: bool) -> _Body:

@@ -294,7 +294,7 @@ def metadata_request_for(req: KafkaRequest, topics: Sequence[str]) -> bytes | No
         w.string(name)
         w.tags()
     if v >= 4:
-        w.boolean(False)  # never auto-create on behalf of a partly refused request
+        w.boolean(req.allow_auto_create)
     if 8 <= v <= 10:
         w.boolean(False)
     if v >= 8:
