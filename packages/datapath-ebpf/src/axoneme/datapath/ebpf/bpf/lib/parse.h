@@ -1,5 +1,4 @@
-/* Packet parsing into a flow tuple. Uses bpf_skb_load_bytes so non-linear
- * skbs parse the same as linear ones. */
+/* Packet parsing into a flow tuple. */
 #ifndef AXONEME_PARSE_H
 #define AXONEME_PARSE_H
 
@@ -42,78 +41,131 @@ struct ax_pkt {
 #define AX_PARSE_OK 0
 #define AX_PARSE_BAD (-1)
 
-static __always_inline int ax_parse_l4(struct __sk_buff *skb, __u32 off, struct ax_pkt *p)
+/* Bytes of L4 header a protocol needs parsed (0: none). */
+static __always_inline __u32 ax_l4_need(__u8 proto)
 {
-    __u8 buf[14] = {};
-    switch (p->t.proto) {
+    switch (proto) {
     case IPPROTO_TCP:
-        if (bpf_skb_load_bytes(skb, off, buf, 14) < 0)
-            return AX_PARSE_BAD;
-        p->tcp_flags = buf[13];
-        break;
+        return 14;  /* through the flags byte */
     case IPPROTO_UDP:
     case IPPROTO_SCTP:
-        if (bpf_skb_load_bytes(skb, off, buf, 4) < 0)
-            return AX_PARSE_BAD;
-        break;
+        return 4;
     case IPPROTO_ICMP:
     case IPPROTO_ICMPV6:
-        if (bpf_skb_load_bytes(skb, off, buf, 8) < 0)
-            return AX_PARSE_BAD;
-        p->icmp_type = buf[0];
-        p->icmp_code = buf[1];
-        p->policy_port = buf[0];
-        /* echo request/reply: 8/0 (v4), 128/129 (v6): tuple ports = echo id */
-        if ((p->t.proto == IPPROTO_ICMP && (buf[0] == 8 || buf[0] == 0)) ||
-            (p->t.proto == IPPROTO_ICMPV6 && (buf[0] == 128 || buf[0] == 129))) {
-            __builtin_memcpy(&p->t.sport, &buf[4], 2);
-            __builtin_memcpy(&p->t.dport, &buf[4], 2);
-        }
-        if (p->t.proto == IPPROTO_ICMPV6 && buf[0] >= 133 && buf[0] <= 137)
-            p->is_nd = 1;
-        return AX_PARSE_OK;
-    default:
-        return AX_PARSE_OK;
+        return 8;
     }
-    __builtin_memcpy(&p->t.sport, &buf[0], 2);
-    __builtin_memcpy(&p->t.dport, &buf[2], 2);
-    p->policy_port = ((__u16)buf[2] << 8) | buf[3];
-    p->has_ports = 1;
-    return AX_PARSE_OK;
+    return 0;
 }
+
+static __always_inline void ax_parse_l4(const __u8 *l4, struct ax_pkt *p)
+{
+    switch (p->t.proto) {
+    case IPPROTO_TCP:
+        p->tcp_flags = l4[13];
+        /* fall through */
+    case IPPROTO_UDP:
+    case IPPROTO_SCTP:
+        __builtin_memcpy(&p->t.sport, &l4[0], 2);
+        __builtin_memcpy(&p->t.dport, &l4[2], 2);
+        p->policy_port = ((__u16)l4[2] << 8) | l4[3];
+        p->has_ports = 1;
+        return;
+    case IPPROTO_ICMP:
+    case IPPROTO_ICMPV6:
+        p->icmp_type = l4[0];
+        p->icmp_code = l4[1];
+        p->policy_port = l4[0];
+        /* echo request/reply: 8/0 (v4), 128/129 (v6): tuple ports = echo id */
+        if ((p->t.proto == IPPROTO_ICMP && (l4[0] == 8 || l4[0] == 0)) ||
+            (p->t.proto == IPPROTO_ICMPV6 && (l4[0] == 128 || l4[0] == 129))) {
+            __builtin_memcpy(&p->t.sport, &l4[4], 2);
+            __builtin_memcpy(&p->t.dport, &l4[4], 2);
+        }
+        if (p->t.proto == IPPROTO_ICMPV6 && l4[0] >= 133 && l4[0] <= 137)
+            p->is_nd = 1;
+        return;
+    }
+}
+
+/* Direct packet access; headers outside the linear part are pulled in first
+ * (bpf_skb_pull_data) so non-linear skbs parse the same. */
+#define AX_PULL_LEN 128
 
 static __always_inline int ax_parse(struct __sk_buff *skb, struct ax_pkt *p)
 {
     p->len = skb->len;
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+    __u16 proto = skb->protocol;
+    if (proto != bpf_htons(ETH_P_IP) && proto != bpf_htons(ETH_P_IPV6))
+        return AX_PARSE_PASS;
+
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (data + AX_PULL_LEN > end && skb->len > (__u32)(end - data)) {
+        bpf_skb_pull_data(skb, skb->len < AX_PULL_LEN ? skb->len : AX_PULL_LEN);
+        data = (void *)(long)skb->data;
+        end = (void *)(long)skb->data_end;
+    }
+
+    __u8 *l4;
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = data + ETH_HLEN;
+        if ((void *)(ip + 1) > end)
             return AX_PARSE_BAD;
-        if (ip.ihl < 5)
+        __u32 ihl = ip->ihl;
+        if (ihl < 5)
             return AX_PARSE_BAD;
         p->t.family = 4;
-        p->t.proto = ip.protocol;
-        __builtin_memcpy(p->t.saddr, &ip.saddr, 4);
-        __builtin_memcpy(p->t.daddr, &ip.daddr, 4);
+        p->t.proto = ip->protocol;
+        __builtin_memcpy(p->t.saddr, &ip->saddr, 4);
+        __builtin_memcpy(p->t.daddr, &ip->daddr, 4);
         /* non-first fragments carry no L4 header: decided on protocol only */
-        if (ip.frag_off & bpf_htons(0x1FFF))
+        if (ip->frag_off & bpf_htons(0x1FFF))
             return AX_PARSE_OK;
-        return ax_parse_l4(skb, ETH_HLEN + ip.ihl * 4, p);
-    }
-    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr ip6;
-        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+        l4 = (__u8 *)ip + ihl * 4;
+    } else {
+        struct ipv6hdr *ip6 = data + ETH_HLEN;
+        if ((void *)(ip6 + 1) > end)
             return AX_PARSE_BAD;
         p->t.family = 6;
         /* Extension headers are not walked: their next-header value is the
          * protocol the policy sees, so such packets are decided by
          * protocol-wide (or ANY) entries, never passed blindly. */
-        p->t.proto = ip6.nexthdr;
-        __builtin_memcpy(p->t.saddr, &ip6.saddr, 16);
-        __builtin_memcpy(p->t.daddr, &ip6.daddr, 16);
-        return ax_parse_l4(skb, ETH_HLEN + sizeof(ip6), p);
+        p->t.proto = ip6->nexthdr;
+        __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+        __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+        l4 = (__u8 *)(ip6 + 1);
     }
-    return AX_PARSE_PASS;
+    __u32 need = ax_l4_need(p->t.proto);
+    if (!need)
+        return AX_PARSE_OK;
+    if ((void *)(l4 + 14) > end) {
+        /* short packet: check exactly what this protocol needs */
+        if ((void *)(l4 + 8) > end) {
+            if (need > 4 || (void *)(l4 + 4) > end)
+                return AX_PARSE_BAD;
+        } else if (need > 8) {
+            return AX_PARSE_BAD;
+        }
+    }
+    if ((void *)(l4 + 4) > end)
+        return AX_PARSE_BAD;
+    if (need == 4) {
+        __builtin_memcpy(&p->t.sport, &l4[0], 2);
+        __builtin_memcpy(&p->t.dport, &l4[2], 2);
+        p->policy_port = ((__u16)l4[2] << 8) | l4[3];
+        p->has_ports = 1;
+        return AX_PARSE_OK;
+    }
+    if ((void *)(l4 + 8) > end)
+        return AX_PARSE_BAD;
+    if (need == 8) {
+        ax_parse_l4(l4, p);
+        return AX_PARSE_OK;
+    }
+    if ((void *)(l4 + 14) > end)
+        return AX_PARSE_BAD;
+    ax_parse_l4(l4, p);
+    return AX_PARSE_OK;
 }
 
 #endif
