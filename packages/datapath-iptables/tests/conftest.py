@@ -1,6 +1,14 @@
 """Kernel harness for the iptables datapath: netns pods, a fake outside host,
 a forwarding guard, and in-process probes (sockets created inside a netns).
 
+The "node" (where the datapath's rules and the pods' host-side veths live) is
+itself a private network namespace that the test process's main thread
+enters for the module: agents of other test suites on this machine run an
+iptables datapath in the host's namespace at the same time, and one set of
+AXON- chains per namespace is the contract. Pods and the outside host hang
+off the node namespace, which has no uplink at all; the guard in the host's
+FORWARD chain is installed first anyway.
+
 Everything created here has a random suffix and is removed on teardown,
 on success and on failure.
 """
@@ -194,7 +202,15 @@ def _uplink() -> str:
     return parts[parts.index("dev") + 1] if "dev" in parts else ""
 
 
+def _mac_of(ifname: str, ns: str = "") -> str:
+    # netlink, not /sys: /sys shows the netns it was mounted from
+    cmd = ["ip", "-n", ns] if ns else ["ip"]
+    out = sh(*cmd, "-o", "link", "show", "dev", ifname)
+    return out.split("link/ether", 1)[1].split()[0]
+
+
 def _make_pod(name: str, ns: str, host_if: str, ips: list[str]) -> Pod:
+    """A pod netns wired to the node (the current netns) by a veth."""
     sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
     sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -208,15 +224,19 @@ def _make_pod(name: str, ns: str, host_if: str, ips: list[str]) -> Pod:
     # probe's patience. Pin the gateway's neighbour entry instead.
     sh("sysctl", "-qw", f"net.ipv4.neigh.{host_if}.proxy_delay=0")
     sh("ip", "link", "set", host_if, "up")
-    mac = open(f"/sys/class/net/{host_if}/address").read().strip()
+    mac = _mac_of(host_if)
     sh("ip", "-n", ns, "neigh", "replace", "169.254.1.1", "lladdr", mac, "dev", "eth0",
        "nud", "permanent")
+    # the node has no address of its own to ARP from: pin the pod side too
+    pod_mac = _mac_of("eth0", ns)
+    for ip in ips:
+        sh("ip", "neigh", "replace", ip, "lladdr", pod_mac, "dev", host_if, "nud", "permanent")
     for ip in ips:
         sh("ip", "route", "add", f"{ip}/32", "dev", host_if)
     return Pod(name, ns, host_if, ips)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces and iptables rules")
@@ -226,35 +246,42 @@ def topology() -> Iterator[Topology]:
     sfx = secrets.token_hex(2)
     uplink = _uplink()
     guard = f"AXIG-{sfx}"
+    node = f"axi-{sfx}-n"
     octet = 100 + secrets.randbelow(150)
     base = 8 * (1 + secrets.randbelow(28))
     made_ns: list[str] = []
-    made_if: list[str] = []
-    made_routes: list[str] = []
     topo: Topology | None = None
-    guard_rules = [f"-s 10.244.0.0/16 -o {uplink} -j DROP", f"-s 198.51.100.0/24 -o {uplink} -j DROP"]
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    entered = False
     try:
         # 1. the guard first: nothing of ours may leave through the uplink
         if uplink:
             sh("iptables", "-N", guard)
-            for rule in guard_rules:
+            for rule in (f"-s 10.244.0.0/16 -o {uplink} -j DROP",
+                         f"-s 198.51.100.0/24 -o {uplink} -j DROP"):
                 sh("iptables", "-A", guard, *rule.split())
             sh("iptables", "-I", "FORWARD", "1", "-j", guard)
+        # 2. the node namespace; this thread (and what it forks) moves in
+        sh("ip", "netns", "add", node)
+        made_ns.append(node)
+        fd = os.open(f"/run/netns/{node}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            entered = True
+        finally:
+            os.close(fd)
+        sh("ip", "link", "set", "lo", "up")
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
         pods = {}
         for i, name in enumerate("abc", start=1):
             ns, hif = f"axi-{sfx}-{name}", f"axh{sfx}{name}"
             made_ns.append(ns)
-            made_if.append(hif)
-            ip = f"10.244.{octet}.{i}"
-            made_routes.append(f"{ip}/32")
-            pods[name] = _make_pod(name, ns, hif, [ip])
+            pods[name] = _make_pod(name, ns, hif, [f"10.244.{octet}.{i}"])
         wips = [f"198.51.100.{base + k}" for k in (0, 1, 2, 4)]
         made_ns.append(f"axi-{sfx}-w")
-        made_if.append(f"axh{sfx}w")
-        made_routes += [f"{ip}/32" for ip in wips]
         world = _make_pod("w", f"axi-{sfx}-w", f"axh{sfx}w", wips)
-        # 2. every probe target must route through our veths, never the uplink
+        # 3. every probe target routes through our veths
         for pod in [*pods.values(), world]:
             for ip in pod.ips:
                 route = sh("ip", "route", "get", ip)
@@ -267,11 +294,10 @@ def topology() -> Iterator[Topology]:
         if topo is not None:
             for s in topo.servers:
                 s.close()
-        for r in made_routes:
-            sh("ip", "route", "del", r, check=False)
-        for hif in made_if:
-            sh("ip", "link", "del", hif, check=False)
-        for ns in made_ns:
+        if entered:
+            _libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+        for ns in made_ns:  # veths go with their namespaces
             sh("ip", "netns", "del", ns, check=False)
         if uplink:
             sh("iptables", "-D", "FORWARD", "-j", guard, check=False)
