@@ -169,3 +169,24 @@ def test_next_expiry_and_forget():
     assert c.forget("B.example.com") == {"b.example.com."}
     assert c.names() == {"a.example.com."}
     assert c.clear() == {"a.example.com."}
+
+
+def test_run_expiry_task_expires_due_entries():
+    import asyncio
+
+    async def scenario():
+        seen: list[frozenset[str]] = []
+        c = FQDNCache(on_change=seen.append)
+        c.record("short.example.com", ["198.51.100.1"], 0)  # due at once
+        c.record("long.example.com", ["198.51.100.2"], 3600)
+        task = asyncio.create_task(c.run_expiry(max_interval=0.05, min_interval=0.01))
+        for _ in range(200):
+            if c.names() == {"long.example.com."}:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return c.names(), seen
+
+    names, seen = asyncio.run(scenario())
+    assert names == {"long.example.com."}
+    assert frozenset({"short.example.com."}) in seen

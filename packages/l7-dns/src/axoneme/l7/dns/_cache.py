@@ -194,6 +194,17 @@ class FQDNCache:
             return min((e.expires for es in self._names.values() for e in es.values()),
                        default=None)
 
+    async def run_expiry(self, *, max_interval: float = 5.0, min_interval: float = 0.1) -> None:
+        """Expire entries as they fall due, forever (run it as a task; cancel to
+        stop). Sleeps until the next expiry, at most ``max_interval`` (new
+        entries may expire sooner than what was due when it went to sleep)."""
+        import asyncio
+        while True:
+            self.expire()
+            nxt = self.next_expiry()
+            delay = max_interval if nxt is None else nxt - self._clock()
+            await asyncio.sleep(min(max(delay, min_interval), max_interval))
+
     # --- reads --------------------------------------------------------------
 
     def lookup_name(self, name: str) -> frozenset[str]:
