@@ -48,6 +48,10 @@ _ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 _BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# The whole header section in one C-level pass: valid lines only.
+_HEADER_SECTION = re.compile(rb"(?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
 _STATUS = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 
@@ -99,9 +103,19 @@ class ResponseHead:
 
 
 def _split_lines(block: bytes) -> list[bytes]:
-    if b"\n" in block.replace(b"\r\n", b"") or b"\r" in block.replace(b"\r\n", b""):
+    n = block.count(b"\r\n")
+    if block.count(b"\r") != n or block.count(b"\n") != n:
         raise HttpError(400, "bare CR or LF in message head")
     return block.split(b"\r\n")
+
+
+def _fast_headers(section: bytes, count: int) -> list[tuple[str, str]] | None:
+    """Headers of a CRLF-terminated section if all lines are valid, else None."""
+    if count > MAX_HEADERS or len(section) > MAX_HEAD_BYTES:
+        return None
+    if _HEADER_SECTION.fullmatch(section) is None:
+        return None
+    return [(n.decode("ascii"), v.decode("latin-1")) for n, v in _HEADER_LINE.findall(section)]
 
 
 def parse_header_lines(lines: list[bytes], what: str = "header") -> list[tuple[str, str]]:
@@ -190,7 +204,11 @@ def parse_request_head(block: bytes) -> RequestHead:
     version = version_b.decode("ascii")
     if method == "CONNECT":
         raise HttpError(400, "CONNECT (authority-form) is not proxied")
-    headers = parse_header_lines(lines[1:])
+    headers = None
+    if eol > 0:
+        headers = _fast_headers(block[eol + 2:] + b"\r\n", len(lines) - 1)
+    if headers is None:  # the slow path says precisely what is wrong
+        headers = parse_header_lines(lines[1:])
     path, authority = parse_target(target)
 
     by: dict[str, list[str]] = {}
@@ -249,14 +267,16 @@ def parse_request_head(block: bytes) -> RequestHead:
 def parse_response_head(raw: bytes) -> ResponseHead:
     """Parse a response head (``raw`` ends with CRLFCRLF). Raises HttpError(502)."""
     try:
-        lines = _split_lines(raw[:-4])
-        m = _STATUS.fullmatch(lines[0])
+        eol = raw.find(b"\r\n")
+        m = _STATUS.fullmatch(raw[:eol])
         if m is None:
             raise HttpError(502, "malformed status line")
-        headers = parse_header_lines(lines[1:])
+        headers = _fast_headers(raw[eol + 2:-2], raw.count(b"\n") - 2) if eol + 4 < len(raw) else []
+        if headers is None:
+            headers = parse_header_lines(_split_lines(raw[:-4])[1:])
     except HttpError as e:
         raise HttpError(502, f"bad upstream response: {e.reason}") from None
-    resp = ResponseHead(int(m.group(1)), lines[0][:8].decode("ascii"), raw, headers)
+    resp = ResponseHead(int(m.group(1)), raw[:8].decode("ascii"), raw, headers)
     cls: list[str] = []
     tes: list[str] = []
     conn: list[str] = []
