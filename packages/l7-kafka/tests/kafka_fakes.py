@@ -35,6 +35,8 @@ class FakeBroker:
         self.release = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.close_after: int | None = None  # close the connection after N answers
+        self.unsolicited = 0  # frames to send right after accepting
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
@@ -52,7 +54,14 @@ class FakeBroker:
 
     async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.writers.append(w)
+        answered = 0
         try:
+            for i in range(self.unsolicited):
+                body = struct.pack(">i", 10_000 + i) + b"junk"
+                w.write(struct.pack(">i", len(body)) + body)
+            if self.unsolicited:
+                await w.drain()
+                return
             while True:
                 head = await r.readexactly(4)
                 (size,) = struct.unpack(">i", head)
@@ -71,6 +80,9 @@ class FakeBroker:
                     body = struct.pack(">i", corr) + b"upstream"
                     w.write(struct.pack(">i", len(body)) + body)
                 await w.drain()
+                answered += 1
+                if self.close_after is not None and answered >= self.close_after:
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -209,6 +209,30 @@ def test_upstream_close_closes_client() -> None:
     run(go())
 
 
+def test_upstream_answers_then_closes_all_answers_delivered() -> None:
+    async def go() -> None:
+        async with Harness([]) as h:
+            h.broker.close_after = 12
+            r, w = await h.connect()
+            for i in range(12):  # pipelined; we read only after the broker closed
+                w.write(request_frame(18, 3, [], correlation_id=i))
+            await w.drain()
+            await asyncio.sleep(0.3)
+            got = [(await read_response(r))[0] for _ in range(12)]
+            assert got == list(range(12))
+            assert await asyncio.wait_for(r.read(), 5) == b""
+    run(go())
+
+
+def test_unsolicited_upstream_frames_end_the_connection() -> None:
+    async def go() -> None:
+        async with Harness([]) as h:
+            h.broker.unsolicited = 10  # more than the read-ahead queue holds
+            r, w = await h.connect()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+    run(go())
+
+
 # ------------------------------------------------------------------ fuzzing
 
 FUZZ_RULES = [KafkaRule(role="produce", topic="a"), KafkaRule(role="consume", topic="b"),

@@ -237,6 +237,7 @@ class _Session:
         self.frame_timeout = frame_timeout
         self.pending: asyncio.Queue[Any] = asyncio.Queue(_MAX_PENDING)
         self.responses: asyncio.Queue[Any] = asyncio.Queue(_READ_AHEAD)
+        self.expected = 0  # upstream responses owed for forwarded requests
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._requests(), name="kafka-requests"),
@@ -299,6 +300,8 @@ class _Session:
             verdict = (L7Verdict(False, None, "no kafka policy for this connection")
                        if rules is None else match_request(rules, req))
             if verdict.allowed:
+                if req.expects_response:
+                    self.expected += 1
                 self.uw.write(_SIZE.pack(len(data)))
                 self.uw.write(data)
                 if req.expects_response:
@@ -322,6 +325,7 @@ class _Session:
                 denied = tuple(t for t in req.topic_names if t not in keep)
                 rewritten = metadata_request_for(req, keep)
                 if rewritten is not None:
+                    self.expected += 1
                     self.uw.write(rewritten)
                     await self.pending.put(_Pending(req, metadata_keep=keep,
                                                     metadata_denied=denied,
@@ -341,15 +345,20 @@ class _Session:
                 data = await read_frame(self.ur, self.max_frame)  # trusted side: big, slow fetches
                 if data is None:
                     break
+                if self.expected <= 0:
+                    LOG.warning("kafka proxy: unsolicited frame from upstream; closing")
+                    break
+                self.expected -= 1
                 await self.responses.put(data)
         except (FrameError, ConnectionError) as exc:
             LOG.info("kafka proxy: upstream failed: %s", exc)
-        finally:
-            # Wake the response task whichever queue it is waiting on.
-            with contextlib.suppress(asyncio.QueueFull):
-                self.responses.put_nowait(_UPSTREAM_CLOSED)
-            with contextlib.suppress(asyncio.QueueFull):
-                self.pending.put_nowait(_UPSTREAM_CLOSED)
+        # Wake the response task whichever queue it is waiting on. The pending
+        # marker first: if that queue is full, the response task is busy
+        # draining ``responses`` and the blocking put below completes; if
+        # ``responses`` is full of unsolicited frames, the marker ends it.
+        with contextlib.suppress(asyncio.QueueFull):
+            self.pending.put_nowait(_UPSTREAM_CLOSED)
+        await self.responses.put(_UPSTREAM_CLOSED)
 
     async def _responses(self) -> None:
         while True:
