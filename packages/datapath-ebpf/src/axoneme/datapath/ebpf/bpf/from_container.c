@@ -40,11 +40,6 @@ int ax_from_container(struct __sk_buff *skb)
     }
     if (p.is_nd)
         return TC_ACT_OK;
-    if (ax_ct_is_reply(&p, now)) {
-        ax_metric_inc(AX_METRIC_REPLY);
-        return TC_ACT_OK;
-    }
-
     int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
     /* read the revision before any policy lookup: a change racing with this
      * packet bumps it afterwards and invalidates what we cache below */
@@ -54,6 +49,12 @@ int ax_from_container(struct __sk_buff *skb)
         if (ce->cached_mark)
             skb->mark = ce->cached_mark;
         ax_metric_inc(AX_METRIC_FORWARDED);
+        return TC_ACT_OK;
+    }
+    /* only a packet without a live forward entry can be a reply (one CT
+     * lookup for established forward traffic, two for replies) */
+    if (!ce && ax_ct_is_reply(&p, now)) {
+        ax_metric_inc(AX_METRIC_REPLY);
         return TC_ACT_OK;
     }
 
