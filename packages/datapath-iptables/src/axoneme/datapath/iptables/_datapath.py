@@ -293,8 +293,11 @@ class IptablesDatapath(Datapath):
                 changed[family] = {i for i in set(old) | set(new) if old.get(i) != new.get(i)}
                 self._ranges[family] = new
             else:
-                self._idsets[family] = px.identity_sets(table, family)
-                changed[family] = set(self._idsets[family])
+                old_sets = self._idsets[family]
+                new_sets = px.identity_sets(table, family)
+                changed[family] = {i for i in set(old_sets) | set(new_sets)
+                                   if old_sets.get(i) != new_sets.get(i)}
+                self._idsets[family] = new_sets
         return changed
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
@@ -324,7 +327,9 @@ class IptablesDatapath(Datapath):
             Backend.ipset_restore("\n".join(lines) + "\n")
             changed = self._recompute(touched)
             if self.mode == "ipset":
-                self._sync_sets()
+                dirty = set().union(*changed.values())
+                self._sync_sets(need={i for i in dirty if any(
+                    rd.set_name(i, f) in self._sets for f in self._families)})
                 return
             # plain mode: endpoints referencing an identity whose addresses moved
             for family in touched:
@@ -363,8 +368,8 @@ class IptablesDatapath(Datapath):
     def _sync_sets(self, need: Iterable[int] = (), only_missing: bool = False) -> None:
         """Make the AXON-ID sets hold the current LPM view (ipset mode).
 
-        ``need``: identities whose sets must exist (rules about to reference
-        them); with ``only_missing`` the sets that exist are taken as current
+        ``need``: identities whose sets must exist and be current; with
+        ``only_missing`` the sets that exist are taken as current
         (ipcache_apply keeps them so) and only absent ones are made."""
         lines: list[str] = []
         wanted = set(need)
@@ -374,9 +379,7 @@ class IptablesDatapath(Datapath):
             if only_missing:
                 idents = {i for i in wanted if rd.set_name(i, family) not in self._sets}
             else:
-                idents = {int(n.rsplit("-", 1)[1]) for n in self._sets
-                          if n.startswith("AXON-ID-" if family == 4 else "AXON-ID6-")}
-                idents |= wanted
+                idents = wanted
             for ident in idents:
                 name = rd.set_name(ident, family)
                 match, nomatch = self._idsets[family].get(ident, (set(), set()))
