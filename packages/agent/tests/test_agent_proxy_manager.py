@@ -53,7 +53,10 @@ def test_acquire_release_refcount_and_serving() -> None:
         # the listener is the http proxy (a direct connection is refused, not looped)
         c = socket.create_connection(("127.0.0.1", p1), timeout=5)
         c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert c.recv(100) == b""
+        try:
+            assert c.recv(100) == b""
+        except ConnectionResetError:
+            pass  # closed with our request unread: RST
         pm.release("http", Direction.EGRESS)
         assert pm.port_for("http", Direction.EGRESS) == p1
         pm.release("http", Direction.EGRESS)
