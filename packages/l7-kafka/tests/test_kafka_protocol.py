@@ -159,3 +159,58 @@ def test_varint_and_tags_codec() -> None:
         Reader(b"\xff\xff\xff\xff\xff\x01").uvarint()
     with pytest.raises(KafkaDecodeError):  # tags out of order
         Reader(uvarint(2) + b"\x05\x00\x01\x00").tagged_fields(True)
+
+
+# ------------------------------------------------------------------ fuzzing
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _header(api_key: int, version: int) -> bytes:
+    return Writer().int16(api_key).int16(version).int32(1).string("fz").getvalue() + (
+        b"\x00" if is_flexible(api_key, version) else b"")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([0, 1, 2, 3, 8, 9, 10, 19, 20]), st.integers(0, 14),
+       st.binary(max_size=300))
+def test_fuzz_bodies_never_crash(api_key: int, version: int, body: bytes) -> None:
+    from axoneme.l7.kafka import deny_response, match_request
+    from axoneme.l7.kafka._responses import metadata_request_for
+
+    req = parse_request(_header(api_key, version) + body)
+    assert req.error is not None or req.api_key == api_key
+    match_request([], req)
+    out = deny_response(req, 29, 31)
+    assert out is None or struct.unpack(">i", out[:4])[0] == len(out) - 4
+    if req.error is None and api_key == 3:
+        again = metadata_request_for(req, req.topic_names)
+        if again is not None:
+            assert parse_request(again[4:]).topic_names == req.topic_names
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=200))
+def test_fuzz_random_frames_never_crash(data: bytes) -> None:
+    try:
+        parse_request(data)
+    except KafkaDecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(TOPIC_VERSIONS)), st.integers(0, 20), st.integers(1, 40),
+       st.integers(0, 255))
+def test_fuzz_mutated_real_frames(api_key: int, vi: int, pos: int, byte: int) -> None:
+    versions = list(TOPIC_VERSIONS[api_key])
+    frame = bytearray(request_frame(api_key, versions[vi % len(versions)], TOPICS)[4:])
+    frame[pos % len(frame)] = byte
+    # Only KafkaDecodeError (header) or an ``error`` (body) may come out.
+    try:
+        req = parse_request(bytes(frame))
+    except KafkaDecodeError:
+        return
+    if req.error is None and req.api_key == api_key:
+        # What parsed is self-consistent: every partition list belongs to a name.
+        assert len(req.topic_names) <= len(req.topics) or api_key in (3, 19, 20)
