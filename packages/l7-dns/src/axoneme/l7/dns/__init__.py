@@ -6,6 +6,8 @@
   Cilium's matchName / matchPattern semantics.
 - ``FQDNCache``: names learned from answers -> IPs with TTLs, change
   notifications, snapshot/restore.
+- ``FQDNSelectorSync``: keeps a policy engine's toFQDNs selectors in step
+  with a cache.
 - ``DnsProxy`` + ``DnsProxyConfig``: the asyncio UDP/TCP proxy (transparent or
   with an explicit upstream).
 """
@@ -28,6 +30,7 @@ from axoneme.l7.dns._match import (
 )
 from axoneme.l7.dns._parser import DnsParser
 from axoneme.l7.dns._proxy import DnsProxy, DnsProxyConfig, DnsProxyStats, dns_proxy_factory
+from axoneme.l7.dns._sync import FQDNEngine, FQDNSelectorSync
 from axoneme.l7.dns._wire import DnsAnswer, DnsQuery, MalformedMessage, parse_answer, parse_query
 
 __all__ = [
@@ -35,5 +38,6 @@ __all__ = [
     "rule_matches", "validate_name", "validate_pattern", "compile_pattern",
     "FQDNCache", "FQDNEntry", "DEFAULT_MIN_TTL", "DEFAULT_MAX_IPS_PER_NAME",
     "DnsProxy", "DnsProxyConfig", "DnsProxyStats", "dns_proxy_factory",
+    "FQDNEngine", "FQDNSelectorSync",
     "DnsAnswer", "DnsQuery", "MalformedMessage", "parse_answer", "parse_query",
 ]

@@ -42,6 +42,19 @@ class DnsParser(L7Parser):
         fields["qtype"] = str(options.get("dns_qtype", options.get("qtype", "A"))).upper()
         return L7Request(fields)
 
+    def new_fqdn_cache(self, **kwargs: Any) -> Any:
+        """An ``FQDNCache`` (kwargs: min_ttl, max_ips_per_name, clock, on_change),
+        for an agent that loads this parser by entry point and may not import
+        the package: one cache per node, shared by its DNS proxies."""
+        from axoneme.l7.dns._cache import FQDNCache
+        return FQDNCache(**kwargs)
+
+    def bind_engine(self, cache: Any, engine: Any) -> Any:
+        """``FQDNSelectorSync(cache, engine)``: keeps ``engine.update_fqdn`` in
+        step with ``cache`` (``resync()`` after policy changes, ``close()``)."""
+        from axoneme.l7.dns._sync import FQDNSelectorSync
+        return FQDNSelectorSync(cache, engine)
+
     def proxy_factory(self) -> Any:
         """``dns_proxy_factory``: the core ``ProxyFactory`` signature
         ``(sock, *, direction, policy_for, flow_sink, connect_upstream=None,

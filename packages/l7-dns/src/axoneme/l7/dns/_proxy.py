@@ -592,6 +592,8 @@ def dns_proxy_factory(sock: socket.socket, *, direction: Direction,
         base = replace(base, max_inflight=min(base.max_inflight, config.max_connections))
     cfg = replace(base, listen_host=host, listen_port=port, transparent=transparent,
                   upstream=upstream)
+    if cache is None:
+        cache = FQDNCache()  # still learn; the agent reads it back as proxy.cache
     is_udp = sock.type == socket.SOCK_DGRAM
     return DnsProxy(cfg, core_policy_for=policy_for, cache=cache, on_answer=on_answer,
                     flow_sink=flow_sink, udp_sock=sock if is_udp else None,
