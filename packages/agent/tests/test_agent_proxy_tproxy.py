@@ -21,7 +21,7 @@ from axoneme.agent.proxy import ProxyManager, RedirectRules
 from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.l7proxy import ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.core.marks import to_proxy_mark
+from axoneme.core.marks import MARK_MAGIC_HOST_MASK, MARK_MAGIC_PROXY_EGRESS, to_proxy_mark
 from axoneme.core.policy.api import HTTPRule
 
 pytestmark = [
@@ -152,6 +152,11 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
         sh("iptables", "-w", "5", "-t", "mangle", "-A", mark_chain, "-i", t.host_cli_if, "-p", "tcp",
            "--dport", "80", "-j", "MARK", "--set-mark", hex(to_proxy_mark(port)))
         sh("iptables", "-w", "5", "-t", "mangle", "-I", "PREROUTING", "1", "-j", mark_chain)
+        # Count upstream packets carrying the egress from-proxy mark (SO_MARK).
+        sh("iptables", "-w", "5", "-t", "mangle", "-A", mark_chain, "-d", t.srv_ip, "-p", "tcp",
+           "--dport", "80", "-m", "mark", "--mark",
+           f"{MARK_MAGIC_PROXY_EGRESS:#x}/{MARK_MAGIC_HOST_MASK:#x}")
+        sh("iptables", "-w", "5", "-t", "mangle", "-I", "OUTPUT", "1", "-j", mark_chain)
 
         code, body = curl(t, "/public")
         assert (code, body) == ("200", "public data")
@@ -159,6 +164,14 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
         assert code == "403" and body == "Access denied"
         code, body = curl(t, "/public/../private")  # curl normalises: still /private
         assert code == "403"
+        # one keep-alive connection: every request is checked on its own
+        out = sh("ip", "netns", "exec", t.cli_ns, "curl", "-s", "-m", "5", "-w", " %{http_code}\n",
+                 f"http://{t.srv_ip}/public", f"http://{t.srv_ip}/private",
+                 f"http://{t.srv_ip}/public", check=False).stdout
+        assert out.split("\n")[:3] == ["public data 200", "Access denied 403", "public data 200"]
+        counters = sh("iptables", "-w", "5", "-t", "mangle", "-L", mark_chain, "-v", "-n", "-x").stdout
+        marked = [line for line in counters.splitlines() if "mark match" in line]
+        assert marked and int(marked[0].split()[0]) > 0, counters
 
         log = open(t.log_path).read()
         assert "GET /public HTTP/1.1" in log
@@ -173,9 +186,10 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
         assert ("REQUEST", "private", FlowVerdict.DROPPED) in verdicts
         assert ("RESPONSE", "public", FlowVerdict.FORWARDED) in verdicts
     finally:
-        while sh("iptables", "-w", "5", "-t", "mangle", "-D", "PREROUTING", "-j", mark_chain,
-                 check=False).returncode == 0:
-            pass
+        for hook in ("PREROUTING", "OUTPUT"):
+            while sh("iptables", "-w", "5", "-t", "mangle", "-D", hook, "-j", mark_chain,
+                     check=False).returncode == 0:
+                pass
         sh("iptables", "-w", "5", "-t", "mangle", "-F", mark_chain, check=False)
         sh("iptables", "-w", "5", "-t", "mangle", "-X", mark_chain, check=False)
         pm.stop()

@@ -293,7 +293,7 @@ class _Conn:
         if res is None or isinstance(res, ProxyPolicy):
             return res
         # tolerate (rules, (source, destination)) / (rules, info)
-        rules, info = res  # type: ignore[misc]
+        rules, info = res
         if isinstance(info, tuple) and len(info) == 2:
             return ProxyPolicy(tuple(rules), info[0], info[1])
         return ProxyPolicy(tuple(rules))
@@ -344,8 +344,8 @@ class _Conn:
             return keep
         self.p.emit(self._flow(req, pol, FlowVerdict.FORWARDED, False))
         headers = req.headers
-        if verdict is not None and getattr(verdict, "actions", ()):
-            headers = apply_actions(headers, verdict.actions)  # type: ignore[attr-defined]
+        if verdict is not None and verdict.actions:
+            headers = apply_actions(headers, verdict.actions)
         if req.expect_continue:
             # We answer 100 ourselves (the request is allowed) and do not
             # forward the expectation: no interim-response interleaving.
