@@ -136,3 +136,42 @@ def test_end_to_end_with_explicit_upstream() -> None:
     finally:
         pm.stop()
         srv.shutdown()
+
+
+def test_factory_kwargs_and_server_lookup() -> None:
+    made: list[dict[str, Any]] = []
+
+    class Fake:
+        def __init__(self, sock: socket.socket, **kw: Any) -> None:
+            self.sock = sock
+            made.append(kw)
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            self.sock.close()
+
+    pm = ProxyManager(lambda *a: None, lambda f: None, port_range=_free_range(), redirect=False,
+                      transparent=False, factories={"fake": Fake})
+    try:
+        port = pm.acquire("fake", Direction.EGRESS, cache="C")
+        assert made[0]["cache"] == "C" and made[0]["direction"] is Direction.EGRESS
+        assert callable(made[0]["connect_upstream"])
+        assert isinstance(pm.server(port), Fake) and pm.loop is not None
+    finally:
+        pm.stop()
+
+
+def test_dns_proxy_starts_from_entry_point() -> None:
+    from axoneme.core.plugins import installed
+
+    if "dns" not in installed("axoneme.l7"):
+        pytest.skip("axoneme-l7-dns is not installed")
+    pm = ProxyManager(lambda *a: None, lambda f: None, port_range=_free_range(), redirect=False,
+                      transparent=False, config=ProxyConfig(upstream=("127.0.0.1", 53)))
+    try:
+        port = pm.acquire("dns", Direction.EGRESS)
+        assert pm.server(port) is not None
+    finally:
+        pm.stop()

@@ -8,7 +8,8 @@ everything. Mark values live in ``axoneme.core.marks``.
 
 from ._manager import PORT_RANGE, ProxyError, ProxyInfo, ProxyManager
 from ._rules import CHAIN, ProxyRulesError, RedirectRules
-from ._sockets import make_listener, transparent_connector
+from ._sockets import make_listener, transparent_connector, transparent_udp_connector
 
 __all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE", "RedirectRules",
-           "ProxyRulesError", "CHAIN", "make_listener", "transparent_connector"]
+           "ProxyRulesError", "CHAIN", "make_listener", "transparent_connector",
+           "transparent_udp_connector"]

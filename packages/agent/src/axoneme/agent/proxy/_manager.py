@@ -28,6 +28,8 @@ from ._sockets import make_listener, transparent_connector
 LOG = logging.getLogger(__name__)
 
 PORT_RANGE = (15000, 15999)
+# L4 protocols diverted to a parser's proxy port when acquire() is not told.
+DEFAULT_PROTOCOLS: dict[str, tuple[str, ...]] = {"dns": ("tcp", "udp")}
 
 
 class ProxyError(AxonemeError):
@@ -117,11 +119,15 @@ class ProxyManager:
     # -- ports ------------------------------------------------------------------
 
     def acquire(self, parser: str, direction: Direction, name: str = "",
-                port: int | None = None) -> int:
+                port: int | None = None, protocols: tuple[str, ...] | None = None,
+                **factory_kwargs: Any) -> int:
         """The port of the listener for (parser, direction, name), started on first use.
 
         Reference counted; ``port`` asks for a specific port (else the first
-        free one in ``port_range``).
+        free one in ``port_range``). ``protocols`` are the L4 protocols the
+        TPROXY rules divert to the port (default tcp; dns: tcp and udp).
+        ``factory_kwargs`` go to the parser's proxy factory on first use
+        (e.g. DNS ``cache=``, ``on_answer=``, ``connect_upstream_udp=``).
         """
         direction = Direction(direction)
         key = (parser, direction, name)
@@ -139,10 +145,10 @@ class ProxyManager:
                                  flow_sink=self.flow_sink,
                                  connect_upstream=transparent_connector(
                                      from_proxy_mark(direction), spoof_source=self.transparent),
-                                 config=self.config)
+                                 config=self.config, **factory_kwargs)
                 self._run(server.start())
                 if self.rules is not None:
-                    self.rules.add_port(p, ("udp",) if parser == "dns" else ("tcp",))
+                    self.rules.add_port(p, protocols or DEFAULT_PROTOCOLS.get(parser, ("tcp",)))
             except Exception as e:
                 sock.close()
                 raise ProxyError(f"cannot start the {parser} proxy on port {p}: {e}") from e
@@ -168,6 +174,17 @@ class ProxyManager:
 
     def port_for(self, parser: str, direction: Direction, name: str = "") -> int | None:
         return self._by_key.get((parser, Direction(direction), name))
+
+    def server(self, port: int) -> L7ProxyServer | None:
+        """The proxy object listening on ``port`` (e.g. to read a DNS proxy's cache)."""
+        with self._lock:
+            entry = self._servers.get(port)
+            return entry[0] if entry else None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The proxies' event loop (its own thread); None before start()."""
+        return self._loop
 
     def proxies(self) -> list[ProxyInfo]:
         with self._lock:
@@ -206,4 +223,4 @@ class ProxyManager:
         raise ProxyError(f"no free proxy port in {self.port_range}: {last}")
 
 
-__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE"]
+__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE", "DEFAULT_PROTOCOLS"]

@@ -73,4 +73,27 @@ def transparent_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool 
     return connect
 
 
-__all__ = ["make_listener", "transparent_connector", "IP_TRANSPARENT", "SO_MARK"]
+def transparent_udp_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True):  # type: ignore[no-untyped-def]
+    """The UDP counterpart (e.g. the DNS proxy's ``connect_upstream_udp``):
+    a connected non-blocking UDP socket from the client's address, marked."""
+
+    async def connect(src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(_family(dst[0]), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if spoof_source and _family(src[0]) == _family(dst[0]):
+                _set_transparent(sock)
+                sock.bind((src[0], 0))
+            sock.connect(dst)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
+__all__ = ["make_listener", "transparent_connector", "transparent_udp_connector",
+           "IP_TRANSPARENT", "SO_MARK"]
