@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from axoneme.core.datapath import DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.flow import DropReason, Flow, FlowVerdict

@@ -8,7 +8,6 @@ import ipaddress
 from collections.abc import Iterator
 
 import pytest
-
 from axoneme.core.datapath import DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import MapFullError
@@ -149,7 +148,6 @@ def test_ctypes_mirrors_match_c_structs(small_dp) -> None:  # type: ignore[no-un
     import uuid
 
     import bcc
-
     from axoneme.datapath.ebpf import _bpf
     from axoneme.datapath.ebpf import _layout as L
 

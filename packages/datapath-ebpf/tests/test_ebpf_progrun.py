@@ -7,7 +7,6 @@ import ipaddress
 from collections.abc import Iterator
 
 import pytest
-
 from axoneme.core.datapath import DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.labels import Labels

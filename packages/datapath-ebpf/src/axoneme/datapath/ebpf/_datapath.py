@@ -25,12 +25,17 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from axoneme.core.datapath import Datapath, DatapathConfig, DatapathStatus, IPCacheChanges, IPNetwork
+from axoneme.core.datapath import (
+    Datapath,
+    DatapathConfig,
+    DatapathStatus,
+    IPCacheChanges,
+    IPNetwork,
+)
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathProgramError, DatapathUnavailable, MapFullError
 from axoneme.core.flow import Flow
 from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState, Protocol
-
 from axoneme.datapath.ebpf import _bpf, _events, _tc
 from axoneme.datapath.ebpf import _layout as L
 
@@ -206,7 +211,7 @@ class EbpfDatapath(Datapath):
 
     def _defines(self) -> dict[str, str | int]:
         return {
-            "AX_PIN_ROOT": '"%s"' % self.config.bpffs_root,
+            "AX_PIN_ROOT": f'"{self.config.bpffs_root}"',
             "AX_POLICY_MAX": self._policy_total,
             "AX_IPCACHE_MAX": self.config.ipcache_max,
             "AX_CT_MAX": self.config.ct_max,
@@ -399,7 +404,7 @@ class EbpfDatapath(Datapath):
         (a full ipcache walk: only at start)."""
         fd = self._fds["ax_ipcache"]
         want = set()
-        for family, addr in _tc.node_addresses():
+        for _family, addr in _tc.node_addresses():
             ip = ipaddress.ip_address(addr)
             want.add(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
         for net in want:

@@ -6,7 +6,6 @@ import ipaddress
 import time
 
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict
-
 from axoneme.datapath.ebpf import _layout as L
 
 _TCP_FLAGS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10),

@@ -1,0 +1,108 @@
+"""Unit tests without root: struct conversions, source assembly, event decoding."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+
+import pytest
+from axoneme.core.flow import DropReason, FlowVerdict
+from axoneme.core.mapstate import Direction, Entry, Key, Protocol, port_range_to_prefixes
+from axoneme.datapath.ebpf import _bpf, _events
+from axoneme.datapath.ebpf import _layout as L
+from axoneme.datapath.ebpf._datapath import (
+    entry_from_policy,
+    ipcache_key,
+    key_from_policy,
+    net_from_ipcache,
+    policy_entry,
+    policy_key,
+)
+
+KEYS = [
+    Key(0, Direction.INGRESS),
+    Key(42, Direction.EGRESS, Protocol.UDP),
+    Key(42, Direction.EGRESS, Protocol.TCP, 8080, 16),
+    Key(7, Direction.INGRESS, Protocol.ICMP, 8, 16),
+    *[Key(9, Direction.INGRESS, Protocol.TCP, p, n) for p, n in port_range_to_prefixes(1000, 2047)],
+]
+
+
+@pytest.mark.parametrize("key", KEYS, ids=str)
+def test_policy_key_roundtrip_and_prefix(key: Key) -> None:
+    pk = policy_key(3, key)
+    assert key_from_policy(pk) == key
+    # LPM prefix: 72 fixed bits, + 8 for the protocol, + the port prefix
+    want = 72 if key.protocol is Protocol.ANY else 80 + key.prefix_len
+    assert pk.prefixlen == want and pk.ep_id == 3
+    assert policy_entry(key, Entry()).l4_prefix == key.l4_prefix
+
+
+def test_policy_key_port_is_network_order() -> None:
+    pk = policy_key(1, Key(1, Direction.EGRESS, Protocol.TCP, 0x1F90, 16))
+    raw = bytes(pk)
+    assert raw[-2:] == b"\x1f\x90"
+
+
+@pytest.mark.parametrize("entry", [Entry(), Entry(deny=True), Entry(proxy_port=15001),
+                                   Entry(audit=True, auth_required=True)], ids=str)
+def test_entry_roundtrip(entry: Entry) -> None:
+    assert entry_from_policy(policy_entry(Key(0, Direction.INGRESS), entry)) == entry
+
+
+@pytest.mark.parametrize("net", ["10.244.1.2/32", "0.0.0.0/0", "192.0.2.0/24",
+                                 "2001:db8::/32", "fd00::1/128"])
+def test_ipcache_key_roundtrip(net: str) -> None:
+    n = ipaddress.ip_network(net)
+    k = ipcache_key(n)
+    assert k.prefixlen == 32 + n.prefixlen and k.family == n.version
+    assert net_from_ipcache(k) == n
+
+
+def test_sizes_are_stable() -> None:
+    # the C side is checked by test_ebpf_maps (privileged); these catch accidental edits
+    assert ct.sizeof(L.PolicyKey) == 16 and ct.sizeof(L.PolicyEntry) == 24
+    assert ct.sizeof(L.IPCacheKey) == 24 and ct.sizeof(L.Tuple) == 40
+    assert ct.sizeof(L.Event) == 80 and ct.sizeof(L.CTEntry) == 64
+
+
+def test_assembled_source_inlines_each_header_once() -> None:
+    src = _bpf.assemble_source({"AX_PIN_ROOT": '"/x"'})
+    assert src.count("struct ax_policy_key {") == 1
+    assert '#include "lib/' not in src
+    assert "int ax_from_container(" in src and "int ax_to_container(" in src
+    for pin in _bpf.PINNED_MAPS.values():
+        assert pin.startswith("axoneme_") and pin.endswith("_v1")
+    assert all(len(name) <= 15 for name in _bpf.PINNED_MAPS)
+
+
+def _event(**kw: int) -> L.Event:
+    ev = L.Event()
+    ev.family, ev.proto = 4, 6
+    ct.memmove(ev.saddr, bytes([10, 244, 0, 1]), 4)
+    ct.memmove(ev.daddr, bytes([10, 244, 0, 2]), 4)
+    for k, v in kw.items():
+        setattr(ev, k, v)
+    return ev
+
+
+def test_drop_event_to_flow() -> None:
+    ev = _event(type=L.EVENT_DROP, reason=133, direction=L.DIR_INGRESS, sport=40000, dport=80,
+                tcp_flags=0x02, src_identity=100, dst_identity=200, ep_id=5)
+    f = _events.to_flow(ev, 0.0)
+    assert f.verdict is FlowVerdict.DROPPED and f.drop_reason is DropReason.POLICY_DENIED
+    assert f.event_type == "drop" and f.traffic_direction == "INGRESS"
+    assert f.l4 == {"TCP": {"source_port": 40000, "destination_port": 80, "flags": {"SYN": True}}}
+    assert (f.ip_source, f.ip_destination) == ("10.244.0.1", "10.244.0.2")
+    assert f.destination.id == 5 and f.source.identity == 100
+
+
+def test_verdict_event_to_flow_icmp_and_redirect() -> None:
+    ev = _event(type=L.EVENT_POLICY_VERDICT, verdict=L.VERDICT_FORWARDED, proto=1, icmp_type=8,
+                direction=L.DIR_EGRESS, match_type=1)
+    f = _events.to_flow(ev, 0.0)
+    assert f.verdict is FlowVerdict.FORWARDED and f.event_type == "policy-verdict"
+    assert f.l4 == {"ICMPv4": {"type": 8, "code": 0}} and f.match_type == "L3_ONLY"
+    ev = _event(type=L.EVENT_POLICY_VERDICT, verdict=L.VERDICT_REDIRECTED, proto=17, dport=53,
+                match_type=2, proxy_port=15000)
+    assert _events.to_flow(ev, 0.0).verdict is FlowVerdict.REDIRECTED
