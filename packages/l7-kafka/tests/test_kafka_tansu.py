@@ -204,6 +204,42 @@ def test_produce_allowed_and_refused_topic(cluster: Cluster) -> None:
     assert not any(refused in parse_request(f).topic_names for f in cluster.relay.frames)
 
 
+def test_refused_produce_and_fetch_answered_by_the_proxy(cluster: Cluster) -> None:
+    """Metadata allowed for every topic, so the Produce/Fetch themselves are refused
+    and the client reads the proxy's synthetic Produce/Fetch responses."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import TopicAuthorizationFailedError
+
+    ok, refused = _topic(), _topic()
+    cluster.rules = [KafkaRule(role="produce", topic=ok), KafkaRule(api_key="metadata")]
+    n0 = len(cluster.flows)
+    prod = _producer(cluster)
+    try:
+        assert prod.send(ok, b"x").get(15).topic == ok
+        with pytest.raises(TopicAuthorizationFailedError):
+            prod.send(refused, b"no").get(15)
+        assert prod.send(ok, b"y").get(15).topic == ok
+    finally:
+        prod.close(5)
+    refused_produce = [f for f in cluster.flows[n0:] if f.verdict is FlowVerdict.DROPPED
+                       and f.l7["kafka"]["api_key"] == "produce"]
+    assert refused_produce and refused_produce[0].l7["kafka"]["topic"] == refused
+
+    cluster.rules = [KafkaRule(api_key="metadata"), KafkaRule(api_key="offsets"),
+                     KafkaRule(api_key="apiversions"), KafkaRule(api_key="fetch", topic=ok)]
+    consumer = KafkaConsumer(bootstrap_servers=cluster.bootstrap, group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    try:
+        consumer.assign([TopicPartition(refused, 0)])
+        with pytest.raises(TopicAuthorizationFailedError):
+            for _ in range(10):
+                consumer.poll(1000)
+    finally:
+        consumer.close()
+    assert any(f.verdict is FlowVerdict.DROPPED and f.l7["kafka"]["api_key"] == "fetch"
+               for f in cluster.flows[n0:])
+
+
 def test_consume_follows_consume_role(cluster: Cluster) -> None:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
@@ -297,6 +333,17 @@ def test_aiokafka_produce_and_consume(cluster: Cluster) -> None:
             with pytest.raises(TopicAuthorizationFailedError):
                 await asyncio.wait_for(prod.send_and_wait(refused, b"no"), 20)
             assert (await prod.send_and_wait(ok, b"again")).topic == ok
+        finally:
+            await prod.stop()
+        # Metadata allowed for any topic: the Produce itself is refused by the proxy.
+        cluster.rules = [KafkaRule(role="produce", topic=ok), KafkaRule(role="consume", topic=ok),
+                         KafkaRule(api_key="metadata")]
+        prod = aiokafka.AIOKafkaProducer(bootstrap_servers=cluster.bootstrap,
+                                         request_timeout_ms=8000)
+        await prod.start()
+        try:
+            with pytest.raises(TopicAuthorizationFailedError):
+                await asyncio.wait_for(prod.send_and_wait(refused, b"no"), 20)
         finally:
             await prod.stop()
         cons = aiokafka.AIOKafkaConsumer(ok, bootstrap_servers=cluster.bootstrap,
