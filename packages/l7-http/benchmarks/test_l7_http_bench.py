@@ -111,8 +111,15 @@ def _spawn(code: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """user+system CPU of a process: a load-independent cost measure."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[int, int]]:
+def servers() -> Iterator[tuple[int, int, int, int]]:
     procs: list[subprocess.Popen[str]] = []
     try:
         up, up_port = _spawn(UPSTREAM)
@@ -121,7 +128,7 @@ def servers() -> Iterator[tuple[int, int]]:
         procs.append(px)
         for port in (up_port, px_port):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        yield up_port, px_port
+        yield up_port, px_port, up.pid, px.pid
     finally:
         for p in procs:
             p.terminate()
@@ -165,14 +172,21 @@ CASES = [("keepalive", False, CONNS), ("keepalive-1conn", False, 1), ("newconn",
 
 
 def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
-    up_port, px_port = servers
+    up_port, px_port, up_pid, px_pid = servers
     results: dict[str, dict[str, float]] = {}
 
     def run() -> None:
         for name, close, conns in CASES:
             for via, port in (("direct", up_port), ("proxy", px_port)):
+                cpu0 = _cpu_seconds(px_pid), _cpu_seconds(up_pid)
                 rps, p50, p99 = load(port, conns, close)
-                results[f"{name}/{via}"] = {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+                cpu1 = _cpu_seconds(px_pid), _cpu_seconds(up_pid)
+                n = max(rps * SECONDS, 1.0)
+                results[f"{name}/{via}"] = {
+                    "rps": rps, "p50_ms": p50, "p99_ms": p99,
+                    # CPU per request of the proxy / the upstream process (us)
+                    "proxy_cpu_us": (cpu1[0] - cpu0[0]) / n * 1e6,
+                    "upstream_cpu_us": (cpu1[1] - cpu0[1]) / n * 1e6}
                 time.sleep(0.2)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
@@ -185,7 +199,8 @@ def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
                                       "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3)}
         lines.append(f"{name:16} c={conns:<3} direct {d['rps']:9.0f} req/s p50 {d['p50_ms']:.3f} "
                      f"p99 {d['p99_ms']:.3f} ms | proxy {p['rps']:9.0f} req/s p50 {p['p50_ms']:.3f} "
-                     f"p99 {p['p99_ms']:.3f} ms | ratio {ratio:.2f}")
+                     f"p99 {p['p99_ms']:.3f} ms | ratio {ratio:.2f} | CPU/req: proxy "
+                     f"{p['proxy_cpu_us']:.0f} us, upstream {d['upstream_cpu_us']:.0f} us")
     report = "\n".join(lines)
     print("\n" + report)
     with open(os.path.join(tempfile.gettempdir(), "axoneme-l7-http-bench.txt"), "w") as f:

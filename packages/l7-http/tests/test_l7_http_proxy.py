@@ -188,6 +188,25 @@ def test_idle_and_slow_header_timeouts_close() -> None:
         close_env(e)
 
 
+def test_stalled_body_times_out() -> None:
+    e = make_env(config=ProxyConfig(header_timeout=2, idle_timeout=2, body_timeout=0.3))
+    try:
+        s = e.connect()
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\nabc")
+        s.settimeout(5)
+        assert _closed(s)
+    finally:
+        close_env(e)
+
+
+def test_forwarded_head_is_byte_exact(env) -> None:
+    env.set_rules([HTTPRule(path="/public")])
+    s = env.connect()
+    head = b"GET /public HTTP/1.1\r\nHost: svc\r\nX-Odd:   spaced value  \r\nAccept: */*\r\n\r\n"
+    assert exchange(s, head).startswith(b"HTTP/1.1 200")
+    assert env.upstream.seen[0][0] == head
+
+
 def test_connection_cap() -> None:
     e = make_env(config=ProxyConfig(max_connections=2, header_timeout=3, idle_timeout=3))
     try:

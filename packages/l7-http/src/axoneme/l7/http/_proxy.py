@@ -343,13 +343,13 @@ class _Conn:
             await self._send(denied_response(not keep))
             return keep
         self.p.emit(self._flow(req, pol, FlowVerdict.FORWARDED, False))
-        headers = req.headers
+        headers: list[tuple[str, str]] | None = None  # None: forward the head unchanged
         if verdict is not None and verdict.actions:
-            headers = apply_actions(headers, verdict.actions)
+            headers = apply_actions(req.headers, verdict.actions)
         if req.expect_continue:
             # We answer 100 ourselves (the request is allowed) and do not
             # forward the expectation: no interim-response interleaving.
-            headers = [(n, v) for n, v in headers if n.lower() != "expect"]
+            headers = [(n, v) for n, v in (headers or req.headers) if n.lower() != "expect"]
         if not await self._ensure_upstream():
             await self._send(error_response(503, STATUS_TEXT[503], b"upstream connect failed\n",
                                             True))

@@ -79,12 +79,17 @@ class RequestHead:
     expect_continue: bool = False
     upgrade: bool = False
     absolute: bool = False
+    raw: bytes = b""  # the validated head as received (CRLFCRLF included)
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
     def serialize(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        """The head to forward: the validated bytes as received when nothing
+        changes (origin-form, headers untouched), else rebuilt."""
+        if headers is None and self.raw and not self.absolute:
+            return self.raw
         hs = self.headers if headers is None else headers
         lines = [f"{self.method} {self.path} {self.version}"]
         lines.extend(f"{n}: {v}" for n, v in hs)
@@ -214,7 +219,8 @@ def parse_request_head(block: bytes) -> RequestHead:
     by: dict[str, list[str]] = {}
     for n, v in headers:
         by.setdefault(n.lower(), []).append(v)
-    req = RequestHead(method, target, path, version, headers, absolute=authority is not None)
+    req = RequestHead(method, target, path, version, headers, absolute=authority is not None,
+                      raw=block + b"\r\n\r\n")
 
     hosts = by.get("host", [])
     if len(hosts) > 1:
