@@ -332,3 +332,53 @@ def test_dot_inside_a_label_cannot_pass_for_a_subdomain(harness, upstream):
     assert r.header.rcode == RCODE.REFUSED
     assert upstream.resolver.names() == []
     assert harness.flows[0].l7["dns"]["query"] == "sub\\.example.com."
+
+
+def test_ipv6_listener(dns_loop, upstream):
+    from dnslib import DNSRecord
+    flows: list[Flow] = []
+    proxy = DnsProxy(DnsProxyConfig(listen_host="::1", upstream=upstream.addr),
+                     policy_for=lambda *a: RULES, flow_sink=flows.append)
+    try:
+        dns_loop.run(proxy.start())
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        q = DNSRecord.question("api.twitter.com", "AAAA")
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.sendto(q.pack(), ("::1", proxy.port))
+            r = DNSRecord.parse(s.recvfrom(4096)[0])
+        assert [str(x.rdata) for x in r.rr] == ["2001:db8::10"]
+        assert flows[0].ip_source == "::1" and flows[0].ip_version == "IPv6"
+    finally:
+        dns_loop.run(proxy.stop())
+
+
+def test_agent_upstream_connectors_are_used(dns_loop, upstream, dnsutil):
+    calls: list[tuple[str, tuple, tuple]] = []
+
+    async def udp(client, server):
+        calls.append(("udp", client, server))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.connect(server)
+        return s
+
+    async def tcp(client, server):
+        calls.append(("tcp", client, server))
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, server)
+        return s
+
+    proxy = DnsProxy(DnsProxyConfig(upstream=upstream.addr), policy_for=lambda *a: (),
+                     connect_upstream=tcp, connect_upstream_udp=udp)
+    dns_loop.run(proxy.start())
+    try:
+        assert dnsutil.udp_ask(proxy.address, "kubernetes.io").header.rcode == 0
+        assert dnsutil.tcp_ask(proxy.address, "kubernetes.io").header.rcode == 0
+    finally:
+        dns_loop.run(proxy.stop())
+    assert [c[0] for c in calls] == ["udp", "tcp"]
+    assert all(c[1][0] == "127.0.0.1" and c[2] == upstream.addr for c in calls)

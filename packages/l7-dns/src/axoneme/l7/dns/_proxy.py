@@ -135,6 +135,7 @@ class DnsProxy:
                  parser: DnsParser | None = None, udp_sock: socket.socket | None = None,
                  tcp_sock: socket.socket | None = None,
                  connect_upstream: ConnectUpstream | None = None,
+                 connect_upstream_udp: ConnectUpstream | None = None,
                  direction: Direction = Direction.EGRESS) -> None:
         if not config.transparent and config.upstream is None:
             raise ValueError("a non-transparent DNS proxy needs config.upstream")
@@ -151,6 +152,7 @@ class DnsProxy:
         self.endpoint_for = endpoint_for
         self.parser = parser or DnsParser()
         self.connect_upstream = connect_upstream
+        self.connect_upstream_udp = connect_upstream_udp
         self.direction = direction
         self._given_udp = udp_sock
         self._given_tcp = tcp_sock
@@ -376,7 +378,7 @@ class DnsProxy:
             if proto == "TCP":
                 resp, answer = await self._tcp_exchange(data, client, server, query)
             else:
-                resp, answer = await self._udp_exchange(data, server, query)
+                resp, answer = await self._udp_exchange(data, client, server, query)
         except (TimeoutError, OSError, MalformedMessage, asyncio.IncompleteReadError) as exc:
             self.stats.upstream_errors += 1
             LOG.info("dns proxy: upstream %s:%d failed for %s: %s", server[0], server[1],
@@ -458,13 +460,19 @@ class DnsProxy:
             raise
         return sock
 
-    async def _udp_exchange(self, data: bytes, server: Addr,
+    async def _udp_exchange(self, data: bytes, client: Addr, server: Addr,
                             query: DnsQuery) -> tuple[bytes, DnsAnswer]:
         loop = asyncio.get_running_loop()
-        # A fresh socket (random source port) per query, like a stub resolver.
-        sock = self._upstream_socket(server, socket.SOCK_DGRAM)
+        # A fresh socket (random source port) per query, like a stub resolver;
+        # the agent's connector may bind the pod's address (transparent source).
+        if self.connect_upstream_udp is not None:
+            sock = await asyncio.wait_for(self.connect_upstream_udp(client, server),
+                                          self.config.upstream_timeout)
+        else:
+            sock = self._upstream_socket(server, socket.SOCK_DGRAM)
         try:
-            await loop.sock_connect(sock, server)
+            if self.connect_upstream_udp is None:
+                await loop.sock_connect(sock, server)
             await loop.sock_sendall(sock, data)
             deadline = loop.time() + self.config.upstream_timeout
             while True:
@@ -572,7 +580,8 @@ def dns_proxy_factory(sock: socket.socket, *, direction: Direction,
                       connect_upstream: ConnectUpstream | None = None,
                       config: ProxyConfig | None = None, cache: FQDNCache | None = None,
                       on_answer: OnAnswer | None = None,
-                      dns_config: DnsProxyConfig | None = None) -> DnsProxy:
+                      dns_config: DnsProxyConfig | None = None,
+                      connect_upstream_udp: ConnectUpstream | None = None) -> DnsProxy:
     """``axoneme.core.l7proxy.ProxyFactory`` for DNS (what ``proxy_factory()`` returns).
 
     ``sock`` is the agent's listener (TCP or UDP, bound to the proxy port,
@@ -580,7 +589,11 @@ def dns_proxy_factory(sock: socket.socket, *, direction: Direction,
     protocol's listener on the same address and port. ``policy_for`` is the
     core 5-argument form ``(src_ip, src_port, dst_ip, dst_port, direction)
     -> ProxyPolicy | None``. ``cache`` and ``on_answer`` are the toFQDNs
-    hooks (see ``DnsProxy``). ``config.upstream`` (tests) replaces the
+    hooks (see ``DnsProxy``). ``connect_upstream`` (TCP) and
+    ``connect_upstream_udp(client, server) -> connected non-blocking UDP
+    socket`` let the agent choose the upstream source address and mark;
+    without them the proxy's own address and ``upstream_mark`` are used.
+    ``config.upstream`` (tests) replaces the
     original destination; ``dns_config`` sets the DNS-specific knobs
     (reject rcode, timeouts, in-flight cap, response hold time).
     """
@@ -598,4 +611,5 @@ def dns_proxy_factory(sock: socket.socket, *, direction: Direction,
     return DnsProxy(cfg, core_policy_for=policy_for, cache=cache, on_answer=on_answer,
                     flow_sink=flow_sink, udp_sock=sock if is_udp else None,
                     tcp_sock=None if is_udp else sock, connect_upstream=connect_upstream,
+                    connect_upstream_udp=connect_upstream_udp,
                     direction=direction)
