@@ -382,3 +382,37 @@ def test_agent_upstream_connectors_are_used(dns_loop, upstream, dnsutil):
         dns_loop.run(proxy.stop())
     assert [c[0] for c in calls] == ["udp", "tcp"]
     assert all(c[1][0] == "127.0.0.1" and c[2] == upstream.addr for c in calls)
+
+
+def test_tcp_connection_cap(dns_loop, upstream, dnsutil):
+    proxy = DnsProxy(DnsProxyConfig(upstream=upstream.addr, max_tcp_connections=1),
+                     policy_for=lambda *a: ())
+    dns_loop.run(proxy.start())
+    try:
+        with socket.create_connection(proxy.address, timeout=3) as idle:
+            deadline = time.time() + 5
+            while proxy._tcp_clients < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            try:  # closed at once (a FIN, or an RST if our query raced the close)
+                refused = dnsutil.tcp_ask(proxy.address, "kubernetes.io")
+            except ConnectionError:
+                refused = None
+            assert refused is None
+            assert proxy.stats.overloaded == 1
+            idle.close()
+            deadline = time.time() + 5
+            while proxy._tcp_clients > 0 and time.time() < deadline:
+                time.sleep(0.01)
+        assert dnsutil.tcp_ask(proxy.address, "kubernetes.io").header.rcode == 0
+    finally:
+        dns_loop.run(proxy.stop())
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError):
+        DnsProxy(DnsProxyConfig(), policy_for=lambda *a: ())  # no upstream, not transparent
+    with pytest.raises(ValueError):
+        DnsProxy(DnsProxyConfig(upstream=("127.0.0.1", 53), reject_rcode="BOGUS"),
+                 policy_for=lambda *a: ())
+    with pytest.raises(ValueError):
+        DnsProxy(DnsProxyConfig(upstream=("127.0.0.1", 53)))  # no policy callback

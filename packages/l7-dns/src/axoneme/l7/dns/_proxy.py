@@ -103,6 +103,7 @@ class DnsProxyConfig:
     udp: bool = True
     tcp: bool = True
     tcp_idle_timeout: float = 10.0
+    max_tcp_connections: int = 256  # open client connections; more are closed at once
 
 
 @dataclass(slots=True)
@@ -162,6 +163,7 @@ class DnsProxy:
         self._tcp_server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inflight = 0
+        self._tcp_clients = 0
         self._port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -311,6 +313,11 @@ class DnsProxy:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._tcp_clients >= self.config.max_tcp_connections:
+            self.stats.overloaded += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         client: Addr = (peer[0], peer[1])
@@ -343,6 +350,7 @@ class DnsProxy:
         except Exception:
             LOG.exception("dns proxy: tcp client %s failed", client)
         finally:
+            self._tcp_clients -= 1
             writer.close()
             try:
                 await writer.wait_closed()
