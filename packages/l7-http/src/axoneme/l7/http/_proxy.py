@@ -225,8 +225,9 @@ class _Conn:
         self.up_w = None
 
     async def run(self) -> None:
-        if self.cfg.upstream is None and (self.dst[0], self.dst[1]) == tuple(self.p._listen) \
-                and self.p._listen[0] not in ("0.0.0.0", "::"):
+        lip = self.p._listen[0]
+        if self.cfg.upstream is None and self.dst[1] == self.p.port and \
+                (self.dst[0] == lip or lip in ("0.0.0.0", "::")):
             # Connected to the listener itself, not redirected: would loop.
             LOG.warning("proxy %d: direct connection from %s refused", self.p.port, self.client)
             return
