@@ -194,6 +194,8 @@ def test_metadata_partly_refused_keeps_allowed_topics() -> None:
             msg = MetadataResponse[12].decode(data[5:])
             assert [(t.name, t.error_code) for t in msg.topics] == [("a", 0), ("b", 29)]
             assert h.flows[-1].verdict is FlowVerdict.DROPPED
+            assert h.flows[-1].l7["kafka"]["topic"] == "b"  # the refused one
+            assert h.flows[-1].l7["kafka"]["topics"] == ["a", "b"]
             w.close()
     run(go())
 

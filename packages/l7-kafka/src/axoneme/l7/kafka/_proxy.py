@@ -162,15 +162,20 @@ def _without_topics(req: KafkaRequest) -> KafkaRequest:
 
 
 def kafka_flow(req: KafkaRequest | None, verdict: FlowVerdict, conn: ConnInfo,
-               error_code: int = 0, policy: Any = None, reason: str = "") -> Flow:
-    """The L7 flow record of one request (Hubble's l7.kafka fields)."""
+               error_code: int = 0, policy: Any = None, reason: str = "",
+               refused: Sequence[str] = ()) -> Flow:
+    """The L7 flow record of one request (Hubble's l7.kafka fields).
+
+    Hubble has one ``topic``: the first refused topic of a refused request,
+    else the first topic; all of them are in ``topics`` when there are several.
+    """
     topics = req.topic_names if req is not None else ()
     kafka: dict[str, Any] = {
         "error_code": error_code,
         "api_version": req.api_version if req is not None else 0,
         "api_key": req.api_name if req is not None else "",
         "correlation_id": req.correlation_id if req is not None else 0,
-        "topic": topics[0] if topics else "",
+        "topic": refused[0] if refused else (topics[0] if topics else ""),
     }
     if len(topics) > 1:
         kafka["topics"] = list(topics)
@@ -312,17 +317,18 @@ class _Session:
             topic_err, api_err = _errors(rules, req)
             LOG.debug("kafka proxy: refused %s v%d corr %d: %s", req.api_name,
                       req.api_version, req.correlation_id, verdict.reason)
+            keep = allowed_topics(rules, req) if rules is not None and req.error is None else ()
+            refused = tuple(t for t in req.topic_names if t not in keep)
             self._emit(kafka_flow(req, FlowVerdict.DROPPED, self.conn, error_code=topic_err
                                   if req.topics else api_err, policy=policy_obj,
-                                  reason=verdict.reason))
+                                  reason=verdict.reason, refused=refused))
             if not req.expects_response:
                 continue  # Produce with acks=0: the client waits for nothing
             if (req.api_key == METADATA and rules is not None and req.error is None
                     and topic_err == TOPIC_AUTHORIZATION_FAILED):
                 # Like a broker with ACLs: refused topics get their error,
                 # the allowed ones (and the brokers) come from upstream.
-                keep = allowed_topics(rules, req)
-                denied = tuple(t for t in req.topic_names if t not in keep)
+                denied = refused
                 rewritten = metadata_request_for(req, keep)
                 if rewritten is not None:
                     self.expected += 1
