@@ -393,12 +393,24 @@ def test_upstream_timeout_gives_504() -> None:
         close_env(e)
 
 
+def test_h2c_upgrade_is_stripped(env) -> None:
+    env.set_rules([HTTPRule(path="/public")])
+    s = env.connect()
+    out = exchange(s, b"GET /public HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings, "
+                   b"keep-alive\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    head = env.upstream.seen[0][0]
+    assert b"h2c" not in head and b"HTTP2-Settings" not in head and b"Upgrade" not in head
+    assert b"Connection: keep-alive" in head
+
+
 def test_upgrade_tunnel_after_101() -> None:
     e, raw = _env_with_raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade"
                            b"\r\n\r\nserver-bytes", close_after=True)
     try:
         s = e.connect()
-        out = exchange(s, b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
+        out = exchange(s, b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\n"
+                       b"Upgrade: websocket\r\n\r\n",
                        until_close=True)
         assert out.startswith(b"HTTP/1.1 101") and out.endswith(b"server-bytes")
     finally:

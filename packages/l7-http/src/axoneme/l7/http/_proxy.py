@@ -49,6 +49,7 @@ from axoneme.l7.http._wire import (
     parse_header_lines,
     parse_request_head,
     parse_response_head,
+    without_upgrade,
 )
 
 LOG = logging.getLogger(__name__)
@@ -347,6 +348,8 @@ class _Conn:
         headers: list[tuple[str, str]] | None = None  # None: forward the head unchanged
         if verdict is not None and verdict.actions:
             headers = apply_actions(req.headers, verdict.actions)
+        if req.strip_upgrade:
+            headers = without_upgrade(headers or req.headers)
         if req.expect_continue:
             # We answer 100 ourselves (the request is allowed) and do not
             # forward the expectation: no interim-response interleaving.

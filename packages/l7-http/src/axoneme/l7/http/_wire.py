@@ -80,6 +80,7 @@ class RequestHead:
     upgrade: bool = False
     absolute: bool = False
     raw: bytes = b""  # the validated head as received (CRLFCRLF included)
+    strip_upgrade: bool = False  # a non-websocket Upgrade: forwarded without it
 
     @property
     def has_body(self) -> bool:
@@ -266,8 +267,35 @@ def parse_request_head(block: bytes) -> RequestHead:
         if expect != ["100-continue"]:
             raise HttpError(417, "unsupported Expect")
         req.expect_continue = True
-    req.upgrade = "upgrade" in conn and "upgrade" in by
+    if "upgrade" in by:
+        # Only websocket may turn the connection into a tunnel: an h2c (or
+        # any other) upgrade would carry later requests past the rules, so
+        # those headers are dropped and the request is forwarded as plain.
+        if "upgrade" in conn and _list(by["upgrade"]) == ["websocket"]:
+            req.upgrade = True
+        else:
+            req.strip_upgrade = True
     return req
+
+
+_UPGRADE_HEADERS = {"upgrade", "http2-settings"}
+
+
+def without_upgrade(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers minus Upgrade/HTTP2-Settings and their Connection tokens."""
+    out: list[tuple[str, str]] = []
+    for n, v in headers:
+        ln = n.lower()
+        if ln in _UPGRADE_HEADERS:
+            continue
+        if ln == "connection":
+            toks = [t.strip() for t in v.split(",") if t.strip().lower() not in _UPGRADE_HEADERS
+                    and t.strip()]
+            if not toks:
+                continue
+            v = ", ".join(toks)
+        out.append((n, v))
+    return out
 
 
 def parse_response_head(raw: bytes) -> ResponseHead:
@@ -352,5 +380,5 @@ def denied_response(close: bool) -> bytes:
 
 __all__ = ["HttpError", "RequestHead", "ResponseHead", "parse_request_head", "parse_response_head",
            "parse_chunk_size", "parse_target", "parse_header_lines", "error_response",
-           "denied_response", "ACCESS_DENIED", "STATUS_TEXT", "MAX_REQUEST_LINE",
+           "denied_response", "without_upgrade", "ACCESS_DENIED", "STATUS_TEXT", "MAX_REQUEST_LINE",
            "MAX_HEAD_BYTES", "MAX_HEADERS", "MAX_DRAIN"]
