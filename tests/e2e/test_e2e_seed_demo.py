@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -106,3 +107,41 @@ def test_policy_and_identities_survive_restart(agent: Any, www: Any) -> None:
     assert agent.json("policy", "list") == []
     web2 = next(e for e in agent.json("endpoint", "list") if e["pod"] == "default/web")
     assert web2["policy_enforcement"] == {"ingress": False, "egress": False}
+
+
+def test_seed_demo_policy_is_enforced(agent: Any, www: Any) -> None:
+    app1 = agent.pod_run("app1", "python3", "-m", "http.server", "80", "--bind", "0.0.0.0",
+                         "--directory", str(www), labels="id=app1",
+                         extra=["--port", "http:80/TCP"])
+    agent.pod_run("app2", "sleep", "infinity", labels="id=app2")
+    agent.pod_run("app3", "sleep", "infinity", labels="id=app3")
+    assert _curl(agent, "app3", f"http://{app1}/public").returncode == 0
+    agent.cli("policy", "apply", "-f", str(LIVE / "00-default-deny.yaml"),
+              "-f", str(LIVE / "10-allow-app2.yaml"), check=True)
+    enforces = "no enforcement" not in agent.json("status")["datapath"]["detail"]
+
+    res = _curl(agent, "app2", f"http://{app1}/public")
+    assert res.returncode == 0 and res.stdout == "public data\n"
+    denied = agent.pod_exec("app3", "curl", "-s", "-m", "1", f"http://{app1}/public")
+    if not enforces:
+        # the noop datapath computes policy but enforces nothing, and says so
+        assert denied.returncode == 0
+        return
+    assert denied.returncode != 0, "app3 reached app1 despite default deny"
+    web = next(e for e in agent.json("endpoint", "list") if e["pod"] == "default/app1")
+    assert agent.json("endpoint", "get", str(web["id"]))["in_sync"] is True
+    flows = []
+    for _ in range(30):
+        out = agent.cli("observe", "--verdict", "DROPPED", "--from-pod", "default/app3",
+                        "-o", "json", check=True).stdout
+        flows = [json.loads(line) for line in out.splitlines()]
+        if flows:
+            break
+        time.sleep(0.2)
+    assert flows, "no DROPPED flow from app3 was observed"
+    assert flows[-1]["destination"]["pod_name"] == "app1"
+
+    # deleting the deny-all policy restores access
+    agent.cli("policy", "delete", "-f", str(LIVE / "00-default-deny.yaml"),
+              "-f", str(LIVE / "10-allow-app2.yaml"), check=True)
+    assert _curl(agent, "app3", f"http://{app1}/public").returncode == 0

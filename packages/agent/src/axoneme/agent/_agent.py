@@ -251,6 +251,7 @@ class Agent:
         # revision continues from the persisted one
         self.rev_base = 0
         self._saved_revision = 0
+        self._enforcement: dict[int, tuple[bool, bool]] = {}  # what the datapath was told
 
     @property
     def revision(self) -> int:
@@ -324,8 +325,10 @@ class Agent:
         self.load_state()
         self.ipam = IPAM(self.config.pod_cidr,
                          {e.ipv4: e.container_id for e in self.endpoints.values() if e.ipv4})
-        dp = self.make_datapath()
-        dp.probe()  # DatapathUnavailable -> exit 1 with the reason, no fallback
+        # datapath calls never run on the event loop's thread: some use
+        # synchronous pyroute2, which runs an event loop of its own
+        dp = await asyncio.to_thread(self.make_datapath)
+        await asyncio.to_thread(dp.probe)  # DatapathUnavailable -> exit 1, no fallback
         self.datapath = dp
         if getattr(self, "_identities_saved", None):
             self.allocator.restore(self._identities_saved)
@@ -354,7 +357,8 @@ class Agent:
             await watcher.scan()
             self._tasks.append(asyncio.create_task(watcher.run()))
         try:
-            self.pm.hook.axoneme_agent_started(status=self.status())
+            status = await asyncio.to_thread(self.status)
+            self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
 
@@ -402,6 +406,7 @@ class Agent:
             for ep in self.endpoint_objs.values():
                 ing, egr = self.engine.enforcement(ep.id)
                 dp.endpoint_added(ep, ing, egr)
+                self._enforcement[ep.id] = (ing, egr)
                 dp.sync(ep, self.engine.resolve(ep.id))
 
         await asyncio.to_thread(self._dp_call, adopt)
@@ -515,6 +520,12 @@ class Agent:
                 if ep is None or not changes:
                     continue
                 try:
+                    # enforcement flags travel with endpoint_added (idempotent);
+                    # a datapath may key its default verdict on them
+                    enf = self.engine.enforcement(ep_id)
+                    if self._enforcement.get(ep_id) != enf:
+                        dp.endpoint_added(ep, *enf)
+                        self._enforcement[ep_id] = enf
                     dp.apply(ep, changes)
                 except DatapathError as e:
                     LOG.error("endpoint %d: datapath apply failed: %s", ep_id, e)
@@ -621,6 +632,7 @@ class Agent:
                 ing, egr = self.engine.enforcement(ep_id)
                 assert self.datapath is not None
                 await asyncio.to_thread(self._dp_call, self.datapath.endpoint_added, ep, ing, egr)
+                self._enforcement[ep_id] = (ing, egr)
                 errors = await self.regenerate()
                 if ep_id in errors:
                     raise DatapathError(f"policy for endpoint {ep_id} could not be applied: "
@@ -646,6 +658,7 @@ class Agent:
     async def _rollback_endpoint(self, rec: EndpointRecord, identity: Identity | None) -> None:
         self.endpoints.pop(rec.container_id, None)
         ep = self.endpoint_objs.pop(rec.id, None)
+        self._enforcement.pop(rec.id, None)
         self._reindex()
         try:
             self.engine.remove_endpoint(rec.id)
@@ -699,6 +712,7 @@ class Agent:
         """Remove one endpoint (lock held)."""
         ep = self.endpoint_objs.pop(rec.id, None)
         self.endpoints.pop(rec.container_id, None)
+        self._enforcement.pop(rec.id, None)
         self._reindex()
         try:
             self.engine.remove_endpoint(rec.id)
@@ -788,6 +802,7 @@ class Agent:
             self.endpoint_objs[rec.id] = ep
             ing, egr = self.engine.enforcement(rec.id)
             await asyncio.to_thread(self._dp_call, self.datapath.endpoint_added, ep, ing, egr)
+            self._enforcement[rec.id] = (ing, egr)
         await self.regenerate()
 
     async def namespace_delete(self, name: str) -> None:

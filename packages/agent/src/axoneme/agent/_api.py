@@ -77,10 +77,10 @@ def build_app(agent: Agent) -> web.Application:
         return _json({"ok": True})
 
     async def status(request: web.Request) -> web.Response:
-        return _json(agent.status())
+        return _json(await asyncio.to_thread(agent.status))
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=agent.metrics.render(),
+        return web.Response(body=await asyncio.to_thread(agent.metrics.render),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     # CNI
