@@ -46,7 +46,7 @@ _PCHARS = r"A-Za-z0-9\-._~!$&'()*+,;=:@%"
 _ORIGIN = re.compile(r"(/[" + _PCHARS + r"/]*)(\?[" + _PCHARS + r"/?]*)?")
 _ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?(\?[" + _PCHARS + r"/?]*)?")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
-_BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
+_BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00|[cC][01])")  # incl. overlong UTF-8 lead bytes
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # The whole header section in one C-level pass: valid lines only.
