@@ -66,16 +66,18 @@ class Plan:
     b5_iters_ipt: int
     b7_populate: int
     seed: int
+    setup_budget_s: float = 90.0  # a (condition, N) whose policy setup takes longer is skipped
+    b5_budget_s: float = 60.0  # per B5 cell once 3 samples are in
 
     @classmethod
     def make(cls, quick: bool, seed: int | None = None) -> Plan:
         seed = seed if seed is not None else random.randrange(1 << 30)
         if quick:
             q = (10, 1000)
-            return cls(True, 2, 0.5, {"none": (0,), "ebpf": q, "iptables-plain": q,
+            return cls(True, 2, 0.3, {"none": (0,), "ebpf": q, "iptables-plain": q,
                                       "iptables-ipset": q, "iptables-stateful": q},
                        (10, 1000), (100, 1000), 50, 5, 1000, seed)
-        return cls(False, 5, 3.0,
+        return cls(False, 5, 2.0,
                    {"none": (0,), "ebpf": (10, 1000, 10_000, 100_000),
                     "iptables-plain": (10, 1000, 10_000),
                     "iptables-ipset": (10, 1000, 10_000, 100_000),
@@ -292,6 +294,22 @@ def client_run(topo: Topology, lg: str, pod: str, kind: str, ip: str, port: int,
     return Run(_parse(out, "tps"), p.returncode)
 
 
+def clients_parallel(topo: Topology, lg: str, runs: list[tuple[str, str, str, int]],
+                     seconds: float) -> list[Run]:
+    """Probes at once (each waits up to 1 s for an answer that should never come)."""
+    procs = [topo.spawn(pod, lg, kind, ip, str(port), str(seconds)) for pod, kind, ip, port in runs]
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=seconds + 15)
+            out.append(Run(_parse(text, "tps"), p.returncode))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            out.append(Run(0.0, 124))
+    return out
+
+
 def flood_run(topo: Topology, lg: str, seconds: float) -> Run:
     srv = topo.pods["srv"]
     sink = topo.spawn("srv", lg, "sink", str(SINK_PORT), str(seconds), cpu=0)
@@ -388,6 +406,20 @@ def verify_last_position(ep_id: int, ps: PolicySet, mode: str) -> str:
         raise RuntimeError(f"client rule is not after the {ps.n} peer rules in {chain} "
                            f"(client at {idx}, {len(peers)} peer rules, last at {max(peers, default=-1)})")
     return f"{chain}: {len(rules)} rules, client rules at positions {idx[0] + 1}..{idx[-1] + 1}"
+
+
+def verify_hooked(ep_id: int, host_if: str) -> None:
+    """FORWARD reaches AXON-FWD, which sends traffic to the server to its chain."""
+    from axoneme.datapath.iptables import _render as rd
+
+    save = sh("iptables-save", "-t", "filter").stdout.splitlines()
+    chain = rd.ep_chain(ep_id, _ingress())
+    if not any(line.startswith("-A FORWARD ") and line.endswith(f"-j {rd.FWD_CHAIN}")
+               for line in save):
+        raise RuntimeError(f"FORWARD does not jump to {rd.FWD_CHAIN}")
+    if not any(line.startswith(f"-A {rd.FWD_CHAIN} ") and f"-o {host_if} " in line
+               and line.endswith(f"-j {chain}") for line in save):
+        raise RuntimeError(f"{rd.FWD_CHAIN} does not send -o {host_if} to {chain}")
 
 
 def _ingress() -> Any:
@@ -516,6 +548,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "python": platform.python_version(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -551,6 +584,7 @@ def traffic_trial(cond: str, n: int, rep: int, conds: Conditions, lg: str, secon
             if cond.startswith("iptables"):
                 proof.append(verify_last_position(ep_id, ps, "ipset" if cond == "iptables-ipset"
                                                   else "plain"))
+                verify_hooked(ep_id, srv.host_if)
             if stateful is not None:
                 stateful.install()
         if not wait_allowed(topo, lg):
@@ -571,13 +605,22 @@ def traffic_trial(cond: str, n: int, rep: int, conds: Conditions, lg: str, secon
             proof.append(f"allow counter moved by {moved} packets")
             allowed_ok = allowed_ok and moved > 0
         # the intruder (an identity with no allow) and a port nobody is allowed on
-        d_udp = client_run(topo, lg, "bad", "udp_rr", srv.ip, PORT, 0.5, None)
-        d_tcp = client_run(topo, lg, "bad", "tcp_rr", srv.ip, PORT, 0.5, None)
-        d_port = client_run(topo, lg, "cli", "tcp_rr", srv.ip, DENIED_PORT, 0.5, None)
+        d_udp, d_tcp, d_port = clients_parallel(topo, lg, [
+            ("bad", "udp_rr", srv.ip, PORT), ("bad", "tcp_rr", srv.ip, PORT),
+            ("cli", "tcp_rr", srv.ip, DENIED_PORT)], 0.5)
         dropped = d_udp.rc == 3 and d_tcp.rc == 3 and d_port.rc == 3 and \
             d_udp.value == d_tcp.value == d_port.value == 0
         proof.append(f"denied probes (intruder udp/tcp, client on port {DENIED_PORT}): "
                      f"rc={d_udp.rc}/{d_tcp.rc}/{d_port.rc}")
+        if cond.startswith("iptables") and ps is not None:
+            # other processes on this machine may run an AXON- cleanup; a trial whose
+            # chains vanished measured nothing enforced and must not count
+            try:
+                verify_last_position(ep_id, ps, "ipset" if cond == "iptables-ipset" else "plain")
+                verify_hooked(ep_id, srv.host_if)
+            except RuntimeError as e:
+                raise RuntimeError(f"policy chains changed under the trial "
+                                   f"(another process's AXON- cleanup?): {e}") from e
         if cond == "none":
             # the baseline enforces nothing: the same probes must get through
             trial.enforced = allowed_ok and d_udp.rc == 0 and d_tcp.rc == 0
@@ -729,7 +772,7 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
                 topo.create()
                 srv = topo.pods["srv"]
                 dp = conds.get(cond)
-                ep = endpoint_for(srv, 31)
+                ep = endpoint_for(srv, random.randrange(60_000, 62_000))
                 ps = PolicySet(n, topo.pods["cli"].ip, topo.pods["bad"].ip, srv.ip)
                 state = ps.mapstate()
                 extra_id = ps.bad_id  # has an ipcache entry: the change is a real rule
@@ -746,7 +789,10 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
                 iters = plan.b5_iters_ebpf if cond == "ebpf" else plan.b5_iters_ipt
                 lat: list[float] = []
                 checked = False
-                for _ in range(iters):
+                cell_start = time.monotonic()
+                for it in range(iters):
+                    if it >= 3 and time.monotonic() - cell_start > plan.b5_budget_s:
+                        break
                     add = MapChanges(adds={key: ALLOW})
                     t0 = time.perf_counter()
                     dp.apply(ep, add)
@@ -797,7 +843,7 @@ def bench_b7(plan: Plan, res: Results, conds: Conditions) -> None:
         topo = Topology(("srv",))
         try:
             topo.create()
-            ep = endpoint_for(topo.pods["srv"], 41)
+            ep = endpoint_for(topo.pods["srv"], random.randrange(62_000, 64_000))
             dp.endpoint_added(ep, True, False)
             rss0 = _rss_kb(os.getpid())
             state = MapState({Key(PEER_BASE_ID + i, Direction.INGRESS, Protocol.TCP, PORT, 16): ALLOW
@@ -872,6 +918,23 @@ def agent_start(args: list[str]) -> dict[str, float]:
 
 # ---- the suite ------------------------------------------------------------------------------
 
+def over_budget(res: Results, cond: str, n: int, budget: float) -> str:
+    """Why (cond, n) is skipped: its policy setup (measured at n, or extrapolated
+    linearly from the largest smaller N) exceeds the per-trial budget."""
+    setups = [(t.n, t.metrics["setup_s"]) for t in res.trials
+              if t.bench == "traffic" and t.condition == cond and "setup_s" in t.metrics
+              and t.n <= n]
+    if not setups:
+        return ""
+    m = max(x for x, _ in setups)
+    est = statistics.median([v for x, v in setups if x == m]) * n / m
+    if est > budget:
+        how = "measured" if m == n else f"extrapolated from N={m:,}"
+        return (f"policy setup (ipcache_apply + endpoint_added + sync) takes {est:.0f} s per "
+                f"trial ({how}), over the {budget:.0f} s per-trial budget of this session")
+    return ""
+
+
 def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
               benches: Sequence[str] = ("B1", "B2", "B5", "B7")) -> Results:
     """Everything: B1, B2/B3/B4 (one traffic trial measures RR, CRR and flood),
@@ -904,11 +967,17 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
             bench_b1(plan, res)
         if "B2" in benches:
             items = [(c, n) for c in CONDITIONS for n in plan.sizes[c] if c not in conds.unavailable]
-            ep_id = 100
+            # endpoint ids far from what agents on this machine allocate
+            ep_id = rnd.randrange(20_000, 60_000)
             for rep in range(plan.reps):
                 rnd.shuffle(items)
                 for cond, n in items:
                     ep_id += 1
+                    reason = over_budget(res, cond, n, plan.setup_budget_s)
+                    if reason:
+                        res.not_run[f"B2/{cond}/N={n}"] = reason
+                        progress(f"skip {cond} N={n}: {reason}")
+                        continue
                     progress(f"traffic rep {rep + 1}/{plan.reps}: {cond} N={n}")
                     t = traffic_trial(cond, n, rep, conds, lg, plan.seconds, ep_id)
                     res.trials.append(t)
@@ -924,6 +993,7 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
             progress("B7: agent start")
             bench_b7(plan, res, conds)
         res.extra["ebpf_start_seconds"] = conds.ebpf_start_seconds
+        res.machine["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
         conds.close()
         # the iptables datapath owns AXON- chains/ipsets: one last cleanup in case a trial died
@@ -938,6 +1008,21 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
         guard.remove()
         shutil.rmtree(tmp, ignore_errors=True)
     return res
+
+
+def sibling(name: str) -> Any:
+    """A module next to this file (tests/bench is not a package)."""
+    import importlib.util
+
+    key = f"axoneme_bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -958,13 +1043,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"plan": res.plan, "machine": res.machine, "not_run": res.not_run, "extra": res.extra,
          "trials": [asdict(t) for t in res.trials]}, indent=1))
-    from report import write_report  # noqa: E402  (sibling module)
-
-    write_report(res, out, " ".join(sys.argv), time.time() - t0)
+    sibling("report").write_report(res, out, " ".join(sys.argv), time.time() - t0)
     print(f"report: {out / 'README.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     sys.exit(main())
