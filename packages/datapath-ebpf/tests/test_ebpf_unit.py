@@ -106,3 +106,10 @@ def test_verdict_event_to_flow_icmp_and_redirect() -> None:
     ev = _event(type=L.EVENT_POLICY_VERDICT, verdict=L.VERDICT_REDIRECTED, proto=17, dport=53,
                 match_type=2, proxy_port=15000)
     assert _events.to_flow(ev, 0.0).verdict is FlowVerdict.REDIRECTED
+
+
+@pytest.mark.parametrize("key", KEYS, ids=str)
+def test_policy_key_bytes_equal_struct(key: Key) -> None:
+    from axoneme.datapath.ebpf._datapath import policy_key_bytes
+
+    assert policy_key_bytes(77, key) == bytes(policy_key(77, key))

@@ -89,6 +89,8 @@ def libbpf() -> Any:
             ("bpf_map_get_next_key", [ct.c_int, ct.c_void_p, ct.c_void_p]),
             ("bpf_obj_get", [ct.c_char_p]),
             ("bpf_prog_test_run_opts", [ct.c_int, ct.c_void_p]),
+            ("bpf_map_update_batch", [ct.c_int, ct.c_void_p, ct.c_void_p,
+                                      ct.POINTER(ct.c_uint32), ct.c_void_p]),
         ):
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -105,15 +107,35 @@ def _err(rc: int) -> int:
     return -rc if rc < 0 else (ct.get_errno() or errno_mod.EIO)
 
 
-def map_update(fd: int, key: ct.Structure | ct._SimpleCData, value: Any, flags: int = BPF_ANY) -> None:
-    rc = libbpf().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags)
+def _ref(obj: Any) -> Any:
+    """bytes go as their buffer, ctypes objects by reference."""
+    return obj if isinstance(obj, bytes) else ct.byref(obj)
+
+
+def map_update(fd: int, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+    rc = libbpf().bpf_map_update_elem(fd, _ref(key), _ref(value), flags)
     if rc != 0:
         e = _err(rc)
         raise OSError(e, os.strerror(e))
 
 
+def map_update_batch(fd: int, keys: list[bytes], values: list[bytes]) -> int:
+    """BPF_MAP_UPDATE_BATCH (BPF_ANY). Returns how many were written; on error
+    raises OSError with ``.written`` set to the number written before it."""
+    if not keys:
+        return 0
+    n = ct.c_uint32(len(keys))
+    rc = libbpf().bpf_map_update_batch(fd, b"".join(keys), b"".join(values), ct.byref(n), None)
+    if rc != 0:
+        e = _err(rc)
+        err = OSError(e, os.strerror(e))
+        err.written = int(n.value)  # type: ignore[attr-defined]
+        raise err
+    return int(n.value)
+
+
 def map_lookup(fd: int, key: Any, value: Any) -> bool:
-    rc = libbpf().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+    rc = libbpf().bpf_map_lookup_elem(fd, _ref(key), ct.byref(value))
     if rc == 0:
         return True
     e = _err(rc)
@@ -124,7 +146,7 @@ def map_lookup(fd: int, key: Any, value: Any) -> bool:
 
 def map_delete(fd: int, key: Any) -> bool:
     """Delete; ENOENT counts as success (idempotent) and returns False."""
-    rc = libbpf().bpf_map_delete_elem(fd, ct.byref(key))
+    rc = libbpf().bpf_map_delete_elem(fd, _ref(key))
     if rc == 0:
         return True
     e = _err(rc)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -59,6 +60,17 @@ def policy_key(ep_id: int, key: Key) -> L.PolicyKey:
         k.protocol = int(key.protocol)
         k.dport = socket.htons(key.port)
     return k
+
+
+_PK_HEAD = struct.Struct("=IIIBB")  # DO NOT CHANGE: mirrors struct ax_policy_key (dport follows, big-endian)
+
+
+def policy_key_bytes(ep_id: int, key: Key) -> bytes:
+    """policy_key() as raw bytes: the hot path of large batches."""
+    if key.protocol is Protocol.ANY:
+        return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX, ep_id, key.identity, key.direction, 0) + b"\0\0"
+    return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX + 8 + key.prefix_len, ep_id, key.identity,
+                         key.direction, key.protocol) + key.port.to_bytes(2, "big")
 
 
 def key_from_policy(k: L.PolicyKey) -> Key:
@@ -470,16 +482,30 @@ class EbpfDatapath(Datapath):
 
     def _apply(self, ep_id: int, changes: MapChanges) -> None:
         fd = self._fds["ax_policy"]
-        adds = {k: policy_entry(k, e) for k, e in changes.adds.items()}
+        # identical values share one struct (the kernel copies on update)
+        values: dict[tuple[int, Entry], L.PolicyEntry] = {}
+        adds: dict[Key, L.PolicyEntry] = {}
+        for k, e in changes.adds.items():
+            vk = (k.l4_prefix, e)
+            v = values.get(vk)
+            if v is None:
+                v = values[vk] = policy_entry(k, e)
+            adds[k] = v
         deletes = [k for k in changes.deletes if k not in changes.adds]
+        pkeys = {k: policy_key_bytes(ep_id, k) for k in (*adds, *deletes)}
+        count = self._counts().get(ep_id, 0)
         old: dict[Key, L.PolicyEntry | None] = {}
-        for k in list(adds) + deletes:
-            cur = L.PolicyEntry()
-            old[k] = cur if _bpf.map_lookup(fd, policy_key(ep_id, k), cur) else None
+        if count == 0:
+            # the endpoint holds nothing: no per-key lookups (initial population)
+            old = dict.fromkeys(pkeys)
+        else:
+            lookup = _bpf.map_lookup
+            for k, pk in pkeys.items():
+                cur = L.PolicyEntry()
+                old[k] = cur if lookup(fd, pk, cur) else None
 
         new_keys = sum(1 for k in adds if old[k] is None)
         gone = sum(1 for k in deletes if old[k] is not None)
-        count = self._counts().get(ep_id, 0)
         if count + new_keys - gone > self.config.policy_map_max:
             self._map_full_errors += 1
             raise MapFullError(
@@ -494,24 +520,34 @@ class EbpfDatapath(Datapath):
         # 1. new denies (and allow->deny flips), 2. deletions of allows,
         # 3. in-place updates that keep allow/deny, 4. new allows (and
         # deny->allow flips), 5. deletions of denies.
-        ops: list[tuple[Key, L.PolicyEntry | None]] = []
-        ops += [(k, v) for k, v in adds.items() if v.deny and not is_deny(old[k])]
-        ops += [(k, None) for k in deletes if old[k] is not None and not old[k].deny]  # type: ignore[union-attr]
-        ops += [(k, v) for k, v in adds.items()
-                if old[k] is not None and bool(v.deny) == is_deny(old[k])
-                and not _same_entry(v, old[k])]  # type: ignore[arg-type]
-        ops += [(k, v) for k, v in adds.items() if not v.deny and (old[k] is None or is_deny(old[k]))]
-        ops += [(k, None) for k in deletes if is_deny(old[k])]
+        # Each write phase is one BPF_MAP_UPDATE_BATCH; phases run in order.
+        phases: list[tuple[bool, list[Key]]] = [
+            (True, [k for k, v in adds.items() if v.deny and not is_deny(old[k])]),
+            (False, [k for k in deletes if old[k] is not None and not is_deny(old[k])]),
+            (True, [k for k, v in adds.items()
+                    if old[k] is not None and bool(v.deny) == is_deny(old[k])
+                    and not _same_entry(v, old[k])]),  # type: ignore[arg-type]
+            (True, [k for k, v in adds.items() if not v.deny and (old[k] is None or is_deny(old[k]))]),
+            (False, [k for k in deletes if is_deny(old[k])]),
+        ]
 
+        vbytes = {id(v): bytes(v) for v in values.values()}
         done: list[Key] = []
+        delete = _bpf.map_delete
         try:
-            for k, v in ops:
-                pk = policy_key(ep_id, k)
-                if v is None:
-                    _bpf.map_delete(fd, pk)
+            for is_update, ks in phases:
+                if is_update:
+                    try:
+                        _bpf.map_update_batch(fd, [pkeys[k] for k in ks],
+                                              [vbytes[id(adds[k])] for k in ks])
+                    except OSError as e:
+                        done.extend(ks[:getattr(e, "written", 0)])
+                        raise
+                    done.extend(ks)
                 else:
-                    _bpf.map_update(fd, pk, v)
-                done.append(k)
+                    for k in ks:
+                        delete(fd, pkeys[k])
+                        done.append(k)
         except OSError as e:
             self._rollback(ep_id, done, old)
             self._bump_revision()
@@ -531,9 +567,9 @@ class EbpfDatapath(Datapath):
             prev = old[k]
             try:
                 if prev is None:
-                    _bpf.map_delete(fd, policy_key(ep_id, k))
+                    _bpf.map_delete(fd, policy_key_bytes(ep_id, k))
                 else:
-                    _bpf.map_update(fd, policy_key(ep_id, k), prev)
+                    _bpf.map_update(fd, policy_key_bytes(ep_id, k), prev)
             except OSError:
                 LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
                 self._ep_counts = None
