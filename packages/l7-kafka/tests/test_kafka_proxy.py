@@ -200,6 +200,21 @@ def test_metadata_partly_refused_keeps_allowed_topics() -> None:
     run(go())
 
 
+def test_metadata_refused_outright_never_goes_upstream() -> None:
+    async def go() -> None:
+        from kafka.protocol.metadata.metadata import MetadataResponse
+
+        async with Harness([KafkaRule(api_key="fetch")]) as h:
+            r, w = await h.connect()
+            w.write(request_frame(3, 12, [("a", [])], correlation_id=4))
+            corr, data = await read_response(r)
+            msg = MetadataResponse[12].decode(data[5:])
+            assert corr == 4 and [(t.name, t.error_code) for t in msg.topics] == [("a", 29)]
+            assert h.broker.frames == []
+            w.close()
+    run(go())
+
+
 def test_upstream_close_closes_client() -> None:
     async def go() -> None:
         async with Harness([]) as h:
@@ -267,11 +282,18 @@ frames = st.builds(_mutate, valid_frames, st.integers(0, 4), st.integers(0, 10_0
                    st.integers(0, 255))
 
 
+FUZZ_RULE_SETS = [FUZZ_RULES, [KafkaRule(api_key="fetch", topic="a"),
+                                KafkaRule(api_key="offsetcommit")]]
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(frames, min_size=1, max_size=6), st.booleans())
-def test_fuzz_nothing_refused_reaches_upstream(batch: list[bytes], cut_last: bool) -> None:
+@given(st.lists(frames, min_size=1, max_size=6), st.booleans(), st.sampled_from([0, 1]))
+def test_fuzz_nothing_refused_reaches_upstream(batch: list[bytes], cut_last: bool,
+                                               which: int) -> None:
+    rules = FUZZ_RULE_SETS[which]
+
     async def go() -> None:
-        async with Harness(FUZZ_RULES, max_frame=64 * 1024) as h:
+        async with Harness(rules, max_frame=64 * 1024) as h:
             r, w = await h.connect()
             data = b"".join(batch)
             if cut_last:
@@ -286,7 +308,7 @@ def test_fuzz_nothing_refused_reaches_upstream(batch: list[bytes], cut_last: boo
             # refused Metadata goes up rewritten to its allowed topics only).
             for f in h.broker.frames:
                 req = parse_request(f)
-                assert match_request(FUZZ_RULES, req).allowed, req
+                assert match_request(rules, req).allowed, req
     run(go())
 
 

@@ -325,7 +325,7 @@ class _Session:
             if not req.expects_response:
                 continue  # Produce with acks=0: the client waits for nothing
             if (req.api_key == METADATA and rules is not None and req.error is None
-                    and topic_err == TOPIC_AUTHORIZATION_FAILED):
+                    and match_request(rules, _without_topics(req)).allowed):
                 # Like a broker with ACLs: refused topics get their error,
                 # the allowed ones (and the brokers) come from upstream.
                 denied = refused
