@@ -167,8 +167,7 @@ class IptablesDatapath(Datapath):
                     self._restore(family, payload)
             names = [m.group(1) for line in Backend.ipset_save().splitlines()
                      if (m := _SET_CREATE_RE.match(line)) and rd.OWNED_SET_RE.match(m.group(1))]
-            for name in names:
-                Backend.ipset("destroy", name)
+            Backend.ipset_restore("".join(f"destroy {name}\n" for name in names))
             self._refs.clear()
             self._endpoints.clear()
             self._states.clear()
@@ -279,10 +278,13 @@ class IptablesDatapath(Datapath):
 
     # ---- ipcache --------------------------------------------------------------
 
-    def _recompute(self, families: Iterable[int]) -> dict[int, set[int]]:
+    def _recompute(self, families: Iterable[int]) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
         """Refresh the derived per-identity address views; return, per family,
-        the identities whose addresses changed."""
+        the identities whose addresses changed and those whose rules must be
+        re-rendered (plain: the same; ipset: the ones gaining their first or
+        losing their last address)."""
         changed: dict[int, set[int]] = {}
+        rerender: dict[int, set[int]] = {}
         for family in families:
             table = self._ipcache[family]
             self._lengths[family] = sorted({plen for _, plen in table} | {0}, reverse=True)
@@ -291,14 +293,18 @@ class IptablesDatapath(Datapath):
                        for ident, ranges in px.effective_ranges(table, family).items()}
                 old = self._ranges[family]
                 changed[family] = {i for i in set(old) | set(new) if old.get(i) != new.get(i)}
+                rerender[family] = changed[family]
                 self._ranges[family] = new
             else:
                 old_sets = self._idsets[family]
                 new_sets = px.identity_sets(table, family)
                 changed[family] = {i for i in set(old_sets) | set(new_sets)
                                    if old_sets.get(i) != new_sets.get(i)}
+                rerender[family] = {i for i in changed[family]
+                                    if bool(old_sets.get(i, ((), ()))[0])
+                                    != bool(new_sets.get(i, ((), ()))[0])}
                 self._idsets[family] = new_sets
-        return changed
+        return changed, rerender
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:
@@ -325,15 +331,15 @@ class IptablesDatapath(Datapath):
                 f"del {ln.split()[1]} {ln.split()[2]} -exist" for ln in lines if ln.startswith("add")
             ] + [ln for ln in lines if ln.startswith("add")]
             Backend.ipset_restore("\n".join(lines) + "\n")
-            changed = self._recompute(touched)
+            changed, rerender = self._recompute(touched)
             if self.mode == "ipset":
                 dirty = set().union(*changed.values())
-                self._sync_sets(need={i for i in dirty if any(
+                referenced = {k.identity for st in self._states.values() for k in st}
+                self._sync_sets(need={i for i in dirty if i in referenced or any(
                     rd.set_name(i, f) in self._sets for f in self._families)})
-                return
-            # plain mode: endpoints referencing an identity whose addresses moved
+            # endpoints referencing an identity whose rules change
             for family in touched:
-                idents = changed.get(family, set())
+                idents = rerender.get(family, set())
                 eps = [ep for ep, st in self._states.items()
                        if ep in self._refs and any(k.identity in idents for k in st)]
                 if not eps:
@@ -386,10 +392,13 @@ class IptablesDatapath(Datapath):
                 want = (frozenset(px.to_cidr(p, family) for p in match),
                         frozenset(px.to_cidr(p, family) for p in nomatch))
                 have = self._sets.get(name)
+                if have is None and not match:
+                    continue  # rules render a never-matching placeholder instead
                 if have is None:
                     lines.append(f"create {name} hash:net family {fam} "
                                  f"maxelem {max(self.config.ipcache_max, 1024)} -exist")
                     have = (frozenset(), frozenset())
+                new_sets[name] = want
                 if have == want:
                     continue
                 for c in (have[0] - want[0]) | (have[1] - want[1]):
@@ -403,7 +412,6 @@ class IptablesDatapath(Datapath):
                 for c in want[0] & have[1]:
                     lines.append(f"del {name} {c} -exist")
                     lines.append(f"add {name} {c} -exist")
-                new_sets[name] = want
         if lines:
             Backend.ipset_restore("\n".join(lines) + "\n")
         self._sets.update(new_sets)
@@ -492,6 +500,9 @@ class IptablesDatapath(Datapath):
     # ---- writing --------------------------------------------------------------
 
     def _peers(self, family: int) -> rd.Peers:
+        if self.mode == "ipset":
+            sets = self._idsets[family]
+            return rd.Peers(self.mode, family, lambda ident: ("set",) if sets.get(ident, ((), ()))[0] else ())
         ranges = self._ranges[family]
         return rd.Peers(self.mode, family, lambda ident: ranges.get(ident, ()))
 

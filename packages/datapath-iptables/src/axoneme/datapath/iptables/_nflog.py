@@ -140,7 +140,10 @@ class NflogSocket:
         if not ready:
             return []
         try:
-            data = self.sock.recv(1 << 17)
+            # never block: close() from another thread must end a reader
+            data = self.sock.recv(1 << 17, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return []
         except OSError as e:
             if e.errno == errno.ENOBUFS:  # we fell behind: the kernel dropped some logs
                 return []
@@ -148,10 +151,9 @@ class NflogSocket:
         return list(parse_messages(data))
 
     def close(self) -> None:
-        try:
-            self._config(_attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND) + b"\0" * 3))
-        except OSError:
-            pass
+        # Closing the socket unbinds the group (the kernel drops instances of
+        # a released port id); asking for an UNBIND ack here would race with
+        # a reader thread on the same socket.
         self.sock.close()
 
 

@@ -166,12 +166,15 @@ class Peers:
 
     mode: str  # plain | ipset
     family: int
-    ranges: Callable[[int], Sequence[str]]  # plain mode: identity -> CIDRs
+    # plain: identity -> its CIDRs; ipset: non-empty when the identity's set has members
+    ranges: Callable[[int], Sequence[str]]
 
     def matches(self, identity: int, direction: Direction) -> list[str]:
         if identity == 0:
             return [""]
         if self.mode == "ipset":
+            if not self.ranges(identity):
+                return []  # no address in this family: no set either
             flag = "src" if direction is Direction.INGRESS else "dst"
             return [f"-m set --match-set {set_name(identity, self.family)} {flag}"]
         opt = "-s" if direction is Direction.INGRESS else "-d"
