@@ -21,7 +21,7 @@ from axoneme.agent.proxy import ProxyManager, RedirectRules
 from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.l7proxy import ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.core.marks import MARK_MAGIC_HOST_MASK, MARK_MAGIC_PROXY_EGRESS, to_proxy_mark
+from axoneme.core.marks import MARK_MAGIC_HOST_MASK, from_proxy_mark, to_proxy_mark
 from axoneme.core.policy.api import HTTPRule
 
 pytestmark = [
@@ -71,6 +71,11 @@ def topo() -> Iterator[Topo]:
         sh("iptables", "-w", "5", "-A", guard, "-s", "10.244.0.0/16", "-o", _uplink(), "-j", "DROP")
         sh("iptables", "-w", "5", "-I", "FORWARD", "1", "-j", guard)
         for ns in (cli_ns, srv_ns):
+            # Never the host's resolver (http.server does a reverse lookup at
+            # start): the pods resolve against their own loopback, which refuses.
+            os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
+            with open(f"/etc/netns/{ns}/resolv.conf", "w") as f:
+                f.write("nameserver 127.0.0.1\n")
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         cli_ip, srv_ip = f"10.244.{r}.2", f"10.244.{r}.6"
@@ -113,6 +118,7 @@ def topo() -> Iterator[Topo]:
                 server.wait(5)
         for ns in (cli_ns, srv_ns):
             sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         for host_if in (hc, hs):
             sh("ip", "link", "del", host_if, check=False)
         while sh("iptables", "-w", "5", "-D", "FORWARD", "-j", guard, check=False).returncode == 0:
@@ -129,14 +135,15 @@ def curl(t: Topo, path: str) -> tuple[str, str]:
     return code, body
 
 
-def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
+@pytest.mark.parametrize("direction", [Direction.EGRESS, Direction.INGRESS])
+def test_tproxy_redirect_enforces_http_rules(topo: Topo, direction: Direction) -> None:
     t = topo
     flows: list[Flow] = []
     seen: list[tuple[str, str]] = []
 
     def policy_for(sip: str, sport: int, dip: str, dport: int, d: Direction) -> ProxyPolicy | None:
         seen.append((sip, dip))
-        if sip == t.cli_ip and dip == t.srv_ip and dport == 80:
+        if sip == t.cli_ip and dip == t.srv_ip and dport == 80 and d is direction:
             return ProxyPolicy((HTTPRule(method="GET", path="/public"),))
         return None
 
@@ -145,17 +152,17 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
     pm = ProxyManager(policy_for, flows.append, rules=rules)
     mark_chain = f"AXT-M{t.sfx}"
     try:
-        port = pm.acquire("http", Direction.EGRESS)
+        port = pm.acquire("http", direction)
         assert any(f"--on-port {port}" in r for r in rules.dump())
         # What a datapath does for a redirected entry: mark the pod's packets.
         sh("iptables", "-w", "5", "-t", "mangle", "-N", mark_chain)
         sh("iptables", "-w", "5", "-t", "mangle", "-A", mark_chain, "-i", t.host_cli_if, "-p", "tcp",
            "--dport", "80", "-j", "MARK", "--set-mark", hex(to_proxy_mark(port)))
         sh("iptables", "-w", "5", "-t", "mangle", "-I", "PREROUTING", "1", "-j", mark_chain)
-        # Count upstream packets carrying the egress from-proxy mark (SO_MARK).
+        # Count upstream packets carrying the proxy's from-proxy mark (SO_MARK).
         sh("iptables", "-w", "5", "-t", "mangle", "-A", mark_chain, "-d", t.srv_ip, "-p", "tcp",
            "--dport", "80", "-m", "mark", "--mark",
-           f"{MARK_MAGIC_PROXY_EGRESS:#x}/{MARK_MAGIC_HOST_MASK:#x}")
+           f"{from_proxy_mark(direction):#x}/{MARK_MAGIC_HOST_MASK:#x}")
         sh("iptables", "-w", "5", "-t", "mangle", "-I", "OUTPUT", "1", "-j", mark_chain)
 
         code, body = curl(t, "/public")
@@ -185,6 +192,7 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo) -> None:
         assert ("REQUEST", "public", FlowVerdict.FORWARDED) in verdicts
         assert ("REQUEST", "private", FlowVerdict.DROPPED) in verdicts
         assert ("RESPONSE", "public", FlowVerdict.FORWARDED) in verdicts
+        assert {f.traffic_direction for f in flows} == {str(direction)}
     finally:
         for hook in ("PREROUTING", "OUTPUT"):
             while sh("iptables", "-w", "5", "-t", "mangle", "-D", hook, "-j", mark_chain,
