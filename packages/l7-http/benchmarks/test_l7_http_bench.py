@@ -1,8 +1,9 @@
 """HTTP proxy benchmark: requests/s and p50/p99 latency through the proxy vs
 direct on loopback, keep-alive and a new connection per request, in one run.
 
-The upstream (a minimal asyncio HTTP server), the proxy and the load
-generator each run in their own process. The load generator is ``wrk`` when
+Two upstreams: a minimal asyncio server (a no-op handler: the proxy's cost
+shows in full) and the stdlib ThreadingHTTPServer (a typical Python app
+server). Upstream, proxy and load generator each run in their own process. The load generator is ``wrk`` when
 installed, else a bounded Python one. Numbers go to the benchmark's
 extra_info and are printed; nothing is asserted on speed.
 AXONEME_BENCH_QUICK=1: 1 s per case instead of 5 s.
@@ -50,6 +51,29 @@ UPSTREAM = textwrap.dedent("""
         print(srv.sockets[0].getsockname()[1], flush=True)
         await srv.serve_forever()
     asyncio.run(main())
+""")
+
+# A typical Python application server (stdlib, thread per connection, HTTP/1.1
+# keep-alive): the proxy's cost relative to a real handler, not a no-op one.
+APPSERVER = textwrap.dedent("""
+    import http.server, sys
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else delayed ACKs cap keep-alive at 25 req/s
+        def do_GET(self):
+            body = b"hello from upstream\\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    srv.request_queue_size = 1024
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever()
 """)
 
 PROXY = textwrap.dedent("""
@@ -118,17 +142,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[int, int, int, int]]:
+@pytest.fixture(scope="module", params=["minimal", "stdlib"])
+def servers(request) -> Iterator[tuple[str, int, int, int, int]]:
+    """(upstream kind, upstream port, proxy port, upstream pid, proxy pid)."""
     procs: list[subprocess.Popen[str]] = []
     try:
-        up, up_port = _spawn(UPSTREAM)
+        up, up_port = _spawn(UPSTREAM if request.param == "minimal" else APPSERVER)
         procs.append(up)
         px, px_port = _spawn(PROXY, str(up_port))
         procs.append(px)
         for port in (up_port, px_port):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        yield up_port, px_port, up.pid, px.pid
+        yield request.param, up_port, px_port, up.pid, px.pid
     finally:
         for p in procs:
             p.terminate()
@@ -172,7 +197,7 @@ CASES = [("keepalive", False, CONNS), ("keepalive-1conn", False, 1), ("newconn",
 
 
 def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
-    up_port, px_port, up_pid, px_pid = servers
+    kind, up_port, px_port, up_pid, px_pid = servers
     results: dict[str, dict[str, float]] = {}
 
     def run() -> None:
@@ -190,7 +215,8 @@ def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
                 time.sleep(0.2)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    lines = [f"load generator: {'wrk' if shutil.which('wrk') else 'python'}, {SECONDS}s per case"]
+    lines = [f"upstream: {kind}; load generator: {'wrk' if shutil.which('wrk') else 'python'}, "
+             f"{SECONDS}s per case"]
     for name, _, conns in CASES:
         d, p = results[f"{name}/direct"], results[f"{name}/proxy"]
         ratio = p["rps"] / d["rps"] if d["rps"] else 0.0
@@ -203,6 +229,6 @@ def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
                      f"{p['proxy_cpu_us']:.0f} us, upstream {d['upstream_cpu_us']:.0f} us")
     report = "\n".join(lines)
     print("\n" + report)
-    with open(os.path.join(tempfile.gettempdir(), "axoneme-l7-http-bench.txt"), "w") as f:
+    with open(os.path.join(tempfile.gettempdir(), f"axoneme-l7-http-bench-{kind}.txt"), "w") as f:
         f.write(report + "\n")
     assert all(r["rps"] > 0 for r in results.values())
