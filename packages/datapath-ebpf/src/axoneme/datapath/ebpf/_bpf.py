@@ -65,7 +65,7 @@ def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROG
 
 def compile_programs(defines: dict[str, str | int]) -> tuple[Any, dict[str, Any]]:
     """Compile with BCC and load both tc programs; returns (BPF, {name: fn})."""
-    import bcc
+    import bcc  # type: ignore[import-untyped]
 
     text = assemble_source(defines)
     b = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function"])
@@ -155,7 +155,7 @@ def map_delete(fd: int, key: Any) -> bool:
     raise OSError(e, os.strerror(e))
 
 
-def map_keys(fd: int, key_type: type[ct.Structure] | type[ct._SimpleCData]) -> Iterator[Any]:
+def map_keys(fd: int, key_type: type[Any]) -> Iterator[Any]:
     """Every key (a snapshot walk; keys deleted meanwhile may end the walk early)."""
     lib = libbpf()
     prev: Any = None
@@ -172,7 +172,7 @@ def map_keys(fd: int, key_type: type[ct.Structure] | type[ct._SimpleCData]) -> I
 
 
 def possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
+    from bcc.utils import get_possible_cpus  # type: ignore[import-untyped]
 
     return len(get_possible_cpus())
 

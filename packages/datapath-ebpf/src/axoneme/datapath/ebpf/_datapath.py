@@ -178,7 +178,7 @@ class EbpfDatapath(Datapath):
         if os.geteuid() != 0:
             raise DatapathUnavailable("the ebpf datapath needs root (CAP_BPF, CAP_NET_ADMIN)")
         try:
-            import bcc  # noqa: F401
+            import bcc  # type: ignore[import-untyped]  # noqa: F401
         except Exception as e:  # ImportError or a broken libbcc
             raise DatapathUnavailable(f"bcc is not importable: {e}") from e
         self._ensure_bpffs()
@@ -205,7 +205,7 @@ class EbpfDatapath(Datapath):
         raise DatapathUnavailable(f"no bpf filesystem mounted at {root} (mount -t bpf bpf /sys/fs/bpf)")
 
     def _probe_clsact(self) -> None:
-        from pyroute2 import IPRoute, netns
+        from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 
         name = f"axprobe-{uuid.uuid4().hex[:8]}"
         try:
