@@ -40,6 +40,11 @@ def test_bad_targets(target: str) -> None:
     assert e.value.status == 400
 
 
+@pytest.mark.parametrize("target", ["/a/.../b", "/.well-known/x", "/a/.b", "/a/b.", "/..a", "/a;b/c"])
+def test_dotted_names_are_not_dot_segments(target: str) -> None:
+    assert parse_target(target) == (target, None)
+
+
 def test_query_may_hold_anything_encoded() -> None:
     assert parse_target("/p?next=/../%2F%2e")[0] == "/p?next=/../%2F%2e"
 

@@ -47,11 +47,14 @@ _ORIGIN = re.compile(r"(/[" + _PCHARS + r"/]*)(\?[" + _PCHARS + r"/?]*)?")
 _ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?(\?[" + _PCHARS + r"/?]*)?")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 _BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00|[cC][01])")  # incl. overlong UTF-8 lead bytes
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:;[^/]*)?(?:/|$)")  # "." or ".." (also "..;x")
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # The whole header section in one C-level pass: valid lines only.
 _HEADER_SECTION = re.compile(rb"(?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection):[ \t]*"
+                      rb"([^\r]*?)[ \t]*(?=\r\n)")
 _STATUS = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 
@@ -149,9 +152,8 @@ def _check_path(path: str) -> None:
         raise HttpError(400, "malformed percent-encoding in path")
     if _BAD_ESCAPE.search(path):
         raise HttpError(400, "encoded '/', '\\', '.' or NUL in path")
-    for seg in path.split("/"):
-        if seg.split(";", 1)[0] in (".", ".."):
-            raise HttpError(400, "dot-segment in path")
+    if _DOT_SEGMENT.search(path):
+        raise HttpError(400, "dot-segment in path")
 
 
 def _check_query(query: str) -> None:
@@ -191,8 +193,10 @@ def parse_request_head(block: bytes) -> RequestHead:
     line = block if eol < 0 else block[:eol]
     if len(line) > MAX_REQUEST_LINE:
         raise HttpError(414, "request line too long")
-    lines = _split_lines(block)
-    parts = lines[0].split(b" ")
+    n_crlf = block.count(b"\r\n")
+    if block.count(b"\r") != n_crlf or block.count(b"\n") != n_crlf:
+        raise HttpError(400, "bare CR or LF in message head")
+    parts = line.split(b" ")
     if len(parts) != 3 or not parts[1]:
         raise HttpError(400, "malformed request line")
     method_b, target_b, version_b = parts
@@ -210,11 +214,11 @@ def parse_request_head(block: bytes) -> RequestHead:
     version = version_b.decode("ascii")
     if method == "CONNECT":
         raise HttpError(400, "CONNECT (authority-form) is not proxied")
-    headers = None
+    headers: list[tuple[str, str]] | None = []
     if eol > 0:
-        headers = _fast_headers(block[eol + 2:] + b"\r\n", len(lines) - 1)
+        headers = _fast_headers(block[eol + 2:] + b"\r\n", n_crlf)
     if headers is None:  # the slow path says precisely what is wrong
-        headers = parse_header_lines(lines[1:])
+        headers = parse_header_lines(block.split(b"\r\n")[1:])
     path, authority = parse_target(target)
 
     by: dict[str, list[str]] = {}
@@ -305,23 +309,24 @@ def parse_response_head(raw: bytes) -> ResponseHead:
         m = _STATUS.fullmatch(raw[:eol])
         if m is None:
             raise HttpError(502, "malformed status line")
-        headers = _fast_headers(raw[eol + 2:-2], raw.count(b"\n") - 2) if eol + 4 < len(raw) else []
-        if headers is None:
-            headers = parse_header_lines(_split_lines(raw[:-4])[1:])
+        section = raw[eol + 2:-2]
+        if len(section) > MAX_HEAD_BYTES or section.count(b"\n") > MAX_HEADERS or \
+                _HEADER_SECTION.fullmatch(section) is None:
+            parse_header_lines(_split_lines(raw[:-4])[1:])  # raises the precise error
     except HttpError as e:
         raise HttpError(502, f"bad upstream response: {e.reason}") from None
-    resp = ResponseHead(int(m.group(1)), raw[:8].decode("ascii"), raw, headers)
+    # Only the framing headers matter; the head is forwarded as received.
+    resp = ResponseHead(int(m.group(1)), raw[:8].decode("ascii"), raw)
     cls: list[str] = []
     tes: list[str] = []
     conn: list[str] = []
-    for n, v in headers:
-        ln = n.lower()
-        if ln == "content-length":
-            cls.append(v)
-        elif ln == "transfer-encoding":
-            tes.append(v)
-        elif ln == "connection":
-            conn.append(v)
+    for n, v in _FRAMING.findall(b"\r\n" + section.lower()):
+        if n == b"content-length":
+            cls.append(v.decode("latin-1"))
+        elif n == b"transfer-encoding":
+            tes.append(v.decode("latin-1"))
+        else:
+            conn.append(v.decode("latin-1"))
     if tes:
         if cls:
             raise HttpError(502, "bad upstream response: both Content-Length and Transfer-Encoding")
