@@ -44,6 +44,12 @@ def test_rules_install_idempotent_and_cleanup() -> None:
         assert rule_list.count(f"lookup {rules.table}") == 1
         assert "fwmark 0x200/0xf00" in rule_list
         assert "local default dev lo" in _out("ip", "route", "show", "table", str(rules.table))
+        # a restarted agent: stale per-port rules go, current ports stay
+        fresh = RedirectRules(chain=rules.chain, table=rules.table, pref=rules.pref)
+        fresh.install_base()
+        assert not any("TPROXY" in r for r in fresh.dump())
+        rules.install_base()
+        assert sum("TPROXY" in r for r in rules.dump()) == 3
         rules.remove_port(15123)
         assert not any("--on-port 15123" in r for r in rules.dump())
         assert any("--on-port 15124" in r for r in rules.dump())

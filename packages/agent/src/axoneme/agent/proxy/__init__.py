@@ -1,10 +1,26 @@
 """L7 redirect plumbing: proxy ports, transparent listeners, TPROXY rules.
 
-The agent builds one ``ProxyManager(policy_for, flow_sink)`` (``make_policy_for``
-builds ``policy_for`` from its endpoints, ipcache and MapStates); ``acquire``
-starts (or shares) the listener of a parser/direction and returns its port
-(the ``Entry.proxy_port`` datapaths redirect to); ``stop`` removes
-everything. Mark values live in ``axoneme.core.marks``.
+How the agent uses it::
+
+    from axoneme.agent.proxy import ProxyManager, make_policy_for
+
+    policy_for = make_policy_for("http", endpoint_by_ip=..., identity_of_ip=...,
+                                 policy_of=...)          # one per parser
+    pm = ProxyManager(policy_for, flow_sink)             # flow_sink(Flow)
+    port = pm.acquire("http", Direction.INGRESS)         # starts the listener
+    # -> EngineOptions.proxy_port(parser, direction) returns these ports, so
+    #    MapState entries carry them and datapaths mark
+    #    to_proxy_mark(port) = 0x200 | port << 16 (axoneme.core.marks).
+    pm.release("http", Direction.INGRESS)                # refcounted
+    pm.stop()                                            # listeners + rules gone
+
+``policy_for`` may also be any callable ``(src_ip, src_port, dst_ip,
+dst_port, direction) -> ProxyPolicy | None``; with several parsers, dispatch
+on the parser in one callable or give each parser its own manager. The
+methods are synchronous and thread-safe (call them with
+``asyncio.to_thread`` from the agent loop); the proxies run on the manager's
+own event loop thread, which is where ``policy_for`` and ``flow_sink`` are
+called (hand flows to the agent loop with ``loop.call_soon_threadsafe``).
 """
 
 from ._manager import PORT_RANGE, ProxyError, ProxyInfo, ProxyManager

@@ -80,9 +80,15 @@ class RedirectRules:
                 "-j", "MARK", "--set-xmark", f"{TPROXY_MARK:#x}/{TPROXY_MASK:#x}"]
 
     def install_base(self) -> None:
-        """Idempotent: chain, PREROUTING jump, socket rule, ip rule, local route."""
+        """Chain, PREROUTING jump, socket rule, ip rule, local route (idempotent).
+
+        The chain is flushed first: per-port rules left by a previous agent
+        run are dropped, the current ports are re-added.
+        """
         if not self._ipt_ok("-S", self.chain):
             _run([*self._ipt, "-N", self.chain])
+        else:
+            _run([*self._ipt, "-F", self.chain])
         if not self._ipt_ok("-C", self.chain, *self._socket_rule()):
             _run([*self._ipt, "-I", self.chain, "1", *self._socket_rule()])
         if not self._ipt_ok("-C", "PREROUTING", "-j", self.chain):
@@ -94,6 +100,8 @@ class RedirectRules:
                   "pref", str(self.pref)])
         _run(["ip", "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
               "table", str(self.table)])
+        for port, protocols in list(self.ports.items()):
+            self.add_port(port, protocols)
 
     def add_port(self, port: int, protocols: tuple[str, ...] = ("tcp",)) -> None:
         for proto in protocols:
