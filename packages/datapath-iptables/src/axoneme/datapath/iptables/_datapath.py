@@ -152,6 +152,15 @@ class IptablesDatapath(Datapath):
         with self._lock:
             backend = self.backend
             for family in (4, 6) if backend.ipv6 else (4,):
+                # Empty the big chains we know of first: reading back (iptables-save)
+                # a table of tens of thousands of rules takes seconds with nf_tables.
+                known = [rd.ep_chain(ep, d) for ep in self._refs for d in Direction]
+                if known:
+                    flush = "*filter\n" + "".join(f"-F {c}\n" for c in known) + "COMMIT\n"
+                    try:
+                        self._restore(family, flush)
+                    except DatapathError:
+                        LOG.debug("pre-flush failed; the full cleanup below still runs")
                 payload = ""
                 for tname, hooks in (("filter", rd.HOOKS), ("mangle", rd.MANGLE_HOOKS)):
                     table = rd.parse_save(backend.save(family, tname), tname)
@@ -512,7 +521,8 @@ class IptablesDatapath(Datapath):
         ref = self._refs[ep_id]
         tail = ref.tail_in_drop if d is Direction.INGRESS else ref.tail_out_drop
         st = self._states.get(ep_id, MapState()) if state is None else state
-        return rd.render_endpoint(ep_id, d, st, self._peers(family), tail, targets)
+        return rd.render_endpoint(ep_id, d, st, self._peers(family), tail, targets,
+                                  placeholders=family == 4 and targets is rd.FILTER)
 
     def _render_with_stale(self, ep_id: int, d: Direction, family: int,
                            state: Mapping[Key, Entry] | None = None

@@ -234,7 +234,8 @@ def _join(*parts: str) -> str:
 
 
 def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry], peers: Peers,
-                    tail_drop: bool, targets: Targets = FILTER) -> dict[str, list[str]]:
+                    tail_drop: bool, targets: Targets = FILTER, placeholders: bool = True
+                    ) -> dict[str, list[str]]:
     """Chains (main chain first) reproducing ``MapState.lookup`` for one direction.
 
     First match wins, in this order:
@@ -248,6 +249,10 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
        two, the specific one on a tie;
     3. wildcard keys, longest L4 prefix first (no specific key matched);
     4. the tail: drop (enforced) or return (unenforced direction).
+
+    ``placeholders``: keep never-matching rules for keys without addresses or
+    protocol in this family, so that this table alone records every key (the
+    IPv4 table does; ``dump()`` reads it).
     """
     main = ep_chain(ep_id, direction)
     keys = sorted(((k, e) for k, e in state.items() if k.direction == direction),
@@ -280,7 +285,8 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
         l4s = l4_matches(skey, peers.family)
         addrs = peers.matches(skey.identity, direction)
         if l4s is None or not addrs:
-            rules.append(_join(NEVER, comment, target))
+            if placeholders:
+                rules.append(_join(NEVER, comment, target))
             continue
         for addr in addrs:
             for l4 in l4s:
@@ -290,7 +296,8 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
         comment = key_comment(*w)
         l4s = l4_matches(w[0], peers.family)
         if l4s is None:
-            rules.append(_join(NEVER, comment, targets.verdict(w[1], direction)))
+            if placeholders:
+                rules.append(_join(NEVER, comment, targets.verdict(w[1], direction)))
             continue
         for l4 in l4s:
             rules.append(_join(l4, comment, targets.verdict(w[1], direction)))
