@@ -152,12 +152,17 @@ def test_factory_kwargs_and_server_lookup() -> None:
         async def stop(self) -> None:
             self.sock.close()
 
-    pm = ProxyManager(lambda *a: None, lambda f: None, port_range=_free_range(), redirect=False,
-                      transparent=False, factories={"fake": Fake})
+    def pf(*a: Any) -> None:
+        return None
+
+    pm = ProxyManager({"fake": pf}, lambda f: None, port_range=_free_range(), redirect=False,
+                      transparent=False, factories={"fake": Fake, "other": Fake})
     try:
         port = pm.acquire("fake", Direction.EGRESS, cache="C")
         assert made[0]["cache"] == "C" and made[0]["direction"] is Direction.EGRESS
-        assert callable(made[0]["connect_upstream"])
+        assert callable(made[0]["connect_upstream"]) and made[0]["policy_for"] is pf
+        with pytest.raises(ProxyError, match="no policy_for"):
+            pm.acquire("other", Direction.EGRESS)
         assert isinstance(pm.server(port), Fake) and pm.loop is not None
     finally:
         pm.stop()

@@ -14,9 +14,9 @@ How the agent uses it::
     pm.release("http", Direction.INGRESS)                # refcounted
     pm.stop()                                            # listeners + rules gone
 
-``policy_for`` may also be any callable ``(src_ip, src_port, dst_ip,
-dst_port, direction) -> ProxyPolicy | None``; with several parsers, dispatch
-on the parser in one callable or give each parser its own manager. The
+``policy_for`` is any callable ``(src_ip, src_port, dst_ip, dst_port,
+direction) -> ProxyPolicy | None``, or a mapping parser -> such callable
+(``{"http": make_policy_for("http", ...), "kafka": ...}``). The
 methods are synchronous and thread-safe (call them with
 ``asyncio.to_thread`` from the agent loop); the proxies run on the manager's
 own event loop thread, which is where ``policy_for`` and ``flow_sink`` are

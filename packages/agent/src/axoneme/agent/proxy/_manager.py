@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,8 @@ class ProxyInfo:
 class ProxyManager:
     """Allocates proxy ports, runs one listener per port, owns the TPROXY rules.
 
+    ``policy_for`` is one callable for every proxy or a mapping parser ->
+    callable (e.g. ``make_policy_for(parser, ...)`` per parser).
     ``factories`` maps parser names to proxy factories and overrides the
     ``axoneme.l7`` entry points (tests). ``redirect=False`` skips the kernel
     rules (no root needed); ``transparent=False`` uses plain sockets (the
@@ -57,7 +59,7 @@ class ProxyManager:
     with ``ProxyConfig.upstream``).
     """
 
-    def __init__(self, policy_for: PolicyFor, flow_sink: FlowSink, *,
+    def __init__(self, policy_for: PolicyFor | Mapping[str, PolicyFor], flow_sink: FlowSink, *,
                  port_range: tuple[int, int] = PORT_RANGE, listen_ip: str = "127.0.0.1",
                  redirect: bool = True, transparent: bool = True,
                  rules: RedirectRules | None = None, config: ProxyConfig | None = None,
@@ -139,9 +141,15 @@ class ProxyManager:
                 return p
             self.start()
             factory = self._factory(parser)
+            if isinstance(self.policy_for, Mapping):
+                if parser not in self.policy_for:
+                    raise ProxyError(f"no policy_for given for the {parser!r} proxy")
+                policy_for = self.policy_for[parser]
+            else:
+                policy_for = self.policy_for
             sock, p = self._bind(port)
             try:
-                server = factory(sock, direction=direction, policy_for=self.policy_for,
+                server = factory(sock, direction=direction, policy_for=policy_for,
                                  flow_sink=self.flow_sink,
                                  connect_upstream=transparent_connector(
                                      from_proxy_mark(direction), spoof_source=self.transparent),
