@@ -175,3 +175,31 @@ def test_ctypes_mirrors_match_c_structs(small_dp) -> None:  # type: ignore[no-un
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_incompatible_pinned_map_is_replaced() -> None:
+    """An upgrade changed a map layout: start() replaces that pinned map."""
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: pins BPF maps")
+    import bcc
+    from axoneme.datapath.ebpf import EbpfDatapath, _bpf
+
+    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(root)
+    try:
+        old = bcc.BPF(text=(f'BPF_TABLE_PINNED("hash", u32, u32, ax_ct, 8, "{root}/axoneme_ct_v1");'
+                            "int f(void *c) { return 0; }").encode())
+        old.cleanup()
+        assert _bpf.pinned_map_sizes(f"{root}/axoneme_ct_v1") == (4, 4)
+        dp = EbpfDatapath(DatapathConfig(bpffs_root=root, ct_max=64, ipcache_max=64))
+        dp.start()
+        try:
+            assert _bpf.pinned_map_sizes(f"{root}/axoneme_ct_v1") == (40, 64)
+        finally:
+            dp.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

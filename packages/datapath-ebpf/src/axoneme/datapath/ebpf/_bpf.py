@@ -91,6 +91,7 @@ def libbpf() -> Any:
             ("bpf_prog_test_run_opts", [ct.c_int, ct.c_void_p]),
             ("bpf_map_update_batch", [ct.c_int, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]),
+            ("bpf_obj_get_info_by_fd", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]),
         ):
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -169,6 +170,35 @@ def map_keys(fd: int, key_type: type[Any]) -> Iterator[Any]:
             raise OSError(e, os.strerror(e))
         yield nxt
         prev = nxt
+
+
+class _MapInfo(ct.Structure):
+    # the first fields of struct bpf_map_info (uapi/linux/bpf.h)
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    ]
+
+
+def pinned_map_sizes(path: str) -> tuple[int, int] | None:
+    """(key_size, value_size) of a pinned map, None if it is not there."""
+    lib = libbpf()
+    fd = lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        return None
+    try:
+        info = _MapInfo()
+        n = ct.c_uint32(ct.sizeof(info))
+        if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+            return None
+        return int(info.key_size), int(info.value_size)
+    finally:
+        os.close(fd)
 
 
 def possible_cpus() -> int:

@@ -239,6 +239,7 @@ class EbpfDatapath(Datapath):
                 raise DatapathUnavailable("the ebpf datapath needs root (CAP_BPF, CAP_NET_ADMIN)")
             self._ensure_bpffs()
             os.makedirs(self.config.bpffs_root, exist_ok=True)
+            self._unpin_incompatible()
             t0 = time.monotonic()
             try:
                 b, fns = _bpf.compile_programs(self._defines())
@@ -254,6 +255,19 @@ class EbpfDatapath(Datapath):
             adopted = self._reattach_all()
             LOG.info("ebpf datapath started in %.2fs (bpffs %s, %d endpoints adopted)",
                      self._compile_seconds, self.config.bpffs_root, adopted)
+
+    def _unpin_incompatible(self) -> None:
+        """A pinned map whose layout differs from this version's (an upgrade)
+        cannot be adopted: unpin it so a fresh one is created. Programs still
+        attached keep the old one until their filters are replaced; the
+        agent's restart sync refills policy, ipcache and endpoints."""
+        for pin, want in L.PINNED_SIZES.items():
+            path = os.path.join(self.config.bpffs_root, pin)
+            got = _bpf.pinned_map_sizes(path)
+            if got is not None and got != want:
+                LOG.warning("pinned map %s has key/value sizes %s, this version needs %s: "
+                            "replacing it", path, got, want)
+                os.unlink(path)
 
     def stop(self) -> None:
         self._stopped.set()

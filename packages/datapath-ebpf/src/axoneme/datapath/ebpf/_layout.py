@@ -187,3 +187,15 @@ MIRRORS: tuple[tuple[type[ct.Structure], str], ...] = (
     (CTEntry, "ax_ct_entry"),
     (Event, "ax_event"),
 )
+
+
+# pin name -> (key size, value size) the programs of this version expect
+PINNED_SIZES = {
+    "axoneme_policy_v1": (ct.sizeof(PolicyKey), ct.sizeof(PolicyEntry)),
+    "axoneme_ipcache_v1": (ct.sizeof(IPCacheKey), ct.sizeof(IPCacheValue)),
+    "axoneme_endpoints_v1": (4, ct.sizeof(Endpoint)),
+    "axoneme_lxc_v1": (ct.sizeof(LxcKey), ct.sizeof(Endpoint)),
+    "axoneme_ct_v1": (ct.sizeof(Tuple), ct.sizeof(CTEntry)),
+    "axoneme_metrics_v1": (4, 8),
+    "axoneme_rev_v1": (4, 8),
+}
