@@ -252,6 +252,7 @@ class Agent:
         self.rev_base = 0
         self._saved_revision = 0
         self._enforcement: dict[int, tuple[bool, bool]] = {}  # what the datapath was told
+        self._deleting: set[str] = set()
 
     @property
     def revision(self) -> int:
@@ -339,6 +340,7 @@ class Agent:
         nl.enable_forwarding()
         await asyncio.to_thread(nl.warm_up)
         await asyncio.to_thread(self._dp_call, dp.start)
+        await self._reconcile_interrupted()
         await self._adopt_endpoints()
         self.flows.bind_loop(asyncio.get_running_loop())
         self._start_events()
@@ -377,6 +379,56 @@ class Agent:
                 continue
             self.engine.upsert_policy(pol)
         self.rev_base = max(0, self._saved_revision - self.engine.revision)
+
+    async def _reconcile_interrupted(self) -> None:
+        """Undo what a killed agent left half-done (write-ahead records).
+
+        - an endpoint still ``creating``: its veth (by name) is removed and
+          its IP released; the runtime retries ADD.
+        - a pod still ``Creating`` without a ready endpoint: `pod run` failed
+          for its caller, so everything of it goes.
+        - a pod ``Deleting``: the deletion is finished.
+        """
+        from axoneme.agent._runtime import PodRuntime
+
+        for rec in [r for r in self.endpoints.values() if r.status == "creating"]:
+            LOG.warning("endpoint %d (%s) was being created when the agent stopped: removing it",
+                        rec.id, rec.container_id[:12])
+            await asyncio.to_thread(nl.teardown_endpoint, rec.host_ifname)
+            await self._forget_in_datapath(rec)
+            self.ipam.release(rec.ipv4)
+            del self.endpoints[rec.container_id]
+        for key, pod in list(self.pods.items()):
+            ep = self.endpoints.get(pod.container_id) if pod.container_id else None
+            if pod.status == "Deleting" or (pod.status == "Creating" and ep is None):
+                LOG.warning("pod %s was %s when the agent stopped: removing it", key,
+                            pod.status.lower())
+                await PodRuntime(self).stop_pod(pod, cni_del=False)
+                if ep is not None:
+                    await asyncio.to_thread(nl.teardown_endpoint, ep.host_ifname)
+                    await self._forget_in_datapath(ep)
+                    self.ipam.release(ep.ipv4)
+                    del self.endpoints[ep.container_id]
+                host = nl.host_ifname(pod.container_id) if pod.container_id else ""
+                if host and nl.link_index(host):
+                    await asyncio.to_thread(nl.teardown_endpoint, host)
+                del self.pods[key]
+            elif pod.status == "Creating":
+                # the endpoint was ready; only the process start may be missing
+                pod.status = "Running" if process_alive(pod.pid, pod.pid_start) else "Failed"
+
+    async def _forget_in_datapath(self, rec: EndpointRecord) -> None:
+        """Drop whatever the datapath may hold for an endpoint we will not adopt."""
+        if self.datapath is None:
+            return
+        ep = Endpoint(id=rec.id, identity=rec.identity, labels=Labels(), ipv4=rec.ipv4,
+                      host_ifname=rec.host_ifname, host_ifindex=rec.host_ifindex,
+                      namespace=rec.namespace, pod_name=rec.pod_name,
+                      container_id=rec.container_id)
+        try:
+            await asyncio.to_thread(self._dp_call, self.datapath.endpoint_removed, ep)
+        except Exception:
+            LOG.warning("datapath could not forget endpoint %d", rec.id, exc_info=True)
 
     async def _adopt_endpoints(self) -> None:
         assert self.datapath is not None
@@ -611,12 +663,21 @@ class Agent:
             rec = EndpointRecord(id=ep_id, container_id=container_id, ifname=ifname,
                                  netns_path=netns_path, namespace=namespace, pod_name=pod_name,
                                  ipv4=ip, network=network, created=time.time(),
-                                 host_ifname=nl.host_ifname(container_id))
+                                 host_ifname=nl.host_ifname(container_id), status="creating")
+            # write-ahead: a SIGKILL from here on leaves a record that the
+            # next start undoes (the IP is never handed out twice)
+            self.endpoints[container_id] = rec
             try:
+                await self.persist()
                 link = await asyncio.to_thread(nl.setup_endpoint, container_id, netns_path,
                                                ifname, ip, self.config.mtu)
-            except Exception:
+            except BaseException:
+                self.endpoints.pop(container_id, None)
                 self.ipam.release(ip)
+                try:
+                    await self.persist()
+                except Exception:
+                    LOG.warning("state write after a failed ADD failed", exc_info=True)
                 raise
             rec.host_ifname, rec.host_ifindex = link.host_ifname, link.host_ifindex
             rec.host_mac, rec.pod_mac = link.host_mac, link.pod_mac
@@ -680,6 +741,10 @@ class Agent:
             await self.regenerate()
         except Exception:
             LOG.warning("rollback: regenerate failed", exc_info=True)
+        try:
+            await self.persist()
+        except Exception:
+            LOG.warning("rollback: state write failed", exc_info=True)
 
     def cni_result(self, rec: EndpointRecord) -> dict[str, Any]:
         return {
@@ -985,10 +1050,15 @@ class Agent:
             rec = self.pods.get(key)
             if rec is None:
                 raise NotFound(f"pod {key} not found")
-            if rec.status == "Deleting":
+            if key in self._deleting:
                 raise Conflict(f"pod {key} is being deleted")
+            self._deleting.add(key)
             rec.status = "Deleting"
-        await runtime.stop_pod(rec, cni_del=True)
+            await self.persist()
+        try:
+            await runtime.stop_pod(rec, cni_del=True)
+        finally:
+            self._deleting.discard(key)
         async with self.lock:
             self.pods.pop(key, None)
             await self.persist()
