@@ -218,6 +218,27 @@ def test_revocation_hits_established_connection(env) -> None:  # type: ignore[no
         cl.wait()
 
 
+def test_host_entity(env) -> None:  # type: ignore[no-untyped-def]
+    """Traffic the node itself sends is the host identity (1)."""
+    import subprocess
+    import sys as _sys
+
+    h, eps, topo = env
+    dp = h["dp"]
+    a, b = topo.pods["a"], topo.pods["b"]
+    set_policy(dp, eps, {"b": {Key(HOST, IN, TCP, 8080, 16): ALLOW, **allow_all(EG)}})
+    probe = ("import socket, sys\n"
+             "try:\n"
+             f"    s = socket.create_connection(('{b.ip}', int(sys.argv[1])), timeout=1)\n"
+             "    s.sendall(b'h'); s.settimeout(1); sys.exit(0 if s.recv(4) == b'h' else 1)\n"
+             "except OSError:\n"
+             "    sys.exit(1)\n")
+    run = subprocess.run
+    assert run([_sys.executable, "-c", probe, "8080"], capture_output=True).returncode == 0
+    assert run([_sys.executable, "-c", probe, "8081"], capture_output=True).returncode != 0
+    assert not a.tcp(topo.tmp, b.ip, 8080)
+
+
 def test_events_drop_and_verdict(env) -> None:  # type: ignore[no-untyped-def]
     h, eps, topo = env
     dp = h["dp"]
