@@ -132,6 +132,9 @@ def test_end_to_end_with_explicit_upstream() -> None:
         assert _get(c, b"/ok").endswith(b"\r\n\r\n/ok")
         assert _get(c, b"/no").endswith(b"\r\n\r\nAccess denied")
         assert [f.verdict.value for f in flows] == ["FORWARDED", "FORWARDED", "DROPPED"]
+        st = pm.stats()[port]
+        assert (st["parser"], st["direction"], st["requests"], st["denied"]) == (
+            "http", "INGRESS", 2, 1)
         assert all(f.traffic_direction == "INGRESS" for f in flows)
     finally:
         pm.stop()

@@ -189,6 +189,14 @@ class ProxyManager:
             entry = self._servers.get(port)
             return entry[0] if entry else None
 
+    def stats(self) -> dict[int, dict[str, Any]]:
+        """Per port: parser, direction and the proxy's counters (if it keeps a
+        ``stats`` mapping, e.g. requests/denied/errors/refused_connections)."""
+        with self._lock:
+            return {p: {"parser": info.parser, "direction": str(info.direction),
+                        **dict(getattr(server, "stats", {}) or {})}
+                    for p, (server, info) in self._servers.items()}
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The proxies' event loop (its own thread); None before start()."""
