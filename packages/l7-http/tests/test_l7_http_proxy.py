@@ -416,3 +416,66 @@ def test_upgrade_tunnel_after_101() -> None:
     finally:
         raw.sock.close()
         close_env(e)
+
+
+def test_large_chunked_upload_streamed(env) -> None:
+    env.set_rules([HTTPRule(path="/upload")])
+    s = env.connect()
+    piece = b"y" * 100_000
+    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(40)) + b"0\r\n\r\n"
+    out = exchange(s, b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + body, timeout=30)
+    assert out.endswith(b"ok /upload 4000000")
+
+
+def test_large_response_streamed() -> None:
+    size = 8 * 1024 * 1024
+    e, raw = _env_with_raw(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size)
+    try:
+        s = e.connect()
+        out = exchange(s, b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n", timeout=30)
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"z" * 100)
+        assert len(out) - out.index(b"\r\n\r\n") - 4 == size
+    finally:
+        raw.sock.close()
+        close_env(e)
+
+
+def test_body_forwarded_before_it_is_complete() -> None:
+    """Streaming, not buffering: the upstream sees the first half of a body
+    while the client has not sent the second half yet."""
+    import threading
+    from dataclasses import replace
+
+    got = bytearray()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+
+    def serve() -> None:
+        c, _ = lsock.accept()
+        with c:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                got.extend(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    e = make_env()
+    try:
+        e.proxy.config = replace(e.proxy.config, upstream=lsock.getsockname())
+        s = e.connect()
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
+        deadline = time.monotonic() + 5
+        while got.count(b"a") < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got.count(b"a") == 1000 and got.startswith(b"POST /upload HTTP/1.1\r\n")
+        s.sendall(b"b" * 1000)
+        deadline = time.monotonic() + 5
+        while got.count(b"b") < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got.endswith(b"b" * 1000)
+    finally:
+        lsock.close()
+        close_env(e)
