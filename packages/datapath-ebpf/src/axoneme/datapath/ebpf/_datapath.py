@@ -168,7 +168,11 @@ class EbpfDatapath(Datapath):
         self._fns: dict[str, Any] = {}
         self._fds: dict[str, int] = {}
         self._queue: collections.deque[L.Event] = collections.deque()
-        self._ep_counts: dict[int, int] | None = None
+        # ep id -> the policy keys it holds in the kernel: built by one walk of
+        # the trie at first use after start (adoption), then kept by apply().
+        # dump() reads the values from the kernel for exactly these keys, so it
+        # costs O(entries of the endpoint), not O(entries of all endpoints).
+        self._index: dict[int, set[Key]] | None = None
         self._map_full_errors = 0
         self._compile_seconds = 0.0
 
@@ -248,7 +252,7 @@ class EbpfDatapath(Datapath):
             self._compile_seconds = time.monotonic() - t0
             self._bpf, self._fns = b, fns
             self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
-            self._ep_counts = None
+            self._index = None
             self._stopped.clear()
             b[b"ax_events"].open_ring_buffer(self._on_event)
             self._refresh_node_addresses(prune=True)
@@ -417,8 +421,8 @@ class EbpfDatapath(Datapath):
             fd = self._fds["ax_policy"]
             for k in [k for k in _bpf.map_keys(fd, L.PolicyKey) if k.ep_id == endpoint.id]:
                 _bpf.map_delete(fd, k)
-            if self._ep_counts is not None:
-                self._ep_counts.pop(endpoint.id, None)
+            if self._index is not None:
+                self._index.pop(endpoint.id, None)
             self._bump_revision()
 
     # ---- ipcache -------------------------------------------------------------------
@@ -481,13 +485,13 @@ class EbpfDatapath(Datapath):
 
     # ---- policy ---------------------------------------------------------------------
 
-    def _counts(self) -> dict[int, int]:
-        if self._ep_counts is None:
-            counts: dict[int, int] = collections.Counter()
-            for k in _bpf.map_keys(self._fds["ax_policy"], L.PolicyKey):
-                counts[k.ep_id] += 1
-            self._ep_counts = dict(counts)
-        return self._ep_counts
+    def _keys_index(self) -> dict[int, set[Key]]:
+        if self._index is None:
+            index: dict[int, set[Key]] = collections.defaultdict(set)
+            for k in list(_bpf.map_keys(self._fds["ax_policy"], L.PolicyKey)):
+                index[k.ep_id].add(key_from_policy(k))
+            self._index = dict(index)
+        return self._index
 
     def apply(self, endpoint: Endpoint, changes: MapChanges) -> None:
         with self._lock:
@@ -507,7 +511,8 @@ class EbpfDatapath(Datapath):
             adds[k] = v
         deletes = [k for k in changes.deletes if k not in changes.adds]
         pkeys = {k: policy_key_bytes(ep_id, k) for k in (*adds, *deletes)}
-        count = self._counts().get(ep_id, 0)
+        held = self._keys_index().get(ep_id, set())
+        count = len(held)
         old: dict[Key, L.PolicyEntry | None] = {}
         if count == 0:
             # the endpoint holds nothing: no per-key lookups (initial population)
@@ -572,8 +577,10 @@ class EbpfDatapath(Datapath):
                     f"({os.strerror(e.errno or 0)}); rolled back") from e
             raise DatapathProgramError("policy map update", e.errno, str(e)) from e
         self._bump_revision()
-        counts = self._counts()
-        counts[ep_id] = count + new_keys - gone
+        held.difference_update(deletes)
+        held.update(adds)
+        if self._index is not None:
+            self._index[ep_id] = held
 
     def _rollback(self, ep_id: int, done: list[Key], old: Mapping[Key, L.PolicyEntry | None]) -> None:
         fd = self._fds["ax_policy"]
@@ -586,7 +593,7 @@ class EbpfDatapath(Datapath):
                     _bpf.map_update(fd, policy_key_bytes(ep_id, k), prev)
             except OSError:
                 LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
-                self._ep_counts = None
+                self._index = None  # rebuilt from the kernel on next use
 
     def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
         with self._lock:
@@ -607,12 +614,11 @@ class EbpfDatapath(Datapath):
     def _dump(self, ep_id: int) -> MapState:
         fd = self._fds["ax_policy"]
         out: dict[Key, Entry] = {}
-        for k in list(_bpf.map_keys(fd, L.PolicyKey)):
-            if k.ep_id != ep_id:
-                continue
+        lookup = _bpf.map_lookup
+        for k in list(self._keys_index().get(ep_id, ())):
             v = L.PolicyEntry()
-            if _bpf.map_lookup(fd, k, v):
-                out[key_from_policy(k)] = entry_from_policy(v)
+            if lookup(fd, policy_key_bytes(ep_id, k), v):
+                out[k] = entry_from_policy(v)
         return MapState(out)
 
     def policy_counters(self, endpoint: Endpoint, key: Key) -> tuple[int, int]:
