@@ -61,8 +61,8 @@ def in_netns(ns: str, fn: Callable[[], object]) -> object:
     return out["v"]
 
 
-def ns_socket(ns: str, kind: int) -> socket.socket:
-    return in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))  # type: ignore[return-value]
+def ns_socket(ns: str, kind: int, family: int = socket.AF_INET) -> socket.socket:
+    return in_netns(ns, lambda: socket.socket(family, kind))  # type: ignore[return-value]
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Pod:
     ips: list[str]
     ep_id: int = 0
     identity: int = 0
+    ip6: str = ""
 
     @property
     def ip(self) -> str:
@@ -90,9 +91,11 @@ class Servers:
         self.socks: list[socket.socket] = []
         self.stop = threading.Event()
         for port in TCP_PORTS:
-            s = ns_socket(ns, socket.SOCK_STREAM)
+            # one dual-stack socket per port
+            s = ns_socket(ns, socket.SOCK_STREAM, socket.AF_INET6)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", port))
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", port))
             s.listen(64)
             s.settimeout(0.2)
             self.socks.append(s)
@@ -156,7 +159,8 @@ class Topology:
         return ns_socket(pod.netns, kind)
 
     def tcp(self, src: Pod, dst_ip: str, port: int, timeout: float = 1.0) -> bool:
-        s = ns_socket(src.netns, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+        s = ns_socket(src.netns, socket.SOCK_STREAM, family)
         s.settimeout(timeout)
         try:
             s.connect((dst_ip, port))
@@ -209,7 +213,7 @@ def _mac_of(ifname: str, ns: str = "") -> str:
     return out.split("link/ether", 1)[1].split()[0]
 
 
-def _make_pod(name: str, ns: str, host_if: str, ips: list[str]) -> Pod:
+def _make_pod(name: str, ns: str, host_if: str, ips: list[str], ip6: str = "") -> Pod:
     """A pod netns wired to the node (the current netns) by a veth."""
     sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -233,7 +237,14 @@ def _make_pod(name: str, ns: str, host_if: str, ips: list[str]) -> Pod:
         sh("ip", "neigh", "replace", ip, "lladdr", pod_mac, "dev", host_if, "nud", "permanent")
     for ip in ips:
         sh("ip", "route", "add", f"{ip}/32", "dev", host_if)
-    return Pod(name, ns, host_if, ips)
+    if ip6:
+        sh("ip", "-n", ns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
+        sh("ip", "-n", ns, "-6", "neigh", "replace", "fe80::1", "lladdr", mac, "dev", "eth0",
+           "nud", "permanent")
+        sh("ip", "-n", ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+        sh("ip", "-6", "route", "add", f"{ip6}/128", "dev", host_if)
+        sh("ip", "-6", "neigh", "replace", ip6, "lladdr", pod_mac, "dev", host_if, "nud", "permanent")
+    return Pod(name, ns, host_if, ips, ip6=ip6)
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +284,12 @@ def topology() -> Iterator[Topology]:
             os.close(fd)
         sh("ip", "link", "set", "lo", "up")
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         pods = {}
         for i, name in enumerate("abc", start=1):
             ns, hif = f"axi-{sfx}-{name}", f"axh{sfx}{name}"
             made_ns.append(ns)
-            pods[name] = _make_pod(name, ns, hif, [f"10.244.{octet}.{i}"])
+            pods[name] = _make_pod(name, ns, hif, [f"10.244.{octet}.{i}"], f"fd00:244:{octet}::{i}")
         wips = [f"198.51.100.{base + k}" for k in (0, 1, 2, 4)]
         made_ns.append(f"axi-{sfx}-w")
         world = _make_pod("w", f"axi-{sfx}-w", f"axh{sfx}w", wips)

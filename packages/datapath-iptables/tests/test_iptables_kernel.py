@@ -53,8 +53,8 @@ def k(ident: int, d: Direction, proto: Protocol = Protocol.ANY, port: int = 0, p
 
 
 def endpoint(pod: Pod) -> Endpoint:
-    return Endpoint(pod.ep_id, pod.identity, Labels(), ipv4=pod.ip, host_ifname=pod.host_if,
-                    namespace="default", pod_name=f"pod-{pod.name}")
+    return Endpoint(pod.ep_id, pod.identity, Labels(), ipv4=pod.ip, ipv6=pod.ip6 or None,
+                    host_ifname=pod.host_if, namespace="default", pod_name=f"pod-{pod.name}")
 
 
 class Env:
@@ -62,6 +62,7 @@ class Env:
         self.topo, self.dp, self.config = topo, dp, config
         self.a, self.b, self.c = (topo.pods[n] for n in "abc")
         self.w = topo.world
+        self.ipcache: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
 
     def set(self, pod: Pod, state: dict[Key, Entry]) -> MapState:
         ms = MapState(state)
@@ -87,12 +88,16 @@ def env(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Env]:
         w = topology.world
         upserts: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {
             ipaddress.ip_network(f"{p.ip}/32"): p.identity for p in topology.pods.values()}
+        upserts.update({ipaddress.ip_network(f"{p.ip6}/128"): p.identity
+                        for p in topology.pods.values()})
         upserts[ipaddress.ip_network(f"{w.ips[0]}/30")] = CIDR_ID
         upserts[ipaddress.ip_network(f"{w.ips[1]}/32")] = EXCEPT_ID
         dp.ipcache_apply(IPCacheChanges(upserts))
         for pod in topology.pods.values():
             dp.endpoint_added(endpoint(pod), True, True)
-        yield Env(topology, dp, config)
+        e = Env(topology, dp, config)
+        e.ipcache = upserts
+        yield e
     finally:
         dp.cleanup()
         _assert_clean()
@@ -315,9 +320,18 @@ def test_cleanup_removes_everything(env: Env) -> None:
     env.dp.start()
     for pod in (env.a, env.b, env.c):
         env.dp.endpoint_added(endpoint(pod), True, True)
-    env.dp.ipcache_apply(IPCacheChanges({ipaddress.ip_network(f"{env.a.ip}/32"): ID["a"],
-                                         ipaddress.ip_network(f"{env.b.ip}/32"): ID["b"],
-                                         ipaddress.ip_network(f"{env.c.ip}/32"): ID["c"]}))
+    env.dp.ipcache_apply(IPCacheChanges(env.ipcache))
+    assert env.dp.dump_ipcache() == env.ipcache
+
+
+def test_ipv6(env: Env) -> None:
+    env.set(env.a, ALLOW_ALL_OUT)
+    env.set(env.c, ALLOW_ALL_OUT)
+    env.set(env.b, {k(ID["a"], IN, TCP, 80): ALLOW, k(ID["c"], IN, Protocol.ICMPV6, 128): ALLOW})
+    got = env.topo.probe([("tcp", env.a, env.b.ip6, 80), ("tcp", env.a, env.b.ip6, 8080),
+                          ("tcp", env.c, env.b.ip6, 80), ("icmp", env.c, env.b.ip6, 0),
+                          ("icmp", env.a, env.b.ip6, 0)])
+    assert got == [True, False, False, True, False]
 
 
 def _marked_packets(chain: str) -> int:

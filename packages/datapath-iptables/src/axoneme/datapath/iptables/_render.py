@@ -44,6 +44,8 @@ HOOK_COMMENT = "axon-hook"
 # A match no packet satisfies: the same mark bit must be both 1 and 0.
 NEVER = "-m mark --mark 0x1/0x1 -m mark --mark 0x0/0x1"
 REPLY_RULE = "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN"
+# router solicitation/advertisement, neighbour solicitation/advertisement
+ND_RULES = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN" for t in (133, 134, 135, 136)]
 
 # DO NOT CHANGE: Cilium's MARK_MAGIC_TO_PROXY and the bits it owns; the L7
 # helpers' TPROXY rules match this.
@@ -260,6 +262,9 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
     specific = [ke for ke in keys if ke[0].identity != 0]
     wildcard = [ke for ke in keys if ke[0].identity == 0]
     chains: dict[str, list[str]] = {main: [REPLY_RULE]}
+    if peers.family == 6 and targets is FILTER:
+        # Neighbour discovery is the link itself, not a connection: never policy.
+        chains[main].extend(ND_RULES)
     rules = chains[main]
     subchains: dict[tuple[object, ...], str] = {}
 
