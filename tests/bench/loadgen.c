@@ -7,6 +7,8 @@
  *   loadgen udp_rr IP PORT SECONDS       1-byte UDP request/response; "tps N"
  *   loadgen tcp_crr IP PORT SECONDS      connect/request/response/close; "tps N"
  *   loadgen flood IP PORT SECONDS        64-byte UDP datagrams as fast as possible; "sent N"
+ *   loadgen udp_wait IP PORT SECONDS     1-byte UDP requests, 2 ms apart, until one is answered;
+ *                                        "waited S" (exit 0) or exit 3 after SECONDS
  *
  * Every loop is bounded by SECONDS; a client that gets no answer within 1 s
  * reports the rate so far and exits 3 (a denied path, not a hang).
@@ -163,6 +165,24 @@ static int flood(const char *ip, int port, double secs) {
     return 0;
 }
 
+/* how long until a path opens (a policy change reaching the kernel) */
+static int udp_wait(const char *ip, int port, double secs) {
+    struct sockaddr_in a = addr_of(ip, port);
+    int u = socket(AF_INET, SOCK_DGRAM, 0);
+    if (connect(u, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
+    set_timeout(u, 0.002);
+    char c = 'w';
+    double start = now(), end = start + secs;
+    while (now() < end) {
+        if (send(u, &c, 1, 0) == 1 && recv(u, &c, 1, 0) == 1) {
+            printf("waited %.6f\n", now() - start);
+            return 0;
+        }
+    }
+    printf("waited %.6f\n", now() - start);
+    return 3;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc >= 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
@@ -170,6 +190,7 @@ int main(int argc, char **argv) {
     if (argc >= 5 && !strcmp(argv[1], "tcp_rr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_STREAM, 0);
     if (argc >= 5 && !strcmp(argv[1], "udp_rr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_DGRAM, 0);
     if (argc >= 5 && !strcmp(argv[1], "tcp_crr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_STREAM, 1);
+    if (argc >= 5 && !strcmp(argv[1], "udp_wait")) return udp_wait(argv[2], atoi(argv[3]), atof(argv[4]));
     if (argc >= 5 && !strcmp(argv[1], "flood")) return flood(argv[2], atoi(argv[3]), atof(argv[4]));
     fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
     return 2;

@@ -67,7 +67,7 @@ class Plan:
     b7_populate: int
     seed: int
     setup_budget_s: float = 90.0  # a (condition, N) whose policy setup takes longer is skipped
-    b5_budget_s: float = 60.0  # per B5 cell once 3 samples are in
+    b5_budget_s: float = 45.0  # per B5 cell once 3 samples are in
 
     @classmethod
     def make(cls, quick: bool, seed: int | None = None) -> Plan:
@@ -82,7 +82,7 @@ class Plan:
                     "iptables-plain": (10, 1000, 10_000),
                     "iptables-ipset": (10, 1000, 10_000, 100_000),
                     "iptables-stateful": (1000, 10_000)},
-                   (10, 1000, 10_000, 100_000), (100, 1000, 10_000, 50_000), 300, 20,
+                   (10, 1000, 10_000, 100_000), (100, 1000, 10_000, 50_000), 300, 10,
                    100_000, seed)
 
 
@@ -764,6 +764,15 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
 
     for cond in order:
         for n in plan.b5_sizes:
+            prev = [(t.n, t.metrics["sync_s"]) for t in res.trials
+                    if t.bench == "B6" and t.condition == cond and "sync_s" in t.metrics]
+            if prev:
+                pn, ps_ = max(prev)
+                if ps_ * n / pn > plan.setup_budget_s:
+                    res.not_run[f"B5/{cond}/N={n}"] = (
+                        f"loading N={n:,} entries would take ~{ps_ * n / pn:.0f} s (extrapolated "
+                        f"from N={pn:,}), over the {plan.setup_budget_s:.0f} s budget")
+                    continue
             topo = Topology(("srv", "cli", "bad"))
             dp = ep = ps = None
             t5 = Trial("B5", cond, n, 0)
@@ -791,7 +800,7 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
                 checked = False
                 cell_start = time.monotonic()
                 for it in range(iters):
-                    if it >= 3 and time.monotonic() - cell_start > plan.b5_budget_s:
+                    if it >= 2 and time.monotonic() - cell_start > plan.b5_budget_s:
                         break
                     add = MapChanges(adds={key: ALLOW})
                     t0 = time.perf_counter()
@@ -916,6 +925,199 @@ def agent_start(args: list[str]) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class Agent:
+    """One ``axoneme agent run`` with its own state dir, socket and pod CIDR."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.work = tempfile.mkdtemp(prefix="axb-", dir="/tmp")
+        self.sock = os.path.join(self.work, "a.sock")
+        self.state = os.path.join(self.work, "state")
+        self.env = dict(os.environ, AXONEME_API_SOCKET=self.sock,
+                        PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        self.cmd = [AXONEME, "agent", "run", *args, "--state-dir", self.state,
+                    "--api-socket", self.sock, "--pod-cidr", free_subnet() + ".0/24"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> float:
+        from axoneme.agent.client import AgentClient, AgentUnreachable
+
+        log = open(os.path.join(self.work, "agent.log"), "wb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        log.close()
+        client = AgentClient(self.sock, timeout=2.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}: {self.log()[-400:]}")
+            try:
+                client.get("/v1/healthz")
+                return time.perf_counter() - t0
+            except AgentUnreachable:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"agent not healthy after {timeout:.0f} s") from None
+                time.sleep(0.02)
+
+    def log(self) -> str:
+        try:
+            return Path(self.work, "agent.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def api(self, timeout: float = 600) -> Any:
+        from axoneme.agent.client import AgentClient
+
+        return AgentClient(self.sock, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        res = subprocess.run([AXONEME, *args], capture_output=True, text=True, env=self.env,
+                             timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(f"axoneme {' '.join(args[:3])} -> {res.returncode}: "
+                               f"{res.stderr.strip()[-300:]}")
+        return res.stdout
+
+    def close(self) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait(10)
+            subprocess.run([AXONEME, "agent", "cleanup", "--state-dir", self.state],
+                           capture_output=True, env=self.env, timeout=300)
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _cnp(name: str, ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"endpointSelector": {"matchLabels": {"app": "srv"}}, "ingress": ingress}}
+
+
+def _ports(*protos: str) -> list[dict[str, Any]]:
+    return [{"ports": [{"port": str(PORT), "protocol": p} for p in protos]}]
+
+
+def bench_b5_agent(plan: Plan, res: Results, lg: str, order: list[str]) -> None:
+    """One policy change end to end through the agent API: POST /v1/policies with
+    a policy allowing the client pod -> the first UDP echo the client gets
+    through the kernel (a prober in the client pod sends every 2 ms), with N
+    fromCIDR /32 peers already in force."""
+    args = {"ebpf": ["--datapath", "ebpf"],
+            "iptables-plain": ["--datapath", "iptables", "--iptables-mode", "plain"],
+            "iptables-ipset": ["--datapath", "iptables", "--iptables-mode", "ipset"]}
+    for cond in order:
+        agent = Agent(args[cond])
+        try:
+            agent.start()
+            agent.cli("namespace", "create", "bench")
+            agent.cli("pod", "run", "srv", "-n", "bench", "--labels", "app=srv", "--",
+                      lg, "server", str(PORT))
+            agent.cli("pod", "run", "cli", "-n", "bench", "--labels", "app=cli", "--",
+                      "sleep", "86400")
+            pods = {p["name"]: p for p in json.loads(agent.cli("pod", "list", "-o", "json"))}
+            eps = {e["pod"]: e for e in json.loads(agent.cli("endpoint", "list", "-o", "json"))}
+            srv_ip, cli_ns = pods["srv"]["ip"], eps["bench/cli"]["netns"]
+            srv_ep = eps["bench/srv"]["id"]
+            api = agent.api()
+        except Exception as e:
+            res.not_run[f"B5/agent-{cond}"] = f"agent unusable: {type(e).__name__}: {e}"
+            agent.close()
+            continue
+        try:
+            for n in plan.b5_sizes[:1] if plan.quick else plan.b5_sizes:
+                prev = [(t.n, t.metrics["base_apply_s"]) for t in res.trials
+                        if t.condition == f"agent-{cond}" and "base_apply_s" in t.metrics]
+                if prev and max(prev)[1] * n / max(prev)[0] > plan.setup_budget_s:
+                    pn, pv = max(prev)
+                    res.not_run[f"B5/agent-{cond}/N={n}"] = (
+                        f"applying the N={n:,} base policy through the agent would take "
+                        f"~{pv * n / pn:.0f} s (extrapolated from N={pn:,}), over the "
+                        f"{plan.setup_budget_s:.0f} s budget")
+                    break
+                t = Trial("B5", f"agent-{cond}", n, 0)
+                try:
+                    _b5_agent_cell(plan, t, api, lg, srv_ip, cli_ns, srv_ep, n)
+                except Exception as e:
+                    t.error = f"{type(e).__name__}: {e}"
+                    LOG.warning("B5 agent %s N=%d: %s", cond, n, traceback.format_exc())
+                res.trials.append(t)
+                if t.error:
+                    break  # a bigger N will not go better
+        finally:
+            agent.close()
+
+
+def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(["nsenter", f"--net={cli_ns}", lg, "udp_wait", srv_ip, str(PORT),
+                             str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns: str,
+                   srv_ep: int, n: int) -> None:
+    doc = lambda obj: {"documents": [{"file": "bench", "index": 0, "obj": obj}]}  # noqa: E731
+    base = _cnp("peers", [{"fromCIDR": [f"{fake_ip(i)}/32" for i in range(n)],
+                           "toPorts": _ports("TCP", "UDP")}])
+    t0 = time.perf_counter()
+    api.post("/v1/policies", doc(base))
+    # wait until the N entries are in the datapath (the agent may apply asynchronously)
+    deadline = time.monotonic() + 600
+    while True:
+        view = api.get(f"/v1/endpoints/{srv_ep}")
+        dp = view.get("datapath") or []
+        size = len(dp) if isinstance(dp, list | dict) else 0
+        if view.get("in_sync") and size >= n:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"N={n} policy not in the datapath after 600 s (holds {size})")
+        time.sleep(0.2)
+    t.metrics["base_apply_s"] = time.perf_counter() - t0
+    change = _cnp("client", [{"fromEndpoints": [{"matchLabels": {"app": "cli"}}],
+                              "toPorts": _ports("UDP")}])
+    lat: list[float] = []
+    api_lat: list[float] = []
+    denied_before = True
+    start = time.monotonic()
+    iters = plan.b5_iters_ipt
+    for it in range(iters):
+        if it >= 3 and time.monotonic() - start > plan.b5_budget_s:
+            break
+        # the client must be denied before the change
+        before = _probe(lg, cli_ns, srv_ip, 0.3)
+        before.communicate(timeout=30)
+        denied_before = denied_before and before.returncode == 3
+        prober = _probe(lg, cli_ns, srv_ip, 120)
+        time.sleep(0.05)  # the prober is sending before the change
+        t0 = time.perf_counter()
+        api.post("/v1/policies", doc(change))
+        api_lat.append(time.perf_counter() - t0)
+        out, err = prober.communicate(timeout=180)
+        t1 = time.perf_counter()
+        if prober.returncode != 0:
+            raise RuntimeError(f"the client was never allowed after the change (prober exit "
+                               f"{prober.returncode}: {out.strip()} {err.strip()[-200:]})")
+        lat.append(t1 - t0)
+        api.post("/v1/policies/delete", {"refs": [{"kind": "CiliumNetworkPolicy",
+                                                   "namespace": "bench", "name": "client"}]})
+        # wait for the revocation to reach the kernel before the next round
+        for _ in range(600):
+            p = _probe(lg, cli_ns, srv_ip, 0.05)
+            p.communicate(timeout=30)
+            if p.returncode == 3:
+                break
+    lat.sort()
+    api_lat.sort()
+    t.metrics["p50_s"] = lat[len(lat) // 2]
+    t.metrics["p99_s"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    t.metrics["api_p50_s"] = api_lat[len(api_lat) // 2]
+    t.metrics["samples"] = len(lat)
+    t.enforced = denied_before and len(lat) > 0
+    t.proof = (f"client denied before every change: {denied_before}; after each change its UDP "
+               f"echo came back ({len(lat)} rounds)")
+
+
 # ---- the suite ------------------------------------------------------------------------------
 
 def over_budget(res: Results, cond: str, n: int, budget: float) -> str:
@@ -936,7 +1138,7 @@ def over_budget(res: Results, cond: str, n: int, budget: float) -> str:
 
 
 def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
-              benches: Sequence[str] = ("B1", "B2", "B5", "B7")) -> Results:
+              benches: Sequence[str] = ("B1", "B2", "B5", "B5A", "B7")) -> Results:
     """Everything: B1, B2/B3/B4 (one traffic trial measures RR, CRR and flood),
     B5/B6 and B7. Conditions round-robin in a shuffled order per repetition."""
     if os.geteuid() != 0:
@@ -971,6 +1173,14 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
             ep_id = rnd.randrange(20_000, 60_000)
             for rep in range(plan.reps):
                 rnd.shuffle(items)
+                if rep == 0:
+                    # the first round keeps each condition's N ascending (conditions still
+                    # interleave at random) so the setup budget can extrapolate before a big N
+                    for cond in {c for c, _ in items}:
+                        slots = [i for i, (c, _) in enumerate(items) if c == cond]
+                        ns = sorted(items[i][1] for i in slots)
+                        for i, n in zip(slots, ns, strict=True):
+                            items[i] = (cond, n)
                 for cond, n in items:
                     ep_id += 1
                     reason = over_budget(res, cond, n, plan.setup_budget_s)
@@ -989,6 +1199,12 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
             rnd.shuffle(order)
             progress(f"B5/B6: {order}")
             bench_b5_b6(plan, res, conds, order)
+        if "B5A" in benches:
+            order = [c for c in ("ebpf", "iptables-plain", "iptables-ipset")
+                     if c not in conds.unavailable]
+            rnd.shuffle(order)
+            progress(f"B5 through the agent API: {order}")
+            bench_b5_agent(plan, res, lg, order)
         if "B7" in benches:
             progress("B7: agent start")
             bench_b7(plan, res, conds)
@@ -1025,25 +1241,66 @@ def sibling(name: str) -> Any:
     return mod
 
 
+def _group(bench: str, cond: str) -> str:
+    if bench == "traffic":
+        return "B2"
+    if bench in ("B5", "B6"):
+        return "B5A" if cond.startswith("agent-") else "B5"
+    return bench
+
+
+def merge(res: Results, old: dict[str, Any], ran: Sequence[str]) -> None:
+    """Keep an earlier run's trials of the benchmarks not run now (same plan shape)."""
+    for t in old["trials"]:
+        if _group(t["bench"], t["condition"]) not in ran:
+            res.trials.append(Trial(**t))
+    for k, v in old["not_run"].items():
+        head, _, rest = k.partition("/")
+        group = "B5A" if head == "B5" and rest.startswith("agent-") else head
+        if group not in ran and k not in res.not_run:
+            res.not_run[k] = v
+    res.plan = old["plan"]
+    res.machine = {**old["machine"], "merged_date": res.machine["date"]}
+    res.extra = {**old.get("extra", {}), **res.extra,
+                 "merged_elapsed_s": old.get("extra", {}).get("elapsed_s", 0)}
+    res.extra["command"] = old.get("extra", {}).get("command", "scripts/bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "bench-results"))
     ap.add_argument("--quick", action="store_true",
                     default=os.environ.get("AXONEME_BENCH_QUICK") == "1")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--only", default="B1,B2,B5,B7", help="comma list of B1,B2,B5,B7")
+    ap.add_argument("--only", default="B1,B2,B5,B5A,B7", help="comma list of B1,B2,B5,B5A,B7")
+    ap.add_argument("--merge", help="results.json of an earlier run: keep its trials of the "
+                    "benchmarks not run now")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     plan = Plan.make(a.quick, a.seed)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every cleanup
+
+    # a background launch (nohup, &) ignores SIGINT: make both signals clean up
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     t0 = time.time()
     res = run_suite(plan, lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True),
                     benches=a.only.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(sys.argv)
+    if a.merge:
+        merge(res, json.loads(Path(a.merge).read_text()), a.only.split(","))
+        command = f"{res.extra.get('command', '')} + {command}"
+    res.extra["command"] = command
     (out / "results.json").write_text(json.dumps(
         {"plan": res.plan, "machine": res.machine, "not_run": res.not_run, "extra": res.extra,
          "trials": [asdict(t) for t in res.trials]}, indent=1))
-    sibling("report").write_report(res, out, " ".join(sys.argv), time.time() - t0)
+    elapsed = time.time() - t0 + float(res.extra.get("merged_elapsed_s", 0))
+    res.extra["elapsed_s"] = elapsed
+    sibling("report").write_report(res, out, command, elapsed)
     print(f"report: {out / 'README.md'}")
     return 0
 
