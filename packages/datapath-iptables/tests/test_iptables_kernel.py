@@ -370,3 +370,20 @@ def test_redirect_entries_mark_packets_before_routing(env: Env) -> None:
                        check=False)
         subprocess.run(["iptables", "-t", "mangle", "-F", chain], check=False)
         subprocess.run(["iptables", "-t", "mangle", "-X", chain], check=False)
+
+
+def test_endpoint_removed_and_readded(env: Env) -> None:
+    env.set(env.a, ALLOW_ALL_OUT)
+    env.set(env.c, {k(ID["a"], IN, TCP, 80): ALLOW})
+    assert env.topo.probe([("tcp", env.a, env.c.ip, 80), ("tcp", env.a, env.c.ip, 443)]) == [True, False]
+    env.dp.endpoint_removed(endpoint(env.c))
+    try:
+        save = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+        assert f"AXON-EP-{env.c.ep_id}-" not in save and env.c.host_if not in save
+        assert env.dp.dump(endpoint(env.c)) == MapState()
+        # nothing enforces for c any more
+        assert env.tcp(env.a, env.c, 443)
+        env.dp.endpoint_removed(endpoint(env.c))  # unknown endpoints are fine
+    finally:
+        env.dp.endpoint_added(endpoint(env.c), True, True)
+    assert not env.tcp(env.a, env.c, 443)  # back, enforced, empty
