@@ -217,11 +217,11 @@ class Topology:
         return self
 
     def _add(self, pod: Pod) -> None:
+        self._ns.append(pod.netns)  # recorded first: an interrupt never leaks it
         sh("ip", "netns", "add", pod.netns)
-        self._ns.append(pod.netns)
+        self._links.append(pod.host_if)
         sh("ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0",
            "netns", pod.netns)
-        self._links.append(pod.host_if)
         sh("ip", "link", "set", pod.host_if, "up")
         sh("sysctl", "-qw", f"net.ipv4.conf.{pod.host_if}.proxy_arp=1")
         sh("ip", "-n", pod.netns, "link", "set", "lo", "up")
@@ -234,8 +234,8 @@ class Topology:
            "dev", "eth0")
         pod_mac = sh("ip", "-n", pod.netns, "-o", "link", "show", "eth0").stdout \
             .split("link/ether")[1].split()[0]
-        sh("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
         self._routes.append(f"{pod.ip}/32")
+        sh("ip", "route", "add", f"{pod.ip}/32", "dev", pod.host_if)
         sh("ip", "neigh", "replace", pod.ip, "lladdr", pod_mac, "dev", pod.host_if)
         pod.ifindex = int(Path(f"/sys/class/net/{pod.host_if}/ifindex").read_text())
 
@@ -1279,7 +1279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     plan = Plan.make(a.quick, a.seed)
 
+    main_pid = os.getpid()
+
     def _stop(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:
+            # a forked helper (pyroute2 makes netns sockets in a child): die as by default,
+            # never run the suite's cleanup there
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every cleanup
 
     # a background launch (nohup, &) ignores SIGINT: make both signals clean up
