@@ -126,11 +126,16 @@ class IptablesDatapath(Datapath):
             self._mangle.clear()
             self._mproxy.clear()
             self._adopt_ipsets()
-            for family in self._families:
-                self._adopt_rules(family)
-                self._adopt_mangle(family)
+            # Read each table once: with nf_tables, reading back a large table
+            # is the expensive part of a restart.
+            tables = {f: (rd.parse_save(self.backend.save(f)),
+                          rd.parse_save(self.backend.save(f, "mangle"), "mangle"))
+                      for f in self._families}
+            for family, (filt, mangle) in tables.items():
+                self._adopt_rules(family, filt)
+                self._adopt_mangle(family, mangle)
             self._recompute(set(self._families))
-            self._write_base()
+            self._write_base(tables)
             LOG.info("iptables datapath started: mode=%s backend=%s (%s), adopted %d endpoints",
                      self.mode, self.backend.kind, self.backend.reason, len(self._refs))
         if self._events_enabled and self._nflog is None:
@@ -221,8 +226,7 @@ class IptablesDatapath(Datapath):
                              f"maxelem {max(self.config.ipcache_max, 1024)}")
         Backend.ipset_restore("\n".join(lines) + "\n")
 
-    def _adopt_rules(self, family: int) -> None:
-        table = rd.parse_save(self.backend.save(family))
+    def _adopt_rules(self, family: int, table: rd.Table) -> None:
         if family == 4:
             for ref in rd.parse_endpoint_refs(table.chains.get(rd.FWD_CHAIN, [])):
                 self._refs[ref.id] = ref
@@ -241,8 +245,7 @@ class IptablesDatapath(Datapath):
                 if len(parts) == 4 and parts[2].isdigit() and parts[3] in _DIRS:
                     self._rule_counts[(int(parts[2]), family, _DIRS[parts[3]])] = len(rules)
 
-    def _adopt_mangle(self, family: int) -> None:
-        table = rd.parse_save(self.backend.save(family, "mangle"), "mangle")
+    def _adopt_mangle(self, family: int, table: rd.Table) -> None:
         for chain in table.chains:
             if m := _MEP_RE.match(chain):
                 self._mangle.setdefault((int(m.group(1)), family, _DIRS[m.group(2)]),
@@ -253,11 +256,11 @@ class IptablesDatapath(Datapath):
     def _redirecting(self, family: int) -> set[tuple[int, Direction]]:
         return {(ep, d) for (ep, fam, d) in self._mangle if fam == family}
 
-    def _write_base(self) -> None:
+    def _write_base(self, tables: Mapping[int, tuple[rd.Table, rd.Table]]) -> None:
         """Verdict and hook chains (flushed and refilled: they are derived) and
         the jump rules from the built-in chains (added only when missing)."""
         for family in self._families:
-            table = rd.parse_save(self.backend.save(family))
+            table, mangle = tables[family]
             chains = rd.shared_chains(self.nflog_group)
             for port, d in sorted(self._proxy_chains):
                 chains[rd.proxy_chain(port, d)] = rd.proxy_chain_rules(port, d, self.nflog_group)
@@ -275,7 +278,6 @@ class IptablesDatapath(Datapath):
                     post.append(f"-I {rd.hook_rule(builtin, chain)}".replace(
                         f"-I {builtin} ", f"-I {builtin} 1 ", 1))
             payload = rd.restore_payload("filter", chains, post=post)
-            mangle = rd.parse_save(self.backend.save(family, "mangle"), "mangle")
             mpost = []
             for builtin, chain in rd.MANGLE_HOOKS:
                 if not any(r.endswith(f"-j {chain}") for r in mangle.chains.get(builtin, [])):
