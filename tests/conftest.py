@@ -160,6 +160,7 @@ class AgentProcess:
 
     def __post_init__(self) -> None:
         self.log_path = self.workdir / "agent.log"
+        self.bpffs_root = f"/sys/fs/bpf/axoneme-t{secrets.token_hex(4)}"
 
     @property
     def state_dir(self) -> Path:
@@ -180,6 +181,8 @@ class AgentProcess:
                "--state-dir", str(self.state_dir), "--api-socket", str(self.socket)]
         if self.pod_cidr:
             cmd += ["--pod-cidr", self.pod_cidr]
+        # pinned BPF maps per agent: agents of parallel tests never share kernel maps
+        cmd += ["--bpffs-root", self.bpffs_root]
         return cmd + list(self.extra_args)
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
@@ -272,6 +275,8 @@ class AgentProcess:
         self.kill()
         subprocess.run([AXONEME, "agent", "cleanup", "--state-dir", str(self.state_dir)],
                        capture_output=True, env=self.env(), timeout=120)
+        if os.path.isdir(self.bpffs_root):  # whatever the datapath's cleanup left
+            shutil.rmtree(self.bpffs_root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -145,3 +145,35 @@ def test_seed_demo_policy_is_enforced(agent: Any, www: Any) -> None:
     agent.cli("policy", "delete", "-f", str(LIVE / "00-default-deny.yaml"),
               "-f", str(LIVE / "10-allow-app2.yaml"), check=True)
     assert _curl(agent, "app3", f"http://{app1}/public").returncode == 0
+
+
+def test_seed_demo_l7_public_only(agent: Any, tmp_path: Any) -> None:
+    if "no enforcement" in agent.json("status")["datapath"]["detail"]:
+        pytest.skip(f"datapath {agent.datapath} does not enforce (no L7 redirect)")
+    plugins = json.loads(agent.cli("plugins", "-o", "json", check=True).stdout)
+    if "http" not in plugins.get("l7", {}):
+        pytest.skip("the http L7 parser is not installed")
+    www = tmp_path / "www"
+    (www / "private").mkdir(parents=True)
+    (www / "public").write_text("public data\n")
+    (www / "private" / "index.html").write_text("secret\n")
+    app1 = agent.pod_run("app1", "python3", "-m", "http.server", "80", "--bind", "0.0.0.0",
+                         "--directory", str(www), labels="id=app1")
+    agent.pod_run("app2", "sleep", "infinity", labels="id=app2")
+    assert _curl(agent, "app2", f"http://{app1}/public").returncode == 0
+    agent.cli("policy", "apply", "-f", str(LIVE / "00-default-deny.yaml"),
+              "-f", str(LIVE / "20-l7-public-only.yaml"), check=True)
+
+    def code(path: str) -> str:
+        res = agent.pod_exec("app2", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             "-m", "3", f"http://{app1}{path}")
+        return res.stdout
+
+    assert code("/public") == "200"
+    assert code("/private/") == "403"
+    proxies = agent.json("status")["components"]["l7_proxies"]
+    assert [p["parser"] for p in proxies] == ["http"]
+    out = agent.cli("observe", "--protocol", "http", "-o", "json", check=True).stdout
+    flows = [json.loads(line) for line in out.splitlines()]
+    assert any(f["verdict"] == "DROPPED" and "/private" in f["l7"]["http"]["url"] for f in flows)
+    assert any(f["verdict"] == "FORWARDED" and "/public" in f["l7"]["http"]["url"] for f in flows)

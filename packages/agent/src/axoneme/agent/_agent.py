@@ -77,6 +77,8 @@ class AgentConfig:
     cni_bin: str | None = None
     dns_server: str = DNS_SERVER
     mtu: int = 1500
+    l7_proxies: bool = True  # run the installed axoneme.l7 proxies for L7 rules
+    bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
     datapath_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -224,9 +226,12 @@ class Agent:
         from axoneme.core.identity import IdentityAllocator
 
         self.allocator = IdentityAllocator(store)
+        self.proxies: Any = None  # ProxyManager, built at start when L7 parsers are installed
+        self._proxy_ports: dict[tuple[str, int], int] = {}
+        self._proxies_wanted: set[tuple[str, int]] = set()
         self.engine = PolicyEngine(self.allocator, EngineOptions(
             enforcement_mode=config.enforcement_mode, allow_localhost=config.allow_localhost,
-            cluster_name=config.cluster_name))
+            cluster_name=config.cluster_name, proxy_port=self._proxy_port))
         self.datapath: Datapath | None = None
         self.ipam = IPAM(config.pod_cidr)
         self.namespaces: dict[str, dict[str, str]] = {"default": {}}
@@ -295,8 +300,10 @@ class Agent:
             "datapath": self.config.datapath,
             "datapath_mode": self.config.iptables_mode if self.config.datapath == "iptables" else "",
             "pod_cidr": self.config.pod_cidr,
+            "bpffs_root": self.config.bpffs_root,
             "api_socket": self.config.api_socket,
             "guard": self.config.guard,
+            "l7_proxies": bool(self._proxy_ports),
             "next_endpoint_id": self.next_endpoint_id,
             "namespaces": self.namespaces,
             "pods": {k: dataclasses.asdict(v) for k, v in self.pods.items()},
@@ -315,7 +322,7 @@ class Agent:
 
         mode = self.config.iptables_mode if self.config.datapath == "iptables" else ""
         cfg = DatapathConfig(state_dir=self.config.state_dir, mode=mode,
-                             pod_cidr=self.config.pod_cidr,
+                             pod_cidr=self.config.pod_cidr, bpffs_root=self.config.bpffs_root,
                              options=dict(self.config.datapath_options))
         dp: Datapath = load_driver("axoneme.datapath", self.config.datapath, cfg)
         return dp
@@ -333,6 +340,7 @@ class Agent:
         self.datapath = dp
         if getattr(self, "_identities_saved", None):
             self.allocator.restore(self._identities_saved)
+        await asyncio.to_thread(self._setup_proxies)
         self._restore_policies()
         if self.config.guard:
             await asyncio.to_thread(guard_mod.install, self.config.pod_cidr, self.config.state_dir)
@@ -363,6 +371,73 @@ class Agent:
             self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
+
+    # -- L7 proxies -------------------------------------------------------------------
+    def _setup_proxies(self) -> None:
+        """A ProxyManager for the installed ``axoneme.l7`` parsers (listeners start lazily)."""
+        from axoneme.core.plugins import GROUP_L7, installed
+
+        parsers = sorted(installed(GROUP_L7))
+        if not self.config.l7_proxies or not parsers:
+            return
+        try:
+            from axoneme.agent.proxy import ProxyManager, make_policy_for
+            from axoneme.core.mapstate import Protocol
+
+            def endpoint_by_ip(ip: str) -> Endpoint | None:
+                rec = self._ip_index.get(ip)
+                return self.endpoint_objs.get(rec.id) if rec is not None else None
+
+            def policy_of(ep: Endpoint) -> MapState | None:
+                try:
+                    return self.engine.resolve(ep.id)
+                except Exception:
+                    return None
+
+            policy_for = {
+                parser: make_policy_for(
+                    parser, endpoint_by_ip=endpoint_by_ip,
+                    identity_of_ip=self.engine.identity_of_ip, policy_of=policy_of,
+                    protocol=Protocol.UDP if parser == "dns" else Protocol.TCP)
+                for parser in parsers}
+            self.proxies = ProxyManager(policy_for, self.flows.add)
+        except Exception as e:
+            LOG.warning("L7 proxies disabled: %s", e)
+            self.proxies = None
+
+    def _proxy_port(self, parser: str, direction: Any) -> int:
+        """EngineOptions.proxy_port: a fixed port per parser and direction.
+
+        Called inside the engine's resolution, so it never blocks: the
+        listener is started by ``_start_wanted_proxies`` before the datapath
+        is told to redirect (a proxy that cannot start leaves the traffic
+        redirected to nothing: L7 rules fail closed)."""
+        from axoneme.core.mapstate import Direction
+        from axoneme.core.policy._resolve import default_proxy_port
+
+        d = Direction(int(direction))
+        port = default_proxy_port(parser, d) + (100 if d is Direction.EGRESS else 0)
+        key = (parser, int(d))
+        if key not in self._proxy_ports:
+            self._proxy_ports[key] = port
+            self._proxies_wanted.add(key)
+        return port
+
+    def _start_wanted_proxies(self) -> None:
+        """Start listeners handed out by ``_proxy_port`` (worker thread, no engine lock held)."""
+        from axoneme.core.mapstate import Direction
+
+        while self._proxies_wanted:
+            parser, d = self._proxies_wanted.pop()
+            if self.proxies is None:
+                LOG.error("L7 rules for %s need a proxy, but L7 proxies are disabled or not "
+                          "installed: that traffic is dropped", parser)
+                continue
+            try:
+                self.proxies.acquire(parser, Direction(d), port=self._proxy_ports[(parser, d)])
+            except Exception as e:
+                LOG.error("cannot start the %s %s proxy: %s", parser, Direction(d), e)
+                self.metrics.errors.labels(op="proxy").inc()
 
     def _restore_policies(self) -> None:
         from axoneme.core.policy.parse import parse_policy_obj
@@ -452,6 +527,8 @@ class Agent:
         self.engine.pending_ipcache_changes()
 
         def adopt() -> None:
+            if self._proxies_wanted:
+                self._start_wanted_proxies()
             current = dp.dump_ipcache()
             stale = frozenset(k for k in current if k not in desired)
             dp.ipcache_apply(IPCacheChanges(dict(desired), stale))
@@ -497,6 +574,11 @@ class Agent:
                 await asyncio.to_thread(self._dp_call, self.datapath.stop)
             except Exception:
                 LOG.exception("datapath stop failed")
+        if self.proxies is not None:
+            try:
+                await asyncio.to_thread(self.proxies.stop)
+            except Exception:
+                LOG.exception("stopping the L7 proxies failed")
         try:
             async with self.lock:
                 await self.persist()
@@ -564,6 +646,8 @@ class Agent:
         errors: dict[int, str] = {}
         t0 = time.perf_counter()
         with self._dp_lock:
+            if self._proxies_wanted:
+                self._start_wanted_proxies()
             ipc = self.engine.pending_ipcache_changes()
             if ipc.upserts or ipc.deletes:
                 dp.ipcache_apply(ipc)
@@ -1144,6 +1228,8 @@ class Agent:
                              "policy_dir": self.config.policy_dir,
                              "errors": self.policy_dir_errors},
                 "pods": len(self.pods),
+                "l7_proxies": [{"parser": i.parser, "direction": str(i.direction), "port": i.port}
+                               for i in (self.proxies.proxies() if self.proxies else [])],
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
             },
         }

@@ -124,11 +124,19 @@ def cleanup(state_dir: str) -> int:
         try:
             dp = load_driver("axoneme.datapath", name, DatapathConfig(
                 state_dir=state_dir, mode=data.get("datapath_mode", ""),
-                pod_cidr=data.get("pod_cidr", "10.244.0.0/16")))
+                pod_cidr=data.get("pod_cidr", "10.244.0.0/16"),
+                bpffs_root=data.get("bpffs_root", "/sys/fs/bpf/axoneme")))
             dp.cleanup()
         except Exception as e:
             sys.stderr.write(f"warning: datapath {name} cleanup failed: {e}\n")
             code = code or EXIT_RUNTIME
+    if data.get("l7_proxies"):
+        try:
+            from axoneme.agent.proxy import RedirectRules
+
+            RedirectRules().cleanup()
+        except Exception as e:
+            sys.stderr.write(f"warning: L7 redirect rules cleanup failed: {e}\n")
     try:
         guard.remove(state_dir)
     except Exception as e:

@@ -61,6 +61,10 @@ def register(groups: dict[str, SubParsers]) -> None:
     run.add_argument("--flow-buffer", type=int, default=None, help="flows kept (default 4095)")
     run.add_argument("--no-guard", action="store_true", default=None,
                      help="do not install the forwarding guard (unsafe)")
+    run.add_argument("--bpffs-root", default=None, metavar="DIR",
+                     help="where a BPF datapath pins its maps (default /sys/fs/bpf/axoneme)")
+    run.add_argument("--no-l7-proxies", action="store_true", default=None,
+                     help="do not run the L7 proxies (L7 rules then fail closed)")
     run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
     run.add_argument("--cluster-name", default=None)
     run.set_defaults(handler=cmd_agent_run)
@@ -139,7 +143,7 @@ def register(groups: dict[str, SubParsers]) -> None:
 _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
-                "datapath_options")
+                "l7_proxies", "bpffs_root", "datapath_options")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -180,9 +184,12 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "policy_dir": args.policy_dir, "install_cni": args.install_cni,
         "pod_cidr": args.pod_cidr, "flow_buffer": args.flow_buffer,
         "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
+        "bpffs_root": args.bpffs_root,
     }
     if args.no_guard:
         flags["guard"] = False
+    if args.no_l7_proxies:
+        flags["l7_proxies"] = False
     conf.update({k: v for k, v in flags.items() if v is not None})
     conf["api_socket"] = resolve_socket(conf.get("api_socket"))
     cfg = AgentConfig(**conf)
