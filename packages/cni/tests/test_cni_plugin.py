@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from axoneme.cni.plugin import CNIError, parse_cni_args
 
 PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-
 from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.agent._runtime import PodRuntime

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING
 
 from axoneme.agent._statefile import write_json_atomic
@@ -40,4 +38,3 @@ def install_cni(config: AgentConfig, conf_dir: str = CONF_DIR, bin_dir: str = BI
     os.chmod(tmp, 0o755)
     os.replace(tmp, wrapper)
     LOG.warning("installed CNI config %s and plugin %s", os.path.join(conf_dir, CONFLIST), wrapper)
-    _ = json, sys

@@ -32,7 +32,6 @@ def run_agent(config: AgentConfig) -> int:
 
 async def _serve(config: AgentConfig) -> int:
     from aiohttp import web
-
     from axoneme.agent._api import build_app, socket_in_use
 
     if socket_in_use(config.api_socket):

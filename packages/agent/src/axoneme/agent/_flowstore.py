@@ -173,7 +173,7 @@ def _parse_time(value: Any) -> float:
         return float(value)
     if isinstance(value, str) and value:
         return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return _dt.datetime.now(tz=_dt.timezone.utc).timestamp()
+    return _dt.datetime.now(tz=_dt.UTC).timestamp()
 
 
 def flow_from_json(d: Mapping[str, Any]) -> Flow:

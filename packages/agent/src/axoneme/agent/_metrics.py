@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from axoneme.core.flow import Flow, FlowVerdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from axoneme.core.flow import Flow, FlowVerdict
 
 
 class _DatapathCollector(Collector):

@@ -68,7 +68,7 @@ async def run_cni(plugin: str, env: Mapping[str, str], config: Mapping[str, Any]
         env=dict(env))
     try:
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise CNIError(f"CNI {env.get('CNI_COMMAND')} timed out after {timeout:.0f}s") from None

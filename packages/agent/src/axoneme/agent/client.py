@@ -84,7 +84,7 @@ class AgentClient:
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read()
-            except (ConnectionError, socket.timeout) as e:
+            except (TimeoutError, ConnectionError) as e:
                 raise AgentUnreachable(self.socket_path) from e
             ctype = resp.getheader("Content-Type", "")
             payload: Any = raw.decode(errors="replace")

@@ -49,7 +49,7 @@ class AgentClient:
                              headers={"Content-Type": "application/json"} if data else {})
                 resp = conn.getresponse()
                 raw = resp.read()
-            except (ConnectionError, socket.timeout) as e:
+            except (TimeoutError, ConnectionError) as e:
                 raise AgentUnreachable(f"the agent at {self.socket_path} did not answer: {e}") from e
             try:
                 payload = json.loads(raw) if raw else {}
