@@ -69,9 +69,10 @@ APPSERVER = textwrap.dedent("""
             self.wfile.write(body)
         def log_message(self, *a):
             pass
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    srv.request_queue_size = 1024
+    class S(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the default backlog (5) drops SYNs: 1 s retries
+    srv = S(("127.0.0.1", 0), H)
     print(srv.server_address[1], flush=True)
     srv.serve_forever()
 """)
@@ -181,8 +182,9 @@ def load(port: int, conns: int, close: bool) -> tuple[float, float, float]:
             out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/bench"], capture_output=True,
                                  text=True, timeout=SECONDS + 30).stdout
             rps_m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-            p50_m = re.search(r"50%\s+(\S+)", out)
-            p99_m = re.search(r"99%\s+(\S+)", out)
+            # anchored: "+/- Stdev" columns such as "99.50%" also contain "50%"
+            p50_m = re.search(r"^\s+50%\s+(\S+)[ \t]*$", out, re.M)
+            p99_m = re.search(r"^\s+99%\s+(\S+)[ \t]*$", out, re.M)
             if rps_m and p50_m and p99_m:
                 return float(rps_m.group(1)), _ms(p50_m.group(1)), _ms(p99_m.group(1))
         raise AssertionError(f"cannot parse wrk output:\n{out}")
