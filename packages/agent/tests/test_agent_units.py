@@ -193,3 +193,24 @@ def test_cli_label_errors_exit_2() -> None:
     res = subprocess.run([axoneme, "--api-socket", "/nonexistent.sock", "pod", "run", "x"],
                          capture_output=True, text=True)
     assert res.returncode == 2
+
+
+def test_agent_config_file_and_flags(tmp_path: Path) -> None:
+    from axoneme.agent.cli import build_parser
+    from axoneme.agent.cli._agentcmds import build_agent_config
+    from axoneme.core.errors import ConfigError
+
+    conf = tmp_path / "agent.yaml"
+    conf.write_text("datapath: iptables\niptables-mode: ipset\nflow_buffer: 100\n"
+                    f"state_dir: {tmp_path}/state\npod-cidr: 10.244.3.0/24\n")
+    parser, _ = build_parser()
+    args = parser.parse_args(["agent", "run", "--config", str(conf), "--flow-buffer", "7",
+                              "--api-socket", str(tmp_path / "s.sock")])
+    cfg = build_agent_config(args)
+    assert (cfg.datapath, cfg.iptables_mode, cfg.flow_buffer) == ("iptables", "ipset", 7)
+    assert cfg.state_dir == f"{tmp_path}/state" and cfg.pod_cidr == "10.244.3.0/24"
+    assert cfg.api_socket == str(tmp_path / "s.sock") and cfg.guard is True
+    conf.write_text("datapth: ebpf\n")
+    with pytest.raises(ConfigError) as e:
+        build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
+    assert "datapth" in str(e.value) and str(conf) in str(e.value)
