@@ -296,6 +296,8 @@ def test_events(env: Env) -> None:
         assert denied.to_json()["drop_reason_desc"] == "POLICY_DENIED"
         assert deny is not None and deny.source.identity == ID["c"], seen
         assert fwd is not None and fwd.event_type == "policy-verdict", seen
+        assert fwd.match_type == "L3_L4" and deny.match_type == "L3_L4"
+        assert denied.match_type == ""  # nothing matched: default deny
     finally:
         env.dp.stop()
         reader.join(5)

@@ -33,7 +33,7 @@ from axoneme.core.datapath import (
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathError, DatapathProgramError, DatapathUnavailable
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict
-from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState
+from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState, Protocol
 from axoneme.datapath.iptables import _prefixes as px
 from axoneme.datapath.iptables import _render as rd
 from axoneme.datapath.iptables._backend import Backend, detect
@@ -671,13 +671,37 @@ class IptablesDatapath(Datapath):
         }.get(kind, (None, None, ""))
         if verdict is None:
             return None
+        ingress = direction == "I"
         with self._lock:
             source, destination = self._flow_endpoint(src), self._flow_endpoint(dst)
+            local, peer = (destination, source) if ingress else (source, destination)
+            match = self._match_type(local.id, peer.identity, ingress, l4)
         return Flow(time=ts, verdict=verdict, ip_source=src, ip_destination=dst,
                     source=source, destination=destination,
-                    traffic_direction="INGRESS" if direction == "I" else "EGRESS",
+                    traffic_direction="INGRESS" if ingress else "EGRESS",
                     event_type=event_type, drop_reason=reason, l4=l4, is_reply=False,
-                    ip_version=ipv)
+                    ip_version=ipv, match_type=match)
+
+    def _match_type(self, ep_id: int, peer: int, ingress: bool, l4: Mapping[str, Any]) -> str:
+        """Hubble's policy_match_type of the key that decided (from our MapState)."""
+        state = self._states.get(ep_id)
+        if not ep_id or state is None or not l4:
+            return ""
+        name, info = next(iter(l4.items()))
+        proto = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP,
+                 "ICMPv4": Protocol.ICMP, "ICMPv6": Protocol.ICMPV6}.get(name)
+        if proto is None:
+            return ""
+        port = info.get("type", 0) if proto in (Protocol.ICMP, Protocol.ICMPV6) else info.get(
+            "destination_port", 0)
+        key = state.lookup(peer, Direction.INGRESS if ingress else Direction.EGRESS, proto,
+                           int(port)).key
+        if key is None:
+            return ""
+        l3 = key.identity != 0
+        if key.protocol is Protocol.ANY:
+            return "L3_ONLY" if l3 else "ALL"
+        return "L3_L4" if l3 else "L4_ONLY"
 
     def events(self) -> Iterator[Flow]:
         while not self._stopped.is_set():
