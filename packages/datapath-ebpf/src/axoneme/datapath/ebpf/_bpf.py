@@ -92,6 +92,9 @@ def libbpf() -> Any:
             ("bpf_map_update_batch", [ct.c_int, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]),
             ("bpf_obj_get_info_by_fd", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]),
+            ("bpf_map_delete_batch", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]),
+            ("bpf_map_lookup_batch", [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                      ct.POINTER(ct.c_uint32), ct.c_void_p]),
         ):
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -133,6 +136,24 @@ def map_update_batch(fd: int, keys: list[bytes], values: list[bytes]) -> int:
         err.written = int(n.value)  # type: ignore[attr-defined]
         raise err
     return int(n.value)
+
+
+def map_delete_batch(fd: int, keys: list[bytes]) -> None:
+    """BPF_MAP_DELETE_BATCH; keys already gone count as deleted (idempotent).
+    On another error raises OSError with ``.written`` = how many were deleted."""
+    start = 0
+    while start < len(keys):
+        n = ct.c_uint32(len(keys) - start)
+        rc = libbpf().bpf_map_delete_batch(fd, b"".join(keys[start:]), ct.byref(n), None)
+        if rc == 0:
+            return
+        e = _err(rc)
+        done = start + int(n.value)
+        if e != errno_mod.ENOENT:
+            err = OSError(e, os.strerror(e))
+            err.written = done  # type: ignore[attr-defined]
+            raise err
+        start = done + 1  # skip the missing key
 
 
 def map_lookup(fd: int, key: Any, value: Any) -> bool:
@@ -199,6 +220,31 @@ def pinned_map_sizes(path: str) -> tuple[int, int] | None:
         return int(info.key_size), int(info.value_size)
     finally:
         os.close(fd)
+
+
+def map_items_batch(fd: int, key_size: int, value_size: int,
+                    batch: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) as bytes via BPF_MAP_LOOKUP_BATCH: the kernel walks
+    the map, a few syscalls instead of two per entry."""
+    lib = libbpf()
+    kbuf = ct.create_string_buffer(key_size * batch)
+    vbuf = ct.create_string_buffer(value_size * batch)
+    in_b = ct.create_string_buffer(max(key_size, 8))
+    out_b = ct.create_string_buffer(max(key_size, 8))
+    first = True
+    while True:
+        n = ct.c_uint32(batch)
+        rc = lib.bpf_map_lookup_batch(fd, None if first else in_b, out_b, kbuf, vbuf, ct.byref(n), None)
+        e = _err(rc) if rc != 0 else 0
+        if rc != 0 and e != errno_mod.ENOENT:
+            raise OSError(e, os.strerror(e))
+        kraw, vraw = kbuf.raw, vbuf.raw
+        for i in range(n.value):
+            yield kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size]
+        if rc != 0:  # ENOENT: the walk is complete
+            return
+        ct.memmove(in_b, out_b, len(out_b))
+        first = False
 
 
 def possible_cpus() -> int:

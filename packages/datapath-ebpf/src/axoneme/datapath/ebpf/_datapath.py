@@ -91,8 +91,23 @@ def policy_entry(key: Key, entry: Entry) -> L.PolicyEntry:
 
 
 def entry_from_policy(v: L.PolicyEntry) -> Entry:
-    return Entry(deny=bool(v.deny), proxy_port=int(v.proxy_port),
-                 audit=bool(v.flags & L.POLICY_F_AUDIT), auth_required=bool(v.flags & L.POLICY_F_AUTH))
+    sig = (v.deny, v.proxy_port, v.flags)
+    e = _ENTRIES.get(sig)
+    if e is None:
+        e = Entry(deny=bool(v.deny), proxy_port=int(v.proxy_port), audit=bool(v.flags & L.POLICY_F_AUDIT),
+                  auth_required=bool(v.flags & L.POLICY_F_AUTH))
+        if len(_ENTRIES) < 4096:  # few distinct entries (allow, deny, a proxy port per L7 rule)
+            _ENTRIES[sig] = e
+    return e
+
+
+_ENTRIES: dict[tuple[int, int, int], Entry] = {}
+
+
+def _entry_sig(e: Entry) -> tuple[int, int, int]:
+    """(deny, proxy_port, flags) as policy_entry() stores them."""
+    return (1 if e.deny else 0, 0 if e.deny else e.proxy_port,
+            (L.POLICY_F_AUDIT if e.audit else 0) | (L.POLICY_F_AUTH if e.auth_required else 0))
 
 
 def _same_entry(a: L.PolicyEntry, b: L.PolicyEntry) -> bool:
@@ -172,7 +187,7 @@ class EbpfDatapath(Datapath):
         # the trie at first use after start (adoption), then kept by apply().
         # dump() reads the values from the kernel for exactly these keys, so it
         # costs O(entries of the endpoint), not O(entries of all endpoints).
-        self._index: dict[int, set[Key]] | None = None
+        self._index: dict[int, dict[bytes, Key]] | None = None
         self._map_full_errors = 0
         self._compile_seconds = 0.0
 
@@ -485,11 +500,18 @@ class EbpfDatapath(Datapath):
 
     # ---- policy ---------------------------------------------------------------------
 
-    def _keys_index(self) -> dict[int, set[Key]]:
+    def _policy_items(self) -> Iterator[tuple[L.PolicyKey, L.PolicyEntry]]:
+        """Every policy entry of every endpoint (one kernel-side walk)."""
+        ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
+        for kb, vb in _bpf.map_items_batch(self._fds["ax_policy"], ksz, vsz):
+            yield L.PolicyKey.from_buffer_copy(kb), L.PolicyEntry.from_buffer_copy(vb)
+
+    def _keys_index(self) -> dict[int, dict[bytes, Key]]:
+        """ep id -> {raw policy key bytes: Key} of what the kernel holds."""
         if self._index is None:
-            index: dict[int, set[Key]] = collections.defaultdict(set)
-            for k in list(_bpf.map_keys(self._fds["ax_policy"], L.PolicyKey)):
-                index[k.ep_id].add(key_from_policy(k))
+            index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
+            for k, _ in self._policy_items():
+                index[k.ep_id][bytes(k)] = key_from_policy(k)
             self._index = dict(index)
         return self._index
 
@@ -498,7 +520,10 @@ class EbpfDatapath(Datapath):
             self._require()
             self._apply(endpoint.id, changes)
 
-    def _apply(self, ep_id: int, changes: MapChanges) -> None:
+    def _apply(self, ep_id: int, changes: MapChanges,
+               current: Mapping[Key, L.PolicyEntry] | None = None) -> None:
+        """``current``: the endpoint's kernel entries when the caller just read
+        them (sync), saving a lookup per changed key."""
         fd = self._fds["ax_policy"]
         # identical values share one struct (the kernel copies on update)
         values: dict[tuple[int, Entry], L.PolicyEntry] = {}
@@ -511,12 +536,14 @@ class EbpfDatapath(Datapath):
             adds[k] = v
         deletes = [k for k in changes.deletes if k not in changes.adds]
         pkeys = {k: policy_key_bytes(ep_id, k) for k in (*adds, *deletes)}
-        held = self._keys_index().get(ep_id, set())
+        held = self._keys_index().get(ep_id, {})
         count = len(held)
         old: dict[Key, L.PolicyEntry | None] = {}
         if count == 0:
             # the endpoint holds nothing: no per-key lookups (initial population)
             old = dict.fromkeys(pkeys)
+        elif current is not None:
+            old = {k: current.get(k) for k in pkeys}
         else:
             lookup = _bpf.map_lookup
             for k, pk in pkeys.items():
@@ -552,7 +579,6 @@ class EbpfDatapath(Datapath):
 
         vbytes = {id(v): bytes(v) for v in values.values()}
         done: list[Key] = []
-        delete = _bpf.map_delete
         try:
             for is_update, ks in phases:
                 if is_update:
@@ -564,9 +590,12 @@ class EbpfDatapath(Datapath):
                         raise
                     done.extend(ks)
                 else:
-                    for k in ks:
-                        delete(fd, pkeys[k])
-                        done.append(k)
+                    try:
+                        _bpf.map_delete_batch(fd, [pkeys[k] for k in ks])
+                    except OSError as e:
+                        done.extend(ks[:getattr(e, "written", 0)])
+                        raise
+                    done.extend(ks)
         except OSError as e:
             self._rollback(ep_id, done, old)
             self._bump_revision()
@@ -577,8 +606,10 @@ class EbpfDatapath(Datapath):
                     f"({os.strerror(e.errno or 0)}); rolled back") from e
             raise DatapathProgramError("policy map update", e.errno, str(e)) from e
         self._bump_revision()
-        held.difference_update(deletes)
-        held.update(adds)
+        for k in deletes:
+            held.pop(pkeys[k], None)
+        for k in adds:
+            held[pkeys[k]] = k
         if self._index is not None:
             self._index[ep_id] = held
 
@@ -598,12 +629,17 @@ class EbpfDatapath(Datapath):
     def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
         with self._lock:
             self._require()
-            current = self._dump(endpoint.id)
-            adds = {k: v for k, v in state.items() if current.get(k) != v}
-            deletes = frozenset(k for k in current if k not in state)
+            raw = self._dump_raw(endpoint.id)
+            # compare what the kernel holds (deny, proxy port, flags), not Entry objects
+            adds = {}
+            for k, e in state.items():
+                v = raw.get(k)
+                if v is None or (v.deny, v.proxy_port, v.flags) != _entry_sig(e):
+                    adds[k] = e
+            deletes = frozenset(k for k in raw if k not in state)
             changes = MapChanges(adds, deletes)
             if changes:
-                self._apply(endpoint.id, changes)
+                self._apply(endpoint.id, changes, raw)
             return changes
 
     def dump(self, endpoint: Endpoint) -> MapState:
@@ -612,14 +648,30 @@ class EbpfDatapath(Datapath):
             return self._dump(endpoint.id)
 
     def _dump(self, ep_id: int) -> MapState:
+        return MapState({k: entry_from_policy(v) for k, v in self._dump_raw(ep_id).items()})
+
+    def _dump_raw(self, ep_id: int) -> dict[Key, L.PolicyEntry]:
         fd = self._fds["ax_policy"]
-        out: dict[Key, Entry] = {}
+        out: dict[Key, L.PolicyEntry] = {}
+        held = self._keys_index().get(ep_id, {})
+        if len(held) > 4096:
+            # big endpoint: one kernel walk beats a syscall per key
+            ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
+            for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
+                k = held.get(kb)
+                if k is None:
+                    pk = L.PolicyKey.from_buffer_copy(kb)
+                    if pk.ep_id != ep_id:
+                        continue
+                    k = key_from_policy(pk)
+                out[k] = L.PolicyEntry.from_buffer_copy(vb)
+            return out
         lookup = _bpf.map_lookup
-        for k in list(self._keys_index().get(ep_id, ())):
+        for raw, k in list(held.items()):
             v = L.PolicyEntry()
-            if lookup(fd, policy_key_bytes(ep_id, k), v):
-                out[k] = entry_from_policy(v)
-        return MapState(out)
+            if lookup(fd, raw, v):
+                out[k] = v
+        return out
 
     def policy_counters(self, endpoint: Endpoint, key: Key) -> tuple[int, int]:
         """(packets, bytes) the entry ``key`` of ``endpoint`` has decided."""
@@ -660,7 +712,7 @@ class EbpfDatapath(Datapath):
                                      "compile_seconds": self._compile_seconds}
             if self._bpf is None:
                 return out
-            out["policy_entries"] = float(self._count_map("ax_policy", L.PolicyKey))
+            out["policy_entries"] = float(sum(len(v) for v in self._keys_index().values()))
             out["ipcache_entries"] = float(self._count_map("ax_ipcache", L.IPCacheKey))
             out["endpoints"] = float(self._count_map("ax_endpoints", ct.c_uint32))
             out["ct_entries"] = float(self._count_map("ax_ct", L.Tuple))
