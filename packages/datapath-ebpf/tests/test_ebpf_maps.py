@@ -203,3 +203,39 @@ def test_incompatible_pinned_map_is_replaced() -> None:
             dp.cleanup()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_big_endpoint_dump_and_sync_use_the_batch_walk() -> None:
+    """Endpoints above 4096 entries are dumped by one kernel-side walk."""
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF programs and pins maps")
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+    dp = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=6000, ct_max=64,
+                                     ipcache_max=64, options={"max_endpoints": 2}))
+    try:
+        dp.start()
+        big = MapState({**keys(5000, port0=1), Key(0, EG): DENY})
+        small = MapState(keys(3, identity=9))
+        dp.sync(ep(1), big)
+        dp.sync(ep(2), small)
+        assert dp.dump(ep(1)) == big and dp.dump(ep(2)) == small
+        # a fresh instance (adoption) rebuilds its index from the kernel
+        dp.stop()
+        dp2 = EbpfDatapath(dp.config)
+        dp2.start()
+        dp = dp2
+        assert dp.dump(ep(1)) == big
+        smaller = MapState({k: v for i, (k, v) in enumerate(big.items()) if i % 2})
+        changes = dp.sync(ep(1), smaller)
+        assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
+        assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
+        assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
+    finally:
+        dp.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
