@@ -177,3 +177,18 @@ def test_seed_demo_l7_public_only(agent: Any, tmp_path: Any) -> None:
     flows = [json.loads(line) for line in out.splitlines()]
     assert any(f["verdict"] == "DROPPED" and "/private" in f["l7"]["http"]["url"] for f in flows)
     assert any(f["verdict"] == "FORWARDED" and "/public" in f["l7"]["http"]["url"] for f in flows)
+
+    # a clean shutdown keeps L7 enforcement failing closed; a restart brings the proxy back
+    netns = next(p["netns"] for p in agent.json("pod", "list") if p["name"] == "app2")
+    agent.stop()
+    down = subprocess.run(["ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null", "-w",
+                           "%{http_code}", "-m", "3", f"http://{app1}/public"],
+                          capture_output=True, text=True)
+    assert down.stdout != "200", "L7 policy was bypassed while the agent was down"
+    agent.start()
+    for _ in range(20):
+        if code("/public") == "200":
+            break
+        time.sleep(0.2)
+    assert code("/public") == "200"
+    assert code("/private/") == "403"

@@ -575,6 +575,11 @@ class Agent:
             except Exception:
                 LOG.exception("datapath stop failed")
         if self.proxies is not None:
+            # the listeners stop, the TPROXY rules stay (like the datapath's
+            # enforcement): redirected traffic meets a closed port while the
+            # agent is down, so L7 rules fail closed instead of being bypassed.
+            # `agent cleanup` removes the rules.
+            self.proxies.rules = None
             try:
                 await asyncio.to_thread(self.proxies.stop)
             except Exception:
