@@ -436,7 +436,7 @@ class Conditions:
     def __init__(self, tmp: str, max_n: int) -> None:
         self.tmp = tmp
         self.max_n = max_n
-        self.bpffs = f"/sys/fs/bpf/axoneme-bench-{secrets.token_hex(4)}"
+        self.bpffs = f"/sys/fs/bpf/axb-suite-{secrets.token_hex(4)}"
         self._ebpf: Any = None
         self.unavailable: dict[str, str] = {}
         self.ebpf_start_seconds = 0.0
@@ -670,7 +670,7 @@ def bench_b1(plan: Plan, res: Results) -> None:
     except Exception as e:
         res.not_run["B1/ebpf"] = f"eBPF datapath not importable: {e!r}"
         return
-    root = f"/sys/fs/bpf/axoneme-bench-b1-{secrets.token_hex(4)}"
+    root = f"/sys/fs/bpf/axb-b1-{secrets.token_hex(4)}"
     ep = endpoint_for(Pod("b1", "", "lo", "10.244.127.1", 1), 21, 4021)
     max_n = max(plan.b1_sizes)
     dp = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=max_n + 16,
@@ -1123,6 +1123,9 @@ def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns:
 def over_budget(res: Results, cond: str, n: int, budget: float) -> str:
     """Why (cond, n) is skipped: its policy setup (measured at n, or extrapolated
     linearly from the largest smaller N) exceeds the per-trial budget."""
+    for t in res.trials:
+        if t.bench == "traffic" and t.condition == cond and t.n == n and "timed out" in t.error:
+            return f"policy setup timed out in an earlier repetition ({t.error[:160]})"
     setups = [(t.n, t.metrics["setup_s"]) for t in res.trials
               if t.bench == "traffic" and t.condition == cond and "setup_s" in t.metrics
               and t.n <= n]
@@ -1275,7 +1278,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", default="B1,B2,B5,B5A,B7", help="comma list of B1,B2,B5,B5A,B7")
     ap.add_argument("--merge", help="results.json of an earlier run: keep its trials of the "
                     "benchmarks not run now")
+    ap.add_argument("--report-only", metavar="RESULTS_JSON",
+                    help="only (re)write the report and charts from a results.json")
     a = ap.parse_args(argv)
+    if a.report_only:
+        d = json.loads(Path(a.report_only).read_text())
+        res = Results(plan=d["plan"], machine=d["machine"],
+                      trials=[Trial(**t) for t in d["trials"]], not_run=d["not_run"],
+                      extra=d.get("extra", {}))
+        out = Path(a.out)
+        sibling("report").write_report(res, out, res.extra.get("command", "scripts/bench"),
+                                       float(res.extra.get("elapsed_s", 0)))
+        print(f"report: {out / 'README.md'}")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     plan = Plan.make(a.quick, a.seed)
 
