@@ -78,6 +78,8 @@ class AgentConfig:
     dns_server: str = DNS_SERVER
     mtu: int = 1500
     l7_proxies: bool = True  # run the installed axoneme.l7 proxies for L7 rules
+    tofqdns_min_ttl: int = 0  # lower bound on DNS TTLs for toFQDNs (Cilium --tofqdns-min-ttl)
+    dns_reject_rcode: str = "REFUSED"  # answer to a denied DNS query: REFUSED or NXDOMAIN
     bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
     datapath_options: dict[str, Any] = field(default_factory=dict)
 
@@ -227,6 +229,7 @@ class Agent:
 
         self.allocator = IdentityAllocator(store)
         self.proxies: Any = None  # ProxyManager, built at start when L7 parsers are installed
+        self.fqdn: Any = None  # FQDNManager (toFQDNs), built at start
         self._proxy_ports: dict[tuple[str, int], int] = {}
         self._proxies_wanted: set[tuple[str, int]] = set()
         self.engine = PolicyEngine(self.allocator, EngineOptions(
@@ -342,6 +345,10 @@ class Agent:
             self.allocator.restore(self._identities_saved)
         await asyncio.to_thread(self._setup_proxies)
         self._restore_policies()
+        from axoneme.agent._fqdn import FQDNManager
+
+        self.fqdn = FQDNManager(self)
+        self.fqdn.start()  # restored DNS names are in the engine before endpoints sync
         if self.config.guard:
             await asyncio.to_thread(guard_mod.install, self.config.pod_cidr, self.config.state_dir)
             self.guard_installed = True
@@ -434,7 +441,8 @@ class Agent:
                           "installed: that traffic is dropped", parser)
                 continue
             try:
-                self.proxies.acquire(parser, Direction(d), port=self._proxy_ports[(parser, d)])
+                self.proxies.acquire(parser, Direction(d), port=self._proxy_ports[(parser, d)],
+                                     **(self.fqdn.proxy_kwargs(parser) if self.fqdn else {}))
             except Exception as e:
                 LOG.error("cannot start the %s %s proxy: %s", parser, Direction(d), e)
                 self.metrics.errors.labels(op="proxy").inc()
@@ -569,6 +577,8 @@ class Agent:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.fqdn is not None:
+            await self.fqdn.stop()
         if self.datapath is not None:
             try:
                 await asyncio.to_thread(self._dp_call, self.datapath.stop)

@@ -63,6 +63,10 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="do not install the forwarding guard (unsafe)")
     run.add_argument("--bpffs-root", default=None, metavar="DIR",
                      help="where a BPF datapath pins its maps (default /sys/fs/bpf/axoneme)")
+    run.add_argument("--tofqdns-min-ttl", type=int, default=None, metavar="SECONDS",
+                     help="lower bound on DNS TTLs for toFQDNs (default 0: honour upstream TTLs)")
+    run.add_argument("--dns-reject-rcode", default=None, choices=["REFUSED", "NXDOMAIN"],
+                     help="answer to a DNS query denied by rules.dns (default REFUSED)")
     run.add_argument("--no-l7-proxies", action="store_true", default=None,
                      help="do not run the L7 proxies (L7 rules then fail closed)")
     run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
@@ -143,7 +147,8 @@ def register(groups: dict[str, SubParsers]) -> None:
 _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
-                "l7_proxies", "bpffs_root", "datapath_options")
+                "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
+                "dns_reject_rcode")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -185,6 +190,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "pod_cidr": args.pod_cidr, "flow_buffer": args.flow_buffer,
         "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
         "bpffs_root": args.bpffs_root,
+        "tofqdns_min_ttl": args.tofqdns_min_ttl, "dns_reject_rcode": args.dns_reject_rcode,
     }
     if args.no_guard:
         flags["guard"] = False

@@ -1,0 +1,218 @@
+"""toFQDNs in the agent: one DNS cache per node, bound to the policy engine.
+
+The DNS proxy (``axoneme.l7.dns``, loaded by entry point) records every
+answer it relays in the node's ``FQDNCache``; an ``FQDNSelectorSync`` turns
+cache changes into ``engine.update_fqdn`` calls (``/32`` CIDR identities in
+the ipcache). ``on_answer`` -- awaited by the proxy *before* it relays the
+answer, as Cilium holds DNS responses -- pushes the resulting ipcache and
+MapState changes to the datapath, so the client's first connection to a
+freshly resolved IP is already allowed. Expiry revokes; the cache is saved
+in the state dir (atomically, on change) and restored at start, so learned
+names survive an agent restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
+from axoneme.core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from axoneme.agent._agent import Agent
+
+LOG = logging.getLogger(__name__)
+
+FQDN_STATE_FILE = "fqdn-cache.json"
+REJECT_RCODES = ("REFUSED", "NXDOMAIN")
+# how long at most a snapshot may lag behind TTL refreshes (which are not
+# cache "changes" but move expiries)
+SNAPSHOT_REFRESH = 5.0
+
+
+class FQDNManager:
+    """The agent's toFQDNs state. ``start()`` on the agent loop, ``stop()`` at shutdown.
+
+    ``proxy_kwargs(parser)`` is what the agent passes to
+    ``ProxyManager.acquire`` for that parser (only ``dns`` gets any)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.cache: Any = None
+        self.sync: Any = None
+        self.path = os.path.join(agent.config.state_dir, FQDN_STATE_FILE)
+        self._dirty = False
+        self._last_write = 0.0
+        self._push_lock = threading.Lock()
+        self._unsubscribe: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        rcode = str(getattr(agent.config, "dns_reject_rcode", "REFUSED") or "REFUSED").upper()
+        if rcode == "NAMEERROR":
+            rcode = "NXDOMAIN"
+        if rcode not in REJECT_RCODES:
+            from axoneme.core.errors import ConfigError
+
+            raise ConfigError(f"dns_reject_rcode must be one of {', '.join(REJECT_RCODES)}, "
+                              f"got {rcode!r}")
+        self.reject_rcode = rcode
+        self.min_ttl = int(getattr(agent.config, "tofqdns_min_ttl", 0) or 0)
+        if self.min_ttl < 0:
+            from axoneme.core.errors import ConfigError
+
+            raise ConfigError(f"tofqdns_min_ttl must be >= 0, got {self.min_ttl}")
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> bool:
+        """Build the cache (restored from the state dir) and bind it to the engine.
+
+        Call after the persisted policies are back in the engine and before
+        the endpoints are synced, so the first sync already holds the learned
+        IPs. False (and toFQDNs stays empty) when the dns parser is missing."""
+        from axoneme.core.plugins import GROUP_L7, installed, load_class
+
+        if "dns" not in installed(GROUP_L7):
+            LOG.info("the dns L7 parser is not installed: toFQDNs selectors select nothing")
+            return False
+        parser = load_class(GROUP_L7, "dns")()
+        self.cache = parser.new_fqdn_cache(min_ttl=self.min_ttl)
+        try:
+            data = read_json(self.path)
+        except StateCorrupt as e:
+            LOG.warning("ignoring the FQDN cache snapshot: %s", e)
+            data = None
+        if data is not None:
+            try:
+                self.cache.restore(data)
+                LOG.info("restored %d learned DNS names", len(self.cache.names()))
+            except (ValueError, TypeError) as e:
+                LOG.warning("ignoring the FQDN cache snapshot %s: %s", self.path, e)
+        self._unsubscribe = self.cache.subscribe(self._on_change)
+        self.sync = parser.bind_engine(self.cache, self.agent.engine)  # resyncs once
+        self.agent.pm.register(_PolicyHook(self), name=f"axoneme-fqdn-{id(self)}")
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.create_task(self._expiry_loop())
+        except RuntimeError:  # no loop (unit use): the caller runs expire_now()
+            self._loop = None
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.cache is not None:
+            await asyncio.to_thread(self.save, True)
+        if self.sync is not None:
+            self.sync.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+
+    def proxy_kwargs(self, parser: str) -> dict[str, Any]:
+        """Extra ``ProxyManager.acquire`` arguments: the DNS proxy's toFQDNs hooks."""
+        if parser != "dns" or self.cache is None:
+            return {}
+        try:
+            from axoneme.l7.dns import DnsProxyConfig
+        except ImportError:
+            return {"cache": self.cache, "on_answer": self.on_answer}
+        return {"cache": self.cache, "on_answer": self.on_answer,
+                "dns_config": DnsProxyConfig(reject_rcode=self.reject_rcode)}
+
+    # -- the hooks -------------------------------------------------------------------
+    def _on_change(self, names: frozenset[str]) -> None:
+        self._dirty = True
+        LOG.debug("DNS cache changed: %s", ", ".join(sorted(names)))
+
+    async def on_answer(self, name: str, ips: frozenset[str], ttl: int) -> None:
+        """Awaited by the DNS proxy (on its own loop) before the answer is relayed.
+
+        The cache (recorded just before) has already updated the engine; this
+        pushes the ipcache and policy changes into the kernel."""
+        await asyncio.to_thread(self.push)
+
+    def push(self) -> None:
+        """Datapath update + snapshot when the cache changed (any thread)."""
+        with self._push_lock:
+            changed, self._dirty = self._dirty, False
+            if changed:
+                try:
+                    errors = self.agent._regenerate_sync()
+                    if errors:
+                        LOG.error("toFQDNs update failed for endpoints %s", errors)
+                except Exception:
+                    LOG.exception("pushing toFQDNs changes to the datapath failed")
+            if changed or time.monotonic() - self._last_write > SNAPSHOT_REFRESH:
+                self.save()
+
+    def save(self, force: bool = False) -> None:
+        """Atomic snapshot of the cache into the state dir."""
+        if self.cache is None:
+            return
+        try:
+            write_json_atomic(self.path, self.cache.snapshot())
+            self._last_write = time.monotonic()
+        except OSError as e:
+            LOG.warning("cannot save the FQDN cache to %s: %s", self.path, e)
+
+    def expire_now(self) -> frozenset[str]:
+        """Drop due entries and push the revocation (any thread)."""
+        if self.cache is None:
+            return frozenset()
+        changed: frozenset[str] = self.cache.expire()
+        if changed:
+            LOG.info("DNS names expired: %s", ", ".join(sorted(changed)))
+            self.push()
+        return changed
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.expire_now)
+            except Exception:
+                LOG.exception("FQDN cache expiry failed")
+            nxt = self.cache.next_expiry()
+            delay = 5.0 if nxt is None else nxt - time.time()
+            await asyncio.sleep(min(max(delay, 0.1), 5.0))
+
+    def policy_changed(self) -> None:
+        """New or removed toFQDNs selectors: give them the cache's IPs, then push."""
+        if self.sync is None:
+            return
+        self.sync.resync()
+        self._dirty = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: self.agent._tasks.append(asyncio.ensure_future(self._push_locked())))
+
+    async def _push_locked(self) -> None:
+        async with self.agent.lock:
+            await asyncio.to_thread(self.push)
+
+    def view(self) -> list[dict[str, Any]]:
+        """The learned names (for status/debugging)."""
+        if self.cache is None:
+            return []
+        return [{"name": e.name, "ip": e.ip, "expires": e.expires} for e in self.cache.entries()]
+
+
+class _PolicyHook:
+    """pluggy plugin: resync toFQDNs selectors after every policy change."""
+
+    def __init__(self, mgr: FQDNManager) -> None:
+        self.mgr = mgr
+
+    @hookimpl
+    def axoneme_policy_changed(self, revision: int, added: list[Any], removed: list[Any]) -> None:
+        self.mgr.policy_changed()
+
+
+__all__ = ["FQDNManager", "FQDN_STATE_FILE", "REJECT_RCODES"]
