@@ -4,10 +4,6 @@
 
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
-#include <uapi/linux/tcp.h>
-#include <uapi/linux/udp.h>
-#include <uapi/linux/icmp.h>
-#include <uapi/linux/icmpv6.h>
 #include "lib/common.h"
 
 /* Connection tuple as seen on the wire (forward orientation of this packet).
