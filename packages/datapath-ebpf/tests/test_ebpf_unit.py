@@ -113,3 +113,110 @@ def test_policy_key_bytes_equal_struct(key: Key) -> None:
     from axoneme.datapath.ebpf._datapath import policy_key_bytes
 
     assert policy_key_bytes(77, key) == bytes(policy_key(77, key))
+
+
+class FakeKernel:
+    """The policy map as a dict (raw key bytes -> raw value bytes), recording writes."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.policy: dict[bytes, bytes] = {}
+        self.log: list[tuple[str, bytes]] = []
+        self.fail_after = fail_after
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import errno
+
+        from axoneme.datapath.ebpf import _bpf
+
+        def update_batch(fd, keys, values):  # type: ignore[no-untyped-def]
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+                if self.fail_after is not None and len(self.log) >= self.fail_after:
+                    err = OSError(errno.ENOSPC, "full")
+                    err.written = i  # type: ignore[attr-defined]
+                    raise err
+                self.policy[k] = v
+                self.log.append(("update", k))
+            return len(keys)
+
+        def delete_batch(fd, keys):  # type: ignore[no-untyped-def]
+            for k in keys:
+                self.policy.pop(k, None)
+                self.log.append(("delete", k))
+
+        def lookup(fd, key, value):  # type: ignore[no-untyped-def]
+            raw = key if isinstance(key, bytes) else bytes(key)
+            if fd == 1 and raw in self.policy:
+                ct.memmove(ct.addressof(value), self.policy[raw], ct.sizeof(value))
+                return True
+            return False
+
+        def update(fd, key, value, flags=0):  # type: ignore[no-untyped-def]
+            if fd == 1:
+                self.policy[key if isinstance(key, bytes) else bytes(key)] = bytes(value)
+
+        def delete(fd, key):  # type: ignore[no-untyped-def]
+            if fd == 1:
+                return self.policy.pop(key if isinstance(key, bytes) else bytes(key), None) is not None
+            return False
+
+        monkeypatch.setattr(_bpf, "map_update_batch", update_batch)
+        monkeypatch.setattr(_bpf, "map_delete_batch", delete_batch)
+        monkeypatch.setattr(_bpf, "map_lookup", lookup)
+        monkeypatch.setattr(_bpf, "map_update", update)
+        monkeypatch.setattr(_bpf, "map_delete", delete)
+        monkeypatch.setattr(_bpf, "map_items_batch", lambda fd, k, v: iter(list(self.policy.items())))
+
+
+def fake_dp(monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel):  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    kernel.install(monkeypatch)
+    dp = EbpfDatapath()
+    dp._bpf = object()  # "started": map access goes to the fake
+    dp._fds = {"ax_policy": 1, "ax_rev": 2}
+    return dp
+
+
+def test_apply_write_order_never_widens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """new denies, deletions of allows, updates, new allows, deletions of denies."""
+    from axoneme.core.endpoint import Endpoint
+    from axoneme.core.labels import Labels
+    from axoneme.core.mapstate import ALLOW, DENY, MapChanges, MapState
+    from axoneme.datapath.ebpf._datapath import policy_key_bytes
+
+    kernel = FakeKernel()
+    dp = fake_dp(monkeypatch, kernel)
+    ep = Endpoint(id=1, identity=100, labels=Labels())
+    k = {n: Key(n, Direction.INGRESS, Protocol.TCP, 80, 16) for n in range(1, 8)}
+    dp.apply(ep, MapChanges(adds={k[1]: ALLOW, k[2]: DENY, k[3]: ALLOW, k[4]: Entry(proxy_port=1)}))
+    kernel.log.clear()
+    dp.apply(ep, MapChanges(
+        adds={k[5]: DENY, k[6]: ALLOW, k[3]: DENY, k[4]: Entry(proxy_port=2)},
+        deletes=frozenset({k[1], k[2]})))
+    order = [(op, next(n for n, key in k.items() if policy_key_bytes(1, key) == raw))
+             for op, raw in kernel.log]
+    pos = {item: i for i, item in enumerate(order)}
+    new_denies = [pos[("update", 5)], pos[("update", 3)]]
+    assert max(new_denies) < pos[("delete", 1)] < pos[("update", 4)] < pos[("update", 6)] < pos[("delete", 2)]
+    assert dp.dump(ep) == MapState({k[3]: DENY, k[4]: Entry(proxy_port=2), k[5]: DENY, k[6]: ALLOW})
+
+
+def test_apply_rolls_back_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from axoneme.core.endpoint import Endpoint
+    from axoneme.core.errors import MapFullError
+    from axoneme.core.labels import Labels
+    from axoneme.core.mapstate import ALLOW, DENY, MapChanges, MapState
+
+    kernel = FakeKernel()
+    dp = fake_dp(monkeypatch, kernel)
+    ep = Endpoint(id=1, identity=100, labels=Labels())
+    k = {n: Key(n, Direction.EGRESS, Protocol.UDP, 53, 16) for n in range(1, 8)}
+    before = MapState({k[1]: ALLOW, k[2]: DENY})
+    dp.apply(ep, MapChanges(adds=dict(before)))
+    kernel.log.clear()
+    kernel.fail_after = 3  # the 4th write fails
+    with pytest.raises(MapFullError):
+        dp.apply(ep, MapChanges(adds={k[3]: DENY, k[4]: ALLOW, k[5]: ALLOW, k[2]: ALLOW},
+                                deletes=frozenset({k[1]})))
+    assert dp.dump(ep) == before
+    assert dp._map_full_errors == 1
