@@ -1,0 +1,270 @@
+"""e2e: DNS-aware egress policy (toFQDNs + rules.dns) on the kernel datapaths.
+
+An "outside world" netns holds a dnslib DNS server and an HTTP server on a
+few 198.51.100.x addresses (host routes /32 through a veth of our own, so
+another test's world on 198.51.100.0/24 does not interfere); pods resolve
+through it (the agent's ``dns_server``). The agent's DNS proxy learns the
+answers, the engine turns them into CIDR identities, and the datapath allows
+exactly the resolved names.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
+
+HOST_IP = "198.51.100.149"  # the node's side of the world link
+DNS_IP = "198.51.100.153"
+ZONE = {  # name -> (ip, ttl)
+    "api.twitter.com": ("198.51.100.150", 300),
+    "kubernetes.io": ("198.51.100.151", 300),
+    "sub.example.com": ("198.51.100.152", 300),
+    "example.com": ("198.51.100.154", 300),
+    "short.example.org": ("198.51.100.155", 2),
+}
+WORLD_IPS = [DNS_IP, *(ip for ip, _ in ZONE.values())]
+PYTHON = sys.executable
+
+DNS_SERVER = textwrap.dedent("""
+    import sys, time
+    from dnslib import RR, A, QTYPE, RCODE
+    from dnslib.server import BaseResolver, DNSServer
+    ZONE = {zone!r}
+    class R(BaseResolver):
+        def resolve(self, request, handler):
+            reply = request.reply()
+            name = str(request.q.qname).rstrip(".").lower()
+            if name not in ZONE:
+                reply.header.rcode = RCODE.NXDOMAIN
+            elif request.q.qtype == QTYPE.A:
+                ip, ttl = ZONE[name]
+                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=ttl, rdata=A(ip)))
+            return reply
+    servers = [DNSServer(R(), address=sys.argv[1], port=53, tcp=t) for t in (False, True)]
+    for s in servers:
+        s.start_thread()
+    print("READY", flush=True)
+    while True:
+        time.sleep(3600)
+""")
+
+RESOLVE = textwrap.dedent("""
+    import sys
+    from dnslib import DNSRecord, RCODE
+    r = DNSRecord.parse(DNSRecord.question(sys.argv[1]).send(sys.argv[2], 53, timeout=3))
+    print(RCODE[r.header.rcode], " ".join(str(a.rdata) for a in r.rr))
+""")
+
+DATAPATHS = [("ebpf", ""), ("iptables", "plain"), ("iptables", "ipset")]
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value
+
+
+def datapath_unavailable(name: str, mode: str) -> str | None:
+    """None if the datapath can run here, else why not."""
+    import tempfile
+
+    from axoneme.core.datapath import DatapathConfig
+    from axoneme.core.errors import AxonemeError
+    from axoneme.core.plugins import load_driver
+
+    if mode == "ipset" and shutil.which("ipset") is None:
+        return "iptables ipset mode needs the ipset tool"
+    try:
+        dp = load_driver("axoneme.datapath", name,
+                         DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode))
+        dp.probe()
+    except AxonemeError as e:
+        return f"datapath {name} unavailable: {e}"
+    except Exception as e:
+        return f"datapath {name} failed to load: {e!r}"
+    return None
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {res.returncode}: {res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The outside world: DNS at DNS_IP, HTTP :80 on every zone address.
+
+    ``guard`` (session) is installed first: pods never reach the uplink."""
+    lock = open("/tmp/axoneme-fqdn-world.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the world's addresses are fixed: one at a time
+    sfx = secrets.token_hex(3)
+    ns, host_if, peer_if = f"fqw-{sfx}", f"fqw{sfx}h", f"fqw{sfx}p"
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = tmp_path_factory.mktemp("fqdn-world")
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        sh("ip", "link", "set", peer_if, "netns", ns)
+        sh("ip", "addr", "add", f"{HOST_IP}/32", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        for ip in WORLD_IPS:
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/32", "dev", peer_if)
+        sh("ip", "-n", ns, "link", "set", peer_if, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", f"{HOST_IP}/32", "dev", peer_if)
+        sh("ip", "-n", ns, "route", "add", "default", "via", HOST_IP, "dev", peer_if)
+        for ip in WORLD_IPS:
+            sh("ip", "route", "add", f"{ip}/32", "dev", host_if, "src", HOST_IP)
+        for ip in WORLD_IPS:  # every probe below goes to our netns, nowhere else
+            route = sh("ip", "route", "get", ip).stdout
+            assert f"dev {host_if}" in route, f"{ip} is not routed to the test world: {route}"
+        script = tmp / "dns_server.py"
+        script.write_text(DNS_SERVER.format(zone={k: v for k, v in ZONE.items()}))
+        www = tmp / "www"
+        www.mkdir()
+        (www / "index.html").write_text("hello from the world\n")
+        dns = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, str(script), DNS_IP],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        procs.append(dns)
+        assert dns.stdout is not None and dns.stdout.readline().strip() == b"READY"
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", ns, PYTHON, "-m", "http.server", "80", "--bind", "0.0.0.0",
+             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield {"netns": ns, "host_if": host_if}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for ip in WORLD_IPS:
+            sh("ip", "route", "del", f"{ip}/32", "dev", host_if, check=False)
+        sh("ip", "link", "del", host_if, check=False)
+        sh("ip", "netns", "del", ns, check=False)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+@pytest.fixture(params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
+def fqdn_agent(request: pytest.FixtureRequest, agent_factory: Any, world: dict[str, str],
+               tmp_path: Path) -> Any:
+    name, mode = request.param
+    reason = datapath_unavailable(name, mode)
+    if reason is not None:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(f"dns_server: {DNS_IP}\n")
+    extra = ["--config", str(conf), "--tofqdns-min-ttl", "0"]
+    if mode:
+        extra += ["--iptables-mode", mode]
+    return agent_factory(name, extra_args=extra)
+
+
+def policy(dns_rules: list[dict[str, str]]) -> str:
+    doc = {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "fqdn-egress", "namespace": "default"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"org": "empire", "class": "test-pod"}},
+            "egress": [
+                {"toCIDR": [f"{DNS_IP}/32"],
+                 "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"},
+                                        {"port": "53", "protocol": "TCP"}],
+                              "rules": {"dns": dns_rules}}]},
+                {"toFQDNs": [{"matchName": "api.twitter.com"},
+                             {"matchPattern": "*.example.com"},
+                             {"matchName": "short.example.org"}],
+                 "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]},
+            ],
+        },
+    }
+    return json.dumps(doc)
+
+
+def curl(agent: Any, url: str, timeout: int = 3) -> subprocess.CompletedProcess[str]:
+    return agent.pod_exec("client", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                          "-m", str(timeout), url)
+
+
+def resolve(agent: Any, name: str) -> str:
+    res = agent.pod_exec("client", PYTHON, "-c", RESOLVE, name, DNS_IP)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def apply(agent: Any, tmp_path: Path, dns_rules: list[dict[str, str]]) -> None:
+    f = tmp_path / "policy.json"
+    f.write_text(policy(dns_rules))
+    agent.cli("policy", "apply", "-f", str(f), check=True)
+
+
+def test_fqdn_egress(fqdn_agent: Any, tmp_path: Path) -> None:
+    agent = fqdn_agent
+    plugins = json.loads(agent.cli("plugins", "-o", "json", check=True).stdout)
+    if "dns" not in plugins.get("l7", {}):
+        pytest.skip("the dns L7 parser is not installed")
+    apply(agent, tmp_path, [{"matchPattern": "*"}])
+    agent.pod_run("client", "sleep", "infinity", labels="org=empire,class=test-pod")
+    twitter_ip = ZONE["api.twitter.com"][0]
+
+    # never resolved through the proxy: the IP is not allowed
+    before = curl(agent, f"http://{twitter_ip}/")
+    assert before.returncode in (7, 28), f"reached {twitter_ip} before resolving it: {before}"
+
+    ok = curl(agent, "http://api.twitter.com/")
+    assert ok.returncode == 0 and ok.stdout == "200", (ok, agent.log())
+    assert curl(agent, f"http://{twitter_ip}/").returncode == 0  # learned IP
+    denied = curl(agent, "http://kubernetes.io/")
+    assert denied.returncode in (7, 28), f"kubernetes.io reachable: {denied}"
+
+    # wildcard: one label under example.com, not example.com itself
+    assert curl(agent, "http://sub.example.com/").stdout == "200"
+    apex = curl(agent, "http://example.com/")
+    assert apex.returncode in (7, 28), f"example.com matched *.example.com: {apex}"
+
+    # TTL expiry (2 s upstream TTL, min TTL 0) revokes the IP
+    short_ip = ZONE["short.example.org"][0]
+    assert curl(agent, "http://short.example.org/").stdout == "200"
+    revoked = wait_for(lambda: curl(agent, f"http://{short_ip}/", timeout=1).returncode != 0,
+                       timeout=20, interval=0.5)
+    assert revoked, "short.example.org's IP still allowed after its TTL"
+
+    # DNS flows reach the flow store
+    flows = [json.loads(line) for line in agent.cli(
+        "observe", "--protocol", "dns", "-o", "json", check=True).stdout.splitlines() if line]
+    queries = {f.get("l7", {}).get("dns", {}).get("query", "") for f in flows}
+    assert any(q.startswith("api.twitter.com") for q in queries), flows[-5:]
+
+    # learned names survive an agent restart (persisted cache)
+    agent.restart()
+    assert wait_for(lambda: curl(agent, f"http://{twitter_ip}/").returncode == 0, timeout=10), \
+        f"api.twitter.com's IP forgotten across a restart\n{agent.log()}"
+
+    # rules.dns restricts which names may be asked: others get REFUSED
+    apply(agent, tmp_path, [{"matchName": "api.twitter.com"}])
+    assert wait_for(lambda: resolve(agent, "kubernetes.io").startswith("REFUSED"), timeout=10), \
+        resolve(agent, "kubernetes.io")
+    allowed = resolve(agent, "api.twitter.com")
+    assert allowed.startswith("NOERROR") and twitter_ip in allowed
+    flows = [json.loads(line) for line in agent.cli(
+        "observe", "--protocol", "dns", "--verdict", "DROPPED", "-o", "json",
+        check=True).stdout.splitlines() if line]
+    assert any(f.get("l7", {}).get("dns", {}).get("query", "").startswith("kubernetes.io")
+               for f in flows), flows[-5:]
