@@ -82,7 +82,10 @@ def check_flows(topo: Topology, t0: float, results: dict[Probe, bool]) -> None:
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert not missing, "\n".join(missing[:20]) + f"\n({len(missing)} in all)"
+    total = topo.agent.ax("observe", "--last", "4095", "-o", "json").stdout.count("\n")
+    sample = "\n".join(json.dumps(f)[:300] for f in flows[-3:])
+    assert not missing, ("\n".join(missing[:20]) + f"\n({len(missing)} in all; {len(flows)} flows since "
+                         f"the probes, {total} in the store; last ones:\n{sample})")
 
 
 def run_case(topo: Topology, tmp: Path, name: str, docs: list[dict], expect: Expect,

@@ -33,9 +33,9 @@ DATAPATHS = [("ebpf", ""), ("iptables", "plain"), ("iptables", "ipset")]
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
 PORTS = (80, 81)
-WORLD_NET = "198.51.100.0/24"
+WORLD_NET = "198.51.100.0/28"  # inside 198.51.100.0/24, the test network
 WORLD_HOST_IP = "198.51.100.1"  # the node's address on the world link
-WORLD_IPS = ("198.51.100.10", "198.51.100.20", "198.51.100.30")
+WORLD_IPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12")
 
 
 def root_or_skip() -> None:
@@ -163,16 +163,18 @@ class Agent:
 
 
 def realized(endpoint_json: object) -> bool:
-    """`endpoint get -o json` holds the resolved MapState and the datapath dump."""
+    """`endpoint get -o json` holds the resolved MapState ("policy") and the
+    datapath's dump() ("datapath"): realized when they are equal."""
     assert isinstance(endpoint_json, dict), endpoint_json
-    want = endpoint_json.get("policy", {}).get("mapstate")
-    got = endpoint_json.get("datapath", {}).get("dump")
-    assert want is not None and got is not None, f"endpoint get lacks policy.mapstate/datapath.dump: {endpoint_json}"
-    return sorted(map(json.dumps, want)) == sorted(map(json.dumps, got))
+    want, got = endpoint_json.get("policy"), endpoint_json.get("datapath")
+    assert want is not None, f"endpoint get lacks the resolved policy: {endpoint_json}"
+    if got is None:
+        return False
 
+    def view(entries: list[dict]) -> set[tuple[str, str]]:
+        return {(e["key"], e["entry"]) for e in entries}
+    return view(want) == view(got)
 
-
-# --- the topology ------------------------------------------------------------------
 
 @dataclass
 class Topology:

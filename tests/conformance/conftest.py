@@ -38,7 +38,7 @@ from _harness import (  # noqa: E402
 def guard() -> Iterator[None]:
     """Drop forwarded pod traffic leaving through the uplink, before any probe."""
     root_or_skip()
-    chain = f"AXON-CGUARD-{uuid.uuid4().hex[:4]}"
+    chain = f"AXTEST-GUARD-{uuid.uuid4().hex[:4]}"  # not AXON-: datapath cleanup owns that prefix
     up = uplink()
     sh("iptables", "-N", chain)
     try:
@@ -54,18 +54,18 @@ def guard() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def world(guard: None) -> Iterator[dict[str, str]]:
-    """A netns holding 198.51.100.{10,20,30} running the pod server, routed via the node."""
+    """A netns holding 198.51.100.{10,11,12} (a /28 of the test network) running the pod server, routed via the node."""
     sfx = uuid.uuid4().hex[:5]
-    ns, host_if, peer_if = f"axon-world-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
+    ns, host_if, peer_if = f"axtw-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
     proc = None
     try:
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         sh("ip", "link", "set", peer_if, "netns", ns)
-        sh("ip", "addr", "add", f"{WORLD_HOST_IP}/24", "dev", host_if)
+        sh("ip", "addr", "add", f"{WORLD_HOST_IP}/28", "dev", host_if)
         sh("ip", "link", "set", host_if, "up")
         for ip in WORLD_IPS:
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", peer_if)
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/28", "dev", peer_if)
         sh("ip", "-n", ns, "link", "set", peer_if, "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", WORLD_HOST_IP)

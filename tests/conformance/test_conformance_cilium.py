@@ -84,15 +84,15 @@ def test_to_entities_world(clean, tmp_path):
 
 def test_to_cidr_set_with_except(clean, tmp_path):
     docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDRSet": [
-        {"cidr": "198.51.100.0/24", "except": ["198.51.100.20/32"]}]}]})]
+        {"cidr": "198.51.100.0/24", "except": ["198.51.100.11/32"]}]}]})]
     run_case(clean, tmp_path, "cidr-except", docs,
-             lambda s, d, p, pr: d in WORLD_IPS and d != "198.51.100.20",
+             lambda s, d, p, pr: d in WORLD_IPS and d != "198.51.100.11",
              probes=_world_probes(), engine=False)
 
 
 def test_to_cidr(clean, tmp_path):
-    docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDR": ["198.51.100.30/32"]}]})]
-    run_case(clean, tmp_path, "cidr", docs, lambda s, d, p, pr: d == "198.51.100.30",
+    docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDR": ["198.51.100.12/32"]}]})]
+    run_case(clean, tmp_path, "cidr", docs, lambda s, d, p, pr: d == "198.51.100.12",
              probes=_world_probes(), engine=False)
 
 
