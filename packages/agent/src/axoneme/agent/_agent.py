@@ -388,7 +388,12 @@ class Agent:
         if not self.config.l7_proxies or not parsers:
             return
         try:
-            from axoneme.agent.proxy import ProxyManager, make_policy_for
+            from axoneme.agent.proxy import (
+                ProxyManager,
+                RedirectRules,
+                chain_for_state_dir,
+                make_policy_for,
+            )
             from axoneme.core.mapstate import Protocol
 
             def endpoint_by_ip(ip: str) -> Endpoint | None:
@@ -407,7 +412,9 @@ class Agent:
                     identity_of_ip=self.engine.identity_of_ip, policy_of=policy_of,
                     protocol=Protocol.UDP if parser == "dns" else Protocol.TCP)
                 for parser in parsers}
-            self.proxies = ProxyManager(policy_for, self.flows.add)
+            # one redirect chain per agent: agents sharing a host never flush each other's
+            rules = RedirectRules(chain=chain_for_state_dir(self.config.state_dir))
+            self.proxies = ProxyManager(policy_for, self.flows.add, rules=rules)
         except Exception as e:
             LOG.warning("L7 proxies disabled: %s", e)
             self.proxies = None

@@ -131,9 +131,9 @@ def cleanup(state_dir: str) -> int:
             code = code or EXIT_RUNTIME
     if data.get("l7_proxies"):
         try:
-            from axoneme.agent.proxy import RedirectRules
+            from axoneme.agent.proxy import RedirectRules, chain_for_state_dir
 
-            RedirectRules().cleanup()
+            RedirectRules(chain=chain_for_state_dir(state_dir)).cleanup()
         except Exception as e:
             sys.stderr.write(f"warning: L7 redirect rules cleanup failed: {e}\n")
     try:

@@ -25,9 +25,10 @@ called (hand flows to the agent loop with ``loop.call_soon_threadsafe``).
 
 from ._manager import PORT_RANGE, ProxyError, ProxyInfo, ProxyManager
 from ._policy import flow_endpoint, make_policy_for
-from ._rules import CHAIN, ProxyRulesError, RedirectRules
+from ._rules import CHAIN, ProxyRulesError, RedirectRules, chain_for_state_dir
 from ._sockets import make_listener, transparent_connector, transparent_udp_connector
 
 __all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE", "RedirectRules",
-           "ProxyRulesError", "CHAIN", "make_listener", "transparent_connector",
-           "transparent_udp_connector", "make_policy_for", "flow_endpoint"]
+           "ProxyRulesError", "CHAIN", "chain_for_state_dir", "make_listener",
+           "transparent_connector", "transparent_udp_connector", "make_policy_for",
+           "flow_endpoint"]

@@ -15,13 +15,24 @@
    such packets locally.
 The jump is appended to PREROUTING: a datapath marking in mangle/PREROUTING
 must insert its rules before it (tc-based datapaths mark before netfilter).
+
+Several agents on one host (tests, one per state dir) each own a chain
+(``chain_for_state_dir``): an agent's start flushes and its cleanup removes
+only its own chain; the shared socket rule target, ip rule and local route go
+with the last AXON-PROXY* chain (under a host-wide lock), so one agent never
+drops another agent's redirects (which would forward marked traffic unproxied).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
+import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 from axoneme.core.errors import AxonemeError
 from axoneme.core.marks import (
@@ -36,6 +47,31 @@ LOG = logging.getLogger(__name__)
 
 CHAIN = "AXON-PROXY"
 RULE_PREF = 9
+DEFAULT_STATE_DIR = "/var/lib/axoneme"
+LOCK_PATH = "/run/axoneme-proxy-rules.lock"
+
+
+def chain_for_state_dir(state_dir: str) -> str:
+    """The redirect chain of the agent using ``state_dir`` (CHAIN for the default one)."""
+    if not state_dir or os.path.abspath(state_dir) == DEFAULT_STATE_DIR:
+        return CHAIN
+    digest = hashlib.sha1(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+    return f"{CHAIN}-{digest}"
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """Serialize base-rule changes of all agents on the host (best effort without /run)."""
+    try:
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class ProxyRulesError(AxonemeError):
@@ -85,6 +121,10 @@ class RedirectRules:
         The chain is flushed first: per-port rules left by a previous agent
         run are dropped, the current ports are re-added.
         """
+        with _host_lock():
+            self._install_base()
+
+    def _install_base(self) -> None:
         if not self._ipt_ok("-S", self.chain):
             _run([*self._ipt, "-N", self.chain])
         else:
@@ -117,12 +157,28 @@ class RedirectRules:
                 _run([*self._ipt, "-D", self.chain, *rule], check=False)
 
     def cleanup(self) -> None:
-        """Remove everything (idempotent; also clears leftovers of a crashed agent)."""
+        """Remove our chain, and the shared ip rule and route when no other agent's
+        chain is left (idempotent; also clears leftovers of a crashed agent)."""
+        with _host_lock():
+            self._cleanup()
+
+    def _other_chains(self) -> list[str]:
+        """Chains of other agents sharing our ip rule and route (AXON-PROXY*)."""
+        if not self.chain.startswith(CHAIN):  # a private chain/table (tests): nobody shares
+            return []
+        out = _run([*self._ipt, "-S"], check=False).stdout
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith(f"-N {CHAIN}") and line.split()[1] != self.chain]
+
+    def _cleanup(self) -> None:
         while self._ipt_ok("-C", "PREROUTING", "-j", self.chain):
             _run([*self._ipt, "-D", "PREROUTING", "-j", self.chain], check=False)
         if self._ipt_ok("-S", self.chain):
             _run([*self._ipt, "-F", self.chain], check=False)
             _run([*self._ipt, "-X", self.chain], check=False)
+        self.ports.clear()
+        if self._other_chains():  # another agent still redirects: keep the shared routing
+            return
         mark = f"{TPROXY_MARK:#x}/{TPROXY_MASK:#x}"
         for _ in range(8):
             rules = _run(["ip", "-4", "rule", "list", "pref", str(self.pref)], check=False).stdout
@@ -137,4 +193,4 @@ class RedirectRules:
         return _run([*self._ipt, "-S", self.chain], check=False).stdout.splitlines()
 
 
-__all__ = ["RedirectRules", "ProxyRulesError", "CHAIN", "RULE_PREF"]
+__all__ = ["RedirectRules", "ProxyRulesError", "CHAIN", "RULE_PREF", "chain_for_state_dir"]
