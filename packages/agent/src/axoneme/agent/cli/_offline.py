@@ -48,6 +48,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
     t.add_argument("--kafka-api-key", default=None)
     t.add_argument("--kafka-api-version", default=None)
     t.add_argument("--kafka-client-id", default=None)
+    t.add_argument("--dns-answer", dest="dns_answers", action="append", default=[],
+                   metavar="NAME=IP[,IP...]",
+                   help="a DNS answer the node has seen, for toFQDNs rules (repeatable)")
     add_output_flag(t)
     t.set_defaults(handler=run_trace)
 
@@ -85,7 +88,10 @@ def run_trace(args: argparse.Namespace) -> int:
         protocol = Protocol.ICMPV6 if args.icmp_family.lower() == "ipv6" else Protocol.ICMP
     else:
         spec = parse_port(args.port)
+    answers = parse_dns_answers(args.dns_answers)
     env = _load(args)
+    if answers:
+        env.learn_dns(answers)  # before the peers: an IP's identity depends on it
     src = resolve_peer(env, args.src, "--from")
     dst = resolve_peer(env, args.dst, "--to")
     if spec is not None:
@@ -101,6 +107,27 @@ def run_trace(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(_render_trace(result))
     return EXIT_OK
+
+
+def parse_dns_answers(items: list[str]) -> dict[str, set[str]]:
+    """``name=IP[,IP...]`` items -> name -> IPs (TraceInputError naming a bad one)."""
+    import ipaddress
+
+    out: dict[str, set[str]] = {}
+    for item in items:
+        name, sep, ips = item.partition("=")
+        name = name.strip().lower().rstrip(".")
+        if not sep or not name or not ips.strip():
+            raise TraceInputError(f"invalid DNS answer {item!r}: expected NAME=IP[,IP...] "
+                                  f"(--dns-answer)")
+        for ip in ips.split(","):
+            try:
+                addr = ipaddress.ip_address(ip.strip())
+            except ValueError:
+                raise TraceInputError(f"invalid IP {ip.strip()!r} in DNS answer {item!r} "
+                                      f"(--dns-answer)") from None
+            out.setdefault(name, set()).add(str(addr))
+    return out
 
 
 def _render_side(title: str, side: SideResult) -> list[str]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -71,6 +72,41 @@ class OfflineCluster:
 
     def pod(self, key: str) -> Pod:
         return self.cluster.pods[key]
+
+    def learn_dns(self, answers: Mapping[str, Iterable[str]]) -> None:
+        """Feed DNS answers (name -> IPs) to the toFQDNs selectors, as the
+        agent's DNS proxy would: each selector matching a name stands for the
+        union of those names' IPs (``/32`` CIDR identities)."""
+        names = {n.lower().rstrip("."): frozenset(ips) for n, ips in answers.items()}
+        for peer in self.engine.fqdn_selectors():
+            ips: set[str] = set()
+            for name, addrs in names.items():
+                if fqdn_matches(peer, name):
+                    ips |= addrs
+            self.engine.update_fqdn(peer, sorted(ips))
+
+
+def fqdn_matches(peer: Any, name: str) -> bool:
+    """Cilium toFQDNs matching of ``name`` (lower-case, no trailing dot):
+    ``matchName`` exact; ``matchPattern`` ``*`` alone matches everything, else
+    ``*`` stands for ``[-a-z0-9_]*`` inside one label and a leading ``**.``
+    for one or more labels. The DNS plugin's matcher is used when installed."""
+    try:
+        from axoneme.l7.dns import rule_matches
+    except ImportError:
+        pass
+    else:
+        return bool(rule_matches(peer, name))
+    if peer.match_name is not None:
+        return peer.match_name.lower().rstrip(".") == name
+    pattern = (peer.match_pattern or "").lower().rstrip(".")
+    if pattern == "*":
+        return True
+    prefix = ""
+    if pattern.startswith("**."):
+        prefix, pattern = r"(?:[-a-z0-9_]+\.)+", pattern[3:]
+    regex = prefix + r"[-a-z0-9_]*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, name) is not None
 
 
 # -- peers -----------------------------------------------------------------------------
@@ -370,4 +406,4 @@ def identity_name(env: OfflineCluster, identity: int) -> str:
 
 
 __all__ = ["OfflineCluster", "Peer", "PortSpec", "Probe", "SideResult", "L7Result", "TraceResult",
-           "TraceInputError", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]
+           "TraceInputError", "fqdn_matches", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]

@@ -1,0 +1,139 @@
+"""toFQDNs in the agent (FQDNManager, no kernel) and `policy trace --dns-answer`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from axoneme.agent._fqdn import FQDN_STATE_FILE, FQDNManager
+from axoneme.agent.cli import main
+from axoneme.core.errors import ConfigError
+from axoneme.core.identity import IdentityAllocator
+from axoneme.core.plugins import GROUP_L7, installed, make_plugin_manager
+from axoneme.core.policy.api import FQDNPeer
+from axoneme.core.policy.engine import PolicyEngine
+
+ROOT = Path(__file__).resolve().parents[3]
+DEMO = ROOT / "examples" / "demo"
+
+pytestmark = pytest.mark.skipif("dns" not in installed(GROUP_L7),
+                                reason="the dns L7 parser is not installed")
+
+POLICY = {
+    "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "to-twitter", "namespace": "default"},
+    "spec": {"endpointSelector": {"matchLabels": {"id": "app2"}},
+             "egress": [{"toFQDNs": [{"matchName": "api.twitter.com"},
+                                     {"matchPattern": "*.example.com"}],
+                         "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]},
+}
+
+
+class FakeAgent:
+    """What FQDNManager uses of the agent: config, engine, pm, lock, tasks, regenerate."""
+
+    def __init__(self, state_dir: Path, **conf: Any) -> None:
+        self.config = types.SimpleNamespace(state_dir=str(state_dir), **conf)
+        self.engine = PolicyEngine(IdentityAllocator())
+        self.pm = make_plugin_manager()
+        self.lock = asyncio.Lock()
+        self._tasks: list[Any] = []
+        self.pushes: list[Any] = []
+
+    def _regenerate_sync(self) -> dict[int, str]:
+        self.pushes.append(self.engine.pending_ipcache_changes())
+        return {}
+
+
+def apply_policy(agent: FakeAgent) -> None:
+    from axoneme.core.policy.parse import parse_policy_obj
+
+    agent.engine.upsert_policy(parse_policy_obj(POLICY, "<test>", 0))
+
+
+def test_answer_pushes_cidr_identity_and_survives_restart(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path)
+    apply_policy(agent)
+    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    assert mgr.start()
+    assert mgr.proxy_kwargs("http") == {}
+    kw = mgr.proxy_kwargs("dns")
+    assert kw["cache"] is mgr.cache and kw["dns_config"].reject_rcode == "REFUSED"
+    mgr.cache.record("api.twitter.com", ["198.51.100.10"], 60)
+    asyncio.run(kw["on_answer"]("api.twitter.com.", frozenset({"198.51.100.10"}), 60))
+    assert agent.pushes and "198.51.100.10/32" in {str(k) for k in agent.pushes[-1].upserts}
+    assert agent.engine.identity_of_ip("198.51.100.10") != agent.engine.identity_of_ip(
+        "198.51.100.99")
+    saved = json.loads((tmp_path / FQDN_STATE_FILE).read_text())
+    assert any(e["ip"] == "198.51.100.10" for e in saved["entries"])
+
+    # a new agent (restart) restores the name before any DNS traffic
+    agent2 = FakeAgent(tmp_path)
+    apply_policy(agent2)
+    mgr2 = FQDNManager(agent2)  # type: ignore[arg-type]
+    mgr2.start()
+    peer = FQDNPeer(match_name="api.twitter.com")
+    assert mgr2.cache.lookup(peer) == {"198.51.100.10"}
+    assert agent2.engine.identity_of_ip("198.51.100.10") != agent2.engine.identity_of_ip(
+        "198.51.100.99")
+
+
+def test_expiry_revokes(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path)
+    apply_policy(agent)
+    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    mgr.start()
+    mgr.cache.record("sub.example.com", ["198.51.100.12"], 60)
+    mgr.push()
+    learned = agent.engine.identity_of_ip("198.51.100.12")
+    assert mgr.cache.expire(now=1e12)  # far future: everything is due
+    mgr._dirty = True
+    mgr.push()
+    assert agent.engine.identity_of_ip("198.51.100.12") != learned
+    assert mgr.view() == []
+
+
+def test_config_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        FQDNManager(FakeAgent(tmp_path, dns_reject_rcode="SERVFAIL"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        FQDNManager(FakeAgent(tmp_path, tofqdns_min_ttl=-1))  # type: ignore[arg-type]
+    mgr = FQDNManager(FakeAgent(tmp_path, dns_reject_rcode="nxdomain",  # type: ignore[arg-type]
+                                tofqdns_min_ttl=30))
+    mgr.start()
+    assert mgr.cache.min_ttl == 30
+    assert mgr.proxy_kwargs("dns")["dns_config"].reject_rcode == "NXDOMAIN"
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_trace_dns_answer(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pol = tmp_path / "fqdn.json"
+    pol.write_text(json.dumps(POLICY))
+    base = ("policy", "trace", "--cluster", str(DEMO / "cluster.yaml"), "-f", str(pol),
+            "--from", "default/app2", "--port", "80", "-o", "json")
+    code, out, _ = run(capsys, *base, "--to", "198.51.100.10")
+    assert code == 0 and json.loads(out)["verdict"] == "denied"  # never resolved
+    code, out, _ = run(capsys, *base, "--to", "198.51.100.10",
+                       "--dns-answer", "api.twitter.com=198.51.100.10")
+    assert code == 0 and json.loads(out)["verdict"] == "allowed"
+    # wildcard: one label under example.com only
+    code, out, _ = run(capsys, *base, "--to", "198.51.100.12",
+                       "--dns-answer", "sub.example.com=198.51.100.12,198.51.100.13")
+    assert json.loads(out)["verdict"] == "allowed"
+    code, out, _ = run(capsys, *base, "--to", "198.51.100.14",
+                       "--dns-answer", "example.com=198.51.100.14")
+    assert json.loads(out)["verdict"] == "denied"
+    code, _, err = run(capsys, *base, "--to", "198.51.100.10", "--dns-answer", "api.twitter.com")
+    assert code == 2 and "--dns-answer" in err
+    code, _, err = run(capsys, *base, "--to", "198.51.100.10", "--dns-answer", "a.io=not-an-ip")
+    assert code == 2 and "not-an-ip" in err
