@@ -260,6 +260,18 @@ def test_fqdn_egress(fqdn_agent: Any, tmp_path: Path) -> None:
     queries = {f.get("l7", {}).get("dns", {}).get("query", "") for f in flows}
     assert any(q.startswith("api.twitter.com") for q in queries), flows[-5:]
 
+    # a policy added later selects a name learned before: allowed without a new query
+    k8s_ip = ZONE["kubernetes.io"][0]
+    extra = tmp_path / "k8s.json"
+    doc = json.loads(policy([]))
+    doc["metadata"]["name"] = "fqdn-k8s"
+    doc["spec"]["egress"] = [{"toFQDNs": [{"matchName": "kubernetes.io"}],
+                              "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]
+    extra.write_text(json.dumps(doc))
+    agent.cli("policy", "apply", "-f", str(extra), check=True)
+    assert wait_for(lambda: curl(agent, f"http://{k8s_ip}/", timeout=1).returncode == 0,
+                    timeout=10), "a learned name was not applied to a new toFQDNs policy"
+
     # rules.dns restricts which names may be asked: others get REFUSED
     apply(agent, tmp_path, [{"matchName": "api.twitter.com"}])
     assert wait_for(lambda: resolve(agent, "kubernetes.io").startswith("REFUSED"), timeout=10), \

@@ -52,6 +52,7 @@ class FQDNManager:
         self._unsubscribe: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
         rcode = str(getattr(agent.config, "dns_reject_rcode", "REFUSED") or "REFUSED").upper()
         if rcode == "NAMEERROR":
             rcode = "NXDOMAIN"
@@ -190,8 +191,12 @@ class FQDNManager:
         self.sync.resync()
         self._dirty = True
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(
-                lambda: self.agent._tasks.append(asyncio.ensure_future(self._push_locked())))
+            self._loop.call_soon_threadsafe(self._spawn_push)
+
+    def _spawn_push(self) -> None:
+        task = asyncio.ensure_future(self._push_locked())
+        self._pending.add(task)  # a reference until done (the loop only keeps weak ones)
+        task.add_done_callback(self._pending.discard)
 
     async def _push_locked(self) -> None:
         async with self.agent.lock:
