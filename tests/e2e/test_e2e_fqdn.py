@@ -288,3 +288,23 @@ def test_fqdn_egress(fqdn_agent: Any, tmp_path: Path) -> None:
     agent.restart()
     assert wait_for(lambda: curl(agent, f"http://{twitter_ip}/").returncode == 0, timeout=10), \
         f"api.twitter.com's IP forgotten across a restart\n{agent.log()}"
+
+
+def test_fqdn_reject_rcode_nxdomain(agent_factory: Any, world: dict[str, str],
+                                    tmp_path: Path) -> None:
+    """dns_reject_rcode: NXDOMAIN answers a denied query with NXDOMAIN (one datapath
+    suffices: the proxy, not the datapath, answers)."""
+    reason = datapath_unavailable("ebpf", "")
+    if reason is not None:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(f"dns_server: {DNS_IP}\ndns_reject_rcode: NXDOMAIN\n")
+    agent = agent_factory("ebpf", extra_args=["--config", str(conf)])
+    plugins = json.loads(agent.cli("plugins", "-o", "json", check=True).stdout)
+    if "dns" not in plugins.get("l7", {}):
+        pytest.skip("the dns L7 parser is not installed")
+    apply(agent, tmp_path, [{"matchName": "api.twitter.com"}])
+    agent.pod_run("client", "sleep", "infinity", labels="org=empire,class=test-pod")
+    assert wait_for(lambda: resolve(agent, "kubernetes.io").startswith("NXDOMAIN"), timeout=10)
+    assert resolve(agent, "api.twitter.com").startswith("NOERROR")
