@@ -181,6 +181,11 @@ class Topology:
     agent: Agent
     ips: dict[str, str]  # "x/a" -> IP
     cluster_file: Path
+    netns: dict[str, str] = field(default_factory=dict)  # "x/a" -> netns name
+
+    def exec_argv(self, pod: str) -> list[str]:
+        """Run in the pod's netns directly: works while the agent is down."""
+        return ["ip", "netns", "exec", self.netns[pod]]
 
     def pods(self) -> list[str]:
         return sorted(self.ips)
@@ -214,9 +219,9 @@ def wait_servers(topo: Topology) -> None:
 
 
 def run_prober(topo: Topology, src: str, targets: list[tuple[str, int, str]]) -> list[bool]:
-    ns, name = src.split("/")
-    r = topo.agent.ax("pod", "exec", name, "-n", ns, "--", PYTHON, str(HERE / "prober.py"),
-                      json.dumps(targets), timeout=120)
+    r = subprocess.run([*topo.exec_argv(src), PYTHON, str(HERE / "prober.py"), json.dumps(targets)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"prober in {src} failed: {r.stderr}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

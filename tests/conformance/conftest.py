@@ -83,7 +83,7 @@ def world(guard: None) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session", params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
-def agent(request: pytest.FixtureRequest, guard: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     name, mode = request.param
     reason = datapath_unavailable(name, mode)
     if reason:
@@ -98,6 +98,11 @@ def agent(request: pytest.FixtureRequest, guard: None, tmp_path_factory: pytest.
         ag.stop()
         subprocess.run([AX, "agent", "cleanup", "--state-dir", str(ag.state_dir)], capture_output=True,
                        env=ag.env(), timeout=120)
+        # keep the agent's log for post-mortems; the rest goes
+        keep = Path(tempfile.gettempdir()) / "axoneme-conformance-logs"
+        keep.mkdir(exist_ok=True)
+        for log in base.glob("agent-*.log"):
+            log.rename(keep / f"{ag.label.replace('/', '-')}-{log.name}")
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
@@ -117,10 +122,12 @@ def topology(agent: Agent, world: dict[str, str]) -> Iterator[Topology]:
                 agent.ax("pod", "run", pod, "-n", ns, "--labels", f"pod={pod}", *ports, "--",
                          PYTHON, str(HERE / "podserver.py"), f"{ns}/{pod}", *map(str, PORTS), timeout=120)
                 created.append((ns, pod))
-        ips = {f"{p['namespace']}/{p['name']}": p["ip"] for p in agent.json("pod", "list")}  # type: ignore[union-attr]
+        pods = agent.json("pod", "list")
+        ips = {f"{p['namespace']}/{p['name']}": p["ip"] for p in pods}  # type: ignore[union-attr]
+        netns = {f"{p['namespace']}/{p['name']}": Path(p["netns"]).name for p in pods}  # type: ignore[union-attr]
         cluster = agent.state_dir.parent / "cluster.yaml"
         cluster.write_text(cluster_yaml(agent))
-        topo = Topology(agent, ips, cluster)
+        topo = Topology(agent, ips, cluster, netns)
         wait_servers(topo)
         yield topo
     finally:
