@@ -147,6 +147,32 @@ def _node_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _other_iptables_agents() -> list[int]:
+    """PIDs of other running ``axoneme agent run --datapath iptables`` processes."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in args and b"run" in args and b"--datapath" in args and \
+                args[args.index(b"--datapath") + 1:][:1] == [b"iptables"]:
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_iptables_quiet(timeout: float = 180.0) -> None:
+    """The iptables datapath's chains and sets are node-global (one agent per node): wait
+    for another test's iptables agent to finish rather than fight over them."""
+    deadline = time.monotonic() + timeout
+    while (others := _other_iptables_agents()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if others:
+        print(f"WARNING: iptables agents {others} still run: results may suffer interference")
+
+
 # -- the outside host ----------------------------------------------------------------------
 
 @dataclass
@@ -219,16 +245,19 @@ class Cluster:
     def apply(self, name: str, yaml: str) -> None:
         path = self.tmp / f"{name}.yaml"
         path.write_text(textwrap.dedent(yaml))
-        self.agent.cli("policy", "apply", "-f", str(path), check=True)
-        if path not in self.applied:
+        if path not in self.applied:  # before applying: a failed apply may still store it
             self.applied.append(path)
+        self.agent.cli("policy", "apply", "-f", str(path), check=True)
 
     def clear(self) -> None:
+        errors = []
         for path in self.applied:
-            self.agent.cli("policy", "delete", "-f", str(path))
+            res = self.agent.cli("policy", "delete", "-f", str(path))
+            if res.returncode != 0:
+                errors.append(res.stderr.strip())
         self.applied.clear()
         left = self.agent.json("policy", "list")
-        assert left == [], f"policies left behind: {left}"
+        assert left == [], f"policies left behind: {left}; delete errors: {errors}"
 
     # -- clients ----------------------------------------------------------------------------
     def curl(self, pod: str, url: str, *extra: str) -> tuple[int, str, str]:
@@ -272,6 +301,8 @@ def cluster(request: pytest.FixtureRequest, guard: str) -> Iterator[Cluster]:
     cf = _conftest()
     node_lock = _node_lock()
     node_lock.__enter__()
+    if name == "iptables":
+        _wait_iptables_quiet()
     workdir = Path(tempfile.mkdtemp(prefix="axl7-", dir="/tmp"))
     extra = ["--iptables-mode", mode] if mode else []
     ap = cf.AgentProcess(workdir, name, cf.free_pod_cidr(), extra)
