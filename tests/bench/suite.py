@@ -86,6 +86,20 @@ class Plan:
                    100_000, seed)
 
 
+# The process that owns the kernel objects. pyroute2 forks helpers to open netns
+# sockets; if a SIGTERM handler (ours, or the repo's conftest) turns a signal
+# in such a child into an exception, the child would unwind through our
+# cleanup code and tear down the parent's objects. Cleanup runs only here.
+OWNER_PID = os.getpid()
+
+
+def not_owner() -> bool:
+    """In a forked child: leave at once, clean nothing (see OWNER_PID)."""
+    if os.getpid() != OWNER_PID:
+        os._exit(1)
+    return False
+
+
 # ---- shell helpers ------------------------------------------------------------------------
 
 def sh(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -124,6 +138,7 @@ class Guard:
     def remove(self) -> None:
         if not self.installed:
             return
+        not_owner()
         sh("iptables", "-w", "-D", "FORWARD", "-j", self.chain, check=False)
         sh("iptables", "-w", "-F", self.chain, check=False)
         sh("iptables", "-w", "-X", self.chain, check=False)
@@ -148,6 +163,7 @@ class StatefulRule:
     def remove(self) -> None:
         if not self.installed:
             return
+        not_owner()
         sh("iptables", "-w", "-D", "FORWARD", "-j", self.chain, check=False)
         sh("iptables", "-w", "-F", self.chain, check=False)
         sh("iptables", "-w", "-X", self.chain, check=False)
@@ -247,6 +263,7 @@ class Topology:
         return p
 
     def destroy(self) -> None:
+        not_owner()
         for pod in self.pods.values():
             for p in pod.procs:
                 if p.poll() is None:
@@ -488,6 +505,7 @@ class Conditions:
                 dp.cleanup()
 
     def close(self) -> None:
+        not_owner()
         if self._ebpf is not None:
             try:
                 self._ebpf.cleanup()
@@ -648,6 +666,7 @@ def ebpf_counter(dp: Any, ep: Any, ps: PolicySet | None) -> int:
 
 
 def _teardown_dp(cond: str, dp: Any, ep: Any, ps: PolicySet | None, conds: Conditions) -> None:
+    not_owner()
     try:
         if cond == "ebpf":
             if ep is not None:
@@ -703,6 +722,7 @@ def bench_b1(plan: Plan, res: Results) -> None:
         res.not_run["B1/ebpf"] = f"{type(e).__name__}: {e}"
         LOG.warning("B1 failed: %s", traceback.format_exc())
     finally:
+        not_owner()
         try:
             dp.cleanup()
         except Exception:
@@ -979,6 +999,7 @@ class Agent:
         return res.stdout
 
     def close(self) -> None:
+        not_owner()
         try:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGKILL)
@@ -1146,6 +1167,8 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
     B5/B6 and B7. Conditions round-robin in a shuffled order per repetition."""
     if os.geteuid() != 0:
         raise PermissionError("the benchmark suite needs root (netns, veth, BPF, iptables)")
+    global OWNER_PID
+    OWNER_PID = os.getpid()
     rnd = random.Random(plan.seed)
     res = Results(plan=asdict(plan), machine=machine_info())
     tmp = tempfile.mkdtemp(prefix="axbench-")
@@ -1214,6 +1237,7 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
         res.extra["ebpf_start_seconds"] = conds.ebpf_start_seconds
         res.machine["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
+        not_owner()
         conds.close()
         # the iptables datapath owns AXON- chains/ipsets: one last cleanup in case a trial died
         for mode in ("plain", "ipset"):
