@@ -150,14 +150,14 @@ def cleanup(state_dir: str) -> int:
             except OSError:
                 pass
     if code != EXIT_BAD_INPUT:
-        for name_ in ("state.json",):
+        for name_ in ("state.json", "fqdn-cache.json"):  # fqdn: learned DNS names
             try:
                 os.unlink(os.path.join(state_dir, name_))
             except FileNotFoundError:
                 pass
         shutil.rmtree(os.path.join(state_dir, "pods"), ignore_errors=True)
         for entry in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
-            if entry.startswith("state.json.tmp."):
+            if entry.startswith(("state.json.tmp.", "fqdn-cache.json.tmp.")):
                 try:
                     os.unlink(os.path.join(state_dir, entry))
                 except OSError:
