@@ -13,6 +13,7 @@ Every client call is bounded (request/max-block/consumer timeouts).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -237,6 +238,11 @@ def kafka(request: pytest.FixtureRequest, guard: str) -> Iterator[KafkaSetup]:
                     if getattr(m, "__file__", None) and
                     Path(m.__file__).resolve() == Path(__file__).resolve().parents[1] /
                     "conftest.py")
+    # the iptables datapath's chains (AXON-PRE, AXON-EP-<id>-*) are host-wide: one
+    # iptables agent at a time among the tests that take this lock
+    lock = open("/tmp/axoneme-iptables-datapath.lock", "w")
+    if datapath == "iptables":
+        fcntl.flock(lock, fcntl.LOCK_EX)
     workdir = Path(tempfile.mkdtemp(prefix="axk-", dir="/tmp"))
     extra = ["--iptables-mode", mode] if mode else []
     ap = conftest.AgentProcess(workdir, datapath, conftest.free_pod_cidr(), extra)
@@ -269,6 +275,7 @@ def kafka(request: pytest.FixtureRequest, guard: str) -> Iterator[KafkaSetup]:
         finally:
             ap.cleanup()
             shutil.rmtree(workdir, ignore_errors=True)
+            lock.close()  # releases the flock
 
 
 def _ctx(kafka: KafkaSetup, res: dict[str, Any]) -> str:
