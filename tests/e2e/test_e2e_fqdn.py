@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -101,6 +102,32 @@ def datapath_unavailable(name: str, mode: str) -> str | None:
     return None
 
 
+def other_iptables_agents() -> list[int]:
+    """PIDs of running ``axoneme agent run --datapath iptables`` processes."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in args and b"run" in args and b"iptables" in args:
+            out.append(int(pid))
+    return out
+
+
+def wait_for_iptables_quiet(timeout: float = 90.0) -> None:
+    """iptables agents on one host share chain and set names (AXON-EP-<id>,
+    AXON-IPC4): another test's iptables agent running at the same time
+    rewrites ours. Wait (bounded) until none runs, then go ahead anyway."""
+    others = other_iptables_agents()
+    if others:
+        print(f"waiting for other iptables agents to finish: {others}")
+        wait_for(lambda: not other_iptables_agents(), timeout=timeout, interval=1.0)
+
+
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if check and res.returncode != 0:
@@ -169,6 +196,8 @@ def fqdn_agent(request: pytest.FixtureRequest, agent_factory: Any, world: dict[s
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
+    if name == "iptables":
+        wait_for_iptables_quiet()
     conf = tmp_path / "agent.yaml"
     conf.write_text(f"dns_server: {DNS_IP}\n")
     extra = ["--config", str(conf), "--tofqdns-min-ttl", "0"]
