@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ def not_owner() -> bool:
     if os.getpid() != OWNER_PID:
         os._exit(1)
     return False
+
+
+IPTABLES_LOCK = "/tmp/axoneme-iptables-datapath.lock"  # shared by the repo's tests
+
+
+@contextmanager
+def iptables_host_lock(cond: str, wait: float = 30.0) -> Iterator[None]:
+    """The iptables datapath's chains are host-wide: hold the host lock the repo's
+    tests take around an iptables agent/datapath (bounded wait; without it a trial
+    whose chains are removed under it is caught and not counted anyway)."""
+    if "iptables" not in cond:
+        yield
+        return
+    import fcntl
+
+    f = open(IPTABLES_LOCK, "w")
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    LOG.warning("%s held for %.0f s: going on without it", IPTABLES_LOCK, wait)
+                    break
+                time.sleep(0.1)
+        yield
+    finally:
+        f.close()  # releases the flock
 
 
 # ---- shell helpers ------------------------------------------------------------------------
@@ -795,6 +826,8 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
                     continue
             topo = Topology(("srv", "cli", "bad"))
             dp = ep = ps = None
+            lock = iptables_host_lock(cond)
+            lock.__enter__()
             t5 = Trial("B5", cond, n, 0)
             t6 = Trial("B6", cond, n, 0)
             try:
@@ -845,6 +878,7 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
                 if dp is not None:
                     _teardown_dp(cond, dp, ep, ps, conds)
                 topo.destroy()
+                lock.__exit__(None, None, None)
             res.trials += [t5, t6]
 
 
@@ -897,7 +931,8 @@ def bench_b7(plan: Plan, res: Results, conds: Conditions) -> None:
         for rep in range(1 if plan.quick else 3):
             t = Trial("B7", f"agent-{cond}", 0, rep)
             try:
-                t.metrics.update(agent_start(args))
+                with iptables_host_lock(cond):
+                    t.metrics.update(agent_start(args))
                 t.enforced = True
                 t.proof = "agent answered /v1/healthz"
             except Exception as e:
@@ -1029,45 +1064,50 @@ def bench_b5_agent(plan: Plan, res: Results, lg: str, order: list[str]) -> None:
             "iptables-plain": ["--datapath", "iptables", "--iptables-mode", "plain"],
             "iptables-ipset": ["--datapath", "iptables", "--iptables-mode", "ipset"]}
     for cond in order:
-        agent = Agent(args[cond])
-        try:
-            agent.start()
-            agent.cli("namespace", "create", "bench")
-            agent.cli("pod", "run", "srv", "-n", "bench", "--labels", "app=srv", "--",
-                      lg, "server", str(PORT))
-            agent.cli("pod", "run", "cli", "-n", "bench", "--labels", "app=cli", "--",
-                      "sleep", "86400")
-            pods = {p["name"]: p for p in json.loads(agent.cli("pod", "list", "-o", "json"))}
-            eps = {e["pod"]: e for e in json.loads(agent.cli("endpoint", "list", "-o", "json"))}
-            srv_ip, cli_ns = pods["srv"]["ip"], eps["bench/cli"]["netns"]
-            srv_ep = eps["bench/srv"]["id"]
-            api = agent.api()
-        except Exception as e:
-            res.not_run[f"B5/agent-{cond}"] = f"agent unusable: {type(e).__name__}: {e}"
-            agent.close()
-            continue
-        try:
-            for n in plan.b5_sizes[:1] if plan.quick else plan.b5_sizes:
-                prev = [(t.n, t.metrics["base_apply_s"]) for t in res.trials
-                        if t.condition == f"agent-{cond}" and "base_apply_s" in t.metrics]
-                if prev and max(prev)[1] * n / max(prev)[0] > plan.setup_budget_s:
-                    pn, pv = max(prev)
-                    res.not_run[f"B5/agent-{cond}/N={n}"] = (
-                        f"applying the N={n:,} base policy through the agent would take "
-                        f"~{pv * n / pn:.0f} s (extrapolated from N={pn:,}), over the "
-                        f"{plan.setup_budget_s:.0f} s budget")
-                    break
-                t = Trial("B5", f"agent-{cond}", n, 0)
-                try:
-                    _b5_agent_cell(plan, t, api, lg, srv_ip, cli_ns, srv_ep, n)
-                except Exception as e:
-                    t.error = f"{type(e).__name__}: {e}"
-                    LOG.warning("B5 agent %s N=%d: %s", cond, n, traceback.format_exc())
-                res.trials.append(t)
-                if t.error:
-                    break  # a bigger N will not go better
-        finally:
-            agent.close()
+        with iptables_host_lock(cond):
+            _b5_agent_one(plan, res, lg, cond, args[cond])
+
+
+def _b5_agent_one(plan: Plan, res: Results, lg: str, cond: str, args: list[str]) -> None:
+    agent = Agent(args)
+    try:
+        agent.start()
+        agent.cli("namespace", "create", "bench")
+        agent.cli("pod", "run", "srv", "-n", "bench", "--labels", "app=srv", "--",
+                  lg, "server", str(PORT))
+        agent.cli("pod", "run", "cli", "-n", "bench", "--labels", "app=cli", "--",
+                  "sleep", "86400")
+        pods = {p["name"]: p for p in json.loads(agent.cli("pod", "list", "-o", "json"))}
+        eps = {e["pod"]: e for e in json.loads(agent.cli("endpoint", "list", "-o", "json"))}
+        srv_ip, cli_ns = pods["srv"]["ip"], eps["bench/cli"]["netns"]
+        srv_ep = eps["bench/srv"]["id"]
+        api = agent.api()
+    except Exception as e:
+        res.not_run[f"B5/agent-{cond}"] = f"agent unusable: {type(e).__name__}: {e}"
+        agent.close()
+        return
+    try:
+        for n in plan.b5_sizes[:1] if plan.quick else plan.b5_sizes:
+            prev = [(t.n, t.metrics["base_apply_s"]) for t in res.trials
+                    if t.condition == f"agent-{cond}" and "base_apply_s" in t.metrics]
+            if prev and max(prev)[1] * n / max(prev)[0] > plan.setup_budget_s:
+                pn, pv = max(prev)
+                res.not_run[f"B5/agent-{cond}/N={n}"] = (
+                    f"applying the N={n:,} base policy through the agent would take "
+                    f"~{pv * n / pn:.0f} s (extrapolated from N={pn:,}), over the "
+                    f"{plan.setup_budget_s:.0f} s budget")
+                break
+            t = Trial("B5", f"agent-{cond}", n, 0)
+            try:
+                _b5_agent_cell(plan, t, api, lg, srv_ip, cli_ns, srv_ep, n)
+            except Exception as e:
+                t.error = f"{type(e).__name__}: {e}"
+                LOG.warning("B5 agent %s N=%d: %s", cond, n, traceback.format_exc())
+            res.trials.append(t)
+            if t.error:
+                break  # a bigger N will not go better
+    finally:
+        agent.close()
 
 
 def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float) -> subprocess.Popen[str]:
@@ -1215,7 +1255,8 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
                         progress(f"skip {cond} N={n}: {reason}")
                         continue
                     progress(f"traffic rep {rep + 1}/{plan.reps}: {cond} N={n}")
-                    t = traffic_trial(cond, n, rep, conds, lg, plan.seconds, ep_id)
+                    with iptables_host_lock(cond):
+                        t = traffic_trial(cond, n, rep, conds, lg, plan.seconds, ep_id)
                     res.trials.append(t)
                     if t.error or not t.enforced:
                         progress(f"  NOT COUNTED: {t.error or t.proof}")
