@@ -163,7 +163,7 @@ def _other_iptables_agents() -> list[int]:
     return pids
 
 
-def _wait_iptables_quiet(timeout: float = 180.0) -> None:
+def _wait_iptables_quiet(timeout: float = 90.0) -> None:
     """The iptables datapath's chains and sets are node-global (one agent per node): wait
     for another test's iptables agent to finish rather than fight over them."""
     deadline = time.monotonic() + timeout
