@@ -118,7 +118,7 @@ def other_iptables_agents() -> list[int]:
     return out
 
 
-def wait_for_iptables_quiet(timeout: float = 90.0) -> None:
+def wait_for_iptables_quiet(timeout: float = 30.0) -> None:
     """iptables agents on one host share chain and set names (AXON-EP-<id>,
     AXON-IPC4): another test's iptables agent running at the same time
     rewrites ours. Wait (bounded) until none runs, then go ahead anyway."""
@@ -190,20 +190,31 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
 
 @pytest.fixture(params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
 def fqdn_agent(request: pytest.FixtureRequest, agent_factory: Any, world: dict[str, str],
-               tmp_path: Path) -> Any:
+               tmp_path: Path) -> Iterator[Any]:
     name, mode = request.param
     reason = datapath_unavailable(name, mode)
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
+    # the iptables datapath's chains and sets are host-wide: one iptables agent
+    # at a time among the tests that take this lock
+    lock = open("/tmp/axoneme-iptables-datapath.lock", "w")
     if name == "iptables":
+        fcntl.flock(lock, fcntl.LOCK_EX)
         wait_for_iptables_quiet()
-    conf = tmp_path / "agent.yaml"
-    conf.write_text(f"dns_server: {DNS_IP}\n")
-    extra = ["--config", str(conf), "--tofqdns-min-ttl", "0"]
-    if mode:
-        extra += ["--iptables-mode", mode]
-    return agent_factory(name, extra_args=extra)
+    ap = None
+    try:
+        conf = tmp_path / "agent.yaml"
+        conf.write_text(f"dns_server: {DNS_IP}\n")
+        extra = ["--config", str(conf), "--tofqdns-min-ttl", "0"]
+        if mode:
+            extra += ["--iptables-mode", mode]
+        ap = agent_factory(name, extra_args=extra)
+        yield ap
+    finally:
+        if ap is not None:
+            ap.cleanup()  # before the lock goes (agent_factory's cleanup is idempotent)
+        lock.close()  # releases the flock
 
 
 def policy(dns_rules: list[dict[str, str]]) -> str:
