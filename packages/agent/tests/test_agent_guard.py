@@ -7,7 +7,6 @@ import secrets
 import shutil
 
 import pytest
-
 from axoneme.agent import guard
 
 pytestmark = [pytest.mark.privileged]

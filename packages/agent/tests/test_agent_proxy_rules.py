@@ -44,6 +44,10 @@ def test_rules_install_idempotent_and_cleanup() -> None:
         assert rule_list.count(f"lookup {rules.table}") == 1
         assert "fwmark 0x200/0xf00" in rule_list
         assert "local default dev lo" in _out("ip", "route", "show", "table", str(rules.table))
+        # fail closed: a marked packet that reaches FORWARD lost its redirect
+        forward = _out("iptables", "-w", "5", "-S", "FORWARD")
+        assert sum(f"axoneme {rules.chain}: L7 redirect failed closed" in r and "-j DROP" in r
+                   and "0x200/0xf00" in r for r in forward.splitlines()) == 1
         # a restarted agent: stale per-port rules go, current ports stay
         fresh = RedirectRules(chain=rules.chain, table=rules.table, pref=rules.pref)
         fresh.install_base()
@@ -60,4 +64,5 @@ def test_rules_install_idempotent_and_cleanup() -> None:
     assert f"-j {rules.chain}" not in _out("iptables", "-w", "5", "-t", "mangle", "-S", "PREROUTING")
     assert f"lookup {rules.table}" not in _out("ip", "rule", "list")
     assert _out("ip", "route", "show", "table", str(rules.table)).strip() == ""
+    assert f"axoneme {rules.chain}:" not in _out("iptables", "-w", "5", "-S", "FORWARD")
     rules.cleanup()  # idempotent

@@ -6,6 +6,7 @@
         -j TPROXY --on-port <port> --on-ip 127.0.0.1 --tproxy-mark 0x200/0xf00
     ip rule add fwmark 0x200/0xf00 lookup 2004 pref 9
     ip route add local 0.0.0.0/0 dev lo table 2004
+    iptables -I FORWARD -m mark --mark 0x200/0xf00 -j DROP
 
 1. The socket rule sends packets of connections a transparent socket already
    owns (the replies to the proxy's upstream connections, whose destination
@@ -13,6 +14,11 @@
 2. One TPROXY rule per proxy port diverts a datapath-marked packet to the
    listener; TPROXY sets 0x200 in the magic nibble and the ip rule routes
    such packets locally.
+3. The FORWARD drop makes a broken redirect fail closed: a redirected packet
+   is delivered locally (the ip rule), so one that reaches FORWARD still
+   carrying the to-proxy mark lost its TPROXY rule or route (another agent's
+   cleanup, a crash half-way): it is dropped instead of reaching the pod
+   without its L7 check.
 The jump is appended to PREROUTING: a datapath marking in mangle/PREROUTING
 must insert its rules before it (tc-based datapaths mark before netfilter).
 
@@ -99,6 +105,7 @@ class RedirectRules:
         if ipt is None:
             raise ProxyRulesError("iptables is not installed: cannot redirect to L7 proxies")
         self._ipt = [ipt, "-w", "5", "-t", "mangle"]
+        self._filter = [ipt, "-w", "5"]
 
     def _ipt_ok(self, *args: str) -> bool:
         return _run([*self._ipt, *args], check=False).returncode == 0
@@ -114,6 +121,12 @@ class RedirectRules:
         return ["-m", "socket", "--transparent", "-m", "comment", "--comment",
                 "axoneme: proxied connections to the local proxy",
                 "-j", "MARK", "--set-xmark", f"{TPROXY_MARK:#x}/{TPROXY_MASK:#x}"]
+
+    def _fail_closed_rule(self) -> list[str]:
+        # one per agent (the chain in the comment): an agent's cleanup removes only its own
+        return ["-m", "mark", "--mark", f"{TPROXY_MARK:#x}/{TPROXY_MASK:#x}",
+                "-m", "comment", "--comment", f"axoneme {self.chain}: L7 redirect failed closed",
+                "-j", "DROP"]
 
     def install_base(self) -> None:
         """Chain, PREROUTING jump, socket rule, ip rule, local route (idempotent).
@@ -140,6 +153,8 @@ class RedirectRules:
                   "pref", str(self.pref)])
         _run(["ip", "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
               "table", str(self.table)])
+        if _run([*self._filter, "-C", "FORWARD", *self._fail_closed_rule()], check=False).returncode:
+            _run([*self._filter, "-I", "FORWARD", "1", *self._fail_closed_rule()])
         for port, protocols in list(self.ports.items()):
             self.add_port(port, protocols)
 
@@ -176,6 +191,8 @@ class RedirectRules:
         if self._ipt_ok("-S", self.chain):
             _run([*self._ipt, "-F", self.chain], check=False)
             _run([*self._ipt, "-X", self.chain], check=False)
+        while _run([*self._filter, "-C", "FORWARD", *self._fail_closed_rule()], check=False).returncode == 0:
+            _run([*self._filter, "-D", "FORWARD", *self._fail_closed_rule()], check=False)
         self.ports.clear()
         if self._other_chains():  # another agent still redirects: keep the shared routing
             return
