@@ -45,6 +45,7 @@ class FQDNManager:
         self.agent = agent
         self.cache: Any = None
         self.sync: Any = None
+        self._parser: Any = None
         self.path = os.path.join(agent.config.state_dir, FQDN_STATE_FILE)
         self._dirty = False
         self._last_write = 0.0
@@ -81,6 +82,7 @@ class FQDNManager:
             LOG.info("the dns L7 parser is not installed: toFQDNs selectors select nothing")
             return False
         parser = load_class(GROUP_L7, "dns")()
+        self._parser = parser
         self.cache = parser.new_fqdn_cache(min_ttl=self.min_ttl)
         try:
             data = read_json(self.path)
@@ -121,12 +123,9 @@ class FQDNManager:
         """Extra ``ProxyManager.acquire`` arguments: the DNS proxy's toFQDNs hooks."""
         if parser != "dns" or self.cache is None:
             return {}
-        try:
-            from axoneme.l7.dns import DnsProxyConfig
-        except ImportError:
-            return {"cache": self.cache, "on_answer": self.on_answer}
+        # the agent reaches the dns plugin only through its entry point (import rules)
         return {"cache": self.cache, "on_answer": self.on_answer,
-                "dns_config": DnsProxyConfig(reject_rcode=self.reject_rcode)}
+                "dns_config": self._parser.proxy_config(reject_rcode=self.reject_rcode)}
 
     # -- the hooks -------------------------------------------------------------------
     def _on_change(self, names: frozenset[str]) -> None:

@@ -91,12 +91,12 @@ def fqdn_matches(peer: Any, name: str) -> bool:
     ``matchName`` exact; ``matchPattern`` ``*`` alone matches everything, else
     ``*`` stands for ``[-a-z0-9_]*`` inside one label and a leading ``**.``
     for one or more labels. The DNS plugin's matcher is used when installed."""
-    try:
-        from axoneme.l7.dns import rule_matches
-    except ImportError:
-        pass
-    else:
-        return bool(rule_matches(peer, name))
+    from axoneme.core.plugins import GROUP_L7, installed, load_class
+
+    if "dns" in installed(GROUP_L7):  # by entry point: core never imports a plugin
+        parser = load_class(GROUP_L7, "dns")()
+        if hasattr(parser, "fqdn_matches"):
+            return bool(parser.fqdn_matches(peer, name))
     if peer.match_name is not None:
         return peer.match_name.lower().rstrip(".") == name
     pattern = (peer.match_pattern or "").lower().rstrip(".")

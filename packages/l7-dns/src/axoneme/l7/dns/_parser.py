@@ -55,6 +55,17 @@ class DnsParser(L7Parser):
         from axoneme.l7.dns._sync import FQDNSelectorSync
         return FQDNSelectorSync(cache, engine)
 
+    def proxy_config(self, **kwargs: Any) -> Any:
+        """A ``DnsProxyConfig`` (kwargs: reject_rcode, upstream_timeout, ...) for
+        an agent that reaches this parser only by entry point."""
+        from axoneme.l7.dns._proxy import DnsProxyConfig
+        return DnsProxyConfig(**kwargs)
+
+    def fqdn_matches(self, selector: Any, name: str) -> bool:
+        """Whether a toFQDNs selector (matchName/matchPattern) selects ``name``."""
+        from axoneme.l7.dns._match import rule_matches
+        return bool(rule_matches(selector, name))
+
     def proxy_factory(self) -> Any:
         """``dns_proxy_factory``: the core ``ProxyFactory`` signature
         ``(sock, *, direction, policy_for, flow_sink, connect_upstream=None,
