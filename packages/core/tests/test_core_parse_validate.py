@@ -437,3 +437,17 @@ def test_metadata_labels_checked() -> None:
     obj = cnp({"endpointSelector": {}})
     obj["metadata"]["labels"] = {"ok": "yes", "bad key": "x", "k": "bad value", "n": 5}
     assert set(fields(obj)) == {"metadata.labels.bad key", "metadata.labels.k", "metadata.labels.n"}
+
+
+def test_null_cidrset_item_is_a_problem_not_a_crash(tmp_path):
+    # found by the CLI fuzz test: toCIDRSet: [null] crashed the parser
+    from axoneme.core.errors import InvalidRule
+    from axoneme.core.policy.parse import parse_policies
+
+    f = tmp_path / "p.yaml"
+    f.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\n"
+                 "spec:\n  endpointSelector: {}\n  egress:\n  - toCIDRSet: [null]\n")
+    import pytest as _pytest
+    with _pytest.raises(InvalidRule) as e:
+        parse_policies([str(f)])
+    assert any(p.field == "spec.egress[0].toCIDRSet[0].cidr" for p in e.value.problems)

@@ -1023,7 +1023,7 @@ class _Parser:
                 "cidrGroupRef": "cidrGroupRef is not supported",
                 "cidrGroupSelector": "cidrGroupSelector is not supported",
             })
-            if cm is not None and not any(k in c for k in ("cidrGroupRef", "cidrGroupSelector")):
+            if cm is not None and not (isinstance(c, dict) and any(k in c for k in ("cidrGroupRef", "cidrGroupSelector"))):
                 got_cidr = self.cidr_set(cm, cp, except_field="except")
                 if got_cidr is not None:
                     peers.append(got_cidr)
