@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,11 @@ def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factor
     if reason:
         print(f"SKIP: {reason}", file=sys.stderr)
         pytest.skip(reason)
+    # iptables chains are host-wide: one iptables agent at a time on this host
+    # (the lock the repository's other kernel suites take too)
+    lock = open("/tmp/axoneme-iptables-datapath.lock", "w")  # noqa: SIM115
+    if name == "iptables":
+        fcntl.flock(lock, fcntl.LOCK_EX)
     base = Path(tempfile.mkdtemp(prefix="axon-conf-", dir="/tmp"))
     ag = Agent(name, mode, base / "state", base / "axoneme.sock")
     try:
@@ -104,6 +110,7 @@ def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factor
         for log in base.glob("agent-*.log"):
             log.rename(keep / f"{ag.label.replace('/', '-')}-{log.name}")
         subprocess.run(["rm", "-rf", str(base)], check=False)
+        lock.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-
 from axoneme.core.identity import (
     LOCAL_IDENTITY_FLAG,
     MIN_CLUSTER_IDENTITY,

@@ -3,7 +3,13 @@
 Pure Python: no root, no kernel, no network.
 """
 
-from axoneme.core.datapath import Datapath, DatapathConfig, DatapathStatus, IPCacheChanges, NoopDatapath
+from axoneme.core.datapath import (
+    Datapath,
+    DatapathConfig,
+    DatapathStatus,
+    IPCacheChanges,
+    NoopDatapath,
+)
 from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.errors import (
     AxonemeError,

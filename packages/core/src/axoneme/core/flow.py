@@ -104,7 +104,7 @@ class Flow:
         return None, None
 
     def to_json(self) -> dict[str, Any]:
-        ts = _dt.datetime.fromtimestamp(self.time, tz=_dt.timezone.utc)
+        ts = _dt.datetime.fromtimestamp(self.time, tz=_dt.UTC)
         out: dict[str, Any] = {
             "time": ts.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "verdict": self.verdict.value,

@@ -10,7 +10,6 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
-
 from axoneme.core import hookspecs
 from axoneme.core.errors import PluginError
 
