@@ -316,3 +316,22 @@ def test_fqdn_hook_selects_learned_ips() -> None:
     assert w.engine.identity_of_ip("198.51.100.10") == ReservedIdentity.WORLD
     assert w.verdict(1, EG, w.engine.identity_of_ip("198.51.100.11"), port=443) is Verdict.ALLOWED
     assert ipaddress.ip_network("198.51.100.10/32") in w.engine.pending_ipcache_changes().deletes
+
+
+def test_node_addresses_are_the_host_identity_in_the_ipcache():
+    import ipaddress as _ip
+
+    from axoneme.core.identity import ReservedIdentity as _R
+    from axoneme.core.policy.engine import PolicyEngine as _PE
+
+    eng = _PE()
+    assert eng.set_host_addresses(["198.51.100.1", "192.0.2.7"])
+    assert not eng.set_host_addresses(["192.0.2.7", "198.51.100.1"])  # same set: no change
+    ipc = eng.ipcache()
+    assert ipc[_ip.ip_network("198.51.100.1/32")] == int(_R.HOST)
+    assert eng.identity_of_ip("198.51.100.1") == int(_R.HOST)
+    assert eng.identity_of_ip("198.51.100.2") == int(_R.WORLD)
+    changes = eng.pending_ipcache_changes()
+    assert changes.upserts[_ip.ip_network("192.0.2.7/32")] == int(_R.HOST)
+    assert eng.set_host_addresses(["198.51.100.1"])
+    assert _ip.ip_network("192.0.2.7/32") in eng.pending_ipcache_changes().deletes

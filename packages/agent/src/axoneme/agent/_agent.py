@@ -356,6 +356,8 @@ class Agent:
         await asyncio.to_thread(nl.warm_up)
         await asyncio.to_thread(self._dp_call, dp.start)
         await self._reconcile_interrupted()
+        # the node's addresses are the host entity, for every datapath
+        self.engine.set_host_addresses(await asyncio.to_thread(nl.host_addresses, self.config.pod_cidr))
         await self._adopt_endpoints()
         self.flows.bind_loop(asyncio.get_running_loop())
         self._start_events()
@@ -1104,6 +1106,19 @@ class Agent:
             await asyncio.sleep(1.0)
             for rec in list(self.pods.values()):
                 self._refresh_pod_status(rec)
+            await self._refresh_host_addresses()
+
+    async def _refresh_host_addresses(self) -> None:
+        """Addresses come and go (links added after start): keep host (1) current."""
+        try:
+            addrs = await asyncio.to_thread(nl.host_addresses, self.config.pod_cidr)
+        except Exception:
+            LOG.debug("listing the node's addresses failed", exc_info=True)
+            return
+        async with self.lock:
+            if self.engine.set_host_addresses(addrs):
+                LOG.info("node addresses changed: %s", ", ".join(addrs))
+                await self.regenerate()
 
     async def pod_run(self, req: Mapping[str, Any], runtime: Any) -> dict[str, Any]:
         name = str(req.get("name") or "")

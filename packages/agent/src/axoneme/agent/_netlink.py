@@ -189,3 +189,25 @@ def list_host_links(prefix: str = "lxc") -> list[str]:
         return sorted(n for n in os.listdir("/sys/class/net") if n.startswith(prefix))
     except OSError:
         return []
+
+
+def host_addresses(exclude_cidr: str = "") -> list[str]:
+    """The node's own unicast addresses (host identity), except loopback,
+    link-local and any inside ``exclude_cidr`` (the pod CIDR)."""
+    import ipaddress
+
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                         check=False).stdout
+    excluded = ipaddress.ip_network(exclude_cidr) if exclude_cidr else None
+    found: set[str] = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or parts[2] not in ("inet", "inet6"):
+            continue
+        ip = ipaddress.ip_interface(parts[3]).ip
+        if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+            continue
+        if excluded is not None and ip.version == excluded.version and ip in excluded:
+            continue
+        found.add(str(ip))
+    return sorted(found)

@@ -87,6 +87,7 @@ class PolicyEngine:
         self._reported: dict[int, MapState] = {}
         self._dirty: set[int] = set()
         self._reported_ipcache: dict[IPNetwork, int] = {}
+        self._host_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
 
     @contextmanager
@@ -443,11 +444,25 @@ class PolicyEngine:
         return self.resolve(endpoint_id).lookup(peer_identity, direction, protocol, port)
 
     # -- ipcache ---------------------------------------------------------------------
+    def set_host_addresses(self, addresses: Iterable[str]) -> bool:
+        """The node's own addresses: the ipcache maps them to the host identity (1),
+        so ``toEntities: host`` selects traffic to the node on every datapath.
+        Returns whether they changed (then push ``pending_ipcache_changes``)."""
+        nets = frozenset(ipaddress.ip_network(a) for a in addresses)
+        with self._lock:
+            changed = nets != self._host_nets
+            self._host_nets = nets
+            return changed
+
     def ipcache(self) -> dict[IPNetwork, int]:
         with self._lock:
             out: dict[IPNetwork, int] = dict(WORLD_PREFIXES)
             for net, ident in self._cidr_ids.items():
                 out[net] = ident.id
+            # node addresses are host (1) even inside a CIDR rule's prefix (Cilium);
+            # a local endpoint's own address wins below
+            for net in self._host_nets:
+                out[net] = int(ReservedIdentity.HOST)
             for ep in self._endpoints.values():
                 for ip in (ep.ipv4, ep.ipv6):
                     if ip:
