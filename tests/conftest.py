@@ -131,7 +131,7 @@ def netns_factory() -> Iterator[Any]:
     made: list[str] = []
 
     def make(prefix: str = "axt") -> str:
-        name = f"{prefix}-{secrets.token_hex(4)}"
+        name = f"{prefix}-p{os.getpid()}-{secrets.token_hex(4)}"  # pid: swept if killed
         subprocess.run(["ip", "netns", "add", name], check=True)
         made.append(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from _harness import (  # noqa: E402
 def guard() -> Iterator[None]:
     """Drop forwarded pod traffic leaving through the uplink, before any probe."""
     root_or_skip()
-    chain = f"AXTEST-GUARD-{uuid.uuid4().hex[:4]}"  # not AXON-: datapath cleanup owns that prefix
+    chain = f"AXTEST-GUARD-p{os.getpid()}"  # not AXON-: datapath cleanup owns that prefix; pid: swept if killed
     up = uplink()
     sh("iptables", "-N", chain)
     try:
@@ -57,7 +58,7 @@ def guard() -> Iterator[None]:
 def world(guard: None) -> Iterator[dict[str, str]]:
     """A netns holding 198.51.100.{10,11,12} (a /28 of the test network) running the pod server, routed via the node."""
     sfx = uuid.uuid4().hex[:5]
-    ns, host_if, peer_if = f"axtw-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
+    ns, host_if, peer_if = f"axtw-p{os.getpid()}-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
     proc = None
     try:
         sh("ip", "netns", "add", ns)

@@ -143,7 +143,7 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     lock = open("/tmp/axoneme-fqdn-world.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # the world's addresses are fixed: one at a time
     sfx = secrets.token_hex(3)
-    ns, host_if, peer_if = f"fqw-{sfx}", f"fqw{sfx}h", f"fqw{sfx}p"
+    ns, host_if, peer_if = f"fqw-p{os.getpid()}-{sfx}", f"fqw{sfx}h", f"fqw{sfx}p"
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tmp_path_factory.mktemp("fqdn-world")
     try:

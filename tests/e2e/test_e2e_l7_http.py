@@ -199,7 +199,7 @@ def outside(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ou
     hosts = list(block.hosts())
     host_ip, srv_ip = str(hosts[0]), str(hosts[1])
     sfx = secrets.token_hex(3)
-    ns, host_if, peer_if = f"l7out-{sfx}", f"l7o{sfx}h", f"l7o{sfx}p"
+    ns, host_if, peer_if = f"l7out-p{os.getpid()}-{sfx}", f"l7o{sfx}h", f"l7o{sfx}p"
     www = tmp_path_factory.mktemp("outside")
     (www / "public").write_text("outside public\n")
     (www / "private").write_text("outside secret\n")

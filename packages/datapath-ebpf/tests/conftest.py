@@ -194,7 +194,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     chain = f"AXG{sfx}"
     uplink = _uplink()
     pods: dict[str, Pod] = {}
-    outside = Pod("outside", f"axo-{sfx}", f"axo{sfx}", f"198.51.100.{random.randint(100, 250)}")
+    outside = Pod("outside", f"axo-p{os.getpid()}-{sfx}", f"axo{sfx}", f"198.51.100.{random.randint(100, 250)}")
     created_ns: list[str] = []
     created_links: list[str] = []
     guard = False
@@ -207,7 +207,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         run("iptables", "-I", "FORWARD", "1", "-j", chain)
         run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         for i, name in enumerate(("a", "b", "c")):
-            pod = Pod(name, f"axp-{sfx}-{name}", f"axh{sfx}{name}", f"10.244.{net}.{10 + i}")
+            pod = Pod(name, f"axp-p{os.getpid()}-{sfx}{name}", f"axh{sfx}{name}", f"10.244.{net}.{10 + i}")
             created_ns.append(pod.netns)
             created_links.append(pod.host_if)
             pod.ifindex = _add_veth_ns(pod.netns, pod.host_if, pod.ip)

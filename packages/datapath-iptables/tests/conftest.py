@@ -257,7 +257,7 @@ def topology() -> Iterator[Topology]:
     sfx = secrets.token_hex(2)
     uplink = _uplink()
     guard = f"AXIG-{sfx}"
-    node = f"axi-{sfx}-n"
+    node = f"axi-p{os.getpid()}-{sfx}n"
     octet = 100 + secrets.randbelow(150)
     base = 8 * (1 + secrets.randbelow(28))
     made_ns: list[str] = []
@@ -287,12 +287,12 @@ def topology() -> Iterator[Topology]:
         sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         pods = {}
         for i, name in enumerate("abc", start=1):
-            ns, hif = f"axi-{sfx}-{name}", f"axh{sfx}{name}"
+            ns, hif = f"axi-p{os.getpid()}-{sfx}{name}", f"axh{sfx}{name}"
             made_ns.append(ns)
             pods[name] = _make_pod(name, ns, hif, [f"10.244.{octet}.{i}"], f"fd00:244:{octet}::{i}")
         wips = [f"198.51.100.{base + k}" for k in (0, 1, 2, 4)]
-        made_ns.append(f"axi-{sfx}-w")
-        world = _make_pod("w", f"axi-{sfx}-w", f"axh{sfx}w", wips)
+        made_ns.append(f"axi-p{os.getpid()}-{sfx}w")
+        world = _make_pod("w", f"axi-p{os.getpid()}-{sfx}w", f"axh{sfx}w", wips)
         # 3. every probe target routes through our veths
         for pod in [*pods.values(), world]:
             for ip in pod.ips:
