@@ -71,6 +71,11 @@ def test_ipv4_and_ipv6_decided_by_policy(dp) -> None:  # type: ignore[no-untyped
     assert run(dp, "from_container", P.arp()).retval == OK
     assert run(dp, "to_container", P.arp()).retval == OK
     assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", dport=80, sport=42000)).retval == SHOT
+    # ICMPv6 link control (ND, MLD) is never policed; other ICMPv6 is
+    for kind in (135, 136, 130, 131, 132, 143):
+        frame = P.ipv6("::", "ff02::16", proto=58, icmp=(kind, 0))
+        assert run(dp, "from_container", frame).retval == OK, kind
+    assert run(dp, "from_container", P.ipv6(A.ipv6, "fd00:a::2", proto=58, icmp=(128, 0))).retval == SHOT
 
 
 def test_ingress_reply_and_checked_mark(dp) -> None:  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ struct ax_pkt {
     __u8 tcp_flags;
     __u8 icmp_type;
     __u8 icmp_code;
-    __u8 is_nd;         /* ICMPv6 neighbour discovery: never policed */
+    __u8 is_nd;         /* ICMPv6 neighbour discovery or MLD: link-local control, never policed */
     __u8 has_ports;
     __u8 pad;
 };
@@ -77,7 +77,10 @@ static __always_inline void ax_parse_l4(const __u8 *l4, struct ax_pkt *p)
             __builtin_memcpy(&p->t.sport, &l4[4], 2);
             __builtin_memcpy(&p->t.dport, &l4[4], 2);
         }
-        if (p->t.proto == IPPROTO_ICMPV6 && l4[0] >= 133 && l4[0] <= 137)
+        /* ND (133-137) and multicast listener discovery (130-132, MLDv2 143):
+         * never routed off the link, sent before a new endpoint has policy */
+        if (p->t.proto == IPPROTO_ICMPV6 &&
+            ((l4[0] >= 133 && l4[0] <= 137) || (l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143))
             p->is_nd = 1;
         return;
     }
