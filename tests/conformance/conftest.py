@@ -84,7 +84,9 @@ def world(guard: None) -> Iterator[dict[str, str]]:
         sh("ip", "netns", "del", ns, check=False)
 
 
-@pytest.fixture(scope="session", params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
+# module scope: the iptables agent (and its host lock) must be gone before the
+# next module, whose own iptables agents would otherwise wait on that lock
+@pytest.fixture(scope="module", params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
 def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     name, mode = request.param
     reason = datapath_unavailable(name, mode)
@@ -114,7 +116,7 @@ def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factor
         lock.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def topology(agent: Agent, world: dict[str, str]) -> Iterator[Topology]:
     """Namespaces x,y,z (label ns=<name>) with pods a,b,c (label pod=<name>)
     serving TCP and UDP on 80 and 81 (named serve-80-tcp, serve-81-udp, ...)."""
