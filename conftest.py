@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -72,18 +71,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _answers(sock: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(sock)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _orphans() -> list[int]:
     found: list[int] = []
     for entry in os.listdir("/proc"):
@@ -136,6 +123,8 @@ def _cmdlines() -> list[str]:
 
 def _stale_state_dirs() -> list[str]:
     """State dirs no agent serves: nobody answers the socket, no process names the dir."""
+    from axoneme.agent._api import socket_in_use
+
     found: list[str] = []
     running = " ".join(_cmdlines())
     for pattern in _STATE_GLOBS:
@@ -146,7 +135,7 @@ def _stale_state_dirs() -> list[str]:
                 continue
             sock = data.get("api_socket") if isinstance(data, dict) else None
             state_dir = os.path.dirname(path)
-            if not sock or not data.get("datapath") or f"{state_dir} " in running or _answers(sock):
+            if not sock or not data.get("datapath") or f"{state_dir} " in running or socket_in_use(sock):
                 continue
             found.append(state_dir)
     return found

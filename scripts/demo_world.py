@@ -22,10 +22,14 @@ import time
 NETNS, HOST_IF, PEER_IF, GUARD = "axdemo-world", "axdemo-w0h", "axdemo-w0p", "AXDEMO-GUARD"
 HOST_IP = "198.51.100.49"
 DNS_IP = "198.51.100.53"
-ZONE = {"api.twitter.com": "198.51.100.60", "kubernetes.io": "198.51.100.61",
-        "www.example.com": "198.51.100.62"}
-TTL = 60
+ZONE = {  # name -> (address, TTL)
+    "api.twitter.com": ("198.51.100.60", 60),
+    "kubernetes.io": ("198.51.100.61", 60),
+    "www.example.com": ("198.51.100.62", 60),
+}
 
+# a dnslib server for ``zone`` ({name: (ip, ttl)}) on argv[1]:53 (UDP and TCP);
+# prints READY once bound. The e2e FQDN suite serves its own zone with it.
 DNS_SERVER = textwrap.dedent("""
     import sys, threading
     from dnslib import RR, A, QTYPE, RCODE
@@ -38,7 +42,8 @@ DNS_SERVER = textwrap.dedent("""
             if name not in ZONE:
                 reply.header.rcode = RCODE.NXDOMAIN
             elif request.q.qtype == QTYPE.A:
-                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl={ttl}, rdata=A(ZONE[name])))
+                ip, ttl = ZONE[name]
+                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=ttl, rdata=A(ip)))
             return reply
     for tcp in (False, True):
         DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp).start_thread()
@@ -94,7 +99,7 @@ def up() -> list[subprocess.Popen[bytes]]:
     sh("ip", "link", "set", PEER_IF, "netns", NETNS)
     sh("ip", "addr", "add", f"{HOST_IP}/32", "dev", HOST_IF)
     sh("ip", "link", "set", HOST_IF, "up")
-    ips = [DNS_IP, *ZONE.values()]
+    ips = [DNS_IP, *(ip for ip, _ in ZONE.values())]
     for ip in ips:
         sh("ip", "-n", NETNS, "addr", "add", f"{ip}/32", "dev", PEER_IF)
     sh("ip", "-n", NETNS, "link", "set", PEER_IF, "up")
@@ -107,7 +112,7 @@ def up() -> list[subprocess.Popen[bytes]]:
         if f"dev {HOST_IF}" not in route:
             raise RuntimeError(f"{ip} is not routed to the demo world: {route}")
     dns = subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c",
-                            DNS_SERVER.format(zone=ZONE, ttl=TTL), DNS_IP],
+                            DNS_SERVER.format(zone=ZONE), DNS_IP],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     web = subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c", WEB_SERVER],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,7 +134,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         procs = up()
-        names = ", ".join(f"{n}={ip}" for n, ip in ZONE.items())
+        names = ", ".join(f"{n}={ip}" for n, (ip, _) in ZONE.items())
         print(f"READY dns={DNS_IP} {names}", flush=True)
         while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.2)

@@ -11,6 +11,7 @@ exactly the resolved names.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import secrets
@@ -39,28 +40,19 @@ ZONE = {  # name -> (ip, ttl)
 WORLD_IPS = [DNS_IP, *(ip for ip, _ in ZONE.values())]
 PYTHON = sys.executable
 
-DNS_SERVER = textwrap.dedent("""
-    import sys, time
-    from dnslib import RR, A, QTYPE, RCODE
-    from dnslib.server import BaseResolver, DNSServer
-    ZONE = {zone!r}
-    class R(BaseResolver):
-        def resolve(self, request, handler):
-            reply = request.reply()
-            name = str(request.q.qname).rstrip(".").lower()
-            if name not in ZONE:
-                reply.header.rcode = RCODE.NXDOMAIN
-            elif request.q.qtype == QTYPE.A:
-                ip, ttl = ZONE[name]
-                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=ttl, rdata=A(ip)))
-            return reply
-    servers = [DNSServer(R(), address=sys.argv[1], port=53, tcp=t) for t in (False, True)]
-    for s in servers:
-        s.start_thread()
-    print("READY", flush=True)
-    while True:
-        time.sleep(3600)
-""")
+
+
+def _demo_world() -> Any:
+    """scripts/demo_world.py: its DNS server serves this suite's zone too."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "demo_world.py"
+    spec = importlib.util.spec_from_file_location("axoneme_demo_world", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+DNS_SERVER = _demo_world().DNS_SERVER
 
 RESOLVE = textwrap.dedent("""
     import sys
