@@ -340,3 +340,106 @@ def test_fqdn_reject_rcode_nxdomain(agent_factory: Any, world: dict[str, str],
     agent.pod_run("client", "sleep", "infinity", labels="org=empire,class=test-pod")
     assert wait_for(lambda: resolve(agent, "kubernetes.io").startswith("NXDOMAIN"), timeout=10)
     assert resolve(agent, "api.twitter.com").startswith("NOERROR")
+
+
+# -- benchmark: DNS through the proxy, and answer -> allowed --------------------------------------
+
+PROBE = textwrap.dedent("""
+    import json, socket, sys, time
+    from dnslib import DNSRecord
+    t0 = time.perf_counter()
+    r = DNSRecord.parse(DNSRecord.question(sys.argv[1]).send(sys.argv[2], 53, timeout=3))
+    t1 = time.perf_counter()
+    ip = str(r.rr[0].rdata) if r.rr else ""
+    ok = False
+    if ip:
+        s = socket.socket()
+        s.settimeout(1.0)
+        try:
+            s.connect((ip, 80))
+            ok = True
+        except OSError:
+            pass
+        finally:
+            s.close()
+    print(json.dumps({"ip": ip, "dns_ms": (t1 - t0) * 1e3, "connect_ok": ok}))
+""")
+
+
+def _probe(agent: Any, name: str) -> dict[str, Any]:
+    res = agent.pod_exec("client", PYTHON, "-c", PROBE, name, DNS_IP)
+    assert res.returncode == 0, f"{res.stderr}\n{agent.log()}"
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def _histogram(agent: Any, metric: str) -> tuple[int, float, list[tuple[float, float]]]:
+    """count, sum and (le, cumulative count) buckets of ``metric`` from the agent's /metrics."""
+    text = subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "http://agent/metrics"],
+                          capture_output=True, text=True, timeout=10).stdout
+    count, total, buckets = 0, 0.0, []
+    for line in text.splitlines():
+        if line.startswith(f"{metric}_count "):
+            count = int(float(line.split()[1]))
+        elif line.startswith(f"{metric}_sum "):
+            total = float(line.split()[1])
+        elif line.startswith(f"{metric}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.split()[1])))
+    return count, total, buckets
+
+
+def _bucket_quantile(buckets: list[tuple[float, float]], count: int, q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` (Prometheus-style, no interpolation)."""
+    for le, cum in buckets:
+        if cum >= q * count:
+            return le
+    return float("inf")
+
+
+@pytest.mark.bench
+def test_bench_fqdn_answer_to_allowed(fqdn_agent: Any, tmp_path: Path, benchmark: Any) -> None:
+    """DNS latency through the proxy for a name already allowed vs a name whose
+    answer changes the datapath (the proxy holds it until its IP is allowed),
+    and the agent's own answer -> allowed histogram. The first connection after
+    every fresh answer must succeed: the IP was allowed before the client saw it."""
+    agent = fqdn_agent
+    plugins = json.loads(agent.cli("plugins", "-o", "json", check=True).stdout)
+    if "dns" not in plugins.get("l7", {}):
+        pytest.skip("the dns L7 parser is not installed")
+    rounds = 3 if os.environ.get("AXONEME_BENCH_QUICK") == "1" else 10
+    apply(agent, tmp_path, [{"matchPattern": "*"}])
+    agent.pod_run("client", "sleep", "infinity", labels="org=empire,class=test-pod")
+    assert _probe(agent, "api.twitter.com")["connect_ok"]  # learned: later queries change nothing
+    known = [_probe(agent, "api.twitter.com") for _ in range(rounds)]
+    assert all(p["connect_ok"] for p in known), known
+    short_ip = ZONE["short.example.org"][0]
+    fresh: list[dict[str, Any]] = []
+
+    def revoked() -> None:  # short.example.org's 2 s TTL ran out: the next answer is news again
+        assert wait_for(lambda: curl(agent, f"http://{short_ip}/", timeout=1).returncode != 0,
+                        timeout=20, interval=0.5), "short.example.org never expired"
+
+    def learn() -> None:
+        fresh.append(_probe(agent, "short.example.org"))
+
+    benchmark.pedantic(learn, setup=revoked, rounds=rounds, iterations=1)
+    assert [p["connect_ok"] for p in fresh] == [True] * rounds, fresh
+    count, total, buckets = _histogram(agent, "axoneme_fqdn_answer_to_allowed_seconds")
+    assert count >= rounds, (count, buckets)
+
+    def p(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    k, f = [x["dns_ms"] for x in known], [x["dns_ms"] for x in fresh]
+    info = {"dns_known_p50_ms": p(k, 0.5), "dns_known_p99_ms": p(k, 0.99),
+            "dns_fresh_p50_ms": p(f, 0.5), "dns_fresh_p99_ms": p(f, 0.99),
+            "answer_to_allowed_mean_ms": total / count * 1e3,
+            "answer_to_allowed_p50_le_ms": _bucket_quantile(buckets, count, 0.5) * 1e3,
+            "answer_to_allowed_p99_le_ms": _bucket_quantile(buckets, count, 0.99) * 1e3,
+            "first_connect_allowed": f"{sum(x['connect_ok'] for x in fresh)}/{rounds}"}
+    benchmark.extra_info.update(info)
+    args = list(agent.extra_args)
+    mode = args[args.index("--iptables-mode") + 1] if "--iptables-mode" in args else ""
+    print(f"\n{agent.datapath} {mode}: " + ", ".join(
+        f"{key} {val:.2f}" if isinstance(val, float) else f"{key} {val}" for key, val in info.items()))

@@ -82,6 +82,32 @@ def test_answer_pushes_cidr_identity_and_survives_restart(tmp_path: Path) -> Non
         "198.51.100.99")
 
 
+def test_answer_to_allowed_is_measured_once_per_change(tmp_path: Path) -> None:
+    from axoneme.agent._metrics import AgentMetrics
+
+    agent = FakeAgent(tmp_path)
+    agent.metrics = AgentMetrics()  # type: ignore[attr-defined]
+    apply_policy(agent)
+    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    mgr.start()
+    on_answer = mgr.proxy_kwargs("dns")["on_answer"]
+
+    def count() -> float:
+        return agent.metrics.registry.get_sample_value(  # type: ignore[attr-defined,no-any-return]
+            "axoneme_fqdn_answer_to_allowed_seconds_count") or 0.0
+
+    mgr.cache.record("api.twitter.com", ["198.51.100.10"], 60)
+    asyncio.run(on_answer("api.twitter.com.", frozenset({"198.51.100.10"}), 60))
+    assert count() == 1
+    # the same answer again changes nothing: no datapath push, nothing measured
+    mgr.cache.record("api.twitter.com", ["198.51.100.10"], 60)
+    asyncio.run(on_answer("api.twitter.com.", frozenset({"198.51.100.10"}), 60))
+    assert count() == 1 and len(agent.pushes) == 1
+    mgr.cache.record("sub.example.com", ["198.51.100.12"], 60)
+    asyncio.run(on_answer("sub.example.com.", frozenset({"198.51.100.12"}), 60))
+    assert count() == 2
+
+
 def test_expiry_revokes(tmp_path: Path) -> None:
     agent = FakeAgent(tmp_path)
     apply_policy(agent)

@@ -48,6 +48,7 @@ class FQDNManager:
         self._parser: Any = None
         self.path = os.path.join(agent.config.state_dir, FQDN_STATE_FILE)
         self._dirty = False
+        self._changed_at: float | None = None  # first cache change not pushed yet (perf_counter)
         self._last_write = 0.0
         self._push_lock = threading.Lock()
         self._unsubscribe: Any = None
@@ -129,6 +130,8 @@ class FQDNManager:
 
     # -- the hooks -------------------------------------------------------------------
     def _on_change(self, names: frozenset[str]) -> None:
+        if self._changed_at is None:
+            self._changed_at = time.perf_counter()
         self._dirty = True
         LOG.debug("DNS cache changed: %s", ", ".join(sorted(names)))
 
@@ -136,13 +139,20 @@ class FQDNManager:
         """Awaited by the DNS proxy (on its own loop) before the answer is relayed.
 
         The cache (recorded just before) has already updated the engine; this
-        pushes the ipcache and policy changes into the kernel."""
-        await asyncio.to_thread(self.push)
+        pushes the ipcache and policy changes into the kernel; the time from
+        the cache change to here is the ``answer -> allowed`` metric."""
+        since = await asyncio.to_thread(self.push)
+        metrics = getattr(self.agent, "metrics", None)
+        if since is not None and metrics is not None:
+            metrics.fqdn_allowed.observe(time.perf_counter() - since)
 
-    def push(self) -> None:
-        """Datapath update + snapshot when the cache changed (any thread)."""
+    def push(self) -> float | None:
+        """Datapath update + snapshot when the cache changed (any thread).
+
+        Returns when the pushed change was first seen (perf_counter), or None."""
         with self._push_lock:
             changed, self._dirty = self._dirty, False
+            since, self._changed_at = self._changed_at, None
             if changed:
                 try:
                     errors = self.agent._regenerate_sync()
@@ -152,6 +162,7 @@ class FQDNManager:
                     LOG.exception("pushing toFQDNs changes to the datapath failed")
             if changed or time.monotonic() - self._last_write > SNAPSHOT_REFRESH:
                 self.save()
+            return since if changed else None
 
     def save(self, force: bool = False) -> None:
         """Atomic snapshot of the cache into the state dir."""

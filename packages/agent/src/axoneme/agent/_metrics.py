@@ -40,6 +40,12 @@ class AgentMetrics:
         self.endpoint_ready = Histogram(
             "axoneme_endpoint_ready_seconds", "Time from CNI ADD to endpoint ready",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.fqdn_allowed = Histogram(
+            "axoneme_fqdn_answer_to_allowed_seconds",
+            "Time from a DNS answer changing the node's FQDN cache to its IPs allowed in the datapath "
+            "(the DNS proxy holds the answer until then)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
         self.endpoints = Gauge("axoneme_endpoints", "Local endpoints", registry=r)
         self.identities = Gauge("axoneme_identities", "Allocated identities", registry=r)
         self.policy_revision = Gauge("axoneme_policy_revision", "Policy revision", registry=r)
