@@ -210,6 +210,15 @@ def test_agent_config_file_and_flags(tmp_path: Path) -> None:
     assert (cfg.datapath, cfg.iptables_mode, cfg.flow_buffer) == ("iptables", "ipset", 7)
     assert cfg.state_dir == f"{tmp_path}/state" and cfg.pod_cidr == "10.244.3.0/24"
     assert cfg.api_socket == str(tmp_path / "s.sock") and cfg.guard is True
+    # the per-endpoint policy map size (Cilium --bpf-policy-map-max) reaches the datapath
+    assert cfg.policy_map_max == 16384
+    cfg = build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf),
+                                                "--policy-map-max", "40000"]))
+    from axoneme.agent._agent import Agent
+    assert Agent(cfg).make_datapath().config.policy_map_max == 40000
+    from axoneme.agent.cli import UsageError
+    with pytest.raises(UsageError, match="policy-map-max"):
+        build_agent_config(parser.parse_args(["agent", "run", "--policy-map-max", "0"]))
     conf.write_text("datapth: ebpf\n")
     with pytest.raises(ConfigError) as e:
         build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))

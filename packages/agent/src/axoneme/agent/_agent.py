@@ -81,6 +81,7 @@ class AgentConfig:
     tofqdns_min_ttl: int = 0  # lower bound on DNS TTLs for toFQDNs (Cilium --tofqdns-min-ttl)
     dns_reject_rcode: str = "REFUSED"  # answer to a denied DNS query: REFUSED or NXDOMAIN
     bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
+    policy_map_max: int = 16384  # policy entries per endpoint (Cilium --bpf-policy-map-max)
     datapath_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -326,6 +327,7 @@ class Agent:
         mode = self.config.iptables_mode if self.config.datapath == "iptables" else ""
         cfg = DatapathConfig(state_dir=self.config.state_dir, mode=mode,
                              pod_cidr=self.config.pod_cidr, bpffs_root=self.config.bpffs_root,
+                             policy_map_max=self.config.policy_map_max,
                              options=dict(self.config.datapath_options))
         dp: Datapath = load_driver("axoneme.datapath", self.config.datapath, cfg)
         return dp

@@ -63,6 +63,9 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="do not install the forwarding guard (unsafe)")
     run.add_argument("--bpffs-root", default=None, metavar="DIR",
                      help="where a BPF datapath pins its maps (default /sys/fs/bpf/axoneme)")
+    run.add_argument("--policy-map-max", type=int, default=None, metavar="N",
+                     help="policy entries per endpoint a map may hold (default 16384, "
+                          "as Cilium's --bpf-policy-map-max)")
     run.add_argument("--tofqdns-min-ttl", type=int, default=None, metavar="SECONDS",
                      help="lower bound on DNS TTLs for toFQDNs (default 0: honour upstream TTLs)")
     run.add_argument("--dns-reject-rcode", default=None, choices=["REFUSED", "NXDOMAIN"],
@@ -148,7 +151,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
                 "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
-                "dns_reject_rcode")
+                "dns_reject_rcode", "policy_map_max")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -189,7 +192,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "policy_dir": args.policy_dir, "install_cni": args.install_cni,
         "pod_cidr": args.pod_cidr, "flow_buffer": args.flow_buffer,
         "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
-        "bpffs_root": args.bpffs_root,
+        "bpffs_root": args.bpffs_root, "policy_map_max": args.policy_map_max,
         "tofqdns_min_ttl": args.tofqdns_min_ttl, "dns_reject_rcode": args.dns_reject_rcode,
     }
     if args.no_guard:
@@ -201,6 +204,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     cfg = AgentConfig(**conf)
     if cfg.flow_buffer < 1:
         raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
+    if not isinstance(cfg.policy_map_max, int) or cfg.policy_map_max < 1:
+        raise UsageError(f"--policy-map-max must be a positive integer, got {cfg.policy_map_max!r}")
     cfg.state_dir = os.path.abspath(cfg.state_dir)
     cfg.api_socket = os.path.abspath(cfg.api_socket)
     if cfg.policy_dir:
