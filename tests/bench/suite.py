@@ -1060,7 +1060,10 @@ def bench_b5_agent(plan: Plan, res: Results, lg: str, order: list[str]) -> None:
     a policy allowing the client pod -> the first UDP echo the client gets
     through the kernel (a prober in the client pod sends every 2 ms), with N
     fromCIDR /32 peers already in force."""
-    args = {"ebpf": ["--datapath", "ebpf"],
+    # N fromCIDR peers x (TCP, UDP) entries: size the policy map for it (the
+    # default 16,384, Cilium's too, holds N = 8k)
+    map_max = str(2 * max(plan.b5_sizes) + 64)
+    args = {"ebpf": ["--datapath", "ebpf", "--policy-map-max", map_max],
             "iptables-plain": ["--datapath", "iptables", "--iptables-mode", "plain"],
             "iptables-ipset": ["--datapath", "iptables", "--iptables-mode", "ipset"]}
     for cond in order:
