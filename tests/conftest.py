@@ -55,20 +55,28 @@ def e2e_datapaths() -> list[str]:
     return [d.strip() for d in raw.split(",") if d.strip()]
 
 
-def probe_datapath(name: str) -> str | None:
-    """None if ``name`` can run here, else the reason it cannot."""
+def probe_datapath(name: str, mode: str = "") -> str | None:
+    """None if ``name`` (in ``mode``) can run here, else the reason it cannot."""
     from axoneme.core.datapath import DatapathConfig
     from axoneme.core.errors import AxonemeError
     from axoneme.core.plugins import load_driver
 
+    label = f"{name}/{mode}" if mode else name
     try:
-        dp = load_driver("axoneme.datapath", name, DatapathConfig(state_dir=tempfile.gettempdir()))
+        dp = load_driver("axoneme.datapath", name,
+                         DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode))
         dp.probe()
     except AxonemeError as e:
-        return f"datapath {name} unavailable: {e}"
+        return f"datapath {label} unavailable: {e}"
     except Exception as e:  # a broken plugin is a reason too, reported verbatim
-        return f"datapath {name} failed to load: {e!r}"
+        return f"datapath {label} failed to load: {e!r}"
     return None
+
+
+@pytest.fixture(scope="session")
+def datapath_probe() -> Any:
+    """``probe_datapath`` for test modules (they cannot import this conftest)."""
+    return probe_datapath
 
 
 # -- pod CIDR / guard ---------------------------------------------------------------------

@@ -73,27 +73,6 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> An
     return value
 
 
-def datapath_unavailable(name: str, mode: str) -> str | None:
-    """None if the datapath can run here, else why not."""
-    import tempfile
-
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.errors import AxonemeError
-    from axoneme.core.plugins import load_driver
-
-    if mode == "ipset" and shutil.which("ipset") is None:
-        return "iptables ipset mode needs the ipset tool"
-    try:
-        dp = load_driver("axoneme.datapath", name,
-                         DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode))
-        dp.probe()
-    except AxonemeError as e:
-        return f"datapath {name} unavailable: {e}"
-    except Exception as e:
-        return f"datapath {name} failed to load: {e!r}"
-    return None
-
-
 def other_iptables_agents() -> list[int]:
     """PIDs of running ``axoneme agent run --datapath iptables`` processes."""
     out = []
@@ -182,9 +161,10 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
 
 @pytest.fixture(params=DATAPATHS, ids=lambda d: f"{d[0]}-{d[1]}" if d[1] else d[0])
 def fqdn_agent(request: pytest.FixtureRequest, agent_factory: Any, world: dict[str, str],
-               tmp_path: Path) -> Iterator[Any]:
+               tmp_path: Path, datapath_probe: Any) -> Iterator[Any]:
     name, mode = request.param
-    reason = datapath_unavailable(name, mode)
+    reason = ("iptables ipset mode needs the ipset tool"
+              if mode == "ipset" and shutil.which("ipset") is None else datapath_probe(name, mode))
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
@@ -323,10 +303,10 @@ def test_fqdn_egress(fqdn_agent: Any, tmp_path: Path) -> None:
 
 
 def test_fqdn_reject_rcode_nxdomain(agent_factory: Any, world: dict[str, str],
-                                    tmp_path: Path) -> None:
+                                    tmp_path: Path, datapath_probe: Any) -> None:
     """dns_reject_rcode: NXDOMAIN answers a denied query with NXDOMAIN (one datapath
     suffices: the proxy, not the datapath, answers)."""
-    reason = datapath_unavailable("ebpf", "")
+    reason = datapath_probe("ebpf")
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)

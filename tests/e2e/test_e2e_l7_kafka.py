@@ -162,22 +162,6 @@ main()
 '''
 
 
-def _probe(datapath: str, mode: str) -> str | None:
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.errors import AxonemeError
-    from axoneme.core.plugins import load_driver
-
-    try:
-        dp = load_driver("axoneme.datapath", datapath,
-                         DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode))
-        dp.probe()
-    except AxonemeError as e:
-        return f"datapath {datapath} {mode} unavailable: {e}"
-    except Exception as e:  # a broken plugin is a reason too, reported verbatim
-        return f"datapath {datapath} {mode} failed to load: {e!r}"
-    return None
-
-
 @dataclass
 class KafkaSetup:
     agent: Any
@@ -218,7 +202,7 @@ def _wait_broker(setup: KafkaSetup, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="module", params=DATAPATHS, ids=[d[0] for d in DATAPATHS])
-def kafka(request: pytest.FixtureRequest, guard: str) -> Iterator[KafkaSetup]:
+def kafka(request: pytest.FixtureRequest, guard: str, datapath_probe: Any) -> Iterator[KafkaSetup]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, datapaths)")
     if not (TANSU and os.access(TANSU, os.X_OK)):
@@ -229,7 +213,7 @@ def kafka(request: pytest.FixtureRequest, guard: str) -> Iterator[KafkaSetup]:
         except ImportError:
             pytest.skip(f"{mod} not installed")
     _, datapath, mode = request.param
-    reason = _probe(datapath, mode)
+    reason = datapath_probe(datapath, mode)
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
