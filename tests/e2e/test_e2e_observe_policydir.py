@@ -35,7 +35,30 @@ def _wait(pred: Any, timeout: float = 10.0) -> Any:
     return pred()
 
 
-def test_observe_filters_enrichment_follow_and_metrics(agent: Any) -> None:
+def test_flow_injection_is_off_by_default(agent: Any) -> None:
+    """Any client of the socket could forge the audit trail: POST /v1/flows is refused."""
+    a = agent.pod_run("fa", "sleep", "infinity", labels="app=fa")
+    api = agent.api()
+    from axoneme.agent.client import AgentError
+
+    with pytest.raises(AgentError) as err:
+        api.post("/v1/flows", [_flow(a, a)])
+    assert err.value.status in (404, 405)
+    out = agent.cli("observe", "-o", "json", "--last", "10", "--verdict", "DROPPED", check=True)
+    assert not any(json.loads(x).get("l4", {}).get("TCP", {}).get("source_port") == 41000
+                   for x in out.stdout.splitlines())
+
+
+@pytest.fixture
+def injecting_agent(agent_factory: Any, datapath_name: str, tmp_path: Path) -> Any:
+    """An agent whose config turns flow injection on (the test hook for `observe`)."""
+    conf = tmp_path / "agent.yaml"
+    conf.write_text("flow_injection: true\n")
+    return agent_factory(datapath_name, extra_args=["--config", str(conf)])
+
+
+def test_observe_filters_enrichment_follow_and_metrics(injecting_agent: Any) -> None:
+    agent = injecting_agent
     a = agent.pod_run("fa", "sleep", "infinity", labels="app=fa")
     b = agent.pod_run("fb", "sleep", "infinity", labels="app=fb")
     api = agent.api()

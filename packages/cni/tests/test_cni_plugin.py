@@ -220,3 +220,38 @@ def test_check_compares_prev_result(fake_agent: FakeAgent) -> None:
     fake_agent.responses["/v1/cni/check"] = (404, {"error": "container has no endpoint"})
     code, out = run_plugin("CHECK", conf(fake_agent.path, prevResult=prev), add_env())
     assert code != 0 and out["code"] == 3
+
+
+@pytest.mark.parametrize(("var", "value", "args"), [
+    ("K8S_POD_NAMESPACE", "", "K8S_POD_NAMESPACE=Prod;K8S_POD_NAME=web"),
+    ("K8S_POD_NAMESPACE", "", "K8S_POD_NAMESPACE=a/b;K8S_POD_NAME=web"),
+    ("K8S_POD_NAMESPACE", "", "K8S_POD_NAMESPACE=" + "n" * 64 + ";K8S_POD_NAME=web"),
+    ("K8S_POD_NAME", "", "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web\x01x"),
+    ("K8S_POD_NAME", "", "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=../../etc"),
+    ("K8S_POD_NAME", "", "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=" + "p" * 254),
+    ("K8S_POD_NAME", "", "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=wéb"),
+    ("CNI_CONTAINERID", "-abc", ""),
+    ("CNI_CONTAINERID", "abc/def", ""),
+    ("CNI_IFNAME", "eth0/x", ""),
+    ("CNI_IFNAME", "a" * 16, ""),
+    ("CNI_IFNAME", "..", ""),
+])
+def test_add_refuses_names_kubernetes_and_the_spec_refuse(
+        fake_agent: FakeAgent, var: str, value: str, args: str) -> None:
+    """CNI_ARGS names are Kubernetes names; container id and ifname as the CNI spec says."""
+    env = add_env(args=args)
+    if value:
+        env[var] = value
+    code, out = run_plugin("ADD", conf(fake_agent.path), env)
+    assert code != 0 and out["code"] == 4, out
+    assert var in out["details"]
+    assert len(out["details"]) < 400  # a hostile value is cut in the message
+    assert fake_agent.requests == []
+
+
+def test_add_accepts_kubernetes_names(fake_agent: FakeAgent) -> None:
+    fake_agent.responses["/v1/cni/add"] = (200, {"ips": []})
+    args = "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-5d78c9869d-x2x7q.v1"
+    code, out = run_plugin("ADD", conf(fake_agent.path), add_env("Abc_1.2-3", args))
+    assert code == 0, out
+    assert fake_agent.requests[-1][1]["pod_name"] == "coredns-5d78c9869d-x2x7q.v1"

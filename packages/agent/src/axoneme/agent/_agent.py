@@ -35,6 +35,12 @@ from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.identity import Identity
 from axoneme.core.labels import Labels, valid_label_key, valid_label_value
 from axoneme.core.mapstate import MapState
+from axoneme.core.names import (
+    container_id_problem,
+    dns_label_problem,
+    dns_subdomain_problem,
+    ifname_problem,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -83,6 +89,10 @@ class AgentConfig:
     bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
     policy_map_max: int = 16384  # policy entries per endpoint (Cilium --bpf-policy-map-max)
     datapath_options: dict[str, Any] = field(default_factory=dict)
+    # POST /v1/flows: add flow records by hand. Off: any client of the socket
+    # could forge the audit trail. Only tests of `observe` turn it on (config
+    # file key, no flag).
+    flow_injection: bool = False
 
     @property
     def state_file(self) -> str:
@@ -754,6 +764,16 @@ class Agent:
         pod_name = str(req.get("pod_name") or "") or container_id[:12]
         if not container_id or not netns_path:
             raise BadRequest("container_id and netns are required")
+        # the socket's clients are the CNI plugin and the CLI, but any root
+        # process can call it: the names become labels and state keys
+        for what, value, check in (("container_id", container_id, container_id_problem),
+                                   ("ifname", ifname, ifname_problem),
+                                   ("namespace", namespace, dns_label_problem),
+                                   ("pod_name", str(req.get("pod_name") or ""),
+                                    dns_subdomain_problem)):
+            problem = check(value) if value or what != "pod_name" else None
+            if problem:
+                raise BadRequest(f"invalid {what}: {problem}")
         t0 = time.perf_counter()
         async with self.lock:
             if container_id in self.endpoints:
@@ -1286,10 +1306,10 @@ def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
 
 
 def _check_name(name: str, what: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", name or ""):
-        raise BadRequest(f"invalid {what} name {name!r}: lower-case letters, digits, '-' and '.'")
+    """Namespaces are RFC 1123 labels and pods RFC 1123 subdomains, as in Kubernetes."""
+    problem = (dns_label_problem if what == "namespace" else dns_subdomain_problem)(name)
+    if problem:
+        raise BadRequest(f"invalid {what} name: {problem}")
 
 
 def kill_pod_process(pid: int, start: int, grace: float = 3.0) -> None:

@@ -43,7 +43,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except AxonemeError as e:
         LOG.warning("%s %s failed: %s", request.method, request.path, e)
         return _json({"error": str(e)}, 500)
-    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         return _json({"error": f"bad request: {e}"}, 400)
     except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
         LOG.exception("%s %s crashed", request.method, request.path)
@@ -248,7 +248,8 @@ def build_app(agent: Agent) -> web.Application:
     r.add_get("/v1/endpoints/{id}", ep_get)
     r.add_get("/v1/identities", id_list)
     r.add_get("/v1/flows", flows_get)
-    r.add_post("/v1/flows", flows_post)
+    if agent.config.flow_injection:
+        r.add_post("/v1/flows", flows_post)
     return app
 
 

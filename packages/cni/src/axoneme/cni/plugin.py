@@ -22,6 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from axoneme.cni._client import AgentClient, AgentError, AgentUnreachable
+from axoneme.core.names import (
+    container_id_problem,
+    dns_label_problem,
+    dns_subdomain_problem,
+    ifname_problem,
+)
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PRIMARY_VERSIONS = ("1.0.0", "1.1.0")
@@ -138,15 +144,35 @@ def _call(client: AgentClient, path: str, body: Mapping[str, Any]) -> Any:
 
 
 def _pod_args(env: Mapping[str, str]) -> dict[str, str]:
+    """Namespace and pod name from CNI_ARGS, checked as Kubernetes names.
+
+    They become identity labels and keys in the agent's state: a runtime (or
+    anyone who can run the plugin) must not smuggle '/', control characters
+    or megabytes through them."""
     args = parse_cni_args(env.get("CNI_ARGS", ""))
-    return {"namespace": args.get("K8S_POD_NAMESPACE", "") or "default",
-            "pod_name": args.get("K8S_POD_NAME", "")}
+    namespace = args.get("K8S_POD_NAMESPACE", "") or "default"
+    pod_name = args.get("K8S_POD_NAME", "")
+    problem = dns_label_problem(namespace)
+    if problem:
+        raise CNIError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"K8S_POD_NAMESPACE {problem}")
+    if pod_name and (problem := dns_subdomain_problem(pod_name)):
+        raise CNIError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"K8S_POD_NAME {problem}")
+    return {"namespace": namespace, "pod_name": pod_name}
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """CNI_CONTAINERID and CNI_IFNAME as the CNI spec defines them."""
+    for var, check in (("CNI_CONTAINERID", container_id_problem), ("CNI_IFNAME", ifname_problem)):
+        problem = check(env[var])
+        if problem:
+            raise CNIError(ERR_INVALID_ENV, f"invalid {var}", f"{var} {problem}")
 
 
 def cmd_add(env: Mapping[str, str], config: Mapping[str, Any]) -> dict[str, Any]:
     version = check_version(config)
     validate_config(config)
     _require(env, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
+    _check_env_names(env)
     netns = env["CNI_NETNS"]
     if not os.path.exists(netns):
         raise CNIError(ERR_INVALID_ENV, "invalid CNI_NETNS",

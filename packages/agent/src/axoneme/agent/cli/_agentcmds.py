@@ -151,7 +151,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
                 "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
-                "dns_reject_rcode", "policy_map_max")
+                "dns_reject_rcode", "policy_map_max", "flow_injection")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
