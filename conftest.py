@@ -17,10 +17,14 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 _PYTEST_PID = os.getpid()
 
@@ -55,10 +59,20 @@ def pytest_configure(config: object) -> None:
 #   * iptables chains ``AXTEST-<what>-p<pid>`` whose pid is gone.
 
 _OWNER_ENV = "AXONEME_TEST_OWNER"
-_STATE_GLOBS = ("/tmp/*/state.json", "/tmp/*/*/state.json", "/tmp/pytest-of-*/pytest-*/*/state.json",
-                "/tmp/pytest-of-*/pytest-*/*/*/state.json", "/tmp/pytest-of-*/pytest-*/*/*/*/state.json")
+# relative to a temp root: /tmp (agent_factory's state dirs) and the system temp dir
+# (TMPDIR: pytest's tmp_path dirs)
+_STATE_GLOBS = ("*/state.json", "*/*/state.json", "pytest-of-*/pytest-*/*/state.json",
+                "pytest-of-*/pytest-*/*/*/state.json", "pytest-of-*/pytest-*/*/*/*/state.json")
+# an agent's state file with every policy of a 50k-rule benchmark stays far below this;
+# anything bigger is not ours and is not worth reading at session start
+_STATE_MAX_BYTES = 64 << 20
 _OWNED = re.compile(r"-p(\d+)-")
 _OWNED_CHAIN = re.compile(r"^AXTEST-[A-Z]+-p(\d+)$")
+
+
+def _state_globs() -> list[str]:
+    roots = dict.fromkeys(["/tmp", tempfile.gettempdir()])
+    return [os.path.join(root, pattern) for root in roots for pattern in _STATE_GLOBS]
 
 
 def _alive(pid: int) -> bool:
@@ -121,24 +135,69 @@ def _cmdlines() -> list[str]:
     return out
 
 
-def _stale_state_dirs() -> list[str]:
+def _read_agent_state(path: str) -> dict[str, Any] | None:
+    """The state file at ``path`` if it is an axoneme agent's of ours, else None.
+
+    Anything under the temp dir may be another program's, hostile or half
+    written: a file that is not ours (not a regular file owned by us, too big,
+    not JSON, not an agent's state) is left alone, never an error.
+    """
+    try:
+        st = os.lstat(path)
+        dst = os.lstat(os.path.dirname(path))
+    except OSError:
+        return None
+    euid = os.geteuid()
+    if not stat.S_ISREG(st.st_mode) or not stat.S_ISDIR(dst.st_mode) or \
+            st.st_uid != euid or dst.st_uid != euid or st.st_size > _STATE_MAX_BYTES:
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_STATE_MAX_BYTES + 1)
+        if len(raw) > _STATE_MAX_BYTES:
+            return None
+        # RecursionError: deep nesting; ValueError: bad JSON, over-long ints; UnicodeError
+        data = json.loads(raw)
+    except (OSError, ValueError, UnicodeError, RecursionError, MemoryError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    sock, datapath, version = data.get("api_socket"), data.get("datapath"), data.get("version")
+    if not (isinstance(sock, str) and sock and isinstance(datapath, str) and datapath
+            and isinstance(version, int) and not isinstance(version, bool)):
+        return None
+    return data
+
+
+def _stale_state_dirs(globs: Sequence[str] | None = None) -> list[str]:
     """State dirs no agent serves: nobody answers the socket, no process names the dir."""
     from axoneme.agent._api import socket_in_use
 
     found: list[str] = []
     running = " ".join(_cmdlines())
-    for pattern in _STATE_GLOBS:
-        for path in glob.glob(pattern):
-            try:
-                data = json.loads(Path(path).read_text())
-            except (OSError, ValueError):
+    for pattern in _state_globs() if globs is None else globs:
+        for path in sorted(glob.glob(pattern)):
+            data = _read_agent_state(path)
+            if data is None:
                 continue
-            sock = data.get("api_socket") if isinstance(data, dict) else None
             state_dir = os.path.dirname(path)
-            if not sock or not data.get("datapath") or f"{state_dir} " in running or socket_in_use(sock):
+            if state_dir in found or f"{state_dir} " in running or socket_in_use(data["api_socket"]):
                 continue
             found.append(state_dir)
     return found
+
+
+def _sweep_state_dirs(globs: Sequence[str] | None = None) -> list[str]:
+    """Run ``axoneme agent cleanup`` on every stale agent state dir; the dirs swept."""
+    ax = Path(sys.executable).with_name("axoneme")
+    if not ax.exists():
+        return []
+    swept = _stale_state_dirs(globs)
+    for state_dir in swept:
+        res = subprocess.run([str(ax), "agent", "cleanup", "--state-dir", state_dir],
+                             capture_output=True, text=True, timeout=120)
+        print(f"swept the stale agent state {state_dir}: exit {res.returncode}", file=sys.stderr)
+    return swept
 
 
 def _sweep_leftovers() -> None:
@@ -147,10 +206,7 @@ def _sweep_leftovers() -> None:
     if orphans:
         print(f"stopping processes of a killed test run: {orphans}", file=sys.stderr)
         _stop(orphans)
-    ax = Path(sys.executable).with_name("axoneme")
-    for state_dir in _stale_state_dirs() if ax.exists() else []:
-        res = run([str(ax), "agent", "cleanup", "--state-dir", state_dir])
-        print(f"swept the stale agent state {state_dir}: exit {res.returncode}", file=sys.stderr)
+    _sweep_state_dirs()
     for line in run(["ip", "netns", "list"]).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _OWNED.search(name)
@@ -173,4 +229,8 @@ def _sweep_leftovers() -> None:
 
 def pytest_sessionstart(session: object) -> None:
     if os.geteuid() == 0 and not os.environ.get("PYTEST_XDIST_WORKER"):
-        _sweep_leftovers()
+        try:
+            _sweep_leftovers()
+        except (OSError, subprocess.SubprocessError) as e:
+            # housekeeping: a leftover it cannot remove must not stop the suite
+            print(f"warning: sweeping leftovers of killed runs failed: {e!r}", file=sys.stderr)
