@@ -183,3 +183,59 @@ def test_dns_proxy_starts_from_entry_point() -> None:
         assert pm.server(port) is not None
     finally:
         pm.stop()
+
+
+def test_crashed_proxy_loop_is_reported_and_revived() -> None:
+    """The proxies' loop dies (failpoint proxy.loop): health() names it, nothing passes while
+    it is down, revive() brings every listener back on the same port, policy intact."""
+    import http.server
+    import threading
+    import time
+
+    from axoneme.core import failpoints
+    from axoneme.core.policy.api import HTTPRule
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), lambda f: None,
+                      port_range=_free_range(), redirect=False, transparent=False,
+                      config=ProxyConfig(upstream=srv.server_address[:2]))
+    failpoints.configure("1")
+    try:
+        port = pm.acquire("http", Direction.INGRESS)
+        assert pm.health() is None and pm.revive() is False
+        failpoints.set_failpoint("proxy.loop", "1*error")
+        deadline = time.monotonic() + 10
+        while pm.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "crashed" in (pm.health() or "")
+        # down: a client is accepted by the kernel but nothing is forwarded
+        c = socket.create_connection(("127.0.0.1", port), timeout=1)
+        c.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            c.recv(100)
+        assert pm.revive() is True and pm.restarts == 1
+        assert pm.health() is None
+        c2 = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _get(c2, b"/ok").endswith(b"\r\n\r\n/ok")
+        assert _get(c2, b"/no").endswith(b"\r\n\r\nAccess denied")
+        c.close()
+        c2.close()
+    finally:
+        failpoints.configure(None)
+        pm.stop()
+        srv.shutdown()
+    assert pm.proxies() == []

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from axoneme.core.errors import AxonemeError
+from axoneme.core.failpoints import failpoint
 from axoneme.core.l7proxy import FlowSink, L7ProxyServer, PolicyFor, ProxyConfig
 from axoneme.core.mapstate import Direction
 from axoneme.core.marks import from_proxy_mark
@@ -34,6 +36,32 @@ DEFAULT_PROTOCOLS: dict[str, tuple[str, ...]] = {"dns": ("tcp", "udp")}
 
 class ProxyError(AxonemeError):
     """A proxy could not be started (no parser, no free port, bind failed)."""
+
+
+class ProxyLoopCrash(SystemExit):
+    """Ends the proxies' event loop thread (the ``proxy.loop`` failpoint).
+
+    asyncio hands every other exception of a callback to the loop's exception
+    handler; SystemExit (like a real fatal error) leaves ``run_forever`` and
+    the thread dies."""
+
+
+# How often the proxies' loop proves it is alive; a loop that has not beaten
+# for STALL_AFTER seconds is reported as stalled.
+HEARTBEAT = 0.25
+STALL_AFTER = 2.0
+
+
+@dataclass
+class _Listener:
+    """What it takes to start a port's proxy again after a crash."""
+
+    server: L7ProxyServer
+    info: ProxyInfo
+    sock: socket.socket
+    policy_for: PolicyFor
+    protocols: tuple[str, ...]
+    factory_kwargs: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +103,13 @@ class ProxyManager:
         self._lock = threading.RLock()
         self._by_key: dict[tuple[str, Direction, str], int] = {}
         self._servers: dict[int, tuple[L7ProxyServer, ProxyInfo]] = {}
+        self._listeners: dict[int, _Listener] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._base_installed = False
+        self._last_beat = 0.0
+        self.restarts = 0
+        self.last_fault = ""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -85,13 +117,86 @@ class ProxyManager:
         """Start the proxy thread and install the base redirect rules (idempotent)."""
         with self._lock:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
-                t = threading.Thread(target=loop.run_forever, name="axoneme-proxy", daemon=True)
-                t.start()
-                self._loop, self._thread = loop, t
+                self._start_loop()
             if self.rules is not None and not self._base_installed:
                 self.rules.install_base()
                 self._base_installed = True
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        t = threading.Thread(target=self._run_loop, args=(loop,), name="axoneme-proxy",
+                             daemon=True)
+        self._loop, self._thread = loop, t
+        self._last_beat = time.monotonic()
+        t.start()
+
+    def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._beat)
+        try:
+            loop.run_forever()
+        except ProxyLoopCrash as e:
+            # the thread ends here; health() sees it and revive() starts over
+            self.last_fault = f"proxy event loop crashed: {e or 'ProxyLoopCrash'}"
+            LOG.error("%s", self.last_fault)
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+        failpoint("proxy.loop", ProxyLoopCrash("failpoint proxy.loop"))
+        assert self._loop is not None
+        self._loop.call_later(HEARTBEAT, self._beat)
+
+    def health(self) -> str | None:
+        """None when the proxies serve; else what is wrong with them."""
+        with self._lock:
+            if self._loop is None or not self._servers:
+                return None
+            if self._thread is None or not self._thread.is_alive():
+                return self.last_fault or "proxy event loop is not running"
+            stalled = time.monotonic() - self._last_beat
+            if stalled > STALL_AFTER:
+                return f"proxy event loop has not run for {stalled:.1f}s"
+            return None
+
+    def revive(self) -> bool:
+        """If the proxies' loop died, start a new one and every listener again.
+
+        The TPROXY rules stay: they name ports, which come back the same.
+        While the loop was dead the old sockets still queued connections that
+        nobody read (nothing reached an upstream, so nothing was allowed that
+        policy denies); closing them resets those clients. Returns whether a
+        restart happened."""
+        with self._lock:
+            if self._loop is None or (self._thread is not None and self._thread.is_alive()):
+                return False
+            old = self._loop
+            self._loop = self._thread = None
+            try:
+                old.close()
+            except RuntimeError:
+                LOG.debug("closing the dead proxy loop", exc_info=True)
+            self._start_loop()
+            for port, lst in sorted(self._listeners.items()):
+                lst.sock.close()
+                info = lst.info
+                try:
+                    sock = make_listener(port, self.listen_ip, transparent=self.transparent)
+                    server = self._factory(info.parser)(
+                        sock, direction=info.direction, policy_for=lst.policy_for,
+                        flow_sink=self.flow_sink,
+                        connect_upstream=transparent_connector(
+                            from_proxy_mark(info.direction), spoof_source=self.transparent),
+                        config=self.config, **lst.factory_kwargs)
+                    self._run(server.start())
+                except Exception as e:
+                    self.last_fault = f"cannot restart the {info.parser} proxy on port {port}: {e}"
+                    LOG.error("%s", self.last_fault)
+                    continue
+                lst.server, lst.sock = server, sock
+                self._servers[port] = (server, self._servers[port][1])
+            self.restarts += 1
+            LOG.warning("proxies restarted (%d so far) after: %s", self.restarts, self.last_fault)
+            return True
 
     def stop(self) -> None:
         """Stop every listener and remove every rule, chain, ip rule and route."""
@@ -162,6 +267,10 @@ class ProxyManager:
                 raise ProxyError(f"cannot start the {parser} proxy on port {p}: {e}") from e
             self._by_key[key] = p
             self._servers[p] = (server, ProxyInfo(parser, direction, name, p, 1))
+            self._listeners[p] = _Listener(server, ProxyInfo(parser, direction, name, p, 1), sock,
+                                           policy_for,
+                                           protocols or DEFAULT_PROTOCOLS.get(parser, ("tcp",)),
+                                           dict(factory_kwargs))
             LOG.info("started %s %s proxy on port %d", parser, direction, p)
             return p
 
@@ -208,8 +317,13 @@ class ProxyManager:
 
     def _stop_port(self, port: int) -> None:
         server, info = self._servers.pop(port)
+        lst = self._listeners.pop(port, None)
         if self.rules is not None:
             self.rules.remove_port(port)
+        if self._thread is None or not self._thread.is_alive():
+            if lst is not None:  # a dead loop runs no stop(): close the listener here
+                lst.sock.close()
+            return
         try:
             self._run(server.stop())
         except Exception:
@@ -239,4 +353,5 @@ class ProxyManager:
         raise ProxyError(f"no free proxy port in {self.port_range}: {last}")
 
 
-__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE", "DEFAULT_PROTOCOLS"]
+__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "ProxyLoopCrash", "PORT_RANGE",
+           "DEFAULT_PROTOCOLS"]
