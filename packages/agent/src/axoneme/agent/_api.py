@@ -14,6 +14,7 @@ from aiohttp import web
 from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.agent._runtime import PodRuntime
+from axoneme.core import failpoints
 from axoneme.core.errors import AxonemeError, ConfigError, InvalidRule, PolicyError
 from axoneme.core.flow import Flow
 
@@ -250,6 +251,22 @@ def build_app(agent: Agent) -> web.Application:
     r.add_get("/v1/flows", flows_get)
     if agent.config.flow_injection:
         r.add_post("/v1/flows", flows_post)
+    if failpoints.enabled():
+        # fault tests only: the process was started with AXONEME_FAILPOINTS
+        async def failpoints_get(request: web.Request) -> web.Response:
+            return _json(failpoints.armed())
+
+        async def failpoints_put(request: web.Request) -> web.Response:
+            body = await _body(request)
+            try:
+                failpoints.set_failpoint(str(body.get("name", "")), str(body.get("action", "")))
+            except failpoints.FailpointError as e:
+                raise BadRequest(str(e)) from e
+            LOG.warning("failpoint %s armed: %s", body.get("name"), body.get("action"))
+            return _json(failpoints.armed())
+
+        r.add_get("/v1/debug/failpoints", failpoints_get)
+        r.add_put("/v1/debug/failpoints", failpoints_put)
     return app
 
 
