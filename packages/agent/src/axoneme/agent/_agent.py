@@ -34,6 +34,7 @@ from axoneme.core.errors import AxonemeError, ConfigError, DatapathError, Policy
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.identity import Identity
 from axoneme.core.labels import Labels, valid_label_key, valid_label_value
+from axoneme.core.lockfile import LockHeld, PidLock
 from axoneme.core.mapstate import MapState
 from axoneme.core.names import (
     container_id_problem,
@@ -46,6 +47,7 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/axoneme"
 STATE_FILE = "state.json"
+LOCK_FILE = "agent.lock"  # flock held by the agent serving the state dir
 STATE_VERSION = 1
 DNS_SERVER = "198.51.100.53"  # a test-net address: pods never use the host's resolver
 
@@ -60,6 +62,20 @@ class BadRequest(AxonemeError):
 
 class NotFound(BadRequest):
     """HTTP 404."""
+
+
+class StateDirLocked(AxonemeError):
+    """Another agent serves this state dir (``agent run`` exits 1)."""
+
+    def __init__(self, state_dir: str, err: LockHeld) -> None:
+        self.state_dir = state_dir
+        self.pid = err.pid
+        who = f"agent pid {err.pid}" if err.pid else "another agent"
+        if err.info:
+            who += f" ({err.info})"
+        super().__init__(f"state dir {state_dir} is in use by {who}; two agents on one "
+                         f"state dir overwrite each other's state: stop it first or use "
+                         f"another --state-dir")
 
 
 class Conflict(BadRequest):
@@ -272,6 +288,7 @@ class Agent:
         self._saved_revision = 0
         self._enforcement: dict[int, tuple[bool, bool]] = {}  # what the datapath was told
         self._deleting: set[str] = set()
+        self._state_lock: PidLock | None = None
 
     @property
     def revision(self) -> int:
@@ -343,8 +360,22 @@ class Agent:
         return dp
 
     async def start(self) -> None:
-        """Load state, probe and start the datapath, adopt existing endpoints."""
+        """Lock the state dir, load state, probe and start the datapath, adopt
+        existing endpoints. StateDirLocked if another agent serves the dir."""
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        lock = PidLock(os.path.join(self.config.state_dir, LOCK_FILE))
+        try:
+            lock.acquire(f"api socket {self.config.api_socket}")
+        except LockHeld as e:
+            raise StateDirLocked(self.config.state_dir, e) from None
+        self._state_lock = lock
+        try:
+            await self._start()
+        except BaseException:
+            lock.release()  # a failed start leaves the dir to whoever comes next
+            raise
+
+    async def _start(self) -> None:
         self.load_state()
         self.ipam = IPAM(self.config.pod_cidr,
                          {e.ipv4: e.container_id for e in self.endpoints.values() if e.ipv4})
@@ -620,6 +651,8 @@ class Agent:
                 await self.persist()
         except Exception:
             LOG.exception("final state write failed")
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     # -- helpers -------------------------------------------------------------------
     def _dp_call(self, fn: Any, *args: Any) -> Any:

@@ -12,9 +12,17 @@ from typing import Any
 
 from axoneme.agent import _netlink as nl
 from axoneme.agent import guard
-from axoneme.agent._agent import Agent, AgentConfig, PodRecord, kill_pod_process
+from axoneme.agent._agent import (
+    LOCK_FILE,
+    Agent,
+    AgentConfig,
+    PodRecord,
+    StateDirLocked,
+    kill_pod_process,
+)
 from axoneme.agent._statefile import StateCorrupt, read_json
 from axoneme.core.errors import AxonemeError, ConfigError, DatapathUnavailable, PluginError
+from axoneme.core.lockfile import LockHeld, PidLock
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +52,9 @@ async def _serve(config: AgentConfig) -> int:
     except StateCorrupt as e:
         sys.stderr.write(f"error: {e} ({e.path})\n")
         return EXIT_BAD_INPUT
+    except StateDirLocked as e:
+        sys.stderr.write(f"error: {e} (--state-dir)\n")
+        return EXIT_RUNTIME
     except DatapathUnavailable as e:
         sys.stderr.write(f"error: datapath {config.datapath} is unavailable: {e} (--datapath)\n")
         return EXIT_RUNTIME
@@ -92,7 +103,37 @@ async def _serve(config: AgentConfig) -> int:
 
 
 def cleanup(state_dir: str) -> int:
-    """Remove everything an agent with ``state_dir`` made. Idempotent."""
+    """Remove everything an agent with ``state_dir`` made. Idempotent.
+
+    Refuses (exit 1) while an agent holds the state dir's lock."""
+    lock = PidLock(os.path.join(state_dir, LOCK_FILE))
+    if os.path.isdir(state_dir):
+        # an agent still serving the dir keeps it: cleaning up under it would
+        # tear down what it enforces and leave it writing to a removed dir
+        try:
+            lock.acquire("axoneme agent cleanup")
+        except LockHeld as e:
+            who = f"agent pid {e.pid}" if e.pid else "another agent"
+            sys.stderr.write(f"error: {who} is running with state dir {state_dir} "
+                             f"({e.info or 'holds ' + e.path}); stop it first, then run "
+                             f"`axoneme agent cleanup`\n")
+            return EXIT_RUNTIME
+    try:
+        return _cleanup(state_dir)
+    finally:
+        if lock.held:
+            try:
+                os.unlink(lock.path)
+            except FileNotFoundError:
+                pass
+            lock.release()
+            try:
+                os.rmdir(state_dir)
+            except OSError:
+                pass
+
+
+def _cleanup(state_dir: str) -> int:
     from axoneme.core.datapath import DatapathConfig
     from axoneme.core.plugins import load_driver
 
