@@ -154,6 +154,10 @@ def netns_factory() -> Iterator[Any]:
 
 # -- the agent process -------------------------------------------------------------------------
 
+IPTABLES_BUSY = "the iptables datapath of this network namespace is in use by"
+IPTABLES_BUSY_WAIT = 900.0
+
+
 @dataclass
 class AgentProcess:
     """One ``axoneme agent run`` process and a CLI bound to its socket."""
@@ -195,14 +199,31 @@ class AgentProcess:
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "agent already running"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env(),
-                                     start_new_session=True)
-        log.close()
-        self.starts += 1
-        if wait:
-            self.wait_ready(timeout)
+        # One iptables agent per network namespace: the agent refuses to run
+        # next to another one (exit 1). Suites of other processes hold theirs
+        # for a while; wait for it to go instead of failing.
+        busy_until = time.monotonic() + IPTABLES_BUSY_WAIT
+        while True:
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log = open(self.log_path, "ab")
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env(),
+                                         start_new_session=True)
+            log.close()
+            self.starts += 1
+            if not wait:
+                return
+            try:
+                self.wait_ready(timeout)
+                return
+            except RuntimeError:
+                with open(self.log_path, "rb") as f:
+                    f.seek(offset)
+                    new = f.read().decode(errors="replace")
+                if (self.datapath != "iptables" or self.proc.poll() != 1
+                        or IPTABLES_BUSY not in new or time.monotonic() > busy_until):
+                    raise
+            time.sleep(1.0)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         from axoneme.agent.client import AgentClient, AgentUnreachable

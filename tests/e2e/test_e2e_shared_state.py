@@ -62,3 +62,55 @@ def test_second_agent_on_one_state_dir_exits_1_and_leaves_the_first_alone(
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert not first.state_dir.exists()
+
+
+def _iptables_save() -> str:
+    return subprocess.run(["iptables-save", "-t", "filter"], capture_output=True,
+                          text=True).stdout
+
+
+def test_second_iptables_agent_in_one_netns_exits_1(agent_factory: Any, datapath_probe: Any,
+                                                    tmp_path: Path) -> None:
+    """Two iptables agents in one network namespace share the AXON- chains and
+    the NFLOG group: the second used to run "Ok" with no flow events at all."""
+    import fcntl
+
+    reason = datapath_probe("iptables")
+    if reason is not None:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    # other suites' iptables agents take this lock: wait for them instead of
+    # meeting them (the agent itself refuses to run next to one)
+    lock = open("/tmp/axoneme-iptables-datapath.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        first = agent_factory("iptables")
+        first.pod_run("p1", "sleep", "infinity")
+        ep_id = first.json("endpoint", "list")[0]["id"]
+        assert f":AXON-EP-{ep_id}-IN " in _iptables_save()
+
+        second = agent_factory("iptables", start=False)
+        res = subprocess.run(second.command(), capture_output=True, text=True,
+                             env=second.env(), timeout=90)
+        assert res.returncode == 1, res.stderr
+        assert f"in use by agent pid {first.proc.pid}" in res.stderr
+        assert f"state dir {first.state_dir}" in res.stderr
+        assert "NFLOG group 7301" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert not second.socket.exists()
+        assert first.json("status")["datapath"]["healthy"] is True
+
+        # cleaning up after another (dead) iptables agent must not remove the
+        # running agent's chains: they are the same chains
+        other = tmp_path / "other-state"
+        other.mkdir()
+        (other / "state.json").write_text('{"version": 1, "datapath": "iptables"}')
+        res = subprocess.run([AXONEME, "agent", "cleanup", "--state-dir", str(other)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1, res.stderr
+        assert f"in use by agent pid {first.proc.pid}" in res.stderr
+        assert f":AXON-EP-{ep_id}-IN " in _iptables_save()
+        assert [p["name"] for p in first.json("pod", "list")] == ["p1"]
+        first.cleanup()  # before the host lock goes
+    finally:
+        lock.close()  # releases the flock

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import threading
 import time
@@ -33,6 +34,7 @@ from axoneme.core.datapath import (
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathError, DatapathProgramError, DatapathUnavailable
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.lockfile import LockHeld, PidLock
 from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState, Protocol
 from axoneme.datapath.iptables import _prefixes as px
 from axoneme.datapath.iptables import _render as rd
@@ -52,6 +54,50 @@ _PXY_RE = re.compile(r"^AXON-PXY-(\d+)-(IN|OUT)$")
 _MEP_RE = re.compile(r"^AXON-EP-(\d+)-(IN|OUT)(-S\d+)?$")
 _MPXY_RE = re.compile(r"^AXON-MPXY-(\d+)$")
 _DIRS = {"IN": Direction.INGRESS, "OUT": Direction.EGRESS}
+
+
+# One iptables datapath per network namespace: chain names (AXON-*) and the
+# NFLOG group are per netns, so a second agent there would share them (and
+# run "Ok" with no events). The lock is per process: instances of one process
+# (tests, adoption) share it.
+HOST_LOCK_DIR = "/run/axoneme"
+_host_locks: dict[str, tuple[PidLock, int]] = {}
+_host_locks_guard = threading.Lock()
+
+
+def _netns_id() -> str:
+    for path in ("/proc/thread-self/ns/net", "/proc/self/ns/net"):
+        try:
+            return str(os.stat(path).st_ino)
+        except OSError:
+            continue
+    return "host"
+
+
+def host_lock_path(lock_dir: str = HOST_LOCK_DIR) -> str:
+    """The lock of the iptables datapath of the calling thread's network namespace."""
+    return os.path.join(lock_dir, f"iptables-netns-{_netns_id()}.lock")
+
+
+def _acquire_host_lock(path: str, info: str) -> None:
+    with _host_locks_guard:
+        lock, refs = _host_locks.get(path, (PidLock(path), 0))
+        if refs == 0:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            lock.acquire(info)
+        _host_locks[path] = (lock, refs + 1)
+
+
+def _release_host_lock(path: str) -> None:
+    with _host_locks_guard:
+        lock, refs = _host_locks.get(path, (None, 0))
+        if lock is None:
+            return
+        if refs <= 1:
+            lock.release()
+            del _host_locks[path]
+        else:
+            _host_locks[path] = (lock, refs - 1)
 
 
 def _changed_dirs(changes: MapChanges) -> set[Direction]:
@@ -90,6 +136,7 @@ class IptablesDatapath(Datapath):
         self._nflog_error = ""
         self._stopped = threading.Event()
         self._counters = {"restores": 0.0, "restore_errors": 0.0, "events": 0.0}
+        self._host_lock: str | None = None  # path of the netns lock this instance holds
         # Test hook: one extra restore line (e.g. a bad rule) for the next write.
         self.fault_injection: str | None = None
 
@@ -112,9 +159,34 @@ class IptablesDatapath(Datapath):
         assert self._backend is not None
         return self._backend
 
+    def _take_host_lock(self, what: str) -> None:
+        """DatapathUnavailable naming the other agent if one runs here."""
+        if self._host_lock is not None:
+            return
+        path = host_lock_path(str(self.config.options.get("lock_dir", HOST_LOCK_DIR)))
+        try:
+            _acquire_host_lock(path, f"state dir {self.config.state_dir}")
+        except LockHeld as e:
+            who = f"agent pid {e.pid}" if e.pid else "another agent"
+            if e.info:
+                who += f" ({e.info})"
+            raise DatapathUnavailable(
+                f"the iptables datapath of this network namespace is in use by {who}; "
+                f"two iptables agents would share the AXON- chains and NFLOG group "
+                f"{self.nflog_group}, so {what} is refused (lock {path})") from None
+        except OSError as e:
+            raise DatapathUnavailable(f"cannot take the iptables datapath lock {path}: {e}") from e
+        self._host_lock = path
+
+    def _drop_host_lock(self) -> None:
+        path, self._host_lock = self._host_lock, None
+        if path is not None:
+            _release_host_lock(path)
+
     def start(self) -> None:
         with self._lock:
             self.probe()
+            self._take_host_lock("starting a second one")
             self._stopped.clear()
             self._families = (4, 6) if self.backend.ipv6 else (4,)
             # The kernel is the truth: forget what a previous start() knew.
@@ -151,9 +223,18 @@ class IptablesDatapath(Datapath):
         sock, self._nflog = self._nflog, None
         if sock is not None:
             sock.close()
+        self._drop_host_lock()
 
     def cleanup(self) -> None:
         self.stop()
+        # the chains are the running agent's too: never remove them under it
+        self._take_host_lock("removing its chains")
+        try:
+            self._cleanup()
+        finally:
+            self._drop_host_lock()
+
+    def _cleanup(self) -> None:
         with self._lock:
             backend = self.backend
             for family in (4, 6) if backend.ipv6 else (4,):
