@@ -48,6 +48,7 @@ LOG = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/axoneme"
 STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"  # flock held by the agent serving the state dir
+DROPPED_POLICIES_FILE = "dropped-policies.json"  # --drop-unparseable-policies keeps them here
 STATE_VERSION = 1
 DNS_SERVER = "198.51.100.53"  # a test-net address: pods never use the host's resolver
 
@@ -62,6 +63,36 @@ class BadRequest(AxonemeError):
 
 class NotFound(BadRequest):
     """HTTP 404."""
+
+
+class PersistedPolicyError(AxonemeError):
+    """Persisted policies no longer parse: the agent refuses to start (exit 1)
+    rather than stop enforcing them without a word."""
+
+    def __init__(self, state_file: str, bad: Sequence[tuple[str, str]]) -> None:
+        self.bad = list(bad)
+        which = "; ".join(f"persisted policy {key} no longer parses: {why}"
+                          for key, why in self.bad)
+        super().__init__(
+            f"{which} (state {state_file}); refusing to start rather than stop enforcing "
+            f"{'it' if len(self.bad) == 1 else 'them'}. Fix the document in the state file, "
+            f"or start once with `axoneme agent run --drop-unparseable-policies` (drops "
+            f"{'it' if len(self.bad) == 1 else 'them'} loudly, keeps a copy in "
+            f"{os.path.join(os.path.dirname(state_file), DROPPED_POLICIES_FILE)} and lists "
+            f"{'it' if len(self.bad) == 1 else 'them'} in `axoneme status`), then apply a "
+            f"corrected version")
+
+
+def _problem_text(err: BaseException, limit: int = 5) -> str:
+    """``field: problem; ...`` of a parse error (at most ``limit`` problems)."""
+    problems = getattr(err, "problems", None)
+    if problems:
+        parts = [f"{p.field}: {p.message}" if getattr(p, "field", "") else str(getattr(p, "message", p))
+                 for p in problems[:limit]]
+        more = len(problems) - limit
+        return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 class StateDirLocked(AxonemeError):
@@ -104,6 +135,10 @@ class AgentConfig:
     dns_reject_rcode: str = "REFUSED"  # answer to a denied DNS query: REFUSED or NXDOMAIN
     bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
     policy_map_max: int = 16384  # policy entries per endpoint (Cilium --bpf-policy-map-max)
+    # a persisted policy that no longer parses: refuse to start (False) or drop it loudly
+    drop_unparseable_policies: bool = False
+    # a policy that does not fit an endpoint's policy map: fail-closed | keep-last
+    policy_map_full: str = "fail-closed"
     datapath_options: dict[str, Any] = field(default_factory=dict)
     # POST /v1/flows: add flow records by hand. Off: any client of the socket
     # could forge the audit trail. Only tests of `observe` turn it on (config
@@ -289,6 +324,7 @@ class Agent:
         self._enforcement: dict[int, tuple[bool, bool]] = {}  # what the datapath was told
         self._deleting: set[str] = set()
         self._state_lock: PidLock | None = None
+        self.dropped_policies: list[dict[str, Any]] = []  # --drop-unparseable-policies
 
     @property
     def revision(self) -> int:
@@ -500,19 +536,49 @@ class Agent:
                 self.metrics.errors.labels(op="proxy").inc()
 
     def _restore_policies(self) -> None:
+        """Put the persisted policies back in the engine.
+
+        A policy that no longer parses (e.g. an upgrade tightened validation)
+        is never dropped silently: its deny or default-deny would stop being
+        enforced. The start is refused (PersistedPolicyError, exit 1) naming
+        each one, unless the agent runs with ``--drop-unparseable-policies``:
+        then each is dropped loudly, its document kept in
+        ``dropped-policies.json`` of the state dir and listed in status.
+        """
         from axoneme.core.policy.parse import parse_policy_obj
 
-        ordered = sorted(self.policy_docs.items(), key=lambda kv: int(kv[1].get("revision", 0)))
-        for key, rec in ordered:
-            doc = rec.get("doc", {})
+        def revision(kv: tuple[str, Any]) -> int:
             try:
+                return int(kv[1].get("revision", 0))
+            except (AttributeError, TypeError, ValueError):
+                return 0
+
+        bad: list[tuple[str, Any, str]] = []
+        for key, rec in sorted(self.policy_docs.items(), key=revision):
+            try:
+                doc = rec.get("doc", {})
                 pol = parse_policy_obj(doc.get("obj"), doc.get("file", "<state>"),
                                        int(doc.get("index", 0)))
-            except PolicyError as e:
-                LOG.error("persisted policy %s no longer parses, dropping it: %s", key, e)
-                del self.policy_docs[key]
+            except (PolicyError, AttributeError, TypeError, ValueError, RecursionError) as e:
+                bad.append((key, rec, _problem_text(e)))
                 continue
             self.engine.upsert_policy(pol)
+        if bad and not self.config.drop_unparseable_policies:
+            raise PersistedPolicyError(self.config.state_file, [(k, why) for k, _, why in bad])
+        if bad:
+            saved = os.path.join(self.config.state_dir, DROPPED_POLICIES_FILE)
+            try:
+                kept = read_json(saved) or {}
+            except StateCorrupt:
+                kept = {}
+            for key, rec, why in bad:
+                LOG.error("persisted policy %s no longer parses: %s; DROPPED as asked "
+                          "(--drop-unparseable-policies): it is no longer enforced; its "
+                          "document is kept in %s", key, why, saved)
+                del self.policy_docs[key]
+                kept[key] = {"record": rec, "problem": why, "dropped_at": time.time()}
+                self.dropped_policies.append({"policy": key, "problem": why, "saved_to": saved})
+            write_json_atomic(saved, kept)
         self.rev_base = max(0, self._saved_revision - self.engine.revision)
 
     async def _reconcile_interrupted(self) -> None:
@@ -1318,7 +1384,8 @@ class Agent:
                           "seen": self.flows.seen},
                 "policies": {"count": len(self.engine.policies()),
                              "policy_dir": self.config.policy_dir,
-                             "errors": self.policy_dir_errors},
+                             "errors": self.policy_dir_errors,
+                             "dropped_at_start": self.dropped_policies},
                 "pods": len(self.pods),
                 "l7_proxies": [{"parser": i.parser, "direction": str(i.direction), "port": i.port}
                                for i in (self.proxies.proxies() if self.proxies else [])],

@@ -191,7 +191,7 @@ def _cleanup(state_dir: str) -> int:
             except OSError:
                 pass
     if code != EXIT_BAD_INPUT:
-        for name_ in ("state.json", "fqdn-cache.json"):  # fqdn: learned DNS names
+        for name_ in ("state.json", "fqdn-cache.json", "dropped-policies.json"):
             try:
                 os.unlink(os.path.join(state_dir, name_))
             except FileNotFoundError:

@@ -66,6 +66,14 @@ def register(groups: dict[str, SubParsers]) -> None:
     run.add_argument("--policy-map-max", type=int, default=None, metavar="N",
                      help="policy entries per endpoint a map may hold (default 16384, "
                           "as Cilium's --bpf-policy-map-max)")
+    run.add_argument("--policy-map-full", default=None, choices=["fail-closed", "keep-last"],
+                     help="when an endpoint's new policy does not fit its policy map: drop all "
+                          "its traffic in that direction until it fits (fail-closed, default) "
+                          "or keep enforcing its previous policy (keep-last)")
+    run.add_argument("--drop-unparseable-policies", action="store_true", default=None,
+                     help="a persisted policy that no longer parses is dropped (loudly; kept in "
+                          "STATE_DIR/dropped-policies.json, listed in status) instead of "
+                          "refusing to start")
     run.add_argument("--tofqdns-min-ttl", type=int, default=None, metavar="SECONDS",
                      help="lower bound on DNS TTLs for toFQDNs (default 0: honour upstream TTLs)")
     run.add_argument("--dns-reject-rcode", default=None, choices=["REFUSED", "NXDOMAIN"],
@@ -151,7 +159,8 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
                 "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
-                "dns_reject_rcode", "policy_map_max", "flow_injection")
+                "dns_reject_rcode", "policy_map_max", "flow_injection",
+                "policy_map_full", "drop_unparseable_policies")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -194,6 +203,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
         "bpffs_root": args.bpffs_root, "policy_map_max": args.policy_map_max,
         "tofqdns_min_ttl": args.tofqdns_min_ttl, "dns_reject_rcode": args.dns_reject_rcode,
+        "policy_map_full": args.policy_map_full,
+        "drop_unparseable_policies": args.drop_unparseable_policies,
     }
     if args.no_guard:
         flags["guard"] = False
@@ -206,6 +217,9 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
     if not isinstance(cfg.policy_map_max, int) or cfg.policy_map_max < 1:
         raise UsageError(f"--policy-map-max must be a positive integer, got {cfg.policy_map_max!r}")
+    if cfg.policy_map_full not in ("fail-closed", "keep-last"):
+        raise UsageError(f"--policy-map-full must be fail-closed or keep-last, "
+                         f"got {cfg.policy_map_full!r}")
     cfg.state_dir = os.path.abspath(cfg.state_dir)
     cfg.api_socket = os.path.abspath(cfg.api_socket)
     if cfg.policy_dir:
