@@ -26,7 +26,6 @@ Where axoneme differs from Cilium on purpose:
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -35,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from axoneme.core import yamlsafe
 from axoneme.core.errors import InvalidRule, Problem
 from axoneme.core.labels import (
     NAMESPACE_LABELS_PREFIX,
@@ -70,6 +69,10 @@ from axoneme.core.policy.api import (
 from axoneme.core.selectors import LabelSelector, Operator, Requirement, split_selector_key
 
 LOG = logging.getLogger(__name__)
+
+# User values in problem messages are shown as a short excerpt: a value may be
+# huge (or aliased thousands of times) and every message would copy it.
+_q = yamlsafe.excerpt
 
 __all__ = [
     "Document", "ICMP_TYPES", "KAFKA_API_KEYS", "check_paths", "load_documents", "parse_policies",
@@ -193,93 +196,11 @@ def _read(path: str, problems: list[Problem]) -> bytes | None:
         return None
 
 
-def _yaml_error(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = getattr(e, "problem", None)
-    context = getattr(e, "context", None)
-    if problem:
-        what = f"{context}: {problem}" if context else str(problem)
-    else:
-        lines = str(e).splitlines()
-        what = lines[0] if lines else type(e).__name__
-    if mark is not None:
-        return f"invalid YAML: {what} at line {mark.line + 1}, column {mark.column + 1}"
-    return f"invalid YAML: {what}"
-
-
-_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _Loader(_BaseLoader):  # type: ignore[misc]
-    """Safe loader that rejects duplicate mapping keys, as kubectl does:
-    a second ``ingress:`` silently replacing the first would drop rules."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key \"{key_node.value}\"", key_node.start_mark)
-            seen.add(key_node.value)
-        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return result
-
-
-# Timestamps stay strings, as Kubernetes' YAML-to-JSON conversion leaves them:
-# documents are passed on as JSON (agent API, -o json).
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.constructor.SafeConstructor.construct_yaml_str)
-
-# YAML aliases share one object between many places; the expanded document
-# is what gets validated, so bound it (and refuse alias cycles).
-MAX_EXPANDED_NODES = 1_000_000
-
-
-def _alias_problem(obj: object) -> str | None:
-    memo: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(o: object) -> int:
-        if isinstance(o, Mapping):
-            children: Any = o.values()
-        elif isinstance(o, list):
-            children = o
-        else:
-            return 1
-        key = id(o)
-        if key in memo:
-            return memo[key]
-        if key in active:
-            raise _AliasCycle
-        active.add(key)
-        total = 1
-        for c in children:
-            total = min(total + size(c), MAX_EXPANDED_NODES + 1)
-        active.discard(key)
-        memo[key] = total
-        return total
-
-    try:
-        if size(obj) > MAX_EXPANDED_NODES:
-            return f"document too large: aliases expand it to more than {MAX_EXPANDED_NODES} nodes"
-    except _AliasCycle:
-        return "recursive YAML aliases are not allowed"
-    except RecursionError:
-        return "document nested too deeply"
-    return None
-
-
-class _AliasCycle(Exception):
-    pass
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key \"{k}\"")
+            raise ValueError(f"duplicate key \"{_q(k)}\"")
         out[k] = v
     return out
 
@@ -293,35 +214,22 @@ def _is_list(obj: object) -> bool:
 
 
 def _parse_file(file: str, data: bytes, problems: list[Problem]) -> list[Any]:
-    """The top-level objects of one file (``None`` for empty documents)."""
+    """The top-level objects of one file (``None`` for empty documents).
+
+    Read with the hardened loader (``axoneme.core.yamlsafe``): nesting,
+    alias expansion and integer literals are bounded before anything
+    recurses or converts.
+    """
     file_name = "<stdin>" if file == "-" else file
-    if file.endswith(".json"):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            problems.append(make_problem(file_name, None, "", f"invalid JSON: not UTF-8 ({e.reason})"))
-            return []
-        try:
-            return [json.loads(text, object_pairs_hook=_no_duplicates)]
-        except json.JSONDecodeError as e:
-            problems.append(make_problem(file_name, None, "", f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}"))
-        except RecursionError:
-            problems.append(make_problem(file_name, None, "", "invalid JSON: nested too deeply"))
-        except ValueError as e:
-            problems.append(make_problem(file_name, None, "", f"invalid JSON: {e}"))
-        return []
     objs: list[Any] = []
     try:
-        for obj in yaml.load_all(data, Loader=_Loader):  # noqa: S506 (a safe loader)
-            objs.append(obj)
-    except yaml.YAMLError as e:
-        problems.append(make_problem(file_name, len(objs), "", _yaml_error(e)))
-    except RecursionError:
-        problems.append(make_problem(file_name, len(objs), "", "invalid YAML: nested too deeply"))
-    except (ValueError, TypeError, OverflowError) as e:
-        # The YAML constructors can fail outside YAMLError on odd scalars
-        # (e.g. out-of-range timestamps); still the user's input.
-        problems.append(make_problem(file_name, len(objs), "", f"invalid YAML: {e}"))
+        if file.endswith(".json"):
+            objs.append(yamlsafe.load_json(data, file_name, object_pairs_hook=_no_duplicates))
+        else:
+            for obj in yamlsafe.iter_load_all(data, file_name):
+                objs.append(obj)
+    except yamlsafe.InputError as e:
+        problems.append(make_problem(file_name, e.document, "", e.message))
     return objs
 
 
@@ -339,11 +247,6 @@ def _load(paths: Sequence[str]) -> tuple[list[str], list[Document], list[Problem
         for obj in _parse_file(file, data, problems):
             if obj is None:
                 continue  # empty document (e.g. a trailing ---), as kubectl skips it
-            bad = _alias_problem(obj)
-            if bad is not None:
-                problems.append(make_problem(file_name, index, "", bad))
-                index += 1
-                continue
             if _is_list(obj):
                 items = obj.get("items")
                 if items is None:
@@ -378,7 +281,7 @@ def parse_policy(doc: Document) -> Policy:
     w = Walker(doc.file, doc.index)
     policy = _Parser(w).document(doc.obj)
     if w.problems or policy is None:
-        raise InvalidRule(w.problems or [make_problem(doc.file, doc.index, "", "invalid policy")])
+        raise InvalidRule(w.all_problems() or [make_problem(doc.file, doc.index, "", "invalid policy")])
     return policy
 
 
@@ -461,7 +364,7 @@ class _Parser:
                 for k, v in raw.items():
                     kp = join(lp, k)
                     if not check_key(k):
-                        w.problem(kp, f"invalid label key \"{k}\"")
+                        w.problem(kp, f"invalid label key \"{_q(k)}\"")
                         ok = False
                     if v is None:
                         v = ""
@@ -470,7 +373,7 @@ class _Parser:
                         ok = False
                         continue
                     if not valid_label_value(v):
-                        w.problem(kp, f"invalid label value \"{v}\"")
+                        w.problem(kp, f"invalid label value \"{_q(v)}\"")
                         ok = False
                     labels[rename(k)] = v
         reqs: list[Requirement] = []
@@ -500,7 +403,7 @@ class _Parser:
         else:
             key = w.string(m["key"], join(path, "key"))
             if key is not None and not check_key(key):
-                w.problem(join(path, "key"), f"invalid label key \"{key}\"")
+                w.problem(join(path, "key"), f"invalid label key \"{_q(key)}\"")
                 ok = False
         op: Operator | None = None
         if "operator" not in m:
@@ -513,7 +416,7 @@ class _Parser:
                     op = Operator(op_text)
                 except ValueError:
                     w.problem(join(path, "operator"),
-                              f"invalid operator \"{op_text}\" (expected In, NotIn, Exists or DoesNotExist)")
+                              f"invalid operator \"{_q(op_text)}\" (expected In, NotIn, Exists or DoesNotExist)")
         values: list[str] = []
         vp = join(path, "values")
         for i, v in enumerate(w.list(m.get("values"), vp)):
@@ -521,7 +424,7 @@ class _Parser:
                 w.problem(item(vp, i), f"expected a string, got {type_name(v)} (quote the value)")
                 ok = False
             elif not valid_label_value(v):
-                w.problem(item(vp, i), f"invalid label value \"{v}\"")
+                w.problem(item(vp, i), f"invalid label value \"{_q(v)}\"")
                 ok = False
             else:
                 values.append(v)
@@ -552,7 +455,7 @@ class _Parser:
         try:
             kind = PolicyKind(kind_value)
         except ValueError:
-            w.problem("kind", f"unsupported kind \"{kind_value}\" (expected NetworkPolicy, "
+            w.problem("kind", f"unsupported kind \"{_q(kind_value)}\" (expected NetworkPolicy, "
                               "CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)")
             return None
         self.kind = kind
@@ -566,7 +469,7 @@ class _Parser:
             w.problem("apiVersion", "missing required field \"apiVersion\"")
         elif api_version != _API_VERSIONS[kind]:
             if isinstance(api_version, str):
-                w.problem("apiVersion", f"unsupported apiVersion \"{api_version}\" for {kind.value} "
+                w.problem("apiVersion", f"unsupported apiVersion \"{_q(api_version)}\" for {kind.value} "
                                         f"(expected {_API_VERSIONS[kind]})")
             else:
                 w.wrong_type("apiVersion", "a string", api_version)
@@ -596,7 +499,7 @@ class _Parser:
         else:
             name = w.string(m["name"], "metadata.name")
             if name is not None and (len(name) > 253 or not _DNS_SUBDOMAIN.match(name)):
-                w.problem("metadata.name", f"invalid name \"{name}\": must be a lower-case RFC 1123 "
+                w.problem("metadata.name", f"invalid name \"{_q(name)}\": must be a lower-case RFC 1123 "
                                            "subdomain (a-z, 0-9, '-', '.'; at most 253 characters)")
                 name = None
         namespace = DEFAULT_NAMESPACE
@@ -604,16 +507,16 @@ class _Parser:
             ns = w.string(m["namespace"], "metadata.namespace")
             if ns is not None and ns != "":
                 if len(ns) > 63 or not _DNS_LABEL.match(ns):
-                    w.problem("metadata.namespace", f"invalid namespace \"{ns}\": must be a lower-case "
+                    w.problem("metadata.namespace", f"invalid namespace \"{_q(ns)}\": must be a lower-case "
                                                     "RFC 1123 label (a-z, 0-9, '-'; at most 63 characters)")
                 else:
                     namespace = ns
         if m.get("labels") is not None:
             for k, v in (w.string_map(m["labels"], "metadata.labels") or {}).items():
                 if not valid_label_key(k):
-                    w.problem(join("metadata.labels", k), f"invalid label key \"{k}\"")
+                    w.problem(join("metadata.labels", k), f"invalid label key \"{_q(k)}\"")
                 elif not valid_label_value(v):
-                    w.problem(join("metadata.labels", k), f"invalid label value \"{v}\"")
+                    w.problem(join("metadata.labels", k), f"invalid label value \"{_q(v)}\"")
         if m.get("annotations") is not None:
             w.string_map(m["annotations"], "metadata.annotations")
         # A clusterwide policy has no namespace; kubectl ignores one if given.
@@ -642,7 +545,7 @@ class _Parser:
             for i, t in enumerate(w.list(spec["policyTypes"], "spec.policyTypes")):
                 if t not in ("Ingress", "Egress"):
                     w.problem(item("spec.policyTypes", i),
-                              f"invalid policy type {t!r} (expected Ingress or Egress)")
+                              f"invalid policy type \"{_q(t)}\" (expected Ingress or Egress)")
                 elif t not in types:
                     types.append(t)
         else:
@@ -755,7 +658,7 @@ class _Parser:
             if proto is None:
                 ok = False
             elif proto not in _NP_PROTOCOLS:
-                w.problem(join(path, "protocol"), f"invalid protocol \"{proto}\" (expected TCP, UDP or SCTP)")
+                w.problem(join(path, "protocol"), f"invalid protocol \"{_q(proto)}\" (expected TCP, UDP or SCTP)")
                 ok = False
             else:
                 protocol = proto
@@ -789,16 +692,17 @@ class _Parser:
         text = value.strip()
         if text == "":
             return 0, None
-        if text.isdigit() and text.isascii():
-            number = int(text)
+        if text.isascii() and text.isdigit():
+            # length first: int() of a long digit string is slow, then raises
+            number = int(text) if len(text) <= 6 else 65536
             if number > 65535:
-                w.problem(path, f"port {text} out of range 0-65535")
+                w.problem(path, f"port {_q(text)} out of range 0-65535")
                 return None
             return number, None
         lowered = text.lower()
         if (len(lowered) <= 15 and _SVC_NAME.match(lowered) and any(c.isalpha() for c in lowered)):
             return 0, lowered
-        w.problem(path, f"invalid port \"{value}\": not a number (0-65535) or a valid port name "
+        w.problem(path, f"invalid port \"{_q(value)}\": not a number (0-65535) or a valid port name "
                         "(IANA service name: at most 15 letters, digits and '-', with a letter)")
         return None
 
@@ -839,7 +743,7 @@ class _Parser:
                 return ipaddress.ip_network(text)
             return ipaddress.ip_network(text, strict=False)
         except ValueError as e:
-            w.problem(path, f"invalid CIDR \"{text}\": {e}")
+            w.problem(path, f"invalid CIDR \"{_q(text)}\": {_q(str(e))}")
             return None
 
     def cidr_set(self, m: Mapping[str, Any], path: str, except_field: str) -> CIDRPeer | None:
@@ -1008,7 +912,7 @@ class _Parser:
             if name is None:
                 continue
             if name not in ENTITIES:
-                w.problem(ep, f"unknown entity \"{name}\" (expected one of {', '.join(sorted(ENTITIES))})")
+                w.problem(ep, f"unknown entity \"{_q(name)}\" (expected one of {', '.join(sorted(ENTITIES))})")
                 continue
             peers.append(EntityPeer(name))
         fp = f"{pre}CIDR"
@@ -1126,7 +1030,7 @@ class _Parser:
         if name:
             norm = name.lower().rstrip(".")
             if not norm or not _FQDN_NAME.match(norm):
-                w.problem(join(path, "matchName"), f"invalid matchName \"{name}\" (allowed: a-z, 0-9, '-', '_', '.')")
+                w.problem(join(path, "matchName"), f"invalid matchName \"{_q(name)}\" (allowed: a-z, 0-9, '-', '_', '.')")
                 return None
             return norm, None
         assert pattern
@@ -1135,7 +1039,7 @@ class _Parser:
             norm = norm.rstrip(".")
         if not norm or not _FQDN_PATTERN.match(norm):
             w.problem(join(path, "matchPattern"),
-                      f"invalid matchPattern \"{pattern}\" (allowed: a-z, 0-9, '-', '_', '.', '*')")
+                      f"invalid matchPattern \"{_q(pattern)}\" (allowed: a-z, 0-9, '-', '_', '.', '*')")
             return None
         return None, norm
 
@@ -1180,7 +1084,7 @@ class _Parser:
             elif proto.upper() not in _PORT_PROTOCOLS and proto != "":
                 hint = " (ICMP goes in icmps)" if proto.upper().startswith("ICMP") else ""
                 w.problem(join(path, "protocol"),
-                          f"invalid protocol \"{proto}\" (expected TCP, UDP, SCTP or ANY){hint}")
+                          f"invalid protocol \"{_q(proto)}\" (expected TCP, UDP, SCTP or ANY){hint}")
                 ok = False
             elif proto:
                 protocol = proto.upper()
@@ -1290,7 +1194,7 @@ class _Parser:
             mismatch = w.opt_string(hm, "mismatch", ip) or ""
             if mismatch not in _MISMATCH_ACTIONS:
                 w.problem(join(ip, "mismatch"),
-                          f"invalid mismatch action \"{mismatch}\" (expected LOG, ADD, DELETE or REPLACE)")
+                          f"invalid mismatch action \"{_q(mismatch)}\" (expected LOG, ADD, DELETE or REPLACE)")
             if name is not None:
                 matches.append(HeaderMatch(name, hv, mismatch))
         if len(w.problems) != n:
@@ -1316,18 +1220,20 @@ class _Parser:
         if role is not None:
             role = role.lower()
             if role not in ("produce", "consume"):
-                w.problem(join(path, "role"), f"invalid role \"{role}\" (expected produce or consume)")
+                w.problem(join(path, "role"), f"invalid role \"{_q(role)}\" (expected produce or consume)")
             if api_key is not None:
                 w.problem(join(path, "apiKey"), "role and apiKey cannot both be set")
         if api_key is not None:
             api_key = api_key.lower()
             if api_key not in KAFKA_API_KEYS:
-                w.problem(join(path, "apiKey"), f"unknown Kafka apiKey \"{api_key}\"")
-        if api_version is not None and not (api_version.isdigit() and int(api_version) <= 32767):
-            w.problem(join(path, "apiVersion"), f"invalid apiVersion \"{api_version}\" (expected a number)")
+                w.problem(join(path, "apiKey"), f"unknown Kafka apiKey \"{_q(api_key)}\"")
+        if api_version is not None and not (
+                api_version.isascii() and api_version.isdigit() and len(api_version) <= 5
+                and int(api_version) <= 32767):
+            w.problem(join(path, "apiVersion"), f"invalid apiVersion \"{_q(api_version)}\" (expected a number)")
         if topic is not None and (len(topic) > 255 or not _KAFKA_TOPIC.match(topic)):
             w.problem(join(path, "topic"),
-                      f"invalid topic \"{topic}\" (at most 255 characters of a-z, A-Z, 0-9, '.', '_', '-')")
+                      f"invalid topic \"{_q(topic)}\" (at most 255 characters of a-z, A-Z, 0-9, '.', '_', '-')")
         if len(w.problems) != n:
             return None
         return KafkaRule(role=role, api_key=api_key, api_version=api_version, client_id=client_id, topic=topic)
@@ -1350,7 +1256,7 @@ class _Parser:
                 if fam is None:
                     continue
                 if fam not in ("IPv4", "IPv6", ""):
-                    w.problem(join(ip, "family"), f"invalid family \"{fam}\" (expected IPv4 or IPv6)")
+                    w.problem(join(ip, "family"), f"invalid family \"{_q(fam)}\" (expected IPv4 or IPv6)")
                     continue
                 family = fam or "IPv4"
             tp = join(ip, "type")
@@ -1362,15 +1268,16 @@ class _Parser:
             if isinstance(t, bool) or not isinstance(t, int | str):
                 w.wrong_type(tp, "an ICMP type number or name", t)
                 continue
-            if isinstance(t, int) or (t.isdigit() and t.isascii()):
-                number = int(t)
+            if isinstance(t, int) or (t.isascii() and t.isdigit()):
+                # length first: int() of a long digit string is slow, then raises
+                number = t if isinstance(t, int) else int(t) if len(t) <= 4 else 256
                 if not 0 <= number <= 255:
-                    w.problem(tp, f"ICMP type {number} out of range 0-255")
+                    w.problem(tp, f"ICMP type {_q(t)} out of range 0-255")
                     continue
             else:
                 number = ICMP_TYPES[family].get(t)
                 if number is None:
-                    w.problem(tp, f"unknown {family} ICMP type \"{t}\" (expected 0-255 or one of "
+                    w.problem(tp, f"unknown {family} ICMP type \"{_q(t)}\" (expected 0-255 or one of "
                                   f"{', '.join(sorted(set(ICMP_TYPES[family])))})")
                     continue
             out.append(ICMPField(family, number))

@@ -32,6 +32,7 @@ from axoneme.core.identity import RESERVED_NAMES, ReservedIdentity
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
 from axoneme.core.policy.api import Policy
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
+from axoneme.core.yamlsafe import excerpt
 
 LOG = logging.getLogger(__name__)
 
@@ -173,21 +174,35 @@ class PortSpec:
         return None
 
 
+def _ascii_number(text: str, max_digits: int) -> int | None:
+    """``text`` as a number if it is 1..``max_digits`` ASCII digits.
+
+    ``str.isdigit`` accepts ``²`` (``int`` then raises) and other scripts'
+    digits, and ``int`` of a long digit string is slow, then raises: check
+    both before converting.
+    """
+    if text.isascii() and text.isdigit() and len(text) <= max_digits:
+        return int(text)
+    return None
+
+
 def parse_port(text: str) -> PortSpec:
     """``80``, ``80/UDP``, ``http``, ``serve-80/TCP``."""
     head, sep, proto = text.partition("/")
+    shown = excerpt(text)
     protocol = Protocol.TCP
     if sep:
         if proto.upper() not in ("TCP", "UDP", "SCTP"):
-            raise TraceInputError(f"bad protocol {proto!r} in {text!r}: TCP, UDP or SCTP (--port)")
+            raise TraceInputError(f"bad protocol {excerpt(proto)!r} in {shown!r}: TCP, UDP or SCTP (--port)")
         protocol = Protocol.parse(proto)
-    if head.isdigit():
-        number = int(head)
-        if not 1 <= number <= 65535:
-            raise TraceInputError(f"bad port {text!r}: 1-65535 (--port)")
+    if head.isascii() and head.isdigit():
+        number = _ascii_number(head, 5)
+        if number is None or not 1 <= number <= 65535:
+            raise TraceInputError(f"bad port {shown!r}: 1-65535 (--port)")
         return PortSpec(number, protocol, None, bool(sep))
-    if not head or len(head) > 15 or not all(c.isalnum() or c == "-" for c in head) or head.startswith("-"):
-        raise TraceInputError(f"bad port {text!r}: a number 1-65535 or a port name (--port)")
+    if (not head or len(head) > 15 or not head.isascii()
+            or not all(c.isalnum() or c == "-" for c in head) or head.startswith("-")):
+        raise TraceInputError(f"bad port {shown!r}: a number 1-65535 or a port name (--port)")
     return PortSpec(0, protocol, head, bool(sep))
 
 
@@ -196,12 +211,13 @@ def parse_icmp_type(text: str, family: str) -> int:
 
     fam = {"ipv4": "IPv4", "ipv6": "IPv6"}.get(family.lower())
     if fam is None:
-        raise TraceInputError(f"bad ICMP family {family!r}: IPv4 or IPv6 (--icmp-family)")
-    if text.isdigit() and 0 <= int(text) <= 255:
-        return int(text)
+        raise TraceInputError(f"bad ICMP family {excerpt(family)!r}: IPv4 or IPv6 (--icmp-family)")
+    number = _ascii_number(text, 3)
+    if number is not None and 0 <= number <= 255:
+        return number
     if text in ICMP_TYPES[fam]:
         return ICMP_TYPES[fam][text]
-    raise TraceInputError(f"bad ICMP type {text!r}: 0-255 or one of "
+    raise TraceInputError(f"bad ICMP type {excerpt(text)!r}: 0-255 or one of "
                           f"{', '.join(sorted(ICMP_TYPES[fam]))} (--icmp-type)")
 
 
