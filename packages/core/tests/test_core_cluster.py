@@ -90,7 +90,7 @@ def test_missing_file_and_malformed_yaml(tmp_path: Path) -> None:
         Cluster.load([str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: [unclosed\n")
-    with pytest.raises(InvalidRule, match="malformed YAML"):
+    with pytest.raises(InvalidRule, match="invalid YAML"):
         Cluster.load([str(bad)])
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from axoneme.core import yamlsafe
 from axoneme.core.endpoint import NamedPort
 from axoneme.core.errors import InvalidRule, Problem
 from axoneme.core.labels import (
@@ -117,14 +117,21 @@ class Cluster:
         loader = _Loader()
         for file in _expand(paths, loader.problems):
             try:
-                with open(file, encoding="utf-8") as fh:
-                    docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+                with open(file, "rb") as fh:
+                    data = fh.read()
             except OSError as e:
                 loader.problems.append(Problem(file, None, "", f"cannot read: {e.strerror}"))
                 continue
-            except yaml.YAMLError as e:
-                loader.problems.append(Problem(file, None, "", f"malformed YAML: {e}"))
+            try:
+                # the one hardened loader: bounded nesting, aliases and integers
+                if file.endswith(".json"):
+                    docs = [yamlsafe.load_json(data, file)]
+                else:
+                    docs = yamlsafe.load_all(data, file)
+            except yamlsafe.InputError as e:
+                loader.problems.append(Problem(file, e.document, "", e.message))
                 continue
+            docs = [d for d in docs if d is not None]
             index = 0
             for doc in docs:
                 items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else None
@@ -166,10 +173,10 @@ class _Loader:
         ok = True
         for k, v in obj.items():
             if not isinstance(k, str) or not valid_label_key(k):
-                self._bad(file, index, f"{fld}.{k}", "invalid label key")
+                self._bad(file, index, f"{fld}.{yamlsafe.excerpt(k)}", "invalid label key")
                 ok = False
             elif not isinstance(v, str) or not valid_label_value(v):
-                self._bad(file, index, f"{fld}.{k}", f"invalid label value {v!r} (must be a string)")
+                self._bad(file, index, f"{fld}.{k}", f"invalid label value {yamlsafe.excerpt(v)!r} (must be a string)")
                 ok = False
             else:
                 out[k] = v
@@ -250,7 +257,7 @@ class _Loader:
             try:
                 text = str(ipaddress.ip_address(str(ip)))
             except ValueError:
-                self._bad(file, index, "status.podIP", f"invalid IP address {ip!r}")
+                self._bad(file, index, "status.podIP", f"invalid IP address {yamlsafe.excerpt(ip)!r}")
                 return
             if text not in ips:
                 ips.append(text)

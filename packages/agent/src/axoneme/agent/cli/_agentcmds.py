@@ -168,24 +168,25 @@ def load_config(path: str | None) -> dict[str, Any]:
 
     if not path:
         return {}
+    from axoneme.core import yamlsafe
+
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config: {e} ({path})") from e
-    import yaml
-
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e} ({path})") from e
+        # the hardened loader: a hostile config must not crash the agent
+        data = yamlsafe.load_one(text, path) or {}
+    except yamlsafe.InputError as e:
+        raise ConfigError(f"{e.message} ({path})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping ({path})")
     out: dict[str, Any] = {}
     for key, value in data.items():
         k = str(key).replace("-", "_")
         if k not in _CONFIG_KEYS:
-            raise ConfigError(f"unknown config key {key!r} ({path})")
+            raise ConfigError(f"unknown config key {yamlsafe.excerpt(key)!r} ({path})")
         out[k] = value
     return out
 

@@ -25,6 +25,7 @@ from axoneme.core.policy.trace import (
     resolve_peer,
     trace,
 )
+from axoneme.core.yamlsafe import excerpt
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ignore[type-arg]
@@ -88,6 +89,11 @@ def run_trace(args: argparse.Namespace) -> int:
         protocol = Protocol.ICMPV6 if args.icmp_family.lower() == "ipv6" else Protocol.ICMP
     else:
         spec = parse_port(args.port)
+    version = args.kafka_api_version
+    if version is not None and not (version.isascii() and version.isdigit() and len(version) <= 5):
+        # int() would refuse '²' (isdigit) or take long to refuse 5000 digits
+        raise TraceInputError(f"bad Kafka API version {excerpt(version)!r}: a number 0-32767 "
+                              f"(--kafka-api-version)")
     answers = parse_dns_answers(args.dns_answers)
     env = _load(args)
     if answers:

@@ -11,6 +11,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from axoneme.core.errors import Problem
+from axoneme.core.yamlsafe import excerpt
+
+# Bounds on what one problem and one document may report: values are shown
+# as excerpts, and a document with a million bad items (aliases make that
+# cheap to write) reports the first MAX_PROBLEMS and a count of the rest.
+MAX_PROBLEMS = 100
+MAX_FIELD_CHARS = 300
+MAX_MESSAGE_CHARS = 600
 
 
 def printable(text: str) -> str:
@@ -21,7 +29,10 @@ def printable(text: str) -> str:
 
 
 def make_problem(file: str, document: int | None, field: str, message: str) -> Problem:
-    return Problem(printable(file), document, printable(field), printable(message))
+    # excerpt before escaping (bounded work), and after (escapes lengthen)
+    return Problem(printable(file), document,
+                   excerpt(printable(excerpt(field, MAX_FIELD_CHARS)), MAX_FIELD_CHARS),
+                   excerpt(printable(excerpt(message, MAX_MESSAGE_CHARS)), MAX_MESSAGE_CHARS))
 
 
 def join(path: str, key: str) -> str:
@@ -57,9 +68,20 @@ class Walker:
         self.file = file
         self.index = index
         self.problems: list[Problem] = []
+        self.dropped = 0  # problems beyond MAX_PROBLEMS, only counted
 
     def problem(self, path: str, message: str) -> None:
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.dropped += 1
+            return
         self.problems.append(make_problem(self.file, self.index, path, message))
+
+    def all_problems(self) -> list[Problem]:
+        """The problems recorded, then one saying how many more were found."""
+        if not self.dropped:
+            return list(self.problems)
+        return [*self.problems, make_problem(self.file, self.index, "",
+                                             f"... and {self.dropped} more problems")]
 
     def wrong_type(self, path: str, expected: str, value: object) -> None:
         self.problem(path, f"expected {expected}, got {type_name(value)}")
@@ -87,13 +109,13 @@ class Walker:
         allowed_set = set(allowed) if allowed is not None else None
         for key, sub in value.items():
             if not isinstance(key, str):
-                self.problem(path, f"field names must be strings, got {type_name(key)} {key!r}")
+                self.problem(path, f"field names must be strings, got {type_name(key)} {excerpt(key)}")
                 continue
             if unsupported and key in unsupported:
                 self.problem(join(path, key), unsupported[key])
                 continue
             if allowed_set is not None and key not in allowed_set:
-                self.problem(join(path, key), f"unknown field \"{key}\"")
+                self.problem(join(path, key), f"unknown field \"{excerpt(key)}\"")
                 continue
             out[key] = sub
         return out
