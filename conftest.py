@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -25,6 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 _PYTEST_PID = os.getpid()
 
@@ -68,6 +71,7 @@ _STATE_GLOBS = ("*/state.json", "*/*/state.json", "pytest-of-*/pytest-*/*/state.
 _STATE_MAX_BYTES = 64 << 20
 _OWNED = re.compile(r"-p(\d+)-")
 _OWNED_CHAIN = re.compile(r"^AXTEST-[A-Z]+-p(\d+)$")
+_RESOLV_DIR = "/etc/netns"
 
 
 def _state_globs() -> list[str]:
@@ -213,6 +217,11 @@ def _sweep_leftovers() -> None:
         if m and not _alive(int(m.group(1))):
             run(["ip", "netns", "del", name])
             print(f"swept the stale netns {name}", file=sys.stderr)
+    # the netns's own resolv.conf (tests/_testnet.py) outlives it in /etc/netns
+    for name in os.listdir(_RESOLV_DIR) if os.path.isdir(_RESOLV_DIR) else []:
+        m = _OWNED.search(name)
+        if m and not _alive(int(m.group(1))) and not os.path.exists(f"/run/netns/{name}"):
+            shutil.rmtree(os.path.join(_RESOLV_DIR, name), ignore_errors=True)
     for table in ("filter", "mangle", "nat", "raw"):
         rules = run(["iptables", "-w", "5", "-t", table, "-S"]).stdout.splitlines()
         stale = {c for r in rules if r.startswith("-N ")
@@ -234,3 +243,50 @@ def pytest_sessionstart(session: object) -> None:
         except (OSError, subprocess.SubprocessError) as e:
             # housekeeping: a leftover it cannot remove must not stop the suite
             print(f"warning: sweeping leftovers of killed runs failed: {e!r}", file=sys.stderr)
+
+
+# -- every netns of ours has its own resolver ----------------------------------------------------
+#
+# A netns without /etc/netns/<name>/resolv.conf uses the host's resolver, which
+# it cannot reach: any lookup in it (``-m http.server`` does one before it
+# listens) then waits for the resolver timeout. Before each test body runs,
+# every netns this session made (named ``<prefix>-p<pid>-<suffix>``) must have
+# its own, naming only loopback or the test DNS (tests/_testnet.py).
+
+def _testnet() -> Any:
+    mod = sys.modules.get("_testnet")
+    if mod is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "_testnet", Path(__file__).resolve().parent / "tests" / "_testnet.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_testnet"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _netns_resolver_problems(pid: int) -> list[str]:
+    """What is wrong with the resolv.conf of each netns named for ``pid``."""
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    problems = []
+    for line in res.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _OWNED.search(name)
+        if m and int(m.group(1)) == pid and os.path.exists(f"/run/netns/{name}"):
+            problem = _testnet().resolv_conf_problem(name)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    if os.geteuid() != 0:
+        return
+    problems = _netns_resolver_problems(os.getpid())
+    if problems:
+        pytest.fail("a netns of this session would use the host's resolver "
+                    "(make it with tests/_testnet.py add_netns):\n  " + "\n  ".join(problems),
+                    pytrace=False)

@@ -13,7 +13,10 @@ in 198.51.100.0/24 are not disturbed), and a guard chain drops anything from
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +25,9 @@ import time
 NETNS, HOST_IF, PEER_IF, GUARD = "axdemo-world", "axdemo-w0h", "axdemo-w0p", "AXDEMO-GUARD"
 HOST_IP = "198.51.100.49"
 DNS_IP = "198.51.100.53"
+# the world's own resolver: without /etc/netns/<name>/resolv.conf a process in the
+# netns would ask the host's, which it cannot reach (each lookup waits for a timeout)
+RESOLV_DIR = f"/etc/netns/{NETNS}"
 ZONE = {  # name -> (address, TTL)
     "api.twitter.com": ("198.51.100.60", 60),
     "kubernetes.io": ("198.51.100.61", 60),
@@ -52,7 +58,10 @@ DNS_SERVER = textwrap.dedent("""
 """)
 
 WEB_SERVER = textwrap.dedent("""
-    import http.server, sys
+    import http.server, socketserver, sys
+    class Server(http.server.ThreadingHTTPServer):
+        def server_bind(self):  # HTTPServer's does a reverse DNS lookup before listening
+            socketserver.TCPServer.server_bind(self)
     class Hello(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = f"hello from {self.headers.get('Host', '?')} (the demo's outside world)\\n".encode()
@@ -62,7 +71,7 @@ WEB_SERVER = textwrap.dedent("""
             self.wfile.write(body)
         def log_message(self, *a):
             pass
-    http.server.ThreadingHTTPServer(("0.0.0.0", 80), Hello).serve_forever()
+    Server(("0.0.0.0", 80), Hello).serve_forever()
 """)
 
 
@@ -82,6 +91,7 @@ def down() -> None:
     """Remove everything ``up`` makes, by name. Idempotent."""
     sh("ip", "link", "del", HOST_IF, check=False)
     sh("ip", "netns", "del", NETNS, check=False)
+    shutil.rmtree(RESOLV_DIR, ignore_errors=True)
     sh("iptables", "-w", "5", "-D", "FORWARD", "-j", GUARD, check=False)
     sh("iptables", "-w", "5", "-F", GUARD, check=False)
     sh("iptables", "-w", "5", "-X", GUARD, check=False)
@@ -94,6 +104,9 @@ def up() -> list[subprocess.Popen[bytes]]:
         for src in ("198.51.100.0/24", "10.244.0.0/16"):
             sh("iptables", "-w", "5", "-A", GUARD, "-s", src, "-o", up_if, "-j", "DROP")
     sh("iptables", "-w", "5", "-I", "FORWARD", "1", "-j", GUARD)
+    os.makedirs(RESOLV_DIR, exist_ok=True)
+    with open(os.path.join(RESOLV_DIR, "resolv.conf"), "w") as f:
+        f.write(f"nameserver {DNS_IP}\noptions timeout:1 attempts:1\n")
     sh("ip", "netns", "add", NETNS)
     sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF)
     sh("ip", "link", "set", PEER_IF, "netns", NETNS)
@@ -115,11 +128,29 @@ def up() -> list[subprocess.Popen[bytes]]:
                             DNS_SERVER.format(zone=ZONE), DNS_IP],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     web = subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c", WEB_SERVER],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert dns.stdout is not None
     if dns.stdout.readline().strip() != b"READY":
         raise RuntimeError("the demo world's DNS server did not start")
+    wait_accepting(web, next(iter(ZONE.values()))[0], 80)
     return [dns, web]
+
+
+def wait_accepting(proc: subprocess.Popen[bytes], ip: str, port: int, timeout: float = 15.0) -> None:
+    """Return once ``ip:port`` accepts (READY means every server answers), else raise."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            socket.create_connection((ip, port), timeout=0.5).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the demo world's web server does not accept on {ip}:{port}: "
+                                   f"{e}") from None
+            time.sleep(0.05)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    raise RuntimeError(f"the demo world's web server exited with {proc.returncode}: {err[-2000:]}")
 
 
 def main() -> int:

@@ -35,6 +35,11 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/ on sys.path: the tiers share _testnet (netns with their own resolv.conf, servers
+# that accept before a test sees them); test modules cannot import this conftest
+sys.path.insert(0, str(REPO / "tests"))
+import _testnet  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 AXONEME = str(VENV_BIN / "axoneme") if (VENV_BIN / "axoneme").exists() else "axoneme"
 AXONEME_CNI = str(VENV_BIN / "axoneme-cni") if (VENV_BIN / "axoneme-cni").exists() else "axoneme-cni"
@@ -134,22 +139,21 @@ def pod_cidr() -> str:
 
 @pytest.fixture
 def netns_factory() -> Iterator[Any]:
-    """``make(prefix)`` -> a new netns name (lo up); all removed at teardown."""
+    """``make(prefix)`` -> a new netns name (lo up, its own resolv.conf); all removed at teardown."""
     require_root()
     made: list[str] = []
 
     def make(prefix: str = "axt") -> str:
         name = f"{prefix}-p{os.getpid()}-{secrets.token_hex(4)}"  # pid: swept if killed
-        subprocess.run(["ip", "netns", "add", name], check=True)
         made.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        _testnet.add_netns(name)
         return name
 
     try:
         yield make
     finally:
         for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            _testnet.del_netns(name)
 
 
 # -- the agent process -------------------------------------------------------------------------

@@ -40,6 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script too
+import _testnet  # noqa: E402
+
 LOG = logging.getLogger("axoneme.bench")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -265,7 +268,7 @@ class Topology:
 
     def _add(self, pod: Pod) -> None:
         self._ns.append(pod.netns)  # recorded first: an interrupt never leaks it
-        sh("ip", "netns", "add", pod.netns)
+        _testnet.add_netns(pod.netns)  # its own resolv.conf: never the host's resolver
         self._links.append(pod.host_if)
         sh("ip", "link", "add", pod.host_if, "type", "veth", "peer", "name", "eth0",
            "netns", pod.netns)
@@ -309,7 +312,7 @@ class Topology:
         for link in self._links:
             sh("ip", "link", "del", link, check=False)
         for ns in self._ns:
-            sh("ip", "netns", "del", ns, check=False)
+            _testnet.del_netns(ns)
         for r in self._routes:
             sh("ip", "route", "del", r, check=False)
 

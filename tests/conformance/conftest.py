@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +62,7 @@ def world(guard: None) -> Iterator[dict[str, str]]:
     ns, host_if, peer_if = f"axtw-p{os.getpid()}-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
     proc = None
     try:
-        sh("ip", "netns", "add", ns)
+        _testnet.add_netns(ns)  # its own resolv.conf: never the host's resolver
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         sh("ip", "link", "set", peer_if, "netns", ns)
         sh("ip", "addr", "add", f"{WORLD_HOST_IP}/28", "dev", host_if)
@@ -69,19 +70,20 @@ def world(guard: None) -> Iterator[dict[str, str]]:
         for ip in WORLD_IPS:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/28", "dev", peer_if)
         sh("ip", "-n", ns, "link", "set", peer_if, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", WORLD_HOST_IP)
         route = sh("ip", "route", "get", WORLD_IPS[0]).stdout
         assert f"dev {host_if}" in route, f"198.51.100.0/24 is not routed to the test world: {route}"
         proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, str(HERE / "podserver.py"), "world",
                                  *map(str, PORTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # it binds every port before it accepts: the last one accepting means all do
+        _testnet.wait_accepting(WORLD_IPS[0], PORTS[-1], ns, proc)
         yield {"netns": ns, "host_if": host_if}
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
         sh("ip", "link", "del", host_if, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+        _testnet.del_netns(ns)
 
 
 # module scope: the iptables agent (and its host lock) must be gone before the

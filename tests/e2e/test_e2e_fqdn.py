@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -118,7 +119,7 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tmp_path_factory.mktemp("fqdn-world")
     try:
-        sh("ip", "netns", "add", ns)
+        _testnet.add_netns(ns, DNS_IP)  # its own resolver: the world's DNS, never the host's
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         sh("ip", "link", "set", peer_if, "netns", ns)
         sh("ip", "addr", "add", f"{HOST_IP}/32", "dev", host_if)
@@ -126,7 +127,6 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         for ip in WORLD_IPS:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/32", "dev", peer_if)
         sh("ip", "-n", ns, "link", "set", peer_if, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", f"{HOST_IP}/32", "dev", peer_if)
         sh("ip", "-n", ns, "route", "add", "default", "via", HOST_IP, "dev", peer_if)
         for ip in WORLD_IPS:
@@ -143,9 +143,8 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         procs.append(dns)
         assert dns.stdout is not None and dns.stdout.readline().strip() == b"READY"
-        procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", ns, PYTHON, "-m", "http.server", "80", "--bind", "0.0.0.0",
-             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(_testnet.start_http_server(ns, "0.0.0.0", 80, str(www),
+                                                log=str(tmp / "http.log"), python=PYTHON))
         yield {"netns": ns, "host_if": host_if}
     finally:
         for p in procs:
@@ -154,7 +153,7 @@ def world(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         for ip in WORLD_IPS:
             sh("ip", "route", "del", f"{ip}/32", "dev", host_if, check=False)
         sh("ip", "link", "del", host_if, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+        _testnet.del_netns(ns)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 

@@ -1,7 +1,7 @@
 """The L7 HTTP issue's acceptance, end to end through the real agent on each kernel datapath.
 
-Real servers run in pods (``python3 -m http.server`` and a tiny keep-alive
-server), curl is the client, policies go through ``axoneme policy apply``.
+Real servers run in pods (the fixtures' HTTP server, tests/_testnet.py: files, or a
+keep-alive echo), curl is the client, policies go through ``axoneme policy apply``.
 Pods are created once per datapath (module-scoped fixtures); each test
 applies its own policies and removes them, on success and on failure.
 
@@ -32,39 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
 PYTHON = "python3"
 KERNEL_DATAPATHS = [("ebpf", ""), ("iptables", "plain"), ("iptables", "ipset")]
-
-# A tiny HTTP/1.1 (keep-alive) server answering GET and POST on every path.
-ECHO_SERVER = textwrap.dedent('''\
-    import http.server, sys
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _reply(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            body = f"{self.command} {self.path} ok\\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _reply
-
-        def log_message(self, fmt, *args):
-            sys.stderr.write("%s\\n" % (fmt % args))
-            sys.stderr.flush()
-
-    http.server.ThreadingHTTPServer(("0.0.0.0", 80), Handler).serve_forever()
-''')
 
 # One HTTP connection, two rounds of requests; the test changes the policy in between.
 KEEPALIVE_CLIENT = textwrap.dedent('''\
@@ -185,10 +159,13 @@ class Outside:
 
 @pytest.fixture(scope="module")
 def outside(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outside]:
-    """A netns at a free /28 of 198.51.100.0/24 running http.server, routed via the node.
+    """A netns at a free /28 of 198.51.100.0/24 running an HTTP server, routed via the node.
 
     A /28 (not the whole /24) so a conformance ``world`` running at the same
     time (198.51.100.0/24) never collides: the more specific route wins here.
+    The netns has its own resolv.conf and the server accepts before a test
+    runs: ``-m http.server`` looked its address up before listening, and from
+    here the host's resolver is unreachable (a resolver timeout, tests saw 000).
     """
     used = _sh("ip", "-4", "route", "show").stdout
     blocks = [ipaddress.ip_network(f"198.51.100.{16 * i}/28") for i in range(4, 15)]
@@ -206,29 +183,24 @@ def outside(guard: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ou
     log = www.parent / f"outside-{sfx}.log"
     proc = None
     try:
-        _sh("ip", "netns", "add", ns)
+        _testnet.add_netns(ns)
         _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         _sh("ip", "link", "set", peer_if, "netns", ns)
         _sh("ip", "addr", "add", f"{host_ip}/{block.prefixlen}", "dev", host_if)
         _sh("ip", "link", "set", host_if, "up")
         _sh("ip", "-n", ns, "addr", "add", f"{srv_ip}/{block.prefixlen}", "dev", peer_if)
         _sh("ip", "-n", ns, "link", "set", peer_if, "up")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", ns, "route", "add", "default", "via", host_ip)
         route = _sh("ip", "route", "get", srv_ip).stdout
         assert f"dev {host_if}" in route, f"{srv_ip} is not routed to the outside netns: {route}"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-m", "http.server", "80",
-                                     "--bind", srv_ip, "--directory", str(www)],
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+        proc = _testnet.start_http_server(ns, srv_ip, 80, str(www), log=str(log), python=PYTHON)
         yield Outside(ns, host_if, srv_ip, log)
     finally:
         if proc is not None:
             proc.kill()
             proc.wait(10)
         _sh("ip", "link", "del", host_if, check=False)
-        _sh("ip", "netns", "del", ns, check=False)
+        _testnet.del_netns(ns)
 
 
 # -- one agent and its pods per datapath ------------------------------------------------------
@@ -320,15 +292,13 @@ def cluster(request: pytest.FixtureRequest, guard: str) -> Iterator[Cluster]:
         www.mkdir()
         (www / "public").write_text("public data\n")
         (www / "private").write_text("secret data\n")
-        srv = workdir / "echo_server.py"
-        srv.write_text(ECHO_SERVER)
         (workdir / "keepalive_client.py").write_text(KEEPALIVE_CLIENT)
-        cl.ips["app1"] = ap.pod_run("app1", PYTHON, "-m", "http.server", "80", "--bind", "0.0.0.0",
-                                    "--directory", str(www), labels="id=app1",
-                                    extra=["--port", "http:80/TCP"])
+        cl.ips["app1"] = ap.pod_run("app1", PYTHON, *_testnet.http_server_argv("0.0.0.0", 80, str(www)),
+                                    labels="id=app1", extra=["--port", "http:80/TCP"])
         cl.ips["app2"] = ap.pod_run("app2", "sleep", "infinity", labels="id=app2")
-        cl.ips["shop"] = ap.pod_run("shop", PYTHON, "-u", str(srv), labels="app=shop")
-        cl.ips["flights"] = ap.pod_run("flights", PYTHON, "-u", str(srv), labels="app=flights")
+        echo = _testnet.http_server_argv("0.0.0.0", 80, echo=True)
+        cl.ips["shop"] = ap.pod_run("shop", PYTHON, "-u", *echo, labels="app=shop")
+        cl.ips["flights"] = ap.pod_run("flights", PYTHON, "-u", *echo, labels="app=flights")
         cl.ips["board"] = ap.pod_run("board", "sleep", "infinity",
                                      labels="env=prod,app=flights_board")
         cl.ips["devboard"] = ap.pod_run("devboard", "sleep", "infinity",

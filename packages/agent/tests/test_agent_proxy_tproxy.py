@@ -11,10 +11,11 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from axoneme.agent.proxy import ProxyManager, RedirectRules
@@ -23,6 +24,10 @@ from axoneme.core.l7proxy import ProxyPolicy
 from axoneme.core.mapstate import Direction
 from axoneme.core.marks import MARK_MAGIC_HOST_MASK, from_proxy_mark, to_proxy_mark
 from axoneme.core.policy.api import HTTPRule
+
+# the repository's netns helpers (tests/_testnet.py): own resolv.conf, servers that accept
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+import _testnet  # noqa: E402
 
 pytestmark = [
     pytest.mark.privileged,
@@ -71,13 +76,8 @@ def topo() -> Iterator[Topo]:
         sh("iptables", "-w", "5", "-A", guard, "-s", "10.244.0.0/16", "-o", _uplink(), "-j", "DROP")
         sh("iptables", "-w", "5", "-I", "FORWARD", "1", "-j", guard)
         for ns in (cli_ns, srv_ns):
-            # Never the host's resolver (http.server does a reverse lookup at
-            # start): the pods resolve against their own loopback, which refuses.
-            os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
-            with open(f"/etc/netns/{ns}/resolv.conf", "w") as f:
-                f.write("nameserver 127.0.0.1\n")
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # never the host's resolver: the pods resolve against their own loopback
+            _testnet.add_netns(ns)
         cli_ip, srv_ip = f"10.244.{r}.2", f"10.244.{r}.6"
         for host_if, ns, ip, gw in ((hc, cli_ns, cli_ip, f"10.244.{r}.1"),
                                     (hs, srv_ns, srv_ip, f"10.244.{r}.5")):
@@ -94,16 +94,10 @@ def topo() -> Iterator[Topo]:
                 f.write(body)
         with open(log_path, "wb") as log:
             server = subprocess.Popen(
-                ["ip", "netns", "exec", srv_ns, "python3", "-m", "http.server", "80",
-                 "--bind", srv_ip, "--directory", docroot],
+                ["ip", "netns", "exec", srv_ns, "python3",
+                 *_testnet.http_server_argv(srv_ip, 80, docroot)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(100):
-            if sh("ip", "netns", "exec", srv_ns, "curl", "-s", "-o", "/dev/null", "-m", "1",
-                  f"http://{srv_ip}/public", check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("http.server did not come up")
+        _testnet.wait_accepting(srv_ip, 80, srv_ns, server, log_path)
         # forget the readiness probe in the log
         with open(log_path, "r+b") as f:
             f.truncate(0)
@@ -117,8 +111,7 @@ def topo() -> Iterator[Topo]:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(5)
         for ns in (cli_ns, srv_ns):
-            sh("ip", "netns", "del", ns, check=False)
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+            _testnet.del_netns(ns)
         for host_if in (hc, hs):
             sh("ip", "link", "del", host_if, check=False)
         while sh("iptables", "-w", "5", "-D", "FORWARD", "-j", guard, check=False).returncode == 0:

@@ -16,8 +16,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+# the repository's netns helpers (tests/_testnet.py): every netns gets its own resolv.conf
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+import _testnet  # noqa: E402
 
 PY = sys.executable
 
@@ -167,7 +172,7 @@ def _uplink() -> str:
 
 
 def _add_veth_ns(ns: str, host_if: str, ip: str) -> int:
-    run("ip", "netns", "add", ns)
+    _testnet.add_netns(ns)
     run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
     run("ip", "link", "set", host_if, "up")
     run("sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1")
@@ -228,7 +233,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         for link in created_links:
             run("ip", "link", "del", link, check=False)
         for ns in created_ns:
-            run("ip", "netns", "del", ns, check=False)
+            _testnet.del_netns(ns)
         for p in pods.values():
             run("ip", "route", "del", f"{p.ip}/32", check=False)
         if guard:

@@ -20,12 +20,18 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+# the repository's netns helpers (tests/_testnet.py): every netns gets its own resolv.conf
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+import _testnet  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -215,7 +221,7 @@ def _mac_of(ifname: str, ns: str = "") -> str:
 
 def _make_pod(name: str, ns: str, host_if: str, ips: list[str], ip6: str = "") -> Pod:
     """A pod netns wired to the node (the current netns) by a veth."""
-    sh("ip", "netns", "add", ns)
+    _testnet.add_netns(ns)
     sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
     sh("ip", "-n", ns, "link", "set", "lo", "up")
     sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -273,8 +279,8 @@ def topology() -> Iterator[Topology]:
                 sh("iptables", "-A", guard, *rule.split())
             sh("iptables", "-I", "FORWARD", "1", "-j", guard)
         # 2. the node namespace; this thread (and what it forks) moves in
-        sh("ip", "netns", "add", node)
         made_ns.append(node)
+        _testnet.add_netns(node)
         fd = os.open(f"/run/netns/{node}", os.O_RDONLY)
         try:
             if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -310,7 +316,7 @@ def topology() -> Iterator[Topology]:
             _libc.setns(home, CLONE_NEWNET)
         os.close(home)
         for ns in made_ns:  # veths go with their namespaces
-            sh("ip", "netns", "del", ns, check=False)
+            _testnet.del_netns(ns)
         if uplink:
             sh("iptables", "-D", "FORWARD", "-j", guard, check=False)
             sh("iptables", "-F", guard, check=False)

@@ -41,6 +41,10 @@ from axoneme.core.marks import (
 pytestmark = pytest.mark.privileged
 
 HERE = Path(__file__).parent
+# the repository's netns helpers (tests/_testnet.py): every netns gets its own resolv.conf
+sys.path.insert(0, str(HERE.resolve().parents[2] / "tests"))
+import _testnet  # noqa: E402
+
 PY = sys.executable
 RESOLVER = "198.51.100.53"
 
@@ -86,8 +90,7 @@ def topo():
     etc = Path("/etc/netns") / c
     try:
         for ns in (c, r, w):
-            sh("ip", "netns", "add", ns)
-            nsx(ns, "ip", "link", "set", "lo", "up")
+            _testnet.add_netns(ns)
         sh("ip", "link", "add", f"c{sfx}", "netns", c, "type", "veth", "peer", "name",
            f"rc{sfx}", "netns", r)
         sh("ip", "link", "add", f"w{sfx}", "netns", w, "type", "veth", "peer", "name",
@@ -149,8 +152,7 @@ def topo():
                     p.kill()
                     p.wait(5)
         for ns in (c, r, w):
-            sh("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(etc, ignore_errors=True)
+            _testnet.del_netns(ns)
 
 
 CLIENT_SCRIPT = r"""

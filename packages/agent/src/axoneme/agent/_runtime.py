@@ -102,6 +102,12 @@ class PodRuntime:
         """Create the netns, wire it through CNI, start the command. Returns the pod IP."""
         cfg = self.agent.config
         plugin = cni_binary(cfg.cni_bin)
+        # the pod's resolver before its netns exists: nothing that ever runs in it
+        # (CNI included) may fall back to the host's resolver, which pods cannot reach
+        etc = os.path.join("/etc/netns", rec.netns)
+        os.makedirs(etc, exist_ok=True)
+        with open(os.path.join(etc, "resolv.conf"), "w") as f:
+            f.write(f"nameserver {cfg.dns_server}\noptions timeout:1 attempts:1\n")
         await asyncio.to_thread(nl.create_netns, rec.netns)
         netns_path = os.path.join(nl.NETNS_DIR, rec.netns)
         result = await run_cni(plugin, cni_env("ADD", rec.container_id, netns_path, rec.namespace,
@@ -110,10 +116,6 @@ class PodRuntime:
         if not ips:
             raise CNIError("CNI ADD returned no IP address")
         ip = str(ips[0]["address"]).split("/")[0]
-        etc = os.path.join("/etc/netns", rec.netns)
-        os.makedirs(etc, exist_ok=True)
-        with open(os.path.join(etc, "resolv.conf"), "w") as f:
-            f.write(f"nameserver {cfg.dns_server}\noptions timeout:1 attempts:1\n")
         os.makedirs(os.path.dirname(rec.log), exist_ok=True)
         penv = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME": "/root", "LANG": "C.UTF-8"}
