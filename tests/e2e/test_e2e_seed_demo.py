@@ -8,11 +8,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
 LIVE = Path(__file__).resolve().parents[2] / "examples" / "live"
+# datapaths documented to compute policy but enforce nothing (DESIGN.md: noop). What a
+# test expects comes from here, never from the agent's own status: a broken datapath
+# that reported "no enforcement" would otherwise pass every enforcement test.
+NON_ENFORCING = {"noop"}
+
+
+def _http_server(www: Any) -> list[str]:
+    """The pod command of the demo's web server (no reverse lookup before it listens)."""
+    return ["python3", *_testnet.http_server_argv("0.0.0.0", 80, str(www))]
 
 
 def _curl(agent: Any, pod: str, url: str, attempts: int = 20) -> subprocess.CompletedProcess[str]:
@@ -34,8 +44,7 @@ def www(tmp_path: Any) -> Any:
 
 
 def test_seed_demo_pods_reach_each_other_and_survive_agent_sigkill(agent: Any, www: Any) -> None:
-    app1 = agent.pod_run("app1", "python3", "-m", "http.server", "80", "--bind", "0.0.0.0",
-                         "--directory", str(www), labels="id=app1",
+    app1 = agent.pod_run("app1", *_http_server(www), labels="id=app1",
                          extra=["--port", "http:80/TCP"])
     app2 = agent.pod_run("app2", "sleep", "infinity", labels="id=app2")
     app3 = agent.pod_run("app3", "sleep", "infinity", labels="id=app3")
@@ -110,24 +119,31 @@ def test_policy_and_identities_survive_restart(agent: Any, www: Any) -> None:
 
 
 def test_seed_demo_policy_is_enforced(agent: Any, www: Any) -> None:
-    app1 = agent.pod_run("app1", "python3", "-m", "http.server", "80", "--bind", "0.0.0.0",
-                         "--directory", str(www), labels="id=app1",
+    app1 = agent.pod_run("app1", *_http_server(www), labels="id=app1",
                          extra=["--port", "http:80/TCP"])
     agent.pod_run("app2", "sleep", "infinity", labels="id=app2")
     agent.pod_run("app3", "sleep", "infinity", labels="id=app3")
     assert _curl(agent, "app3", f"http://{app1}/public").returncode == 0
     agent.cli("policy", "apply", "-f", str(LIVE / "00-default-deny.yaml"),
               "-f", str(LIVE / "10-allow-app2.yaml"), check=True)
-    enforces = "no enforcement" not in agent.json("status")["datapath"]["detail"]
+    says_no_enforcement = "no enforcement" in agent.json("status")["datapath"]["detail"]
+    # the status must tell the truth about the datapath, checked below against traffic
+    assert says_no_enforcement == (agent.datapath in NON_ENFORCING), agent.json("status")
 
     res = _curl(agent, "app2", f"http://{app1}/public")
     assert res.returncode == 0 and res.stdout == "public data\n"
     denied = agent.pod_exec("app3", "curl", "-s", "-m", "1", f"http://{app1}/public")
-    if not enforces:
-        # the noop datapath computes policy but enforces nothing, and says so
-        assert denied.returncode == 0
+    if agent.datapath in NON_ENFORCING:
+        # policy computed, nothing enforced: the default deny must not drop real traffic
+        assert (denied.returncode, denied.stdout) == (0, "public data\n"), denied.stderr
+        web = next(e for e in agent.json("endpoint", "list") if e["pod"] == "default/app1")
+        assert web["policy_enforcement"] == {"ingress": True, "egress": False}
+        out = agent.cli("observe", "--verdict", "DROPPED", "--from-pod", "default/app3",
+                        "-o", "json", check=True).stdout
+        assert out.strip() == "", f"a non-enforcing datapath reported drops: {out}"
         return
     assert denied.returncode != 0, "app3 reached app1 despite default deny"
+    assert denied.stdout == "", denied.stdout
     web = next(e for e in agent.json("endpoint", "list") if e["pod"] == "default/app1")
     assert agent.json("endpoint", "get", str(web["id"]))["in_sync"] is True
     flows = []
@@ -148,8 +164,8 @@ def test_seed_demo_policy_is_enforced(agent: Any, www: Any) -> None:
 
 
 def test_seed_demo_l7_public_only(agent: Any, tmp_path: Any) -> None:
-    if "no enforcement" in agent.json("status")["datapath"]["detail"]:
-        pytest.skip(f"datapath {agent.datapath} does not enforce (no L7 redirect)")
+    if agent.datapath in NON_ENFORCING:
+        pytest.skip(f"{agent.datapath} datapath has no L7 redirect")
     plugins = json.loads(agent.cli("plugins", "-o", "json", check=True).stdout)
     if "http" not in plugins.get("l7", {}):
         pytest.skip("the http L7 parser is not installed")
@@ -157,8 +173,7 @@ def test_seed_demo_l7_public_only(agent: Any, tmp_path: Any) -> None:
     (www / "private").mkdir(parents=True)
     (www / "public").write_text("public data\n")
     (www / "private" / "index.html").write_text("secret\n")
-    app1 = agent.pod_run("app1", "python3", "-m", "http.server", "80", "--bind", "0.0.0.0",
-                         "--directory", str(www), labels="id=app1")
+    app1 = agent.pod_run("app1", *_http_server(www), labels="id=app1")
     agent.pod_run("app2", "sleep", "infinity", labels="id=app2")
     assert _curl(agent, "app2", f"http://{app1}/public").returncode == 0
     agent.cli("policy", "apply", "-f", str(LIVE / "00-default-deny.yaml"),
