@@ -272,6 +272,36 @@ def _fuzz_response(stream: bytes) -> None:
     assert 100 <= resp.status <= 999, resp.status
     assert not (resp.chunked and resp.content_length is not None), resp
     assert resp.raw == stream[:end + 4]
+    # Differential on framing (_relay_response, answering a GET): where we
+    # think the response ends is where the client's parser thinks it ends,
+    # or the next response would be read from this one's body.
+    if resp.status < 200 or resp.status in (204, 304):
+        return
+    if resp.chunked:
+        body, wire_body = b"", b"0\r\n\r\n"
+    elif resp.content_length is not None and resp.content_length <= 4096:
+        body = wire_body = b"y" * resp.content_length
+    else:
+        return  # delimited by the end of the connection, or too big to bother
+    import httptools
+
+    got: dict[str, object] = {"body": b"", "complete": 0}
+
+    class Cb:
+        def on_body(self, b: bytes) -> None:
+            got["body"] = got["body"] + b  # type: ignore[operator]
+
+        def on_message_complete(self) -> None:
+            got["complete"] = got["complete"] + 1  # type: ignore[operator]
+
+    try:
+        httptools.HttpResponseParser(Cb()).feed_data(resp.raw + wire_body)
+    except httptools.HttpParserError:
+        # A stricter client refusing what the upstream sent (identical
+        # repeated Content-Length, empty Transfer-Encoding list elements,
+        # both allowed by RFC 9110) closes the connection: no desync.
+        return
+    assert got == {"body": body, "complete": 1}, (got, resp.raw)
 
 
 def fuzz_http(data: bytes) -> None:
