@@ -171,3 +171,9 @@ def test_trace_cluster_file_hostile(tmp_path: Path) -> None:
     code, _, err = axoneme("policy", "trace", "--cluster", str(port), "--from", "default/a",
                            "--to", "default/a", "--port", "80")
     assert_clean_error(code, err, str(port), "metadata.labels.k")
+
+
+def test_endless_file_is_cut_at_the_size_bound() -> None:
+    """Before: ``-f /dev/zero`` read until memory ran out."""
+    code, _, err = axoneme("policy", "validate", "-f", "/dev/zero")
+    assert_clean_error(code, err, "file too large (more than 32 MiB) (/dev/zero)")

@@ -4,6 +4,12 @@ Polls the directory's files every second (mtime and size). A changed file is
 re-parsed and re-applied; a file that no longer parses is logged with every
 problem and its previous good version stays in force; a removed file's
 policies are deleted.
+
+Anyone who can write to the directory can hand the agent hostile input, so a
+bad file (malformed, too deep, too large, not a regular file, or one that
+makes the parser fail unexpectedly) is reported in the log and in
+``status`` and skipped: the scan goes on with the other files and the agent
+keeps running.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING, Any
 
-from axoneme.core.errors import InvalidRule
+from axoneme.core.errors import AxonemeError, InvalidRule
+from axoneme.core.yamlsafe import excerpt
 
 if TYPE_CHECKING:  # pragma: no cover
     from axoneme.agent._agent import Agent
@@ -30,14 +38,16 @@ class PolicyDirWatcher:
         self.interval = interval
         self._seen: dict[str, tuple[int, int]] = {}
         self._refs: dict[str, list[Any]] = {}  # file -> refs it provides
+        self._special: dict[str, tuple[int, int]] = {}  # non-regular files already reported
 
-    def _files(self) -> dict[str, tuple[int, int]]:
+    def _files(self) -> dict[str, tuple[int, int]] | None:
+        """Policy files by path -> (mtime, size); None if the directory cannot be read."""
         out: dict[str, tuple[int, int]] = {}
         try:
             names = sorted(os.listdir(self.directory))
         except OSError as e:
-            LOG.error("cannot read policy dir %s: %s", self.directory, e)
-            return out
+            LOG.error("cannot read policy dir %s: %s (keeping its policies)", self.directory, e)
+            return None
         for name in names:
             if not name.endswith(SUFFIXES) or name.startswith("."):
                 continue
@@ -46,13 +56,31 @@ class PolicyDirWatcher:
                 st = os.stat(path)
             except OSError:
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                # a FIFO would block the reader thread forever, a device
+                # could be endless: never open what is not a regular file
+                sig = (st.st_mtime_ns, st.st_mode)
+                if self._special.get(path) != sig:
+                    self._special[path] = sig
+                    LOG.error("policy dir: %s is not a regular file, skipping it", path)
+                self.agent.policy_dir_errors[path] = [f"not a regular file ({path})"]
+                continue
+            self._special.pop(path, None)
             out[path] = (st.st_mtime_ns, st.st_size)
+        for path in [p for p in self._special if os.path.basename(p) not in names]:
+            del self._special[path]
         return out
 
     async def scan(self) -> None:
         from axoneme.core.policy.parse import load_documents, parse_policy
 
         files = self._files()
+        if files is None:
+            # unreadable is not empty: deleting every policy of the directory
+            # on a transient error would drop its denies too
+            return
+        for path in [p for p in self.agent.policy_dir_errors if p not in files and p not in self._special]:
+            self.agent.policy_dir_errors.pop(path, None)  # a bad file that went away
         for path in sorted(set(self._seen) - set(files)):
             refs = self._refs.pop(path, [])
             self._seen.pop(path, None)
@@ -86,12 +114,27 @@ class PolicyDirWatcher:
                 for problem in e.problems:
                     LOG.error("policy dir: %s (keeping the previous version of %s)", problem, path)
                 continue
-            self.agent.policy_dir_errors.pop(path, None)
+            except Exception as e:
+                # a parser bug must not stop the scan of the other files (nor
+                # the agent); the file is retried when it changes
+                self._fail(path, "cannot parse", e)
+                continue
             new_refs = [p.ref for p, _ in parsed]
             old_refs = [r for r in self._refs.get(path, []) if r not in new_refs]
-            self._refs[path] = new_refs
             LOG.warning("policy dir: applying %s (%d policies)", path, len(parsed))
-            await self.agent.policy_upsert(parsed, source=path, remove_refs=old_refs)
+            try:
+                await self.agent.policy_upsert(parsed, source=path, remove_refs=old_refs)
+            except (AxonemeError, ValueError, TypeError) as e:
+                self._fail(path, "cannot apply", e)
+                continue
+            self._refs[path] = new_refs
+            self.agent.policy_dir_errors.pop(path, None)
+
+    def _fail(self, path: str, what: str, e: BaseException) -> None:
+        message = f"{what} {path}: {type(e).__name__}: {excerpt(str(e), 300)}"
+        self.agent.policy_dir_errors[path] = [message]
+        LOG.error("policy dir: %s (keeping the previous version of %s)", message, path)
+        LOG.debug("policy dir: %s", what, exc_info=True)
 
     async def run(self) -> None:
         while True:

@@ -80,6 +80,8 @@ __all__ = [
 ]
 
 POLICY_EXTENSIONS = (".yaml", ".yml", ".json")
+# Kubernetes refuses objects over ~1.5 MiB; a policy file is never near this.
+MAX_FILE_BYTES = 32 * 1024 * 1024
 DEFAULT_NAMESPACE = "default"
 
 _API_VERSIONS = {
@@ -188,12 +190,19 @@ def _expand(paths: Sequence[str], problems: list[Problem]) -> list[str]:
 def _read(path: str, problems: list[Problem]) -> bytes | None:
     try:
         if path == "-":
-            return sys.stdin.buffer.read()
-        with open(path, "rb") as f:
-            return f.read()
+            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         problems.append(make_problem(path, None, "", f"cannot read file: {e.strerror or e}"))
         return None
+    if len(data) > MAX_FILE_BYTES:
+        # read no further: /dev/zero or a runaway generator never ends
+        problems.append(make_problem("<stdin>" if path == "-" else path, None, "",
+                                     f"file too large (more than {MAX_FILE_BYTES // (1024 * 1024)} MiB)"))
+        return None
+    return data
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
