@@ -76,3 +76,207 @@ def test_drop_unparseable_policies_drops_loudly_and_keeps_a_copy(tmp_path: Path)
     assert kept["CiliumNetworkPolicy/default/deny-all"]["record"]["doc"]["obj"] == BAD
     status = agent.status()["components"]["policies"]
     assert {d["policy"] for d in status["dropped_at_start"]} == set(dropped)
+
+
+# -- agent on a datapath that fails on purpose ---------------------------------------------
+
+import asyncio  # noqa: E402
+import ipaddress  # noqa: E402
+
+from axoneme.agent._agent import EndpointRecord, PodRecord  # noqa: E402
+from axoneme.core.datapath import IPCacheChanges, NoopDatapath  # noqa: E402
+from axoneme.core.endpoint import Endpoint  # noqa: E402
+from axoneme.core.errors import DatapathProgramError, MapFullError  # noqa: E402
+from axoneme.core.mapstate import Direction, MapChanges, MapState  # noqa: E402
+
+
+class FlakyIPCache(NoopDatapath):
+    """Fails the first ``fails`` ipcache writes."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__()
+        self.fails = fails
+        self.calls = 0
+
+    def ipcache_apply(self, changes: IPCacheChanges) -> None:
+        self.calls += 1
+        if self.fails > 0:
+            self.fails -= 1
+            raise DatapathProgramError("ipcache update", 12, "injected failure")
+        super().ipcache_apply(changes)
+
+
+class SmallPolicyMap(NoopDatapath):
+    """A policy map of ``max_entries`` per endpoint, atomic as the real ones."""
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+
+    def _check(self, ep: Endpoint, state: MapState) -> None:
+        if len(state) > self.max_entries:
+            raise MapFullError(f"policy map of endpoint {ep.id} would hold {len(state)} entries "
+                               f"(policy_map_max {self.max_entries}); nothing applied")
+
+    def apply(self, endpoint: Endpoint, changes: MapChanges) -> None:
+        self._check(endpoint, self.dump(endpoint).apply(changes))
+        super().apply(endpoint, changes)
+
+    def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
+        self._check(endpoint, state)
+        return super().sync(endpoint, state)
+
+
+def _agent(tmp_path: Path, dp: NoopDatapath, **cfg: Any) -> Agent:
+    agent = Agent(AgentConfig(datapath="noop", state_dir=str(tmp_path / "state"), guard=False,
+                              **cfg))
+    (tmp_path / "state").mkdir(exist_ok=True)
+    agent.datapath = dp
+    return agent
+
+
+def _add_endpoint(agent: Agent, ep_id: int, ip: str, app: str) -> Endpoint:
+    name = f"p{ep_id}"
+    agent.pods[f"default/{name}"] = PodRecord(name=name, namespace="default", labels={"app": app})
+    rec = EndpointRecord(id=ep_id, container_id=f"c{ep_id}", ifname="eth0", netns_path="",
+                         namespace="default", pod_name=name, ipv4=ip, host_ifname=f"lxct{ep_id}")
+    agent.endpoints[rec.container_id] = rec
+    ep = agent._build_endpoint(rec)
+    agent.endpoint_objs[ep_id] = ep
+    agent.engine.upsert_endpoint(ep)
+    assert agent.datapath is not None
+    agent.datapath.endpoint_added(ep, *agent.engine.enforcement(ep_id))
+    return ep
+
+
+def _net(ip: str) -> Any:
+    return ipaddress.ip_network(f"{ip}/32")
+
+
+def test_failed_ipcache_write_is_kept_and_retried_until_it_lands(tmp_path: Path) -> None:
+    dp = FlakyIPCache(fails=2)
+    agent = _agent(tmp_path, dp)
+
+    async def run() -> None:
+        a = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        await agent.regenerate()  # write 1 fails
+        ipc = agent.status()["components"]["ipcache"]
+        assert ipc["pending"] >= 1 and "injected failure" in ipc["last_error"]
+        b = _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()  # write 2 fails: both changes are kept, merged
+        assert agent.status()["components"]["ipcache"]["pending"] >= 2
+        assert dp.dump_ipcache() == {}
+        await agent._retry_datapath()  # write 3 succeeds
+        assert dp.dump_ipcache()[_net("10.244.7.2")] == a.identity
+        assert dp.dump_ipcache()[_net("10.244.7.3")] == b.identity
+        ipc = agent.status()["components"]["ipcache"]
+        assert ipc["pending"] == 0 and ipc["last_error"] == ""
+        assert ipc["retries"] == 2
+
+    asyncio.run(run())
+
+
+def test_retry_backs_off_while_the_datapath_keeps_failing(tmp_path: Path) -> None:
+    dp = FlakyIPCache(fails=100)
+    agent = _agent(tmp_path, dp)
+
+    async def run() -> None:
+        _add_endpoint(agent, 1, "10.244.7.2", "web")
+        await agent.regenerate()
+        calls = dp.calls
+        await agent._retry_datapath()
+        await agent._retry_datapath()  # within the backoff: no new attempt
+        assert dp.calls == calls + 1
+        assert agent._retry_delay == 2.0
+
+    asyncio.run(run())
+
+
+def _allow_ports(name: str, ports: list[int]) -> dict[str, Any]:
+    return {"obj": {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
+                              "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"}
+                                                     for p in ports]}]}]}}}
+
+
+def _ref(name: str) -> Any:
+    from axoneme.core.policy.api import PolicyKind, PolicyRef
+
+    return PolicyRef(PolicyKind.CILIUM_NETWORK_POLICY, "default", name)
+
+
+def test_policy_map_full_fails_closed_then_a_policy_that_fits_restores(tmp_path: Path) -> None:
+    dp = SmallPolicyMap(max_entries=3)
+    agent = _agent(tmp_path, dp)
+
+    async def run() -> None:
+        web = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()
+        await agent.policy_apply([_allow_ports("small", [80])])
+        assert dp.fail_closed == {}
+        assert dp.dump(web) == agent.engine.resolve(1)
+        # a bigger policy does not fit: the endpoint fails closed on ingress
+        # (the direction that changed) instead of keeping the older policy
+        res = await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        assert 1 in {int(k) for k in res["errors"]}
+        assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
+        rec = agent.endpoints["c1"]
+        assert rec.status.startswith("not-ready: policy map full: ")
+        assert "failing closed (ingress)" in rec.status
+        fc = agent.status()["components"]["fail_closed"]
+        assert fc == [{"endpoint": 1, "directions": ["ingress"], "reason": fc[0]["reason"]}]
+        assert "policy_map_max 3" in fc[0]["reason"]
+        # the periodic retry keeps it closed while it does not fit
+        await agent._retry_datapath()
+        assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
+        # deleting the big policy: it fits again, service is back
+        await agent.policy_delete([_ref("big")])
+        assert dp.fail_closed == {}
+        assert dp.dump(web) == agent.engine.resolve(1)
+        assert agent.endpoints["c1"].status == "ready"
+        assert agent.status()["components"]["fail_closed"] == []
+
+    asyncio.run(run())
+
+
+def test_policy_map_full_keep_last_keeps_the_previous_policy(tmp_path: Path) -> None:
+    dp = SmallPolicyMap(max_entries=3)
+    agent = _agent(tmp_path, dp, policy_map_full="keep-last")
+
+    async def run() -> None:
+        web = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()
+        await agent.policy_apply([_allow_ports("small", [80])])
+        before = dp.dump(web)
+        await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        assert dp.fail_closed == {}
+        assert dp.dump(web) == before
+        assert "keep-last" in agent.endpoints["c1"].status
+
+    asyncio.run(run())
+
+
+class NoFailClosed(SmallPolicyMap):
+    def endpoint_fail_closed(self, endpoint: Endpoint, directions: frozenset[Direction]) -> None:
+        raise NotImplementedError
+
+
+def test_policy_map_full_without_a_fail_closed_switch_removes_the_entries(tmp_path: Path) -> None:
+    dp = NoFailClosed(max_entries=3)
+    agent = _agent(tmp_path, dp)
+
+    async def run() -> None:
+        web = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()
+        await agent.policy_apply([_allow_ports("small", [80])])
+        assert any(k.direction is Direction.INGRESS for k in dp.dump(web))
+        await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        assert not any(k.direction is Direction.INGRESS for k in dp.dump(web))
+
+    asyncio.run(run())

@@ -30,12 +30,18 @@ from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
 from axoneme.agent.client import DEFAULT_SOCKET
 from axoneme.core.datapath import Datapath, DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint, NamedPort
-from axoneme.core.errors import AxonemeError, ConfigError, DatapathError, PolicyError
+from axoneme.core.errors import (
+    AxonemeError,
+    ConfigError,
+    DatapathError,
+    MapFullError,
+    PolicyError,
+)
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.identity import Identity
 from axoneme.core.labels import Labels, valid_label_key, valid_label_value
 from axoneme.core.lockfile import LockHeld, PidLock
-from axoneme.core.mapstate import MapState
+from axoneme.core.mapstate import MapChanges, MapState
 from axoneme.core.names import (
     container_id_problem,
     dns_label_problem,
@@ -325,6 +331,15 @@ class Agent:
         self._deleting: set[str] = set()
         self._state_lock: PidLock | None = None
         self.dropped_policies: list[dict[str, Any]] = []  # --drop-unparseable-policies
+        # what the datapath refused, kept until it is written (see _regenerate_sync)
+        self._ipcache_pending: IPCacheChanges | None = None
+        self._ipcache_error = ""
+        self._ipcache_failures = 0
+        self._resync: set[int] = set()  # endpoints whose kernel policy is not the resolved one
+        self._fail_closed: dict[int, frozenset[Any]] = {}  # endpoint id -> directions
+        self._fail_closed_reason: dict[int, str] = {}
+        self._retry_delay = 1.0
+        self._retry_at = 0.0
 
     @property
     def revision(self) -> int:
@@ -662,10 +677,28 @@ class Agent:
                 ing, egr = self.engine.enforcement(ep.id)
                 dp.endpoint_added(ep, ing, egr)
                 self._enforcement[ep.id] = (ing, egr)
-                dp.sync(ep, self.engine.resolve(ep.id))
+                try:
+                    dp.sync(ep, self.engine.resolve(ep.id))
+                    try:
+                        # a previous run may have left it failing closed: it fits now
+                        dp.endpoint_fail_closed(ep, frozenset())
+                    except NotImplementedError:
+                        pass
+                except MapFullError as e:
+                    # one endpoint whose policy does not fit must not stop the node
+                    errors[ep.id] = self._policy_map_full(dp, ep, None, e)
+                except DatapathError as e:
+                    errors[ep.id] = str(e)
+                if ep.id in errors:
+                    self._resync.add(ep.id)
 
+        errors: dict[int, str] = {}
         await asyncio.to_thread(self._dp_call, adopt)
-        self.engine.pending_changes()  # sync applied everything
+        self.engine.pending_changes()  # sync applied everything (or _resync retries it)
+        for rec in self.endpoints.values():
+            if rec.id in errors:
+                LOG.error("endpoint %d: policy not applied at start: %s", rec.id, errors[rec.id])
+                rec.status = f"not-ready: {errors[rec.id]}"
 
     def _start_events(self) -> None:
         dp = self.datapath
@@ -775,7 +808,19 @@ class Agent:
     def _regenerate_sync(self) -> dict[int, str]:
         """Push pending ipcache and policy changes to the datapath (worker thread).
 
-        Returns endpoint id -> error for endpoints whose apply failed."""
+        Returns endpoint id -> error for endpoints whose apply failed.
+
+        Nothing that failed is forgotten:
+        1. ipcache changes that could not be written stay pending (merged with
+           later ones) and are written again on the next regeneration or by
+           the retry loop (``_retry_datapath``);
+        2. an endpoint whose apply failed is fully re-synced now and, while
+           that fails, on every later regeneration;
+        3. a policy that does not fit the endpoint's policy map (MapFullError)
+           makes the endpoint fail closed in the directions that changed
+           (``--policy-map-full fail-closed``, the default) instead of leaving
+           the older policy in force; the next sync that fits ends it.
+        """
         dp = self.datapath
         assert dp is not None
         errors: dict[int, str] = {}
@@ -783,12 +828,29 @@ class Agent:
         with self._dp_lock:
             if self._proxies_wanted:
                 self._start_wanted_proxies()
-            ipc = self.engine.pending_ipcache_changes()
+            ipc = merge_ipcache(self._ipcache_pending, self.engine.pending_ipcache_changes())
             if ipc.upserts or ipc.deletes:
-                dp.ipcache_apply(ipc)
-            for ep_id, changes in self.engine.pending_changes().items():
+                try:
+                    dp.ipcache_apply(ipc)
+                    self._ipcache_pending = None
+                    self._ipcache_error = ""
+                except Exception as e:  # kept and retried whatever failed
+                    self._ipcache_pending = ipc
+                    self._ipcache_error = str(e)
+                    self._ipcache_failures += 1
+                    LOG.error("ipcache update failed (%d changes kept, retried): %s",
+                              len(ipc.upserts) + len(ipc.deletes), e)
+                    LOG.debug("ipcache update failure", exc_info=True)
+                    self.metrics.errors.labels(op="ipcache").inc()
+            pending = self.engine.pending_changes()
+            for ep_id in sorted(set(pending) | self._resync):
                 ep = self.endpoint_objs.get(ep_id)
-                if ep is None or not changes:
+                changes = pending.get(ep_id)
+                if ep is None:
+                    self._resync.discard(ep_id)
+                    self._fail_closed.pop(ep_id, None)
+                    continue
+                if not changes and ep_id not in self._resync:
                     continue
                 try:
                     # enforcement flags travel with endpoint_added (idempotent);
@@ -797,29 +859,109 @@ class Agent:
                     if self._enforcement.get(ep_id) != enf:
                         dp.endpoint_added(ep, *enf)
                         self._enforcement[ep_id] = enf
-                    dp.apply(ep, changes)
+                    if ep_id in self._resync:
+                        dp.sync(ep, self.engine.resolve(ep_id))
+                    else:
+                        assert changes is not None
+                        dp.apply(ep, changes)
                 except DatapathError as e:
-                    LOG.error("endpoint %d: datapath apply failed: %s", ep_id, e)
-                    self.metrics.errors.labels(op="apply").inc()
+                    if ep_id not in self._resync:
+                        LOG.error("endpoint %d: datapath apply failed: %s", ep_id, e)
+                        self.metrics.errors.labels(op="apply").inc()
                     errors[ep_id] = str(e)
                     # drift: resync this endpoint fully
                     try:
                         dp.sync(ep, self.engine.resolve(ep_id))
                         errors.pop(ep_id, None)
+                    except MapFullError as e2:
+                        errors[ep_id] = self._policy_map_full(dp, ep, changes, e2)
                     except DatapathError as e2:
                         errors[ep_id] = str(e2)
+                if ep_id in errors:
+                    self._resync.add(ep_id)
+                else:
+                    self._resync.discard(ep_id)
+                    if ep_id in self._fail_closed:
+                        self._end_fail_closed(dp, ep)
         self.metrics.regeneration.observe(time.perf_counter() - t0)
         return errors
+
+    def _policy_map_full(self, dp: Datapath, ep: Endpoint, changes: MapChanges | None,
+                         err: MapFullError) -> str:
+        """The endpoint's policy does not fit: fail closed (or keep the last
+        policy if the user chose so). Returns the endpoint's status text."""
+        from axoneme.core.mapstate import Direction
+
+        self.metrics.errors.labels(op="policy_map_full").inc()
+        if self.config.policy_map_full == "keep-last":
+            LOG.error("endpoint %d: %s; keeping its previous policy (--policy-map-full "
+                      "keep-last)", ep.id, err)
+            return f"policy map full: {err}; previous policy kept (keep-last)"
+        if not changes:  # a retry or a restart: what differs from the kernel's copy
+            try:
+                changes = dp.dump(ep).diff(self.engine.resolve(ep.id))
+            except DatapathError:
+                changes = None
+        changed = ({k.direction for k in changes.adds} | {k.direction for k in changes.deletes}
+                   if changes else set(Direction))
+        dirs = frozenset(changed or Direction) | self._fail_closed.get(ep.id, frozenset())
+        names = "+".join(sorted(d.name.lower() for d in dirs))
+        reason = f"policy map full: {err}; failing closed ({names})"
+        try:
+            dp.endpoint_fail_closed(ep, dirs)
+        except NotImplementedError:
+            # the datapath has no fail-closed switch: take the endpoint's entries
+            # in those directions away, its default deny drops the traffic
+            kept = MapState({k: v for k, v in dp.dump(ep).items() if k.direction not in dirs})
+            dp.sync(ep, kept)
+        except DatapathError as e:
+            LOG.error("endpoint %d: cannot fail closed: %s", ep.id, e)
+            return f"{reason} FAILED: {e}"
+        if self._fail_closed.get(ep.id) != dirs:
+            LOG.error("endpoint %d: %s", ep.id, reason)
+        self._fail_closed[ep.id] = dirs
+        self._fail_closed_reason[ep.id] = reason
+        return reason
+
+    def _end_fail_closed(self, dp: Datapath, ep: Endpoint) -> None:
+        try:
+            dp.endpoint_fail_closed(ep, frozenset())
+        except NotImplementedError:
+            pass  # the sync that just succeeded put the entries back
+        except DatapathError as e:
+            LOG.error("endpoint %d: cannot end failing closed: %s", ep.id, e)
+            return
+        LOG.warning("endpoint %d: its policy fits again, no longer failing closed", ep.id)
+        self._fail_closed.pop(ep.id, None)
+        self._fail_closed_reason.pop(ep.id, None)
 
     async def regenerate(self) -> dict[int, str]:
         errors = await asyncio.to_thread(self._regenerate_sync)
         for rec in self.endpoints.values():
             if rec.id in errors:
-                rec.status = "not-ready"
-            elif rec.status == "not-ready":
+                rec.status = f"not-ready: {errors[rec.id]}"
+            elif rec.status.startswith("not-ready"):
                 rec.status = "ready"
         self._update_gauges()
         return errors
+
+    async def _retry_datapath(self) -> None:
+        """Write again what the datapath refused (ipcache changes, endpoints
+        not in sync), with backoff: 1 s, doubling up to 30 s."""
+        if self._ipcache_pending is None and not self._resync:
+            self._retry_delay = 1.0
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        async with self.lock:
+            await self.regenerate()
+        if self._ipcache_pending is None and not self._resync:
+            LOG.info("datapath retry succeeded")
+            self._retry_delay = 1.0
+        else:
+            self._retry_delay = min(self._retry_delay * 2, 30.0)
+        self._retry_at = time.monotonic() + self._retry_delay
 
     def endpoint_by_ip(self, ip: str) -> EndpointRecord | None:
         return self._ip_index.get(ip)
@@ -1228,6 +1370,10 @@ class Agent:
             for rec in list(self.pods.values()):
                 self._refresh_pod_status(rec)
             await self._refresh_host_addresses()
+            try:
+                await self._retry_datapath()
+            except Exception:
+                LOG.warning("datapath retry failed", exc_info=True)
 
     async def _refresh_host_addresses(self) -> None:
         """Addresses come and go (links added after start): keep host (1) current."""
@@ -1387,6 +1533,15 @@ class Agent:
                              "errors": self.policy_dir_errors,
                              "dropped_at_start": self.dropped_policies},
                 "pods": len(self.pods),
+                "ipcache": {"pending": (len(self._ipcache_pending.upserts)
+                                        + len(self._ipcache_pending.deletes))
+                            if self._ipcache_pending is not None else 0,
+                            "last_error": self._ipcache_error,
+                            "retries": self._ipcache_failures},
+                "fail_closed": [{"endpoint": ep_id,
+                                 "directions": sorted(d.name.lower() for d in dirs),
+                                 "reason": self._fail_closed_reason.get(ep_id, "")}
+                                for ep_id, dirs in sorted(self._fail_closed.items())],
                 "l7_proxies": [{"parser": i.parser, "direction": str(i.direction), "port": i.port}
                                for i in (self.proxies.proxies() if self.proxies else [])],
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
@@ -1435,3 +1590,14 @@ def kill_pod_process(pid: int, start: int, grace: float = 3.0) -> None:
 
 def ip_in(ip: str, cidr: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+def merge_ipcache(old: IPCacheChanges | None, new: IPCacheChanges) -> IPCacheChanges:
+    """``old`` then ``new`` as one batch (a prefix in both upserts and deletes
+    is an upsert, as datapaths apply them)."""
+    if old is None:
+        return new
+    upserts = {k: v for k, v in old.upserts.items() if k not in new.deletes}
+    upserts.update(new.upserts)
+    deletes = frozenset((old.deletes | new.deletes) - set(new.upserts))
+    return IPCacheChanges(upserts, deletes)

@@ -16,7 +16,7 @@ from typing import Any
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathUnavailable
 from axoneme.core.flow import Flow
-from axoneme.core.mapstate import MapChanges, MapState
+from axoneme.core.mapstate import Direction, MapChanges, MapState
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -94,6 +94,18 @@ class Datapath(abc.ABC):
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         """Detach and drop the endpoint's state. Unknown endpoints are fine."""
 
+    def endpoint_fail_closed(self, endpoint: Endpoint, directions: frozenset[Direction]) -> None:
+        """Drop every packet the endpoint's policy would decide in ``directions``
+        (an empty set ends it), whatever its policy entries say.
+
+        The agent calls it when the endpoint's new policy cannot be written
+        (the policy map is full): a tightening must never be lost by leaving
+        the older policy in force. Drops carry reason DROP_EP_NOT_READY.
+        Idempotent; survives ``endpoint_added`` for the same endpoint.
+        Default: NotImplementedError (the agent then removes the endpoint's
+        entries in those directions, so its default deny drops them)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         """Update the IP/prefix -> identity map."""
@@ -137,6 +149,7 @@ class NoopDatapath(Datapath):
         self._state: dict[int, MapState] = {}
         self._ipcache: dict[IPNetwork, int] = {}
         self._stopped = threading.Event()
+        self.fail_closed: dict[int, frozenset[Direction]] = {}  # what it was told
 
     def probe(self) -> None:
         return None
@@ -154,6 +167,14 @@ class NoopDatapath(Datapath):
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         with self._lock:
             self._state.pop(endpoint.id, None)
+            self.fail_closed.pop(endpoint.id, None)
+
+    def endpoint_fail_closed(self, endpoint: Endpoint, directions: frozenset[Direction]) -> None:
+        with self._lock:
+            if directions:
+                self.fail_closed[endpoint.id] = frozenset(directions)
+            else:
+                self.fail_closed.pop(endpoint.id, None)
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:

@@ -26,11 +26,13 @@ class DropReason(int, Enum):
     CT_UNKNOWN_L4_PROTOCOL = 137
     UNSUPPORTED_L3_PROTOCOL = 139
     UNKNOWN_L4_PROTOCOL = 142
+    NO_MATCHING_LOCAL_CONTAINER_FOUND = 152
     CT_MAP_INSERTION_FAILED = 155
     NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION = 165
     INVALID_IDENTITY = 171
     POLICY_DENY = 181
     AUTH_REQUIRED = 189
+    DROP_EP_NOT_READY = 203
 
 
 DROP_REASON_TEXT = {
@@ -45,6 +47,10 @@ DROP_REASON_TEXT = {
     DropReason.NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION: "No configuration available to perform policy decision",
     DropReason.INVALID_IDENTITY: "Invalid identity",
     DropReason.AUTH_REQUIRED: "Authentication required",
+    # a managed pod interface whose endpoint record is missing: nothing can decide
+    DropReason.NO_MATCHING_LOCAL_CONTAINER_FOUND: "No matching local container found",
+    # the endpoint's policy did not fit its policy map: it fails closed
+    DropReason.DROP_EP_NOT_READY: "Endpoint not ready (policy map full: failing closed)",
 }
 
 

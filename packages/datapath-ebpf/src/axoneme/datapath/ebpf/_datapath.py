@@ -190,6 +190,9 @@ class EbpfDatapath(Datapath):
         self._index: dict[int, dict[bytes, Key]] | None = None
         self._map_full_errors = 0
         self._compile_seconds = 0.0
+        # ep id -> EP_F_FAIL_CLOSED_* bits the agent asked for; an endpoint not
+        # in here keeps the bits its pinned record has (adoption after restart)
+        self._fail_closed: dict[int, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -347,7 +350,7 @@ class EbpfDatapath(Datapath):
         v.identity = ep.identity
         v.ifindex = ifindex
         v.flags = (L.EP_F_ENFORCE_INGRESS if enforce_ingress else 0) | (
-            L.EP_F_ENFORCE_EGRESS if enforce_egress else 0)
+            L.EP_F_ENFORCE_EGRESS if enforce_egress else 0) | self._fail_closed.get(ep.id, 0)
         if ep.ipv4:
             ct.memmove(v.ipv4, ipaddress.IPv4Address(ep.ipv4.split("/")[0]).packed, 4)
         if ep.ipv6:
@@ -382,6 +385,15 @@ class EbpfDatapath(Datapath):
                   enforce_egress: bool = True) -> None:
         """Write the endpoint records (no tc attach: benchmarks use this with test runs)."""
         self._require()
+        if endpoint.id not in self._fail_closed:
+            # a restarted agent adopts the record: a fail-closed endpoint stays so
+            # until the agent says otherwise
+            old = L.Endpoint()
+            if _bpf.map_lookup(self._fds["ax_endpoints"], ct.c_uint32(ifindex), old) \
+                    and old.ep_id == endpoint.id:
+                bits = old.flags & (L.EP_F_FAIL_CLOSED_INGRESS | L.EP_F_FAIL_CLOSED_EGRESS)
+                if bits:
+                    self._fail_closed[endpoint.id] = bits
         val = self._endpoint_struct(endpoint, ifindex, ifname, enforce_ingress, enforce_egress)
         try:
             # a stale record of the same endpoint on another interface goes first
@@ -417,9 +429,40 @@ class EbpfDatapath(Datapath):
                 n += 1
         return n
 
+    def endpoint_fail_closed(self, endpoint: Endpoint, directions: frozenset[Direction]) -> None:
+        """Set the endpoint's FAIL_CLOSED flags in both endpoint maps (see lib/endpoint.h)."""
+        bits = (L.EP_F_FAIL_CLOSED_INGRESS if Direction.INGRESS in directions else 0) | (
+            L.EP_F_FAIL_CLOSED_EGRESS if Direction.EGRESS in directions else 0)
+        mask = L.EP_F_FAIL_CLOSED_INGRESS | L.EP_F_FAIL_CLOSED_EGRESS
+        with self._lock:
+            self._require()
+            self._fail_closed[endpoint.id] = bits
+            found = False
+            try:
+                for idx, val in self._endpoints().items():
+                    if val.ep_id != endpoint.id:
+                        continue
+                    found = True
+                    val.flags = (val.flags & ~mask) | bits
+                    for family, raw in ((4, bytes(val.ipv4)), (6, bytes(val.ipv6))):
+                        if any(raw):
+                            k = L.LxcKey()
+                            k.family = family
+                            ct.memmove(k.addr, raw + bytes(16 - len(raw)), 16)
+                            _bpf.map_update(self._fds["ax_lxc"], k, val)
+                    _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(idx), val)
+            except OSError as e:
+                raise DatapathProgramError("endpoint fail-closed", e.errno, str(e)) from e
+            finally:
+                self._bump_revision()  # cached CT verdicts must be decided again
+            if not found and bits:
+                raise DatapathProgramError("endpoint fail-closed", errno.ENOENT,
+                                           f"endpoint {endpoint.id} has no record")
+
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         with self._lock:
             self._require()
+            self._fail_closed.pop(endpoint.id, None)
             for idx, old in self._endpoints().items():
                 if old.ep_id == endpoint.id:
                     self._detach_if_ours(idx, old.ifname.decode(errors="replace"))

@@ -24,6 +24,7 @@ METRIC_DROPPED = 3
 METRIC_FORWARDED = 4
 METRIC_REDIRECTED = 5
 METRIC_REPLY = 6
+METRIC_UNKNOWN_ENDPOINT = 7
 METRIC_NAMES = {
     METRIC_EVENTS_SUPPRESSED: "events_suppressed",
     METRIC_EVENTS_LOST: "events_lost",
@@ -32,10 +33,13 @@ METRIC_NAMES = {
     METRIC_FORWARDED: "packets_forwarded",
     METRIC_REDIRECTED: "packets_redirected",
     METRIC_REPLY: "packets_reply",
+    METRIC_UNKNOWN_ENDPOINT: "packets_unknown_endpoint",
 }
 # DO NOT CHANGE: mirrors lib/endpoint.h
 EP_F_ENFORCE_INGRESS = 1
 EP_F_ENFORCE_EGRESS = 2
+EP_F_FAIL_CLOSED_INGRESS = 4
+EP_F_FAIL_CLOSED_EGRESS = 8
 # DO NOT CHANGE: mirrors lib/ipcache.h
 IPCACHE_F_NODE = 1
 # DO NOT CHANGE: mirrors lib/policy.h

@@ -1,7 +1,10 @@
 /* tc ingress of the host-side veth: packets leaving the pod.
  *
+ * 0. An interface without an endpoint record: dropped (NO_LXC), link
+ *    control aside.
  * 1. Replies of tracked connections pass without policy.
- * 2. The pod's EGRESS policy decides (peer = destination identity).
+ * 2. The pod's EGRESS policy decides (peer = destination identity), unless
+ *    the endpoint fails closed in that direction (dropped, EP_NOT_READY).
  * 3. If the destination is a local endpoint, its INGRESS policy decides too
  *    (before routing, so an ingress L7 redirect can still go to the proxy);
  *    the skb is then marked CHECKED so its to-container program skips it.
@@ -25,7 +28,7 @@ int ax_from_container(struct __sk_buff *skb)
     __u32 ifindex = skb->ifindex;
     struct ax_endpoint *ep = ax_endpoints.lookup(&ifindex);
     if (!ep)
-        return TC_ACT_OK;
+        return ax_drop_unknown_endpoint(skb, AX_DIR_EGRESS);
 
     struct ax_pkt p = {};
     int rc = ax_parse(skb, &p);
@@ -62,7 +65,10 @@ int ax_from_container(struct __sk_buff *skb)
     __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);
 
     struct ax_verdict ve = {};
-    ax_policy_decide(ep_id, dst_id, AX_DIR_EGRESS, p.t.proto, p.policy_port, p.len, &ve);
+    if (ax_ep_failing_closed(ep, AX_DIR_EGRESS))
+        ve.reason = AX_DROP_EP_NOT_READY;
+    else
+        ax_policy_decide(ep_id, dst_id, AX_DIR_EGRESS, p.t.proto, p.policy_port, p.len, &ve);
     if (ve.reason) {
         ax_emit_drop(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, &ve, now);
         return TC_ACT_SHOT;
@@ -74,7 +80,11 @@ int ax_from_container(struct __sk_buff *skb)
     __u32 dst_ep_id = 0;
     if (dst_ep && !redirect) {
         dst_ep_id = dst_ep->ep_id;
-        ax_policy_decide(dst_ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &vi);
+        if (ax_ep_failing_closed(dst_ep, AX_DIR_INGRESS))
+            vi.reason = AX_DROP_EP_NOT_READY;
+        else
+            ax_policy_decide(dst_ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len,
+                             &vi);
         if (vi.reason) {
             ax_emit_drop(&p, AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
             return TC_ACT_SHOT;

@@ -3,8 +3,11 @@
  * 1. Packets marked CHECKED by a local source's from-container pass (the
  *    mark is cleared).
  * 2. Replies of tracked connections pass without policy.
+ * 0. An interface without an endpoint record: dropped (NO_LXC), link
+ *    control aside.
  * 3. The pod's INGRESS policy decides (peer = source identity; packets the
- *    node itself sent without an ipcache entry are host).
+ *    node itself sent without an ipcache entry are host), unless the
+ *    endpoint fails closed in that direction (dropped, EP_NOT_READY).
  * 4. Allowed: tracked in CT; a new connection emits a policy-verdict event.
  *    Step 3 is skipped when the CT entry caches a verdict of the current
  *    policy revision (see conntrack.h).
@@ -26,7 +29,7 @@ int ax_to_container(struct __sk_buff *skb)
     __u32 ifindex = skb->ifindex;
     struct ax_endpoint *ep = ax_endpoints.lookup(&ifindex);
     if (!ep)
-        return TC_ACT_OK;
+        return ax_drop_unknown_endpoint(skb, AX_DIR_INGRESS);
 
     if ((skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_CHECKED) {
         skb->mark = 0;
@@ -64,7 +67,10 @@ int ax_to_container(struct __sk_buff *skb)
     __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 
     struct ax_verdict v = {};
-    ax_policy_decide(ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &v);
+    if (ax_ep_failing_closed(ep, AX_DIR_INGRESS))
+        v.reason = AX_DROP_EP_NOT_READY;
+    else
+        ax_policy_decide(ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &v);
     if (v.reason) {
         ax_emit_drop(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
         return TC_ACT_SHOT;

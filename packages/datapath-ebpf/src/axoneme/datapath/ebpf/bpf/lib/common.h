@@ -36,8 +36,10 @@
 #define AX_DROP_INVALID 134
 #define AX_DROP_CT_INVALID_HDR 135
 #define AX_DROP_UNSUPPORTED_L3 139
+#define AX_DROP_NO_LXC 152            /* managed interface without an endpoint record */
 #define AX_DROP_CT_CREATE_FAILED 155
 #define AX_DROP_POLICY_DENY 181
+#define AX_DROP_EP_NOT_READY 203      /* endpoint failing closed: its policy did not fit */
 
 /* Policy match types as Hubble reports them. */
 #define AX_MATCH_NONE 0
@@ -54,6 +56,7 @@
 #define AX_METRIC_FORWARDED 4
 #define AX_METRIC_REDIRECTED 5
 #define AX_METRIC_REPLY 6
+#define AX_METRIC_UNKNOWN_ENDPOINT 7
 #define AX_METRIC_MAX 8
 
 #define AX_NSEC_PER_SEC 1000000000ULL

@@ -6,11 +6,16 @@
 
 #define AX_EP_F_ENFORCE_INGRESS 1
 #define AX_EP_F_ENFORCE_EGRESS 2
+#define AX_EP_F_FAIL_CLOSED_INGRESS 4
+#define AX_EP_F_FAIL_CLOSED_EGRESS 8
 
 /* Value of both endpoint maps. ifname/ifindex let cleanup() find the tc
  * filters a previous agent attached. The enforce flags are informational:
  * the policy map alone decides (the agent writes an allow-all wildcard entry
- * for a direction it does not enforce). */
+ * for a direction it does not enforce). A FAIL_CLOSED flag overrides the
+ * policy map: the endpoint's new policy could not be written (map full), so
+ * every packet it would decide in that direction is dropped
+ * (AX_DROP_EP_NOT_READY) rather than decided by the stale, older policy. */
 struct ax_endpoint {
     __u32 ep_id;
     __u32 identity;
@@ -37,6 +42,12 @@ struct ax_lxc_key {
 
 BPF_TABLE_PINNED("hash", struct ax_lxc_key, struct ax_endpoint, ax_lxc, AX_EP_MAX * 2,
                  AX_PIN_ROOT "/axoneme_lxc_v1");
+
+static __always_inline int ax_ep_failing_closed(const struct ax_endpoint *ep, __u8 dir)
+{
+    __u32 bit = dir == AX_DIR_INGRESS ? AX_EP_F_FAIL_CLOSED_INGRESS : AX_EP_F_FAIL_CLOSED_EGRESS;
+    return (ep->flags & bit) != 0;
+}
 
 static __always_inline struct ax_endpoint *ax_lxc_lookup(__u8 family, const __u8 *addr)
 {

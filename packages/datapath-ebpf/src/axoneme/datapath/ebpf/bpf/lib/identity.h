@@ -28,4 +28,19 @@ static __always_inline void ax_drop_simple(const struct ax_pkt *p, __u8 dir, __u
     ax_emit_drop(p, dir, ep_id, src_id, dst_id, &v, now);
 }
 
+/* A packet on an interface our programs are attached to, but without an
+ * endpoint record (removed, or never written): no policy can decide it, so
+ * it is dropped and counted. Non-IP (ARP) and ICMPv6 ND/MLD link control
+ * still pass: they carry no workload traffic. */
+static __always_inline int ax_drop_unknown_endpoint(struct __sk_buff *skb, __u8 dir)
+{
+    struct ax_pkt p = {};
+    int rc = ax_parse(skb, &p);
+    if (rc == AX_PARSE_PASS || (rc >= 0 && p.is_nd))
+        return TC_ACT_OK;
+    ax_metric_inc(AX_METRIC_UNKNOWN_ENDPOINT);
+    ax_drop_simple(&p, dir, 0, 0, 0, AX_DROP_NO_LXC, bpf_ktime_get_ns());
+    return TC_ACT_SHOT;
+}
+
 #endif
