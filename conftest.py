@@ -236,7 +236,7 @@ def _sweep_leftovers() -> None:
             print(f"swept the stale chain {table}/{chain}", file=sys.stderr)
 
 
-def pytest_sessionstart(session: object) -> None:
+def _sweep_at_start() -> None:
     if os.geteuid() == 0 and not os.environ.get("PYTEST_XDIST_WORKER"):
         try:
             _sweep_leftovers()
@@ -290,3 +290,77 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         pytest.fail("a netns of this session would use the host's resolver "
                     "(make it with tests/_testnet.py add_netns):\n  " + "\n  ".join(problems),
                     pytrace=False)
+
+
+# -- skips are counted --------------------------------------------------------------------------
+#
+# A kernel suite that skips while running as root tested nothing: CI must not pass on
+# it. A skip whose reason matches _ALLOWED_SKIPS is expected on every machine
+# (documented); any other skip, in a strict session, makes the session fail and is
+# listed with its reason. Strict: CI=true, or root with AXONEME_STRICT_SKIPS=1
+# (scripts/test sets it).
+
+_ALLOWED_SKIPS = (
+    # the noop datapath computes policy and enforces nothing (DESIGN.md): no L7 to test
+    re.compile(r"\bnoop datapath has no L7 redirect\b"),
+)
+_SKIPS: pytest.StashKey[list[tuple[str, str]]] = pytest.StashKey()
+
+
+def _strict_skips() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or \
+        (os.geteuid() == 0 and os.environ.get("AXONEME_STRICT_SKIPS") == "1")
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        reason = str(longrepr[2])
+        return reason.removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _record_skip(config: pytest.Config, report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        config.stash.setdefault(_SKIPS, []).append((report.nodeid, _skip_reason(report)))
+
+
+_CONFIG: list[pytest.Config] = []  # this session's (hooks below get no config argument)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _CONFIG:
+        _record_skip(_CONFIG[0], report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if _CONFIG:
+        _record_skip(_CONFIG[0], report)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG[:] = [session.config]
+    _sweep_at_start()
+
+
+def _unexpected_skips(config: pytest.Config) -> list[tuple[str, str]]:
+    return [(node, why) for node, why in config.stash.get(_SKIPS, [])
+            if not any(p.search(why) for p in _ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _strict_skips() and _unexpected_skips(session.config) and \
+            session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    unexpected = _unexpected_skips(config)
+    if not unexpected or not _strict_skips():
+        return
+    terminalreporter.section("unexpected skips (strict: CI=true or AXONEME_STRICT_SKIPS=1 as root)",
+                             sep="=", red=True, bold=True)
+    for node, why in unexpected:
+        terminalreporter.line(f"SKIPPED {node}: {why}")
+    terminalreporter.line(f"{len(unexpected)} unexpected skip(s): the session fails. A skip is "
+                          f"allowed only for a reason in conftest.py _ALLOWED_SKIPS.", red=True)

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # tests/ on sys.path: the tiers share _testnet (netns with their own resolv.conf, servers
 # that accept before a test sees them); test modules cannot import this conftest
 sys.path.insert(0, str(REPO / "tests"))
+import _capability  # noqa: E402
 import _testnet  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -60,22 +61,8 @@ def e2e_datapaths() -> list[str]:
     return [d.strip() for d in raw.split(",") if d.strip()]
 
 
-def probe_datapath(name: str, mode: str = "") -> str | None:
-    """None if ``name`` (in ``mode``) can run here, else the reason it cannot."""
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.errors import AxonemeError
-    from axoneme.core.plugins import load_driver
-
-    label = f"{name}/{mode}" if mode else name
-    try:
-        dp = load_driver("axoneme.datapath", name,
-                         DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode))
-        dp.probe()
-    except AxonemeError as e:
-        return f"datapath {label} unavailable: {e}"
-    except Exception as e:  # a broken plugin is a reason too, reported verbatim
-        return f"datapath {label} failed to load: {e!r}"
-    return None
+# None, or the missing machine capability (skip); a broken datapath fails the test
+probe_datapath = _capability.probe_datapath
 
 
 @pytest.fixture(scope="session")
@@ -120,10 +107,10 @@ def guard() -> Iterator[str]:
     from axoneme.agent import guard as guard_mod
 
     owner = f"pytest-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        guard_mod.install(str(POD_SUPERNET), owner)
-    except Exception as e:
-        pytest.skip(f"cannot install the forwarding guard: {e}")
+    if shutil.which("iptables") is None:
+        pytest.skip("no iptables binary: cannot install the forwarding guard")
+    # any other install error fails: no pod traffic without the guard, and no silent skip
+    guard_mod.install(str(POD_SUPERNET), owner)
     try:
         yield owner
     finally:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _testnet  # tests/ is on sys.path (tests/conftest.py)
+import _capability  # tests/ is on sys.path (tests/conftest.py)
+import _testnet
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -75,21 +76,8 @@ def _conftest() -> Any:
 
 
 def _unavailable(name: str, mode: str) -> str | None:
-    """The probe() reason this datapath (mode) cannot run here, or None."""
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.errors import AxonemeError
-    from axoneme.core.plugins import installed, load_class
-
-    if name not in installed("axoneme.datapath"):
-        return f"datapath {name!r} is not installed"
-    try:
-        cls = load_class("axoneme.datapath", name)
-        cfg = DatapathConfig(state_dir=tempfile.gettempdir(), mode=mode,
-                             bpffs_root=f"/sys/fs/bpf/axoneme-probe-{secrets.token_hex(3)}")
-        cls(cfg).probe()
-    except AxonemeError as e:
-        return f"datapath {name}{'/' + mode if mode else ''} unavailable: {e}"
-    return None
+    """The capability this machine lacks for the datapath (skip), or None; fails if broken."""
+    return _capability.probe_datapath(name, mode)
 
 
 def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
