@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+import pytest
 from axoneme.core.mapstate import (
     Direction,
     Entry,
@@ -215,3 +216,31 @@ def test_parse_save() -> None:
     assert table.axon_chains() == ["AXON-EP-1-IN"]  # AXON-GUARD is not ours
     assert rd.parse_key_rules(table.chains["AXON-EP-1-IN"]) == MapState(
         {Key(5, Direction.INGRESS, Protocol.TCP, 80, 16): Entry()})
+
+
+def test_failed_ipcache_write_is_written_again_on_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-memory ipcache view used to be updated before the ipset write:
+    a failed write was then skipped as 'already there' by the agent's retry."""
+    from axoneme.core.datapath import IPCacheChanges
+    from axoneme.core.errors import DatapathProgramError
+    from axoneme.datapath.iptables import _datapath as dpm
+
+    writes: list[str] = []
+    fail = [True]
+
+    def restore(payload: str) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise DatapathProgramError("ipset restore", 1, "injected")
+        writes.append(payload)
+
+    monkeypatch.setattr(dpm.Backend, "ipset_restore", staticmethod(restore))
+    dp = dpm.IptablesDatapath()
+    dp.mode = "plain"
+    change = IPCacheChanges({ipaddress.ip_network("10.244.9.2/32"): 4242})
+    with pytest.raises(DatapathProgramError):
+        dp.ipcache_apply(change)
+    assert dp._identity_of("10.244.9.2") != 4242
+    dp.ipcache_apply(change)  # the retry of the same batch
+    assert any("10.244.9.2/32" in w and "id=4242" in w for w in writes)
+    assert dp._identity_of("10.244.9.2") == 4242

@@ -400,51 +400,62 @@ class IptablesDatapath(Datapath):
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:
-            lines = []
-            touched = set()
-            for net in changes.deletes:
-                prefix = px.to_prefix(net)
-                if self._ipcache[net.version].pop(prefix, None) is not None:
-                    touched.add(net.version)
-                    lines += [f"del {IPC_SET[net.version]} {c} -exist" for c in self._ipc_cidrs(net)]
-            for net, ident in changes.upserts.items():
-                prefix = px.to_prefix(net)
-                if self._ipcache[net.version].get(prefix) == ident:
-                    continue
-                self._ipcache[net.version][prefix] = ident
+            # the in-memory view changes below before the kernel's: put it back if
+            # the write fails, so the agent's retry of the same batch is written
+            saved = {f: dict(t) for f, t in self._ipcache.items()}
+            try:
+                self._ipcache_apply(changes)
+            except BaseException:
+                self._ipcache = saved
+                self._recompute(set(saved))
+                raise
+
+    def _ipcache_apply(self, changes: IPCacheChanges) -> None:
+        lines = []
+        touched = set()
+        for net in changes.deletes:
+            prefix = px.to_prefix(net)
+            if self._ipcache[net.version].pop(prefix, None) is not None:
                 touched.add(net.version)
-                zero = ",z" if net.prefixlen == 0 else ""
-                lines += [f'add {IPC_SET[net.version]} {c} comment "id={ident}{zero}" -exist'
-                          for c in self._ipc_cidrs(net)]
-            if not touched:
-                return
-            # Updating an existing entry's comment needs del + add.
-            lines = [ln for ln in lines if ln.startswith("del")] + [
-                f"del {ln.split()[1]} {ln.split()[2]} -exist" for ln in lines if ln.startswith("add")
-            ] + [ln for ln in lines if ln.startswith("add")]
-            Backend.ipset_restore("\n".join(lines) + "\n")
-            changed, rerender = self._recompute(touched)
-            if self.mode == "ipset":
-                dirty = set().union(*changed.values())
-                referenced = {k.identity for st in self._states.values() for k in st}
-                self._sync_sets(need={i for i in dirty if i in referenced or any(
-                    rd.set_name(i, f) in self._sets for f in self._families)})
-            # endpoints referencing an identity whose rules change
-            for family in touched:
-                idents = rerender.get(family, set())
-                eps = [ep for ep, st in self._states.items()
-                       if ep in self._refs and any(k.identity in idents for k in st)]
-                if not eps:
-                    continue
-                chains: dict[str, list[str]] = {}
-                deletes: list[str] = []
-                for ep_id in eps:
-                    for d in Direction:
-                        c, dels = self._render_with_stale(ep_id, d, family)
-                        chains.update(c)
-                        deletes += dels
-                self._restore(family, rd.restore_payload("filter", chains, delete_chains=deletes))
-                self._commit_subchains(chains, deletes, family)
+                lines += [f"del {IPC_SET[net.version]} {c} -exist" for c in self._ipc_cidrs(net)]
+        for net, ident in changes.upserts.items():
+            prefix = px.to_prefix(net)
+            if self._ipcache[net.version].get(prefix) == ident:
+                continue
+            self._ipcache[net.version][prefix] = ident
+            touched.add(net.version)
+            zero = ",z" if net.prefixlen == 0 else ""
+            lines += [f'add {IPC_SET[net.version]} {c} comment "id={ident}{zero}" -exist'
+                      for c in self._ipc_cidrs(net)]
+        if not touched:
+            return
+        # Updating an existing entry's comment needs del + add.
+        lines = [ln for ln in lines if ln.startswith("del")] + [
+            f"del {ln.split()[1]} {ln.split()[2]} -exist" for ln in lines if ln.startswith("add")
+        ] + [ln for ln in lines if ln.startswith("add")]
+        Backend.ipset_restore("\n".join(lines) + "\n")
+        changed, rerender = self._recompute(touched)
+        if self.mode == "ipset":
+            dirty = set().union(*changed.values())
+            referenced = {k.identity for st in self._states.values() for k in st}
+            self._sync_sets(need={i for i in dirty if i in referenced or any(
+                rd.set_name(i, f) in self._sets for f in self._families)})
+        # endpoints referencing an identity whose rules change
+        for family in touched:
+            idents = rerender.get(family, set())
+            eps = [ep for ep, st in self._states.items()
+                   if ep in self._refs and any(k.identity in idents for k in st)]
+            if not eps:
+                continue
+            chains: dict[str, list[str]] = {}
+            deletes: list[str] = []
+            for ep_id in eps:
+                for d in Direction:
+                    c, dels = self._render_with_stale(ep_id, d, family)
+                    chains.update(c)
+                    deletes += dels
+            self._restore(family, rd.restore_payload("filter", chains, delete_chains=deletes))
+            self._commit_subchains(chains, deletes, family)
 
     @staticmethod
     def _ipc_cidrs(net: IPNetwork) -> list[str]:
