@@ -31,9 +31,10 @@ from collections.abc import Callable
 
 from axoneme.core.errors import Problem
 from axoneme.core.l7 import L7Request, L7Verdict
-from axoneme.core.policy.api import HeaderMatch, HTTPRule, KafkaRule
+from axoneme.core.policy.api import DNSRule, HeaderMatch, HTTPRule, KafkaRule
 from axoneme.core.policy.parse import check_paths
 from axoneme.l7.dns._match import match_pattern, normalize_name, validate_name, validate_pattern
+from axoneme.l7.dns._parser import DnsParser
 from axoneme.l7.dns._wire import MalformedMessage, parse_answer, parse_query, reject_reply
 from axoneme.l7.http._parser import HttpParser, apply_actions
 from axoneme.l7.http._wire import (
@@ -363,6 +364,7 @@ def fuzz_kafka(data: bytes) -> None:
 
 DNS_PATTERNS = ("*", "*.example.com", "**.example.com", "api-*.example.com",
                 "example.com", "*.*.cilium.io", "a*b*c.test")
+_DNS = DnsParser()
 _DNS_CHARS = frozenset("-abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -408,8 +410,16 @@ def _glob(p: str, s: str) -> bool:
 
 def _check_name(name: str) -> None:
     assert name.endswith("."), name
+    want = []
     for pattern in DNS_PATTERNS:
-        assert match_pattern(pattern, name) == reference_match(pattern, name), (pattern, name)
+        ref = reference_match(pattern, name)
+        assert match_pattern(pattern, name) == ref, (pattern, name)
+        want.append(ref)
+    # the proxy's decision: the first rule that matches, or none
+    rules = [DNSRule(match_pattern=p) for p in DNS_PATTERNS[1:]]
+    verdict = _DNS.match(rules, L7Request({"qname": name}))
+    first = next((i for i, ok in enumerate(want[1:]) if ok), None)
+    assert (verdict.allowed, verdict.rule) == (first is not None, first), (verdict, name)
 
 
 def _fuzz_patterns(text: str) -> None:
