@@ -60,7 +60,10 @@ def test_depth_counts_through_aliases() -> None:
 
 def test_nesting_at_the_bound_loads() -> None:
     depth = MAX_DEPTH - 1  # plus the scalar's own level
-    assert load_all("[" * depth + "1" + "]" * depth)[0] is not None
+    want: object = 1
+    for _ in range(depth):
+        want = [want]
+    assert load_all("[" * depth + "1" + "]" * depth)[0] == want
 
 
 def test_alias_node_bomb_and_cycle() -> None:
@@ -153,3 +156,43 @@ def test_same_objects_as_pyyaml_for_ordinary_documents() -> None:
         ---
         """)
     assert load_all(text) == list(yaml.safe_load_all(text))
+
+
+@pytest.mark.parametrize("status,field,what", [
+    ({"n": 2**63}, "status.n", "out of range (64-bit)"),
+    ({"n": HugeInt("9" * 100)}, "status.n", "out of range (64-bit)"),
+    ({"n": [float("nan")]}, "status.n[0]", "is not finite"),
+    ({"n": float("-inf")}, "status.n", "is not finite"),
+    ({"b": b"\x00"}, "status.b", "bytes value cannot be represented in JSON"),
+    ({"s": {1, 2}}, "status.s", "set value cannot be represented in JSON"),
+])
+def test_accepted_policies_survive_a_json_round_trip(status: object, field: str, what: str) -> None:
+    """The parser reads only fields it knows, but the whole document is sent
+    as JSON and persisted: what the state file would refuse at the next start
+    (or json.dumps cannot write) is refused at validation, with the field."""
+    from axoneme.core.errors import InvalidRule
+    from axoneme.core.policy.parse import parse_policy_obj
+
+    obj = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "p"},
+           "spec": {"endpointSelector": {}}}
+    assert parse_policy_obj(dict(obj, status={"ok": [1, 2.5, None, "x"]})).ref.name == "p"
+    with pytest.raises(InvalidRule) as e:
+        parse_policy_obj(dict(obj, status=status))
+    (problem,) = e.value.problems
+    assert problem.field == field and what in problem.message
+
+
+def test_deep_api_object_is_refused_without_recursion() -> None:
+    from axoneme.core.errors import InvalidRule
+    from axoneme.core.policy.parse import parse_policy_obj
+
+    deep: list[object] = []
+    cur = deep
+    for _ in range(50_000):
+        nxt: list[object] = []
+        cur.append(nxt)
+        cur = nxt
+    obj = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "p"},
+           "spec": {"endpointSelector": {}}, "status": deep}
+    with pytest.raises(InvalidRule, match="nesting deeper than 100 levels"):
+        parse_policy_obj(obj)

@@ -26,7 +26,7 @@ from axoneme.agent import guard as guard_mod
 from axoneme.agent._flowstore import DEFAULT_FLOW_BUFFER, FlowStore
 from axoneme.agent._ipam import IPAM
 from axoneme.agent._metrics import AgentMetrics
-from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
+from axoneme.agent._statefile import StateCorrupt, read_agent_state, read_json, write_json_atomic
 from axoneme.agent.client import DEFAULT_SOCKET
 from axoneme.core.datapath import Datapath, DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint, NamedPort
@@ -349,7 +349,7 @@ class Agent:
     def load_state(self) -> dict[str, Any] | None:
         """Read the state file; StateCorrupt (exit 2) if it cannot be used."""
         path = self.config.state_file
-        data = read_json(path)
+        data = read_agent_state(path)  # shape checked: StateCorrupt naming the field
         if data is None:
             return None
         try:

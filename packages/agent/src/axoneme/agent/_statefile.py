@@ -1,12 +1,19 @@
-"""Atomic JSON state files: write tmp + fsync + rename, refuse corrupt ones."""
+"""Atomic JSON state files: write tmp + fsync + rename, refuse corrupt ones.
+
+A state file is ours, but it may be damaged (disk, a crash in another tool,
+a hand edit): reading one never raises anything but ``StateCorrupt`` naming
+the file and what is wrong, whatever its bytes.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
+from axoneme.core import yamlsafe
 from axoneme.core.errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -28,10 +35,18 @@ def write_json_atomic(path: str, data: Any) -> None:
     payload = json.dumps(data, indent=1, sort_keys=True).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        # never leave a truncated tmp file behind; the old state stays intact
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     os.replace(tmp, path)
     # fsync the directory so the rename itself survives a power cut
     dfd = os.open(directory, os.O_RDONLY)
@@ -41,19 +56,116 @@ def write_json_atomic(path: str, data: Any) -> None:
         os.close(dfd)
 
 
+def _write_all(fd: int, payload: bytes) -> None:
+    """``os.write`` until every byte is written: it may write fewer (signals,
+    pipes, quotas, some filesystems) and a short state file is a corrupt one."""
+    view = memoryview(payload)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - os.write raises rather than return 0 for files
+            raise OSError(f"write returned {n}")
+        view = view[n:]
+
+
+# What the agent writes nests about 25 levels (a policy document inside
+# policies.<key>.doc.obj); policy documents are bounded at yamlsafe.MAX_DEPTH.
+STATE_MAX_DEPTH = yamlsafe.MAX_DEPTH + 10
+# The agent's state is a few MB at most; refuse to slurp a runaway file.
+STATE_MAX_BYTES = 256 * 1024 * 1024
+
+
 def read_json(path: str, expect: type = dict) -> Any | None:
-    """The JSON in ``path``; None if it does not exist; StateCorrupt if unreadable."""
+    """The JSON in ``path``; None if it does not exist; StateCorrupt if unreadable.
+
+    Malformed JSON, nesting deeper than ``STATE_MAX_DEPTH``, numbers the
+    agent never writes (integers beyond 64 bits, NaN, infinities) and a
+    top-level value that is not ``expect`` are all ``StateCorrupt``.
+    """
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(STATE_MAX_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise StateCorrupt(path, str(e)) from e
+    if len(raw) > STATE_MAX_BYTES:
+        raise StateCorrupt(path, f"larger than {STATE_MAX_BYTES // (1024 * 1024)} MiB")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateCorrupt(path, f"invalid JSON: {e}") from e
+        data = yamlsafe.load_json(raw, path, max_depth=STATE_MAX_DEPTH)
+    except yamlsafe.InputError as e:
+        raise StateCorrupt(path, e.message) from None
     if not isinstance(data, expect):
-        raise StateCorrupt(path, f"expected a JSON {expect.__name__}, got {type(data).__name__}")
+        raise StateCorrupt(path, f"expected a JSON {expect.__name__}, got {_kind(data)}")
+    bad = yamlsafe.json_problem(data, STATE_MAX_DEPTH)
+    if bad is not None:
+        raise StateCorrupt(path, f"{bad[0] or 'top level'}: {bad[1]}")
+    return data
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, Mapping):
+        return "mapping"
+    return type(value).__name__
+
+
+def _int_field(path: str, where: str, value: object, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StateCorrupt(path, f"{where}: expected an integer, got {_kind(value)} "
+                                 f"{yamlsafe.excerpt(value)}")
+    if value < minimum:
+        raise StateCorrupt(path, f"{where}: expected an integer >= {minimum}, got {value}")
+
+
+def _mapping(path: str, where: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise StateCorrupt(path, f"{where}: expected a mapping, got {_kind(value)}")
+    return value
+
+
+def read_agent_state(path: str) -> dict[str, Any] | None:
+    """The agent's ``state.json`` (None if absent), its shape checked.
+
+    Raises ``StateCorrupt(path, "<field path>: <what>")`` for anything the
+    agent would not have written: the file-level problems of ``read_json``
+    (malformed JSON, nesting, integers beyond 64 bits or NaN/infinity
+    anywhere, persisted policies included), a ``version``,
+    ``policy_revision`` or ``next_endpoint_id`` that is not a plain integer,
+    a section (``namespaces``, ``pods``, ``endpoints``, ``identities``,
+    ``policies``) that is not a mapping, a namespace/pod/endpoint record
+    that is not a mapping and a malformed ``identities`` entry. The records
+    under ``policies`` are left to the restore path, which names a policy
+    that no longer parses and never drops it silently.
+    """
+    data: dict[str, Any] | None = read_json(path)
+    if data is None:
+        return None
+    if "version" in data:
+        _int_field(path, "version", data["version"])
+    for key, minimum in (("policy_revision", 0), ("next_endpoint_id", 1)):
+        if key in data:
+            _int_field(path, key, data[key], minimum)
+    for section in ("namespaces", "pods", "endpoints"):
+        for key, rec in _mapping(path, section, data.get(section, {})).items():
+            _mapping(path, f"{section}.{yamlsafe.excerpt(key)}", rec)
+    for key, ids in _mapping(path, "identities", data.get("identities", {})).items():
+        where = f"identities.{yamlsafe.excerpt(key)}"
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise StateCorrupt(path, f"{where}: expected an identity number as the key")
+        if not isinstance(ids, list):
+            raise StateCorrupt(path, f"{where}: expected a list, got {_kind(ids)}")
+    # Each policy record's shape and whether it still parses is the restore
+    # path's business: it names the policy and never drops it silently.
+    _mapping(path, "policies", data.get("policies", {}))
     return data

@@ -39,7 +39,7 @@ from axoneme.core.errors import AxonemeError
 
 __all__ = [
     "MAX_DEPTH", "MAX_EXPANDED_BYTES", "MAX_EXPANDED_NODES", "MAX_INT_CHARS", "HugeInt",
-    "InputError", "excerpt", "iter_load_all", "load_all", "load_json", "load_one",
+    "InputError", "excerpt", "iter_load_all", "json_problem", "load_all", "load_json", "load_one",
 ]
 
 # Real policies nest about 10 levels (specs[].egress[].toPorts[].rules.http[]
@@ -413,14 +413,69 @@ def _depth_over(obj: Any, limit: int) -> bool:
     return False
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def json_problem(obj: Any, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None:
+    """(field path, what) for the first part of ``obj`` that a Kubernetes
+    JSON object cannot carry, or None.
+
+    Nesting deeper than ``max_depth``, integers outside int64 (``HugeInt``
+    included), NaN/infinite floats and non-JSON values (``!!binary``,
+    ``!!set``). A document that passes survives ``json.dumps`` and a reload
+    by ``load_json`` unchanged, so whatever is accepted can be persisted and
+    read back at the next start. Walked without recursion.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    while stack:
+        o, path, depth = stack.pop()
+        if isinstance(o, Mapping | list):
+            if depth > max_depth:
+                return path, f"nesting deeper than {max_depth} levels"
+            if id(o) in seen:
+                continue  # an alias of a subtree already checked
+            seen.add(id(o))
+            if isinstance(o, list):
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(o))))
+                continue
+            for k, v in reversed(list(o.items())):
+                sub = f"{path}.{excerpt(k)}" if path else excerpt(k)
+                if not isinstance(k, str):
+                    bad = _scalar_problem(k)
+                    if bad is not None:
+                        return sub, f"key: {bad}"
+                stack.append((v, sub, depth + 1))
+            continue
+        bad = _scalar_problem(o)
+        if bad is not None:
+            return path, bad
+    return None
+
+
+def _scalar_problem(o: Any) -> str | None:
+    if o is None or isinstance(o, str | bool):
+        return None
+    if isinstance(o, int):
+        if isinstance(o, HugeInt) or not INT64_MIN <= o <= INT64_MAX:
+            return f"integer {excerpt(o)} out of range (64-bit)"
+        return None
+    if isinstance(o, float):
+        if o != o or o in (float("inf"), float("-inf")):
+            return f"number {o!r} is not finite (JSON has no NaN or infinity)"
+        return None
+    return f"a {type(o).__name__} value cannot be represented in JSON"
+
+
 def load_json(
     data: bytes | str, source: str = "<input>",
     object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+    max_depth: int = MAX_DEPTH,
 ) -> Any:
     """One JSON value, with the YAML loader's depth and integer bounds.
 
     ``InputError`` names ``source`` for malformed JSON, a non-UTF-8 file,
-    nesting deeper than ``MAX_DEPTH`` or an error of ``object_pairs_hook``.
+    nesting deeper than ``max_depth`` or an error of ``object_pairs_hook``.
     """
     if isinstance(data, bytes):
         try:
@@ -434,9 +489,9 @@ def load_json(
     except json.JSONDecodeError as e:
         raise InputError(source, f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     except RecursionError:
-        raise InputError(source, f"invalid JSON: nesting deeper than {MAX_DEPTH} levels") from None
+        raise InputError(source, f"invalid JSON: nesting deeper than {max_depth} levels") from None
     except ValueError as e:
         raise InputError(source, f"invalid JSON: {excerpt(str(e), 200)}") from None
-    if _depth_over(obj, MAX_DEPTH):
-        raise InputError(source, f"invalid JSON: nesting deeper than {MAX_DEPTH} levels")
+    if _depth_over(obj, max_depth):
+        raise InputError(source, f"invalid JSON: nesting deeper than {max_depth} levels")
     return obj

@@ -291,6 +291,13 @@ def parse_policy(doc: Document) -> Policy:
     policy = _Parser(w).document(doc.obj)
     if w.problems or policy is None:
         raise InvalidRule(w.all_problems() or [make_problem(doc.file, doc.index, "", "invalid policy")])
+    # The parser only reads the fields it knows; the whole document is kept
+    # (Policy.raw), sent as JSON and persisted, so it must also survive a
+    # JSON round trip and the state file's bounds (e.g. `status` holding a
+    # huge integer or NaN would be accepted, then refused at the next start).
+    bad = yamlsafe.json_problem(doc.obj)
+    if bad is not None:
+        raise InvalidRule([make_problem(doc.file, doc.index, bad[0], bad[1])])
     return policy
 
 

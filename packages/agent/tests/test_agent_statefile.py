@@ -1,0 +1,151 @@
+"""The agent's state file, damaged (issue 13 item 8): every variant ends in a
+clean ``StateCorrupt`` naming the file and the field (``agent run`` exits 2
+with ``error: state file PATH is corrupt: WHAT``), never a traceback; and a
+short ``os.write`` never leaves a truncated state file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from axoneme.agent import _statefile
+from axoneme.agent._agent import Agent, AgentConfig, PersistedPolicyError
+from axoneme.agent._statefile import StateCorrupt, read_agent_state, read_json, write_json_atomic
+
+HUGE = "9" * 5000
+POLICY = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+          "metadata": {"name": "deny", "namespace": "default"},
+          "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "PORT"}]}]}]}}
+PORT_PATH = "policies.CiliumNetworkPolicy/default/deny.doc.obj.spec.ingress[0].toPorts[0].ports[0].port"
+
+
+def _policy_state(port: str) -> str:
+    doc = json.dumps(POLICY).replace('"PORT"', port)
+    return ('{"version": 1, "policy_revision": 1, "policies": {"CiliumNetworkPolicy/default/deny": '
+            '{"source": "api", "revision": 1, "doc": {"file": "<api>", "index": 0, "obj": ' + doc + '}}}}')
+
+
+# (state.json text, what the error says after "is corrupt: ")
+VARIANTS = {
+    "5000-digit number": ('{"version": 1, "next_endpoint_id": ' + HUGE + "}",
+                          "next_endpoint_id: integer 999999999999999999999999… (5000 characters) "
+                          "out of range (64-bit)"),
+    "100k nested brackets": ('{"version": 1, "pods": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                             "invalid JSON: nesting deeper than 110 levels"),
+    "1e999 version": ('{"version": 1e999}', "version: number inf is not finite"),
+    "non-integer revision": ('{"version": 1, "policy_revision": "7"}',
+                             "policy_revision: expected an integer, got string 7"),
+    "float revision": ('{"version": 1, "policy_revision": 1.5}',
+                       "policy_revision: expected an integer, got number 1.5"),
+    "huge port in a persisted policy": (_policy_state(HUGE), f"{PORT_PATH}: integer 9999"),
+    "non-mapping pod": ('{"version": 1, "pods": {"default/a": [1]}}',
+                        "pods.default/a: expected a mapping, got list"),
+    "policies a list": ('{"version": 1, "policies": []}', "policies: expected a mapping, got list"),
+    "identity key": ('{"version": 1, "identities": {"²": ["k8s:a=b"]}}',
+                     "identities.²: expected an identity number as the key"),
+}
+
+
+def _agent(tmp_path: Path, text: str) -> Agent:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "state.json").write_text(text)
+    return Agent(AgentConfig(datapath="noop", state_dir=str(state_dir), guard=False))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_agent_load_state_refuses_each_variant_cleanly(tmp_path: Path, variant: str) -> None:
+    """Before: OverflowError/ValueError/RecursionError escaped load_state (a
+    traceback from `agent run`), or the value was silently truncated (1.5)."""
+    text, what = VARIANTS[variant]
+    agent = _agent(tmp_path, text)
+    with pytest.raises(StateCorrupt) as info:
+        agent.load_state()
+    path = str(tmp_path / "state" / "state.json")
+    assert info.value.path == path
+    msg = str(info.value)
+    assert msg.startswith(f"state file {path} is corrupt: {what}"), msg
+    assert len(msg) < 600
+
+
+def test_non_mapping_policy_record_is_named_by_the_restore_path(tmp_path: Path) -> None:
+    """A non-dict policy record: load_state passes it on, the restore path
+    refuses to start naming it (never a traceback, never dropped silently)."""
+    agent = _agent(tmp_path, '{"version": 1, "policies": {"CiliumNetworkPolicy/default/x": 5}}')
+    agent.load_state()
+    with pytest.raises(PersistedPolicyError, match="CiliumNetworkPolicy/default/x no longer parses"):
+        agent._restore_policies()
+
+
+@pytest.mark.parametrize("variant", ["5000-digit number", "100k nested brackets", "1e999 version",
+                                     "non-integer revision", "huge port in a persisted policy"])
+def test_agent_run_exits_2_naming_file_and_field(tmp_path: Path, variant: str) -> None:
+    text, what = VARIANTS[variant]
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text(text)
+    cli = "import sys; from axoneme.agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", cli, "agent", "run", "--datapath", "noop", "--no-guard",
+                        "--state-dir", str(state_dir), "--api-socket", str(tmp_path / "api.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert f"error: state file {state_dir / 'state.json'} is corrupt: {what}" in r.stderr, r.stderr
+    assert (state_dir / "state.json").read_text() == text  # left as it was, for the operator
+
+
+def test_a_valid_state_still_loads(tmp_path: Path) -> None:
+    state = {"version": 1, "policy_revision": 3, "next_endpoint_id": 2, "namespaces": {"default": {}},
+             "pods": {}, "endpoints": {}, "identities": {"256": ["k8s:a=b"]}, "policies": {},
+             "datapath": "noop"}
+    path = str(tmp_path / "state.json")
+    write_json_atomic(path, state)
+    assert read_agent_state(path) == state
+    assert read_agent_state(str(tmp_path / "absent.json")) is None
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: one os.write() call; a short write left a truncated state file."""
+    real_write = os.write
+    calls = 0
+
+    def one_byte(fd: int, data: Any) -> int:
+        nonlocal calls
+        calls += 1
+        return real_write(fd, bytes(data[:1]))
+
+    monkeypatch.setattr(_statefile.os, "write", one_byte)
+    path = str(tmp_path / "state.json")
+    state = {"version": 1, "pods": {"default/a": {"name": "a" * 100}}}
+    write_json_atomic(path, state)
+    monkeypatch.undo()
+    assert read_json(path) == state
+    assert calls == len(json.dumps(state, indent=1, sort_keys=True).encode())
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_failed_write_keeps_the_old_state_and_no_temp_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "state.json")
+    write_json_atomic(path, {"version": 1})
+    written = 0
+
+    def enospc_after_10(fd: int, data: Any) -> int:
+        nonlocal written
+        if written >= 10:
+            raise OSError(28, "No space left on device")
+        n = os.pwrite(fd, bytes(data[:5]), written)
+        written += n
+        return n
+
+    monkeypatch.setattr(_statefile.os, "write", enospc_after_10)
+    with pytest.raises(OSError):
+        write_json_atomic(path, {"version": 1, "pods": {"x": {"name": "y" * 50}}})
+    monkeypatch.undo()
+    assert read_json(path) == {"version": 1}
+    assert os.listdir(tmp_path) == ["state.json"]
