@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -71,7 +72,7 @@ def test_podman_container_gets_an_endpoint_and_reaches_a_pod(agent: Any, podman_
     www = tmp_path / "www"
     www.mkdir()
     (www / "hello").write_text("hello podman\n")
-    server = agent.pod_run("web", "python3", "-m", "http.server", "8080", "--directory", str(www),
+    server = agent.pod_run("web", "python3", *_testnet.http_server_argv("0.0.0.0", 8080, str(www)),
                            labels="app=web")
     script = (f"ip -4 -o addr show eth0; "
               f"for i in 1 2 3 4 5 6 7 8 9 10; do "

@@ -180,7 +180,9 @@ def test_dns_proxy_starts_from_entry_point() -> None:
                       transparent=False, config=ProxyConfig(upstream=("127.0.0.1", 53)))
     try:
         port = pm.acquire("dns", Direction.EGRESS)
-        assert pm.server(port) is not None
+        server = pm.server(port)
+        assert type(server).__module__.startswith("axoneme.l7.dns"), type(server)
+        assert pm.acquire("dns", Direction.EGRESS) == port, "one DNS proxy per direction"
     finally:
         pm.stop()
 

@@ -348,8 +348,12 @@ def test_http_without_protocol_is_any_and_rejected() -> None:
 
 @pytest.mark.parametrize("proto", ["UDP", "ANY", "TCP"])
 def test_dns_allows_udp_and_any(proto: str) -> None:
-    parse_policy(Document("f", 0, egr({"toPorts": [
+    pol = parse_policy(Document("f", 0, egr({"toPorts": [
         {"ports": [{"port": "53", "protocol": proto}], "rules": {"dns": [{"matchPattern": "*"}]}}]})))
+    (port_rule,) = pol.rules[0].rules[0].ports
+    assert [(p.port, p.protocol) for p in port_rule.ports] == [(53, proto)]
+    assert port_rule.l7 is not None and port_rule.l7.parser == "dns"
+    assert [r.match_pattern for r in port_rule.l7.rules] == ["*"]
 
 
 def test_dns_problems() -> None:

@@ -68,6 +68,12 @@ def test_truncated_and_other_messages_are_skipped() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_garbage_never_raises(data: bytes) -> None:
+    def check_l4(payload: bytes) -> None:
+        got = nf.decode_l4(payload)
+        assert isinstance(got, tuple) and len(got) == 4, got
+        assert all(isinstance(x, str) for x in got[:3]) and isinstance(got[3], dict), got
+
     for pkt in nf.parse_messages(data):
-        nf.decode_l4(pkt.payload)
-    nf.decode_l4(data)
+        assert isinstance(pkt.prefix, str) and isinstance(pkt.payload, bytes), pkt
+        check_l4(pkt.payload)
+    check_l4(data)

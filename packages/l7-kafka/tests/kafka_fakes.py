@@ -45,11 +45,11 @@ class FakeBroker:
 
     async def stop(self) -> None:
         for w in self.writers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, RuntimeError):  # closed loop or socket
                 w.close()
         if self.server is not None:
             self.server.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
     async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -86,7 +86,7 @@ class FakeBroker:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, RuntimeError):  # closed loop or socket
                 w.close()
 
 

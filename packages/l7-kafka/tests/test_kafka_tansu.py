@@ -57,7 +57,8 @@ class Relay:
                 if t is not asyncio.current_task():
                     t.cancel()
 
-        with contextlib.suppress(Exception):
+        # the loop may be stopped already or slow: teardown goes on either way
+        with contextlib.suppress(TimeoutError, RuntimeError, asyncio.CancelledError):
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -93,7 +94,7 @@ class Relay:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for x in (w, uw):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(OSError, RuntimeError):  # closed loop or socket
                     x.close()
 
 
