@@ -64,6 +64,10 @@ def validate(data: bytes, suffix: str = ".yaml", extra: list[str] | None = None)
             code = main(["policy", "validate", "-f", path, *(extra or [])])
     assert code in (0, 2), (code, err.getvalue())
     assert "Traceback" not in err.getvalue()
+    # bounded output whatever the input: at most 100 problems per document
+    # (plus a count), each value an excerpt
+    assert len(err.getvalue()) < 200_000, len(err.getvalue())
+    assert all(len(line) < 2000 for line in err.getvalue().splitlines())
     if code == 2:
         lines = err.getvalue().splitlines()
         assert lines and all(line.startswith("error: ") for line in lines), err.getvalue()
@@ -120,3 +124,68 @@ def test_structures_inside_network_policy(spec: dict[str, Any]) -> None:
     doc = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "n"},
            "spec": spec}
     validate(json.dumps(doc).encode(), ".json")
+
+
+# -- hostile shapes (issue 13): deep nesting, huge integers, aliases -------------------
+
+OPENERS = st.sampled_from(["[", "{a: ", "- ", "{", "[[", "? "])
+
+
+@SETTINGS
+@given(st.lists(OPENERS, min_size=1, max_size=3), st.integers(min_value=50, max_value=40_000),
+       st.sampled_from([".yaml", ".json"]))
+def test_deep_nesting(openers: list[str], depth: int, suffix: str) -> None:
+    """Any mix of flow/block openers, far past the C composer's stack: exit 2
+    naming the nesting bound (or another clean error), never a crash."""
+    text = "".join(openers[i % len(openers)] for i in range(depth)) + "x"
+    validate(text.encode(), suffix)
+
+
+def _int_literal(draw: st.DrawFn) -> str:
+    digits = draw(st.integers(min_value=1, max_value=6000))
+    kind = draw(st.sampled_from(["dec", "hex", "oct", "bin", "sexa", "neg", "under", "unicode"]))
+    body = {"dec": "9" * digits, "hex": "0x" + "f" * digits, "oct": "0" + "7" * digits,
+            "bin": "0b" + "1" * digits, "sexa": "1" + ":59" * (digits // 3 + 1),
+            "neg": "-" + "8" * digits, "under": "1_0" * (digits // 3 + 1), "unicode": "²" * digits}
+    return body[kind]
+
+
+int_literals = st.composite(lambda draw: _int_literal(draw))()
+
+INT_FIELDS = [
+    ("networking.k8s.io/v1", "NetworkPolicy", "spec: {{podSelector: {{}}, ingress: [{{ports: [{{port: {v}}}]}}]}}"),
+    ("networking.k8s.io/v1", "NetworkPolicy",
+     "spec: {{podSelector: {{}}, ingress: [{{ports: [{{port: 80, endPort: {v}}}]}}]}}"),
+    ("networking.k8s.io/v1", "NetworkPolicy", "spec: {{podSelector: {{}}, policyTypes: [{v}]}}"),
+    ("cilium.io/v2", "CiliumNetworkPolicy",
+     "spec: {{endpointSelector: {{}}, ingress: [{{icmps: [{{fields: [{{type: {v}}}]}}]}}]}}"),
+    ("cilium.io/v2", "CiliumNetworkPolicy",
+     "spec: {{endpointSelector: {{}}, ingress: [{{toPorts: [{{ports: [{{port: \"9092\", protocol: TCP}}], "
+     "rules: {{kafka: [{{apiVersion: {v}}}]}}}}]}}]}}"),
+    ("cilium.io/v2", "CiliumNetworkPolicy", "spec: {{endpointSelector: {{}}}}\nstatus:\n  ? {v}\n  : x"),
+]
+
+
+@SETTINGS
+@given(st.sampled_from(INT_FIELDS), int_literals, st.booleans())
+def test_huge_integers_in_every_numeric_field(field: tuple[str, str, str], literal: str, quote: bool) -> None:
+    api, kind, spec = field
+    value = f'"{literal}"' if quote and "? " not in spec else literal
+    text = f"apiVersion: {api}\nkind: {kind}\nmetadata: {{name: p}}\n" + spec.format(v=value) + "\n"
+    validate(text.encode())
+
+
+@SETTINGS
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=1, max_value=400),
+       st.integers(min_value=0, max_value=20_000), st.booleans())
+def test_alias_amplification(levels: int, fanout: int, size: int, cyclic: bool) -> None:
+    """Anchors that alias the previous level ``fanout`` times: node and text
+    bounds end it (or it is small enough to validate); memory stays bounded
+    because values are shown as excerpts and problems are capped."""
+    lines = ["apiVersion: cilium.io/v2", "kind: CiliumNetworkPolicy", "metadata: {name: a}", "spec:",
+             "  endpointSelector: {}", "  egress:", f"  - toEntities: [&l0 \"{'w' * size}\"]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  - toEntities: &l{i} [" + ", ".join([f"*l{i - 1}"] * fanout) + "]")
+    if cyclic:
+        lines.append("  - toEntities: &c [*c]")
+    validate(("\n".join(lines) + "\n").encode())
