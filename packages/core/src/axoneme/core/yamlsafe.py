@@ -271,11 +271,14 @@ class _Composer:
         """The root node of the document whose DocumentStartEvent was consumed."""
         ld = self.loader
         root = None
+        node: Any
         while True:
-            event = ld.get_event()
-            if isinstance(event, yaml.DocumentEndEvent):
+            # Any: the C parser's events carry its own Mark type
+            event: Any = ld.get_event()
+            kind = type(event)  # issubclass, not isinstance: keeps event Any for mypy
+            if issubclass(kind, yaml.DocumentEndEvent):
                 return root
-            if isinstance(event, yaml.AliasEvent):
+            if issubclass(kind, yaml.AliasEvent):
                 info = self.anchors.get(event.anchor)
                 if info is None:
                     raise yaml.composer.ComposerError(
@@ -283,7 +286,7 @@ class _Composer:
                 if info.open:
                     raise _Limit(f"recursive YAML aliases are not allowed{self._where(event.start_mark)}")
                 got = self._attach(info.node, info.height, info.nodes, info.size, event.start_mark)
-            elif isinstance(event, yaml.ScalarEvent):
+            elif issubclass(kind, yaml.ScalarEvent):
                 tag = event.tag
                 if tag is None or tag == "!":
                     tag = ld.resolve(yaml.ScalarNode, event.value, event.implicit)
@@ -294,10 +297,10 @@ class _Composer:
                 if info is not None:
                     info.open, info.size = False, size
                 got = self._attach(node, 1, 1, size, event.start_mark)
-            elif isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            elif issubclass(kind, yaml.SequenceStartEvent | yaml.MappingStartEvent):
                 if len(self.stack) >= MAX_DEPTH:
                     raise _Limit(f"nesting deeper than {MAX_DEPTH} levels{self._where(event.start_mark)}")
-                seq = isinstance(event, yaml.SequenceStartEvent)
+                seq = issubclass(kind, yaml.SequenceStartEvent)
                 tag = event.tag
                 if tag is None or tag == "!":
                     tag = ld.resolve(yaml.SequenceNode if seq else yaml.MappingNode, None, event.implicit)
@@ -306,7 +309,7 @@ class _Composer:
                 self._register(event.anchor, node, event)
                 self.stack.append(_Frame(node, event.start_mark, event.anchor))
                 continue
-            elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+            elif issubclass(kind, yaml.SequenceEndEvent | yaml.MappingEndEvent):
                 frame = self.stack.pop()
                 frame.node.end_mark = event.end_mark
                 height = frame.height + 1
