@@ -55,6 +55,8 @@ class Result:
     corpus: int = 0
     coverage: int = 0
     crashes: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    rate: int = 0
     rc: int = 0
     log: str = ""
 
@@ -111,6 +113,14 @@ def _symptom(log: str, kind: str) -> str:
     return kind
 
 
+def _crash_report(log: str) -> str:
+    """The part of a libFuzzer log that says what crashed (traceback, input)."""
+    starts = [log.rfind(m) for m in ("=== Uncaught Python exception", "==ERROR", "ALARM:",
+                                     "out-of-memory", "deadly signal")]
+    start = min((i for i in starts if i >= 0), default=max(len(log) - 4000, 0))
+    return log[start:start + 8000]
+
+
 def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
              merge: bool, extra: list[str]) -> Result:
     seeds = CORPUS / target
@@ -126,6 +136,7 @@ def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
                 "-max_len=65536", *extra, str(work), str(seeds)]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", target, "--", *args]
         # a wedged worker (libFuzzer's own timeout failing) must not wedge us
+        t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
                                   timeout=seconds + 10 * timeout + 120, cwd=REPO)
@@ -135,8 +146,10 @@ def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
             res.log = (e.stderr or b"").decode("utf-8", "replace") if isinstance(e.stderr, bytes) \
                 else (e.stderr or "")
             res.log += "\nscripts/fuzz: the worker did not stop; killed\n"
+        res.elapsed = time.monotonic() - t0
         final = dict((k, int(v)) for k, v in _FINAL.findall(res.log))
         res.executions = final.get("number_of_executed_units", 0)
+        res.rate = final.get("average_exec_per_sec", 0)
         stats = _STATS.findall(res.log)
         if stats:
             res.executions = res.executions or int(stats[-1][0])
@@ -177,16 +190,16 @@ def record(results: list[Result]) -> None:
                 rows[cells[0]] = line
     today = dt.date.today().isoformat()
     for r in results:
-        rate = r.executions / r.seconds if r.seconds else 0
+        rate = r.rate or (r.executions / r.elapsed if r.elapsed else 0)
         rows[r.target] = (f"| {r.target} | {today} | {int(r.seconds)} | {r.executions:,} | "
                           f"{rate:,.0f} | {r.corpus} | {r.coverage} | {len(r.crashes)} |")
     body = [
         "# Fuzzing figures",
         "",
-        "Written by `scripts/fuzz` (tests/fuzz/run.py) for runs of "
-        f"{RECORD_MIN_SECONDS} s or more per target. Coverage-guided fuzzing with atheris",
-        "(libFuzzer), one process per target, our modules, PyYAML and dnslib instrumented;",
-        "a hang over 5 s or RSS over 1 GiB counts as a crash. `corpus` is the number of",
+        f"Written by `scripts/fuzz` (tests/fuzz/run.py) for runs of {RECORD_MIN_SECONDS} s or more",
+        "per target. Coverage-guided fuzzing with atheris (libFuzzer), one process per",
+        "target, our modules, PyYAML and dnslib instrumented; a run stops at its first crash.",
+        "A hang over 5 s or RSS over 1 GiB counts as a crash. `corpus` is the number of",
         "inputs libFuzzer kept (seeds plus new coverage), `cov` its coverage counter.",
         f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}.",
         "",
@@ -245,8 +258,10 @@ def main(argv: list[str]) -> int:
         results = list(pool.map(one, targets))
     failed = False
     for r in results:
-        if args.verbose or not r.ok:
-            sys.stderr.write(r.log[-20000:] + "\n")
+        if args.verbose:
+            sys.stderr.write(r.log + "\n")
+        elif not r.ok:
+            sys.stderr.write(_crash_report(r.log) + "\n")
         print(f"fuzz {r.target}: {r.executions} executions in {r.seconds:g} s, "
               f"corpus {r.corpus}, cov {r.coverage}, crashes {len(r.crashes)}", flush=True)
         for c in r.crashes:
