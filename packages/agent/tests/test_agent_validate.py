@@ -190,3 +190,41 @@ def test_problems_in_input_order(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2
     where = [line.rsplit("(", 1)[1] for line in err.splitlines()]
     assert [w.split(",")[0].rstrip(")") for w in where] == [bad, bad, missing, broken]
+
+
+NON_RE2 = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: lookaround, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{path: "/public/.*"}, {path: "/(?!admin).*"}, {method: "(GET)\\\\1"}]}
+"""
+
+
+def test_regex_re2_cannot_run_is_refused_with_field_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Policy regexes run on RE2 (linear time): lookaround and backreferences
+    are refused at validation, never accepted and then mismatched."""
+    bad = write(tmp_path, "re.yaml", NON_RE2)
+    code, out, err = run(capsys, "-f", bad)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    rules = "spec.ingress[0].toPorts[0].rules.http"
+    assert lines[0].endswith(f"({bad}, document 0, {rules}[1].path)")
+    assert lines[1].endswith(f"({bad}, document 0, {rules}[2].method)")
+    assert all("invalid regular expression" in line and "RE2" in line for line in lines)
+    assert "Traceback" not in err
+
+
+def test_redos_pattern_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # RE2 runs it in linear time, so it needs no special treatment.
+    ok = write(tmp_path, "ok.yaml", NON_RE2.replace('{path: "/(?!admin).*"}, {method: "(GET)\\\\1"}',
+                                                    r'{path: "/files/([a-z0-9]+/?)+\\.txt"}'))
+    code, out, err = run(capsys, "-f", ok)
+    assert (code, err) == (0, ""), err
+    assert out == f"{ok}: 1 document(s) valid\n"

@@ -116,3 +116,29 @@ def test_request_from_trace() -> None:
 
 def test_invalid_regex_denies() -> None:
     assert not P.match([HTTPRule(path="(")], req(path="(")).allowed
+
+
+# Issue 13: with backtracking ``re`` 33 bytes of this path took 3.8 s and
+# stalled every proxy of the agent; RE2 is linear in the path.
+REDOS = r"/files/([a-z0-9]+/?)+\.txt"
+
+
+@pytest.mark.timeout(10)
+def test_redos_path_regex_returns_on_hostile_path() -> None:
+    rules = [HTTPRule(path=REDOS), HTTPRule(host=r"(a|aa)+\.svc")]
+    v = P.match(rules, req(path="/files/" + "a" * 10_000 + "!", host="a" * 10_000 + "!"))
+    assert not v.allowed and v.rule is None
+    assert P.match(rules, req(path="/files/a/b/c.txt")).rule == 0
+
+
+def test_regex_outside_re2_matches_nothing() -> None:
+    # Validation refuses these; a rule that bypassed it must deny, not allow.
+    assert not P.match([HTTPRule(path=r"/(?=a).*")], req(path="/a")).allowed
+    assert not P.match([HTTPRule(method=r"(GET)\1")], req(method="GETGET")).allowed
+
+
+def test_header_spec_trims_only_ows() -> None:
+    # "\x85" (NEL) is whitespace to str.strip(), not to HTTP
+    rule = HTTPRule(headers=("X-A: \x85v",))
+    assert not P.match([rule], req(headers=[("X-A", "v")])).allowed
+    assert P.match([rule], req(headers=[("X-A", "\x85v")])).allowed

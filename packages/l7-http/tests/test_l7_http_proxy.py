@@ -482,3 +482,22 @@ def test_body_forwarded_before_it_is_complete() -> None:
     finally:
         lsock.close()
         close_env(e)
+
+
+@pytest.mark.timeout(20)
+def test_redos_path_is_denied_quickly_and_others_are_served(env) -> None:
+    """Issue 13: a backtracking regex on a pod-chosen path stalled the shared
+    event loop; with RE2 the hostile request is a plain 403 and a concurrent
+    connection keeps being served."""
+    env.set_rules([HTTPRule(path=r"/files/([a-z0-9]+/?)+\.txt"), HTTPRule(path="/public")])
+    other = env.connect()
+    assert exchange(other, get("/public")).startswith(b"HTTP/1.1 200")
+    hostile = env.connect()
+    hostile.sendall(get("/files/" + "a" * 4000 + "!"))
+    # Served while (or after) the hostile request is matched.
+    out = exchange(other, get("/public"))
+    assert out.startswith(b"HTTP/1.1 200")
+    out = exchange(hostile, b"")
+    assert out.startswith(b"HTTP/1.1 403 Forbidden")
+    assert exchange(hostile, get("/files/a/b.txt")).startswith(b"HTTP/1.1 200")
+    assert env.upstream.targets() == [b"/public", b"/public", b"/files/a/b.txt"]

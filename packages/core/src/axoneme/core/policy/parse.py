@@ -66,6 +66,7 @@ from axoneme.core.policy.api import (
     PortRule,
     Rule,
 )
+from axoneme.core.regex import regex_problem
 from axoneme.core.selectors import LabelSelector, Operator, Requirement, split_selector_key
 
 LOG = logging.getLogger(__name__)
@@ -1183,10 +1184,13 @@ class _Parser:
         for k in ("method", "path", "host"):
             text = w.opt_string(m, k, path)
             if text:
-                try:
-                    re.compile(text)
-                except (re.error, RecursionError, OverflowError, ValueError) as e:
-                    w.problem(join(path, k), f"invalid regular expression \"{text}\": {e}")
+                # Matched with RE2 on the packet path (linear time): refuse here
+                # what RE2 cannot express, so no rule fails only at match time.
+                why = regex_problem(text)
+                if why is not None:
+                    shown = text if len(text) <= 200 else text[:200] + "..."
+                    w.problem(join(path, k), f"invalid regular expression \"{shown}\" "
+                              f"(RE2 syntax: no backreferences or lookaround): {why}")
             regexes[k] = text or None
         headers: list[str] = []
         hp = join(path, "headers")

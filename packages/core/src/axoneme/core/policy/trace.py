@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,6 +31,7 @@ from axoneme.core.identity import RESERVED_NAMES, ReservedIdentity
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
 from axoneme.core.policy.api import Policy
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
+from axoneme.core.regex import escape, fullmatch
 from axoneme.core.yamlsafe import excerpt
 
 LOG = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def fqdn_matches(peer: Any, name: str) -> bool:
     prefix = ""
     if pattern.startswith("**."):
         prefix, pattern = r"(?:[-a-z0-9_]+\.)+", pattern[3:]
-    regex = prefix + r"[-a-z0-9_]*".join(re.escape(part) for part in pattern.split("*"))
-    return re.fullmatch(regex, name) is not None
+    regex = prefix + r"[-a-z0-9_]*".join(escape(part) for part in pattern.split("*"))
+    return fullmatch(regex, name)
 
 
 # -- peers -----------------------------------------------------------------------------

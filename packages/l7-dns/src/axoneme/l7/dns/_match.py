@@ -26,6 +26,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from axoneme.core.regex import RegexError, compile_regex, escape
+
 __all__ = [
     "ALLOWED_NAME_CHARS", "normalize_name", "validate_name", "validate_pattern",
     "compile_pattern", "match_name", "match_pattern", "match_exact", "rule_matches",
@@ -84,19 +86,21 @@ def validate_pattern(pattern: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The anchored regex for one (already lower-case or not) pattern."""
+def compile_pattern(pattern: str) -> Any:
+    """The RE2 program for one (already lower-case or not) pattern, matched
+    with ``fullmatch``. RE2 (``axoneme.core.regex``) like every policy regex:
+    the query name comes from a pod, so matching must stay linear in it."""
     p = pattern.strip().lower()
     if p == "*":
-        return re.compile(r"^.*$", re.DOTALL)
+        return compile_regex(r"(?s:.*)")
     p = normalize_name(p)
     prefix = ""
     if p.startswith("**."):
         # one or more whole labels in front of the rest
         prefix = rf"(?:{_DNS_CHAR}+\.)+"
         p = p[3:]
-    body = "".join(f"{_DNS_CHAR}*" if c == "*" else re.escape(c) for c in p)
-    return re.compile(f"^{prefix}{body}$")
+    body = "".join(f"{_DNS_CHAR}*" if c == "*" else escape(c) for c in p)
+    return compile_regex(prefix + body)
 
 
 def match_exact(name: str, qname: str) -> bool:
@@ -106,7 +110,10 @@ def match_exact(name: str, qname: str) -> bool:
 
 def match_pattern(pattern: str, qname: str) -> bool:
     """``matchPattern`` semantics (see the module docstring)."""
-    return compile_pattern(pattern).match(normalize_name(qname)) is not None
+    try:
+        return compile_pattern(pattern).fullmatch(normalize_name(qname)) is not None
+    except (RegexError, UnicodeError):  # refused by validation / not a DNS name
+        return False
 
 
 def match_name(pattern_or_name: str, qname: str) -> bool:

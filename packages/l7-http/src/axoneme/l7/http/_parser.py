@@ -6,10 +6,12 @@ Semantics (Cilium rules.http[], enforced by Envoy there):
 2. A request is allowed if at least one rule matches; a request matching no
    rule is denied.
 3. Within a rule every given field must match (AND):
-   - ``method``, ``path``, ``host`` are regexes matched against the WHOLE
-     value (``re.fullmatch``): ``/public`` does not allow ``/public/x``.
+   - ``method``, ``path``, ``host`` are RE2 regexes (``axoneme.core.regex``:
+     linear time, no backreferences or lookaround, as Cilium/Envoy) matched
+     against the WHOLE value: ``/public`` does not allow ``/public/x``.
      ``path`` is matched against the request-target exactly as the upstream
-     receives it (origin-form, query included, like Envoy's ``:path``);
+     receives it (origin-form, normalised as ``_wire`` says, query included,
+     like Envoy's ``:path``);
      ``host`` against the Host header as sent (port included).
    - ``headers``: ``"Name"`` requires the header to be present,
      ``"Name: value"`` requires a header of that name with exactly that value.
@@ -23,14 +25,13 @@ Semantics (Cilium rules.http[], enforced by Envoy there):
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from axoneme.core.l7 import L7Parser, L7Request, L7Verdict
 from axoneme.core.policy.api import HeaderMatch, HTTPRule
+from axoneme.core.regex import fullmatch as regex_fullmatch
 
 LOG = logging.getLogger(__name__)
 
@@ -54,21 +55,12 @@ class HttpVerdict(L7Verdict):
     logs: tuple[str, ...] = ()  # LOG mismatches, for the access log
 
 
-@lru_cache(maxsize=4096)
-def _compile(pattern: str) -> re.Pattern[str] | None:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        # Validation rejects bad regexes; a bad one here can only deny.
-        LOG.warning("invalid regex %r in an HTTP rule: %s", pattern, e)
-        return None
-
-
 def _full(pattern: str | None, value: str) -> bool:
     if not pattern:  # empty = any
         return True
-    rx = _compile(pattern)
-    return rx is not None and rx.fullmatch(value) is not None
+    # RE2, linear in the value (the request comes from a pod); a pattern that
+    # validation would refuse matches nothing, so it can only deny.
+    return regex_fullmatch(pattern, value)
 
 
 def _values(headers: Headers, name: str) -> list[str]:
@@ -78,10 +70,11 @@ def _values(headers: Headers, name: str) -> list[str]:
 
 def _header_present(spec: str, headers: Headers) -> bool:
     name, sep, value = spec.partition(":")
-    name = name.strip()
+    # OWS is SP/HTAB only (RFC 9110): str.strip() would also eat NEL etc.
+    name = name.strip(" \t")
     if not sep:
         return any(n.lower() == name.lower() for n, _ in headers)
-    return value.strip() in _values(headers, name)
+    return value.strip(" \t") in _values(headers, name)
 
 
 def _header_match(hm: HeaderMatch, headers: Headers) -> tuple[bool, HeaderAction | None, str]:
