@@ -122,7 +122,7 @@ def _crash_report(log: str) -> str:
 
 
 def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
-             merge: bool, extra: list[str]) -> Result:
+             merge: bool, extra: list[str], crashers: Path = CRASHERS) -> Result:
     seeds = CORPUS / target
     seeds.mkdir(parents=True, exist_ok=True)
     res = Result(target, seconds)
@@ -162,11 +162,12 @@ def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
             if kind not in ("crash", "timeout", "oom", "leak"):
                 continue
             data = art.read_bytes()
-            dest = CRASHERS / target
+            dest = crashers / target
             dest.mkdir(parents=True, exist_ok=True)
             name = f"{_symptom(res.log, kind)}-{hashlib.sha1(data).hexdigest()[:12]}"
             (dest / name).write_bytes(data)
-            res.crashes.append(str((dest / name).relative_to(REPO)))
+            saved = dest / name
+            res.crashes.append(str(saved.relative_to(REPO) if saved.is_relative_to(REPO) else saved))
         if res.rc != 0 and not res.crashes:
             res.crashes.append(f"worker exit {res.rc} (no artifact)")
         if merge and not res.crashes:
@@ -232,6 +233,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
                     help=f"write bench-results/fuzz.md (default: when --seconds >= "
                          f"{RECORD_MIN_SECONDS})")
+    ap.add_argument("--crashers-dir", type=Path, default=CRASHERS,
+                    help="where new crashers are saved, per target (tests/fuzz/crashers)")
     ap.add_argument("--verbose", "-v", action="store_true", help="print the libFuzzer log")
     ap.add_argument("libfuzzer", nargs="*", help="extra libFuzzer flags, after --")
     args = ap.parse_args(argv)
@@ -252,7 +255,7 @@ def main(argv: list[str]) -> int:
     def one(t: str) -> Result:
         print(f"fuzz {t}: {args.seconds:g} s ...", flush=True)
         return fuzz_one(t, args.seconds, args.rss_limit_mb, args.timeout, args.merge,
-                        args.libfuzzer)
+                        args.libfuzzer, args.crashers_dir)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(one, targets))

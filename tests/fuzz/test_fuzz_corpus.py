@@ -122,11 +122,13 @@ def test_crasher_stays_fixed(target: str, path: Path) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_NAMES)
-def test_short_fuzz_run(target: str) -> None:
+def test_short_fuzz_run(target: str, tmp_path: Path) -> None:
     # atheris is a dev dependency (scripts/bootstrap installs it): missing is a
     # broken environment, so no skip here; scripts/fuzz says what is wrong.
     proc = subprocess.run([str(REPO / "scripts" / "fuzz"), "--target", target,
-                           "--seconds", str(FUZZ_SECONDS), "--no-record"],
+                           "--seconds", str(FUZZ_SECONDS), "--no-record",
+                           # a find is reported (log + input), not written into the tree
+                           "--crashers-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=FUZZ_SECONDS + 300, cwd=REPO)
     m = re.search(rf"^fuzz {target}: (\d+) executions", proc.stdout, re.M)
     print(proc.stdout)
