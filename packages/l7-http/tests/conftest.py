@@ -33,8 +33,10 @@ class Loop:
         self.loop.close()
 
 
-async def _read_request(r: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
-    """A lenient-but-correct upstream: head and body (CL or chunked, de-chunked)."""
+async def _read_request(r: asyncio.StreamReader, trailers: list[bytes] | None = None
+                        ) -> tuple[bytes, bytes] | None:
+    """A lenient-but-correct upstream: head and body (CL or chunked, de-chunked);
+    the trailer section of a chunked body goes to ``trailers``."""
     try:
         head = await r.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -53,8 +55,11 @@ async def _read_request(r: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
         while True:
             size = int((await r.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
             if size == 0:
-                while (await r.readuntil(b"\r\n")) != b"\r\n":
-                    pass
+                section = b""
+                while (line := await r.readuntil(b"\r\n")) != b"\r\n":
+                    section += line
+                if trailers is not None:
+                    trailers.append(section)
                 break
             body += await r.readexactly(size)
             await r.readexactly(2)
@@ -69,12 +74,13 @@ class Upstream:
 
     port: int = 0
     seen: list[tuple[bytes, bytes]] = field(default_factory=list)
+    trailers: list[bytes] = field(default_factory=list)  # per chunked request
     server: Any = None
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             while True:
-                got = await _read_request(r)
+                got = await _read_request(r, self.trailers)
                 if got is None:
                     break
                 head, body = got

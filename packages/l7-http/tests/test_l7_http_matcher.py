@@ -142,3 +142,9 @@ def test_header_spec_trims_only_ows() -> None:
     rule = HTTPRule(headers=("X-A: \x85v",))
     assert not P.match([rule], req(headers=[("X-A", "v")])).allowed
     assert P.match([rule], req(headers=[("X-A", "\x85v")])).allowed
+
+
+def test_trace_matches_the_normalised_path_like_the_proxy() -> None:
+    rules = [HTTPRule(path="/public(/.*)?")]
+    assert not P.match(rules, P.request_from_trace({"http_path": "/public/../admin"})).allowed
+    assert P.match(rules, P.request_from_trace({"http_path": "/public/x/%2e%2e/y"})).allowed

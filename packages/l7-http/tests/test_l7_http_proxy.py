@@ -233,14 +233,24 @@ def test_connection_cap() -> None:
     (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc", 400),
     (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
-    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 501),
-    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: identity\r\n\r\n", 501),
-    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+    # RFC 9112 §6.1: final coding not chunked -> 400; unknown coding before it -> 501
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: identity\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: \x85chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\xa0\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nTransfer-Encoding: \x85chunked\r\n"
+     b"\r\n0\r\n\r\n", 400),
     (b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
     (b"GET /public HTTP/1.1\r\nHost: svc\r\nX: a\r\n b\r\n\r\n", 400),
     (b"GET /public HTTP/1.1\r\nHost: svc\r\nX: a\rb\r\n\r\n", 400),
-    (b"GET /public/../private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
-    (b"GET /public/%2e%2e/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/%2e%2e;/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/%e0%80%ae%e0%80%ae/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/%c0%ae%c0%ae/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    (b"GET /public/x%0d%0aHost:%20evil HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
     (b"GET /public%2F..%2Fprivate HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
     (b"GET /public/..;/private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
     (b"GET /public\\..\\private HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
@@ -501,3 +511,39 @@ def test_redos_path_is_denied_quickly_and_others_are_served(env) -> None:
     assert out.startswith(b"HTTP/1.1 403 Forbidden")
     assert exchange(hostile, get("/files/a/b.txt")).startswith(b"HTTP/1.1 200")
     assert env.upstream.targets() == [b"/public", b"/public", b"/files/a/b.txt"]
+
+
+@pytest.mark.parametrize("target,forwarded", [
+    (b"/public/x/../a", b"/public/a"),
+    (b"/public/./%61", b"/public/a"),
+    (b"/public/%252e%252e/private", b"/public/%252e%252e/private"),  # decoded once only
+    (b"/public/a%2d%3a", b"/public/a-%3A"),
+])
+def test_normalised_path_is_matched_and_forwarded(env, target: bytes, forwarded: bytes) -> None:
+    env.set_rules([HTTPRule(path="/public(/.*)?")])
+    s = env.connect()
+    assert exchange(s, b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n").startswith(b"HTTP/1.1 200")
+    assert env.upstream.targets() == [forwarded]
+
+
+@pytest.mark.parametrize("target", [b"/public/../private", b"/public/%2e%2e/private", b"/public/%2E./private"])
+def test_dot_segments_cannot_leave_the_allowed_prefix(env, target: bytes) -> None:
+    env.set_rules([HTTPRule(path="/public(/.*)?")])
+    s = env.connect()
+    out = exchange(s, b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n" + get("/public"), responses=2)
+    assert out.startswith(b"HTTP/1.1 403") and count_responses(out) == 2  # denied, not refused
+    assert env.upstream.targets() == [b"/public"]
+    assert [f.l7["http"]["url"] for f in env.flows if f.verdict == FlowVerdict.DROPPED] == ["http://svc/private"]
+
+
+def test_framing_fields_in_trailers_are_dropped(env) -> None:
+    env.set_rules(RULES)
+    s = env.connect()
+    body = (b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n"
+            b"Host: evil\r\nX-B: 2\r\n\r\n")
+    out = exchange(s, b"POST /upload HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+                   + get("/public"), responses=2)
+    assert out.startswith(b"HTTP/1.1 200") and count_responses(out) == 2
+    assert env.upstream.seen[0][1] == b"hello"
+    assert env.upstream.targets() == [b"/upload", b"/public"]
+    assert env.upstream.trailers == [b"X-Sum: 1\r\nX-B: 2\r\n"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from axoneme.l7.http._wire import (
     HttpError,
+    filter_trailers,
+    normalize_path,
     parse_chunk_size,
     parse_request_head,
     parse_response_head,
@@ -30,9 +32,10 @@ def test_absolute_form(target: str, path: str, authority: str) -> None:
 
 
 @pytest.mark.parametrize("target", [
-    "/a/../b", "/a/./b", "/a/..", "/..;/b", "/a/%2e%2E/b", "/a%2fb", "/a%5cb", "/a%00", "/a%zz",
-    "/a%c0%ae%c0%ae/b", "/a b", "/a\\b", "/a#frag", "https://svc/x", "http://user@svc/x", "*", "svc:80", "",
-    "/caf\u00e9",
+    "/..;/b", "/a/..;x/b", "/a/.;/b", "/a/%2e%2e;/b", "/a/..%3b/b", "/a/..%3B", "/a%2fb", "/a%5cb",
+    "/a%00", "/a%0d%0aX:%20y", "/a%7f", "/a%zz", "/a%c0%ae%c0%ae/b", "/a/%e0%80%ae%e0%80%ae/b",
+    "/a/%ed%a0%80", "/a/%80", "/a/%ff", "/a b", "/a\\b", "/a#frag", "https://svc/x",
+    "http://user@svc/x", "http://svc/a/..;/b", "http://svc/a%2fb", "*", "svc:80", "", "/caf\u00e9",
 ])
 def test_bad_targets(target: str) -> None:
     with pytest.raises(HttpError) as e:
@@ -40,9 +43,83 @@ def test_bad_targets(target: str) -> None:
     assert e.value.status == 400
 
 
-@pytest.mark.parametrize("target", ["/a/.../b", "/.well-known/x", "/a/.b", "/a/b.", "/..a", "/a;b/c"])
+@pytest.mark.parametrize("target", ["/a/.../b", "/.well-known/x", "/a/.b", "/a/b.", "/..a", "/a;b/c",
+                                    "/a/..x;/b", "/a/b..;"])
 def test_dotted_names_are_not_dot_segments(target: str) -> None:
     assert parse_target(target) == (target, None)
+
+
+@pytest.mark.parametrize("target,path", [
+    # RFC 3986 §5.2.4 dot-segment removal, as Envoy's normalize_path
+    ("/a/../b", "/b"), ("/a/./b", "/a/b"), ("/a/..", "/"), ("/a/.", "/a/"), ("/..", "/"),
+    ("/../../etc/passwd", "/etc/passwd"), ("/public/../private?x=/../", "/private?x=/../"),
+    ("/a//../b", "/a/b"), ("//a", "//a"),
+    # unreserved escapes decoded (once), then dot-segments
+    ("/a/%2e%2E/b", "/b"), ("/public/%2e%2e/private", "/private"), ("/%7Euser/%41", "/~user/A"),
+    # other escapes kept, hex upper-cased; never decoded twice
+    ("/a/%252e%252e/b", "/a/%252e%252e/b"), ("/x%3a%c3%a9", "/x%3A%C3%A9"),
+    ("http://svc/a/../b?q", "/b?q"),
+])
+def test_paths_are_normalised_before_matching(target: str, path: str) -> None:
+    assert parse_target(target)[0] == path
+    assert normalize_path(path.partition("?")[0]) == path.partition("?")[0]  # idempotent
+
+
+def test_normalised_path_is_what_is_forwarded() -> None:
+    req = parse_request_head(b"GET /public/%2e%2e/x%2e HTTP/1.1\r\nHost: svc")
+    assert (req.target, req.path) == ("/public/%2e%2e/x%2e", "/x.")
+    assert req.serialize() == b"GET /x. HTTP/1.1\r\nHost: svc\r\n\r\n"
+    same = parse_request_head(b"GET /x. HTTP/1.1\r\nHost:  svc ")
+    assert same.serialize() is same.raw  # already normal: forwarded as received
+
+
+@pytest.mark.parametrize("te,status", [
+    # final coding not exactly "chunked" (NEL/NBSP are not OWS): 400
+    (b"\x85chunked", 400), (b"chunked\x85", 400), (b"\xa0chunked", 400), (b"chunked\x0b", 400),
+    (b"gzip", 400), (b"chunked, gzip", 400), (b"chunked, chunked", 400), (b",chunked", 400),
+    (b"chunked,", 400), (b"gzip, chunked", 501), (b"identity", 400),
+])
+def test_transfer_encoding_is_exactly_chunked(te: bytes, status: int) -> None:
+    with pytest.raises(HttpError) as e:
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + te)
+    assert e.value.status == status
+
+
+@pytest.mark.parametrize("te", [b"chunked", b"CHUNKED", b" \tChunked\t "])
+def test_chunked_with_ows(te: bytes) -> None:
+    assert parse_request_head(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + te).chunked
+
+
+def test_header_values_trim_only_sp_and_htab() -> None:
+    req = parse_request_head(b"GET / HTTP/1.1\r\nHost: h\r\nX: \x85v\xa0 \t\r\nConnection: \x85close")
+    assert req.headers[1:] == [("X", "\x85v\xa0"), ("Connection", "\x85close")]
+    assert req.keep_alive  # "\x85close" is not "close"
+    with pytest.raises(HttpError) as e:
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \x8510")
+    assert e.value.status == 400
+    resp = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \x85chunked\r\n\r\n")
+    assert not resp.chunked and resp.close  # not chunked: read to the end of the connection
+
+
+def test_trailers_drop_framing_and_routing_fields() -> None:
+    got = filter_trailers([("X-Checksum", "1"), ("Content-Length", "5"), ("transfer-encoding", "chunked"),
+                           ("HOST", "evil"), ("Authorization", "x"), ("Trailer", "y"), ("Server-Timing", "t")])
+    assert got == [("X-Checksum", "1"), ("Server-Timing", "t")]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("value", [b" " * 65_000, b"a" + b" \t" * 32_000 + b"a", b"\t" * 65_000 + b"\x85"])
+def test_wire_regexes_are_linear_on_long_blank_lines(value: bytes) -> None:
+    # A lazy value before [ \t]*\r\n was quadratic: a 64 KiB line took ~20 s.
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nX:" + value
+    req = parse_request_head(head)
+    assert req.headers[1] == ("X", value.strip(b" \t").decode("latin-1"))
+    for name in (b"Content-Length", b"Transfer-Encoding", b"Connection"):
+        raw = b"HTTP/1.1 200 OK\r\n" + name + b":" + value + b"\r\nContent-Length: 0\r\n\r\n"
+        try:
+            parse_response_head(raw)
+        except HttpError as e:
+            assert e.status == 502
 
 
 def test_query_may_hold_anything_encoded() -> None:

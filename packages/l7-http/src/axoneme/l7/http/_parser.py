@@ -32,6 +32,7 @@ from typing import Any
 from axoneme.core.l7 import L7Parser, L7Request, L7Verdict
 from axoneme.core.policy.api import HeaderMatch, HTTPRule
 from axoneme.core.regex import fullmatch as regex_fullmatch
+from axoneme.l7.http._wire import HttpError, parse_target
 
 LOG = logging.getLogger(__name__)
 
@@ -169,9 +170,15 @@ class HttpParser(L7Parser):
         host = str(options.get("http_host") or "")
         if not host:
             host = next((v for n, v in headers if n.lower() == "host"), "")
+        path = str(options.get("http_path") or "/")
+        try:
+            # what the proxy would match: the normalised path (``_wire``)
+            path = parse_target(path)[0]
+        except HttpError:
+            pass  # the proxy would refuse it (400); trace the path as given
         return L7Request({
             "method": str(options.get("http_method") or "GET"),
-            "path": str(options.get("http_path") or "/"),
+            "path": path,
             "host": host,
             "headers": headers,
         })

@@ -45,6 +45,7 @@ from axoneme.l7.http._wire import (
     RequestHead,
     denied_response,
     error_response,
+    filter_trailers,
     parse_chunk_size,
     parse_header_lines,
     parse_request_head,
@@ -417,7 +418,8 @@ class _Conn:
 
     async def _relay_chunked(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                              timeout: float, err_status: int) -> None:
-        """Relay a chunked body, re-encoded (extensions dropped), trailers validated."""
+        """Relay a chunked body, re-encoded (extensions dropped), trailers validated
+        and filtered (``filter_trailers``)."""
         side = "client" if err_status == 400 else "upstream"
         try:
             while True:
@@ -425,7 +427,9 @@ class _Conn:
                 line = await src.readuntil(b"\r\n")
                 size = parse_chunk_size(line[:-2])
                 if size == 0:
-                    trailers = await self._read_trailers(src, timeout, side)
+                    # Framing/routing fields in trailers (RFC 9110 §6.5.1) are
+                    # dropped: an upstream merging them would reframe or reroute.
+                    trailers = filter_trailers(await self._read_trailers(src, timeout, side))
                     out = b"0\r\n" + b"".join(n.encode("ascii") + b": " + v.encode("latin-1") +
                                              b"\r\n" for n, v in trailers) + b"\r\n"
                     dst.write(out)

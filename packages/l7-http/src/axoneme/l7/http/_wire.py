@@ -10,19 +10,49 @@ closed):
    NUL or another control character anywhere in the head is refused.
 2. Header lines ``token ":" OWS value OWS``: whitespace before the colon and
    obs-fold (a line starting with SP/HT) are refused; at most
-   ``MAX_HEADERS`` lines and ``MAX_HEAD_BYTES`` bytes.
-3. Framing: Content-Length and Transfer-Encoding together, more than one
-   Content-Length (even equal), a non-decimal Content-Length, any
-   Transfer-Encoding other than exactly ``chunked``, or Transfer-Encoding in
-   an HTTP/1.0 request are refused.
+   ``MAX_HEADERS`` lines and ``MAX_HEAD_BYTES`` bytes. OWS is SP and HTAB
+   only: never ``str.strip()``, which would also take NEL (``\x85``), so that
+   ``Transfer-Encoding: \x85chunked`` is not ``chunked`` here while a
+   Unicode-minded upstream could think it is.
+3. Framing (RFC 9112 §6): Content-Length and Transfer-Encoding together, more
+   than one Content-Length (even equal), a non-decimal Content-Length, a
+   Transfer-Encoding whose final coding is not ``chunked`` (or that applies
+   ``chunked`` twice, or has an empty element) are refused with 400; a
+   Transfer-Encoding with another coding before ``chunked`` with 501; any
+   Transfer-Encoding in an HTTP/1.0 request with 400.
 4. request-target: origin-form (``/path?query``) or absolute-form
    (``http://authority/path?query``, whose authority must equal the Host
-   header); asterisk- and authority-form (CONNECT) are refused. The path part
-   may not contain dot-segments (also ``..;``), encoded ``/``, ``\\``, ``.``
-   or NUL, a backslash, or characters outside RFC 3986 (a server decoding or
-   normalising them would see a different path than the rule matched). What
-   the rules match (``RequestHead.path``) is byte for byte what is forwarded.
+   header); asterisk- and authority-form (CONNECT) are refused. The path is
+   normalised as Envoy's ``normalize_path`` does (RFC 3986 §6.2.2) before
+   the rules see it, and the normalised form is what is forwarded, so the
+   upstream can only see what the policy matched (``normalize_path``):
+
+   a. characters outside RFC 3986 (space, backslash, ``#``, non-ASCII...)
+      and malformed escapes (``%zz``) are refused;
+   b. escapes of unreserved characters are decoded (``%7E`` -> ``~``,
+      ``%2e`` -> ``.``), the others keep their encoding with upper-case hex;
+      decoding happens ONCE: ``%252e%252e`` stays the literal segment
+      ``%252e%252e`` (an upstream decodes it to ``%2e%2e``, a name, not a
+      dot-segment);
+   c. encoded ``/`` or ``\\`` (``%2F``, ``%5C``: Envoy's
+      ``path_with_escaped_slashes_action: REJECT_REQUEST``) and encoded
+      control characters (``%00``-``%1F``, ``%7F``) are refused;
+   d. the path once fully percent-decoded must be valid UTF-8: overlong
+      forms such as ``%c0%ae`` or ``%e0%80%ae`` (a ``.`` to a lenient
+      decoder), surrogates and stray continuation bytes are refused;
+   e. dot-segments are removed (RFC 3986 §5.2.4): ``/a/./b/../c`` -> ``/a/c``;
+      ``//`` is kept (no ``merge_slashes``);
+   f. a segment that decodes to ``.;...`` or ``..;...`` is refused: Envoy
+      takes ``;`` as an ordinary character, but Tomcat/Spring strip path
+      parameters and treat ``/..;/`` as ``/../``, which would let
+      ``/public/..;/admin`` out of ``/public``.
+
+   The query is forwarded as received (only malformed escapes are refused).
 5. HTTP/1.1 requires exactly one Host header; HTTP/1.0 allows none.
+
+Every regex below runs on attacker bytes, so each is linear: no lazy
+quantifier is followed by something its own class can also match (such a
+``[ \t]*?`` then ``[ \t]*\r\n`` pair is quadratic in a line of blanks).
 """
 
 from __future__ import annotations
@@ -46,15 +76,20 @@ _PCHARS = r"A-Za-z0-9\-._~!$&'()*+,;=:@%"
 _ORIGIN = re.compile(r"(/[" + _PCHARS + r"/]*)(\?[" + _PCHARS + r"/?]*)?")
 _ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?(\?[" + _PCHARS + r"/?]*)?")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
-_BAD_ESCAPE = re.compile(r"%(?:2[fFeE]|5[cC]|00|[cC][01])")  # incl. overlong UTF-8 lead bytes
-_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:;[^/]*)?(?:/|$)")  # "." or ".." (also "..;x")
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# encoded "/" "\\" (the path structure would change in a decoding upstream) and
+# control characters (NUL, CR/LF splitting in upstreams that decode and re-emit)
+_REFUSED_OCTETS = frozenset([*range(0x20), 0x7F, 0x2F, 0x5C])
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # The whole header section in one C-level pass: valid lines only.
 _HEADER_SECTION = re.compile(rb"(?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_HEADER_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
-_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection):[ \t]*"
-                      rb"([^\r]*?)[ \t]*(?=\r\n)")
+# Greedy value, trimmed afterwards: a lazy value followed by [ \t]*\r\n is
+# quadratic in a line of blanks (64 KiB of them took seconds).
+_HEADER_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+):([\t\x20-\x7e\x80-\xff]*)\r\n")
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection):([^\r]*)(?=\r\n)")
+_OWS = b" \t"
 _STATUS = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 
 
@@ -91,8 +126,8 @@ class RequestHead:
 
     def serialize(self, headers: list[tuple[str, str]] | None = None) -> bytes:
         """The head to forward: the validated bytes as received when nothing
-        changes (origin-form, headers untouched), else rebuilt."""
-        if headers is None and self.raw and not self.absolute:
+        changes (origin-form already normal, headers untouched), else rebuilt."""
+        if headers is None and self.raw and not self.absolute and self.path == self.target:
             return self.raw
         hs = self.headers if headers is None else headers
         lines = [f"{self.method} {self.path} {self.version}"]
@@ -124,7 +159,8 @@ def _fast_headers(section: bytes, count: int) -> list[tuple[str, str]] | None:
         return None
     if _HEADER_SECTION.fullmatch(section) is None:
         return None
-    return [(n.decode("ascii"), v.decode("latin-1")) for n, v in _HEADER_LINE.findall(section)]
+    return [(n.decode("ascii"), v.strip(_OWS).decode("latin-1"))
+            for n, v in _HEADER_LINE.findall(section)]
 
 
 def parse_header_lines(lines: list[bytes], what: str = "header") -> list[tuple[str, str]]:
@@ -140,20 +176,66 @@ def parse_header_lines(lines: list[bytes], what: str = "header") -> list[tuple[s
         name, sep, value = line.partition(b":")
         if not sep or _TOKEN.fullmatch(name) is None:
             raise HttpError(400, f"malformed {what} line")
-        value = value.strip(b" \t")
+        value = value.strip(_OWS)
         if _VALUE.fullmatch(value) is None:
             raise HttpError(400, f"invalid character in {what} value")
         out.append((name.decode("ascii"), value.decode("latin-1")))
     return out
 
 
-def _check_path(path: str) -> None:
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 for an absolute path (starts with "/")."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == ".":
+            if last:
+                out.append("")
+        elif seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def normalize_path(path: str) -> str:
+    """The path (no query) as the rules see it and the upstream receives it.
+
+    Rules 4a-f of the module docstring; raises HttpError(400) for what is
+    refused. Idempotent: ``normalize_path(normalize_path(p)) == normalize_path(p)``.
+    """
     if _PCT.search(path):
         raise HttpError(400, "malformed percent-encoding in path")
-    if _BAD_ESCAPE.search(path):
-        raise HttpError(400, "encoded '/', '\\', '.' or NUL in path")
-    if _DOT_SEGMENT.search(path):
-        raise HttpError(400, "dot-segment in path")
+
+    def one(m: re.Match[str]) -> str:
+        octet = int(m.group(1), 16)
+        if octet in _REFUSED_OCTETS:
+            raise HttpError(400, "encoded '/', '\\' or control character in path")
+        if octet in _UNRESERVED:
+            return chr(octet)
+        return "%" + m.group(1).upper()
+
+    norm = _ESCAPE.sub(one, path)
+    raw = bytearray()  # the path fully decoded once, for the UTF-8 check
+    pos = 0
+    for m in _ESCAPE.finditer(norm):
+        raw += norm[pos:m.start()].encode("ascii")
+        raw.append(int(m.group(1), 16))
+        pos = m.end()
+    raw += norm[pos:].encode("ascii")
+    try:
+        decoded = raw.decode("utf-8")  # strict: overlong forms and surrogates fail
+    except UnicodeDecodeError:
+        raise HttpError(400, "invalid or overlong UTF-8 in path") from None
+    for seg in decoded.split("/"):
+        if seg.startswith((".;", "..;")):
+            # Tomcat/Spring strip ";params" and would see "." / "..".
+            raise HttpError(400, "dot-segment with path parameters ('..;') in path")
+    return _remove_dot_segments(norm)
 
 
 def _check_query(query: str) -> None:
@@ -162,29 +244,38 @@ def _check_query(query: str) -> None:
 
 
 def parse_target(target: str) -> tuple[str, str | None]:
-    """(origin-form path to match and forward, authority of an absolute-form target)."""
+    """(origin-form path to match and forward, normalised, authority of an
+    absolute-form target)."""
     if target.startswith("/"):
         m = _ORIGIN.fullmatch(target)
         if m is None:
             raise HttpError(400, "invalid request-target")
-        _check_path(m.group(1))
+        path = normalize_path(m.group(1))
         if m.group(2):
             _check_query(m.group(2))
-        return target, None
+        return path + (m.group(2) or ""), None
     m = _ABSOLUTE.fullmatch(target)
     if m is None:
         raise HttpError(400, "request-target is neither origin-form nor absolute-form")
     authority, path, query = m.group(1), m.group(2) or "/", m.group(3) or ""
     if _HOST.fullmatch(authority) is None:
         raise HttpError(400, "invalid authority in request-target")
-    _check_path(path)
+    path = normalize_path(path)
     if query:
         _check_query(query)
     return path + query, authority
 
 
 def _list(values: list[str]) -> list[str]:
-    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+    """The elements of a comma-separated header list, lower-case, without
+    empty elements. Trims OWS (SP/HTAB) only: ``str.strip()`` would also eat
+    NEL (U+0085) and friends."""
+    return [t.strip(" \t").lower() for v in values for t in v.split(",") if t.strip(" \t")]
+
+
+def _codings(values: list[str]) -> list[str]:
+    """Transfer-Encoding elements, "" for an empty one (refused: ambiguous)."""
+    return [t.strip(" \t").lower() for v in values for t in v.split(",")]
 
 
 def parse_request_head(block: bytes) -> RequestHead:
@@ -257,7 +348,13 @@ def parse_request_head(block: bytes) -> RequestHead:
     if tes:
         if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if _list(tes) != ["chunked"]:
+        codings = _codings(tes)
+        if codings != ["chunked"]:
+            # RFC 9112 §6.1/§6.3: chunked not last (or twice, or an empty
+            # element) leaves the length undetermined: 400; a coding we do
+            # not implement in front of chunked: 501.
+            if codings[-1] != "chunked" or codings.count("chunked") > 1 or "" in codings:
+                raise HttpError(400, "Transfer-Encoding does not end in exactly one chunked")
             raise HttpError(501, "unsupported Transfer-Encoding")
         req.chunked = True
 
@@ -293,8 +390,8 @@ def without_upgrade(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if ln in _UPGRADE_HEADERS:
             continue
         if ln == "connection":
-            toks = [t.strip() for t in v.split(",") if t.strip().lower() not in _UPGRADE_HEADERS
-                    and t.strip()]
+            toks = [t.strip(" \t") for t in v.split(",")
+                    if t.strip(" \t").lower() not in _UPGRADE_HEADERS and t.strip(" \t")]
             if not toks:
                 continue
             v = ", ".join(toks)
@@ -321,6 +418,7 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     tes: list[str] = []
     conn: list[str] = []
     for n, v in _FRAMING.findall(b"\r\n" + section.lower()):
+        v = v.strip(_OWS)
         if n == b"content-length":
             cls.append(v.decode("latin-1"))
         elif n == b"transfer-encoding":
@@ -346,6 +444,26 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     if "close" in _list(conn) or (resp.version == "HTTP/1.0" and "keep-alive" not in _list(conn)):
         resp.close = True
     return resp
+
+
+# RFC 9110 §6.5.1: fields a sender must not put in trailers and a recipient
+# must not merge into the header section: framing, routing, request
+# modifiers, authentication, response control and content metadata. A
+# trailer carrying them (Content-Length, Transfer-Encoding, Host...) is
+# dropped rather than handed to an upstream that might merge it.
+FORBIDDEN_TRAILERS = frozenset({
+    "transfer-encoding", "content-length", "host", "connection", "keep-alive", "upgrade",
+    "proxy-connection", "te", "trailer", "expect", "max-forwards", "range", "if-match",
+    "if-none-match", "if-modified-since", "if-unmodified-since", "if-range", "cache-control",
+    "pragma", "authorization", "proxy-authorization", "www-authenticate", "proxy-authenticate",
+    "cookie", "set-cookie", "content-encoding", "content-type", "content-range", "age", "date",
+    "expires", "location", "retry-after", "vary", "warning", "http2-settings",
+})
+
+
+def filter_trailers(trailers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The trailer fields that may be forwarded (``FORBIDDEN_TRAILERS`` dropped)."""
+    return [(n, v) for n, v in trailers if n.lower() not in FORBIDDEN_TRAILERS]
 
 
 def parse_chunk_size(line: bytes) -> int:
@@ -384,6 +502,7 @@ def denied_response(close: bool) -> bytes:
 
 
 __all__ = ["HttpError", "RequestHead", "ResponseHead", "parse_request_head", "parse_response_head",
-           "parse_chunk_size", "parse_target", "parse_header_lines", "error_response",
+           "parse_chunk_size", "parse_target", "normalize_path", "parse_header_lines",
+           "filter_trailers", "FORBIDDEN_TRAILERS", "error_response",
            "denied_response", "without_upgrade", "ACCESS_DENIED", "STATUS_TEXT", "MAX_REQUEST_LINE",
            "MAX_HEAD_BYTES", "MAX_HEADERS", "MAX_DRAIN"]
