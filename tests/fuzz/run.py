@@ -138,13 +138,13 @@ def fuzz_one(target: str, seconds: float, rss_limit_mb: int, timeout: int,
         # a wedged worker (libFuzzer's own timeout failing) must not wedge us
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                                  timeout=seconds + 10 * timeout + 120, cwd=REPO)
-            res.rc, res.log = proc.returncode, proc.stdout + proc.stderr
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", timeout=seconds + 10 * timeout + 120, cwd=REPO)
+            res.rc, res.log = proc.returncode, proc.stdout
         except subprocess.TimeoutExpired as e:
             res.rc = -1
-            res.log = (e.stderr or b"").decode("utf-8", "replace") if isinstance(e.stderr, bytes) \
-                else (e.stderr or "")
+            out = e.stdout or b""
+            res.log = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
             res.log += "\nscripts/fuzz: the worker did not stop; killed\n"
         res.elapsed = time.monotonic() - t0
         final = dict((k, int(v)) for k, v in _FINAL.findall(res.log))

@@ -35,13 +35,7 @@ FUZZ_SECONDS = int(os.environ.get("AXONEME_FUZZ_SECONDS", "20"))
 
 # Crashers whose fix is another change still in flight: strict xfail, so the
 # run that fixes one XPASSes and fails until its line here is removed.
-KNOWN_UNFIXED: dict[str, str] = {
-    "http/differential-te-nbsp-chunked":
-        "issue 13 item 7: Transfer-Encoding stripped with str.strip(), \\xa0chunked is chunked "
-        "to us and invalid to llhttp (L7 fix in progress)",
-    "http/differential-te-nel-chunked":
-        "issue 13 item 7: \\x85chunked is chunked to us and invalid to llhttp (L7 fix in progress)",
-}
+KNOWN_UNFIXED: dict[str, str] = {}
 
 
 def _load_targets():  # type: ignore[no-untyped-def]
