@@ -173,3 +173,28 @@ def test_response_framing() -> None:
         with pytest.raises(HttpError) as e:
             parse_response_head(bad)
         assert e.value.status == 502
+
+
+@pytest.mark.parametrize("method", [b"get", b"FOO", b"Get", b"PRI", b"M-SEARCHX"])
+def test_unknown_methods_are_501(method: bytes) -> None:
+    # llhttp (the upstream's parser, often) refuses them; "get" is not GET
+    with pytest.raises(HttpError) as e:
+        parse_request_head(method + b" / HTTP/1.1\r\nHost: h")
+    assert e.value.status == 501
+
+
+@pytest.mark.parametrize("method", [b"GET", b"PROPFIND", b"QUERY", b"M-SEARCH", b"PURGE"])
+def test_known_methods(method: bytes) -> None:
+    assert parse_request_head(method + b" / HTTP/1.1\r\nHost: h").method == method.decode()
+
+
+@pytest.mark.parametrize("value", [b"\xb35", b"\xb2", b"5\xb9", b"\xbd", b"0" * 19, b"+5", b" "])
+def test_content_length_is_ascii_digits_only(value: bytes) -> None:
+    # "\xb3" (superscript three) passed str.isdigit() and crashed int() (fuzz find)
+    with pytest.raises(HttpError) as e:
+        parse_response_head(b"HTTP/1.1 200 \r\nContent-Length: " + value + b"\r\n\r\n")
+    assert e.value.status == 502
+    with pytest.raises(HttpError) as e:
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: " + value)
+    assert e.value.status == 400
+

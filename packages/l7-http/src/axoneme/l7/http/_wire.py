@@ -5,7 +5,8 @@ been used for request smuggling or for a gap between what the policy matched
 and what the upstream interprets is refused with 400 (and the connection is
 closed):
 
-1. Request line ``METHOD SP request-target SP HTTP/1.x`` (single spaces),
+1. Request line ``METHOD SP request-target SP HTTP/1.x`` (single spaces,
+   METHOD one of ``METHODS``, else 501),
    at most ``MAX_REQUEST_LINE`` bytes; lines end in CRLF; a bare CR or LF,
    NUL or another control character anywhere in the head is refused.
 2. Header lines ``token ":" OWS value OWS``: whitespace before the colon and
@@ -70,6 +71,16 @@ MAX_CHUNK_SIZE_DIGITS = 15  # < 2**60: no overflow games
 MAX_DRAIN = 64 * 1024
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Methods of the IANA registry that llhttp (Node, uvicorn...) also parses,
+# plus its common extensions. Methods are case-sensitive: "get" is not GET,
+# and an upstream parser that does not know a method refuses the request or,
+# worse, guesses; so anything else is 501 here (CONNECT is refused below).
+METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "QUERY", "ACL", "BIND",
+    "CHECKOUT", "COPY", "LINK", "LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MOVE",
+    "PROPFIND", "PROPPATCH", "REBIND", "REPORT", "SEARCH", "UNBIND", "UNLINK", "UNLOCK",
+    "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "SOURCE", "CONNECT",
+})
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
 _PCHARS = r"A-Za-z0-9\-._~!$&'()*+,;=:@%"
@@ -77,6 +88,9 @@ _ORIGIN = re.compile(r"(/[" + _PCHARS + r"/]*)(\?[" + _PCHARS + r"/?]*)?")
 _ABSOLUTE = re.compile(r"[hH][tT][tT][pP]://([^/?#@\s]+)(/[" + _PCHARS + r"/]*)?(\?[" + _PCHARS + r"/?]*)?")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# str.isdigit() is Unicode-aware ("\xb3" is a digit to it, not to int()):
+# Content-Length is checked against ASCII digits only.
+_LENGTH = re.compile(r"[0-9]{1,18}")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # encoded "/" "\\" (the path structure would change in a decoding upstream) and
@@ -305,6 +319,8 @@ def parse_request_head(block: bytes) -> RequestHead:
     version = version_b.decode("ascii")
     if method == "CONNECT":
         raise HttpError(400, "CONNECT (authority-form) is not proxied")
+    if method not in METHODS:
+        raise HttpError(501, "unknown method")
     headers: list[tuple[str, str]] | None = []
     if eol > 0:
         headers = _fast_headers(block[eol + 2:] + b"\r\n", n_crlf)
@@ -342,7 +358,7 @@ def parse_request_head(block: bytes) -> RequestHead:
         raise HttpError(400, "more than one Content-Length")
     if cls:
         v = cls[0]
-        if not v.isdigit() or not v.isascii() or len(v) > 18:
+        if _LENGTH.fullmatch(v) is None:
             raise HttpError(400, "invalid Content-Length")
         req.content_length = int(v)
     if tes:
@@ -373,6 +389,11 @@ def parse_request_head(block: bytes) -> RequestHead:
         # any other) upgrade would carry later requests past the rules, so
         # those headers are dropped and the request is forwarded as plain.
         if "upgrade" in conn and _list(by["upgrade"]) == ["websocket"]:
+            if req.has_body:
+                # A websocket handshake has no content (RFC 6455: GET). With
+                # one, llhttp-style upstreams start the tunnel right after the
+                # head while we would frame a body: two readings of the bytes.
+                raise HttpError(400, "Upgrade request with a body")
             req.upgrade = True
         else:
             req.strip_upgrade = True
@@ -438,7 +459,7 @@ def parse_response_head(raw: bytes) -> ResponseHead:
             resp.chunked = True
     elif cls:
         vals = set(_list(cls))
-        if len(vals) != 1 or not next(iter(vals)).isdigit() or len(next(iter(vals))) > 18:
+        if len(vals) != 1 or _LENGTH.fullmatch(next(iter(vals))) is None:
             raise HttpError(502, "bad upstream response: invalid Content-Length")
         resp.content_length = int(next(iter(vals)))
     if "close" in _list(conn) or (resp.version == "HTTP/1.0" and "keep-alive" not in _list(conn)):
