@@ -100,8 +100,8 @@ def _get(c: socket.socket, path: bytes) -> bytes:
     return buf
 
 
-def test_end_to_end_with_explicit_upstream() -> None:
-    """A listener from the manager proxies to a fixed upstream (no TPROXY)."""
+def _echo_upstream() -> Any:
+    """A keep-alive HTTP server on loopback answering each GET with its path."""
     import http.server
     import threading
 
@@ -120,6 +120,12 @@ def test_end_to_end_with_explicit_upstream() -> None:
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_end_to_end_with_explicit_upstream() -> None:
+    """A listener from the manager proxies to a fixed upstream (no TPROXY)."""
+    srv = _echo_upstream()
     from axoneme.core.policy.api import HTTPRule
 
     flows: list[Any] = []
@@ -190,28 +196,12 @@ def test_dns_proxy_starts_from_entry_point() -> None:
 def test_crashed_proxy_loop_is_reported_and_revived() -> None:
     """The proxies' loop dies (failpoint proxy.loop): health() names it, nothing passes while
     it is down, revive() brings every listener back on the same port, policy intact."""
-    import http.server
-    import threading
     import time
 
     from axoneme.core import failpoints
     from axoneme.core.policy.api import HTTPRule
 
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            body = self.path.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: Any) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = _echo_upstream()
     pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), lambda f: None,
                       port_range=_free_range(), redirect=False, transparent=False,
                       config=ProxyConfig(upstream=srv.server_address[:2]))
