@@ -280,3 +280,121 @@ def test_policy_map_full_without_a_fail_closed_switch_removes_the_entries(tmp_pa
         assert not any(k.direction is Direction.INGRESS for k in dp.dump(web))
 
     asyncio.run(run())
+
+
+# -- a datapath write that fails, a state write that fails (failpoints) ---------------------
+
+from axoneme.agent._agent import StateWriteError  # noqa: E402
+from axoneme.core import failpoints  # noqa: E402
+
+
+@pytest.fixture
+def armed() -> Any:
+    """The failpoint registry, enabled for the test and emptied after it."""
+    failpoints.configure("1")
+    try:
+        yield failpoints.set_failpoint
+    finally:
+        failpoints.configure(None)
+
+
+def _deny_client(name: str) -> dict[str, Any]:
+    return {"obj": {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                 "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}]}]}}}
+
+
+def test_failed_datapath_write_fails_closed_until_a_retry_writes_it(
+        tmp_path: Path, armed: Any) -> None:
+    dp = NoopDatapath()
+    agent = _agent(tmp_path, dp)
+
+    async def run() -> None:
+        web = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()
+        await agent.policy_apply([_allow_ports("allow", [80])])
+        allowed = dp.dump(web)
+        armed("datapath.apply", "error")
+        # the tightening cannot be written: the older (looser) policy must not
+        # stay in force, the endpoint fails closed in the direction that changed
+        res = await agent.policy_apply([_deny_client("deny")])
+        assert "1" in res["errors"]
+        assert dp.dump(web) == allowed  # the write really did not happen
+        assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
+        assert "datapath write failed: failpoint datapath.apply" in agent.endpoints["c1"].status
+        faults = agent.status()["faults"]
+        assert any(f.startswith("endpoint 1: datapath write failed") and "failing closed (ingress)"
+                   in f for f in faults), faults
+        # retries keep it closed while writes fail
+        agent._retry_at = 0.0
+        await agent._retry_datapath()
+        assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
+        armed("datapath.apply", "off")
+        agent._retry_at = 0.0
+        await agent._retry_datapath()
+        assert dp.fail_closed == {}
+        assert dp.dump(web) == agent.engine.resolve(1) != allowed
+        assert agent.endpoints["c1"].status == "ready"
+        assert agent.status()["faults"] == []
+
+    asyncio.run(run())
+
+
+def test_failed_ipcache_write_is_a_named_fault(tmp_path: Path, armed: Any) -> None:
+    agent = _agent(tmp_path, NoopDatapath())
+
+    async def run() -> None:
+        armed("datapath.ipcache", "1*error")
+        _add_endpoint(agent, 1, "10.244.7.2", "web")
+        await agent.regenerate()
+        assert any(f.startswith("ipcache: failpoint datapath.ipcache")
+                   for f in agent.status()["faults"])
+        await agent._retry_datapath()
+        assert agent.status()["faults"] == []
+
+    asyncio.run(run())
+
+
+def test_api_policy_is_refused_and_undone_when_the_state_cannot_be_written(
+        tmp_path: Path, armed: Any) -> None:
+    dp = NoopDatapath()
+    agent = _agent(tmp_path, dp)
+    state_file = tmp_path / "state" / "state.json"
+
+    async def run() -> None:
+        web = _add_endpoint(agent, 1, "10.244.7.2", "web")
+        _add_endpoint(agent, 2, "10.244.7.3", "client")
+        await agent.regenerate()
+        await agent.policy_apply([_allow_ports("allow", [80])])
+        before_kernel, before_file = dp.dump(web), state_file.read_text()
+        armed("state.write", "error")
+        # write-ahead: a policy the state file cannot record is not enforced
+        # either (a restart would silently lose it); the caller is told
+        with pytest.raises(StateWriteError, match="failpoint state.write"):
+            await agent.policy_apply([_deny_client("deny")])
+        assert [p.ref.name for p in agent.engine.policies()] == ["allow"]
+        assert set(agent.policy_docs) == {"CiliumNetworkPolicy/default/allow"}
+        with pytest.raises(StateWriteError):
+            await agent.policy_delete([_ref("allow")])
+        assert [p.ref.name for p in agent.engine.policies()] == ["allow"]
+        await agent.regenerate()
+        assert dp.dump(web) == before_kernel
+        assert state_file.read_text() == before_file
+        st = agent.status()
+        assert st["components"]["state"]["healthy"] is False
+        assert any(f.startswith("state: cannot write ") and "failpoint state.write" in f
+                   for f in st["faults"]), st["faults"]
+        await agent._retry_persist()  # still failing: still named
+        assert agent.status()["components"]["state"]["last_error"]
+        armed("state.write", "off")
+        await agent._retry_persist()
+        assert agent.status()["components"]["state"] == {
+            "dir": str(tmp_path / "state"), "healthy": True, "last_error": ""}
+        await agent.policy_apply([_deny_client("deny")])
+        assert "deny" in state_file.read_text()
+        assert dp.dump(web) == agent.engine.resolve(1) != before_kernel
+
+    asyncio.run(run())

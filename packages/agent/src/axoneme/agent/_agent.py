@@ -37,6 +37,7 @@ from axoneme.core.errors import (
     MapFullError,
     PolicyError,
 )
+from axoneme.core.failpoints import failpoint
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.identity import Identity
 from axoneme.core.labels import Labels, valid_label_key, valid_label_value
@@ -113,6 +114,10 @@ class StateDirLocked(AxonemeError):
         super().__init__(f"state dir {state_dir} is in use by {who}; two agents on one "
                          f"state dir overwrite each other's state: stop it first or use "
                          f"another --state-dir")
+
+
+class StateWriteError(AxonemeError):
+    """The state file could not be written; the change that needed it is refused."""
 
 
 class Conflict(BadRequest):
@@ -340,6 +345,7 @@ class Agent:
         self._fail_closed_reason: dict[int, str] = {}
         self._retry_delay = 1.0
         self._retry_at = 0.0
+        self._state_error = ""  # the last state write failure, until a write works
 
     @property
     def revision(self) -> int:
@@ -395,9 +401,31 @@ class Agent:
             "policy_revision": self.revision,
         }
 
-    async def persist(self) -> None:
+    async def persist(self, strict: bool = True) -> None:
+        """Write the state file. A failure is remembered (status names it, the
+        periodic tick writes again) and raised as StateWriteError, unless
+        ``strict`` is false: then the caller goes on and the tick retries."""
         data = self.state_dict()
-        await asyncio.to_thread(write_json_atomic, self.config.state_file, data)
+        try:
+            failpoint("state.write", OSError)
+            await asyncio.to_thread(write_json_atomic, self.config.state_file, data)
+        except OSError as e:
+            first = not self._state_error
+            self._state_error = f"cannot write {self.config.state_file}: {e}"
+            self.metrics.errors.labels(op="state_write").inc()
+            if first:
+                LOG.error("%s (written again every second until it works)", self._state_error)
+            if strict:
+                raise StateWriteError(self._state_error) from e
+            return
+        if self._state_error:
+            LOG.warning("state file written again after: %s", self._state_error)
+            self._state_error = ""
+
+    async def _retry_persist(self) -> None:
+        if self._state_error:
+            async with self.lock:
+                await self.persist(strict=False)
 
     def make_datapath(self) -> Datapath:
         from axoneme.core.plugins import load_driver
@@ -678,17 +706,16 @@ class Agent:
                 dp.endpoint_added(ep, ing, egr)
                 self._enforcement[ep.id] = (ing, egr)
                 try:
-                    dp.sync(ep, self.engine.resolve(ep.id))
+                    _policy_write(dp.sync, ep, self.engine.resolve(ep.id))
                     try:
                         # a previous run may have left it failing closed: it fits now
                         dp.endpoint_fail_closed(ep, frozenset())
                     except NotImplementedError:
                         pass
-                except MapFullError as e:
-                    # one endpoint whose policy does not fit must not stop the node
-                    errors[ep.id] = self._policy_map_full(dp, ep, None, e)
                 except DatapathError as e:
-                    errors[ep.id] = str(e)
+                    # one endpoint whose policy cannot be written must not stop
+                    # the node; it fails closed until a retry writes it
+                    errors[ep.id] = self._fail_closed_after(dp, ep, None, e)
                 if ep.id in errors:
                     self._resync.add(ep.id)
 
@@ -816,10 +843,12 @@ class Agent:
            the retry loop (``_retry_datapath``);
         2. an endpoint whose apply failed is fully re-synced now and, while
            that fails, on every later regeneration;
-        3. a policy that does not fit the endpoint's policy map (MapFullError)
-           makes the endpoint fail closed in the directions that changed
-           (``--policy-map-full fail-closed``, the default) instead of leaving
-           the older policy in force; the next sync that fits ends it.
+        3. a policy that cannot be written (it does not fit the endpoint's
+           policy map, MapFullError, or the write fails) makes the endpoint
+           fail closed in the directions that changed instead of leaving the
+           older policy in force; the next sync that succeeds ends it. Only a
+           full map may keep the older policy, if the user chose so
+           (``--policy-map-full keep-last``).
         """
         dp = self.datapath
         assert dp is not None
@@ -831,6 +860,7 @@ class Agent:
             ipc = merge_ipcache(self._ipcache_pending, self.engine.pending_ipcache_changes())
             if ipc.upserts or ipc.deletes:
                 try:
+                    failpoint("datapath.ipcache", DatapathError)
                     dp.ipcache_apply(ipc)
                     self._ipcache_pending = None
                     self._ipcache_error = ""
@@ -860,10 +890,10 @@ class Agent:
                         dp.endpoint_added(ep, *enf)
                         self._enforcement[ep_id] = enf
                     if ep_id in self._resync:
-                        dp.sync(ep, self.engine.resolve(ep_id))
+                        _policy_write(dp.sync, ep, self.engine.resolve(ep_id))
                     else:
                         assert changes is not None
-                        dp.apply(ep, changes)
+                        _policy_write(dp.apply, ep, changes)
                 except DatapathError as e:
                     if ep_id not in self._resync:
                         LOG.error("endpoint %d: datapath apply failed: %s", ep_id, e)
@@ -871,12 +901,10 @@ class Agent:
                     errors[ep_id] = str(e)
                     # drift: resync this endpoint fully
                     try:
-                        dp.sync(ep, self.engine.resolve(ep_id))
+                        _policy_write(dp.sync, ep, self.engine.resolve(ep_id))
                         errors.pop(ep_id, None)
-                    except MapFullError as e2:
-                        errors[ep_id] = self._policy_map_full(dp, ep, changes, e2)
-                    except DatapathError as e2:
-                        errors[ep_id] = str(e2)
+                    except DatapathError as e2:  # MapFullError included
+                        errors[ep_id] = self._fail_closed_after(dp, ep, changes, e2)
                 if ep_id in errors:
                     self._resync.add(ep_id)
                 else:
@@ -886,17 +914,24 @@ class Agent:
         self.metrics.regeneration.observe(time.perf_counter() - t0)
         return errors
 
-    def _policy_map_full(self, dp: Datapath, ep: Endpoint, changes: MapChanges | None,
-                         err: MapFullError) -> str:
-        """The endpoint's policy does not fit: fail closed (or keep the last
-        policy if the user chose so). Returns the endpoint's status text."""
+    def _fail_closed_after(self, dp: Datapath, ep: Endpoint, changes: MapChanges | None,
+                           err: DatapathError) -> str:
+        """The endpoint's policy could not be written (it does not fit the
+        policy map, or the write failed): fail closed in the directions that
+        changed, so a tightening is never lost by leaving the older policy in
+        force. A full map may keep the last policy instead if the user chose
+        so (``--policy-map-full keep-last``). Returns the endpoint's status text."""
         from axoneme.core.mapstate import Direction
 
-        self.metrics.errors.labels(op="policy_map_full").inc()
-        if self.config.policy_map_full == "keep-last":
-            LOG.error("endpoint %d: %s; keeping its previous policy (--policy-map-full "
-                      "keep-last)", ep.id, err)
-            return f"policy map full: {err}; previous policy kept (keep-last)"
+        if isinstance(err, MapFullError):
+            self.metrics.errors.labels(op="policy_map_full").inc()
+            what = f"policy map full: {err}"
+            if self.config.policy_map_full == "keep-last":
+                LOG.error("endpoint %d: %s; keeping its previous policy (--policy-map-full "
+                          "keep-last)", ep.id, err)
+                return f"{what}; previous policy kept (keep-last)"
+        else:
+            what = f"datapath write failed: {err}"
         if not changes:  # a retry or a restart: what differs from the kernel's copy
             try:
                 changes = dp.dump(ep).diff(self.engine.resolve(ep.id))
@@ -906,14 +941,18 @@ class Agent:
                    if changes else set(Direction))
         dirs = frozenset(changed or Direction) | self._fail_closed.get(ep.id, frozenset())
         names = "+".join(sorted(d.name.lower() for d in dirs))
-        reason = f"policy map full: {err}; failing closed ({names})"
+        reason = f"{what}; failing closed ({names})"
         try:
             dp.endpoint_fail_closed(ep, dirs)
         except NotImplementedError:
             # the datapath has no fail-closed switch: take the endpoint's entries
             # in those directions away, its default deny drops the traffic
-            kept = MapState({k: v for k, v in dp.dump(ep).items() if k.direction not in dirs})
-            dp.sync(ep, kept)
+            try:
+                kept = MapState({k: v for k, v in dp.dump(ep).items() if k.direction not in dirs})
+                _policy_write(dp.sync, ep, kept)
+            except DatapathError as e:
+                LOG.error("endpoint %d: cannot fail closed: %s", ep.id, e)
+                return f"{reason} FAILED: {e}"
         except DatapathError as e:
             LOG.error("endpoint %d: cannot fail closed: %s", ep.id, e)
             return f"{reason} FAILED: {e}"
@@ -1284,21 +1323,29 @@ class Agent:
         applied = []
         removed = []
         async with self.lock:
-            for ref in remove_refs:
-                key = self.policy_key(ref)
-                if key in self.policy_docs:
-                    self.engine.delete_policy(ref)
-                    del self.policy_docs[key]
-                    removed.append(ref)
-            for pol, doc in parsed:
-                rev = self.engine.upsert_policy(pol) + self.rev_base
-                self.policy_docs[self.policy_key(pol.ref)] = {
-                    "doc": {"file": str(doc.get("file", "<api>")), "index": int(doc.get("index", 0)),
-                            "obj": doc.get("obj")},
-                    "source": source, "revision": rev}
-                applied.append(pol.ref)
+            undo = _PolicyUndo(self, [*remove_refs, *(pol.ref for pol, _ in parsed)])
+            try:
+                for ref in remove_refs:
+                    key = self.policy_key(ref)
+                    if key in self.policy_docs:
+                        self.engine.delete_policy(ref)
+                        del self.policy_docs[key]
+                        removed.append(ref)
+                for pol, doc in parsed:
+                    rev = self.engine.upsert_policy(pol) + self.rev_base
+                    self.policy_docs[self.policy_key(pol.ref)] = {
+                        "doc": {"file": str(doc.get("file", "<api>")),
+                                "index": int(doc.get("index", 0)), "obj": doc.get("obj")},
+                        "source": source, "revision": rev}
+                    applied.append(pol.ref)
+                # write-ahead: a policy given through the API is in the state
+                # file before the kernel enforces it (a restart must not lose
+                # a deny); policy-dir files are their own record
+                await self.persist(strict=undo.persisted())
+            except BaseException:
+                undo.rollback()
+                raise
             errors = await self.regenerate()
-            await self.persist()
         self._policy_hook(applied, removed)
         return {"revision": self.revision,
                 "applied": [self.ref_view(r) for r in applied],
@@ -1310,11 +1357,16 @@ class Agent:
             unknown = [r for r in refs if self.policy_key(r) not in self.policy_docs]
             if unknown:
                 raise NotFound("policy not found: " + ", ".join(str(r) for r in unknown))
-            for ref in refs:
-                self.engine.delete_policy(ref)
-                del self.policy_docs[self.policy_key(ref)]
+            undo = _PolicyUndo(self, refs)
+            try:
+                for ref in refs:
+                    self.engine.delete_policy(ref)
+                    del self.policy_docs[self.policy_key(ref)]
+                await self.persist(strict=undo.persisted())
+            except BaseException:
+                undo.rollback()
+                raise
             await self.regenerate()
-            await self.persist()
         self._policy_hook([], list(refs))
         return {"revision": self.revision, "removed": [self.ref_view(r) for r in refs]}
 
@@ -1374,6 +1426,19 @@ class Agent:
                 await self._retry_datapath()
             except Exception:
                 LOG.warning("datapath retry failed", exc_info=True)
+            await self._retry_persist()
+            self._check_proxies()
+
+    def _check_proxies(self) -> None:
+        """A dead proxy loop is restarted (its redirected traffic meets a
+        listener nobody reads meanwhile: it fails closed, never bypasses L7)."""
+        if self.proxies is None:
+            return
+        try:
+            if self.proxies.health() is not None:
+                self.proxies.revive()
+        except Exception:
+            LOG.warning("restarting the L7 proxies failed", exc_info=True)
 
     async def _refresh_host_addresses(self) -> None:
         """Addresses come and go (links added after start): keep host (1) current."""
@@ -1507,6 +1572,26 @@ class Agent:
         return [{"id": i.id, "labels": i.label_strings(), "reserved": i.reserved,
                  "endpoints": used.get(i.id, 0)} for i in self.allocator.all()]
 
+    def _faults(self, dpv: Mapping[str, Any], proxy_fault: str | None) -> list[str]:
+        """What is wrong now, one line each (``status`` shows them first)."""
+        out = []
+        if not dpv.get("healthy"):
+            out.append(f"datapath {dpv.get('name')}: {dpv.get('detail') or 'unhealthy'}")
+        for ep_id, reason in sorted(self._fail_closed_reason.items()):
+            out.append(f"endpoint {ep_id}: {reason}")
+        for rec in sorted(self.endpoints.values(), key=lambda r: r.id):
+            if rec.status.startswith("not-ready") and rec.id not in self._fail_closed_reason:
+                out.append(f"endpoint {rec.id}: {rec.status}")
+        if self._ipcache_pending is not None:
+            out.append(f"ipcache: {self._ipcache_error or 'changes pending'} (retried)")
+        if self._state_error:
+            out.append(f"state: {self._state_error}")
+        if proxy_fault:
+            out.append(f"l7 proxy: {proxy_fault}")
+        for path, problems in sorted(self.policy_dir_errors.items()):
+            out.append(f"policy file {path}: {problems[0] if problems else 'error'}")
+        return out
+
     def status(self) -> dict[str, Any]:
         dp = self.datapath
         if dp is not None:
@@ -1517,14 +1602,20 @@ class Agent:
                 dpv = {"name": self.config.datapath, "mode": "", "healthy": False, "detail": str(e)}
         else:
             dpv = {"name": self.config.datapath, "mode": "", "healthy": False, "detail": "not started"}
+        proxy_fault = self.proxies.health() if self.proxies is not None else None
         return {
             "datapath": dpv,
             "endpoints": len(self.endpoints),
             "identities": len(self.allocator.snapshot()),
             "policy_revision": self.revision,
+            "faults": self._faults(dpv, proxy_fault),
             "components": {
                 "api": {"socket": self.config.api_socket, "healthy": True},
-                "state": {"dir": self.config.state_dir},
+                "state": {"dir": self.config.state_dir, "healthy": not self._state_error,
+                          "last_error": self._state_error},
+                "l7_proxy": {"healthy": proxy_fault is None, "fault": proxy_fault or "",
+                             "restarts": self.proxies.restarts if self.proxies else 0,
+                             "last_fault": self.proxies.last_fault if self.proxies else ""},
                 "guard": {"installed": self.guard_installed, "pod_cidr": self.config.pod_cidr},
                 "flows": {"stored": len(self.flows), "capacity": self.flows.capacity,
                           "seen": self.flows.seen},
@@ -1547,6 +1638,37 @@ class Agent:
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
             },
         }
+
+
+class _PolicyUndo:
+    """What a policy change replaces, to put back if it cannot be recorded."""
+
+    def __init__(self, agent: Agent, refs: Sequence[Any]) -> None:
+        self.agent = agent
+        self.docs = dict(agent.policy_docs)
+        self.policies = {agent.policy_key(r): (r, agent.engine.get_policy(r)) for r in refs}
+
+    def persisted(self) -> bool:
+        """Whether the change touches what the state file records (API policies)."""
+        keys = self.policies.keys()
+        return any(d.get("source") == "api"
+                   for docs in (self.docs, self.agent.policy_docs)
+                   for k, d in docs.items() if k in keys)
+
+    def rollback(self) -> None:
+        engine = self.agent.engine
+        for ref, old in self.policies.values():
+            if old is not None:
+                engine.upsert_policy(old)
+            elif engine.get_policy(ref) is not None:
+                engine.delete_policy(ref)
+        self.agent.policy_docs = self.docs
+
+
+def _policy_write(write: Any, ep: Endpoint, what: Any) -> Any:
+    """``dp.apply``/``dp.sync`` behind the ``datapath.apply`` failpoint."""
+    failpoint("datapath.apply", DatapathError)
+    return write(ep, what)
 
 
 def mapstate_view(ms: MapState) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound
+from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound, StateWriteError
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.agent._runtime import PodRuntime
 from axoneme.core import failpoints
@@ -41,6 +41,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _json({"error": str(e)}, 409)
     except (BadRequest, PolicyError, ConfigError) as e:
         return _json({"error": str(e)}, 400)
+    except StateWriteError as e:  # nothing changed; worth retrying
+        LOG.warning("%s %s refused: %s", request.method, request.path, e)
+        return _json({"error": f"{e}; nothing was changed"}, 503)
     except AxonemeError as e:
         LOG.warning("%s %s failed: %s", request.method, request.path, e)
         return _json({"error": str(e)}, 500)

@@ -269,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     flows = comp.get("flows", {})
     sys.stdout.write(f"Flows:            {flows.get('stored', 0)}/{flows.get('capacity', 0)}\n")
     sys.stdout.write(f"API:              {comp.get('api', {}).get('socket', '')}\n")
+    faults = data.get("faults") or []
+    sys.stdout.write(f"Faults:           {len(faults) or 'none'}\n")
+    for line in faults:
+        sys.stdout.write(f"  - {line}\n")
     return 0
 
 
@@ -310,6 +314,10 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
         where = f"{ref['namespace']}/" if ref["namespace"] else ""
         sys.stdout.write(f"{ref['kind']} {where}{ref['name']} applied\n")
     sys.stdout.write(f"revision {res['revision']}\n")
+    for ep_id, error in sorted((res.get("errors") or {}).items()):
+        # in force, but this endpoint's kernel state could not be written
+        # (it fails closed until a retry writes it; `axoneme status` says so)
+        sys.stderr.write(f"warning: endpoint {ep_id}: {error}\n")
     return 0
 
 
