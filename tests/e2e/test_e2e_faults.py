@@ -15,10 +15,10 @@ that denies it was in force must never appear there, whatever fails.
 Phases (each asserts recovery and the status before the next):
 
 1. datapath write error during a tightening (a new deny for ``bad``);
-   the map-full variant of the same fault: test_e2e_failopen.py;
 2. the L7 proxies' event loop crashes under an L7 policy;
 3. the state file cannot be written while a policy is applied;
-4. the agent (its API server and proxies) is SIGKILLed and restarted.
+4. the policy map is full (``--policy-map-max 8``): ``web`` fails closed;
+5. the agent (its API server and proxies) is SIGKILLed and restarted.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_faults_never_let_denied_traffic_through(agent_factory: Any, datapath_pr
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     monkeypatch.setenv("AXONEME_FAILPOINTS", "1")
-    ap = agent_factory("ebpf")
+    ap = agent_factory("ebpf", extra_args=["--policy-map-max", "8"])
     log = ServerLog(tmp_path / "requests.log")
     web = ap.pod_run("web", PYTHON, "-c", SERVER, str(log.path), labels="app=web")
     _apply(ap, tmp_path, "web-in-l4", WEB_IN_L4)
@@ -225,7 +225,23 @@ def test_faults_never_let_denied_traffic_through(agent_factory: Any, datapath_pr
     _apply(ap, tmp_path, "bad-out", BAD_OUT)
     assert "bad-out" in ap.cli("policy", "list", check=True).stdout
 
-    # 4. the agent is killed, then started again -----------------------------------------------
+    # 4. the policy map is full (--policy-map-max 8) ----------------------------------------
+    many = "".join(f'      - port: "{p}"\n        protocol: TCP\n' for p in range(8000, 8012))
+    web_many = _cnp("web-many", "web", "  ingress:\n  - fromEndpoints:\n    - matchLabels:\n"
+                    f"        app: good\n    toPorts:\n    - ports:\n{many}")
+    res = _apply(ap, tmp_path, "web-many", web_many)
+    assert "policy map full" in res.stderr, res.stderr
+    assert any("policy map full" in f and "failing closed (ingress)" in f for f in _faults(ap))
+    t = time.time()
+    time.sleep(2.0)
+    assert not log.received_since("good", t + 1.0), "web failing closed still received good"
+    ap.cli("policy", "delete", "-f", str(tmp_path / "web-many.yaml"), check=True)
+    t = time.time()
+    _wait("good to recover after the map-full fault", lambda: log.received_since("good", t),
+          30, ap)
+    _wait("the map-full fault to clear from status", lambda: not _faults(ap), 15, ap)
+
+    # 5. the agent is killed, then started again -----------------------------------------------
     ap.kill()
     time.sleep(3.0)  # traffic goes on against the kernel's state alone
     ap.start()
