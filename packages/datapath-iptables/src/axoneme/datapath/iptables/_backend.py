@@ -70,6 +70,24 @@ class Backend:
         LOG.debug("restore (%s, %d lines)", argv[0], payload.count("\n"))
         _run(argv, payload, op=f"ip{'6' if family == 6 else ''}tables-restore")
 
+    def drop_packets(self, family: int, chain: str) -> int:
+        """Packets counted by the DROP rules of one filter chain (0 if it is absent)."""
+        argv = [self._bin(family, ""), "-t", "filter", "-L", chain, "-n", "-v", "-x"]
+        if self.kind == "legacy":
+            argv += ["-w", "10"]
+        try:
+            out = _run(argv, op=f"ip{'6' if family == 6 else ''}tables -L")
+        except DatapathProgramError as e:
+            if "No chain" in str(e) or "does not exist" in str(e):
+                return 0
+            raise
+        total = 0
+        for line in out.splitlines()[2:]:  # chain header, column header
+            cols = line.split()
+            if len(cols) > 2 and cols[0].isdigit() and cols[2] == "DROP":
+                total += int(cols[0])
+        return total
+
     @staticmethod
     def ipset_save() -> str:
         return _run(["ipset", "save"], op="ipset save")

@@ -1,13 +1,20 @@
 """The iptables datapath: per-endpoint chains, plain and ipset modes.
 
 Kernel state it owns (everything prefixed ``AXON-``):
-- filter table, IPv4 and IPv6: the hook chains, the verdict chains and one
-  chain per endpoint and direction (see ``_render``), plus one jump rule per
-  hook in FORWARD/INPUT/OUTPUT;
+- filter table, IPv4 and IPv6: the hook chains, the verdict chains, one
+  chain per endpoint and direction (see ``_render``) and the catch-all for
+  pod interfaces without an endpoint (``AXON-NOEP-*``: interfaces named
+  ``options["host_ifname_prefix"]``, default ``lxc`` as the agent names host
+  veths, carrying pod CIDR addresses), plus one jump rule per hook in
+  FORWARD/INPUT/OUTPUT;
 - ipsets: ``AXON-IPC4``/``AXON-IPC6`` keep the ipcache itself (prefix with
   the identity in the entry comment) so a restarted agent adopts it; in ipset
   mode ``AXON-ID-<id>``/``AXON-ID6-<id>`` hold the addresses whose longest
   prefix match is that identity (``hash:net`` with ``nomatch`` for excepts).
+
+An endpoint failing closed (``endpoint_fail_closed``) has an ``AXFC`` rule
+in its chain of that direction; ``start()`` adopts it from the kernel like
+the rest of the endpoint's state.
 
 Writes are ``iptables-restore --noflush`` transactions: an endpoint chain is
 flushed and refilled in one restore, so the kernel never holds half a policy.
@@ -45,6 +52,8 @@ LOG = logging.getLogger(__name__)
 
 MODES = ("plain", "ipset")
 DEFAULT_NFLOG_GROUP = 7301
+# DO NOT CHANGE without the agent: the prefix of the host-side veths it creates
+DEFAULT_HOST_IFNAME_PREFIX = "lxc"
 IPC_SET = {4: "AXON-IPC4", 6: "AXON-IPC6"}
 _IPC_RE = re.compile(r'^add (AXON-IPC[46]) (\S+) comment "id=(\d+)(,z)?"')
 _SET_ADD_RE = re.compile(r"^add (AXON-ID6?-\d+) (\S+)( nomatch)?")
@@ -100,6 +109,16 @@ def _release_host_lock(path: str) -> None:
             _host_locks[path] = (lock, refs - 1)
 
 
+def _pod_cidrs(text: str) -> dict[int, tuple[str, ...]]:
+    """``config.pod_cidr`` (one CIDR, or several separated by commas) per family."""
+    out: dict[int, list[str]] = {4: [], 6: []}
+    for part in text.split(","):
+        if part.strip():
+            net = ipaddress.ip_network(part.strip(), strict=False)
+            out[net.version].append(str(net))
+    return {f: tuple(v) for f, v in out.items()}
+
+
 def _changed_dirs(changes: MapChanges) -> set[Direction]:
     return {k.direction for k in changes.adds} | {k.direction for k in changes.deletes}
 
@@ -115,6 +134,15 @@ class IptablesDatapath(Datapath):
         opts = self.config.options
         self.nflog_group = int(opts.get("nflog_group", DEFAULT_NFLOG_GROUP))
         self._events_enabled = bool(opts.get("events", True))
+        self.host_ifname_prefix = str(opts.get("host_ifname_prefix", DEFAULT_HOST_IFNAME_PREFIX))
+        try:
+            self._pod_cidrs = _pod_cidrs(self.config.pod_cidr)
+            self._config_error = ""
+        except ValueError as e:
+            self._pod_cidrs = {4: (), 6: ()}
+            self._config_error = f"bad pod CIDR {self.config.pod_cidr!r}: {e}"
+        if len(self.host_ifname_prefix) > 14:  # IFNAMSIZ - 1, and room for one more char
+            self._config_error = f"host_ifname_prefix {self.host_ifname_prefix!r} is too long"
         self._lock = threading.RLock()
         self._backend: Backend | None = None
         self._families: tuple[int, ...] = (4,)
@@ -132,6 +160,8 @@ class IptablesDatapath(Datapath):
         # mangle chains (per endpoint, family, direction) of endpoints with redirects
         self._mangle: dict[tuple[int, int, Direction], set[str]] = {}
         self._mproxy: set[tuple[int, int]] = set()  # (family, proxy port)
+        # endpoint id -> directions failing closed (AXFC rules in the kernel)
+        self._fail_closed: dict[int, frozenset[Direction]] = {}
         self._nflog: NflogSocket | None = None
         self._nflog_error = ""
         self._stopped = threading.Event()
@@ -145,6 +175,8 @@ class IptablesDatapath(Datapath):
     def probe(self) -> None:
         if self.mode not in MODES:
             raise DatapathUnavailable(f"unknown iptables mode {self.mode!r} (plain | ipset)")
+        if self._config_error:
+            raise DatapathUnavailable(self._config_error)
         backend = detect(self.mode)
         try:
             Backend.ipset("list", "-n")
@@ -197,6 +229,7 @@ class IptablesDatapath(Datapath):
             self._rule_counts.clear()
             self._mangle.clear()
             self._mproxy.clear()
+            self._fail_closed.clear()
             self._adopt_ipsets()
             # Read each table once: with nf_tables, reading back a large table
             # is the expensive part of a restart.
@@ -272,6 +305,7 @@ class IptablesDatapath(Datapath):
             self._rule_counts.clear()
             self._mangle.clear()
             self._mproxy.clear()
+            self._fail_closed.clear()
             self._ipcache = {4: {}, 6: {}}
             self._recompute({4, 6})
 
@@ -315,6 +349,10 @@ class IptablesDatapath(Datapath):
                 rules = (table.chains.get(rd.ep_chain(ep_id, Direction.INGRESS), [])
                          + table.chains.get(rd.ep_chain(ep_id, Direction.EGRESS), []))
                 self._states[ep_id] = rd.parse_key_rules(rules)
+                closed = frozenset(d for d in Direction if rd.is_fail_closed(
+                    table.chains.get(rd.ep_chain(ep_id, d), [])))
+                if closed:
+                    self._fail_closed[ep_id] = closed
         for chain, rules in table.chains.items():
             if m := _SUB_RE.match(chain):
                 self._subchains.setdefault((int(m.group(1)), family, _DIRS[m.group(2)]),
@@ -334,6 +372,10 @@ class IptablesDatapath(Datapath):
             elif m := _MPXY_RE.match(chain):
                 self._mproxy.add((family, int(m.group(1))))
 
+    def _hooks(self, family: int) -> dict[str, list[str]]:
+        scope = rd.PodScope(self.host_ifname_prefix, self._pod_cidrs.get(family, ()))
+        return rd.hook_chains(list(self._refs.values()), self.nflog_group, scope, family)
+
     def _redirecting(self, family: int) -> set[tuple[int, Direction]]:
         return {(ep, d) for (ep, fam, d) in self._mangle if fam == family}
 
@@ -345,7 +387,7 @@ class IptablesDatapath(Datapath):
             chains = rd.shared_chains(self.nflog_group)
             for port, d in sorted(self._proxy_chains):
                 chains[rd.proxy_chain(port, d)] = rd.proxy_chain_rules(port, d, self.nflog_group)
-            hooks = rd.hook_chains(list(self._refs.values()))
+            hooks = self._hooks(family)
             # Endpoint chains must exist for the hook chains' jumps.
             for ep_id in self._refs:
                 for d in Direction:
@@ -546,6 +588,7 @@ class IptablesDatapath(Datapath):
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         with self._lock:
             self._endpoints.pop(endpoint.id, None)
+            self._fail_closed.pop(endpoint.id, None)
             ref = self._refs.pop(endpoint.id, None)
             self._states.pop(endpoint.id, None)
             for family in self._families:
@@ -554,8 +597,7 @@ class IptablesDatapath(Datapath):
                 dead = [c for c in table.chains if c.startswith(prefix)]
                 if ref is None and not dead:
                     continue
-                hooks = rd.hook_chains(list(self._refs.values()))
-                payload = rd.restore_payload("filter", hooks, delete_chains=dead)
+                payload = rd.restore_payload("filter", self._hooks(family), delete_chains=dead)
                 mdead = sorted(set().union(*(self._mangle.pop((endpoint.id, family, d), set())
                                              for d in Direction)))
                 if mdead:
@@ -566,6 +608,30 @@ class IptablesDatapath(Datapath):
                 for d in Direction:
                     self._subchains.pop((endpoint.id, family, d), None)
                     self._rule_counts.pop((endpoint.id, family, d), None)
+
+    def endpoint_fail_closed(self, endpoint: Endpoint, directions: frozenset[Direction]) -> None:
+        """An ``AXFC`` rule right after the reply rule of the endpoint's chain in
+        each direction of ``directions`` sends everything else to
+        ``AXON-NRDY-<D>`` (NFLOG DROP_EP_NOT_READY, DROP); the mangle lookup
+        returns there too, so nothing is marked for a proxy. Replies of
+        established connections still pass, as on eBPF. Every later render of
+        the endpoint keeps it (``endpoint_added`` included) until an empty set
+        ends it; ``start()`` adopts it from the kernel."""
+        closed = frozenset(directions)
+        with self._lock:
+            old = self._fail_closed.get(endpoint.id, frozenset())
+            if endpoint.id not in self._refs:
+                # remembered: endpoint_added renders it (as eBPF keeps the bits)
+                if closed:
+                    self._fail_closed[endpoint.id] = closed
+                    raise DatapathProgramError("endpoint fail-closed", None,
+                                               f"endpoint {endpoint.id} has no chains")
+                self._fail_closed.pop(endpoint.id, None)
+                return
+            if closed == old:
+                return  # idempotent: the kernel holds it (adopted or written)
+            self._write(endpoint.id, self._states.get(endpoint.id, MapState()),
+                        set(old ^ closed), closed=closed)
 
     # ---- policy ---------------------------------------------------------------
 
@@ -611,17 +677,22 @@ class IptablesDatapath(Datapath):
 
     def _render(self, ep_id: int, d: Direction, family: int,
                 state: Mapping[Key, Entry] | None = None,
-                targets: rd.Targets = rd.FILTER) -> dict[str, list[str]]:
+                targets: rd.Targets = rd.FILTER,
+                closed: frozenset[Direction] | None = None) -> dict[str, list[str]]:
         ref = self._refs[ep_id]
         tail = ref.tail_in_drop if d is Direction.INGRESS else ref.tail_out_drop
         st = self._states.get(ep_id, MapState()) if state is None else state
+        if closed is None:
+            closed = self._fail_closed.get(ep_id, frozenset())
         return rd.render_endpoint(ep_id, d, st, self._peers(family), tail, targets,
-                                  placeholders=family == 4 and targets is rd.FILTER)
+                                  placeholders=family == 4 and targets is rd.FILTER,
+                                  fail_closed=d in closed)
 
     def _render_with_stale(self, ep_id: int, d: Direction, family: int,
-                           state: Mapping[Key, Entry] | None = None
+                           state: Mapping[Key, Entry] | None = None,
+                           closed: frozenset[Direction] | None = None
                            ) -> tuple[dict[str, list[str]], list[str]]:
-        chains = self._render(ep_id, d, family, state)
+        chains = self._render(ep_id, d, family, state, closed=closed)
         old = self._subchains.get((ep_id, family, d), set())
         return chains, sorted(old - set(chains))
 
@@ -641,39 +712,47 @@ class IptablesDatapath(Datapath):
             if len(parts) == 4 and parts[:2] == ["AXON", "EP"] and parts[2].isdigit():
                 self._rule_counts[(int(parts[2]), family, _DIRS[parts[3]])] = len(rules)
 
-    def _write(self, ep_id: int, state: MapState, dirs: set[Direction], hooks: bool = False) -> None:
-        """Render ``dirs`` of one endpoint and restore them, one transaction per
-        family; on failure the families already written are put back."""
+    def _write(self, ep_id: int, state: MapState, dirs: set[Direction], hooks: bool = False,
+               closed: frozenset[Direction] | None = None) -> None:
+        """Render ``dirs`` of one endpoint (failing closed in ``closed``, default:
+        as now) and restore them, one transaction per family; on failure the
+        families already written are put back."""
         if self.mode == "ipset":
             self._sync_sets(need={k.identity for k in state if k.identity}, only_missing=True)
+        old_closed = self._fail_closed.get(ep_id, frozenset())
+        new_closed = old_closed if closed is None else closed
         done: list[int] = []
         try:
             for family in self._families:
-                self._write_family(ep_id, state, dirs, hooks, family)
+                self._write_family(ep_id, state, dirs, hooks, family, new_closed)
                 done.append(family)
         except DatapathError:
             old = self._states.get(ep_id, MapState())
             for family in done:
                 try:
-                    self._write_family(ep_id, old, dirs, hooks, family)
+                    self._write_family(ep_id, old, dirs, hooks, family, old_closed)
                 except DatapathError:
                     LOG.exception("rollback of endpoint %d (IPv%d) failed", ep_id, family)
             raise
         self._proxy_chains |= rd.proxy_ports(state)
         self._states[ep_id] = state
+        if new_closed:
+            self._fail_closed[ep_id] = new_closed
+        else:
+            self._fail_closed.pop(ep_id, None)
 
     def _write_family(self, ep_id: int, state: MapState, dirs: set[Direction], hooks: bool,
-                      family: int) -> None:
+                      family: int, closed: frozenset[Direction]) -> None:
         chains: dict[str, list[str]] = {}
         for port, d in sorted(rd.proxy_ports(state) - self._proxy_chains):
             chains[rd.proxy_chain(port, d)] = rd.proxy_chain_rules(port, d, self.nflog_group)
         deletes: list[str] = []
         for d in sorted(dirs):
-            c, dels = self._render_with_stale(ep_id, d, family, state)
+            c, dels = self._render_with_stale(ep_id, d, family, state, closed)
             chains.update(c)
             deletes += dels
         if hooks:
-            chains.update(rd.hook_chains(list(self._refs.values())))
+            chains.update(self._hooks(family))
         payload = rd.restore_payload("filter", chains, delete_chains=deletes)
 
         # mangle: the same lookup, only for directions holding redirects
@@ -684,7 +763,7 @@ class IptablesDatapath(Datapath):
             key = (ep_id, family, d)
             old = mangle.get(key, set())
             if any(e.is_redirect for k, e in state.items() if k.direction == d):
-                c = self._render(ep_id, d, family, state, rd.MANGLE)
+                c = self._render(ep_id, d, family, state, rd.MANGLE, closed)
                 mchains.update(c)
                 mdeletes += sorted(old - set(c))
                 mangle[key] = set(c)
@@ -760,6 +839,9 @@ class IptablesDatapath(Datapath):
             rd.LOG_REDIRECT: (FlowVerdict.REDIRECTED, None, "policy-verdict"),
             rd.LOG_DENY: (FlowVerdict.DROPPED, DropReason.POLICY_DENY, "drop"),
             rd.LOG_DROP: (FlowVerdict.DROPPED, DropReason.POLICY_DENIED, "drop"),
+            rd.LOG_NOT_READY: (FlowVerdict.DROPPED, DropReason.DROP_EP_NOT_READY, "drop"),
+            rd.LOG_UNKNOWN: (FlowVerdict.DROPPED, DropReason.NO_MATCHING_LOCAL_CONTAINER_FOUND,
+                             "drop"),
         }.get(kind, (None, None, ""))
         if verdict is None:
             return None
@@ -835,4 +917,21 @@ class IptablesDatapath(Datapath):
         out["rules"] = float(sum(self._rule_counts.values()))
         out["ipsets"] = float(len(self._sets))
         out["ipcache_entries"] = float(sum(len(t) for t in self._ipcache.values()))
+        out["packets_unknown_endpoint"] = self._unknown_endpoint_packets()
         return out
+
+    def _unknown_endpoint_packets(self) -> float:
+        """Packets the unknown-endpoint catch-all dropped (its DROP rules' kernel
+        counters, both directions and families); 0 before start()."""
+        if self._backend is None or not self.host_ifname_prefix:
+            return 0.0
+        total = 0
+        for family in self._families:
+            if not self._pod_cidrs.get(family):
+                continue
+            for d in Direction:
+                try:
+                    total += self._backend.drop_packets(family, rd.unknown_chain(d))
+                except DatapathError:
+                    LOG.debug("cannot read the counters of %s", rd.unknown_chain(d), exc_info=True)
+        return float(total)

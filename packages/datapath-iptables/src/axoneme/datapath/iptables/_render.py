@@ -54,6 +54,8 @@ MARK_MASK = 0xFFFF0F00
 
 # NFLOG prefixes: "AXON:<verdict>:<I|E>[:<proxy port>]"
 LOG_ALLOW, LOG_REDIRECT, LOG_DENY, LOG_DROP = "A", "R", "X", "D"
+LOG_NOT_READY, LOG_UNKNOWN = "N", "U"  # endpoint failing closed; no endpoint on the interface
+FAIL_CLOSED_COMMENT = "AXFC"
 
 _DIR = {Direction.INGRESS: "IN", Direction.EGRESS: "OUT"}
 _LOGDIR = {Direction.INGRESS: "I", Direction.EGRESS: "E"}
@@ -77,6 +79,14 @@ def deny_chain(d: Direction) -> str:
 
 def drop_chain(d: Direction) -> str:
     return f"AXON-DROP-{_DIR[d]}"
+
+
+def not_ready_chain(d: Direction) -> str:
+    return f"AXON-NRDY-{_DIR[d]}"
+
+
+def unknown_chain(d: Direction) -> str:
+    return f"AXON-NOEP-{_DIR[d]}"
 
 
 def proxy_chain(port: int, d: Direction) -> str:
@@ -103,6 +113,8 @@ def shared_chains(group: int) -> dict[str, list[str]]:
         out[allow_chain(d)] = [_log(group, f"AXON:{LOG_ALLOW}:{ld}", f"axon-a{ld}", True)]
         out[deny_chain(d)] = [_log(group, f"AXON:{LOG_DENY}:{ld}", f"axon-x{ld}", False), "-j DROP"]
         out[drop_chain(d)] = [_log(group, f"AXON:{LOG_DROP}:{ld}", f"axon-d{ld}", False), "-j DROP"]
+        out[not_ready_chain(d)] = [_log(group, f"AXON:{LOG_NOT_READY}:{ld}", f"axon-n{ld}", False),
+                                   "-j DROP"]
     return out
 
 
@@ -202,6 +214,12 @@ class Targets:
             return f"-g {proxy_chain(entry.proxy_port, d)}"
         return "-j RETURN" if self.table == "mangle" else f"-g {allow_chain(d)}"
 
+    def fail_closed(self, d: Direction) -> str:
+        """First rule after the reply rule of a direction failing closed: the
+        mangle lookup returns (no proxy mark), the filter table drops."""
+        target = "-j RETURN" if self.table == "mangle" else f"-g {not_ready_chain(d)}"
+        return f"-m comment --comment {FAIL_CLOSED_COMMENT} {target}"
+
     def tail(self, drop: bool, d: Direction) -> str:
         if drop and self.table == "filter":
             return f"-g {drop_chain(d)}"
@@ -236,8 +254,8 @@ def _join(*parts: str) -> str:
 
 
 def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry], peers: Peers,
-                    tail_drop: bool, targets: Targets = FILTER, placeholders: bool = True
-                    ) -> dict[str, list[str]]:
+                    tail_drop: bool, targets: Targets = FILTER, placeholders: bool = True,
+                    fail_closed: bool = False) -> dict[str, list[str]]:
     """Chains (main chain first) reproducing ``MapState.lookup`` for one direction.
 
     First match wins, in this order:
@@ -252,6 +270,10 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
     3. wildcard keys, longest L4 prefix first (no specific key matched);
     4. the tail: drop (enforced) or return (unenforced direction).
 
+    ``fail_closed``: after step 1 (and IPv6 neighbour discovery), every packet
+    goes to ``AXON-NRDY-<D>`` (DROP_EP_NOT_READY) whatever the keys say; the
+    keys stay in the chain so ``dump()`` still reads them.
+
     ``placeholders``: keep never-matching rules for keys without addresses or
     protocol in this family, so that this table alone records every key (the
     IPv4 table does; ``dump()`` reads it).
@@ -265,6 +287,8 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
     if peers.family == 6 and targets is FILTER:
         # Neighbour discovery is the link itself, not a connection: never policy.
         chains[main].extend(ND_RULES)
+    if fail_closed:
+        chains[main].append(targets.fail_closed(direction))
     rules = chains[main]
     subchains: dict[tuple[object, ...], str] = {}
 
@@ -312,6 +336,11 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
     return chains
 
 
+def is_fail_closed(rules: Sequence[str]) -> bool:
+    """Whether an endpoint chain (rules as iptables-save prints them) fails closed."""
+    return any(re.search(rf'--comment "?{FAIL_CLOSED_COMMENT}"? ', r) for r in rules)
+
+
 def proxy_ports(state: Mapping[Key, Entry]) -> set[tuple[int, Direction]]:
     return {(e.proxy_port, k.direction) for k, e in state.items() if e.is_redirect}
 
@@ -349,15 +378,45 @@ def parse_endpoint_refs(rules: Sequence[str]) -> list[EndpointRef]:
     return out
 
 
-def hook_chains(endpoints: Sequence[EndpointRef]) -> dict[str, list[str]]:
+@dataclass(frozen=True, slots=True)
+class PodScope:
+    """Where the unknown-endpoint catch-all applies in one family: the host
+    side of our pod interfaces (names starting with ``ifname_prefix``) and
+    packets with a pod address (``cidrs``)."""
+
+    ifname_prefix: str
+    cidrs: tuple[str, ...]
+
+
+def hook_chains(endpoints: Sequence[EndpointRef], group: int = 0,
+                scope: PodScope | None = None, family: int = 4) -> dict[str, list[str]]:
+    """The hook chains; with ``scope``, the catch-all for pod interfaces
+    without an endpoint after the per-endpoint jumps (and its two chains)."""
     eps = sorted(endpoints, key=lambda e: e.id)
     fwd = [_join(f"-i {e.ifname}", e.comment(), f"-j {ep_chain(e.id, Direction.EGRESS)}") for e in eps]
     fwd += [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps]
-    return {
+    out = {
         FWD_CHAIN: fwd,
         INPUT_CHAIN: [f"-i {e.ifname} -j {ep_chain(e.id, Direction.EGRESS)}" for e in eps],
         OUTPUT_CHAIN: [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps],
     }
+    if scope is None or not scope.ifname_prefix or not scope.cidrs:
+        return out
+    wild = f"{scope.ifname_prefix}+"
+    from_pod = [f"-i {wild} -s {c} -j {unknown_chain(Direction.EGRESS)}" for c in scope.cidrs]
+    to_pod = [f"-o {wild} -d {c} -j {unknown_chain(Direction.INGRESS)}" for c in scope.cidrs]
+    out[FWD_CHAIN] += from_pod + to_pod
+    out[INPUT_CHAIN] += from_pod
+    out[OUTPUT_CHAIN] += to_pod
+    for d, opt in ((Direction.EGRESS, "-i"), (Direction.INGRESS, "-o")):
+        ld = _LOGDIR[d]
+        rules = [f"{opt} {e.ifname} -j RETURN" for e in eps
+                 if e.ifname.startswith(scope.ifname_prefix)]
+        if family == 6:
+            rules += ND_RULES  # link control, not workload traffic
+        rules += [_log(group, f"AXON:{LOG_UNKNOWN}:{ld}", f"axon-u{ld}", False), "-j DROP"]
+        out[unknown_chain(d)] = rules
+    return out
 
 
 def hook_rule(builtin: str, chain: str) -> str:
@@ -397,7 +456,7 @@ def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Dire
 # The chains this datapath creates. Other AXON- chains (the agent's guard and
 # proxy chains) belong to someone else and are never touched.
 OWNED_CHAIN_RE = re.compile(
-    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
+    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP|NRDY|NOEP)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
     r"|PXY-\d+-(IN|OUT)|MPXY-\d+)$")
 OWNED_SET_RE = re.compile(r"^AXON-(ID6?-\d+|IPC[46])$")
 
