@@ -1,7 +1,10 @@
 """The Datapath contract every enforcement backend implements.
 
 Loaded by entry-point name from the ``axoneme.datapath`` group (stevedore),
-exactly one per node. Nothing outside a datapath package asks which one runs.
+exactly one per node, through ``build_datapath`` (the agent and ``agent
+cleanup`` alike). Nothing outside a datapath package asks which one runs: a
+datapath declares its knobs (``options``) and what it can do
+(``capabilities``), and callers check those.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ import abc
 import ipaddress
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from axoneme.core.endpoint import Endpoint
-from axoneme.core.errors import DatapathUnavailable
+from axoneme.core.errors import ConfigError
 from axoneme.core.flow import Flow
 from axoneme.core.mapstate import Direction, MapChanges, MapState
+from axoneme.core.plugins import GROUP_DATAPATH, load_class
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -33,6 +37,30 @@ class DatapathConfig:
     ct_max: int = 262144
     pod_cidr: str = "10.244.0.0/16"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: The capability names a datapath may declare (``Datapath.capabilities``).
+CAPABILITIES = frozenset({
+    "l7_redirect",   # marks packets of entries with a proxy port for the TPROXY redirect
+    "events",        # ``events()`` yields verdict/drop flows
+    "ipv6",          # enforces IPv6 as well as IPv4
+    "host_policy",   # enforces policy on the host's own traffic
+    "fail_closed",   # implements ``endpoint_fail_closed``
+    "ipcache_dump",  # ``dump_ipcache()`` reads the kernel's ipcache back
+})
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathOption:
+    """One knob a datapath declares: ``agent run --datapath-opt NAME=VALUE``
+    and the ``datapath_options`` config key set it; ``build_datapath`` checks
+    the value (``type``, ``choices``) and fills in ``default``."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +92,11 @@ class Datapath(abc.ABC):
     """
 
     name: str = "abstract"
+    #: what this datapath can do (names from ``CAPABILITIES``)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: the options it accepts; their values reach it as ``config.options``
+    #: (and, for the legacy names, the DatapathConfig fields of that name)
+    options: ClassVar[tuple[DatapathOption, ...]] = ()
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
         self.config = config or DatapathConfig()
@@ -81,7 +114,9 @@ class Datapath(abc.ABC):
         """Stop event readers; kernel enforcement stays in place."""
 
     def cleanup(self) -> None:
-        """Remove every kernel object this datapath created (agent cleanup)."""
+        """Remove every kernel object this datapath created (agent cleanup).
+        Default: nothing (a datapath that leaves nothing in the kernel)."""
+        return None
 
     @abc.abstractmethod
     def endpoint_added(self, endpoint: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:
@@ -142,6 +177,7 @@ class NoopDatapath(Datapath):
     """Runs everything and enforces nothing; says so in its status."""
 
     name = "noop"
+    capabilities = frozenset({"fail_closed", "ipcache_dump"})
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
         super().__init__(config)
@@ -204,5 +240,72 @@ class NoopDatapath(Datapath):
         return DatapathStatus("noop", "", True, "no enforcement: policy is computed but not enforced")
 
 
-def unavailable(reason: str) -> DatapathUnavailable:
-    return DatapathUnavailable(reason)
+# DatapathConfig fields a datapath may read directly (before issue 14 these
+# were the only knobs): an option of that name also sets the field
+_LEGACY_FIELDS = {f.name: f for f in fields(DatapathConfig)
+                  if f.name in ("mode", "bpffs_root", "policy_map_max", "ipcache_max", "ct_max")}
+
+
+def _option_value(datapath: str, opt: DatapathOption, value: Any) -> Any:
+    """``value`` as ``opt.type`` (strings from the command line are converted);
+    ConfigError naming the option and the datapath when it does not fit."""
+    where = f"datapath option {opt.name!r} of datapath {datapath!r}"
+    if opt.type is bool and isinstance(value, str):
+        low = value.strip().lower()
+        if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        value = low in ("1", "true", "yes", "on")
+    elif not isinstance(value, opt.type) or (opt.type is int and isinstance(value, bool)):
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected {opt.type.__name__}, got {value!r}")
+        try:
+            value = opt.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {opt.type.__name__}, got {value!r}") from None
+    if opt.choices and str(value) not in opt.choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def check_options(cls: type[Datapath], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The option values ``cls`` runs with: declared defaults, then ``options``.
+
+    ConfigError naming the option and the datapath for an unknown option or a
+    bad value. A datapath that declares no options at all (written before
+    options were declared) gets ``options`` as given, as it always did; a
+    legacy DatapathConfig field still has to have that field's type."""
+    name = getattr(cls, "name", cls.__name__)
+    declared = {o.name: o for o in getattr(cls, "options", ())}
+    out = {o.name: o.default for o in declared.values()}
+    for key, value in options.items():
+        opt = declared.get(key)
+        if opt is None and declared:
+            raise ConfigError(f"unknown datapath option {key!r} for datapath {name!r} "
+                              f"(it accepts: {', '.join(sorted(declared))})")
+        if opt is None and key in _LEGACY_FIELDS:
+            default = _LEGACY_FIELDS[key].default
+            opt = DatapathOption(key, type(default), default, "")
+        out[key] = value if opt is None else _option_value(name, opt, value)
+    return out
+
+
+def datapath_class(name: str) -> type[Datapath]:
+    """The ``axoneme.datapath`` entry point ``name`` (PluginError if missing)."""
+    cls = load_class(GROUP_DATAPATH, name)
+    if not (isinstance(cls, type) and issubclass(cls, Datapath)):
+        raise ConfigError(f"the axoneme.datapath plugin {name!r} is not a Datapath ({cls!r})")
+    return cls
+
+
+def build_datapath(name: str, *, state_dir: str, pod_cidr: str,
+                   options: Mapping[str, Any]) -> Datapath:
+    """Load the datapath ``name``, check ``options`` against what it declares
+    and construct it: the one place a datapath is built (agent and cleanup).
+
+    Raises PluginError (not installed, fails to import) or ConfigError
+    (unknown option, bad value: both name the option and the datapath)."""
+    cls = datapath_class(name)
+    values = check_options(cls, options)
+    legacy = {k: v for k, v in values.items() if k in _LEGACY_FIELDS}
+    config = DatapathConfig(state_dir=state_dir, pod_cidr=pod_cidr, options=values, **legacy)
+    return cls(config)
