@@ -173,7 +173,10 @@ SYSTEM_IMPORTS = {"bcc"}
 
 
 def _declared(pkg: Path) -> set[str]:
-    deps = _pyproject(pkg)["project"].get("dependencies", [])
+    """Requirements, extras included (the agent's own dependencies are its `agent` extra)."""
+    project = _pyproject(pkg)["project"]
+    deps = [*project.get("dependencies", []),
+            *(d for extra in project.get("optional-dependencies", {}).values() for d in extra)]
     return {re.split(r"[<>=~!\[ ;]", d, maxsplit=1)[0].lower() for d in deps}
 
 

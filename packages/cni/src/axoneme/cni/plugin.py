@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from axoneme.cni._client import AgentClient, AgentError, AgentUnreachable
+from axoneme.core.apiclient import DEFAULT_SOCKET, AgentClient, AgentError, AgentUnreachable
 from axoneme.core.names import (
     container_id_problem,
     dns_label_problem,
@@ -31,7 +31,6 @@ from axoneme.core.names import (
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PRIMARY_VERSIONS = ("1.0.0", "1.1.0")
-DEFAULT_SOCKET = "/var/run/axoneme/axoneme.sock"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 
 ERR_INCOMPATIBLE_VERSION = 1
@@ -66,13 +65,6 @@ def parse_cni_args(text: str) -> dict[str, str]:
             raise CNIError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"expected K=V pairs, got {part!r}")
         out[key] = value
     return out
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in v.split("."))
-    except ValueError:
-        return ()
 
 
 def check_version(config: Mapping[str, Any]) -> str:
@@ -127,12 +119,12 @@ def _client(config: Mapping[str, Any]) -> AgentClient:
     return AgentClient(str(config.get("agentSocket") or DEFAULT_SOCKET))
 
 
-def _call(client: AgentClient, path: str, body: Mapping[str, Any]) -> Any:
+def _call(client: AgentClient, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
     try:
-        return client.post(path, body)
+        res = client.post(path, body)
     except AgentUnreachable as e:
         raise CNIError(ERR_TRY_AGAIN, "the axoneme agent is not reachable",
-                       f"{e} (is `axoneme agent run` running?)") from e
+                       f"{e}: {e.reason}") from e
     except AgentError as e:
         code = ERR_AGENT
         if e.status == 409:
@@ -141,6 +133,7 @@ def _call(client: AgentClient, path: str, body: Mapping[str, Any]) -> Any:
         elif e.status == 404:
             code = ERR_UNKNOWN_CONTAINER
         raise CNIError(code, "the axoneme agent refused the request", str(e)) from e
+    return res if isinstance(res, dict) else {}
 
 
 def _pod_args(env: Mapping[str, str]) -> dict[str, str]:
@@ -206,8 +199,8 @@ def cmd_check(env: Mapping[str, str], config: Mapping[str, Any]) -> None:
         raise CNIError(ERR_INVALID_CONFIG, "invalid network config",
                        "CHECK needs prevResult")
     res = _call(_client(config), "/v1/cni/check", {"container_id": env["CNI_CONTAINERID"]})
-    want = {ip.get("address") for ip in prev.get("ips", []) if isinstance(ip, dict)}
-    have = {ip.get("address") for ip in res.get("ips", [])}
+    want = {str(ip.get("address")) for ip in prev.get("ips", []) if isinstance(ip, dict)}
+    have = {str(ip.get("address")) for ip in res.get("ips", []) if isinstance(ip, dict)}
     if want and want != have:
         raise CNIError(ERR_AGENT, "endpoint does not match prevResult",
                        f"prevResult has {sorted(want)}, the agent has {sorted(have)}")

@@ -1,4 +1,4 @@
-"""The ``axoneme`` command line (shared/CLI.md is the contract).
+"""The ``axoneme`` command line (docs/cli.md is the contract; a test checks ``--help`` against it).
 
 Each area registers its subcommands from its own module:
 ``_validate`` (policy validate), ``_offline`` (policy trace/matrix), ``_agentcmds`` (agent run/cleanup,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,18 @@ EXIT_BAD_INPUT = 2
 # Modules that register subcommands; a missing one is skipped (it belongs to
 # work not landed yet), a broken one fails loudly.
 _AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe")
+
+
+# Third-party modules of the `agent` extra: the offline and client commands never import them.
+AGENT_EXTRA_MODULES = frozenset({"aiohttp", "pyroute2", "prometheus_client"})
+
+
+def version() -> str:
+    """The installed distribution's version (all axoneme distributions share it)."""
+    try:
+        return importlib.metadata.version("axoneme")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"  # run from a source tree that is not installed
 
 
 class UsageError(AxonemeError):
@@ -50,6 +63,7 @@ def fail(message: str, where: str, code: int) -> int:
 
 def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  # type: ignore[type-arg]
     parser = CLIParser(prog="axoneme", description="identity-based network policy for pods and containers")
+    parser.add_argument("--version", action="version", version=f"axoneme {version()}")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG to stderr")
     parser.add_argument("--api-socket", default=None,
                         help="agent API socket (default: $AXONEME_API_SOCKET or /var/run/axoneme/axoneme.sock)")
@@ -88,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except AxonemeError as e:
         sys.stderr.write(f"error: {e}\n")
+        return EXIT_RUNTIME
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in AGENT_EXTRA_MODULES:
+            raise
+        sys.stderr.write(f"error: this command runs the node agent, which needs the agent's "
+                         f"dependencies: pip install 'axoneme[agent]' (missing module {e.name})\n")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,155 @@
+"""The one client of the agent's REST API over its unix socket.
+
+Stdlib only, so that whatever talks to the agent starts fast and needs none
+of the agent's own dependencies: the ``axoneme`` CLI commands and the
+``axoneme-cni`` plugin both use it (``axoneme.agent.client`` re-exports it).
+
+Errors map to the CLI's exit codes: ``AgentUnreachable`` and ``AgentError``
+are runtime failures (1), ``AgentBadRequest`` is bad input (2).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from axoneme.core.errors import AxonemeError, PolicyError
+
+DEFAULT_SOCKET = "/var/run/axoneme/axoneme.sock"
+SOCKET_ENV = "AXONEME_API_SOCKET"
+
+# Statuses with which the agent says "your request is wrong" (exit 2), not "I failed".
+BAD_REQUEST_STATUSES = frozenset({400, 404, 409, 422})
+
+__all__ = ["BAD_REQUEST_STATUSES", "DEFAULT_SOCKET", "SOCKET_ENV", "AgentBadRequest", "AgentClient",
+           "AgentError", "AgentUnreachable", "q", "resolve_socket"]
+
+
+class AgentUnreachable(AxonemeError):
+    """Nothing answers on the socket (not started, gone, or it hung up)."""
+
+    def __init__(self, socket_path: str, reason: str = "") -> None:
+        self.socket_path = socket_path
+        self.reason = reason
+        super().__init__(f"cannot reach the agent at {socket_path} (start it with: axoneme agent run)")
+
+
+class AgentError(AxonemeError):
+    """The agent answered with an error (runtime failure)."""
+
+    def __init__(self, status: int, message: str, body: dict[str, Any] | None = None) -> None:
+        self.status = status
+        self.body = body or {}
+        super().__init__(message)
+
+
+class AgentBadRequest(AgentError, PolicyError):
+    """The agent rejected the request as bad input (exit 2)."""
+
+
+def resolve_socket(explicit: str | None = None) -> str:
+    """The socket path: the explicit one, else $AXONEME_API_SOCKET, else the default."""
+    return explicit or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def q(part: str) -> str:
+    """One path segment, quoted (``/`` included)."""
+    return quote(part, safe="")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.timeout is not None:
+            sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _with_query(path: str, query: dict[str, Any] | None) -> str:
+    if not query:
+        return path
+    return path + "?" + urlencode({k: v for k, v in query.items() if v is not None}, doseq=True)
+
+
+class AgentClient:
+    """Synchronous JSON requests, one connection each (the agent is local)."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0) -> None:
+        self.socket_path = resolve_socket(socket_path)
+        self.timeout = timeout
+
+    def _conn(self, timeout: float | None) -> _UnixConnection:
+        conn = _UnixConnection(self.socket_path, timeout)
+        try:
+            conn.connect()
+        except OSError as e:
+            raise AgentUnreachable(self.socket_path, f"cannot connect: {e}") from e
+        return conn
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
+                timeout: float | None = None) -> Any:
+        """The decoded JSON answer (text when the agent did not answer JSON)."""
+        conn = self._conn(timeout if timeout is not None else self.timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            try:
+                conn.request(method, _with_query(path, query), body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (TimeoutError, ConnectionError) as e:
+                raise AgentUnreachable(self.socket_path, f"no answer: {e}") from e
+            payload: Any = raw.decode(errors="replace")
+            if "json" in resp.getheader("Content-Type", ""):
+                try:
+                    payload = json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    pass  # keep the text: the error below or the caller shows it
+            if resp.status >= 400:
+                body_d = payload if isinstance(payload, dict) else None
+                msg = str(body_d.get("error", body_d)) if body_d is not None else str(payload)
+                if resp.status in BAD_REQUEST_STATUSES:
+                    raise AgentBadRequest(resp.status, msg, body_d)
+                raise AgentError(resp.status, msg, body_d)
+            return payload
+        finally:
+            conn.close()
+
+    def get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, query=query or None)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body=body if body is not None else {})
+
+    def delete(self, path: str, body: Any = None) -> Any:
+        return self.request("DELETE", path, body=body)
+
+    def stream_lines(self, path: str, query: dict[str, Any] | None = None) -> Iterator[str]:
+        """Lines of a streamed (chunked) response, as they arrive."""
+        conn = self._conn(None)
+        try:
+            conn.request("GET", _with_query(path, query))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raise AgentError(resp.status, resp.read().decode(errors="replace"))
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                yield line.decode(errors="replace").rstrip("\n")
+        finally:
+            conn.close()
