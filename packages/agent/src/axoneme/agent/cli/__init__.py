@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in AGENT_EXTRA_MODULES:
             raise
-        sys.stderr.write(f"error: this command runs the node agent, which needs the agent's "
-                         f"dependencies: pip install 'axoneme[agent]' (missing module {e.name})\n")
+        sys.stderr.write(f"error: this command needs the node agent's dependencies: "
+                         f"pip install 'axoneme[agent]' (missing module {e.name})\n")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
