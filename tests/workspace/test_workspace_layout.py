@@ -206,3 +206,22 @@ def test_no_pypi_bcc_dependency():
 def test_installed_distributions_match_workspace():
     for pkg in PACKAGES:
         assert distribution(_dist(pkg)).version == _pyproject(pkg)["project"]["version"]
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_declared_dependencies_are_imported(pkg):
+    """A distribution depends on nothing it does not import (extras naming plugins aside)."""
+    dist_import = {dist.lower(): name for name, dist in IMPORT_DIST.items()}
+    dist_import.update({d: prefix for d, prefix in OWNS.items()})
+    imported = {n for names in _imports(pkg).values() for n in names}
+    project = _pyproject(pkg)["project"]
+    # base requirements and the agent's own extra; the other extras install plugins,
+    # which are loaded by entry point, never imported
+    reqs = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("agent", [])]
+    unused = []
+    for req in reqs:
+        dist = re.split(r"[<>=~!\[ ;]", req, maxsplit=1)[0].lower()
+        name = dist_import.get(dist)
+        if name is None or not any(n == name or n.startswith(name + ".") for n in imported):
+            unused.append(f"{_dist(pkg)} depends on {dist} but does not import it")
+    assert not unused, "\n".join(unused)
