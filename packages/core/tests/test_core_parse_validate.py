@@ -404,9 +404,10 @@ def test_bad_kafka(kafka: dict[str, str], field: str, text: str) -> None:
     assert text in p.message
 
 
-def test_generic_l7_rejected() -> None:
-    f = fields(ing({"toPorts": [tcp(rules={"l7proto": "r2d2", "l7": [{"cmd": "READ"}]})]}))
-    assert set(f) == {"spec.ingress[0].toPorts[0].rules.l7proto", "spec.ingress[0].toPorts[0].rules.l7"}
+def test_generic_l7_unknown_parser() -> None:
+    p = one(ing({"toPorts": [tcp(rules={"l7proto": "r2d2", "l7": [{"cmd": "READ"}]})]}))
+    assert p.field == "spec.ingress[0].toPorts[0].rules.l7proto"
+    assert "unknown L7 parser \"r2d2\"" in p.message and "installed: " in p.message
 
 
 # --- types, enableDefaultDeny, NP specifics ----------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import ReservedIdentity
+from axoneme.core.l7 import default_proxy_port as l7_default_proxy_port
 from axoneme.core.mapstate import (
     PORT_BITS,
     PORT_PROTOCOLS,
@@ -29,10 +30,6 @@ from axoneme.core.policy.api import EndpointPeer, L7Spec, PeerRule, PortProtocol
 
 LOG = logging.getLogger(__name__)
 
-# Proxy ports used when the engine is not told (offline tools, tests). The
-# agent passes EngineOptions.proxy_port with the ports its proxies listen on.
-DEFAULT_PROXY_PORTS: Mapping[str, int] = {"http": 15001, "kafka": 15002, "dns": 15053}
-DEFAULT_PROXY_PORT = 15000
 ALLOW_LOCALHOST = "allow-localhost"
 
 L4 = tuple[Protocol, int, int]  # protocol, port, prefix length
@@ -76,7 +73,10 @@ def _key(identity: int, d: Direction, l4: L4) -> Key:
 
 
 def default_proxy_port(parser: str, direction: Direction) -> int:
-    return DEFAULT_PROXY_PORTS.get(parser, DEFAULT_PROXY_PORT)
+    """Proxy port used when the engine is not told (offline tools, tests): the
+    parser's own ``default_proxy_port``. The agent passes
+    EngineOptions.proxy_port with the ports its proxies listen on."""
+    return l7_default_proxy_port(parser)
 
 
 class _Allow:
@@ -297,5 +297,5 @@ def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
     return MapState(out)
 
 
-__all__ = ["Resolved", "resolve_endpoint", "DEFAULT_PROXY_PORTS", "default_proxy_port",
+__all__ = ["Resolved", "resolve_endpoint", "default_proxy_port",
            "ALLOW_LOCALHOST"]

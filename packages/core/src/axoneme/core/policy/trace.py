@@ -27,11 +27,13 @@ from typing import Any
 from axoneme.core.cluster import Cluster, Pod
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import AxonemeError, PolicyError
-from axoneme.core.identity import RESERVED_NAMES, ReservedIdentity
+from axoneme.core.identity import RESERVED_NAMES
+from axoneme.core.l7 import GenericRule, fqdn_parser
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
+from axoneme.core.plugins import l7_parser
 from axoneme.core.policy.api import Policy
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
-from axoneme.core.regex import escape, fullmatch
+from axoneme.core.policy.fqdn import fqdn_matches
 from axoneme.core.yamlsafe import excerpt
 
 LOG = logging.getLogger(__name__)
@@ -79,35 +81,16 @@ class OfflineCluster:
         agent's DNS proxy would: each selector matching a name stands for the
         union of those names' IPs (``/32`` CIDR identities)."""
         names = {n.lower().rstrip("."): frozenset(ips) for n, ips in answers.items()}
+        # the installed FQDN parser's matcher (what the node's DNS proxy would
+        # use), core's toFQDNs matching when there is none
+        parser = fqdn_parser()
+        matches = parser.fqdn_matches if parser is not None else fqdn_matches
         for peer in self.engine.fqdn_selectors():
             ips: set[str] = set()
             for name, addrs in names.items():
-                if fqdn_matches(peer, name):
+                if matches(peer, name):
                     ips |= addrs
             self.engine.update_fqdn(peer, sorted(ips))
-
-
-def fqdn_matches(peer: Any, name: str) -> bool:
-    """Cilium toFQDNs matching of ``name`` (lower-case, no trailing dot):
-    ``matchName`` exact; ``matchPattern`` ``*`` alone matches everything, else
-    ``*`` stands for ``[-a-z0-9_]*`` inside one label and a leading ``**.``
-    for one or more labels. The DNS plugin's matcher is used when installed."""
-    from axoneme.core.plugins import GROUP_L7, installed, load_class
-
-    if "dns" in installed(GROUP_L7):  # by entry point: core never imports a plugin
-        parser = load_class(GROUP_L7, "dns")()
-        if hasattr(parser, "fqdn_matches"):
-            return bool(parser.fqdn_matches(peer, name))
-    if peer.match_name is not None:
-        return peer.match_name.lower().rstrip(".") == name
-    pattern = (peer.match_pattern or "").lower().rstrip(".")
-    if pattern == "*":
-        return True
-    prefix = ""
-    if pattern.startswith("**."):
-        prefix, pattern = r"(?:[-a-z0-9_]+\.)+", pattern[3:]
-    regex = prefix + r"[-a-z0-9_]*".join(escape(part) for part in pattern.split("*"))
-    return fullmatch(regex, name)
 
 
 # -- peers -----------------------------------------------------------------------------
@@ -293,6 +276,8 @@ def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool,
 
 def l7_rule_json(parser: str, rule: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"parser": parser}
+    if isinstance(rule, GenericRule):
+        return {**out, **rule.as_dict()}
     try:
         items = [(f.name, getattr(rule, f.name)) for f in fields(rule)]
     except TypeError:
@@ -314,17 +299,19 @@ def _l7(sides: Sequence[SideResult], request: Mapping[str, Any] | None) -> L7Res
     rules = tuple(l7_rule_json(s.entry.l7.parser, r) for s in redirects  # type: ignore[union-attr]
                   for r in s.entry.l7.rules)  # type: ignore[union-attr]
     if not request:
-        return L7Result(REDIRECTED, rules, "redirected to the L7 proxy (give --http-*/--kafka-* "
-                                           "flags to decide a request)")
-    from axoneme.core.plugins import GROUP_L7, load_class
-
+        return L7Result(REDIRECTED, rules, "redirected to the L7 proxy (give --l7 KEY=VALUE or "
+                                           "--http-*/--kafka-* flags to decide a request)")
     reasons: list[str] = []
     for side in redirects:
         l7 = side.entry.l7 if side.entry is not None else None
         if l7 is None:
             continue
         try:
-            parser = load_class(GROUP_L7, l7.parser)()
+            parser = l7_parser(l7.parser)
+        except AxonemeError as e:
+            return L7Result(DENIED, rules, f"cannot evaluate {l7.parser} rules: {e}")
+        check_trace_inputs(l7.parser, parser, request)
+        try:
             req = parser.request_from_trace(dict(request))
             verdict = parser.match(l7.rules, req)
         except (AxonemeError, NotImplementedError, TypeError, ValueError) as e:
@@ -333,6 +320,22 @@ def _l7(sides: Sequence[SideResult], request: Mapping[str, Any] | None) -> L7Res
         if not verdict.allowed:
             return L7Result(DENIED, rules, "; ".join(reasons))
     return L7Result(ALLOWED, rules, "; ".join(reasons))
+
+
+# ``policy trace`` shorthands (``--http-method`` -> http_method, ...): a parser
+# ignores the ones that are not its own; ``--l7 KEY=VALUE`` keys are checked.
+SHORTHAND_PREFIXES = ("http_", "kafka_", "dns_")
+
+
+def check_trace_inputs(name: str, parser: Any, request: Mapping[str, Any]) -> None:
+    """TraceInputError for an ``--l7`` key the parser does not accept."""
+    accepted = getattr(parser, "trace_inputs", None) or {}
+    if not accepted:
+        return
+    unknown = sorted(k for k in request if k not in accepted and not k.startswith(SHORTHAND_PREFIXES))
+    if unknown:
+        raise TraceInputError(f"the {name} L7 parser does not take {', '.join(map(repr, unknown))} "
+                              f"(it takes: {', '.join(sorted(accepted))}) (--l7)")
 
 
 def trace(env: OfflineCluster, src: Peer, dst: Peer, protocol: Protocol, port: int,
@@ -412,14 +415,5 @@ def matrix(env: OfflineCluster, ports: Sequence[PortSpec]) -> list[Probe]:
     return probes
 
 
-def identity_name(env: OfflineCluster, identity: int) -> str:
-    if identity == ReservedIdentity.WORLD:
-        return "world"
-    ident = env.engine.allocator.get(identity)
-    if ident is not None and ident.cidr is not None:
-        return f"cidr:{ident.cidr}"
-    return str(identity)
-
-
 __all__ = ["OfflineCluster", "Peer", "PortSpec", "Probe", "SideResult", "L7Result", "TraceResult",
-           "TraceInputError", "fqdn_matches", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]
+           "TraceInputError", "check_trace_inputs", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]

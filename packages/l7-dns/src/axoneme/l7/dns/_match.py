@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from axoneme.core.l7 import L7Request, L7Verdict
 from axoneme.core.regex import RegexError, compile_regex, escape
 
 __all__ = [
     "ALLOWED_NAME_CHARS", "normalize_name", "validate_name", "validate_pattern",
-    "compile_pattern", "match_name", "match_pattern", "match_exact", "rule_matches",
+    "compile_pattern", "match_name", "match_pattern", "match_exact", "match_query", "rule_matches",
 ]
 
 # Cilium allowedDNSCharsREGroup, lower-case because names are normalised first.
@@ -143,3 +144,20 @@ def rule_matches(rule: Any, qname: str) -> bool:
     if pattern:
         return match_pattern(pattern, qname)
     return False
+
+
+def match_query(rules: Sequence[Any], request: L7Request) -> L7Verdict:
+    """Decide one query (field ``qname``, or ``query``) against ``rules.dns``: the
+    proxy and ``DnsParser.match`` (``policy trace``) both call it."""
+    raw = request.fields.get("qname", request.fields.get("query"))
+    if raw is None:
+        return L7Verdict(False, None, "dns request without a query name")
+    qname = normalize_name(str(raw))
+    if not rules:
+        return L7Verdict(True, None, "no rules.dns entries: every query is allowed")
+    for i, rule in enumerate(rules):
+        if rule_matches(rule, qname):
+            name, pattern = _fields(rule)
+            what = f"matchName {name!r}" if name else f"matchPattern {pattern!r}"
+            return L7Verdict(True, i, f"rules.dns[{i}] {what} matches {qname!r}")
+    return L7Verdict(False, None, f"no rules.dns entry matches {qname!r}")

@@ -5,32 +5,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from axoneme.core.l7 import L7Parser, L7Request, L7Verdict
-from axoneme.l7.dns._match import _fields, normalize_name, rule_matches
+from axoneme.core.l7 import FQDNParser, L7Request, L7Verdict, RuleContext
+from axoneme.core.mapstate import Direction
+from axoneme.core.policy.api import DNSRule
+from axoneme.core.policy.fqdn import fqdn_selector
+from axoneme.core.policy.walk import Walker
+from axoneme.l7.dns._match import match_query, normalize_name
 
 __all__ = ["DnsParser"]
 
 
-class DnsParser(L7Parser):
+class DnsParser(FQDNParser):
     """``rules.dns[]``: a query is allowed when one entry's matchName or
     matchPattern selects its name. Only the query name counts (not the
-    qtype), as in Cilium. An empty rule list allows every query."""
+    qtype), as in Cilium. An empty rule list allows every query. Egress only,
+    on port 53 over UDP and TCP; also learns names for toFQDNs."""
 
     name = "dns"
+    rules_field = "dns"
+    transport = ("TCP", "UDP")
+    default_proxy_port = 15053
+    directions = frozenset({Direction.EGRESS})
+    trace_inputs = {
+        "query": "the query name, e.g. api.example.com (also dns_query, qname)",
+        "qtype": "the query type (default A)",
+    }
+
+    def parse_rule(self, value: object, path: str, w: Walker) -> DNSRule | None:
+        """One ``rules.dns[]`` item: Cilium's FQDNSelector (matchName | matchPattern)."""
+        pair = fqdn_selector(w, value, path)
+        return DNSRule(pair[0], pair[1]) if pair is not None else None
+
+    def is_empty_rule(self, rule: Any) -> bool:
+        return bool(rule == DNSRule())
+
+    def check_context(self, ctx: RuleContext, w: Walker) -> None:
+        if ctx.port_items == 0:
+            w.problem(ctx.ports_path, "port 53 must be specified for DNS rules")
 
     def match(self, rules: Sequence[Any], request: L7Request) -> L7Verdict:
-        raw = request.fields.get("qname", request.fields.get("query"))
-        if raw is None:
-            return L7Verdict(False, None, "dns request without a query name")
-        qname = normalize_name(str(raw))
-        if not rules:
-            return L7Verdict(True, None, "no rules.dns entries: every query is allowed")
-        for i, rule in enumerate(rules):
-            if rule_matches(rule, qname):
-                name, pattern = _fields(rule)
-                what = f"matchName {name!r}" if name else f"matchPattern {pattern!r}"
-                return L7Verdict(True, i, f"rules.dns[{i}] {what} matches {qname!r}")
-        return L7Verdict(False, None, f"no rules.dns entry matches {qname!r}")
+        return match_query(rules, request)
 
     def request_from_trace(self, options: dict[str, Any]) -> L7Request:
         """``{"dns_query": name}`` (also ``qname``/``query``; ``dns_qtype``,

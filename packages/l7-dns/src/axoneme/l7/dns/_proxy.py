@@ -47,7 +47,7 @@ from axoneme.core.l7proxy import ConnectUpstream, ProxyConfig, ProxyPolicy
 from axoneme.core.l7proxy import PolicyFor as CorePolicyFor
 from axoneme.core.mapstate import Direction
 from axoneme.l7.dns._cache import FQDNCache
-from axoneme.l7.dns._parser import DnsParser
+from axoneme.l7.dns._match import match_query
 from axoneme.l7.dns._sockets import (
     Addr,
     family_of,
@@ -133,7 +133,7 @@ class DnsProxy:
                  core_policy_for: CorePolicyFor | None = None,
                  cache: FQDNCache | None = None, on_answer: OnAnswer | None = None,
                  flow_sink: FlowSink | None = None, endpoint_for: EndpointFor | None = None,
-                 parser: DnsParser | None = None, udp_sock: socket.socket | None = None,
+                 parser: Any = None, udp_sock: socket.socket | None = None,
                  tcp_sock: socket.socket | None = None,
                  connect_upstream: ConnectUpstream | None = None,
                  connect_upstream_udp: ConnectUpstream | None = None,
@@ -151,7 +151,7 @@ class DnsProxy:
         self.on_answer = on_answer
         self.flow_sink = flow_sink
         self.endpoint_for = endpoint_for
-        self.parser = parser or DnsParser()
+        self.match = parser.match if parser is not None else match_query
         self.connect_upstream = connect_upstream
         self.connect_upstream_udp = connect_upstream_udp
         self.direction = direction
@@ -424,7 +424,7 @@ class DnsProxy:
         if got is None:
             return L7Verdict(False, None, f"no DNS policy for {client[0]} -> "
                                           f"{server[0]}:{server[1]}"), None
-        return self.parser.match(got, L7Request({"qname": query.qname,
+        return self.match(got, L7Request({"qname": query.qname,
                                                  "qtype": query.qtype})), eps
 
     async def _learn(self, answer: DnsAnswer) -> None:

@@ -1,165 +1,97 @@
-"""The HTTP rule matcher: one implementation for the proxy and ``policy trace``.
-
-Semantics (Cilium rules.http[], enforced by Envoy there):
-
-1. An empty rule list allows every request (visibility only).
-2. A request is allowed if at least one rule matches; a request matching no
-   rule is denied.
-3. Within a rule every given field must match (AND):
-   - ``method``, ``path``, ``host`` are RE2 regexes (``axoneme.core.regex``:
-     linear time, no backreferences or lookaround, as Cilium/Envoy) matched
-     against the WHOLE value: ``/public`` does not allow ``/public/x``.
-     ``path`` is matched against the request-target exactly as the upstream
-     receives it (origin-form, normalised as ``_wire`` says, query included,
-     like Envoy's ``:path``);
-     ``host`` against the Host header as sent (port included).
-   - ``headers``: ``"Name"`` requires the header to be present,
-     ``"Name: value"`` requires a header of that name with exactly that value.
-   - ``headerMatches``: a header ``name`` with value ``value`` (or present when
-     no value). On mismatch, ``mismatch`` "" makes the rule not match; LOG,
-     ADD, DELETE, REPLACE keep it matching, and ADD/DELETE/REPLACE modify the
-     forwarded request (``HttpVerdict.actions``).
-4. The first matching rule decides (its index and actions are reported).
-"""
+"""The ``http`` L7 parser plugin: rule schema, trace inputs, matcher and proxy factory."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from axoneme.core.l7 import L7Parser, L7Request, L7Verdict
+from axoneme.core.l7 import L7Parser, L7Request
 from axoneme.core.policy.api import HeaderMatch, HTTPRule
-from axoneme.core.regex import fullmatch as regex_fullmatch
+from axoneme.core.policy.walk import Walker, item, join
+from axoneme.core.regex import regex_problem
+from axoneme.core.yamlsafe import excerpt as _q
+from axoneme.l7.http._match import (
+    HeaderAction,
+    HttpVerdict,
+    apply_actions,
+    match_rules,
+    rule_matches,
+)
 from axoneme.l7.http._wire import HttpError, parse_target
 
-LOG = logging.getLogger(__name__)
-
-Headers = Sequence[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderAction:
-    """A modification of the forwarded request: op is ADD | DELETE | REPLACE."""
-
-    op: str
-    name: str
-    value: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class HttpVerdict(L7Verdict):
-    """An L7Verdict plus the header modifications of the matching rule."""
-
-    actions: tuple[HeaderAction, ...] = ()
-    logs: tuple[str, ...] = ()  # LOG mismatches, for the access log
-
-
-def _full(pattern: str | None, value: str) -> bool:
-    if not pattern:  # empty = any
-        return True
-    # RE2, linear in the value (the request comes from a pod); a pattern that
-    # validation would refuse matches nothing, so it can only deny.
-    return regex_fullmatch(pattern, value)
-
-
-def _values(headers: Headers, name: str) -> list[str]:
-    lname = name.lower()
-    return [v for n, v in headers if n.lower() == lname]
-
-
-def _header_present(spec: str, headers: Headers) -> bool:
-    name, sep, value = spec.partition(":")
-    # OWS is SP/HTAB only (RFC 9110): str.strip() would also eat NEL etc.
-    name = name.strip(" \t")
-    if not sep:
-        return any(n.lower() == name.lower() for n, _ in headers)
-    return value.strip(" \t") in _values(headers, name)
-
-
-def _header_match(hm: HeaderMatch, headers: Headers) -> tuple[bool, HeaderAction | None, str]:
-    """(rule still matches, action, log line) for one headerMatches item."""
-    present = any(n.lower() == hm.name.lower() for n, _ in headers)
-    if hm.value is None:
-        ok = present
-    else:
-        ok = hm.value in _values(headers, hm.name)
-    if ok:
-        return True, None, ""
-    mismatch = (hm.mismatch or "").upper()
-    if mismatch == "":
-        return False, None, ""
-    log = f"header {hm.name} mismatch ({mismatch})"
-    if mismatch == "LOG":
-        return True, None, log
-    if mismatch in ("ADD", "REPLACE"):
-        return True, HeaderAction(mismatch, hm.name, hm.value or ""), log
-    if mismatch == "DELETE":
-        return True, HeaderAction("DELETE", hm.name), log
-    LOG.warning("unknown headerMatches mismatch action %r: treated as deny", hm.mismatch)
-    return False, None, ""
-
-
-def rule_matches(rule: HTTPRule, method: str, path: str, host: str, headers: Headers
-                 ) -> tuple[bool, tuple[HeaderAction, ...], tuple[str, ...]]:
-    if not _full(rule.method, method) or not _full(rule.path, path) or not _full(rule.host, host):
-        return False, (), ()
-    for spec in rule.headers:
-        if not _header_present(spec, headers):
-            return False, (), ()
-    actions: list[HeaderAction] = []
-    logs: list[str] = []
-    for hm in rule.header_matches:
-        ok, action, log = _header_match(hm, headers)
-        if not ok:
-            return False, (), ()
-        if action is not None:
-            actions.append(action)
-        if log:
-            logs.append(log)
-    return True, tuple(actions), tuple(logs)
-
-
-def apply_actions(headers: Headers, actions: Sequence[HeaderAction]) -> list[tuple[str, str]]:
-    """The forwarded headers after a verdict's ADD/DELETE/REPLACE actions."""
-    out = list(headers)
-    for a in actions:
-        lname = a.name.lower()
-        if a.op == "ADD":
-            out.append((a.name, a.value))
-        elif a.op == "DELETE":
-            out = [(n, v) for n, v in out if n.lower() != lname]
-        elif a.op == "REPLACE":
-            out = [(n, v) for n, v in out if n.lower() != lname]
-            out.append((a.name, a.value))
-    return out
+_MISMATCH_ACTIONS = ("", "LOG", "ADD", "DELETE", "REPLACE")
 
 
 class HttpParser(L7Parser):
-    """HTTP/1.1: rule matcher, ``policy trace`` mapping and the proxy factory."""
+    """HTTP/1.1: rule schema, matcher, ``policy trace`` mapping and the proxy factory."""
 
     name = "http"
+    rules_field = "http"
+    default_proxy_port = 15001
+    trace_inputs = {
+        "method": "request method (--http-method)",
+        "path": "request target, e.g. /api?x=1 (--http-path)",
+        "host": "Host header (--http-host)",
+        "header": "a header 'Name: value' (--http-header; repeatable)",
+    }
+
+    def parse_rule(self, value: object, path: str, w: Walker) -> HTTPRule | None:
+        """One ``rules.http[]`` item (Cilium ``PortRuleHTTP``): RE2 regexes, headers, headerMatches."""
+        m = w.mapping(value, path, ("method", "path", "host", "headers", "headerMatches"))
+        if m is None:
+            return None
+        n = len(w.problems)
+        regexes: dict[str, str | None] = {}
+        for k in ("method", "path", "host"):
+            text = w.opt_string(m, k, path)
+            if text:
+                # Matched with RE2 on the packet path (linear time): refuse here
+                # what RE2 cannot express, so no rule fails only at match time.
+                why = regex_problem(text)
+                if why is not None:
+                    shown = text if len(text) <= 200 else text[:200] + "..."
+                    w.problem(join(path, k), f"invalid regular expression \"{shown}\" "
+                              f"(RE2 syntax: no backreferences or lookaround): {why}")
+            regexes[k] = text or None
+        headers: list[str] = []
+        hp = join(path, "headers")
+        for i, h in enumerate(w.list(m.get("headers"), hp)):
+            text = w.string(h, item(hp, i), allow_empty=False)
+            if text is not None:
+                headers.append(text)
+        matches: list[HeaderMatch] = []
+        hmp = join(path, "headerMatches")
+        for i, h in enumerate(w.list(m.get("headerMatches"), hmp)):
+            ip = item(hmp, i)
+            hm = w.mapping(h, ip, ("name", "value", "mismatch"), {"secret": "secret is not supported"})
+            if hm is None:
+                continue
+            name = None
+            if hm.get("name") is None:
+                w.problem(join(ip, "name"), "missing required field \"name\"")
+            else:
+                name = w.string(hm["name"], join(ip, "name"), allow_empty=False)
+            hv = w.opt_string(hm, "value", ip)
+            mismatch = w.opt_string(hm, "mismatch", ip) or ""
+            if mismatch not in _MISMATCH_ACTIONS:
+                w.problem(join(ip, "mismatch"),
+                          f"invalid mismatch action \"{_q(mismatch)}\" (expected LOG, ADD, DELETE or REPLACE)")
+            if name is not None:
+                matches.append(HeaderMatch(name, hv, mismatch))
+        if len(w.problems) != n:
+            return None
+        return HTTPRule(method=regexes["method"], path=regexes["path"], host=regexes["host"],
+                        headers=tuple(headers), header_matches=tuple(matches))
+
+    def is_empty_rule(self, rule: Any) -> bool:
+        return bool(rule == HTTPRule())
 
     def match(self, rules: Sequence[Any], request: L7Request) -> HttpVerdict:
-        f = request.fields
-        method = str(f.get("method", ""))
-        path = str(f.get("path", ""))
-        host = str(f.get("host", ""))
-        headers: Headers = f.get("headers", ())
-        if not rules:
-            return HttpVerdict(True, None, "no HTTP rules: all requests allowed")
-        for i, rule in enumerate(rules):
-            if not isinstance(rule, HTTPRule):
-                LOG.warning("ignoring non-HTTP rule %r", rule)
-                continue
-            ok, actions, logs = rule_matches(rule, method, path, host, headers)
-            if ok:
-                return HttpVerdict(True, i, f"matched HTTP rule {i}", actions, logs)
-        return HttpVerdict(False, None, "no HTTP rule matched")
+        return match_rules(rules, request)
 
     def request_from_trace(self, options: dict[str, Any]) -> L7Request:
         """``policy trace --http-method/--http-path/--http-host/--http-header``."""
+        options = _with_l7_inputs(options)
         headers: list[tuple[str, str]] = []
         for h in options.get("http_headers") or ():
             if isinstance(h, (tuple, list)):
@@ -187,6 +119,19 @@ class HttpParser(L7Parser):
         from axoneme.l7.http._proxy import HttpProxy
 
         return HttpProxy
+
+
+def _with_l7_inputs(options: dict[str, Any]) -> dict[str, Any]:
+    """``--l7 method=GET`` etc. as their ``--http-*`` shorthands (the shorthand wins)."""
+    out = dict(options)
+    for key in ("method", "path", "host"):
+        if options.get(key) is not None and out.get(f"http_{key}") is None:
+            out[f"http_{key}"] = options[key]
+    extra = options.get("header")
+    if extra is not None:
+        more = [extra] if isinstance(extra, str) else list(extra)
+        out["http_headers"] = [*(options.get("http_headers") or ()), *more]
+    return out
 
 
 __all__ = ["HttpParser", "HttpVerdict", "HeaderAction", "apply_actions", "rule_matches"]

@@ -7,7 +7,7 @@ Per client connection:
    strictly (``_wire``); a malformed request gets 4xx/5xx and the connection
    is closed.
 2. Ask ``policy_for`` (every request: a policy change applies to the next
-   request), match the rules (``HttpParser.match``, shared with
+   request), match the rules (``match_rules``, as ``HttpParser.match``, shared with
    ``policy trace``). Denied: 403 "Access denied", the request never reaches
    the upstream; the body is drained if small and framed, else the
    connection is closed.
@@ -34,7 +34,7 @@ from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Request
 from axoneme.core.l7proxy import ConnectUpstream, FlowSink, PolicyFor, ProxyConfig, ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.l7.http._parser import HttpParser, apply_actions
+from axoneme.l7.http._match import apply_actions, match_rules
 from axoneme.l7.http._wire import (
     MAX_CHUNK_LINE,
     MAX_DRAIN,
@@ -95,7 +95,6 @@ class HttpProxy:
         self.flow_sink = flow_sink
         self.connect_upstream = connect_upstream or plain_connect
         self.config = config or ProxyConfig()
-        self.parser = HttpParser()
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[asyncio.Task[Any], _Conn] = {}
         self._watchdog: asyncio.TimerHandle | None = None
@@ -331,7 +330,7 @@ class _Conn:
         allowed = False
         verdict = None
         if pol is not None:
-            verdict = self.p.parser.match(pol.rules, L7Request({
+            verdict = match_rules(pol.rules, L7Request({
                 "method": req.method, "path": req.path, "host": req.host,
                 "headers": req.headers}))
             allowed = verdict.allowed

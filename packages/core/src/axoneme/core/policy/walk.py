@@ -1,4 +1,5 @@
-"""Typed access to untrusted YAML/JSON structures that records problems.
+"""Typed access to untrusted YAML/JSON structures that records problems (public:
+L7 parsers validate their rules with it, see ``axoneme.core.l7``).
 
 Every accessor takes the value and its field path and returns the value (or
 ``None``) after recording a ``Problem`` for anything wrong, so one pass over
