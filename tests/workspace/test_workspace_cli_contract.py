@@ -24,8 +24,6 @@ CLI_MD = ROOT / "docs" / "cli.md"
 # Promised by docs/cli.md, not implemented yet: (command, flag) -> the issue that adds it.
 # flag None: the whole command (and every flag of it) is still to come.
 NOT_YET: dict[tuple[str, str | None], int] = {
-    # issue 14 (this issue; the L7 contract part lands `--l7`)
-    ("policy trace", "--l7"): 14,
     # issue 15: Kubernetes mode, the local cluster
     ("agent run", "--k8s-kubeconfig"): 15,
     ("agent run", "--k8s-api-server"): 15,
