@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from axoneme.agent.cli import EXIT_OK, add_output_flag
 from axoneme.core.cluster import Cluster
@@ -49,6 +50,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
     t.add_argument("--kafka-api-key", default=None)
     t.add_argument("--kafka-api-version", default=None)
     t.add_argument("--kafka-client-id", default=None)
+    t.add_argument("--l7", dest="l7", action="append", default=[], metavar="KEY=VALUE",
+                   help="an L7 request field for the parser that decides (repeatable; e.g. "
+                        "verb=GET, method=GET, path=/x, role=produce, topic=t, query=a.example.com)")
     t.add_argument("--dns-answer", dest="dns_answers", action="append", default=[],
                    metavar="NAME=IP[,IP...]",
                    help="a DNS answer the node has seen, for toFQDNs rules (repeatable)")
@@ -105,7 +109,8 @@ def run_trace(args: argparse.Namespace) -> int:
         if target is None:
             raise TraceInputError(f"{dst.name} has no port named {spec.name!r} (--port)")
         protocol, number = target
-    request = {k: getattr(args, k) for k in _L7_FLAGS if getattr(args, k) is not None}
+    request = parse_l7_inputs(args.l7)
+    request.update({k: getattr(args, k) for k in _L7_FLAGS if getattr(args, k) is not None})
     result = trace(env, src, dst, protocol, number, request or None)
     if args.output == "json":
         json.dump(result.to_json(), sys.stdout, indent=2)
@@ -113,6 +118,22 @@ def run_trace(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(_render_trace(result))
     return EXIT_OK
+
+
+def parse_l7_inputs(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items -> {key: value}; a repeated key gives a list of its values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.replace("_", "").replace("-", "").isalnum():
+            raise TraceInputError(f"invalid L7 input {excerpt(item)!r}: expected KEY=VALUE (--l7)")
+        if key in out:
+            prev = out[key]
+            out[key] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        else:
+            out[key] = value
+    return out
 
 
 def parse_dns_answers(items: list[str]) -> dict[str, set[str]]:

@@ -23,10 +23,11 @@ own event loop thread, which is where ``policy_for`` and ``flow_sink`` are
 called (hand flows to the agent loop with ``loop.call_soon_threadsafe``).
 """
 
+from axoneme.core.l7proxy import make_listener, transparent_connector, transparent_udp_connector
+
 from ._manager import PORT_RANGE, ProxyError, ProxyInfo, ProxyManager
 from ._policy import flow_endpoint, make_policy_for
 from ._rules import CHAIN, ProxyRulesError, RedirectRules, chain_for_state_dir
-from ._sockets import make_listener, transparent_connector, transparent_udp_connector
 
 __all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "PORT_RANGE", "RedirectRules",
            "ProxyRulesError", "CHAIN", "chain_for_state_dir", "make_listener",

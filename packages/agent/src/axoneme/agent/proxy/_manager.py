@@ -17,21 +17,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from axoneme.core.errors import AxonemeError
+from axoneme.core.errors import AxonemeError, PluginError
 from axoneme.core.failpoints import failpoint
-from axoneme.core.l7proxy import FlowSink, L7ProxyServer, PolicyFor, ProxyConfig
+from axoneme.core.l7proxy import (
+    FlowSink,
+    L7ProxyServer,
+    PolicyFor,
+    ProxyConfig,
+    make_listener,
+    transparent_connector,
+)
 from axoneme.core.mapstate import Direction
 from axoneme.core.marks import from_proxy_mark
-from axoneme.core.plugins import GROUP_L7, load_class
+from axoneme.core.plugins import l7_parser
 
 from ._rules import RedirectRules
-from ._sockets import make_listener, transparent_connector
 
 LOG = logging.getLogger(__name__)
 
 PORT_RANGE = (15000, 15999)
-# L4 protocols diverted to a parser's proxy port when acquire() is not told.
-DEFAULT_PROTOCOLS: dict[str, tuple[str, ...]] = {"dns": ("tcp", "udp")}
 
 
 class ProxyError(AxonemeError):
@@ -232,7 +236,7 @@ class ProxyManager:
 
         Reference counted; ``port`` asks for a specific port (else the first
         free one in ``port_range``). ``protocols`` are the L4 protocols the
-        TPROXY rules divert to the port (default tcp; dns: tcp and udp).
+        TPROXY rules divert to the port (default: the parser's ``transport``).
         ``factory_kwargs`` go to the parser's proxy factory on first use
         (e.g. DNS ``cache=``, ``on_answer=``, ``connect_upstream_udp=``).
         """
@@ -261,7 +265,7 @@ class ProxyManager:
                                  config=self.config, **factory_kwargs)
                 self._run(server.start())
                 if self.rules is not None:
-                    self.rules.add_port(p, protocols or DEFAULT_PROTOCOLS.get(parser, ("tcp",)))
+                    self.rules.add_port(p, protocols or transport_of(parser))
             except Exception as e:
                 sock.close()
                 raise ProxyError(f"cannot start the {parser} proxy on port {p}: {e}") from e
@@ -269,7 +273,7 @@ class ProxyManager:
             self._servers[p] = (server, ProxyInfo(parser, direction, name, p, 1))
             self._listeners[p] = _Listener(server, ProxyInfo(parser, direction, name, p, 1), sock,
                                            policy_for,
-                                           protocols or DEFAULT_PROTOCOLS.get(parser, ("tcp",)),
+                                           protocols or transport_of(parser),
                                            dict(factory_kwargs))
             LOG.info("started %s %s proxy on port %d", parser, direction, p)
             return p
@@ -332,7 +336,7 @@ class ProxyManager:
 
     def _factory(self, parser: str) -> Callable[..., L7ProxyServer]:
         if parser not in self._factories:
-            factory = load_class(GROUP_L7, parser)().proxy_factory()
+            factory = l7_parser(parser).proxy_factory()
             if factory is None:
                 raise ProxyError(f"the {parser!r} L7 parser has no proxy")
             self._factories[parser] = factory
@@ -353,5 +357,13 @@ class ProxyManager:
         raise ProxyError(f"no free proxy port in {self.port_range}: {last}")
 
 
-__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "ProxyLoopCrash", "PORT_RANGE",
-           "DEFAULT_PROTOCOLS"]
+def transport_of(parser: str) -> tuple[str, ...]:
+    """The L4 protocols (lower case) the TPROXY rules divert to a parser's proxy port
+    (tcp for a proxy factory given without an installed parser)."""
+    try:
+        return tuple(t.lower() for t in l7_parser(parser).transport)
+    except PluginError:
+        return ("tcp",)
+
+
+__all__ = ["ProxyManager", "ProxyInfo", "ProxyError", "ProxyLoopCrash", "PORT_RANGE", "transport_of"]

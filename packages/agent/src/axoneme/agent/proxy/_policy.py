@@ -23,6 +23,7 @@ from axoneme.core.endpoint import Endpoint
 from axoneme.core.flow import FlowEndpoint
 from axoneme.core.l7proxy import PolicyFor, ProxyPolicy
 from axoneme.core.mapstate import Direction, MapState, Protocol, Verdict
+from axoneme.core.plugins import l7_parser
 
 
 def flow_endpoint(ep: Endpoint) -> FlowEndpoint:
@@ -34,14 +35,17 @@ def make_policy_for(parser: str, *, endpoint_by_ip: Callable[[str], Endpoint | N
                     identity_of_ip: Callable[[str], int],
                     policy_of: Callable[[Endpoint], MapState | None],
                     peer_endpoint: Callable[[str, int], FlowEndpoint] | None = None,
-                    protocol: Protocol = Protocol.TCP) -> PolicyFor:
+                    protocol: Protocol | None = None) -> PolicyFor:
     """A ``policy_for`` for the proxies of ``parser`` (see the module doc).
 
     ``endpoint_by_ip``: local endpoint owning an IP; ``identity_of_ip``: the
     ipcache lookup (world when unknown); ``policy_of``: the endpoint's current
     MapState; ``peer_endpoint(ip, identity)``: flow details of the peer
-    (default: the local endpoint owning the IP, else just the identity).
+    (default: the local endpoint owning the IP, else just the identity);
+    ``protocol`` of the MapState lookup (default: the parser's last
+    ``transport``, e.g. UDP for a TCP+UDP DNS parser, TCP for most).
     """
+    proto = protocol if protocol is not None else Protocol.parse(l7_parser(parser).transport[-1])
 
     def policy_for(src_ip: str, src_port: int, dst_ip: str, dst_port: int,
                    direction: Direction) -> ProxyPolicy | None:
@@ -54,7 +58,7 @@ def make_policy_for(parser: str, *, endpoint_by_ip: Callable[[str], Endpoint | N
         if state is None:
             return None
         peer_id = identity_of_ip(peer_ip)
-        decision = state.lookup(peer_id, Direction(direction), protocol, dst_port)
+        decision = state.lookup(peer_id, Direction(direction), proto, dst_port)
         if not decision.allowed or decision.entry is None:
             return None
         if decision.verdict is Verdict.REDIRECTED:

@@ -43,21 +43,23 @@ from typing import Any
 
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Request, L7Verdict
-from axoneme.core.l7proxy import ConnectUpstream, ProxyConfig, ProxyPolicy
-from axoneme.core.l7proxy import PolicyFor as CorePolicyFor
-from axoneme.core.mapstate import Direction
-from axoneme.l7.dns._cache import FQDNCache
-from axoneme.l7.dns._match import match_query
-from axoneme.l7.dns._sockets import (
+from axoneme.core.l7proxy import (
     Addr,
+    ConnectUpstream,
+    ProxyConfig,
+    ProxyPolicy,
     family_of,
     is_transparent,
-    make_tcp_listener,
+    make_listener,
     make_udp_listener,
     recv_datagram,
     send_from,
     set_mark,
 )
+from axoneme.core.l7proxy import PolicyFor as CorePolicyFor
+from axoneme.core.mapstate import Direction
+from axoneme.l7.dns._cache import FQDNCache
+from axoneme.l7.dns._match import match_query
 from axoneme.l7.dns._wire import (
     RCODE_SERVFAIL,
     DnsAnswer,
@@ -191,7 +193,7 @@ class DnsProxy:
                                                transparent=cfg.transparent)
                              if cfg.udp else None)
                 port = self._udp.getsockname()[1] if self._udp else cfg.listen_port
-                tcp_sock = (make_tcp_listener(cfg.listen_host, port,
+                tcp_sock = (make_listener(port, cfg.listen_host,
                                               transparent=cfg.transparent)
                             if cfg.tcp else None)
                 if tcp_sock is not None:
@@ -225,7 +227,7 @@ class DnsProxy:
         elif cfg.udp:
             self._udp = make_udp_listener(host, port, transparent=cfg.transparent)
         if self._given_tcp is None and cfg.tcp:
-            self._given_tcp = make_tcp_listener(host, port, transparent=cfg.transparent)
+            self._given_tcp = make_listener(port, host, transparent=cfg.transparent)
         elif self._given_tcp is not None:
             self._given_tcp.setblocking(False)
         self._port = port

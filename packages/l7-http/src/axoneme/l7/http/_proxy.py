@@ -32,7 +32,15 @@ from typing import Any
 
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Request
-from axoneme.core.l7proxy import ConnectUpstream, FlowSink, PolicyFor, ProxyConfig, ProxyPolicy
+from axoneme.core.l7proxy import (
+    ConnectUpstream,
+    FlowSink,
+    PolicyFor,
+    ProxyConfig,
+    ProxyPolicy,
+    StreamProxyServer,
+    plain_connect,
+)
 from axoneme.core.mapstate import Direction
 from axoneme.l7.http._match import apply_actions, match_rules
 from axoneme.l7.http._wire import (
@@ -64,62 +72,41 @@ class _Closed(Exception):
     """The client connection must be closed (already answered or gone)."""
 
 
-async def plain_connect(src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
-    """Upstream connect without transparency (tests, or when not root)."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_connect(sock, dst)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _l4(sport: int, dport: int) -> dict[str, Any]:
     return {"TCP": {"source_port": sport, "destination_port": dport}}
 
 
-class HttpProxy:
+class HttpProxy(StreamProxyServer):
     """An HTTP proxy on one listening socket (the ``http`` proxy factory)."""
+
+    QUIET = (*StreamProxyServer.QUIET, _Closed)
 
     def __init__(self, sock: socket.socket, *, direction: Direction, policy_for: PolicyFor,
                  flow_sink: FlowSink, connect_upstream: ConnectUpstream | None = None,
                  config: ProxyConfig | None = None) -> None:
-        self.sock = sock
+        self.config = config or ProxyConfig()
+        super().__init__(sock, max_connections=self.config.max_connections, stream_limit=STREAM_LIMIT,
+                         name="http proxy")
         self.direction = direction
         self.policy_for = policy_for
         self.flow_sink = flow_sink
         self.connect_upstream = connect_upstream or plain_connect
-        self.config = config or ProxyConfig()
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: dict[asyncio.Task[Any], _Conn] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         c = self.config
         # Timeouts are enforced by one periodic check per proxy rather than a
         # timer per read: per-operation timers cost more than the parsing.
         self._tick = max(0.02, min(c.header_timeout, c.idle_timeout, c.body_timeout,
                                    c.upstream_timeout) / 4)
-        self._listen = sock.getsockname()[:2]
-        self.stats = {"requests": 0, "denied": 0, "errors": 0, "refused_connections": 0}
-
-    @property
-    def port(self) -> int:
-        return int(self._listen[1])
+        self.stats.update({"requests": 0, "denied": 0, "errors": 0})
 
     async def start(self) -> None:
-        self.sock.setblocking(False)
-        self._server = await asyncio.start_server(self._client, sock=self.sock, limit=STREAM_LIMIT,
-                                                  backlog=1024)
+        await super().start()
         self._watch()
 
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn in list(self._conns.values()):
+        for conn in self.connections():
             conn.check(now)
         self._watchdog = loop.call_later(self._tick, self._watch)
 
@@ -127,39 +114,16 @@ class HttpProxy:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._conns):
-            t.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        await super().stop()
 
     # -- one client connection -------------------------------------------------
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if len(self._conns) >= self.config.max_connections:
-            self.stats["refused_connections"] += 1
-            LOG.warning("proxy %d: connection limit %d reached, refusing", self.port,
-                        self.config.max_connections)
-            writer.transport.abort()
-            return
-        assert task is not None
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(self, reader, writer)
-        self._conns[task] = conn
+        self.track(conn)
         try:
             await conn.run()
-        except (asyncio.CancelledError, _Closed, ConnectionError, TimeoutError,
-                asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except Exception:  # a bug must not take the listener down
-            LOG.exception("proxy %d: connection handler failed", self.port)
         finally:
-            self._conns.pop(task, None)
             conn.close()
 
     def emit(self, flow: Flow) -> None:
@@ -226,9 +190,7 @@ class _Conn:
         self.up_w = None
 
     async def run(self) -> None:
-        lip = self.p._listen[0]
-        if self.cfg.upstream is None and self.dst[1] == self.p.port and \
-                (self.dst[0] == lip or lip in ("0.0.0.0", "::")):
+        if self.cfg.upstream is None and self.p.loops_back(self.dst):
             # Connected to the listener itself, not redirected: would loop.
             LOG.warning("proxy %d: direct connection from %s refused", self.p.port, self.client)
             return

@@ -40,6 +40,7 @@ from typing import Any
 
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Verdict
+from axoneme.core.l7proxy import FlowSink, StreamProxyServer, plain_connect
 from axoneme.core.mapstate import Direction
 from axoneme.l7.kafka._codec import KafkaDecodeError
 from axoneme.l7.kafka._matcher import allowed_topics, match_request
@@ -68,7 +69,6 @@ LOG = logging.getLogger(__name__)
 # policy_lookup() -> rules | an object with .rules (.source/.destination) | None
 # (or an awaitable of it). None refuses every request (fail closed).
 PolicyLookup = Callable[[], Any]
-FlowSink = Callable[[Flow], None]
 
 _MAX_PENDING = 1024  # in-flight requests per connection before we stop reading
 # Upstream responses read ahead of the client; small, since each may be large.
@@ -407,21 +407,7 @@ class _Session:
 
 # ----------------------------------------------------------------- listeners
 
-async def _plain_connect(src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_connect(sock, dst)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class KafkaProxy:
+class KafkaProxy(StreamProxyServer):
     """A Kafka proxy on one listening socket (the ``kafka`` proxy factory).
 
     Signature of ``axoneme.core.l7proxy.ProxyFactory``:
@@ -438,66 +424,23 @@ class KafkaProxy:
                  connect_upstream: Callable[[tuple[str, int], tuple[str, int]],
                                             Awaitable[socket.socket]] | None = None,
                  config: Any = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.sock = sock
+        super().__init__(sock, max_connections=getattr(config, "max_connections", 1024),
+                         name="kafka proxy")
         self.direction = direction
         self.policy_for = policy_for
         self.flow_sink = flow_sink
-        self.connect_upstream = connect_upstream or _plain_connect
+        self.connect_upstream = connect_upstream or plain_connect
         self.config = config
         self.max_frame = max_frame
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
-        self.stats = {"connections": 0, "refused_connections": 0, "upstream_failures": 0}
+        self.stats.update({"connections": 0, "upstream_failures": 0})
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.sock.getsockname()[:2]
-        return str(host), int(port)
-
-    async def start(self) -> None:
-        self.sock.setblocking(False)
-        self._server = await asyncio.start_server(self._client, sock=self.sock, backlog=1024)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._conns):
-            t.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        limit = getattr(self.config, "max_connections", 1024)
-        if len(self._conns) >= limit:
-            self.stats["refused_connections"] += 1
-            writer.transport.abort()
-            return
-        assert task is not None
-        self._conns.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (asyncio.CancelledError, ConnectionError, TimeoutError):
-            pass
-        except Exception:  # a bug must not take the listener down
-            LOG.exception("kafka proxy: connection handler failed")
-        finally:
-            self._conns.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats["connections"] += 1
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         client = (str(peer[0]), int(peer[1]))
         upstream = getattr(self.config, "upstream", None) or (str(local[0]), int(local[1]))
-        if getattr(self.config, "upstream", None) is None and upstream == self.address \
-                and self.address[0] not in ("0.0.0.0", "::"):
+        if getattr(self.config, "upstream", None) is None and self.loops_back(upstream):
             LOG.warning("kafka proxy: direct connection from %s refused (would loop)", client)
             return
         timeout = getattr(self.config, "upstream_connect_timeout", 5.0)
@@ -521,7 +464,7 @@ class KafkaProxy:
                      frame_timeout=getattr(self.config, "body_timeout", DEFAULT_FRAME_TIMEOUT))
 
 
-class StandaloneKafkaProxy:
+class StandaloneKafkaProxy(StreamProxyServer):
     """Listen on ``listen`` and forward every connection to ``upstream``.
 
     ``policy_lookup()`` as for :func:`handle`. ``start()``/``stop()`` are
@@ -534,66 +477,31 @@ class StandaloneKafkaProxy:
                  policy_lookup: PolicyLookup, flow_sink: FlowSink | None = None, *,
                  max_frame: int = DEFAULT_MAX_FRAME,
                  frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT) -> None:
-        self.listen = listen
+        super().__init__(None, listen=listen, max_connections=1 << 16, name="kafka proxy")
         self.frame_timeout = frame_timeout
         self.upstream = upstream
         self.policy_lookup = policy_lookup
         self.flow_sink = flow_sink
         self.max_frame = max_frame
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        server = self._server
-        assert isinstance(server, asyncio.Server) and server.sockets
-        host, port = server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
-
-    async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._client, self.listen[0], self.listen[1],
-                                                  reuse_address=True, backlog=1024)
+    async def start(self) -> tuple[str, int]:  # type: ignore[override]
+        await super().start()
         return self.address
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._conns):
-            t.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self.upstream), 5)
-            except (OSError, TimeoutError) as exc:
-                LOG.info("kafka proxy: upstream %s unreachable: %s", self.upstream, exc)
-                return
-            sock = up_writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await handle(reader, writer, up_reader, up_writer, self.policy_lookup,
-                         self.flow_sink, max_frame=self.max_frame,
-                         frame_timeout=self.frame_timeout)
-        except (asyncio.CancelledError, ConnectionError, TimeoutError):
-            pass
-        except Exception:
-            LOG.exception("kafka proxy: connection handler failed")
-        finally:
-            self._conns.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5)
+        except (OSError, TimeoutError) as exc:
+            LOG.info("kafka proxy: upstream %s unreachable: %s", self.upstream, exc)
+            return
+        sock = up_writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await handle(reader, writer, up_reader, up_writer, self.policy_lookup,
+                     self.flow_sink, max_frame=self.max_frame, frame_timeout=self.frame_timeout)
 
     # -- threaded use ---------------------------------------------------------
 
