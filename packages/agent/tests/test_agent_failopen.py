@@ -9,12 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from axoneme.agent._agent import (
-    DROPPED_POLICIES_FILE,
-    Agent,
-    AgentConfig,
-    PersistedPolicyError,
-)
+from axoneme.agent._agent import Agent
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._errors import DROPPED_POLICIES_FILE, PersistedPolicyError
 
 GOOD = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
         "metadata": {"name": "good", "namespace": "default"},
@@ -47,7 +44,7 @@ def test_unparseable_persisted_policy_refuses_start_naming_it(tmp_path: Path) ->
     agent = Agent(AgentConfig(datapath="noop", state_dir=str(state_dir), guard=False))
     agent.load_state()
     with pytest.raises(PersistedPolicyError) as info:
-        agent._restore_policies()
+        agent.policies.restore()
     msg = str(info.value)
     assert "persisted policy CiliumNetworkPolicy/default/deny-all no longer parses: " \
            "spec.ingress[0].toPorts[0].ports[0].port" in msg
@@ -55,7 +52,7 @@ def test_unparseable_persisted_policy_refuses_start_naming_it(tmp_path: Path) ->
     assert "--drop-unparseable-policies" in msg
     assert str(state_dir / "state.json") in msg
     # nothing was dropped: the state still holds both
-    assert "CiliumNetworkPolicy/default/deny-all" in agent.policy_docs
+    assert "CiliumNetworkPolicy/default/deny-all" in agent.store.policy_docs
     assert "deny-all" in (state_dir / "state.json").read_text()
 
 
@@ -64,17 +61,17 @@ def test_drop_unparseable_policies_drops_loudly_and_keeps_a_copy(tmp_path: Path)
     agent = Agent(AgentConfig(datapath="noop", state_dir=str(state_dir), guard=False,
                               drop_unparseable_policies=True))
     agent.load_state()
-    agent._restore_policies()
+    agent.policies.restore()
     assert [p.ref.name for p in agent.engine.policies()] == ["good"]
-    assert set(agent.policy_docs) == {"CiliumNetworkPolicy/default/good"}
-    dropped = {d["policy"]: d for d in agent.dropped_policies}
+    assert set(agent.store.policy_docs) == {"CiliumNetworkPolicy/default/good"}
+    dropped = {d["policy"]: d for d in agent.policies.dropped}
     assert set(dropped) == {"CiliumNetworkPolicy/default/deny-all",
                             "CiliumNetworkPolicy/default/junk"}
     assert "spec.ingress[0].toPorts[0].ports[0].port" in \
         dropped["CiliumNetworkPolicy/default/deny-all"]["problem"]
     kept = json.loads((state_dir / DROPPED_POLICIES_FILE).read_text())
     assert kept["CiliumNetworkPolicy/default/deny-all"]["record"]["doc"]["obj"] == BAD
-    status = agent.status()["components"]["policies"]
+    status = agent.views.status()["components"]["policies"]
     assert {d["policy"] for d in status["dropped_at_start"]} == set(dropped)
 
 
@@ -83,7 +80,7 @@ def test_drop_unparseable_policies_drops_loudly_and_keeps_a_copy(tmp_path: Path)
 import asyncio  # noqa: E402
 import ipaddress  # noqa: E402
 
-from axoneme.agent._agent import EndpointRecord, PodRecord  # noqa: E402
+from axoneme.agent._records import EndpointRecord, PodRecord  # noqa: E402
 from axoneme.core.datapath import IPCacheChanges, NoopDatapath  # noqa: E402
 from axoneme.core.endpoint import Endpoint  # noqa: E402
 from axoneme.core.errors import DatapathProgramError, MapFullError  # noqa: E402
@@ -137,12 +134,12 @@ def _agent(tmp_path: Path, dp: NoopDatapath, **cfg: Any) -> Agent:
 
 def _add_endpoint(agent: Agent, ep_id: int, ip: str, app: str) -> Endpoint:
     name = f"p{ep_id}"
-    agent.pods[f"default/{name}"] = PodRecord(name=name, namespace="default", labels={"app": app})
+    agent.store.pods[f"default/{name}"] = PodRecord(name=name, namespace="default", labels={"app": app})
     rec = EndpointRecord(id=ep_id, container_id=f"c{ep_id}", ifname="eth0", netns_path="",
                          namespace="default", pod_name=name, ipv4=ip, host_ifname=f"lxct{ep_id}")
-    agent.endpoints[rec.container_id] = rec
-    ep = agent._build_endpoint(rec)
-    agent.endpoint_objs[ep_id] = ep
+    agent.store.endpoints[rec.container_id] = rec
+    ep = agent.endpoints.build_endpoint(rec)
+    agent.store.endpoint_objs[ep_id] = ep
     agent.engine.upsert_endpoint(ep)
     assert agent.datapath is not None
     agent.datapath.endpoint_added(ep, *agent.engine.enforcement(ep_id))
@@ -159,17 +156,17 @@ def test_failed_ipcache_write_is_kept_and_retried_until_it_lands(tmp_path: Path)
 
     async def run() -> None:
         a = _add_endpoint(agent, 1, "10.244.7.2", "web")
-        await agent.regenerate()  # write 1 fails
-        ipc = agent.status()["components"]["ipcache"]
+        await agent.regenerator.regenerate()  # write 1 fails
+        ipc = agent.views.status()["components"]["ipcache"]
         assert ipc["pending"] >= 1 and "injected failure" in ipc["last_error"]
         b = _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()  # write 2 fails: both changes are kept, merged
-        assert agent.status()["components"]["ipcache"]["pending"] >= 2
+        await agent.regenerator.regenerate()  # write 2 fails: both changes are kept, merged
+        assert agent.views.status()["components"]["ipcache"]["pending"] >= 2
         assert dp.dump_ipcache() == {}
-        await agent._retry_datapath()  # write 3 succeeds
+        await agent.regenerator.retry()  # write 3 succeeds
         assert dp.dump_ipcache()[_net("10.244.7.2")] == a.identity
         assert dp.dump_ipcache()[_net("10.244.7.3")] == b.identity
-        ipc = agent.status()["components"]["ipcache"]
+        ipc = agent.views.status()["components"]["ipcache"]
         assert ipc["pending"] == 0 and ipc["last_error"] == ""
         assert ipc["retries"] == 2
 
@@ -182,12 +179,12 @@ def test_retry_backs_off_while_the_datapath_keeps_failing(tmp_path: Path) -> Non
 
     async def run() -> None:
         _add_endpoint(agent, 1, "10.244.7.2", "web")
-        await agent.regenerate()
+        await agent.regenerator.regenerate()
         calls = dp.calls
-        await agent._retry_datapath()
-        await agent._retry_datapath()  # within the backoff: no new attempt
+        await agent.regenerator.retry()
+        await agent.regenerator.retry()  # within the backoff: no new attempt
         assert dp.calls == calls + 1
-        assert agent._retry_delay == 2.0
+        assert agent.regenerator.retry_delay == 2.0
 
     asyncio.run(run())
 
@@ -215,30 +212,30 @@ def test_policy_map_full_fails_closed_then_a_policy_that_fits_restores(tmp_path:
     async def run() -> None:
         web = _add_endpoint(agent, 1, "10.244.7.2", "web")
         _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()
-        await agent.policy_apply([_allow_ports("small", [80])])
+        await agent.regenerator.regenerate()
+        await agent.policies.apply([_allow_ports("small", [80])])
         assert dp.fail_closed == {}
         assert dp.dump(web) == agent.engine.resolve(1)
         # a bigger policy does not fit: the endpoint fails closed on ingress
         # (the direction that changed) instead of keeping the older policy
-        res = await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        res = await agent.policies.apply([_allow_ports("big", list(range(8000, 8010)))])
         assert 1 in {int(k) for k in res["errors"]}
         assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
-        rec = agent.endpoints["c1"]
+        rec = agent.store.endpoints["c1"]
         assert rec.status.startswith("not-ready: policy map full: ")
         assert "failing closed (ingress)" in rec.status
-        fc = agent.status()["components"]["fail_closed"]
+        fc = agent.views.status()["components"]["fail_closed"]
         assert fc == [{"endpoint": 1, "directions": ["ingress"], "reason": fc[0]["reason"]}]
         assert "policy_map_max 3" in fc[0]["reason"]
         # the periodic retry keeps it closed while it does not fit
-        await agent._retry_datapath()
+        await agent.regenerator.retry()
         assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
         # deleting the big policy: it fits again, service is back
-        await agent.policy_delete([_ref("big")])
+        await agent.policies.delete([_ref("big")])
         assert dp.fail_closed == {}
         assert dp.dump(web) == agent.engine.resolve(1)
-        assert agent.endpoints["c1"].status == "ready"
-        assert agent.status()["components"]["fail_closed"] == []
+        assert agent.store.endpoints["c1"].status == "ready"
+        assert agent.views.status()["components"]["fail_closed"] == []
 
     asyncio.run(run())
 
@@ -250,13 +247,13 @@ def test_policy_map_full_keep_last_keeps_the_previous_policy(tmp_path: Path) -> 
     async def run() -> None:
         web = _add_endpoint(agent, 1, "10.244.7.2", "web")
         _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()
-        await agent.policy_apply([_allow_ports("small", [80])])
+        await agent.regenerator.regenerate()
+        await agent.policies.apply([_allow_ports("small", [80])])
         before = dp.dump(web)
-        await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        await agent.policies.apply([_allow_ports("big", list(range(8000, 8010)))])
         assert dp.fail_closed == {}
         assert dp.dump(web) == before
-        assert "keep-last" in agent.endpoints["c1"].status
+        assert "keep-last" in agent.store.endpoints["c1"].status
 
     asyncio.run(run())
 
@@ -273,10 +270,10 @@ def test_policy_map_full_without_a_fail_closed_switch_removes_the_entries(tmp_pa
     async def run() -> None:
         web = _add_endpoint(agent, 1, "10.244.7.2", "web")
         _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()
-        await agent.policy_apply([_allow_ports("small", [80])])
+        await agent.regenerator.regenerate()
+        await agent.policies.apply([_allow_ports("small", [80])])
         assert any(k.direction is Direction.INGRESS for k in dp.dump(web))
-        await agent.policy_apply([_allow_ports("big", list(range(8000, 8010)))])
+        await agent.policies.apply([_allow_ports("big", list(range(8000, 8010)))])
         assert not any(k.direction is Direction.INGRESS for k in dp.dump(web))
 
     asyncio.run(run())
@@ -284,7 +281,7 @@ def test_policy_map_full_without_a_fail_closed_switch_removes_the_entries(tmp_pa
 
 # -- a datapath write that fails, a state write that fails (failpoints) ---------------------
 
-from axoneme.agent._agent import StateWriteError  # noqa: E402
+from axoneme.agent._errors import StateWriteError  # noqa: E402
 from axoneme.core import failpoints  # noqa: E402
 
 
@@ -314,31 +311,31 @@ def test_failed_datapath_write_fails_closed_until_a_retry_writes_it(
     async def run() -> None:
         web = _add_endpoint(agent, 1, "10.244.7.2", "web")
         _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()
-        await agent.policy_apply([_allow_ports("allow", [80])])
+        await agent.regenerator.regenerate()
+        await agent.policies.apply([_allow_ports("allow", [80])])
         allowed = dp.dump(web)
         armed("datapath.apply", "error")
         # the tightening cannot be written: the older (looser) policy must not
         # stay in force, the endpoint fails closed in the direction that changed
-        res = await agent.policy_apply([_deny_client("deny")])
+        res = await agent.policies.apply([_deny_client("deny")])
         assert "1" in res["errors"]
         assert dp.dump(web) == allowed  # the write really did not happen
         assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
-        assert "datapath write failed: failpoint datapath.apply" in agent.endpoints["c1"].status
-        faults = agent.status()["faults"]
+        assert "datapath write failed: failpoint datapath.apply" in agent.store.endpoints["c1"].status
+        faults = agent.views.status()["faults"]
         assert any(f.startswith("endpoint 1: datapath write failed") and "failing closed (ingress)"
                    in f for f in faults), faults
         # retries keep it closed while writes fail
-        agent._retry_at = 0.0
-        await agent._retry_datapath()
+        agent.regenerator.retry_at = 0.0
+        await agent.regenerator.retry()
         assert dp.fail_closed[1] == frozenset({Direction.INGRESS})
         armed("datapath.apply", "off")
-        agent._retry_at = 0.0
-        await agent._retry_datapath()
+        agent.regenerator.retry_at = 0.0
+        await agent.regenerator.retry()
         assert dp.fail_closed == {}
         assert dp.dump(web) == agent.engine.resolve(1) != allowed
-        assert agent.endpoints["c1"].status == "ready"
-        assert agent.status()["faults"] == []
+        assert agent.store.endpoints["c1"].status == "ready"
+        assert agent.views.status()["faults"] == []
 
     asyncio.run(run())
 
@@ -349,11 +346,11 @@ def test_failed_ipcache_write_is_a_named_fault(tmp_path: Path, armed: Any) -> No
     async def run() -> None:
         armed("datapath.ipcache", "1*error")
         _add_endpoint(agent, 1, "10.244.7.2", "web")
-        await agent.regenerate()
+        await agent.regenerator.regenerate()
         assert any(f.startswith("ipcache: failpoint datapath.ipcache")
-                   for f in agent.status()["faults"])
-        await agent._retry_datapath()
-        assert agent.status()["faults"] == []
+                   for f in agent.views.status()["faults"])
+        await agent.regenerator.retry()
+        assert agent.views.status()["faults"] == []
 
     asyncio.run(run())
 
@@ -367,33 +364,33 @@ def test_api_policy_is_refused_and_undone_when_the_state_cannot_be_written(
     async def run() -> None:
         web = _add_endpoint(agent, 1, "10.244.7.2", "web")
         _add_endpoint(agent, 2, "10.244.7.3", "client")
-        await agent.regenerate()
-        await agent.policy_apply([_allow_ports("allow", [80])])
+        await agent.regenerator.regenerate()
+        await agent.policies.apply([_allow_ports("allow", [80])])
         before_kernel, before_file = dp.dump(web), state_file.read_text()
         armed("state.write", "error")
         # write-ahead: a policy the state file cannot record is not enforced
         # either (a restart would silently lose it); the caller is told
         with pytest.raises(StateWriteError, match="failpoint state.write"):
-            await agent.policy_apply([_deny_client("deny")])
+            await agent.policies.apply([_deny_client("deny")])
         assert [p.ref.name for p in agent.engine.policies()] == ["allow"]
-        assert set(agent.policy_docs) == {"CiliumNetworkPolicy/default/allow"}
+        assert set(agent.store.policy_docs) == {"CiliumNetworkPolicy/default/allow"}
         with pytest.raises(StateWriteError):
-            await agent.policy_delete([_ref("allow")])
+            await agent.policies.delete([_ref("allow")])
         assert [p.ref.name for p in agent.engine.policies()] == ["allow"]
-        await agent.regenerate()
+        await agent.regenerator.regenerate()
         assert dp.dump(web) == before_kernel
         assert state_file.read_text() == before_file
-        st = agent.status()
+        st = agent.views.status()
         assert st["components"]["state"]["healthy"] is False
         assert any(f.startswith("state: cannot write ") and "failpoint state.write" in f
                    for f in st["faults"]), st["faults"]
-        await agent._retry_persist()  # still failing: still named
-        assert agent.status()["components"]["state"]["last_error"]
+        await agent.store.retry_persist()  # still failing: still named
+        assert agent.views.status()["components"]["state"]["last_error"]
         armed("state.write", "off")
-        await agent._retry_persist()
-        assert agent.status()["components"]["state"] == {
+        await agent.store.retry_persist()
+        assert agent.views.status()["components"]["state"] == {
             "dir": str(tmp_path / "state"), "healthy": True, "last_error": ""}
-        await agent.policy_apply([_deny_client("deny")])
+        await agent.policies.apply([_deny_client("deny")])
         assert "deny" in state_file.read_text()
         assert dp.dump(web) == agent.engine.resolve(1) != before_kernel
 

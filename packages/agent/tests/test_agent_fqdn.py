@@ -34,19 +34,24 @@ POLICY = {
 
 
 class FakeAgent:
-    """What FQDNManager uses of the agent: config, engine, pm, lock, tasks, regenerate."""
+    """What FQDNManager is given: config, engine, pm, lock, the regenerator's push."""
 
     def __init__(self, state_dir: Path, **conf: Any) -> None:
         self.config = types.SimpleNamespace(state_dir=str(state_dir), **conf)
         self.engine = PolicyEngine(IdentityAllocator())
         self.pm = make_plugin_manager()
         self.lock = asyncio.Lock()
-        self._tasks: list[Any] = []
+        self.metrics: Any = None
         self.pushes: list[Any] = []
 
-    def _regenerate_sync(self) -> dict[int, str]:
+    def regenerate_sync(self) -> dict[int, str]:
         self.pushes.append(self.engine.pending_ipcache_changes())
         return {}
+
+
+def manager(agent: FakeAgent) -> FQDNManager:
+    return FQDNManager(agent.config, agent.engine, agent.regenerate_sync,  # type: ignore[arg-type]
+                       agent.pm, agent.lock, agent.metrics)
 
 
 def apply_policy(agent: FakeAgent) -> None:
@@ -58,7 +63,7 @@ def apply_policy(agent: FakeAgent) -> None:
 def test_answer_pushes_cidr_identity_and_survives_restart(tmp_path: Path) -> None:
     agent = FakeAgent(tmp_path)
     apply_policy(agent)
-    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    mgr = manager(agent)
     assert mgr.start()
     assert mgr.proxy_kwargs("http") == {}
     kw = mgr.proxy_kwargs("dns")
@@ -74,7 +79,7 @@ def test_answer_pushes_cidr_identity_and_survives_restart(tmp_path: Path) -> Non
     # a new agent (restart) restores the name before any DNS traffic
     agent2 = FakeAgent(tmp_path)
     apply_policy(agent2)
-    mgr2 = FQDNManager(agent2)  # type: ignore[arg-type]
+    mgr2 = manager(agent2)
     mgr2.start()
     peer = FQDNPeer(match_name="api.twitter.com")
     assert mgr2.cache.lookup(peer) == {"198.51.100.10"}
@@ -86,14 +91,14 @@ def test_answer_to_allowed_is_measured_once_per_change(tmp_path: Path) -> None:
     from axoneme.agent._metrics import AgentMetrics
 
     agent = FakeAgent(tmp_path)
-    agent.metrics = AgentMetrics()  # type: ignore[attr-defined]
+    agent.metrics = AgentMetrics()
     apply_policy(agent)
-    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    mgr = manager(agent)
     mgr.start()
     on_answer = mgr.proxy_kwargs("dns")["on_answer"]
 
     def count() -> float:
-        return agent.metrics.registry.get_sample_value(  # type: ignore[attr-defined,no-any-return]
+        return agent.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
             "axoneme_fqdn_answer_to_allowed_seconds_count") or 0.0
 
     mgr.cache.record("api.twitter.com", ["198.51.100.10"], 60)
@@ -111,7 +116,7 @@ def test_answer_to_allowed_is_measured_once_per_change(tmp_path: Path) -> None:
 def test_expiry_revokes(tmp_path: Path) -> None:
     agent = FakeAgent(tmp_path)
     apply_policy(agent)
-    mgr = FQDNManager(agent)  # type: ignore[arg-type]
+    mgr = manager(agent)
     mgr.start()
     mgr.cache.record("sub.example.com", ["198.51.100.12"], 60)
     mgr.push()
@@ -125,11 +130,10 @@ def test_expiry_revokes(tmp_path: Path) -> None:
 
 def test_config_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        FQDNManager(FakeAgent(tmp_path, dns_reject_rcode="SERVFAIL"))  # type: ignore[arg-type]
+        manager(FakeAgent(tmp_path, dns_reject_rcode="SERVFAIL"))
     with pytest.raises(ConfigError):
-        FQDNManager(FakeAgent(tmp_path, tofqdns_min_ttl=-1))  # type: ignore[arg-type]
-    mgr = FQDNManager(FakeAgent(tmp_path, dns_reject_rcode="nxdomain",  # type: ignore[arg-type]
-                                tofqdns_min_ttl=30))
+        manager(FakeAgent(tmp_path, tofqdns_min_ttl=-1))
+    mgr = manager(FakeAgent(tmp_path, dns_reject_rcode="nxdomain", tofqdns_min_ttl=30))
     mgr.start()
     assert mgr.cache.min_ttl == 30
     assert mgr.proxy_kwargs("dns")["dns_config"].reject_rcode == "NXDOMAIN"

@@ -44,21 +44,21 @@ SCAN = textwrap.dedent("""
     import asyncio, json, sys
     from axoneme.agent._policydir import PolicyDirWatcher
 
-    class FakeAgent:
+    class FakePolicies:
         def __init__(self):
-            self.policy_dir_errors = {}
+            self.source_errors = {}
             self.applied = []
 
-        async def policy_upsert(self, parsed, source, remove_refs=()):
+        async def upsert(self, parsed, source, remove_refs=()):
             self.applied.extend(p.ref.name for p, _ in parsed)
             return {}
 
     async def main():
-        agent = FakeAgent()
+        agent = FakePolicies()
         watcher = PolicyDirWatcher(agent, sys.argv[1])
         await asyncio.wait_for(watcher.scan(), 60)
         await asyncio.wait_for(watcher.scan(), 60)  # nothing changed: nothing re-applied
-        print(json.dumps({"applied": agent.applied, "errors": agent.policy_dir_errors}))
+        print(json.dumps({"applied": agent.applied, "errors": agent.source_errors}))
 
     asyncio.run(main())
     """)
@@ -92,13 +92,13 @@ def test_hostile_files_are_skipped_and_reported(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-class FakeAgent:
+class FakePolicies:
     def __init__(self) -> None:
-        self.policy_dir_errors: dict[str, list[str]] = {}
+        self.source_errors: dict[str, list[str]] = {}
         self.applied: list[str] = []
         self.removed: list[str] = []
 
-    async def policy_upsert(self, parsed: Any, source: str, remove_refs: Any = ()) -> dict[str, Any]:
+    async def upsert(self, parsed: Any, source: str, remove_refs: Any = ()) -> dict[str, Any]:
         self.applied.extend(p.ref.name for p, _ in parsed)
         self.removed.extend(r.name for r in remove_refs)
         return {}
@@ -120,10 +120,10 @@ def test_a_parser_failure_skips_only_that_file(tmp_path: Path, monkeypatch: pyte
         return real(doc)
 
     monkeypatch.setattr(parse, "parse_policy", flaky)
-    agent = FakeAgent()
+    agent = FakePolicies()
     asyncio.run(PolicyDirWatcher(agent, str(tmp_path)).scan())  # type: ignore[arg-type]
     assert agent.applied == ["a", "c"]
-    (message,) = agent.policy_dir_errors[str(tmp_path / "b.yaml")]
+    (message,) = agent.source_errors[str(tmp_path / "b.yaml")]
     assert message.startswith(f"cannot parse {tmp_path / 'b.yaml'}: RuntimeError: parser bug")
     assert len(message) < 500
 
@@ -135,7 +135,7 @@ def test_unreadable_directory_keeps_its_policies(tmp_path: Path) -> None:
     pdir = tmp_path / "p"
     pdir.mkdir()
     (pdir / "a.yaml").write_text(GOOD % "a")
-    agent = FakeAgent()
+    agent = FakePolicies()
     watcher = PolicyDirWatcher(agent, str(pdir))  # type: ignore[arg-type]
     asyncio.run(watcher.scan())
     assert agent.applied == ["a"]

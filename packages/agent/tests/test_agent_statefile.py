@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from axoneme.agent import _statefile
-from axoneme.agent._agent import Agent, AgentConfig, PersistedPolicyError
+from axoneme.agent._agent import Agent
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._errors import PersistedPolicyError
 from axoneme.agent._statefile import StateCorrupt, read_agent_state, read_json, write_json_atomic
 
 HUGE = "9" * 5000
@@ -79,7 +81,7 @@ def test_non_mapping_policy_record_is_named_by_the_restore_path(tmp_path: Path) 
     agent = _agent(tmp_path, '{"version": 1, "policies": {"CiliumNetworkPolicy/default/x": 5}}')
     agent.load_state()
     with pytest.raises(PersistedPolicyError, match="CiliumNetworkPolicy/default/x no longer parses"):
-        agent._restore_policies()
+        agent.policies.restore()
 
 
 @pytest.mark.parametrize("variant", ["5000-digit number", "100k nested brackets", "1e999 version",

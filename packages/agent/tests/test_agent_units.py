@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from axoneme.agent._agent import BadRequest, parse_labels, parse_port
+from axoneme.agent._errors import BadRequest
 from axoneme.agent._flowstore import FlowFilter, FlowStore, flow_from_json
 from axoneme.agent._ipam import IPAM, IPAMExhausted
 from axoneme.agent._netlink import host_ifname
+from axoneme.agent._records import parse_labels, parse_port
 from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
 from axoneme.core.errors import ConfigError
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict

@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from axoneme.agent._agent import Agent, BadRequest, Conflict, NotFound, StateWriteError
+from axoneme.agent._agent import Agent
+from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
-from axoneme.agent._runtime import PodRuntime
 from axoneme.core import failpoints
 from axoneme.core.errors import AxonemeError, ConfigError, InvalidRule, PolicyError
 from axoneme.core.flow import Flow
+from axoneme.core.policy.api import PolicyKind, PolicyRef
 
 LOG = logging.getLogger(__name__)
 
@@ -63,16 +64,15 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _ref(d: dict[str, Any]) -> Any:
-    from axoneme.core.policy.api import PolicyKind, PolicyRef
-
+def _ref(d: dict[str, Any]) -> PolicyRef:
     kind = PolicyKind(d["kind"])
     namespace = str(d.get("namespace") or "") if kind.namespaced else ""
     return PolicyRef(kind, namespace, str(d["name"]))
 
 
 def build_app(agent: Agent) -> web.Application:
-    runtime = PodRuntime(agent)
+    views, endpoints, policies = agent.views, agent.endpoints, agent.policies
+    namespaces, pods = agent.namespaces, agent.pods
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     r = app.router
 
@@ -80,7 +80,7 @@ def build_app(agent: Agent) -> web.Application:
         return _json({"ok": True})
 
     async def status(request: web.Request) -> web.Response:
-        return _json(await asyncio.to_thread(agent.status))
+        return _json(await asyncio.to_thread(views.status))
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=await asyncio.to_thread(agent.metrics.render),
@@ -88,71 +88,67 @@ def build_app(agent: Agent) -> web.Application:
 
     # CNI
     async def cni_add(request: web.Request) -> web.Response:
-        return _json(await agent.cni_add(await _body(request)))
+        return _json(await endpoints.cni_add(await _body(request)))
 
     async def cni_del(request: web.Request) -> web.Response:
-        return _json(await agent.cni_del(await _body(request)))
+        return _json(await endpoints.cni_del(await _body(request)))
 
     async def cni_check(request: web.Request) -> web.Response:
-        return _json(await agent.cni_check(await _body(request)))
+        return _json(await endpoints.cni_check(await _body(request)))
 
     async def cni_gc(request: web.Request) -> web.Response:
-        return _json(await agent.cni_gc(await _body(request)))
+        return _json(await endpoints.cni_gc(await _body(request)))
 
     # namespaces
     async def ns_list(request: web.Request) -> web.Response:
-        return _json([agent.namespace_view(n) for n in sorted(agent.namespaces)])
+        return _json(namespaces.list())
 
     async def ns_create(request: web.Request) -> web.Response:
         body = await _body(request)
-        return _json(await agent.namespace_create(str(body.get("name", "")),
+        return _json(await namespaces.create(str(body.get("name", "")),
                                                   body.get("labels") or {}), 201)
 
     async def ns_label(request: web.Request) -> web.Response:
         body = await _body(request)
-        return _json(await agent.namespace_label(request.match_info["name"],
-                                                 body.get("labels") or {},
-                                                 body.get("remove") or []))
+        return _json(await namespaces.label(request.match_info["name"],
+                                            body.get("labels") or {},
+                                            body.get("remove") or []))
 
     async def ns_delete(request: web.Request) -> web.Response:
-        await agent.namespace_delete(request.match_info["name"])
+        await namespaces.delete(request.match_info["name"])
         return _json({"deleted": request.match_info["name"]})
 
     # policies
     async def pol_list(request: web.Request) -> web.Response:
-        return _json({"revision": agent.revision, "policies": agent.policy_list()})
+        return _json({"revision": policies.revision, "policies": policies.list()})
 
     async def pol_apply(request: web.Request) -> web.Response:
         body = await _body(request)
-        return _json(await agent.policy_apply(body.get("documents") or []))
+        return _json(await policies.apply(body.get("documents") or []))
 
     async def pol_delete(request: web.Request) -> web.Response:
         body = await _body(request)
         refs = [_ref(d) for d in body.get("refs") or []]
         if not refs:
             raise BadRequest("no policy given")
-        return _json(await agent.policy_delete(refs))
+        return _json(await policies.delete(refs))
 
     # pods
     async def pod_list(request: web.Request) -> web.Response:
-        ns = request.query.get("namespace")
-        pods = [agent.pod_view(p) for k, p in sorted(agent.pods.items())
-                if not ns or p.namespace == ns]
-        return _json(pods)
+        return _json(pods.list(request.query.get("namespace")))
 
     async def pod_run(request: web.Request) -> web.Response:
-        return _json(await agent.pod_run(await _body(request), runtime), 201)
+        return _json(await pods.run(await _body(request)), 201)
 
     async def pod_get(request: web.Request) -> web.Response:
-        rec = agent.get_pod(request.match_info["ns"], request.match_info["name"])
-        return _json(agent.pod_view(rec))
+        rec = pods.get(request.match_info["ns"], request.match_info["name"])
+        return _json(pods.view(rec))
 
     async def pod_delete(request: web.Request) -> web.Response:
-        return _json(await agent.pod_delete(request.match_info["ns"], request.match_info["name"],
-                                            runtime))
+        return _json(await pods.delete(request.match_info["ns"], request.match_info["name"]))
 
     async def pod_logs(request: web.Request) -> web.Response:
-        rec = agent.get_pod(request.match_info["ns"], request.match_info["name"])
+        rec = pods.get(request.match_info["ns"], request.match_info["name"])
         try:
             with open(rec.log, "rb") as f:
                 data = f.read()
@@ -162,17 +158,17 @@ def build_app(agent: Agent) -> web.Application:
 
     # endpoints, identities
     async def ep_list(request: web.Request) -> web.Response:
-        return _json(agent.endpoint_list())
+        return _json(views.endpoint_list())
 
     async def ep_get(request: web.Request) -> web.Response:
         try:
             ep_id = int(request.match_info["id"])
         except ValueError:
             raise BadRequest(f"invalid endpoint id {request.match_info['id']!r}") from None
-        return _json(await asyncio.to_thread(agent.endpoint_get, ep_id))
+        return _json(await asyncio.to_thread(views.endpoint_get, ep_id))
 
     async def id_list(request: web.Request) -> web.Response:
-        return _json(agent.identity_list())
+        return _json(views.identity_list())
 
     # flows
     async def flows_get(request: web.Request) -> web.StreamResponse:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._runtime import cni_binary
 from axoneme.agent._statefile import write_json_atomic
-
-if TYPE_CHECKING:  # pragma: no cover
-    from axoneme.agent._agent import AgentConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -25,8 +23,6 @@ def conflist(api_socket: str) -> dict[str, object]:
 
 
 def install_cni(config: AgentConfig, conf_dir: str = CONF_DIR, bin_dir: str = BIN_DIR) -> None:
-    from axoneme.agent._runtime import cni_binary
-
     os.makedirs(conf_dir, exist_ok=True)
     os.makedirs(bin_dir, exist_ok=True)
     write_json_atomic(os.path.join(conf_dir, CONFLIST), conflist(config.api_socket))

@@ -10,17 +10,18 @@ import signal
 import sys
 from typing import Any
 
+from aiohttp import web
 from axoneme.agent import _netlink as nl
 from axoneme.agent import guard
-from axoneme.agent._agent import (
-    LOCK_FILE,
-    Agent,
-    AgentConfig,
-    PodRecord,
-    StateDirLocked,
-    kill_pod_process,
-)
+from axoneme.agent._agent import Agent
+from axoneme.agent._api import build_app, socket_in_use
+from axoneme.agent._config import LOCK_FILE, AgentConfig
+from axoneme.agent._errors import StateDirLocked
+from axoneme.agent._l7proxies import cleanup_redirect_rules
+from axoneme.agent._records import PodRecord
+from axoneme.agent._runtime import kill_pod_process
 from axoneme.agent._statefile import StateCorrupt, read_json
+from axoneme.core.datapath import build_datapath, datapath_class
 from axoneme.core.errors import AxonemeError, ConfigError, DatapathUnavailable, PluginError
 from axoneme.core.lockfile import LockHeld, PidLock
 
@@ -39,9 +40,6 @@ def run_agent(config: AgentConfig) -> int:
 
 
 async def _serve(config: AgentConfig) -> int:
-    from aiohttp import web
-    from axoneme.agent._api import build_app, socket_in_use
-
     if socket_in_use(config.api_socket):
         sys.stderr.write(f"error: another agent is already serving {config.api_socket} "
                          f"(--api-socket)\n")
@@ -133,10 +131,18 @@ def cleanup(state_dir: str) -> int:
                 pass
 
 
-def _cleanup(state_dir: str) -> int:
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.plugins import load_driver
+def _recorded_options(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The datapath options the agent recorded; for a state file written
+    before they were, the legacy fields the datapath still declares."""
+    options = data.get("datapath_options")
+    if isinstance(options, dict):
+        return options
+    declared = {o.name for o in datapath_class(name).options}
+    legacy = {"mode": data.get("datapath_mode"), "bpffs_root": data.get("bpffs_root")}
+    return {k: v for k, v in legacy.items() if v and (not declared or k in declared)}
 
+
+def _cleanup(state_dir: str) -> int:
     path = os.path.join(state_dir, "state.json")
     code = 0
     try:
@@ -162,19 +168,16 @@ def _cleanup(state_dir: str) -> int:
     name = data.get("datapath")
     if name:
         try:
-            dp = load_driver("axoneme.datapath", name, DatapathConfig(
-                state_dir=state_dir, mode=data.get("datapath_mode", ""),
-                pod_cidr=data.get("pod_cidr", "10.244.0.0/16"),
-                bpffs_root=data.get("bpffs_root", "/sys/fs/bpf/axoneme")))
+            dp = build_datapath(name, state_dir=state_dir,
+                                pod_cidr=data.get("pod_cidr", "10.244.0.0/16"),
+                                options=_recorded_options(name, data))
             dp.cleanup()
         except Exception as e:
             sys.stderr.write(f"warning: datapath {name} cleanup failed: {e}\n")
             code = code or EXIT_RUNTIME
     if data.get("l7_proxies"):
         try:
-            from axoneme.agent.proxy import RedirectRules, chain_for_state_dir
-
-            RedirectRules(chain=chain_for_state_dir(state_dir)).cleanup()
+            cleanup_redirect_rules(state_dir)
         except Exception as e:
             sys.stderr.write(f"warning: L7 redirect rules cleanup failed: {e}\n")
     try:
@@ -183,8 +186,6 @@ def _cleanup(state_dir: str) -> int:
         sys.stderr.write(f"warning: guard removal failed: {e}\n")
     sock = data.get("api_socket")
     if sock and os.path.exists(sock):
-        from axoneme.agent._api import socket_in_use
-
         if not socket_in_use(sock):
             try:
                 os.unlink(sock)

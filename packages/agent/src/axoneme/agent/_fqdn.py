@@ -18,13 +18,16 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
+from axoneme.core.errors import ConfigError
 from axoneme.core.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from axoneme.agent._agent import Agent
+from axoneme.core.plugins import GROUP_L7, installed, load_class
+from axoneme.core.policy.engine import PolicyEngine
 
 LOG = logging.getLogger(__name__)
 
@@ -35,18 +38,33 @@ REJECT_RCODES = ("REFUSED", "NXDOMAIN")
 SNAPSHOT_REFRESH = 5.0
 
 
+def _feeds_fqdn(parser: type) -> bool:
+    """Whether an L7 parser class learns DNS names for toFQDNs selectors."""
+    return all(callable(getattr(parser, m, None))
+               for m in ("new_fqdn_cache", "bind_engine", "proxy_config"))
+
+
 class FQDNManager:
     """The agent's toFQDNs state. ``start()`` on the agent loop, ``stop()`` at shutdown.
 
     ``proxy_kwargs(parser)`` is what the agent passes to
-    ``ProxyManager.acquire`` for that parser (only ``dns`` gets any)."""
+    ``ProxyManager.acquire`` for that parser (only the DNS parser gets any).
+    ``regenerate`` is the regenerator's ``regenerate_sync`` (the only writer
+    to the datapath); ``lock`` the agent's state lock; ``pm`` the plugin
+    manager it registers its policy-change hook with."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, config: AgentConfig, engine: PolicyEngine,
+                 regenerate: Callable[[], dict[int, str]], pm: Any, lock: asyncio.Lock,
+                 metrics: AgentMetrics | None = None) -> None:
+        self.engine = engine
+        self.regenerate = regenerate
+        self.pm = pm
+        self.lock = lock
+        self.metrics = metrics
         self.cache: Any = None
         self.sync: Any = None
         self._parser: Any = None
-        self.path = os.path.join(agent.config.state_dir, FQDN_STATE_FILE)
+        self.path = os.path.join(config.state_dir, FQDN_STATE_FILE)
         self._dirty = False
         self._changed_at: float | None = None  # first cache change not pushed yet (perf_counter)
         self._last_write = 0.0
@@ -55,19 +73,15 @@ class FQDNManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
-        rcode = str(getattr(agent.config, "dns_reject_rcode", "REFUSED") or "REFUSED").upper()
+        rcode = str(getattr(config, "dns_reject_rcode", "REFUSED") or "REFUSED").upper()
         if rcode == "NAMEERROR":
             rcode = "NXDOMAIN"
         if rcode not in REJECT_RCODES:
-            from axoneme.core.errors import ConfigError
-
             raise ConfigError(f"dns_reject_rcode must be one of {', '.join(REJECT_RCODES)}, "
                               f"got {rcode!r}")
         self.reject_rcode = rcode
-        self.min_ttl = int(getattr(agent.config, "tofqdns_min_ttl", 0) or 0)
+        self.min_ttl = int(getattr(config, "tofqdns_min_ttl", 0) or 0)
         if self.min_ttl < 0:
-            from axoneme.core.errors import ConfigError
-
             raise ConfigError(f"tofqdns_min_ttl must be >= 0, got {self.min_ttl}")
 
     # -- lifecycle -------------------------------------------------------------------
@@ -76,13 +90,24 @@ class FQDNManager:
 
         Call after the persisted policies are back in the engine and before
         the endpoints are synced, so the first sync already holds the learned
-        IPs. False (and toFQDNs stays empty) when the dns parser is missing."""
-        from axoneme.core.plugins import GROUP_L7, installed, load_class
-
-        if "dns" not in installed(GROUP_L7):
-            LOG.info("the dns L7 parser is not installed: toFQDNs selectors select nothing")
+        IPs. False (and toFQDNs stays empty) when no installed L7 parser
+        learns DNS names."""
+        classes = []
+        for name in sorted(installed(GROUP_L7)):
+            try:
+                cls = load_class(GROUP_L7, name)
+            except Exception as e:
+                LOG.warning("L7 parser %s cannot be loaded: %s", name, e)
+                continue
+            if _feeds_fqdn(cls):
+                classes.append(cls)
+        if not classes:
+            LOG.info("no installed L7 parser learns DNS names: toFQDNs selectors select nothing")
             return False
-        parser = load_class(GROUP_L7, "dns")()
+        if len(classes) > 1:
+            LOG.warning("several L7 parsers learn DNS names (%s): using %s",
+                        ", ".join(c.name for c in classes), classes[0].name)
+        parser = classes[0]()
         self._parser = parser
         self.cache = parser.new_fqdn_cache(min_ttl=self.min_ttl)
         try:
@@ -97,8 +122,8 @@ class FQDNManager:
             except (ValueError, TypeError) as e:
                 LOG.warning("ignoring the FQDN cache snapshot %s: %s", self.path, e)
         self._unsubscribe = self.cache.subscribe(self._on_change)
-        self.sync = parser.bind_engine(self.cache, self.agent.engine)  # resyncs once
-        self.agent.pm.register(_PolicyHook(self), name=f"axoneme-fqdn-{id(self)}")
+        self.sync = parser.bind_engine(self.cache, self.engine)  # resyncs once
+        self.pm.register(_PolicyHook(self), name=f"axoneme-fqdn-{id(self)}")
         try:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._expiry_loop())
@@ -122,9 +147,9 @@ class FQDNManager:
 
     def proxy_kwargs(self, parser: str) -> dict[str, Any]:
         """Extra ``ProxyManager.acquire`` arguments: the DNS proxy's toFQDNs hooks."""
-        if parser != "dns" or self.cache is None:
+        if self.cache is None or parser != self._parser.name:
             return {}
-        # the agent reaches the dns plugin only through its entry point (import rules)
+        # the agent reaches the DNS plugin only through its entry point (import rules)
         return {"cache": self.cache, "on_answer": self.on_answer,
                 "dns_config": self._parser.proxy_config(reject_rcode=self.reject_rcode)}
 
@@ -142,9 +167,8 @@ class FQDNManager:
         pushes the ipcache and policy changes into the kernel; the time from
         the cache change to here is the ``answer -> allowed`` metric."""
         since = await asyncio.to_thread(self.push)
-        metrics = getattr(self.agent, "metrics", None)
-        if since is not None and metrics is not None:
-            metrics.fqdn_allowed.observe(time.perf_counter() - since)
+        if since is not None and self.metrics is not None:
+            self.metrics.fqdn_allowed.observe(time.perf_counter() - since)
 
     def push(self) -> float | None:
         """Datapath update + snapshot when the cache changed (any thread).
@@ -155,7 +179,7 @@ class FQDNManager:
             since, self._changed_at = self._changed_at, None
             if changed:
                 try:
-                    errors = self.agent._regenerate_sync()
+                    errors = self.regenerate()
                     if errors:
                         LOG.error("toFQDNs update failed for endpoints %s", errors)
                 except Exception:
@@ -209,7 +233,7 @@ class FQDNManager:
         task.add_done_callback(self._pending.discard)
 
     async def _push_locked(self) -> None:
-        async with self.agent.lock:
+        async with self.lock:
             await asyncio.to_thread(self.push)
 
     def view(self) -> list[dict[str, Any]]:

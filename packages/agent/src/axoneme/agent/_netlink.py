@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import logging
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Protocol
 
 from axoneme.core.errors import AxonemeError
 
@@ -37,6 +39,22 @@ class EndpointLink:
     pod_ifname: str
     pod_mac: str
     mtu: int
+
+
+class EndpointNetlink(Protocol):
+    """What the endpoint service needs of the kernel (this module; a fake in
+    root-free tests)."""
+
+    GATEWAY_IP: str
+
+    def host_ifname(self, container_id: str) -> str: ...
+
+    def link_index(self, name: str) -> int: ...
+
+    def setup_endpoint(self, container_id: str, netns_path: str, ifname: str, ip: str,
+                       mtu: int = 1500) -> EndpointLink: ...
+
+    def teardown_endpoint(self, host: str) -> bool: ...
 
 
 def host_ifname(container_id: str) -> str:
@@ -84,10 +102,6 @@ def delete_netns(name: str) -> None:
             os.rmdir(etc)
         except OSError:
             pass
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
 def _iproute(netns: str | None = None):  # type: ignore[no-untyped-def]
@@ -184,18 +198,9 @@ def teardown_endpoint(host: str) -> bool:
         return bool(found)
 
 
-def list_host_links(prefix: str = "lxc") -> list[str]:
-    try:
-        return sorted(n for n in os.listdir("/sys/class/net") if n.startswith(prefix))
-    except OSError:
-        return []
-
-
 def host_addresses(exclude_cidr: str = "") -> list[str]:
     """The node's own unicast addresses (host identity), except loopback,
     link-local and any inside ``exclude_cidr`` (the pod CIDR)."""
-    import ipaddress
-
     out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
                          check=False).stdout
     excluded = ipaddress.ip_network(exclude_cidr) if exclude_cidr else None

@@ -18,13 +18,12 @@ import asyncio
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from axoneme.agent._policies import PolicyService
 from axoneme.core.errors import AxonemeError, InvalidRule
+from axoneme.core.policy import parse as policy_parse
 from axoneme.core.yamlsafe import excerpt
-
-if TYPE_CHECKING:  # pragma: no cover
-    from axoneme.agent._agent import Agent
 
 LOG = logging.getLogger(__name__)
 
@@ -32,8 +31,12 @@ SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class PolicyDirWatcher:
-    def __init__(self, agent: Agent, directory: str, interval: float = 1.0) -> None:
-        self.agent = agent
+    """A policy source (``PolicySource``): each file's policies, under the
+    file's path as their source."""
+
+    def __init__(self, policies: PolicyService, directory: str, interval: float = 1.0) -> None:
+        self.policies = policies
+        self.errors = policies.source_errors  # path -> problems (status shows them)
         self.directory = directory
         self.interval = interval
         self._seen: dict[str, tuple[int, int]] = {}
@@ -63,7 +66,7 @@ class PolicyDirWatcher:
                 if self._special.get(path) != sig:
                     self._special[path] = sig
                     LOG.error("policy dir: %s is not a regular file, skipping it", path)
-                self.agent.policy_dir_errors[path] = [f"not a regular file ({path})"]
+                self.errors[path] = [f"not a regular file ({path})"]
                 continue
             self._special.pop(path, None)
             out[path] = (st.st_mtime_ns, st.st_size)
@@ -71,35 +74,36 @@ class PolicyDirWatcher:
             del self._special[path]
         return out
 
-    async def scan(self) -> None:
-        from axoneme.core.policy.parse import load_documents, parse_policy
+    async def start(self) -> None:
+        await self.scan()
 
+    async def scan(self) -> None:
         files = self._files()
         if files is None:
             # unreadable is not empty: deleting every policy of the directory
             # on a transient error would drop its denies too
             return
-        for path in [p for p in self.agent.policy_dir_errors if p not in files and p not in self._special]:
-            self.agent.policy_dir_errors.pop(path, None)  # a bad file that went away
+        for path in [p for p in self.errors if p not in files and p not in self._special]:
+            self.errors.pop(path, None)  # a bad file that went away
         for path in sorted(set(self._seen) - set(files)):
             refs = self._refs.pop(path, [])
             self._seen.pop(path, None)
-            self.agent.policy_dir_errors.pop(path, None)
+            self.errors.pop(path, None)
             if refs:
                 LOG.warning("policy file %s removed: deleting %d policies", path, len(refs))
-                await self.agent.policy_upsert([], source=path, remove_refs=refs)
+                await self.policies.upsert([], source=path, remove_refs=refs)
         for path, sig in files.items():
             if self._seen.get(path) == sig:
                 continue
             self._seen[path] = sig
 
             def parse(p: str = path) -> list[tuple[Any, dict[str, Any]]]:
-                docs = load_documents([p])
+                docs = policy_parse.load_documents([p])
                 problems = []
                 out = []
                 for d in docs:
                     try:
-                        out.append((parse_policy(d), {"file": d.file, "index": d.index,
+                        out.append((policy_parse.parse_policy(d), {"file": d.file, "index": d.index,
                                                       "obj": d.obj}))
                     except InvalidRule as e:
                         problems.extend(e.problems)
@@ -110,7 +114,7 @@ class PolicyDirWatcher:
             try:
                 parsed = await asyncio.to_thread(parse)
             except InvalidRule as e:
-                self.agent.policy_dir_errors[path] = [str(p) for p in e.problems]
+                self.errors[path] = [str(p) for p in e.problems]
                 for problem in e.problems:
                     LOG.error("policy dir: %s (keeping the previous version of %s)", problem, path)
                 continue
@@ -123,16 +127,16 @@ class PolicyDirWatcher:
             old_refs = [r for r in self._refs.get(path, []) if r not in new_refs]
             LOG.warning("policy dir: applying %s (%d policies)", path, len(parsed))
             try:
-                await self.agent.policy_upsert(parsed, source=path, remove_refs=old_refs)
+                await self.policies.upsert(parsed, source=path, remove_refs=old_refs)
             except (AxonemeError, ValueError, TypeError) as e:
                 self._fail(path, "cannot apply", e)
                 continue
             self._refs[path] = new_refs
-            self.agent.policy_dir_errors.pop(path, None)
+            self.errors.pop(path, None)
 
     def _fail(self, path: str, what: str, e: BaseException) -> None:
         message = f"{what} {path}: {type(e).__name__}: {excerpt(str(e), 300)}"
-        self.agent.policy_dir_errors[path] = [message]
+        self.errors[path] = [message]
         LOG.error("policy dir: %s (keeping the previous version of %s)", message, path)
         LOG.debug("policy dir: %s", what, exc_info=True)
 

@@ -14,16 +14,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from axoneme.agent import _netlink as nl
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._records import PodRecord
 from axoneme.core.errors import AxonemeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from axoneme.agent._agent import Agent, PodRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -90,17 +91,69 @@ async def run_cni(plugin: str, env: Mapping[str, str], config: Mapping[str, Any]
     return res if isinstance(res, dict) else {}
 
 
+def proc_start(pid: int) -> int:
+    """Start time of a process (clock ticks since boot): tells a PID's reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return int(data.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_alive(pid: int, start: int) -> bool:
+    if pid <= 0:
+        return False
+    now = proc_start(pid)
+    if now == 0 or (start and now != start):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_pod_process(pid: int, start: int, grace: float = 3.0) -> None:
+    """SIGTERM the pod's process group, then SIGKILL after ``grace`` seconds."""
+    if not process_alive(pid, start):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not process_alive(pid, start):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class PodRuntime:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    """Starts and stops standalone pods. ``children`` are the pod processes
+    this agent started (reaped by the pods' monitor); ``remove_endpoint`` is
+    the fallback when CNI DEL fails (the endpoint service's ``cni_del``)."""
+
+    def __init__(self, config: AgentConfig,
+                 remove_endpoint: Callable[[Mapping[str, Any]], Awaitable[Any]]) -> None:
+        self.config = config
+        self.remove_endpoint = remove_endpoint
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     def net_config(self) -> dict[str, Any]:
         return {"cniVersion": CNI_VERSION, "name": POD_NETWORK, "type": "axoneme-cni",
-                "agentSocket": self.agent.config.api_socket}
+                "agentSocket": self.config.api_socket}
 
     async def start_pod(self, rec: PodRecord, env: Mapping[str, str]) -> str:
         """Create the netns, wire it through CNI, start the command. Returns the pod IP."""
-        cfg = self.agent.config
+        cfg = self.config
         plugin = cni_binary(cfg.cni_bin)
         # the pod's resolver before its netns exists: nothing that ever runs in it
         # (CNI included) may fall back to the host's resolver, which pods cannot reach
@@ -130,21 +183,17 @@ class PodRuntime:
                     start_new_session=True, close_fds=True)
             except OSError as e:
                 raise AxonemeError(f"cannot start {rec.command[0]}: {e}") from e
-        from axoneme.agent._agent import _proc_start
-
         rec.pid = child.pid
-        rec.pid_start = _proc_start(child.pid)
-        self.agent._children[child.pid] = child
+        rec.pid_start = proc_start(child.pid)
+        self.children[child.pid] = child
         LOG.info("pod %s started: pid %d in %s, ip %s", rec.key, child.pid, rec.netns, ip)
         return ip
 
     async def stop_pod(self, rec: PodRecord, cni_del: bool = True) -> None:
         """Stop the process, CNI DEL, remove the netns. Idempotent."""
-        from axoneme.agent._agent import kill_pod_process
-
         if rec.pid:
             await asyncio.to_thread(kill_pod_process, rec.pid, rec.pid_start)
-            child = self.agent._children.pop(rec.pid, None)
+            child = self.children.pop(rec.pid, None)
             if child is not None:
                 try:
                     await asyncio.to_thread(child.wait, 5)
@@ -153,7 +202,7 @@ class PodRuntime:
         netns_path = os.path.join(nl.NETNS_DIR, rec.netns) if rec.netns else ""
         if cni_del and rec.container_id:
             try:
-                plugin = cni_binary(self.agent.config.cni_bin)
+                plugin = cni_binary(self.config.cni_bin)
                 env = cni_env("DEL", rec.container_id,
                               netns_path if os.path.exists(netns_path) else "",
                               rec.namespace, rec.name, plugin)
@@ -161,7 +210,7 @@ class PodRuntime:
             except Exception as e:
                 LOG.warning("CNI DEL for pod %s failed (%s); removing the endpoint directly",
                             rec.key, e)
-                await self.agent.cni_del({"container_id": rec.container_id})
+                await self.remove_endpoint({"container_id": rec.container_id})
         await asyncio.to_thread(nl.delete_netns, rec.netns)
         try:
             os.unlink(rec.log)

@@ -80,6 +80,10 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="answer to a DNS query denied by rules.dns (default REFUSED)")
     run.add_argument("--no-l7-proxies", action="store_true", default=None,
                      help="do not run the L7 proxies (L7 rules then fail closed)")
+    run.add_argument("--datapath-opt", dest="datapath_opt", action="append", default=None,
+                     metavar="KEY=VALUE",
+                     help="an option the datapath declares (repeatable; `axoneme plugins` "
+                          "lists them); wins over the config file's datapath_options")
     run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
     run.add_argument("--cluster-name", default=None)
     run.set_defaults(handler=cmd_agent_run)
@@ -192,7 +196,7 @@ def load_config(path: str | None) -> dict[str, Any]:
 
 
 def build_agent_config(args: argparse.Namespace) -> Any:
-    from axoneme.agent._agent import AgentConfig
+    from axoneme.agent._config import AgentConfig
     from axoneme.agent.client import resolve_socket
 
     conf = load_config(args.config)
@@ -213,6 +217,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         flags["l7_proxies"] = False
     conf.update({k: v for k, v in flags.items() if v is not None})
     conf["api_socket"] = resolve_socket(conf.get("api_socket"))
+    conf["datapath_options"] = _datapath_options(conf.get("datapath_options"),
+                                                 getattr(args, "datapath_opt", None))
     cfg = AgentConfig(**conf)
     if cfg.flow_buffer < 1:
         raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
@@ -226,6 +232,25 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     if cfg.policy_dir:
         cfg.policy_dir = os.path.abspath(cfg.policy_dir)
     return cfg
+
+
+def _datapath_options(conf: Any, flags: Sequence[str] | None) -> dict[str, Any]:
+    """The config file's ``datapath_options`` mapping, then ``--datapath-opt
+    KEY=VALUE`` flags (the datapath checks names and values when it is built)."""
+    from axoneme.core.errors import ConfigError
+
+    if conf is None:
+        conf = {}
+    if not isinstance(conf, dict):
+        raise ConfigError(f"datapath_options must be a mapping of option names to values, "
+                          f"got {type(conf).__name__}")
+    out = {str(k).replace("-", "_"): v for k, v in conf.items()}
+    for item in flags or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--datapath-opt expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
@@ -371,7 +396,8 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 # -- namespaces ------------------------------------------------------------------------------------
 
 def parse_label_args(items: Sequence[str] | str | None) -> dict[str, str]:
-    from axoneme.agent._agent import BadRequest, parse_labels
+    from axoneme.agent._errors import BadRequest
+    from axoneme.agent._records import parse_labels
 
     try:
         return parse_labels(items)

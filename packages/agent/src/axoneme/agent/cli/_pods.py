@@ -90,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise UsageError(f"invalid --env {item!r}: expected K=V")
         env[k] = v
-    from axoneme.agent._agent import BadRequest, parse_port
+    from axoneme.agent._errors import BadRequest
+    from axoneme.agent._records import parse_port
 
     for p in args.port:
         try:

@@ -1,0 +1,72 @@
+"""The agent's configuration (flags and config file keys, docs/cli.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from axoneme.agent._flowstore import DEFAULT_FLOW_BUFFER
+from axoneme.agent.client import DEFAULT_SOCKET
+
+DEFAULT_STATE_DIR = "/var/lib/axoneme"
+STATE_FILE = "state.json"
+LOCK_FILE = "agent.lock"  # flock held by the agent serving the state dir
+DNS_SERVER = "198.51.100.53"  # a test-net address: pods never use the host's resolver
+
+# agent flags that predate --datapath-opt, and the datapath option each sets
+# (given to a datapath that declares an option of that name)
+LEGACY_DATAPATH_OPTIONS = {"iptables_mode": "mode", "bpffs_root": "bpffs_root",
+                           "policy_map_max": "policy_map_max"}
+
+
+@dataclass
+class AgentConfig:
+    datapath: str = "ebpf"
+    iptables_mode: str = "plain"
+    state_dir: str = DEFAULT_STATE_DIR
+    api_socket: str = DEFAULT_SOCKET
+    policy_dir: str | None = None
+    install_cni: bool = False
+    pod_cidr: str = "10.244.0.0/16"
+    flow_buffer: int = DEFAULT_FLOW_BUFFER
+    guard: bool = True
+    enforcement_mode: str = "default"
+    allow_localhost: str = "auto"
+    cluster_name: str = "default"
+    cni_bin: str | None = None
+    dns_server: str = DNS_SERVER
+    mtu: int = 1500
+    l7_proxies: bool = True  # run the installed axoneme.l7 proxies for L7 rules
+    tofqdns_min_ttl: int = 0  # lower bound on DNS TTLs for toFQDNs (Cilium --tofqdns-min-ttl)
+    dns_reject_rcode: str = "REFUSED"  # answer to a denied DNS query: REFUSED or NXDOMAIN
+    bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps
+    policy_map_max: int = 16384  # policy entries per endpoint (Cilium --bpf-policy-map-max)
+    # a persisted policy that no longer parses: refuse to start (False) or drop it loudly
+    drop_unparseable_policies: bool = False
+    # a policy that does not fit an endpoint's policy map: fail-closed | keep-last
+    policy_map_full: str = "fail-closed"
+    # --datapath-opt KEY=VALUE: checked against the options the datapath declares
+    datapath_options: dict[str, Any] = field(default_factory=dict)
+    # POST /v1/flows: add flow records by hand. Off: any client of the socket
+    # could forge the audit trail. Only tests of `observe` turn it on (config
+    # file key, no flag).
+    flow_injection: bool = False
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, STATE_FILE)
+
+    def datapath_option_values(self, declared: Collection[str]) -> dict[str, Any]:
+        """The options for the datapath, which declares the option names
+        ``declared``: the legacy flags (``--iptables-mode``, ``--bpffs-root``,
+        ``--policy-map-max``) where it declares their option, then
+        ``datapath_options`` (``--datapath-opt``), which win and are checked.
+
+        A datapath that declares no options at all (one written before they
+        were declared) gets the legacy values it always got."""
+        out = {opt: getattr(self, key) for key, opt in LEGACY_DATAPATH_OPTIONS.items()
+               if opt in declared or not declared}
+        out.update(self.datapath_options)
+        return out

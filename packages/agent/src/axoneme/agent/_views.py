@@ -1,0 +1,196 @@
+"""Views: what the API shows (status, endpoints, identities) and the pod
+details flows are enriched with. Read-only over the other services."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from axoneme.agent._config import AgentConfig
+from axoneme.agent._endpoints import EndpointService
+from axoneme.agent._errors import NotFound
+from axoneme.agent._flowstore import FlowStore
+from axoneme.agent._l7proxies import L7Proxies
+from axoneme.agent._policies import PolicyService
+from axoneme.agent._records import EndpointRecord
+from axoneme.agent._regenerator import Regenerator
+from axoneme.agent._state import StateStore
+from axoneme.core.flow import Flow, FlowEndpoint
+from axoneme.core.identity import IdentityAllocator
+from axoneme.core.mapstate import MapState
+from axoneme.core.policy.engine import PolicyEngine
+
+
+def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
+    out = []
+    for key in sorted(ms):
+        entry = ms[key]
+        out.append({"key": str(key), "identity": key.identity, "direction": key.direction.name,
+                    "protocol": str(key.protocol), "port": key.port, "prefix_len": key.prefix_len,
+                    "entry": str(entry), "deny": entry.deny, "proxy_port": entry.proxy_port,
+                    "derived_from": sorted(entry.derived_from)})
+    return out
+
+
+class FlowEnricher:
+    """Fills in pod names, namespaces and labels a datapath event lacks."""
+
+    def __init__(self, store: StateStore, engine: PolicyEngine,
+                 allocator: IdentityAllocator) -> None:
+        self.store = store
+        self.engine = engine
+        self.allocator = allocator
+
+    def __call__(self, flow: Flow) -> Flow:
+        src = self._side(flow.source, flow.ip_source)
+        dst = self._side(flow.destination, flow.ip_destination)
+        if src is flow.source and dst is flow.destination:
+            return flow
+        return dataclasses.replace(flow, source=src, destination=dst)
+
+    def _side(self, side: FlowEndpoint, ip: str) -> FlowEndpoint:
+        if side.pod_name:
+            return side
+        rec = self.store.endpoint_by_ip(ip) if ip else None
+        if rec is not None:
+            ep = self.store.endpoint_objs.get(rec.id)
+            labels = tuple(ep.labels.sorted_strings()) if ep else side.labels
+            return FlowEndpoint(identity=side.identity or rec.identity, namespace=rec.namespace,
+                                pod_name=rec.pod_name, labels=labels, id=rec.id)
+        if not side.identity and ip:
+            try:
+                ident = self.engine.identity_of_ip(ip)
+            except Exception:
+                return side
+            obj = self.allocator.get(ident)
+            return FlowEndpoint(identity=ident, labels=tuple(obj.label_strings()) if obj else ())
+        if side.identity and not side.labels:
+            obj = self.allocator.get(side.identity)
+            if obj is not None:
+                return dataclasses.replace(side, labels=tuple(obj.label_strings()))
+        return side
+
+
+class Views:
+    """Status, endpoint and identity lists. ``guard_installed`` and
+    ``started`` are set by the agent."""
+
+    def __init__(self, config: AgentConfig, store: StateStore, engine: PolicyEngine,
+                 allocator: IdentityAllocator, regen: Regenerator, proxies: L7Proxies,
+                 policies: PolicyService, endpoints: EndpointService, flows: FlowStore) -> None:
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.allocator = allocator
+        self.regen = regen
+        self.proxies = proxies
+        self.policies = policies
+        self.endpoints = endpoints
+        self.flows = flows
+        self.guard_installed = False
+        self.started = 0.0
+
+    # -- endpoints, identities ------------------------------------------------------------
+    def endpoint_view(self, rec: EndpointRecord) -> dict[str, Any]:
+        ep = self.store.endpoint_objs.get(rec.id)
+        ing = egr = False
+        if ep is not None:
+            try:
+                ing, egr = self.engine.enforcement(rec.id)
+            except Exception:
+                pass
+        labels = ep.labels.sorted_strings() if ep else self.endpoints.identity_labels(
+            rec.namespace, rec.pod_name).sorted_strings()
+        return {"id": rec.id, "identity": rec.identity, "labels": labels, "ipv4": rec.ipv4,
+                "policy_enforcement": {"ingress": bool(ing), "egress": bool(egr)},
+                "status": rec.status, "pod": f"{rec.namespace}/{rec.pod_name}",
+                "container_id": rec.container_id, "host_ifname": rec.host_ifname,
+                "host_ifindex": rec.host_ifindex, "netns": rec.netns_path,
+                "network": rec.network, "ready_ms": rec.ready_ms}
+
+    def endpoint_list(self) -> list[dict[str, Any]]:
+        return [self.endpoint_view(r)
+                for r in sorted(self.store.endpoints.values(), key=lambda r: r.id)]
+
+    def endpoint_get(self, ep_id: int) -> dict[str, Any]:
+        """One endpoint with its resolved policy and the datapath's copy (worker thread)."""
+        rec = self.store.endpoint_record(ep_id)
+        if rec is None:
+            raise NotFound(f"endpoint {ep_id} not found")
+        view = self.endpoint_view(rec)
+        ep = self.store.endpoint_objs.get(ep_id)
+        if ep is not None:
+            resolved = self.engine.resolve(ep_id)
+            try:
+                dumped: MapState | None = self.regen.dump(ep)
+                dump_error = ""
+            except Exception as e:
+                dumped, dump_error = None, str(e)
+            view["policy"] = mapstate_view(resolved)
+            view["datapath"] = mapstate_view(dumped) if dumped is not None else None
+            view["datapath_error"] = dump_error
+            view["in_sync"] = dumped is not None and dumped == resolved
+        return view
+
+    def identity_list(self) -> list[dict[str, Any]]:
+        used: dict[int, int] = {}
+        for rec in self.store.endpoints.values():
+            used[rec.identity] = used.get(rec.identity, 0) + 1
+        return [{"id": i.id, "labels": i.label_strings(), "reserved": i.reserved,
+                 "endpoints": used.get(i.id, 0)} for i in self.allocator.all()]
+
+    # -- status ------------------------------------------------------------------------------
+    def _datapath_view(self) -> dict[str, Any]:
+        dp = self.regen.datapath
+        if dp is None:
+            return {"name": self.config.datapath, "mode": "", "healthy": False,
+                    "detail": "not started", "capabilities": []}
+        caps = sorted(dp.capabilities)
+        try:
+            st = dp.status()
+            return {"name": st.name, "mode": st.mode, "healthy": st.healthy, "detail": st.detail,
+                    "capabilities": caps}
+        except Exception as e:
+            return {"name": self.config.datapath, "mode": "", "healthy": False, "detail": str(e),
+                    "capabilities": caps}
+
+    def faults(self, dpv: dict[str, Any], proxy_fault: str | None) -> list[str]:
+        """What is wrong now, one line each (``status`` shows them first)."""
+        out = []
+        if not dpv.get("healthy"):
+            out.append(f"datapath {dpv.get('name')}: {dpv.get('detail') or 'unhealthy'}")
+        out += self.regen.faults()
+        if self.store.error:
+            out.append(f"state: {self.store.error}")
+        if proxy_fault:
+            out.append(f"l7 proxy: {proxy_fault}")
+        out += self.policies.faults()
+        return out
+
+    def status(self) -> dict[str, Any]:
+        dpv = self._datapath_view()
+        proxy = self.proxies.view()
+        store = self.store
+        return {
+            "datapath": dpv,
+            "endpoints": len(store.endpoints),
+            "identities": len(self.allocator.snapshot()),
+            "policy_revision": self.policies.revision,
+            "faults": self.faults(dpv, proxy["fault"] or None),
+            "components": {
+                "api": {"socket": self.config.api_socket, "healthy": True},
+                "state": {"dir": self.config.state_dir, "healthy": not store.error,
+                          "last_error": store.error},
+                "l7_proxy": proxy,
+                "guard": {"installed": self.guard_installed, "pod_cidr": self.config.pod_cidr},
+                "flows": {"stored": len(self.flows), "capacity": self.flows.capacity,
+                          "seen": self.flows.seen},
+                "policies": self.policies.view(),
+                "pods": len(store.pods),
+                "ipcache": self.regen.ipcache_view(),
+                "fail_closed": self.regen.fail_closed_view(),
+                "l7_proxies": self.proxies.listeners(),
+                "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
+            },
+        }
