@@ -99,8 +99,9 @@ class Flow:
     @property
     def protocol(self) -> str:
         if self.l7:
+            # Hubble: the protocol's record is the one mapping in ``l7`` (http, kafka, dns, ...)
             return str(self.l7.get("type_name", "")) or next(
-                (k for k in ("http", "kafka", "dns") if k in self.l7), "")
+                (k for k, v in self.l7.items() if isinstance(v, dict)), "")
         return next(iter(self.l4), "").lower()
 
     def ports(self) -> tuple[int | None, int | None]:
