@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from axoneme.core.labels import (
     valid_label_key,
     valid_label_value,
 )
+from axoneme.core.policy._documents import load_paths
 
 LOG = logging.getLogger(__name__)
 
@@ -113,44 +113,14 @@ class Cluster:
 
     @classmethod
     def load(cls, paths: Sequence[str]) -> Cluster:
-        """Load files or directories (``*.yaml``, ``*.yml``, ``*.json``, sorted)."""
+        """Load files or directories (``*.yaml``, ``*.yml``, ``*.json``, sorted):
+        the policy files' reader (hardened loader, ``kind: List`` items)."""
         loader = _Loader()
-        for file in _expand(paths, loader.problems):
-            try:
-                with open(file, "rb") as fh:
-                    data = fh.read()
-            except OSError as e:
-                loader.problems.append(Problem(file, None, "", f"cannot read: {e.strerror}"))
-                continue
-            try:
-                # the one hardened loader: bounded nesting, aliases and integers
-                if file.endswith(".json"):
-                    docs = [yamlsafe.load_json(data, file)]
-                else:
-                    docs = yamlsafe.load_all(data, file)
-            except yamlsafe.InputError as e:
-                loader.problems.append(Problem(file, e.document, "", e.message))
-                continue
-            docs = [d for d in docs if d is not None]
-            index = 0
-            for doc in docs:
-                items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else None
-                for obj in (items if isinstance(items, list) else [doc]):
-                    loader.add(file, index, obj)
-                    index += 1
+        _, docs, problems = load_paths(paths)
+        loader.problems.extend(problems)
+        for doc in docs:
+            loader.add(doc.file, doc.index, doc.obj)
         return loader.finish()
-
-
-def _expand(paths: Sequence[str], problems: list[Problem]) -> Iterator[str]:
-    for path in paths:
-        if os.path.isdir(path):
-            for name in sorted(os.listdir(path)):
-                if name.endswith((".yaml", ".yml", ".json")):
-                    yield os.path.join(path, name)
-        elif os.path.exists(path):
-            yield path
-        else:
-            problems.append(Problem(path, None, "", "no such file or directory"))
 
 
 class _Loader:

@@ -57,12 +57,6 @@ LOCAL_IDENTITY_FLAG = 1 << 24
 MAX_LOCAL_IDENTITY = (2 << 24) - 1
 
 
-class IdentityScope(str):
-    RESERVED = "reserved"
-    CLUSTER = "cluster"
-    LOCAL = "local"
-
-
 @dataclass(frozen=True, slots=True)
 class Identity:
     """A numeric identity and the labels it stands for.

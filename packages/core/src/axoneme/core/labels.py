@@ -74,10 +74,6 @@ class Label:
         key, _, value = rest.partition("=")
         return cls(source, key, value)
 
-    def matches_key(self, source: str, key: str) -> bool:
-        """Selector key match: same key and same source, or selector source ``any``."""
-        return self.key == key and (source == SOURCE_ANY or source == self.source)
-
 
 class Labels(Mapping[str, Label]):
     """An immutable set of labels keyed by ``source:key`` (one value per key)."""
@@ -93,10 +89,6 @@ class Labels(Mapping[str, Label]):
     @classmethod
     def from_strings(cls, texts: Iterable[str], default_source: str = SOURCE_K8S) -> Labels:
         return cls(Label.parse(t, default_source) for t in texts)
-
-    @classmethod
-    def from_k8s(cls, mapping: Mapping[str, str], source: str = SOURCE_K8S) -> Labels:
-        return cls(Label(source, k, v) for k, v in mapping.items())
 
     def __getitem__(self, key: str) -> Label:
         return self._by_key[key]
@@ -139,5 +131,3 @@ class Labels(Mapping[str, Label]):
     def union(self, other: Iterable[Label]) -> Labels:
         return Labels([*self._by_key.values(), *other])
 
-    def has_source(self, source: str) -> bool:
-        return any(label.source == source for label in self._by_key.values())

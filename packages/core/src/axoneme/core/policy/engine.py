@@ -82,7 +82,6 @@ class PolicyEngine:
         self._named: dict[str, Counter[tuple[Protocol, int]]] = {}
         self._cidr_refs: Counter[IPNetwork] = Counter()
         self._cidr_ids: dict[IPNetwork, Identity] = {}
-        self._extra_ids: Counter[int] = Counter()
         self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
         self._reported: dict[int, MapState] = {}
         self._dirty: set[int] = set()
@@ -199,22 +198,6 @@ class PolicyEngine:
             for ident in self._cache.selected(rule.subject):
                 out |= self._by_identity.get(ident, set())
         return out
-
-    # -- identities (remote endpoints, FQDN IPs) ----------------------------------------
-    def upsert_identity(self, identity: Identity) -> None:
-        """Make a peer identity known that is not a local endpoint (e.g. a remote pod)."""
-        with self._lock:
-            self._extra_ids[identity.id] += 1
-            self._recompute(self._dependents(self._cache.add_identity(identity)))
-
-    def remove_identity(self, number: int) -> None:
-        with self._lock:
-            if self._extra_ids.get(number, 0) <= 0:
-                return
-            self._extra_ids[number] -= 1
-            if not self._extra_ids[number]:
-                del self._extra_ids[number]
-            self._recompute(self._dependents(self._cache.remove_identity(number)))
 
     # -- toFQDNs -------------------------------------------------------------------
     def fqdn_selectors(self) -> list[FQDNPeer]:
