@@ -30,6 +30,9 @@ MARK_MAGIC_TO_PROXY = 0x0200  # datapath -> proxy redirect (Cilium MARK_MAGIC_TO
 MARK_MAGIC_PROXY_INGRESS = 0x0A00  # ingress proxy -> upstream (Cilium MARK_MAGIC_PROXY_INGRESS)
 MARK_MAGIC_PROXY_EGRESS = 0x0B00  # egress proxy -> upstream (Cilium MARK_MAGIC_PROXY_EGRESS)
 MARK_MAGIC_FROM_PROXY = MARK_MAGIC_PROXY_INGRESS
+# Set by a datapath that already applied the destination's ingress policy on
+# the source's side (eBPF from-container), so the to-container stage skips it.
+MARK_MAGIC_CHECKED = 0x0E00
 # A redirect mark is matched on the magic nibble plus the port half.
 MARK_TO_PROXY_MASK = 0xFFFF0F00
 # What TPROXY sets on the packets it diverts (and the ip rule matches).
@@ -65,7 +68,7 @@ def from_proxy_mark(direction: int) -> int:
 
 
 __all__ = [
-    "MARK_MAGIC_HOST_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY",
+    "MARK_MAGIC_HOST_MASK", "MARK_MAGIC_TO_PROXY", "MARK_MAGIC_FROM_PROXY", "MARK_MAGIC_CHECKED",
     "MARK_MAGIC_PROXY_INGRESS", "MARK_MAGIC_PROXY_EGRESS", "MARK_TO_PROXY_MASK", "from_proxy_mark",
     "TPROXY_MARK", "TPROXY_MASK", "PROXY_ROUTE_TABLE", "to_proxy_mark", "proxy_port_of",
     "is_from_proxy",
