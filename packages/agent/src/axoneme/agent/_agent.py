@@ -51,7 +51,7 @@ from axoneme.core.flow import Flow
 from axoneme.core.identity import IdentityAllocator
 from axoneme.core.lockfile import LockHeld, PidLock
 from axoneme.core.mapstate import MapState
-from axoneme.core.plugins import make_plugin_manager
+from axoneme.core.plugins import configure, make_plugin_manager
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 
 LOG = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class Agent:
 
     def __init__(self, config: AgentConfig, netlink: nl.EndpointNetlink = nl) -> None:
         self.config = config
+        if config.plugins is not None:
+            configure(config.plugins)  # before anything is loaded: the allow-list
         self.pm = make_plugin_manager()
         try:
             store = self.pm.hook.axoneme_identity_store(config=dataclasses.asdict(config))

@@ -49,6 +49,8 @@ class AgentConfig:
     policy_map_full: str = "fail-closed"
     # --datapath-opt KEY=VALUE: checked against the options the datapath declares
     datapath_options: dict[str, Any] = field(default_factory=dict)
+    # allow-list of plugins (NAME or KIND:NAME); None: every installed plugin
+    plugins: list[str] | None = None
     # POST /v1/flows: add flow records by hand. Off: any client of the socket
     # could forge the audit trail. Only tests of `observe` turn it on (config
     # file key, no flag).

@@ -26,7 +26,7 @@ from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
 from axoneme.core.errors import ConfigError
 from axoneme.core.hookspecs import hookimpl
-from axoneme.core.plugins import GROUP_L7, installed, load_class
+from axoneme.core.l7 import FQDNParser, fqdn_parser
 from axoneme.core.policy.engine import PolicyEngine
 
 LOG = logging.getLogger(__name__)
@@ -36,12 +36,6 @@ REJECT_RCODES = ("REFUSED", "NXDOMAIN")
 # how long at most a snapshot may lag behind TTL refreshes (which are not
 # cache "changes" but move expiries)
 SNAPSHOT_REFRESH = 5.0
-
-
-def _feeds_fqdn(parser: type) -> bool:
-    """Whether an L7 parser class learns DNS names for toFQDNs selectors."""
-    return all(callable(getattr(parser, m, None))
-               for m in ("new_fqdn_cache", "bind_engine", "proxy_config"))
 
 
 class FQDNManager:
@@ -63,7 +57,7 @@ class FQDNManager:
         self.metrics = metrics
         self.cache: Any = None
         self.sync: Any = None
-        self._parser: Any = None
+        self._parser: FQDNParser | None = None
         self.path = os.path.join(config.state_dir, FQDN_STATE_FILE)
         self._dirty = False
         self._changed_at: float | None = None  # first cache change not pushed yet (perf_counter)
@@ -92,22 +86,10 @@ class FQDNManager:
         the endpoints are synced, so the first sync already holds the learned
         IPs. False (and toFQDNs stays empty) when no installed L7 parser
         learns DNS names."""
-        classes = []
-        for name in sorted(installed(GROUP_L7)):
-            try:
-                cls = load_class(GROUP_L7, name)
-            except Exception as e:
-                LOG.warning("L7 parser %s cannot be loaded: %s", name, e)
-                continue
-            if _feeds_fqdn(cls):
-                classes.append(cls)
-        if not classes:
+        parser = fqdn_parser()
+        if parser is None:
             LOG.info("no installed L7 parser learns DNS names: toFQDNs selectors select nothing")
             return False
-        if len(classes) > 1:
-            LOG.warning("several L7 parsers learn DNS names (%s): using %s",
-                        ", ".join(c.name for c in classes), classes[0].name)
-        parser = classes[0]()
         self._parser = parser
         self.cache = parser.new_fqdn_cache(min_ttl=self.min_ttl)
         try:
@@ -147,7 +129,7 @@ class FQDNManager:
 
     def proxy_kwargs(self, parser: str) -> dict[str, Any]:
         """Extra ``ProxyManager.acquire`` arguments: the DNS proxy's toFQDNs hooks."""
-        if self.cache is None or parser != self._parser.name:
+        if self.cache is None or self._parser is None or parser != self._parser.name:
             return {}
         # the agent reaches the DNS plugin only through its entry point (import rules)
         return {"cache": self.cache, "on_answer": self.on_answer,

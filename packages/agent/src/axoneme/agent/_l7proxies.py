@@ -6,7 +6,7 @@ The engine asks ``proxy_port`` for the port of an L7 rule while it resolves
 (``start_wanted``) before the datapath is told to redirect, so a listener
 that cannot start leaves the traffic redirected to nothing: L7 rules fail
 closed. Each parser says what it needs (``default_proxy_port``,
-``transport``); nothing here names one.
+``transport``: ``axoneme.core.l7.L7Parser``); nothing here names one.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._state import StateStore
 from axoneme.agent.proxy import ProxyManager, RedirectRules, chain_for_state_dir, make_policy_for
 from axoneme.core.endpoint import Endpoint
+from axoneme.core.errors import PluginError
 from axoneme.core.flow import Flow
-from axoneme.core.l7 import L7Parser
+from axoneme.core.l7 import default_proxy_port
 from axoneme.core.mapstate import Direction, MapState, Protocol
-from axoneme.core.plugins import GROUP_L7, installed, load_class
+from axoneme.core.plugins import GROUP_L7, installed, l7_parser
 
 LOG = logging.getLogger(__name__)
 
 EGRESS_PORT_OFFSET = 100  # egress listeners sit 100 above the ingress ones
-FALLBACK_PORTS = 15201  # parsers that declare no default port: one each from here
 
 
 class L7Proxies:
@@ -38,33 +38,17 @@ class L7Proxies:
         self.manager: ProxyManager | None = None  # built by ``setup`` when parsers are installed
         self.ports: dict[tuple[str, int], int] = {}
         self._wanted: set[tuple[str, int]] = set()
-        self._classes: dict[str, type[L7Parser]] = {}
         # extra ProxyManager.acquire arguments per parser (toFQDNs hooks for a DNS parser)
         self.acquire_kwargs: Callable[[str], Mapping[str, Any]] = lambda parser: {}
 
-    def _parser_class(self, parser: str) -> type[L7Parser] | None:
-        if parser not in self._classes:
-            try:
-                self._classes[parser] = load_class(GROUP_L7, parser)
-            except Exception as e:
-                LOG.error("L7 parser %s cannot be loaded: %s", parser, e)
-                return None
-        return self._classes[parser]
-
-    def _default_port(self, parser: str) -> int:
-        for klass in getattr(self._parser_class(parser), "__mro__", ()):
-            if klass is L7Parser:
-                break
-            port = vars(klass).get("default_proxy_port")
-            if isinstance(port, int):
-                return port
-        # a parser without a port of its own: a distinct one per installed parser
-        names = sorted(set(installed(GROUP_L7)) | {parser})
-        return FALLBACK_PORTS + names.index(parser)
-
-    def _protocol(self, parser: str) -> Protocol:
-        transport = tuple(getattr(self._parser_class(parser), "transport", ("TCP",)))
-        return Protocol.UDP if transport and transport[0].upper() == "UDP" else Protocol.TCP
+    @staticmethod
+    def _protocol(parser: str) -> Protocol:
+        """The L4 protocol its proxy's policy lookups use (UDP when it serves UDP)."""
+        try:
+            transport = tuple(l7_parser(parser).transport)
+        except PluginError:
+            return Protocol.TCP
+        return Protocol.UDP if "UDP" in transport else Protocol.TCP
 
     # -- the engine's callback -----------------------------------------------------
     def proxy_port(self, parser: str, direction: Any) -> int:
@@ -73,7 +57,7 @@ class L7Proxies:
         key = (parser, int(d))
         if key not in self.ports:
             offset = EGRESS_PORT_OFFSET if d is Direction.EGRESS else 0
-            self.ports[key] = self._default_port(parser) + offset
+            self.ports[key] = default_proxy_port(parser) + offset
             self._wanted.add(key)
         return self.ports[key]
 

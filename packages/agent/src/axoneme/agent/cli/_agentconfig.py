@@ -1,0 +1,108 @@
+"""``agent run`` configuration: the config file (``--config``), the flags
+over it, and the datapath options (``--datapath-opt``, ``datapath_options``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from axoneme.agent.cli import UsageError
+
+_CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
+                "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
+                "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
+                "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
+                "dns_reject_rcode", "policy_map_max", "flow_injection",
+                "policy_map_full", "drop_unparseable_policies", "plugins")
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    from axoneme.core.errors import ConfigError
+
+    if not path:
+        return {}
+    from axoneme.core import yamlsafe
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config: {e} ({path})") from e
+    try:
+        # the hardened loader: a hostile config must not crash the agent
+        data = yamlsafe.load_one(text, path) or {}
+    except yamlsafe.InputError as e:
+        raise ConfigError(f"{e.message} ({path})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping ({path})")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k not in _CONFIG_KEYS:
+            raise ConfigError(f"unknown config key {yamlsafe.excerpt(key)!r} ({path})")
+        out[k] = value
+    if "plugins" in out:
+        from axoneme.core.plugins import parse_allow_list
+
+        out["plugins"] = parse_allow_list(out["plugins"], path)
+    return out
+
+
+def build_agent_config(args: argparse.Namespace) -> Any:
+    from axoneme.agent._config import AgentConfig
+    from axoneme.agent.client import resolve_socket
+
+    conf = load_config(args.config)
+    flags = {
+        "datapath": args.datapath, "iptables_mode": args.iptables_mode,
+        "state_dir": args.state_dir, "api_socket": args.api_socket_sub or args.api_socket,
+        "policy_dir": args.policy_dir, "install_cni": args.install_cni,
+        "pod_cidr": args.pod_cidr, "flow_buffer": args.flow_buffer,
+        "enforcement_mode": args.enforcement_mode, "cluster_name": args.cluster_name,
+        "bpffs_root": args.bpffs_root, "policy_map_max": args.policy_map_max,
+        "tofqdns_min_ttl": args.tofqdns_min_ttl, "dns_reject_rcode": args.dns_reject_rcode,
+        "policy_map_full": args.policy_map_full,
+        "drop_unparseable_policies": args.drop_unparseable_policies,
+    }
+    if args.no_guard:
+        flags["guard"] = False
+    if args.no_l7_proxies:
+        flags["l7_proxies"] = False
+    conf.update({k: v for k, v in flags.items() if v is not None})
+    conf["api_socket"] = resolve_socket(conf.get("api_socket"))
+    conf["datapath_options"] = _datapath_options(conf.get("datapath_options"),
+                                                 getattr(args, "datapath_opt", None))
+    cfg = AgentConfig(**conf)
+    if cfg.flow_buffer < 1:
+        raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
+    if not isinstance(cfg.policy_map_max, int) or cfg.policy_map_max < 1:
+        raise UsageError(f"--policy-map-max must be a positive integer, got {cfg.policy_map_max!r}")
+    if cfg.policy_map_full not in ("fail-closed", "keep-last"):
+        raise UsageError(f"--policy-map-full must be fail-closed or keep-last, "
+                         f"got {cfg.policy_map_full!r}")
+    cfg.state_dir = os.path.abspath(cfg.state_dir)
+    cfg.api_socket = os.path.abspath(cfg.api_socket)
+    if cfg.policy_dir:
+        cfg.policy_dir = os.path.abspath(cfg.policy_dir)
+    return cfg
+
+
+def _datapath_options(conf: Any, flags: Sequence[str] | None) -> dict[str, Any]:
+    """The config file's ``datapath_options`` mapping, then ``--datapath-opt
+    KEY=VALUE`` flags (the datapath checks names and values when it is built)."""
+    from axoneme.core.errors import ConfigError
+
+    if conf is None:
+        conf = {}
+    if not isinstance(conf, dict):
+        raise ConfigError(f"datapath_options must be a mapping of option names to values, "
+                          f"got {type(conf).__name__}")
+    out = {str(k).replace("-", "_"): v for k, v in conf.items()}
+    for item in flags or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--datapath-opt expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
