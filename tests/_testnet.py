@@ -26,6 +26,8 @@ and, by path, from packages/*/tests (``importlib.util.spec_from_file_location``)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 RESOLV_DIR = "/etc/netns"
@@ -249,3 +252,15 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["http"]:
         sys.exit("usage: _testnet.py http --bind IP [--port P] [--directory D] [--echo]")
     _serve_http(sys.argv[2:])
+
+
+@contextlib.contextmanager
+def kernel_agent_lock() -> Iterator[None]:
+    """One kernel-datapath L7 agent of the e2e modules at a time on this node (the
+    TPROXY ip rule and the fixed proxy ports are node-global)."""
+    with open("/tmp/axoneme-kernel-agent.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

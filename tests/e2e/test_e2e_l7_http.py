@@ -14,8 +14,6 @@ an already-open keep-alive connection.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -96,17 +94,6 @@ def _redirect_rules() -> str:
     to the pod unproxied. Shown so such interference is told from a bug.
     """
     return _sh("iptables", "-w", "5", "-t", "mangle", "-S", "AXON-PROXY", check=False).stdout
-
-
-@contextlib.contextmanager
-def _node_lock() -> Iterator[None]:
-    """One kernel-datapath agent of this module at a time (global chains, fixed proxy ports)."""
-    with open("/tmp/axoneme-kernel-agent.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _other_iptables_agents() -> list[int]:
@@ -259,7 +246,7 @@ def cluster(request: pytest.FixtureRequest, guard: str) -> Iterator[Cluster]:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     cf = _conftest()
-    node_lock = _node_lock()
+    node_lock = _testnet.kernel_agent_lock()
     node_lock.__enter__()
     if name == "iptables":
         _wait_iptables_quiet()

@@ -16,8 +16,6 @@ show as L7 flows in ``axoneme observe``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -166,17 +165,6 @@ def test_listed_validated_and_traced_offline(echo_plugin: Path, files: dict[str,
     assert res.returncode == 2 and "bogus" in res.stderr and "verb" in res.stderr, res
 
 
-@contextlib.contextmanager
-def _node_lock() -> Iterator[None]:
-    """One kernel-datapath L7 agent at a time (shared with the other L7 e2e modules)."""
-    with open("/tmp/axoneme-kernel-agent.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _lines(agent: Any, dst: str, *lines: str) -> list[str] | None:
     res = agent.pod_exec("client", "python3", "-c", CLIENT, dst, *lines, timeout=30)
     return json.loads(res.stdout) if res.returncode == 0 else None
@@ -187,7 +175,7 @@ def test_enforced_live_on_ebpf(echo_plugin: Path, agent_factory: Any, datapath_p
     reason = datapath_probe("ebpf")
     if reason is not None:
         pytest.skip(reason)
-    with _node_lock():
+    with _testnet.kernel_agent_lock():
         agent = agent_factory("ebpf")
         dst = agent.pod_run("echo", "python3", "-u", "-c", SERVER, labels="app=echo")
         agent.pod_run("client", "sleep", "infinity", labels="app=client")

@@ -166,6 +166,16 @@ class L7Parser(abc.ABC):
             return L7Request(dict(options))
         return L7Request({k: v for k, v in options.items() if k in self.trace_inputs})
 
+    def with_shorthands(self, options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """``options`` where each ``--l7 KEY=VALUE`` trace input also stands as the
+        parser's shorthand ``<prefix>_KEY`` (``--http-method`` -> ``http_method``);
+        a shorthand given on the command line wins."""
+        out = dict(options)
+        for key in self.trace_inputs:
+            if options.get(key) is not None and out.get(f"{prefix}_{key}") is None:
+                out[f"{prefix}_{key}"] = options[key]
+        return out
+
     def proxy_factory(self) -> Any:
         """Return a callable building the proxy server for this parser, or None."""
         return None

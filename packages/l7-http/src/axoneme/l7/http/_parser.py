@@ -91,7 +91,11 @@ class HttpParser(L7Parser):
 
     def request_from_trace(self, options: dict[str, Any]) -> L7Request:
         """``policy trace --http-method/--http-path/--http-host/--http-header``."""
-        options = _with_l7_inputs(options)
+        options = self.with_shorthands(options, "http")
+        extra = options.get("header")  # --l7 header=... adds to --http-header
+        if extra is not None:
+            more = [extra] if isinstance(extra, str) else list(extra)
+            options["http_headers"] = [*(options.get("http_headers") or ()), *more]
         headers: list[tuple[str, str]] = []
         for h in options.get("http_headers") or ():
             if isinstance(h, (tuple, list)):
@@ -119,19 +123,6 @@ class HttpParser(L7Parser):
         from axoneme.l7.http._proxy import HttpProxy
 
         return HttpProxy
-
-
-def _with_l7_inputs(options: dict[str, Any]) -> dict[str, Any]:
-    """``--l7 method=GET`` etc. as their ``--http-*`` shorthands (the shorthand wins)."""
-    out = dict(options)
-    for key in ("method", "path", "host"):
-        if options.get(key) is not None and out.get(f"http_{key}") is None:
-            out[f"http_{key}"] = options[key]
-    extra = options.get("header")
-    if extra is not None:
-        more = [extra] if isinstance(extra, str) else list(extra)
-        out["http_headers"] = [*(options.get("http_headers") or ()), *more]
-    return out
 
 
 __all__ = ["HttpParser", "HttpVerdict", "HeaderAction", "apply_actions", "rule_matches"]

@@ -92,12 +92,7 @@ class KafkaParser(L7Parser):
         return match_fields(rules, request.fields)
 
     def request_from_trace(self, options: dict[str, Any]) -> L7Request:
-        # ``--l7 role=produce`` etc. as their ``--kafka-*`` shorthands (the shorthand wins)
-        merged = dict(options)
-        for key in self.trace_inputs:
-            if options.get(key) is not None and merged.get(f"kafka_{key}") is None:
-                merged[f"kafka_{key}"] = options[key]
-        return request_from_trace(merged)
+        return request_from_trace(self.with_shorthands(options, "kafka"))
 
     def proxy_factory(self) -> Any:
         """``KafkaProxy`` (the ``axoneme.core.l7proxy.ProxyFactory`` signature)."""
