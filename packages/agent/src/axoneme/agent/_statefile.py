@@ -15,6 +15,7 @@ from typing import Any
 
 from axoneme.core import yamlsafe
 from axoneme.core.errors import ConfigError
+from axoneme.core.policy.walk import type_name
 
 LOG = logging.getLogger(__name__)
 
@@ -95,34 +96,16 @@ def read_json(path: str, expect: type = dict) -> Any | None:
     except yamlsafe.InputError as e:
         raise StateCorrupt(path, e.message) from None
     if not isinstance(data, expect):
-        raise StateCorrupt(path, f"expected a JSON {expect.__name__}, got {_kind(data)}")
+        raise StateCorrupt(path, f"expected a JSON {expect.__name__}, got {type_name(data)}")
     bad = yamlsafe.json_problem(data, STATE_MAX_DEPTH)
     if bad is not None:
         raise StateCorrupt(path, f"{bad[0] or 'top level'}: {bad[1]}")
     return data
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, Mapping):
-        return "mapping"
-    return type(value).__name__
-
-
 def _int_field(path: str, where: str, value: object, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise StateCorrupt(path, f"{where}: expected an integer, got {_kind(value)} "
+        raise StateCorrupt(path, f"{where}: expected an integer, got {type_name(value)} "
                                  f"{yamlsafe.excerpt(value)}")
     if value < minimum:
         raise StateCorrupt(path, f"{where}: expected an integer >= {minimum}, got {value}")
@@ -130,7 +113,7 @@ def _int_field(path: str, where: str, value: object, minimum: int = 0) -> None:
 
 def _mapping(path: str, where: str, value: object) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise StateCorrupt(path, f"{where}: expected a mapping, got {_kind(value)}")
+        raise StateCorrupt(path, f"{where}: expected a mapping, got {type_name(value)}")
     return value
 
 
@@ -164,7 +147,7 @@ def read_agent_state(path: str) -> dict[str, Any] | None:
         if not (key.isascii() and key.isdigit() and len(key) <= 10):
             raise StateCorrupt(path, f"{where}: expected an identity number as the key")
         if not isinstance(ids, list):
-            raise StateCorrupt(path, f"{where}: expected a list, got {_kind(ids)}")
+            raise StateCorrupt(path, f"{where}: expected a list, got {type_name(ids)}")
     # Each policy record's shape and whether it still parses is the restore
     # path's business: it names the policy and never drops it silently.
     _mapping(path, "policies", data.get("policies", {}))
