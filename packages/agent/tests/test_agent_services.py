@@ -244,7 +244,7 @@ def test_policy_apply_and_delete_reach_the_datapath(tmp_path: Path) -> None:
                    and k.direction is Direction.INGRESS for k in got)
         # write-ahead: the API policy is in the state file
         assert "CiliumNetworkPolicy/default/web" in node.state()["policies"]
-        listed = node.agent.policies.list()
+        listed = node.agent.policies.listing()
         assert [(p["name"], p["source"]) for p in listed] == [("web", "api")]
         rev = res["revision"]
         # a changed port: the minimal change reaches the datapath

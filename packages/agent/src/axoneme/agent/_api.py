@@ -101,7 +101,7 @@ def build_app(agent: Agent) -> web.Application:
 
     # namespaces
     async def ns_list(request: web.Request) -> web.Response:
-        return _json(namespaces.list())
+        return _json(namespaces.listing())
 
     async def ns_create(request: web.Request) -> web.Response:
         body = await _body(request)
@@ -120,7 +120,7 @@ def build_app(agent: Agent) -> web.Application:
 
     # policies
     async def pol_list(request: web.Request) -> web.Response:
-        return _json({"revision": policies.revision, "policies": policies.list()})
+        return _json({"revision": policies.revision, "policies": policies.listing()})
 
     async def pol_apply(request: web.Request) -> web.Response:
         body = await _body(request)
@@ -135,7 +135,7 @@ def build_app(agent: Agent) -> web.Application:
 
     # pods
     async def pod_list(request: web.Request) -> web.Response:
-        return _json(pods.list(request.query.get("namespace")))
+        return _json(pods.listing(request.query.get("namespace")))
 
     async def pod_run(request: web.Request) -> web.Response:
         return _json(await pods.run(await _body(request)), 201)

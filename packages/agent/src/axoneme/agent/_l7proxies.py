@@ -69,7 +69,7 @@ class L7Proxies:
     def setup(self, *, enabled: bool, state_dir: str, store: StateStore,
               identity_of_ip: Callable[[str], int],
               policy_of: Callable[[Endpoint], MapState | None],
-              flow_sink: Callable[[Flow], None]) -> None:
+              flow_sink: Callable[[Flow], Any]) -> None:
         """A ProxyManager for the installed parsers (listeners start lazily)."""
         parsers = sorted(installed(GROUP_L7))
         if not enabled or not parsers:

@@ -204,7 +204,7 @@ class PolicyService:
             LOG.warning("axoneme_policy_changed hook failed", exc_info=True)
 
     # -- views ---------------------------------------------------------------------------
-    def list(self) -> list[dict[str, Any]]:
+    def listing(self) -> list[dict[str, Any]]:
         out = []
         for pol in self.engine.policies():
             rec = self.store.policy_docs.get(policy_key(pol.ref), {})

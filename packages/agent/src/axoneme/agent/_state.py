@@ -85,7 +85,8 @@ class StateStore:
             version = int(data.get("version", 0))
             if version != STATE_VERSION:
                 raise StateCorrupt(path, f"unknown state version {version}")
-            namespaces = {str(k): dict(v) for k, v in data.get("namespaces", {}).items()}
+            namespaces: dict[str, dict[str, str]] = {
+                str(k): dict(v) for k, v in data.get("namespaces", {}).items()}
             pods = {k: PodRecord(**v) for k, v in data.get("pods", {}).items()}
             endpoints = {k: EndpointRecord(**v) for k, v in data.get("endpoints", {}).items()}
             identities = {int(k): list(v) for k, v in data.get("identities", {}).items()}

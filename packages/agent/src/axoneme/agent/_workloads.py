@@ -71,7 +71,7 @@ class NamespaceService:
     def view(self, name: str) -> dict[str, Any]:
         return {"name": name, "labels": namespace_labels(name, self.store.namespaces.get(name, {}))}
 
-    def list(self) -> list[dict[str, Any]]:
+    def listing(self) -> list[dict[str, Any]]:
         return [self.view(n) for n in sorted(self.store.namespaces)]
 
 
@@ -208,6 +208,6 @@ class PodService:
                 "service_account": rec.service_account, "exit_code": rec.exit_code,
                 "created": rec.created}
 
-    def list(self, namespace: str | None = None) -> list[dict[str, Any]]:
+    def listing(self, namespace: str | None = None) -> list[dict[str, Any]]:
         return [self.view(p) for _, p in sorted(self.store.pods.items())
                 if not namespace or p.namespace == namespace]
