@@ -321,3 +321,21 @@ def topology() -> Iterator[Topology]:
             sh("iptables", "-D", "FORWARD", "-j", guard, check=False)
             sh("iptables", "-F", guard, check=False)
             sh("iptables", "-X", guard, check=False)
+
+
+@pytest.fixture
+def stray_pod(topology: Topology) -> Iterator[Pod]:
+    """A pod wired like the others (our host veth name, a pod address) that no
+    endpoint stands for: removed with its netns (the veth, route and
+    neighbour entries go with it)."""
+    octet = topology.pods["a"].ip.split(".")[2]
+    ns = f"axi-p{os.getpid()}-{topology.suffix}d"
+    servers = None
+    try:
+        pod = _make_pod("d", ns, f"axh{topology.suffix}d", [f"10.244.{octet}.4"])
+        servers = Servers(ns)
+        yield pod
+    finally:
+        if servers is not None:
+            servers.close()
+        _testnet.del_netns(ns)

@@ -96,7 +96,7 @@ def _chain(k: FakeKernel, name: str, family: int = 4) -> list[str]:
 
 def test_catch_all_follows_the_endpoint_jumps_and_skips_known_interfaces() -> None:
     refs = [rd.EndpointRef(7, "lxc0000000007"), rd.EndpointRef(9, "veth-not-ours")]
-    hooks = rd.hook_chains(refs, 7301, SCOPE4, 4)
+    hooks = rd.hook_chains(refs, SCOPE4, 4)
     fwd = hooks[rd.FWD_CHAIN]
     jumps = [i for i, r in enumerate(fwd) if "AXON-EP-" in r]
     catch = [i for i, r in enumerate(fwd) if "AXON-NOEP-" in r]
@@ -107,18 +107,20 @@ def test_catch_all_follows_the_endpoint_jumps_and_skips_known_interfaces() -> No
     assert hooks[rd.OUTPUT_CHAIN][-1] == "-o lxc+ -d 10.244.0.0/16 -j AXON-NOEP-IN"
     out, inn = hooks["AXON-NOEP-OUT"], hooks["AXON-NOEP-IN"]
     # only our interfaces need a way out; the rest drops, logged with reason 152's prefix
-    assert out[0] == "-i lxc0000000007 -j RETURN" and inn[0] == "-o lxc0000000007 -j RETURN"
-    assert not any("veth-not-ours" in r for r in out + inn)
-    assert "--nflog-prefix AXON:U:E " in out[1] and "--nflog-prefix AXON:U:I " in inn[1]
-    assert out[-1] == inn[-1] == "-j DROP" and len(out) == 3
-    assert all(rd.OWNED_CHAIN_RE.match(c) for c in hooks)  # cleanup removes them
+    assert out == ["-i lxc0000000007 -j RETURN", "-j AXON-UNKNOWN-OUT"]
+    assert inn == ["-o lxc0000000007 -j RETURN", "-j AXON-UNKNOWN-IN"]
+    shared = rd.shared_chains(7301)
+    assert "--nflog-prefix AXON:U:E " in shared["AXON-UNKNOWN-OUT"][0]
+    assert "--nflog-prefix AXON:U:I " in shared["AXON-UNKNOWN-IN"][0]
+    assert shared["AXON-UNKNOWN-OUT"][-1] == shared["AXON-UNKNOWN-IN"][-1] == "-j DROP"
+    assert all(rd.OWNED_CHAIN_RE.match(c) for c in [*hooks, *shared])  # cleanup removes them
 
 
 def test_catch_all_scope() -> None:
     refs = [rd.EndpointRef(7, "lxc0000000007")]
-    assert rd.hook_chains(refs) == rd.hook_chains(refs, 1, rd.PodScope("", ("10.244.0.0/16",)))
-    assert rd.hook_chains(refs) == rd.hook_chains(refs, 1, rd.PodScope("lxc", ()), 6)
-    six = rd.hook_chains(refs, 1, rd.PodScope("lxc", ("fd00:244::/64",)), 6)
+    assert rd.hook_chains(refs) == rd.hook_chains(refs, rd.PodScope("", ("10.244.0.0/16",)))
+    assert rd.hook_chains(refs) == rd.hook_chains(refs, rd.PodScope("lxc", ()), 6)
+    six = rd.hook_chains(refs, rd.PodScope("lxc", ("fd00:244::/64",)), 6)
     assert six[rd.FWD_CHAIN][-1] == "-o lxc+ -d fd00:244::/64 -j AXON-NOEP-IN"
     assert all(r in six["AXON-NOEP-OUT"] for r in rd.ND_RULES)  # link control passes
 
@@ -168,7 +170,7 @@ def test_flows_of_the_new_drops() -> None:
 def test_datapath_writes_the_catch_all(kernel: FakeKernel, tmp_path: Path, mode: str) -> None:
     dp = _dp(tmp_path, mode)
     # no endpoint yet: every pod interface drops
-    assert _chain(kernel, "AXON-NOEP-OUT") [-1] == "-j DROP"
+    assert _chain(kernel, "AXON-NOEP-OUT") == ["-j AXON-UNKNOWN-OUT"]
     assert _chain(kernel, rd.FWD_CHAIN) == ["-i lxc+ -s 10.244.0.0/16 -j AXON-NOEP-OUT",
                                             "-o lxc+ -d 10.244.0.0/16 -j AXON-NOEP-IN"]
     assert "AXON-NOEP-OUT" not in kernel.tables[(6, "filter")]  # the pod CIDR is IPv4 only
@@ -178,6 +180,9 @@ def test_datapath_writes_the_catch_all(kernel: FakeKernel, tmp_path: Path, mode:
     dp.endpoint_removed(A)
     assert not any(A.host_ifname in r for r in _chain(kernel, "AXON-NOEP-OUT"))
     assert dp.metrics()["packets_unknown_endpoint"] == 6  # 3 a chain in the fake: IN + OUT
+    dp.stop()
+    dp.start()  # refills the verdict chains (their counters restart): the metric goes on
+    assert dp.metrics()["packets_unknown_endpoint"] == 12
     dp.cleanup()
     assert not any(c.startswith("AXON-") for c in kernel.tables[(4, "filter")])
 

@@ -11,7 +11,7 @@ import queue
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -77,7 +77,10 @@ class Env:
 @pytest.fixture(scope="module", params=["plain", "ipset"])
 def env(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Env]:
     group = 7000 + int(topology.suffix, 16) % 500 + (0 if request.param == "plain" else 500)
-    config = DatapathConfig(mode=request.param, options={"nflog_group": group})
+    # the pods' host veths (axh<sfx><name>) are "our" pod interfaces here; the
+    # outside host's one matches the prefix too but carries no pod address
+    config = DatapathConfig(mode=request.param, options={
+        "nflog_group": group, "host_ifname_prefix": f"axh{topology.suffix}"})
     dp = IptablesDatapath(config)
     dp.probe()
     try:
@@ -255,10 +258,10 @@ def test_restart_adopts_state(env: Env) -> None:
     assert env.dp.dump(endpoint(env.b)) == MapState({k(ID["a"], IN, TCP, 443): ALLOW})
 
 
-def test_events(env: Env) -> None:
-    env.set(env.a, ALLOW_ALL_OUT)
-    env.set(env.c, ALLOW_ALL_OUT)
-    env.set(env.b, {k(ID["a"], IN, TCP, 80): ALLOW, k(ID["c"], IN, TCP, 443): DENY})
+def _collect(env: Env, probe: Callable[[], object],
+             done: Callable[[list[Flow]], bool]) -> list[Flow]:
+    """Run ``probe`` while reading NFLOG events until ``done(seen)`` (or 5 s
+    without one); the datapath is restarted to end the reader."""
     flows: queue.Queue[Flow] = queue.Queue()
 
     def collect() -> None:
@@ -267,42 +270,53 @@ def test_events(env: Env) -> None:
 
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
+    seen: list[Flow] = []
     try:
-        assert env.topo.probe([("tcp", env.a, env.b.ip, 8080), ("tcp", env.c, env.b.ip, 443),
-                               ("tcp", env.a, env.b.ip, 80)]) == [False, False, True]
-        seen: list[Flow] = []
-
-        def wanted() -> tuple[Flow | None, Flow | None, Flow | None]:
-            def find(pred: object) -> Flow | None:
-                return next((f for f in seen if pred(f)), None)  # type: ignore[operator]
-            denied = find(lambda f: f.drop_reason is DropReason.POLICY_DENIED
-                          and f.ports()[1] == 8080 and f.traffic_direction == "INGRESS")
-            deny = find(lambda f: f.drop_reason is DropReason.POLICY_DENY and f.ports()[1] == 443)
-            fwd = find(lambda f: f.verdict is FlowVerdict.FORWARDED and f.ports()[1] == 80
-                       and f.traffic_direction == "INGRESS")
-            return denied, deny, fwd
-
-        while None in wanted():
+        probe()
+        while not done(seen):
             try:
                 seen.append(flows.get(timeout=5))
             except queue.Empty:
                 break
-        denied, deny, fwd = wanted()
-        assert denied is not None, seen
-        assert denied.verdict is FlowVerdict.DROPPED
-        assert (denied.source.identity, denied.destination.identity) == (ID["a"], ID["b"])
-        assert denied.destination.pod_name == "pod-b" and denied.destination.id == env.b.ep_id
-        assert denied.l4["TCP"]["flags"].get("SYN") is True
-        assert denied.to_json()["drop_reason_desc"] == "POLICY_DENIED"
-        assert deny is not None and deny.source.identity == ID["c"], seen
-        assert fwd is not None and fwd.event_type == "policy-verdict", seen
-        assert fwd.match_type == "L3_L4" and deny.match_type == "L3_L4"
-        assert denied.match_type == ""  # nothing matched: default deny
     finally:
         env.dp.stop()
         reader.join(5)
         env.dp.start()
     assert not reader.is_alive()
+    return seen
+
+
+def _first(seen: list[Flow], pred: Callable[[Flow], bool]) -> Flow | None:
+    return next((f for f in seen if pred(f)), None)
+
+
+def test_events(env: Env) -> None:
+    env.set(env.a, ALLOW_ALL_OUT)
+    env.set(env.c, ALLOW_ALL_OUT)
+    env.set(env.b, {k(ID["a"], IN, TCP, 80): ALLOW, k(ID["c"], IN, TCP, 443): DENY})
+    preds: list[Callable[[Flow], bool]] = [
+        lambda f: f.drop_reason is DropReason.POLICY_DENIED and f.ports()[1] == 8080
+        and f.traffic_direction == "INGRESS",
+        lambda f: f.drop_reason is DropReason.POLICY_DENY and f.ports()[1] == 443,
+        lambda f: f.verdict is FlowVerdict.FORWARDED and f.ports()[1] == 80
+        and f.traffic_direction == "INGRESS"]
+
+    def probe() -> None:
+        assert env.topo.probe([("tcp", env.a, env.b.ip, 8080), ("tcp", env.c, env.b.ip, 443),
+                               ("tcp", env.a, env.b.ip, 80)]) == [False, False, True]
+
+    seen = _collect(env, probe, lambda got: all(_first(got, p) for p in preds))
+    denied, deny, fwd = (_first(seen, p) for p in preds)
+    assert denied is not None, seen
+    assert denied.verdict is FlowVerdict.DROPPED
+    assert (denied.source.identity, denied.destination.identity) == (ID["a"], ID["b"])
+    assert denied.destination.pod_name == "pod-b" and denied.destination.id == env.b.ep_id
+    assert denied.l4["TCP"]["flags"].get("SYN") is True
+    assert denied.to_json()["drop_reason_desc"] == "POLICY_DENIED"
+    assert deny is not None and deny.source.identity == ID["c"], seen
+    assert fwd is not None and fwd.event_type == "policy-verdict", seen
+    assert fwd.match_type == "L3_L4" and deny.match_type == "L3_L4"
+    assert denied.match_type == ""  # nothing matched: default deny
 
 
 def test_status_and_metrics(env: Env) -> None:
@@ -383,9 +397,94 @@ def test_endpoint_removed_and_readded(env: Env) -> None:
         save = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
         assert f"AXON-EP-{env.c.ep_id}-" not in save and env.c.host_if not in save
         assert env.dp.dump(endpoint(env.c)) == MapState()
-        # nothing enforces for c any more
-        assert env.tcp(env.a, env.c, 443)
+        # c's interface has no endpoint any more: it passes nothing (issue 13)
+        assert env.topo.probe([("tcp", env.a, env.c.ip, 443), ("tcp", env.c, env.a.ip, 80)]) \
+            == [False, False]
         env.dp.endpoint_removed(endpoint(env.c))  # unknown endpoints are fine
     finally:
         env.dp.endpoint_added(endpoint(env.c), True, True)
     assert not env.tcp(env.a, env.c, 443)  # back, enforced, empty
+
+
+def _drops(env: Env, probe: Callable[[], object], reason: DropReason, ip: str) -> list[Flow]:
+    """The drop flows with ``reason`` to or from ``ip`` seen while ``probe`` ran
+    (earlier tests' events may still be queued)."""
+    def match(f: Flow) -> bool:
+        return f.drop_reason is reason and ip in (f.ip_source, f.ip_destination)
+    return [f for f in _collect(env, probe, lambda got: any(map(match, got))) if match(f)]
+
+
+def test_pod_interface_without_endpoint_drops(env: Env, stray_pod: Pod) -> None:
+    """Issue 13: a pod interface (our host veth prefix, a pod address) whose
+    endpoint chains are not there (yet) passes nothing, both ways, counted
+    and logged with NO_MATCHING_LOCAL_CONTAINER_FOUND; once its endpoint is
+    added its policy decides; endpoints with chains are not affected."""
+    d = stray_pod
+    env.set(env.a, {k(0, IN): ALLOW, k(0, OUT): ALLOW})
+    env.set(env.b, ALLOW_ALL_OUT)
+    before = env.dp.metrics()["packets_unknown_endpoint"]
+
+    def probe() -> None:
+        got = env.topo.probe([("tcp", d, env.a.ip, 80), ("tcp", env.a, d.ip, 80),
+                              ("tcp", env.b, env.a.ip, 80), ("tcp", env.a, env.w.ips[3], 80)])
+        assert got == [False, False, True, True]
+
+    flows = _drops(env, probe, DropReason.NO_MATCHING_LOCAL_CONTAINER_FOUND, d.ip)
+    assert flows and {flows[0].ip_source, flows[0].ip_destination} == {d.ip, env.a.ip}, flows
+    assert flows[0].to_json()["drop_reason_desc"] == "NO_MATCHING_LOCAL_CONTAINER_FOUND"
+    assert env.dp.metrics()["packets_unknown_endpoint"] > before
+    d.ep_id, d.identity = 104, 1004
+    env.dp.endpoint_added(endpoint(d), True, True)
+    try:
+        env.set(d, {k(0, IN): ALLOW, k(0, OUT): ALLOW})
+        assert env.topo.probe([("tcp", d, env.a.ip, 80), ("tcp", env.a, d.ip, 80)]) == [True, True]
+    finally:
+        env.dp.endpoint_removed(endpoint(d))
+    assert env.topo.probe([("tcp", d, env.a.ip, 80), ("tcp", env.a, d.ip, 80)]) == [False, False]
+
+
+def test_endpoint_fail_closed(env: Env) -> None:
+    """Issue 13: while failing closed in a direction, everything the
+    endpoint's policy decides there is dropped (DROP_EP_NOT_READY), the
+    established connection's next packet included; the other direction, a
+    re-add and a restart keep to it; an empty set ends it."""
+    env.set(env.a, {k(0, IN): ALLOW, k(0, OUT): ALLOW})
+    env.set(env.b, {k(0, IN): ALLOW, k(0, OUT): ALLOW})
+    s = env.topo.socket(env.a, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect((env.b.ip, 9000))
+        s.sendall(b"one")
+        assert s.recv(16) == b"one"
+        env.dp.endpoint_fail_closed(endpoint(env.b), frozenset({IN}))
+        assert env.dp.dump(endpoint(env.b)) == MapState({k(0, IN): ALLOW, k(0, OUT): ALLOW})
+        s.sendall(b"two")
+        with pytest.raises(TimeoutError):
+            s.recv(16)
+    finally:
+        s.close()
+
+    def probe() -> None:
+        got = env.topo.probe([("tcp", env.a, env.b.ip, 80), ("tcp", env.b, env.a.ip, 80),
+                              ("tcp", env.a, env.b.ip6, 80)])
+        assert got == [False, True, False]
+
+    flows = _drops(env, probe, DropReason.DROP_EP_NOT_READY, env.b.ip)
+    assert flows and flows[0].traffic_direction == "INGRESS", flows
+    assert flows[0].destination.id == env.b.ep_id
+    env.dp.endpoint_fail_closed(endpoint(env.b), frozenset({IN}))  # idempotent
+    env.dp.endpoint_added(endpoint(env.b), True, False)
+    assert not env.tcp(env.a, env.b, 80)
+    env.dp.stop()
+    fresh = IptablesDatapath(env.config)
+    fresh.start()
+    try:
+        fresh.endpoint_added(endpoint(env.b), True, True)
+        fresh.sync(endpoint(env.b), MapState({k(0, IN): ALLOW, k(0, OUT): ALLOW}))
+        assert not env.tcp(env.a, env.b, 80)  # adopted from the kernel
+        fresh.endpoint_fail_closed(endpoint(env.b), frozenset())
+        assert env.tcp(env.a, env.b, 80)
+    finally:
+        fresh.stop()
+        env.dp.start()
+    assert env.dp.dump(endpoint(env.b)) == MapState({k(0, IN): ALLOW, k(0, OUT): ALLOW})

@@ -166,6 +166,8 @@ class IptablesDatapath(Datapath):
         self._nflog_error = ""
         self._stopped = threading.Event()
         self._counters = {"restores": 0.0, "restore_errors": 0.0, "events": 0.0}
+        # unknown-endpoint drops counted before the last start() refilled their chains
+        self._unknown_base = 0.0
         self._host_lock: str | None = None  # path of the netns lock this instance holds
         # Test hook: one extra restore line (e.g. a bad rule) for the next write.
         self.fault_injection: str | None = None
@@ -240,6 +242,8 @@ class IptablesDatapath(Datapath):
                 self._adopt_rules(family, filt)
                 self._adopt_mangle(family, mangle)
             self._recompute(set(self._families))
+            # _write_base refills the verdict chains: keep what their counters said
+            self._unknown_base += self._unknown_endpoint_packets()
             self._write_base(tables)
             LOG.info("iptables datapath started: mode=%s backend=%s (%s), adopted %d endpoints",
                      self.mode, self.backend.kind, self.backend.reason, len(self._refs))
@@ -374,7 +378,7 @@ class IptablesDatapath(Datapath):
 
     def _hooks(self, family: int) -> dict[str, list[str]]:
         scope = rd.PodScope(self.host_ifname_prefix, self._pod_cidrs.get(family, ()))
-        return rd.hook_chains(list(self._refs.values()), self.nflog_group, scope, family)
+        return rd.hook_chains(list(self._refs.values()), scope, family)
 
     def _redirecting(self, family: int) -> set[tuple[int, Direction]]:
         return {(ep, d) for (ep, fam, d) in self._mangle if fam == family}
@@ -917,12 +921,13 @@ class IptablesDatapath(Datapath):
         out["rules"] = float(sum(self._rule_counts.values()))
         out["ipsets"] = float(len(self._sets))
         out["ipcache_entries"] = float(sum(len(t) for t in self._ipcache.values()))
-        out["packets_unknown_endpoint"] = self._unknown_endpoint_packets()
+        out["packets_unknown_endpoint"] = self._unknown_base + self._unknown_endpoint_packets()
         return out
 
     def _unknown_endpoint_packets(self) -> float:
-        """Packets the unknown-endpoint catch-all dropped (its DROP rules' kernel
-        counters, both directions and families); 0 before start()."""
+        """Packets the unknown-endpoint catch-all dropped since its verdict chains
+        were last written (their DROP rules' kernel counters, both directions and
+        families); 0 before start()."""
         if self._backend is None or not self.host_ifname_prefix:
             return 0.0
         total = 0
@@ -931,7 +936,8 @@ class IptablesDatapath(Datapath):
                 continue
             for d in Direction:
                 try:
-                    total += self._backend.drop_packets(family, rd.unknown_chain(d))
+                    total += self._backend.drop_packets(family, rd.unknown_drop_chain(d))
                 except DatapathError:
-                    LOG.debug("cannot read the counters of %s", rd.unknown_chain(d), exc_info=True)
+                    LOG.debug("cannot read the counters of %s", rd.unknown_drop_chain(d),
+                              exc_info=True)
         return float(total)

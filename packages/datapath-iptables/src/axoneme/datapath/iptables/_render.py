@@ -14,8 +14,18 @@ Chain layout (filter table, both families):
   in the hook chain (a pod -> pod packet passes the source's egress chain and
   then the destination's ingress chain): ``AXON-ALLOW-<D>`` (log new
   connections, return = allowed), ``AXON-PXY-<port>-<D>`` (mark for the L7
-  proxy, return), ``AXON-DENY-<D>`` (explicit deny: log, DROP) and
-  ``AXON-DROP-<D>`` (no match: log, DROP).
+  proxy, return), ``AXON-DENY-<D>`` (explicit deny: log, DROP),
+  ``AXON-DROP-<D>`` (no match: log, DROP) and ``AXON-NRDY-<D>`` (the
+  endpoint fails closed in that direction: log, DROP; its ``AXFC`` rule comes
+  right after the reply rule, before any key, so nothing its policy would
+  decide passes).
+- Unknown endpoints: after the per-endpoint jumps, packets through one of
+  our pod interfaces (``-i``/``-o <prefix>+``) with a pod address (the pod
+  CIDR) jump to ``AXON-NOEP-OUT``/``AXON-NOEP-IN``, which return for every
+  interface that has an endpoint and send the rest to ``AXON-UNKNOWN-<D>``
+  (log, DROP): an interface whose endpoint chains are not (yet, or any more)
+  there passes nothing. The DROP sits in a verdict chain, written at start
+  only, so its kernel counter survives the hook chains' rewrites.
 - Allowed packets are not ACCEPTed: they return to the built-in chain and
   meet whatever else the host has there (we never decide for rules we did
   not create).
@@ -89,6 +99,10 @@ def unknown_chain(d: Direction) -> str:
     return f"AXON-NOEP-{_DIR[d]}"
 
 
+def unknown_drop_chain(d: Direction) -> str:
+    return f"AXON-UNKNOWN-{_DIR[d]}"
+
+
 def proxy_chain(port: int, d: Direction) -> str:
     return f"AXON-PXY-{port}-{_DIR[d]}"
 
@@ -115,6 +129,8 @@ def shared_chains(group: int) -> dict[str, list[str]]:
         out[drop_chain(d)] = [_log(group, f"AXON:{LOG_DROP}:{ld}", f"axon-d{ld}", False), "-j DROP"]
         out[not_ready_chain(d)] = [_log(group, f"AXON:{LOG_NOT_READY}:{ld}", f"axon-n{ld}", False),
                                    "-j DROP"]
+        out[unknown_drop_chain(d)] = [_log(group, f"AXON:{LOG_UNKNOWN}:{ld}", f"axon-u{ld}", False),
+                                      "-j DROP"]
     return out
 
 
@@ -388,8 +404,8 @@ class PodScope:
     cidrs: tuple[str, ...]
 
 
-def hook_chains(endpoints: Sequence[EndpointRef], group: int = 0,
-                scope: PodScope | None = None, family: int = 4) -> dict[str, list[str]]:
+def hook_chains(endpoints: Sequence[EndpointRef], scope: PodScope | None = None,
+                family: int = 4) -> dict[str, list[str]]:
     """The hook chains; with ``scope``, the catch-all for pod interfaces
     without an endpoint after the per-endpoint jumps (and its two chains)."""
     eps = sorted(endpoints, key=lambda e: e.id)
@@ -409,12 +425,11 @@ def hook_chains(endpoints: Sequence[EndpointRef], group: int = 0,
     out[INPUT_CHAIN] += from_pod
     out[OUTPUT_CHAIN] += to_pod
     for d, opt in ((Direction.EGRESS, "-i"), (Direction.INGRESS, "-o")):
-        ld = _LOGDIR[d]
         rules = [f"{opt} {e.ifname} -j RETURN" for e in eps
                  if e.ifname.startswith(scope.ifname_prefix)]
         if family == 6:
             rules += ND_RULES  # link control, not workload traffic
-        rules += [_log(group, f"AXON:{LOG_UNKNOWN}:{ld}", f"axon-u{ld}", False), "-j DROP"]
+        rules.append(f"-j {unknown_drop_chain(d)}")
         out[unknown_chain(d)] = rules
     return out
 
@@ -456,7 +471,7 @@ def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Dire
 # The chains this datapath creates. Other AXON- chains (the agent's guard and
 # proxy chains) belong to someone else and are never touched.
 OWNED_CHAIN_RE = re.compile(
-    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP|NRDY|NOEP)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
+    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP|NRDY|NOEP|UNKNOWN)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
     r"|PXY-\d+-(IN|OUT)|MPXY-\d+)$")
 OWNED_SET_RE = re.compile(r"^AXON-(ID6?-\d+|IPC[46])$")
 
