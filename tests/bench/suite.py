@@ -512,8 +512,10 @@ class Conditions:
         from axoneme.core.datapath import DatapathConfig
         from axoneme.datapath.iptables import IptablesDatapath
 
+        # the bench's pods are not lxc*: no unknown-endpoint catch-all, which would
+        # claim the pods of agents of other runs on this host
         dp = IptablesDatapath(DatapathConfig(state_dir=self.tmp, mode=mode,
-                                             options={"events": False}))
+                                             options={"events": False, "host_ifname_prefix": ""}))
         dp.probe()
         dp.start()
         return dp

@@ -57,6 +57,15 @@ def datapath_unavailable(name: str, mode: str) -> str | None:
     return _capability.probe_datapath(name, mode)
 
 
+def free_pod_cidr() -> str:
+    """tests/conftest.py's free /24 in 10.244.0.0/16 (importlib mode: found loaded)."""
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None) or ""
+        if f.endswith(os.path.join("tests", "conftest.py")) and hasattr(mod, "free_pod_cidr"):
+            return str(mod.free_pod_cidr())
+    raise RuntimeError("tests/conftest.py is not loaded")
+
+
 # --- the uplink guard ------------------------------------------------------------
 
 def uplink() -> str | None:
@@ -79,6 +88,9 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     policy_files: list[Path] = field(default_factory=list)
+    # a free /24 (tests/conftest.py): an iptables agent drops pod-CIDR traffic of
+    # pod interfaces it has no endpoint for, so never claim other runs' pods
+    pod_cidr: str = ""
 
     @property
     def label(self) -> str:
@@ -101,6 +113,8 @@ class Agent:
                "--api-socket", str(self.socket)]
         if self.mode:
             cmd += ["--iptables-mode", self.mode]
+        if self.pod_cidr:
+            cmd += ["--pod-cidr", self.pod_cidr]
         self.log = self.state_dir.parent / f"agent-{int(time.time() * 1000)}.log"
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=self.env())
         deadline = time.monotonic() + 60

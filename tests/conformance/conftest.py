@@ -30,6 +30,7 @@ from _harness import (  # noqa: E402
     Topology,
     cluster_yaml,
     datapath_unavailable,
+    free_pod_cidr,
     root_or_skip,
     sh,
     uplink,
@@ -101,7 +102,7 @@ def agent(request: pytest.FixtureRequest, world: dict[str, str], tmp_path_factor
     if name == "iptables":
         fcntl.flock(lock, fcntl.LOCK_EX)
     base = Path(tempfile.mkdtemp(prefix="axon-conf-", dir="/tmp"))
-    ag = Agent(name, mode, base / "state", base / "axoneme.sock")
+    ag = Agent(name, mode, base / "state", base / "axoneme.sock", pod_cidr=free_pod_cidr())
     try:
         ag.start()
         yield ag
