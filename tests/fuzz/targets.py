@@ -31,11 +31,12 @@ from collections.abc import Callable
 
 from axoneme.core.errors import Problem
 from axoneme.core.l7 import L7Request, L7Verdict
-from axoneme.core.policy.api import DNSRule, HeaderMatch, HTTPRule, KafkaRule
 from axoneme.core.policy.parse import check_paths
+from axoneme.l7.dns import DNSRule
 from axoneme.l7.dns._match import match_pattern, normalize_name, validate_name, validate_pattern
 from axoneme.l7.dns._parser import DnsParser
 from axoneme.l7.dns._wire import MalformedMessage, parse_answer, parse_query, reject_reply
+from axoneme.l7.http import HeaderMatch, HTTPRule
 from axoneme.l7.http._parser import HttpParser, apply_actions
 from axoneme.l7.http._wire import (
     HttpError,
@@ -46,6 +47,7 @@ from axoneme.l7.http._wire import (
     parse_response_head,
     without_upgrade,
 )
+from axoneme.l7.kafka import KafkaRule
 from axoneme.l7.kafka._codec import KafkaDecodeError
 from axoneme.l7.kafka._matcher import allowed_topics, match_request
 from axoneme.l7.kafka._protocol import METADATA, KafkaRequest, parse_request

@@ -126,7 +126,7 @@ def _echo_upstream() -> Any:
 def test_end_to_end_with_explicit_upstream() -> None:
     """A listener from the manager proxies to a fixed upstream (no TPROXY)."""
     srv = _echo_upstream()
-    from axoneme.core.policy.api import HTTPRule
+    from axoneme.l7.http import HTTPRule
 
     flows: list[Any] = []
     pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), flows.append,
@@ -199,7 +199,7 @@ def test_crashed_proxy_loop_is_reported_and_revived() -> None:
     import time
 
     from axoneme.core import failpoints
-    from axoneme.core.policy.api import HTTPRule
+    from axoneme.l7.http import HTTPRule
 
     srv = _echo_upstream()
     pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), lambda f: None,

@@ -6,7 +6,7 @@ from axoneme.agent.proxy import make_policy_for
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import Direction, Entry, Key, L7Rules, MapState, Protocol
-from axoneme.core.policy.api import HTTPRule
+from axoneme.l7.http import HTTPRule
 
 CLIENT = Endpoint(1, 1001, Labels.from_strings(["app=client"]), ipv4="10.244.0.2",
                   namespace="default", pod_name="client")

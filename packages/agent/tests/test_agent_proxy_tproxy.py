@@ -23,7 +23,7 @@ from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.l7proxy import ProxyPolicy
 from axoneme.core.mapstate import Direction
 from axoneme.core.marks import MARK_MAGIC_HOST_MASK, from_proxy_mark, to_proxy_mark
-from axoneme.core.policy.api import HTTPRule
+from axoneme.l7.http import HTTPRule
 
 # the repository's netns helpers (tests/_testnet.py): own resolv.conf, servers that accept
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))

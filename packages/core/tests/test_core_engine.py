@@ -14,9 +14,7 @@ from axoneme.core.policy.api import (
     CIDRPeer,
     EndpointPeer,
     EntityPeer,
-    HTTPRule,
     ICMPField,
-    KafkaRule,
     L7Spec,
     PeerRule,
     Policy,
@@ -28,6 +26,8 @@ from axoneme.core.policy.api import (
 )
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 from axoneme.core.selectors import LabelSelector
+from axoneme.l7.http import HTTPRule
+from axoneme.l7.kafka import KafkaRule
 
 IN, EG = Direction.INGRESS, Direction.EGRESS
 TCP, UDP = Protocol.TCP, Protocol.UDP

@@ -12,14 +12,10 @@ from axoneme.core.labels import Labels
 from axoneme.core.mapstate import Direction
 from axoneme.core.policy.api import (
     CIDRPeer,
-    DNSRule,
     EndpointPeer,
     EntityPeer,
     FQDNPeer,
-    HeaderMatch,
-    HTTPRule,
     ICMPField,
-    KafkaRule,
     PolicyKind,
     PolicyRef,
     PortProtocol,
@@ -32,6 +28,9 @@ from axoneme.core.policy.parse import (
     parse_policy_obj,
 )
 from axoneme.core.selectors import LabelSelector, Operator, Requirement
+from axoneme.l7.dns import DNSRule
+from axoneme.l7.http import HeaderMatch, HTTPRule
+from axoneme.l7.kafka import KafkaRule
 
 
 def cnp(spec: dict, name: str = "p", namespace: str | None = "ns1", kind: str = "CiliumNetworkPolicy",

@@ -11,7 +11,6 @@ from axoneme.core.policy.api import (
     CIDRPeer,
     EndpointPeer,
     EntityPeer,
-    HTTPRule,
     ICMPField,
     L7Spec,
     PeerRule,
@@ -24,6 +23,7 @@ from axoneme.core.policy.api import (
 )
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 from axoneme.core.selectors import LabelSelector
+from axoneme.l7.http import HTTPRule
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -34,7 +34,7 @@ UPSTREAM_SCRIPT = Path(__file__).parent.parent / "tests" / "dns_upstream.py"
 
 PROXY = textwrap.dedent("""
     import asyncio, sys
-    from axoneme.core.policy.api import DNSRule
+    from axoneme.l7.dns import DNSRule
     from axoneme.l7.dns import DnsProxy, DnsProxyConfig, FQDNCache
     RULES = (DNSRule(match_name="api.twitter.com"), DNSRule(match_pattern="*.example.com"))
     flows = []

@@ -14,8 +14,7 @@ import signal
 import sys
 
 from axoneme.core.marks import MARK_MAGIC_FROM_PROXY
-from axoneme.core.policy.api import DNSRule
-from axoneme.l7.dns import DnsProxy, DnsProxyConfig, FQDNCache
+from axoneme.l7.dns import DnsProxy, DnsProxyConfig, DNSRule, FQDNCache
 
 RULES = (DNSRule(match_name="api.twitter.com"), DNSRule(match_pattern="*.example.com"))
 

@@ -8,7 +8,6 @@ from axoneme.core.identity import ReservedIdentity
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import Direction, Protocol, Verdict
 from axoneme.core.policy.api import (
-    DNSRule,
     FQDNPeer,
     L7Spec,
     PeerRule,
@@ -21,7 +20,7 @@ from axoneme.core.policy.api import (
 )
 from axoneme.core.policy.engine import PolicyEngine
 from axoneme.core.selectors import LabelSelector
-from axoneme.l7.dns import DnsParser, DnsProxy, DnsProxyConfig, FQDNCache, FQDNSelectorSync
+from axoneme.l7.dns import DnsParser, DnsProxy, DnsProxyConfig, DNSRule, FQDNCache, FQDNSelectorSync
 
 EG = Direction.EGRESS
 PEER = FQDNPeer(match_pattern="*.example.com")

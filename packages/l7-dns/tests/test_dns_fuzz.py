@@ -9,8 +9,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from axoneme.core.policy.api import DNSRule
-from axoneme.l7.dns import DnsProxy, DnsProxyConfig, FQDNCache, match_name, parse_query
+from axoneme.l7.dns import DnsProxy, DnsProxyConfig, DNSRule, FQDNCache, match_name, parse_query
 from dnslib import RCODE, DNSLabel, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from axoneme.core.l7 import L7Verdict
-from axoneme.core.policy.api import DNSRule, FQDNPeer
+from axoneme.core.policy.api import FQDNPeer
 from axoneme.l7.dns import (
     DnsParser,
+    DNSRule,
     match_exact,
     match_name,
     match_pattern,

@@ -11,8 +11,8 @@ import pytest
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.core.policy.api import DNSRule, FQDNPeer
-from axoneme.l7.dns import DnsParser, DnsProxy, DnsProxyConfig, FQDNCache
+from axoneme.core.policy.api import FQDNPeer
+from axoneme.l7.dns import DnsParser, DnsProxy, DnsProxyConfig, DNSRule, FQDNCache
 from dnslib import RCODE
 
 RULES = (DNSRule(match_name="api.twitter.com"), DNSRule(match_pattern="*.example.com"),

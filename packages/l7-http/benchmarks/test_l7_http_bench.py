@@ -81,7 +81,7 @@ PROXY = textwrap.dedent("""
     import asyncio, socket, sys
     from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
     from axoneme.core.mapstate import Direction
-    from axoneme.core.policy.api import HTTPRule
+    from axoneme.l7.http import HTTPRule
     from axoneme.l7.http import HttpProxy
     POLICY = ProxyPolicy((HTTPRule(method="GET", path="/bench(/.*)?"),))
     count = [0]

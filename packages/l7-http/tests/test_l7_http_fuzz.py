@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from axoneme.core.policy.api import HTTPRule
+from axoneme.l7.http import HTTPRule
 from axoneme.l7.http._wire import HttpError, parse_chunk_size, parse_request_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

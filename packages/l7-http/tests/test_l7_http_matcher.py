@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from axoneme.core.l7 import L7Request
 from axoneme.core.plugins import load_class
-from axoneme.core.policy.api import HeaderMatch, HTTPRule
-from axoneme.l7.http import HeaderAction, HttpParser, apply_actions
+from axoneme.l7.http import HeaderAction, HeaderMatch, HttpParser, HTTPRule, apply_actions
 
 P = HttpParser()
 

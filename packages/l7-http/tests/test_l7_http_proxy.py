@@ -8,7 +8,7 @@ import time
 import pytest
 from axoneme.core.flow import FlowVerdict
 from axoneme.core.l7proxy import ProxyConfig
-from axoneme.core.policy.api import HeaderMatch, HTTPRule
+from axoneme.l7.http import HeaderMatch, HTTPRule
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from axoneme.core.policy.api import KafkaRule
-from axoneme.l7.kafka import match_request, parse_request
+from axoneme.l7.kafka import KafkaRule, match_request, parse_request
 from kafka.protocol.consumer.fetch import FetchRequest
 from kafka.protocol.producer.produce import ProduceRequest
 

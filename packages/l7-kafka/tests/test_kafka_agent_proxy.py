@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from axoneme.core.flow import FlowEndpoint, FlowVerdict
 from axoneme.core.mapstate import Direction
-from axoneme.core.policy.api import KafkaRule
+from axoneme.l7.kafka import KafkaRule
 from kafka_broker import HAVE_TANSU, free_port, start_tansu, stop_tansu
 
 pytestmark = pytest.mark.skipif(not HAVE_TANSU,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from axoneme.core.l7 import L7Request
 from axoneme.core.plugins import load_class
-from axoneme.core.policy.api import KafkaRule
-from axoneme.l7.kafka import KafkaParser, KafkaRequest, match_request, parse_request
+from axoneme.l7.kafka import KafkaParser, KafkaRequest, KafkaRule, match_request, parse_request
 from axoneme.l7.kafka._matcher import ROLE_KEYS, allowed_topics
 from kafka_frames import request_frame
 

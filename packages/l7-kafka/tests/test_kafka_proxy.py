@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from axoneme.core.flow import FlowVerdict
-from axoneme.core.policy.api import KafkaRule
-from axoneme.l7.kafka import match_request, parse_request
+from axoneme.l7.kafka import KafkaRule, match_request, parse_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_fakes import Harness, read_response

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 from axoneme.core.flow import FlowVerdict
-from axoneme.core.policy.api import KafkaRule
-from axoneme.l7.kafka import StandaloneKafkaProxy, match_request, parse_request
+from axoneme.l7.kafka import KafkaRule, StandaloneKafkaProxy, match_request, parse_request
 from kafka_broker import HAVE_TANSU, free_port, start_tansu, stop_tansu
 
 pytestmark = pytest.mark.skipif(not HAVE_TANSU,

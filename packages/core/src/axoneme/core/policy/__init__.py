@@ -1,14 +1,14 @@
-"""The policy engine: models, parsing/validation, repository, resolution."""
+"""The policy engine: models, parsing/validation, repository, resolution.
+
+L7 rule objects belong to the ``axoneme.l7`` parser that parses them
+(``axoneme.core.l7``): nothing here names one."""
 
 from axoneme.core.policy.api import (
     CIDRPeer,
-    DNSRule,
     EndpointPeer,
     EntityPeer,
     FQDNPeer,
-    HTTPRule,
     ICMPField,
-    KafkaRule,
     L7Spec,
     PeerRule,
     Policy,
@@ -20,7 +20,6 @@ from axoneme.core.policy.api import (
 )
 
 __all__ = [
-    "CIDRPeer", "DNSRule", "EndpointPeer", "EntityPeer", "FQDNPeer", "HTTPRule", "ICMPField",
-    "KafkaRule", "L7Spec", "PeerRule", "Policy", "PolicyKind", "PolicyRef", "PortProtocol",
-    "PortRule", "Rule",
+    "CIDRPeer", "EndpointPeer", "EntityPeer", "FQDNPeer", "ICMPField", "L7Spec", "PeerRule",
+    "Policy", "PolicyKind", "PolicyRef", "PortProtocol", "PortRule", "Rule",
 ]

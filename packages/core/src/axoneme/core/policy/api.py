@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from axoneme.core.mapstate import Direction
 from axoneme.core.selectors import LabelSelector
@@ -122,50 +123,14 @@ class PortProtocol:
 
 
 @dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    name: str
-    value: str | None = None
-    mismatch: str = ""  # "" (deny) | LOG | ADD | DELETE | REPLACE
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPRule:
-    """rules.http[] item: regexes are matched against the whole value."""
-
-    method: str | None = None
-    path: str | None = None
-    host: str | None = None
-    headers: tuple[str, ...] = ()
-    header_matches: tuple[HeaderMatch, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaRule:
-    role: str | None = None  # produce | consume
-    api_key: str | None = None
-    api_version: str | None = None
-    client_id: str | None = None
-    topic: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DNSRule:
-    match_name: str | None = None
-    match_pattern: str | None = None
-
-
-L7Rule = HTTPRule | KafkaRule | DNSRule
-
-
-@dataclass(frozen=True, slots=True)
 class L7Spec:
-    """``rules:`` of one PortRule: the parser ("http"|"kafka"|"dns") and its rules.
+    """``rules:`` of one PortRule: the ``axoneme.l7`` parser it selects and its rules.
 
-    An empty ``rules`` tuple (e.g. ``http: [{}]`` or ``http: []``) allows
+    An empty ``rules`` tuple (e.g. ``l7: [{}]`` or ``l7: []``) allows
     everything at L7 but still redirects to the proxy."""
 
     parser: str
-    rules: tuple[L7Rule, ...] = ()
+    rules: tuple[Any, ...] = ()  # the parser's rule objects
 
 
 @dataclass(frozen=True, slots=True)

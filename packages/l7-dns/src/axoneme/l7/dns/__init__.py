@@ -30,10 +30,11 @@ from axoneme.l7.dns._match import (
 )
 from axoneme.l7.dns._parser import DnsParser
 from axoneme.l7.dns._proxy import DnsProxy, DnsProxyConfig, DnsProxyStats, dns_proxy_factory
+from axoneme.l7.dns._rules import DNSRule
 from axoneme.l7.dns._sync import FQDNEngine, FQDNSelectorSync
 from axoneme.l7.dns._wire import DnsAnswer, DnsQuery, MalformedMessage, parse_answer, parse_query
 
-__all__ = [
+__all__ = ["DNSRule",
     "DnsParser", "match_name", "match_pattern", "match_exact", "normalize_name",
     "rule_matches", "validate_name", "validate_pattern", "compile_pattern",
     "FQDNCache", "FQDNEntry", "DEFAULT_MIN_TTL", "DEFAULT_MAX_IPS_PER_NAME",

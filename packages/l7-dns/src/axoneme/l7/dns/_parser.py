@@ -7,10 +7,10 @@ from typing import Any
 
 from axoneme.core.l7 import FQDNParser, L7Request, L7Verdict, RuleContext
 from axoneme.core.mapstate import Direction
-from axoneme.core.policy.api import DNSRule
 from axoneme.core.policy.fqdn import fqdn_selector
 from axoneme.core.policy.walk import Walker
 from axoneme.l7.dns._match import match_query, normalize_name
+from axoneme.l7.dns._rules import DNSRule
 
 __all__ = ["DnsParser"]
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from axoneme.core.l7 import L7Request, L7Verdict
-from axoneme.core.policy.api import HeaderMatch, HTTPRule
 from axoneme.core.regex import fullmatch as regex_fullmatch
+from axoneme.l7.http._rules import HeaderMatch, HTTPRule
 
 LOG = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.core.l7 import L7Parser, L7Request
-from axoneme.core.policy.api import HeaderMatch, HTTPRule
 from axoneme.core.policy.walk import Walker, item, join
 from axoneme.core.regex import regex_problem
 from axoneme.core.yamlsafe import excerpt as _q
@@ -17,6 +16,7 @@ from axoneme.l7.http._match import (
     match_rules,
     rule_matches,
 )
+from axoneme.l7.http._rules import HeaderMatch, HTTPRule
 from axoneme.l7.http._wire import HttpError, parse_target
 
 _MISMATCH_ACTIONS = ("", "LOG", "ADD", "DELETE", "REPLACE")

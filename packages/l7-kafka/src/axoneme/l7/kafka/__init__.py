@@ -19,8 +19,9 @@ from axoneme.l7.kafka._responses import (
     TOPIC_AUTHORIZATION_FAILED,
     deny_response,
 )
+from axoneme.l7.kafka._rules import KafkaRule
 
-__all__ = [
+__all__ = ["KafkaRule",
     "API_KEYS", "API_NAMES", "CLUSTER_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED",
     "ROLE_KEYS", "TOPIC_AUTHORIZATION_FAILED", "ConnInfo", "FrameError", "KafkaDecodeError",
     "KafkaParser", "KafkaProxy", "KafkaRequest", "StandaloneKafkaProxy", "deny_response",

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from axoneme.core.l7 import L7Request, L7Verdict
-from axoneme.core.policy.api import KafkaRule
 from axoneme.l7.kafka._protocol import (
     API_KEYS,
     API_NAMES,
@@ -35,6 +34,7 @@ from axoneme.l7.kafka._protocol import (
     TOPIC_APIS_MAX,
     KafkaRequest,
 )
+from axoneme.l7.kafka._rules import KafkaRule
 
 # Cilium's role expansion (PortRule.GetAPIKeys), verbatim sets.
 ROLE_KEYS: dict[str, frozenset[int]] = {

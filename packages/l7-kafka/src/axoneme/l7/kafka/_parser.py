@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.core.l7 import L7Parser, L7Request, L7Verdict
-from axoneme.core.policy.api import KafkaRule
 from axoneme.core.policy.walk import Walker, join
 from axoneme.core.yamlsafe import excerpt as _q
 from axoneme.l7.kafka._matcher import match_fields, match_request, request_from_trace
 from axoneme.l7.kafka._protocol import KafkaRequest
+from axoneme.l7.kafka._rules import KafkaRule
 
 # Kafka API key names Cilium accepts in ``apiKey`` (case-insensitive).
 API_KEY_NAMES = frozenset({
