@@ -30,7 +30,7 @@ from axoneme.core.errors import AxonemeError, PolicyError
 from axoneme.core.identity import RESERVED_NAMES
 from axoneme.core.l7 import GenericRule, fqdn_parser
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
-from axoneme.core.plugins import l7_parser
+from axoneme.core.plugins import GROUP_L7, l7_parser, registry
 from axoneme.core.policy.api import Policy
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 from axoneme.core.policy.fqdn import fqdn_matches
@@ -322,17 +322,16 @@ def _l7(sides: Sequence[SideResult], request: Mapping[str, Any] | None) -> L7Res
     return L7Result(ALLOWED, rules, "; ".join(reasons))
 
 
-# ``policy trace`` shorthands (``--http-method`` -> http_method, ...): a parser
-# ignores the ones that are not its own; ``--l7 KEY=VALUE`` keys are checked.
-SHORTHAND_PREFIXES = ("http_", "kafka_", "dns_")
-
-
 def check_trace_inputs(name: str, parser: Any, request: Mapping[str, Any]) -> None:
-    """TraceInputError for an ``--l7`` key the parser does not accept."""
+    """TraceInputError for an ``--l7`` key the parser does not accept.
+
+    Shorthand options (``--http-method`` -> ``http_method``: ``<parser>_KEY``
+    for an installed parser) are not checked: a parser ignores the others'."""
     accepted = getattr(parser, "trace_inputs", None) or {}
     if not accepted:
         return
-    unknown = sorted(k for k in request if k not in accepted and not k.startswith(SHORTHAND_PREFIXES))
+    shorthands = tuple(f"{n}_" for n in registry().names(GROUP_L7))
+    unknown = sorted(k for k in request if k not in accepted and not k.startswith(shorthands))
     if unknown:
         raise TraceInputError(f"the {name} L7 parser does not take {', '.join(map(repr, unknown))} "
                               f"(it takes: {', '.join(sorted(accepted))}) (--l7)")
