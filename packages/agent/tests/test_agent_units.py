@@ -213,9 +213,11 @@ def test_agent_config_file_and_flags(tmp_path: Path) -> None:
     assert cfg.api_socket == str(tmp_path / "s.sock") and cfg.guard is True
     # the per-endpoint policy map size (Cilium --bpf-policy-map-max) reaches the datapath
     assert cfg.policy_map_max == 16384
-    cfg = build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf),
-                                                "--policy-map-max", "40000"]))
     from axoneme.agent._agent import Agent
+    # --iptables-mode reaches the datapath that declares a `mode` option
+    assert Agent(cfg).make_datapath().config.mode == "ipset"
+    cfg = build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf),
+                                                "--datapath", "noop", "--policy-map-max", "40000"]))
     assert Agent(cfg).make_datapath().config.policy_map_max == 40000
     from axoneme.agent.cli import UsageError
     with pytest.raises(UsageError, match="policy-map-max"):

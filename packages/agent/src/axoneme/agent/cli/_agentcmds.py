@@ -11,8 +11,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from axoneme.agent._errors import BadRequest
+from axoneme.agent._records import parse_labels
 from axoneme.agent.cli import UsageError, add_output_flag
 from axoneme.agent.cli._agentconfig import build_agent_config
+from axoneme.agent.client import AgentClient, q
+from axoneme.core.errors import InvalidRule
+from axoneme.core.policy.parse import load_documents, parse_policy
 
 LOG = logging.getLogger(__name__)
 
@@ -26,8 +31,6 @@ def add_socket_flag(p: argparse.ArgumentParser) -> None:
 
 
 def client(args: argparse.Namespace) -> Any:
-    from axoneme.agent.client import AgentClient
-
     return AgentClient(getattr(args, "api_socket_sub", None) or getattr(args, "api_socket", None))
 
 
@@ -161,6 +164,8 @@ def register(groups: dict[str, SubParsers]) -> None:
 # -- agent ------------------------------------------------------------------------------
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
+    # the agent's heavy dependencies (aiohttp, pyroute2, prometheus) load only
+    # for `agent run`/`agent cleanup`, not for the offline commands
     from axoneme.agent._daemon import run_agent
 
     if os.geteuid() != 0:
@@ -216,9 +221,6 @@ def _flatten(files: Sequence[Sequence[str]] | None) -> list[str]:
 
 def _parse_files(paths: list[str]) -> list[Any]:
     """Documents and parsed policies of ``paths``; InvalidRule with every problem."""
-    from axoneme.core.errors import InvalidRule
-    from axoneme.core.policy.parse import load_documents, parse_policy
-
     docs = load_documents(paths)
     problems = []
     out = []
@@ -303,9 +305,6 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 # -- namespaces ------------------------------------------------------------------------------------
 
 def parse_label_args(items: Sequence[str] | str | None) -> dict[str, str]:
-    from axoneme.agent._errors import BadRequest
-    from axoneme.agent._records import parse_labels
-
     try:
         return parse_labels(items)
     except BadRequest as e:
@@ -322,16 +321,12 @@ def cmd_ns_create(args: argparse.Namespace) -> int:
 def cmd_ns_label(args: argparse.Namespace) -> int:
     remove = [x[:-1] for x in args.labels if x.endswith("-") and "=" not in x]
     labels = parse_label_args([x for x in args.labels if not (x.endswith("-") and "=" not in x)])
-    from axoneme.agent.client import q
-
     client(args).post(f"/v1/namespaces/{q(args.name)}/labels", {"labels": labels, "remove": remove})
     sys.stdout.write(f"namespace/{args.name} labeled\n")
     return 0
 
 
 def cmd_ns_delete(args: argparse.Namespace) -> int:
-    from axoneme.agent.client import q
-
     client(args).delete(f"/v1/namespaces/{q(args.name)}")
     sys.stdout.write(f"namespace/{args.name} deleted\n")
     return 0

@@ -8,7 +8,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from axoneme.agent._config import AgentConfig
 from axoneme.agent.cli import UsageError
+from axoneme.agent.client import resolve_socket
+from axoneme.core import yamlsafe
+from axoneme.core.errors import ConfigError
+from axoneme.core.plugins import parse_allow_list
 
 _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
@@ -19,12 +24,8 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
 
 
 def load_config(path: str | None) -> dict[str, Any]:
-    from axoneme.core.errors import ConfigError
-
     if not path:
         return {}
-    from axoneme.core import yamlsafe
-
     try:
         with open(path, "rb") as f:
             text = f.read()
@@ -44,16 +45,11 @@ def load_config(path: str | None) -> dict[str, Any]:
             raise ConfigError(f"unknown config key {yamlsafe.excerpt(key)!r} ({path})")
         out[k] = value
     if "plugins" in out:
-        from axoneme.core.plugins import parse_allow_list
-
         out["plugins"] = parse_allow_list(out["plugins"], path)
     return out
 
 
 def build_agent_config(args: argparse.Namespace) -> Any:
-    from axoneme.agent._config import AgentConfig
-    from axoneme.agent.client import resolve_socket
-
     conf = load_config(args.config)
     flags = {
         "datapath": args.datapath, "iptables_mode": args.iptables_mode,
@@ -92,8 +88,6 @@ def build_agent_config(args: argparse.Namespace) -> Any:
 def _datapath_options(conf: Any, flags: Sequence[str] | None) -> dict[str, Any]:
     """The config file's ``datapath_options`` mapping, then ``--datapath-opt
     KEY=VALUE`` flags (the datapath checks names and values when it is built)."""
-    from axoneme.core.errors import ConfigError
-
     if conf is None:
         conf = {}
     if not isinstance(conf, dict):
