@@ -114,6 +114,15 @@ class Node:
         return self.agent.store.endpoint_objs[rec.id]
 
 
+@pytest.fixture(autouse=True)
+def _no_state_left(tmp_path: Path) -> Any:
+    """The state files these agents wrote go with the test (the suite's
+    sweeper would otherwise take them for a killed agent's)."""
+    yield
+    for f in tmp_path.glob("state/state.json*"):
+        f.unlink()
+
+
 def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(coro())
 
