@@ -774,12 +774,12 @@ def _b1_once(dp: Any, fd: int, ep: Any, n: int, kind: str, repeat: int) -> tuple
     packet runs the full policy lookup (hot: one key; random: keys drawn
     uniformly from the N, 100 repetitions each)."""
     from axoneme.core.mapstate import Direction, Key, Protocol
+    from axoneme.core.marks import MARK_MAGIC_PROXY_INGRESS
     from axoneme.datapath.ebpf import _bpf
-    from axoneme.datapath.ebpf import _layout as L
     from axoneme.datapath.ebpf import _packets as P
 
     hot = n - 1
-    mark = L.MARK_MAGIC_PROXY if kind.startswith("policy") else 0
+    mark = MARK_MAGIC_PROXY_INGRESS if kind.startswith("policy") else 0
     allowed = P.ipv4(ep.ipv4, fake_ip(hot), sport=40000, dport=PORT, flags=P.TCP_ACK,
                      payload=b"x" * 64)
     denied = P.ipv4(ep.ipv4, fake_ip(hot), sport=40001, dport=PORT + 7)

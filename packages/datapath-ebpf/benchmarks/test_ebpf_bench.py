@@ -88,11 +88,11 @@ def test_bench_from_container_hot_key(benchmark, bench_dp, n_entries: int, path:
     """``cached``: an established connection (CT verdict cache of the current
     policy revision). ``full``: every packet walks the ipcache and both policy
     LPM lookups (forced with the proxy's mark, which bypasses the cache)."""
+    from axoneme.core.marks import MARK_MAGIC_PROXY_INGRESS
     from axoneme.datapath.ebpf import _bpf
-    from axoneme.datapath.ebpf import _layout as L
     from axoneme.datapath.ebpf import _packets as P
 
-    mark = L.MARK_MAGIC_PROXY if path == "full" else 0
+    mark = MARK_MAGIC_PROXY_INGRESS if path == "full" else 0
 
     dp = bench_dp
     dp.sync(EP, MapState(filler(n_entries)))

@@ -11,6 +11,12 @@ from axoneme.core.datapath import DatapathConfig, IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import ALLOW, DENY, Direction, Entry, Key, MapState, Protocol
+from axoneme.core.marks import (
+    MARK_MAGIC_CHECKED,
+    MARK_MAGIC_PROXY_EGRESS,
+    MARK_MAGIC_PROXY_INGRESS,
+    to_proxy_mark,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -79,7 +85,6 @@ def test_ipv4_and_ipv6_decided_by_policy(dp) -> None:  # type: ignore[no-untyped
 
 
 def test_ingress_reply_and_checked_mark(dp) -> None:  # type: ignore[no-untyped-def]
-    from axoneme.datapath.ebpf import _layout as L
     from axoneme.datapath.ebpf import _packets as P
 
     dp.sync(A, MapState({Key(PEER, IN, TCP, 22, 16): ALLOW, Key(0, EG): DENY}))
@@ -91,21 +96,38 @@ def test_ingress_reply_and_checked_mark(dp) -> None:  # type: ignore[no-untyped-
     assert run(dp, "from_container", reply).retval == OK
     assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=22, dport=50001)).retval == SHOT
     # already checked by a local source's from-container: passes, mark cleared
-    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, dport=9999), mark=L.MARK_MAGIC_CHECKED)
+    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, dport=9999), mark=MARK_MAGIC_CHECKED)
     assert r.retval == OK and r.mark == 0
 
 
 def test_proxy_redirect_mark(dp) -> None:  # type: ignore[no-untyped-def]
-    from axoneme.datapath.ebpf import _layout as L
     from axoneme.datapath.ebpf import _packets as P
 
     dp.sync(A, MapState({Key(PEER, EG, TCP, 80, 16): Entry(proxy_port=15001), Key(0, IN): ALLOW}))
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43000, dport=80))
-    assert r.retval == OK and r.mark == L.MARK_MAGIC_TO_PROXY | (15001 << 16)
+    assert r.retval == OK and r.mark == to_proxy_mark(15001)
     # the proxy's own packets: not redirected again, still policed
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43001, dport=80),
-            mark=L.MARK_MAGIC_PROXY)
-    assert r.retval == OK and r.mark == L.MARK_MAGIC_PROXY
+            mark=MARK_MAGIC_PROXY_INGRESS)
+    assert r.retval == OK and r.mark == MARK_MAGIC_PROXY_INGRESS
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43002, dport=81),
-            mark=L.MARK_MAGIC_PROXY)
+            mark=MARK_MAGIC_PROXY_INGRESS)
+    assert r.retval == SHOT
+
+
+def test_ingress_redirect_after_an_egress_proxy_only(dp) -> None:  # type: ignore[no-untyped-def]
+    """to-container: an ingress proxy's upstream packet (PROXY_INGRESS) is not
+    redirected again; an egress proxy's (PROXY_EGRESS) still meets the
+    destination's ingress L7 redirect (core.marks)."""
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(PEER, IN, TCP, 8080, 16): Entry(proxy_port=15002), Key(0, EG): ALLOW}))
+    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44000, dport=8080),
+            mark=MARK_MAGIC_PROXY_EGRESS)
+    assert r.retval == OK and r.mark == to_proxy_mark(15002)
+    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44001, dport=8080),
+            mark=MARK_MAGIC_PROXY_INGRESS)
+    assert r.retval == OK and r.mark == MARK_MAGIC_PROXY_INGRESS
+    r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44002, dport=8081),
+            mark=MARK_MAGIC_PROXY_INGRESS)
     assert r.retval == SHOT

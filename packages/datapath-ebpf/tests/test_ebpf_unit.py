@@ -76,6 +76,26 @@ def test_assembled_source_inlines_each_header_once() -> None:
     assert all(len(name) <= 15 for name in _bpf.PINNED_MAPS)
 
 
+def test_mark_defines_come_from_core_marks() -> None:
+    """The C programs get every mark from axoneme.core.marks: generated into
+    the translation unit, defined in no C file of the package."""
+    import os
+
+    from axoneme.core import marks
+
+    src = _bpf.assemble_source({"AX_PIN_ROOT": '"/x"'})
+    for name, value in (("AX_MARK_MAGIC_MASK", marks.MARK_MAGIC_HOST_MASK),
+                        ("AX_MARK_MAGIC_TO_PROXY", marks.MARK_MAGIC_TO_PROXY),
+                        ("AX_MARK_MAGIC_PROXY_INGRESS", marks.MARK_MAGIC_PROXY_INGRESS),
+                        ("AX_MARK_MAGIC_CHECKED", marks.MARK_MAGIC_CHECKED)):
+        assert src.count(f"#define {name} ") == 1
+        assert f"#define {name} {value:#06x}\n" in src
+    for dirpath, _, files in os.walk(_bpf.bpf_dir()):
+        for f in files:
+            with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                assert "#define AX_MARK" not in fh.read(), f
+
+
 def _event(**kw: int) -> L.Event:
     ev = L.Event()
     ev.family, ev.proto = 4, 6

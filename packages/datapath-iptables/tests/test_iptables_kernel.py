@@ -31,6 +31,7 @@ from axoneme.core.mapstate import (
     Protocol,
     port_range_to_prefixes,
 )
+from axoneme.core.marks import MARK_TO_PROXY_MASK, to_proxy_mark
 from axoneme.datapath.iptables import IptablesDatapath
 from axoneme.datapath.iptables import _render as rd
 
@@ -360,7 +361,7 @@ def _marked_packets(chain: str) -> int:
 def test_redirect_entries_mark_packets_before_routing(env: Env) -> None:
     port = 15001
     chain = f"AXIM-{env.topo.suffix}"
-    mark = f"{rd.proxy_mark(port):#x}/{rd.MARK_MASK:#x}"
+    mark = f"{to_proxy_mark(port):#x}/{MARK_TO_PROXY_MASK:#x}"
     subprocess.run(["iptables", "-t", "mangle", "-N", chain], check=True)
     try:
         subprocess.run(["iptables", "-t", "mangle", "-A", chain, "-m", "mark", "--mark", mark,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from axoneme.core import marks
+
 LOG = logging.getLogger(__name__)
 
 PROGRAM_FILES = ("from_container.c", "to_container.c")
@@ -34,6 +36,15 @@ PINNED_MAPS = {
     "ax_rev": "axoneme_rev_v1",
 }
 
+# The skb marks the programs set and test, generated from axoneme.core.marks
+# (their one definition) into every translation unit (lib/common.h uses them).
+MARK_DEFINES: dict[str, str | int] = {
+    "AX_MARK_MAGIC_MASK": f"{marks.MARK_MAGIC_HOST_MASK:#06x}",
+    "AX_MARK_MAGIC_TO_PROXY": f"{marks.MARK_MAGIC_TO_PROXY:#06x}",
+    "AX_MARK_MAGIC_PROXY_INGRESS": f"{marks.MARK_MAGIC_PROXY_INGRESS:#06x}",
+    "AX_MARK_MAGIC_CHECKED": f"{marks.MARK_MAGIC_CHECKED:#06x}",
+}
+
 _INCLUDE = re.compile(r'^#include "(lib/[A-Za-z0-9_]+\.h)"\s*$', re.M)
 
 
@@ -42,7 +53,8 @@ def bpf_dir() -> str:
 
 
 def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROGRAM_FILES) -> str:
-    """One translation unit: ``#define``s, then each file with local includes inlined once."""
+    """One translation unit: the mark ``#define``s (``MARK_DEFINES``), ``defines``,
+    then each file with local includes inlined once."""
     root = bpf_dir()
     seen: set[str] = set()
 
@@ -59,7 +71,7 @@ def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROG
 
         return _INCLUDE.sub(repl, text)
 
-    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    head = "".join(f"#define {k} {v}\n" for k, v in {**MARK_DEFINES, **defines}.items())
     return head + "\n".join(inline(f) for f in files)
 
 

@@ -24,14 +24,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import fields
 from typing import Any
 
 from axoneme.core.datapath import (
     Datapath,
     DatapathConfig,
+    DatapathOption,
     DatapathStatus,
     IPCacheChanges,
     IPNetwork,
+    check_options,
 )
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathProgramError, DatapathUnavailable, MapFullError
@@ -43,6 +46,27 @@ from axoneme.datapath.ebpf import _layout as L
 LOG = logging.getLogger(__name__)
 
 _FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(DatapathConfig)}
+
+# What ``agent run --datapath-opt NAME=VALUE`` (and ``datapath_options``) may
+# set. The first four are DatapathConfig fields of that name as well
+# (build_datapath sets both); the datapath reads them from the config.
+OPTIONS = (
+    DatapathOption("bpffs_root", str, _CONFIG_DEFAULTS["bpffs_root"],
+                   "bpf filesystem directory the maps are pinned under"),
+    DatapathOption("policy_map_max", int, _CONFIG_DEFAULTS["policy_map_max"],
+                   "policy entries per endpoint (Cilium --bpf-policy-map-max); more: MapFullError"),
+    DatapathOption("ipcache_max", int, _CONFIG_DEFAULTS["ipcache_max"],
+                   "entries of the ipcache LPM trie (IPs and CIDRs)"),
+    DatapathOption("ct_max", int, _CONFIG_DEFAULTS["ct_max"],
+                   "entries of the connection-tracking LRU map"),
+    DatapathOption("max_endpoints", int, 256, "endpoints on this node (sizes the endpoint maps)"),
+    DatapathOption("policy_map_total", int, 0,
+                   "entries of the policy trie all endpoints share; 0: policy_map_max x max_endpoints"),
+    DatapathOption("ringbuf_pages", int, 256, "pages of the event ring buffer (a power of 2)"),
+)
+_OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
 
 # ---- conversions between core types and map structs -------------------------
@@ -167,14 +191,20 @@ class EbpfDatapath(Datapath):
     """
 
     name = "ebpf"
+    # each is proven by a test named in tests/test_ebpf_contract.py
+    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump"})
+    options = OPTIONS
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
         super().__init__(config)
-        opts = self.config.options
-        self._max_endpoints = int(opts.get("max_endpoints", 256))
-        self._policy_total = int(opts.get("policy_map_total",
-                                          self.config.policy_map_max * self._max_endpoints))
-        self._ringbuf_pages = int(opts.get("ringbuf_pages", 256))
+        # declared options only: build_datapath already refused unknown ones,
+        # and a config built by hand may carry another datapath's options too
+        opts = check_options(type(self), {k: v for k, v in self.config.options.items()
+                                          if k in _OPTION_NAMES})
+        self._max_endpoints = int(opts["max_endpoints"])
+        self._policy_total = int(opts["policy_map_total"]
+                                 or self.config.policy_map_max * self._max_endpoints)
+        self._ringbuf_pages = int(opts["ringbuf_pages"])
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
         self._stopped = threading.Event()

@@ -1,7 +1,9 @@
 """ctypes mirrors of the BPF map structs and the constants Python shares with C.
 
 Every struct here is a wire format with the kernel programs: a privileged test
-(test_ebpf_layout.py) compiles the C and checks sizes and field offsets.
+(``test_ctypes_mirrors_match_c_structs`` in packages/datapath-ebpf/tests/test_ebpf_maps.py)
+compiles the C and checks each struct of ``MIRRORS``: size, field names, offsets.
+The skb marks are not here: they come from ``axoneme.core.marks`` (``_bpf.MARK_DEFINES``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,6 @@ import ctypes as ct
 # DO NOT CHANGE: mirrors lib/common.h
 DIR_INGRESS = 0
 DIR_EGRESS = 1
-MARK_MAGIC_MASK = 0x0F00
-MARK_MAGIC_TO_PROXY = 0x0200  # | proxy_port << 16: the L7 proxy's TPROXY rule matches it
-MARK_MAGIC_PROXY = 0x0A00  # the proxy's own upstream packets: never redirected again
-MARK_MAGIC_CHECKED = 0x0E00  # destination ingress already checked by from-container
 ID_HOST = 1
 ID_WORLD = 2
 METRIC_EVENTS_SUPPRESSED = 0
@@ -179,7 +177,7 @@ class Event(ct.Structure):
     ]
 
 
-# (ctypes mirror, C struct name, map name in C or None) for the layout check.
+# (ctypes mirror, C struct name) for the layout check.
 MIRRORS: tuple[tuple[type[ct.Structure], str], ...] = (
     (Endpoint, "ax_endpoint"),
     (LxcKey, "ax_lxc_key"),

@@ -29,14 +29,17 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields
 from typing import Any
 
 from axoneme.core.datapath import (
     Datapath,
     DatapathConfig,
+    DatapathOption,
     DatapathStatus,
     IPCacheChanges,
     IPNetwork,
+    check_options,
 )
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathError, DatapathProgramError, DatapathUnavailable
@@ -72,6 +75,25 @@ _DIRS = {"IN": Direction.INGRESS, "OUT": Direction.EGRESS}
 HOST_LOCK_DIR = "/run/axoneme"
 _host_locks: dict[str, tuple[PidLock, int]] = {}
 _host_locks_guard = threading.Lock()
+
+# What ``agent run --datapath-opt NAME=VALUE`` (and ``datapath_options``) may
+# set. ``mode`` and ``ipcache_max`` are DatapathConfig fields of that name as
+# well (build_datapath sets both); the datapath reads them from the config.
+OPTIONS = (
+    DatapathOption("mode", str, "ipset", "one rule per peer IP and port (plain) or one ipset "
+                   "per identity (ipset)", choices=MODES),
+    DatapathOption("ipcache_max", int,
+                   next(f.default for f in fields(DatapathConfig) if f.name == "ipcache_max"),
+                   "maxelem of the ipcache and identity ipsets (at least 1024)"),
+    DatapathOption("nflog_group", int, DEFAULT_NFLOG_GROUP, "NFLOG group of the verdict events"),
+    DatapathOption("events", bool, True, "log verdicts to NFLOG and read them as flows"),
+    DatapathOption("host_ifname_prefix", str, DEFAULT_HOST_IFNAME_PREFIX,
+                   "prefix of the pods' host veths: packets through one without an endpoint "
+                   "are dropped (NO_LXC); empty: no such catch-all"),
+    DatapathOption("lock_dir", str, HOST_LOCK_DIR,
+                   "directory of the one-iptables-agent-per-netns lock file"),
+)
+_OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
 
 def _netns_id() -> str:
@@ -127,14 +149,21 @@ class IptablesDatapath(Datapath):
     """iptables enforcement; ``config.mode`` is ``plain`` or ``ipset`` (default)."""
 
     name = "iptables"
+    # each is proven by a test named in tests/test_iptables_contract.py
+    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump"})
+    options = OPTIONS
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
         super().__init__(config)
-        self.mode = self.config.mode or "ipset"
-        opts = self.config.options
-        self.nflog_group = int(opts.get("nflog_group", DEFAULT_NFLOG_GROUP))
-        self._events_enabled = bool(opts.get("events", True))
-        self.host_ifname_prefix = str(opts.get("host_ifname_prefix", DEFAULT_HOST_IFNAME_PREFIX))
+        # declared options only: build_datapath already refused unknown ones,
+        # and a config built by hand may carry another datapath's options too
+        opts = check_options(type(self), {k: v for k, v in self.config.options.items()
+                                          if k in _OPTION_NAMES})
+        self.mode = self.config.mode or str(opts["mode"])
+        self.nflog_group = int(opts["nflog_group"])
+        self._events_enabled = bool(opts["events"])
+        self.host_ifname_prefix = str(opts["host_ifname_prefix"])
+        self._lock_dir = str(opts["lock_dir"])
         try:
             self._pod_cidrs = _pod_cidrs(self.config.pod_cidr)
             self._config_error = ""
@@ -197,7 +226,7 @@ class IptablesDatapath(Datapath):
         """DatapathUnavailable naming the other agent if one runs here."""
         if self._host_lock is not None:
             return
-        path = host_lock_path(str(self.config.options.get("lock_dir", HOST_LOCK_DIR)))
+        path = host_lock_path(self._lock_dir)
         try:
             _acquire_host_lock(path, f"state dir {self.config.state_dir}")
         except LockHeld as e:

@@ -30,10 +30,6 @@ Prefix = tuple[int, int]
 BITS = {4: 32, 6: 128}
 
 
-def family_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
-    return net.version
-
-
 def to_prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Prefix:
     return int(net.network_address), net.prefixlen
 

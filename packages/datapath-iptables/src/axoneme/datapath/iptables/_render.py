@@ -42,9 +42,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from axoneme.core.mapstate import PORT_BITS, Direction, Entry, Key, MapState, Protocol
+from axoneme.core.mapstate import Direction, Entry, Key, MapState, Protocol
+from axoneme.core.marks import (
+    MARK_MAGIC_HOST_MASK,
+    MARK_MAGIC_PROXY_INGRESS,
+    MARK_MAGIC_TO_PROXY,
+    MARK_TO_PROXY_MASK,
+    to_proxy_mark,
+)
 
-PREFIX = "AXON-"
 FWD_CHAIN = "AXON-FWD"
 INPUT_CHAIN = "AXON-INPUT"
 OUTPUT_CHAIN = "AXON-OUTPUT"
@@ -56,11 +62,6 @@ NEVER = "-m mark --mark 0x1/0x1 -m mark --mark 0x0/0x1"
 REPLY_RULE = "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN"
 # router solicitation/advertisement, neighbour solicitation/advertisement
 ND_RULES = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN" for t in (133, 134, 135, 136)]
-
-# DO NOT CHANGE: Cilium's MARK_MAGIC_TO_PROXY and the bits it owns; the L7
-# helpers' TPROXY rules match this.
-MARK_MAGIC_TO_PROXY = 0x0200
-MARK_MASK = 0xFFFF0F00
 
 # NFLOG prefixes: "AXON:<verdict>:<I|E>[:<proxy port>]"
 LOG_ALLOW, LOG_REDIRECT, LOG_DENY, LOG_DROP = "A", "R", "X", "D"
@@ -107,10 +108,6 @@ def proxy_chain(port: int, d: Direction) -> str:
     return f"AXON-PXY-{port}-{_DIR[d]}"
 
 
-def proxy_mark(port: int) -> int:
-    return MARK_MAGIC_TO_PROXY | (port << 16)
-
-
 def _log(group: int, prefix: str, name: str, new_only: bool) -> str:
     # Per connection rate limit so a flood of one flow cannot drown the rest.
     ct = "-m conntrack --ctstate NEW " if new_only else ""
@@ -136,7 +133,7 @@ def shared_chains(group: int) -> dict[str, list[str]]:
 
 def proxy_chain_rules(port: int, d: Direction, group: int) -> list[str]:
     ld = _LOGDIR[d]
-    return [f"-j MARK --set-xmark {proxy_mark(port):#x}/{MARK_MASK:#x}",
+    return [*mangle_proxy_rules(port),
             _log(group, f"AXON:{LOG_REDIRECT}:{ld}:{port}", f"axon-r{ld}", True)]
 
 
@@ -251,7 +248,8 @@ def mangle_proxy_chain(port: int) -> str:
 
 
 def mangle_proxy_rules(port: int) -> list[str]:
-    return [f"-j MARK --set-xmark {proxy_mark(port):#x}/{MARK_MASK:#x}"]
+    """Mark for the L7 proxy on ``port`` (the agent's TPROXY rule matches it)."""
+    return [f"-j MARK --set-xmark {to_proxy_mark(port):#x}/{MARK_TO_PROXY_MASK:#x}"]
 
 
 def _combine(s: tuple[Key, Entry], w: tuple[Key, Entry] | None, d: Direction,
@@ -440,8 +438,9 @@ def hook_rule(builtin: str, chain: str) -> str:
 
 PRE_CHAIN = "AXON-PRE"
 MANGLE_HOOKS = (("PREROUTING", PRE_CHAIN),)
-FROM_INGRESS_PROXY = "-m mark --mark 0xa00/0xf00 -j RETURN"
-ALREADY_REDIRECTED = "-m mark --mark 0x200/0xf00 -j RETURN"
+# the marks (axoneme.core.marks) as iptables-save prints the match: 0xa00/0xf00
+FROM_INGRESS_PROXY = f"-m mark --mark {MARK_MAGIC_PROXY_INGRESS:#x}/{MARK_MAGIC_HOST_MASK:#x} -j RETURN"
+ALREADY_REDIRECTED = f"-m mark --mark {MARK_MAGIC_TO_PROXY:#x}/{MARK_MAGIC_HOST_MASK:#x} -j RETURN"
 
 
 def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Direction]],
@@ -518,7 +517,3 @@ def restore_payload(table: str, chains: Mapping[str, Sequence[str]], *,
     lines += [f"-X {name}" for name in delete_chains]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
-
-
-def port_block_ok(key: Key) -> bool:
-    return 0 <= key.prefix_len <= PORT_BITS

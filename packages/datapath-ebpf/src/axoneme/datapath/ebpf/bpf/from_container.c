@@ -43,23 +43,11 @@ int ax_from_container(struct __sk_buff *skb)
     }
     if (p.is_nd)
         return TC_ACT_OK;
-    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
-    /* read the revision before any policy lookup: a change racing with this
-     * packet bumps it afterwards and invalidates what we cache below */
-    __u32 rev = ax_policy_rev();
-    struct ax_ct_entry *ce = ax_ct_forward_lookup(&p, now);
-    if (!from_proxy && ax_ct_cached(ce, &p, now, AX_CT_CACHE_FROM_CONTAINER, rev)) {
-        if (ce->cached_mark)
-            skb->mark = ce->cached_mark;
-        ax_metric_inc(AX_METRIC_FORWARDED);
+    int from_proxy = ax_from_ingress_proxy(skb);
+    struct ax_ct_entry *ce;
+    __u32 rev;
+    if (ax_ct_fast_path(skb, &p, now, AX_CT_CACHE_FROM_CONTAINER, from_proxy, &ce, &rev))
         return TC_ACT_OK;
-    }
-    /* only a packet without a live forward entry can be a reply (one CT
-     * lookup for established forward traffic, two for replies) */
-    if (!ce && ax_ct_is_reply(&p, now)) {
-        ax_metric_inc(AX_METRIC_REPLY);
-        return TC_ACT_OK;
-    }
 
     struct ax_endpoint *dst_ep = ax_lxc_lookup(p.t.family, p.t.daddr);
     __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);

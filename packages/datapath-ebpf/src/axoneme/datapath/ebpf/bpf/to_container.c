@@ -48,21 +48,11 @@ int ax_to_container(struct __sk_buff *skb)
     }
     if (p.is_nd)
         return TC_ACT_OK;
-    int from_proxy = (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY;
-    __u32 rev = ax_policy_rev();  /* before any lookup: see conntrack.h */
-    struct ax_ct_entry *ce = ax_ct_forward_lookup(&p, now);
-    if (!from_proxy && ax_ct_cached(ce, &p, now, AX_CT_CACHE_TO_CONTAINER, rev)) {
-        if (ce->cached_mark)
-            skb->mark = ce->cached_mark;
-        ax_metric_inc(AX_METRIC_FORWARDED);
+    int from_proxy = ax_from_ingress_proxy(skb);
+    struct ax_ct_entry *ce;
+    __u32 rev;
+    if (ax_ct_fast_path(skb, &p, now, AX_CT_CACHE_TO_CONTAINER, from_proxy, &ce, &rev))
         return TC_ACT_OK;
-    }
-    /* only a packet without a live forward entry can be a reply (one CT
-     * lookup for established forward traffic, two for replies) */
-    if (!ce && ax_ct_is_reply(&p, now)) {
-        ax_metric_inc(AX_METRIC_REPLY);
-        return TC_ACT_OK;
-    }
 
     __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 

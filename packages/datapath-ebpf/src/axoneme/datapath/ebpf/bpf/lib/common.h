@@ -1,6 +1,6 @@
 /* Constants and small helpers shared by every axoneme tc program.
  *
- * Values that Python mirrors (marks, drop reasons, event kinds, metric slots)
+ * Values that Python mirrors (drop reasons, event kinds, metric slots)
  * are fenced: change them here AND in _layout.py, the alignment test checks
  * the structs but not these numbers.
  */
@@ -17,15 +17,25 @@
 #define AX_DIR_EGRESS 1
 
 /* skb->mark values (Cilium's MARK_MAGIC_* layout: magic in bits 8..11).
+ * Not defined here: _bpf.assemble_source generates AX_MARK_MAGIC_MASK,
+ * AX_MARK_MAGIC_TO_PROXY, AX_MARK_MAGIC_PROXY_INGRESS and AX_MARK_MAGIC_CHECKED
+ * from axoneme.core.marks, the one definition the proxies share.
  * TO_PROXY: the packet goes to the L7 proxy listening on mark >> 16 (TPROXY).
- * PROXY: set by the L7 proxy on its upstream sockets; such packets are never
- *        redirected again but still go through L3/L4 policy.
+ * PROXY_INGRESS: set by an ingress L7 proxy on its upstream sockets; such
+ *        packets are never redirected again but still go through L3/L4
+ *        policy. (An egress proxy's packets, PROXY_EGRESS, are not special
+ *        here: the destination's ingress policy, L7 included, still applies.)
  * CHECKED: from-container already applied the local destination's ingress
  *        policy, so to-container lets the packet through unchecked. */
-#define AX_MARK_MAGIC_MASK 0x0F00
-#define AX_MARK_MAGIC_TO_PROXY 0x0200
-#define AX_MARK_MAGIC_PROXY 0x0A00
-#define AX_MARK_MAGIC_CHECKED 0x0E00
+#ifndef AX_MARK_MAGIC_MASK
+#error "the AX_MARK_* defines come from axoneme.core.marks (_bpf.assemble_source)"
+#endif
+
+/* Sent by an ingress L7 proxy's upstream socket: never redirected again. */
+static __always_inline int ax_from_ingress_proxy(const struct __sk_buff *skb)
+{
+    return (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY_INGRESS;
+}
 
 /* Reserved identities (Cilium numbers). */
 #define AX_ID_HOST 1

@@ -6,6 +6,7 @@
 
 #include "lib/common.h"
 #include "lib/parse.h"
+#include "lib/events.h"
 
 /* axoneme_ct_v1 (LRU hash) key: struct ax_tuple (parse.h) of the packet that
  * opened the connection, i.e. the forward orientation. A packet whose
@@ -120,6 +121,40 @@ static __always_inline int ax_ct_cached(struct ax_ct_entry *e, struct ax_pkt *p,
     __sync_fetch_and_add(&e->bytes, p->len);
     ax_ct_note_flags(e, p);
     return 1;
+}
+
+/* The CT fast path, run by both programs before any policy lookup.
+ * ``owner``: the calling program's AX_CT_CACHE_*. Returns 1 when the packet
+ * is decided already (the caller passes it):
+ * 1. the live forward entry caches a verdict of the current revision for
+ *    this program: its mark (a redirect, CHECKED) is set again. Never for a
+ *    packet from the ingress proxy (``from_proxy``): it must not be
+ *    redirected again, so policy decides it every time;
+ * 2. there is no live forward entry and the packet is a reply of a live
+ *    connection (one CT lookup for established forward traffic, two for
+ *    replies).
+ * Returns 0 when policy must decide; then ``*ce`` is the live forward entry
+ * (or NULL) and ``*rev`` the revision, both for ax_ct_forward. The revision
+ * is read before any policy lookup: a change racing with this packet bumps
+ * it afterwards and invalidates what the caller caches. */
+static __always_inline int ax_ct_fast_path(struct __sk_buff *skb, struct ax_pkt *p, __u64 now,
+                                           __u8 owner, int from_proxy,
+                                           struct ax_ct_entry **ce, __u32 *rev)
+{
+    *rev = ax_policy_rev();
+    struct ax_ct_entry *e = ax_ct_forward_lookup(p, now);
+    *ce = e;
+    if (!from_proxy && ax_ct_cached(e, p, now, owner, *rev)) {
+        if (e->cached_mark)
+            skb->mark = e->cached_mark;
+        ax_metric_inc(AX_METRIC_FORWARDED);
+        return 1;
+    }
+    if (!e && ax_ct_is_reply(p, now)) {
+        ax_metric_inc(AX_METRIC_REPLY);
+        return 1;
+    }
+    return 0;
 }
 
 /* Record an allowed forward packet (``e`` from ax_ct_forward_lookup) and
