@@ -1,6 +1,7 @@
 """The Datapath contract every enforcement backend implements.
 
-Loaded by entry-point name from the ``axoneme.datapath`` group (stevedore),
+Loaded by entry-point name from the ``axoneme.datapath`` group (the one plugin
+registry, ``axoneme.core.plugins``),
 exactly one per node, through ``build_datapath`` (the agent and ``agent
 cleanup`` alike). Nothing outside a datapath package asks which one runs: a
 datapath declares its knobs (``options``) and what it can do

@@ -177,7 +177,6 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         root.setLevel(logging.INFO)
         logging.getLogger("aiohttp").setLevel(logging.WARNING)
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
-        logging.getLogger("stevedore").setLevel(logging.WARNING)
     return run_agent(cfg)
 
 
