@@ -226,3 +226,26 @@ def test_agent_config_file_and_flags(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
     assert "datapth" in str(e.value) and str(conf) in str(e.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('flow_buffer: "x"\n', "config key flow_buffer: expected an integer, got str 'x'"),
+    ("guard: 'no'\n", "config key guard: expected true or false, got str 'no'"),
+    ("mtu: true\n", "config key mtu: expected an integer, got bool True"),
+    ("cluster_name: 5\n", "config key cluster_name: expected a string, got int 5"),
+    ("policy_dir: [a]\n", "config key policy_dir: expected a string or null, got list"),
+])
+def test_agent_config_values_have_the_declared_kind(tmp_path: Path, text: str,
+                                                    message: str) -> None:
+    """A wrongly typed config value is refused naming the key and the file
+    (before: a TypeError traceback from deep inside the agent)."""
+    from axoneme.agent.cli import build_parser
+    from axoneme.agent.cli._agentcmds import build_agent_config
+    from axoneme.core.errors import ConfigError
+
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(text)
+    parser, _ = build_parser()
+    with pytest.raises(ConfigError) as e:
+        build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
+    assert message in str(e.value) and str(conf) in str(e.value)

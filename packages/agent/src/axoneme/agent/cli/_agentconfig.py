@@ -4,6 +4,7 @@ over it, and the datapath options (``--datapath-opt``, ``datapath_options``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -43,10 +44,41 @@ def load_config(path: str | None) -> dict[str, Any]:
         k = str(key).replace("-", "_")
         if k not in _CONFIG_KEYS:
             raise ConfigError(f"unknown config key {yamlsafe.excerpt(key)!r} ({path})")
+        _check_type(k, value, path)
         out[k] = value
     if "plugins" in out:
         out["plugins"] = parse_allow_list(out["plugins"], path)
     return out
+
+
+_SCALARS = {"str": (str,), "int": (int,), "bool": (bool,)}
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
+
+
+def _check_type(key: str, value: Any, path: str) -> None:
+    """A scalar config key holds the kind of value its AgentConfig field
+    declares (``flow_buffer: "x"`` is refused here, naming the key, not met
+    later as a TypeError). Mappings and lists are checked where they are read."""
+    annotation = str(_FIELD_TYPES.get(key, ""))
+    kinds: tuple[type, ...] = ()
+    for part in annotation.split("|"):
+        part = part.strip()
+        if part == "None":
+            kinds += (type(None),)
+        elif part in _SCALARS:
+            kinds += _SCALARS[part]
+        else:
+            return  # dict/list fields
+    if not kinds:
+        return
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        want = " or ".join(_KINDS[k] for k in kinds)
+        raise ConfigError(f"config key {key}: expected {want}, got {type(value).__name__} "
+                          f"{yamlsafe.excerpt(repr(value))} ({path})")
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
 
 
 def build_agent_config(args: argparse.Namespace) -> Any:
