@@ -7,6 +7,9 @@ iptables binary, and ipset with its kernel module for ipset mode). Anything
 else -- an ImportError of our own package, a compile error of our own BPF
 programs, DatapathUnavailable on a machine that has everything -- is a
 failure of the suite, never a skip.
+
+The gating itself (root, tools, bpffs, the probe) is the test kit's
+(``axoneme.testing.capability``); what each built-in datapath needs is here.
 """
 
 from __future__ import annotations
@@ -14,24 +17,23 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 
-import pytest
+from axoneme.testing import capability
 
 
 @functools.cache
 def _ebpf_lacks() -> str | None:
-    if not os.path.isdir("/sys/fs/bpf"):
-        return "no /sys/fs/bpf (kernel without the bpf filesystem)"
+    if capability.lacks_bpffs():
+        return capability.lacks_bpffs()
     # in a child: a broken libbcc may abort the interpreter
     res = subprocess.run([sys.executable, "-c", "import bcc"], capture_output=True, text=True,
                          timeout=60)
     if res.returncode != 0:
         return f"bcc is not importable here: {res.stderr.strip().splitlines()[-1:]}"
     ns = f"axcap-p{os.getpid()}-{secrets.token_hex(3)}"
-    import _testnet
+    from axoneme.testing import netns as _testnet
 
     try:
         _testnet.add_netns(ns)
@@ -48,10 +50,10 @@ def _ebpf_lacks() -> str | None:
 
 @functools.cache
 def _iptables_lacks(mode: str) -> str | None:
-    if shutil.which("iptables") is None:
+    if capability.lacks_tools("iptables"):
         return "no iptables binary"
     if mode == "ipset":
-        if shutil.which("ipset") is None:
+        if capability.lacks_tools("ipset"):
             return "no ipset binary"
         res = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
         if res.returncode != 0:
@@ -63,8 +65,8 @@ def machine_lacks(name: str, mode: str = "") -> str | None:
     """What this machine lacks for datapath ``name`` (``mode``), or None if nothing."""
     if name == "noop":
         return None
-    if os.geteuid() != 0:
-        return "not root"
+    if capability.lacks_root():
+        return capability.lacks_root()
     if name == "ebpf":
         return _ebpf_lacks()
     if name == "iptables":
@@ -75,26 +77,7 @@ def machine_lacks(name: str, mode: str = "") -> str | None:
 def probe_datapath(name: str, mode: str = "") -> str | None:
     """None if ``name`` (in ``mode``) can run here, else the capability it lacks (skip).
 
-    Raises (fails the test) on anything that is not a missing capability.
+    Raises (fails the test) on anything that is not a missing capability:
+    this machine's needs are known for every datapath (``machine_lacks``).
     """
-    from axoneme.core.datapath import DatapathConfig
-    from axoneme.core.errors import DatapathUnavailable
-    from axoneme.core.plugins import installed, load_class
-
-    label = f"{name}/{mode}" if mode else name
-    if name not in installed("axoneme.datapath"):
-        pytest.fail(f"datapath {name!r} is not installed (AXONEME_E2E_DATAPATHS or the "
-                    f"suite asks for it): install the workspace (scripts/bootstrap)")
-    cls = load_class("axoneme.datapath", name)  # ImportError etc.: a broken plugin fails
-    bpffs = f"/sys/fs/bpf/axoneme-probe-{secrets.token_hex(3)}"
-    try:
-        cls(DatapathConfig(state_dir="/tmp", mode=mode, bpffs_root=bpffs)).probe()
-    except DatapathUnavailable as e:
-        lacks = machine_lacks(name, mode)
-        if lacks is None:
-            pytest.fail(f"datapath {label} says it is unavailable ({e}) but this machine has "
-                        f"everything it needs: a broken datapath fails, it is not skipped")
-        return f"datapath {label} unavailable: {e} (this machine: {lacks})"
-    finally:
-        shutil.rmtree(bpffs, ignore_errors=True)
-    return None
+    return capability.probe_datapath(name, mode, lambda n, m: machine_lacks(n, m))

@@ -30,56 +30,27 @@ import contextlib
 import fcntl
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+# the namespaces of every test tier are the test kit's (one definition); re-exported here
+from axoneme.testing.netns import (  # noqa: F401
+    NO_RESOLVER,
+    add_netns,
+    del_netns,
+    remove_resolv_conf,
+    wait_accepting,
+    write_resolv_conf,
+)
+
 RESOLV_DIR = "/etc/netns"
-NO_RESOLVER = "127.0.0.1"  # inside the netns: nothing listens, a lookup fails at once
 TEST_DNS_NET = ipaddress.ip_network("198.51.100.0/24")
 SCRIPT = os.path.abspath(__file__)
 
 
-# -- namespaces -----------------------------------------------------------------------------
-
-def write_resolv_conf(netns: str, nameserver: str = NO_RESOLVER) -> str:
-    """``/etc/netns/<netns>/resolv.conf`` naming ``nameserver``; its path."""
-    if not netns or "/" in netns or netns in (".", ".."):
-        raise ValueError(f"bad netns name {netns!r}")
-    etc = os.path.join(RESOLV_DIR, netns)
-    os.makedirs(etc, exist_ok=True)
-    path = os.path.join(etc, "resolv.conf")
-    with open(path, "w") as f:
-        f.write(f"nameserver {nameserver}\noptions timeout:1 attempts:1\n")
-    return path
-
-
-def remove_resolv_conf(netns: str) -> None:
-    if netns and "/" not in netns and netns not in (".", ".."):
-        shutil.rmtree(os.path.join(RESOLV_DIR, netns), ignore_errors=True)
-
-
-def add_netns(name: str, nameserver: str = NO_RESOLVER) -> str:
-    """Create netns ``name`` with its resolv.conf (written first) and lo up."""
-    write_resolv_conf(name, nameserver)
-    res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if res.returncode != 0:
-        remove_resolv_conf(name)
-        raise RuntimeError(f"ip netns add {name}: {res.stderr.strip()}")
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True,
-                   capture_output=True)
-    return name
-
-
-def del_netns(name: str) -> None:
-    """Remove netns ``name`` and its /etc/netns entry; unknown names are fine."""
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    remove_resolv_conf(name)
-
+# -- namespaces: made by the test kit (axoneme.testing.netns), imported above -----------------
 
 def host_nameservers(path: str = "/etc/resolv.conf") -> set[str]:
     try:
@@ -117,63 +88,6 @@ def resolv_conf_problem(netns: str) -> str | None:
 
 
 # -- servers --------------------------------------------------------------------------------
-
-_PROBE = textwrap.dedent("""\
-    import socket, sys, time
-    host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            sys.exit(0)
-        except OSError as e:
-            if time.monotonic() > deadline:
-                sys.exit(f"{host}:{port} does not accept: {e}")
-            time.sleep(0.05)
-""")
-
-
-def wait_accepting(ip: str, port: int, netns: str | None = None,
-                   proc: subprocess.Popen[Any] | None = None, log: str | None = None,
-                   timeout: float = 15.0) -> None:
-    """Return once ``ip:port`` accepts a TCP connection (from inside ``netns``).
-
-    Raises AssertionError with the server's output (``log``, a file) if it
-    exits or does not accept within ``timeout``: a fixture must fail, never
-    hand a test a server that is still starting.
-    """
-    cmd = [sys.executable, "-c", _PROBE, ip, str(port), str(timeout)]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    probe = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout + 10
-    why = ""
-    try:
-        while probe.poll() is None and time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                why = f"the server exited with {proc.returncode}"
-                break
-            time.sleep(0.05)
-        else:
-            if probe.returncode == 0:
-                return
-            why = (probe.stderr.read() if probe.stderr else "").strip() or \
-                f"no connection to {ip}:{port} within {timeout:.0f}s"
-    finally:
-        if probe.poll() is None:
-            probe.kill()
-        probe.wait(5)
-        if probe.stderr:
-            probe.stderr.close()
-    out = ""
-    if log:
-        try:
-            with open(log, errors="replace") as f:
-                out = f.read()[-4000:]
-        except OSError as e:
-            out = f"(no log: {e})"
-    raise AssertionError(f"server on {ip}:{port}{' in ' + netns if netns else ''} "
-                         f"never accepted: {why}\nserver output:\n{out}")
-
 
 def http_server_argv(bind: str, port: int = 80, directory: str | None = None,
                      echo: bool = False) -> list[str]:

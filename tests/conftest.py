@@ -16,10 +16,8 @@ Everything is cleaned up by name or PID, on success and on failure.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from axoneme.testing import capability
+from axoneme.testing.netns import POD_SUPERNET, free_pod_cidr
 
 REPO = Path(__file__).resolve().parent.parent
 # tests/ on sys.path: the tiers share _testnet (netns with their own resolv.conf, servers
@@ -44,16 +44,14 @@ import _testnet  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 AXONEME = str(VENV_BIN / "axoneme") if (VENV_BIN / "axoneme").exists() else "axoneme"
 AXONEME_CNI = str(VENV_BIN / "axoneme-cni") if (VENV_BIN / "axoneme-cni").exists() else "axoneme-cni"
-POD_SUPERNET = ipaddress.ip_network("10.244.0.0/16")
 
 
 def is_root() -> bool:
-    return os.geteuid() == 0
+    return capability.lacks_root() is None
 
 
 def require_root() -> None:
-    if not is_root():
-        pytest.skip("needs root (network namespaces, veth, iptables)")
+    capability.require_root("network namespaces, veth, iptables")
 
 
 def e2e_datapaths() -> list[str]:
@@ -73,31 +71,7 @@ def datapath_probe() -> Any:
 
 # -- pod CIDR / guard ---------------------------------------------------------------------
 
-def _routes_in_supernet() -> set[ipaddress.IPv4Network]:
-    out = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
-    used: set[ipaddress.IPv4Network] = set()
-    for line in out.splitlines():
-        dst = line.split()[0] if line.split() else ""
-        try:
-            net = ipaddress.ip_network(dst, strict=False)
-        except ValueError:
-            continue
-        if isinstance(net, ipaddress.IPv4Network) and net.subnet_of(POD_SUPERNET) and \
-                net != POD_SUPERNET:
-            used.add(net)
-    return used
-
-
-def free_pod_cidr() -> str:
-    """A /24 in 10.244.0.0/16 with no route in it (agents of parallel tests differ)."""
-    used = _routes_in_supernet()
-    candidates = list(range(16, 250))
-    random.shuffle(candidates)
-    for third in candidates:
-        net = ipaddress.ip_network(f"10.244.{third}.0/24")
-        if not any(r.overlaps(net) for r in used):
-            return str(net)
-    raise RuntimeError("no free /24 left in 10.244.0.0/16")
+# free_pod_cidr: a /24 in 10.244.0.0/16 with no route in it (axoneme.testing.netns)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ OWNS = {
     "axoneme-l7-kafka": "axoneme.l7.kafka",
     "axoneme-l7-dns": "axoneme.l7.dns",
     "axoneme-cni": "axoneme.cni",
+    "axoneme-testing": "axoneme.testing",
 }
 
 
@@ -39,7 +40,8 @@ def _dist(pkg: Path) -> str:
 
 def test_every_package_is_a_workspace_member_with_readme_and_tests():
     assert {p.name for p in PACKAGES} == {
-        "core", "agent", "datapath-ebpf", "datapath-iptables", "l7-http", "l7-kafka", "l7-dns", "cni"}
+        "core", "agent", "datapath-ebpf", "datapath-iptables", "l7-http", "l7-kafka", "l7-dns", "cni",
+        "testing"}
     for pkg in PACKAGES:
         assert (pkg / "README.md").is_file(), pkg
         assert (pkg / "tests").is_dir(), pkg
@@ -147,6 +149,7 @@ FORBIDDEN = {
     "axoneme-l7-kafka": [r"^axoneme\.(agent|datapath|cni|l7\.(?!kafka))"],
     "axoneme-l7-dns": [r"^axoneme\.(agent|datapath|cni|l7\.(?!dns))"],
     "axoneme-cni": [r"^axoneme\.(?!core|cni)"],
+    "axoneme-testing": [r"^axoneme\.(?!core|testing)"],
 }
 
 
@@ -166,7 +169,7 @@ IMPORT_DIST = {
     "yaml": "PyYAML", "pluggy": "pluggy", "stevedore": "stevedore", "aiohttp": "aiohttp",
     "pyroute2": "pyroute2", "prometheus_client": "prometheus-client", "dnslib": "dnslib",
     "h11": "h11", "kafka": "kafka-python", "aiokafka": "aiokafka", "opentelemetry": "opentelemetry-api",
-    "re2": "google-re2",
+    "re2": "google-re2", "pytest": "pytest",
 }
 # provided by Debian (python3-bpfcc), never a PyPI dependency
 SYSTEM_IMPORTS = {"bcc"}

@@ -20,18 +20,14 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-
-# the repository's netns helpers (tests/_testnet.py): every netns gets its own resolv.conf
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-import _testnet  # noqa: E402
+from axoneme.testing import netns as _testnet  # every netns gets its own resolv.conf
+from axoneme.testing.capability import require_root, require_tools
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -255,11 +251,8 @@ def _make_pod(name: str, ns: str, host_if: str, ips: list[str], ip6: str = "") -
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces and iptables rules")
-    for tool in ("iptables", "ipset", "ping"):
-        if subprocess.run(["which", tool], capture_output=True, check=False).returncode:
-            pytest.skip(f"{tool} is not installed")
+    require_root("creates network namespaces and iptables rules")
+    require_tools("iptables", "ipset", "ping")
     sfx = secrets.token_hex(2)
     uplink = _uplink()
     guard = f"AXIG-{sfx}"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from _harness import NAMESPACES, PODS, Probe, Topology, probe_all
+from axoneme.testing.conformance._harness import NAMESPACES, PODS, Probe, Topology, probe_all
 
 Expect = Callable[[str, str, int, str], bool]
 L4 = [(80, "tcp"), (81, "tcp"), (80, "udp"), (81, "udp")]

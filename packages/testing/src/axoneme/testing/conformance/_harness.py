@@ -1,6 +1,7 @@
-"""Machinery of the conformance suite: one suite, every installed datapath.
+"""Machinery of the conformance suite's kernel part: one suite, the datapath
+under test (``--axoneme-datapath``).
 
-An agent per datapath (session scope: pytest groups the tests by datapath),
+An agent per datapath (module scope: pytest groups the tests by datapath),
 a topology of namespaces x,y,z x pods a,b,c created once through the CLI
 (`axoneme pod run` -> axoneme-cni), a fake outside world netns at
 198.51.100.0/24, and probers that run inside the pods. Datapaths that cannot
@@ -19,16 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 AX = str(Path(sys.executable).with_name("axoneme"))
 PYTHON = sys.executable
-
-# (entry point, mode) of every datapath the suite knows how to configure;
-# the ones not installed or not available here are skipped with a reason.
-DATAPATHS = [("ebpf", ""), ("iptables", "plain"), ("iptables", "ipset")]
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
 PORTS = (80, 81)
@@ -37,44 +31,13 @@ WORLD_HOST_IP = "198.51.100.1"  # the node's address on the world link
 WORLD_IPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12")
 
 
-def root_or_skip() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("conformance needs root (netns, tc, iptables); run as root")
-
-
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-def datapath_unavailable(name: str, mode: str) -> str | None:
-    """The capability this machine lacks for the datapath (skip), or None.
-
-    A broken datapath (ImportError, a compile error, "unavailable" on a machine
-    that has everything) fails instead: tests/_capability.py.
-    """
-    import _capability  # tests/ is on sys.path (tests/conftest.py)
-
-    return _capability.probe_datapath(name, mode)
-
-
-def free_pod_cidr() -> str:
-    """tests/conftest.py's free /24 in 10.244.0.0/16 (importlib mode: found loaded)."""
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None) or ""
-        if f.endswith(os.path.join("tests", "conftest.py")) and hasattr(mod, "free_pod_cidr"):
-            return str(mod.free_pod_cidr())
-    raise RuntimeError("tests/conftest.py is not loaded")
-
-
-# --- the uplink guard ------------------------------------------------------------
-
 def uplink() -> str | None:
     out = sh("ip", "-o", "route", "show", "default", check=False).stdout.split()
     return out[out.index("dev") + 1] if "dev" in out else None
-
-
-
-# --- the outside world -------------------------------------------------------------
 
 
 # --- the agent ---------------------------------------------------------------------
@@ -88,7 +51,7 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     policy_files: list[Path] = field(default_factory=list)
-    # a free /24 (tests/conftest.py): an iptables agent drops pod-CIDR traffic of
+    # a free /24 (netns.free_pod_cidr): an iptables agent drops pod-CIDR traffic of
     # pod interfaces it has no endpoint for, so never claim other runs' pods
     pod_cidr: str = ""
 
@@ -109,10 +72,13 @@ class Agent:
         return json.loads(self.ax(*args, "-o", "json").stdout)
 
     def start(self) -> None:
+        if not Path(AX).exists():
+            raise AssertionError(f"the kernel part runs {AX} (agent run, pod run): install the node "
+                                 "distributions next to the kit: pip install 'axoneme[agent]' axoneme-cni")
         cmd = [AX, "agent", "run", "--datapath", self.datapath, "--state-dir", str(self.state_dir),
                "--api-socket", str(self.socket)]
         if self.mode:
-            cmd += ["--iptables-mode", self.mode]
+            cmd += ["--datapath-opt", f"mode={self.mode}"]
         if self.pod_cidr:
             cmd += ["--pod-cidr", self.pod_cidr]
         self.log = self.state_dir.parent / f"agent-{int(time.time() * 1000)}.log"
@@ -197,7 +163,6 @@ class Topology:
 
     def pods(self) -> list[str]:
         return sorted(self.ips)
-
 
 
 def cluster_yaml(agent: Agent) -> str:
