@@ -6,6 +6,7 @@ Every object gets a random suffix and is removed on success and failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,9 +15,11 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,6 +243,31 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
             run("iptables", "-D", "FORWARD", "-j", chain, check=False)
             run("iptables", "-F", chain, check=False)
             run("iptables", "-X", chain, check=False)
+
+
+@pytest.fixture(scope="session")
+def start_ebpf() -> Callable[..., AbstractContextManager[Any]]:
+    """``with start_ebpf(**DatapathConfig fields) as dp``: a started
+    EbpfDatapath pinning under a private bpffs dir (skips without root);
+    afterwards its kernel objects are cleaned up and the dir removed."""
+
+    @contextlib.contextmanager
+    def start(**config: Any) -> Iterator[Any]:
+        if os.geteuid() != 0:
+            pytest.skip("needs root: loads BPF programs and pins maps")
+        from axoneme.core.datapath import DatapathConfig
+        from axoneme.datapath.ebpf import EbpfDatapath
+
+        root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
+        dp = EbpfDatapath(DatapathConfig(bpffs_root=root, **config))
+        try:
+            dp.start()
+            yield dp
+        finally:
+            dp.cleanup()
+            shutil.rmtree(root, ignore_errors=True)
+
+    return start
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from axoneme.core.datapath import DatapathConfig, IPCacheChanges
+from axoneme.core.datapath import IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.flow import DropReason
 from axoneme.core.labels import Labels
@@ -33,31 +33,13 @@ PEER = 4888
 PEER_IP = "10.244.252.2"
 
 
-def _config(root: str) -> DatapathConfig:
-    return DatapathConfig(bpffs_root=root, policy_map_max=64, ct_max=1024, ipcache_max=64,
-                          options={"max_endpoints": 4})
-
-
 @pytest.fixture(scope="module")
-def dp() -> Iterator[Any]:
-    import os
-    import shutil
-    import uuid
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads BPF programs and pins maps")
-    from axoneme.datapath.ebpf import EbpfDatapath
-
-    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
-    d = EbpfDatapath(_config(root))
-    try:
-        d.start()
+def dp(start_ebpf: Any) -> Iterator[Any]:
+    with start_ebpf(policy_map_max=64, ct_max=1024, ipcache_max=64,
+                    options={"max_endpoints": 4}) as d:
         d._register(A, LO, "lo")
         d.ipcache_apply(IPCacheChanges(upserts={ipaddress.ip_network(f"{PEER_IP}/32"): PEER}))
         yield d
-    finally:
-        d.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def run(dp: Any, which: str, frame: bytes) -> Any:

@@ -29,26 +29,11 @@ EG, IN = Direction.EGRESS, Direction.INGRESS
 
 
 @pytest.fixture(scope="module")
-def small_dp() -> Iterator:  # type: ignore[type-arg]
+def small_dp(start_ebpf) -> Iterator:  # type: ignore[no-untyped-def, type-arg]
     """policy_map_max 32 per endpoint, 40 entries in the kernel trie overall."""
-    import os
-    import shutil
-    import uuid
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads BPF programs and pins maps")
-    from axoneme.datapath.ebpf import EbpfDatapath
-
-    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
-    dp = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=32, ct_max=1024,
-                                     ipcache_max=64, options={"policy_map_total": 40,
-                                                              "max_endpoints": 8}))
-    try:
-        dp.start()
+    with start_ebpf(policy_map_max=32, ct_max=1024, ipcache_max=64,
+                    options={"policy_map_total": 40, "max_endpoints": 8}) as dp:
         yield dp
-    finally:
-        dp.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def ep(n: int) -> Endpoint:
@@ -207,37 +192,27 @@ def test_incompatible_pinned_map_is_replaced() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_big_endpoint_dump_and_sync_use_the_batch_walk() -> None:
+def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # type: ignore[no-untyped-def]
     """Endpoints above 4096 entries are dumped by one kernel-side walk."""
-    import os
-    import shutil
-    import uuid
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads BPF programs and pins maps")
     from axoneme.datapath.ebpf import EbpfDatapath
 
-    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
-    dp = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=6000, ct_max=64,
-                                     ipcache_max=64, options={"max_endpoints": 2}))
-    try:
-        dp.start()
+    with start_ebpf(policy_map_max=6000, ct_max=64, ipcache_max=64,
+                    options={"max_endpoints": 2}) as first:
         big = MapState({**keys(5000, port0=1), Key(0, EG): DENY})
         small = MapState(keys(3, identity=9))
-        dp.sync(ep(1), big)
-        dp.sync(ep(2), small)
-        assert dp.dump(ep(1)) == big and dp.dump(ep(2)) == small
+        first.sync(ep(1), big)
+        first.sync(ep(2), small)
+        assert first.dump(ep(1)) == big and first.dump(ep(2)) == small
         # a fresh instance (adoption) rebuilds its index from the kernel
-        dp.stop()
-        dp2 = EbpfDatapath(dp.config)
-        dp2.start()
-        dp = dp2
-        assert dp.dump(ep(1)) == big
-        smaller = MapState({k: v for i, (k, v) in enumerate(big.items()) if i % 2})
-        changes = dp.sync(ep(1), smaller)
-        assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
-        assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
-        assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
-    finally:
-        dp.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+        first.stop()
+        dp = EbpfDatapath(first.config)
+        dp.start()
+        try:
+            assert dp.dump(ep(1)) == big
+            smaller = MapState({k: v for i, (k, v) in enumerate(big.items()) if i % 2})
+            changes = dp.sync(ep(1), smaller)
+            assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
+            assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
+            assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
+        finally:
+            dp.stop()

@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Iterator
 
 import pytest
-from axoneme.core.datapath import DatapathConfig, IPCacheChanges
+from axoneme.core.datapath import IPCacheChanges
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import ALLOW, DENY, Direction, Entry, Key, MapState, Protocol
@@ -29,28 +29,14 @@ PEER = 4777
 
 
 @pytest.fixture(scope="module")
-def dp() -> Iterator:  # type: ignore[type-arg]
-    import os
-    import shutil
-    import uuid
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads BPF programs and pins maps")
-    from axoneme.datapath.ebpf import EbpfDatapath
-
-    root = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
-    d = EbpfDatapath(DatapathConfig(bpffs_root=root, policy_map_max=64, ct_max=1024,
-                                    ipcache_max=64, options={"max_endpoints": 4}))
-    try:
-        d.start()
+def dp(start_ebpf) -> Iterator:  # type: ignore[no-untyped-def, type-arg]
+    with start_ebpf(policy_map_max=64, ct_max=1024, ipcache_max=64,
+                    options={"max_endpoints": 4}) as d:
         d._register(A, LO, "lo")
         d.ipcache_apply(IPCacheChanges(upserts={
             ipaddress.ip_network("10.244.251.2/32"): PEER,
             ipaddress.ip_network("fd00:a::2/128"): PEER}))
         yield d
-    finally:
-        d.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def run(dp, which: str, frame: bytes, mark: int = 0):  # type: ignore[no-untyped-def]

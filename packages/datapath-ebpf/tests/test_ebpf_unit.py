@@ -96,6 +96,22 @@ def test_mark_defines_come_from_core_marks() -> None:
                 assert "#define AX_MARK" not in fh.read(), f
 
 
+def test_both_programs_share_one_ct_fast_path_and_verdict_steps() -> None:
+    """The CT fast path and the steps around a decision have one definition
+    (lib/conntrack.h, lib/verdict.h) that both tc programs call."""
+    import os
+
+    src = _bpf.assemble_source({"AX_PIN_ROOT": '"/x"'})
+    for fn in ("ax_ct_fast_path", "ax_endpoint_drops", "ax_ct_create_failed", "ax_pass"):
+        assert src.count(f"static __always_inline int {fn}(") == 1, fn
+    for name in _bpf.PROGRAM_FILES:
+        with open(os.path.join(_bpf.bpf_dir(), name), encoding="utf-8") as f:
+            text = f.read()
+        assert "ax_ct_fast_path(skb, &p, now" in text and "ax_endpoint_drops(&p" in text, name
+        for inlined in ("ax_ct_cached(", "ax_ct_is_reply(", "ax_policy_decide(", "AX_METRIC_"):
+            assert inlined not in text, (name, inlined)
+
+
 def _event(**kw: int) -> L.Event:
     ev = L.Event()
     ev.family, ev.proto = 4, 6

@@ -22,6 +22,7 @@
 #include "lib/conntrack.h"
 #include "lib/events.h"
 #include "lib/identity.h"
+#include "lib/verdict.h"
 
 int ax_from_container(struct __sk_buff *skb)
 {
@@ -53,14 +54,8 @@ int ax_from_container(struct __sk_buff *skb)
     __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);
 
     struct ax_verdict ve = {};
-    if (ax_ep_failing_closed(ep, AX_DIR_EGRESS))
-        ve.reason = AX_DROP_EP_NOT_READY;
-    else
-        ax_policy_decide(ep_id, dst_id, AX_DIR_EGRESS, p.t.proto, p.policy_port, p.len, &ve);
-    if (ve.reason) {
-        ax_emit_drop(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, &ve, now);
+    if (ax_endpoint_drops(&p, ep, AX_DIR_EGRESS, src_id, dst_id, now, &ve))
         return TC_ACT_SHOT;
-    }
     __u16 redirect = from_proxy ? 0 : ve.proxy_port;
 
     struct ax_verdict vi = {};
@@ -68,15 +63,8 @@ int ax_from_container(struct __sk_buff *skb)
     __u32 dst_ep_id = 0;
     if (dst_ep && !redirect) {
         dst_ep_id = dst_ep->ep_id;
-        if (ax_ep_failing_closed(dst_ep, AX_DIR_INGRESS))
-            vi.reason = AX_DROP_EP_NOT_READY;
-        else
-            ax_policy_decide(dst_ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len,
-                             &vi);
-        if (vi.reason) {
-            ax_emit_drop(&p, AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
+        if (ax_endpoint_drops(&p, dst_ep, AX_DIR_INGRESS, src_id, dst_id, now, &vi))
             return TC_ACT_SHOT;
-        }
         checked_ingress = 1;
         if (!from_proxy)
             redirect = vi.proxy_port;
@@ -84,16 +72,13 @@ int ax_from_container(struct __sk_buff *skb)
 
     __u32 mark = 0;
     if (redirect)
-        mark = AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16);
+        mark = ax_to_proxy_mark(redirect);
     else if (checked_ingress)
         mark = AX_MARK_MAGIC_CHECKED;
     int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,
                            from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_FROM_CONTAINER, rev, mark);
-    if (ct < 0) {
-        ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
-        ax_drop_simple(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
-        return TC_ACT_SHOT;
-    }
+    if (ct < 0)
+        return ax_ct_create_failed(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, now);
     if (ct > 0) {
         ax_emit(&p, AX_EVENT_POLICY_VERDICT,
                 (ve.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
@@ -103,8 +88,5 @@ int ax_from_container(struct __sk_buff *skb)
                     (vi.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
                     AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
     }
-    if (mark)
-        skb->mark = mark;
-    ax_metric_inc(redirect ? AX_METRIC_REDIRECTED : AX_METRIC_FORWARDED);
-    return TC_ACT_OK;
+    return ax_pass(skb, mark, redirect != 0);
 }

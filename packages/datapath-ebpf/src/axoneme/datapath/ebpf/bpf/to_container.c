@@ -23,6 +23,7 @@
 #include "lib/conntrack.h"
 #include "lib/events.h"
 #include "lib/identity.h"
+#include "lib/verdict.h"
 
 int ax_to_container(struct __sk_buff *skb)
 {
@@ -57,28 +58,16 @@ int ax_to_container(struct __sk_buff *skb)
     __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 
     struct ax_verdict v = {};
-    if (ax_ep_failing_closed(ep, AX_DIR_INGRESS))
-        v.reason = AX_DROP_EP_NOT_READY;
-    else
-        ax_policy_decide(ep_id, src_id, AX_DIR_INGRESS, p.t.proto, p.policy_port, p.len, &v);
-    if (v.reason) {
-        ax_emit_drop(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
+    if (ax_endpoint_drops(&p, ep, AX_DIR_INGRESS, src_id, dst_id, now, &v))
         return TC_ACT_SHOT;
-    }
     __u16 redirect = from_proxy ? 0 : v.proxy_port;
-    __u32 mark = redirect ? (AX_MARK_MAGIC_TO_PROXY | ((__u32)redirect << 16)) : 0;
+    __u32 mark = redirect ? ax_to_proxy_mark(redirect) : 0;
     int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,
                            from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_TO_CONTAINER, rev, mark);
-    if (ct < 0) {
-        ax_metric_inc(AX_METRIC_CT_CREATE_FAILED);
-        ax_drop_simple(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, AX_DROP_CT_CREATE_FAILED, now);
-        return TC_ACT_SHOT;
-    }
+    if (ct < 0)
+        return ax_ct_create_failed(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, now);
     if (ct > 0)
         ax_emit(&p, AX_EVENT_POLICY_VERDICT, redirect ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
                 AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
-    if (mark)
-        skb->mark = mark;
-    ax_metric_inc(redirect ? AX_METRIC_REDIRECTED : AX_METRIC_FORWARDED);
-    return TC_ACT_OK;
+    return ax_pass(skb, mark, redirect != 0);
 }

@@ -37,6 +37,13 @@ static __always_inline int ax_from_ingress_proxy(const struct __sk_buff *skb)
     return (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY_INGRESS;
 }
 
+/* The mark that sends a packet to the L7 proxy listening on ``port``
+ * (core.marks.to_proxy_mark). */
+static __always_inline __u32 ax_to_proxy_mark(__u16 port)
+{
+    return AX_MARK_MAGIC_TO_PROXY | ((__u32)port << 16);
+}
+
 /* Reserved identities (Cilium numbers). */
 #define AX_ID_HOST 1
 #define AX_ID_WORLD 2
