@@ -18,14 +18,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-# the repository's netns helpers (tests/_testnet.py): every netns gets its own resolv.conf
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-import _testnet  # noqa: E402
+from axoneme.testing import netns as _testnet  # every netns gets its own resolv.conf
+from axoneme.testing.capability import require_bpffs, require_root
 
 PY = sys.executable
 
@@ -194,8 +191,7 @@ def _add_veth_ns(ns: str, host_if: str, ip: str) -> int:
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates netns, veths, tc filters and BPF maps")
+    require_root("creates netns, veths, tc filters and BPF maps")
     sfx = uuid.uuid4().hex[:5]
     tmp = str(tmp_path_factory.mktemp(f"axebpf{sfx}"))
     net = random.randint(100, 250)
@@ -253,8 +249,7 @@ def start_ebpf() -> Callable[..., AbstractContextManager[Any]]:
 
     @contextlib.contextmanager
     def start(**config: Any) -> Iterator[Any]:
-        if os.geteuid() != 0:
-            pytest.skip("needs root: loads BPF programs and pins maps")
+        require_bpffs()  # loads BPF programs and pins maps
         from axoneme.core.datapath import DatapathConfig
         from axoneme.datapath.ebpf import EbpfDatapath
 
@@ -273,8 +268,7 @@ def start_ebpf() -> Callable[..., AbstractContextManager[Any]]:
 @pytest.fixture
 def bpffs_dir() -> Iterator[str]:
     """A private pin directory, removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: pins BPF maps")
+    require_bpffs()  # pins BPF maps
     path = f"/sys/fs/bpf/axoneme-test-{uuid.uuid4().hex[:8]}"
     try:
         yield path
