@@ -174,7 +174,9 @@ def _read_agent_state(path: str) -> dict[str, Any] | None:
 
 
 def _stale_state_dirs(globs: Sequence[str] | None = None) -> list[str]:
-    """State dirs no agent serves: nobody answers the socket, no process names the dir."""
+    """State dirs no agent serves: nobody answers the socket, no process names the dir,
+    and no live test session owns it (a ``-p<pid>-`` in its path: its agent may be
+    down on purpose, e.g. a restart test)."""
     from axoneme.agent._api import socket_in_use
 
     found: list[str] = []
@@ -185,6 +187,9 @@ def _stale_state_dirs(globs: Sequence[str] | None = None) -> list[str]:
             if data is None:
                 continue
             state_dir = os.path.dirname(path)
+            owner = _OWNED.search(state_dir)
+            if owner and _alive(int(owner.group(1))):
+                continue
             if state_dir in found or f"{state_dir} " in running or socket_in_use(data["api_socket"]):
                 continue
             found.append(state_dir)

@@ -282,7 +282,8 @@ def agent_factory(tmp_path_factory: pytest.TempPathFactory, guard: str) -> Itera
     def make(datapath: str = "noop", start: bool = True, extra_args: Sequence[str] = (),
              pod_cidr: str | None = None) -> AgentProcess:
         # a short path: unix socket paths are limited to 107 bytes
-        workdir = Path(tempfile.mkdtemp(prefix="axa-", dir="/tmp"))
+        # -p<pid>-: never swept by another session while its agent is down on purpose
+        workdir = Path(tempfile.mkdtemp(prefix=f"axa-p{os.getpid()}-", dir="/tmp"))
         ap = AgentProcess(workdir, datapath, pod_cidr or free_pod_cidr(), extra_args)
         agents.append(ap)
         if start:

@@ -124,3 +124,16 @@ def test_a_stray_state_file_in_tmpdir_does_not_stop_the_session(tmp_path: Path) 
     assert "INTERNALERROR" not in res.stdout + res.stderr
     assert "test_pep420_namespace_has_no_init" in res.stdout
     assert (tmpdir / "nested" / "state.json").read_bytes() == b"[" * 100_000
+
+
+def test_sweep_leaves_a_live_sessions_state_dir_alone(tmp_path: Path) -> None:
+    """A state dir named for a live session (-p<pid>-) is its own, even while its
+    agent is down on purpose (a restart test); one named for a gone pid is stale."""
+    conftest = _root_conftest()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (f"axa-p{os.getpid()}-live", f"axa-p{gone.pid}-dead"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps(_agent_state(tmp_path)))
+    assert conftest._stale_state_dirs([str(tmp_path / "*" / "state.json")]) == \
+        [str(tmp_path / f"axa-p{gone.pid}-dead")]

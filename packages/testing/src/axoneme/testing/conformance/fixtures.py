@@ -131,7 +131,8 @@ def conformance_agent(request: pytest.FixtureRequest, axoneme_datapath: Any,
     # host-wide: iptables chains are), the lock the repository's other suites take too
     lock = open(f"/tmp/axoneme-{spec.name}-datapath.lock", "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
-    base = Path(tempfile.mkdtemp(prefix="axon-conf-", dir="/tmp"))
+    # -p<pid>-: a live session's state dir, never swept while its agent is down on purpose
+    base = Path(tempfile.mkdtemp(prefix=f"axon-conf-p{os.getpid()}-", dir="/tmp"))
     ag = Agent(spec.name, spec.mode, base / "state", base / "axoneme.sock", pod_cidr=netns.free_pod_cidr())
     try:
         ag.start()

@@ -73,9 +73,23 @@ def generated_state(rng: random.Random, kernel: bool, max_entries: int = 12) -> 
     return MapState(entries)
 
 
-def _check_round(dp: Any, ep: Any, state: Any, where: str) -> None:
+def generated_packets(rng: random.Random, n: int = 24) -> list[tuple[Any, ...]]:
+    """(identity, direction, protocol, port) tuples near the generated keys."""
+    from axoneme.core.mapstate import Direction, Protocol
+
+    identities = [NODE_IDS["a"], NODE_IDS["b"], OTHER_IDENTITY, 50000]
+    return [(rng.choice(identities), rng.choice(list(Direction)),
+             rng.choice([Protocol.TCP, Protocol.UDP, Protocol.ICMP]),
+             rng.choice([NODE_PORT, 81, 443, 8080, rng.randrange(65536)])) for _ in range(n)]
+
+
+def _check_round(dp: Any, ep: Any, state: Any, where: str, rng: random.Random) -> None:
     got = dp.dump(ep)
     assert got == state, f"{where}: dump() is not the state it was given\nwant {state}\ngot  {got}"
+    for packet in generated_packets(rng):
+        want, have = state.lookup(*packet), got.lookup(*packet)
+        assert (have.verdict, have.key) == (want.verdict, want.key), \
+            f"{where}: the dumped state decides {packet} as {have}, MapState.lookup as {want}"
 
 
 @pytest.mark.axoneme_offline
@@ -122,7 +136,7 @@ def test_follows_the_noop_reference(axoneme_datapath: Any, axoneme_datapath_clas
                     f"not what turns the old state into the new"
                 ref.sync(ep, state)
             held[ep.id] = state
-            _check_round(dp, ep, state, where)
+            _check_round(dp, ep, state, where, rng)
             assert dp.dump(ep) == ref.dump(ep), f"{where}: differs from NoopDatapath"
         if cls.endpoint_fail_closed is not Datapath.endpoint_fail_closed:
             dp.endpoint_fail_closed(eps[0], frozenset({Direction.INGRESS}))
@@ -154,6 +168,11 @@ def test_kernel_decides_as_mapstate_lookup(conformance_node: Node, conformance_k
     dp.start()
     try:
         node.wire(dp, eps, open_policy)
+        if "ipcache_dump" in cls.capabilities:
+            cache = dp.dump_ipcache()
+            for name, pod in node.pods.items():
+                net = ipaddress.ip_network(f"{pod.ip}/32")
+                assert cache.get(net) == NODE_IDS[name], f"dump_ipcache() lacks {net}: {cache}"
         assert node.probe("a", "b"), "a -> b does not pass with an allow-all policy"
         held = open_policy
         for rnd in range(KERNEL_ROUNDS):
@@ -164,7 +183,7 @@ def test_kernel_decides_as_mapstate_lookup(conformance_node: Node, conformance_k
             else:
                 dp.sync(eps["b"], state)
             held = state
-            _check_round(dp, eps["b"], state, where)
+            _check_round(dp, eps["b"], state, where, rng)
             for proto, kind in ((Protocol.TCP, "tcp"), (Protocol.UDP, "udp")):
                 want = state.lookup(NODE_IDS["a"], Direction.INGRESS, proto, NODE_PORT).allowed
                 got = node.probe("a", "b", proto=kind)
