@@ -69,3 +69,16 @@ def test_the_kit_without_a_datapath_says_how_to_name_one(tmp_path: Path) -> None
     out = res.stdout + res.stderr
     assert res.returncode != 0, out
     assert "needs the datapath under test: pytest --axoneme-datapath NAME[:MODE]" in out
+
+
+def test_a_projects_conftest_names_the_datapaths_and_the_option_wins(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(
+        "def pytest_axoneme_datapaths(config):\n    return ['noop']\n")
+    (tmp_path / "test_conf.py").write_text(
+        "from axoneme.testing.conformance.offline import *  # noqa: F403\n")
+    res = run_kit(tmp_path, "test_conf.py", "-rA")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PASSED test_conf.py::test_entry_point_loads_a_datapath[noop]" in res.stdout
+    assert "4 passed" in res.stdout
+    res = run_kit(tmp_path, "test_conf.py", "--axoneme-datapath", "nope")
+    assert res.returncode == 1 and "no axoneme.datapath plugin named 'nope'" in res.stdout
