@@ -82,3 +82,15 @@ def test_a_projects_conftest_names_the_datapaths_and_the_option_wins(tmp_path: P
     assert "4 passed" in res.stdout
     res = run_kit(tmp_path, "test_conf.py", "--axoneme-datapath", "nope")
     assert res.returncode == 1 and "no axoneme.datapath plugin named 'nope'" in res.stdout
+
+
+def test_the_repositorys_conformance_run_is_the_whole_kit() -> None:
+    """tests/conformance names every kit module (so the built-ins run all of it)."""
+    from axoneme.testing.plugin import KIT_MODULES
+
+    here = Path(__file__).resolve().parents[3] / "tests" / "conformance"
+    for module in KIT_MODULES:
+        text = (here / f"test_conformance_{module}.py").read_text()
+        assert f"from axoneme.testing.conformance.{module} import *" in text, module
+    assert sorted(p.stem for p in here.glob("test_*.py")) == sorted(
+        f"test_conformance_{m}" for m in KIT_MODULES), "a conformance module outside the kit"

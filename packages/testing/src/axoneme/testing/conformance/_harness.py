@@ -11,6 +11,7 @@ run here are skipped by capability (their probe() reason is printed).
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import os
 import signal
@@ -26,9 +27,34 @@ PYTHON = sys.executable
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
 PORTS = (80, 81)
-WORLD_NET = "198.51.100.0/28"  # inside 198.51.100.0/24, the test network
-WORLD_HOST_IP = "198.51.100.1"  # the node's address on the world link
-WORLD_IPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12")
+# the outside world: a free /28 of these (sessions running at once each get their
+# own) inside 198.51.100.0/24, the test network; the e2e suites use .64 and up
+WORLD_BLOCKS = tuple(ipaddress.ip_network(f"198.51.100.{16 * i}/28") for i in range(4))
+WORLD_LOCK = "/tmp/axoneme-conformance-world.lock"
+
+
+@dataclass(frozen=True)
+class World:
+    """The outside world's /28: the node's address on its link (.1) and three hosts (.10-.12)."""
+
+    net: str
+    host_ip: str
+    ips: tuple[str, str, str]
+
+    @classmethod
+    def of(cls, block: ipaddress.IPv4Network | ipaddress.IPv6Network) -> World:
+        base = block.network_address
+        return cls(str(block), str(base + 1), (str(base + 10), str(base + 11), str(base + 12)))
+
+
+def free_world() -> World:
+    """A World in a /28 of WORLD_BLOCKS no route covers yet (hold WORLD_LOCK until it is made)."""
+    used = sh("ip", "-4", "route", "show").stdout
+    for block in WORLD_BLOCKS:
+        if str(block) not in used:
+            return World.of(block)
+    raise AssertionError(f"no free /28 for the outside world among {[str(b) for b in WORLD_BLOCKS]}: "
+                         f"other sessions hold them all")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -156,6 +182,7 @@ class Topology:
     ips: dict[str, str]  # "x/a" -> IP
     cluster_file: Path
     netns: dict[str, str] = field(default_factory=dict)  # "x/a" -> netns name
+    world: World = World.of(WORLD_BLOCKS[0])
 
     def exec_argv(self, pod: str) -> list[str]:
         """Run in the pod's netns directly: works while the agent is down."""

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from axoneme.testing.conformance._cases import ALL_PODS, L4, ns_of, run_case
-from axoneme.testing.conformance._harness import HERE, PYTHON, WORLD_HOST_IP, WORLD_IPS, probe_all
+from axoneme.testing.conformance._harness import HERE, PYTHON, probe_all
 
 pytestmark = [pytest.mark.conformance, pytest.mark.privileged, pytest.mark.axoneme_kernel]
 
@@ -72,28 +72,31 @@ def test_ccnp_is_not_namespace_scoped(clean, tmp_path):
     run_case(clean, tmp_path, "ccnp", docs, lambda s, d, p, pr: not d.endswith("/c") or s.endswith("/a"))
 
 
-def _world_probes(src: str = "x/a") -> list:
-    return [(src, ip, 80, "tcp") for ip in WORLD_IPS] + [(src, d, 80, "tcp") for d in ALL_PODS if d != src]
+def _world_probes(topo, src: str = "x/a") -> list:
+    return [(src, ip, 80, "tcp") for ip in topo.world.ips] + [(src, d, 80, "tcp") for d in ALL_PODS if d != src]
 
 
 def test_to_entities_world(clean, tmp_path):
+    world = clean.world.ips
     docs = [cnp("a-world", "x", {"endpointSelector": A, "egress": [{"toEntities": ["world"]}]})]
-    run_case(clean, tmp_path, "world", docs, lambda s, d, p, pr: d in WORLD_IPS,
-             probes=_world_probes(), engine=False)
+    run_case(clean, tmp_path, "world", docs, lambda s, d, p, pr: d in world,
+             probes=_world_probes(clean), engine=False)
 
 
 def test_to_cidr_set_with_except(clean, tmp_path):
+    world = clean.world.ips
     docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDRSet": [
-        {"cidr": "198.51.100.0/24", "except": ["198.51.100.11/32"]}]}]})]
+        {"cidr": "198.51.100.0/24", "except": [f"{world[1]}/32"]}]}]})]
     run_case(clean, tmp_path, "cidr-except", docs,
-             lambda s, d, p, pr: d in WORLD_IPS and d != "198.51.100.11",
-             probes=_world_probes(), engine=False)
+             lambda s, d, p, pr: d in world and d != world[1],
+             probes=_world_probes(clean), engine=False)
 
 
 def test_to_cidr(clean, tmp_path):
-    docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDR": ["198.51.100.12/32"]}]})]
-    run_case(clean, tmp_path, "cidr", docs, lambda s, d, p, pr: d == "198.51.100.12",
-             probes=_world_probes(), engine=False)
+    world = clean.world.ips
+    docs = [cnp("a-cidr", "x", {"endpointSelector": A, "egress": [{"toCIDR": [f"{world[2]}/32"]}]})]
+    run_case(clean, tmp_path, "cidr", docs, lambda s, d, p, pr: d == world[2],
+             probes=_world_probes(clean), engine=False)
 
 
 def test_icmp_type_rule(clean, tmp_path):
@@ -106,8 +109,9 @@ def test_icmp_type_rule(clean, tmp_path):
 
 def test_to_entities_host(clean, tmp_path):
     docs = [cnp("a-host", "x", {"endpointSelector": A, "egress": [{"toEntities": ["host"]}]})]
-    probes = [("x/a", WORLD_HOST_IP, 0, "icmp"), ("x/a", WORLD_IPS[0], 0, "icmp"), ("x/a", "x/b", 80, "tcp")]
-    run_case(clean, tmp_path, "host", docs, lambda s, d, p, pr: d == WORLD_HOST_IP, probes=probes,
+    host, world = clean.world.host_ip, clean.world.ips
+    probes = [("x/a", host, 0, "icmp"), ("x/a", world[0], 0, "icmp"), ("x/a", "x/b", 80, "tcp")]
+    run_case(clean, tmp_path, "host", docs, lambda s, d, p, pr: d == host, probes=probes,
              engine=False, flows=False)
 
 

@@ -6,8 +6,8 @@ shadows them. The datapath under test is the ``axoneme_datapath`` parameter
 
 - ``conformance_guard`` (session): forwarded pod traffic never leaves through
   the uplink; installed before anything else of the kernel part.
-- ``conformance_world`` (session): a netns at 198.51.100.{10,11,12} serving
-  the pod server, routed via the node.
+- ``conformance_world`` (session): a netns holding .10-.12 of a free /28 of
+  198.51.100.0/24 (a ``World``) serving the pod server, routed via the node.
 - ``conformance_agent`` / ``conformance_topology`` (module): an agent on the
   datapath under test and namespaces x,y,z x pods a,b,c made through the CLI.
 - ``conformance_node`` (module) / ``conformance_kernel_datapath``: two veth
@@ -44,11 +44,12 @@ from axoneme.testing.conformance._harness import (
     PODS,
     PORTS,
     PYTHON,
-    WORLD_HOST_IP,
-    WORLD_IPS,
+    WORLD_LOCK,
     Agent,
     Topology,
+    World,
     cluster_yaml,
+    free_world,
     sh,
     uplink,
     wait_servers,
@@ -90,8 +91,9 @@ def conformance_guard() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def conformance_world(conformance_guard: None) -> Iterator[dict[str, str]]:
-    """A netns holding 198.51.100.{10,11,12} (a /28 of the test network) running the pod server, routed via the node."""
+def conformance_world(conformance_guard: None) -> Iterator[World]:
+    """A netns holding three hosts of a free /28 of the test network (198.51.100.0/24)
+    running the pod server, routed via the node."""
     sfx = uuid.uuid4().hex[:5]
     ns, host_if, peer_if = f"axtw-p{os.getpid()}-{sfx}", f"axw{sfx}h", f"axw{sfx}p"
     proc = None
@@ -99,19 +101,22 @@ def conformance_world(conformance_guard: None) -> Iterator[dict[str, str]]:
         netns.add_netns(ns)  # its own resolv.conf: never the host's resolver
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         sh("ip", "link", "set", peer_if, "netns", ns)
-        sh("ip", "addr", "add", f"{WORLD_HOST_IP}/28", "dev", host_if)
+        with open(WORLD_LOCK, "w") as lock:  # choose and take a /28, one session at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            world = free_world()
+            sh("ip", "addr", "add", f"{world.host_ip}/28", "dev", host_if)
         sh("ip", "link", "set", host_if, "up")
-        for ip in WORLD_IPS:
+        for ip in world.ips:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/28", "dev", peer_if)
         sh("ip", "-n", ns, "link", "set", peer_if, "up")
-        sh("ip", "-n", ns, "route", "add", "default", "via", WORLD_HOST_IP)
-        route = sh("ip", "route", "get", WORLD_IPS[0]).stdout
-        assert f"dev {host_if}" in route, f"198.51.100.0/24 is not routed to the test world: {route}"
+        sh("ip", "-n", ns, "route", "add", "default", "via", world.host_ip)
+        route = sh("ip", "route", "get", world.ips[0]).stdout
+        assert f"dev {host_if}" in route, f"{world.net} is not routed to the test world: {route}"
         proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, str(HERE / "podserver.py"), "world",
                                  *map(str, PORTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # it binds every port before it accepts: the last one accepting means all do
-        netns.wait_accepting(WORLD_IPS[0], PORTS[-1], ns, proc)
-        yield {"netns": ns, "host_if": host_if}
+        netns.wait_accepting(world.ips[0], PORTS[-1], ns, proc)
+        yield world
     finally:
         if proc is not None:
             proc.kill()
@@ -124,7 +129,7 @@ def conformance_world(conformance_guard: None) -> Iterator[dict[str, str]]:
 # module, whose own agents would otherwise wait on that lock
 @pytest.fixture(scope="module")
 def conformance_agent(request: pytest.FixtureRequest, axoneme_datapath: Any,
-                      conformance_world: dict[str, str]) -> Iterator[Agent]:
+                      conformance_world: World) -> Iterator[Agent]:
     spec = axoneme_datapath
     skip_unavailable(request, spec)
     # one agent of a datapath at a time on this host (its kernel objects may be
@@ -156,7 +161,7 @@ def conformance_agent(request: pytest.FixtureRequest, axoneme_datapath: Any,
 
 
 @pytest.fixture(scope="module")
-def conformance_topology(conformance_agent: Agent, conformance_world: dict[str, str]) -> Iterator[Topology]:
+def conformance_topology(conformance_agent: Agent, conformance_world: World) -> Iterator[Topology]:
     """Namespaces x,y,z (label ns=<name>) with pods a,b,c (label pod=<name>)
     serving TCP and UDP on 80 and 81 (named serve-80-tcp, serve-81-udp, ...)."""
     agent = conformance_agent
@@ -177,7 +182,7 @@ def conformance_topology(conformance_agent: Agent, conformance_world: dict[str, 
         nets = {f"{p['namespace']}/{p['name']}": Path(p["netns"]).name for p in pods}  # type: ignore[union-attr]
         cluster = agent.state_dir.parent / "cluster.yaml"
         cluster.write_text(cluster_yaml(agent))
-        topo = Topology(agent, ips, cluster, nets)
+        topo = Topology(agent, ips, cluster, nets, conformance_world)
         wait_servers(topo)
         yield topo
     finally:
