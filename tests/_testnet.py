@@ -35,15 +35,20 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-# the namespaces of every test tier are the test kit's (one definition); re-exported here
-from axoneme.testing.netns import (  # noqa: F401
-    NO_RESOLVER,
-    add_netns,
-    del_netns,
-    remove_resolv_conf,
-    wait_accepting,
-    write_resolv_conf,
-)
+try:  # the namespaces of every test tier are the test kit's (one definition); re-exported here
+    from axoneme.testing.netns import (  # noqa: F401
+        NO_RESOLVER,
+        add_netns,
+        del_netns,
+        remove_resolv_conf,
+        wait_accepting,
+        write_resolv_conf,
+    )
+except ImportError:
+    # run as the fixtures' HTTP server by a python without axoneme (a pod's `python3`,
+    # a container's): that needs the stdlib only
+    if __name__ != "__main__":
+        raise
 
 RESOLV_DIR = "/etc/netns"
 TEST_DNS_NET = ipaddress.ip_network("198.51.100.0/24")
