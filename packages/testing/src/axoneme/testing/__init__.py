@@ -17,3 +17,17 @@ Modules: ``plugin`` (the pytest plugin), ``netns`` (namespaces with their own
 resolver, servers that accept before a test sees them), ``capability``
 (root/tool/BPF gating and the datapath probe), ``conformance`` (the suite).
 """
+
+from axoneme.testing.capability import probe_datapath, require_bpffs, require_root, require_tools
+from axoneme.testing.netns import add_netns, del_netns, free_pod_cidr, wait_accepting
+
+__all__ = [
+    "add_netns",
+    "del_netns",
+    "free_pod_cidr",
+    "probe_datapath",
+    "require_bpffs",
+    "require_root",
+    "require_tools",
+    "wait_accepting",
+]
