@@ -133,3 +133,14 @@ def test_bad_version_exits_2_naming_the_flag() -> None:
     res = _run("--version", "latest", "--print-dir")
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "--version 'latest'" in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("written, expected", [("3.7.0", "v3.7.0"), ('"3.5.21-0"', "v3.5.21")])
+def test_etcd_version_from_dependencies_yaml(tmp_path: Path, written: str, expected: str) -> None:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "dependencies.yaml").write_text(
+        f'dependencies:\n  # etcd\n  - name: "etcd"\n    version: {written}\n    refPaths:\n')
+    assert kb.Builder.etcd_for(tmp_path) == expected
+    (tmp_path / "build" / "dependencies.yaml").write_text("dependencies: []\n")
+    with pytest.raises(kb.BuildError, match="dependencies.yaml: no etcd version"):
+        kb.Builder.etcd_for(tmp_path)
