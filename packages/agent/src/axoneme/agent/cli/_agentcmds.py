@@ -1,5 +1,5 @@
 """Agent commands: agent run/cleanup, status, policy apply/delete/list,
-namespace, endpoint and identity (shared/CLI.md "Node agent")."""
+namespace, endpoint and identity (docs/cli.md "Node agent")."""
 
 from __future__ import annotations
 
