@@ -32,6 +32,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -122,6 +123,17 @@ def start_http_server(netns: str, bind: str, port: int = 80, directory: str | No
         proc.wait(10)
         raise
     return proc
+
+
+def poll(pred: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
+    """The first truthy ``pred()`` within ``timeout`` seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return pred()
 
 
 def _serve_http(argv: list[str]) -> None:

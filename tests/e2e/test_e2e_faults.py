@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _testnet
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -141,12 +142,9 @@ class ServerLog:
 
 
 def _wait(what: str, cond: Callable[[], Any], timeout: float, ap: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.25)
+    got = _testnet.poll(cond, timeout, 0.25)
+    if got:
+        return got
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
                          f"status: {ap.cli('status').stdout}\nagent log:\n{ap.log()}")
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _testnet
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -26,13 +27,7 @@ def _flow(src_ip: str, dst_ip: str, verdict: str = "DROPPED", port: int = 80) ->
 
 
 def _wait(pred: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    return pred()
+    return _testnet.poll(pred, timeout)
 
 
 def test_flow_injection_is_off_by_default(agent: Any) -> None:
