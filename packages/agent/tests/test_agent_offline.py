@@ -107,3 +107,22 @@ def test_live_example_policies_offline(capsys: pytest.CaptureFixture[str]) -> No
           "--from", "default/app2", "--to", "default/app1", "--port", "80", "-o", "json")
     code, out, _ = run(capsys, *l7)
     assert code == 0 and json.loads(out)["verdict"] == "redirected"
+
+
+@pytest.mark.parametrize(("path", "verdict", "says"), [
+    ("/public", "ALLOWED", "matched HTTP rule 0"),
+    # the proxy normalises before matching: this is /public to the rules
+    ("/x/%2e%2e/public", "ALLOWED", "matched HTTP rule 0"),
+    # the proxy answers 400 before any rule: trace says so (before: the raw
+    # path was matched against the rules, as if the proxy forwarded it)
+    ("/public/..;/admin", "DENIED", "the proxy refuses request target '/public/..;/admin' (400 "),
+    ("/public/%e0%80%ae", "DENIED", "the proxy refuses request target"),
+])
+def test_trace_http_path_as_the_proxy_sees_it(capsys: pytest.CaptureFixture[str], path: str,
+                                               verdict: str, says: str) -> None:
+    code, out, _ = run(capsys, "policy", "trace", "--cluster", str(DEMO / "cluster.yaml"), "-f",
+                       str(DEMO / "policies"), "--from", "default/app2", "--to", "default/app1",
+                       "--port", "80", "--http-path", path)
+    assert code == 0
+    assert says in out, out
+    assert out.rstrip().endswith(f"verdict: {verdict}"), out

@@ -87,6 +87,9 @@ class HttpParser(L7Parser):
         return bool(rule == HTTPRule())
 
     def match(self, rules: Sequence[Any], request: L7Request) -> HttpVerdict:
+        refused = request.fields.get("refused")
+        if refused:
+            return HttpVerdict(False, None, str(refused))
         return match_rules(rules, request)
 
     def request_from_trace(self, options: dict[str, Any]) -> L7Request:
@@ -107,17 +110,22 @@ class HttpParser(L7Parser):
         if not host:
             host = next((v for n, v in headers if n.lower() == "host"), "")
         path = str(options.get("http_path") or "/")
+        refused = ""
         try:
             # what the proxy would match: the normalised path (``_wire``)
             path = parse_target(path)[0]
-        except HttpError:
-            pass  # the proxy would refuse it (400); trace the path as given
-        return L7Request({
+        except HttpError as e:  # the proxy answers it before any rule is asked
+            refused = (f"the proxy refuses request target {_q(path)!r} "
+                       f"({e.status} {e.reason}) before matching any rule")
+        fields: dict[str, Any] = {
             "method": str(options.get("http_method") or "GET"),
             "path": path,
             "host": host,
             "headers": headers,
-        })
+        }
+        if refused:
+            fields["refused"] = refused
+        return L7Request(fields)
 
     def proxy_factory(self) -> Any:
         from axoneme.l7.http._proxy import HttpProxy
