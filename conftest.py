@@ -308,9 +308,6 @@ def pytest_runtest_call(item: pytest.Item) -> None:
 _ALLOWED_SKIPS = (
     # the noop datapath computes policy and enforces nothing (DESIGN.md): no L7 to test
     re.compile(r"\bnoop datapath has no L7 redirect\b"),
-    # an optional container runtime that scripts/bootstrap does not install (not a kernel
-    # capability of ours); drop this once bootstrap installs podman
-    re.compile(r"^podman e2e needs "),
 )
 _SKIPS: pytest.StashKey[list[tuple[str, str]]] = pytest.StashKey()
 

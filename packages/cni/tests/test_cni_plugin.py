@@ -255,3 +255,15 @@ def test_add_accepts_kubernetes_names(fake_agent: FakeAgent) -> None:
     code, out = run_plugin("ADD", conf(fake_agent.path), add_env("Abc_1.2-3", args))
     assert code == 0, out
     assert fake_agent.requests[-1][1]["pod_name"] == "coredns-5d78c9869d-x2x7q.v1"
+
+
+def test_add_accepts_a_container_runtimes_container_name(fake_agent: FakeAgent) -> None:
+    """podman sends only K8S_POD_NAME, holding its container's name, which may
+    have '_' and upper case (``elastic_meninsky``); the earlier Kubernetes-only
+    check refused every podman container."""
+    fake_agent.responses["/v1/cni/add"] = (200, {"ips": []})
+    code, out = run_plugin("ADD", conf(fake_agent.path),
+                           add_env("c0ffee", "IgnoreUnknown=1;K8S_POD_NAME=elastic_Meninsky.2"))
+    assert code == 0, out
+    assert fake_agent.requests[-1][1]["pod_name"] == "elastic_Meninsky.2"
+    assert fake_agent.requests[-1][1]["namespace"] == "default"

@@ -31,8 +31,8 @@ from axoneme.core.labels import Labels
 from axoneme.core.names import (
     container_id_problem,
     dns_label_problem,
-    dns_subdomain_problem,
     ifname_problem,
+    pod_name_problem,
 )
 from axoneme.core.policy.engine import PolicyEngine
 
@@ -150,7 +150,7 @@ class EndpointService:
                                    ("ifname", ifname, ifname_problem),
                                    ("namespace", namespace, dns_label_problem),
                                    ("pod_name", str(req.get("pod_name") or ""),
-                                    dns_subdomain_problem)):
+                                    pod_name_problem)):
             problem = check(value) if value or what != "pod_name" else None
             if problem:
                 raise BadRequest(f"invalid {what}: {problem}")

@@ -25,8 +25,8 @@ from axoneme.core.apiclient import DEFAULT_SOCKET, AgentClient, AgentError, Agen
 from axoneme.core.names import (
     container_id_problem,
     dns_label_problem,
-    dns_subdomain_problem,
     ifname_problem,
+    pod_name_problem,
 )
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -148,7 +148,7 @@ def _pod_args(env: Mapping[str, str]) -> dict[str, str]:
     problem = dns_label_problem(namespace)
     if problem:
         raise CNIError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"K8S_POD_NAMESPACE {problem}")
-    if pod_name and (problem := dns_subdomain_problem(pod_name)):
+    if pod_name and (problem := pod_name_problem(pod_name)):
         raise CNIError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"K8S_POD_NAME {problem}")
     return {"namespace": namespace, "pod_name": pod_name}
 

@@ -10,7 +10,8 @@ Kubernetes' own rules (k8s.io/apimachinery/pkg/util/validation):
 and the CNI specification's (SPEC.md, "Parameters"):
 
 3. CNI_CONTAINERID starts with an alphanumeric, then alphanumerics, '_', '.'
-   or '-';
+   or '-' (the same syntax container runtimes give container names: podman
+   passes its container name, e.g. ``elastic_meninsky``, as K8S_POD_NAME);
 4. CNI_IFNAME is a Linux interface name: 1-15 bytes, no '/', ':' or
    whitespace, not '.' or '..'.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["container_id_problem", "dns_label_problem", "dns_subdomain_problem",
-           "ifname_problem"]
+           "ifname_problem", "pod_name_problem"]
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -57,6 +58,25 @@ def dns_subdomain_problem(name: str) -> str | None:
         return (f"{_shown(name)} must consist of lower-case letters, digits, '-' and '.', "
                 "and start and end with a letter or digit")
     return None
+
+
+def pod_name_problem(name: str) -> str | None:
+    """Why ``name`` is neither a Kubernetes pod name (RFC 1123 subdomain) nor
+    a container runtime's container name (rule 3, at most 253 characters), or
+    None. CNI ADD takes either in K8S_POD_NAME: kubelet sends the pod's name,
+    podman its container's name."""
+    if dns_subdomain_problem(name) is None:
+        return None
+    if isinstance(name, str) and 0 < len(name) <= 253 and name.isascii() \
+            and _CONTAINER_ID.fullmatch(name):
+        return None
+    if not isinstance(name, str) or not name:
+        return "must not be empty"
+    if len(name) > 253:
+        return f"{_shown(name)} is longer than 253 characters"
+    return (f"{_shown(name)} must be a pod name (lower-case letters, digits, '-' and '.') or "
+            "a container name (letters, digits, '_', '.' and '-'), starting with a letter "
+            "or digit")
 
 
 def container_id_problem(cid: str) -> str | None:
