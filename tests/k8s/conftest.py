@@ -1,0 +1,120 @@
+"""A real Kubernetes control plane for the Kubernetes-mode tests.
+
+``control_plane`` (session scope): etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler built from upstream sources by ``scripts/k8s-build`` and
+started on loopback by ``scripts/k8s-probe --keep``; torn down (every process
+by its PID, its directory) at the end of the session. No kubelet: tests that
+need pods on a node use ``scripts/cluster``.
+
+``ControlPlane.restart(...)`` stops components by PID and starts them again
+with the same command line, working directory and environment (the informer
+test kills etcd and kube-apiserver during churn).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from axoneme.testing import capability
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ControlPlane:
+    dir: Path
+    kubeconfig: Path
+    bin: Path
+
+    @property
+    def kubectl_bin(self) -> str:
+        return str(self.bin / "kubectl")
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *args],
+                             capture_output=True, text=True, input=input, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({res.returncode}): "
+                                 f"{res.stderr.strip()}")
+        return res
+
+    def pids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in (self.dir / "pids").read_text().splitlines():
+            pid, name = line.split()
+            out[name] = int(pid)  # a restarted component's last line wins
+        return out
+
+    def stop(self, names: Sequence[str]) -> dict[str, tuple[list[str], str, dict[str, str]]]:
+        """SIGKILL the named components; returns what ``start`` needs to bring them back."""
+        saved = {}
+        pids = self.pids()
+        for name in names:
+            pid = pids[name]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            env = dict(kv.split("=", 1) for kv in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in kv)
+            saved[name] = ([a.decode() for a in argv], os.readlink(f"/proc/{pid}/cwd"), env)
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+        return saved
+
+    def start(self, saved: dict[str, tuple[list[str], str, dict[str, str]]]) -> None:
+        for name, (argv, cwd, env) in saved.items():
+            with open(self.dir / "logs" / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=log,
+                                        start_new_session=True)
+            with open(self.dir / "pids", "a") as f:
+                f.write(f"{proc.pid} {name}\n")
+        if "kube-apiserver" in saved:
+            self.wait_ready()
+
+    def restart(self, *names: str) -> None:
+        self.start(self.stop(names))
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"kube-apiserver not ready after {timeout}s (logs in {self.dir}/logs)")
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    capability.require_root("the control plane's test certificates and ports are set up as root")
+    build = subprocess.run([str(REPO / "scripts" / "k8s-build")], capture_output=True, text=True)
+    if build.returncode != 0:
+        raise AssertionError(f"scripts/k8s-build failed: {build.stdout[-2000:]}{build.stderr[-2000:]}")
+    bindir = subprocess.run([str(REPO / "scripts" / "k8s-build"), "--print-dir"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    res = subprocess.run([str(REPO / "scripts" / "k8s-probe"), "--keep"], capture_output=True,
+                         text=True, timeout=300)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines or not lines[-1].startswith("KUBECONFIG="):
+        raise AssertionError(f"scripts/k8s-probe --keep failed: {res.stdout[-2000:]}{res.stderr[-2000:]}")
+    kubeconfig = Path(lines[-1].split("=", 1)[1])
+    cp = ControlPlane(dir=kubeconfig.parent, kubeconfig=kubeconfig, bin=Path(bindir))
+    try:
+        yield cp
+    finally:
+        subprocess.run([str(REPO / "scripts" / "k8s-probe"), "--down", str(cp.dir)],
+                       capture_output=True, text=True, timeout=120)
