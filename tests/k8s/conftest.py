@@ -118,3 +118,78 @@ def control_plane() -> Iterator[ControlPlane]:
     finally:
         subprocess.run([str(REPO / "scripts" / "k8s-probe"), "--down", str(cp.dir)],
                        capture_output=True, text=True, timeout=120)
+
+
+# -- the whole single-node cluster (scripts/cluster) -----------------------------------------
+
+@dataclass
+class Cluster(ControlPlane):
+    datapath: str = "ebpf"
+
+    def pod_ip(self, ns: str, name: str) -> str:
+        return self.kubectl("-n", ns, "get", "pod", name, "-o", "jsonpath={.status.podIP}").stdout
+
+    def exec(self, ns: str, pod: str, *cmd: str, container: str | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        args = ["-n", ns, "exec", pod]
+        if container:
+            args += ["-c", container]
+        return self.kubectl(*args, "--", *cmd, check=False, timeout=timeout)
+
+    def agent(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The CLI inside the agent pod, as a Cilium user runs it."""
+        return self.kubectl("-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme", *cmd,
+                            check=False, timeout=timeout)
+
+    def apply(self, yaml_text: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("apply", "-f", "-", *args, input=yaml_text)
+
+    def wait_pods_ready(self, ns: str, timeout: int = 180) -> None:
+        self.kubectl("-n", ns, "wait", "--for=condition=Ready", "pod", "--all",
+                     f"--timeout={timeout}s", timeout=timeout + 30)
+
+
+_CLUSTER: dict[str, Cluster] = {}
+
+
+def _cluster_cmd(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "scripts" / "cluster"), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cluster_up(datapath: str) -> Cluster:
+    """``scripts/cluster up --datapath D`` (a running cluster of another datapath is brought
+    down first); brought down at the end of the session."""
+    capability.require_root("a kubelet, containerd and the agent's DaemonSet run as root")
+    if datapath in _CLUSTER:
+        return _CLUSTER[datapath]
+    if _CLUSTER:
+        cluster_down()
+    dp, _, mode = datapath.partition(":")
+    args = ["up", "--datapath", dp] + (["--iptables-mode", mode] if mode else [])
+    res = _cluster_cmd(*args)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines or not lines[-1].startswith("KUBECONFIG="):
+        raise AssertionError(f"scripts/cluster {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    kubeconfig = Path(lines[-1].split("=", 1)[1])
+    cl = Cluster(dir=kubeconfig.parent, kubeconfig=kubeconfig, bin=kubeconfig.parent / "bin",
+                 datapath=datapath)
+    _CLUSTER[datapath] = cl
+    return cl
+
+
+def cluster_down() -> None:
+    _CLUSTER.clear()
+    res = _cluster_cmd("down", timeout=600)
+    if res.returncode != 0:
+        raise AssertionError(f"scripts/cluster down failed: {res.stdout[-3000:]}{res.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def cluster_session() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if _CLUSTER:
+            cluster_down()
