@@ -292,12 +292,15 @@ def test_dns_rules_on_udp_and_any() -> None:
     assert l7.rules == (DNSRule(match_pattern="*.example.com"), DNSRule(match_name="x.org"))
 
 
-def test_to_services_selects_no_peer() -> None:
+def test_to_services_refused_without_a_service_source() -> None:
     spec = {"endpointSelector": {}, "egress": [
         {"toServices": [{"k8sService": {"serviceName": "db", "namespace": "x"}},
                         {"k8sServiceSelector": {"selector": {"matchLabels": {"a": "b"}}}}]}]}
-    pr = parse_policy_obj(cnp(spec)).rules[0].rules[0]
-    assert pr.peers == () and not pr.allows_nothing
+    with pytest.raises(InvalidRule) as e:
+        parse_policy_obj(cnp(spec))
+    fields = [p.field for p in e.value.problems]
+    assert fields == ["spec.egress[0].toServices[0]", "spec.egress[0].toServices[1]"]
+    assert all("no Service source" in p.message for p in e.value.problems)
 
 
 def test_description_and_labels() -> None:
@@ -375,7 +378,9 @@ def test_np_peers() -> None:
     # empty namespaceSelector: every pod of every namespace.
     assert peers[3] == EndpointPeer(LabelSelector(frozenset(
         {Requirement("k8s:io.kubernetes.pod.namespace", Operator.EXISTS)})))
-    assert peers[4] == CIDRPeer(ipaddress.ip_network("10.0.0.0/8"), (ipaddress.ip_network("10.9.0.0/16"),))
+    # ipBlock matches pod and node addresses too (upstream Kubernetes)
+    assert peers[4] == CIDRPeer(ipaddress.ip_network("10.0.0.0/8"), (ipaddress.ip_network("10.9.0.0/16"),),
+                                frozenset({"pods", "nodes"}))
     assert peers[5] == EndpointPeer(LabelSelector(frozenset({Requirement(
         "k8s:io.cilium.k8s.namespace.labels.env", Operator.IN, frozenset({"prod"}))})))
 

@@ -269,8 +269,11 @@ def test_fqdn_on_ingress_is_unknown() -> None:
 
 
 def test_to_services_problems() -> None:
-    p = one(egr({"toServices": [{"k8sService": {"serviceName": "db"}}], "toPorts": [tcp()]}))
-    assert p.field == "spec.egress[0].toServices" and "toPorts" in p.message
+    f = fields(egr({"toServices": [{"k8sService": {"serviceName": "db"}}], "toPorts": [tcp()]}))
+    assert set(f) == {"spec.egress[0].toServices", "spec.egress[0].toServices[0]"}
+    # well-formed, and still refused: nothing provides Services yet
+    p = one(egr({"toServices": [{"k8sService": {"serviceName": "db"}}]}))
+    assert p.field == "spec.egress[0].toServices[0]" and "no Service source" in p.message
     f = fields(egr({"toServices": [{}, {"k8sService": {}}, {"k8sServiceSelector": {"selector": {"x": 1}}}]}))
     assert set(f) == {"spec.egress[0].toServices[0]", "spec.egress[0].toServices[1].k8sService.serviceName",
                       "spec.egress[0].toServices[2].k8sServiceSelector.selector.x"}

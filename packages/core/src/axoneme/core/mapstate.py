@@ -1,6 +1,6 @@
 """MapState: the neutral, datapath-independent form of one endpoint's policy.
 
-Key = (identity, direction, protocol, port, port prefix length);
+Key = (identity, direction, protocol, port, port prefix length[, address]);
 Entry = (allow|deny, proxy port, L7 rules, flags). Only datapath packages
 turn these into ctypes structs, rule text or ipsets.
 
@@ -11,6 +11,12 @@ Conventions shared by every datapath (mirroring Cilium's LPM policy map):
   ``port`` with a full prefix (16).
 - ``port`` with ``prefix_len`` p (0..16) covers ports whose top p bits equal
   those of ``port``; port ranges are expanded into such blocks.
+- An *address key* (``address`` set, ``identity`` = ``ADDRESS_IDENTITY``)
+  matches one peer address, whatever its identity: what a NetworkPolicy
+  ``ipBlock`` over pod or node addresses and an egress named port that
+  differs between pods of one identity resolve to (docs/address-keys.md).
+  ``ADDRESS_IDENTITY`` is never allocated, so a datapath that did not know
+  address keys would install a key no packet matches: it fails closed.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class Protocol(IntEnum):
 
 
 PORT_BITS = 16
+# The identity of every address key: no packet ever carries it.
+ADDRESS_IDENTITY = 0xFFFFFFFF
 # Protocols a port rule with protocol ANY expands to (Cilium).
 PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
 
@@ -68,8 +76,11 @@ class Key:
     protocol: Protocol = Protocol.ANY
     port: int = 0
     prefix_len: int = 0
+    address: str = ""  # canonical peer address of an address key, else ""
 
     def __post_init__(self) -> None:
+        if bool(self.address) != (self.identity == ADDRESS_IDENTITY):
+            raise ValueError("an address key has identity ADDRESS_IDENTITY and an address")
         if self.protocol is Protocol.ANY and (self.port or self.prefix_len):
             raise ValueError("protocol ANY requires port 0 and prefix 0")
         if not 0 <= self.prefix_len <= PORT_BITS or not 0 <= self.port <= 0xFFFF:
@@ -83,9 +94,19 @@ class Key:
         """How specific the L4 part is: 0 (any protocol) .. 1 + 16 (exact port)."""
         return 0 if self.protocol is Protocol.ANY else 1 + self.prefix_len
 
+    @classmethod
+    def for_address(cls, address: str, direction: Direction, protocol: Protocol = Protocol.ANY,
+                    port: int = 0, prefix_len: int = 0) -> Key:
+        return cls(ADDRESS_IDENTITY, direction, protocol, port, prefix_len, address)
+
+    @property
+    def is_address(self) -> bool:
+        return bool(self.address)
+
     def covers(self, other: Key) -> bool:
-        """Whether every packet matching ``other`` also matches self (same identity & dir)."""
-        if self.identity != other.identity or self.direction != other.direction:
+        """Whether every packet matching ``other`` also matches self (same peer & dir)."""
+        if (self.identity != other.identity or self.address != other.address
+                or self.direction != other.direction):
             return False
         return self.covers_l4(other)
 
@@ -113,7 +134,8 @@ class Key:
         return self.port, self.port + size - 1
 
     def __str__(self) -> str:
-        ident = "ANY" if self.identity == 0 else str(self.identity)
+        ident = ("ANY" if self.identity == 0 else
+                 f"addr={self.address}" if self.address else str(self.identity))
         if self.protocol is Protocol.ANY:
             l4 = "ANY"
         elif self.prefix_len == 0:
@@ -123,7 +145,7 @@ class Key:
         else:
             lo, hi = self.port_range()
             l4 = f"{lo}-{hi}/{self.protocol}"
-        return f"{self.direction} id={ident} {l4}"
+        return f"{self.direction} {ident if self.address else 'id=' + ident} {l4}"
 
 
 def port_mask(prefix_len: int) -> int:
@@ -262,11 +284,11 @@ class MapState(Mapping[Key, Entry]):
     def direction(self, direction: Direction) -> MapState:
         return MapState({k: v for k, v in self._entries.items() if k.direction == direction})
 
-    def _longest(self, identity: int, direction: Direction, protocol: Protocol, port: int
-                 ) -> tuple[Key, Entry] | None:
+    def _longest(self, identity: int, direction: Direction, protocol: Protocol, port: int,
+                 address: str = "") -> tuple[Key, Entry] | None:
         best: tuple[Key, Entry] | None = None
         for key, entry in self._entries.items():
-            if key.identity != identity or key.direction != direction:
+            if key.identity != identity or key.direction != direction or key.address != address:
                 continue
             if not key.matches(protocol, port):
                 continue
@@ -274,30 +296,44 @@ class MapState(Mapping[Key, Entry]):
                 best = (key, entry)
         return best
 
-    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int) -> Decision:
-        """The decision every datapath implements (Cilium's LPM policy lookup).
+    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int,
+               address: str | None = None) -> Decision:
+        """The decision every datapath implements (Cilium's LPM policy lookup,
+        plus the address keys of NetworkPolicy semantics).
 
-        For ICMP, ``port`` is the ICMP type.
+        For ICMP, ``port`` is the ICMP type; ``address`` is the peer's address
+        (canonical text; None: address keys are not consulted).
 
-        1. Find the longest L4 match among keys for the peer's identity, and
-           the longest among wildcard-identity (0) keys.
-        2. If either match is a deny entry, the packet is denied: deny wins
+        1. Find the longest L4 match among keys for the peer's identity, among
+           address keys for the peer's address, and among wildcard-identity
+           (0) keys.
+        2. If any match is a deny entry, the packet is denied: deny wins
            over any allow regardless of specificity (resolution removes allows
-           that a same-identity deny covers, so LPM cannot shadow a deny).
-        3. Otherwise the match with the longer L4 prefix decides; on a tie the
-           identity-specific one.
+           that a same-peer deny covers, so LPM cannot shadow a deny).
+        3. Otherwise the match with the longest L4 prefix decides; on a tie the
+           address match, then the identity-specific one.
         4. No match: denied (the endpoint is enforcing this direction; an
            unenforced direction holds an allow-all wildcard entry).
         """
         specific = self._longest(identity, direction, protocol, port) if identity else None
+        by_address = (self._longest(ADDRESS_IDENTITY, direction, protocol, port, address)
+                      if address else None)
         wildcard = self._longest(0, direction, protocol, port)
-        for cand in (specific, wildcard):
-            if cand is not None and cand[1].deny:
-                return Decision(Verdict.DENIED_BY_RULE, cand[0], cand[1])
-        chosen = specific
-        if wildcard is not None and (chosen is None or wildcard[0].l4_prefix > chosen[0].l4_prefix):
-            chosen = wildcard
-        if chosen is None:
-            return Decision(Verdict.DENIED)
-        verdict = Verdict.REDIRECTED if chosen[1].is_redirect else Verdict.ALLOWED
-        return Decision(verdict, chosen[0], chosen[1])
+        return decide(specific, by_address, wildcard)
+
+
+def decide(specific: tuple[Key, Entry] | None, by_address: tuple[Key, Entry] | None,
+           wildcard: tuple[Key, Entry] | None) -> Decision:
+    """Steps 2-4 of ``MapState.lookup`` over the three longest matches."""
+    cands = [c for c in (by_address, specific, wildcard) if c is not None]
+    for cand in cands:
+        if cand[1].deny:
+            return Decision(Verdict.DENIED_BY_RULE, cand[0], cand[1])
+    if not cands:
+        return Decision(Verdict.DENIED)
+    chosen = cands[0]
+    for cand in cands[1:]:
+        if cand[0].l4_prefix > chosen[0].l4_prefix:
+            chosen = cand
+    verdict = Verdict.REDIRECTED if chosen[1].is_redirect else Verdict.ALLOWED
+    return Decision(verdict, chosen[0], chosen[1])

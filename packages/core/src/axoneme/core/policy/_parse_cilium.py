@@ -282,6 +282,7 @@ class _CiliumParser(_ParserBase):
 
     def to_service(self, value: object, path: str) -> None:
         w = self.w
+        before = len(w.problems)
         m = w.mapping(value, path, ("k8sService", "k8sServiceSelector"))
         if m is None:
             return
@@ -306,6 +307,11 @@ class _CiliumParser(_ParserBase):
                 else:
                     self.selector(sm["selector"], join(sp, "selector"))
                 w.opt_string(sm, "namespace", sp)
+        if len(w.problems) == before:
+            # A field that is parsed is enforced or refused: toServices needs the
+            # Services/EndpointSlices of a cluster, and no source provides them yet.
+            w.problem(path, "toServices is not supported: no Service source (select the "
+                            "backends with toEndpoints, or their addresses with toCIDRSet)")
 
     def port_rule(
         self, value: object, path: str, direction: Direction, deny: bool, host: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from axoneme.core import yamlsafe
@@ -10,6 +11,7 @@ from axoneme.core.labels import NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL, va
 from axoneme.core.mapstate import Direction
 from axoneme.core.policy._parse_base import _ParserBase
 from axoneme.core.policy.api import (
+    CLUSTER_ADDRESS_CLASSES,
     CIDRPeer,
     EndpointPeer,
     PeerRule,
@@ -122,7 +124,9 @@ class _NetworkPolicyParser(_ParserBase):
             ip = w.mapping(m["ipBlock"], join(path, "ipBlock"), ("cidr", "except"))
             if ip is None:
                 return None
-            return self.cidr_set(ip, join(path, "ipBlock"), except_field="except")
+            block = self.cidr_set(ip, join(path, "ipBlock"), except_field="except")
+            # Upstream: an ipBlock matches every address in it, pods and nodes included.
+            return None if block is None else replace(block, match=CLUSTER_ADDRESS_CLASSES)
         reqs: set[Requirement] = set()
         ok = True
         if has_pod:

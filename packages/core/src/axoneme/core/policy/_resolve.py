@@ -1,20 +1,23 @@
 """Resolution: the rules selecting one endpoint -> its MapState.
 
 Pure function of (endpoint, its selecting rules, the selector cache, the
-cluster's named ports, options); the engine decides when to call it.
+cluster's addresses and named ports, options); the engine decides when to
+call it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from axoneme.core.endpoint import Endpoint
+from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import ReservedIdentity
 from axoneme.core.l7 import default_proxy_port as l7_default_proxy_port
 from axoneme.core.mapstate import (
+    ADDRESS_IDENTITY,
     PORT_BITS,
     PORT_PROTOCOLS,
     Direction,
@@ -26,14 +29,62 @@ from axoneme.core.mapstate import (
     port_range_to_prefixes,
 )
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
-from axoneme.core.policy.api import EndpointPeer, L7Spec, PeerRule, PortProtocol, Rule
+from axoneme.core.policy.api import (
+    ADDRESS_NODES,
+    ADDRESS_PODS,
+    CIDRPeer,
+    EndpointPeer,
+    L7Spec,
+    PeerRule,
+    PortProtocol,
+    Rule,
+)
 
 LOG = logging.getLogger(__name__)
 
 ALLOW_LOCALHOST = "allow-localhost"
 
 L4 = tuple[Protocol, int, int]  # protocol, port, prefix length
-NamedPortMap = Mapping[str, Iterable[tuple[Protocol, int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterAddress:
+    """One address the cluster knows: a pod's (``pods``) or a node's (``nodes``)."""
+
+    address: str  # canonical text
+    identity: int
+    kind: str  # ADDRESS_PODS | ADDRESS_NODES
+    named_ports: tuple[NamedPort, ...] = ()
+    pod: int = 0  # endpoint id of a pod address (its v4 and v6 share it)
+
+
+class AddressBook:
+    """The cluster's addresses, for address keys (ipBlock over pods/nodes, CIDR
+    match modes) and per-destination named ports."""
+
+    __slots__ = ("addresses", "_parsed", "_pods")
+
+    def __init__(self, addresses: Iterable[ClusterAddress] = ()) -> None:
+        self.addresses = tuple(sorted(addresses, key=lambda a: (a.kind, a.address)))
+        self._parsed = [(ipaddress.ip_address(a.address), a) for a in self.addresses]
+        pods: dict[int, dict[int, list[ClusterAddress]]] = {}
+        for a in self.addresses:
+            if a.kind == ADDRESS_PODS:
+                pods.setdefault(a.identity, {}).setdefault(a.pod, []).append(a)
+        self._pods = pods
+
+    def in_block(self, peer: CIDRPeer, kinds: frozenset[str]) -> list[ClusterAddress]:
+        """The addresses of ``kinds`` in ``peer``'s CIDR and none of its excepts."""
+        return [a for ip, a in self._parsed if a.kind in kinds and peer.contains(ip)]
+
+    def pods_of(self, identity: int) -> list[list[ClusterAddress]]:
+        """Per pod of ``identity`` (0: every pod), its addresses."""
+        if identity == 0:
+            return [addrs for by_pod in self._pods.values() for addrs in by_pod.values()]
+        return list(self._pods.get(identity, {}).values())
+
+    def pod_identities(self) -> list[int]:
+        return sorted(self._pods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +97,7 @@ class Resolved:
     deps: frozenset[Selector]  # peer selectors whose selection feeds the state
     uses_named_ports: bool  # egress named ports (depend on every endpoint's ports)
     rules: tuple[Rule, ...] = ()  # the selecting rules
+    uses_addresses: bool = False  # CIDR peers over cluster addresses (depend on every address)
 
 
 # Keys are immutable and validated on construction, which costs more than the
@@ -56,8 +108,10 @@ _KEY_CACHE_MAX = 1 << 18
 _key_count = 0
 
 
-def _key(identity: int, d: Direction, l4: L4) -> Key:
+def _key(identity: int, d: Direction, l4: L4, address: str = "") -> Key:
     global _key_count
+    if address:
+        return Key(ADDRESS_IDENTITY, d, *l4, address=address)
     bucket = _KEY_CACHE.get((d, *l4))
     if bucket is None:
         bucket = _KEY_CACHE[(d, *l4)] = {}
@@ -88,19 +142,23 @@ class _Allow:
         self.derived: set[str] = set()
 
 
-def _port_l4s(pp: PortProtocol, direction: Direction, endpoint: Endpoint,
-              named: NamedPortMap) -> list[L4]:
-    protos = PORT_PROTOCOLS if pp.protocol.upper() == "ANY" else (Protocol.parse(pp.protocol),)
+def _protocols(pp: PortProtocol) -> tuple[Protocol, ...]:
+    return PORT_PROTOCOLS if pp.protocol.upper() == "ANY" else (Protocol.parse(pp.protocol),)
+
+
+def _named_l4s(pp: PortProtocol, ports: Iterable[NamedPort]) -> list[L4]:
+    """The numbers a set of container ports gives the name ``pp.name``."""
+    protos = _protocols(pp)
+    return sorted({(proto, np.port, PORT_BITS) for np in ports if np.name == pp.name
+                   for proto in (Protocol.parse(np.protocol),) if proto in protos})
+
+
+def _port_l4s(pp: PortProtocol, endpoint: Endpoint) -> list[L4]:
+    protos = _protocols(pp)
     if pp.name:
-        # Named ports: ingress uses the endpoint's own container ports; egress
-        # any endpoint's port of that name (Cilium's global named-port map).
-        if direction is Direction.INGRESS:
-            found: Iterable[tuple[Protocol, int]] = (
-                (Protocol.parse(np.protocol), np.port) for np in endpoint.named_ports
-                if np.name == pp.name)
-        else:
-            found = named.get(pp.name, ())
-        return sorted({(proto, port, PORT_BITS) for proto, port in found if proto in protos})
+        # A named port here is ingress's: the endpoint's own container ports
+        # (egress named ports resolve per destination, _named_targets).
+        return _named_l4s(pp, endpoint.named_ports)
     if pp.port == 0:
         if pp.protocol.upper() == "ANY":
             return [(Protocol.ANY, 0, 0)]
@@ -112,13 +170,18 @@ def _port_l4s(pp: PortProtocol, direction: Direction, endpoint: Endpoint,
     return [(p, port, plen) for p in protos for port, plen in blocks]
 
 
-def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint, named: NamedPortMap
-                   ) -> tuple[list[tuple[L4, L7Spec | None]], bool]:
-    """The L4 parts of one rule (with L7 specs) and whether egress named ports were used."""
+Target = tuple[int, str]  # (identity, "") or (ADDRESS_IDENTITY, address)
+NamedEgress = tuple[PortProtocol, L7Spec | None]
+
+
+def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint
+                   ) -> tuple[list[tuple[L4, L7Spec | None]], list[NamedEgress]]:
+    """The L4 parts of one rule (with L7 specs) common to every peer, and its
+    egress named ports (resolved per destination)."""
     if not pr.ports and not pr.icmps:
-        return [((Protocol.ANY, 0, 0), None)], False
+        return [((Protocol.ANY, 0, 0), None)], []
     out: list[tuple[L4, L7Spec | None]] = []
-    uses_named = False
+    named: list[NamedEgress] = []
     for port_rule in pr.ports:
         l7 = None if pr.deny else port_rule.l7
         if not port_rule.ports:
@@ -126,12 +189,42 @@ def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint, named: NamedPortMap
             continue
         for pp in port_rule.ports:
             if pp.name and pr.direction is Direction.EGRESS:
-                uses_named = True
-            out.extend((l4, l7) for l4 in _port_l4s(pp, pr.direction, endpoint, named))
+                named.append((pp, l7))
+            else:
+                out.extend((l4, l7) for l4 in _port_l4s(pp, endpoint))
     for icmp in pr.icmps:
         proto = Protocol.ICMPV6 if icmp.family.lower() == "ipv6" else Protocol.ICMP
         out.append(((proto, icmp.type, PORT_BITS), None))
-    return out, uses_named
+    return out, named
+
+
+def _named_targets(pp: PortProtocol, ids: set[int], addrs: Sequence[ClusterAddress],
+                   book: AddressBook) -> list[tuple[Target, L4]]:
+    """An egress named port, per destination (upstream Kubernetes): each
+    destination pod allows only the numbers it names ``pp.name`` itself.
+
+    1. A peer identity whose pods all name it the same numbers: identity keys.
+    2. Pods of one identity naming different numbers (or some not at all):
+       address keys, each pod's own numbers for its addresses.
+    3. The any-peer wildcard stands for every pod identity; non-pod peers
+       (world, nodes) have no named ports: nothing.
+    4. Addresses a CIDR peer matched: that pod's own numbers.
+    """
+    out: list[tuple[Target, L4]] = []
+    idents = book.pod_identities() if 0 in ids else sorted(ids)
+    for ident in idents:
+        pods = book.pods_of(ident)
+        if not pods:
+            continue
+        per_pod = [_named_l4s(pp, pod[0].named_ports) for pod in pods]
+        if per_pod[0] and all(p == per_pod[0] for p in per_pod[1:]):
+            out.extend(((ident, ""), l4) for l4 in per_pod[0])
+            continue
+        for pod, l4s in zip(pods, per_pod, strict=True):
+            out.extend(((ADDRESS_IDENTITY, a.address), l4) for a in pod for l4 in l4s)
+    for a in addrs:
+        out.extend(((ADDRESS_IDENTITY, a.address), l4) for l4 in _named_l4s(pp, a.named_ports))
+    return out
 
 
 def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[int]:
@@ -145,6 +238,28 @@ def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[in
     return ids
 
 
+def _peer_addresses(pr: PeerRule, book: AddressBook, cidr_match: frozenset[str]
+                    ) -> tuple[list[ClusterAddress], bool]:
+    """Cluster addresses the rule's CIDR peers match one by one, and whether
+    any CIDR peer looks at cluster addresses at all (a dependency).
+
+    Per peer: in its CIDR and in none of its own excepts; another peer (or
+    rule) may still match an address one peer excepts (upstream's
+    "IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed")."""
+    found: dict[str, ClusterAddress] = {}
+    uses = False
+    for peer in pr.peers or ():
+        if not isinstance(peer, CIDRPeer):
+            continue
+        kinds = peer.match | cidr_match
+        if not kinds:
+            continue
+        uses = True
+        for a in book.in_block(peer, kinds):
+            found.setdefault(a.address, a)
+    return [found[k] for k in sorted(found)], uses
+
+
 # Resolution (Cilium semantics), for one endpoint:
 # 1. Rules select the endpoint when their subject matches its identity labels
 #    (nodeSelector rules never select pods; the repository skips them).
@@ -156,10 +271,14 @@ def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[in
 #    entities by reserved number (world = 2, 9, 10 and every CIDR identity;
 #    cluster = every non-world identity; all = {0}; none = {}), CIDRs by
 #    prefix containment minus excepts (a /0 also selects world).
+#    CIDR peers also match cluster addresses of the kinds in their ``match``
+#    (ipBlock: pods and nodes) plus the engine's ``cidr_match`` (Cilium's
+#    policy-cidr-match-mode, for Cilium's CIDR fields): one address key per
+#    address in the CIDR and none of that peer's excepts.
 # 4. Ports: none = L3-only Key(id, D); protocol ANY with a port = TCP, UDP and
 #    SCTP keys; port 0 with a protocol = that whole protocol; endPort = prefix
-#    blocks; named ports: ingress from the endpoint's own ports, egress from
-#    every endpoint's ports of that name (unknown name: no key); ICMP type in
+#    blocks; named ports: ingress from the endpoint's own ports, egress per
+#    destination pod (_named_targets; unknown name: no key); ICMP type in
 #    the port field with prefix 16.
 # 5. Merging: see _merge (deny > plain allow > L7; L7 rules of one parser OR'ed).
 # 6. allow-localhost "auto": an enforced ingress also allows the host (Key(1, INGRESS)).
@@ -168,11 +287,12 @@ def resolve_endpoint(
     endpoint: Endpoint,
     rules: Sequence[Rule],
     cache: SelectorCache,
-    named: NamedPortMap,
+    book: AddressBook,
     enforcement_mode: str = "default",
     allow_localhost: str = "auto",
     proxy_port: Callable[[str, Direction], int] | None = None,
     strict: bool = True,
+    cidr_match: frozenset[str] = frozenset(),
 ) -> Resolved:
     """Resolve the rules selecting ``endpoint`` into its MapState.
 
@@ -189,35 +309,50 @@ def resolve_endpoint(
     deps: set[Selector] = set()
     uses_named = False
 
+    uses_addresses = False
+
+    def add(target: Target, l4: L4, l7: L7Spec | None, pr: PeerRule, derived: str) -> None:
+        ident, address = target
+        d = pr.direction
+        key = None
+        if not address:
+            bucket = _KEY_CACHE.get((d, *l4))
+            key = bucket.get(ident) if bucket is not None else None
+        if key is None:
+            key = _key(ident, d, l4, address)
+        if pr.deny:
+            denies.setdefault(key, set()).add(derived)
+            return
+        acc = allows.get(key)
+        if acc is None:
+            acc = allows[key] = _Allow()
+        acc.derived.add(derived)
+        if l7 is None:
+            acc.plain = True
+        else:
+            acc.l7.setdefault(l7.parser, []).append((derived, l7.rules))
+
     for rule in rules:
         for pr in rule.rules:
             if pr.allows_nothing:
                 continue
             ids = _peer_ids(pr, cache, deps)
-            if not ids:
+            addrs, addr_dep = _peer_addresses(pr, book, cidr_match)
+            uses_addresses = uses_addresses or addr_dep
+            if not ids and not addrs:
                 continue
-            l4s, named_used = _peer_rule_l4s(pr, endpoint, named)
-            uses_named = uses_named or named_used
+            l4s, named_egress = _peer_rule_l4s(pr, endpoint)
+            uses_named = uses_named or bool(named_egress)
             derived = f"{rule.ref} {pr.path}"
-            d = pr.direction
+            # an address whose identity the rule selects anyway needs no key of its own
+            extra = [(ADDRESS_IDENTITY, a.address) for a in addrs if a.identity not in ids]
+            targets: list[Target] = [(ident, "") for ident in ids] + extra
             for l4, l7 in l4s:
-                bucket = _KEY_CACHE.get((d, *l4))
-                for ident in ids:
-                    key = bucket.get(ident) if bucket is not None else None
-                    if key is None:
-                        key = _key(ident, d, l4)
-                        bucket = _KEY_CACHE.get((d, *l4))
-                    if pr.deny:
-                        denies.setdefault(key, set()).add(derived)
-                        continue
-                    acc = allows.get(key)
-                    if acc is None:
-                        acc = allows[key] = _Allow()
-                    acc.derived.add(derived)
-                    if l7 is None:
-                        acc.plain = True
-                    else:
-                        acc.l7.setdefault(l7.parser, []).append((derived, l7.rules))
+                for target in targets:
+                    add(target, l4, l7, pr, derived)
+            for pp, l7 in named_egress:
+                for target, l4 in _named_targets(pp, ids, addrs, book):
+                    add(target, l4, l7, pr, derived)
 
     # An unenforced direction allows everything except what a deny names.
     for d in dirs:
@@ -230,7 +365,7 @@ def resolve_endpoint(
 
     return Resolved(_merge(allows, denies, proxy_port or default_proxy_port, strict),
                     enforce[Direction.INGRESS], enforce[Direction.EGRESS], frozenset(deps),
-                    uses_named, tuple(rules))
+                    uses_named, tuple(rules), uses_addresses)
 
 
 def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
@@ -297,5 +432,5 @@ def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
     return MapState(out)
 
 
-__all__ = ["Resolved", "resolve_endpoint", "default_proxy_port",
-           "ALLOW_LOCALHOST"]
+__all__ = ["AddressBook", "ClusterAddress", "Resolved", "resolve_endpoint", "default_proxy_port",
+           "ALLOW_LOCALHOST", "ADDRESS_NODES", "ADDRESS_PODS"]

@@ -11,7 +11,8 @@ resolution knows nothing of kinds:
   a CCNP empty peer selector carries ``Exists k8s:io.kubernetes.pod.namespace``.
 - Kubernetes NetworkPolicy: podSelector/namespaceSelector become
   ``EndpointPeer`` selectors (namespaceSelector keys prefixed with
-  ``io.cilium.k8s.namespace.labels.``), ipBlock becomes ``CIDRPeer``, an absent
+  ``io.cilium.k8s.namespace.labels.``), ipBlock becomes ``CIDRPeer`` that
+  also matches pod and node addresses (``match``), an absent
   or empty ``from``/``to`` becomes ``peers=None`` (any peer), absent ``ports``
   all ports, port protocol defaulting to TCP; policyTypes (with its
   defaulting) sets ``enforce_ingress``/``enforce_egress``.
@@ -84,17 +85,34 @@ class EntityPeer:
     entity: str
 
 
+# The cluster address classes a CIDR peer can match one by one (CIDRPeer.match).
+ADDRESS_PODS, ADDRESS_NODES = "pods", "nodes"
+CLUSTER_ADDRESS_CLASSES = frozenset({ADDRESS_PODS, ADDRESS_NODES})
+
+
 @dataclass(frozen=True, slots=True)
 class CIDRPeer:
     """from/toCIDR, from/toCIDRSet, ipBlock: a prefix minus its exceptions.
 
-    Matches CIDR/world identities only (never cluster endpoints), by prefix
-    containment: an identity for prefix P is selected when P is inside
-    ``cidr`` and not inside any of ``excepts``. A /0 also selects world.
+    Matches CIDR/world identities by prefix containment: an identity for
+    prefix P is selected when P is inside ``cidr`` and not inside any of
+    ``excepts``. A /0 also selects world.
+
+    ``match`` names the cluster addresses it also matches, one by one
+    (address keys, never their identities): ``pods`` (endpoint addresses) and
+    ``nodes`` (node addresses). A NetworkPolicy ``ipBlock`` matches both
+    (upstream Kubernetes); Cilium's CIDR fields match neither unless the
+    engine's ``cidr_match_mode`` adds them (Cilium's ``policy-cidr-match-mode``).
     """
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+    match: frozenset[str] = frozenset()
+
+    def contains(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether ``address`` is in ``cidr`` and in none of ``excepts``."""
+        return (address.version == self.cidr.version and address in self.cidr
+                and not any(address in e for e in self.excepts))
 
 
 @dataclass(frozen=True, slots=True)

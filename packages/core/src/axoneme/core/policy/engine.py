@@ -7,7 +7,9 @@ what a change can affect:
   selector that selects them);
 - an endpoint add/remove/identity change: the endpoint itself, endpoints
   whose rules use a peer selector that gained/lost the identity, and
-  endpoints with egress named-port rules when the cluster's named ports changed.
+  endpoints whose rules look at the cluster's addresses (egress named ports,
+  CIDR peers over pod/node addresses) when an address, its identity or its
+  named ports changed (node addresses too).
 Changes accumulate until ``pending_changes()`` hands them out.
 """
 
@@ -31,9 +33,9 @@ from axoneme.core.identity import (
     ReservedIdentity,
 )
 from axoneme.core.mapstate import Decision, Direction, MapChanges, MapState, Protocol
-from axoneme.core.policy._resolve import Resolved, resolve_endpoint
+from axoneme.core.policy._resolve import AddressBook, ClusterAddress, Resolved, resolve_endpoint
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
-from axoneme.core.policy.api import FQDNPeer, Policy, PolicyRef, Rule
+from axoneme.core.policy.api import ADDRESS_NODES, ADDRESS_PODS, FQDNPeer, Policy, PolicyRef, Rule
 from axoneme.core.policy.repository import PolicyRepository, policy_cidrs, policy_selectors
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +47,19 @@ WORLD_PREFIXES: dict[IPNetwork, int] = {
 }
 ENFORCEMENT_MODES = ("default", "always", "never")
 ALLOW_LOCALHOST_MODES = ("auto", "policy")
+CIDR_MATCH_MODES = (ADDRESS_NODES, ADDRESS_PODS)
+
+
+def parse_cidr_match_mode(text: str) -> frozenset[str]:
+    """``""``, ``nodes``, ``pods`` or ``nodes,pods`` (Cilium's
+    policy-cidr-match-mode, which knows ``nodes``): which cluster addresses
+    Cilium's CIDR fields (toCIDR, toCIDRSet, fromCIDR, fromCIDRSet) also match."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in CIDR_MATCH_MODES]
+    if bad:
+        raise PolicyError(f"unknown policy-cidr-match-mode {', '.join(map(repr, bad))} "
+                          f"(empty, or a comma-separated list of {', '.join(CIDR_MATCH_MODES)})")
+    return frozenset(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +68,10 @@ class EngineOptions:
     allow_localhost: str = "auto"  # auto: host -> local endpoint ingress always allowed; policy
     cluster_name: str = "default"
     proxy_port: Callable[[str, Direction], int] | None = None  # (parser, direction) -> port
+    cidr_match_mode: str = ""  # "", nodes, pods, nodes,pods (parse_cidr_match_mode)
 
     def __post_init__(self) -> None:
+        parse_cidr_match_mode(self.cidr_match_mode)
         if self.enforcement_mode not in ENFORCEMENT_MODES:
             raise PolicyError(f"unknown enforcement mode {self.enforcement_mode!r} "
                               f"(one of {', '.join(ENFORCEMENT_MODES)})")
@@ -78,8 +95,9 @@ class PolicyEngine:
         self._by_identity: dict[int, set[int]] = {}  # identity -> endpoint ids
         self._resolved: dict[int, Resolved] = {}
         self._dep_index: dict[Selector, set[int]] = {}  # peer selector -> endpoint ids
-        self._named_users: set[int] = set()
-        self._named: dict[str, Counter[tuple[Protocol, int]]] = {}
+        self._address_users: set[int] = set()  # endpoints whose policy reads the AddressBook
+        self._book: AddressBook | None = None  # built on demand, dropped when an address changes
+        self._cidr_match = parse_cidr_match_mode(options.cidr_match_mode)
         self._cidr_refs: Counter[IPNetwork] = Counter()
         self._cidr_ids: dict[IPNetwork, Identity] = {}
         self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
@@ -252,8 +270,9 @@ class PolicyEngine:
                     self._unlink_identity(old)
                     changed |= self._cache.remove_identity(old.identity)
             affected = {endpoint.id} | self._dependents(changed)
-            if self._update_named(old, endpoint):
-                affected |= self._named_users
+            if old is None or _address_facts(old) != _address_facts(endpoint):
+                self._book = None
+                affected |= self._address_users
             self._recompute(affected)
 
     def remove_endpoint(self, endpoint_id: int) -> None:
@@ -264,10 +283,8 @@ class PolicyEngine:
             self._unlink_identity(old)
             changed = self._cache.remove_identity(old.identity)
             self._forget(endpoint_id)
-            affected = self._dependents(changed)
-            if self._update_named(old, None):
-                affected |= self._named_users
-            self._recompute(affected)
+            self._book = None
+            self._recompute(self._dependents(changed) | self._address_users)
 
     def _unlink_identity(self, ep: Endpoint) -> None:
         users = self._by_identity.get(ep.identity)
@@ -284,29 +301,15 @@ class PolicyEngine:
         with self._lock:
             return self._endpoints.get(endpoint_id)
 
-    def _update_named(self, old: Endpoint | None, new: Endpoint | None) -> bool:
-        """Maintain the cluster-wide named-port map; True when its contents changed."""
-        before = set(old.named_ports) if old is not None else set()
-        after = set(new.named_ports) if new is not None else set()
-        if before == after:
-            return False
-        changed = False
-        for np in before - after:
-            counts = self._named.get(np.name)
-            key = (Protocol.parse(np.protocol), np.port)
-            if counts is not None:
-                counts[key] -= 1
-                if counts[key] <= 0:
-                    del counts[key]
-                    changed = True
-                if not counts:
-                    del self._named[np.name]
-        for np in after - before:
-            counts = self._named.setdefault(np.name, Counter())
-            key = (Protocol.parse(np.protocol), np.port)
-            counts[key] += 1
-            changed = changed or counts[key] == 1
-        return changed
+    def _address_book(self) -> AddressBook:
+        if self._book is None:
+            out = [ClusterAddress(str(net.network_address), int(ReservedIdentity.HOST), ADDRESS_NODES)
+                   for net in self._host_nets if net.prefixlen == net.max_prefixlen]
+            for ep in self._endpoints.values():
+                out += [ClusterAddress(str(ipaddress.ip_address(ip)), ep.identity, ADDRESS_PODS,
+                                       ep.named_ports, ep.id) for ip in (ep.ipv4, ep.ipv6) if ip]
+            self._book = AddressBook(out)
+        return self._book
 
     # -- resolution ------------------------------------------------------------------
     def _dependents(self, selectors: Iterable[Selector]) -> set[int]:
@@ -318,8 +321,9 @@ class PolicyEngine:
     def _compute(self, endpoint_id: int, strict: bool) -> Resolved:
         ep = self._endpoints[endpoint_id]
         rules = self._repo.rules_for(ep.identity, self._cache)
-        return resolve_endpoint(ep, rules, self._cache, self._named, self.options.enforcement_mode,
-                                self.options.allow_localhost, self.options.proxy_port, strict)
+        return resolve_endpoint(ep, rules, self._cache, self._address_book(),
+                                self.options.enforcement_mode, self.options.allow_localhost,
+                                self.options.proxy_port, strict, self._cidr_match)
 
     def _commit(self, results: dict[int, Resolved]) -> None:
         for eid, res in results.items():
@@ -333,10 +337,10 @@ class PolicyEngine:
                             del self._dep_index[sel]
             for sel in res.deps if old is None else res.deps - old.deps:
                 self._dep_index.setdefault(sel, set()).add(eid)
-            if res.uses_named_ports:
-                self._named_users.add(eid)
+            if res.uses_named_ports or res.uses_addresses:
+                self._address_users.add(eid)
             else:
-                self._named_users.discard(eid)
+                self._address_users.discard(eid)
             self._resolved[eid] = res
             if old is None or old.state != res.state or _l7_differs(old.state, res.state):
                 self._dirty.add(eid)
@@ -350,7 +354,7 @@ class PolicyEngine:
                     users.discard(endpoint_id)
                     if not users:
                         del self._dep_index[sel]
-        self._named_users.discard(endpoint_id)
+        self._address_users.discard(endpoint_id)
         self._dirty.discard(endpoint_id)
         self._reported.pop(endpoint_id, None)
 
@@ -422,9 +426,10 @@ class PolicyEngine:
             return out
 
     def explain(self, endpoint_id: int, direction: Direction, peer_identity: int,
-                protocol: Protocol, port: int) -> Decision:
+                protocol: Protocol, port: int, peer_address: str | None = None) -> Decision:
         """The decision for one packet and the entry that made it (derived_from names rules)."""
-        return self.resolve(endpoint_id).lookup(peer_identity, direction, protocol, port)
+        return self.resolve(endpoint_id).lookup(peer_identity, direction, protocol, port,
+                                                peer_address)
 
     # -- ipcache ---------------------------------------------------------------------
     def set_host_addresses(self, addresses: Iterable[str]) -> bool:
@@ -435,6 +440,9 @@ class PolicyEngine:
         with self._lock:
             changed = nets != self._host_nets
             self._host_nets = nets
+            if changed:
+                self._book = None
+                self._recompute(set(self._address_users))
             return changed
 
     def ipcache(self) -> dict[IPNetwork, int]:
@@ -469,8 +477,13 @@ class PolicyEngine:
         return best[1] if best is not None else int(ReservedIdentity.WORLD)
 
 
+def _address_facts(ep: Endpoint) -> tuple[object, ...]:
+    """What the AddressBook holds of an endpoint."""
+    return (ep.ipv4, ep.ipv6, ep.identity, frozenset(ep.named_ports))
+
+
 def _l7_differs(a: MapState, b: MapState) -> bool:
     return any(a[k].l7 != b[k].l7 or a[k].derived_from != b[k].derived_from for k in a if k in b)
 
 
-__all__ = ["EngineOptions", "PolicyEngine"]
+__all__ = ["CIDR_MATCH_MODES", "EngineOptions", "PolicyEngine", "parse_cidr_match_mode"]

@@ -15,8 +15,13 @@ Where axoneme differs from Cilium on purpose:
   yet"). ``toFQDNs`` mixed with other L3 fields is rejected as in Cilium.
 - ``icmps`` together with ``toPorts`` is accepted (traffic must match one
   of them); Cilium rejects it.
-- ``toServices`` is parsed and validated but selects no peer (axoneme has no
-  Services); a rule with only ``toServices`` therefore allows nothing.
+- ``toServices`` is validated and then refused ("no Service source"): no
+  source of Services/EndpointSlices exists yet, and a field is enforced or
+  refused, never accepted and ignored.
+- A NetworkPolicy ``ipBlock`` matches pod and node addresses too, per
+  address (upstream Kubernetes; Cilium matches non-cluster peers only);
+  Cilium's CIDR fields keep Cilium's meaning unless the engine's
+  ``cidr_match_mode`` (``--policy-cidr-match-mode``) says otherwise.
 - A port may be omitted (= all ports), as with Cilium's extended protocols.
 - ``fromRequires``/``toRequires`` (deprecated in Cilium 1.17), node/group
   peers, TLS interception, listeners and ``authentication`` are rejected as

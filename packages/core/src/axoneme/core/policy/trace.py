@@ -8,9 +8,10 @@ the datapaths enforce.
 Decision for ``src -> dst`` on a port (Cilium):
 1. A pod talking to itself never leaves its network namespace: allowed.
 2. Egress is decided by the source pod's MapState (peer = the destination's
-   identity), when the source is a pod; otherwise no egress policy applies.
+   identity and address), when the source is a pod; otherwise no egress
+   policy applies.
 3. Ingress is decided by the destination pod's MapState (peer = the
-   source's identity), when the destination is a pod.
+   source's identity and address), when the destination is a pod.
 4. The flow is allowed only if both sides allow; if an allowing side
    redirects to an L7 proxy, the flow is "redirected", or, when an L7
    request is given, the L7 rules of every redirecting side decide.
@@ -29,7 +30,16 @@ from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import AxonemeError, PolicyError
 from axoneme.core.identity import RESERVED_NAMES
 from axoneme.core.l7 import GenericRule, fqdn_parser
-from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapState, Protocol, Verdict
+from axoneme.core.mapstate import (
+    ADDRESS_IDENTITY,
+    Decision,
+    Direction,
+    Entry,
+    Key,
+    MapState,
+    Protocol,
+    Verdict,
+)
 from axoneme.core.plugins import GROUP_L7, l7_parser, registry
 from axoneme.core.policy.api import Policy
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
@@ -102,6 +112,7 @@ class Peer:
     name: str
     identity: int
     endpoint: Endpoint | None = None
+    address: str | None = None  # for address keys (a pod's IPv4, else its IPv6)
 
 
 _ENTITY_IDS = {name: int(rid) for rid, name in RESERVED_NAMES.items()}
@@ -122,14 +133,20 @@ def resolve_peer(env: OfflineCluster, text: str, flag: str) -> Peer:
         for key, ep in env.endpoints.items():
             if text in (ep.ipv4, ep.ipv6) or any(
                     ip and ipaddress.ip_address(ip) == addr for ip in (ep.ipv4, ep.ipv6)):
-                return Peer(key, ep.identity, ep)
-        return Peer(str(addr), env.engine.identity_of_ip(str(addr)))
+                return Peer(key, ep.identity, ep, str(addr))
+        return Peer(str(addr), env.engine.identity_of_ip(str(addr)), None, str(addr))
     key = text if "/" in text else f"default/{text}"
     found = env.endpoints.get(key)
     if found is None:
         known = ", ".join(sorted(env.endpoints)) or "none"
         raise TraceInputError(f"unknown pod {text!r} (pods: {known}) ({flag})")
-    return Peer(key, found.identity, found)
+    return Peer(key, found.identity, found, endpoint_address(found))
+
+
+def endpoint_address(ep: Endpoint) -> str | None:
+    """The address a pod is probed at (its IPv4, else its IPv6), canonical."""
+    ip = ep.ipv4 or ep.ipv6
+    return str(ipaddress.ip_address(ip)) if ip else None
 
 
 # -- ports -----------------------------------------------------------------------------
@@ -253,7 +270,7 @@ def _side(env: OfflineCluster, ep: Endpoint | None, direction: Direction, peer: 
     if ep is None:
         return SideResult(ALLOWED, (), f"not a pod: no {what} policy applies")
     enforced = env.engine.enforcement(ep.id)[0 if direction is Direction.INGRESS else 1]
-    dec = env.engine.explain(ep.id, direction, peer.identity, protocol, port)
+    dec = env.engine.explain(ep.id, direction, peer.identity, protocol, port, peer.address)
     selecting = any(r.peer_rules(direction) for r in env.engine.selecting_rules(ep.id))
     return side_from_decision(dec, ep.pod, what, enforced, selecting)
 
@@ -357,22 +374,26 @@ def trace(env: OfflineCluster, src: Peer, dst: Peer, protocol: Protocol, port: i
 # -- matrix ----------------------------------------------------------------------------
 
 class _FastLookup:
-    """MapState.lookup over an index by (identity, direction): the same procedure, fewer keys."""
+    """MapState.lookup over an index by (identity, address, direction): the
+    same procedure, fewer keys."""
 
     def __init__(self, state: MapState) -> None:
-        groups: dict[tuple[int, Direction], dict[Key, Entry]] = {}
+        groups: dict[tuple[int, str, Direction], dict[Key, Entry]] = {}
         for key, entry in state.items():
-            groups.setdefault((key.identity, key.direction), {})[key] = entry
+            groups.setdefault((key.identity, key.address, key.direction), {})[key] = entry
         self._groups = groups
-        self._cache: dict[tuple[int, Direction], MapState] = {}
+        self._cache: dict[tuple[int, str, Direction], MapState] = {}
 
-    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int) -> Decision:
-        sub = self._cache.get((identity, direction))
+    def lookup(self, identity: int, direction: Direction, protocol: Protocol, port: int,
+               address: str | None = None) -> Decision:
+        sub = self._cache.get((identity, address or "", direction))
         if sub is None:
-            entries = dict(self._groups.get((0, direction), {}))
-            entries.update(self._groups.get((identity, direction), {}))
-            sub = self._cache[(identity, direction)] = MapState(entries)
-        return sub.lookup(identity, direction, protocol, port)
+            entries = dict(self._groups.get((0, "", direction), {}))
+            entries.update(self._groups.get((identity, "", direction), {}))
+            if address:
+                entries.update(self._groups.get((ADDRESS_IDENTITY, address, direction), {}))
+            sub = self._cache[(identity, address or "", direction)] = MapState(entries)
+        return sub.lookup(identity, direction, protocol, port, address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,11 +429,13 @@ def matrix(env: OfflineCluster, ports: Sequence[PortSpec]) -> list[Probe]:
                 if s == d:
                     ok = True
                 else:
-                    ok = (fast[s].lookup(dep.identity, Direction.EGRESS, proto, number).allowed and
-                          fast[d].lookup(sep.identity, Direction.INGRESS, proto, number).allowed)
+                    ok = (fast[s].lookup(dep.identity, Direction.EGRESS, proto, number,
+                                         endpoint_address(dep)).allowed and
+                          fast[d].lookup(sep.identity, Direction.INGRESS, proto, number,
+                                         endpoint_address(sep)).allowed)
                 probes.append(Probe(s, d, number, proto, ALLOWED if ok else DENIED, spec))
     return probes
 
 
 __all__ = ["OfflineCluster", "Peer", "PortSpec", "Probe", "SideResult", "L7Result", "TraceResult",
-           "TraceInputError", "check_trace_inputs", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]
+           "TraceInputError", "check_trace_inputs", "endpoint_address", "matrix", "parse_icmp_type", "parse_port", "resolve_peer", "trace"]
