@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from axoneme.core.mapstate import (
+    ADDRESS_IDENTITY,
     Direction,
     Entry,
     Key,
@@ -126,7 +127,7 @@ def run(chains: dict[str, list[str]], chain: str, pkt: Packet) -> str:
 
 
 def expected(state: MapState, pkt: Packet) -> str:
-    d = state.lookup(lpm(pkt.ip), OUT, pkt.proto, pkt.port)
+    d = state.lookup(lpm(pkt.ip), OUT, pkt.proto, pkt.port, pkt.ip)
     if d.verdict is Verdict.DENIED:
         return "DROP"
     if d.verdict is Verdict.DENIED_BY_RULE:
@@ -137,19 +138,24 @@ def expected(state: MapState, pkt: Packet) -> str:
     return "ALLOW"
 
 
+# address keys: one peer address whatever its identity (an ipBlock over pods)
+ADDRESSES = ["10.1.2.3", "10.1.2.4", "10.2.0.9", "8.8.8.8", "10.9.9.9"]
+
+
 @st.composite
 def keys(draw: st.DrawFn) -> Key:
-    ident = draw(st.sampled_from([0, 0, 2, 5, 6, 7]))
+    ident = draw(st.sampled_from([0, 0, 2, 5, 6, 7, ADDRESS_IDENTITY, ADDRESS_IDENTITY]))
+    address = draw(st.sampled_from(ADDRESSES)) if ident == ADDRESS_IDENTITY else ""
     proto = draw(st.sampled_from([Protocol.ANY, Protocol.TCP, Protocol.TCP, Protocol.UDP, Protocol.ICMP]))
     if proto is Protocol.ANY:
-        return Key(ident, OUT)
+        return Key(ident, OUT, address=address)
     if proto is Protocol.ICMP:
         plen = draw(st.sampled_from([0, 16, 16, 14]))
         port = draw(st.sampled_from([0, 3, 8]))
     else:
         plen = draw(st.sampled_from([0, 4, 8, 12, 15, 16]))
         port = draw(st.sampled_from([80, 81, 443, 8080, 0, 4096]))
-    return Key(ident, OUT, proto, port & port_mask(plen), plen)
+    return Key(ident, OUT, proto, port & port_mask(plen), plen, address)
 
 
 entries = st.sampled_from([Entry(), Entry(), Entry(deny=True), Entry(proxy_port=15001),
@@ -159,8 +165,8 @@ packets = st.builds(Packet, st.sampled_from(SAMPLE_IPS),
                     st.sampled_from([0, 3, 8, 80, 81, 443, 8080, 4096, 65535]))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(keys(), entries, max_size=8), st.lists(packets, min_size=1, max_size=12),
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(keys(), entries, max_size=10), st.lists(packets, min_size=1, max_size=12),
        st.sampled_from(["plain", "ipset"]))
 def test_rendered_rules_reproduce_lookup(raw: dict[Key, Entry], pkts: list[Packet], mode: str) -> None:
     state = MapState(raw)

@@ -751,7 +751,8 @@ class IptablesDatapath(Datapath):
         as now) and restore them, one transaction per family; on failure the
         families already written are put back."""
         if self.mode == "ipset":
-            self._sync_sets(need={k.identity for k in state if k.identity}, only_missing=True)
+            self._sync_sets(need={k.identity for k in state if k.identity and not k.is_address},
+                            only_missing=True)
         old_closed = self._fail_closed.get(ep_id, frozenset())
         new_closed = old_closed if closed is None else closed
         done: list[int] = []
@@ -882,14 +883,15 @@ class IptablesDatapath(Datapath):
         with self._lock:
             source, destination = self._flow_endpoint(src), self._flow_endpoint(dst)
             local, peer = (destination, source) if ingress else (source, destination)
-            match = self._match_type(local.id, peer.identity, ingress, l4)
+            match = self._match_type(local.id, peer.identity, ingress, l4, src if ingress else dst)
         return Flow(time=ts, verdict=verdict, ip_source=src, ip_destination=dst,
                     source=source, destination=destination,
                     traffic_direction="INGRESS" if ingress else "EGRESS",
                     event_type=event_type, drop_reason=reason, l4=l4, is_reply=False,
                     ip_version=ipv, match_type=match)
 
-    def _match_type(self, ep_id: int, peer: int, ingress: bool, l4: Mapping[str, Any]) -> str:
+    def _match_type(self, ep_id: int, peer: int, ingress: bool, l4: Mapping[str, Any],
+                    address: str | None = None) -> str:
         """Hubble's policy_match_type of the key that decided (from our MapState)."""
         state = self._states.get(ep_id)
         if not ep_id or state is None or not l4:
@@ -902,7 +904,7 @@ class IptablesDatapath(Datapath):
         port = info.get("type", 0) if proto in (Protocol.ICMP, Protocol.ICMPV6) else info.get(
             "destination_port", 0)
         key = state.lookup(peer, Direction.INGRESS if ingress else Direction.EGRESS, proto,
-                           int(port)).key
+                           int(port), address).key
         if key is None:
             return ""
         l3 = key.identity != 0

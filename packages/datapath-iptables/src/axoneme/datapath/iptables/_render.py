@@ -38,6 +38,7 @@ the IPv4 table) is kept as a rule that can never match.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -139,13 +140,16 @@ def proxy_chain_rules(port: int, d: Direction, group: int) -> list[str]:
 
 # ---- keys <-> comments -------------------------------------------------------
 
-_KEY_RE = re.compile(r'--comment "?AXK:(\d+):(\d+):(\d+):(\d+):(\d+):(\d):(\d+):(\d):(\d)"?')
+_KEY_RE = re.compile(r'--comment "?AXK:(\d+):(\d+):(\d+):(\d+):(\d+):(\d):(\d+):(\d):(\d)'
+                     r'(?:@([0-9A-Fa-f.:]+))?"?')
 
 
 def key_comment(key: Key, entry: Entry) -> str:
+    # an address key appends "@<address>" (IPv6 addresses hold ':', so not ':')
+    addr = f"@{key.address}" if key.address else ""
     return (f"-m comment --comment AXK:{key.identity}:{int(key.direction)}:{int(key.protocol)}:"
             f"{key.port}:{key.prefix_len}:{int(entry.deny)}:{entry.proxy_port}:"
-            f"{int(entry.audit)}:{int(entry.auth_required)}")
+            f"{int(entry.audit)}:{int(entry.auth_required)}{addr}")
 
 
 def parse_key_rules(rules: Sequence[str]) -> MapState:
@@ -154,8 +158,8 @@ def parse_key_rules(rules: Sequence[str]) -> MapState:
         m = _KEY_RE.search(rule)
         if not m:
             continue
-        v = [int(x) for x in m.groups()]
-        key = Key(v[0], Direction(v[1]), Protocol(v[2]), v[3], v[4])
+        v = [int(x) for x in m.groups()[:9]]
+        key = Key(v[0], Direction(v[1]), Protocol(v[2]), v[3], v[4], m.group(10) or "")
         out[key] = Entry(deny=bool(v[5]), proxy_port=v[6], audit=bool(v[7]), auth_required=bool(v[8]))
     return MapState(out)
 
@@ -255,12 +259,42 @@ def mangle_proxy_rules(port: int) -> list[str]:
 def _combine(s: tuple[Key, Entry], w: tuple[Key, Entry] | None, d: Direction,
              targets: Targets) -> str:
     """Verdict when ``s`` is the longest identity-specific match and ``w`` the
-    longest wildcard match (MapState.lookup steps 2 and 3)."""
+    longest wildcard match (MapState.lookup steps 2 and 3). In an address
+    chain ``w`` stands for the address and wildcard matches together, and
+    wins a tie when the address key decided it (_merge_address)."""
     if s[1].deny or (w is not None and w[1].deny):
         return targets.verdict(None, d, deny=True)
-    if w is not None and w[0].l4_prefix > s[0].l4_prefix:
+    if w is not None and (w[0].l4_prefix > s[0].l4_prefix or
+                          (w[0].l4_prefix == s[0].l4_prefix and w[0].is_address)):
         return targets.verdict(w[1], d)
     return targets.verdict(s[1], d)
+
+
+def _merge_address(address_keys: list[tuple[Key, Entry]], wildcard: list[tuple[Key, Entry]]
+                   ) -> list[tuple[Key, Entry]]:
+    """One address's keys and the wildcard keys as one LPM over L4 (longest
+    first): per L4 block of either, what ``decide`` makes of the longest
+    address and wildcard matches of a packet in that block that no longer
+    block holds. That is constant over such packets: a key of the same
+    length covering one is the block itself, shorter ones cover the block.
+    A block decided by the address key keeps its (address) key, so that
+    _combine gives it the tie over an identity key, as lookup does."""
+    from axoneme.core.mapstate import decide
+
+    def longest(keys: list[tuple[Key, Entry]], block: Key) -> tuple[Key, Entry] | None:
+        for k, e in keys:  # sorted longest first
+            if k.l4_prefix <= block.l4_prefix and k.covers_l4(block):
+                return k, e
+        return None
+
+    blocks = {(k.protocol, k.port, k.prefix_len): k for k, _ in address_keys + wildcard}
+    out: list[tuple[Key, Entry]] = []
+    for block in blocks.values():
+        dec = decide(None, longest(address_keys, block), longest(wildcard, block))
+        if dec.key is not None and dec.entry is not None:
+            out.append((Key(dec.key.identity, dec.key.direction, block.protocol, block.port,
+                            block.prefix_len, dec.key.address), dec.entry))
+    return sorted(out, key=lambda ke: (-ke[0].l4_prefix, ke[0].protocol, ke[0].port))
 
 
 def _join(*parts: str) -> str:
@@ -274,6 +308,8 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
 
     First match wins, in this order:
     1. replies of tracked connections (``--ctdir REPLY``) return: allowed;
+    1b. a peer address that has address keys goes to its own chain: steps 2-4
+       with that address's keys merged into the wildcard keys (_merge_address);
     2. identity-specific keys, longest L4 prefix first: the first one that
        matches is the longest specific match S. Its verdict is combined with
        the longest wildcard match W: when wildcard keys nest inside S's port
@@ -295,8 +331,12 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
     main = ep_chain(ep_id, direction)
     keys = sorted(((k, e) for k, e in state.items() if k.direction == direction),
                   key=lambda ke: (-ke[0].l4_prefix, ke[0]))
-    specific = [ke for ke in keys if ke[0].identity != 0]
+    specific = [ke for ke in keys if ke[0].identity != 0 and not ke[0].is_address]
     wildcard = [ke for ke in keys if ke[0].identity == 0]
+    by_address: dict[str, list[tuple[Key, Entry]]] = {}
+    for ke in keys:
+        if ke[0].is_address:
+            by_address.setdefault(ke[0].address, []).append(ke)
     chains: dict[str, list[str]] = {main: [REPLY_RULE]}
     if peers.family == 6 and targets is FILTER:
         # Neighbour discovery is the link itself, not a connection: never policy.
@@ -305,15 +345,46 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
         chains[main].append(targets.fail_closed(direction))
     rules = chains[main]
     subchains: dict[tuple[object, ...], str] = {}
+    tail = targets.tail(tail_drop, direction)
 
+    # Address keys: a packet of an address with keys goes to that address's
+    # chain, the same lookup with its address keys merged into the wildcard
+    # ones. Their own rules never match: they record the keys for dump().
+    opt = "-s" if direction is Direction.INGRESS else "-d"
+    for address, akeys in sorted(by_address.items()):
+        if placeholders:
+            rules.extend(_join(NEVER, key_comment(*ke), "-j RETURN") for ke in akeys)
+        if ipaddress.ip_address(address).version != peers.family:
+            continue
+        name = f"{main}-S{len(subchains)}"
+        subchains[("address", address)] = name
+        chains[name] = []
+        _render_keys(chains, name, specific, _merge_address(akeys, wildcard), peers, direction,
+                     targets, subchains, main, comments=False)
+        chains[name].append(tail)
+        plen = 32 if peers.family == 4 else 128
+        rules.append(f"{opt} {address}/{plen} -g {name}")
+
+    _render_keys(chains, main, specific, wildcard, peers, direction, targets, subchains, main,
+                 comments=True, placeholders=placeholders)
+    rules.append(f"-m comment --comment AXTAIL:{'drop' if tail_drop else 'allow'} {tail}")
+    return chains
+
+
+def _render_keys(chains: dict[str, list[str]], chain: str, specific: list[tuple[Key, Entry]],
+                 wildcard: list[tuple[Key, Entry]], peers: Peers, direction: Direction,
+                 targets: Targets, subchains: dict[tuple[object, ...], str], main: str,
+                 comments: bool, placeholders: bool = False) -> None:
+    """Steps 2 and 3 of render_endpoint into ``chain``."""
+    rules = chains[chain]
     for s in specific:
         skey, sentry = s
-        comment = key_comment(skey, sentry)
+        comment = key_comment(skey, sentry) if comments else ""
         nested = [w for w in wildcard if w[0].l4_prefix > skey.l4_prefix and skey.covers_l4(w[0])]
         cover = next((w for w in wildcard if w[0].covers_l4(skey)), None)
         target = _combine(s, cover, direction, targets)
         if nested:
-            sig = (skey.protocol, skey.port, skey.prefix_len, sentry, cover)
+            sig = (chain, skey.protocol, skey.port, skey.prefix_len, sentry, cover)
             name = subchains.get(sig)
             if name is None:
                 name = f"{main}-S{len(subchains)}"
@@ -336,7 +407,7 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
                 rules.append(_join(addr, l4, comment, target))
 
     for w in wildcard:
-        comment = key_comment(*w)
+        comment = key_comment(*w) if comments else ""
         l4s = l4_matches(w[0], peers.family)
         if l4s is None:
             if placeholders:
@@ -344,10 +415,6 @@ def render_endpoint(ep_id: int, direction: Direction, state: Mapping[Key, Entry]
             continue
         for l4 in l4s:
             rules.append(_join(l4, comment, targets.verdict(w[1], direction)))
-
-    tail = targets.tail(tail_drop, direction)
-    rules.append(f"-m comment --comment AXTAIL:{'drop' if tail_drop else 'allow'} {tail}")
-    return chains
 
 
 def is_fail_closed(rules: Sequence[str]) -> bool:
