@@ -7,7 +7,9 @@ It builds the services and wires them; none of them imports it:
 - ``L7Proxies`` (``_l7proxies``): proxy ports and listeners for L7 rules;
 - ``EndpointService`` (``_endpoints``): CNI ADD/DEL/CHECK/GC, adoption;
 - ``PolicyService`` (``_policies``) and its sources (the API, ``--policy-dir``
-  through ``PolicyDirWatcher``; next the Kubernetes watcher);
+  through ``PolicyDirWatcher``, the API server through ``KubernetesSource``);
+- ``KubernetesSource`` (``_k8s``): Kubernetes mode, policies and pod metadata
+  from the API server;
 - ``NamespaceService``/``PodService`` (``_workloads``): standalone mode;
 - ``FQDNManager`` (``_fqdn``): toFQDNs, pushing through the regenerator;
 - ``Views`` (``_views``): status and lists.
@@ -35,6 +37,7 @@ from axoneme.agent._endpoints import EndpointService
 from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
+from axoneme.agent._k8s import KubernetesSource
 from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._policies import PolicyService, PolicySource
@@ -97,7 +100,12 @@ class Agent:
         self.fqdn = FQDNManager(config, self.engine, self.regenerator.regenerate_sync, self.pm,
                                 self.store.lock, self.metrics)
         self.proxies.acquire_kwargs = self.fqdn.proxy_kwargs
-        # policy sources besides the API (the Kubernetes watcher joins here)
+        # Kubernetes mode: policies and pod/namespace labels from the API server
+        self.k8s: KubernetesSource | None = None
+        if config.k8s_mode:
+            self.k8s = KubernetesSource(config, self.store, self.endpoints, self.policies)
+            self.endpoints.metadata = self.views.k8s = self.k8s
+        # policy sources besides the API and the API server
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:
             self.policy_sources.append(PolicyDirWatcher(self.policies, config.policy_dir))
@@ -183,6 +191,11 @@ class Agent:
         await self.pods.reconcile_interrupted()
         # the node's addresses are the host entity, for every datapath
         self.engine.set_host_addresses(await asyncio.to_thread(nl.host_addresses, config.pod_cidr))
+        if self.k8s is not None:
+            # every resource listed before endpoints are adopted or served: an
+            # empty cache would give them wrong identities and no policy
+            await self.k8s.start()
+            self._tasks.append(asyncio.create_task(self.k8s.run()))
         await self.endpoints.adopt()
         self.flows.bind_loop(asyncio.get_running_loop())
         self._start_events(dp)
@@ -227,6 +240,8 @@ class Agent:
     async def stop(self) -> None:
         """Clean shutdown: stop readers; kernel enforcement stays in place."""
         self._stopping.set()
+        if self.k8s is not None:
+            self.k8s.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

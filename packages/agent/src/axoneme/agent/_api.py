@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from axoneme.agent._agent import Agent
-from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError
+from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError, TryAgain
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.core import failpoints
 from axoneme.core.errors import AxonemeError, ConfigError, InvalidRule, PolicyError
@@ -42,6 +42,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _json({"error": str(e)}, 409)
     except (BadRequest, PolicyError, ConfigError) as e:
         return _json({"error": str(e)}, 400)
+    except TryAgain as e:
+        return _json({"error": str(e)}, 503)
     except StateWriteError as e:  # nothing changed; worth retrying
         LOG.warning("%s %s refused: %s", request.method, request.path, e)
         return _json({"error": f"{e}; nothing was changed"}, 503)
@@ -122,11 +124,19 @@ def build_app(agent: Agent) -> web.Application:
     async def pol_list(request: web.Request) -> web.Response:
         return _json({"revision": policies.revision, "policies": policies.listing()})
 
+    def k8s_policies_only() -> None:
+        if agent.config.k8s_mode:
+            raise Conflict("the agent runs in Kubernetes mode: its policies come from the API "
+                           "server; use kubectl apply/delete (NetworkPolicy, "
+                           "CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy)")
+
     async def pol_apply(request: web.Request) -> web.Response:
+        k8s_policies_only()
         body = await _body(request)
         return _json(await policies.apply(body.get("documents") or []))
 
     async def pol_delete(request: web.Request) -> web.Response:
+        k8s_policies_only()
         body = await _body(request)
         refs = [_ref(d) for d in body.get("refs") or []]
         if not refs:

@@ -55,6 +55,18 @@ class AgentConfig:
     # could forge the audit trail. Only tests of `observe` turn it on (config
     # file key, no flag).
     flow_injection: bool = False
+    # Kubernetes mode (docs/kubernetes.md "The agent in Kubernetes mode"): set
+    # either and the API server is the source of policies and pod metadata
+    k8s_kubeconfig: str | None = None  # --k8s-kubeconfig PATH
+    k8s_api_server: str | None = None  # --k8s-api-server https://HOST:PORT (in-cluster auth)
+    k8s_node_name: str | None = None  # default: $NODE_NAME, else the hostname
+    k8s_pod_wait: float = 10.0  # CNI ADD of a pod not (yet) in the cache: wait this long
+    cni_conf_dir: str = "/etc/cni/net.d"  # --install-cni: where the conflist goes
+    cni_bin_dir: str = "/opt/cni/bin"  # --install-cni: where the plugin goes
+
+    @property
+    def k8s_mode(self) -> bool:
+        return bool(self.k8s_kubeconfig or self.k8s_api_server)
 
     @property
     def state_file(self) -> str:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from axoneme.agent._config import AgentConfig
 from axoneme.agent._errors import BadRequest, Conflict, NotFound
@@ -39,8 +39,24 @@ from axoneme.core.policy.engine import PolicyEngine
 LOG = logging.getLogger(__name__)
 
 
+class PodMetadata(Protocol):
+    """Where pods' and namespaces' labels come from in Kubernetes mode (the
+    API server's cache, ``_k8s.KubernetesSource``) instead of the standalone
+    records."""
+
+    def pod(self, namespace: str, name: str) -> Pod | None: ...
+
+    def namespace(self, name: str) -> Namespace | None: ...
+
+    async def wait_for_pod(self, namespace: str, name: str) -> None:
+        """Return once the pod is known; TryAgain when it is not in time."""
+
+
 class EndpointService:
-    """The endpoints of this node (the agent's lock is held by every mutation)."""
+    """The endpoints of this node (the agent's lock is held by every mutation).
+
+    ``metadata`` (Kubernetes mode) replaces the standalone records as the
+    source of pod and namespace labels."""
 
     def __init__(self, config: AgentConfig, store: StateStore, engine: PolicyEngine,
                  allocator: IdentityAllocator, regen: Regenerator, netlink: EndpointNetlink,
@@ -55,19 +71,30 @@ class EndpointService:
         self.hooks = hooks  # pluggy hook relay: axoneme_endpoint_added/removed
         self.on_change = on_change  # gauges
         self.ipam = IPAM(config.pod_cidr)
+        self.metadata: PodMetadata | None = None
 
     # -- identities ------------------------------------------------------------------
     def namespace_obj(self, name: str) -> Namespace:
+        if self.metadata is not None:
+            return self.metadata.namespace(name) or Namespace(name, namespace_labels(name))
         return Namespace(name, namespace_labels(name, self.store.namespaces.get(name, {})))
 
-    def identity_labels(self, namespace: str, pod_name: str) -> Labels:
+    def namespace_known(self, name: str) -> bool:
+        return name in self.store.namespaces or (
+            self.metadata is not None and self.metadata.namespace(name) is not None)
+
+    def pod_obj(self, namespace: str, pod_name: str) -> Pod:
+        if self.metadata is not None:
+            return self.metadata.pod(namespace, pod_name) or Pod(pod_name, namespace, {}, ())
         rec = self.store.pods.get(f"{namespace}/{pod_name}")
         if rec is not None:
-            pod = Pod(pod_name, namespace, dict(rec.labels), (), rec.named_ports(),
-                      rec.service_account)
-        else:
-            pod = Pod(pod_name, namespace, {}, ())
-        return pod_identity_labels(pod, self.namespace_obj(namespace), self.config.cluster_name)
+            return Pod(pod_name, namespace, dict(rec.labels), (), rec.named_ports(),
+                       rec.service_account)
+        return Pod(pod_name, namespace, {}, ())
+
+    def identity_labels(self, namespace: str, pod_name: str) -> Labels:
+        return pod_identity_labels(self.pod_obj(namespace, pod_name),
+                                   self.namespace_obj(namespace), self.config.cluster_name)
 
     def build_endpoint(self, rec: EndpointRecord, identity: Identity | None = None) -> Endpoint:
         """The engine's Endpoint for a record (allocating its identity if not given)."""
@@ -75,12 +102,12 @@ class EndpointService:
         if identity is None:
             identity = self.allocator.allocate(labels)
         rec.identity = identity.id
-        pod = self.store.pods.get(f"{rec.namespace}/{rec.pod_name}")
+        pod = self.pod_obj(rec.namespace, rec.pod_name)
         return Endpoint(id=rec.id, identity=identity.id, labels=labels, ipv4=rec.ipv4,
                         host_ifname=rec.host_ifname, host_ifindex=rec.host_ifindex,
                         host_mac=rec.host_mac, pod_mac=rec.pod_mac, netns=rec.netns_path,
                         namespace=rec.namespace, pod_name=rec.pod_name,
-                        named_ports=pod.named_ports() if pod else (),
+                        named_ports=pod.ports,
                         container_id=rec.container_id)
 
     # -- start ---------------------------------------------------------------------------
@@ -155,6 +182,9 @@ class EndpointService:
             if problem:
                 raise BadRequest(f"invalid {what}: {problem}")
         t0 = time.perf_counter()
+        if self.metadata is not None:
+            # fail closed: no endpoint before its labels (so its identity) are known
+            await self.metadata.wait_for_pod(namespace, pod_name)
         store = self.store
         async with store.lock:
             if container_id in store.endpoints:

@@ -27,6 +27,11 @@ class Conflict(BadRequest):
     """HTTP 409."""
 
 
+class TryAgain(AxonemeError):
+    """HTTP 503: not possible yet (a pod the API server has not told us about);
+    the CNI plugin answers error 11, so the runtime retries."""
+
+
 class StateWriteError(AxonemeError):
     """The state file could not be written; the change that needed it is refused."""
 

@@ -90,6 +90,7 @@ class Views:
         self.flows = flows
         self.guard_installed = False
         self.started = 0.0
+        self.k8s: Any = None  # Kubernetes mode: the KubernetesSource (view(), faults())
 
     # -- endpoints, identities ------------------------------------------------------------
     def endpoint_view(self, rec: EndpointRecord) -> dict[str, Any]:
@@ -166,6 +167,8 @@ class Views:
         if proxy_fault:
             out.append(f"l7 proxy: {proxy_fault}")
         out += self.policies.faults()
+        if self.k8s is not None:
+            out += self.k8s.faults()
         return out
 
     def status(self) -> dict[str, Any]:
@@ -192,5 +195,6 @@ class Views:
                 "fail_closed": self.regen.fail_closed_view(),
                 "l7_proxies": self.proxies.listeners(),
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
+                **({"kubernetes": self.k8s.view()} if self.k8s is not None else {}),
             },
         }

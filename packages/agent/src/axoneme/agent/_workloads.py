@@ -138,7 +138,7 @@ class PodService:
             raise BadRequest("pod run needs a command after --")
         store = self.store
         async with store.lock:
-            if namespace not in store.namespaces:
+            if not self.endpoints.namespace_known(namespace):
                 raise NotFound(f"namespace {namespace} not found (create it with: axoneme "
                                f"namespace create {namespace})")
             key = f"{namespace}/{name}"

@@ -9,7 +9,7 @@ configuration (default /var/run/axoneme/axoneme.sock). Logs go to stderr.
 Error codes (spec "Error codes"): 1 incompatible version, 2 unsupported
 field, 3 unknown container, 4 invalid environment variables, 5 I/O failure,
 6 failed to decode content, 7 invalid network config, 11 try again later
-(the agent is unreachable); STATUS uses 50 (plugin not available); 100+ are
+(the agent is unreachable, or answers 503: not possible yet); STATUS uses 50 (plugin not available); 100+ are
 ours (100: the agent refused the operation).
 """
 
@@ -132,6 +132,9 @@ def _call(client: AgentClient, path: str, body: Mapping[str, Any]) -> dict[str, 
             code = ERR_INVALID_ENV
         elif e.status == 404:
             code = ERR_UNKNOWN_CONTAINER
+        elif e.status == 503:
+            # not possible yet (e.g. a pod the agent's API server cache lacks)
+            code = ERR_TRY_AGAIN
         raise CNIError(code, "the axoneme agent refused the request", str(e)) from e
     return res if isinstance(res, dict) else {}
 

@@ -61,6 +61,19 @@ def register(groups: dict[str, SubParsers]) -> None:
     run.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON agent config")
     run.add_argument("--install-cni", action="store_true", default=None,
                      help="install /etc/cni/net.d/05-axoneme.conflist and /opt/cni/bin/axoneme-cni")
+    run.add_argument("--cni-conf-dir", default=None, metavar="DIR",
+                     help="--install-cni: the conflist's directory (default /etc/cni/net.d)")
+    run.add_argument("--cni-bin-dir", default=None, metavar="DIR",
+                     help="--install-cni: the plugin's directory (default /opt/cni/bin)")
+    run.add_argument("--k8s-kubeconfig", default=None, metavar="PATH",
+                     help="Kubernetes mode: policies and pod labels from the API server of "
+                          "this kubeconfig")
+    run.add_argument("--k8s-api-server", default=None, metavar="https://HOST:PORT",
+                     help="Kubernetes mode: this API server, with the service account's token "
+                          "and CA (in a pod); overrides the kubeconfig's server")
+    run.add_argument("--k8s-node-name", default=None, metavar="NAME",
+                     help="this node's name in Kubernetes (default $NODE_NAME, else the "
+                          "hostname)")
     run.add_argument("--pod-cidr", default=None, help="pod CIDR (default 10.244.0.0/16)")
     run.add_argument("--flow-buffer", type=int, default=None, help="flows kept (default 4095)")
     run.add_argument("--no-guard", action="store_true", default=None,
@@ -205,6 +218,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     flows = comp.get("flows", {})
     sys.stdout.write(f"Flows:            {flows.get('stored', 0)}/{flows.get('capacity', 0)}\n")
     sys.stdout.write(f"API:              {comp.get('api', {}).get('socket', '')}\n")
+    k8s = comp.get("kubernetes")
+    if k8s:
+        res = k8s.get("resources", {})
+        synced = ", ".join(f"{n} {r.get('count', 0)}{'' if r.get('synced') else ' (not synced)'}"
+                           for n, r in res.items())
+        state = "connected" if k8s.get("connected") else "DISCONNECTED"
+        sys.stdout.write(f"Kubernetes:       {k8s.get('api_server', '')}   {state}   node "
+                         f"{k8s.get('node', '')}\n")
+        sys.stdout.write(f"  synced:         {synced}\n")
+        if k8s.get("last_error"):
+            sys.stdout.write(f"  last error:     {k8s['last_error']}\n")
     faults = data.get("faults") or []
     sys.stdout.write(f"Faults:           {len(faults) or 'none'}\n")
     for line in faults:

@@ -21,7 +21,9 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
                 "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
                 "dns_reject_rcode", "policy_map_max", "flow_injection",
-                "policy_map_full", "drop_unparseable_policies", "plugins")
+                "policy_map_full", "drop_unparseable_policies", "plugins",
+                "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
+                "cni_conf_dir", "cni_bin_dir")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -51,8 +53,9 @@ def load_config(path: str | None) -> dict[str, Any]:
     return out
 
 
-_SCALARS = {"str": (str,), "int": (int,), "bool": (bool,)}
-_KINDS = {str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
+_SCALARS = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", type(None): "null",
+          float: "a number"}
 
 
 def _check_type(key: str, value: Any, path: str) -> None:
@@ -73,7 +76,7 @@ def _check_type(key: str, value: Any, path: str) -> None:
         return
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
-        want = " or ".join(_KINDS[k] for k in kinds)
+        want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds))
         raise ConfigError(f"config key {key}: expected {want}, got {type(value).__name__} "
                           f"{yamlsafe.excerpt(repr(value))} ({path})")
 
@@ -93,6 +96,9 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "tofqdns_min_ttl": args.tofqdns_min_ttl, "dns_reject_rcode": args.dns_reject_rcode,
         "policy_map_full": args.policy_map_full,
         "drop_unparseable_policies": args.drop_unparseable_policies,
+        "k8s_kubeconfig": args.k8s_kubeconfig, "k8s_api_server": args.k8s_api_server,
+        "k8s_node_name": args.k8s_node_name, "cni_conf_dir": args.cni_conf_dir,
+        "cni_bin_dir": args.cni_bin_dir,
     }
     if args.no_guard:
         flags["guard"] = False
@@ -110,6 +116,10 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     if cfg.policy_map_full not in ("fail-closed", "keep-last"):
         raise UsageError(f"--policy-map-full must be fail-closed or keep-last, "
                          f"got {cfg.policy_map_full!r}")
+    if cfg.k8s_pod_wait < 0:
+        raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
+    if cfg.k8s_kubeconfig:
+        cfg.k8s_kubeconfig = os.path.abspath(cfg.k8s_kubeconfig)
     cfg.state_dir = os.path.abspath(cfg.state_dir)
     cfg.api_socket = os.path.abspath(cfg.api_socket)
     if cfg.policy_dir:
