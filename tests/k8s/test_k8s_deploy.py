@@ -506,7 +506,7 @@ def test_daemonset_fields(deployed):
     assert cmd[:5] == ["axoneme", "agent", "run", "--config", "/etc/axoneme/config.yaml"]
     for flag, value in (("--k8s-api-server", "https://$(KUBERNETES_SERVICE_HOST):$(KUBERNETES_SERVICE_PORT)"),
                         ("--cni-conf-dir", "/host/etc/cni/net.d"), ("--cni-bin-dir", "/host/opt/cni/bin"),
-                        ("--state-dir", "/var/run/axoneme")):
+                        ("--state-dir", "$(AXONEME_STATE_DIR)")):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--install-cni" in cmd
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -519,6 +519,7 @@ def test_daemonset_fields(deployed):
         "name": "axoneme-config", "key": "k8sServiceHost"}
     assert env["KUBERNETES_SERVICE_PORT"]["valueFrom"]["configMapKeyRef"] == {
         "name": "axoneme-config", "key": "k8sServicePort"}
+    assert env["AXONEME_STATE_DIR"]["value"] == "/var/run/axoneme"
     assert env["AXONEME_API_SOCKET"]["value"] == "/var/run/axoneme/axoneme.sock"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -558,9 +559,19 @@ patches:
     spec:
       template:
         spec:
+          containers:
+          - name: agent
+            env:
+            - {{name: AXONEME_STATE_DIR, value: /srv/cluster/state}}
+            - {{name: AXONEME_API_SOCKET, value: /srv/cluster/state/axoneme.sock}}
+            volumeMounts:  # (mounts merge by mountPath: the old one is deleted)
+            - {{mountPath: /var/run/axoneme, $patch: delete}}
+            - {{name: state, mountPath: /srv/cluster/state}}
           volumes:
           - name: cni-conf
             hostPath: {{path: /srv/cluster/cni/net.d}}
+          - name: state
+            hostPath: {{path: /srv/cluster/state}}
 """
 
 
@@ -580,4 +591,12 @@ def test_overlay_switches_the_datapath(deployed, tmp_path):
               if v["name"] == "cni-conf"]
     assert vol == {"name": "cni-conf", "hostPath": {"path": "/srv/cluster/cni/net.d",
                                                     "type": "DirectoryOrCreate"}}
+    # the state dir moved, at the same path on both sides
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert (env["AXONEME_STATE_DIR"], env["AXONEME_API_SOCKET"]) == ("/srv/cluster/state",
+                                                                    "/srv/cluster/state/axoneme.sock")
+    assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] == "state"} == {"/srv/cluster/state"}
+    assert {v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == "state"} == {"/srv/cluster/state"}
     deployed.kubectl("apply", "-k", str(tmp_path), "--dry-run=server")
