@@ -317,3 +317,44 @@ def test_restart_adopts_pinned_state(env) -> None:  # type: ignore[no-untyped-de
     finally:
         cl.kill()
         cl.wait()
+
+
+def test_address_keys_decide_per_peer_address_and_survive_restart(env) -> None:  # type: ignore[no-untyped-def]
+    """Address keys (an ipBlock over pods): a and c get one identity, only a's
+    address is allowed; the address's slot is adopted after a restart and
+    removed with its last key."""
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    h, eps, topo = env
+    dp = h["dp"]
+    a, b, c = topo.pods["a"], topo.pods["b"], topo.pods["c"]
+    shared = {ipaddress.ip_network(f"{p.ip}/32"): ID["a"] for p in (a, c)}
+    dp.ipcache_apply(IPCacheChanges(upserts=shared))
+    try:
+        state = {Key.for_address(a.ip, IN, TCP, 8080, 16): ALLOW,
+                 Key.for_address(c.ip, IN, TCP, 8081, 16): ALLOW, **allow_all(EG)}
+        set_policy(dp, eps, {"b": state})
+        assert a.tcp(topo.tmp, b.ip, 8080)
+        assert not c.tcp(topo.tmp, b.ip, 8080)  # same identity, other address
+        assert c.tcp(topo.tmp, b.ip, 8081) and not a.tcp(topo.tmp, b.ip, 8081)
+        # an identity deny beats the address allow; an address deny beats the wildcard allow
+        set_policy(dp, eps, {"b": {**state, Key(ID["a"], IN): DENY}})
+        assert not a.tcp(topo.tmp, b.ip, 8080)
+        set_policy(dp, eps, {"b": {Key(0, IN): ALLOW, Key.for_address(c.ip, IN): DENY, **allow_all(EG)}})
+        assert a.tcp(topo.tmp, b.ip, 8080) and not c.tcp(topo.tmp, b.ip, 8080)
+        dp.stop()
+        new = EbpfDatapath(dp.config)
+        new.start()
+        h["dp"] = new
+        for ep in eps.values():
+            new.endpoint_added(ep, True, True)
+        assert new.dump(eps["b"]) == MapState({Key(0, IN): ALLOW, Key.for_address(c.ip, IN): DENY,
+                                               **allow_all(EG)})
+        assert not c.tcp(topo.tmp, b.ip, 8080)
+        new.sync(eps["b"], MapState({**allow_all(IN), **allow_all(EG)}))
+        assert c.tcp(topo.tmp, b.ip, 8080)
+        from axoneme.datapath.ebpf import _bpf
+        from axoneme.datapath.ebpf import _layout as L
+        assert not list(_bpf.map_keys(new._fds["ax_paddr"], L.PolicyAddrKey)), "a slot outlived its keys"
+    finally:
+        h["dp"].ipcache_apply(IPCacheChanges(upserts={ipaddress.ip_network(f"{c.ip}/32"): ID["c"]}))

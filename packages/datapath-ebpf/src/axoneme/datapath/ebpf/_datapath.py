@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -39,7 +39,15 @@ from axoneme.core.datapath import (
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathProgramError, DatapathUnavailable, MapFullError
 from axoneme.core.flow import Flow
-from axoneme.core.mapstate import Direction, Entry, Key, MapChanges, MapState, Protocol
+from axoneme.core.mapstate import (
+    ADDRESS_IDENTITY,
+    Direction,
+    Entry,
+    Key,
+    MapChanges,
+    MapState,
+    Protocol,
+)
 from axoneme.datapath.ebpf import _bpf, _events, _tc
 from axoneme.datapath.ebpf import _layout as L
 
@@ -72,10 +80,11 @@ _OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 # ---- conversions between core types and map structs -------------------------
 
 
-def policy_key(ep_id: int, key: Key) -> L.PolicyKey:
+def policy_key(ep_id: int, key: Key, slot: int = 0) -> L.PolicyKey:
+    """The policy map key of ``key``; an address key needs its address's ``slot``."""
     k = L.PolicyKey()
     k.ep_id = ep_id
-    k.identity = key.identity
+    k.identity = slot if key.is_address else key.identity
     k.direction = int(key.direction)
     if key.protocol is Protocol.ANY:
         k.prefixlen = L.POLICY_STATIC_PREFIX
@@ -89,20 +98,38 @@ def policy_key(ep_id: int, key: Key) -> L.PolicyKey:
 _PK_HEAD = struct.Struct("=IIIBB")  # DO NOT CHANGE: mirrors struct ax_policy_key (dport follows, big-endian)
 
 
-def policy_key_bytes(ep_id: int, key: Key) -> bytes:
+def policy_key_bytes(ep_id: int, key: Key, slot: int = 0) -> bytes:
     """policy_key() as raw bytes: the hot path of large batches."""
+    ident = slot if key.is_address else key.identity
     if key.protocol is Protocol.ANY:
-        return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX, ep_id, key.identity, key.direction, 0) + b"\0\0"
-    return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX + 8 + key.prefix_len, ep_id, key.identity,
+        return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX, ep_id, ident, key.direction, 0) + b"\0\0"
+    return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX + 8 + key.prefix_len, ep_id, ident,
                          key.direction, key.protocol) + key.port.to_bytes(2, "big")
 
 
-def key_from_policy(k: L.PolicyKey) -> Key:
+def key_from_policy(k: L.PolicyKey, address: str = "") -> Key:
+    """The Key of a policy map key; one whose identity is an address slot
+    needs the slot's ``address`` (paddr map)."""
+    ident = ADDRESS_IDENTITY if address else int(k.identity)
     plen = k.prefixlen - L.POLICY_STATIC_PREFIX
     if plen <= 0:
-        return Key(k.identity, Direction(k.direction))
-    return Key(k.identity, Direction(k.direction), Protocol(k.protocol),
-               socket.ntohs(k.dport), plen - 8)
+        return Key(ident, Direction(k.direction), address=address)
+    return Key(ident, Direction(k.direction), Protocol(k.protocol),
+               socket.ntohs(k.dport), plen - 8, address)
+
+
+def paddr_key(ep_id: int, address: str) -> L.PolicyAddrKey:
+    k = L.PolicyAddrKey()
+    k.ep_id = ep_id
+    family, raw = _addr_bytes(ipaddress.ip_address(address))
+    k.family = family
+    ct.memmove(k.addr, raw, 16)
+    return k
+
+
+def address_from_paddr(k: L.PolicyAddrKey) -> str:
+    raw = bytes(k.addr)
+    return str(ipaddress.ip_address(raw[:4] if k.family == 4 else raw))
 
 
 def policy_entry(key: Key, entry: Entry) -> L.PolicyEntry:
@@ -218,6 +245,8 @@ class EbpfDatapath(Datapath):
         # dump() reads the values from the kernel for exactly these keys, so it
         # costs O(entries of the endpoint), not O(entries of all endpoints).
         self._index: dict[int, dict[bytes, Key]] | None = None
+        # ep id -> {peer address: its slot} of the address keys (axoneme_paddr_v1)
+        self._slots: dict[int, dict[str, int]] | None = None
         self._map_full_errors = 0
         self._compile_seconds = 0.0
         # ep id -> EP_F_FAIL_CLOSED_* bits the agent asked for; an endpoint not
@@ -301,6 +330,7 @@ class EbpfDatapath(Datapath):
             self._bpf, self._fns = b, fns
             self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
             self._index = None
+            self._slots = None
             self._stopped.clear()
             b[b"ax_events"].open_ring_buffer(self._on_event)
             self._refresh_node_addresses(prune=True)
@@ -509,6 +539,8 @@ class EbpfDatapath(Datapath):
             fd = self._fds["ax_policy"]
             for k in [k for k in _bpf.map_keys(fd, L.PolicyKey) if k.ep_id == endpoint.id]:
                 _bpf.map_delete(fd, k)
+            for address in self._slots_index().pop(endpoint.id, {}):
+                _bpf.map_delete(self._fds["ax_paddr"], paddr_key(endpoint.id, address))
             if self._index is not None:
                 self._index.pop(endpoint.id, None)
             self._bump_revision()
@@ -584,9 +616,71 @@ class EbpfDatapath(Datapath):
         if self._index is None:
             index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
             for k, _ in self._policy_items():
-                index[k.ep_id][bytes(k)] = key_from_policy(k)
+                key = self._key_of(k)
+                if key is not None:
+                    index[k.ep_id][bytes(k)] = key
             self._index = dict(index)
         return self._index
+
+    # ---- address keys: peer address -> slot (axoneme_paddr_v1) ----------------------
+
+    def _slots_index(self) -> dict[int, dict[str, int]]:
+        if self._slots is None:
+            slots: dict[int, dict[str, int]] = collections.defaultdict(dict)
+            v = L.PolicyAddrValue()
+            for k in list(_bpf.map_keys(self._fds["ax_paddr"], L.PolicyAddrKey)):
+                if _bpf.map_lookup(self._fds["ax_paddr"], k, v):
+                    slots[k.ep_id][address_from_paddr(k)] = int(v.slot)
+            self._slots = dict(slots)
+        return self._slots
+
+    def _key_of(self, k: L.PolicyKey) -> Key | None:
+        """The Key of a policy map key (None: an address slot without its address)."""
+        if k.identity < L.ADDR_SLOT_BASE:
+            return key_from_policy(k)
+        for address, slot in self._slots_index().get(k.ep_id, {}).items():
+            if slot == k.identity:
+                return key_from_policy(k, address)
+        return None
+
+    def _pkey(self, ep_id: int, key: Key) -> bytes | None:
+        """Raw policy map key (None: an address key whose address has no slot,
+        so it is not in the kernel)."""
+        if not key.is_address:
+            return policy_key_bytes(ep_id, key)
+        slot = self._slots_index().get(ep_id, {}).get(key.address)
+        return None if slot is None else policy_key_bytes(ep_id, key, slot)
+
+    def _add_slots(self, ep_id: int, addresses: Iterable[str]) -> None:
+        """A slot for each address that has none (written before its keys)."""
+        wanted = set(addresses)
+        if not wanted:
+            return
+        mine = self._slots_index().setdefault(ep_id, {})
+        used = set(mine.values())
+        n = L.ADDR_SLOT_BASE
+        for address in sorted(wanted - set(mine)):
+            while n in used:
+                n += 1
+            v = L.PolicyAddrValue()
+            v.slot = n
+            try:
+                _bpf.map_update(self._fds["ax_paddr"], paddr_key(ep_id, address), v)
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    self._map_full_errors += 1
+                    raise MapFullError(f"address map full adding {address} to endpoint {ep_id}") from e
+                raise DatapathProgramError("address map update", e.errno, str(e)) from e
+            mine[address] = n
+            used.add(n)
+
+    def _drop_unused_slots(self, ep_id: int, held: Mapping[bytes, Key]) -> None:
+        """Remove the slots of addresses that have no key left (after their keys)."""
+        mine = self._slots_index().get(ep_id, {})
+        live = {k.address for k in held.values() if k.is_address}
+        for address in [a for a in mine if a not in live]:
+            _bpf.map_delete(self._fds["ax_paddr"], paddr_key(ep_id, address))
+            del mine[address]
 
     def apply(self, endpoint: Endpoint, changes: MapChanges) -> None:
         with self._lock:
@@ -607,8 +701,15 @@ class EbpfDatapath(Datapath):
             if v is None:
                 v = values[vk] = policy_entry(k, e)
             adds[k] = v
-        deletes = [k for k in changes.deletes if k not in changes.adds]
-        pkeys = {k: policy_key_bytes(ep_id, k) for k in (*adds, *deletes)}
+        self._add_slots(ep_id, (k.address for k in adds if k.is_address))
+        # an address key without a slot is not in the kernel: nothing to delete
+        deletes = [k for k in changes.deletes if k not in changes.adds
+                   and (not k.is_address or self._pkey(ep_id, k) is not None)]
+        pkeys: dict[Key, bytes] = {}
+        for k in (*adds, *deletes):
+            raw = self._pkey(ep_id, k)
+            assert raw is not None  # slots of adds were just written
+            pkeys[k] = raw
         held = self._keys_index().get(ep_id, {})
         count = len(held)
         old: dict[Key, L.PolicyEntry | None] = {}
@@ -685,16 +786,21 @@ class EbpfDatapath(Datapath):
             held[pkeys[k]] = k
         if self._index is not None:
             self._index[ep_id] = held
+        if any(k.is_address for k in deletes):
+            self._drop_unused_slots(ep_id, held)
 
     def _rollback(self, ep_id: int, done: list[Key], old: Mapping[Key, L.PolicyEntry | None]) -> None:
         fd = self._fds["ax_policy"]
         for k in reversed(done):
             prev = old[k]
             try:
+                raw = self._pkey(ep_id, k)
+                if raw is None:
+                    continue
                 if prev is None:
-                    _bpf.map_delete(fd, policy_key_bytes(ep_id, k))
+                    _bpf.map_delete(fd, raw)
                 else:
-                    _bpf.map_update(fd, policy_key_bytes(ep_id, k), prev)
+                    _bpf.map_update(fd, raw, prev)
             except OSError:
                 LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
                 self._index = None  # rebuilt from the kernel on next use
@@ -736,7 +842,9 @@ class EbpfDatapath(Datapath):
                     pk = L.PolicyKey.from_buffer_copy(kb)
                     if pk.ep_id != ep_id:
                         continue
-                    k = key_from_policy(pk)
+                    k = self._key_of(pk)
+                    if k is None:
+                        continue
                 out[k] = L.PolicyEntry.from_buffer_copy(vb)
             return out
         lookup = _bpf.map_lookup
@@ -751,7 +859,8 @@ class EbpfDatapath(Datapath):
         with self._lock:
             self._require()
             v = L.PolicyEntry()
-            if not _bpf.map_lookup(self._fds["ax_policy"], policy_key(endpoint.id, key), v):
+            raw = self._pkey(endpoint.id, key)
+            if raw is None or not _bpf.map_lookup(self._fds["ax_policy"], raw, v):
                 return 0, 0
             return int(v.packets), int(v.bytes)
 

@@ -105,6 +105,27 @@ class PolicyKey(ct.Structure):
     ]
 
 
+# DO NOT CHANGE: mirrors AX_ADDR_SLOT_BASE in lib/policy.h
+ADDR_SLOT_BASE = 0xFE000000
+
+
+class PolicyAddrKey(ct.Structure):
+    # DO NOT CHANGE: mirrors struct ax_paddr_key in lib/policy.h
+    _fields_ = [
+        ("ep_id", ct.c_uint32),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("addr", ct.c_uint8 * 16),
+    ]
+
+
+class PolicyAddrValue(ct.Structure):
+    # DO NOT CHANGE: mirrors struct ax_paddr_value in lib/policy.h
+    _fields_ = [
+        ("slot", ct.c_uint32),
+    ]
+
+
 class PolicyEntry(ct.Structure):
     # DO NOT CHANGE: mirrors struct ax_policy_entry in lib/policy.h
     _fields_ = [
@@ -185,6 +206,8 @@ MIRRORS: tuple[tuple[type[ct.Structure], str], ...] = (
     (IPCacheValue, "ax_ipcache_value"),
     (PolicyKey, "ax_policy_key"),
     (PolicyEntry, "ax_policy_entry"),
+    (PolicyAddrKey, "ax_paddr_key"),
+    (PolicyAddrValue, "ax_paddr_value"),
     (Tuple, "ax_tuple"),
     (CTEntry, "ax_ct_entry"),
     (Event, "ax_event"),
@@ -194,6 +217,7 @@ MIRRORS: tuple[tuple[type[ct.Structure], str], ...] = (
 # pin name -> (key size, value size) the programs of this version expect
 PINNED_SIZES = {
     "axoneme_policy_v1": (ct.sizeof(PolicyKey), ct.sizeof(PolicyEntry)),
+    "axoneme_paddr_v1": (ct.sizeof(PolicyAddrKey), ct.sizeof(PolicyAddrValue)),
     "axoneme_ipcache_v1": (ct.sizeof(IPCacheKey), ct.sizeof(IPCacheValue)),
     "axoneme_endpoints_v1": (4, ct.sizeof(Endpoint)),
     "axoneme_lxc_v1": (ct.sizeof(LxcKey), ct.sizeof(Endpoint)),

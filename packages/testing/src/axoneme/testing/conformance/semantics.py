@@ -10,7 +10,11 @@ decides real packets as ``MapState.lookup`` does.
 - ``test_kernel_decides_as_mapstate_lookup`` (kernel part): two veth pods on
   a private node; each generated state is synced (then reached again by
   ``apply``) on pod b, and a TCP and a UDP probe a -> b:80 must pass exactly
-  when ``state.lookup(identity of a, INGRESS, proto, 80)`` allows it.
+  when ``state.lookup(identity of a, INGRESS, proto, 80, address of a)``
+  allows it.
+
+The generated states hold address keys too (``Key.for_address``: one peer
+address whatever its identity), for the pods' own addresses and one no pod has.
 
 The cases are generated from fixed seeds: a failure names its seed and round.
 """
@@ -31,15 +35,18 @@ OFFLINE_ROUNDS = 12
 KERNEL_SEEDS = range(2)
 KERNEL_ROUNDS = 4
 OTHER_IDENTITY = 40000  # an identity no pod has
+OFFLINE_ADDRESSES = ("10.244.9.1", "10.244.9.2", "10.244.9.77")  # pods a and b, and no pod
 
 
-def generated_state(rng: random.Random, kernel: bool, max_entries: int = 12) -> Any:
+def generated_state(rng: random.Random, kernel: bool, max_entries: int = 12,
+                    addresses: tuple[str, ...] = OFFLINE_ADDRESSES) -> Any:
     """A MapState of up to ``max_entries`` keys: wildcard and pod identities,
     both directions, any protocol / whole protocol / port prefixes / exact
     ports, allow, deny and redirect entries. ``kernel``: redirects only on
     exact high ports (no proxy listens; the probes never hit them) and an
     open egress (the probes' own direction decides nothing)."""
     from axoneme.core.mapstate import (
+        ADDRESS_IDENTITY,
         ALLOW,
         DENY,
         Direction,
@@ -50,22 +57,23 @@ def generated_state(rng: random.Random, kernel: bool, max_entries: int = 12) -> 
         port_mask,
     )
 
-    identities = [0, NODE_IDS["a"], NODE_IDS["b"], OTHER_IDENTITY]
+    peers: list[tuple[int, str]] = [(ident, "") for ident in (0, NODE_IDS["a"], NODE_IDS["b"], OTHER_IDENTITY)]
+    peers += [(ADDRESS_IDENTITY, a) for a in addresses]
     entries: dict[Any, Any] = {}
     for _ in range(rng.randint(0, max_entries)):
-        ident = rng.choice(identities)
+        ident, address = rng.choice(peers)
         direction = Direction.INGRESS if kernel else rng.choice(list(Direction))
         proto = rng.choice([Protocol.ANY, Protocol.TCP, Protocol.UDP, Protocol.TCP, Protocol.UDP])
         if proto is Protocol.ANY:
-            key = Key(ident, direction)
+            key = Key(ident, direction, address=address)
         else:
             plen = rng.choice([0, 8, 12, 15, 16, 16])
             port = rng.choice([NODE_PORT, 81, 443, 8080, rng.randrange(65536)]) & port_mask(plen)
-            key = Key(ident, direction, proto, port, plen)
+            key = Key(ident, direction, proto, port, plen, address)
         entry = rng.choice([ALLOW, ALLOW, DENY])
         if rng.random() < 0.15:
             if kernel:
-                key = Key(ident, direction, Protocol.TCP, rng.randrange(20000, 30000), 16)
+                key = Key(ident, direction, Protocol.TCP, rng.randrange(20000, 30000), 16, address)
             entry = Entry(proxy_port=rng.randrange(15000, 15100))
         entries[key] = entry
     if kernel:
@@ -73,20 +81,23 @@ def generated_state(rng: random.Random, kernel: bool, max_entries: int = 12) -> 
     return MapState(entries)
 
 
-def generated_packets(rng: random.Random, n: int = 24) -> list[tuple[Any, ...]]:
-    """(identity, direction, protocol, port) tuples near the generated keys."""
+def generated_packets(rng: random.Random, n: int = 24, addresses: tuple[str, ...] = OFFLINE_ADDRESSES
+                      ) -> list[tuple[Any, ...]]:
+    """(identity, direction, protocol, port, address) tuples near the generated keys."""
     from axoneme.core.mapstate import Direction, Protocol
 
     identities = [NODE_IDS["a"], NODE_IDS["b"], OTHER_IDENTITY, 50000]
     return [(rng.choice(identities), rng.choice(list(Direction)),
              rng.choice([Protocol.TCP, Protocol.UDP, Protocol.ICMP]),
-             rng.choice([NODE_PORT, 81, 443, 8080, rng.randrange(65536)])) for _ in range(n)]
+             rng.choice([NODE_PORT, 81, 443, 8080, rng.randrange(65536)]),
+             rng.choice([*addresses, "10.244.9.200"])) for _ in range(n)]
 
 
-def _check_round(dp: Any, ep: Any, state: Any, where: str, rng: random.Random) -> None:
+def _check_round(dp: Any, ep: Any, state: Any, where: str, rng: random.Random,
+                 addresses: tuple[str, ...] = OFFLINE_ADDRESSES) -> None:
     got = dp.dump(ep)
     assert got == state, f"{where}: dump() is not the state it was given\nwant {state}\ngot  {got}"
-    for packet in generated_packets(rng):
+    for packet in generated_packets(rng, addresses=addresses):
         want, have = state.lookup(*packet), got.lookup(*packet)
         assert (have.verdict, have.key) == (want.verdict, want.key), \
             f"{where}: the dumped state decides {packet} as {have}, MapState.lookup as {want}"
@@ -175,17 +186,19 @@ def test_kernel_decides_as_mapstate_lookup(conformance_node: Node, conformance_k
                 assert cache.get(net) == NODE_IDS[name], f"dump_ipcache() lacks {net}: {cache}"
         assert node.probe("a", "b"), "a -> b does not pass with an allow-all policy"
         held = open_policy
+        addresses = (node.pods["a"].ip, node.pods["b"].ip, OFFLINE_ADDRESSES[2])
         for rnd in range(KERNEL_ROUNDS):
             where = f"seed {seed} round {rnd}"
-            state = generated_state(rng, kernel=True)
+            state = generated_state(rng, kernel=True, addresses=addresses)
             if rnd % 2:
                 dp.apply(eps["b"], held.diff(state))
             else:
                 dp.sync(eps["b"], state)
             held = state
-            _check_round(dp, eps["b"], state, where, rng)
+            _check_round(dp, eps["b"], state, where, rng, addresses)
             for proto, kind in ((Protocol.TCP, "tcp"), (Protocol.UDP, "udp")):
-                want = state.lookup(NODE_IDS["a"], Direction.INGRESS, proto, NODE_PORT).allowed
+                want = state.lookup(NODE_IDS["a"], Direction.INGRESS, proto, NODE_PORT,
+                                    node.pods["a"].ip).allowed
                 got = node.probe("a", "b", proto=kind)
                 assert got == want, (f"{where}: a -> b:{NODE_PORT}/{kind} "
                                      f"{'passes' if got else 'is dropped'}, MapState.lookup says "

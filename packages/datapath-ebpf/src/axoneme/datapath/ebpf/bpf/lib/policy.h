@@ -43,6 +43,29 @@ struct ax_policy_entry {
 BPF_TABLE_PINNED("lpm_trie", struct ax_policy_key, struct ax_policy_entry, ax_policy,
                  AX_POLICY_MAX, AX_PIN_ROOT "/axoneme_policy_v1", BPF_F_NO_PREALLOC);
 
+/* axoneme_paddr_v1: address keys (core Key.address: one peer address,
+ * whatever its identity; NetworkPolicy ipBlock over pods, per-destination
+ * named ports). Per endpoint, each peer address that has address keys maps
+ * to a slot; the address's keys live in axoneme_policy_v1 with the slot in
+ * the identity field. Slots are AX_ADDR_SLOT_BASE + n, never an identity.
+ * Key: ep_id (host order) | family (4 or 6) | pad | addr[16] (network
+ * order, IPv4 in addr[0..3], the rest 0), as struct ax_tuple holds it. */
+struct ax_paddr_key {
+    __u32 ep_id;
+    __u8 family;
+    __u8 pad[3];
+    __u8 addr[16];
+};
+
+struct ax_paddr_value {
+    __u32 slot;
+};
+
+#define AX_ADDR_SLOT_BASE 0xFE000000
+
+BPF_TABLE_PINNED("hash", struct ax_paddr_key, struct ax_paddr_value, ax_paddr,
+                 AX_POLICY_MAX, AX_PIN_ROOT "/axoneme_paddr_v1", BPF_F_NO_PREALLOC);
+
 struct ax_verdict {
     __u16 reason;      /* 0 = allowed, else AX_DROP_POLICY / AX_DROP_POLICY_DENY */
     __u16 proxy_port;  /* != 0: redirect to the L7 proxy */
@@ -69,41 +92,69 @@ static __always_inline void ax_policy_account(struct ax_policy_entry *e, __u32 l
     __sync_fetch_and_add(&e->bytes, len);
 }
 
-/* Decide one packet for one endpoint and direction. Precedence:
- * 1. Longest L4 match among keys for the peer identity (the LPM lookup), and
- *    among wildcard (identity 0) keys.
- * 2. A deny from either wins, regardless of specificity.
- * 3. Otherwise the longer L4 prefix decides; a tie goes to the
- *    identity-specific entry.
+/* Longest L4 match among the address keys of the peer address (none: 0). */
+static __always_inline struct ax_policy_entry *
+ax_policy_address(__u32 ep_id, __u8 family, const __u8 *addr, __u8 dir, __u8 proto, __u16 port)
+{
+    struct ax_paddr_key k = {};
+    k.ep_id = ep_id;
+    k.family = family;
+    __builtin_memcpy(k.addr, addr, 16);
+    struct ax_paddr_value *slot = ax_paddr.lookup(&k);
+    if (!slot)
+        return 0;
+    return ax_policy_longest(ep_id, slot->slot, dir, proto, port);
+}
+
+/* Decide one packet for one endpoint and direction (mirror of
+ * core.mapstate.MapState.lookup). Precedence:
+ * 1. Longest L4 match among keys for the peer identity (the LPM lookup),
+ *    among the address keys of the peer address, and among wildcard
+ *    (identity 0) keys.
+ * 2. A deny from any of them wins, regardless of specificity.
+ * 3. Otherwise the longest L4 prefix decides; a tie goes to the address
+ *    entry, then the identity-specific one.
  * 4. No match: dropped with DROP_POLICY (default deny). */
-static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 dir,
+static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 family,
+                                             const __u8 *peer_addr, __u8 dir,
                                              __u8 proto, __u16 port, __u32 len,
                                              struct ax_verdict *v)
 {
-    struct ax_policy_entry *spec = 0, *wild, *chosen;
-    __u8 specific;
+    struct ax_policy_entry *spec = 0, *wild, *addr, *chosen = 0;
+    __u8 specific = 0;
 
     if (identity)
         spec = ax_policy_longest(ep_id, identity, dir, proto, port);
+    addr = ax_policy_address(ep_id, family, peer_addr, dir, proto, port);
     wild = ax_policy_longest(ep_id, 0, dir, proto, port);
     v->proxy_port = 0;
-    if (spec && spec->deny) {
+    v->reason = 0;
+    if (addr && addr->deny) {
+        chosen = addr;
+        specific = 1;
+        v->reason = AX_DROP_POLICY_DENY;
+    } else if (spec && spec->deny) {
         chosen = spec;
         specific = 1;
         v->reason = AX_DROP_POLICY_DENY;
     } else if (wild && wild->deny) {
         chosen = wild;
-        specific = 0;
         v->reason = AX_DROP_POLICY_DENY;
-    } else if (wild && (!spec || wild->l4_prefix > spec->l4_prefix)) {
-        chosen = wild;
-        specific = 0;
-        v->reason = 0;
-    } else if (spec) {
-        chosen = spec;
-        specific = 1;
-        v->reason = 0;
     } else {
+        if (addr) {
+            chosen = addr;
+            specific = 1;
+        }
+        if (spec && (!chosen || spec->l4_prefix > chosen->l4_prefix)) {
+            chosen = spec;
+            specific = 1;
+        }
+        if (wild && (!chosen || wild->l4_prefix > chosen->l4_prefix)) {
+            chosen = wild;
+            specific = 0;
+        }
+    }
+    if (!chosen) {
         v->reason = AX_DROP_POLICY;
         v->match_type = AX_MATCH_NONE;
         return;

@@ -21,7 +21,9 @@ static __always_inline int ax_endpoint_drops(const struct ax_pkt *p, const struc
     if (ax_ep_failing_closed(ep, dir))
         v->reason = AX_DROP_EP_NOT_READY;
     else
-        ax_policy_decide(ep->ep_id, peer, dir, p->t.proto, p->policy_port, p->len, v);
+        ax_policy_decide(ep->ep_id, peer, p->t.family,
+                         dir == AX_DIR_INGRESS ? p->t.saddr : p->t.daddr,
+                         dir, p->t.proto, p->policy_port, p->len, v);
     if (!v->reason)
         return 0;
     ax_emit_drop(p, dir, ep->ep_id, src_id, dst_id, v, now);
