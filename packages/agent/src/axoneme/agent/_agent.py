@@ -80,7 +80,8 @@ class Agent:
         self.proxies = L7Proxies(self.metrics)
         self.engine = PolicyEngine(self.allocator, EngineOptions(
             enforcement_mode=config.enforcement_mode, allow_localhost=config.allow_localhost,
-            cluster_name=config.cluster_name, proxy_port=self.proxies.proxy_port))
+            cluster_name=config.cluster_name, proxy_port=self.proxies.proxy_port,
+            cidr_match_mode=config.policy_cidr_match_mode))
         self.regenerator = Regenerator(self.engine, self.store, self.metrics, self.proxies,
                                        config.policy_map_full)
         self.regenerator.after_regenerate = self._update_gauges

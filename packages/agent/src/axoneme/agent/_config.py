@@ -34,6 +34,9 @@ class AgentConfig:
     guard: bool = True
     enforcement_mode: str = "default"
     allow_localhost: str = "auto"
+    # cluster addresses Cilium's CIDR fields also match: "", nodes, pods, nodes,pods
+    # (Cilium's policy-cidr-match-mode; a NetworkPolicy ipBlock matches both always)
+    policy_cidr_match_mode: str = ""
     cluster_name: str = "default"
     cni_bin: str | None = None
     dns_server: str = DNS_SERVER

@@ -102,6 +102,10 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="an option the datapath declares (repeatable; `axoneme plugins` "
                           "lists them); wins over the config file's datapath_options")
     run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
+    run.add_argument("--policy-cidr-match-mode", default=None, metavar="MODE",
+                     help="cluster addresses Cilium's toCIDR/toCIDRSet/fromCIDR/fromCIDRSet also "
+                          "match: empty (default: non-cluster peers only, as Cilium), nodes, pods, "
+                          "or nodes,pods (a NetworkPolicy ipBlock always matches both)")
     run.add_argument("--cluster-name", default=None)
     run.set_defaults(handler=cmd_agent_run)
     cl = asub.add_parser("cleanup", help="remove every kernel object an agent made")

@@ -13,8 +13,9 @@ from axoneme.agent._config import AgentConfig
 from axoneme.agent.cli import UsageError
 from axoneme.agent.client import resolve_socket
 from axoneme.core import yamlsafe
-from axoneme.core.errors import ConfigError
+from axoneme.core.errors import ConfigError, PolicyError
 from axoneme.core.plugins import parse_allow_list
+from axoneme.core.policy.engine import parse_cidr_match_mode
 
 _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
@@ -23,7 +24,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "dns_reject_rcode", "policy_map_max", "flow_injection",
                 "policy_map_full", "drop_unparseable_policies", "plugins",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
-                "cni_conf_dir", "cni_bin_dir")
+                "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "k8s_kubeconfig": args.k8s_kubeconfig, "k8s_api_server": args.k8s_api_server,
         "k8s_node_name": args.k8s_node_name, "cni_conf_dir": args.cni_conf_dir,
         "cni_bin_dir": args.cni_bin_dir,
+        "policy_cidr_match_mode": getattr(args, "policy_cidr_match_mode", None),
     }
     if args.no_guard:
         flags["guard"] = False
@@ -116,6 +118,10 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     if cfg.policy_map_full not in ("fail-closed", "keep-last"):
         raise UsageError(f"--policy-map-full must be fail-closed or keep-last, "
                          f"got {cfg.policy_map_full!r}")
+    try:
+        parse_cidr_match_mode(cfg.policy_cidr_match_mode)
+    except PolicyError as e:
+        raise UsageError(f"--policy-cidr-match-mode: {e}") from None
     if cfg.k8s_pod_wait < 0:
         raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
     if cfg.k8s_kubeconfig:

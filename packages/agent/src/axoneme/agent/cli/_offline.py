@@ -10,7 +10,9 @@ from typing import Any
 
 from axoneme.agent.cli import EXIT_OK, add_output_flag
 from axoneme.core.cluster import Cluster
+from axoneme.core.errors import PolicyError
 from axoneme.core.mapstate import Protocol
+from axoneme.core.policy.engine import EngineOptions
 from axoneme.core.policy.parse import parse_policies
 from axoneme.core.policy.trace import (
     ALLOWED,
@@ -72,12 +74,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cluster description: v1 Namespace and v1 Pod objects (file or directory)")
     p.add_argument("-f", "--filename", dest="files", action="extend", nargs="+", default=[],
                    metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--policy-cidr-match-mode", default="", metavar="MODE",
+                   help="as `agent run --policy-cidr-match-mode`: cluster addresses Cilium's CIDR "
+                        "fields also match (empty, nodes, pods, nodes,pods)")
 
 
 def _load(args: argparse.Namespace) -> OfflineCluster:
+    try:
+        options = EngineOptions(cidr_match_mode=args.policy_cidr_match_mode)
+    except PolicyError as e:
+        raise TraceInputError(f"{e} (--policy-cidr-match-mode)") from None
     cluster = Cluster.load(args.cluster)
     policies = parse_policies(args.files) if args.files else []
-    return OfflineCluster.build(cluster, policies)
+    return OfflineCluster.build(cluster, policies, options)
 
 
 _L7_FLAGS = ("http_method", "http_path", "http_host", "http_headers", "kafka_role", "kafka_topic",

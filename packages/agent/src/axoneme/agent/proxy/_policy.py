@@ -6,7 +6,8 @@ apply right now:
 
 1. The local endpoint is the client (EGRESS) or the original destination
    (INGRESS); the peer is the other side, its identity from the ipcache.
-2. ``MapState.lookup(peer identity, direction, TCP, destination port)``:
+2. ``MapState.lookup(peer identity, direction, TCP, destination port, peer
+   address)`` (the address for address keys, as the datapath looks it up):
    - denied (the L3/L4 policy no longer allows it): None, the proxy refuses;
    - redirected with L7 rules of this parser: those rules;
    - allowed without redirect (an L4-only allow now shadows the L7 rules, or
@@ -17,6 +18,7 @@ apply right now:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from axoneme.core.endpoint import Endpoint
@@ -24,6 +26,13 @@ from axoneme.core.flow import FlowEndpoint
 from axoneme.core.l7proxy import PolicyFor, ProxyPolicy
 from axoneme.core.mapstate import Direction, MapState, Protocol, Verdict
 from axoneme.core.plugins import l7_parser
+
+
+def _canonical(ip: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
 
 
 def flow_endpoint(ep: Endpoint) -> FlowEndpoint:
@@ -58,7 +67,7 @@ def make_policy_for(parser: str, *, endpoint_by_ip: Callable[[str], Endpoint | N
         if state is None:
             return None
         peer_id = identity_of_ip(peer_ip)
-        decision = state.lookup(peer_id, Direction(direction), proto, dst_port)
+        decision = state.lookup(peer_id, Direction(direction), proto, dst_port, _canonical(peer_ip))
         if not decision.allowed or decision.entry is None:
             return None
         if decision.verdict is Verdict.REDIRECTED:
