@@ -536,51 +536,22 @@ def test_daemonset_fields(deployed):
     assert ds["status"].get("desiredNumberScheduled", 0) == 0
 
 
-OVERLAY = """\
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-- {base}
-configMapGenerator:
-- name: axoneme-config
-  namespace: kube-system
-  behavior: merge
-  files:
-  - config.yaml
-  literals:
-  - k8sServiceHost=192.0.2.10
-generatorOptions:
-  disableNameSuffixHash: true
-patches:
-- patch: |
-    apiVersion: apps/v1
-    kind: DaemonSet
-    metadata: {{name: axoneme, namespace: kube-system}}
-    spec:
-      template:
-        spec:
-          containers:
-          - name: agent
-            env:
-            - {{name: AXONEME_STATE_DIR, value: /srv/cluster/state}}
-            - {{name: AXONEME_API_SOCKET, value: /srv/cluster/state/axoneme.sock}}
-            volumeMounts:  # (mounts merge by mountPath: the old one is deleted)
-            - {{mountPath: /var/run/axoneme, $patch: delete}}
-            - {{name: state, mountPath: /srv/cluster/state}}
-          volumes:
-          - name: cni-conf
-            hostPath: {{path: /srv/cluster/cni/net.d}}
-          - name: state
-            hostPath: {{path: /srv/cluster/state}}
-"""
+def _documented_overlay() -> str:
+    """The overlay docs/kubernetes.md shows ("Overlays: another datapath, other host paths")."""
+    (block,) = [b for b in _yaml_blocks(REPO / "docs" / "kubernetes.md")
+                if b.startswith("# overlay/kustomization.yaml")]
+    return block
 
 
 def test_overlay_switches_the_datapath(deployed, tmp_path):
-    """What README documents (and scripts/cluster does): an overlay replaces config.yaml
-    and the API server address; the rendered objects pass the server's validation."""
+    """The overlay docs/kubernetes.md documents (what scripts/cluster does): it replaces
+    config.yaml, the API server address and the host paths; the result passes the server."""
     (tmp_path / "config.yaml").write_text("datapath: iptables\niptables_mode: ipset\n"
                                           "pod_cidr: 10.244.0.0/24\n")
-    (tmp_path / "kustomization.yaml").write_text(OVERLAY.format(base=os.path.relpath(DEPLOY, tmp_path)))
+    overlay = _documented_overlay()
+    assert "- ../deploy " in overlay
+    (tmp_path / "kustomization.yaml").write_text(
+        overlay.replace("- ../deploy ", f"- {os.path.relpath(DEPLOY, tmp_path)} ", 1))
     out = deployed.kubectl("kustomize", str(tmp_path)).stdout
     docs = {d["kind"]: d for d in yaml.safe_load_all(out)}
     cm = docs["ConfigMap"]
