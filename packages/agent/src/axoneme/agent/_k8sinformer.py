@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ class Informer:
         self.connected = False
         self.missing = False  # the optional API answered 404
         self.stats = InformerStats()
-        self._watch: Any = None
+        self._resp: Any = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -95,11 +96,12 @@ class Informer:
         self._thread.start()
 
     def stop(self) -> None:
-        w = self._watch
-        if w is not None:
+        resp = self._resp
+        sock = getattr(getattr(resp, "connection", None), "sock", None)
+        if sock is not None:
             try:
-                w.stop()  # shuts the stream's socket down: the thread notices at once
-            except Exception:
+                sock.shutdown(socket.SHUT_RDWR)  # the reading thread notices at once
+            except OSError:
                 pass
 
     def join(self, timeout: float) -> None:
@@ -117,24 +119,28 @@ class Informer:
                     need_list = False
                 self.watch()
                 backoff = BACKOFF_FIRST  # a watch that ended normally
-            except Gone:
+            except Exception as e:
+                if not isinstance(e, Gone) and _status(e) != 410:
+                    if self._failed(e, need_list):
+                        return
+                    need_list = need_list or not self.rv or _status(e) == 404
+                    self.stopping.wait(backoff)
+                    backoff = min(BACKOFF_CAP, backoff * 2)
+                    continue
                 LOG.info("kubernetes %s: resourceVersion %s is gone (410): listing again",
                          self.name, self.rv)
                 need_list = True
-            except Exception as e:
-                if self.stopping.is_set():
-                    return
-                self.connected = False
-                if _status(e) == 404 and self.optional:
-                    self._missing(e)
-                    need_list = True
-                else:
-                    self._error(e)
-                    # a watch that failed resumes from the last version; a
-                    # list that failed is listed again
-                    need_list = need_list or not self.rv
-                self.stopping.wait(backoff)
-                backoff = min(BACKOFF_CAP, backoff * 2)
+
+    def _failed(self, e: BaseException, listing: bool) -> bool:
+        """Record a failure; True when the informer is stopping."""
+        if self.stopping.is_set():
+            return True
+        self.connected = False
+        if _status(e) == 404 and self.optional and listing:
+            self._missing(e)
+        else:
+            self._error(e)
+        return False
 
     def relist(self) -> None:
         resp = self.lister(_preload_content=False,
@@ -164,27 +170,28 @@ class Informer:
                  len(new), self.rv, len(events))
 
     def watch(self) -> None:
-        from kubernetes import watch as k8s_watch
-        from kubernetes.client.exceptions import ApiException
+        # the client's own stream reader; not Watch.stream, which loses the
+        # status of an ERROR event when objects are not deserialized
+        from kubernetes.watch.watch import iter_resp_lines
 
-        w = k8s_watch.Watch()
-        self._watch = w
         self.stats.watches += 1
+        resp = self.lister(watch=True, resource_version=self.rv, allow_watch_bookmarks=True,
+                           timeout_seconds=self.watch_seconds, _preload_content=False,
+                           _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        self._resp = resp
         try:
-            stream = w.stream(self.lister, resource_version=self.rv, allow_watch_bookmarks=True,
-                              timeout_seconds=self.watch_seconds, deserialize=False,
-                              _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-            for ev in stream:
+            for line in iter_resp_lines(resp):
                 if self.stopping.is_set():
                     return
+                if not line.strip():
+                    continue
+                ev = json.loads(line)
                 self.connected = True
                 self.apply_event(str(ev.get("type")), ev.get("object") or {})
-        except ApiException as e:
-            if e.status == 410:
-                raise Gone() from e
-            raise
         finally:
-            self._watch = None
+            self._resp = None
+            resp.close()
+            resp.release_conn()
 
     def apply_event(self, kind: str, obj: Obj) -> None:
         """One watch event: deliver it unless the cache already has it."""
