@@ -133,3 +133,72 @@ def test_policy_removal_restores_default_allow(clean, tmp_path):
 def test_pod_label_selector_follows_names(clean, tmp_path):
     # sanity of the topology itself: labels feed identities as expected
     assert {name_of(p) for p in clean.ips} == {"a", "b", "c"}
+
+
+# -- upstream semantics where Cilium differs (issue 16) -------------------------------
+# An ipBlock matches pod addresses, one by one (upstream's "should allow egress
+# access to server in CIDR block", "should enforce except clause while egress
+# access to server in CIDR block", "should ensure an IP overlapping both
+# IPBlock.CIDR and IPBlock.Except is allowed"); an egress named port resolves
+# per destination pod.
+
+def _host(topo, pod: str) -> str:
+    return f"{topo.ips[pod]}/{128 if ':' in topo.ips[pod] else 32}"
+
+
+def _around(topo) -> str:
+    """A /16 holding every pod of the topology."""
+    import ipaddress
+
+    nets = [ipaddress.ip_network(f"{ip}/16", strict=False) for ip in topo.ips.values()]
+    assert len(set(nets)) == 1, f"pods span several /16: {sorted(set(map(str, nets)))}"
+    return str(nets[0])
+
+
+def _egress_a(name: str, *peers: dict, ports: list | None = None) -> dict:
+    rule: dict = {"to": list(peers)}
+    if ports:
+        rule["ports"] = ports
+    return np(name, "x", {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                          "egress": [rule]})
+
+
+def test_ip_block_egress_to_one_pod(clean, tmp_path):
+    docs = [_egress_a("a-to-y-b-ip", {"ipBlock": {"cidr": _host(clean, "y/b")}})]
+    run_case(clean, tmp_path, "ipblock-pod", docs, lambda s, d, p, pr: s != "x/a" or d == "y/b")
+
+
+def test_ip_block_except_carves_out_a_pod(clean, tmp_path):
+    block = {"ipBlock": {"cidr": _around(clean), "except": [_host(clean, "y/b")]}}
+    docs = [_egress_a("a-to-all-but-y-b", block)]
+    run_case(clean, tmp_path, "ipblock-except", docs, lambda s, d, p, pr: s != "x/a" or d != "y/b")
+
+
+def test_ip_block_overlapping_cidr_and_except_is_allowed(clean, tmp_path):
+    block = {"ipBlock": {"cidr": _around(clean), "except": [_host(clean, "y/b")]}}
+    docs = [_egress_a("a-to-all-but-y-b", block),
+            np("a-to-y-b", "x", {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                                  "egress": [{"to": [{"ipBlock": {"cidr": _host(clean, "y/b")}}]}]})]
+    run_case(clean, tmp_path, "ipblock-overlap", docs, lambda s, d, p, pr: True)
+
+
+def test_ip_block_ingress_from_one_pod_and_port(clean, tmp_path):
+    docs = [np("y-b-from-x-a-ip", "y", {"podSelector": {"matchLabels": {"pod": "b"}},
+                                        "ingress": [{"from": [{"ipBlock": {"cidr": _host(clean, "x/a")}}],
+                                                     "ports": [{"port": 81, "protocol": "UDP"}]}]})]
+    run_case(clean, tmp_path, "ipblock-ingress", docs,
+             lambda s, d, p, pr: d != "y/b" or (s == "x/a" and (p, pr) == (81, "udp")))
+
+
+def test_named_port_in_egress_per_destination(clean, tmp_path):
+    docs = [_egress_a("a-to-y-named", {"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                      ports=[{"port": "serve-81-udp", "protocol": "UDP"}])]
+    run_case(clean, tmp_path, "named-egress", docs,
+             lambda s, d, p, pr: s != "x/a" or (ns_of(d) == "y" and (p, pr) == (81, "udp")))
+
+
+def test_named_port_in_egress_with_ip_block(clean, tmp_path):
+    docs = [_egress_a("a-to-z-c-named", {"ipBlock": {"cidr": _host(clean, "z/c")}},
+                      ports=[{"port": "serve-80-tcp"}])]
+    run_case(clean, tmp_path, "named-ipblock", docs,
+             lambda s, d, p, pr: s != "x/a" or (d == "z/c" and (p, pr) == (80, "tcp")))
