@@ -77,7 +77,7 @@ def _check_type(key: str, value: Any, path: str) -> None:
         return
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
-        want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds))
+        want = " or ".join(_KINDS[k] for k in kinds if not (k is int and float in kinds))
         raise ConfigError(f"config key {key}: expected {want}, got {type(value).__name__} "
                           f"{yamlsafe.excerpt(repr(value))} ({path})")
 
