@@ -28,6 +28,7 @@ def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
         entry = ms[key]
         out.append({"key": str(key), "identity": key.identity, "direction": key.direction.name,
                     "protocol": str(key.protocol), "port": key.port, "prefix_len": key.prefix_len,
+                    "address": key.address,  # an address key's peer address, else ""
                     "entry": str(entry), "deny": entry.deny, "proxy_port": entry.proxy_port,
                     "derived_from": sorted(entry.derived_from)})
     return out

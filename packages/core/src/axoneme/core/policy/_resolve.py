@@ -7,6 +7,7 @@ call it.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -66,7 +67,11 @@ class AddressBook:
 
     def __init__(self, addresses: Iterable[ClusterAddress] = ()) -> None:
         self.addresses = tuple(sorted(addresses, key=lambda a: (a.kind, a.address)))
-        self._parsed = [(ipaddress.ip_address(a.address), a) for a in self.addresses]
+        # per IP version, sorted by address: a CIDR is one bisected range
+        parsed = sorted(((ipaddress.ip_address(a.address), a) for a in self.addresses),
+                        key=lambda p: (p[0].version, int(p[0])))
+        self._parsed = {v: ([int(ip) for ip, _ in parsed if ip.version == v],
+                            [(ip, a) for ip, a in parsed if ip.version == v]) for v in (4, 6)}
         pods: dict[int, dict[int, list[ClusterAddress]]] = {}
         for a in self.addresses:
             if a.kind == ADDRESS_PODS:
@@ -75,7 +80,10 @@ class AddressBook:
 
     def in_block(self, peer: CIDRPeer, kinds: frozenset[str]) -> list[ClusterAddress]:
         """The addresses of ``kinds`` in ``peer``'s CIDR and none of its excepts."""
-        return [a for ip, a in self._parsed if a.kind in kinds and peer.contains(ip)]
+        numbers, entries = self._parsed[peer.cidr.version]
+        lo = bisect.bisect_left(numbers, int(peer.cidr.network_address))
+        hi = bisect.bisect_right(numbers, int(peer.cidr.broadcast_address))
+        return [a for ip, a in entries[lo:hi] if a.kind in kinds and peer.contains(ip)]
 
     def pods_of(self, identity: int) -> list[list[ClusterAddress]]:
         """Per pod of ``identity`` (0: every pod), its addresses."""
