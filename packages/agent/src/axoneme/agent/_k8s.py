@@ -148,10 +148,11 @@ class KubernetesSource:
         for inf in self.informers.values():
             inf.start()
         t0 = time.monotonic()
+        next_log = t0 + 10
         while not all(i.synced.is_set() for i in self.informers.values()):
             await asyncio.sleep(0.05)
-            waited = time.monotonic() - t0
-            if int(waited) % 10 == 0 and waited - int(waited) < 0.05 and waited > 1:
+            if time.monotonic() >= next_log:
+                next_log += 10
                 pending = [n for n, i in self.informers.items() if not i.synced.is_set()]
                 LOG.warning("kubernetes: waiting for the first list of %s (%s)",
                             ", ".join(pending), self._last_errors(pending))

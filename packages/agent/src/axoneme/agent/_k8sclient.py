@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from axoneme.agent._config import AgentConfig
+from axoneme.agent._k8sinformer import short_error
 from axoneme.core.errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class StatusWriter:
                 self.write(report)
             except Exception as e:
                 self.errors += 1
-                self.last_error = f"{report.kind} {_where(report)}: {_short(e)}"
+                self.last_error = f"{report.kind} {_where(report)}: {short_error(e)}"
                 LOG.warning("kubernetes status: %s", self.last_error)
 
     def write(self, r: PolicyReport) -> None:
@@ -219,9 +220,3 @@ class StatusWriter:
 def _where(r: PolicyReport) -> str:
     return f"{r.namespace}/{r.name}" if r.namespace else r.name
 
-
-def _short(e: BaseException) -> str:
-    status = getattr(e, "status", None)
-    if isinstance(status, int):
-        return f"HTTP {status} {getattr(e, 'reason', '') or ''}".strip()
-    return (str(e).splitlines() or [type(e).__name__])[0][:300]

@@ -229,7 +229,7 @@ class Informer:
 
     def _error(self, e: BaseException) -> None:
         self.stats.errors += 1
-        self.stats.last_error = f"{type(e).__name__}: {_short(e)}"
+        self.stats.last_error = f"{type(e).__name__}: {short_error(e)}"
         self.stats.last_error_at = time.time()
         LOG.warning("kubernetes %s: %s (retrying)", self.name, self.stats.last_error)
 
@@ -262,7 +262,8 @@ def _status(e: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
+    """One line for a client error: its HTTP status, else its first line."""
     status = _status(e)
     if status is not None:
         reason = getattr(e, "reason", "") or ""
