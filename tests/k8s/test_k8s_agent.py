@@ -405,3 +405,78 @@ def test_agent_with_the_deploy_clusterrole_syncs_and_writes_status_without_403(
     assert all(r["errors"] == 0 for r in k8s["resources"].values()), k8s
     assert k8s["status_writes"]["errors"] == 0, k8s
     assert "403" not in ap.log() and "Forbidden" not in ap.log(), ap.log()
+
+
+# -- a restarted agent keeps enforcing ----------------------------------------------------------
+
+HOLD = ("import socket, sys\n"
+        "s = socket.create_connection((sys.argv[1], 80), timeout=5)\n"
+        "print('connected', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "s.settimeout(5)\n"
+        "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+        "print(s.recv(100).split(b'\\r\\n')[0].decode(), flush=True)\n")
+
+
+def _probe(netns: str, ip: str) -> int:
+    return subprocess.run(["ip", "netns", "exec", netns, "curl", "-s", "-m", "1", "-o",
+                           "/dev/null", f"http://{ip}/"], capture_output=True).returncode
+
+
+def test_restart_keeps_policy_identities_and_established_connections(
+        k8s_agent: Any, datapath_name: str, crds: Any, ns: str, tmp_path: Path) -> None:
+    cp = crds
+    ap = k8s_agent(datapath_name)
+    for name, app in (("web", "web"), ("client", "client"), ("intruder", "intruder")):
+        api_pod(cp, ns, name, ap.node, {"app": app})
+    (tmp_path / "index.html").write_text("hello\n")
+    web_ip = ap.pod_run("web", "python3", *_testnet.http_server_argv("0.0.0.0", 80, str(tmp_path)),
+                        namespace=ns)
+    ap.pod_run("client", "sleep", "infinity", namespace=ns)
+    ap.pod_run("intruder", "sleep", "infinity", namespace=ns)
+    apply(cp, f"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+              f"metadata: {{name: web-in, namespace: {ns}}}\n"
+              f"spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n"
+              f"  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n"
+              f"    ports: [{{port: 80, protocol: TCP}}]\n")
+    netns = {p["name"]: p["netns"] for p in ap.json("pod", "list")}
+    enforcing = datapath_name not in NON_ENFORCING
+    assert wait(lambda: _probe(netns["client"], web_ip) == 0, 15), ap.log()
+    if enforcing:
+        assert wait(lambda: _probe(netns["intruder"], web_ip) != 0, 10), ap.log()
+    endpoints, pols = ap.json("endpoint", "list"), policies(ap)
+
+    holder = subprocess.Popen(["ip", "netns", "exec", netns["client"], "python3", "-c", HOLD,
+                               web_ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "connected"
+        probes: list[tuple[int, int]] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            while not done.is_set():
+                probes.append((_probe(netns["intruder"], web_ip), _probe(netns["client"], web_ip)))
+
+        t = threading.Thread(target=probe)
+        t.start()
+        try:
+            ap.stop()  # SIGTERM, as kubelet stops the agent's pod
+            time.sleep(1.0)
+            ap.start()
+            time.sleep(1.0)
+        finally:
+            done.set()
+            t.join(30)
+        assert ap.json("endpoint", "list") == endpoints
+        assert policies(ap) == pols
+        assert probes, "no probe ran"
+        if enforcing:
+            assert all(intruder != 0 for intruder, _ in probes), f"denied packets went through: {probes}"
+        assert all(client == 0 for _, client in probes), f"allowed traffic cut: {probes}"
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip().startswith("HTTP/1.0 200"), "established connection cut"
+    finally:
+        holder.kill()
+        holder.wait(10)
