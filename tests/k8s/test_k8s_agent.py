@@ -404,7 +404,7 @@ def test_agent_with_the_deploy_clusterrole_syncs_and_writes_status_without_403(
     assert k8s["synced"] and k8s["connected"], k8s
     assert all(r["errors"] == 0 for r in k8s["resources"].values()), k8s
     assert k8s["status_writes"]["errors"] == 0, k8s
-    assert "403" not in ap.log() and "Forbidden" not in ap.log(), ap.log()
+    assert "HTTP 403" not in ap.log() and "Forbidden" not in ap.log(), ap.log()
 
 
 # -- a restarted agent keeps enforcing ----------------------------------------------------------

@@ -149,7 +149,7 @@ class Informer:
         self.stats.lists += 1
         self.connected = True
         self.missing = False
-        items = [self._with_kind(i, data) for i in data.get("items") or []]
+        items = [_trim(self._with_kind(i, data)) for i in data.get("items") or []]
         new = {obj_key(o): o for o in items}
         events: list[Event] = []
         for key, obj in new.items():
@@ -187,7 +187,7 @@ class Informer:
                     continue
                 ev = json.loads(line)
                 self.connected = True
-                self.apply_event(str(ev.get("type")), ev.get("object") or {})
+                self.apply_event(str(ev.get("type")), _trim(ev.get("object") or {}))
         finally:
             self._resp = None
             resp.close()
@@ -255,6 +255,14 @@ class Informer:
                 "count": len(self.cache), "resource_version": self.rv,
                 "missing": self.missing, "lists": s.lists, "watches": s.watches,
                 "events": s.events, "errors": s.errors, "last_error": s.last_error}
+
+
+def _trim(obj: Obj) -> Obj:
+    """Drop what no handler reads and the cache would hold for every object."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
 
 
 def _status(e: BaseException) -> int | None:
