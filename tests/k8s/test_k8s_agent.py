@@ -175,6 +175,12 @@ def test_policies_follow_kubectl_and_a_refused_cnp_reports_its_field(
         good = wait(lambda: node_status(cp, ns, "good", ap.node))
         assert good["ok"] is True and good["enforcing"] is True and good["error"] == ""
         assert wait(lambda: [e for e in events(cp, ns, "good") if e["reason"] == "PolicyEnforced"])
+
+        def ccnp_status() -> dict[str, Any]:
+            out = json.loads(cp.kubectl("get", "ccnp", ccnp_name, "-o", "json").stdout)
+            return ((out.get("status") or {}).get("nodes") or {}).get(ap.node) or {}
+
+        assert wait(lambda: ccnp_status().get("ok") is True), ccnp_status()
         k8s = k8s_status(ap)
         assert k8s["connected"] and k8s["synced"], k8s
         assert all(r["synced"] for r in k8s["resources"].values())
