@@ -486,3 +486,53 @@ def test_restart_keeps_policy_identities_and_established_connections(
     finally:
         holder.kill()
         holder.wait(10)
+
+
+# -- the installed plugin, run as containerd runs it --------------------------------------------
+
+def _cni(plugin: Path, command: str, netns: str, container: str, ns: str, pod: str,
+         socket: Path) -> tuple[int, dict[str, Any]]:
+    """The plugin with the host's python3 and a runtime's bare environment."""
+    conf = {"cniVersion": "1.0.0", "name": "axoneme", "type": "axoneme-cni",
+            "agentSocket": str(socket)}
+    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": container,
+           "CNI_NETNS": f"/var/run/netns/{netns}", "CNI_IFNAME": "eth0",
+           "CNI_PATH": str(plugin.parent),
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};"
+                       f"K8S_POD_INFRA_CONTAINER_ID={container}"}
+    res = subprocess.run([str(plugin)], input=json.dumps(conf), capture_output=True, text=True,
+                         env=env, cwd="/", timeout=60)
+    return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def test_installed_zipapp_plugin_adds_kubelet_pods_with_their_api_identity(
+        k8s_agent: Any, crds: Any, ns: str, tmp_path: Path, netns_factory: Any) -> None:
+    cp = crds
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("k8s_pod_wait: 1\n")
+    ap = k8s_agent("noop", "--install-cni", "--cni-conf-dir", str(conf_dir),
+                   "--cni-bin-dir", str(bin_dir), "--config", str(cfg))
+    conflist = json.loads((conf_dir / "05-axoneme.conflist").read_text())
+    assert conflist["plugins"][0]["agentSocket"] == str(ap.socket)
+    plugin = bin_dir / "axoneme-cni"
+    assert plugin.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+    api_pod(cp, ns, "kpod", ap.node, {"app": "kpod"},
+            ports=", ports: [{name: metrics, containerPort: 9090}]")
+    netns = netns_factory("axk")
+    container = secrets.token_hex(32)
+    code, out = _cni(plugin, "ADD", netns, container, ns, "kpod", ap.socket)
+    assert code == 0, out
+    assert out["ips"][0]["address"].endswith("/32")
+    ep = endpoint(ap, f"{ns}/kpod")
+    assert "k8s:app=kpod" in ep["labels"] and ep["status"] == "ready"
+    code, out = _cni(plugin, "DEL", netns, container, ns, "kpod", ap.socket)
+    assert code == 0, out
+    assert not ap.json("endpoint", "list")
+
+    # a pod the API server does not know: kubelet is told to try again (CNI error 11)
+    code, out = _cni(plugin, "ADD", netns, secrets.token_hex(32), ns, "unknown", ap.socket)
+    assert code != 0 and out["code"] == 11, out
+    assert f"{ns}/unknown" in out.get("details", ""), out
+    assert not ap.json("endpoint", "list")
