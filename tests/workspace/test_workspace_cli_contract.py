@@ -25,8 +25,6 @@ CLI_MD = ROOT / "docs" / "cli.md"
 # flag None: the whole command (and every flag of it) is still to come.
 NOT_YET: dict[tuple[str, str | None], int] = {
     # issue 15: Kubernetes mode, the local cluster
-    ("agent run", "--k8s-kubeconfig"): 15,
-    ("agent run", "--k8s-api-server"): 15,
     ("scripts/cluster up", None): 15,
     ("scripts/cluster down", None): 15,
     ("scripts/cluster status", None): 15,

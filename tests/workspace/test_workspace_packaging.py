@@ -76,6 +76,6 @@ def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     assert agent["dependencies"] == [f"axoneme-core=={_version()}"]
     extras = agent["optional-dependencies"]
     heavy = {re.split(r"[<>=]", r)[0] for r in extras["agent"]}
-    assert heavy == {"aiohttp", "pyroute2", "prometheus-client"}
+    assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes"}
     for datapath in ("ebpf", "iptables"):
         assert "axoneme[agent]" in extras[datapath], f"axoneme[{datapath}] must be a working node"
