@@ -268,6 +268,15 @@ def test_endpoint_identity_from_api_pod_follows_kubectl_label_within_1s(
     cp.kubectl("-n", ns, "label", "pod", "client", "app=client", "--overwrite")
     assert wait(lambda: _curl_code(ap, "client", ns, web_ip) == 0, 5), ap.log()
 
+    # the Pod object deleted and made again (other labels) before any CNI DEL: no stale identity
+    cp.kubectl("-n", ns, "delete", "pod", "client", "--grace-period=0", "--force")
+    api_pod(cp, ns, "client", ap.node, {"app": "remade"}, sa="client-sa")
+    t0 = time.monotonic()
+    assert wait(lambda: "k8s:app=remade" in endpoint(ap, f"{ns}/client")["labels"], 5, 0.02)
+    assert time.monotonic() - t0 < 1.0
+    if enforcing:
+        assert wait(lambda: _curl_code(ap, "client", ns, web_ip) != 0, 5), "stale identity allowed"
+
 
 def test_cni_add_of_a_pod_the_api_does_not_know_fails_with_try_again(
         k8s_agent: Any, crds: Any, ns: str, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -275,6 +276,7 @@ def test_cni_add_waits_for_the_pod_then_tries_again_later() -> None:
             raise AssertionError("no relabel for a new pod")
 
     src.endpoints = NoEndpoints()  # type: ignore[assignment]
+    src.store = SimpleNamespace(endpoints={})  # type: ignore[assignment]
     pod = {"metadata": {"name": "w", "namespace": "n", "labels": {"app": "web"}}, "spec": {}}
     ns = {"metadata": {"name": "n", "labels": {"team": "a"}}}
 

@@ -281,10 +281,15 @@ class KubernetesSource:
             self.pods[key] = meta
             if old is not None and old.identity_key() != meta.identity_key():
                 changed.add(key)
+            elif old is None and not initial and self._has_endpoint(key):
+                changed.add(key)  # deleted and made again before its CNI DEL
         if changed:
             LOG.info("pod labels changed: %s", ", ".join(sorted(changed)))
             await self._relabel(lambda ns, pod: f"{ns}/{pod}" in changed)
         await self._notify()
+
+    def _has_endpoint(self, key: str) -> bool:
+        return any(f"{r.namespace}/{r.pod_name}" == key for r in self.store.endpoints.values())
 
     async def _on_nodes(self, _: str, events: Sequence[Event], initial: bool) -> None:
         for kind, obj in events:
