@@ -73,6 +73,9 @@ def api_client(config: AgentConfig, sa_dir: str = SA_DIR) -> Any:
         except Exception as e:
             raise ConfigError(f"in-cluster credentials for {server}: {e} (service account "
                               f"files in {sa_dir}; or give --k8s-kubeconfig)") from e
+    # six watches held open at once, plus status writes and GETs: the default
+    # pool (5 per CPU) would discard connections on a small node
+    cfg.connection_pool_maxsize = max(int(cfg.connection_pool_maxsize or 0), 16)
     return client.ApiClient(cfg)
 
 
