@@ -230,7 +230,7 @@ class KubernetesSource:
         inf = self.informers.get("pods")
         if inf is None or self.status_writer is None:
             return False
-        core = client.CoreV1Api(self.status_writer.api)
+        core: Any = client.CoreV1Api(self.status_writer.api)  # raw answer: untyped
         try:
             resp = await asyncio.to_thread(core.read_namespaced_pod, name, namespace,
                                            _preload_content=False, _request_timeout=(5, 10))

@@ -44,8 +44,9 @@ def node_name(config: AgentConfig) -> str:
 def api_client(config: AgentConfig, sa_dir: str = SA_DIR) -> Any:
     """A configured ``kubernetes.client.ApiClient``; ConfigError naming the flag."""
     from kubernetes import client
-    from kubernetes import config as k8s_config
+    from kubernetes import config as k8s_loaders
 
+    k8s_config: Any = k8s_loaders  # its loaders are untyped
     cfg = client.Configuration()
     server = config.k8s_api_server
     if server:
@@ -211,6 +212,7 @@ class StatusWriter:
             "source": {"component": COMPONENT, "host": self.node},
             "reportingComponent": COMPONENT, "reportingInstance": self.node,
             "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+        assert ev is not None
         client.CoreV1Api(self.api).create_namespaced_event(ns, ev,
                                                            _request_timeout=WRITE_TIMEOUT)
         self.events += 1

@@ -180,7 +180,7 @@ class Informer:
                            _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
         self._resp = resp
         try:
-            for line in iter_resp_lines(resp):
+            for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
                 if self.stopping.is_set():
                     return
                 if not line.strip():
