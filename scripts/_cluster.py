@@ -291,8 +291,7 @@ def make_cgroups() -> None:
                 (h / CGROUP_ROOT / f).write_text((h / f).read_text())
 
 
-def containerd_config(ports: dict[str, int]) -> str:
-    del ports  # the CRI streaming server takes a random loopback port
+def containerd_config() -> str:
     return f"""\
 # written by scripts/cluster: everything under {D}
 version = 4
@@ -554,7 +553,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     make_cgroups()
     save_state(made_run_containerd=not RUN_CONTAINERD.exists())
-    (CTRD / "config.toml").write_text(containerd_config(ports))
+    (CTRD / "config.toml").write_text(containerd_config())
     env = os.environ.copy()
     env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"  # the shim, runc
     start("containerd", "--config", CTRD / "config.toml", env=env)
@@ -591,8 +590,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def apply_overlay() -> None:
-    # CRDs first: the server must know them before anything uses them (nothing in deploy/ does
-    # today, but a kustomization with a custom resource would fail on the first apply)
     res = kubectl("apply", "-k", str(OVERLAY), check=False, timeout=120)
     if res.returncode != 0:
         raise ClusterError(f"kubectl apply -k {OVERLAY} failed: {res.stderr.strip()[-2000:]}")
@@ -759,7 +756,7 @@ def do_down() -> None:
     if D.exists():
         containerd_cleanup(env)
     kill_strays()
-    if (AGENT_STATE / "state.json").exists() or any(AGENT_STATE.glob("*.json")):
+    if AGENT_STATE.is_dir():
         res = run(REPO / ".venv" / "bin" / "axoneme", "agent", "cleanup", "--state-dir", AGENT_STATE,
                   check=False, timeout=300)
         say(f"axoneme agent cleanup --state-dir {AGENT_STATE}: exit {res.returncode} "
