@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.machinery
-import importlib.util
 import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 import pytest
 from axoneme.testing import capability
@@ -35,14 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "k8s-images"
 
 
-def _load_script() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("k8s_images_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("k8s_images_script", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    loader.exec_module(mod)
-    return mod
+def _load_script() -> SimpleNamespace:
+    return SimpleNamespace(**runpy.run_path(str(SCRIPT), run_name="k8s_images_script"))
 
 
 ki = _load_script()
