@@ -1,0 +1,143 @@
+"""Churn on a real cluster: labels and pods change, policy follows within 1 s.
+
+A server (agnhost netexec) behind a policy that admits only ``role: client``
+pods, and from namespaces labelled ``team: blue``. Probes run inside the client
+pods in a tight loop (``agnhost connect`` with a 200 ms timeout) and print the
+kernel's boot-time clock (/proc/uptime, the same clock on the host) with each
+result, so the time from the ``kubectl label`` command to the first probe with
+the new verdict is measured, not guessed. Also: a deleted and recreated pod
+with other labels is judged by its new labels, and no identity of the old
+labels is left in the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from .conftest import Cluster, cluster_up
+
+NS, NS_B = "churn", "churn-b"
+AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+LIMIT_S = 1.0
+
+
+def _pod(ns: str, name: str, labels: dict, command: list[str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": AGNHOST, "command": command,
+                                     "imagePullPolicy": "IfNotPresent"}]}}
+
+
+SLEEPER = ["/agnhost", "pause"]
+POLICY = {
+    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "metadata": {"name": "server-ingress", "namespace": NS},
+    "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+             "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}},
+                                   {"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]},
+}
+
+
+@pytest.fixture(scope="module")
+def churn(cluster_session):
+    cl = cluster_up("ebpf")
+    objs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS_B,
+                                                                    "labels": {"team": "red"}}},
+            _pod(NS, "server", {"app": "server"}, ["/agnhost", "netexec", "--http-port=80"]),
+            _pod(NS, "client1", {"role": "client"}, SLEEPER),
+            _pod(NS, "client2", {"role": "other"}, SLEEPER),
+            _pod(NS_B, "client3", {"role": "other"}, SLEEPER),
+            POLICY]
+    cl.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+    try:
+        cl.wait_pods_ready(NS)
+        cl.wait_pods_ready(NS_B)
+        yield cl, cl.pod_ip(NS, "server")
+    finally:
+        cl.kubectl("delete", "ns", NS, NS_B, "--wait=true", "--timeout=120s", check=False,
+                   timeout=150)
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def _flip_after(cl: Cluster, ns: str, pod: str, server: str, want_ok: bool, change) -> float:
+    """Seconds from ``change()`` to the first probe from ``pod`` with the new verdict."""
+    verdict = "ok" if want_ok else "no"
+    loop = (f"end=$(( $(cut -d. -f1 /proc/uptime) + 8 )); "
+            f"while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do "
+            f"if /agnhost connect {server}:80 --timeout=200ms --protocol=tcp >/dev/null 2>&1; "
+            f"then r=ok; else r=no; fi; echo \"$(cut -d' ' -f1 /proc/uptime) $r\"; "
+            f"[ $r = {verdict} ] && [ -n \"$go\" ] && break; "
+            f"[ -f /tmp/go ] && go=1; done")
+    cl.exec(ns, pod, "rm", "-f", "/tmp/go")
+    proc = subprocess.Popen([cl.kubectl_bin, "--kubeconfig", str(cl.kubeconfig), "-n", ns, "exec",
+                             pod, "--", "sh", "-c", loop], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # the loop runs and shows the old verdict first
+    t0 = _uptime()
+    change()
+    cl.exec(ns, pod, "touch", "/tmp/go")
+    out, _ = proc.communicate(timeout=30)
+    lines = [ln.split() for ln in out.splitlines() if ln.strip()]
+    before = [r for t, r in lines if float(t) < t0]
+    assert before and before[-1] != verdict, f"{ns}/{pod} had the new verdict before the change: {out}"
+    after = [float(t) for t, r in lines if float(t) >= t0 and r == verdict]
+    assert after, f"{ns}/{pod} never got verdict {verdict} after the change: {out[-1500:]}"
+    return after[0] - t0
+
+
+def test_pod_label_change_follows_within_1s(churn):
+    cl, server = churn
+    allowed = _flip_after(cl, NS, "client2", server, True,
+                          lambda: cl.kubectl("-n", NS, "label", "pod", "client2", "role=client",
+                                             "--overwrite"))
+    denied = _flip_after(cl, NS, "client2", server, False,
+                         lambda: cl.kubectl("-n", NS, "label", "pod", "client2", "role=other",
+                                            "--overwrite"))
+    print(f"pod label -> allowed {allowed * 1000:.0f} ms, -> denied {denied * 1000:.0f} ms")
+    assert allowed < LIMIT_S and denied < LIMIT_S, (allowed, denied)
+
+
+def test_namespace_label_change_follows_within_1s(churn):
+    cl, server = churn
+    allowed = _flip_after(cl, NS_B, "client3", server, True,
+                          lambda: cl.kubectl("label", "ns", NS_B, "team=blue", "--overwrite"))
+    denied = _flip_after(cl, NS_B, "client3", server, False,
+                         lambda: cl.kubectl("label", "ns", NS_B, "team=red", "--overwrite"))
+    print(f"namespace label -> allowed {allowed * 1000:.0f} ms, -> denied {denied * 1000:.0f} ms")
+    assert allowed < LIMIT_S and denied < LIMIT_S, (allowed, denied)
+
+
+def test_pod_recreated_with_other_labels_leaves_no_stale_identity(churn):
+    cl, server = churn
+    cl.kubectl("-n", NS, "delete", "pod", "client1", "--wait=true")
+    cl.kubectl("apply", "-f", "-", input=yaml.safe_dump(
+        _pod(NS, "client1", {"role": "intruder"}, SLEEPER)))
+    cl.kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/client1", "--timeout=120s",
+               timeout=150)
+    res = cl.exec(NS, "client1", "/agnhost", "connect", f"{server}:80", "--timeout=1s",
+                  "--protocol=tcp")
+    assert res.returncode != 0, "client1 recreated as role=intruder still reaches the server"
+
+    def stale() -> list:
+        out = cl.agent("identity", "list", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        return [i for i in json.loads(out.stdout)
+                if f"k8s:io.kubernetes.pod.namespace={NS}" in i["labels"]
+                and "k8s:role=client" in i["labels"]]
+
+    deadline = time.monotonic() + 10
+    left = stale()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = stale()
+    assert not left, f"identities of pods that no longer exist: {left}"
