@@ -1,0 +1,229 @@
+"""Kubernetes-mode benchmarks on the local cluster (scripts/cluster): README table.
+
+    scripts/bench-k8s [--datapath ebpf|iptables] [--pods 50] [--policies 20]
+                      [--api-pods 1000] [--out bench-results/k8s]
+
+- ``cluster up`` warm: ``scripts/cluster down`` then ``up`` with every build and
+  image cached (the cold figure, with nothing built, is the build's: see
+  docs/kubernetes.md);
+- pod create -> Ready: N agnhost pods created one after another in a fresh
+  namespace; each from the create call's return to its Ready condition seen by a
+  watch (client clock, milliseconds; the API's own timestamps have 1 s
+  resolution);
+- ``kubectl apply`` of a policy -> enforced in the kernel: a client pod probes a
+  server in a tight loop (``agnhost connect``, 50 ms timeout) and stamps each
+  probe's start with /proc/uptime, the host's clock too; a deny policy is
+  applied and the latency is from just before ``kubectl apply`` to the start of
+  the first probe that was dropped. Repeated (deny, delete, back to allowed);
+- agent RSS with many pods: the agent's resident set (its process, seen from the
+  host) with N pods in the API besides the running ones (bound to another node
+  name, so they never run here, but the agent caches them all as it must for
+  cluster-wide identities).
+
+Writes results.json and README.md (a table) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+
+
+def run(*cmd: str, input: str | None = None, timeout: float = 600,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, input=input, timeout=timeout)
+    if check and res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed ({res.returncode}): {res.stderr[-2000:]}")
+    return res
+
+
+class Kubectl:
+    def __init__(self, kubeconfig: str) -> None:
+        self.base = [str(REPO / ".cluster" / "bin" / "kubectl"), "--kubeconfig", kubeconfig]
+
+    def __call__(self, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return run(*self.base, *args, **kw)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": round(pct(values, 50), 3), "p99": round(pct(values, 99), 3),
+            "mean": round(statistics.fmean(values), 3), "max": round(max(values), 3)}
+
+
+def cluster_up(datapath: str, fresh: bool) -> tuple[str, float]:
+    if fresh:
+        run(str(REPO / "scripts" / "cluster"), "down", timeout=600)
+    t0 = time.monotonic()
+    res = run(str(REPO / "scripts" / "cluster"), "up", "--datapath", datapath, timeout=1800)
+    took = time.monotonic() - t0
+    return res.stdout.strip().splitlines()[-1].split("=", 1)[1], took
+
+
+def pod(ns: str, name: str, labels: dict, command: list[str], node: str | None = None) -> dict:
+    spec: dict = {"terminationGracePeriodSeconds": 1,
+                  "containers": [{"name": "c", "image": AGNHOST, "imagePullPolicy": "IfNotPresent",
+                                  "command": command}]}
+    if node:
+        spec["nodeName"] = node
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels}, "spec": spec}
+
+
+def bench_pod_ready(k: Kubectl, kubeconfig: str, n: int) -> list[float]:
+    from kubernetes import client, config, watch
+
+    ns = "bench-pods"
+    k("create", "namespace", ns)
+    api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+    out = []
+    try:
+        for i in range(n):
+            body = pod(ns, f"p{i}", {"bench": "ready"}, ["/agnhost", "pause"])
+            w = watch.Watch()
+            t0 = time.monotonic()
+            created = api.create_namespaced_pod(ns, body)
+            for ev in w.stream(api.list_namespaced_pod, ns, field_selector=f"metadata.name=p{i}",
+                               resource_version=created.metadata.resource_version,
+                               timeout_seconds=120):
+                conds = ev["object"].status.conditions or []
+                if any(c.type == "Ready" and c.status == "True" for c in conds):
+                    out.append(time.monotonic() - t0)
+                    w.stop()
+            if len(out) != i + 1:
+                raise SystemExit(f"pod p{i} not Ready within 120 s")
+    finally:
+        k("delete", "namespace", ns, "--wait=true", "--timeout=300s", check=False, timeout=400)
+    return out
+
+
+def bench_policy_enforced(k: Kubectl, reps: int) -> list[float]:
+    ns = "bench-policy"
+    objs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+            pod(ns, "server", {"app": "server"}, ["/agnhost", "netexec", "--http-port=80"]),
+            pod(ns, "client", {"app": "client"}, ["/agnhost", "pause"])]
+    k("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}}
+    out = []
+    try:
+        k("-n", ns, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=180s", timeout=200)
+        server = k("-n", ns, "get", "pod", "server", "-o", "jsonpath={.status.podIP}").stdout
+        loop = (f"i=0; while [ $i -lt 400 ]; do t=$(cut -d' ' -f1 /proc/uptime); "
+                f"if /agnhost connect {server}:80 --timeout=50ms --protocol=tcp >/dev/null 2>&1; "
+                f"then echo \"$t ok\"; else echo \"$t no\"; [ -f /tmp/go ] && break; fi; "
+                f"i=$((i+1)); done")
+        for _ in range(reps):
+            k("-n", ns, "exec", "client", "--", "rm", "-f", "/tmp/go")
+            proc = subprocess.Popen([*k.base, "-n", ns, "exec", "client", "--", "sh", "-c", loop],
+                                    stdout=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+            with open("/proc/uptime") as f:
+                t0 = float(f.read().split()[0])
+            k("apply", "-f", "-", input=yaml.safe_dump(deny))
+            k("-n", ns, "exec", "client", "--", "touch", "/tmp/go")
+            lines = [ln.split() for ln in proc.communicate(timeout=120)[0].splitlines() if ln.strip()]
+            dropped = [float(t) for t, r in lines if r == "no" and float(t) >= t0]
+            if not dropped:
+                raise SystemExit("the deny policy was never enforced")
+            out.append(dropped[0] - t0)
+            k("delete", "-f", "-", input=yaml.safe_dump(deny))
+            time.sleep(1.5)
+    finally:
+        k("delete", "namespace", ns, "--wait=true", "--timeout=300s", check=False, timeout=400)
+    return out
+
+
+def agent_pid() -> int:
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in argv and b"run" in argv and any(a.startswith(b"--k8s-") for a in argv):
+            return int(d)
+    raise SystemExit("no agent process in Kubernetes mode found")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_agent_rss(k: Kubectl, n: int) -> dict[str, float]:
+    ns = "bench-rss"
+    k("create", "namespace", ns)
+    pid = agent_pid()
+    before = rss_mb(pid)
+    try:
+        pods = [pod(ns, f"r{i}", {"app": f"a{i % 50}", "tier": f"t{i % 7}"}, ["/agnhost", "pause"],
+                    node="bench-elsewhere") for i in range(n)]
+        for i in range(0, n, 200):
+            k("apply", "-f", "-", input=yaml.safe_dump_all(pods[i:i + 200]), timeout=300)
+        time.sleep(10)  # the agent's watch has them all
+        after = rss_mb(pid)
+    finally:
+        k("delete", "namespace", ns, "--wait=false", check=False)
+    return {"pods_in_api": n, "rss_mb_before": round(before, 1), "rss_mb_after": round(after, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench-k8s")
+    ap.add_argument("--datapath", default="ebpf")
+    ap.add_argument("--pods", type=int, default=50)
+    ap.add_argument("--policies", type=int, default=20)
+    ap.add_argument("--api-pods", type=int, default=1000)
+    ap.add_argument("--out", default=str(REPO / "bench-results" / "k8s"))
+    args = ap.parse_args(argv)
+    results: dict = {"datapath": args.datapath, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "machine": f"{os.cpu_count()} cores, kernel {os.uname().release}"}
+    kubeconfig, warm = cluster_up(args.datapath, fresh=True)
+    results["cluster_up_warm_s"] = round(warm, 1)
+    print(f"cluster up (warm): {warm:.1f} s", flush=True)
+    k = Kubectl(kubeconfig)
+    results["pod_ready_s"] = summary(bench_pod_ready(k, kubeconfig, args.pods))
+    print(f"pod create -> Ready: {results['pod_ready_s']}", flush=True)
+    results["policy_enforced_s"] = summary(bench_policy_enforced(k, args.policies))
+    print(f"kubectl apply -> enforced: {results['policy_enforced_s']}", flush=True)
+    results["agent_rss"] = bench_agent_rss(k, args.api_pods)
+    print(f"agent RSS: {results['agent_rss']}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    pr, pe, rss = results["pod_ready_s"], results["policy_enforced_s"], results["agent_rss"]
+    (out / "README.md").write_text(
+        f"# Kubernetes-mode benchmarks ({results['date']}, {results['machine']}, "
+        f"datapath {args.datapath})\n\nProduced by `scripts/bench-k8s`; see tests/bench/k8s_bench.py "
+        f"for the method.\n\n| measure | p50 | p99 | n |\n|---|---|---|---|\n"
+        f"| pod create -> Ready (s) | {pr['p50']} | {pr['p99']} | {pr['n']} |\n"
+        f"| `kubectl apply` of a policy -> enforced in the kernel (s) | {pe['p50']} | {pe['p99']} "
+        f"| {pe['n']} |\n\n| measure | value |\n|---|---|\n"
+        f"| `scripts/cluster up`, warm (s) | {results['cluster_up_warm_s']} |\n"
+        f"| agent RSS, {rss['pods_in_api']} pods in the API (MB) | {rss['rss_mb_after']} "
+        f"(before: {rss['rss_mb_before']}) |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
