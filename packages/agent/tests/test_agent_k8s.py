@@ -362,3 +362,52 @@ def test_kubernetes_flags_and_config_keys(tmp_path: Path) -> None:
     conf.write_text("k8s_pod_wait: -1\n")
     with pytest.raises(UsageError, match="k8s_pod_wait"):
         build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
+
+
+# -- status --brief (the DaemonSet's startup and readiness probes) -------------------------
+
+def _status(healthy=True, k8s=None, faults=()):
+    data = {"datapath": {"name": "ebpf", "healthy": healthy, "detail": "" if healthy else "map gone"},
+            "endpoints": 0, "identities": 0, "policy_revision": 1,
+            "components": {}, "faults": list(faults)}
+    if k8s is not None:
+        data["components"]["kubernetes"] = k8s
+    return data
+
+
+def test_status_brief_ready_unless_datapath_or_api_server_is_not():
+    from axoneme.agent.cli._agentcmds import not_ready
+
+    synced = {"api_server": "https://10.255.254.1:6443", "connected": True,
+              "resources": {"pods": {"synced": True, "count": 3},
+                            "networkpolicies": {"synced": True, "count": 0}}}
+    assert not_ready(_status()) == []
+    assert not_ready(_status(k8s=synced)) == []
+    # a refused policy is that policy's fault: the agent stays ready
+    assert not_ready(_status(k8s=synced, faults=["policy default/bad refused"])) == []
+    assert not_ready(_status(healthy=False)) == ["datapath ebpf unhealthy: map gone"]
+    down = dict(synced, connected=False, last_error="connection refused")
+    assert not_ready(_status(k8s=down)) == [
+        "kubernetes: not connected to https://10.255.254.1:6443: connection refused"]
+    partial = dict(synced, resources={"pods": {"synced": False}, "nodes": {"synced": True}})
+    assert not_ready(_status(k8s=partial)) == ["kubernetes: not synced: pods"]
+
+
+def test_status_brief_exit_codes(monkeypatch, capsys):
+    import argparse
+
+    from axoneme.agent.cli import _agentcmds
+
+    answers = iter([_status(), _status(healthy=False)])
+
+    class FakeClient:
+        def get(self, path):
+            assert path == "/v1/status"
+            return next(answers)
+
+    monkeypatch.setattr(_agentcmds, "client", lambda args: FakeClient())
+    args = argparse.Namespace(brief=True, output="text")
+    assert _agentcmds.cmd_status(args) == 0
+    assert capsys.readouterr().out == "OK\n"
+    assert _agentcmds.cmd_status(args) == 1
+    assert capsys.readouterr().out == "datapath ebpf unhealthy: map gone\n"

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from axoneme.agent._errors import BadRequest
@@ -113,6 +113,10 @@ def register(groups: dict[str, SubParsers]) -> None:
     cl.set_defaults(handler=cmd_agent_cleanup)
 
     st = top.add_parser("status", help="agent health")
+    st.add_argument("--brief", action="store_true",
+                    help="one line: OK (exit 0) when the datapath is healthy and, in Kubernetes "
+                         "mode, the API server is connected and every resource synced; else the "
+                         "problems (exit 1). For readiness probes")
     add_output_flag(st)
     add_socket_flag(st)
     st.set_defaults(handler=cmd_status)
@@ -203,8 +207,31 @@ def cmd_agent_cleanup(args: argparse.Namespace) -> int:
     return cleanup(os.path.abspath(args.state_dir))
 
 
+def not_ready(data: Mapping[str, Any]) -> list[str]:
+    """Why the agent cannot enforce policy now (``status --brief``). A refused
+    policy or a failed endpoint write is a fault of that object, not of the
+    agent: those stay in ``Faults:`` and keep the agent ready."""
+    problems = []
+    dp = data.get("datapath", {})
+    if not dp.get("healthy"):
+        problems.append(f"datapath {dp.get('name')} unhealthy: {dp.get('detail', '')}".rstrip(": "))
+    k8s = data.get("components", {}).get("kubernetes")
+    if k8s:
+        if not k8s.get("connected"):
+            problems.append(f"kubernetes: not connected to {k8s.get('api_server', '')}: "
+                            f"{k8s.get('last_error') or 'no answer yet'}")
+        unsynced = sorted(n for n, r in k8s.get("resources", {}).items() if not r.get("synced"))
+        if unsynced:
+            problems.append("kubernetes: not synced: " + ", ".join(unsynced))
+    return problems
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data = client(args).get("/v1/status")
+    if getattr(args, "brief", False):
+        problems = not_ready(data)
+        sys.stdout.write("OK\n" if not problems else "".join(f"{p}\n" for p in problems))
+        return 1 if problems else 0
     if args.output == "json":
         dump_json(data)
         return 0
