@@ -12,10 +12,10 @@ axoneme-cni; the requests are curl's, from inside the ships, through
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
+from _testnet import poll
 
 from .conftest import Cluster, cluster_up
 
@@ -29,15 +29,6 @@ def _curl(cl: Cluster, ship: str, method: str, url: str) -> tuple[int, str]:
     res = cl.exec(NS, ship, "curl", "-s", "--connect-timeout", "2", "--max-time", "5",
                   "-w", "\n%{http_code}", "-X", method, url, timeout=30)
     return res.returncode, res.stdout.strip()
-
-
-def _until(pred, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    value = pred()
-    while not value and time.monotonic() < deadline:
-        time.sleep(0.3)
-        value = pred()
-    return value
 
 
 @pytest.fixture(params=["ebpf", "iptables"])
@@ -70,7 +61,7 @@ def test_starwars_l3_l4_then_l7(starwars):
 
     # L3/L4: only the empire lands; xwing's SYN is dropped
     cl.kubectl("-n", NS, "apply", "-f", str(POLICIES / "sw_l3_l4_policy.yaml"))
-    assert _until(lambda: _curl(cl, "xwing", "POST", landing)[0] == 28), \
+    assert poll(lambda: _curl(cl, "xwing", "POST", landing)[0] == 28, timeout=15, interval=0.3), \
         "xwing still reaches deathstar under rule1 (L3/L4)"
     rc, out = _curl(cl, "tiefighter", "POST", landing)
     assert rc == 0 and out.startswith("Ship landed"), (rc, out)
@@ -92,7 +83,7 @@ def test_starwars_l3_l4_then_l7(starwars):
         rc, out = _curl(cl, "tiefighter", "PUT", exhaust)
         return rc == 0 and out.endswith("403") and out.startswith("Access denied")
 
-    assert _until(exhaust_denied), f"PUT /v1/exhaust-port not denied: {_curl(cl, 'tiefighter', 'PUT', exhaust)}"
+    assert poll(exhaust_denied, timeout=15, interval=0.3), f"PUT /v1/exhaust-port not denied: {_curl(cl, 'tiefighter', 'PUT', exhaust)}"
     rc, out = _curl(cl, "tiefighter", "POST", landing)
     assert rc == 0 and out.startswith("Ship landed") and out.endswith("200"), (rc, out)
     assert _curl(cl, "xwing", "POST", landing)[0] == 28
