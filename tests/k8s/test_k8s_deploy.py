@@ -36,6 +36,9 @@ CONTRACT_RULES = {
     ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
     ("networking.k8s.io", "networkpolicies", "get"), ("networking.k8s.io", "networkpolicies", "list"),
     ("networking.k8s.io", "networkpolicies", "watch"),
+    ("", "services", "get"), ("", "services", "list"), ("", "services", "watch"),
+    ("discovery.k8s.io", "endpointslices", "get"), ("discovery.k8s.io", "endpointslices", "list"),
+    ("discovery.k8s.io", "endpointslices", "watch"),
     ("cilium.io", "ciliumnetworkpolicies", "get"), ("cilium.io", "ciliumnetworkpolicies", "list"),
     ("cilium.io", "ciliumnetworkpolicies", "watch"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "get"),
@@ -509,8 +512,9 @@ def test_daemonset_fields(deployed):
                         ("--state-dir", "$(AXONEME_STATE_DIR)")):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--install-cni" in cmd
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["exec"]["command"] == ["axoneme", "status"], probe
+    for probe in ("startupProbe", "readinessProbe"):
+        assert c[probe]["exec"]["command"] == ["axoneme", "status", "--brief"], probe
+    assert c["livenessProbe"]["exec"]["command"] == ["axoneme", "status"]
     # a cold start compiles BPF: the startup probe allows minutes before liveness counts
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
     env = {e["name"]: e for e in c["env"]}

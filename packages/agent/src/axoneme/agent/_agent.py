@@ -35,9 +35,11 @@ from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._endpoints import EndpointService
 from axoneme.agent._errors import StateDirLocked
+from axoneme.agent._flowattr import FlowAttributor
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
 from axoneme.agent._k8s import KubernetesSource
+from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._policies import PolicyService, PolicySource
@@ -86,7 +88,9 @@ class Agent:
                                        config.policy_map_full)
         self.regenerator.after_regenerate = self._update_gauges
         self.flows = FlowStore(max(1, config.flow_buffer),
-                               enrich=FlowEnricher(self.store, self.engine, self.allocator),
+                               enrich=FlowAttributor(
+                                   FlowEnricher(self.store, self.engine, self.allocator),
+                                   self.store, self.engine, node_name(config)),
                                on_flow=self._on_flow)
         hooks = self.pm.hook
         self.endpoints = EndpointService(config, self.store, self.engine, self.allocator,
@@ -198,6 +202,8 @@ class Agent:
             await self.k8s.start()
             self._tasks.append(asyncio.create_task(self.k8s.run()))
         await self.endpoints.adopt()
+        if self.k8s is not None:
+            await self.k8s.services_ready()
         self.flows.bind_loop(asyncio.get_running_loop())
         self._start_events(dp)
         await self.store.persist()

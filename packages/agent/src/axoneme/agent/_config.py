@@ -64,8 +64,15 @@ class AgentConfig:
     k8s_api_server: str | None = None  # --k8s-api-server https://HOST:PORT (in-cluster auth)
     k8s_node_name: str | None = None  # default: $NODE_NAME, else the hostname
     k8s_pod_wait: float = 10.0  # CNI ADD of a pod not (yet) in the cache: wait this long
+    # Kubernetes mode: translate Service ClusterIPs in each pod's namespace
+    # (Cilium's kube-proxy replacement; no kube-proxy needed). Config key only.
+    kube_proxy_replacement: bool = True
     cni_conf_dir: str = "/etc/cni/net.d"  # --install-cni: where the conflist goes
     cni_bin_dir: str = "/opt/cni/bin"  # --install-cni: where the plugin goes
+    # observability (docs/cli.md "Metrics", "Traces"): off unless set
+    prometheus_serve_addr: str | None = None  # --prometheus-serve-addr HOST:PORT
+    otlp_endpoint: str | None = None  # --otlp-endpoint http://HOST:PORT (OTLP/HTTP)
+    otlp_l7_sample_ratio: float = 0.1  # share of L7 proxy decisions traced
 
     @property
     def k8s_mode(self) -> bool:

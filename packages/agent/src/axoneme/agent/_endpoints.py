@@ -51,6 +51,9 @@ class PodMetadata(Protocol):
     async def wait_for_pod(self, namespace: str, name: str) -> None:
         """Return once the pod is known; TryAgain when it is not in time."""
 
+    async def pod_ready(self, netns_path: str) -> None:
+        """The pod's endpoint is ready: set up what its namespace needs (services)."""
+
 
 class EndpointService:
     """The endpoints of this node (the agent's lock is held by every mutation).
@@ -242,6 +245,9 @@ class EndpointService:
                 await self._rollback(rec, identity)
                 raise
             self.on_change()
+        if self.metadata is not None:
+            # Kubernetes mode: ClusterIP translation in its namespace before it runs
+            await self.metadata.pod_ready(netns_path)
         self.metrics.endpoint_ready.observe(time.perf_counter() - t0)
         try:
             self.hooks.axoneme_endpoint_added(endpoint=ep)

@@ -1,9 +1,9 @@
 """Kubernetes mode: the API server is the source of policies and pod metadata.
 
 ``KubernetesSource`` runs one informer (``_k8sinformer``) per resource:
-Namespaces, Pods, Nodes, NetworkPolicies, CiliumNetworkPolicies and
-CiliumClusterwideNetworkPolicies. Their changes are applied on the agent's
-loop:
+Namespaces, Pods, Nodes, NetworkPolicies, CiliumNetworkPolicies,
+CiliumClusterwideNetworkPolicies, Services and EndpointSlices. Their changes
+are applied on the agent's loop:
 
 - namespaces and pods feed a metadata cache (every pod of the cluster: its
   labels, service account, named ports, node and IPs) that
@@ -14,7 +14,9 @@ loop:
 - policies go through ``PolicyService.upsert`` with source ``k8s``; one the
   parser refuses is not enforced (a previous version of it stays in force)
   and never holds up the others; each CNP/CCNP gets this node's status
-  (``status.nodes.<node>``) and each policy an Event (``StatusWriter``).
+  (``status.nodes.<node>``) and each policy an Event (``StatusWriter``);
+- services and endpoint slices feed the ClusterIP translation in the pods'
+  namespaces (``_services``, with ``kube_proxy_replacement``).
 
 ``start()`` returns when the first list of every resource is applied: the
 agent adopts endpoints and serves CNI ADD only against a synced cache.
@@ -42,6 +44,7 @@ from axoneme.agent._k8sclient import (
 )
 from axoneme.agent._k8sinformer import Event, Informer, Obj, obj_key
 from axoneme.agent._policies import PolicyService, policy_key
+from axoneme.agent._services import ServiceTranslator
 from axoneme.agent._state import StateStore
 from axoneme.core.cluster import Cluster, Namespace, Pod, namespace_labels
 from axoneme.core.errors import InvalidRule, PolicyError
@@ -126,6 +129,11 @@ class KubernetesSource:
         self.status_writer: StatusWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Condition | None = None
+        self.services: ServiceTranslator | None = None
+        if getattr(config, "kube_proxy_replacement", True):
+            self.services = ServiceTranslator(
+                lambda: {r.container_id: r.netns_path for r in store.endpoints.values()
+                         if r.netns_path})
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +148,8 @@ class KubernetesSource:
         handlers = {"namespaces": self._on_namespaces, "pods": self._on_pods,
                     "nodes": self._on_nodes, "networkpolicies": self._on_policies,
                     "cnps": self._on_policies, "ccnps": self._on_policies}
+        if self.services is not None:
+            handlers.update(services=self._on_services, endpointslices=self._on_services)
         for name, handler in handlers.items():
             self.informers[name] = Informer(name, getattr(calls, name),
                                             self._deliverer(name, handler), self._stop,
@@ -299,6 +309,21 @@ class KubernetesSource:
             else:
                 self.nodes.add(name)
 
+    async def _on_services(self, informer: str, events: Sequence[Event], initial: bool) -> None:
+        assert self.services is not None
+        await self.services.on_events(informer, events)
+
+    async def pod_ready(self, netns_path: str) -> None:
+        if self.services is not None and self.services.synced:
+            await self.services.endpoint_ready(netns_path)
+
+    async def services_ready(self) -> None:
+        """After the endpoints are adopted: translate in every pod's namespace
+        from now on (and write their tables now)."""
+        if self.services is not None:
+            self.services.synced = True
+            await self.services.sync()
+
     async def _relabel(self, which: Any) -> None:
         async with self.store.lock:
             await self.endpoints.relabel(lambda rec: which(rec.namespace, rec.pod_name))
@@ -404,6 +429,7 @@ class KubernetesSource:
                 "synced": bool(infs) and all(v["synced"] for v in infs.values()),
                 "resources": infs, "pods_cached": len(self.pods),
                 "namespaces_cached": len(self.namespaces), "nodes": len(self.nodes),
+                "services": self.services.view() if self.services is not None else None,
                 "refused_policies": dict(sorted(dict(self.refused).items())),
                 "status_writes": self.status_writer.view() if self.status_writer else {},
                 "last_error": errors[-1] if errors else ""}

@@ -90,6 +90,8 @@ class Listers:
     networkpolicies: Callable[..., Any]
     cnps: Callable[..., Any]
     ccnps: Callable[..., Any]
+    services: Callable[..., Any]
+    endpointslices: Callable[..., Any]
 
 
 def listers(api: Any) -> Listers:
@@ -97,6 +99,7 @@ def listers(api: Any) -> Listers:
 
     core = client.CoreV1Api(api)
     net = client.NetworkingV1Api(api)
+    discovery = client.DiscoveryV1Api(api)
     custom = client.CustomObjectsApi(api)
 
     def custom_list(plural: str) -> Callable[..., Any]:
@@ -109,7 +112,9 @@ def listers(api: Any) -> Listers:
     return Listers(namespaces=core.list_namespace, pods=core.list_pod_for_all_namespaces,
                    nodes=core.list_node,
                    networkpolicies=net.list_network_policy_for_all_namespaces,
-                   cnps=custom_list(CNP_PLURAL), ccnps=custom_list(CCNP_PLURAL))
+                   cnps=custom_list(CNP_PLURAL), ccnps=custom_list(CCNP_PLURAL),
+                   services=core.list_service_for_all_namespaces,
+                   endpointslices=discovery.list_endpoint_slice_for_all_namespaces)
 
 
 @dataclass

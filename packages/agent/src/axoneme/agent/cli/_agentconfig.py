@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
+from axoneme.agent._prometheus import parse_serve_addr
+from axoneme.agent._tracing import traces_url
 from axoneme.agent.cli import UsageError
 from axoneme.agent.client import resolve_socket
 from axoneme.core import yamlsafe
@@ -23,8 +25,10 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
                 "dns_reject_rcode", "policy_map_max", "flow_injection",
                 "policy_map_full", "drop_unparseable_policies", "plugins",
+                "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
-                "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode")
+                "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
+                "kube_proxy_replacement")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -101,6 +105,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "k8s_node_name": args.k8s_node_name, "cni_conf_dir": args.cni_conf_dir,
         "cni_bin_dir": args.cni_bin_dir,
         "policy_cidr_match_mode": getattr(args, "policy_cidr_match_mode", None),
+        "prometheus_serve_addr": getattr(args, "prometheus_serve_addr", None),
+        "otlp_endpoint": getattr(args, "otlp_endpoint", None),
     }
     if args.no_guard:
         flags["guard"] = False
@@ -124,6 +130,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--policy-cidr-match-mode: {e}") from None
     if cfg.k8s_pod_wait < 0:
         raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
+    check_observability(cfg)
     if cfg.k8s_kubeconfig:
         cfg.k8s_kubeconfig = os.path.abspath(cfg.k8s_kubeconfig)
     cfg.state_dir = os.path.abspath(cfg.state_dir)
@@ -131,6 +138,20 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     if cfg.policy_dir:
         cfg.policy_dir = os.path.abspath(cfg.policy_dir)
     return cfg
+
+
+def check_observability(cfg: AgentConfig) -> None:
+    """--prometheus-serve-addr and --otlp-endpoint are well formed (UsageError, exit 2)."""
+    try:
+        if cfg.prometheus_serve_addr:
+            parse_serve_addr(cfg.prometheus_serve_addr)
+        if cfg.otlp_endpoint:
+            traces_url(cfg.otlp_endpoint)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if not 0.0 <= cfg.otlp_l7_sample_ratio <= 1.0:
+        raise UsageError(f"otlp_l7_sample_ratio must be between 0 and 1, "
+                         f"got {cfg.otlp_l7_sample_ratio!r}")
 
 
 def _datapath_options(conf: Any, flags: Sequence[str] | None) -> dict[str, Any]:
