@@ -11,7 +11,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.flow import (
+    EVENT_TYPE_NAMES,
+    POLICY_FIELDS,
+    POLICY_MATCH_NAMES,
+    DropReason,
+    Flow,
+    FlowEndpoint,
+    FlowPolicy,
+    FlowVerdict,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -176,6 +185,22 @@ def _parse_time(value: Any) -> float:
     return _dt.datetime.now(tz=_dt.UTC).timestamp()
 
 
+def _event_type(d: Mapping[str, Any]) -> str:
+    """``event_type`` as Hubble's object ({type, sub_type}) or our older name."""
+    et = d.get("event_type")
+    if isinstance(et, Mapping):
+        return EVENT_TYPE_NAMES.get(int(et.get("type", 0) or 0), "policy-verdict")
+    if isinstance(et, str) and et:
+        return et
+    return "l7" if d.get("Type") == "L7" else "policy-verdict"
+
+
+def _match_type(value: Any) -> str:
+    if isinstance(value, int):
+        return POLICY_MATCH_NAMES.get(value, "")
+    return str(value or "")
+
+
 def flow_from_json(d: Mapping[str, Any]) -> Flow:
     """The inverse of ``Flow.to_json`` (for POST /v1/flows and clients)."""
     ip = d.get("IP") or {}
@@ -185,6 +210,10 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
         drop = DropReason(int(reason))
     elif d.get("drop_reason_desc"):
         drop = DropReason[str(d["drop_reason_desc"])]
+    iface = d.get("interface")
+    eth = d.get("ethernet")
+    policies = {name: tuple(FlowPolicy.from_json(p) for p in d.get(name) or ())
+                for name in POLICY_FIELDS}
     return Flow(
         time=_parse_time(d.get("time")),
         verdict=FlowVerdict(str(d.get("verdict", "FORWARDED")).upper()),
@@ -194,12 +223,18 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
         destination=_endpoint_from_json(d.get("destination")),
         traffic_direction=str(d.get("traffic_direction", "INGRESS")),
         type=str(d.get("Type", "L3_L4")),
-        event_type=str(d.get("event_type", "l7" if d.get("Type") == "L7" else "policy-verdict")),
+        event_type=_event_type(d),
         drop_reason=drop,
         l4=dict(d.get("l4") or {}),
         l7=dict(d["l7"]) if d.get("l7") is not None else None,
         is_reply=d.get("is_reply"),
         ip_version=str(ip.get("ipVersion", "IPv4")),
-        match_type=str(d.get("policy_match_type", "")),
+        match_type=_match_type(d.get("policy_match_type")),
         summary=str(d.get("Summary", "")),
+        uuid=str(d.get("uuid", "")),
+        node_name=str(d.get("node_name", "")),
+        trace_observation_point=str(d.get("trace_observation_point", "")),
+        interface=(int(iface.get("index", 0)), str(iface.get("name", ""))) if iface else None,
+        ethernet=(str(eth.get("source", "")), str(eth.get("destination", ""))) if eth else None,
+        **policies,
     )

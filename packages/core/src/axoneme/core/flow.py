@@ -1,14 +1,21 @@
-"""Flow records with Hubble's field names, and the compact line format."""
+"""Flow records with Hubble's field names, and the compact line format.
+
+``Flow.to_json`` is Hubble's ``flow.Flow`` message in protojson's form (proto
+field names, enums by name, ``event_type`` as ``{type, sub_type}``), plus a
+few fields of ours that Hubble lacks (``l7.reason``, ``l7.kafka.topics``):
+a protojson reader that ignores unknown fields takes every line.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 
-class FlowVerdict(str, Enum):
+class FlowVerdict(StrEnum):
     FORWARDED = "FORWARDED"
     DROPPED = "DROPPED"
     REDIRECTED = "REDIRECTED"
@@ -54,6 +61,88 @@ DROP_REASON_TEXT = {
 }
 
 
+# Cilium's monitor message types (pkg/monitor/api/types.go MessageType*): Hubble's
+# event_type.type. DO NOT CHANGE: Hubble's filters and printer read these numbers.
+EVENT_TYPES = {"drop": 1, "debug": 2, "capture": 3, "trace": 4, "policy-verdict": 5,
+               "trace-sock": 7, "l7": 129, "agent": 130}
+EVENT_TYPE_NAMES = {v: k for k, v in EVENT_TYPES.items()}
+# Cilium's PolicyMatch* (pkg/monitor/api/types.go): policy_match_type as a number
+POLICY_MATCH_TYPES = {"": 0, "NONE": 0, "L3_ONLY": 1, "L3_L4": 2, "L4_ONLY": 3, "ALL": 4,
+                      "L3_PROTO": 5, "PROTO_ONLY": 6}
+POLICY_MATCH_NAMES = {1: "L3_ONLY", 2: "L3_L4", 3: "L4_ONLY", 4: "ALL", 5: "L3_PROTO",
+                      6: "PROTO_ONLY"}
+# Hubble's TraceObservationPoint names -> the monitor's trace sub_type (TraceToLxc..)
+TRACE_POINTS = {"TO_ENDPOINT": 0, "TO_PROXY": 1, "TO_HOST": 2, "TO_STACK": 3, "TO_OVERLAY": 4,
+                "FROM_ENDPOINT": 5, "FROM_PROXY": 6, "FROM_HOST": 7, "FROM_STACK": 8,
+                "FROM_OVERLAY": 9, "FROM_NETWORK": 10, "TO_NETWORK": 11}
+# label keys of a FlowPolicy (Cilium's policy labels, and ours for the rule)
+POLICY_LABEL_KIND = "k8s:io.cilium.k8s.policy.derived-from"
+POLICY_LABEL_NAME = "k8s:io.cilium.k8s.policy.name"
+POLICY_LABEL_NAMESPACE = "k8s:io.cilium.k8s.policy.namespace"
+POLICY_LABEL_RULE = "axoneme:rule"
+POLICY_LABEL_DEFAULT_DENY = "axoneme:default-deny"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowPolicy:
+    """One policy that decided a flow: Hubble's ``flow.Policy``.
+
+    ``rule`` is the path of the deciding rule in the policy's document
+    (``spec.ingress[0]``); ``default_deny`` marks a policy named because it
+    put the endpoint into default deny in that direction (``rule`` is then
+    the section that did: ``spec.ingress``, ``spec.egressDeny``, ...).
+    Hubble's message has no field for either: they travel as labels."""
+
+    name: str
+    namespace: str = ""
+    kind: str = ""
+    rule: str = ""
+    default_deny: bool = False
+    revision: int = 0
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        out = [f"{POLICY_LABEL_KIND}={self.kind}", f"{POLICY_LABEL_NAME}={self.name}"]
+        if self.namespace:
+            out.append(f"{POLICY_LABEL_NAMESPACE}={self.namespace}")
+        if self.rule:
+            out.append(f"{POLICY_LABEL_RULE}={self.rule}")
+        if self.default_deny:
+            out.append(f"{POLICY_LABEL_DEFAULT_DENY}=true")
+        return tuple(out)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "labels": list(self.labels)}
+        if self.namespace:
+            out["namespace"] = self.namespace
+        if self.revision:
+            out["revision"] = str(self.revision)  # protojson: uint64 as a string
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FlowPolicy:
+        labels = dict(str(x).split("=", 1) for x in d.get("labels") or () if "=" in str(x))
+        return cls(name=str(d.get("name", "")), namespace=str(d.get("namespace", "")),
+                   kind=str(d.get("kind", "")), rule=labels.get(POLICY_LABEL_RULE, ""),
+                   default_deny=labels.get(POLICY_LABEL_DEFAULT_DENY) == "true",
+                   revision=int(d.get("revision") or 0))
+
+    @classmethod
+    def from_rule_ref(cls, text: str, default_deny: bool = False) -> FlowPolicy | None:
+        """``"CiliumNetworkPolicy ns/name spec.ingress[0]"`` (a MapState entry's
+        ``derived_from``; a clusterwide policy has no ``ns/``) -> FlowPolicy;
+        None for a reference that names no policy (``allow-localhost``)."""
+        parts = text.split(" ", 2)
+        if len(parts) < 2 or not parts[0].endswith("Policy"):
+            return None
+        ns, _, name = parts[1].rpartition("/")
+        return cls(name=name, namespace=ns, kind=parts[0],
+                   rule=parts[2] if len(parts) > 2 else "", default_deny=default_deny)
+
+    def compact(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+
 @dataclass(frozen=True, slots=True)
 class FlowEndpoint:
     identity: int = 0
@@ -95,6 +184,16 @@ class Flow:
     ip_version: str = "IPv4"
     match_type: str = ""  # L3_ONLY | L3_L4 | L4_ONLY | ALL | NONE
     summary: str = ""
+    # filled in by the agent's flow store where known (Hubble's fields of the same names)
+    uuid: str = ""
+    node_name: str = ""
+    trace_observation_point: str = ""  # TRACE_POINTS name, "" when unknown
+    interface: tuple[int, str] | None = None  # (ifindex, name) of the observing interface
+    ethernet: tuple[str, str] | None = None  # (source MAC, destination MAC)
+    ingress_allowed_by: tuple[FlowPolicy, ...] = ()
+    egress_allowed_by: tuple[FlowPolicy, ...] = ()
+    ingress_denied_by: tuple[FlowPolicy, ...] = ()
+    egress_denied_by: tuple[FlowPolicy, ...] = ()
 
     @property
     def protocol(self) -> str:
@@ -122,9 +221,23 @@ class Flow:
             "l4": self.l4,
             "source": self.source.to_json(),
             "destination": self.destination.to_json(),
-            "event_type": self.event_type,
+            "event_type": self.hubble_event_type(),
             "Summary": self.summary or self.default_summary(),
         }
+        if self.uuid:
+            out["uuid"] = self.uuid
+        if self.node_name:
+            out["node_name"] = self.node_name
+        if self.trace_observation_point:
+            out["trace_observation_point"] = self.trace_observation_point
+        if self.interface is not None:
+            out["interface"] = {"index": self.interface[0], "name": self.interface[1]}
+        if self.ethernet is not None:
+            out["ethernet"] = {"source": self.ethernet[0], "destination": self.ethernet[1]}
+        for name in POLICY_FIELDS:
+            policies = getattr(self, name)
+            if policies:
+                out[name] = [p.to_json() for p in policies]
         if self.drop_reason is not None:
             out["drop_reason"] = int(self.drop_reason)
             out["drop_reason_desc"] = self.drop_reason.name
@@ -133,8 +246,29 @@ class Flow:
         if self.l7 is not None:
             out["l7"] = self.l7
         if self.match_type:
-            out["policy_match_type"] = self.match_type
+            out["policy_match_type"] = POLICY_MATCH_TYPES.get(self.match_type, 0)
         return out
+
+    def hubble_event_type(self) -> dict[str, int]:
+        """Hubble's ``CiliumEventType``: the monitor message type, and its sub type
+        (a drop's reason code, a trace's observation point)."""
+        kind = "l7" if self.type == "L7" else self.event_type
+        out = {"type": EVENT_TYPES.get(kind, 0)}
+        sub = 0
+        if kind == "drop" and self.drop_reason is not None:
+            sub = int(self.drop_reason)
+        elif kind == "trace":
+            sub = TRACE_POINTS.get(self.trace_observation_point, 0)
+        if sub:
+            out["sub_type"] = sub
+        return out
+
+    def decided_by(self) -> tuple[FlowPolicy, ...]:
+        """The policies that decided this flow in its traffic direction."""
+        ingress = self.traffic_direction == "INGRESS"
+        if self.verdict is FlowVerdict.DROPPED:
+            return self.ingress_denied_by if ingress else self.egress_denied_by
+        return self.ingress_allowed_by if ingress else self.egress_allowed_by
 
     def default_summary(self) -> str:
         for proto in ("TCP", "UDP", "SCTP"):
@@ -176,5 +310,11 @@ class Flow:
         reason = ""
         if self.verdict is FlowVerdict.DROPPED and self.drop_reason is not None:
             reason = DROP_REASON_TEXT.get(self.drop_reason, self.drop_reason.name) + " "
+        by = self.decided_by()
+        names = (" BY " + ", ".join(p.compact() for p in by)) if by else ""
         return (f"{ts}: {src} (ID:{s_id}) {arrow} {dst} (ID:{d_id}) {what}{reason}"
-                f"{self.verdict.value} ({self.summary or self.default_summary()})")
+                f"{self.verdict.value}{names} ({self.summary or self.default_summary()})")
+
+
+POLICY_FIELDS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by",
+                 "egress_denied_by")
