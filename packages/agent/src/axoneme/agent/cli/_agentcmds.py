@@ -107,6 +107,13 @@ def register(groups: dict[str, SubParsers]) -> None:
                           "match: empty (default: non-cluster peers only, as Cilium), nodes, pods, "
                           "or nodes,pods (a NetworkPolicy ipBlock always matches both)")
     run.add_argument("--cluster-name", default=None)
+    run.add_argument("--prometheus-serve-addr", default=None, metavar="HOST:PORT",
+                     help="serve Prometheus metrics on HOST:PORT/metrics (Cilium's flag; :PORT "
+                          "for every address; off by default), e.g. 127.0.0.1:9962")
+    run.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                     help="export OpenTelemetry traces (policy regeneration, CNI, Kubernetes "
+                          "events, sampled L7 decisions) to this OTLP/HTTP receiver, e.g. "
+                          "http://127.0.0.1:4318 (off by default)")
     run.set_defaults(handler=cmd_agent_run)
     cl = asub.add_parser("cleanup", help="remove every kernel object an agent made")
     cl.add_argument("--state-dir", default="/var/lib/axoneme")

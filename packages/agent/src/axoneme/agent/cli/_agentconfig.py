@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
-from axoneme.agent._prometheus import parse_serve_addr
 from axoneme.agent._tracing import traces_url
 from axoneme.agent.cli import UsageError
 from axoneme.agent.client import resolve_socket
@@ -144,6 +143,8 @@ def check_observability(cfg: AgentConfig) -> None:
     """--prometheus-serve-addr and --otlp-endpoint are well formed (UsageError, exit 2)."""
     try:
         if cfg.prometheus_serve_addr:
+            from axoneme.agent._prometheus import parse_serve_addr  # the agent extra's
+
             parse_serve_addr(cfg.prometheus_serve_addr)
         if cfg.otlp_endpoint:
             traces_url(cfg.otlp_endpoint)
