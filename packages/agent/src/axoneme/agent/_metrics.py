@@ -1,13 +1,35 @@
-"""Prometheus metrics of one agent (own registry: several agents per process in tests)."""
+"""Prometheus metrics of one agent (own registry: several agents per process in tests).
+
+Two families, both in one registry (served on the API socket's ``/metrics`` and,
+with ``--prometheus-serve-addr``, over TCP by ``_prometheus``):
+
+- Cilium's names and labels, literally, where Cilium has the metric (users'
+  dashboards and alerts query them): ``cilium_drop_count_total{reason,direction}``
+  with Cilium's reason text ("Policy denied"), ``cilium_forward_count_total``,
+  ``cilium_policy_regeneration_*``, ``cilium_endpoint_regenerations_total{outcome}``,
+  ``cilium_policy_l7_total{rule,proxy_type}``; the gauges read from the agent's
+  state at scrape time (``cilium_identity``, ``cilium_policy``, map pressure...)
+  come from ``_prometheus.AgentStateCollector``.
+- ``axoneme_*`` for ours (kept as they were: enum-named drop reasons, the
+  latency histograms, the datapath's own counters).
+
+Other parts of the agent (and plugins) add counters with ``AgentMetrics.counter``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from axoneme.core.flow import Flow, FlowVerdict
+from axoneme.core.flow import DROP_REASON_TEXT, Flow, FlowVerdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# Cilium's regeneration histograms (pkg/metrics: 1 ms .. ~2 min)
+REGENERATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                        30, 60, 120)
+# what Cilium's cilium_policy_l7_total{proxy_type} says for each parser's flows
+PROXY_TYPE = {"http": "http", "kafka": "kafka", "dns": "dns"}
 
 
 class _DatapathCollector(Collector):
@@ -26,10 +48,43 @@ class _DatapathCollector(Collector):
             yield g
 
 
+def drop_reason_text(flow: Flow) -> str:
+    """Cilium's ``reason`` label of ``cilium_drop_count_total`` for a dropped flow."""
+    if flow.drop_reason is None:
+        return "Policy denied" if flow.type == "L7" else "Unknown"
+    return DROP_REASON_TEXT.get(flow.drop_reason, flow.drop_reason.name)
+
+
 class AgentMetrics:
     def __init__(self, datapath_metrics: Callable[[], Mapping[str, float]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._counters: dict[str, tuple[Counter, tuple[str, ...]]] = {}
+        # -- Cilium's names (docs/cli.md "Metrics") ------------------------------------
+        self.cilium_drops = Counter(
+            "cilium_drop_count", "Total dropped packets, tagged by drop reason and ingress/egress "
+            "direction", ["reason", "direction"], registry=r)
+        self.cilium_forwards = Counter(
+            "cilium_forward_count", "Total forwarded packets, tagged by ingress/egress direction",
+            ["direction"], registry=r)
+        self.policy_regenerations = Counter(
+            "cilium_policy_regeneration", "Total number of successful policy regenerations",
+            registry=r)
+        self.policy_regeneration_time = Histogram(
+            "cilium_policy_regeneration_time_stats_seconds",
+            "Policy regeneration time stats labeled by the scope", ["scope"],
+            buckets=REGENERATION_BUCKETS, registry=r)
+        self.endpoint_regenerations = Counter(
+            "cilium_endpoint_regenerations", "Count of all endpoint regenerations that have "
+            "completed, tagged by outcome", ["outcome"], registry=r)
+        self.endpoint_regeneration_time = Histogram(
+            "cilium_endpoint_regeneration_time_stats_seconds",
+            "Endpoint regeneration time stats labeled by the scope", ["scope"],
+            buckets=REGENERATION_BUCKETS, registry=r)
+        self.policy_l7 = Counter(
+            "cilium_policy_l7", "Number of total proxy requests handled",
+            ["rule", "proxy_type"], registry=r)
+        # -- ours ------------------------------------------------------------------------
         self.drops = Counter("axoneme_drop_count", "Dropped packets/requests",
                              ["reason", "direction"], registry=r)
         self.forwards = Counter("axoneme_forward_count", "Forwarded packets/requests", registry=r)
@@ -54,13 +109,55 @@ class AgentMetrics:
         if datapath_metrics is not None:
             r.register(_DatapathCollector(datapath_metrics))
 
+    # -- for other parts of the agent and plugins ----------------------------------------
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter in this agent's registry, made on the first call and the same
+        one on later calls with the same name (an ``axoneme_`` name, without
+        ``_total``: Prometheus' client adds it). ValueError if ``name`` was made
+        with other labels or is not ours."""
+        if not name.startswith("axoneme_") or name.endswith("_total"):
+            raise ValueError(f"metric {name!r}: axoneme_<what>, without _total")
+        labels = tuple(labels)
+        if name in self._counters:
+            made, made_labels = self._counters[name]
+            if made_labels != labels:
+                raise ValueError(f"metric {name!r} exists with labels {list(made_labels)}")
+            return made
+        made = Counter(name, documentation, list(labels), registry=self.registry)
+        self._counters[name] = (made, labels)
+        return made
+
+    def register(self, collector: Collector) -> None:
+        """Add a collector whose metrics are read at scrape time."""
+        self.registry.register(collector)
+
+    # -- what feeds the counters ---------------------------------------------------------
     def observe_flow(self, flow: Flow) -> None:
         self.flows.inc()
+        direction = flow.traffic_direction or "UNKNOWN"
         if flow.verdict is FlowVerdict.DROPPED:
             reason = flow.drop_reason.name if flow.drop_reason is not None else "UNKNOWN"
-            self.drops.labels(reason=reason, direction=flow.traffic_direction or "UNKNOWN").inc()
+            self.drops.labels(reason=reason, direction=direction).inc()
+            self.cilium_drops.labels(reason=drop_reason_text(flow), direction=direction).inc()
         elif flow.verdict in (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED):
             self.forwards.inc()
+            self.cilium_forwards.labels(direction=direction).inc()
+        if flow.type == "L7" and flow.verdict is not FlowVerdict.REDIRECTED:
+            proxy_type = PROXY_TYPE.get(flow.protocol, flow.protocol or "unknown")
+            self.policy_l7.labels(rule="received", proxy_type=proxy_type).inc()
+            rule = "denied" if flow.verdict is FlowVerdict.DROPPED else "forwarded"
+            self.policy_l7.labels(rule=rule, proxy_type=proxy_type).inc()
+
+    def regenerated(self, seconds: float) -> None:
+        """One regeneration (every pending endpoint written) took ``seconds``."""
+        self.regeneration.observe(seconds)
+        self.policy_regenerations.inc()
+        self.policy_regeneration_time.labels(scope="total").observe(seconds)
+
+    def endpoint_regenerated(self, seconds: float, ok: bool) -> None:
+        """One endpoint's policy written (``ok``) or not, in ``seconds``."""
+        self.endpoint_regenerations.labels(outcome="success" if ok else "fail").inc()
+        self.endpoint_regeneration_time.labels(scope="total").observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
