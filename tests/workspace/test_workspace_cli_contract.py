@@ -27,8 +27,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     # issue 20: several nodes
     ("scripts/cluster up", "--nodes"): 20,
     ("scripts/cluster up", "--routing-mode"): 20,
-    # issue 16: upstream's NetworkPolicy e2e suite
-    ("scripts/k8s-e2e", None): 16,
     # issue 18: observability (Prometheus, OTLP, Hubble's observe filters)
     ("agent run", "--prometheus-serve-addr"): 18,
     ("agent run", "--otlp-endpoint"): 18,

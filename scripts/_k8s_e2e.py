@@ -1,0 +1,227 @@
+"""scripts/k8s-e2e: upstream Kubernetes' NetworkPolicy e2e tests against axoneme.
+
+    scripts/k8s-e2e [--datapath ebpf|iptables] [--iptables-mode plain|ipset]
+                    [--focus REGEX] [--skip REGEX] [--subset ci] [--keep-cluster]
+                    [--results DIR]
+
+1. `scripts/k8s-build --with-e2e`: upstream's e2e.test from the same pinned
+   Kubernetes as the cluster (cached outside the repository);
+2. `scripts/cluster up --datapath ...` (a cluster on another datapath is
+   brought down and up again);
+3. e2e.test with Ginkgo's focus on the NetworkPolicy tests (the `Netpol`
+   suite: `[Feature:NetworkPolicy]`, UDP, SCTP where the kernel has it, and the
+   API tests), its JUnit report in the results directory;
+4. the per-test outcome and the summary (date, versions, datapath, duration)
+   as results.json and README.md there; the last line printed is
+   `N passed, M failed, K skipped`. Exit 0 only when nothing failed.
+
+Only tests the focus selects are counted: a spec Ginkgo filtered out is not
+"skipped". A test the suite skips itself (e.g. SCTP when the kernel has no
+SCTP module) is listed with the suite's reason. --subset ci is the bounded
+set CI runs (the CIDR tests, a named port, namespace selectors, default deny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / ".cluster"
+DEFAULT_RESULTS = REPO / "conformance-results"
+# every NetworkPolicy test of upstream's suite (test/e2e/network/netpol)
+FOCUS = r"\[sig-network\] Netpol "
+# what CI runs: issue 16's representative subset
+CI_SUBSET = (
+    r"should allow egress access to server in CIDR block",
+    r"should enforce except clause while egress access to server in CIDR block",
+    r"should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
+    r"should allow ingress access on one named port",
+    r"should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
+    r"should support a 'default-deny-ingress' policy",
+    r"should support a 'default-deny-all' policy",
+)
+
+
+def say(msg: str) -> None:
+    print(f"k8s-e2e: {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    say("$ " + " ".join(cmd))
+    return subprocess.run(cmd, text=True, **kw)  # type: ignore[call-overload]
+
+
+def build() -> Path:
+    res = run([str(REPO / "scripts" / "k8s-build"), "--with-e2e"])
+    if res.returncode != 0:
+        raise SystemExit("k8s-e2e: error: scripts/k8s-build --with-e2e failed")
+    out = subprocess.run([str(REPO / "scripts" / "k8s-build"), "--print-dir"], text=True,
+                         capture_output=True, check=True).stdout.strip().splitlines()[-1]
+    return Path(out)
+
+
+def cluster_up(datapath: str, mode: str) -> None:
+    res = run([str(REPO / "scripts" / "cluster"), "up", "--datapath", datapath,
+               "--iptables-mode", mode])
+    if res.returncode != 0:
+        raise SystemExit("k8s-e2e: error: scripts/cluster up failed")
+
+
+def sctp_available() -> bool:
+    """The kernel's SCTP (loaded or loadable): without it the suite's SCTP tests fail
+    for lack of a socket, not of policy, so they are only selected with it."""
+    if Path("/proc/net/sctp").exists():
+        return True
+    return subprocess.run(["modprobe", "sctp"], capture_output=True).returncode == 0
+
+
+def parse_junit(path: Path, selected: re.Pattern[str] | None) -> list[dict[str, str]]:
+    """The outcome of each test the run selected (Ginkgo's JUnit report)."""
+    out = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name") or ""
+        if name.startswith(("[SynchronizedBeforeSuite]", "[SynchronizedAfterSuite]",
+                            "[ReportAfterSuite]", "[ReportBeforeSuite]", "[BeforeSuite]",
+                            "[AfterSuite]")):
+            fail = case.find("failure")
+            if fail is None:
+                fail = case.find("error")
+            if fail is not None:
+                out.append({"name": name, "outcome": "failed",
+                            "message": (fail.get("message") or "")[:2000]})
+            continue
+        skipped = case.find("skipped")
+        if skipped is not None:
+            message = skipped.get("message") or ""
+            # filtered out by focus/skip: not part of the run
+            if message in ("", "skipped") or (selected is not None and not selected.search(name)):
+                continue
+            out.append({"name": name, "outcome": "skipped", "message": message[:2000],
+                        "time_s": case.get("time") or "0"})
+            continue
+        fail = case.find("failure")
+        if fail is None:
+            fail = case.find("error")
+        out.append({"name": name, "outcome": "failed" if fail is not None else "passed",
+                    "message": ((fail.get("message") or "") if fail is not None else "")[:2000],
+                    "time_s": case.get("time") or "0"})
+    return out
+
+
+def write_results(dest: Path, summary: dict[str, object], tests: list[dict[str, str]]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "results.json").write_text(json.dumps({**summary, "tests": tests}, indent=2) + "\n")
+    lines = [f"# Upstream NetworkPolicy e2e: {summary['datapath']}", "",
+             f"- date: {summary['date']}", f"- Kubernetes (e2e.test and cluster): {summary['kubernetes']}",
+             f"- axoneme: {summary['axoneme']}", f"- focus: `{summary['focus']}`",
+             f"- skip: `{summary['skip'] or '-'}`", f"- duration: {summary['duration_s']} s",
+             f"- **{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped**",
+             "", "| test | outcome | s |", "|---|---|---|"]
+    for t in sorted(tests, key=lambda t: t["name"]):
+        name = t["name"].replace("[sig-network] Netpol ", "").replace("|", "\\|")
+        why = f" ({t['message'].splitlines()[0][:120]})" if t["outcome"] != "passed" and t["message"] else ""
+        lines.append(f"| {name} | {t['outcome']}{why} | {float(t.get('time_s') or 0):.0f} |")
+    (dest / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/k8s-e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--datapath", choices=("ebpf", "iptables"), default="ebpf")
+    p.add_argument("--iptables-mode", choices=("plain", "ipset"), default="plain")
+    p.add_argument("--focus", help="run only the NetworkPolicy tests whose name matches REGEX")
+    p.add_argument("--skip", help="leave out the tests whose name matches REGEX")
+    p.add_argument("--subset", choices=("ci",), help="ci: the bounded subset CI runs")
+    p.add_argument("--keep-cluster", action="store_true",
+                   help="leave the cluster up afterwards (default: leave it as found)")
+    p.add_argument("--results", type=Path, help="results directory (default: "
+                   "conformance-results/<datapath>, or a temporary one for --focus/--subset)")
+    args = p.parse_args(argv)
+    for what in ("focus", "skip"):
+        value = getattr(args, what)
+        if value:
+            try:
+                re.compile(value)
+            except re.error as e:
+                print(f"k8s-e2e: error: --{what} {value!r}: not a regular expression: {e}",
+                      file=sys.stderr)
+                return 2
+    if os.geteuid() != 0:
+        print("k8s-e2e: needs root (it brings the cluster up)", file=sys.stderr)
+        return 1
+    label = args.datapath if args.datapath == "ebpf" else f"iptables-{args.iptables_mode}"
+    partial = bool(args.focus or args.subset)
+    dest = args.results or (DEFAULT_RESULTS / label if not partial
+                            else Path("/tmp") / f"axoneme-k8s-e2e-{label}")
+    focus = FOCUS
+    inner = args.focus or ("|".join(CI_SUBSET) if args.subset == "ci" else "")
+    if inner:
+        focus = f"{FOCUS}.*({inner})"
+    skip = args.skip or ""
+    if not sctp_available():
+        say("the kernel has no SCTP: the suite's [Feature:SCTPConnectivity] tests are left out")
+        skip = "|".join(x for x in (skip, r"\[Feature:SCTPConnectivity\]") if x)
+
+    was_up = (CLUSTER / "state.json").exists()
+    t0 = time.monotonic()
+    bindir = build()
+    cluster_up(args.datapath, args.iptables_mode)
+    report = dest / "junit"
+    report.mkdir(parents=True, exist_ok=True)
+    for old in report.glob("*.xml"):
+        old.unlink()
+    cmd = [str(bindir / "e2e.test"), f"--kubeconfig={CLUSTER / 'kubeconfig'}",
+           f"--kubectl-path={CLUSTER / 'bin' / 'kubectl'}", "--provider=local",
+           f"--report-dir={report}", "--ginkgo.no-color", "--ginkgo.v",
+           "--disable-log-dump", "--minStartupPods=-1", "--ginkgo.timeout=6h",
+           f"--ginkgo.focus={focus}"]
+    if skip:
+        cmd.append(f"--ginkgo.skip={skip}")
+    log = dest / "e2e.log"
+    say(f"running e2e.test (log: {log})")
+    t1 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=str(dest))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(("•", "[sig-network]", "  [FAILED]", "[FAIL]", "Ran ", "FAIL!",
+                                "SUCCESS!")) or "[FAILED]" in line[:40]:
+                print(line.rstrip(), flush=True)
+        rc = proc.wait()
+    duration = time.monotonic() - t1
+    junits = sorted(report.glob("*.xml"))
+    if not junits:
+        say(f"error: e2e.test (exit {rc}) wrote no JUnit report; see {log}")
+        return 1
+    selected = re.compile(focus)
+    tests = [t for j in junits for t in parse_junit(j, selected)]
+    counts = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
+    version = bindir.parent.name
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    summary = {"datapath": label, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "kubernetes": version, "axoneme": head, "focus": focus, "skip": skip,
+               "duration_s": round(duration), "total_s": round(time.monotonic() - t0),
+               "e2e_exit": rc, **counts}
+    write_results(dest, summary, tests)
+    if not args.keep_cluster and not was_up:
+        run([str(REPO / "scripts" / "cluster"), "down"])
+    for t in tests:
+        if t["outcome"] != "passed":
+            say(f"{t['outcome'].upper()}: {t['name']}: {t['message'].splitlines()[0] if t['message'] else ''}")
+    say(f"results in {dest}")
+    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+    return 0 if counts["failed"] == 0 and rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
