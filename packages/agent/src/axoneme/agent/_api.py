@@ -122,7 +122,8 @@ def build_app(agent: Agent) -> web.Application:
 
     # policies
     async def pol_list(request: web.Request) -> web.Response:
-        return _json({"revision": policies.revision, "policies": policies.listing()})
+        documents = request.query.get("documents") in ("1", "true", "yes")
+        return _json({"revision": policies.revision, "policies": policies.listing(documents)})
 
     def k8s_policies_only() -> None:
         if agent.config.k8s_mode:

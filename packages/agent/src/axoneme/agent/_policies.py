@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from axoneme.agent import _tracing as tracing
 from axoneme.agent._config import AgentConfig
 from axoneme.agent._errors import (
     DROPPED_POLICIES_FILE,
@@ -141,6 +142,9 @@ class PolicyService:
             raise InvalidRule(problems)
         return await self.upsert(parsed, source)
 
+    @tracing.traced("policy.apply", lambda self, parsed, source, remove_refs=(): {
+        "policy": ", ".join(policy_key(p.ref) for p, _ in parsed), "source": source},
+        lambda res: {"revision": res["revision"]})
     async def upsert(self, parsed: Sequence[tuple[Policy, Mapping[str, Any]]], source: str,
                      remove_refs: Sequence[PolicyRef] = ()) -> dict[str, Any]:
         """Add or replace ``parsed`` and remove ``remove_refs``, as one change."""
@@ -177,6 +181,9 @@ class PolicyService:
                 "removed": [ref_view(r) for r in removed],
                 "errors": {str(k): v for k, v in errors.items()}}
 
+    @tracing.traced("policy.delete",
+                    lambda self, refs: {"policy": ", ".join(policy_key(r) for r in refs)},
+                    lambda res: {"revision": res["revision"]})
     async def delete(self, refs: Sequence[PolicyRef]) -> dict[str, Any]:
         store = self.store
         async with store.lock:
@@ -204,12 +211,21 @@ class PolicyService:
             LOG.warning("axoneme_policy_changed hook failed", exc_info=True)
 
     # -- views ---------------------------------------------------------------------------
-    def listing(self) -> list[dict[str, Any]]:
+    def listing(self, documents: bool = False) -> list[dict[str, Any]]:
+        """The policies in force; ``documents``: with each one's document as it was given
+        (``policy get -o yaml`` prints it: applying that gives the same policy)."""
         out = []
         for pol in self.engine.policies():
             rec = self.store.policy_docs.get(policy_key(pol.ref), {})
-            out.append({**ref_view(pol.ref), "revision": rec.get("revision", 0),
-                        "source": rec.get("source", API), "rules": len(pol.rules)})
+            obj = (rec.get("doc") or {}).get("obj")
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            labels = meta.get("labels") if isinstance(meta, dict) else None
+            view = {**ref_view(pol.ref), "revision": rec.get("revision", 0),
+                    "source": rec.get("source", API), "rules": len(pol.rules),
+                    "labels": labels if isinstance(labels, dict) else {}}
+            if documents:
+                view["document"] = obj
+            out.append(view)
         out.sort(key=lambda p: (p["namespace"], p["kind"], p["name"]))
         return out
 

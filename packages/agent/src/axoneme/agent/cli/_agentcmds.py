@@ -4,7 +4,6 @@ namespace, endpoint and identity (docs/cli.md "Node agent")."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from axoneme.agent._errors import BadRequest
 from axoneme.agent._records import parse_labels
 from axoneme.agent.cli import UsageError, add_output_flag
 from axoneme.agent.cli._agentconfig import build_agent_config
+from axoneme.agent.cli._output import add_list_flags, dump_json, emit, joined_labels, select, table
 from axoneme.agent.client import AgentClient, q
 from axoneme.core.errors import InvalidRule
 from axoneme.core.policy.parse import load_documents, parse_policy
@@ -32,18 +32,6 @@ def add_socket_flag(p: argparse.ArgumentParser) -> None:
 
 def client(args: argparse.Namespace) -> Any:
     return AgentClient(getattr(args, "api_socket_sub", None) or getattr(args, "api_socket", None))
-
-
-def dump_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
-    sys.stdout.write("\n")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in headers]] + [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for r in cells:
-        sys.stdout.write("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() + "\n")
 
 
 def register(groups: dict[str, SubParsers]) -> None:
@@ -143,7 +131,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     add_socket_flag(de)
     de.set_defaults(handler=cmd_policy_delete)
     ls = pol.add_parser("list", help="policies in the running agent")
-    add_output_flag(ls)
+    add_list_flags(ls, "[{kind, namespace, name, revision, source, rules, labels}]")
     add_socket_flag(ls)
     ls.set_defaults(handler=cmd_policy_list)
 
@@ -165,7 +153,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     add_socket_flag(d)
     d.set_defaults(handler=cmd_ns_delete)
     nl = nsub.add_parser("list", help="namespaces")
-    add_output_flag(nl)
+    add_list_flags(nl, "[{name, labels}]")
     add_socket_flag(nl)
     nl.set_defaults(handler=cmd_ns_list)
 
@@ -173,7 +161,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     ep = top.add_parser("endpoint", aliases=["ep"], help="local endpoints")
     esub = ep.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ep))
     el = esub.add_parser("list", help="endpoints (like cilium-dbg endpoint list)")
-    add_output_flag(el)
+    add_list_flags(el, "[{id, identity, labels, ipv4, policy_enforcement, status, pod}]")
     add_socket_flag(el)
     el.set_defaults(handler=cmd_ep_list)
     eg = esub.add_parser("get", help="one endpoint: resolved policy and the datapath's copy")
@@ -184,7 +172,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     ident = top.add_parser("identity", help="security identities")
     isub = ident.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ident))
     il = isub.add_parser("list", help="identities, reserved ones included")
-    add_output_flag(il)
+    add_list_flags(il, "[{id, labels, reserved}]")
     add_socket_flag(il)
     il.set_defaults(handler=cmd_id_list)
 
@@ -355,12 +343,18 @@ def cmd_policy_delete(args: argparse.Namespace) -> int:
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
     res = client(args).get("/v1/policies")
-    if args.output == "json":
-        dump_json(res["policies"])
-        return 0
-    table(["REVISION", "KIND", "NAMESPACE", "NAME"],
-          [[p["revision"], p["kind"], p["namespace"] or "-", p["name"]] for p in res["policies"]])
-    return 0
+    return print_policies(args, select(args, res["policies"], lambda p: p.get("labels")))
+
+
+def print_policies(args: argparse.Namespace, policies: list[dict[str, Any]]) -> int:
+    def render(wide: bool) -> None:
+        extra = ["SOURCE", "RULES", "LABELS"] if wide else []
+        table(["REVISION", "KIND", "NAMESPACE", "NAME", *extra],
+              [[p["revision"], p["kind"], p["namespace"] or "-", p["name"],
+                *([p.get("source", ""), p.get("rules", ""), joined_labels(p.get("labels") or {})]
+                  if wide else [])] for p in policies])
+
+    return emit(args, policies, render)
 
 
 # -- namespaces ------------------------------------------------------------------------------------
@@ -394,13 +388,10 @@ def cmd_ns_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_ns_list(args: argparse.Namespace) -> int:
-    res = client(args).get("/v1/namespaces")
-    if args.output == "json":
-        dump_json(res)
-        return 0
-    table(["NAME", "LABELS"], [[n["name"], ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))]
-                               for n in res])
-    return 0
+    res = select(args, client(args).get("/v1/namespaces"), lambda n: n["labels"])
+    # wide: nothing more is known of a namespace than its labels
+    return emit(args, res, lambda wide: table(["NAME", "LABELS"],
+                                              [[n["name"], joined_labels(n["labels"])] for n in res]))
 
 
 # -- endpoints / identities -----------------------------------------------------------------------
@@ -410,22 +401,26 @@ def _enf(flag: bool) -> str:
 
 
 def cmd_ep_list(args: argparse.Namespace) -> int:
-    res = client(args).get("/v1/endpoints")
-    if args.output == "json":
-        dump_json(res)
-        return 0
-    headers = ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY",
-               "LABELS (source:key[=value])", "IPv4", "STATUS"]
-    rows: list[list[Any]] = [["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", ""]]
-    for ep in res:
-        labels = ep["labels"] or [""]
-        rows.append([ep["id"], _enf(ep["policy_enforcement"]["ingress"]),
-                     _enf(ep["policy_enforcement"]["egress"]), ep["identity"], labels[0],
-                     ep["ipv4"] or "", ep["status"]])
-        for extra in labels[1:]:
-            rows.append(["", "", "", "", extra, "", ""])
-    table(headers, rows)
-    return 0
+    res = select(args, client(args).get("/v1/endpoints"), lambda ep: ep["labels"])
+
+    def render(wide: bool) -> None:
+        headers = ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY",
+                   "LABELS (source:key[=value])", "IPv4", "STATUS"]
+        more = ["POD", "INTERFACE", "READY (ms)"] if wide else []
+        rows: list[list[Any]] = [["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", "",
+                                  *[""] * len(more)]]
+        for ep in res:
+            labels = ep["labels"] or [""]
+            rows.append([ep["id"], _enf(ep["policy_enforcement"]["ingress"]),
+                         _enf(ep["policy_enforcement"]["egress"]), ep["identity"], labels[0],
+                         ep["ipv4"] or "", ep["status"],
+                         *([ep.get("pod", ""), ep.get("host_ifname", ""), ep.get("ready_ms", "")]
+                           if wide else [])])
+            for extra in labels[1:]:
+                rows.append(["", "", "", "", extra, "", "", *[""] * len(more)])
+        table(headers + more, rows)
+
+    return emit(args, res, render)
 
 
 def cmd_ep_get(args: argparse.Namespace) -> int:
@@ -457,15 +452,17 @@ def cmd_ep_get(args: argparse.Namespace) -> int:
 
 
 def cmd_id_list(args: argparse.Namespace) -> int:
-    res = client(args).get("/v1/identities")
-    if args.output == "json":
-        dump_json([{"id": i["id"], "labels": i["labels"], "reserved": i["reserved"]} for i in res])
-        return 0
-    rows: list[list[Any]] = []
-    for ident in res:
-        labels = ident["labels"] or [""]
-        rows.append([ident["id"], labels[0]])
-        for extra in labels[1:]:
-            rows.append(["", extra])
-    table(["ID", "LABELS"], rows)
-    return 0
+    res = select(args, client(args).get("/v1/identities"), lambda i: i["labels"])
+
+    def render(wide: bool) -> None:
+        rows: list[list[Any]] = []
+        for ident in res:
+            labels = ident["labels"] or [""]
+            more = ["yes" if ident["reserved"] else "no", ident.get("endpoints", "")] if wide else []
+            rows.append([ident["id"], labels[0], *more])
+            for extra in labels[1:]:
+                rows.append(["", extra, *[""] * len(more)])
+        table(["ID", "LABELS", *(["RESERVED", "ENDPOINTS"] if wide else [])], rows)
+
+    return emit(args, [{"id": i["id"], "labels": i["labels"], "reserved": i["reserved"]} for i in res],
+                render)

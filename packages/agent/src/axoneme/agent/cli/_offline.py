@@ -8,15 +8,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from axoneme.agent.cli import EXIT_OK, add_output_flag
+from axoneme.agent.cli import EXIT_OK, EXIT_RUNTIME, add_output_flag
 from axoneme.core.cluster import Cluster
 from axoneme.core.errors import PolicyError
-from axoneme.core.mapstate import Protocol
+from axoneme.core.mapstate import Direction, Protocol
 from axoneme.core.policy.engine import EngineOptions
 from axoneme.core.policy.parse import parse_policies
 from axoneme.core.policy.trace import (
     ALLOWED,
+    DENIED,
     OfflineCluster,
+    Peer,
     PortSpec,
     Probe,
     SideResult,
@@ -59,6 +61,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
                    metavar="NAME=IP[,IP...]",
                    help="a DNS answer the node has seen, for toFQDNs rules (repeatable)")
     add_output_flag(t)
+    t.add_argument("--exit-code", action="store_true",
+                   help="exit 1 when the verdict is DENIED (0 otherwise; 2 stays bad input)")
     t.set_defaults(handler=run_trace)
 
     m = policy.add_parser("matrix", help="offline truth table of every pod to every pod")
@@ -122,11 +126,66 @@ def run_trace(args: argparse.Namespace) -> int:
     request.update({k: getattr(args, k) for k in _L7_FLAGS if getattr(args, k) is not None})
     result = trace(env, src, dst, protocol, number, request or None)
     if args.output == "json":
-        json.dump(result.to_json(), sys.stdout, indent=2)
+        json.dump(trace_json(env, result), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(_render_trace(result))
+    if args.exit_code and result.verdict == DENIED:
+        return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _rule_refs(env: OfflineCluster) -> dict[str, dict[str, Any]]:
+    """Each rule's text as trace shows it (``Kind ns/name path``) -> its structured reference."""
+    out: dict[str, dict[str, Any]] = {}
+    for pol in env.engine.policies():
+        for rule in pol.rules:
+            for pr in rule.rules:
+                out[f"{rule.ref} {pr.path}"] = {
+                    "kind": rule.ref.kind.value, "namespace": rule.ref.namespace,
+                    "name": rule.ref.name, "path": pr.path, "deny": pr.deny}
+    return out
+
+
+def _peer_json(peer: Peer) -> dict[str, Any]:
+    ep = peer.endpoint
+    return {"name": peer.name, "identity": peer.identity, "address": peer.address,
+            "pod": f"{ep.namespace}/{ep.pod_name}" if ep is not None else None,
+            "labels": ep.labels.sorted_strings() if ep is not None else []}
+
+
+def _default_deny_by(env: OfflineCluster, peer: Peer, direction: Direction) -> list[dict[str, str]]:
+    """The policies that put ``peer``'s pod in default deny in ``direction`` (they select it
+    and enable enforcement there)."""
+    if peer.endpoint is None:
+        return []
+    refs = {(r.ref.kind.value, r.ref.namespace, r.ref.name)
+            for r in env.engine.selecting_rules(peer.endpoint.id) if r.enforces(direction)}
+    return [{"kind": k, "namespace": ns, "name": n} for k, ns, n in sorted(refs)]
+
+
+def trace_json(env: OfflineCluster, r: TraceResult) -> dict[str, Any]:
+    """``policy trace -o json``: the documented shape (verdict, egress, ingress, l7) plus
+    everything the table shows: source/destination (name, identity, address, labels),
+    port/protocol, each side's reason, structured rule references, and for a default deny
+    the policies that enabled it."""
+    refs = _rule_refs(env)
+    out = r.to_json()
+    out["source"] = _peer_json(r.source)
+    out["destination"] = _peer_json(r.destination)
+    icmp = r.protocol in (Protocol.ICMP, Protocol.ICMPV6)
+    out["protocol"] = str(r.protocol)
+    out["port"] = None if icmp else r.port
+    out["icmp_type"] = r.port if icmp else None
+    for name, side, peer, direction in (("egress", r.egress, r.source, Direction.EGRESS),
+                                        ("ingress", r.ingress, r.destination, Direction.INGRESS)):
+        out[name]["reason"] = side.reason
+        out[name]["rule_refs"] = [refs.get(text, {"text": text}) for text in side.rules]
+        out[name]["default_deny_by"] = (_default_deny_by(env, peer, direction)
+                                        if side.verdict == DENIED and not side.rules else [])
+    if r.l7 is not None and out["l7"] is not None:
+        out["l7"]["reason"] = r.l7.reason
+    return out
 
 
 def parse_l7_inputs(items: list[str]) -> dict[str, Any]:

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from typing import Any
 
-from axoneme.agent.cli import UsageError, add_output_flag
-from axoneme.agent.cli._agentcmds import add_socket_flag, client, dump_json, parse_label_args, table
+from axoneme.agent.cli import UsageError
+from axoneme.agent.cli._agentcmds import add_socket_flag, client, parse_label_args
+from axoneme.agent.cli._output import add_list_flags, emit, joined_labels, select, table
 
 SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
@@ -57,8 +58,8 @@ def register(groups: dict[str, SubParsers]) -> None:
     add_socket_flag(de)
     de.set_defaults(handler=cmd_delete)
     ls = sub.add_parser("list", help="pods")
-    ls.add_argument("-n", "--namespace", default=None)
-    add_output_flag(ls)
+    ls.add_argument("-n", "--namespace", default=None, help="only pods of this namespace")
+    add_list_flags(ls, "[{name, namespace, ip, labels, status, endpoint_id, identity, pid, netns}]")
     add_socket_flag(ls)
     ls.set_defaults(handler=cmd_list)
     lg = sub.add_parser("logs", help="the pod's stdout/stderr")
@@ -127,18 +128,22 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    pods: list[dict[str, Any]] = client(args).get("/v1/pods", namespace=args.namespace)
-    if args.output == "json":
-        dump_json([{"name": p["name"], "namespace": p["namespace"], "ip": p["ip"],
-                    "labels": p["labels"], "status": p["status"],
-                    "endpoint_id": p["endpoint_id"], "identity": p.get("identity"),
-                    "pid": p.get("pid"), "netns": p.get("netns")} for p in pods])
-        return 0
-    table(["NAMESPACE", "NAME", "IP", "STATUS", "ENDPOINT", "IDENTITY", "LABELS"],
-          [[p["namespace"], p["name"], p["ip"] or "", p["status"], p["endpoint_id"] or "",
-            p.get("identity") or "", ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items()))]
-           for p in pods])
-    return 0
+    pods: list[dict[str, Any]] = select(args, client(args).get("/v1/pods", namespace=args.namespace),
+                                        lambda p: p["labels"])
+
+    def render(wide: bool) -> None:
+        more = ["PID", "NETNS", "SERVICE ACCOUNT", "PORTS"] if wide else []
+        table(["NAMESPACE", "NAME", "IP", "STATUS", "ENDPOINT", "IDENTITY", "LABELS", *more],
+              [[p["namespace"], p["name"], p["ip"] or "", p["status"], p["endpoint_id"] or "",
+                p.get("identity") or "", joined_labels(p["labels"]),
+                *([p.get("pid") or "", p.get("netns") or "", p.get("service_account") or "",
+                   ",".join(p.get("ports") or [])] if wide else [])]
+               for p in pods])
+
+    return emit(args, [{"name": p["name"], "namespace": p["namespace"], "ip": p["ip"],
+                        "labels": p["labels"], "status": p["status"],
+                        "endpoint_id": p["endpoint_id"], "identity": p.get("identity"),
+                        "pid": p.get("pid"), "netns": p.get("netns")} for p in pods], render)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
