@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from axoneme.agent import _netlink as nl
+from axoneme.agent import _tracing as tracing
 from axoneme.agent import guard as guard_mod
 from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
@@ -44,6 +45,7 @@ from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._policies import PolicyService, PolicySource
 from axoneme.agent._policydir import PolicyDirWatcher
+from axoneme.agent._prometheus import AgentStateCollector, MetricsServer
 from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._runtime import PodRuntime
 from axoneme.agent._state import StateStore
@@ -78,6 +80,8 @@ class Agent:
             raise ConfigError(f"identity store plugin failed: {e}") from e
         self.allocator = IdentityAllocator(store)
         self.metrics = AgentMetrics(self._datapath_metrics)
+        self.metrics.register(AgentStateCollector(self))
+        self.metrics_server: MetricsServer | None = None
         self.store = StateStore(config, self.metrics)
         self.proxies = L7Proxies(self.metrics)
         self.engine = PolicyEngine(self.allocator, EngineOptions(
@@ -171,6 +175,7 @@ class Agent:
 
     async def _start(self) -> None:
         config = self.config
+        self._start_observability()  # a taken port fails before the kernel is touched
         self.store.load()
         self.endpoints.restore_ipam()
         # datapath calls never run on the event loop's thread: some use
@@ -221,6 +226,18 @@ class Agent:
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
 
+    def _start_observability(self) -> None:
+        """--prometheus-serve-addr and --otlp-endpoint (ConfigError: exit 2)."""
+        config = self.config
+        if config.otlp_endpoint:
+            tracing.configure(config.otlp_endpoint,
+                              node=config.k8s_node_name or os.uname().nodename,
+                              l7_sample_ratio=config.otlp_l7_sample_ratio)
+        if config.prometheus_serve_addr:
+            self.metrics_server = MetricsServer(config.prometheus_serve_addr,
+                                                self.metrics.registry)
+            self.metrics_server.start()
+
     def _policy_of(self, ep: Endpoint) -> MapState | None:
         try:
             return self.engine.resolve(ep.id)
@@ -263,6 +280,9 @@ class Agent:
             except Exception:
                 LOG.exception("datapath stop failed")
         await asyncio.to_thread(self.proxies.stop)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
+        await asyncio.to_thread(tracing.shutdown)
         try:
             async with self.store.lock:
                 await self.store.persist()
@@ -305,6 +325,8 @@ class Agent:
 
     def _on_flow(self, flow: Flow) -> None:
         self.metrics.observe_flow(flow)
+        if flow.type == "L7":
+            tracing.l7_decision(flow)
         try:
             self.pm.hook.axoneme_flow_observed(flow=flow)
         except Exception:

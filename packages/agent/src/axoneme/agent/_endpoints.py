@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from axoneme.agent import _tracing as tracing
 from axoneme.agent._config import AgentConfig
 from axoneme.agent._errors import BadRequest, Conflict, NotFound
 from axoneme.agent._ipam import IPAM
@@ -165,6 +166,10 @@ class EndpointService:
                 rec.status = f"not-ready: {errors[rec.id]}"
 
     # -- CNI ---------------------------------------------------------------------------
+    @tracing.traced("cni.add", lambda self, req: {
+        "pod": f"{req.get('namespace') or 'default'}/{req.get('pod_name') or ''}",
+        "container": req.get("container_id")},
+        lambda res: {"endpoint": res.get("endpoint_id"), "identity": res.get("identity")})
     async def cni_add(self, req: Mapping[str, Any]) -> dict[str, Any]:
         container_id = str(req.get("container_id") or "")
         netns_path = str(req.get("netns") or "")
@@ -297,6 +302,8 @@ class EndpointService:
             "identity": rec.identity,
         }
 
+    @tracing.traced("cni.del", lambda self, req: {"container": req.get("container_id")},
+                    lambda res: {"deleted": res.get("deleted")})
     async def cni_del(self, req: Mapping[str, Any]) -> dict[str, Any]:
         container_id = str(req.get("container_id") or "")
         async with self.store.lock:

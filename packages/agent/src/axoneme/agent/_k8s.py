@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from axoneme.agent import _tracing as tracing
 from axoneme.agent._endpoints import EndpointService
 from axoneme.agent._errors import TryAgain
 from axoneme.agent._k8sclient import (
@@ -188,7 +189,9 @@ class KubernetesSource:
         """The informer thread's ``deliver``: run ``handler`` on the loop, wait for it."""
         def deliver(events: Sequence[Event], initial: bool) -> None:
             assert self._loop is not None
-            fut = asyncio.run_coroutine_threadsafe(handler(name, events, initial), self._loop)
+            fut = asyncio.run_coroutine_threadsafe(
+                tracing.within("k8s.event", handler(name, events, initial), resource=name,
+                               events=len(events), initial=initial), self._loop)
             while True:
                 try:
                     fut.result(timeout=1.0)

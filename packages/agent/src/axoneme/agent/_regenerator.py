@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from axoneme.agent import _tracing as tracing
 from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._state import StateStore
@@ -161,7 +162,7 @@ class Regenerator:
         dp = self._dp()
         errors: dict[int, str] = {}
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock, tracing.span("policy.regeneration") as sp:
             if self.proxies.wanted:
                 self.proxies.start_wanted()
             self._write_ipcache(dp)
@@ -175,7 +176,13 @@ class Regenerator:
                     continue
                 if not changes and ep_id not in self._resync:
                     continue
-                error = self._write_policy(dp, ep, changes)
+                t1 = time.perf_counter()
+                with tracing.span("endpoint.regeneration", endpoint=ep.id,
+                                  identity=ep.identity) as esp:
+                    error = self._write_policy(dp, ep, changes)
+                    tracing.set_attributes(esp, outcome="fail" if error else "success",
+                                           error=error)
+                self.metrics.endpoint_regenerated(time.perf_counter() - t1, error is None)
                 if error is not None:
                     errors[ep_id] = error
                     self._resync.add(ep_id)
@@ -183,7 +190,8 @@ class Regenerator:
                     self._resync.discard(ep_id)
                     if ep_id in self.fail_closed:
                         self._end_fail_closed(dp, ep)
-        self.metrics.regeneration.observe(time.perf_counter() - t0)
+            tracing.set_attributes(sp, endpoints_failed=len(errors))
+        self.metrics.regenerated(time.perf_counter() - t0)
         return errors
 
     def _write_ipcache(self, dp: Datapath) -> None:
