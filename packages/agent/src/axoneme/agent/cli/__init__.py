@@ -26,7 +26,7 @@ EXIT_BAD_INPUT = 2
 
 # Modules that register subcommands; a missing one is skipped (it belongs to
 # work not landed yet), a broken one fails loudly.
-_AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe", "_policyget", "_whatif")
+_AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe", "_policyget", "_completion", "_whatif")
 
 
 # Third-party modules of the `agent` extra: the offline and client commands never import them.
@@ -52,8 +52,11 @@ class CLIParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def add_output_flag(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
-    p.add_argument("-o", "--output", choices=list(choices), default=choices[0])
+def add_output_flag(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json"),
+                    help: str | None = None) -> None:
+    p.add_argument("-o", "--output", choices=list(choices), default=choices[0],
+                   help=help or f"output format: {' or '.join(choices)} (default {choices[0]}); "
+                                f"json is one document on stdout")
 
 
 def fail(message: str, where: str, code: int) -> int:
@@ -79,11 +82,17 @@ def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  
                 continue
             raise
         mod.register(groups)
+    from axoneme.agent.cli._help import add_examples
+
+    add_examples(parser)
     return parser, groups
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, _ = build_parser()
+    from axoneme.agent.cli._completion import autocomplete
+
+    autocomplete(parser)  # a shell asking for completions: answered, then exit
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -42,7 +42,9 @@ def register(groups: dict[str, SubParsers]) -> None:
                                 parser_class=type(agent))
     run = asub.add_parser("run", help="run the node agent (root)")
     run.add_argument("--datapath", default=None, help="datapath plugin: ebpf (default), iptables, noop")
-    run.add_argument("--iptables-mode", choices=["plain", "ipset"], default=None)
+    run.add_argument("--iptables-mode", choices=["plain", "ipset"], default=None,
+                     help="iptables datapath: one rule per peer IP (plain, default) or one ipset "
+                          "per identity (ipset)")
     run.add_argument("--state-dir", default=None, help="default /var/lib/axoneme")
     add_socket_flag(run)
     run.add_argument("--policy-dir", default=None, help="load and follow policies from DIR")
@@ -89,12 +91,16 @@ def register(groups: dict[str, SubParsers]) -> None:
                      metavar="KEY=VALUE",
                      help="an option the datapath declares (repeatable; `axoneme plugins` "
                           "lists them); wins over the config file's datapath_options")
-    run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None)
+    run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None,
+                     help="Cilium's policy enforcement mode: default (enforce in a direction once "
+                          "a policy selects the endpoint there), always, never")
     run.add_argument("--policy-cidr-match-mode", default=None, metavar="MODE",
                      help="cluster addresses Cilium's toCIDR/toCIDRSet/fromCIDR/fromCIDRSet also "
                           "match: empty (default: non-cluster peers only, as Cilium), nodes, pods, "
                           "or nodes,pods (a NetworkPolicy ipBlock always matches both)")
-    run.add_argument("--cluster-name", default=None)
+    run.add_argument("--cluster-name", default=None,
+                     help="cluster name in identities' io.cilium.k8s.policy.cluster label "
+                          "(default 'default')")
     run.add_argument("--prometheus-serve-addr", default=None, metavar="HOST:PORT",
                      help="serve Prometheus metrics on HOST:PORT/metrics (Cilium's flag; :PORT "
                           "for every address; off by default), e.g. 127.0.0.1:9962")
@@ -104,7 +110,8 @@ def register(groups: dict[str, SubParsers]) -> None:
                           "http://127.0.0.1:4318 (off by default)")
     run.set_defaults(handler=cmd_agent_run)
     cl = asub.add_parser("cleanup", help="remove every kernel object an agent made")
-    cl.add_argument("--state-dir", default="/var/lib/axoneme")
+    cl.add_argument("--state-dir", default="/var/lib/axoneme",
+                    help="the agent's state dir (default /var/lib/axoneme)")
     cl.set_defaults(handler=cmd_agent_cleanup)
 
     st = top.add_parser("status", help="agent health")
@@ -120,14 +127,17 @@ def register(groups: dict[str, SubParsers]) -> None:
     pol = groups["policy"]
     ap = pol.add_parser("apply", help="apply policies to the running agent")
     ap.add_argument("-f", "--filename", dest="files", action="append", nargs="+", required=True,
-                    metavar="PATH")
+                    metavar="PATH", help="policy file or directory (repeatable; '-' reads stdin)")
     add_socket_flag(ap)
     add_output_flag(ap)
     ap.set_defaults(handler=cmd_policy_apply)
     de = pol.add_parser("delete", help="delete policies from the running agent")
-    de.add_argument("ref", nargs="?", metavar="KIND/NAME")
-    de.add_argument("-f", "--filename", dest="files", action="append", nargs="+", metavar="PATH")
-    de.add_argument("-n", "--namespace", default="default")
+    de.add_argument("ref", nargs="?", metavar="KIND/NAME",
+                    help="the policy to delete (KIND: netpol, cnp, ccnp or the full kind name)")
+    de.add_argument("-f", "--filename", dest="files", action="append", nargs="+", metavar="PATH",
+                    help="delete the policies these files define (repeatable)")
+    de.add_argument("-n", "--namespace", default="default",
+                    help="namespace of KIND/NAME (default 'default')")
     add_socket_flag(de)
     de.set_defaults(handler=cmd_policy_delete)
     ls = pol.add_parser("list", help="policies in the running agent")
@@ -139,17 +149,17 @@ def register(groups: dict[str, SubParsers]) -> None:
     ns = top.add_parser("namespace", aliases=["ns"], help="standalone namespaces")
     nsub = ns.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ns))
     c = nsub.add_parser("create", help="create a namespace")
-    c.add_argument("name")
-    c.add_argument("--labels", "-l", default=None, help="k=v,...")
+    c.add_argument("name", help="the namespace's name")
+    c.add_argument("--labels", "-l", default=None, help="the namespace's labels: k=v,...")
     add_socket_flag(c)
     c.set_defaults(handler=cmd_ns_create)
     lb = nsub.add_parser("label", help="set (k=v) or remove (k-) namespace labels")
-    lb.add_argument("name")
-    lb.add_argument("labels", nargs="+", metavar="k=v")
+    lb.add_argument("name", help="the namespace")
+    lb.add_argument("labels", nargs="+", metavar="k=v", help="k=v sets a label, k- removes it")
     add_socket_flag(lb)
     lb.set_defaults(handler=cmd_ns_label)
     d = nsub.add_parser("delete", help="delete an empty namespace")
-    d.add_argument("name")
+    d.add_argument("name", help="the namespace")
     add_socket_flag(d)
     d.set_defaults(handler=cmd_ns_delete)
     nl = nsub.add_parser("list", help="namespaces")
@@ -165,7 +175,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     add_socket_flag(el)
     el.set_defaults(handler=cmd_ep_list)
     eg = esub.add_parser("get", help="one endpoint: resolved policy and the datapath's copy")
-    eg.add_argument("id")
+    eg.add_argument("id", help="endpoint id (endpoint list shows them)")
     add_output_flag(eg)
     add_socket_flag(eg)
     eg.set_defaults(handler=cmd_ep_get)

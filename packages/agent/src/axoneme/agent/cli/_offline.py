@@ -44,16 +44,19 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
                    help="destination port (number or named port), protocol TCP (default), UDP or SCTP")
     t.add_argument("--icmp-type", default=None, metavar="T", help="ICMP type (number or name) instead of --port")
     t.add_argument("--icmp-family", default="IPv4", metavar="F", help="IPv4 (default) or IPv6")
-    t.add_argument("--http-method", default=None)
-    t.add_argument("--http-path", default=None)
-    t.add_argument("--http-host", default=None)
+    t.add_argument("--http-method", default=None, metavar="M",
+                   help="HTTP request method for L7 rules (shorthand of --l7 method=M)")
+    t.add_argument("--http-path", default=None, metavar="P",
+                   help="HTTP request path, normalised as the HTTP proxy does")
+    t.add_argument("--http-host", default=None, metavar="H", help="HTTP Host header")
     t.add_argument("--http-header", dest="http_headers", action="append", default=None,
-                   metavar="'K: V'")
-    t.add_argument("--kafka-role", default=None)
-    t.add_argument("--kafka-topic", default=None)
-    t.add_argument("--kafka-api-key", default=None)
-    t.add_argument("--kafka-api-version", default=None)
-    t.add_argument("--kafka-client-id", default=None)
+                   metavar="'K: V'", help="an HTTP request header (repeatable)")
+    t.add_argument("--kafka-role", default=None, metavar="R", help="Kafka role: produce or consume")
+    t.add_argument("--kafka-topic", default=None, metavar="T", help="Kafka topic")
+    t.add_argument("--kafka-api-key", default=None, metavar="K",
+                   help="Kafka API key (a name such as produce, fetch, or a number)")
+    t.add_argument("--kafka-api-version", default=None, metavar="V", help="Kafka API version")
+    t.add_argument("--kafka-client-id", default=None, metavar="ID", help="Kafka client id")
     t.add_argument("--l7", dest="l7", action="append", default=[], metavar="KEY=VALUE",
                    help="an L7 request field for the parser that decides (repeatable; e.g. "
                         "verb=GET, method=GET, path=/x, role=produce, topic=t, query=a.example.com)")
