@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.labels import Labels
-from axoneme.core.mapstate import Direction, MapState, Protocol
+from axoneme.core.mapstate import Direction, MapState, Protocol, Verdict
 from axoneme.core.policy.api import (
     CIDRPeer,
     EndpointPeer,
@@ -213,3 +214,70 @@ def test_a_deny_denies_what_it_names(pols: list[Policy], data: st.DataObject) ->
             for proto, port in PROBES:
                 assert not engine.explain(ep.id, pr.direction, ident, proto, port).allowed, (ep, ip, proto, port)
 
+
+
+def staged(pol: Policy) -> Policy:
+    """The same policy staged (policy.axoneme.io/mode: audit)."""
+    return dataclasses.replace(pol, audit=True, rules=tuple(dataclasses.replace(r, audit=True) for r in pol.rules))
+
+
+def decisions(engine: PolicyEngine) -> dict[tuple[object, ...], tuple[bool, bool]]:
+    """Per probe: (allowed, audited)."""
+    out = {}
+    peers_ids = {ip: engine.identity_of_ip(ip) for ip in PEER_IPS} | {"host": 1}
+    for ep in engine.endpoints():
+        for peer, ident in peers_ids.items():
+            for d in (Direction.INGRESS, Direction.EGRESS):
+                for proto, port in PROBES:
+                    dec = engine.explain(ep.id, d, ident, proto, port)
+                    out[(ep.id, peer, d, proto, port)] = (dec.allowed, bool(dec.entry and dec.entry.audit))
+    return out
+
+
+def redirected(engine: PolicyEngine) -> set[tuple[object, ...]]:
+    peers_ids = {ip: engine.identity_of_ip(ip) for ip in PEER_IPS} | {"host": 1}
+    return {(ep.id, peer, d, proto, port) for ep in engine.endpoints() for peer, ident in peers_ids.items()
+            for d in (Direction.INGRESS, Direction.EGRESS) for proto, port in PROBES
+            if engine.explain(ep.id, d, ident, proto, port).verdict is Verdict.REDIRECTED}
+
+
+@SETTINGS
+@given(policy_sets(), st.data())
+def test_staged_policies_change_no_verdict_and_audit_exactly_the_drops(pols: list[Policy],
+                                                                     data: st.DataObject) -> None:
+    """A staged policy forwards and drops nothing differently; a probe is
+    audited iff the enforced set allows it and enforcing every policy would
+    drop it (redirected probes are the proxy's to report)."""
+    flags = [data.draw(st.booleans()) for _ in pols]
+    enforced = build([p for p, f in zip(pols, flags, strict=True) if not f])
+    with_staged = build([staged(p) if f else p for p, f in zip(pols, flags, strict=True)])
+    all_enforced = build(pols)
+    want = allowed_set(enforced)
+    assert allowed_set(with_staged) == want
+    assert redirected(with_staged) == redirected(enforced)
+    proxied = redirected(enforced)
+    full = allowed_set(all_enforced)
+    for probe, (_, audited) in decisions(with_staged).items():
+        assert audited == (probe in want and probe not in full and probe not in proxied), probe
+    if not any(flags):  # nothing staged: the very same map
+        for ep in enforced.endpoints():
+            assert with_staged.resolve(ep.id) == enforced.resolve(ep.id)
+
+
+@SETTINGS
+@given(policy_sets(), st.data())
+def test_audit_mode_forwards_everything_and_audits_the_drops(pols: list[Policy], data: st.DataObject) -> None:
+    engine = build(pols)
+    dropped = {p for p, (allowed, _) in decisions(engine).items() if not allowed}
+    audit_ids = {ep.id for ep in engine.endpoints() if data.draw(st.booleans())}
+    for eid in audit_ids:
+        assert engine.set_audit_mode(eid, True)
+    proxied = redirected(engine)  # a would-be drop that an L7 redirect takes is the proxy's to report
+    for probe, (allowed, audited) in decisions(engine).items():
+        if probe[0] in audit_ids:
+            assert allowed and audited == (probe in dropped and probe not in proxied), probe
+        else:
+            assert allowed == (probe not in dropped) and not audited, probe
+    for eid in audit_ids:
+        engine.set_audit_mode(eid, False)
+    assert {p for p, (allowed, _) in decisions(engine).items() if not allowed} == dropped

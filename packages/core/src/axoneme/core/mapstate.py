@@ -188,6 +188,11 @@ class Entry:
     (policy/rule references for trace and flows) are agent-side only and so
     excluded from equality: ``dump()`` of a datapath compares equal to the
     resolved MapState.
+
+    ``audit`` on an allow entry: the packets it decides are forwarded but
+    reported with verdict AUDIT (a staged policy or audit mode would drop
+    them); ``audited_by`` names those policies (agent-side, like
+    ``derived_from``). Only ``core.policy.audit.stage`` sets it.
     """
 
     deny: bool = False
@@ -196,6 +201,7 @@ class Entry:
     auth_required: bool = False
     l7: L7Rules | None = field(default=None, compare=False)
     derived_from: frozenset[str] = field(default=frozenset(), compare=False)
+    audited_by: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def is_redirect(self) -> bool:
@@ -206,7 +212,7 @@ class Entry:
             return "deny"
         if self.proxy_port:
             return f"redirect:{self.proxy_port}"
-        return "allow"
+        return "allow(audit)" if self.audit else "allow"
 
 
 ALLOW = Entry()

@@ -63,6 +63,13 @@ class PolicyRef:
         return f"{self.kind.value} {self.name}"
 
 
+# Per-policy staging (Calico's staged policies): a policy annotated
+# ``policy.axoneme.io/mode: audit`` is computed as if enforced but only
+# reported (flows with verdict AUDIT); ``enforce`` (or no annotation) enforces.
+MODE_ANNOTATION = "policy.axoneme.io/mode"
+MODES = ("enforce", "audit")
+
+
 # --- peers -------------------------------------------------------------------
 
 ENTITIES = frozenset({
@@ -199,6 +206,7 @@ class Rule:
     index: int = 0  # index within specs
     origin: str = ""  # file path or "<api>"
     document: int | None = None
+    audit: bool = False  # its policy is staged (MODE_ANNOTATION: audit): reported, never enforced
 
     def peer_rules(self, direction: Direction) -> tuple[PeerRule, ...]:
         return tuple(r for r in self.rules if r.direction == direction)
@@ -215,3 +223,4 @@ class Policy:
     rules: tuple[Rule, ...]
     raw: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     origin: str = ""
+    audit: bool = False  # staged: metadata.annotations[MODE_ANNOTATION] == "audit"

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,6 +36,7 @@ from axoneme.core.mapstate import Decision, Direction, MapChanges, MapState, Pro
 from axoneme.core.policy._resolve import AddressBook, ClusterAddress, Resolved, resolve_endpoint
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
 from axoneme.core.policy.api import ADDRESS_NODES, ADDRESS_PODS, FQDNPeer, Policy, PolicyRef, Rule
+from axoneme.core.policy.audit import resolve_audited
 from axoneme.core.policy.repository import PolicyRepository, policy_cidrs, policy_selectors
 
 LOG = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class EngineOptions:
     cluster_name: str = "default"
     proxy_port: Callable[[str, Direction], int] | None = None  # (parser, direction) -> port
     cidr_match_mode: str = ""  # "", nodes, pods, nodes,pods (parse_cidr_match_mode)
+    policy_audit_mode: bool = False  # every endpoint: would-be drops forwarded, reported AUDIT
 
     def __post_init__(self) -> None:
         parse_cidr_match_mode(self.cidr_match_mode)
@@ -106,6 +108,7 @@ class PolicyEngine:
         self._reported_ipcache: dict[IPNetwork, int] = {}
         self._host_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
+        self._audit_endpoints: set[int] = set()  # per-endpoint audit mode (PolicyAuditMode)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -283,6 +286,7 @@ class PolicyEngine:
             self._unlink_identity(old)
             changed = self._cache.remove_identity(old.identity)
             self._forget(endpoint_id)
+            self._audit_endpoints.discard(endpoint_id)
             self._book = None
             self._recompute(self._dependents(changed) | self._address_users)
 
@@ -321,9 +325,35 @@ class PolicyEngine:
     def _compute(self, endpoint_id: int, strict: bool) -> Resolved:
         ep = self._endpoints[endpoint_id]
         rules = self._repo.rules_for(ep.identity, self._cache)
-        return resolve_endpoint(ep, rules, self._cache, self._address_book(),
-                                self.options.enforcement_mode, self.options.allow_localhost,
-                                self.options.proxy_port, strict, self._cidr_match)
+
+        def resolve(rules: Sequence[Rule]) -> Resolved:
+            return resolve_endpoint(ep, rules, self._cache, self._address_book(),
+                                    self.options.enforcement_mode, self.options.allow_localhost,
+                                    self.options.proxy_port, strict, self._cidr_match)
+
+        audit_mode = self.audit_mode(endpoint_id)
+        if audit_mode or any(r.audit for r in rules):
+            return resolve_audited(rules, audit_mode, resolve)
+        return resolve(rules)
+
+    def audit_mode(self, endpoint_id: int) -> bool:
+        """Whether the endpoint is in audit mode (agent-wide or its own)."""
+        return self.options.policy_audit_mode or endpoint_id in self._audit_endpoints
+
+    def set_audit_mode(self, endpoint_id: int, enabled: bool) -> bool:
+        """Per-endpoint audit mode (Cilium's ``PolicyAuditMode``); returns
+        whether it changed (then push ``pending_changes``)."""
+        with self._lock:
+            if endpoint_id not in self._endpoints:
+                raise PolicyError(f"no endpoint {endpoint_id}")
+            if (endpoint_id in self._audit_endpoints) == enabled:
+                return False
+            if enabled:
+                self._audit_endpoints.add(endpoint_id)
+            else:
+                self._audit_endpoints.discard(endpoint_id)
+            self._recompute({endpoint_id})
+            return True
 
     def _commit(self, results: dict[int, Resolved]) -> None:
         for eid, res in results.items():

@@ -36,6 +36,7 @@ select: Cilium's ``http``/``kafka``/``dns`` fields or ``l7proto`` + ``l7``
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,7 +54,7 @@ from axoneme.core.policy._documents import (
 )
 from axoneme.core.policy._parse_cilium import ICMP_TYPES, _CiliumParser
 from axoneme.core.policy._parse_k8s import _NetworkPolicyParser
-from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
+from axoneme.core.policy.api import MODE_ANNOTATION, MODES, Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.walk import Walker, join, make_problem, type_name
 
 # User values in problem messages are shown as a short excerpt: a value may be
@@ -130,6 +131,8 @@ def check_paths(paths: Sequence[str]) -> tuple[list[Policy], list[Problem], list
 class _Parser(_NetworkPolicyParser, _CiliumParser):
     """One document: kind, apiVersion and metadata here, the spec in the kind's parser."""
 
+    audit = False  # metadata.annotations[MODE_ANNOTATION] == "audit" (set by ``metadata``)
+
     def document(self, obj: object) -> Policy | None:
         w = self.w
         if not isinstance(obj, Mapping):
@@ -171,10 +174,13 @@ class _Parser(_NetworkPolicyParser, _CiliumParser):
             rules = self.cilium_policy(m, ref)
         if w.problems:
             return None
-        return Policy(ref=ref, rules=tuple(rules), raw=dict(m), origin=w.file)
+        if self.audit:
+            rules = [dataclasses.replace(r, audit=True) for r in rules]
+        return Policy(ref=ref, rules=tuple(rules), raw=dict(m), origin=w.file, audit=self.audit)
 
     def metadata(self, value: object) -> str | None:
         w = self.w
+        self.audit = False
         if value is None:
             w.problem("metadata.name", "missing required field \"metadata.name\"")
             self.namespace = DEFAULT_NAMESPACE if self.kind.namespaced else ""
@@ -208,7 +214,11 @@ class _Parser(_NetworkPolicyParser, _CiliumParser):
                 elif not valid_label_value(v):
                     w.problem(join("metadata.labels", k), f"invalid label value \"{_q(v)}\"")
         if m.get("annotations") is not None:
-            w.string_map(m["annotations"], "metadata.annotations")
+            mode = (w.string_map(m["annotations"], "metadata.annotations") or {}).get(MODE_ANNOTATION)
+            if mode is not None and mode not in MODES:
+                w.problem(join("metadata.annotations", MODE_ANNOTATION),
+                          f"unknown policy mode \"{_q(mode)}\" (one of {', '.join(MODES)})")
+            self.audit = mode == "audit"
         # A clusterwide policy has no namespace; kubectl ignores one if given.
         self.namespace = namespace if self.kind.namespaced else ""
         return name
