@@ -109,7 +109,9 @@ class Views:
                 "status": rec.status, "pod": f"{rec.namespace}/{rec.pod_name}",
                 "container_id": rec.container_id, "host_ifname": rec.host_ifname,
                 "host_ifindex": rec.host_ifindex, "netns": rec.netns_path,
-                "network": rec.network, "ready_ms": rec.ready_ms}
+                "network": rec.network, "ready_ms": rec.ready_ms,
+                "named_ports": [{"name": p.name, "port": p.port, "protocol": p.protocol}
+                                for p in (ep.named_ports if ep else ())]}
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return [self.endpoint_view(r)

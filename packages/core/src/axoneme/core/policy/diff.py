@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from axoneme.core.cluster import Cluster
+from axoneme.core.identity import ReservedIdentity
 from axoneme.core.mapstate import Protocol
 from axoneme.core.policy.api import Policy, PolicyRef
 from axoneme.core.policy.engine import EngineOptions
-from axoneme.core.policy.observed import Connection, Observed
+from axoneme.core.policy.observed import Connection, Observed, PeerInfo
 from axoneme.core.policy.trace import (
     ALLOWED,
     DENIED,
@@ -52,6 +53,10 @@ __all__ = ["Candidate", "DiffResult", "FlowFlip", "ProbeFlip", "compose", "diff"
            "trace_json"]
 
 _PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
+# reserved identities a flow's address alone does not give offline (world ones it does)
+_KEEP_IDENTITIES = frozenset(int(r) for r in ReservedIdentity
+                             if r not in (ReservedIdentity.UNKNOWN, ReservedIdentity.WORLD, ReservedIdentity.WORLD_IPV4,
+                                          ReservedIdentity.WORLD_IPV6))
 
 
 @dataclass
@@ -237,11 +242,16 @@ class DiffResult:
 
 # -- computing -------------------------------------------------------------------------
 
-def _peer_of(env: OfflineCluster, side: Any, flag: str) -> Peer | None:
+def _peer_of(env: OfflineCluster, side: PeerInfo, flag: str) -> Peer | None:
+    """A flow's side in ``env``: its pod, else its address; a reserved identity the
+    flow names (host, remote-node, ...: the node's own addresses, which the offline
+    engine does not know) is kept. None: a pod that no longer exists."""
     if side.pod:
         if side.pod not in env.endpoints:
             return None
         return resolve_peer(env, side.pod, flag)
+    if side.identity in _KEEP_IDENTITIES:
+        return Peer(side.ip, side.identity, None, side.ip)
     return resolve_peer(env, side.ip, flag)
 
 
