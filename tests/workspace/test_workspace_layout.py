@@ -171,6 +171,9 @@ IMPORT_DIST = {
     "h11": "h11", "kafka": "kafka-python", "aiokafka": "aiokafka", "opentelemetry": "opentelemetry-api",
     "re2": "google-re2", "pytest": "pytest", "kubernetes": "kubernetes",
 }
+# distributions that share a top-level import name with another: the module they own
+DIST_IMPORT = {"opentelemetry-sdk": "opentelemetry.sdk",
+               "opentelemetry-exporter-otlp-proto-http": "opentelemetry.exporter.otlp.proto.http"}
 # provided by Debian (python3-bpfcc), never a PyPI dependency
 SYSTEM_IMPORTS = {"bcc"}
 
@@ -216,6 +219,7 @@ def test_declared_dependencies_are_imported(pkg):
     """A distribution depends on nothing it does not import (extras naming plugins aside)."""
     dist_import = {dist.lower(): name for name, dist in IMPORT_DIST.items()}
     dist_import.update({d: prefix for d, prefix in OWNS.items()})
+    dist_import.update(DIST_IMPORT)
     imported = {n for names in _imports(pkg).values() for n in names}
     project = _pyproject(pkg)["project"]
     # base requirements and the agent's own extra; the other extras install plugins,
