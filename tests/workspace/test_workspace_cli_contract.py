@@ -38,8 +38,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     ("agent run", "--policy-audit-mode"): 19,
     ("policy apply", "--audit"): 19,
     ("policy promote", None): 19,
-    ("policy diff", None): 19,
-    ("policy recommend", None): 19,
     ("ui", None): 19,
 }
 
