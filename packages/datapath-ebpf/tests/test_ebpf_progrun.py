@@ -117,3 +117,29 @@ def test_ingress_redirect_after_an_egress_proxy_only(dp) -> None:  # type: ignor
     r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44002, dport=8081),
             mark=MARK_MAGIC_PROXY_INGRESS)
     assert r.retval == SHOT
+
+
+def test_audit_entry_forwards_and_reports_audit(dp) -> None:  # type: ignore[no-untyped-def]
+    """An allow entry with the audit flag (core.policy.audit) forwards; the new
+    connection's verdict event says AUDIT; a plain allow says FORWARDED."""
+    import time
+
+    from axoneme.core.flow import FlowVerdict
+    from axoneme.datapath.ebpf import _events
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(0, IN): Entry(audit=True), Key(PEER, IN, TCP, 80, 16): ALLOW,
+                         Key(0, EG): ALLOW}))
+    assert dp.dump(A)[Key(0, IN)].audit
+    dp.bpf().ring_buffer_poll(0)
+    dp._queue.clear()
+    assert run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=45000, dport=22)).retval == OK
+    assert run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=45001, dport=80)).retval == OK
+    seen: dict[int, FlowVerdict] = {}
+    deadline = time.monotonic() + 2
+    while len(seen) < 2 and time.monotonic() < deadline:
+        dp.bpf().ring_buffer_poll(50)
+        while dp._queue:
+            flow = _events.to_flow(dp._queue.popleft(), 0.0)
+            seen[flow.ports()[1] or 0] = flow.verdict
+    assert seen == {22: FlowVerdict.AUDIT, 80: FlowVerdict.FORWARDED}

@@ -142,6 +142,8 @@ def test_verdict_event_to_flow_icmp_and_redirect() -> None:
     ev = _event(type=L.EVENT_POLICY_VERDICT, verdict=L.VERDICT_REDIRECTED, proto=17, dport=53,
                 match_type=2, proxy_port=15000)
     assert _events.to_flow(ev, 0.0).verdict is FlowVerdict.REDIRECTED
+    ev = _event(type=L.EVENT_POLICY_VERDICT, verdict=L.VERDICT_AUDIT, proto=6, dport=22)
+    assert _events.to_flow(ev, 0.0).verdict is FlowVerdict.AUDIT
 
 
 @pytest.mark.parametrize("key", KEYS, ids=str)

@@ -53,7 +53,8 @@ def to_flow(ev: L.Event, offset: float) -> Flow:
             reason = None
         event_type = "drop"
     else:
-        verdict = FlowVerdict.REDIRECTED if ev.verdict == L.VERDICT_REDIRECTED else FlowVerdict.FORWARDED
+        verdict = {L.VERDICT_REDIRECTED: FlowVerdict.REDIRECTED,
+                   L.VERDICT_AUDIT: FlowVerdict.AUDIT}.get(ev.verdict, FlowVerdict.FORWARDED)
         reason = None
         event_type = "policy-verdict"
     return Flow(

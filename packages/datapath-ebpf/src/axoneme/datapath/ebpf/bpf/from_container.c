@@ -80,12 +80,10 @@ int ax_from_container(struct __sk_buff *skb)
     if (ct < 0)
         return ax_ct_create_failed(&p, AX_DIR_EGRESS, ep_id, src_id, dst_id, now);
     if (ct > 0) {
-        ax_emit(&p, AX_EVENT_POLICY_VERDICT,
-                (ve.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+        ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&ve, ve.proxy_port && !from_proxy),
                 AX_DIR_EGRESS, ep_id, src_id, dst_id, &ve, now);
         if (checked_ingress)
-            ax_emit(&p, AX_EVENT_POLICY_VERDICT,
-                    (vi.proxy_port && !from_proxy) ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+            ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&vi, vi.proxy_port && !from_proxy),
                     AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
     }
     return ax_pass(skb, mark, redirect != 0);

@@ -67,7 +67,7 @@ int ax_to_container(struct __sk_buff *skb)
     if (ct < 0)
         return ax_ct_create_failed(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, now);
     if (ct > 0)
-        ax_emit(&p, AX_EVENT_POLICY_VERDICT, redirect ? AX_VERDICT_REDIRECTED : AX_VERDICT_FORWARDED,
+        ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&v, redirect),
                 AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
     return ax_pass(skb, mark, redirect != 0);
 }

@@ -12,6 +12,11 @@
 #define AX_VERDICT_DROPPED 0
 #define AX_VERDICT_FORWARDED 1
 #define AX_VERDICT_REDIRECTED 2
+#define AX_VERDICT_AUDIT 3        /* forwarded, but a staged policy or audit mode would drop it */
+
+/* The verdict of a new connection's policy-verdict event. */
+#define AX_ALLOWED_VERDICT(v, redirected) \
+    ((redirected) ? AX_VERDICT_REDIRECTED : (v)->audit ? AX_VERDICT_AUDIT : AX_VERDICT_FORWARDED)
 
 /* One ring buffer record. Ports host order (for ICMP: type/code fields). */
 struct ax_event {

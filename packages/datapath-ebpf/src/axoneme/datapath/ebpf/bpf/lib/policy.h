@@ -70,7 +70,8 @@ struct ax_verdict {
     __u16 reason;      /* 0 = allowed, else AX_DROP_POLICY / AX_DROP_POLICY_DENY */
     __u16 proxy_port;  /* != 0: redirect to the L7 proxy */
     __u8 match_type;
-    __u8 pad[3];
+    __u8 audit;        /* allowed by an AX_POLICY_F_AUDIT entry: reported as AUDIT */
+    __u8 pad[2];
 };
 
 static __always_inline struct ax_policy_entry *
@@ -114,7 +115,10 @@ ax_policy_address(__u32 ep_id, __u8 family, const __u8 *addr, __u8 dir, __u8 pro
  * 2. A deny from any of them wins, regardless of specificity.
  * 3. Otherwise the longest L4 prefix decides; a tie goes to the address
  *    entry, then the identity-specific one.
- * 4. No match: dropped with DROP_POLICY (default deny). */
+ * 4. No match: dropped with DROP_POLICY (default deny).
+ * 5. An allow entry with AX_POLICY_F_AUDIT (a staged policy or audit mode
+ *    would drop the packet) allows it; the new connection's verdict event
+ *    says AUDIT instead of FORWARDED. */
 static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 family,
                                              const __u8 *peer_addr, __u8 dir,
                                              __u8 proto, __u16 port, __u32 len,
@@ -129,6 +133,7 @@ static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 f
     wild = ax_policy_longest(ep_id, 0, dir, proto, port);
     v->proxy_port = 0;
     v->reason = 0;
+    v->audit = 0;
     if (addr && addr->deny) {
         chosen = addr;
         specific = 1;
@@ -163,8 +168,10 @@ static __always_inline void ax_policy_decide(__u32 ep_id, __u32 identity, __u8 f
         v->match_type = chosen->l4_prefix ? AX_MATCH_L3_L4 : AX_MATCH_L3_ONLY;
     else
         v->match_type = chosen->l4_prefix ? AX_MATCH_L4_ONLY : AX_MATCH_ALL;
-    if (!v->reason)
+    if (!v->reason) {
         v->proxy_port = chosen->proxy_port;
+        v->audit = (chosen->flags & AX_POLICY_F_AUDIT) && !chosen->proxy_port;
+    }
     ax_policy_account(chosen, len);
 }
 
