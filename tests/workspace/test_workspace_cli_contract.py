@@ -30,10 +30,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     # issue 18: observability (Prometheus, OTLP, Hubble's observe filters)
     ("agent run", "--prometheus-serve-addr"): 18,
     ("agent run", "--otlp-endpoint"): 18,
-    **{("observe", flag): 18 for flag in (
-        "--since", "--until", "--first", "--from-ip", "--to-ip", "--from-fqdn", "--to-fqdn",
-        "--identity", "--http-status", "--http-method", "--http-path", "--traffic-direction",
-        "--not", "-n")},
     # issue 19: audit and staged policies, what-if, recommendations, the UI
     ("agent run", "--policy-audit-mode"): 19,
     ("policy apply", "--audit"): 19,

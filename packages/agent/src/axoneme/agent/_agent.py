@@ -36,7 +36,7 @@ from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._endpoints import EndpointService
 from axoneme.agent._errors import StateDirLocked
-from axoneme.agent._flowattr import FlowAttributor
+from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
 from axoneme.agent._k8s import KubernetesSource
@@ -94,7 +94,8 @@ class Agent:
         self.flows = FlowStore(max(1, config.flow_buffer),
                                enrich=FlowAttributor(
                                    FlowEnricher(self.store, self.engine, self.allocator),
-                                   self.store, self.engine, node_name(config)),
+                                   self.store, self.engine, node_name(config),
+                                   names=lambda ip: fqdn_names(getattr(self, "fqdn", None), ip)),
                                on_flow=self._on_flow)
         hooks = self.pm.hook
         self.endpoints = EndpointService(config, self.store, self.engine, self.allocator,

@@ -186,11 +186,11 @@ def build_app(agent: Agent) -> web.Application:
         q = request.query
         flt = FlowFilter.from_query(q, q.getall("label", []))
         fmt = q.get("format", "json")
-        last = q.get("last")
+        last, first = q.get("last"), q.get("first")
         follow = q.get("follow") in ("1", "true", "yes")
-        n = int(last) if last else (None if not follow else 0)
-        if not follow and n is None:
-            n = 20
+        n = int(first or last) if (first or last) else None
+        if n is None and flt.since is None and flt.until is None:
+            n = 0 if follow else 20  # Hubble: the last 20 unless a time range says which
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         if follow:
             resp.enable_chunked_encoding()
@@ -207,7 +207,7 @@ def build_app(agent: Agent) -> web.Application:
 
         queue = agent.flows.subscribe() if follow else None
         try:
-            for flow in agent.flows.last(n, flt):
+            for flow in agent.flows.last(n, flt, first=bool(first)):
                 await resp.write(line(flow))
             if queue is not None:
                 while True:

@@ -32,7 +32,7 @@ from axoneme.core.policy.api import Rule
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["FlowAttributor", "default_deny_policies", "policies_of"]
+__all__ = ["FlowAttributor", "default_deny_policies", "fqdn_names", "policies_of"]
 
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP,
               "ICMPv4": Protocol.ICMP, "ICMPv6": Protocol.ICMPV6}
@@ -61,15 +61,24 @@ def default_deny_policies(rules: list[Rule], direction: Direction) -> tuple[Flow
     return tuple(seen[k] for k in sorted(seen))
 
 
+def fqdn_names(fqdn: Any, ip: str) -> tuple[str, ...]:
+    """The names the agent's DNS cache holds for ``ip`` (sorted, without the trailing dot)."""
+    cache = getattr(fqdn, "cache", None)
+    if cache is None:
+        return ()
+    return tuple(sorted({str(e.name).rstrip(".") for e in cache.entries() if e.ip == ip}))
+
+
 class FlowAttributor:
     """Wraps the flow enricher: after names and labels, Hubble's fields and the policies."""
 
     def __init__(self, enrich: Callable[[Flow], Flow], store: Any, engine: Any,
-                 node_name: str) -> None:
+                 node_name: str, names: Callable[[str], tuple[str, ...]] | None = None) -> None:
         self.enrich = enrich
         self.store = store
         self.engine = engine
         self.node_name = node_name
+        self.names = names  # IP -> the DNS names it was learned for (source/destination_names)
 
     def __call__(self, flow: Flow) -> Flow:
         flow = self.enrich(flow)
@@ -80,6 +89,11 @@ class FlowAttributor:
             changes["node_name"] = self.node_name
         if flow.type != "L7" and not flow.trace_observation_point:
             changes.update(self._observation(flow))
+        if self.names is not None and not (flow.source_names or flow.destination_names):
+            for side, ip in (("source_names", flow.ip_source), ("destination_names", flow.ip_destination)):
+                names = self.names(ip) if ip else ()
+                if names:
+                    changes[side] = names
         try:
             changes.update(self._attribution(flow))
         except Exception:  # attribution is best effort: the flow is kept without it

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as _dt
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from axoneme.agent._hubblefilter import FilterError, FlowPredicate, compile_filters
 from axoneme.core.flow import (
     EVENT_TYPE_NAMES,
     POLICY_FIELDS,
@@ -31,7 +33,10 @@ __all__ = ["DEFAULT_FLOW_BUFFER", "FlowFilter", "FlowStore", "flow_from_json"]
 
 @dataclass(frozen=True, slots=True)
 class FlowFilter:
-    """What ``axoneme observe`` asks for; every set field must match."""
+    """What ``axoneme observe`` asks for; every set field must match.
+
+    ``hubble`` holds Hubble's whitelist/blacklist filters (``_hubblefilter``);
+    ``since``/``until`` bound the flow's time (epoch seconds, inclusive)."""
 
     verdict: str | None = None
     namespace: str | None = None
@@ -42,18 +47,37 @@ class FlowFilter:
     protocol: str | None = None
     port: int | None = None
     type: str | None = None  # l7 | policy-verdict | drop | trace
+    since: float | None = None
+    until: float | None = None
+    hubble: FlowPredicate | None = field(default=None, compare=False)
 
     @classmethod
     def from_query(cls, q: Mapping[str, str], labels: Iterable[str] = ()) -> FlowFilter:
+        """From the API's query; FilterError (-> 400) on a bad value."""
         port = q.get("port")
+        hubble = None
+        if q.get("filters"):
+            try:
+                spec = json.loads(q["filters"])
+                hubble = compile_filters(spec.get("whitelist") or (), spec.get("blacklist") or ())
+            except (ValueError, AttributeError, TypeError) as e:
+                raise FilterError(f"invalid filters: {e}") from None
         return cls(verdict=q.get("verdict") or None, namespace=q.get("namespace") or None,
                    pod=q.get("pod") or None, from_pod=q.get("from_pod") or None,
                    to_pod=q.get("to_pod") or None, labels=tuple(labels),
                    protocol=(q.get("protocol") or "").lower() or None,
-                   port=int(port) if port else None, type=q.get("type") or None)
+                   port=int(port) if port else None, type=q.get("type") or None,
+                   since=_time_param(q.get("since"), "since"),
+                   until=_time_param(q.get("until"), "until"), hubble=hubble)
 
     def matches(self, flow: Flow) -> bool:
         if self.verdict and flow.verdict.value != self.verdict.upper():
+            return False
+        if self.since is not None and flow.time < self.since:
+            return False
+        if self.until is not None and flow.time > self.until:
+            return False
+        if self.hubble is not None and not self.hubble(flow):
             return False
         src = _podname(flow.source)
         dst = _podname(flow.destination)
@@ -85,6 +109,15 @@ class FlowFilter:
             elif kind != self.type:
                 return False
         return True
+
+
+def _time_param(value: str | None, name: str) -> float | None:
+    if not value:
+        return None
+    try:
+        return _parse_time(float(value) if value.replace(".", "", 1).isdigit() else value)
+    except ValueError:
+        raise FilterError(f"invalid time {value!r} ({name})") from None
 
 
 def _podname(ep: FlowEndpoint) -> str:
@@ -138,13 +171,18 @@ class FlowStore:
                 self._loop.call_soon_threadsafe(_offer, q, flow)
         return flow
 
-    def last(self, n: int | None = None, flt: FlowFilter | None = None) -> list[Flow]:
+    def last(self, n: int | None = None, flt: FlowFilter | None = None,
+             first: bool = False) -> list[Flow]:
+        """The last ``n`` matching flows (all when None), oldest first; with
+        ``first`` the oldest ``n`` instead (Hubble's ``--first``)."""
         with self._lock:
             flows = list(self._ring)
         if flt is not None:
             flows = [f for f in flows if flt.matches(f)]
         if n is not None:
-            flows = flows[-n:] if n > 0 else []
+            if n <= 0:
+                return []
+            flows = flows[:n] if first else flows[-n:]
         return flows
 
     def subscribe(self) -> asyncio.Queue[Flow | None]:
@@ -235,6 +273,8 @@ def flow_from_json(d: Mapping[str, Any]) -> Flow:
         node_name=str(d.get("node_name", "")),
         trace_observation_point=str(d.get("trace_observation_point", "")),
         interface=(int(iface.get("index", 0)), str(iface.get("name", ""))) if iface else None,
+        source_names=tuple(str(x) for x in d.get("source_names") or ()),
+        destination_names=tuple(str(x) for x in d.get("destination_names") or ()),
         ethernet=(str(eth.get("source", "")), str(eth.get("destination", ""))) if eth else None,
         **policies,
     )

@@ -190,6 +190,8 @@ class Flow:
     trace_observation_point: str = ""  # TRACE_POINTS name, "" when unknown
     interface: tuple[int, str] | None = None  # (ifindex, name) of the observing interface
     ethernet: tuple[str, str] | None = None  # (source MAC, destination MAC)
+    source_names: tuple[str, ...] = ()  # DNS names the source IP was learned for
+    destination_names: tuple[str, ...] = ()
     ingress_allowed_by: tuple[FlowPolicy, ...] = ()
     egress_allowed_by: tuple[FlowPolicy, ...] = ()
     ingress_denied_by: tuple[FlowPolicy, ...] = ()
@@ -232,6 +234,10 @@ class Flow:
             out["trace_observation_point"] = self.trace_observation_point
         if self.interface is not None:
             out["interface"] = {"index": self.interface[0], "name": self.interface[1]}
+        if self.source_names:
+            out["source_names"] = list(self.source_names)
+        if self.destination_names:
+            out["destination_names"] = list(self.destination_names)
         if self.ethernet is not None:
             out["ethernet"] = {"source": self.ethernet[0], "destination": self.ethernet[1]}
         for name in POLICY_FIELDS:
@@ -284,17 +290,40 @@ class Flow:
             return str(self.l7.get("summary", "L7"))
         return ""
 
-    def compact(self) -> str:
-        """One line as ``hubble observe`` prints it."""
-        ts = _dt.datetime.fromtimestamp(self.time).strftime("%b %e %H:%M:%S.%f")[:-3]
+    def hosts(self) -> tuple[str, str]:
+        """Source and destination as ``hubble observe`` names them: ``ns/pod:port``
+        (or the IP), in the packet's own direction."""
         sport, dport = self.ports()
 
         def side(ep: FlowEndpoint, ip: str, port: int | None) -> str:
             name = f"{ep.namespace}/{ep.pod_name}" if ep.pod_name else ip
             return f"{name}:{port}" if port is not None else name
 
-        src = side(self.source, self.ip_source, sport)
-        dst = side(self.destination, self.ip_destination, dport)
+        return side(self.source, self.ip_source, sport), side(
+            self.destination, self.ip_destination, dport)
+
+    def type_text(self) -> str:
+        """What kind of event this is, as Hubble's TYPE column says it."""
+        if self.type == "L7" and self.l7:
+            return f"{self.protocol or 'l7'}-{str(self.l7.get('type', 'REQUEST')).lower()}"
+        if self.event_type == "policy-verdict":
+            return f"policy-verdict:{self.match_type or 'none'} {self.traffic_direction}"
+        if self.verdict is FlowVerdict.DROPPED and self.drop_reason is not None:
+            return DROP_REASON_TEXT.get(self.drop_reason, self.drop_reason.name)
+        if self.event_type == "trace" and self.trace_observation_point:
+            return self.trace_observation_point.lower().replace("_", "-")
+        return self.event_type
+
+    def verdict_text(self) -> str:
+        """The verdict and, where known, the policies that decided it (``BY name (Kind)``)."""
+        by = self.decided_by()
+        names = (" BY " + ", ".join(p.compact() for p in by)) if by else ""
+        return f"{self.verdict.value}{names}"
+
+    def compact(self) -> str:
+        """One line as ``hubble observe`` prints it."""
+        ts = _dt.datetime.fromtimestamp(self.time).strftime("%b %e %H:%M:%S.%f")[:-3]
+        src, dst = self.hosts()
         arrow = "<-" if self.is_reply else "->"
         if self.is_reply:
             src, dst = dst, src
@@ -310,10 +339,8 @@ class Flow:
         reason = ""
         if self.verdict is FlowVerdict.DROPPED and self.drop_reason is not None:
             reason = DROP_REASON_TEXT.get(self.drop_reason, self.drop_reason.name) + " "
-        by = self.decided_by()
-        names = (" BY " + ", ".join(p.compact() for p in by)) if by else ""
         return (f"{ts}: {src} (ID:{s_id}) {arrow} {dst} (ID:{d_id}) {what}{reason}"
-                f"{self.verdict.value}{names} ({self.summary or self.default_summary()})")
+                f"{self.verdict_text()} ({self.summary or self.default_summary()})")
 
 
 POLICY_FIELDS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by",
