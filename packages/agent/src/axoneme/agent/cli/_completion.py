@@ -11,21 +11,19 @@ import argparse
 import os
 import sys
 
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
-
 SHELLS = ("bash", "zsh", "fish")
 
 
-def register(groups: dict[str, SubParsers]) -> None:
+def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
     p = groups[""].add_parser("completion", help="print the shell completion script (argcomplete)")
     p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     p.set_defaults(handler=cmd_completion)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    import argcomplete
+    from argcomplete.shell_integration import shellcode
 
-    sys.stdout.write(argcomplete.shellcode(["axoneme"], shell=args.shell))
+    sys.stdout.write(shellcode(["axoneme"], shell=args.shell))
     return 0
 
 

@@ -15,12 +15,10 @@ from axoneme.agent.cli import UsageError
 from axoneme.agent.cli._agentcmds import _KINDS, add_socket_flag, client, print_policies
 from axoneme.agent.cli._output import add_list_flags, emit, select
 
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
-
 CLUSTERWIDE = "CiliumClusterwideNetworkPolicy"
 
 
-def register(groups: dict[str, SubParsers]) -> None:
+def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
     g = groups["policy"].add_parser(
         "get", help="policies in the running agent; -o yaml|json prints their documents as applied")
     g.add_argument("name", nargs="?", metavar="NAME|KIND/NAME",
@@ -54,7 +52,8 @@ def _matches(p: dict[str, Any], kind: str | None, name: str | None, namespace: s
         return False
     if name is None:
         return namespace is None or p["namespace"] == namespace
-    return p["name"] == name and (p["kind"] == CLUSTERWIDE or p["namespace"] == (namespace or "default"))
+    return bool(p["name"] == name
+                and (p["kind"] == CLUSTERWIDE or p["namespace"] == (namespace or "default")))
 
 
 def _where(p: dict[str, Any]) -> str:
