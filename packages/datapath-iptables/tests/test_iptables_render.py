@@ -116,6 +116,8 @@ def run(chains: dict[str, list[str]], chain: str, pkt: Packet) -> str:
             return "ALLOW"
         if target.startswith("AXON-ALLOW"):
             return "ALLOW"
+        if target.startswith("AXON-AUDIT"):
+            return "AUDIT"
         if target.startswith("AXON-PXY-"):
             return f"REDIRECT:{target.split('-')[2]}"
         if target.startswith("AXON-DENY"):
@@ -135,7 +137,8 @@ def expected(state: MapState, pkt: Packet) -> str:
     if d.verdict is Verdict.REDIRECTED:
         assert d.entry is not None
         return f"REDIRECT:{d.entry.proxy_port}"
-    return "ALLOW"
+    assert d.entry is not None
+    return "AUDIT" if d.entry.audit else "ALLOW"
 
 
 # address keys: one peer address whatever its identity (an ipBlock over pods)
@@ -159,7 +162,7 @@ def keys(draw: st.DrawFn) -> Key:
 
 
 entries = st.sampled_from([Entry(), Entry(), Entry(deny=True), Entry(proxy_port=15001),
-                           Entry(proxy_port=15002)])
+                           Entry(proxy_port=15002), Entry(audit=True)])
 packets = st.builds(Packet, st.sampled_from(SAMPLE_IPS),
                     st.sampled_from([Protocol.TCP, Protocol.UDP, Protocol.ICMP, Protocol.SCTP]),
                     st.sampled_from([0, 3, 8, 80, 81, 443, 8080, 4096, 65535]))
@@ -250,3 +253,22 @@ def test_failed_ipcache_write_is_written_again_on_retry(monkeypatch: pytest.Monk
     dp.ipcache_apply(change)  # the retry of the same batch
     assert any("10.244.9.2/32" in w and "id=4242" in w for w in writes)
     assert dp._identity_of("10.244.9.2") == 4242
+
+
+def test_audit_entries_log_audit_and_return() -> None:
+    from axoneme.core.flow import FlowVerdict
+    from axoneme.datapath.iptables import _datapath as dpm
+
+    shared = rd.shared_chains(7301)
+    assert shared["AXON-AUDIT-OUT"] == [rd._log(7301, "AXON:W:E", "axon-wE", True)]  # no DROP
+    state = MapState({Key(0, OUT): Entry(audit=True)})
+    peers = rd.Peers("plain", 4, lambda ident: ())
+    assert any(r.endswith("AXK:0:1:0:0:0:0:0:1:0 -g AXON-AUDIT-OUT")
+               for r in rd.render_endpoint(9, OUT, state, peers, True)[rd.ep_chain(9, OUT)])
+    assert not any("AXON-AUDIT" in r for r in rd.render_endpoint(9, OUT, state, peers, True, rd.MANGLE)[
+        rd.ep_chain(9, OUT)])
+    ip = bytes([0x45, 0, 0, 40]) + b"\0" * 5 + bytes([6]) + b"\0\0" + bytes([10, 244, 3, 8, 10, 244, 3, 7])
+    tcp = (40000).to_bytes(2, "big") + (22).to_bytes(2, "big") + b"\0" * 8 + bytes([0x50, 0x02]) + b"\0" * 6
+    flow = dpm.IptablesDatapath().flow_from_log("AXON:W:I", 1.0, ip + tcp)
+    assert flow is not None and flow.verdict is FlowVerdict.AUDIT and flow.drop_reason is None
+    assert flow.traffic_direction == "INGRESS" and flow.event_type == "policy-verdict"

@@ -870,6 +870,7 @@ class IptablesDatapath(Datapath):
             return None
         verdict, reason, event_type = {
             rd.LOG_ALLOW: (FlowVerdict.FORWARDED, None, "policy-verdict"),
+            rd.LOG_AUDIT: (FlowVerdict.AUDIT, None, "policy-verdict"),
             rd.LOG_REDIRECT: (FlowVerdict.REDIRECTED, None, "policy-verdict"),
             rd.LOG_DENY: (FlowVerdict.DROPPED, DropReason.POLICY_DENY, "drop"),
             rd.LOG_DROP: (FlowVerdict.DROPPED, DropReason.POLICY_DENIED, "drop"),

@@ -13,7 +13,9 @@ Chain layout (filter table, both families):
   ``-g`` (goto), so that when the verdict chain returns, processing continues
   in the hook chain (a pod -> pod packet passes the source's egress chain and
   then the destination's ingress chain): ``AXON-ALLOW-<D>`` (log new
-  connections, return = allowed), ``AXON-PXY-<port>-<D>`` (mark for the L7
+  connections, return = allowed), ``AXON-AUDIT-<D>`` (an allow entry with the
+  audit flag: a staged policy or audit mode would drop it; log new
+  connections as AUDIT, return = allowed), ``AXON-PXY-<port>-<D>`` (mark for the L7
   proxy, return), ``AXON-DENY-<D>`` (explicit deny: log, DROP),
   ``AXON-DROP-<D>`` (no match: log, DROP) and ``AXON-NRDY-<D>`` (the
   endpoint fails closed in that direction: log, DROP; its ``AXFC`` rule comes
@@ -67,6 +69,7 @@ ND_RULES = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN" for t in (133, 
 # NFLOG prefixes: "AXON:<verdict>:<I|E>[:<proxy port>]"
 LOG_ALLOW, LOG_REDIRECT, LOG_DENY, LOG_DROP = "A", "R", "X", "D"
 LOG_NOT_READY, LOG_UNKNOWN = "N", "U"  # endpoint failing closed; no endpoint on the interface
+LOG_AUDIT = "W"  # allowed, but it "would be dropped" (Entry.audit)
 FAIL_CLOSED_COMMENT = "AXFC"
 
 _DIR = {Direction.INGRESS: "IN", Direction.EGRESS: "OUT"}
@@ -83,6 +86,10 @@ def set_name(identity: int, family: int) -> str:
 
 def allow_chain(d: Direction) -> str:
     return f"AXON-ALLOW-{_DIR[d]}"
+
+
+def audit_chain(d: Direction) -> str:
+    return f"AXON-AUDIT-{_DIR[d]}"
 
 
 def deny_chain(d: Direction) -> str:
@@ -123,6 +130,7 @@ def shared_chains(group: int) -> dict[str, list[str]]:
     for d in Direction:
         ld = _LOGDIR[d]
         out[allow_chain(d)] = [_log(group, f"AXON:{LOG_ALLOW}:{ld}", f"axon-a{ld}", True)]
+        out[audit_chain(d)] = [_log(group, f"AXON:{LOG_AUDIT}:{ld}", f"axon-w{ld}", True)]
         out[deny_chain(d)] = [_log(group, f"AXON:{LOG_DENY}:{ld}", f"axon-x{ld}", False), "-j DROP"]
         out[drop_chain(d)] = [_log(group, f"AXON:{LOG_DROP}:{ld}", f"axon-d{ld}", False), "-j DROP"]
         out[not_ready_chain(d)] = [_log(group, f"AXON:{LOG_NOT_READY}:{ld}", f"axon-n{ld}", False),
@@ -229,7 +237,9 @@ class Targets:
             if self.table == "mangle":
                 return f"-g {mangle_proxy_chain(entry.proxy_port)}"
             return f"-g {proxy_chain(entry.proxy_port, d)}"
-        return "-j RETURN" if self.table == "mangle" else f"-g {allow_chain(d)}"
+        if self.table == "mangle":
+            return "-j RETURN"
+        return f"-g {audit_chain(d) if entry.audit else allow_chain(d)}"
 
     def fail_closed(self, d: Direction) -> str:
         """First rule after the reply rule of a direction failing closed: the
@@ -537,7 +547,7 @@ def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Dire
 # The chains this datapath creates. Other AXON- chains (the agent's guard and
 # proxy chains) belong to someone else and are never touched.
 OWNED_CHAIN_RE = re.compile(
-    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|DENY|DROP|NRDY|NOEP|UNKNOWN)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
+    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|AUDIT|DENY|DROP|NRDY|NOEP|UNKNOWN)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
     r"|PXY-\d+-(IN|OUT)|MPXY-\d+)$")
 OWNED_SET_RE = re.compile(r"^AXON-(ID6?-\d+|IPC[46])$")
 
