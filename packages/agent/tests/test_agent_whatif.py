@@ -140,7 +140,7 @@ def test_diff_observed_flows(capsys: pytest.CaptureFixture[str], files: dict[str
     (("--cluster", "{cluster}", "-f", "{deny}", "--port", "http"), "(--port)"),
     (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{dir}/none.json"), "(--flows)"),
     (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{cluster}"), "line 2: not JSON"),
-    (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{flows}", "--since", "ten"), "(--since)"),
+    (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{flows}", "--since", "ten"), "invalid time"),
     (("--cluster", "{cluster}", "-f", "{cluster}"), "kind"),
 ])
 def test_diff_bad_input_exit_2(capsys: pytest.CaptureFixture[str], files: dict[str, str],

@@ -12,12 +12,12 @@ import argparse
 import datetime as _dt
 import json
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from axoneme.agent.cli import EXIT_OK, UsageError, add_output_flag
 from axoneme.agent.cli._agentcmds import _KINDS, add_socket_flag, client
+from axoneme.agent.cli._observe import parse_time
 from axoneme.core.cluster import Cluster
 from axoneme.core.errors import PolicyError
 from axoneme.core.labels import (
@@ -30,7 +30,7 @@ from axoneme.core.mapstate import Protocol
 from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.diff import DiffResult, FlowFlip, ProbeFlip, compose, diff
 from axoneme.core.policy.engine import EngineOptions
-from axoneme.core.policy.observed import Observed, load_flow_lines, observe, parse_duration
+from axoneme.core.policy.observed import Observed, load_flow_lines, observe
 from axoneme.core.policy.parse import parse_policies, parse_policy_obj
 from axoneme.core.policy.recommend import CNP, NP, recommend
 from axoneme.core.policy.trace import SideResult, TraceInputError, TraceResult, parse_port
@@ -61,9 +61,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
                    help="drop this policy from the candidate (repeatable; NS default: default)")
     d.add_argument("--port", dest="ports", action="append", default=[], metavar="PORT[/PROTO]",
                    help="also probe this port (repeatable)")
-    d.add_argument("--since", default=None, metavar="DURATION",
-                   help="live: decide the flows of this last period with the candidate "
-                        "(default 10m; 0: no flows)")
+    d.add_argument("--since", default=None, metavar="T",
+                   help="live: decide the flows since T with the candidate: a duration back "
+                        "from now (default 10m; 0: no flows) or an RFC 3339 time, as observe --since")
     d.add_argument("--flows", default=None, metavar="FILE",
                    help="flows to decide with the candidate: `observe -o json` lines")
     d.add_argument("--only-observed", action="store_true",
@@ -78,8 +78,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
         "recommend", help="least-privilege policies from observed flows (YAML on stdout)")
     r.add_argument("--namespace", "-n", dest="namespaces", action="append", default=None,
                    metavar="NS", help="only workloads of this namespace (repeatable)")
-    r.add_argument("--since", default="1h", metavar="DURATION",
-                   help="flows of this last period (default 1h)")
+    r.add_argument("--since", default="1h", metavar="T",
+                   help="flows since T: a duration back from now (default 1h; 0: all) or an "
+                        "RFC 3339 time, as observe --since")
     r.add_argument("--kind", choices=[NP, CNP], default=NP,
                    help="np: NetworkPolicy (default), cnp: CiliumNetworkPolicy (toFQDNs, entities, ICMP)")
     r.add_argument("--flows", default=None, metavar="FILE",
@@ -92,9 +93,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
 # -- inputs ----------------------------------------------------------------------------
 
 def _since(text: str | None, default: str) -> float | None:
-    """Epoch seconds of the window's start; None: no window (``0``)."""
-    seconds = parse_duration(text if text is not None else default)
-    return time.time() - seconds if seconds > 0 else None
+    """Epoch seconds of the window's start (``observe --since``'s forms); None: ``0``."""
+    value = text if text is not None else default
+    return None if value.strip() == "0" else parse_time(value, "--since")
 
 
 def _agent_flows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -23,10 +23,8 @@ from typing import Any
 
 from axoneme.core.errors import PolicyError
 from axoneme.core.mapstate import Protocol
-from axoneme.core.yamlsafe import excerpt
 
-__all__ = ["Connection", "FlowInputError", "Observed", "PeerInfo", "load_flow_lines", "observe",
-           "parse_duration"]
+__all__ = ["Connection", "FlowInputError", "Observed", "PeerInfo", "load_flow_lines", "observe"]
 
 # Verdicts of traffic that went through (AUDIT: a staged policy would have
 # dropped it, but nothing did).
@@ -38,18 +36,7 @@ _L4_NAMES = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP,
 
 
 class FlowInputError(PolicyError):
-    """A flow record or duration that cannot be read (exit 2)."""
-
-
-def parse_duration(text: str, flag: str = "--since") -> float:
-    """``90s``, ``10m``, ``1h``, ``2d`` or plain seconds -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip()
-    unit = units.get(t[-1:].lower()) if t else None
-    number = t[:-1] if unit else t
-    if not number or not number.isascii() or not number.replace(".", "", 1).isdigit() or len(number) > 12:
-        raise FlowInputError(f"bad duration {excerpt(text)!r}: e.g. 90s, 10m, 1h, 2d ({flag})")
-    return float(number) * (unit or 1)
+    """A flow file that cannot be read (exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)
