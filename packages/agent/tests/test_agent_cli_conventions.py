@@ -330,3 +330,12 @@ def test_completion_in_bash(tmp_path: Path) -> None:
     res = subprocess.run([bash, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["list"]
+
+
+def test_plugins_yaml_is_the_json_document(capsys: pytest.CaptureFixture[str]) -> None:
+    code_json, out_json, _ = run(capsys, "plugins", "-o", "json")
+    code_yaml, out_yaml, _ = run(capsys, "plugins", "-o", "yaml")
+    assert code_yaml == code_json and yaml.safe_load(out_yaml) == json.loads(out_json)
+    _, table_out, _ = run(capsys, "plugins")
+    _, wide_out, _ = run(capsys, "plugins", "-o", "wide")
+    assert wide_out == table_out and "noop" in table_out

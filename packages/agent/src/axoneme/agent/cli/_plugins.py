@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from axoneme.agent.cli import add_output_flag
+from axoneme.agent.cli._output import add_list_flags, emit
 from axoneme.core.plugins import (
     GROUP_DATAPATH,
     GROUP_L7,
@@ -25,7 +25,8 @@ from axoneme.core.plugins import (
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ignore[type-arg]
     p = groups[""].add_parser("plugins", help="list installed datapaths, L7 parsers and plugins")
-    add_output_flag(p)
+    add_list_flags(p, "{datapath, l7, plugins, details}; wide: the table (it shows everything)",
+                   selector=False)
     p.set_defaults(handler=run)
 
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         json.dump(data, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
+    elif args.output == "yaml":
+        emit(args, data, lambda wide: None)
     else:
         sys.stdout.write(f"{'KIND':<10} {'NAME':<12} {'DISTRIBUTION':<28} {'VERSION':<10} {'LOADS':<6} "
                          f"CAPABILITIES / ENTRY POINT\n")
