@@ -169,7 +169,7 @@ IMPORT_DIST = {
     "yaml": "PyYAML", "pluggy": "pluggy", "stevedore": "stevedore", "aiohttp": "aiohttp",
     "pyroute2": "pyroute2", "prometheus_client": "prometheus-client", "dnslib": "dnslib",
     "h11": "h11", "kafka": "kafka-python", "aiokafka": "aiokafka", "opentelemetry": "opentelemetry-api",
-    "re2": "google-re2", "pytest": "pytest", "kubernetes": "kubernetes",
+    "re2": "google-re2", "pytest": "pytest", "kubernetes": "kubernetes", "argcomplete": "argcomplete",
 }
 # distributions that share a top-level import name with another: the module they own
 DIST_IMPORT = {"opentelemetry-sdk": "opentelemetry.sdk",

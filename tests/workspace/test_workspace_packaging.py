@@ -73,8 +73,9 @@ def test_root_license_is_apache_2() -> None:
 def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     """The CLI's offline commands need axoneme-core only; the node agent's deps are an extra."""
     agent = _project(ROOT / "packages" / "agent" / "pyproject.toml")
-    # argcomplete: shell completion of the CLI itself (pure Python, no dependencies of its own)
-    assert agent["dependencies"] == ["argcomplete>=3.1", f"axoneme-core=={_version()}"]
+    # argcomplete: shell completion of the CLI itself (pure Python, no dependencies of its own);
+    # PyYAML (-o yaml) comes with axoneme-core anyway, declared as the CLI imports it
+    assert agent["dependencies"] == ["argcomplete>=3.1", f"axoneme-core=={_version()}", "pyyaml>=6"]
     extras = agent["optional-dependencies"]
     heavy = {re.split(r"[<>=]", r)[0] for r in extras["agent"]}
     assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes",
