@@ -107,6 +107,13 @@ def test_diff_exit_codes_table_and_json(capsys: pytest.CaptureFixture[str], file
     # --remove: taking the deny away flips the rest back
     code, out, _ = run(capsys, *base, "--old", files["deny"], "--remove", "netpol/shop/deny", "-o", "json")
     assert code == 1 and {f["after"] for f in json.loads(out)["flips"]} == {"allowed"}
+    # --promote: the staged deny, enforced
+    staged = Path(files["dir"]) / "staged.yaml"
+    staged.write_text(DENY.replace("namespace: shop}", "namespace: shop, annotations: "
+                                   "{policy.axoneme.io/mode: audit}}"))
+    code, out, _ = run(capsys, *base, "--old", str(staged), "--promote", "netpol/shop/deny")
+    assert code == 1 and "1 replaced, 0 removed, 1 promoted" in out
+    assert "shop/client -> shop/web-1 1024/TCP (any other port): ALLOWED -> DENIED" in out
     # --replace with the same set: nothing flips
     code, _, _ = run(capsys, *base, "--old", files["deny"], "--replace", "-f", files["deny"])
     assert code == 0
@@ -137,6 +144,7 @@ def test_diff_observed_flows(capsys: pytest.CaptureFixture[str], files: dict[str
     (("-f", "{deny}", "--old", "{deny}"), "(--old)"),
     (("--cluster", "{cluster}", "--remove", "netpol/shop/nope"), "is not in force"),
     (("--cluster", "{cluster}", "--remove", "bogus"), "(--remove)"),
+    (("--cluster", "{cluster}", "--old", "{deny}", "--promote", "netpol/shop/deny"), "not staged"),
     (("--cluster", "{cluster}", "-f", "{deny}", "--port", "http"), "(--port)"),
     (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{dir}/none.json"), "(--flows)"),
     (("--cluster", "{cluster}", "-f", "{deny}", "--flows", "{cluster}"), "line 2: not JSON"),

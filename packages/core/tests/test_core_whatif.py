@@ -326,3 +326,23 @@ def test_property_recommended_policies_flip_nothing_observed(
     policies = [parse_policy_obj(d) for d in rec.documents]
     res = diff(Cluster.from_objects(objs), [], compose([], policies), observed=obs)
     assert res.flow_flips == [], [f.to_json() for f in res.flow_flips]
+
+
+def test_promote_a_staged_policy() -> None:
+    staged_doc = {**DENY_SHOP, "metadata": {**DENY_SHOP["metadata"],
+                                            "annotations": {"policy.axoneme.io/mode": "audit"}}}
+    staged = parse_policy_obj(staged_doc)
+    assert staged.audit
+    # staged: in force but enforcing nothing; promoted: the default deny
+    flows = [flow("default/client", "shop/web-1", 80)]
+    cand = compose([staged], [], promote=[staged.ref])
+    assert cand.promoted == [staged.ref] and cand.replaced == [staged.ref]
+    assert not cand.policies[0].audit
+    assert staged_doc["metadata"]["annotations"]  # the document in force is left alone
+    res = diff(cluster(), [staged], cand, observed=observe(flows))
+    assert [f.change for f in res.flow_flips] == ["would drop"]
+    assert all(f.before.verdict == "allowed" and f.after.verdict == "denied" for f in res.flips)
+    with pytest.raises(TraceInputError, match=r"not staged.*\(--promote\)"):
+        compose([parse_policy_obj(DENY_SHOP)], [], promote=[staged.ref])
+    with pytest.raises(TraceInputError, match=r"not in force.*\(--promote\)"):
+        compose([], [], promote=[staged.ref])

@@ -59,6 +59,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
                    help="the candidate is the -f policies alone (everything in force is replaced)")
     d.add_argument("--remove", action="append", default=[], metavar="KIND/[NS/]NAME",
                    help="drop this policy from the candidate (repeatable; NS default: default)")
+    d.add_argument("--promote", action="append", default=[], metavar="KIND/[NS/]NAME",
+                   help="a staged policy in force (policy.axoneme.io/mode: audit), as if promoted "
+                        "(repeatable)")
     d.add_argument("--port", dest="ports", action="append", default=[], metavar="PORT[/PROTO]",
                    help="also probe this port (repeatable)")
     d.add_argument("--since", default=None, metavar="T",
@@ -163,11 +166,11 @@ def live_policies(args: argparse.Namespace) -> list[Policy]:
     return out
 
 
-def _ref(text: str) -> PolicyRef:
+def _ref(text: str, flag: str) -> PolicyRef:
     kind_s, sep, rest = text.partition("/")
     kind = _KINDS.get(kind_s.lower().split(".")[0])
     if not sep or not rest or kind is None:
-        raise UsageError(f"expected KIND/[NS/]NAME with KIND netpol, cnp or ccnp, got {text!r} (--remove)")
+        raise UsageError(f"expected KIND/[NS/]NAME with KIND netpol, cnp or ccnp, got {text!r} ({flag})")
     k = PolicyKind(kind)
     ns, _, name = rest.rpartition("/")
     return PolicyRef(k, (ns or "default") if k.namespaced else "", name)
@@ -176,8 +179,9 @@ def _ref(text: str) -> PolicyRef:
 # -- policy diff -----------------------------------------------------------------------
 
 def run_diff(args: argparse.Namespace) -> int:
-    if not args.files and not args.remove and not args.replace:
-        raise UsageError("policy diff needs candidate policies: -f PATH (or --remove/--replace) (-f)")
+    if not (args.files or args.remove or args.replace or args.promote):
+        raise UsageError("policy diff needs candidate policies: -f PATH (or --remove/--promote/"
+                         "--replace) (-f)")
     if args.cluster and args.against:
         raise UsageError("give --against live or --cluster, not both (--against)")
     if args.old and not args.cluster:
@@ -203,7 +207,8 @@ def run_diff(args: argparse.Namespace) -> int:
         in_force = live_policies(args)
         if flows is None and since is not None:
             flows = _agent_flows(args)
-    candidate = compose(in_force, new, args.replace, [_ref(r) for r in args.remove])
+    candidate = compose(in_force, new, args.replace, [_ref(r, "--remove") for r in args.remove],
+                        [_ref(r, "--promote") for r in args.promote])
     observed = observe(flows, since) if flows is not None else None
     result = diff(cluster, in_force, candidate, options, observed, extra)
     if args.output == "json":
@@ -245,7 +250,8 @@ def _flow_line(f: FlowFlip) -> list[str]:
 def render_diff(r: DiffResult, since: str | None, only_observed: bool = False) -> str:
     cand = r.candidate
     out = [f"Candidate: {len(cand.added)} added, {len(cand.replaced)} replaced, "
-           f"{len(cand.removed)} removed ({len(cand.policies)} policies)"]
+           f"{len(cand.removed)} removed" + (f", {len(cand.promoted)} promoted" if cand.promoted else "")
+           + f" ({len(cand.policies)} policies)"]
     ports = ", ".join(f"{s.port}/{s.protocol}" + ("*" if s in r.others else "") for s in r.ports)
     down = sum(1 for f in r.flips if f.after.verdict == "denied")
     out.append(f"Truth table: {len(r.flips)} of {r.probes} probes flip ({down} allowed -> denied, "

@@ -6,7 +6,10 @@ cluster: before and after):
 
 1. The candidate set is the policies in force with the new ones upserted
    (a new policy replaces the one of the same kind, namespace and name),
-   minus the removed ones; or, with ``replace``, the new ones alone.
+   minus the removed ones; or, with ``replace``, the new ones alone. A
+   promoted policy is a staged one in force (annotation
+   ``policy.axoneme.io/mode: audit``) without its annotation; a new
+   policy of the same name wins over it.
 2. The probed ports are every port boundary the resolved MapStates of
    either side name (each key's first and last port, per protocol), the
    observed connections' ports, any ports asked for, and, when some key
@@ -24,6 +27,7 @@ cluster: before and after):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +35,10 @@ from typing import Any
 from axoneme.core.cluster import Cluster
 from axoneme.core.identity import ReservedIdentity
 from axoneme.core.mapstate import Protocol
-from axoneme.core.policy.api import Policy, PolicyRef
+from axoneme.core.policy.api import MODE_ANNOTATION, Policy, PolicyRef
 from axoneme.core.policy.engine import EngineOptions
 from axoneme.core.policy.observed import Connection, Observed, PeerInfo
+from axoneme.core.policy.parse import parse_policy_obj
 from axoneme.core.policy.trace import (
     ALLOWED,
     DENIED,
@@ -49,8 +54,8 @@ from axoneme.core.policy.trace import (
     trace,
 )
 
-__all__ = ["Candidate", "DiffResult", "FlowFlip", "ProbeFlip", "compose", "diff", "probe_ports",
-           "trace_json"]
+__all__ = ["Candidate", "DiffResult", "FlowFlip", "ProbeFlip", "compose", "diff", "enforced",
+           "probe_ports", "trace_json"]
 
 _PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
 # reserved identities a flow's address alone does not give offline (world ones it does)
@@ -67,19 +72,43 @@ class Candidate:
     added: list[PolicyRef] = field(default_factory=list)
     replaced: list[PolicyRef] = field(default_factory=list)
     removed: list[PolicyRef] = field(default_factory=list)
+    promoted: list[PolicyRef] = field(default_factory=list)  # staged -> enforced (also in replaced)
 
     def to_json(self) -> dict[str, Any]:
         def refs(items: Iterable[PolicyRef]) -> list[dict[str, str]]:
             return [{"kind": r.kind.value, "namespace": r.namespace, "name": r.name} for r in items]
         return {"added": refs(self.added), "replaced": refs(self.replaced),
-                "removed": refs(self.removed), "policies": len(self.policies)}
+                "removed": refs(self.removed), "promoted": refs(self.promoted),
+                "policies": len(self.policies)}
+
+
+def enforced(policy: Policy) -> Policy:
+    """A staged policy (``policy.axoneme.io/mode: audit``) as it is once promoted."""
+    raw = copy.deepcopy(policy.raw)
+    meta = raw.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    if isinstance(annotations, dict):
+        annotations.pop(MODE_ANNOTATION, None)
+    return parse_policy_obj(raw, policy.origin or "<api>")
 
 
 def compose(in_force: Sequence[Policy], new: Sequence[Policy], replace: bool = False,
-            remove: Sequence[PolicyRef] = ()) -> Candidate:
-    """Rule 1 of the module doc; TraceInputError for a removed policy not in force."""
+            remove: Sequence[PolicyRef] = (), promote: Sequence[PolicyRef] = ()) -> Candidate:
+    """Rule 1 of the module doc (``promote``: staged policies in force, enforced);
+    TraceInputError for a removed or promoted policy not in force, or one promoted
+    that is not staged."""
     current = {} if replace else {p.ref: p for p in in_force}
     cand = Candidate([])
+    staged = []
+    for ref in promote:
+        pol = next((p for p in in_force if p.ref == ref), None)
+        if pol is None or not pol.audit:
+            known = ", ".join(str(p.ref) for p in sorted(in_force, key=lambda p: p.ref) if p.audit)
+            why = "is not in force" if pol is None else "is not staged (it is enforced already)"
+            raise TraceInputError(f"{ref} {why} (staged: {known or 'none'}) (--promote)")
+        staged.append(enforced(pol))
+        cand.promoted.append(ref)
+    new = [*staged, *new]
     if replace:
         cand.removed = sorted(p.ref for p in in_force)
     for ref in remove:
