@@ -23,6 +23,8 @@ def _modules() -> dict[str, tuple[Path, str]]:
     out: dict[str, tuple[Path, str]] = {}
     for src in SRC_ROOTS:
         for f in src.rglob("*.py"):
+            if "_hubble_pb" in f.parts:  # generated at bootstrap (scripts/hubble-build), not in git
+                continue
             parts = list(f.relative_to(src).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()

@@ -80,6 +80,6 @@ def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     heavy = {re.split(r"[<>=]", r)[0] for r in extras["agent"]}
     assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes",
                      "opentelemetry-api", "opentelemetry-sdk",
-                     "opentelemetry-exporter-otlp-proto-http"}
+                     "opentelemetry-exporter-otlp-proto-http", "grpcio", "protobuf"}
     for datapath in ("ebpf", "iptables"):
         assert "axoneme[agent]" in extras[datapath], f"axoneme[{datapath}] must be a working node"

@@ -73,6 +73,8 @@ class AgentConfig:
     prometheus_serve_addr: str | None = None  # --prometheus-serve-addr HOST:PORT
     otlp_endpoint: str | None = None  # --otlp-endpoint http://HOST:PORT (OTLP/HTTP)
     otlp_l7_sample_ratio: float = 0.1  # share of L7 proxy decisions traced
+    # Hubble's Observer gRPC API: None = hubble.sock beside the API socket, "" = off
+    hubble_socket_path: str | None = None  # --hubble-socket-path PATH
 
     @property
     def k8s_mode(self) -> bool:

@@ -17,6 +17,8 @@ from axoneme.agent._agent import Agent
 from axoneme.agent._api import build_app, socket_in_use
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._errors import StateDirLocked
+from axoneme.agent._hubble import start_hubble
+from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import cleanup_redirect_rules
 from axoneme.agent._records import PodRecord
 from axoneme.agent._runtime import kill_pod_process
@@ -83,6 +85,13 @@ async def _serve(config: AgentConfig) -> int:
     finally:
         os.umask(old)
     os.chmod(config.api_socket, 0o600)
+    try:
+        hubble = await start_hubble(agent.flows, config, node_name(config))
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e} (--hubble-socket-path)\n")
+        await runner.cleanup()
+        await agent.stop()
+        return EXIT_BAD_INPUT
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +100,8 @@ async def _serve(config: AgentConfig) -> int:
                 config.api_socket, config.state_dir)
     await stop.wait()
     LOG.warning("axoneme agent stopping")
+    if hubble is not None:
+        await hubble.stop()
     await runner.cleanup()
     await agent.stop()
     try:

@@ -283,6 +283,12 @@ _BUILDERS: dict[str, Callable[[Any], Callable[[Flow], bool]]] = {
     "node_name": lambda v: (lambda r: lambda f: bool(r.match(f.node_name)))(
         re.compile("^(?:" + "|".join(re.escape(x).replace(r"\*", ".*") for x in v) + ")$")),
     "tcp_flags": _tcp_flags,
+    "interface": lambda v: lambda f: f.interface is not None and any(
+        (not i.get("index") or int(i["index"]) == f.interface[0])
+        and (not i.get("name") or i["name"] == f.interface[1]) for i in v),
+    "http_header": lambda v: lambda f: any(
+        {"key": h.get("key"), "value": h.get("value")} in list(_http(f).get("headers") or ())
+        for h in v),
 }
 
 

@@ -104,6 +104,10 @@ def register(groups: dict[str, SubParsers]) -> None:
     run.add_argument("--prometheus-serve-addr", default=None, metavar="HOST:PORT",
                      help="serve Prometheus metrics on HOST:PORT/metrics (Cilium's flag; :PORT "
                           "for every address; off by default), e.g. 127.0.0.1:9962")
+    run.add_argument("--hubble-socket-path", default=None, metavar="PATH",
+                     help="serve Hubble's Observer gRPC API (hubble observe --server "
+                          "unix://PATH) here; default: hubble.sock beside the API socket; "
+                          "'' turns it off")
     run.add_argument("--otlp-endpoint", default=None, metavar="URL",
                      help="export OpenTelemetry traces (policy regeneration, CNI, Kubernetes "
                           "events, sampled L7 decisions) to this OTLP/HTTP receiver, e.g. "

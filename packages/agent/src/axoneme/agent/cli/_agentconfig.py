@@ -27,7 +27,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
-                "kube_proxy_replacement")
+                "kube_proxy_replacement", "hubble_socket_path")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -106,6 +106,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "policy_cidr_match_mode": getattr(args, "policy_cidr_match_mode", None),
         "prometheus_serve_addr": getattr(args, "prometheus_serve_addr", None),
         "otlp_endpoint": getattr(args, "otlp_endpoint", None),
+        "hubble_socket_path": getattr(args, "hubble_socket_path", None),
     }
     if args.no_guard:
         flags["guard"] = False
@@ -136,6 +137,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     cfg.api_socket = os.path.abspath(cfg.api_socket)
     if cfg.policy_dir:
         cfg.policy_dir = os.path.abspath(cfg.policy_dir)
+    if cfg.hubble_socket_path:
+        cfg.hubble_socket_path = os.path.abspath(cfg.hubble_socket_path)
     return cfg
 
 

@@ -1,0 +1,231 @@
+"""Hubble's Observer gRPC API (GetFlows, ServerStatus, GetNodes, GetNamespaces),
+served by the agent on a unix socket so the real ``hubble`` CLI can observe it.
+
+The messages are Hubble's own: Python stubs generated from the .proto files of
+Cilium's Go module by ``scripts/hubble-build --protos`` (run by bootstrap) into
+``_hubble_pb/`` beside this module, never edited. They import each other by
+the protos' own paths (``flow``, ``observer``, ``relay``), so that directory
+goes on ``sys.path`` when the server is built (never at import time).
+
+A Flow goes on the wire as its JSON (``Flow.to_json``, Hubble's protojson
+form) parsed into ``flow.Flow``; our extra JSON fields are dropped there.
+Filters arrive as Hubble's FlowFilters and are matched by ``_hubblefilter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from axoneme.agent._flowstore import FlowFilter, FlowStore
+from axoneme.agent._hubblefilter import FilterError, compile_filters
+from axoneme.core.errors import ConfigError
+from axoneme.core.flow import Flow
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["HubbleServer", "default_socket_path", "load_stubs"]
+
+STUBS_DIR = Path(__file__).with_name("_hubble_pb")
+SOCKET_NAME = "hubble.sock"
+ALL = 1 << 63  # `hubble observe --all` asks for 2**64-1 flows: everything there is
+
+
+def default_socket_path(api_socket: str) -> str:
+    """Next to the API socket, as Cilium keeps hubble.sock beside cilium.sock."""
+    return os.path.join(os.path.dirname(api_socket) or ".", SOCKET_NAME)
+
+
+def load_stubs() -> Any:
+    """The generated modules as one namespace (flow_pb2, observer_pb2, observer_pb2_grpc,
+    relay_pb2, json_format, grpc); ConfigError when they or grpcio are missing."""
+    if not (STUBS_DIR / "observer" / "observer_pb2_grpc.py").exists():
+        raise ConfigError(f"Hubble's gRPC stubs are missing in {STUBS_DIR}: run "
+                          f"scripts/hubble-build --protos (scripts/bootstrap does)")
+    if str(STUBS_DIR) not in sys.path:
+        sys.path.append(str(STUBS_DIR))
+    try:
+        import grpc
+        import grpc.aio  # noqa: F401
+        from google.protobuf import json_format
+
+        mods = {name.rsplit(".", 1)[-1]: importlib.import_module(name) for name in (
+            "flow.flow_pb2", "relay.relay_pb2", "observer.observer_pb2",
+            "observer.observer_pb2_grpc")}
+    except ImportError as e:
+        raise ConfigError(f"Hubble's API needs grpcio and protobuf (the agent extra): {e}") from e
+    return type("HubbleStubs", (), {**mods, "grpc": grpc, "json_format": json_format})
+
+
+class HubbleServer:
+    """The Observer service over one unix socket (mode 0600, like the API socket)."""
+
+    def __init__(self, flows: FlowStore, node_name: str, path: str, version: str) -> None:
+        self.flows = flows
+        self.node_name = node_name
+        self.path = path
+        self.version = version
+        self.started = time.monotonic()
+        self.pb = load_stubs()
+        self._server: Any = None
+
+    async def start(self) -> None:
+        pb = self.pb
+        self._server = pb.grpc.aio.server()
+        servicer = type("Observer", (_Observer, pb.observer_pb2_grpc.ObserverServicer), {})
+        pb.observer_pb2_grpc.add_ObserverServicer_to_server(servicer(self), self._server)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+            os.unlink(self.path)  # stale socket from a killed agent
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {self.path}: {e}") from e
+        old = os.umask(0o177)
+        try:
+            if not self._server.add_insecure_port(f"unix://{self.path}"):
+                raise ConfigError(f"cannot listen on {self.path}")
+            await self._server.start()
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {self.path}: {e}") from e
+        finally:
+            os.umask(old)
+        LOG.warning("hubble observer API on unix://%s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # -- messages ----------------------------------------------------------------------------
+    def flow_message(self, flow: Flow) -> Any:
+        pb = self.pb
+        d = flow.to_json()
+        msg = pb.flow_pb2.Flow()
+        try:
+            pb.json_format.ParseDict(d, msg, ignore_unknown_fields=True)
+        except pb.json_format.ParseError:  # an L7 record of a shape Hubble lacks: keep the rest
+            LOG.debug("flow %s: l7 record not in Hubble's shape", flow.uuid, exc_info=True)
+            msg = pb.flow_pb2.Flow()
+            pb.json_format.ParseDict({k: v for k, v in d.items() if k != "l7"}, msg,
+                                     ignore_unknown_fields=True)
+        return msg
+
+    def response(self, flow: Flow) -> Any:
+        msg = self.flow_message(flow)
+        out = self.pb.observer_pb2.GetFlowsResponse(flow=msg, node_name=flow.node_name
+                                                    or self.node_name)
+        out.time.CopyFrom(msg.time)
+        return out
+
+    def uptime_ns(self) -> int:
+        return int((time.monotonic() - self.started) * 1e9)
+
+    def flows_rate(self) -> float:
+        """Flows per second over the last minute (Hubble's flows_rate)."""
+        since = time.time() - 60
+        return len(self.flows.last(None, FlowFilter(since=since))) / 60.0
+
+
+class _Observer:
+    """observer.Observer, mixed into the generated ObserverServicer, whose methods
+    answer UNIMPLEMENTED for what is not here (agent and debug events)."""
+
+    def __init__(self, srv: HubbleServer) -> None:
+        self.srv = srv
+
+    async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        srv, pb = self.srv, self.srv.pb
+        as_dict = pb.json_format.MessageToDict
+        try:
+            match = compile_filters(
+                [as_dict(f, preserving_proto_field_name=True) for f in request.whitelist],
+                [as_dict(f, preserving_proto_field_name=True) for f in request.blacklist])
+        except FilterError as e:
+            await context.abort(pb.grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None
+        until = (request.until.ToNanoseconds() / 1e9
+                 if request.HasField("until") and not request.follow else None)
+        flt = FlowFilter(since=since, until=until, hubble=match)
+        number: int | None = int(request.number)
+        if number is not None and number >= ALL:
+            number = None
+        elif number == 0:
+            # Hubble: no number and no time range means nothing of the past when following
+            number = 0 if request.follow and since is None else None
+        queue = srv.flows.subscribe() if request.follow else None
+        try:
+            for flow in srv.flows.last(number, flt, first=request.first):
+                yield srv.response(flow)
+            while queue is not None:
+                flow_or_none = await queue.get()
+                if flow_or_none is None:
+                    break
+                if flt.matches(flow_or_none):
+                    yield srv.response(flow_or_none)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if queue is not None:
+                srv.flows.unsubscribe(queue)
+
+    async def ServerStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
+        srv = self.srv
+        return srv.pb.observer_pb2.ServerStatusResponse(
+            num_flows=len(srv.flows), max_flows=srv.flows.capacity, seen_flows=srv.flows.seen,
+            uptime_ns=srv.uptime_ns(), version=srv.version, flows_rate=srv.flows_rate())
+
+    async def GetNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        srv, pb = self.srv, self.srv.pb
+        node = pb.observer_pb2.Node(
+            name=srv.node_name, version=srv.version, address=f"unix://{srv.path}",
+            state=pb.relay_pb2.NODE_CONNECTED, uptime_ns=srv.uptime_ns(),
+            num_flows=len(srv.flows), max_flows=srv.flows.capacity, seen_flows=srv.flows.seen)
+        return pb.observer_pb2.GetNodesResponse(nodes=[node])
+
+    async def GetNamespaces(self, request: Any, context: Any) -> Any:  # noqa: N802
+        srv, pb = self.srv, self.srv.pb
+        seen = sorted({ep.namespace for f in srv.flows.last() for ep in (f.source, f.destination)
+                       if ep.namespace})
+        return pb.observer_pb2.GetNamespacesResponse(
+            namespaces=[pb.observer_pb2.Namespace(namespace=ns) for ns in seen])
+
+
+async def start_hubble(flows: FlowStore, config: Any, node_name: str) -> HubbleServer | None:
+    """The server the config asks for: ``hubble_socket_path`` None (default: beside
+    the API socket; skipped with a warning when the stubs or grpcio are missing),
+    "" (off), or a path (required: ConfigError when it cannot be served)."""
+    path = getattr(config, "hubble_socket_path", None)
+    if path == "":
+        return None
+    explicit = path is not None
+    try:
+        srv = HubbleServer(flows, node_name, path or default_socket_path(config.api_socket),
+                           _version())
+        await srv.start()
+    except ConfigError as e:
+        if explicit:
+            raise
+        LOG.warning("hubble observer API not served: %s", e)
+        return None
+    return srv
+
+
+def _version() -> str:
+    try:
+        return f"axoneme {importlib.metadata.version('axoneme')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "axoneme"
