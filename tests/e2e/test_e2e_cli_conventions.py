@@ -7,6 +7,7 @@ endpoint is compared before a delete and after the re-apply of what `policy get`
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,32 @@ def test_listings_select_and_print_wide_and_yaml(agent: Any) -> None:
 
     res = agent.cli("pod", "list", "-l", "app in web")
     assert res.returncode == 2 and "-l/--selector" in res.stderr
+
+    # shell completion asks this agent for names
+    assert _complete(agent, "axoneme pod delete -n shop ") == ["db", "web"]
+    assert _complete(agent, "axoneme pod exec t") == []  # -n default: tool is in dev
+    assert _complete(agent, "axoneme pod logs -n dev t") == ["tool"]
+    assert _complete(agent, "axoneme namespace delete ") == ["default", "dev", "shop"]
+    assert _complete(agent, "axoneme pod list -n s") == ["shop"]
+    assert _complete(agent, "axoneme endpoint get ") == sorted(
+        str(e["id"]) for e in agent.json("endpoint", "list"))
+
+
+def _complete(agent: Any, line: str) -> list[str]:
+    """What `axoneme` answers bash asking to complete ``line`` (argcomplete's protocol)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r") as out:
+        env = {**agent.env(), "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": line,
+               "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": out.name,
+               "_ARGCOMPLETE_SHELL": "bash"}
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "axoneme")], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        # with nothing typed yet, flags are offered too: the names are what is checked
+        return sorted(w.strip() for w in out.read().split("\n") if w.strip() and w[0] != "-")
 
 
 def test_policy_get_yaml_round_trips_through_apply(agent: Any, tmp_path: Path) -> None:

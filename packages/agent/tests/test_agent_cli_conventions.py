@@ -127,7 +127,7 @@ POLICIES = [
 
 
 class FakeClient:
-    def __init__(self, socket: str | None = None) -> None:
+    def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
         self.socket = socket
 
     def get(self, path: str, **query: Any) -> Any:
@@ -313,6 +313,35 @@ def test_completion_answers_commands_flags_and_choices(tmp_path: Path) -> None:
     assert _complete("axoneme policy g", tmp_path) == ["get"]
     assert _complete("axoneme endpoint list --se", tmp_path) == ["--selector"]
     assert _complete("axoneme pod list -o ", tmp_path) == ["json", "table", "wide", "yaml"]
+
+
+def test_completion_of_names_without_an_agent_offers_none(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AXONEME_API_SOCKET", str(tmp_path / "no-agent.sock"))
+    assert [w for w in _complete("axoneme pod delete ", tmp_path) if w and w[0] != "-"] == []
+
+
+def test_name_completers_ask_the_agent(fake_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from axoneme.agent.cli._completion import NAMES, attach_completers
+
+    monkeypatch.setattr("axoneme.agent.client.AgentClient", FakeClient)
+    parser, _ = build_parser()
+    attach_completers(parser)
+    commands = dict(_commands(parser))
+    for (path, dest), _names in NAMES.items():
+        if path != "*":
+            assert any(a.dest == dest for a in commands[path]._actions), (path, dest)
+
+    def completer(path: str, dest: str) -> Any:
+        (action,) = [a for a in commands[path]._actions if a.dest == dest]
+        return action.completer
+
+    ns = argparse.Namespace
+    assert completer("pod exec", "name")("w", ns(namespace="shop")) == ["web"]
+    assert completer("policy get", "name")("", ns(namespace="shop")) == [
+        "netpol/web", "cnp/web", "ccnp/all"]
+    assert completer("endpoint get", "id")("", ns()) == ["1", "2"]
+    assert completer("pod list", "namespace")("s", ns()) == ["shop"]
 
 
 def test_completion_in_bash(tmp_path: Path) -> None:
