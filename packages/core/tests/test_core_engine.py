@@ -254,13 +254,13 @@ def test_recomputes_only_affected_endpoints(monkeypatch: pytest.MonkeyPatch) -> 
     w = World()
     w.add(4, "d")
     computed: list[int] = []
-    real = w.engine._compute
+    real = w.engine._update
 
-    def counting(eid: int, strict: bool):  # type: ignore[no-untyped-def]
+    def counting(eid: int, *args, **kwargs):  # type: ignore[no-untyped-def]
         computed.append(eid)
-        return real(eid, strict)
+        return real(eid, *args, **kwargs)
 
-    monkeypatch.setattr(w.engine, "_compute", counting)
+    monkeypatch.setattr(w.engine, "_update", counting)
     w.engine.upsert_policy(policy("p", sel(app="a"), PeerRule(IN, peers=(EndpointPeer(sel(app="b")),))))
     assert computed == [1]
     computed.clear()
@@ -286,8 +286,8 @@ def test_recomputes_only_affected_endpoints(monkeypatch: pytest.MonkeyPatch) -> 
 def test_batch_defers_and_computes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     w = World()
     computed: list[int] = []
-    real = w.engine._compute
-    monkeypatch.setattr(w.engine, "_compute", lambda eid, strict: computed.append(eid) or real(eid, strict))
+    real = w.engine._update
+    monkeypatch.setattr(w.engine, "_update", lambda eid, *a, **k: computed.append(eid) or real(eid, *a, **k))
     with w.engine.batch():
         for n in range(5):
             w.engine.upsert_policy(policy(f"p{n}", LabelSelector(), PeerRule(IN, peers=None, ports=ports((80 + n, "TCP")))))

@@ -141,15 +141,6 @@ def default_proxy_port(parser: str, direction: Direction) -> int:
     return l7_default_proxy_port(parser)
 
 
-class _Allow:
-    __slots__ = ("plain", "l7", "derived")
-
-    def __init__(self) -> None:
-        self.plain = False
-        self.l7: dict[str, list[tuple[str, tuple[object, ...]]]] = {}
-        self.derived: set[str] = set()
-
-
 def _protocols(pp: PortProtocol) -> tuple[Protocol, ...]:
     return PORT_PROTOCOLS if pp.protocol.upper() == "ANY" else (Protocol.parse(pp.protocol),)
 
@@ -246,7 +237,7 @@ def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[in
     return ids
 
 
-def _peer_addresses(pr: PeerRule, book: AddressBook, cidr_match: frozenset[str]
+def _peer_addresses(pr: PeerRule, book: Callable[[], AddressBook], cidr_match: frozenset[str]
                     ) -> tuple[list[ClusterAddress], bool]:
     """Cluster addresses the rule's CIDR peers match one by one, and whether
     any CIDR peer looks at cluster addresses at all (a dependency).
@@ -263,7 +254,7 @@ def _peer_addresses(pr: PeerRule, book: AddressBook, cidr_match: frozenset[str]
         if not kinds:
             continue
         uses = True
-        for a in book.in_block(peer, kinds):
+        for a in book().in_block(peer, kinds):
             found.setdefault(a.address, a)
     return [found[k] for k in sorted(found)], uses
 
@@ -288,7 +279,8 @@ def _peer_addresses(pr: PeerRule, book: AddressBook, cidr_match: frozenset[str]
 #    blocks; named ports: ingress from the endpoint's own ports, egress per
 #    destination pod (_named_targets; unknown name: no key); ICMP type in
 #    the port field with prefix 16.
-# 5. Merging: see _merge (deny > plain allow > L7; L7 rules of one parser OR'ed).
+# 5. Merging: see EndpointPolicy._merge_key (deny > plain allow > L7; L7
+#    rules of one parser OR'ed).
 # 6. allow-localhost "auto": an enforced ingress also allows the host (Key(1, INGRESS)).
 # 7. Replies and a pod's traffic to itself are not policy's business.
 def resolve_endpoint(
@@ -307,138 +299,393 @@ def resolve_endpoint(
     ``strict``: different L7 parsers on one key raise PolicyError (policy
     admission); otherwise the first parser by name wins and it is logged.
     """
-    dirs = (Direction.INGRESS, Direction.EGRESS)
     if enforcement_mode == "never":
+        dirs = (Direction.INGRESS, Direction.EGRESS)
         return Resolved(MapState({Key(0, d): Entry() for d in dirs}), False, False,
                         frozenset(), False, tuple(rules))
-    enforce = {d: enforcement_mode == "always" or any(r.enforces(d) for r in rules) for d in dirs}
-    allows: dict[Key, _Allow] = {}
-    denies: dict[Key, set[str]] = {}
-    deps: set[Selector] = set()
-    uses_named = False
-
-    uses_addresses = False
-
-    def add(target: Target, l4: L4, l7: L7Spec | None, pr: PeerRule, derived: str) -> None:
-        ident, address = target
-        d = pr.direction
-        key = None
-        if not address:
-            bucket = _KEY_CACHE.get((d, *l4))
-            key = bucket.get(ident) if bucket is not None else None
-        if key is None:
-            key = _key(ident, d, l4, address)
-        if pr.deny:
-            denies.setdefault(key, set()).add(derived)
-            return
-        acc = allows.get(key)
-        if acc is None:
-            acc = allows[key] = _Allow()
-        acc.derived.add(derived)
-        if l7 is None:
-            acc.plain = True
-        else:
-            acc.l7.setdefault(l7.parser, []).append((derived, l7.rules))
-
-    for rule in rules:
-        for pr in rule.rules:
-            if pr.allows_nothing:
-                continue
-            ids = _peer_ids(pr, cache, deps)
-            addrs, addr_dep = _peer_addresses(pr, book, cidr_match)
-            uses_addresses = uses_addresses or addr_dep
-            if not ids and not addrs:
-                continue
-            l4s, named_egress = _peer_rule_l4s(pr, endpoint)
-            uses_named = uses_named or bool(named_egress)
-            derived = f"{rule.ref} {pr.path}"
-            # an address whose identity the rule selects anyway needs no key of its own
-            extra = [(ADDRESS_IDENTITY, a.address) for a in addrs if a.identity not in ids]
-            targets: list[Target] = [(ident, "") for ident in ids] + extra
-            for l4, l7 in l4s:
-                for target in targets:
-                    add(target, l4, l7, pr, derived)
-            for pp, l7 in named_egress:
-                for target, l4 in _named_targets(pp, ids, addrs, book):
-                    add(target, l4, l7, pr, derived)
-
-    # An unenforced direction allows everything except what a deny names.
-    for d in dirs:
-        if not enforce[d]:
-            allows.setdefault(Key(0, d), _Allow()).plain = True
-    if enforce[Direction.INGRESS] and allow_localhost == "auto":
-        acc = allows.setdefault(Key(int(ReservedIdentity.HOST), Direction.INGRESS), _Allow())
-        acc.plain = True
-        acc.derived.add(ALLOW_LOCALHOST)
-
-    return Resolved(_merge(allows, denies, proxy_port or default_proxy_port, strict),
-                    enforce[Direction.INGRESS], enforce[Direction.EGRESS], frozenset(deps),
-                    uses_named, tuple(rules), uses_addresses)
+    pol = EndpointPolicy(endpoint, cache, lambda: book, enforcement_mode, allow_localhost,
+                         proxy_port, cidr_match)
+    pol.set_rules(rules)
+    conflicts = pol.flush()
+    if conflicts and strict:
+        raise PolicyError(conflicts[0])
+    for msg in conflicts:
+        LOG.error("%s", msg)
+    return pol.resolved()
 
 
-def _merge(allows: dict[Key, _Allow], denies: dict[Key, set[str]],
-           proxy_port: Callable[[str, Direction], int], strict: bool) -> MapState:
-    """Merge contributions into entries.
+CKey = tuple[int, int] | tuple[str, int]  # (id(rule), peer rule index) or a synthetic allow
+# One peer rule's contribution to one key: (derived_from text or None, deny,
+# plain allow, L7 allows ((parser, rules), ...)); equal ones are shared.
+Contrib = tuple[str | None, bool, bool, tuple[tuple[str, tuple[object, ...]], ...]]
+Group = tuple[int, str, Direction]  # the keys one deny key can cover
+L4Key = tuple[Direction, Protocol, int, int]
+_UNENFORCED = "unenforced"
+_LOCALHOST = "allow-localhost"
 
-    Precedence (Cilium's policy map semantics; MapState.lookup relies on it):
-    1. A deny key wins over an allow on the same key.
-    2. An allow key covered by a deny key of the same identity and direction
-       (same or wider L4) is dropped: otherwise the longer-prefix allow would
-       shadow the deny in the LPM lookup. Denies of another identity
-       (incl. the wildcard) need no pruning: lookup checks both and deny wins.
-    3. Among allows on one key, a plain (L4-only) allow beats L7 rules: the
-       L4 allow already admits every request, so L7 is moot.
-    4. A plain allow for the wildcard identity on the exact same
-       (protocol, port, prefix) also makes L7 on that port moot for every peer.
-    5. L7 allows of one parser on one key merge (OR); an empty rule list
-       (allow all, proxied) absorbs the others. Two parsers on one key are a
-       conflict (PolicyError).
+
+class _PeerRuleState:
+    """What one peer rule contributes to one endpoint, and what it read."""
+
+    __slots__ = ("rule", "pr", "keys", "deps", "named", "addresses")
+
+    def __init__(self, rule: Rule | None, pr: PeerRule | None, keys: dict[Key, Contrib],
+                 deps: frozenset[Selector] = frozenset(), named: bool = False,
+                 addresses: bool = False) -> None:
+        self.rule = rule
+        self.pr = pr
+        self.keys = keys
+        self.deps = deps
+        self.named = named  # egress named ports: reads every pod's ports
+        self.addresses = addresses  # CIDR peers over cluster addresses
+
+
+def _group(key: Key) -> Group:
+    return (key.identity, key.address, key.direction)
+
+
+class EndpointPolicy:
+    """One endpoint's MapState, kept incrementally (Cilium's per-endpoint
+    policy with MapChanges: a change computes only the entries it touches).
+
+    Every peer rule that selects the endpoint contributes ``Contrib``s to
+    keys; an entry is the merge of its key's contributions (``_merge_key``),
+    which also reads the deny keys of its group (a wider deny prunes an
+    allow) and, for L7, the wildcard key on the same L4. A change adds or
+    withdraws contributions, marks their keys, and ``flush`` re-merges just
+    those keys (plus the keys a changed deny or wildcard can affect).
+    ``touched`` collects the keys whose entry may have changed since the
+    caller last looked (None: everything, e.g. after a rebuild).
     """
-    deny_index: dict[tuple[int, Direction], list[Key]] = {}
-    for dk in denies:
-        deny_index.setdefault((dk.identity, dk.direction), []).append(dk)
 
-    def denied(key: Key) -> bool:
-        if not denies:
-            return False
-        same = deny_index.get((key.identity, key.direction))
-        return key in denies or (same is not None and any(dk.covers(key) for dk in same))
+    def __init__(self, endpoint: Endpoint, cache: SelectorCache, book: Callable[[], AddressBook],
+                 enforcement_mode: str = "default", allow_localhost: str = "auto",
+                 proxy_port: Callable[[str, Direction], int] | None = None,
+                 cidr_match: frozenset[str] = frozenset()) -> None:
+        self.endpoint = endpoint
+        self.cache = cache
+        self.book = book
+        self.enforcement_mode = enforcement_mode
+        self.allow_localhost = allow_localhost
+        self.proxy_port = proxy_port or default_proxy_port
+        self.cidr_match = cidr_match
+        self.rules: tuple[Rule, ...] = ()
+        self.ingress = False
+        self.egress = False
+        self.state: dict[Key, Entry] = {}
+        self.touched: set[Key] | None = None
+        self.opaque: Resolved | None = None  # resolved whole by the engine (audit, mode never)
+        self.deps_changed: list[tuple[Selector, bool]] = []  # (selector, now used), drained by the engine
+        self._prs: dict[CKey, _PeerRuleState] = {}
+        self._at: dict[Key, list[tuple[CKey, Contrib]]] = {}
+        self._deny_keys: dict[Group, set[Key]] = {}
+        self._l7_keys: dict[L4Key, set[Key]] = {}
+        self._sel_users: dict[Selector, set[CKey]] = {}
+        self._addr_prs: set[CKey] = set()
+        self._dirty: set[Key] = set()
+        self._deny_groups: set[Group] = set()
+        self._plain: dict[frozenset[str], Entry] = {}
+        self._snap: MapState | None = None
 
-    wildcard_plain = {(k.direction, k.protocol, k.port, k.prefix_len): a.derived
-                      for k, a in allows.items() if k.identity == 0 and a.plain and not denied(k)}
-    out: dict[Key, Entry] = {k: Entry(deny=True, derived_from=frozenset(v)) for k, v in denies.items()}
-    plain: dict[frozenset[str], Entry] = {}  # entries are immutable: share equal ones
-    for key, acc in allows.items():
-        if denied(key):
-            continue
-        derived = frozenset(acc.derived)
-        if acc.plain:
-            entry = plain.get(derived)
+    # -- what it depends on --------------------------------------------------------
+    @property
+    def deps(self) -> frozenset[Selector]:
+        return frozenset(self._sel_users)
+
+    @property
+    def uses_addresses(self) -> bool:
+        """Whether some peer rule reads the cluster's addresses or named ports."""
+        return bool(self._addr_prs)
+
+    def snapshot(self) -> MapState:
+        if self._snap is None:
+            self._snap = MapState(self.state)
+        return self._snap
+
+    def resolved(self) -> Resolved:
+        prs = self._prs.values()
+        return Resolved(self.snapshot(), self.ingress, self.egress, self.deps,
+                        any(p.named for p in prs), self.rules, any(p.addresses for p in prs))
+
+    # -- changes --------------------------------------------------------------------
+    def set_rules(self, rules: Sequence[Rule]) -> None:
+        """Make the selecting rules ``rules``: rules no longer there withdraw
+        their contributions, new ones add theirs (rules are compared by object)."""
+        new = {id(r) for r in rules}
+        old = {id(r) for r in self.rules}
+        for rule in self.rules:
+            if id(rule) not in new:
+                for i in range(len(rule.rules)):
+                    self._drop((id(rule), i))
+        for rule in rules:
+            if id(rule) not in old:
+                for i, pr in enumerate(rule.rules):
+                    if not pr.allows_nothing:
+                        self._add((id(rule), i), self._compute(rule, pr))
+        self.rules = tuple(rules)
+        self._set_enforcement()
+
+    def refresh_selectors(self, selectors: Iterable[Selector]) -> None:
+        """Selections of ``selectors`` changed: recompute the peer rules using them."""
+        ckeys: set[CKey] = set()
+        for sel in selectors:
+            ckeys |= self._sel_users.get(sel, set())
+        for ck in ckeys:
+            self._refresh(ck)
+
+    def refresh_addresses(self) -> None:
+        """The cluster's addresses or named ports changed."""
+        for ck in list(self._addr_prs):
+            self._refresh(ck)
+
+    def _set_enforcement(self) -> None:
+        always = self.enforcement_mode == "always"
+        self.ingress = always or any(r.enforces(Direction.INGRESS) for r in self.rules)
+        self.egress = always or any(r.enforces(Direction.EGRESS) for r in self.rules)
+        wanted: dict[CKey, tuple[Key, Contrib] | None] = {
+            (_UNENFORCED, int(Direction.INGRESS)): None if self.ingress else (
+                Key(0, Direction.INGRESS), (None, False, True, ())),
+            (_UNENFORCED, int(Direction.EGRESS)): None if self.egress else (
+                Key(0, Direction.EGRESS), (None, False, True, ())),
+            (_LOCALHOST, 0): (Key(int(ReservedIdentity.HOST), Direction.INGRESS),
+                              (ALLOW_LOCALHOST, False, True, ()))
+            if self.ingress and self.allow_localhost == "auto" else None,
+        }
+        for ck, want in wanted.items():
+            if want is None:
+                self._drop(ck)
+            elif ck not in self._prs:
+                self._add(ck, _PeerRuleState(None, None, {want[0]: want[1]}))
+
+    # -- contributions --------------------------------------------------------------
+    def _compute(self, rule: Rule, pr: PeerRule) -> _PeerRuleState:
+        """One peer rule's contributions (rules 3 and 4 above)."""
+        deps: set[Selector] = set()
+        ids = _peer_ids(pr, self.cache, deps)
+        addrs, addr_dep = _peer_addresses(pr, self.book, self.cidr_match)
+        keys: dict[Key, Contrib] = {}
+        st = _PeerRuleState(rule, pr, keys, frozenset(deps), False, addr_dep)
+        if not ids and not addrs:
+            return st
+        l4s, named_egress = _peer_rule_l4s(pr, self.endpoint)
+        st.named = bool(named_egress)
+        derived = f"{rule.ref} {pr.path}"
+        d = pr.direction
+        plain: Contrib = (derived, pr.deny, not pr.deny, ())
+
+        def add(key: Key, l7: L7Spec | None) -> None:
+            if l7 is None or pr.deny:
+                keys[key] = plain
+                return
+            cur = keys.get(key)
+            if cur is None:
+                keys[key] = (derived, False, False, ((l7.parser, l7.rules),))
+            elif not cur[2]:
+                keys[key] = (derived, False, False, (*cur[3], (l7.parser, l7.rules)))
+
+        # an address whose identity the rule selects anyway needs no key of its own
+        extra = [a.address for a in addrs if a.identity not in ids]
+        for l4, l7 in l4s:
+            bucket = _KEY_CACHE.get((d, *l4))
+            for ident in ids:
+                key = bucket.get(ident) if bucket is not None else None
+                if key is None:
+                    key = _key(ident, d, l4)
+                    bucket = _KEY_CACHE.get((d, *l4))
+                add(key, l7)
+            for address in extra:
+                add(_key(ADDRESS_IDENTITY, d, l4, address), l7)
+        for pp, l7 in named_egress:
+            for (ident, address), l4 in _named_targets(pp, ids, addrs, self.book()):
+                add(_key(ident, d, l4, address), l7)
+        return st
+
+    def _add(self, ck: CKey, st: _PeerRuleState) -> None:
+        self._prs[ck] = st
+        for sel in st.deps:
+            users = self._sel_users.get(sel)
+            if users is None:
+                users = self._sel_users[sel] = set()
+                self.deps_changed.append((sel, True))
+            users.add(ck)
+        if st.named or st.addresses:
+            self._addr_prs.add(ck)
+        for key, c in st.keys.items():
+            self._contribute(key, ck, c)
+
+    def _drop(self, ck: CKey) -> None:
+        st = self._prs.pop(ck, None)
+        if st is None:
+            return
+        self._unuse(ck, st.deps)
+        self._addr_prs.discard(ck)
+        for key, c in st.keys.items():
+            self._withdraw(key, ck, c)
+
+    def _unuse(self, ck: CKey, deps: Iterable[Selector]) -> None:
+        for sel in deps:
+            users = self._sel_users.get(sel)
+            if users is None:
+                continue
+            users.discard(ck)
+            if not users:
+                del self._sel_users[sel]
+                self.deps_changed.append((sel, False))
+
+    def _refresh(self, ck: CKey) -> None:
+        """Recompute one peer rule; only the keys whose contribution changed move."""
+        st = self._prs[ck]
+        if st.rule is None or st.pr is None:
+            return
+        new = self._compute(st.rule, st.pr)
+        self._unuse(ck, st.deps - new.deps)
+        for sel in new.deps - st.deps:
+            users = self._sel_users.get(sel)
+            if users is None:
+                users = self._sel_users[sel] = set()
+                self.deps_changed.append((sel, True))
+            users.add(ck)
+        if new.named or new.addresses:
+            self._addr_prs.add(ck)
+        else:
+            self._addr_prs.discard(ck)
+        for key, c in st.keys.items():
+            if new.keys.get(key) != c:
+                self._withdraw(key, ck, c)
+        for key, c in new.keys.items():
+            if st.keys.get(key) != c:
+                self._contribute(key, ck, c)
+        self._prs[ck] = new
+
+    def _contribute(self, key: Key, ck: CKey, c: Contrib) -> None:
+        at = self._at.get(key)
+        if at is None:
+            at = self._at[key] = []
+        at.append((ck, c))
+        if c[1]:
+            deny_keys = self._deny_keys.get(_group(key))
+            if deny_keys is None:
+                deny_keys = self._deny_keys[_group(key)] = set()
+            if key not in deny_keys:
+                deny_keys.add(key)
+                self._deny_groups.add(_group(key))
+        elif c[3] and not c[2]:
+            self._l7_keys.setdefault((key.direction, key.protocol, key.port, key.prefix_len),
+                                     set()).add(key)
+        self._dirty.add(key)
+
+    def _withdraw(self, key: Key, ck: CKey, c: Contrib) -> None:
+        at = self._at[key]
+        for i, (k, _) in enumerate(at):
+            if k == ck:
+                del at[i]
+                break
+        if c[1] and not any(x[1] for _, x in at):
+            group = _group(key)
+            deny_keys = self._deny_keys[group]
+            deny_keys.discard(key)
+            if not deny_keys:
+                del self._deny_keys[group]
+            self._deny_groups.add(group)
+        if not at:
+            del self._at[key]
+            l4 = (key.direction, key.protocol, key.port, key.prefix_len)
+            l7_keys = self._l7_keys.get(l4)
+            if l7_keys is not None:
+                l7_keys.discard(key)
+                if not l7_keys:
+                    del self._l7_keys[l4]
+        self._dirty.add(key)
+
+    # -- merging ----------------------------------------------------------------------
+    def flush(self) -> list[str]:
+        """Re-merge the keys changes touched; returns L7 conflicts (the first
+        parser by name is used for each)."""
+        dirty = self._dirty
+        if self._deny_groups:
+            groups = self._deny_groups
+            dirty.update(k for k in self._at if _group(k) in groups)
+            self._deny_groups = set()
+        for k in [k for k in dirty if k.identity == 0]:
+            dirty |= self._l7_keys.get((k.direction, k.protocol, k.port, k.prefix_len), set())
+        conflicts: list[str] = []
+        state = self.state
+        for k in dirty:
+            entry = self._merge_key(k, conflicts)
             if entry is None:
-                entry = plain[derived] = Entry(derived_from=derived)
-            out[key] = entry
-            continue
-        moot = wildcard_plain.get((key.direction, key.protocol, key.port, key.prefix_len))
+                state.pop(k, None)
+            else:
+                state[k] = entry
+        if dirty:
+            self._snap = None
+            if self.touched is not None:
+                self.touched |= dirty
+        self._dirty = set()
+        return conflicts
+
+    def _denied(self, key: Key) -> bool:
+        deny_keys = self._deny_keys.get(_group(key))
+        return deny_keys is not None and any(dk.covers(key) for dk in deny_keys)
+
+    def _wildcard_plain(self, key: Key) -> frozenset[str] | None:
+        """derived_from of a plain allow for any peer on exactly ``key``'s L4."""
+        wk = _key(0, key.direction, (key.protocol, key.port, key.prefix_len))
+        at = self._at.get(wk)
+        if not at or any(c[1] for _, c in at) or not any(c[2] for _, c in at) or self._denied(wk):
+            return None
+        return frozenset(c[0] for _, c in at if c[0] is not None)
+
+    def _merge_key(self, key: Key, conflicts: list[str]) -> Entry | None:
+        """The entry of one key from its contributions.
+
+        Precedence (Cilium's policy map semantics; MapState.lookup relies on it):
+        1. A deny key wins over an allow on the same key.
+        2. An allow key covered by a deny key of the same identity and direction
+           (same or wider L4) is dropped: otherwise the longer-prefix allow would
+           shadow the deny in the LPM lookup. Denies of another identity
+           (incl. the wildcard) need no pruning: lookup checks both and deny wins.
+        3. Among allows on one key, a plain (L4-only) allow beats L7 rules: the
+           L4 allow already admits every request, so L7 is moot.
+        4. A plain allow for the wildcard identity on the exact same
+           (protocol, port, prefix) also makes L7 on that port moot for every peer.
+        5. L7 allows of one parser on one key merge (OR); an empty rule list
+           (allow all, proxied) absorbs the others. Two parsers on one key are a
+           conflict (reported; the first parser by name is used).
+        """
+        at = self._at.get(key)
+        if not at:
+            return None
+        denied_by = [c[0] for _, c in at if c[1]]
+        if denied_by:
+            return Entry(deny=True, derived_from=frozenset(d for d in denied_by if d is not None))
+        if self._denied(key):
+            return None
+        derived = frozenset(c[0] for _, c in at if c[0] is not None)
+        if any(c[2] for _, c in at):
+            entry = self._plain.get(derived)
+            if entry is None:
+                entry = self._plain[derived] = Entry(derived_from=derived)
+            return entry
+        moot = self._wildcard_plain(key)
         if moot is not None:
-            out[key] = Entry(derived_from=derived | moot)
-            continue
-        parsers = sorted(acc.l7)
+            return Entry(derived_from=derived | moot)
+        by_parser: dict[str, list[tuple[str, tuple[object, ...]]]] = {}
+        for _, c in at:
+            for parser, rules in c[3]:
+                by_parser.setdefault(parser, []).append((c[0] or "", rules))
+        parsers = sorted(by_parser)
         if len(parsers) > 1:
-            msg = (f"conflicting L7 rule types {', '.join(parsers)} for {key} "
-                   f"({'; '.join(sorted(derived))})")
-            if strict:
-                raise PolicyError(msg)
-            LOG.error("%s: using %s", msg, parsers[0])
+            conflicts.append(f"conflicting L7 rule types {', '.join(parsers)} for {key} "
+                             f"({'; '.join(sorted(derived))})")
         parser = parsers[0]
-        contributions = sorted(acc.l7[parser], key=lambda c: (c[0], repr(c[1])))
+        contributions = sorted(by_parser[parser], key=lambda c: (c[0], repr(c[1])))
         merged: list[object] = []
         if not any(not rules for _, rules in contributions):
             for _, rules in contributions:
                 merged.extend(r for r in rules if r not in merged)
-        out[key] = Entry(proxy_port=proxy_port(parser, key.direction),
-                         l7=L7Rules(parser, tuple(merged)), derived_from=derived)
-    return MapState(out)
+        return Entry(proxy_port=self.proxy_port(parser, key.direction),
+                     l7=L7Rules(parser, tuple(merged)), derived_from=derived)
 
 
-__all__ = ["AddressBook", "ClusterAddress", "Resolved", "resolve_endpoint", "default_proxy_port",
+__all__ = ["AddressBook", "ClusterAddress", "EndpointPolicy", "Resolved", "resolve_endpoint", "default_proxy_port",
            "ALLOW_LOCALHOST", "ADDRESS_NODES", "ADDRESS_PODS"]

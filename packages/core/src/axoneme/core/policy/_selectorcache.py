@@ -8,10 +8,19 @@ identities); adding or removing one updates every cached selection and
 reports which selectors changed, so the engine recomputes only the endpoints
 whose policy uses one of them (Cilium's SelectorCache + identity notifications).
 
-Matching a new selector against every identity would make loading thousands
-of policies quadratic, so identities are indexed by label ``key=value`` and a
-selector with an ``In`` requirement only checks the identities carrying one
-of its values.
+Matching a new selector against every identity (or a new identity against
+every selector) would make loading thousands of policies quadratic, so both
+sides are indexed:
+- identities by label ``key=value`` (a selector with an ``In`` requirement
+  only checks the identities carrying one of its values) and CIDR identities
+  by prefix (a CIDR selector only checks the prefixes inside it);
+- selectors the same way round: a new identity is checked only against the
+  label selectors indexed under one of its labels, the CIDR selectors whose
+  prefix contains its own, and the few selectors no index covers (entities,
+  toFQDNs, label selectors without an ``In`` requirement, /0 CIDRs).
+A 50k-peer CIDR policy therefore loads in O(N), and a new identity costs the
+selectors that may select it, not every selector (Cilium: CIDR identities
+are added without re-resolving every rule).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
 from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
 
 Selector = Hashable  # LabelSelector | EntityPeer | CIDRPeer | FQDNPeer
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 R = ReservedIdentity
 _EMPTY: set[Selector] = set()
@@ -105,6 +115,12 @@ class SelectorCache:
         self._sel_refs: dict[Selector, int] = {}
         self._by_id: dict[int, set[Selector]] = {}  # id -> selectors selecting it
         self._fqdn: dict[FQDNPeer, frozenset[int]] = {}  # learned IP identities per toFQDNs selector
+        # CIDR identities: (version, prefix length) -> network address -> id
+        self._cidr_ids: dict[tuple[int, int], dict[int, int]] = {}
+        # selectors by what a matching identity must carry (see _sel_slots)
+        self._sel_by_kv: dict[tuple[str, str], set[Selector]] = {}
+        self._sel_by_cidr: dict[tuple[int, int], dict[int, set[Selector]]] = {}
+        self._sel_general: set[Selector] = set()
 
     def _matches(self, sel: Selector, ident: Identity) -> bool:
         if isinstance(sel, FQDNPeer) and ident.id in self._fqdn.get(sel, frozenset()):
@@ -151,10 +167,14 @@ class SelectorCache:
         self._idents[ident.id] = ident
         for lab in ident.labels.values():
             self._kv.setdefault((lab.key, lab.value), set()).add(ident.id)
+        if ident.cidr is not None:
+            net = ident.cidr
+            self._cidr_ids.setdefault((net.version, net.prefixlen), {})[
+                int(net.network_address)] = ident.id
         changed: set[Selector] = set()
-        for sel, ids in self._sel.items():
-            if self._wildcard(sel) is None and self._matches(sel, ident):
-                ids.add(ident.id)
+        for sel in self._selector_candidates(ident):
+            if self._matches(sel, ident):
+                self._sel[sel].add(ident.id)
                 changed.add(sel)
         if changed:
             self._by_id[ident.id] = set(changed)
@@ -175,6 +195,13 @@ class SelectorCache:
                 bucket.discard(number)
                 if not bucket:
                     del self._kv[(lab.key, lab.value)]
+        if ident.cidr is not None:
+            net = ident.cidr
+            by_addr = self._cidr_ids.get((net.version, net.prefixlen))
+            if by_addr is not None and by_addr.get(int(net.network_address)) == number:
+                del by_addr[int(net.network_address)]
+                if not by_addr:
+                    del self._cidr_ids[(net.version, net.prefixlen)]
         changed = self._by_id.pop(number, set())
         for sel in changed:
             self._sel[sel].discard(number)
@@ -207,7 +234,7 @@ class SelectorCache:
         if isinstance(sel, CIDRPeer):
             if sel.cidr.prefixlen == 0:
                 return list(self._idents)
-            return [i for i, ident in self._idents.items() if ident.cidr is not None]
+            return self._cidr_inside(sel.cidr)
         if isinstance(sel, EntityPeer):
             fixed = _ENTITY_IDS.get(sel.entity)
             if fixed is not None:
@@ -227,6 +254,7 @@ class SelectorCache:
         self._sel[sel] = ids
         for i in ids:
             self._by_id.setdefault(i, set()).add(sel)
+        self._index_selector(sel, add=True)
 
     def remove_selector(self, sel: Selector) -> None:
         refs = self._sel_refs.get(sel)
@@ -239,12 +267,100 @@ class SelectorCache:
         ids = self._sel.pop(sel)
         if self._wildcard(sel) is not None:
             return
+        self._index_selector(sel, add=False)
         for i in ids:
             users = self._by_id.get(i)
             if users is not None:
                 users.discard(sel)
                 if not users:
                     del self._by_id[i]
+
+    def _cidr_inside(self, net: IPNetwork) -> list[int]:
+        """CIDR identities whose prefix lies inside ``net`` (excepts not applied)."""
+        out: list[int] = []
+        bits = net.max_prefixlen
+        base = int(net.network_address)
+        for (version, plen), by_addr in self._cidr_ids.items():
+            if version != net.version or plen < net.prefixlen:
+                continue
+            span = plen - net.prefixlen
+            if span < 16 and (1 << span) < len(by_addr):
+                step = 1 << (bits - plen)
+                for n in range(1 << span):
+                    found = by_addr.get(base + n * step)
+                    if found is not None:
+                        out.append(found)
+            else:
+                shift = bits - net.prefixlen
+                out.extend(i for addr, i in by_addr.items() if addr >> shift == base >> shift)
+        return out
+
+    @staticmethod
+    def _sel_slots(sel: Selector) -> list[tuple[str, str]] | IPNetwork | None:
+        """What an identity a selector selects must carry: one of some label
+        ``key=value`` pairs (a label selector's first ``In`` requirement, by
+        key), a prefix inside a CIDR; None: no index applies."""
+        if isinstance(sel, LabelSelector):
+            reqs = sorted((r for r in sel.requirements if r.operator is Operator.IN),
+                          key=lambda r: (r.key, sorted(r.values)))
+            if reqs:
+                key = split_selector_key(reqs[0].key)[1]
+                return [(key, v) for v in reqs[0].values]
+        if isinstance(sel, CIDRPeer) and sel.cidr.prefixlen != 0:
+            return sel.cidr
+        return None
+
+    def _index_selector(self, sel: Selector, add: bool) -> None:
+        slots = self._sel_slots(sel)
+        buckets: list[set[Selector]] = []
+        if slots is None:
+            buckets.append(self._sel_general)
+        elif isinstance(slots, list):
+            for kv in slots:
+                bucket = self._sel_by_kv.get(kv)
+                if bucket is None:
+                    bucket = self._sel_by_kv[kv] = set()
+                buckets.append(bucket)
+        else:
+            by_addr = self._sel_by_cidr.setdefault((slots.version, slots.prefixlen), {})
+            buckets.append(by_addr.setdefault(int(slots.network_address), set()))
+        for bucket in buckets:
+            if add:
+                bucket.add(sel)
+            else:
+                bucket.discard(sel)
+        if not add:
+            self._prune_selector_index(slots)
+
+    def _prune_selector_index(self, slots: list[tuple[str, str]] | IPNetwork | None) -> None:
+        if isinstance(slots, list):
+            for kv in slots:
+                if not self._sel_by_kv.get(kv, True):
+                    del self._sel_by_kv[kv]
+        elif slots is not None:
+            by_addr = self._sel_by_cidr[(slots.version, slots.prefixlen)]
+            if not by_addr[int(slots.network_address)]:
+                del by_addr[int(slots.network_address)]
+            if not by_addr:
+                del self._sel_by_cidr[(slots.version, slots.prefixlen)]
+
+    def _selector_candidates(self, ident: Identity) -> set[Selector]:
+        """Cached selectors that may select ``ident`` (the indexes' superset)."""
+        out = set(self._sel_general)
+        for lab in ident.labels.values():
+            bucket = self._sel_by_kv.get((lab.key, lab.value))
+            if bucket:
+                out |= bucket
+        net = ident.cidr
+        if net is not None:
+            addr = int(net.network_address)
+            for (version, plen), by_addr in self._sel_by_cidr.items():
+                if version == net.version and plen <= net.prefixlen:
+                    shift = net.max_prefixlen - plen
+                    bucket = by_addr.get(addr >> shift << shift)
+                    if bucket:
+                        out |= bucket
+        return out
 
     def selected(self, sel: Selector) -> set[int]:
         """Ids a cached selector selects (0 = wildcard). Do not mutate."""

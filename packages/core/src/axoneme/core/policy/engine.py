@@ -1,16 +1,22 @@
 """The PolicyEngine facade: repository + selector cache + identities -> MapStates.
 
-Incremental: the engine keeps each endpoint's MapState and recomputes only
-what a change can affect:
-- a policy upsert/delete: endpoints selected by the old or new version (and,
-  when the policy brings new CIDR identities, endpoints whose rules use a
-  selector that selects them);
-- an endpoint add/remove/identity change: the endpoint itself, endpoints
-  whose rules use a peer selector that gained/lost the identity, and
-  endpoints whose rules look at the cluster's addresses (egress named ports,
+Incremental, as Cilium: the engine keeps each endpoint's policy as an
+``EndpointPolicy`` (per peer rule contributions, merged per key) and a
+change computes only the entries it touches:
+- a policy upsert/delete: for the endpoints selected by the old or new
+  version, the contributions of the rules that came or went (and, when the
+  policy brings new CIDR identities, the peer rules of other endpoints
+  whose selectors select them);
+- an endpoint add/remove/identity change: the endpoint itself (rebuilt),
+  the peer rules using a selector that gained/lost the identity, and the
+  peer rules that look at the cluster's addresses (egress named ports,
   CIDR peers over pod/node addresses) when an address, its identity or its
-  named ports changed (node addresses too).
-Changes accumulate until ``pending_changes()`` hands them out.
+  named ports changed (node addresses too);
+- a selector's selection change (identities, toFQDNs): the peer rules using it.
+Changed keys accumulate until ``pending_changes()`` hands them out, so the
+cost of a change follows the entries it changes, not the endpoint's size.
+Bulk loads (``batch``), audit mode and staged policies rebuild whole
+endpoints.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ from axoneme.core.identity import (
     IdentityAllocator,
     ReservedIdentity,
 )
-from axoneme.core.mapstate import Decision, Direction, MapChanges, MapState, Protocol
-from axoneme.core.policy._resolve import AddressBook, ClusterAddress, Resolved, resolve_endpoint
+from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapChanges, MapState, Protocol
+from axoneme.core.policy._resolve import (
+    AddressBook,
+    ClusterAddress,
+    EndpointPolicy,
+    Resolved,
+    resolve_endpoint,
+)
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
 from axoneme.core.policy.api import ADDRESS_NODES, ADDRESS_PODS, FQDNPeer, Policy, PolicyRef, Rule
 from axoneme.core.policy.audit import resolve_audited
@@ -95,7 +107,7 @@ class PolicyEngine:
         self._repo = PolicyRepository()
         self._endpoints: dict[int, Endpoint] = {}
         self._by_identity: dict[int, set[int]] = {}  # identity -> endpoint ids
-        self._resolved: dict[int, Resolved] = {}
+        self._policies: dict[int, EndpointPolicy] = {}  # endpoint id -> its computed policy
         self._dep_index: dict[Selector, set[int]] = {}  # peer selector -> endpoint ids
         self._address_users: set[int] = set()  # endpoints whose policy reads the AddressBook
         self._book: AddressBook | None = None  # built on demand, dropped when an address changes
@@ -103,9 +115,15 @@ class PolicyEngine:
         self._cidr_refs: Counter[IPNetwork] = Counter()
         self._cidr_ids: dict[IPNetwork, Identity] = {}
         self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
-        self._reported: dict[int, MapState] = {}
+        self._reported: dict[int, dict[Key, Entry]] = {}  # what pending_changes handed out
         self._dirty: set[int] = set()
         self._reported_ipcache: dict[IPNetwork, int] = {}
+        self._ipcache: dict[IPNetwork, int] = dict(WORLD_PREFIXES)  # kept current via _ipc_dirty
+        self._ipc_dirty: set[IPNetwork] = set()  # prefixes whose ipcache identity may have changed
+        self._ipc_unreported: set[IPNetwork] = set()  # ... not yet compared by pending_ipcache_changes
+        self._ipc_lens: Counter[tuple[int, int]] = Counter((n.version, n.prefixlen)
+                                                           for n in WORLD_PREFIXES)
+        self._ep_nets: dict[IPNetwork, dict[int, int]] = {}  # endpoint address -> {ep id: identity}
         self._host_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
         self._audit_endpoints: set[int] = set()  # per-endpoint audit mode (PolicyAuditMode)
@@ -125,7 +143,7 @@ class PolicyEngine:
                 yield
             finally:
                 pending, self._deferred = self._deferred, None
-                self._recompute(pending, strict=True)
+                self._recompute(pending, strict=True, full=True)
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -161,15 +179,19 @@ class PolicyEngine:
                 if old is not None:
                     self._release_policy(old)
                 return self._repo.revision
-            try:
-                results = {eid: self._compute(eid, strict=True) for eid in affected}
-            except PolicyError:
+            conflicts = [msg for eid in sorted(affected) if eid in self._endpoints
+                         for msg in self._update(eid, changed)]
+            if conflicts:
+                # refused: put the repository and cache back, then rebuild
+                # what the partial change touched (equal to the state before)
                 self._repo.restore(policy.ref, old)
                 for sel in policy_selectors(policy):
                     self._cache.remove_selector(sel)
                 self._remove_cidrs(policy_cidrs(policy))
-                raise
-            self._commit(results)
+                for eid in affected:
+                    if eid in self._endpoints:
+                        self._update(eid, full=True)
+                raise PolicyError(conflicts[0])
             if old is not None:
                 self._release_policy(old)
             LOG.debug("policy %s applied: revision %d, %d endpoints recomputed",
@@ -189,7 +211,7 @@ class PolicyEngine:
         for sel in policy_selectors(old):
             self._cache.remove_selector(sel)
         changed = self._remove_cidrs(policy_cidrs(old))
-        self._recompute(self._dependents(changed))
+        self._recompute(self._dependents(changed), sels=changed)
 
     def _add_cidrs(self, nets: Iterable[IPNetwork]) -> set[Selector]:
         changed: set[Selector] = set()
@@ -198,6 +220,7 @@ class PolicyEngine:
             if self._cidr_refs[net] == 1:
                 ident = self.allocator.allocate_cidr(net)
                 self._cidr_ids[net] = ident
+                self._ipc_dirty.add(net)
                 changed |= self._cache.add_identity(ident)
         return changed
 
@@ -208,6 +231,7 @@ class PolicyEngine:
             if self._cidr_refs[net] <= 0:
                 del self._cidr_refs[net]
                 ident = self._cidr_ids.pop(net)
+                self._ipc_dirty.add(net)
                 changed |= self._cache.remove_identity(ident.id)
         return changed
 
@@ -249,7 +273,7 @@ class PolicyEngine:
                 self._fqdn_nets.pop(peer, None)
             changed |= self._cache.set_fqdn(peer, frozenset(self._cidr_ids[n].id for n in nets))
             changed |= self._remove_cidrs(old - nets)
-            self._recompute(self._dependents(changed))
+            self._recompute(self._dependents(changed), sels=changed)
 
     def identities(self) -> list[Identity]:
         """Every identity the engine knows (reserved, endpoints, CIDR, extra)."""
@@ -272,11 +296,15 @@ class PolicyEngine:
                 if old is not None:
                     self._unlink_identity(old)
                     changed |= self._cache.remove_identity(old.identity)
-            affected = {endpoint.id} | self._dependents(changed)
-            if old is None or _address_facts(old) != _address_facts(endpoint):
+            self._link_addresses(old, endpoint)
+            moved = old is None or _address_facts(old) != _address_facts(endpoint)
+            if moved:
                 self._book = None
-                affected |= self._address_users
-            self._recompute(affected)
+            # the endpoint itself: rebuilt when it changed (identity, ports)
+            self._recompute({endpoint.id}, full=old != endpoint)
+            self._recompute(self._dependents(changed) - {endpoint.id}, sels=changed)
+            if moved:
+                self._recompute(self._address_users - {endpoint.id}, addresses=True)
 
     def remove_endpoint(self, endpoint_id: int) -> None:
         with self._lock:
@@ -284,11 +312,13 @@ class PolicyEngine:
             if old is None:
                 return
             self._unlink_identity(old)
+            self._link_addresses(old, None)
             changed = self._cache.remove_identity(old.identity)
             self._forget(endpoint_id)
             self._audit_endpoints.discard(endpoint_id)
             self._book = None
-            self._recompute(self._dependents(changed) | self._address_users)
+            self._recompute(self._dependents(changed), sels=changed)
+            self._recompute(set(self._address_users), addresses=True)
 
     def _unlink_identity(self, ep: Endpoint) -> None:
         users = self._by_identity.get(ep.identity)
@@ -296,6 +326,24 @@ class PolicyEngine:
             users.discard(ep.id)
             if not users:
                 del self._by_identity[ep.identity]
+
+    def _link_addresses(self, old: Endpoint | None, new: Endpoint | None) -> None:
+        """Keep the endpoint address index (for the ipcache) current."""
+        for ep, add in ((old, False), (new, True)):
+            if ep is None:
+                continue
+            for ip in (ep.ipv4, ep.ipv6):
+                if not ip:
+                    continue
+                net = ipaddress.ip_network(ip)
+                self._ipc_dirty.add(net)
+                owners = self._ep_nets.setdefault(net, {})
+                if add:
+                    owners[ep.id] = ep.identity
+                else:
+                    owners.pop(ep.id, None)
+                    if not owners:
+                        del self._ep_nets[net]
 
     def endpoints(self) -> list[Endpoint]:
         with self._lock:
@@ -355,103 +403,190 @@ class PolicyEngine:
             self._recompute({endpoint_id})
             return True
 
-    def _commit(self, results: dict[int, Resolved]) -> None:
-        for eid, res in results.items():
-            old = self._resolved.get(eid)
-            if old is not None:
-                for sel in old.deps - res.deps:
-                    users = self._dep_index.get(sel)
-                    if users is not None:
-                        users.discard(eid)
-                        if not users:
-                            del self._dep_index[sel]
-            for sel in res.deps if old is None else res.deps - old.deps:
-                self._dep_index.setdefault(sel, set()).add(eid)
-            if res.uses_named_ports or res.uses_addresses:
-                self._address_users.add(eid)
-            else:
-                self._address_users.discard(eid)
-            self._resolved[eid] = res
-            if old is None or old.state != res.state or _l7_differs(old.state, res.state):
-                self._dirty.add(eid)
+    def _opaque(self, endpoint_id: int, rules: Sequence[Rule]) -> bool:
+        """Endpoints resolved whole, not incrementally: mode never, audit mode, staged rules."""
+        return (self.options.enforcement_mode == "never" or self.audit_mode(endpoint_id)
+                or any(r.audit for r in rules))
+
+    def _new_policy(self, ep: Endpoint) -> EndpointPolicy:
+        return EndpointPolicy(ep, self._cache, self._address_book, self.options.enforcement_mode,
+                              self.options.allow_localhost, self.options.proxy_port,
+                              self._cidr_match)
+
+    def _update(self, endpoint_id: int, sels: Iterable[Selector] = (), addresses: bool = False,
+                full: bool = False) -> list[str]:
+        """Bring one endpoint's policy up to date; returns L7 conflicts (each
+        resolved with the first parser by name).
+
+        The selecting rules are always re-read (cheap: compared by object);
+        ``sels``: selectors whose selection changed; ``addresses``: the
+        cluster's addresses changed; ``full``: rebuild from scratch."""
+        ep = self._endpoints[endpoint_id]
+        rules = self._repo.rules_for(ep.identity, self._cache)
+        pol = self._policies.get(endpoint_id)
+        if self._opaque(endpoint_id, rules):
+            conflicts: list[str] = []
+            try:
+                res = self._compute(endpoint_id, strict=True)
+            except PolicyError as e:
+                conflicts.append(str(e))
+                res = self._compute(endpoint_id, strict=False)
+            fresh = self._new_policy(ep)
+            fresh.rules, fresh.ingress, fresh.egress = res.rules, res.ingress, res.egress
+            fresh.state = dict(res.state.items())
+            fresh.opaque = res
+            self._install(endpoint_id, fresh)
+            return conflicts
+        if pol is None or full or pol.opaque is not None or pol.endpoint is not ep:
+            pol = self._new_policy(ep)
+            pol.set_rules(rules)
+            conflicts = pol.flush()
+            self._install(endpoint_id, pol)
+            return conflicts
+        pol.set_rules(rules)
+        if sels:
+            pol.refresh_selectors(sels)
+        if addresses:
+            pol.refresh_addresses()
+        conflicts = pol.flush()
+        self._track(endpoint_id, pol)
+        return conflicts
+
+    def _install(self, endpoint_id: int, pol: EndpointPolicy) -> None:
+        """A rebuilt policy replaces the endpoint's previous one."""
+        old = self._policies.get(endpoint_id)
+        if old is not None:
+            self._unindex(endpoint_id, old)
+        self._policies[endpoint_id] = pol
+        pol.touched = None  # pending_changes diffs it whole
+        deps = pol.opaque.deps if pol.opaque is not None else None
+        if deps is not None:
+            pol.deps_changed = [(sel, True) for sel in deps]
+        self._track(endpoint_id, pol)
+
+    def _track(self, endpoint_id: int, pol: EndpointPolicy) -> None:
+        """Index what the policy reads (selectors, addresses); note it changed."""
+        for sel, used in pol.deps_changed:
+            users = self._dep_index.get(sel)
+            if used:
+                if users is None:
+                    users = self._dep_index[sel] = set()
+                users.add(endpoint_id)
+            elif users is not None:
+                users.discard(endpoint_id)
+                if not users:
+                    del self._dep_index[sel]
+        pol.deps_changed = []
+        res = pol.opaque
+        uses = (res.uses_named_ports or res.uses_addresses) if res is not None \
+            else pol.uses_addresses
+        if uses:
+            self._address_users.add(endpoint_id)
+        else:
+            self._address_users.discard(endpoint_id)
+        if pol.touched is None or pol.touched:
+            self._dirty.add(endpoint_id)
+
+    def _unindex(self, endpoint_id: int, pol: EndpointPolicy) -> None:
+        deps = pol.opaque.deps if pol.opaque is not None else pol.deps
+        for sel in deps:
+            users = self._dep_index.get(sel)
+            if users is not None:
+                users.discard(endpoint_id)
+                if not users:
+                    del self._dep_index[sel]
 
     def _forget(self, endpoint_id: int) -> None:
-        old = self._resolved.pop(endpoint_id, None)
+        old = self._policies.pop(endpoint_id, None)
         if old is not None:
-            for sel in old.deps:
-                users = self._dep_index.get(sel)
-                if users is not None:
-                    users.discard(endpoint_id)
-                    if not users:
-                        del self._dep_index[sel]
+            self._unindex(endpoint_id, old)
         self._address_users.discard(endpoint_id)
         self._dirty.discard(endpoint_id)
         self._reported.pop(endpoint_id, None)
 
-    def _recompute(self, endpoint_ids: Iterable[int], strict: bool = False) -> None:
+    def _recompute(self, endpoint_ids: Iterable[int], strict: bool = False,
+                   sels: Iterable[Selector] = (), addresses: bool = False,
+                   full: bool = False) -> None:
         if self._deferred is not None:
             self._deferred.update(endpoint_ids)
             return
-        results: dict[int, Resolved] = {}
+        sels = frozenset(sels)
         error: PolicyError | None = None
-        for eid in endpoint_ids:
+        for eid in sorted(endpoint_ids):
             if eid not in self._endpoints:
                 continue
-            try:
-                results[eid] = self._compute(eid, strict=True)
-            except PolicyError as e:
-                LOG.error("endpoint %d: %s", eid, e)
-                error = error or e
-                results[eid] = self._compute(eid, strict=False)
-        self._commit(results)
+            for msg in self._update(eid, sels, addresses, full):
+                LOG.error("endpoint %d: %s", eid, msg)
+                error = error or PolicyError(msg)
         if strict and error is not None:
             raise error
+
+    def _policy(self, endpoint_id: int) -> EndpointPolicy:
+        pol = self._policies.get(endpoint_id)
+        if pol is None:
+            raise PolicyError(f"no endpoint {endpoint_id}")
+        return pol
 
     def regenerate(self, endpoint_id: int) -> MapState:
         """Recompute one endpoint from scratch (drift, restart, benchmarks); returns its MapState."""
         with self._lock:
             if endpoint_id not in self._endpoints:
                 raise PolicyError(f"no endpoint {endpoint_id}")
-            self._commit({endpoint_id: self._compute(endpoint_id, strict=False)})
-            return self._resolved[endpoint_id].state
+            self._recompute({endpoint_id}, full=True)
+            return self._policy(endpoint_id).snapshot()
 
     def resolve(self, endpoint_id: int) -> MapState:
         with self._lock:
-            res = self._resolved.get(endpoint_id)
-            if res is None:
-                raise PolicyError(f"no endpoint {endpoint_id}")
-            return res.state
+            return self._policy(endpoint_id).snapshot()
+
+    def entry_count(self, endpoint_id: int) -> int:
+        """How many entries the endpoint's MapState holds (O(1))."""
+        with self._lock:
+            return len(self._policy(endpoint_id).state)
 
     def enforcement(self, endpoint_id: int) -> tuple[bool, bool]:
         with self._lock:
-            res = self._resolved.get(endpoint_id)
-            if res is None:
-                raise PolicyError(f"no endpoint {endpoint_id}")
-            return res.ingress, res.egress
+            pol = self._policy(endpoint_id)
+            return pol.ingress, pol.egress
 
     def selecting_rules(self, endpoint_id: int) -> list[Rule]:
         """The rules that select an endpoint (for trace and endpoint get)."""
         with self._lock:
-            res = self._resolved.get(endpoint_id)
-            if res is None:
-                raise PolicyError(f"no endpoint {endpoint_id}")
-            return list(res.rules)
+            return list(self._policy(endpoint_id).rules)
 
     def pending_changes(self) -> dict[int, MapChanges]:
         """Per endpoint, the MapState changes since the last call (new endpoints: everything).
 
         Removed endpoints are not listed: the datapath drops their state on
-        ``endpoint_removed``."""
+        ``endpoint_removed``. Only the keys a change touched are compared."""
         with self._lock:
             out: dict[int, MapChanges] = {}
             for eid in sorted(self._dirty):
-                res = self._resolved.get(eid)
-                if res is None:
+                pol = self._policies.get(eid)
+                if pol is None:
                     continue
-                changes = self._reported.get(eid, MapState()).diff(res.state)
+                reported = self._reported.get(eid)
+                if reported is None or pol.touched is None:
+                    changes = MapState(reported or {}).diff(pol.snapshot())
+                    self._reported[eid] = dict(pol.state)
+                else:
+                    adds: dict[Key, Entry] = {}
+                    deletes: set[Key] = set()
+                    for key in pol.touched:
+                        new = pol.state.get(key)
+                        was = reported.get(key)
+                        if new is None:
+                            if was is not None:
+                                deletes.add(key)
+                                del reported[key]
+                            continue
+                        if was is None or was != new or was.l7 != new.l7:
+                            adds[key] = new
+                        reported[key] = new
+                    changes = MapChanges(adds, frozenset(deletes))
+                pol.touched = set()
                 if changes:
                     out[eid] = changes
-                self._reported[eid] = res.state
             self._dirty.clear()
             return out
 
@@ -469,51 +604,88 @@ class PolicyEngine:
         nets = frozenset(ipaddress.ip_network(a) for a in addresses)
         with self._lock:
             changed = nets != self._host_nets
+            self._ipc_dirty |= nets ^ self._host_nets
             self._host_nets = nets
             if changed:
                 self._book = None
-                self._recompute(set(self._address_users))
+                self._recompute(set(self._address_users), addresses=True)
             return changed
 
+    def _ipcache_value(self, net: IPNetwork) -> int | None:
+        """The identity the ipcache maps ``net`` to (precedence as ``ipcache``)."""
+        owners = self._ep_nets.get(net)
+        if owners:
+            # two endpoints on one address: the later one (engine order) wins
+            last = [eid for eid in self._endpoints if eid in owners][-1:]
+            if last:
+                return owners[last[0]]
+        if net in self._host_nets:
+            return int(ReservedIdentity.HOST)
+        ident = self._cidr_ids.get(net)
+        if ident is not None:
+            return ident.id
+        return WORLD_PREFIXES.get(net)
+
+    def _ipcache_current(self) -> dict[IPNetwork, int]:
+        """The ipcache, brought up to date for the prefixes that changed."""
+        for net in self._ipc_dirty:
+            value = self._ipcache_value(net)
+            had = net in self._ipcache
+            if value is None:
+                if had:
+                    del self._ipcache[net]
+                    self._ipc_lens[(net.version, net.prefixlen)] -= 1
+            else:
+                if not had:
+                    self._ipc_lens[(net.version, net.prefixlen)] += 1
+                self._ipcache[net] = value
+        self._ipc_unreported |= self._ipc_dirty
+        self._ipc_dirty.clear()
+        return self._ipcache
+
     def ipcache(self) -> dict[IPNetwork, int]:
+        """Prefix -> identity: world prefixes, CIDR identities, node addresses
+        (host, even inside a CIDR rule's prefix, as Cilium), local endpoints'
+        addresses (they win)."""
         with self._lock:
-            out: dict[IPNetwork, int] = dict(WORLD_PREFIXES)
-            for net, ident in self._cidr_ids.items():
-                out[net] = ident.id
-            # node addresses are host (1) even inside a CIDR rule's prefix (Cilium);
-            # a local endpoint's own address wins below
-            for net in self._host_nets:
-                out[net] = int(ReservedIdentity.HOST)
-            for ep in self._endpoints.values():
-                for ip in (ep.ipv4, ep.ipv6):
-                    if ip:
-                        out[ipaddress.ip_network(ip)] = ep.identity
-            return out
+            return dict(self._ipcache_current())
 
     def pending_ipcache_changes(self) -> IPCacheChanges:
+        """What changed since the last call; costs the prefixes that changed."""
         with self._lock:
-            cur = self.ipcache()
-            upserts = {n: i for n, i in cur.items() if self._reported_ipcache.get(n) != i}
-            deletes = frozenset(n for n in self._reported_ipcache if n not in cur)
-            self._reported_ipcache = cur
-            return IPCacheChanges(upserts, deletes)
+            cur = self._ipcache_current()
+            dirty, self._ipc_unreported = self._ipc_unreported, set()
+            if not self._reported_ipcache:
+                dirty = set(cur)
+            upserts: dict[IPNetwork, int] = {}
+            deletes: set[IPNetwork] = set()
+            for net in dirty:
+                value = cur.get(net)
+                if value is None:
+                    if self._reported_ipcache.pop(net, None) is not None:
+                        deletes.add(net)
+                elif self._reported_ipcache.get(net) != value:
+                    upserts[net] = value
+                    self._reported_ipcache[net] = value
+            return IPCacheChanges(upserts, frozenset(deletes))
 
     def identity_of_ip(self, ip: str) -> int:
+        """The ipcache's longest-prefix match for an address (world when none)."""
         addr = ipaddress.ip_address(ip)
-        best: tuple[int, int] | None = None
-        for net, ident in self.ipcache().items():
-            if net.version == addr.version and addr in net and (best is None or net.prefixlen > best[0]):
-                best = (net.prefixlen, ident)
-        return best[1] if best is not None else int(ReservedIdentity.WORLD)
+        with self._lock:
+            cur = self._ipcache_current()
+            lens = sorted((plen for (v, plen), n in self._ipc_lens.items()
+                           if v == addr.version and n > 0), reverse=True)
+            for plen in lens:
+                found = cur.get(ipaddress.ip_network((addr, plen), strict=False))
+                if found is not None:
+                    return found
+        return int(ReservedIdentity.WORLD)
 
 
 def _address_facts(ep: Endpoint) -> tuple[object, ...]:
     """What the AddressBook holds of an endpoint."""
     return (ep.ipv4, ep.ipv6, ep.identity, frozenset(ep.named_ports))
-
-
-def _l7_differs(a: MapState, b: MapState) -> bool:
-    return any(a[k].l7 != b[k].l7 or a[k].derived_from != b[k].derived_from for k in a if k in b)
 
 
 __all__ = ["CIDR_MATCH_MODES", "EngineOptions", "PolicyEngine", "parse_cidr_match_mode"]
