@@ -27,9 +27,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     # issue 20: several nodes
     ("scripts/cluster up", "--nodes"): 20,
     ("scripts/cluster up", "--routing-mode"): 20,
-    # issue 18: observability (Prometheus, OTLP, Hubble's observe filters)
-    ("agent run", "--prometheus-serve-addr"): 18,
-    ("agent run", "--otlp-endpoint"): 18,
     # issue 19: audit and staged policies, what-if, recommendations, the UI
     ("agent run", "--policy-audit-mode"): 19,
     ("policy apply", "--audit"): 19,
