@@ -218,3 +218,39 @@ def test_l7_decisions_are_sampled(spans: InMemorySpanExporter) -> None:
     tracing.configure(exporter=spans, l7_sample_ratio=0.0)
     tracing.l7_decision(flow)
     assert len(spans.get_finished_spans()) == 1
+
+
+def test_state_collector_reads_identities_states_pressure_redirects_and_dns() -> None:
+    from types import SimpleNamespace
+
+    from axoneme.agent._prometheus import CIDR_IDENTITY_BASE, AgentStateCollector
+    from axoneme.core.mapstate import Direction, Entry, Key, MapState, Protocol
+    from prometheus_client import CollectorRegistry
+
+    def key(port: int) -> Key:
+        return Key(identity=256, direction=Direction.INGRESS, protocol=Protocol.TCP, port=port,
+                   prefix_len=16)
+
+    states = {1: MapState({key(80): Entry(proxy_port=10080), key(81): Entry()}),
+              2: MapState({key(80): Entry()})}
+    agent = SimpleNamespace(
+        store=SimpleNamespace(endpoints={"c1": SimpleNamespace(status="ready"),
+                                         "c2": SimpleNamespace(status="not-ready: map full")},
+                              endpoint_objs=dict.fromkeys(states), policy_docs={"a": {}}),
+        allocator=SimpleNamespace(snapshot=lambda: {256: [], 257: [],
+                                                    CIDR_IDENTITY_BASE + 1: []}),
+        engine=SimpleNamespace(resolve=states.__getitem__), revision=3,
+        config=SimpleNamespace(policy_map_max=4),
+        proxies=SimpleNamespace(ports={("http", 0): 10080}),
+        fqdn=SimpleNamespace(view=lambda: [{"name": "a.example", "ip": "198.51.100.1"},
+                                           {"name": "a.example", "ip": "198.51.100.2"}]))
+    r = CollectorRegistry()
+    r.register(AgentStateCollector(agent))
+    get = r.get_sample_value
+    assert get("cilium_identity", {"type": "cluster_local"}) == 2
+    assert get("cilium_identity", {"type": "node_local"}) == 1
+    assert get("cilium_endpoint_state", {"endpoint_state": "not-ready"}) == 1
+    assert get("cilium_endpoint") == 2 and get("cilium_policy_max_revision") == 3
+    assert get("cilium_bpf_map_pressure", {"map_name": "axoneme_policy_v1"}) == 0.5
+    assert get("cilium_proxy_redirects", {"protocol": "http"}) == 1
+    assert (get("cilium_fqdn_active_names"), get("cilium_fqdn_active_ips")) == (1, 2)

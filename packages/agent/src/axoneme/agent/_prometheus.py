@@ -116,12 +116,14 @@ class AgentStateCollector(Collector):
                 continue
 
     def _map_pressure(self) -> Iterator[GaugeMetricFamily]:
-        """Each endpoint's policy entries over ``--policy-map-max`` (the limit
-        the datapath enforces), named as Cilium's per-endpoint policy maps."""
+        """The fullest endpoint's policy entries over ``--policy-map-max`` (the
+        limit the datapath enforces): one series for every endpoint's policy
+        map, the maximum, as Cilium reports its policy maps (no per-endpoint
+        series: their number grows with the pods)."""
         limit = max(1, int(self.agent.config.policy_map_max))
+        fullest = max((len(state) for _, state in self._states()), default=0)
         yield _gauge("cilium_bpf_map_pressure", "Fill percentage of map, tagged by map name",
-                     {(f"axoneme_policy_v1_{ep_id:05d}",): len(state) / limit
-                      for ep_id, state in self._states()}, ("map_name",))
+                     {("axoneme_policy_v1",): fullest / limit}, ("map_name",))
 
     def _redirects(self) -> Iterator[GaugeMetricFamily]:
         by_port = {port: parser for (parser, _), port in dict(self.agent.proxies.ports).items()}
