@@ -1,10 +1,11 @@
 """What-if and recommendations against a live agent with real pods and traffic (issue 19).
 
-The seed scenario without the staging step: traffic between three pods, `policy diff`
-of a default deny shows the observed flows it would drop, `policy recommend` writes the
-allow policies, `policy diff` of deny + recommended flips no observed flow but does flip
-an unobserved pair, and after `policy apply` of both the observed traffic still flows
-while that unobserved connection is dropped, as predicted.
+The seed scenario (CLI side): a default deny staged (policy.axoneme.io/mode: audit)
+drops nothing while traffic runs between three pods; `policy diff --promote` shows the
+observed flows it would drop; `policy recommend` writes the allow policies; `policy
+diff --promote ... -f recommended` flips no observed flow but does flip an unobserved
+pair; after applying both (the deny now enforced) the observed traffic still flows while
+that unobserved connection is dropped, as predicted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ kind: NetworkPolicy
 metadata: {name: default-deny, namespace: shop}
 spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
 """
+STAGED = DENY.replace("namespace: shop}", "namespace: shop, annotations: {policy.axoneme.io/mode: audit}}")
+# verdicts of traffic that went through (AUDIT: the staged deny would have dropped it)
+PASSED = ("FORWARDED", "AUDIT")
 
 
 def _server(port: int, www: Path) -> list[str]:
@@ -57,8 +61,12 @@ def test_recommend_then_diff_flips_nothing_observed_and_enforces(
     api = ap.pod_run("api-0", *_server(8080, tmp_path), namespace="shop",
                      labels="app=api,statefulset.kubernetes.io/pod-name=api-0")
     ap.pod_run("client", "sleep", "infinity", namespace="shop", labels="app=client")
+    deny, staged = tmp_path / "deny.yaml", tmp_path / "staged.yaml"
+    deny.write_text(DENY)
+    staged.write_text(STAGED)
+    ap.cli("policy", "apply", "-f", str(staged), check=True)
 
-    # the observed traffic: client -> web:80, web -> api:8080
+    # the observed traffic, which the staged deny lets through: client -> web:80, web -> api:8080
     assert _reach(ap, "client", f"http://{web}/"), ap.log()
     assert _reach(ap, "web-5f7d-abcde", f"http://{api}:8080/"), ap.log()
 
@@ -67,24 +75,25 @@ def test_recommend_then_diff_flips_nothing_observed_and_enforces(
         return [json.loads(line) for line in lines if line.strip()]
 
     def seen(src: str, dst: str, port: int) -> bool:
-        return any(f.get("verdict") == "FORWARDED" and f.get("source", {}).get("pod_name") == src
+        return any(f.get("verdict") in PASSED and f.get("source", {}).get("pod_name") == src
                    and f.get("destination", {}).get("pod_name") == dst
                    and f.get("l4", {}).get("TCP", {}).get("destination_port") == port
                    for f in observed())
     assert _testnet.poll(lambda: seen("client", "web-5f7d-abcde", 80) and
                          seen("web-5f7d-abcde", "api-0", 8080), timeout=10), observed()
 
-    deny = tmp_path / "deny.yaml"
-    deny.write_text(DENY)
-    # 1. what the default deny would break: exactly the observed connections
-    res = ap.cli("policy", "diff", "-f", str(deny), "--since", "10m", "-o", "json")
+    # 1. what promoting the staged deny would break: exactly the observed connections
+    promote = ("--promote", "netpol/shop/default-deny")
+    res = ap.cli("policy", "diff", *promote, "--since", "10m", "-o", "json")
     assert res.returncode == 1, res.stderr
     out = json.loads(res.stdout)
     would_drop = {(f["from"], f["to"], f["port"]) for f in out["flows"]["flips"]}
     assert would_drop == {("shop/client", "shop/web-5f7d-abcde", 80),
                           ("shop/web-5f7d-abcde", "shop/api-0", 8080)}, out["flows"]
-    assert all(f["change"] == "would drop" and f["observed"] == "FORWARDED"
+    assert all(f["change"] == "would drop" and f["observed"] in PASSED
                for f in out["flows"]["flips"])
+    assert out["candidate"]["promoted"] == [{"kind": "NetworkPolicy", "namespace": "shop",
+                                             "name": "default-deny"}]
     flip = next(f for f in out["flows"]["flips"] if f["port"] == 80)
     assert flip["after_trace"]["ingress"]["reason"] == "default deny: no rule allows"
 
@@ -99,7 +108,7 @@ def test_recommend_then_diff_flips_nothing_observed_and_enforces(
     ap.cli("policy", "validate", "-f", str(rec), check=True)
 
     # 3. deny + recommended: no observed flow flips; the unobserved client -> api does
-    res = ap.cli("policy", "diff", "-f", str(deny), "-f", str(rec), "--since", "10m",
+    res = ap.cli("policy", "diff", *promote, "-f", str(rec), "--since", "10m",
                  "--only-observed", "-o", "json")
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads(res.stdout)
@@ -109,9 +118,11 @@ def test_recommend_then_diff_flips_nothing_observed_and_enforces(
     assert ("shop/client", "shop/web-5f7d-abcde", 80) not in predicted
     # the human form says the same
     res = ap.cli("policy", "diff", "-f", str(deny), "-f", str(rec), "--since", "10m", "--only-observed")
+    assert "1 replaced" in res.stdout  # the enforced deny replaces the staged one
     assert res.returncode == 0 and res.stdout.rstrip().endswith("Result: no observed flow flips")
 
-    # 4. apply both: the observed traffic still flows, the unexpected connection drops
+    # 4. apply both (the deny enforced now): the observed traffic still flows, the
+    # unexpected connection drops
     ap.cli("policy", "apply", "-f", str(deny), "-f", str(rec), check=True)
     assert _reach(ap, "client", f"http://{web}/"), ap.log()
     assert _reach(ap, "web-5f7d-abcde", f"http://{api}:8080/"), ap.log()
