@@ -18,6 +18,16 @@ from typing import Any
 
 from axoneme.testing.netns import wait_accepting
 
+# the policy both tests apply: pods app=web take ingress from app=friend only
+WEB_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-from-friends, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{fromEndpoints: [{matchLabels: {app: friend}}]}]
+"""
+WEB_POLICY_KEY = "CiliumNetworkPolicy/default/web-from-friends"
+
 
 def free_port() -> int:
     """A TCP port nothing listens on at 127.0.0.1 now."""

@@ -19,14 +19,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
 ROOT = Path(__file__).resolve().parents[2]
-POLICY = """apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web-from-friends, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  ingress: [{fromEndpoints: [{matchLabels: {app: friend}}]}]
-"""
-POLICY_KEY = "CiliumNetworkPolicy/default/web-from-friends"
+POLICY_KEY = _obsproc.WEB_POLICY_KEY
 ATTR = re.compile(r"^\s*-> ([\w.]+): \w+\((.*)\)$")
 
 
@@ -76,7 +69,7 @@ def test_collector_receives_cni_and_regeneration_spans(agent_factory: Any, otelc
         ap.pod_run("web", "sleep", "infinity", labels="app=web")
         web = next(e for e in ap.json("endpoint", "list") if e["pod"] == "default/web")
         policy = tmp_path / "policy.yaml"
-        policy.write_text(POLICY)
+        policy.write_text(_obsproc.WEB_POLICY)
         ap.cli("policy", "apply", "-f", str(policy), check=True)
 
         def received(name: str, **attrs: str) -> dict[str, Any] | None:

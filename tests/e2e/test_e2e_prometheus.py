@@ -13,13 +13,6 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
-DENY = """apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web-from-friends, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  ingress: [{fromEndpoints: [{matchLabels: {app: friend}}]}]
-"""
 DROPS = 'cilium_drop_count_total{reason="Policy denied",direction="INGRESS"}'
 
 
@@ -61,7 +54,7 @@ def test_prometheus_scrapes_drops_and_a_rate_moves(agent_factory: Any, datapath_
                      labels="app=web")
     ap.pod_run("stranger", "sleep", "infinity", labels="app=stranger")
     policy = tmp_path / "deny.yaml"
-    policy.write_text(DENY)
+    policy.write_text(_obsproc.WEB_POLICY)
     ap.cli("policy", "apply", "-f", str(policy), check=True)
 
     def denied_probe() -> None:
