@@ -188,3 +188,17 @@ def test_recommend_offline_validates_and_flips_nothing_observed(
     assert code == 0 and "nothing to recommend" in err and "kind:" not in out
     code, _, err = run(capsys, "policy", "recommend", "--flows", files["flows"], "--since", "1y")
     assert code == 2 and "(--since)" in err
+
+
+def test_diff_table_shows_the_first_flips_json_all(capsys: pytest.CaptureFixture[str],
+                                                   files: dict[str, str], tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("".join(
+        f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: shop}}\n" for i in range(12)))
+    base = ("policy", "diff", "--cluster", str(big), "-f", files["deny"])
+    code, out, _ = run(capsys, *base)
+    assert code == 1
+    assert "Truth table: 264 of 288 probes flip" in out  # 12 x 11 pairs x (TCP, UDP)
+    assert "  ... and 64 more (-o json lists every one)" in out
+    code, out, _ = run(capsys, *base, "-o", "json")
+    assert len(json.loads(out)["flips"]) == 264

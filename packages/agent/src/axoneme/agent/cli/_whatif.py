@@ -36,6 +36,8 @@ from axoneme.core.policy.recommend import CNP, NP, recommend
 from axoneme.core.policy.trace import SideResult, TraceInputError, TraceResult, parse_port
 
 EXIT_FLIPS = 1
+# probe flips the table shows (a default deny over a big cluster flips thousands)
+TABLE_FLIPS = 200
 # every flow the agent keeps (its ring holds a few thousand)
 _ALL_FLOWS = 1_000_000
 
@@ -257,8 +259,10 @@ def render_diff(r: DiffResult, since: str | None, only_observed: bool = False) -
     out.append(f"Truth table: {len(r.flips)} of {r.probes} probes flip ({down} allowed -> denied, "
                f"{len(r.flips) - down} denied -> allowed); ports {ports or 'none'}"
                + (" (* any other port)" if r.others else ""))
-    for f in r.flips:
+    for f in r.flips[:TABLE_FLIPS]:
         out += _probe_line(f)
+    if len(r.flips) > TABLE_FLIPS:
+        out.append(f"  ... and {len(r.flips) - TABLE_FLIPS} more (-o json lists every one)")
     if r.flows_considered:
         window = f" of the last {since}" if since else ""
         skipped = sum(r.flows_skipped.values())
