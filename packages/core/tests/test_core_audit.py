@@ -82,7 +82,9 @@ def test_staged_deny_is_audited_and_promote_enforces(world) -> None:
             "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "c"}}]}]}
     engine.upsert_policy(parse_policy_obj(cnp("no-c", deny, "audit")))
     dec = engine.explain(2, IN, ids["c"], TCP, 443)
-    assert dec.allowed and dec.entry.audit and dec.entry.audited_by == {"CiliumNetworkPolicy default/no-c"}
+    assert dec.allowed and dec.entry.audit
+    assert policy_names(dec.entry.audited_by) == {"CiliumNetworkPolicy default/no-c"}
+    assert dec.entry.audited_by == {"CiliumNetworkPolicy default/no-c spec.ingressDeny[0]"}
     assert not engine.explain(2, IN, ids["a"], TCP, 443).entry.audit
     engine.pending_changes()
     # promote: the same object without the annotation, one upsert

@@ -32,6 +32,7 @@ from typing import Any
 from axoneme.agent import _netlink as nl
 from axoneme.agent import _tracing as tracing
 from axoneme.agent import guard as guard_mod
+from axoneme.agent._audit import AuditCounter
 from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._endpoints import EndpointService
@@ -81,13 +82,15 @@ class Agent:
         self.allocator = IdentityAllocator(store)
         self.metrics = AgentMetrics(self._datapath_metrics)
         self.metrics.register(AgentStateCollector(self))
+        self.audit_counter = AuditCounter(self.metrics)
         self.metrics_server: MetricsServer | None = None
         self.store = StateStore(config, self.metrics)
         self.proxies = L7Proxies(self.metrics)
         self.engine = PolicyEngine(self.allocator, EngineOptions(
             enforcement_mode=config.enforcement_mode, allow_localhost=config.allow_localhost,
             cluster_name=config.cluster_name, proxy_port=self.proxies.proxy_port,
-            cidr_match_mode=config.policy_cidr_match_mode))
+            cidr_match_mode=config.policy_cidr_match_mode,
+            policy_audit_mode=config.policy_audit_mode))
         self.regenerator = Regenerator(self.engine, self.store, self.metrics, self.proxies,
                                        config.policy_map_full)
         self.regenerator.after_regenerate = self._update_gauges
@@ -326,6 +329,7 @@ class Agent:
 
     def _on_flow(self, flow: Flow) -> None:
         self.metrics.observe_flow(flow)
+        self.audit_counter.observe(flow)
         if flow.type == "L7":
             tracing.l7_decision(flow)
         try:

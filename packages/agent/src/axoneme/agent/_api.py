@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from axoneme.agent import _audit as audit
 from axoneme.agent._agent import Agent
 from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError, TryAgain
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
@@ -136,6 +137,13 @@ def build_app(agent: Agent) -> web.Application:
         body = await _body(request)
         return _json(await policies.apply(body.get("documents") or []))
 
+    async def pol_promote(request: web.Request) -> web.Response:
+        k8s_policies_only()  # in Kubernetes: kubectl annotate ... policy.axoneme.io/mode-
+        refs = [_ref(d) for d in (await _body(request)).get("refs") or []]
+        if not refs:
+            raise BadRequest("no policy given")
+        return _json(await audit.promote(policies, refs))
+
     async def pol_delete(request: web.Request) -> web.Response:
         k8s_policies_only()
         body = await _body(request)
@@ -171,12 +179,20 @@ def build_app(agent: Agent) -> web.Application:
     async def ep_list(request: web.Request) -> web.Response:
         return _json(views.endpoint_list())
 
-    async def ep_get(request: web.Request) -> web.Response:
+    def endpoint_id(request: web.Request) -> int:
         try:
-            ep_id = int(request.match_info["id"])
+            return int(request.match_info["id"])
         except ValueError:
             raise BadRequest(f"invalid endpoint id {request.match_info['id']!r}") from None
-        return _json(await asyncio.to_thread(views.endpoint_get, ep_id))
+
+    async def ep_get(request: web.Request) -> web.Response:
+        return _json(await asyncio.to_thread(views.endpoint_get, endpoint_id(request)))
+
+    async def ep_config_get(request: web.Request) -> web.Response:
+        return _json(audit.endpoint_config_view(agent, endpoint_id(request)))
+
+    async def ep_config_set(request: web.Request) -> web.Response:
+        return _json(await audit.endpoint_config(agent, endpoint_id(request), await _body(request)))
 
     async def id_list(request: web.Request) -> web.Response:
         return _json(views.identity_list())
@@ -250,6 +266,7 @@ def build_app(agent: Agent) -> web.Application:
     r.add_get("/v1/policies", pol_list)
     r.add_post("/v1/policies", pol_apply)
     r.add_post("/v1/policies/delete", pol_delete)
+    r.add_post("/v1/policies/promote", pol_promote)
     r.add_get("/v1/pods", pod_list)
     r.add_post("/v1/pods", pod_run)
     r.add_get("/v1/pods/{ns}/{name}", pod_get)
@@ -257,6 +274,8 @@ def build_app(agent: Agent) -> web.Application:
     r.add_get("/v1/pods/{ns}/{name}/logs", pod_logs)
     r.add_get("/v1/endpoints", ep_list)
     r.add_get("/v1/endpoints/{id}", ep_get)
+    r.add_get("/v1/endpoints/{id}/config", ep_config_get)
+    r.add_post("/v1/endpoints/{id}/config", ep_config_set)
     r.add_get("/v1/identities", id_list)
     r.add_get("/v1/flows", flows_get)
     if agent.config.flow_injection:

@@ -37,6 +37,9 @@ class AgentConfig:
     # cluster addresses Cilium's CIDR fields also match: "", nodes, pods, nodes,pods
     # (Cilium's policy-cidr-match-mode; a NetworkPolicy ipBlock matches both always)
     policy_cidr_match_mode: str = ""
+    # Cilium's --policy-audit-mode: every would-be policy drop is forwarded and
+    # reported with verdict AUDIT (per endpoint: `axoneme endpoint config`)
+    policy_audit_mode: bool = False
     cluster_name: str = "default"
     cni_bin: str | None = None
     dns_server: str = DNS_SERVER

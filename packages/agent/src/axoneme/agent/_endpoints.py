@@ -157,6 +157,9 @@ class EndpointService:
         with self.engine.batch():
             for ep in self.store.endpoint_objs.values():
                 self.engine.upsert_endpoint(ep)
+            for rec in self.store.endpoints.values():
+                if rec.policy_audit_mode and rec.id in self.store.endpoint_objs:
+                    self.engine.set_audit_mode(rec.id, True)
         self.store.reindex()
         errors = await asyncio.to_thread(self.regen.sync_all,
                                          list(self.store.endpoint_objs.values()))

@@ -7,6 +7,8 @@ the source for EGRESS):
 
 1. allowed (FORWARDED, REDIRECTED, AUDIT): the rules behind the entry that
    allowed it (``*_allowed_by``); nothing when the direction is not enforced;
+   an AUDIT flow also names the policies that would have dropped it
+   (``*_denied_by``: the entry's ``audited_by``, core.policy.audit);
 2. dropped by a deny rule (POLICY_DENY): the rules behind the deny entry;
 3. dropped by default deny (POLICY_DENIED): every policy whose rule selects
    the endpoint and enforces that direction, i.e. the policies that put it
@@ -140,7 +142,11 @@ class FlowAttributor:
                 return {f"{prefix}_denied_by": policies_of(derived)}
             return {}
         if lookup.allowed:
-            return {f"{prefix}_allowed_by": policies_of(derived)}
+            out = {f"{prefix}_allowed_by": policies_of(derived)}
+            if flow.verdict is FlowVerdict.AUDIT and lookup.entry.audited_by:
+                # the staged policies (or, in audit mode, the enforced ones) that would drop it
+                out[f"{prefix}_denied_by"] = policies_of(lookup.entry.audited_by)
+            return out
         return {}
 
     def _lookup(self, flow: Flow, ep_id: int, direction: Direction, peer: int,

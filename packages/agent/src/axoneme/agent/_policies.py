@@ -222,6 +222,7 @@ class PolicyService:
             labels = meta.get("labels") if isinstance(meta, dict) else None
             view = {**ref_view(pol.ref), "revision": rec.get("revision", 0),
                     "source": rec.get("source", API), "rules": len(pol.rules),
+                    "mode": "audit" if pol.audit else "enforce",
                     "labels": labels if isinstance(labels, dict) else {}}
             if documents:
                 view["document"] = obj

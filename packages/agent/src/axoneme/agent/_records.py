@@ -57,6 +57,7 @@ class EndpointRecord:
     status: str = "ready"
     created: float = 0.0
     ready_ms: float = 0.0  # CNI ADD received -> policy in force in the datapath
+    policy_audit_mode: bool = False  # `endpoint config ID policy-audit-mode=enabled`
 
 
 def parse_labels(items: Sequence[str] | str | None) -> dict[str, str]:

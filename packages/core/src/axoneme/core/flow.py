@@ -315,7 +315,12 @@ class Flow:
         return self.event_type
 
     def verdict_text(self) -> str:
-        """The verdict and, where known, the policies that decided it (``BY name (Kind)``)."""
+        """The verdict and, where known, the policies that decided it (``BY name (Kind)``);
+        AUDIT: ``AUDIT would be DROPPED BY name (Kind)`` (the staged policies)."""
+        if self.verdict is FlowVerdict.AUDIT:
+            would = self.ingress_denied_by if self.traffic_direction == "INGRESS" else self.egress_denied_by
+            if would:
+                return "AUDIT would be DROPPED BY " + ", ".join(p.compact() for p in would)
         by = self.decided_by()
         names = (" BY " + ", ".join(p.compact() for p in by)) if by else ""
         return f"{self.verdict.value}{names}"

@@ -80,9 +80,10 @@ def stage(enforced: MapState, combined: MapState,
     """The map that enforces ``enforced`` and reports what ``combined`` would drop.
 
     ``default_deniers``: per direction, the policies that put the endpoint
-    into default deny in ``combined`` but not in ``enforced`` (named by a
-    flow that nothing allows there). The result equals ``enforced`` when no
-    packet is audited.
+    into default deny in ``combined`` (named by a flow that nothing allows
+    there). ``audited_by`` holds the deny entry's ``derived_from`` (rule
+    references) or those policy names. The result equals ``enforced`` when
+    no packet is audited.
     """
     e_idx, s_idx = _index(enforced), _index(combined)
     out: dict[Key, Entry] = {k: v for k, v in enforced.items() if k.is_address}
@@ -103,7 +104,7 @@ def stage(enforced: MapState, combined: MapState,
             if not entry.deny and not entry.is_redirect:
                 ds = _decision(s_idx, ident, key)
                 if not ds.allowed:
-                    by = policy_names(ds.entry.derived_from) if ds.entry is not None else default_deniers.get(d)
+                    by = ds.entry.derived_from if ds.entry is not None else default_deniers.get(d)
                     entry = dataclasses.replace(entry, audit=True, audited_by=by or frozenset())
                     audited = True
             out[key] = entry
