@@ -82,6 +82,7 @@ class HubbleServer:
         self._server = pb.grpc.aio.server()
         servicer = type("Observer", (_Observer, pb.observer_pb2_grpc.ObserverServicer), {})
         pb.observer_pb2_grpc.add_ObserverServicer_to_server(servicer(self), self._server)
+        self._server.add_generic_rpc_handlers((_health_handler(pb.grpc),))
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
             os.unlink(self.path)  # stale socket from a killed agent
@@ -137,6 +138,21 @@ class HubbleServer:
         """Flows per second over the last minute (Hubble's flows_rate)."""
         since = time.time() - 60
         return len(self.flows.last(None, FlowFilter(since=since))) / 60.0
+
+
+# DO NOT CHANGE: grpc.health.v1.HealthCheckResponse{status: SERVING (1)} on the wire
+# (field 1, varint). `hubble status` checks the server's health first.
+_SERVING = b"\x08\x01"
+
+
+def _health_handler(grpc: Any) -> Any:
+    """grpc.health.v1.Health/Check: the server answers, so it serves (any service name)."""
+    async def check(request: bytes, context: Any) -> bytes:
+        return _SERVING
+
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
 
 
 class _Observer:
