@@ -28,9 +28,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     ("scripts/cluster up", "--nodes"): 20,
     ("scripts/cluster up", "--routing-mode"): 20,
     # issue 19: audit and staged policies, what-if, recommendations, the UI
-    ("agent run", "--policy-audit-mode"): 19,
-    ("policy apply", "--audit"): 19,
-    ("policy promote", None): 19,
     ("ui", None): 19,
 }
 
