@@ -28,7 +28,6 @@ NOT_YET: dict[tuple[str, str | None], int] = {
     ("scripts/cluster up", "--nodes"): 20,
     ("scripts/cluster up", "--routing-mode"): 20,
     # issue 19: audit and staged policies, what-if, recommendations, the UI
-    ("ui", None): 19,
 }
 
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")

@@ -26,7 +26,7 @@ EXIT_BAD_INPUT = 2
 
 # Modules that register subcommands; a missing one is skipped (it belongs to
 # work not landed yet), a broken one fails loudly.
-_AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe", "_policyget", "_completion", "_whatif", "_audit")
+_AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe", "_policyget", "_completion", "_whatif", "_audit", "_ui")
 
 
 # Third-party modules of the `agent` extra: the offline and client commands never import them.
