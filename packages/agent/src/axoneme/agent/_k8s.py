@@ -49,7 +49,7 @@ from axoneme.agent._services import ServiceTranslator
 from axoneme.agent._state import StateStore
 from axoneme.core.cluster import Cluster, Namespace, Pod, namespace_labels
 from axoneme.core.errors import InvalidRule, PolicyError
-from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
+from axoneme.core.policy.api import MODE_ANNOTATION, Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.parse import parse_policy_obj
 
 LOG = logging.getLogger(__name__)
@@ -95,10 +95,15 @@ def pod_meta(obj: Obj) -> PodMeta:
 
 
 def policy_document(obj: Obj) -> Obj:
-    """The policy as its author wrote it: no status, no server-written metadata."""
+    """The policy as its author wrote it: no status, no server-written metadata;
+    of the annotations only ours, policy.axoneme.io/mode (``audit`` stages the
+    policy; ``kubectl annotate ... policy.axoneme.io/mode-`` promotes it)."""
     doc = {k: v for k, v in obj.items() if k != "status"}
-    doc["metadata"] = {k: v for k, v in (obj.get("metadata") or {}).items()
-                       if k not in _VOLATILE_META}
+    meta = obj.get("metadata") or {}
+    doc["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_META}
+    notes = meta.get("annotations")
+    if isinstance(notes, dict) and MODE_ANNOTATION in notes:
+        doc["metadata"]["annotations"] = {MODE_ANNOTATION: notes[MODE_ANNOTATION]}
     return doc
 
 

@@ -235,6 +235,9 @@ def _render_side(title: str, side: SideResult) -> list[str]:
         lines.extend(f"    {r}" for r in side.rules)
     elif side.reason:
         lines.append(f"  {side.reason}")
+    if side.audited_by:
+        lines.append("  audit: would be DENIED by (staged):")
+        lines.extend(f"    {r}" for r in side.audited_by)
     return lines
 
 
@@ -254,7 +257,8 @@ def _render_trace(r: TraceResult) -> str:
         for rule in r.l7.rules:
             body = " ".join(f"{k}={v}" for k, v in rule.items() if k != "parser")
             lines.append(f"    {rule['parser']}: {body or '(any request)'}")
-    lines.append(f"verdict: {r.verdict.upper()}")
+    audit = f" (audit: would be DENIED by {', '.join(r.audited_by)})" if r.audited_by else ""
+    lines.append(f"verdict: {r.verdict.upper()}{audit}")
     return "\n".join(lines) + "\n"
 
 
@@ -275,9 +279,11 @@ def _render_matrix(pods: Sequence[str], specs: Sequence[PortSpec], probes: Seque
     out: list[str] = []
     for spec in specs:
         cells: dict[tuple[str, str], str] = {
-            (p.src, p.dst): "." if p.verdict == ALLOWED else "X" for p in probes if p.spec == spec}
-        allowed = sum(1 for v in cells.values() if v == ".")
-        out.append(f"Port {spec}: {allowed} of {len(cells)} allowed ('.' allowed, 'X' denied"
+            (p.src, p.dst): ("A" if p.audited_by else ".") if p.verdict == ALLOWED else "X"
+            for p in probes if p.spec == spec}
+        allowed = sum(1 for v in cells.values() if v in ".A")
+        audited = ", 'A' allowed but a staged policy would deny" if "A" in cells.values() else ""
+        out.append(f"Port {spec}: {allowed} of {len(cells)} allowed ('.' allowed{audited}, 'X' denied"
                    + (", '-' no such named port)" if spec.name else ")"))
         width = max(len(p) for p in pods) if pods else 1
         out.append("\t".join(["-".ljust(width), *pods]))

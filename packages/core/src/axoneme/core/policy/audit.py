@@ -125,7 +125,8 @@ def resolve_audited(rules: Sequence[Rule], audit_mode: bool,
     """Resolve an endpoint whose selecting ``rules`` include staged ones
     (``Rule.audit``) or that is in audit mode; ``resolve`` resolves a rule
     list (``_resolve.resolve_endpoint`` bound to the endpoint). Enforcement
-    flags are the enforced rules' own: staging never changes them."""
+    flags and ``rules`` (what trace and flow attribution name as deciding)
+    are the enforced rules' own: staging never changes them."""
     enforced_rules = [r for r in rules if not r.audit]
     base = resolve(enforced_rules)
     full = resolve(rules) if len(enforced_rules) != len(rules) else base
@@ -133,7 +134,7 @@ def resolve_audited(rules: Sequence[Rule], audit_mode: bool,
                for d in (Direction.INGRESS, Direction.EGRESS)}
     state = stage(relax(base.state) if audit_mode else base.state, full.state, deniers)
     return dataclasses.replace(
-        base, state=state, deps=base.deps | full.deps, rules=tuple(rules),
+        base, state=state, deps=base.deps | full.deps,
         uses_named_ports=base.uses_named_ports or full.uses_named_ports,
         uses_addresses=base.uses_addresses or full.uses_addresses)
 

@@ -42,6 +42,7 @@ from axoneme.core.mapstate import (
 )
 from axoneme.core.plugins import GROUP_L7, l7_parser, registry
 from axoneme.core.policy.api import Policy
+from axoneme.core.policy.audit import policy_names
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 from axoneme.core.policy.fqdn import fqdn_matches
 from axoneme.core.yamlsafe import excerpt
@@ -232,9 +233,14 @@ class SideResult:
     reason: str = ""
     entry: Entry | None = None
     key: Key | None = None
+    # allowed, but a staged policy (policy.axoneme.io/mode: audit) would deny it: its rules
+    audited_by: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "rules": list(self.rules)}
+        out: dict[str, Any] = {"verdict": self.verdict, "rules": list(self.rules)}
+        if self.audited_by:
+            out["audit"] = {"verdict": DENIED, "rules": list(self.audited_by)}
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,10 +264,20 @@ class TraceResult:
     protocol: Protocol
     port: int
 
+    @property
+    def audited_by(self) -> tuple[str, ...]:
+        """The staged policies that would deny an allowed flow ("Kind ns/name")."""
+        if self.verdict == DENIED:
+            return ()
+        return tuple(sorted(policy_names(self.egress.audited_by + self.ingress.audited_by)))
+
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "egress": self.egress.to_json(),
-                "ingress": self.ingress.to_json(),
-                "l7": self.l7.to_json() if self.l7 is not None else None}
+        out = {"verdict": self.verdict, "egress": self.egress.to_json(),
+               "ingress": self.ingress.to_json(),
+               "l7": self.l7.to_json() if self.l7 is not None else None}
+        if self.audited_by:
+            out["audit"] = {"verdict": DENIED, "by": list(self.audited_by)}
+        return out
 
 
 def _side(env: OfflineCluster, ep: Endpoint | None, direction: Direction, peer: Peer,
@@ -283,12 +299,13 @@ def side_from_decision(dec: Decision, pod: str, what: str, enforced: bool,
     if dec.verdict is Verdict.DENIED:
         return SideResult(DENIED, (), "default deny: no rule allows", None, None)
     verdict = REDIRECTED if dec.verdict is Verdict.REDIRECTED else ALLOWED
-    if not enforced and not rules:
-        why = (f"policies select {pod} for {what} but none enables default deny" if selecting
-               else f"no policy selects {pod} for {what}")
-        return SideResult(verdict, (), f"{why}: allowed by default", dec.entry, dec.key)
+    why = (f"policies select {pod} for {what} but none enables default deny" if selecting
+           else f"no policy selects {pod} for {what}")
     reason = "redirected to the L7 proxy by" if verdict == REDIRECTED else "allowed by"
-    return SideResult(verdict, rules, reason, dec.entry, dec.key)
+    audited = tuple(sorted(dec.entry.audited_by)) if dec.entry is not None and dec.entry.audit else ()
+    if not enforced and not rules:
+        return SideResult(verdict, (), f"{why}: allowed by default", dec.entry, dec.key, audited)
+    return SideResult(verdict, rules, reason, dec.entry, dec.key, audited)
 
 
 def l7_rule_json(parser: str, rule: Any) -> dict[str, Any]:
@@ -404,10 +421,14 @@ class Probe:
     protocol: Protocol
     verdict: str
     spec: PortSpec
+    audited_by: tuple[str, ...] = ()  # allowed, but staged policies would deny it
 
     def to_json(self) -> dict[str, Any]:
-        return {"from": self.src, "to": self.dst, "port": self.port,
-                "protocol": str(self.protocol), "verdict": self.verdict}
+        out: dict[str, Any] = {"from": self.src, "to": self.dst, "port": self.port,
+                               "protocol": str(self.protocol), "verdict": self.verdict}
+        if self.audited_by:
+            out["audit"] = {"verdict": DENIED, "by": list(self.audited_by)}
+        return out
 
 
 def matrix(env: OfflineCluster, ports: Sequence[PortSpec]) -> list[Probe]:
@@ -426,14 +447,20 @@ def matrix(env: OfflineCluster, ports: Sequence[PortSpec]) -> list[Probe]:
                 if target is None:
                     continue
                 proto, number = target
+                audited: tuple[str, ...] = ()
                 if s == d:
                     ok = True
                 else:
-                    ok = (fast[s].lookup(dep.identity, Direction.EGRESS, proto, number,
-                                         endpoint_address(dep)).allowed and
-                          fast[d].lookup(sep.identity, Direction.INGRESS, proto, number,
-                                         endpoint_address(sep)).allowed)
-                probes.append(Probe(s, d, number, proto, ALLOWED if ok else DENIED, spec))
+                    decs = (fast[s].lookup(dep.identity, Direction.EGRESS, proto, number,
+                                           endpoint_address(dep)),
+                            fast[d].lookup(sep.identity, Direction.INGRESS, proto, number,
+                                           endpoint_address(sep)))
+                    ok = all(dec.allowed for dec in decs)
+                    if ok:
+                        audited = tuple(sorted(policy_names(
+                            n for dec in decs if dec.entry is not None and dec.entry.audit
+                            for n in dec.entry.audited_by)))
+                probes.append(Probe(s, d, number, proto, ALLOWED if ok else DENIED, spec, audited))
     return probes
 
 
