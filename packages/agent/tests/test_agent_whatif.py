@@ -202,3 +202,13 @@ def test_diff_table_shows_the_first_flips_json_all(capsys: pytest.CaptureFixture
     assert "  ... and 64 more (-o json lists every one)" in out
     code, out, _ = run(capsys, *base, "-o", "json")
     assert len(json.loads(out)["flips"]) == 264
+
+
+def test_identity_labels_split_back_into_a_pod() -> None:
+    from axoneme.agent.cli._whatif import _IdentityLabels
+
+    got = _IdentityLabels.split([
+        "k8s:app=web", "k8s:io.kubernetes.pod.namespace=shop", "k8s:io.cilium.k8s.policy.cluster=c1",
+        "k8s:io.cilium.k8s.policy.serviceaccount=sa1", "k8s:io.cilium.k8s.namespace.labels.team=shop",
+        "container:ignored=1"])
+    assert got == _IdentityLabels({"app": "web"}, "sa1", {"team": "shop"}, "c1")

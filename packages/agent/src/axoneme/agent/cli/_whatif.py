@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from axoneme.agent.cli import EXIT_OK, UsageError, add_output_flag
@@ -109,49 +110,59 @@ def _agent_flows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _own_labels(identity_labels: Sequence[str]) -> tuple[dict[str, str], str]:
-    """A pod's own k8s labels and service account from its identity labels."""
-    labels: dict[str, str] = {}
-    sa = "default"
-    for text in identity_labels:
-        source, _, rest = text.partition(":")
-        key, _, value = rest.partition("=")
-        if source != "k8s" or key in (POD_NAMESPACE_LABEL, CLUSTER_LABEL) or \
-                key.startswith(NAMESPACE_LABELS_PREFIX):
-            continue
-        if key == SERVICE_ACCOUNT_LABEL:
-            sa = value
-            continue
-        labels[key] = value
-    return labels, sa
+@dataclass
+class _IdentityLabels:
+    """What a pod's identity labels say: its own labels, service account, namespace labels, cluster."""
+
+    own: dict[str, str] = field(default_factory=dict)
+    service_account: str = "default"
+    namespace: dict[str, str] = field(default_factory=dict)
+    cluster: str = ""
+
+    @classmethod
+    def split(cls, identity_labels: Sequence[str]) -> _IdentityLabels:
+        out = cls()
+        for text in identity_labels:
+            source, _, rest = text.partition(":")
+            key, _, value = rest.partition("=")
+            if source != "k8s" or key == POD_NAMESPACE_LABEL:
+                continue
+            if key == CLUSTER_LABEL:
+                out.cluster = value
+            elif key == SERVICE_ACCOUNT_LABEL:
+                out.service_account = value
+            elif key.startswith(NAMESPACE_LABELS_PREFIX):
+                out.namespace[key[len(NAMESPACE_LABELS_PREFIX):]] = value
+            else:
+                out.own[key] = value
+        return out
 
 
-def live_cluster(args: argparse.Namespace) -> Cluster:
-    """The agent's namespaces and endpoints as a cluster description."""
+def live_cluster(args: argparse.Namespace) -> tuple[Cluster, str]:
+    """The agent's namespaces and endpoints as a cluster description, and the cluster name
+    its identities carry ("" if none says)."""
     c = client(args)
     objs: list[dict[str, Any]] = []
     for ns in c.get("/v1/namespaces") or []:
-        labels = {k: v for k, v in (ns.get("labels") or {}).items()}
-        objs.append({"kind": "Namespace", "metadata": {"name": ns["name"], "labels": labels}})
+        objs.append({"kind": "Namespace", "metadata": {"name": ns["name"], "labels": dict(ns.get("labels") or {})}})
     declared = {o["metadata"]["name"] for o in objs}
+    cluster_name = ""
     for ep in c.get("/v1/endpoints") or []:
         ns, _, name = str(ep.get("pod") or "").partition("/")
         if not name or not ep.get("ipv4"):
             continue
-        labels, sa = _own_labels(ep.get("labels") or [])
-        ns_labels = {text.split(":", 1)[1][len(NAMESPACE_LABELS_PREFIX):].split("=", 1)[0]:
-                     text.split("=", 1)[1] if "=" in text else ""
-                     for text in ep.get("labels") or []
-                     if text.startswith(f"k8s:{NAMESPACE_LABELS_PREFIX}")}
+        labels = _IdentityLabels.split(ep.get("labels") or [])
+        cluster_name = cluster_name or labels.cluster
         if ns not in declared:  # Kubernetes mode: namespaces come with the pods' labels
             declared.add(ns)
-            objs.append({"kind": "Namespace", "metadata": {"name": ns, "labels": ns_labels}})
+            objs.append({"kind": "Namespace", "metadata": {"name": ns, "labels": labels.namespace}})
         ports = [{"name": p["name"], "containerPort": p["port"], "protocol": p["protocol"]}
                  for p in ep.get("named_ports") or []]
-        objs.append({"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
-                     "spec": {"serviceAccountName": sa, "containers": [{"name": "c", "ports": ports}]},
+        objs.append({"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels.own},
+                     "spec": {"serviceAccountName": labels.service_account,
+                              "containers": [{"name": "c", "ports": ports}]},
                      "status": {"podIP": ep["ipv4"]}})
-    return Cluster.from_objects(objs, file="<agent>")
+    return Cluster.from_objects(objs, file="<agent>"), cluster_name
 
 
 def live_policies(args: argparse.Namespace) -> list[Policy]:
@@ -189,7 +200,7 @@ def run_diff(args: argparse.Namespace) -> int:
     if args.old and not args.cluster:
         raise UsageError("--old needs --cluster (live: the agent's policies are in force) (--old)")
     try:
-        options = EngineOptions(cidr_match_mode=args.policy_cidr_match_mode)
+        EngineOptions(cidr_match_mode=args.policy_cidr_match_mode)
     except PolicyError as e:
         raise TraceInputError(f"{e} (--policy-cidr-match-mode)") from None
     extra: list[tuple[Protocol, int]] = []
@@ -201,17 +212,20 @@ def run_diff(args: argparse.Namespace) -> int:
     new = parse_policies(args.files) if args.files else []
     flows: list[dict[str, Any]] | None = load_flow_lines(args.flows) if args.flows else None
     since = _since(args.since, "10m") if args.since is not None or not args.cluster else None
+    cluster_name = ""
     if args.cluster:
         cluster = Cluster.load(args.cluster)
         in_force = parse_policies(args.old) if args.old else []
     else:
-        cluster = live_cluster(args)
+        cluster, cluster_name = live_cluster(args)
         in_force = live_policies(args)
         if flows is None and since is not None:
             flows = _agent_flows(args)
     candidate = compose(in_force, new, args.replace, [_ref(r, "--remove") for r in args.remove],
                         [_ref(r, "--promote") for r in args.promote])
     observed = observe(flows, since) if flows is not None else None
+    options = EngineOptions(cidr_match_mode=args.policy_cidr_match_mode,
+                            cluster_name=cluster_name or EngineOptions.cluster_name)
     result = diff(cluster, in_force, candidate, options, observed, extra)
     if args.output == "json":
         json.dump(result.to_json(), sys.stdout, indent=2)
@@ -285,7 +299,7 @@ def _live_pod_labels(args: argparse.Namespace) -> dict[str, Mapping[str, str]]:
     out: dict[str, Mapping[str, str]] = {}
     for ep in client(args).get("/v1/endpoints") or []:
         if ep.get("pod"):
-            out[str(ep["pod"])] = _own_labels(ep.get("labels") or [])[0]
+            out[str(ep["pod"])] = _IdentityLabels.split(ep.get("labels") or []).own
     return out
 
 
