@@ -114,11 +114,13 @@ class UIServer:
         if checked.problems:
             raise UIError(422, "the edited policy is invalid", problems=checked.problems)
         args = self._args()
-        cluster = live_cluster(args)
+        live = live_cluster(args)
+        # (cluster, the cluster name its identities carry), as `policy diff --against live`
+        cluster, cluster_name = live if isinstance(live, tuple) else (live, "")
         in_force = live_policies(args)
         observed = observe(self._flows(window), time.time() - window)
-        result = diff(cluster, in_force, compose(in_force, checked.policies), EngineOptions(),
-                      observed)
+        options = EngineOptions(cluster_name=cluster_name or EngineOptions.cluster_name)
+        result = diff(cluster, in_force, compose(in_force, checked.policies), options, observed)
         return result.to_json()
 
     def recommend(self, window: float, kind: str, namespaces: list[str] | None) -> dict[str, Any]:
