@@ -11,7 +11,7 @@ from typing import Any
 from axoneme.agent.cli import UsageError, add_output_flag
 from axoneme.agent.cli._agentcmds import add_socket_flag, client
 from axoneme.agent.cli._output import dump_json
-from axoneme.agent.cli._policyget import CLUSTERWIDE, _matches, _wanted, _where
+from axoneme.agent.cli._policyget import _matches, _wanted, _where, check_one
 from axoneme.core.policy.api import MODE_ANNOTATION
 
 AUDIT_OPTION = "policy-audit-mode"
@@ -65,12 +65,8 @@ def cmd_policy_promote(args: argparse.Namespace) -> int:
     kind, name = _wanted(args)
     api = client(args)
     found = [p for p in api.get("/v1/policies")["policies"] if _matches(p, kind, name, args.namespace)]
-    if not found:
-        ns = "" if kind == CLUSTERWIDE else f" in namespace {args.namespace or 'default'}"
-        raise UsageError(f"policy {args.name!r} not found{ns} (policy promote)")
-    if len(found) > 1:
-        raise UsageError(f"{name!r} names {len(found)} policies: "
-                         f"{', '.join(_where(p) for p in found)}; give KIND/NAME (policy promote)")
+    assert name is not None  # a required argument
+    check_one(args, found, kind, name, "policy promote")
     ref = {k: found[0][k] for k in ("kind", "namespace", "name")}
     res = api.post("/v1/policies/promote", {"refs": [ref]})
     if args.output == "json":

@@ -60,18 +60,24 @@ def _where(p: dict[str, Any]) -> str:
     return f"{p['kind']} {p['namespace'] + '/' if p['namespace'] else ''}{p['name']}"
 
 
+def check_one(args: argparse.Namespace, found: list[dict[str, Any]], kind: str | None, name: str,
+              command: str) -> None:
+    """NAME or KIND/NAME must name exactly one of ``found`` (else exit 2)."""
+    if not found:
+        ns = "" if kind == CLUSTERWIDE else f" in namespace {args.namespace or 'default'}"
+        raise UsageError(f"policy {args.name!r} not found{ns} ({command})")
+    if len(found) > 1:
+        raise UsageError(f"{name!r} names {len(found)} policies: "
+                         f"{', '.join(_where(p) for p in found)}; give KIND/NAME ({command})")
+
+
 def cmd_policy_get(args: argparse.Namespace) -> int:
     kind, name = _wanted(args)
     res = client(args).get("/v1/policies", documents="1")
     found = [p for p in res["policies"] if _matches(p, kind, name, args.namespace)]
     found = select(args, found, lambda p: p.get("labels"))
     if name is not None:
-        if not found:
-            ns = "" if kind == CLUSTERWIDE else f" in namespace {args.namespace or 'default'}"
-            raise UsageError(f"policy {args.name!r} not found{ns} (policy get)")
-        if len(found) > 1:
-            raise UsageError(f"{name!r} names {len(found)} policies: "
-                             f"{', '.join(_where(p) for p in found)}; give KIND/NAME (policy get)")
+        check_one(args, found, kind, name, "policy get")
     if args.output not in ("json", "yaml"):
         return print_policies(args, found)
     docs = [p.get("document") for p in found]
