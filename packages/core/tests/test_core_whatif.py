@@ -164,7 +164,7 @@ def test_observe_merges_counts_and_skips_what_says_nothing() -> None:
     assert ("default/client", "shop/db-0", 5433) not in conns
     assert conns[("shop/web-1", "198.51.100.7", 443)].protocol is Protocol.TCP
     assert obs.skipped == {"reply": 1, "not a policy verdict": 1, "no addresses or ports": 1,
-                           "L7 record (its connection has an L3/L4 verdict of its own)": 1}
+                           "L7 record without a request to decide (a response, or unknown)": 1}
     assert obs.dns == {"api.example.com": {"198.51.100.7"}}
     assert obs.names_for("shop/web-1", "198.51.100.7") == {"api.example.com"}
     assert obs.dns_proxied == {"shop/web-1"}
@@ -346,3 +346,47 @@ def test_promote_a_staged_policy() -> None:
         compose([parse_policy_obj(DENY_SHOP)], [], promote=[staged.ref])
     with pytest.raises(TraceInputError, match=r"not in force.*\(--promote\)"):
         compose([], [], promote=[staged.ref])
+
+
+def http_request(src: str, dst: str, method: str, path: str, verdict: str = "FORWARDED") -> dict[str, Any]:
+    return {"time": "2026-12-04T15:00:00Z", "verdict": verdict, "Type": "L7", "is_reply": False,
+            "IP": {"source": IPS[src], "destination": IPS[dst]},
+            "l4": {"TCP": {"source_port": 40000, "destination_port": 80}},
+            "source": side(src), "destination": side(dst),
+            "l7": {"type": "REQUEST", "http": {"method": method, "url": f"http://{IPS[dst]}{path}",
+                                               "headers": [{"key": "X-Token", "value": "HUBBLE_REDACTED"},
+                                                           {"key": "Accept", "value": "*/*"}]}}}
+
+
+def test_diff_decides_observed_http_requests_with_the_candidates_l7_rules() -> None:
+    pytest.importorskip("axoneme.l7.http")  # the http parser decides
+    l7 = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+          "metadata": {"name": "web-l7", "namespace": "shop"},
+          "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                   "ingress": [{"fromEndpoints": [{"matchLabels": {
+                       "k8s:io.kubernetes.pod.namespace": "default"}}],
+                                "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
+                                             "rules": {"http": [{"method": "GET", "path": "/public.*"}]}}]}]}}
+    flows = [flow("default/client", "shop/web-1", 80, verdict="REDIRECTED"),
+             http_request("default/client", "shop/web-1", "GET", "/public/a"),
+             http_request("default/client", "shop/web-1", "GET", "/public/a"),
+             http_request("default/client", "shop/web-1", "POST", "/private?x=1"),
+             http_request("default/client", "shop/web-1", "DELETE", "/public/a", "DROPPED")]
+    obs = observe(flows)
+    assert [(r.parser, dict(r.fields)["method"], r.count) for r in obs.requests] == [
+        ("http", "DELETE", 1), ("http", "GET", 2), ("http", "POST", 1)]
+    post = next(r for r in obs.requests if dict(r.fields)["method"] == "POST")
+    assert dict(post.fields) == {"method": "POST", "path": "/private?x=1", "host": "10.244.0.10",
+                                 "header": ("Accept: */*",)}  # redacted values are left out
+    res = diff(cluster(), [], compose([], [parse_policy_obj(l7)]), observed=obs)
+    flips = [(f.connection.what(), f.change) for f in res.flow_flips]
+    assert flips == [("80/TCP http method=POST path=/private?x=1 host=10.244.0.10", "would drop")]
+    assert res.flow_flips[0].to_json()["l7"]["method"] == "POST"
+    assert res.flow_flips[0].after.l7 is not None and res.flow_flips[0].after.l7.verdict == "denied"
+    # a candidate that denies the connection reports it once, as a connection
+    res = diff(cluster(), [], compose([], [parse_policy_obj(DENY_SHOP)]), observed=obs)
+    assert [type(f.connection).__name__ for f in res.flow_flips] == ["Connection"]
+    # traffic the candidate newly sends to a proxy: counted as decided at L3/L4 only
+    res = diff(cluster(), [], compose([], [parse_policy_obj(l7)]),
+               observed=observe([flow("default/client", "shop/web-1", 80)]))
+    assert not res.flow_flips and any("L7 proxy" in why for why in res.flows_skipped)

@@ -21,8 +21,12 @@ cluster: before and after):
    both sides (the deciding rules and why).
 4. Each observed connection (``observed.observe``) is decided with the
    candidate set; it flips when the observed verdict (passed or dropped by
-   policy) differs from the candidate's. Connections whose pod no longer
-   exists are counted, not decided.
+   policy) differs from the candidate's. Each observed L7 request (HTTP,
+   Kafka, DNS through the agent's proxies) on a connection the candidate
+   lets through is decided with its fields as ``policy trace`` L7 inputs.
+   Connections whose pod no longer exists are counted, not decided; so are
+   connections the candidate would newly send to an L7 proxy (nothing says
+   what their requests were).
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from axoneme.core.identity import ReservedIdentity
 from axoneme.core.mapstate import Protocol
 from axoneme.core.policy.api import MODE_ANNOTATION, Policy, PolicyRef
 from axoneme.core.policy.engine import EngineOptions
-from axoneme.core.policy.observed import Connection, Observed, PeerInfo
+from axoneme.core.policy.observed import Connection, Observed, PeerInfo, Request
 from axoneme.core.policy.parse import parse_policy_obj
 from axoneme.core.policy.trace import (
     ALLOWED,
     DENIED,
+    REDIRECTED,
     OfflineCluster,
     Peer,
     PortSpec,
@@ -218,7 +223,9 @@ class ProbeFlip:
 
 @dataclass(frozen=True)
 class FlowFlip:
-    connection: Connection
+    """An observed connection (or L7 request) the candidate decides otherwise."""
+
+    connection: Connection | Request
     after: TraceResult
 
     @property
@@ -227,11 +234,15 @@ class FlowFlip:
 
     def to_json(self) -> dict[str, Any]:
         c = self.connection
-        return {"from": c.source.name, "to": c.destination.name,
-                "source_ip": c.source.ip, "destination_ip": c.destination.ip,
-                "port": c.port, "protocol": str(c.protocol), "observed": c.verdict,
-                "after": _final(self.after), "change": self.change, "flows": c.count,
-                "last_seen": c.last_seen, "after_trace": trace_json(self.after)}
+        out = {"from": c.source.name, "to": c.destination.name,
+               "source_ip": c.source.ip, "destination_ip": c.destination.ip,
+               "port": c.port, "protocol": str(c.protocol), "observed": c.verdict,
+               "after": _final(self.after), "change": self.change, "flows": c.count,
+               "last_seen": c.last_seen, "after_trace": trace_json(self.after)}
+        if isinstance(c, Request):
+            out["l7"] = {"parser": c.parser, **{k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in c.fields}}
+        return out
 
 
 @dataclass
@@ -328,15 +339,51 @@ def diff(cluster: Cluster, in_force: Sequence[Policy], candidate: Candidate,
         result.flows_considered = True
         result.connections = len(observed.connections)
         result.flows_skipped = dict(observed.skipped)
-        for conn in observed.connections:
-            decided = decide_connection(after, conn)
-            if decided is None:
-                result.flows_skipped["pod no longer exists"] = \
-                    result.flows_skipped.get("pod no longer exists", 0) + conn.count
-                continue
-            if (_final(decided) == ALLOWED) != conn.passed:
-                result.flow_flips.append(FlowFlip(conn, decided))
+        _decide_observed(after, observed, result)
     return result
+
+
+def _count(result: DiffResult, why: str, n: int) -> None:
+    result.flows_skipped[why] = result.flows_skipped.get(why, 0) + n
+
+
+def _decide_observed(after: OfflineCluster, observed: Observed, result: DiffResult) -> None:
+    """Rule 4: connections, then L7 requests (on connections the candidate still lets
+    through at L3/L4: a denied connection is reported once, as a connection)."""
+    l4_denied: set[tuple[str, str, Protocol, int]] = set()
+    proxied: set[tuple[str, str, Protocol, int]] = {
+        (r.source.name, r.destination.name, r.protocol, r.port) for r in observed.requests}
+    for conn in observed.connections:
+        decided = decide_connection(after, conn)
+        if decided is None:
+            _count(result, "pod no longer exists", conn.count)
+            continue
+        where = (conn.source.name, conn.destination.name, conn.protocol, conn.port)
+        if _final(decided) == DENIED:
+            l4_denied.add(where)
+        elif decided.verdict == REDIRECTED and where not in proxied and conn.passed:
+            # the candidate sends it to an L7 proxy: only its requests could be denied
+            _count(result, "connections the candidate sends to an L7 proxy: their requests "
+                           "were not observed, decided at L3/L4 only", conn.count)
+        if (_final(decided) == ALLOWED) != conn.passed:
+            result.flow_flips.append(FlowFlip(conn, decided))
+    for req in observed.requests:
+        if (req.source.name, req.destination.name, req.protocol, req.port) in l4_denied:
+            continue
+        src = _peer_of(after, req.source, "flow source")
+        dst = _peer_of(after, req.destination, "flow destination")
+        if src is None or dst is None:
+            _count(result, "pod no longer exists", req.count)
+            continue
+        request = {k: list(v) if isinstance(v, tuple) else v for k, v in req.fields}
+        try:
+            decided = trace(after, src, dst, req.protocol, req.port, request)
+        except TraceInputError:
+            _count(result, f"{req.parser} requests the {req.parser} parser cannot take as input",
+                   req.count)
+            continue
+        if (_final(decided) == ALLOWED) != req.passed:
+            result.flow_flips.append(FlowFlip(req, decided))
 
 
 def _trace_pods(env: OfflineCluster, p: Probe) -> TraceResult:

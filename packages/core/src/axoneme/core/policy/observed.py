@@ -9,7 +9,9 @@ connections with the reason counted, never guessed at.
 A *connection* is what one non-reply L3/L4 verdict says: source, destination,
 protocol and destination port (ICMP: the type), and whether it was let
 through. The egress and ingress verdicts of one connection collapse into one
-``Connection`` with a count.
+``Connection`` with a count. A *request* is an L7 proxy's record of one HTTP,
+Kafka or DNS request (``Request``): its fields are ``policy trace``'s L7
+inputs, so a candidate's L7 rules can decide it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from axoneme.core.errors import PolicyError
 from axoneme.core.mapstate import Protocol
 
-__all__ = ["Connection", "FlowInputError", "Observed", "PeerInfo", "load_flow_lines", "observe"]
+__all__ = ["Connection", "FlowInputError", "Observed", "PeerInfo", "Request", "load_flow_lines",
+           "observe"]
 
 # Verdicts of traffic that went through (AUDIT: a staged policy would have
 # dropped it, but nothing did).
@@ -88,11 +92,38 @@ class Connection:
         return f"{self.port}/{self.protocol}"
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An L7 request the agent's proxy decided (HTTP, Kafka, DNS): what ``policy trace``
+    takes as ``--l7`` inputs, and whether it passed."""
+
+    source: PeerInfo
+    destination: PeerInfo
+    protocol: Protocol
+    port: int
+    parser: str  # http | kafka | dns
+    fields: tuple[tuple[str, Any], ...]  # trace inputs; a list value for a repeated key
+    passed: bool
+    verdict: str
+    count: int = 1
+    last_seen: float = 0.0
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.source.name, self.destination.name, self.protocol, self.port, self.parser,
+                self.fields, self.passed)
+
+    def what(self) -> str:
+        shown = " ".join(f"{k}={v}" for k, v in self.fields if k != "header")
+        return f"{self.port}/{self.protocol} {self.parser} {shown}"
+
+
 @dataclass
 class Observed:
     """The connections of a flow set, DNS answers seen, and what was left out and why."""
 
     connections: list[Connection] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
     # name -> IPs, from DNS responses (the proxy's l7.dns.ips) and Hubble's destination_names
     dns: dict[str, set[str]] = field(default_factory=dict)
     # client pod -> IP -> names it resolved (egress to FQDNs is per client)
@@ -166,6 +197,7 @@ def observe(flows: Iterable[Mapping[str, Any]], since: float | None = None) -> O
     """Connections (merged, counted) and DNS answers of ``flows``; ``since``: epoch seconds."""
     out = Observed()
     merged: dict[tuple[str, str, Protocol, int, bool], Connection] = {}
+    requests: dict[tuple[Any, ...], Request] = {}
     for d in flows:
         out.records += 1
         if "flow" in d and isinstance(d["flow"], Mapping):  # observe -o jsonpb
@@ -176,7 +208,15 @@ def observe(flows: Iterable[Mapping[str, Any]], since: float | None = None) -> O
             continue
         if _is_l7(d):
             _learn_dns(out, d)
-            out.skip("L7 record (its connection has an L3/L4 verdict of its own)")
+            request = _request(d, when)
+            if request is None:
+                out.skip("L7 record without a request to decide (a response, or unknown)")
+                continue
+            prev_r = requests.get(request.key)
+            requests[request.key] = request if prev_r is None else Request(
+                prev_r.source, prev_r.destination, prev_r.protocol, prev_r.port, prev_r.parser,
+                prev_r.fields, prev_r.passed, prev_r.verdict, prev_r.count + 1,
+                max(prev_r.last_seen, when))
             continue
         if d.get("is_reply") is True:
             out.skip("reply")
@@ -209,9 +249,57 @@ def observe(flows: Iterable[Mapping[str, Any]], since: float | None = None) -> O
             merged[conn.key] = Connection(prev.source, prev.destination, prev.protocol, prev.port,
                                           passed, prev.verdict, prev.count + 1,
                                           max(prev.last_seen, when))
+    out.requests = sorted(requests.values(), key=lambda r: (r.source.name, r.destination.name,
+                                                             int(r.protocol), r.port, repr(r.fields)))
     out.connections = sorted(merged.values(), key=lambda c: (c.source.name, c.destination.name,
                                                               int(c.protocol), c.port, c.passed))
     return out
+
+
+def _l7_fields(l7: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    """(parser, trace inputs) of an L7 request record; None when it names no request."""
+    http, kafka, dns = l7.get("http"), l7.get("kafka"), l7.get("dns")
+    if isinstance(http, Mapping) and http.get("method"):
+        url = urlsplit(str(http.get("url") or ""))
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        fields: list[tuple[str, Any]] = [("method", str(http["method"])), ("path", path)]
+        if url.netloc:
+            fields.append(("host", url.netloc))
+        headers = [f"{h.get('key')}: {h.get('value')}" for h in http.get("headers") or []
+                   if isinstance(h, Mapping) and h.get("value") != "HUBBLE_REDACTED"]
+        if headers:
+            fields.append(("header", tuple(headers)))
+        return "http", tuple(fields)
+    if isinstance(kafka, Mapping) and kafka.get("api_key"):
+        fields = [("api_key", str(kafka["api_key"]))]
+        if kafka.get("api_version") is not None:
+            fields.append(("api_version", str(kafka["api_version"])))
+        topics = kafka.get("topics") or ([kafka["topic"]] if kafka.get("topic") else [])
+        if topics:
+            fields.append(("topic", tuple(str(t) for t in topics)))
+        if kafka.get("client_id"):
+            fields.append(("client_id", str(kafka["client_id"])))
+        return "kafka", tuple(fields)
+    if isinstance(dns, Mapping) and isinstance(dns.get("query"), str):
+        return "dns", (("query", dns["query"]),)
+    return None
+
+
+def _request(d: Mapping[str, Any], when: float) -> Request | None:
+    l7 = d.get("l7")
+    if not isinstance(l7, Mapping) or str(l7.get("type") or "").upper() != "REQUEST":
+        return None
+    parsed = _l7_fields(l7)
+    ip_rec = d.get("IP")
+    ip: Mapping[str, Any] = ip_rec if isinstance(ip_rec, Mapping) else {}
+    src_ip, dst_ip = _canonical_ip(ip.get("source")), _canonical_ip(ip.get("destination"))
+    l4 = _l4(d.get("l4"))
+    verdict = str(d.get("verdict") or "").upper()
+    if parsed is None or src_ip is None or dst_ip is None or l4 is None or \
+            verdict not in (*PASSED, "DROPPED"):
+        return None
+    return Request(_peer(d.get("source"), src_ip), _peer(d.get("destination"), dst_ip), l4[0], l4[1],
+                   parsed[0], parsed[1], verdict in PASSED, verdict, 1, when)
 
 
 def _remember(out: Observed, client: str, name: str, ips: Sequence[Any]) -> None:
