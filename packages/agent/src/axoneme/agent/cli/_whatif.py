@@ -105,9 +105,9 @@ def _since(text: str | None, default: str) -> float | None:
 
 
 def _agent_flows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    raw = client(args).get("/v1/flows", last=_ALL_FLOWS)
-    text = raw if isinstance(raw, str) else "\n".join(json.dumps(x) for x in raw or [])
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    # NDJSON read line by line (one flow alone would otherwise be decoded as one object)
+    lines = client(args).stream_lines("/v1/flows", {"last": _ALL_FLOWS, "format": "json"})
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @dataclass
