@@ -7,8 +7,9 @@
  *   loadgen udp_rr IP PORT SECONDS       1-byte UDP request/response; "tps N"
  *   loadgen tcp_crr IP PORT SECONDS      connect/request/response/close; "tps N"
  *   loadgen flood IP PORT SECONDS        64-byte UDP datagrams as fast as possible; "sent N"
- *   loadgen udp_wait IP PORT SECONDS     1-byte UDP requests, 2 ms apart, until one is answered;
- *                                        "waited S" (exit 0) or exit 3 after SECONDS
+ *   loadgen udp_wait IP PORT SECONDS     1-byte UDP requests, 100 us apart, until one is answered;
+ *                                        "waited S at T" (T: CLOCK_MONOTONIC seconds of the
+ *                                        answer; exit 0) or exit 3 after SECONDS
  *
  * Every loop is bounded by SECONDS; a client that gets no answer within 1 s
  * reports the rate so far and exits 3 (a denied path, not a hang).
@@ -170,12 +171,16 @@ static int udp_wait(const char *ip, int port, double secs) {
     struct sockaddr_in a = addr_of(ip, port);
     int u = socket(AF_INET, SOCK_DGRAM, 0);
     if (connect(u, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-    set_timeout(u, 0.002);
     char c = 'w';
     double start = now(), end = start + secs;
+    /* ppoll's timeout is an hrtimer: SO_RCVTIMEO would round up to a jiffy (1-4 ms) */
+    struct pollfd pfd = {u, POLLIN, 0};
+    struct timespec gap = {0, 100000};
     while (now() < end) {
-        if (send(u, &c, 1, 0) == 1 && recv(u, &c, 1, 0) == 1) {
-            printf("waited %.6f\n", now() - start);
+        send(u, &c, 1, MSG_DONTWAIT);
+        if (ppoll(&pfd, 1, &gap, NULL) == 1 && recv(u, &c, 1, MSG_DONTWAIT) == 1) {
+            double t = now();
+            printf("waited %.6f at %.6f\n", t - start, t);
             return 0;
         }
     }

@@ -97,7 +97,12 @@ class Node:
         self.agent.pm.register(self.hooks)
 
     def state(self) -> dict[str, Any]:
-        return json.loads((self.state_dir / "state.json").read_text())
+        # what a restart loads: state.json and its journal (policy changes)
+        from axoneme.agent._state import read_persisted
+
+        data = read_persisted(str(self.state_dir / "state.json"))
+        assert data is not None
+        return data
 
     async def add(self, name: str, labels: dict[str, str], ns: str = "default") -> dict[str, Any]:
         if f"{ns}/{name}" not in self.agent.store.pods:

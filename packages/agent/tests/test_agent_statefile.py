@@ -151,3 +151,69 @@ def test_failed_write_keeps_the_old_state_and_no_temp_file(tmp_path: Path,
     monkeypatch.undo()
     assert read_json(path) == {"version": 1}
     assert os.listdir(tmp_path) == ["state.json"]
+
+
+# -- the policy journal (issue 17): a policy change writes only itself --------------
+
+def _store(tmp_path: Path) -> Any:
+    from axoneme.agent._metrics import AgentMetrics
+    from axoneme.agent._state import StateStore
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(exist_ok=True)
+    return StateStore(AgentConfig(datapath="noop", state_dir=str(state_dir), guard=False),
+                      AgentMetrics())
+
+
+def _rec(name: str) -> dict[str, Any]:
+    obj = json.loads(json.dumps(POLICY).replace('"PORT"', '"80"').replace('"deny"', f'"{name}"'))
+    return {"source": "api", "revision": 1, "doc": {"file": "<api>", "index": 0, "obj": obj}}
+
+
+def test_policy_changes_are_journaled_and_replayed(tmp_path: Path) -> None:
+    import asyncio
+
+    from axoneme.agent._state import read_persisted
+
+    store = _store(tmp_path)
+    big = {f"CiliumNetworkPolicy/default/p{i}": _rec(f"p{i}") for i in range(50)}
+    store.policy_docs.update(big)
+    asyncio.run(store.persist())  # the full write: every policy
+    state_file = Path(store.config.state_file)
+    full = state_file.read_text()
+    store.policy_docs["CiliumNetworkPolicy/default/new"] = _rec("new")
+    asyncio.run(store.persist_policies(["CiliumNetworkPolicy/default/new"], 7))
+    del store.policy_docs["CiliumNetworkPolicy/default/p3"]
+    asyncio.run(store.persist_policies(["CiliumNetworkPolicy/default/p3"], 8))
+    journal = Path(store.journal_file)
+    # the state file is untouched; each change is one short record
+    assert state_file.read_text() == full
+    lines = journal.read_bytes().splitlines()
+    assert len(lines) == 2 and all(len(line) < 1000 for line in lines)
+    # a crash while appending leaves a torn last line: dropped
+    with open(journal, "ab") as f:
+        f.write(b'{"seq": 3, "policies": {"CiliumNetw')
+    loaded = read_persisted(str(state_file))
+    assert loaded is not None
+    assert set(loaded["policies"]) == set(store.policy_docs) and loaded["policy_revision"] == 8
+    again = _store(tmp_path)
+    assert again.load() is not None
+    assert again.policy_docs == store.policy_docs
+    # the next full write holds everything and empties the journal; a journal
+    # left behind by a crash before that unlink replays nothing older
+    stale = journal.read_bytes()
+    asyncio.run(again.persist())
+    assert not journal.exists()
+    journal.write_bytes(stale)
+    third = _store(tmp_path)
+    assert third.load() is not None and third.policy_docs == store.policy_docs
+
+
+def test_a_bad_journal_record_is_state_corrupt(tmp_path: Path) -> None:
+    import asyncio
+
+    store = _store(tmp_path)
+    asyncio.run(store.persist())
+    Path(store.journal_file).write_text('{"seq": 1}\nnot json\n')
+    with pytest.raises(StateCorrupt, match=r"state\.json\.journal is corrupt: line 2"):
+        _store(tmp_path).load()

@@ -168,13 +168,18 @@ class PolicyService:
                         "source": source, "revision": rev}
                     applied.append(pol.ref)
                 # write-ahead: a policy given through the API is in the state
-                # file before the kernel enforces it (a restart must not lose
-                # a deny); policy-dir files are their own record
-                await store.persist(strict=undo.persisted())
+                # file (its journal: O(this change)) before the kernel
+                # enforces it (a restart must not lose a deny); policy-dir
+                # files are their own record
+                await store.persist_policies([policy_key(r) for r in (*removed, *applied)],
+                                             self.revision, strict=undo.persisted())
             except BaseException:
                 undo.rollback()
                 raise
-            errors = await self.regen.regenerate()
+            try:
+                errors = await self.regen.regenerate()
+            finally:
+                await store.flush_journal()  # durable before the caller hears of it
         self._changed(applied, removed)
         return {"revision": self.revision,
                 "applied": [ref_view(r) for r in applied],
@@ -195,11 +200,15 @@ class PolicyService:
                 for ref in refs:
                     self.engine.delete_policy(ref)
                     del store.policy_docs[policy_key(ref)]
-                await store.persist(strict=undo.persisted())
+                await store.persist_policies([policy_key(r) for r in refs], self.revision,
+                                             strict=undo.persisted())
             except BaseException:
                 undo.rollback()
                 raise
-            await self.regen.regenerate()
+            try:
+                await self.regen.regenerate()
+            finally:
+                await store.flush_journal()
         self._changed([], list(refs))
         return {"revision": self.revision, "removed": [ref_view(r) for r in refs]}
 
@@ -231,7 +240,7 @@ class PolicyService:
         return out
 
     def view(self) -> dict[str, Any]:
-        return {"count": len(self.engine.policies()), "policy_dir": self.config.policy_dir,
+        return {"count": self.engine.policy_count(), "policy_dir": self.config.policy_dir,
                 "errors": self.source_errors, "dropped_at_start": self.dropped}
 
     def faults(self) -> list[str]:

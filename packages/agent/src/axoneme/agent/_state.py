@@ -7,27 +7,79 @@ ahead: a change that must survive a restart (an endpoint being created, an
 API policy) is written before the kernel is touched; when the write fails
 the change is refused (StateWriteError) or, where the caller says so
 (``strict=False``), retried by the agent's tick until it lands.
+
+A policy change writes only itself (``persist_policies``): one record
+appended to ``<state file>.journal``, so its cost follows the change, not
+the size of every policy and identity in the file. The record is written
+before the kernel is touched (it survives the agent being killed) and
+fdatasync'ed (``flush_journal``) before the API answers: the kernel's own
+state does not survive a power cut either, so enforcement never outlives
+its record, and the kernel update does not wait for the disk. Records
+carry a sequence number; the state file says up to which one it holds
+(``journal_seq``), ``load`` replays the newer ones, and every full write
+empties the journal (after ``JOURNAL_MAX_RECORDS`` records a policy change
+is a full write).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
 from axoneme.agent._errors import StateWriteError
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._records import EndpointRecord, PodRecord
-from axoneme.agent._statefile import StateCorrupt, read_agent_state, write_json_atomic
+from axoneme.agent._statefile import (
+    StateCorrupt,
+    append_line,
+    read_agent_state,
+    read_journal,
+    sync_file,
+    write_json_atomic,
+)
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.failpoints import failpoint
 
 LOG = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+JOURNAL_MAX_RECORDS = 256
+
+
+def apply_journal(data: dict[str, Any], records: list[dict[str, Any]], path: str) -> int:
+    """Apply journal ``records`` newer than ``data``'s ``journal_seq`` to the
+    state ``data``; returns the last sequence number seen."""
+    try:
+        seq = last = int(data.get("journal_seq", 0))
+        policies = data.setdefault("policies", {})
+        for rec in records:
+            last = max(last, int(rec["seq"]))
+            if int(rec["seq"]) <= seq:
+                continue
+            for key, doc in dict(rec["policies"]).items():
+                if doc is None:
+                    policies.pop(key, None)
+                else:
+                    policies[str(key)] = dict(doc)
+            data["policy_revision"] = int(rec["policy_revision"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise StateCorrupt(path, f"unexpected record: {e}") from e
+    return last
+
+
+def read_persisted(state_file: str) -> dict[str, Any] | None:
+    """What a restart loads: the state file with its journal applied (None: no state)."""
+    data = read_agent_state(state_file)
+    if data is not None:
+        path = state_file + ".journal"
+        apply_journal(data, read_journal(path), path)
+    return data
 
 
 class StateStore:
@@ -54,6 +106,14 @@ class StateStore:
         self.error = ""  # the last state write failure, until a write works
         self._ip_index: dict[str, EndpointRecord] = {}
         self._contributors: list[Callable[[], Mapping[str, Any]]] = []
+        self._journal_seq = 0  # the last journal record written (or replayed)
+        self._journal_records = 0  # records in the journal file now
+        self._full_written = False  # a full write landed in this run: journal records may follow it
+        self._unsynced = False  # journal records written, not yet fdatasync'ed
+
+    @property
+    def journal_file(self) -> str:
+        return self.config.state_file + ".journal"
 
     def contribute(self, fields: Callable[[], Mapping[str, Any]]) -> None:
         """Add ``fields()`` to every state file written from now on."""
@@ -81,6 +141,7 @@ class StateStore:
         data = read_agent_state(path)  # shape checked: StateCorrupt naming the field
         if data is None:
             return None
+        self._replay_journal(data)
         try:
             version = int(data.get("version", 0))
             if version != STATE_VERSION:
@@ -106,6 +167,12 @@ class StateStore:
         self.recorded_datapath = data.get("datapath")
         return data
 
+    def _replay_journal(self, data: dict[str, Any]) -> None:
+        """Apply the journal's records newer than the state file to ``data``."""
+        records = read_journal(self.journal_file)
+        self._journal_seq = apply_journal(data, records, self.journal_file)
+        self._journal_records = len(records)
+
     def state_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "version": STATE_VERSION,
@@ -118,6 +185,7 @@ class StateStore:
             "pods": {k: dataclasses.asdict(v) for k, v in self.pods.items()},
             "endpoints": {k: dataclasses.asdict(v) for k, v in self.endpoints.items()},
             "policies": {k: v for k, v in self.policy_docs.items() if v.get("source") == "api"},
+            "journal_seq": self._journal_seq,
         }
         for fields in self._contributors:
             data.update(fields())
@@ -132,17 +200,71 @@ class StateStore:
             failpoint("state.write", OSError)
             await asyncio.to_thread(write_json_atomic, self.config.state_file, data)
         except OSError as e:
-            first = not self.error
-            self.error = f"cannot write {self.config.state_file}: {e}"
-            self.metrics.errors.labels(op="state_write").inc()
-            if first:
-                LOG.error("%s (written again every second until it works)", self.error)
-            if strict:
-                raise StateWriteError(self.error) from e
+            self._write_failed(self.config.state_file, e, strict)
             return
+        self._full_written = True
+        if self._journal_records:
+            # the state file holds every record now (journal_seq): a crash
+            # before the unlink only replays nothing newer
+            try:
+                os.unlink(self.journal_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                LOG.warning("cannot empty %s: %s", self.journal_file, e)
+            else:
+                self._journal_records = 0
         if self.error:
             LOG.warning("state file written again after: %s", self.error)
             self.error = ""
+
+    async def persist_policies(self, keys: Iterable[str], revision: int,
+                               strict: bool = True) -> None:
+        """Write-ahead for a policy change: the records of ``keys`` (API
+        policies; others as removed, the state file keeps API policies only)
+        and the policy revision, appended to the journal. Falls back to a full
+        ``persist`` before the first full write, after a failed write (which
+        must land whole) and when the journal is long."""
+        if (not self._full_written or self.error
+                or self._journal_records >= JOURNAL_MAX_RECORDS):
+            await self.persist(strict)
+            return
+        policies = {}
+        for key in keys:
+            rec = self.policy_docs.get(key)
+            policies[key] = rec if rec is not None and rec.get("source") == "api" else None
+        seq = self._journal_seq + 1
+        line = json.dumps({"seq": seq, "policy_revision": revision, "policies": policies},
+                          separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        try:
+            failpoint("state.write", OSError)
+            append_line(self.journal_file, line, sync=False)
+        except OSError as e:
+            self._write_failed(self.journal_file, e, strict)
+            return
+        self._journal_seq = seq
+        self._journal_records += 1
+        self._unsynced = True
+
+    async def flush_journal(self) -> None:
+        """fdatasync what ``persist_policies`` wrote (before the API answers).
+        A failure is a state error: the full write of the agent's tick retries."""
+        if not self._unsynced:
+            return
+        self._unsynced = False
+        try:
+            await asyncio.to_thread(sync_file, self.journal_file)
+        except OSError as e:
+            self._write_failed(self.journal_file, e, strict=False)
+
+    def _write_failed(self, path: str, e: OSError, strict: bool) -> None:
+        first = not self.error
+        self.error = f"cannot write {path}: {e}"
+        self.metrics.errors.labels(op="state_write").inc()
+        if first:
+            LOG.error("%s (written again every second until it works)", self.error)
+        if strict:
+            raise StateWriteError(self.error) from e
 
     async def retry_persist(self) -> None:
         """Write again after a failure (the agent's tick)."""

@@ -68,6 +68,65 @@ def _write_all(fd: int, payload: bytes) -> None:
         view = view[n:]
 
 
+def append_line(path: str, line: bytes, sync: bool = True) -> None:
+    """Append one journal line (a crash may leave it torn: ``read_journal``
+    drops a last line without its newline). Written, it survives the
+    process; ``sync`` (or a later ``sync_file``) makes it survive a power
+    cut. A new file is always synced with its directory entry."""
+    new = not os.path.exists(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        _write_all(fd, line)
+        if sync or new:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    if new:  # the file's own directory entry must survive a power cut too
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def sync_file(path: str) -> None:
+    """fdatasync an existing file (what ``append_line(sync=False)`` wrote)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_journal(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines journal, oldest first ([] when there is
+    none). A torn last line (a crash while appending) is dropped; any other
+    bad line is StateCorrupt."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(STATE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StateCorrupt(path, f"cannot read: {e}") from e
+    if len(raw) > STATE_MAX_BYTES:
+        raise StateCorrupt(path, f"larger than {STATE_MAX_BYTES} bytes")
+    lines = raw.split(b"\n")
+    complete, torn = lines[:-1], lines[-1]
+    if torn:
+        LOG.warning("%s: dropping a torn last record (%d bytes)", path, len(torn))
+    out: list[dict[str, Any]] = []
+    for n, line in enumerate(complete, 1):
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise StateCorrupt(path, f"line {n}: {e}") from e
+        if not isinstance(rec, dict):
+            raise StateCorrupt(path, f"line {n}: expected an object, got {type_name(rec)}")
+        out.append(rec)
+    return out
+
+
 # What the agent writes nests about 25 levels (a policy document inside
 # policies.<key>.doc.obj); policy documents are bounded at yamlsafe.MAX_DEPTH.
 STATE_MAX_DEPTH = yamlsafe.MAX_DEPTH + 10

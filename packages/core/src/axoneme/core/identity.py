@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Protocol
 
 from axoneme.core.errors import IdentityError
@@ -139,6 +140,8 @@ class IdentityAllocator:
         self._cidr: dict[IPNetwork, Identity] = {}
         self._next_local = 1
         self._refs: dict[int, int] = {}
+        # snapshot(), kept current once asked for (the agent reads it on every state write)
+        self._snap: dict[int, list[str]] | None = None
         self._store = store
         if store is not None:
             self.restore(store.load())
@@ -162,6 +165,7 @@ class IdentityAllocator:
                     self._by_id[number] = ident
                     self._by_labels[key] = ident
                     self._refs[number] = 1
+                    self._snapped(ident)
                     return ident
                 number = MIN_CLUSTER_IDENTITY + (number - MIN_CLUSTER_IDENTITY + 1) % span
             raise IdentityError("cluster identity space 256-65535 is exhausted")
@@ -177,6 +181,8 @@ class IdentityAllocator:
             del self._refs[identity.id]
             ident = self._by_id.pop(identity.id)
             self._by_labels.pop(tuple(ident.label_strings()), None)
+            if self._snap is not None:
+                self._snap.pop(ident.id, None)
             if ident.cidr is not None:
                 self._cidr.pop(ident.cidr, None)
             return True
@@ -199,6 +205,7 @@ class IdentityAllocator:
             self._cidr[net] = ident
             self._by_id[number] = ident
             self._by_labels[tuple(ident.label_strings())] = ident
+            self._snapped(ident)
             return ident
 
     def cidr_identities(self) -> dict[IPNetwork, Identity]:
@@ -218,10 +225,25 @@ class IdentityAllocator:
         with self._lock:
             return sorted(self._by_id.values(), key=lambda i: i.id)
 
-    def snapshot(self) -> dict[int, list[str]]:
-        """Allocated (non-reserved) identities: number -> sorted label strings."""
+    def _snapped(self, ident: Identity) -> None:
+        if self._snap is not None and not ident.reserved:
+            self._snap[ident.id] = ident.label_strings()
+
+    def snapshot(self) -> Mapping[int, list[str]]:
+        """Allocated (non-reserved) identities: number -> sorted label strings.
+
+        A read-only view kept current as identities come and go (O(1) after
+        the first call): copy it to keep it."""
         with self._lock:
-            return {i.id: i.label_strings() for i in self._by_id.values() if not i.reserved}
+            if self._snap is None:
+                self._snap = {i.id: i.label_strings() for i in self._by_id.values()
+                              if not i.reserved}
+            return MappingProxyType(self._snap)
+
+    def count(self) -> int:
+        """How many identities are allocated (reserved ones included)."""
+        with self._lock:
+            return len(self._by_id)
 
     def restore(self, saved: Mapping[int, Iterable[str]]) -> None:
         """Re-create identities saved by ``snapshot`` (same numbers)."""
@@ -241,3 +263,4 @@ class IdentityAllocator:
                 self._by_id[number] = ident
                 self._by_labels[tuple(labels.sorted_strings())] = ident
                 self._refs.setdefault(number, 0)
+                self._snapped(ident)

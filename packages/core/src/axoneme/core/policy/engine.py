@@ -159,6 +159,10 @@ class PolicyEngine:
         with self._lock:
             return self._repo.policies()
 
+    def policy_count(self) -> int:
+        with self._lock:
+            return len(self._repo)
+
     def get_policy(self, ref: PolicyRef) -> Policy | None:
         with self._lock:
             return self._repo.get(ref)

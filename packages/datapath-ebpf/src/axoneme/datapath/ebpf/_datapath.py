@@ -245,6 +245,7 @@ class EbpfDatapath(Datapath):
         # dump() reads the values from the kernel for exactly these keys, so it
         # costs O(entries of the endpoint), not O(entries of all endpoints).
         self._index: dict[int, dict[bytes, Key]] | None = None
+        self._ipcache_keys: set[bytes] | None = None  # what ax_ipcache holds (counted once)
         # ep id -> {peer address: its slot} of the address keys (axoneme_paddr_v1)
         self._slots: dict[int, dict[str, int]] | None = None
         self._map_full_errors = 0
@@ -330,6 +331,7 @@ class EbpfDatapath(Datapath):
             self._bpf, self._fns = b, fns
             self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
             self._index = None
+            self._ipcache_keys = None
             self._slots = None
             self._stopped.clear()
             b[b"ax_events"].open_ring_buffer(self._on_event)
@@ -553,6 +555,7 @@ class EbpfDatapath(Datapath):
         ``prune`` also removes node entries for addresses the node no longer has
         (a full ipcache walk: only at start)."""
         fd = self._fds["ax_ipcache"]
+        self._ipcache_keys = None  # node entries change outside ipcache_apply: count again
         want = set()
         for _family, addr in _tc.node_addresses():
             ip = ipaddress.ip_address(addr)
@@ -576,15 +579,21 @@ class EbpfDatapath(Datapath):
         with self._lock:
             self._require()
             fd = self._fds["ax_ipcache"]
+            known = self._ipcache_keys
             try:
                 for net in changes.deletes:
                     if net not in changes.upserts:
                         _bpf.map_delete(fd, ipcache_key(net))
+                        if known is not None:
+                            known.discard(bytes(ipcache_key(net)))
                 for net, identity in changes.upserts.items():
                     v = L.IPCacheValue()
                     v.identity = identity
                     _bpf.map_update(fd, ipcache_key(net), v)
+                    if known is not None:
+                        known.add(bytes(ipcache_key(net)))
             except OSError as e:
+                self._ipcache_keys = None  # counted from the kernel again
                 self._bump_revision()
                 if e.errno in _FULL_ERRNOS:
                     self._map_full_errors += 1
@@ -888,6 +897,14 @@ class EbpfDatapath(Datapath):
     def _count_map(self, name: str, key_type: Any) -> int:
         return sum(1 for _ in _bpf.map_keys(self._fds[name], key_type))
 
+    def _ipcache_count(self) -> int:
+        """Entries in the ipcache: counted from the kernel once, then kept by
+        ipcache_apply (status and metrics must not cost O(policy size))."""
+        if self._ipcache_keys is None:
+            self._ipcache_keys = {bytes(k) for k in
+                                  _bpf.map_keys(self._fds["ax_ipcache"], L.IPCacheKey)}
+        return len(self._ipcache_keys)
+
     def metrics(self) -> Mapping[str, float]:
         with self._lock:
             out: dict[str, float] = {"map_full_errors": float(self._map_full_errors),
@@ -895,7 +912,7 @@ class EbpfDatapath(Datapath):
             if self._bpf is None:
                 return out
             out["policy_entries"] = float(sum(len(v) for v in self._keys_index().values()))
-            out["ipcache_entries"] = float(self._count_map("ax_ipcache", L.IPCacheKey))
+            out["ipcache_entries"] = float(self._ipcache_count())
             out["endpoints"] = float(self._count_map("ax_endpoints", ct.c_uint32))
             out["ct_entries"] = float(self._count_map("ax_ct", L.Tuple))
             for slot, name in L.METRIC_NAMES.items():
