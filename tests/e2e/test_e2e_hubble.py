@@ -226,10 +226,13 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     pol = eg["egress_denied_by"][0]
     assert pol["kind"] == "CiliumNetworkPolicy" and pol["namespace"] == "default"
     assert "axoneme:default-deny=true" in pol["labels"] and "axoneme:rule=spec.egress" in pol["labels"]
-    ing = [f for f in _named(flows, "ingress_denied_by", "web-ingress")
-           if f.get("drop_reason_desc") == "POLICY_DENIED"][0]
+    ing_all = [f for f in _named(flows, "ingress_denied_by", "web-ingress")
+               if f.get("drop_reason_desc") == "POLICY_DENIED"]
+    ing = [f for f in ing_all if f["event_type"] == {"type": 1, "sub_type": 133}][0]
     assert ing["source"]["pod_name"] == "other" and ing["traffic_direction"] == "INGRESS"
-    assert ing["event_type"] == {"type": 1, "sub_type": 133}
+    # and its policy-verdict twin (Cilium reports a policy drop as both events)
+    assert [f for f in ing_all if f["event_type"] == {"type": 5}
+            and f["l4"] == ing["l4"] and f["uuid"] != ing["uuid"]]
     allowed = _named(flows, "ingress_allowed_by", "web-ingress")
     assert allowed, "no flow names web-ingress as the policy that allowed it"
 
@@ -247,6 +250,12 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     assert "http-request FORWARDED" in compact and "http-request DROPPED" in compact, compact
     assert "dns-request proxy FORWARDED" in compact, compact
     assert "Policy denied DROPPED" in compact, compact
+    # as Cilium, a policy drop is also a policy-verdict event, whose compact line
+    # names the policy that put the endpoint into default deny
+    assert "policy-verdict:none EGRESS DENIED BY client-egress (CiliumNetworkPolicy)" in compact
+    assert "policy-verdict:none INGRESS DENIED BY web-ingress (CiliumNetworkPolicy)" in compact
+    verdicts = hubble.flows("--type", "policy-verdict", "--verdict", "DROPPED")
+    assert verdicts and all(f["event_type"]["type"] == 5 for f in verdicts)
     status = hubble.run("status")
     assert "Current/Max Flows" in status and "Healthcheck (via" in status, status
     nodes = hubble.run("list", "nodes").splitlines()

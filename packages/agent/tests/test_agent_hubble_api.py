@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,7 +47,13 @@ def test_observer_api(tmp_path: Path) -> None:
                 stub = pb.observer_pb2_grpc.ObserverStub(ch)
                 req = pb.observer_pb2.GetFlowsRequest
                 got = [r async for r in stub.GetFlows(req(number=20))]
-                assert [r.flow.uuid for r in got] == ["u1", "u2", "u3"]
+                # a policy drop is two events, as Cilium reports it: policy-verdict, drop
+                pv_uuid = str(uuid.uuid5(uuid.NAMESPACE_OID, "u2"))
+                assert [r.flow.uuid for r in got] == ["u1", pv_uuid, "u2", "u3"]
+                verdict = got[1].flow
+                assert verdict.event_type.type == 5 and verdict.verdict == pb.flow_pb2.DROPPED
+                assert [p.name for p in verdict.ingress_denied_by] == ["web"]
+                got.pop(1)
                 drop = got[1].flow
                 assert drop.verdict == pb.flow_pb2.DROPPED and got[1].node_name == "node1"
                 assert drop.event_type.type == 1 and drop.event_type.sub_type == 133
@@ -58,15 +65,17 @@ def test_observer_api(tmp_path: Path) -> None:
                 # filters: Hubble's FlowFilter, whitelist and blacklist
                 ff = pb.flow_pb2.FlowFilter
                 only_drops = req(number=20, whitelist=[ff(verdict=[pb.flow_pb2.DROPPED])])
-                assert [r.flow.uuid async for r in stub.GetFlows(only_drops)] == ["u2"]
+                assert [r.flow.uuid async for r in stub.GetFlows(only_drops)] == [pv_uuid, "u2"]
                 no_l7 = req(number=20, blacklist=[ff(event_type=[pb.flow_pb2.EventTypeFilter(
                     type=129)])])
-                assert [r.flow.uuid async for r in stub.GetFlows(no_l7)] == ["u1", "u2"]
+                assert [r.flow.uuid async for r in stub.GetFlows(no_l7)] == ["u1", pv_uuid, "u2"]
                 first = req(number=1, first=True)
                 assert [r.flow.uuid async for r in stub.GetFlows(first)] == ["u1"]
                 since = req()
                 since.since.FromNanoseconds(int(1_700_000_002.0 * 1e9))
-                assert [r.flow.uuid async for r in stub.GetFlows(since)] == ["u2", "u3"]
+                assert [r.flow.uuid async for r in stub.GetFlows(since)] == [pv_uuid, "u2", "u3"]
+                last2 = req(number=2)
+                assert [r.flow.uuid async for r in stub.GetFlows(last2)] == ["u2", "u3"]
                 bad = req(whitelist=[ff(source_service=["prod/web"])])
                 with pytest.raises(pb.grpc.aio.AioRpcError) as e:
                     [r async for r in stub.GetFlows(bad)]

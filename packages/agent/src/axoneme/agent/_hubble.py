@@ -15,12 +15,14 @@ Filters arrive as Hubble's FlowFilters and are matched by ``_hubblefilter``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import importlib.metadata
 import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from axoneme.agent._flowstore import FlowFilter, FlowStore
 from axoneme.agent._hubblefilter import FilterError, compile_filters
 from axoneme.core.errors import ConfigError
-from axoneme.core.flow import Flow
+from axoneme.core.flow import DropReason, Flow, FlowVerdict
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ def load_stubs() -> Any:
                           f"scripts/hubble-build --protos (scripts/bootstrap does)")
     if str(STUBS_DIR) not in sys.path:
         sys.path.append(str(STUBS_DIR))
+    # the agent forks only to exec (pods, tools): gRPC's fork handlers are not
+    # needed, and with them on every fork logs "Other threads are currently calling
+    # into gRPC, skipping fork() handlers"
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         import grpc
         import grpc.aio  # noqa: F401
@@ -140,6 +146,19 @@ class HubbleServer:
         return len(self.flows.last(None, FlowFilter(since=since))) / 60.0
 
 
+def hubble_events(flow: Flow) -> list[Flow]:
+    """What Hubble shows for one of our flows. Cilium reports a packet that policy
+    dropped twice: a policy-verdict event (``policy-verdict:none INGRESS DENIED BY
+    ...``, which ``hubble observe --print-policy-names`` names the policies in)
+    and the drop itself; our datapaths report the drop once, so the API adds the
+    policy-verdict event before it (its own uuid, derived from the drop's)."""
+    if (flow.verdict is FlowVerdict.DROPPED and flow.event_type == "drop"
+            and flow.drop_reason in (DropReason.POLICY_DENIED, DropReason.POLICY_DENY)):
+        verdict_uuid = str(uuid.uuid5(uuid.NAMESPACE_OID, flow.uuid)) if flow.uuid else ""
+        return [dataclasses.replace(flow, event_type="policy-verdict", uuid=verdict_uuid), flow]
+    return [flow]
+
+
 # DO NOT CHANGE: grpc.health.v1.HealthCheckResponse{status: SERVING (1)} on the wire
 # (field 1, varint). `hubble status` checks the server's health first.
 _SERVING = b"\x08\x01"
@@ -184,14 +203,19 @@ class _Observer:
             number = 0 if request.follow and since is None else None
         queue = srv.flows.subscribe() if request.follow else None
         try:
-            for flow in srv.flows.last(number, flt, first=request.first):
-                yield srv.response(flow)
+            past = [e for f in srv.flows.last(None, FlowFilter(since=since, until=until))
+                    for e in hubble_events(f) if match(e)]
+            if number is not None:
+                past = (past[:number] if request.first else past[-number:]) if number else []
+            for event in past:
+                yield srv.response(event)
             while queue is not None:
                 flow_or_none = await queue.get()
                 if flow_or_none is None:
                     break
-                if flt.matches(flow_or_none):
-                    yield srv.response(flow_or_none)
+                for event in hubble_events(flow_or_none):
+                    if flt.matches(event):
+                        yield srv.response(event)
         except asyncio.CancelledError:
             pass
         finally:
