@@ -94,10 +94,6 @@ def register(groups: dict[str, SubParsers]) -> None:
     run.add_argument("--enforcement-mode", choices=["default", "always", "never"], default=None,
                      help="Cilium's policy enforcement mode: default (enforce in a direction once "
                           "a policy selects the endpoint there), always, never")
-    run.add_argument("--policy-audit-mode", action="store_true", default=None,
-                     help="Cilium's audit mode: a packet policy would drop is forwarded and "
-                          "reported with verdict AUDIT (observe --verdict AUDIT), on every "
-                          "endpoint; per endpoint: endpoint config ID policy-audit-mode=enabled")
     run.add_argument("--policy-cidr-match-mode", default=None, metavar="MODE",
                      help="cluster addresses Cilium's toCIDR/toCIDRSet/fromCIDR/fromCIDRSet also "
                           "match: empty (default: non-cluster peers only, as Cilium), nodes, pods, "
@@ -136,10 +132,6 @@ def register(groups: dict[str, SubParsers]) -> None:
     ap = pol.add_parser("apply", help="apply policies to the running agent")
     ap.add_argument("-f", "--filename", dest="files", action="append", nargs="+", required=True,
                     metavar="PATH", help="policy file or directory (repeatable; '-' reads stdin)")
-    ap.add_argument("--audit", action="store_true",
-                    help="stage the policies (annotation policy.axoneme.io/mode: audit): computed "
-                         "as if enforced, what they would drop is forwarded and reported as AUDIT; "
-                         "`policy promote NAME` enforces one")
     add_socket_flag(ap)
     add_output_flag(ap)
     ap.set_defaults(handler=cmd_policy_apply)
@@ -181,8 +173,7 @@ def register(groups: dict[str, SubParsers]) -> None:
 
     # endpoints, identities
     ep = top.add_parser("endpoint", aliases=["ep"], help="local endpoints")
-    esub = groups["endpoint"] = ep.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
-                                                  parser_class=type(ep))
+    esub = ep.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=type(ep))
     el = esub.add_parser("list", help="endpoints (like cilium-dbg endpoint list)")
     add_list_flags(el, "[{id, identity, labels, ipv4, policy_enforcement, status, pod}]")
     add_socket_flag(el)
@@ -312,9 +303,8 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     if not parsed:
         raise UsageError(f"no policy found in {', '.join(paths)}")
     docs = [{"file": d.file, "index": d.index, "obj": d.obj} for _, d in parsed]
-    if args.audit:
+    if args.audit:  # policy apply --audit (cli/_audit.py)
         from axoneme.agent.cli._audit import stage_documents
-
         stage_documents(docs)
     res = client(args).post("/v1/policies", {"documents": docs})
     if args.output == "json":

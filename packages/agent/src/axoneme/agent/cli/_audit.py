@@ -30,7 +30,30 @@ CONFIG_EPILOG = """examples:
 """
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The subcommands of ``parser`` (a group another module registered)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise KeyError(parser.prog)
+
+
+def _sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return _subparsers(parser).choices[name]
+
+
 def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
+    # flags of commands that cli/_agentcmds registers
+    _sub(groups[""].choices["agent"], "run").add_argument(
+        "--policy-audit-mode", action="store_true", default=None,
+        help="Cilium's audit mode: a packet policy would drop is forwarded and reported with "
+             "verdict AUDIT (observe --verdict AUDIT), on every endpoint; per endpoint: "
+             "endpoint config ID policy-audit-mode=enabled")
+    groups["policy"].choices["apply"].add_argument(
+        "--audit", action="store_true",
+        help="stage the policies (annotation policy.axoneme.io/mode: audit): computed as if "
+             "enforced, what they would drop is forwarded and reported as AUDIT; `policy "
+             "promote NAME` enforces one")
     p = groups["policy"].add_parser(
         "promote", help="enforce a staged policy (remove its policy.axoneme.io/mode: audit)",
         epilog=PROMOTE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,16 +64,15 @@ def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParse
     add_output_flag(p)
     add_socket_flag(p)
     p.set_defaults(handler=cmd_policy_promote)
-    if "endpoint" in groups:
-        c = groups["endpoint"].add_parser(
-            "config", help="show or set an endpoint's options (policy-audit-mode=enabled|disabled)",
-            epilog=CONFIG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        c.add_argument("id", help="endpoint id (endpoint list shows them)")
-        c.add_argument("options", nargs="*", metavar="OPTION=VALUE",
-                       help=f"{AUDIT_OPTION}=enabled|disabled (Cilium's PolicyAuditMode)")
-        add_output_flag(c)
-        add_socket_flag(c)
-        c.set_defaults(handler=cmd_endpoint_config)
+    c = _subparsers(groups[""].choices["endpoint"]).add_parser(
+        "config", help="show or set an endpoint's options (policy-audit-mode=enabled|disabled)",
+        epilog=CONFIG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("id", help="endpoint id (endpoint list shows them)")
+    c.add_argument("options", nargs="*", metavar="OPTION=VALUE",
+                   help=f"{AUDIT_OPTION}=enabled|disabled (Cilium's PolicyAuditMode)")
+    add_output_flag(c)
+    add_socket_flag(c)
+    c.set_defaults(handler=cmd_endpoint_config)
 
 
 def stage_documents(docs: list[dict[str, Any]]) -> None:
