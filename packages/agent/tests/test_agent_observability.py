@@ -254,3 +254,28 @@ def test_state_collector_reads_identities_states_pressure_redirects_and_dns() ->
     assert get("cilium_bpf_map_pressure", {"map_name": "axoneme_policy_v1"}) == 0.5
     assert get("cilium_proxy_redirects", {"protocol": "http"}) == 1
     assert (get("cilium_fqdn_active_names"), get("cilium_fqdn_active_ips")) == (1, 2)
+
+
+def test_kubernetes_event_batches_are_spans(spans: InMemorySpanExporter) -> None:
+    """The watcher's deliver (informer thread -> the agent's loop) runs each batch in a
+    k8s.event span; a policy applied by it is that span's child."""
+    import threading
+    from types import SimpleNamespace
+
+    from axoneme.agent._k8s import KubernetesSource
+
+    async def handler(name: str, events: list, initial: bool) -> None:
+        with tracing.span("policy.apply", policy="CiliumNetworkPolicy/n/p"):
+            pass
+
+    async def go() -> None:
+        fake = SimpleNamespace(_loop=asyncio.get_running_loop(), _stop=threading.Event())
+        deliver = KubernetesSource._deliverer(fake, "cnps", handler)  # type: ignore[arg-type]
+        await asyncio.to_thread(deliver, [("ADDED", {}), ("MODIFIED", {})], True)
+
+    asyncio.run(go())
+    got = {s.name: s for s in spans.get_finished_spans()}
+    event = got["k8s.event"]
+    assert (event.attributes["axoneme.resource"], event.attributes["axoneme.events"],
+            event.attributes["axoneme.initial"]) == ("cnps", 2, True)
+    assert got["policy.apply"].parent.span_id == event.context.span_id
