@@ -27,6 +27,7 @@ from typing import Any
 import _capability  # tests/ is on sys.path (tests/conftest.py)
 import _testnet
 import pytest
+from axoneme.testing.tlscerts import make_certs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
@@ -102,13 +103,13 @@ def _conftest() -> Any:
 
 
 class Hubble:
-    def __init__(self, cli: str, socket: Path) -> None:
-        self.cli, self.server = cli, f"unix://{socket}"
+    def __init__(self, cli: str, server: str, home: Path, *tls: str) -> None:
+        self.cli, self.server, self.home, self.tls = cli, server, home, tls
 
     def run(self, *args: str) -> str:
-        env = dict(os.environ, HOME=str(Path(self.server[7:]).parent))  # no user config
-        res = subprocess.run([self.cli, *args, "--server", self.server], capture_output=True,
-                             text=True, timeout=60, env=env)
+        env = dict(os.environ, HOME=str(self.home))  # no user config
+        res = subprocess.run([self.cli, *args, "--server", self.server, *self.tls],
+                             capture_output=True, text=True, timeout=60, env=env)
         assert res.returncode == 0, f"hubble {' '.join(args)}: {res.stderr}"
         return res.stdout
 
@@ -131,8 +132,16 @@ def node(request: pytest.FixtureRequest, guard: str) -> Iterator[Any]:
     cf = _conftest()
     with _testnet.kernel_agent_lock():
         workdir = Path(tempfile.mkdtemp(prefix="axhub-", dir="/tmp"))
+        certs = make_certs(workdir / "certs")
+        with socket.socket() as s:  # a free port for the TLS listener
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        tls = ["--hubble-listen-address", f"127.0.0.1:{port}",
+               "--hubble-tls-cert-file", str(certs.server_cert),
+               "--hubble-tls-key-file", str(certs.server_key),
+               "--hubble-tls-client-ca-files", str(certs.ca)]
         ap = cf.AgentProcess(workdir, name, cf.free_pod_cidr(),
-                             ["--iptables-mode", mode] if mode else [])
+                             (["--iptables-mode", mode] if mode else []) + tls)
         try:
             ap.start()
             plugins = json.loads(ap.cli("plugins", "-o", "json", check=True).stdout)
@@ -157,7 +166,7 @@ def node(request: pytest.FixtureRequest, guard: str) -> Iterator[Any]:
             policies = workdir / "policies.yaml"
             policies.write_text(POLICIES)
             ap.cli("policy", "apply", "-f", str(policies), check=True)
-            yield ap, ips, workdir
+            yield ap, ips, workdir, (port, certs)
         finally:
             try:
                 ap.cleanup()
@@ -175,7 +184,7 @@ def _named(flows: list[dict[str, Any]], field: str, policy: str) -> list[dict[st
 
 
 def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
-    ap, ips, workdir = node
+    ap, ips, workdir, (tls_port, certs) = node
     web = ips["web"]
     # the probes: L7 allowed and refused, a DNS query through the proxy, and one
     # default-deny drop in each direction
@@ -188,7 +197,7 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     assert _curl(ap, "client", f"http://{web}:8080/") == "exit 28"  # client's egress: default deny
     assert _curl(ap, "other", f"http://{web}/public") == "exit 28"  # web's ingress: default deny
 
-    hubble = Hubble(hubble_cli, workdir / "hubble.sock")
+    hubble = Hubble(hubble_cli, f"unix://{workdir / 'hubble.sock'}", workdir)
 
     def settled() -> list[dict[str, Any]] | None:
         flows = hubble.flows()
@@ -260,6 +269,15 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     assert "Current/Max Flows" in status and "Healthcheck (via" in status, status
     nodes = hubble.run("list", "nodes").splitlines()
     assert nodes[1].split()[:2] == [socket.gethostname(), "Connected"], nodes
+
+    # the same over TCP with mutual TLS (--hubble-listen-address)
+    over_tls = Hubble(hubble_cli, f"127.0.0.1:{tls_port}", workdir, "--tls",
+                      "--tls-ca-cert-files", str(certs.ca), "--tls-server-name", certs.server_name,
+                      "--tls-client-cert-file", str(certs.client_cert),
+                      "--tls-client-key-file", str(certs.client_key))
+    tls_drops = over_tls.flows("--verdict", "DROPPED")
+    assert {f["uuid"] for f in drops} <= {f["uuid"] for f in tls_drops}
+    assert "Current/Max Flows" in over_tls.run("status")
 
     # our own compact output names the policies of a default-deny drop
     ours = ap.cli("observe", "--last", "4000", "--verdict", "DROPPED", check=True).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,9 +11,16 @@ from typing import Any
 
 import pytest
 from axoneme.agent._flowstore import FlowStore
-from axoneme.agent._hubble import HubbleServer, default_socket_path, load_stubs, start_hubble
+from axoneme.agent._hubble import (
+    HubbleServer,
+    default_socket_path,
+    load_stubs,
+    start_hubble,
+    tls_listen,
+)
 from axoneme.core.errors import ConfigError
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowPolicy, FlowVerdict
+from axoneme.testing.tlscerts import make_certs
 
 
 def _flow(i: int, verdict: FlowVerdict = FlowVerdict.FORWARDED, **kw: Any) -> Flow:
@@ -140,3 +148,50 @@ def test_flow_json_is_hubbles_protojson() -> None:
         msg = pb.json_format.ParseDict(f.to_json(), pb.flow_pb2.Flow())
         assert msg.uuid == f.uuid and msg.node_name == "node1"
     assert msg.l7.dns.query == "a.example." and msg.event_type.type == 129
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tls_listener(tmp_path: Path) -> None:
+    """--hubble-listen-address: TLS with the given certificate; with client CAs, mTLS."""
+    certs = make_certs(tmp_path / "certs")
+    port = _free_port()
+    conf = SimpleNamespace(hubble_listen_address=f"127.0.0.1:{port}",
+                           hubble_tls_cert_file=str(certs.server_cert),
+                           hubble_tls_key_file=str(certs.server_key),
+                           hubble_tls_client_ca_files=[str(certs.ca)],
+                           hubble_socket_path="", api_socket=str(tmp_path / "a.sock"))
+    pb = load_stubs()
+    store = FlowStore()
+    store.add(_flow(1))
+
+    async def status(**creds: bytes) -> Any:
+        cred = pb.grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes(), **creds)
+        opts = [("grpc.ssl_target_name_override", certs.server_name)]
+        async with pb.grpc.aio.secure_channel(f"127.0.0.1:{port}", cred, options=opts) as ch:
+            stub = pb.observer_pb2_grpc.ObserverStub(ch)
+            return await stub.ServerStatus(pb.observer_pb2.ServerStatusRequest(), timeout=5)
+
+    async def run() -> None:
+        srv = await start_hubble(store, conf, "n")
+        assert srv is not None and srv.path == "" and srv.tls_port == port
+        try:
+            got = await status(private_key=certs.client_key.read_bytes(),
+                               certificate_chain=certs.client_cert.read_bytes())
+            assert got.num_flows == 1
+            with pytest.raises(pb.grpc.aio.AioRpcError):  # no client certificate: refused
+                await status()
+        finally:
+            await srv.stop()
+
+    asyncio.run(run())
+    for bad in ({"hubble_tls_cert_file": None}, {"hubble_listen_address": "nohost"},
+                {"hubble_listen_address": "::1:4244"}, {"hubble_listen_address": None},
+                {"hubble_tls_key_file": str(tmp_path / "missing.pem")},
+                {"hubble_tls_client_ca_files": [str(certs.server_key.parent / "ca.srl")]}):
+        with pytest.raises(ConfigError):
+            tls_listen(SimpleNamespace(**{**vars(conf), **bad}))

@@ -78,6 +78,10 @@ class AgentConfig:
     otlp_l7_sample_ratio: float = 0.1  # share of L7 proxy decisions traced
     # Hubble's Observer gRPC API: None = hubble.sock beside the API socket, "" = off
     hubble_socket_path: str | None = None  # --hubble-socket-path PATH
+    hubble_listen_address: str | None = None  # --hubble-listen-address HOST:PORT (TLS)
+    hubble_tls_cert_file: str | None = None  # --hubble-tls-cert-file PEM
+    hubble_tls_key_file: str | None = None  # --hubble-tls-key-file PEM
+    hubble_tls_client_ca_files: list[str] | None = None  # --hubble-tls-client-ca-files: mTLS
 
     @property
     def k8s_mode(self) -> bool:

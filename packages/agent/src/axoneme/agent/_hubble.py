@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,62 @@ __all__ = ["HubbleServer", "default_socket_path", "load_stubs"]
 STUBS_DIR = Path(__file__).with_name("_hubble_pb")
 SOCKET_NAME = "hubble.sock"
 ALL = 1 << 63  # `hubble observe --all` asks for 2**64-1 flows: everything there is
+
+
+@dataclass(frozen=True)
+class TLSListen:
+    """``--hubble-listen-address`` with its certificate (Cilium's --hubble-tls-* flags):
+    TLS always; with client CAs, mutual TLS (a client certificate is required)."""
+
+    address: str  # grpc form: HOST:PORT, [V6]:PORT
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self, grpc: Any) -> Any:
+        return grpc.ssl_server_credentials([(self.key, self.cert)],
+                                           root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
+
+    def __str__(self) -> str:
+        return self.address
+
+
+def tls_listen(config: Any) -> TLSListen | None:
+    """The TCP listener the config asks for, its files read; ConfigError naming the flag."""
+    addr = getattr(config, "hubble_listen_address", None)
+    cert_file = getattr(config, "hubble_tls_cert_file", None)
+    key_file = getattr(config, "hubble_tls_key_file", None)
+    cas = getattr(config, "hubble_tls_client_ca_files", None) or []
+    if isinstance(cas, str):
+        cas = [c for c in cas.split(",") if c]
+    if not addr:
+        if cert_file or key_file or cas:
+            raise ConfigError("--hubble-tls-* flags need --hubble-listen-address")
+        return None
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"--hubble-listen-address: expected HOST:PORT (or :PORT), got {addr!r}")
+    if ":" in host and not host.startswith("["):
+        raise ConfigError(f"--hubble-listen-address: write an IPv6 address as [ADDR]:PORT, "
+                          f"got {addr!r}")
+    if not cert_file or not key_file:
+        raise ConfigError("--hubble-listen-address serves TLS only: give --hubble-tls-cert-file "
+                          "and --hubble-tls-key-file")
+
+    def read(path: str, flag: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from e
+        if b"-----BEGIN" not in data:
+            raise ConfigError(f"{flag}: {path} is not PEM")
+        return data
+
+    ca = b"".join(read(c, "--hubble-tls-client-ca-files") for c in cas) if cas else None
+    return TLSListen(f"{host or '[::]'}:{port}", read(cert_file, "--hubble-tls-cert-file"),
+                     read(key_file, "--hubble-tls-key-file"), ca)
 
 
 def default_socket_path(api_socket: str) -> str:
@@ -74,10 +131,13 @@ def load_stubs() -> Any:
 class HubbleServer:
     """The Observer service over one unix socket (mode 0600, like the API socket)."""
 
-    def __init__(self, flows: FlowStore, node_name: str, path: str, version: str) -> None:
+    def __init__(self, flows: FlowStore, node_name: str, path: str, version: str,
+                 tls: TLSListen | None = None) -> None:
         self.flows = flows
         self.node_name = node_name
-        self.path = path
+        self.path = path  # "" : no unix socket (TCP only)
+        self.tls = tls
+        self.tls_port = 0
         self.version = version
         self.started = time.monotonic()
         self.pb = load_stubs()
@@ -89,32 +149,43 @@ class HubbleServer:
         servicer = type("Observer", (_Observer, pb.observer_pb2_grpc.ObserverServicer), {})
         pb.observer_pb2_grpc.add_ObserverServicer_to_server(servicer(self), self._server)
         self._server.add_generic_rpc_handlers((_health_handler(pb.grpc),))
-        try:
-            os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
-            os.unlink(self.path)  # stale socket from a killed agent
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {self.path}: {e}") from e
+        if self.path:
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+                os.unlink(self.path)  # stale socket from a killed agent
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {self.path}: {e}") from e
         old = os.umask(0o177)
         try:
-            if not self._server.add_insecure_port(f"unix://{self.path}"):
+            if self.path and not self._server.add_insecure_port(f"unix://{self.path}"):
                 raise ConfigError(f"cannot listen on {self.path}")
+            if self.tls is not None:
+                self.tls_port = self._server.add_secure_port(self.tls.address,
+                                                             self.tls.credentials(pb.grpc))
+                if not self.tls_port:
+                    raise ConfigError(f"cannot listen on {self.tls.address} (--hubble-listen-address)")
             await self._server.start()
         except RuntimeError as e:
-            raise ConfigError(f"cannot listen on {self.path}: {e}") from e
+            raise ConfigError(f"cannot listen on {self.path or self.tls}: {e}") from e
         finally:
             os.umask(old)
-        LOG.warning("hubble observer API on unix://%s", self.path)
+        if self.path:
+            LOG.warning("hubble observer API on unix://%s", self.path)
+        if self.tls is not None:
+            LOG.warning("hubble observer API on %s (TLS%s)", self.tls.address,
+                        ", client certificates required" if self.tls.client_ca else "")
 
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     # -- messages ----------------------------------------------------------------------------
     def flow_message(self, flow: Flow) -> Any:
@@ -247,14 +318,17 @@ class _Observer:
 async def start_hubble(flows: FlowStore, config: Any, node_name: str) -> HubbleServer | None:
     """The server the config asks for: ``hubble_socket_path`` None (default: beside
     the API socket; skipped with a warning when the stubs or grpcio are missing),
-    "" (off), or a path (required: ConfigError when it cannot be served)."""
+    "" (off), or a path (required: ConfigError when it cannot be served); plus
+    the TLS listener of ``hubble_listen_address`` (required when given)."""
     path = getattr(config, "hubble_socket_path", None)
-    if path == "":
+    tls = tls_listen(config)
+    if path == "" and tls is None:
         return None
-    explicit = path is not None
+    explicit = path is not None or tls is not None
     try:
-        srv = HubbleServer(flows, node_name, path or default_socket_path(config.api_socket),
-                           _version())
+        srv = HubbleServer(flows, node_name,
+                           default_socket_path(config.api_socket) if path is None else path,
+                           _version(), tls)
         await srv.start()
     except ConfigError as e:
         if explicit:

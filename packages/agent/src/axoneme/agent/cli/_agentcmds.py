@@ -108,6 +108,17 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="serve Hubble's Observer gRPC API (hubble observe --server "
                           "unix://PATH) here; default: hubble.sock beside the API socket; "
                           "'' turns it off")
+    run.add_argument("--hubble-listen-address", default=None, metavar="HOST:PORT",
+                     help="also serve Hubble's API over TCP with TLS (Cilium's flag; :PORT for "
+                          "every address), e.g. 127.0.0.1:4244; needs --hubble-tls-cert-file "
+                          "and --hubble-tls-key-file")
+    run.add_argument("--hubble-tls-cert-file", default=None, metavar="PEM",
+                     help="the server certificate (chain) for --hubble-listen-address")
+    run.add_argument("--hubble-tls-key-file", default=None, metavar="PEM",
+                     help="the server certificate's private key")
+    run.add_argument("--hubble-tls-client-ca-files", action="append", default=None,
+                     metavar="PEM", help="require client certificates signed by this CA "
+                                         "(mutual TLS); repeatable")
     run.add_argument("--otlp-endpoint", default=None, metavar="URL",
                      help="export OpenTelemetry traces (policy regeneration, CNI, Kubernetes "
                           "events, sampled L7 decisions) to this OTLP/HTTP receiver, e.g. "

@@ -27,7 +27,8 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
-                "kube_proxy_replacement", "hubble_socket_path")
+                "kube_proxy_replacement", "hubble_socket_path", "hubble_listen_address",
+                "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -108,6 +109,10 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "prometheus_serve_addr": getattr(args, "prometheus_serve_addr", None),
         "otlp_endpoint": getattr(args, "otlp_endpoint", None),
         "hubble_socket_path": getattr(args, "hubble_socket_path", None),
+        "hubble_listen_address": getattr(args, "hubble_listen_address", None),
+        "hubble_tls_cert_file": getattr(args, "hubble_tls_cert_file", None),
+        "hubble_tls_key_file": getattr(args, "hubble_tls_key_file", None),
+        "hubble_tls_client_ca_files": getattr(args, "hubble_tls_client_ca_files", None),
     }
     if args.no_guard:
         flags["guard"] = False
@@ -140,7 +145,18 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         cfg.policy_dir = os.path.abspath(cfg.policy_dir)
     if cfg.hubble_socket_path:
         cfg.hubble_socket_path = os.path.abspath(cfg.hubble_socket_path)
+    check_hubble(cfg)
     return cfg
+
+
+def check_hubble(cfg: AgentConfig) -> None:
+    """--hubble-listen-address and its TLS files (UsageError, exit 2)."""
+    from axoneme.agent._hubble import tls_listen
+
+    try:
+        tls_listen(cfg)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_observability(cfg: AgentConfig) -> None:
