@@ -59,18 +59,19 @@ def test_flows_feed_ciliums_counters_and_ours() -> None:
     m.observe_flow(_flow(FlowVerdict.DROPPED, reason=DropReason.POLICY_DENIED))
     m.observe_flow(_flow(FlowVerdict.DROPPED, "EGRESS", DropReason.POLICY_DENY))
     m.observe_flow(_flow(FlowVerdict.FORWARDED, "EGRESS"))
+    m.observe_flow(_flow(FlowVerdict.AUDIT, "EGRESS"))  # audit mode: forwarded
     m.observe_flow(_flow(FlowVerdict.DROPPED, l7={"type": "REQUEST", "http": {"code": 403}}))
     get = m.registry.get_sample_value
     # Cilium's reason text and direction, literally
     assert get("cilium_drop_count_total", {"reason": "Policy denied", "direction": "INGRESS"}) == 2
     assert get("cilium_drop_count_total",
                {"reason": "Policy denied by denylist", "direction": "EGRESS"}) == 1
-    assert get("cilium_forward_count_total", {"direction": "EGRESS"}) == 1
+    assert get("cilium_forward_count_total", {"direction": "EGRESS"}) == 2
     assert get("cilium_policy_l7_total", {"rule": "received", "proxy_type": "http"}) == 1
     assert get("cilium_policy_l7_total", {"rule": "denied", "proxy_type": "http"}) == 1
     # ours keep their names and enum-named reasons
     assert get("axoneme_drop_count_total", {"reason": "POLICY_DENY", "direction": "EGRESS"}) == 1
-    assert get("axoneme_flows_observed_total") == 4
+    assert get("axoneme_flows_observed_total") == 5
 
 
 def test_regenerations_are_counted_by_outcome() -> None:

@@ -28,6 +28,9 @@ from prometheus_client.registry import Collector
 # Cilium's regeneration histograms (pkg/metrics: 1 ms .. ~2 min)
 REGENERATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                         30, 60, 120)
+# verdicts whose packet went on: an AUDIT flow is one a policy in audit mode
+# would have dropped, forwarded (as Cilium's datapath counts it)
+FORWARDED = (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED, FlowVerdict.AUDIT)
 # what Cilium's cilium_policy_l7_total{proxy_type} says for each parser's flows
 PROXY_TYPE = {"http": "http", "kafka": "kafka", "dns": "dns"}
 
@@ -139,7 +142,7 @@ class AgentMetrics:
             reason = flow.drop_reason.name if flow.drop_reason is not None else "UNKNOWN"
             self.drops.labels(reason=reason, direction=direction).inc()
             self.cilium_drops.labels(reason=drop_reason_text(flow), direction=direction).inc()
-        elif flow.verdict in (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED):
+        elif flow.verdict in FORWARDED:
             self.forwards.inc()
             self.cilium_forwards.labels(direction=direction).inc()
         if flow.type == "L7" and flow.verdict is not FlowVerdict.REDIRECTED:
