@@ -10,9 +10,12 @@ that unobserved connection is dropped, as predicted.
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,34 @@ STAGED = DENY.replace("namespace: shop}", "namespace: shop, annotations: {policy
 PASSED = ("FORWARDED", "AUDIT")
 
 
+def _fqdn_suite() -> Any:
+    """tests/e2e/test_e2e_fqdn.py: its outside world (DNS + HTTP on 198.51.100.x)."""
+    path = Path(__file__).with_name("test_e2e_fqdn.py")
+    spec = importlib.util.spec_from_file_location("axoneme_e2e_fqdn_world", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_FQDN = _fqdn_suite()
+world = _FQDN.world  # the module-scoped fixture, reused as is
+
+
+@pytest.fixture
+def iptables_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The iptables datapath's chains are host-wide: one iptables agent at a time among
+    the tests that take this lock (as test_e2e_fqdn's agents do)."""
+    lock = open("/tmp/axoneme-iptables-datapath.lock", "w")  # noqa: SIM115
+    try:
+        if request.node.callspec.params.get("datapath") == "iptables":
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _FQDN.wait_for_iptables_quiet()
+        yield
+    finally:
+        lock.close()  # releases the flock
+
+
 def _server(port: int, www: Path) -> list[str]:
     return ["python3", *_testnet.http_server_argv("0.0.0.0", port, str(www))]
 
@@ -48,7 +79,8 @@ def _reach(agent: Any, pod: str, url: str) -> bool:
 
 @pytest.mark.parametrize("datapath", ["ebpf", "iptables"])
 def test_recommend_then_diff_flips_nothing_observed_and_enforces(
-        agent_factory: Any, datapath_probe: Any, tmp_path: Path, datapath: str) -> None:
+        iptables_turn: None, agent_factory: Any, datapath_probe: Any, tmp_path: Path,
+        datapath: str) -> None:
     reason = datapath_probe(datapath)
     if reason is not None:
         print(f"SKIP: {reason}")
@@ -138,3 +170,70 @@ def test_recommend_then_diff_flips_nothing_observed_and_enforces(
                  "-o", "json")
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads(res.stdout)["candidate"]["replaced"]
+
+
+BROAD = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: broad, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toCIDR: [DNS_IP/32]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toEntities: [world]
+""".replace("DNS_IP", _FQDN.DNS_IP)
+
+
+def test_recommend_cnp_to_fqdns_keeps_resolved_names_working(
+        agent_factory: Any, world: dict[str, str], tmp_path: Path, datapath_probe: Any) -> None:
+    """A broad egress policy (DNS through the proxy, any world address); the client
+    reaches api.twitter.com; `recommend --kind cnp` says toFQDNs matchName
+    api.twitter.com (+ the DNS rule); `diff --remove` of the broad policy plus the
+    recommendation flips no observed flow; applied, the name still works and
+    another name does not."""
+    reason = datapath_probe("ebpf")
+    if reason is not None:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(f"dns_server: {_FQDN.DNS_IP}\n")
+    ap = agent_factory("ebpf", extra_args=["--config", str(conf), "--tofqdns-min-ttl", "0"])
+    plugins = json.loads(ap.cli("plugins", "-o", "json", check=True).stdout)
+    if "dns" not in plugins.get("l7", {}):
+        pytest.skip("the dns L7 parser is not installed")
+    broad = tmp_path / "broad.yaml"
+    broad.write_text(BROAD)
+    ap.cli("policy", "apply", "-f", str(broad), check=True)
+    ap.pod_run("client", "sleep", "infinity", labels="app=client,pod-template-hash=77")
+
+    def curl(url: str) -> subprocess.CompletedProcess[str]:
+        return _FQDN.curl(ap, url)
+    assert curl("http://api.twitter.com/").stdout == "200", ap.log()
+    assert _testnet.poll(lambda: "api.twitter.com" in ap.cli(
+        "observe", "--last", "200", "-o", "json").stdout, timeout=5)
+
+    res = ap.cli("policy", "recommend", "--kind", "cnp", "-n", "default", "--since", "10m", check=True)
+    rec = tmp_path / "rec.yaml"
+    rec.write_text(res.stdout)
+    ap.cli("policy", "validate", "-f", str(rec), check=True)
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert [d["metadata"]["name"] for d in docs] == ["recommend-client"], res.stdout
+    egress = docs[0]["spec"]["egress"]
+    assert {"toFQDNs": [{"matchName": "api.twitter.com"}],
+            "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]} in egress, egress
+    dns = next(r for r in egress if r.get("toCIDR") == [f"{_FQDN.DNS_IP}/32"])
+    assert dns["toPorts"][0]["rules"] == {"dns": [{"matchPattern": "*"}]}
+    twitter_ip = _FQDN.ZONE["api.twitter.com"][0]
+    assert not any(f"{twitter_ip}/32" in json.dumps(r) for r in egress)  # the name, not the IP
+
+    res = ap.cli("policy", "diff", "--remove", "cnp/default/broad", "-f", str(rec),
+                 "--since", "10m", "--only-observed", "-o", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["flows"]["flips"] == [] and out["flows"]["connections"] >= 2
+
+    ap.cli("policy", "apply", "-f", str(rec), check=True)
+    ap.cli("policy", "delete", "cnp/broad", "-n", "default", check=True)
+    assert curl("http://api.twitter.com/").stdout == "200", ap.log()
+    other = curl("http://kubernetes.io/")
+    assert other.returncode in (7, 28), f"kubernetes.io reachable: {other}"
