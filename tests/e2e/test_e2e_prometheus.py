@@ -4,6 +4,8 @@ and a rate over Cilium's drop counter moves when a denied probe runs between two
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,18 @@ def test_prometheus_scrapes_drops_and_a_rate_moves(agent_factory: Any, datapath_
             assert name in names, name
         assert _query(api, "cilium_policy") == 1.0
         assert _query(api, 'sum(cilium_endpoint_regenerations_total{outcome="success"})')
+
+
+def test_a_port_in_use_is_exit_2_naming_the_flag(agent_factory: Any) -> None:
+    """Refused before the agent touches the kernel; no socket left behind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ap = agent_factory("noop", start=False,
+                           extra_args=["--prometheus-serve-addr", f"127.0.0.1:{port}"])
+        res = subprocess.run(ap.command(), capture_output=True, text=True, env=ap.env(),
+                             timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"--prometheus-serve-addr 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr and not ap.socket.exists()
