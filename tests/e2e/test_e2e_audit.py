@@ -6,7 +6,8 @@ eBPF and both iptables modes.
    default-deny") in `observe`, and axoneme_policy_audit_total counts it.
 2. `policy promote` enforces it: the same connection is dropped.
 3. Per-endpoint audit mode (`endpoint config ID policy-audit-mode=enabled`) on both
-   pods: the enforced deny drops nothing again, reported AUDIT; disabled: dropped.
+   pods: the enforced deny drops nothing again, reported AUDIT, also after an agent
+   restart; disabled: dropped.
 4. Agent-wide `--policy-audit-mode` (restart): the same.
 """
 
@@ -114,6 +115,9 @@ def test_audited_deny_drops_nothing_and_is_reported(agent_factory: Any, datapath
         assert res["policy-audit-mode"] == "enabled"
     assert _reaches(ap, url), ap.log()
     assert _testnet.poll(lambda: _audited(ap, 80, since), timeout=10)
+    ap.restart()  # the setting is kept in the endpoint's record
+    assert all(ap.json("endpoint", "config", i)["policy-audit-mode"] == "enabled" for i in ids)
+    assert _reaches(ap, url), ap.log()
     bad = ap.cli("endpoint", "config", ids[0], "policy-audit-mode=maybe")
     assert bad.returncode == 2 and "policy-audit-mode=enabled|disabled" in bad.stderr
     for ep_id in ids:

@@ -152,3 +152,15 @@ def test_cli_refuses_a_bad_endpoint_option(capsys: pytest.CaptureFixture[str]) -
     code, _, err = run(capsys, "endpoint", "config", "3", "policy-audit-mode=sometimes",
                        "--api-socket", "/nonexistent/ax.sock")
     assert code == 2 and "policy-audit-mode=enabled|disabled" in err
+
+
+def test_config_key_policy_audit_mode(tmp_path: Path) -> None:
+    from axoneme.agent.cli._agentconfig import load_config
+    from axoneme.core.errors import ConfigError
+
+    conf = tmp_path / "agent.yaml"
+    conf.write_text("policy-audit-mode: true\n")
+    assert load_config(str(conf)) == {"policy_audit_mode": True}
+    conf.write_text("policy_audit_mode: enabled\n")
+    with pytest.raises(ConfigError, match="policy_audit_mode: expected true or false"):
+        load_config(str(conf))
