@@ -126,6 +126,10 @@ POLICIES = [
 ]
 
 
+STATUS = {"datapath": {"name": "noop", "mode": "", "healthy": True, "detail": ""}, "endpoints": 2,
+          "identities": 12, "policy_revision": 4, "components": {}, "faults": []}
+
+
 class FakeClient:
     def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
         self.socket = socket
@@ -133,6 +137,10 @@ class FakeClient:
     def get(self, path: str, **query: Any) -> Any:
         if path == "/v1/endpoints":
             return ENDPOINTS
+        if path == "/v1/endpoints/1":
+            return {**ENDPOINTS[0], "policy": [], "datapath": [], "in_sync": True}
+        if path == "/v1/status":
+            return STATUS
         if path == "/v1/identities":
             return [{"id": 1, "labels": ["reserved:host"], "reserved": True, "endpoints": 0},
                     {"id": 300, "labels": ENDPOINTS[0]["labels"], "reserved": False, "endpoints": 1}]
@@ -368,3 +376,11 @@ def test_plugins_yaml_is_the_json_document(capsys: pytest.CaptureFixture[str]) -
     _, table_out, _ = run(capsys, "plugins")
     _, wide_out, _ = run(capsys, "plugins", "-o", "wide")
     assert wide_out == table_out and "noop" in table_out
+
+
+def test_status_and_endpoint_get_yaml(fake_agent: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "status", "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out) == STATUS
+    code, out, _ = run(capsys, "endpoint", "get", "1", "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out)["pod"] == "shop/web"
+    assert yaml.safe_load(out) == json.loads(run(capsys, "endpoint", "get", "1", "-o", "json")[1])

@@ -134,7 +134,7 @@ def register(groups: dict[str, SubParsers]) -> None:
                     help="one line: OK (exit 0) when the datapath is healthy and, in Kubernetes "
                          "mode, the API server is connected and every resource synced; else the "
                          "problems (exit 1). For readiness probes")
-    add_output_flag(st)
+    add_output_flag(st, ("table", "json", "yaml"))
     add_socket_flag(st)
     st.set_defaults(handler=cmd_status)
 
@@ -191,7 +191,7 @@ def register(groups: dict[str, SubParsers]) -> None:
     el.set_defaults(handler=cmd_ep_list)
     eg = esub.add_parser("get", help="one endpoint: resolved policy and the datapath's copy")
     eg.add_argument("id", help="endpoint id (endpoint list shows them)")
-    add_output_flag(eg)
+    add_output_flag(eg, ("table", "json", "yaml"))
     add_socket_flag(eg)
     eg.set_defaults(handler=cmd_ep_get)
     ident = top.add_parser("identity", help="security identities")
@@ -252,9 +252,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         problems = not_ready(data)
         sys.stdout.write("OK\n" if not problems else "".join(f"{p}\n" for p in problems))
         return 1 if problems else 0
-    if args.output == "json":
-        dump_json(data)
-        return 0
+    if args.output in ("json", "yaml"):
+        return emit(args, data, lambda wide: None)
     dp = data["datapath"]
     health = "Ok" if dp.get("healthy") else "Unhealthy"
     mode = f" ({dp['mode']})" if dp.get("mode") else ""
@@ -457,9 +456,8 @@ def cmd_ep_get(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"invalid endpoint id {args.id!r}") from None
     res = client(args).get(f"/v1/endpoints/{ep_id}")
-    if args.output == "json":
-        dump_json(res)
-        return 0
+    if args.output in ("json", "yaml"):
+        return emit(args, res, lambda wide: None)
     sys.stdout.write(f"Endpoint {res['id']}  pod {res['pod']}  identity {res['identity']}  "
                      f"{res['ipv4']}  {res['status']}\n")
     sys.stdout.write(f"Interface: {res['host_ifname']} (ifindex {res['host_ifindex']})\n")
