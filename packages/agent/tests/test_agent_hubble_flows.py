@@ -99,7 +99,8 @@ class _World:
             self.engine.upsert_endpoint(Endpoint(n, ident.id, ident.labels, ipv4=f"10.244.0.{n}",
                                                  pod_name=app, namespace="default"))
             self.ids[app] = ident.id
-            recs[n] = SimpleNamespace(host_ifname=f"lxc{app}", host_ifindex=10 + n)
+            recs[n] = SimpleNamespace(host_ifname=f"lxc{app}", host_ifindex=10 + n,
+                                      host_mac=f"02:00:00:00:00:{n}0", pod_mac=f"02:00:00:00:00:{n}1")
         self.attr = FlowAttributor(lambda f: f, SimpleNamespace(endpoints=recs), self.engine, "node1")
 
     def put(self, name: str, app: str, *rules: PeerRule, kind: PolicyKind =
@@ -131,6 +132,7 @@ def test_attribution_allowed_denied_and_default_deny() -> None:
     assert ok.uuid and ok.node_name == "node1" and not ok.ingress_denied_by
     # a packet from the local pod b is seen leaving b's interface
     assert ok.trace_observation_point == "FROM_ENDPOINT" and ok.interface == (12, "lxcb")
+    assert ok.ethernet == ("02:00:00:00:00:21", "02:00:00:00:00:20")  # pod b -> its gateway
 
     deny = w.ab(FlowVerdict.DROPPED, 8080, reason=DropReason.POLICY_DENY)
     assert [p.name for p in deny.ingress_denied_by] == ["deny-8080"]

@@ -116,6 +116,11 @@ class FlowAttributor:
         rec = self.store.endpoints.get(ep_id)
         if rec is not None and getattr(rec, "host_ifname", ""):
             out["interface"] = (int(rec.host_ifindex or 0), str(rec.host_ifname))
+        pod_mac, host_mac = getattr(rec, "pod_mac", ""), getattr(rec, "host_mac", "")
+        if pod_mac and host_mac and flow.ethernet is None:
+            # on a pod's veth the other end is the node (the pod's gateway)
+            out["ethernet"] = ((pod_mac, host_mac) if point == "FROM_ENDPOINT"
+                               else (host_mac, pod_mac))
         return out
 
     def _attribution(self, flow: Flow) -> dict[str, Any]:
