@@ -212,3 +212,22 @@ def test_identity_labels_split_back_into_a_pod() -> None:
         "k8s:io.cilium.k8s.policy.serviceaccount=sa1", "k8s:io.cilium.k8s.namespace.labels.team=shop",
         "container:ignored=1"])
     assert got == _IdentityLabels({"app": "web"}, "sa1", {"team": "shop"}, "c1")
+
+
+def test_diff_pods_carry_the_default_cluster_name(capsys: pytest.CaptureFixture[str],
+                                                  files: dict[str, str], tmp_path: Path) -> None:
+    cnp = tmp_path / "by-cluster.yaml"
+    cnp.write_text("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: by-cluster, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {k8s:io.cilium.k8s.policy.cluster: default}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""")
+    code, out, _ = run(capsys, "policy", "diff", "--cluster", files["cluster"], "--old", files["deny"],
+                       "-f", str(cnp), "-o", "json")
+    assert code == 1
+    assert {(f["from"], f["to"], f["port"], f["after"]) for f in json.loads(out)["flips"]} == {
+        ("shop/client", "shop/web-1", 80, "allowed")}

@@ -9,6 +9,7 @@ come from the live agent over its API, or from files (``--cluster``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import sys
@@ -224,8 +225,9 @@ def run_diff(args: argparse.Namespace) -> int:
     candidate = compose(in_force, new, args.replace, [_ref(r, "--remove") for r in args.remove],
                         [_ref(r, "--promote") for r in args.promote])
     observed = observe(flows, since) if flows is not None else None
-    options = EngineOptions(cidr_match_mode=args.policy_cidr_match_mode,
-                            cluster_name=cluster_name or EngineOptions.cluster_name)
+    options = EngineOptions(cidr_match_mode=args.policy_cidr_match_mode)
+    if cluster_name:  # the agent's, as its identities carry it
+        options = dataclasses.replace(options, cluster_name=cluster_name)
     result = diff(cluster, in_force, candidate, options, observed, extra)
     if args.output == "json":
         json.dump(result.to_json(), sys.stdout, indent=2)
