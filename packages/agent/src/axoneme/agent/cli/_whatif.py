@@ -69,8 +69,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
     d.add_argument("--port", dest="ports", action="append", default=[], metavar="PORT[/PROTO]",
                    help="also probe this port (repeatable)")
     d.add_argument("--since", default=None, metavar="T",
-                   help="live: decide the flows since T with the candidate: a duration back "
-                        "from now (default 10m; 0: no flows) or an RFC 3339 time, as observe --since")
+                   help="decide the flows since T with the candidate: a duration back from now "
+                        "or an RFC 3339 time, as observe --since (live default 10m, 0: no flows; "
+                        "--flows FILE: all of them unless given)")
     d.add_argument("--flows", default=None, metavar="FILE",
                    help="flows to decide with the candidate: `observe -o json` lines")
     d.add_argument("--only-observed", action="store_true",
