@@ -98,6 +98,19 @@ def _wait_gone(pid: int) -> None:
         time.sleep(0.05)
 
 
+K8S_TESTS = Path(__file__).resolve().parent
+# the first test that needs the Kubernetes binaries builds them: ~20 min on a cold cache
+# (docs/kubernetes.md, "Build times"), longer than the suite's default per-test timeout
+BUILD_TIMEOUT_S = 2700
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if K8S_TESTS in Path(str(item.fspath)).resolve().parents and \
+                item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
     capability.require_root("the control plane's test certificates and ports are set up as root")
