@@ -213,7 +213,9 @@ def run_diff(args: argparse.Namespace) -> int:
         extra.append((spec.protocol, spec.port))
     new = parse_policies(args.files) if args.files else []
     flows: list[dict[str, Any]] | None = load_flow_lines(args.flows) if args.flows else None
-    since = _since(args.since, "10m") if args.since is not None or not args.cluster else None
+    # the window: --since; else 10m of the live agent's flows; a --flows file: all of it
+    live_window = not args.cluster and not args.flows
+    since = _since(args.since, "10m") if args.since is not None or live_window else None
     cluster_name = ""
     if args.cluster:
         cluster = Cluster.load(args.cluster)
