@@ -54,6 +54,10 @@ def _can(dp: Datapath, capability: str) -> bool:
     return not caps or capability in caps
 
 
+# Up to this many pending keys/prefixes a regeneration runs on the agent's loop.
+INLINE_CHANGES = 64
+
+
 class Regenerator:
     """Pushes the engine's pending changes into the datapath."""
 
@@ -305,9 +309,15 @@ class Regenerator:
 
     # -- on the agent loop ----------------------------------------------------------------
     async def regenerate(self) -> dict[int, str]:
-        """``regenerate_sync`` in a worker thread; endpoint records say which
-        endpoints are not ready (lock held)."""
-        errors = await asyncio.to_thread(self.regenerate_sync)
+        """``regenerate_sync`` (in a worker thread unless the change is small:
+        a one-entry change is a few syscalls, the thread hop would cost more
+        than the write); endpoint records say which endpoints are not ready
+        (lock held)."""
+        if self.engine.pending_size() <= INLINE_CHANGES and not self._resync \
+                and self.ipcache_pending is None and self._lock_free():
+            errors = self.regenerate_sync()
+        else:
+            errors = await asyncio.to_thread(self.regenerate_sync)
         for rec in self.store.endpoints.values():
             if rec.id in errors:
                 rec.status = f"not-ready: {errors[rec.id]}"
@@ -315,6 +325,14 @@ class Regenerator:
                 rec.status = "ready"
         self.after_regenerate()
         return errors
+
+    def _lock_free(self) -> bool:
+        """Whether no worker thread holds the datapath (a dump, a sync): the
+        loop must not wait for one."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        self._lock.release()
+        return True
 
     @property
     def behind(self) -> bool:

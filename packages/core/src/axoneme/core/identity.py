@@ -99,6 +99,9 @@ def reserved_identity(rid: ReservedIdentity) -> Identity:
 RESERVED_IDENTITIES: tuple[Identity, ...] = tuple(reserved_identity(r) for r in RESERVED_NAMES)
 
 
+_WORLD_LABEL = Label(SOURCE_RESERVED, "world")
+
+
 def cidr_labels(net: IPNetwork) -> Labels:
     """Labels of a CIDR identity: its prefix and reserved:world (Cilium)."""
     return Labels([Label(SOURCE_CIDR, str(net).replace(":", "-")), Label(SOURCE_RESERVED, "world")])
@@ -201,11 +204,17 @@ class IdentityAllocator:
                 self._next_local += 1
                 number = LOCAL_IDENTITY_FLAG | self._next_local
             self._next_local += 1
-            ident = Identity(number, cidr_labels(net), net)
+            # == cidr_labels(net) and its label_strings() ("cidr:" sorts before
+            # "reserved:"), without sorting Label objects or printing the
+            # prefix twice: a 100k-prefix policy allocates 100k of these
+            text = str(net).replace(":", "-")
+            ident = Identity(number, Labels([Label(SOURCE_CIDR, text), _WORLD_LABEL]), net)
             self._cidr[net] = ident
             self._by_id[number] = ident
-            self._by_labels[tuple(ident.label_strings())] = ident
-            self._snapped(ident)
+            strings = [f"{SOURCE_CIDR}:{text}", f"{SOURCE_RESERVED}:world"]
+            self._by_labels[tuple(strings)] = ident
+            if self._snap is not None:
+                self._snap[number] = strings
             return ident
 
     def cidr_identities(self) -> dict[IPNetwork, Identity]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass
 
 # Sources a label may carry. ``any`` only appears in selectors: it matches a
@@ -98,6 +98,12 @@ class Labels(Mapping[str, Label]):
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def values(self) -> ValuesView[Label]:
+        """The labels, in no particular order (``sorted_labels`` sorts): no
+        sort of the keys as the Mapping mixin would (the selector cache reads
+        every identity's labels)."""
+        return self._by_key.values()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Labels):

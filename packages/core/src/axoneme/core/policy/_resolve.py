@@ -129,8 +129,31 @@ def _key(identity: int, d: Direction, l4: L4, address: str = "") -> Key:
             _KEY_CACHE.clear()
             _key_count = 0
             bucket = _KEY_CACHE[(d, *l4)] = {}
-        key = bucket[identity] = Key(identity, d, *l4)
+        template = next(iter(bucket.values()), None)
+        if template is None or identity == ADDRESS_IDENTITY:
+            key = Key(identity, d, *l4)  # validated
+        else:
+            key = _with_identity(template, identity)
+        bucket[identity] = key
         _key_count += 1
+    return key
+
+
+_new_object = object.__new__
+_set_field = object.__setattr__
+
+
+def _with_identity(template: Key, identity: int) -> Key:
+    """``template`` for another (non-address) identity: the L4 part was
+    validated when the template was made, so skip Key's checks (a 100k-peer
+    policy makes 100k keys)."""
+    key = _new_object(Key)
+    _set_field(key, "identity", identity)
+    _set_field(key, "direction", template.direction)
+    _set_field(key, "protocol", template.protocol)
+    _set_field(key, "port", template.port)
+    _set_field(key, "prefix_len", template.prefix_len)
+    _set_field(key, "address", "")
     return key
 
 

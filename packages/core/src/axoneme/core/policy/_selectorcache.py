@@ -73,10 +73,18 @@ def _cidr_matches(peer: CIDRPeer, ident: Identity) -> bool:
         fam = R.WORLD_IPV4 if peer.cidr.version == 4 else R.WORLD_IPV6
         return ident.id in (R.WORLD, fam)
     net = ident.cidr
-    if net.version != peer.cidr.version or not net.subnet_of(peer.cidr):  # type: ignore[arg-type]
+    if not _inside(net, peer.cidr):
         return False
-    return not any(net.version == e.version and net.subnet_of(e)  # type: ignore[arg-type]
-                   for e in peer.excepts)
+    return not any(_inside(net, e) for e in peer.excepts)
+
+
+def _inside(net: IPNetwork, outer: IPNetwork) -> bool:
+    """``net.subnet_of(outer)`` on integers (no ipaddress object churn: a
+    100k-prefix policy checks 100k of these)."""
+    if net.version != outer.version or net.prefixlen < outer.prefixlen:
+        return False
+    shift = outer.max_prefixlen - outer.prefixlen
+    return int(net.network_address) >> shift == int(outer.network_address) >> shift
 
 
 def _fqdn_matches(peer: FQDNPeer, ident: Identity) -> bool:
@@ -277,9 +285,12 @@ class SelectorCache:
 
     def _cidr_inside(self, net: IPNetwork) -> list[int]:
         """CIDR identities whose prefix lies inside ``net`` (excepts not applied)."""
-        out: list[int] = []
         bits = net.max_prefixlen
         base = int(net.network_address)
+        if net.prefixlen == bits:  # a host prefix holds only itself
+            found = self._cidr_ids.get((net.version, bits), {}).get(base)
+            return [] if found is None else [found]
+        out: list[int] = []
         for (version, plen), by_addr in self._cidr_ids.items():
             if version != net.version or plen < net.prefixlen:
                 continue

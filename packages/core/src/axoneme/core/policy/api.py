@@ -115,6 +115,15 @@ class CIDRPeer:
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
     match: frozenset[str] = frozenset()
+    # computed once: the selector cache and the engine hash a CIDR peer a dozen
+    # times per use, and ipaddress hashes in Python (a 100k-peer policy)
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.cidr, self.excepts)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def contains(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Whether ``address`` is in ``cidr`` and in none of ``excepts``."""

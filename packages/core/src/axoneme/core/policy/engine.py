@@ -558,6 +558,18 @@ class PolicyEngine:
         with self._lock:
             return list(self._policy(endpoint_id).rules)
 
+    def pending_size(self) -> int:
+        """An upper bound of what ``pending_changes`` + ``pending_ipcache_changes``
+        would hand out now (keys and prefixes; O(changed endpoints))."""
+        with self._lock:
+            size = len(self._ipc_dirty) + len(self._ipc_unreported)
+            for eid in self._dirty:
+                pol = self._policies.get(eid)
+                if pol is not None:
+                    size += len(pol.state) + len(self._reported.get(eid, ())) \
+                        if pol.touched is None else len(pol.touched)
+            return size
+
     def pending_changes(self) -> dict[int, MapChanges]:
         """Per endpoint, the MapState changes since the last call (new endpoints: everything).
 
