@@ -132,7 +132,10 @@ def test_diff_observed_flows(capsys: pytest.CaptureFixture[str], files: dict[str
     # ingress-denied to client), but no observed flow does
     code, out, _ = run(capsys, *base, "-f", files["deny"], "-f", files["allow"], "--only-observed")
     assert code == 0, out
-    assert "Observed flows: 2 connections, 0 flip" in out
+    assert "Observed flows: 2 connections, 0 flip" in out  # the whole file
+    code, out, _ = run(capsys, *base, "-f", files["deny"], "-f", files["allow"], "--only-observed",
+                       "--since", "2026-12-04T00:00:00Z")
+    assert code == 0 and "Observed flows since 2026-12-04T00:00:00Z: 2 connections, 0 flip" in out
     assert out.rstrip().endswith("Result: no observed flow flips")
     code, _, _ = run(capsys, *base, "-f", files["deny"], "-f", files["allow"])
     assert code == 1
@@ -162,7 +165,7 @@ def test_recommend_offline_validates_and_flips_nothing_observed(
         capsys: pytest.CaptureFixture[str], files: dict[str, str], tmp_path: Path) -> None:
     code, out, err = run(capsys, "policy", "recommend", "--flows", files["flows"], "--since", "0")
     assert code == 0, err
-    assert out.startswith("# axoneme policy recommend: 2 forwarded connections")
+    assert out.startswith("# axoneme policy recommend: 2 forwarded connections (all flows)")
     docs = [d for d in yaml.safe_load_all(out) if d]
     assert {d["metadata"]["name"] for d in docs} == {"recommend-client", "recommend-web"}
     web = next(d for d in docs if d["metadata"]["name"] == "recommend-web")["spec"]

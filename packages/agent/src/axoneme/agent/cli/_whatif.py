@@ -236,7 +236,7 @@ def run_diff(args: argparse.Namespace) -> int:
         json.dump(result.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(render_diff(result, args.since if since is not None else None,
+        sys.stdout.write(render_diff(result, (args.since or "10m") if since is not None else None,
                                      args.only_observed))
     flipped = bool(result.flow_flips) if args.only_observed else result.flipped
     return EXIT_FLIPS if flipped else EXIT_OK
@@ -268,6 +268,13 @@ def _flow_line(f: FlowFlip) -> list[str]:
             *_trace_lines("after", f.after)]
 
 
+def _window(since: str) -> str:
+    """``--since`` in words: a duration (10m) or a time (2026-12-04T15:00:00Z), as given."""
+    if since.strip() == "0":
+        return "(all flows)"
+    return f"since {since}" + ("" if "-" in since or ":" in since else " ago")
+
+
 def render_diff(r: DiffResult, since: str | None, only_observed: bool = False) -> str:
     cand = r.candidate
     out = [f"Candidate: {len(cand.added)} added, {len(cand.replaced)} replaced, "
@@ -283,7 +290,7 @@ def render_diff(r: DiffResult, since: str | None, only_observed: bool = False) -
     if len(r.flips) > TABLE_FLIPS:
         out.append(f"  ... and {len(r.flips) - TABLE_FLIPS} more (-o json lists every one)")
     if r.flows_considered:
-        window = f" of the last {since}" if since else ""
+        window = f" {_window(since)}" if since else ""
         skipped = sum(r.flows_skipped.values())
         out.append(f"Observed flows{window}: {r.connections} connections, {len(r.flow_flips)} flip"
                    + (f" ({skipped} records not decided: "
@@ -323,7 +330,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     if not rec.documents:
         sys.stderr.write(f"warning: no forwarded connection of a labelled pod"
                          f"{' in ' + ', '.join(args.namespaces) if args.namespaces else ''} "
-                         f"observed in the last {args.since}: nothing to recommend\n")
+                         f"observed {_window(args.since)}: nothing to recommend\n")
     if args.output == "json":
         for note in rec.notes:
             sys.stderr.write(f"note: {note}\n")
@@ -331,7 +338,7 @@ def run_recommend(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return EXIT_OK
     head = [f"# axoneme policy recommend: {rec.connections} forwarded connections "
-            f"of the last {args.since}"]
+            f"{_window(args.since)}"]
     head += [f"# note: {n}" for n in rec.notes]
     sys.stdout.write("\n".join(head) + "\n")
     if rec.documents:
