@@ -234,3 +234,58 @@ spec:
     assert code == 1
     assert {(f["from"], f["to"], f["port"], f["after"]) for f in json.loads(out)["flips"]} == {
         ("shop/client", "shop/web-1", 80, "allowed")}
+
+
+class _FakeAgent:
+    """The agent API answers `policy diff`/`recommend` read (a unit-test fake; the e2e
+    tests run the real agent)."""
+
+    def __init__(self, policies: list[dict[str, Any]], flows: list[dict[str, Any]]) -> None:
+        self.policies, self.flows = policies, flows
+
+    def get(self, path: str, **query: Any) -> Any:
+        if path == "/v1/namespaces":
+            return [{"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}]
+        if path == "/v1/endpoints":
+            def ep(name: str, ip: str, app: str, ports: list[dict[str, Any]]) -> dict[str, Any]:
+                return {"pod": f"shop/{name}", "ipv4": ip, "named_ports": ports,
+                        "labels": [f"k8s:app={app}", "k8s:io.kubernetes.pod.namespace=shop",
+                                   "k8s:io.cilium.k8s.policy.cluster=default",
+                                   "k8s:io.cilium.k8s.policy.serviceaccount=default",
+                                   "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=shop"]}
+            return [ep("web-1", "10.244.0.10", "web", [{"name": "http", "port": 80, "protocol": "TCP"}]),
+                    ep("client", "10.244.0.12", "client", [])]
+        if path == "/v1/policies":
+            assert query == {"documents": "1"}
+            return {"revision": 3, "policies": self.policies}
+        raise AssertionError(path)
+
+    def stream_lines(self, path: str, query: dict[str, Any]) -> Any:
+        assert path == "/v1/flows" and query["last"] >= 4095
+        return iter(json.dumps(f) for f in self.flows)
+
+
+def test_diff_and_recommend_live_through_the_api(capsys: pytest.CaptureFixture[str],
+                                                 files: dict[str, str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from axoneme.agent.cli import _whatif
+
+    now = "2999-01-01T00:00:00Z"  # inside any --since window
+    flows = [_flow(CLIENT, WEB, 80, time=now), _flow(CLIENT, WEB, 80, time=now)]
+    deny = yaml.safe_load(DENY)
+    agent = _FakeAgent([{"kind": "NetworkPolicy", "namespace": "shop", "name": "deny",
+                         "document": deny}], flows)
+    monkeypatch.setattr(_whatif, "client", lambda args: agent)
+    code, out, err = run(capsys, "policy", "diff", "-f", files["allow"], "-o", "json")
+    assert code == 1, err
+    res = json.loads(out)
+    # the named port `http` of the live endpoint resolves to 80: client -> web flips back
+    assert {(f["from"], f["to"], f["port"], f["after"]) for f in res["flips"]} == {
+        ("shop/client", "shop/web-1", 80, "allowed")}
+    # the observed connection was forwarded (before the deny) and stays allowed
+    assert res["flows"]["connections"] == 1 and res["flows"]["flips"] == []
+    code, out, _ = run(capsys, "policy", "recommend")
+    assert code == 0 and "recommend-web" in out
+    agent.policies[0]["document"] = None  # an agent that does not say
+    code, _, err = run(capsys, "policy", "diff", "-f", files["allow"])
+    assert code == 2 and "does not give the document of NetworkPolicy shop/deny" in err
