@@ -21,7 +21,7 @@ from axoneme.agent.cli import EXIT_OK, UsageError, add_output_flag
 from axoneme.agent.cli._agentcmds import _KINDS, add_socket_flag, client
 from axoneme.agent.cli._observe import parse_time
 from axoneme.core.cluster import Cluster
-from axoneme.core.errors import PolicyError
+from axoneme.core.errors import AxonemeError, PolicyError
 from axoneme.core.labels import (
     CLUSTER_LABEL,
     NAMESPACE_LABELS_PREFIX,
@@ -175,7 +175,7 @@ def live_policies(args: argparse.Namespace) -> list[Policy]:
         doc = view.get("document")
         if not isinstance(doc, dict):
             where = f"{view.get('namespace')}/" if view.get("namespace") else ""
-            raise PolicyError(f"the agent does not give the document of {view.get('kind')} "
+            raise AxonemeError(f"the agent does not give the document of {view.get('kind')} "
                               f"{where}{view.get('name')}: use --cluster with --old (--against)")
         out.append(parse_policy_obj(doc, "<agent>", i))
     return out
