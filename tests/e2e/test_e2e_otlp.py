@@ -117,6 +117,10 @@ def test_collector_receives_cni_and_regeneration_spans(agent_factory: Any, colle
     apply = by_id[regen["Parent ID"]]
     assert apply["Name"] == "policy.apply" and apply["Trace ID"] == ep["Trace ID"]
     assert apply["attributes"]["axoneme.source"] == "api"
+
+    ap.cli("pod", "delete", "web", check=True)
+    gone = _testnet.poll(lambda: collector.received("cni.del", **want), 20)
+    assert gone and gone["attributes"]["axoneme.deleted"] == "true", collector.tail()
     assert ap.stop() == 0  # the exporter flushes and stops with the agent
 
 

@@ -209,6 +209,15 @@ def test_a_failing_call_ends_its_span_with_an_error(spans: InMemorySpanExporter)
     assert s.status.status_code is StatusCode.ERROR
 
 
+def test_annotate_adds_to_the_current_span(spans: InMemorySpanExporter) -> None:
+    tracing.annotate(endpoint=1)  # no span: nothing to add to, no error
+    with tracing.span("cni.del", container="c1"):
+        tracing.annotate(endpoint=7, identity=256)
+    (s,) = spans.get_finished_spans()
+    assert (s.attributes["axoneme.container"], s.attributes["axoneme.endpoint"],
+            s.attributes["axoneme.identity"]) == ("c1", 7, 256)
+
+
 def test_l7_decisions_are_sampled(spans: InMemorySpanExporter) -> None:
     flow = _flow(FlowVerdict.DROPPED, l7={"type": "REQUEST", "http": {"method": "GET"}})
     tracing.l7_decision(flow)

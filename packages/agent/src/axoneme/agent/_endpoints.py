@@ -323,6 +323,8 @@ class EndpointService:
 
     async def remove(self, rec: EndpointRecord) -> None:
         """Remove one endpoint (lock held)."""
+        tracing.annotate(endpoint=rec.id, identity=rec.identity,
+                         pod=f"{rec.namespace}/{rec.pod_name}")
         store = self.store
         ep = store.endpoint_objs.pop(rec.id, None)
         store.endpoints.pop(rec.container_id, None)

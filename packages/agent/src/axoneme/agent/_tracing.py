@@ -147,6 +147,14 @@ def set_attributes(s: Any, **attrs: Any) -> None:
         s.set_attributes(_attributes(attrs))
 
 
+def annotate(**attrs: Any) -> None:
+    """Add attributes to the current span (what a caller's span could not know)."""
+    if _STATE.tracer is not None:
+        from opentelemetry import trace
+
+        set_attributes(trace.get_current_span(), **attrs)
+
+
 @contextlib.contextmanager
 def policy_scope(policies: str) -> Iterator[None]:
     """Spans started inside carry ``axoneme.policy`` = ``policies``."""
