@@ -182,3 +182,9 @@ def test_l7_decisions_are_counted_and_traced(agent_factory: Any, datapath_probe:
         assert denied, collector.tail()
         assert denied["attributes"]["axoneme.identity"] == str(web_ep["identity"])
         assert denied["attributes"]["axoneme.direction"] == "INGRESS"
+        allowed = _testnet.poll(lambda: collector.received(
+            "l7.decision", **{"axoneme.verdict": "FORWARDED",
+                              "axoneme.endpoint": str(web_ep["id"])}), 20)
+        assert allowed, collector.tail()
+        # the policy whose L7 rule allowed it (Hubble's ingress_allowed_by)
+        assert allowed["attributes"]["axoneme.policy"] == "CiliumNetworkPolicy/default/web-public"

@@ -69,6 +69,12 @@ def test_flows_feed_ciliums_counters_and_ours() -> None:
     assert get("cilium_forward_count_total", {"direction": "EGRESS"}) == 2
     assert get("cilium_policy_l7_total", {"rule": "received", "proxy_type": "http"}) == 1
     assert get("cilium_policy_l7_total", {"rule": "denied", "proxy_type": "http"}) == 1
+    # Hubble's flow metrics
+    assert get("hubble_drop_total", {"reason": "POLICY_DENIED", "protocol": "HTTP"}) == 1
+    assert get("hubble_flows_processed_total", {"type": "L7", "subtype": "HTTP",
+                                                "verdict": "DROPPED", "protocol": "HTTP"}) == 1
+    assert get("hubble_policy_verdicts_total", {"direction": "egress", "match": "none",
+                                                "action": "audit"}) == 1
     # ours keep their names and enum-named reasons
     assert get("axoneme_drop_count_total", {"reason": "POLICY_DENY", "direction": "EGRESS"}) == 1
     assert get("axoneme_flows_observed_total") == 5
@@ -219,10 +225,17 @@ def test_annotate_adds_to_the_current_span(spans: InMemorySpanExporter) -> None:
 
 
 def test_l7_decisions_are_sampled(spans: InMemorySpanExporter) -> None:
-    flow = _flow(FlowVerdict.DROPPED, l7={"type": "REQUEST", "http": {"method": "GET"}})
+    import dataclasses
+
+    from axoneme.core.flow import FlowPolicy
+
+    flow = dataclasses.replace(
+        _flow(FlowVerdict.DROPPED, l7={"type": "REQUEST", "http": {"method": "GET"}}),
+        ingress_denied_by=(FlowPolicy("web", "default", "CiliumNetworkPolicy"),))
     tracing.l7_decision(flow)
     (s,) = spans.get_finished_spans()
     assert s.name == "l7.decision"
+    assert s.attributes["axoneme.policy"] == "CiliumNetworkPolicy/default/web"
     assert (s.attributes["axoneme.endpoint"], s.attributes["axoneme.identity"],
             s.attributes["axoneme.verdict"]) == (7, 257, "DROPPED")
     tracing.configure(exporter=spans, l7_sample_ratio=0.0)

@@ -35,6 +35,18 @@ FORWARDED = (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED, FlowVerdict.AUDIT)
 PROXY_TYPE = {"http": "http", "kafka": "kafka", "dns": "dns"}
 
 
+# Hubble's metric labels (hubble/metrics: flow, drop, policy handlers)
+HUBBLE_TYPE = {"policy-verdict": "PolicyVerdict", "drop": "Drop", "trace": "Trace", "l7": "L7"}
+L7_SUBTYPE = {"http": "HTTP", "dns": "DNS", "kafka": "Kafka"}
+
+
+def _hubble_protocol(flow: Flow) -> str:
+    """Hubble's ``protocol`` label: the L7 protocol's or the L4 one's name."""
+    if flow.type == "L7":
+        return L7_SUBTYPE.get(flow.protocol, flow.protocol.upper())
+    return next(iter(flow.l4), "")
+
+
 class _DatapathCollector(Collector):
     def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
         self._source = source
@@ -87,6 +99,15 @@ class AgentMetrics:
         self.policy_l7 = Counter(
             "cilium_policy_l7", "Number of total proxy requests handled",
             ["rule", "proxy_type"], registry=r)
+        # -- Hubble's flow metrics (Cilium serves them on --hubble-metrics-server) -------
+        self.hubble_flows = Counter(
+            "hubble_flows_processed", "Total number of flows processed",
+            ["type", "subtype", "verdict", "protocol"], registry=r)
+        self.hubble_drops = Counter(
+            "hubble_drop", "Number of drops", ["reason", "protocol"], registry=r)
+        self.hubble_policy_verdicts = Counter(
+            "hubble_policy_verdicts", "Number of policy verdict events",
+            ["direction", "match", "action"], registry=r)
         # -- ours ------------------------------------------------------------------------
         self.drops = Counter("axoneme_drop_count", "Dropped packets/requests",
                              ["reason", "direction"], registry=r)
@@ -145,11 +166,27 @@ class AgentMetrics:
         elif flow.verdict in FORWARDED:
             self.forwards.inc()
             self.cilium_forwards.labels(direction=direction).inc()
+        self._observe_hubble(flow)
         if flow.type == "L7" and flow.verdict is not FlowVerdict.REDIRECTED:
             proxy_type = PROXY_TYPE.get(flow.protocol, flow.protocol or "unknown")
             self.policy_l7.labels(rule="received", proxy_type=proxy_type).inc()
             rule = "denied" if flow.verdict is FlowVerdict.DROPPED else "forwarded"
             self.policy_l7.labels(rule=rule, proxy_type=proxy_type).inc()
+
+    def _observe_hubble(self, flow: Flow) -> None:
+        kind = "l7" if flow.type == "L7" else flow.event_type
+        protocol = _hubble_protocol(flow)
+        subtype = L7_SUBTYPE.get(flow.protocol, "") if kind == "l7" else ""
+        self.hubble_flows.labels(type=HUBBLE_TYPE.get(kind, kind), subtype=subtype,
+                                 verdict=flow.verdict.value, protocol=protocol).inc()
+        if flow.verdict is FlowVerdict.DROPPED:
+            reason = flow.drop_reason.name if flow.drop_reason is not None else "POLICY_DENIED"
+            self.hubble_drops.labels(reason=reason, protocol=protocol).inc()
+        if kind == "policy-verdict":
+            match = (flow.match_type or "none").lower().replace("_", "-")
+            self.hubble_policy_verdicts.labels(direction=flow.traffic_direction.lower(),
+                                               match=match,
+                                               action=flow.verdict.value.lower()).inc()
 
     def regenerated(self, seconds: float) -> None:
         """One regeneration (every pending endpoint written) took ``seconds``."""

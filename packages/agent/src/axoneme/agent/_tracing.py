@@ -211,7 +211,9 @@ def l7_decision(flow: Any) -> None:
         return
     local = flow.destination if flow.traffic_direction == "INGRESS" else flow.source
     peer = flow.source if flow.traffic_direction == "INGRESS" else flow.destination
-    with span("l7.decision", verdict=flow.verdict.value, protocol=flow.protocol,
+    decided = getattr(flow, "decided_by", lambda: ())()
+    policy = ", ".join(f"{p.kind}/{p.namespace}/{p.name}" for p in decided) or None
+    with span("l7.decision", verdict=flow.verdict.value, protocol=flow.protocol, policy=policy,
               direction=flow.traffic_direction, endpoint=local.id or None,
               identity=local.identity, peer_identity=peer.identity,
               pod=f"{local.namespace}/{local.pod_name}" if local.pod_name else None,
