@@ -525,12 +525,7 @@ class EndpointPolicy:
 
     def _add(self, ck: CKey, st: _PeerRuleState) -> None:
         self._prs[ck] = st
-        for sel in st.deps:
-            users = self._sel_users.get(sel)
-            if users is None:
-                users = self._sel_users[sel] = set()
-                self.deps_changed.append((sel, True))
-            users.add(ck)
+        self._use(ck, st.deps)
         if st.named or st.addresses:
             self._addr_prs.add(ck)
         for key, c in st.keys.items():
@@ -544,6 +539,14 @@ class EndpointPolicy:
         self._addr_prs.discard(ck)
         for key, c in st.keys.items():
             self._withdraw(key, ck, c)
+
+    def _use(self, ck: CKey, deps: Iterable[Selector]) -> None:
+        for sel in deps:
+            users = self._sel_users.get(sel)
+            if users is None:
+                users = self._sel_users[sel] = set()
+                self.deps_changed.append((sel, True))
+            users.add(ck)
 
     def _unuse(self, ck: CKey, deps: Iterable[Selector]) -> None:
         for sel in deps:
@@ -562,12 +565,7 @@ class EndpointPolicy:
             return
         new = self._compute(st.rule, st.pr)
         self._unuse(ck, st.deps - new.deps)
-        for sel in new.deps - st.deps:
-            users = self._sel_users.get(sel)
-            if users is None:
-                users = self._sel_users[sel] = set()
-                self.deps_changed.append((sel, True))
-            users.add(ck)
+        self._use(ck, new.deps - st.deps)
         if new.named or new.addresses:
             self._addr_prs.add(ck)
         else:
