@@ -255,7 +255,9 @@ export function EditorView({ drafts, setDrafts, current, setCurrent, info, windo
   );
 }
 
-const sideWhy = (t) => t && `egress ${t.egress.verdict} (${t.egress.reason}); ingress ${t.ingress.verdict} (${t.ingress.reason})`;
+const why = (side) => `${side.verdict} (${side.reason}${side.rules && side.rules.length ? `: ${side.rules.join(", ")}` : ""})`;
+const sideWhy = (t) => t && `egress ${why(t.egress)}; ingress ${why(t.ingress)}`;
+const MAX_ROWS = 60;
 
 function Delta({ delta }) {
   const s = delta.summary;
@@ -288,7 +290,7 @@ function Delta({ delta }) {
         <table class="flows" data-testid="delta-probes">
           <thead><tr><th>from → to</th><th>port</th><th>before → after</th><th>why (after)</th></tr></thead>
           <tbody>
-            {delta.flips.map((f) => (
+            {delta.flips.slice(0, MAX_ROWS).map((f) => (
               <tr>
                 <td>{f.from} → {f.to}</td><td>{f.any_other_port ? "any other" : `${f.port}/${f.protocol}`}</td>
                 <td class={f.after === "denied" ? "bad" : "good"}>{f.before} → {f.after}</td>
@@ -298,6 +300,7 @@ function Delta({ delta }) {
           </tbody>
         </table>
       ) : <p class="good">nothing flips</p>}
+      {delta.flips.length > MAX_ROWS && <p class="muted">… and {delta.flips.length - MAX_ROWS} more</p>}
     </div>
   );
 }

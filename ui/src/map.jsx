@@ -26,10 +26,10 @@ const STYLE = [
       label: "data(display)",
       "text-wrap": "wrap",
       "text-valign": "center",
-      "font-size": 11,
+      "font-size": 12,
       "font-family": "DejaVu Sans, sans-serif",
-      width: 150,
-      height: 46,
+      width: 140,
+      height: 48,
     },
   },
   { selector: "node[kind = 'reserved'], node[kind = 'address']", style: { "background-color": "#fff8e1", "border-style": "dashed" } },
@@ -47,6 +47,8 @@ const STYLE = [
       "text-background-color": "#ffffff",
       "text-background-opacity": 0.85,
       "text-background-padding": 2,
+      "text-wrap": "wrap",
+      "text-rotation": "autorotate",
     },
   },
   { selector: "edge:selected", style: { width: 6 } },
@@ -59,14 +61,15 @@ function nodeElement(n) {
   return { group: "nodes", data: { id: n.id, kind: n.kind, display: `${ns}${n.label}${pods}${id}`, raw: n } };
 }
 
-function edgeElement(e) {
+function edgeElement(e, labels) {
   const counts = Object.entries(e.counts).filter(([, c]) => c > 0).map(([v, c]) => `${v.toLowerCase()} ${c}`);
   return {
     group: "edges",
     data: {
       id: e.id, source: e.source, target: e.target, verdict: e.verdict,
       colour: VERDICT_COLOURS[e.verdict] || "#607d8b",
-      display: `${e.ports.join(", ")}\n${counts.join(" · ")}`, raw: e,
+      display: `${e.ports.join(", ")}\n${counts.join(" · ")}`,
+      raw: { ...e, source_label: labels.get(e.source) || e.source, target_label: labels.get(e.target) || e.target },
     },
   };
 }
@@ -80,7 +83,7 @@ export function MapView({ windowSecs }) {
   const [stamp, setStamp] = useState(null);
 
   useEffect(() => {
-    const cy = cytoscape({ container: box.current, style: STYLE, wheelSensitivity: 0.3, minZoom: 0.3, maxZoom: 2.5 });
+    const cy = cytoscape({ container: box.current, style: STYLE, wheelSensitivity: 0.3, minZoom: 0.3, maxZoom: 1.6 });
     cyRef.current = cy;
     window.axonemeUI = Object.assign(window.axonemeUI || {}, { cy });
     cy.on("tap", "edge", (evt) => setSelected(evt.target.data("raw")));
@@ -140,8 +143,11 @@ export function MapView({ windowSecs }) {
 
 function update(cy, m) {
   const want = new Map();
+  const labels = new Map(m.nodes.map((n) => [n.id, n.namespace && n.kind === "workload" ? `${n.namespace}/${n.label}` : n.label]));
   for (const n of m.nodes) want.set(n.id, nodeElement(n));
-  for (const e of m.edges) want.set(e.id, edgeElement(e));
+  for (const e of m.edges) want.set(e.id, edgeElement(e, labels));
+  // a node or an edge added or removed lays the map out again (dagre ranks by the edges, and
+  // keeps a long edge off the nodes between its ends); new counts only restyle
   let changed = false;
   cy.batch(() => {
     cy.elements().forEach((el) => {
@@ -153,14 +159,14 @@ function update(cy, m) {
     }
   });
   if (changed) {
-    cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 40, rankSep: 140, edgeSep: 20, animate: false, fit: true, padding: 30 }).run();
+    cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 50, rankSep: 90, edgeSep: 30, animate: false, fit: true, padding: 30 }).run();
   }
 }
 
 function EdgeFlows({ edge, flows }) {
   return (
     <div>
-      <h3 data-testid="edge-title">{edge.source} → {edge.target}</h3>
+      <h3 data-testid="edge-title">{edge.source_label} → {edge.target_label}</h3>
       <p class="muted">{edge.ports.join(", ")} · last {edge.last}</p>
       {flows == null ? <p class="muted">loading…</p> : (
         <table class="flows" data-testid="edge-flows">

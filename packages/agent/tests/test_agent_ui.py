@@ -87,7 +87,7 @@ def test_edge_flows_name_the_deciding_policy() -> None:
     assert len(flows) == 3 and all(f["source"] == "shop/client" for f in flows)
     by = {(f["verdict"], f["direction"]): f["policy"] for f in flows}
     assert by[("FORWARDED", "INGRESS")] == "allowed by NetworkPolicy shop/allow-web"
-    assert by[("FORWARDED", "EGRESS")] == "no policy selects these endpoints (allow all)"
+    assert by[("FORWARDED", "EGRESS")] == "allowed: no policy selects the endpoint for egress"
     assert by[("DROPPED", "INGRESS")] == "default deny of NetworkPolicy shop/allow-web"
     assert policy_text(FLOWS[-1]) == "would be dropped by NetworkPolicy shop/deny-all"
     assert edge_flows(FLOWS, "id:301", "id:300") == []

@@ -80,7 +80,8 @@ def policy_text(flow: Mapping[str, Any]) -> str:
     if not pols:
         if verdict == "DROPPED":
             return str(flow.get("drop_reason_desc") or "dropped")
-        return "no policy selects these endpoints (allow all)"
+        direction = str(flow.get("traffic_direction") or "").lower() or "this direction"
+        return f"allowed: no policy selects the endpoint for {direction}"
     names = ", ".join(f"{p['kind']} {p['namespace'] + '/' if p['namespace'] else ''}{p['name']}"
                       for p in pols)
     if verdict == "AUDIT":
