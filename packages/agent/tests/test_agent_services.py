@@ -421,3 +421,33 @@ def test_only_the_entry_points_import_the_composition_root() -> None:
     too_long = {f.name: n for f in src.rglob("*.py")
                 if (n := len(f.read_text().splitlines())) > 500}
     assert not too_long, too_long
+
+
+def test_status_and_endpoint_get_read_the_computed_state(tmp_path: Path) -> None:
+    """Issue 17: ``endpoint get`` serves the engine's computed MapState (no
+    recompute; O(that endpoint's entries)); ``status`` and lists do not
+    depend on policy size (no recompute, no datapath dump)."""
+    node = Node(tmp_path)
+
+    async def go() -> None:
+        await node.add("web", {"app": "web"})
+        await node.add("client", {"app": "client"})
+        web = node.endpoint("web")
+        await node.agent.policies.apply([_allow_web_from_client(80)])
+        engine, dp = node.agent.engine, node.dp
+        calls: list[str] = []
+        real_update, real_dump = engine._update, dp.dump
+        engine._update = lambda *a, **k: calls.append("recompute") or real_update(*a, **k)  # type: ignore[method-assign]
+        dp.dump = lambda ep: calls.append("dump") or real_dump(ep)  # type: ignore[method-assign]
+        views = node.agent.views
+        st = views.status()
+        assert st["components"]["policies"]["count"] == 1
+        views.endpoint_list()
+        node.agent.policies.listing()
+        assert calls == []  # neither recomputes nor reads the kernel back
+        got = views.endpoint_get(web.id)
+        assert calls == ["dump"]  # the kernel's copy, for in_sync; the policy is the engine's
+        assert got["in_sync"] is True
+        assert {e["key"] for e in got["policy"]} == {str(k) for k in engine.resolve(web.id)}
+
+    run(go)
