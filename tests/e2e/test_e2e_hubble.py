@@ -231,6 +231,10 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     eg = [f for f in _named(flows, "egress_denied_by", "client-egress")
           if f["l4"].get("TCP", {}).get("destination_port") == 8080][0]
     assert eg["verdict"] == "DROPPED" and eg["drop_reason_desc"] == "POLICY_DENIED"
+    # where it was seen: leaving the client's pod, on its host-side veth
+    assert eg["trace_observation_point"] == "FROM_ENDPOINT", eg
+    assert eg["interface"]["name"].startswith("lxc") and eg["interface"]["index"] > 0, eg
+    assert eg["ethernet"]["source"] and eg["ethernet"]["destination"], eg
     assert eg["traffic_direction"] == "EGRESS" and eg["source"]["pod_name"] == "client"
     pol = eg["egress_denied_by"][0]
     assert pol["kind"] == "CiliumNetworkPolicy" and pol["namespace"] == "default"

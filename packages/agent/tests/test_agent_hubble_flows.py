@@ -99,9 +99,10 @@ class _World:
             self.engine.upsert_endpoint(Endpoint(n, ident.id, ident.labels, ipv4=f"10.244.0.{n}",
                                                  pod_name=app, namespace="default"))
             self.ids[app] = ident.id
-            recs[n] = SimpleNamespace(host_ifname=f"lxc{app}", host_ifindex=10 + n,
+            recs[f"10.244.0.{n}"] = SimpleNamespace(host_ifname=f"lxc{app}", host_ifindex=10 + n,
                                       host_mac=f"02:00:00:00:00:{n}0", pod_mac=f"02:00:00:00:00:{n}1")
-        self.attr = FlowAttributor(lambda f: f, SimpleNamespace(endpoints=recs), self.engine, "node1")
+        store = SimpleNamespace(endpoint_by_ip=recs.get)
+        self.attr = FlowAttributor(lambda f: f, store, self.engine, "node1")
 
     def put(self, name: str, app: str, *rules: PeerRule, kind: PolicyKind =
             PolicyKind.CILIUM_NETWORK_POLICY, ns: str = "default") -> None:

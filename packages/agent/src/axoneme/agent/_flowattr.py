@@ -107,13 +107,13 @@ class FlowAttributor:
         "Enforcement point"): a packet from a pod is checked on its way out of the
         pod (FROM_ENDPOINT), one from elsewhere on its way in (TO_ENDPOINT)."""
         if flow.traffic_direction == "EGRESS" or flow.source.id:
-            point, ep_id = "FROM_ENDPOINT", flow.source.id
+            point, ep_id, ip = "FROM_ENDPOINT", flow.source.id, flow.ip_source
         else:
-            point, ep_id = "TO_ENDPOINT", flow.destination.id
+            point, ep_id, ip = "TO_ENDPOINT", flow.destination.id, flow.ip_destination
         if not ep_id:
             return {}
         out: dict[str, Any] = {"trace_observation_point": point}
-        rec = self.store.endpoints.get(ep_id)
+        rec = self.store.endpoint_by_ip(ip)
         if rec is not None and getattr(rec, "host_ifname", ""):
             out["interface"] = (int(rec.host_ifindex or 0), str(rec.host_ifname))
         pod_mac, host_mac = getattr(rec, "pod_mac", ""), getattr(rec, "host_mac", "")
