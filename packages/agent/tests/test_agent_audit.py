@@ -94,7 +94,8 @@ def _engine_with_staged_deny() -> tuple[PolicyEngine, int, int]:
 
 def test_audit_flow_names_the_staged_policy_and_is_counted() -> None:
     engine, id_a, id_b = _engine_with_staged_deny()
-    attr = FlowAttributor(lambda f: f, SimpleNamespace(endpoints={}), engine, "node1")
+    attr = FlowAttributor(lambda f: f, SimpleNamespace(endpoints={}, endpoint_by_ip=lambda ip: None),
+                          engine, "node1")
     flow = Flow(time=1.0, verdict=FlowVerdict.AUDIT, ip_source="10.244.0.2", ip_destination="10.244.0.1",
                 source=FlowEndpoint(id_b, "default", "b", (), 0),
                 destination=FlowEndpoint(id_a, "default", "a", (), 1),

@@ -88,26 +88,47 @@ def stage(enforced: MapState, combined: MapState,
     e_idx, s_idx = _index(enforced), _index(combined)
     out: dict[Key, Entry] = {k: v for k, v in enforced.items() if k.is_address}
     audited = False
+
+    def entry_at(ident: int, key: Key) -> Entry | None:
+        nonlocal audited
+        entry = _decision(e_idx, ident, key).entry
+        if entry is None:
+            return None  # the enforced map has nothing here either: default deny
+        if not entry.deny and not entry.is_redirect:
+            ds = _decision(s_idx, ident, key)
+            if not ds.allowed:
+                by = ds.entry.derived_from if ds.entry is not None else default_deniers.get(key.direction)
+                entry = dataclasses.replace(entry, audit=True, audited_by=by or frozenset())
+                audited = True
+        return entry
+
     for d in (Direction.INGRESS, Direction.EGRESS):
         wild = {k for idx in (e_idx, s_idx) for k, _ in idx.get((0, d), ())}
+        for key in wild:
+            if (entry := entry_at(0, key)) is not None:
+                out[key] = entry
         idents = {i for idx in (e_idx, s_idx) for (i, dd) in idx if dd == d and i not in (0, ADDRESS_IDENTITY)}
-        todo: list[tuple[int, Key]] = [(0, k) for k in wild]
         for ident in idents:
-            own = {k for idx in (e_idx, s_idx) for k, _ in idx.get((ident, d), ())}
-            own |= {Key(ident, d, k.protocol, k.port, k.prefix_len) for k in wild}
-            todo += [(ident, k) for k in own]
-        for ident, key in todo:
-            de = _decision(e_idx, ident, key)
-            if de.entry is None:
-                continue  # the enforced map has nothing here either: default deny
-            entry = de.entry
-            if not entry.deny and not entry.is_redirect:
-                ds = _decision(s_idx, ident, key)
-                if not ds.allowed:
-                    by = ds.entry.derived_from if ds.entry is not None else default_deniers.get(d)
-                    entry = dataclasses.replace(entry, audit=True, audited_by=by or frozenset())
-                    audited = True
-            out[key] = entry
+            own: list[tuple[Key, Entry]] = []
+            for key in {k for idx in (e_idx, s_idx) for k, _ in idx.get((ident, d), ())}:
+                if (entry := entry_at(ident, key)) is not None:
+                    own.append((key, entry))
+                    out[key] = entry
+            # A wildcard key re-keyed to the identity is needed only where the
+            # lookup without it (the identity's keys so far, shorter first,
+            # against the wildcard entry) would decide otherwise: keeps the map small.
+            own_idx: _Index = {(ident, d): own}
+            for w in sorted(wild, key=lambda k: k.l4_prefix):
+                key = Key(ident, d, w.protocol, w.port, w.prefix_len)
+                if key in out or (entry := entry_at(ident, key)) is None:
+                    continue
+                w_entry = out.get(w)
+                if w_entry is not None:
+                    dec = decide(_cover(own_idx, ident, key), None, (w, w_entry))
+                    if dec.entry == entry and dec.entry is not None and dec.entry.audited_by == entry.audited_by:
+                        continue
+                own.append((key, entry))
+                out[key] = entry
     return MapState(out) if audited else enforced
 
 
