@@ -1,8 +1,9 @@
 """The web UI in a real browser (issue 19): Debian's Chromium, headless, driven by playwright,
 against `axoneme ui --allow-apply` and an agent on eBPF with real pods and traffic.
 
-The seed scenario in the browser: load the service map, click an edge and see its flows with
-the deciding policy; write a default deny in the policy editor (first a bad port: the error is
+The seed scenario in the browser: with a default deny staged (audit), load the service map,
+click an edge and see its flows with the deciding policy (and what the staged deny would
+drop); write the default deny, enforced, in the policy editor (first a bad port: the error is
 shown at its field), see the what-if delta (the observed flows it would drop), take the
 recommended policies as drafts, see that deny + recommended flips no observed flow, apply, and
 see the edge of a new, unexpected connection turn red after its probe is dropped. Each step
@@ -30,6 +31,7 @@ SHOTS = REPO / "docs" / "ui"
 CHROMIUM = "/usr/lib/chromium/chromium"
 AXONEME = str(Path(sys.executable).parent / "axoneme")
 RED = "rgb(198,40,40)"  # VERDICT_COLOURS.DROPPED in ui/src/map.jsx
+ORANGE = "rgb(239,108,0)"  # VERDICT_COLOURS.AUDIT
 
 WEB_INGRESS = """apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -40,6 +42,13 @@ spec:
   ingress:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{port: 80}]
+"""
+
+
+DENY = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: shop}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
 """
 
 
@@ -165,6 +174,9 @@ def test_ui_seed_scenario_in_chromium(agent_factory: Any, datapath_probe: Any, u
     ap.pod_run("client", "sleep", "infinity", namespace="shop", labels="app=client")
     (tmp_path / "web-ingress.yaml").write_text(WEB_INGRESS)
     ap.cli("policy", "apply", "-f", str(tmp_path / "web-ingress.yaml"), check=True)
+    # the seed scenario starts with a default deny staged: counted, not enforced
+    (tmp_path / "deny.yaml").write_text(DENY)
+    ap.cli("policy", "apply", "--audit", "-f", str(tmp_path / "deny.yaml"), check=True)
     ident = {ep["pod"]: ep["identity"] for ep in ap.json("endpoint", "list")}
     client_web = f"id:{ident['shop/client']}>id:{ident['shop/web']}"
     client_api = f"id:{ident['shop/client']}>id:{ident['shop/api']}"
@@ -184,11 +196,12 @@ def test_ui_seed_scenario_in_chromium(agent_factory: Any, datapath_probe: Any, u
         try:
             page.goto(url)
 
-            # 1. the service map: workloads by identity, edges from the flows
+            # 1. the service map: workloads by identity, edges from the flows; the staged
+            # default deny would drop client -> web: AUDIT, orange
             page.wait_for_function("(id) => { const cy = window.axonemeUI && window.axonemeUI.cy;"
                                    " return cy && !cy.getElementById(id).empty(); }",
                                    arg=client_web, timeout=20_000)
-            assert _edge_state(page, client_web)["verdict"] == "FORWARDED"
+            assert _edge_state(page, client_web) == {"verdict": "AUDIT", "colour": ORANGE}
             assert page.get_by_test_id("agent-info").inner_text().startswith("ebpf")
             assert _edge_state(page, client_api) is None  # not observed (yet)
             _shot(page, "1-service-map.png")
@@ -199,11 +212,17 @@ def test_ui_seed_scenario_in_chromium(agent_factory: Any, datapath_probe: Any, u
             flows.wait_for(timeout=10_000)
             page.get_by_text("allowed by NetworkPolicy shop/web-ingress").first.wait_for(
                 timeout=10_000)
+            # which flows the staged deny would drop, and by which policy
+            page.get_by_text("would be dropped by NetworkPolicy shop/default-deny").first.wait_for(
+                timeout=10_000)
             assert "shop/client → shop/web" in flows.inner_text()
             _shot(page, "2-edge-flows.png")
 
             # 3. the editor: a default deny, first with a bad port (the error at its field)
             page.get_by_test_id("tab-editor").click()
+            live = page.get_by_test_id("edit-live")
+            live.wait_for()
+            assert "NetworkPolicy shop/default-deny" in live.inner_text()  # the staged one
             page.get_by_test_id("new-np").click()
             page.get_by_test_id("form-name").fill("default-deny")
             page.get_by_test_id("form-namespace").fill("shop")

@@ -174,7 +174,12 @@ export function EditorView({ drafts, setDrafts, current, setCurrent, info, windo
   const [delta, setDelta] = useState(null);
   const [busy, setBusy] = useState(null);
   const [message, setMessage] = useState(null);
+  const [live, setLive] = useState([]);
   const text = drafts.map((d) => d.yaml.trim()).join("\n---\n") + "\n";
+
+  useEffect(() => {
+    api.policies().then((r) => setLive(r.policies.filter((p) => p.yaml))).catch(() => setLive([]));
+  }, []);
 
   useEffect(() => {
     let stop = false;
@@ -226,6 +231,15 @@ export function EditorView({ drafts, setDrafts, current, setCurrent, info, windo
           ))}
           <button class="small" data-testid="new-np" onClick={() => add(NP_TEMPLATE)}>+ NetworkPolicy</button>
           <button class="small" data-testid="new-cnp" onClick={() => add(CNP_TEMPLATE)}>+ CiliumNetworkPolicy</button>
+          {live.length > 0 && (
+            <select class="small" data-testid="edit-live" value="" onChange={(e) => {
+              const p = live[Number(e.currentTarget.value)];
+              if (p) { setDrafts([...drafts, { yaml: p.yaml }]); setCurrent(drafts.length); }
+            }}>
+              <option value="">edit a live policy…</option>
+              {live.map((p, i) => <option value={i}>{p.kind} {p.namespace ? `${p.namespace}/` : ""}{p.name}</option>)}
+            </select>
+          )}
         </div>
         {!draft && <p class="muted">No draft: start a new policy, or take a recommendation.</p>}
         {draft && (

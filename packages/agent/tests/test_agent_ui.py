@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from axoneme.agent.cli import UsageError, main
 from axoneme.agent.cli import _whatif as whatif_cli
@@ -205,15 +206,23 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
 
 
 def test_server_whatif_recommend_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeAgent(_now_flows(), [])
+    staged = {"kind": "NetworkPolicy", "namespace": "shop", "name": "default-deny",
+              "document": yaml.safe_load(DENY.replace(
+                  "namespace: shop}", "namespace: shop, annotations: "
+                  "{policy.axoneme.io/mode: audit}}"))}
+    fake = FakeAgent(_now_flows(), [staged])
 
     async def test(c: TestClient) -> None:
+        live = (await (await c.get("/api/policies")).json())["policies"]
+        assert [(p["name"], yaml.safe_load(p["yaml"])) for p in live] == [
+            ("default-deny", staged["document"])]
         d = await (await c.post("/api/whatif", json={"yaml": DENY, "window": 600})).json()
         # the default deny would drop the observed client -> web:80 (policy diff's result)
         flips = {(f["from"], f["to"], f["port"], f["change"]) for f in d["flows"]["flips"]}
         assert ("shop/client", "shop/web-1", 80, "would drop") in flips, d["flows"]
-        assert d["candidate"]["added"] == [{"kind": "NetworkPolicy", "namespace": "shop",
-                                            "name": "default-deny"}]
+        # the draft replaces the staged policy of the same name: enforced in the candidate
+        assert d["candidate"]["replaced"] == [{"kind": "NetworkPolicy", "namespace": "shop",
+                                               "name": "default-deny"}]
         r = await c.post("/api/whatif", json={"yaml": NP_OK.replace("80", "99999")})
         assert r.status == 422 and (await r.json())["problems"][0]["field"].endswith("port")
         rec = await (await c.get("/api/recommend", params={"window": "600"})).json()
