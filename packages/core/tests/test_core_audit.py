@@ -141,3 +141,18 @@ def test_stage_keeps_a_wildcard_deny_and_refines_per_identity() -> None:
     assert relax(enforced) == MapState({w_any: Entry(), Key(0, EG): Entry()})
     assert policy_names(["CiliumNetworkPolicy ns/x spec.ingressDeny[0]", "allow-localhost"]) == {
         "CiliumNetworkPolicy ns/x"}
+
+
+def test_staging_over_many_identities_costs_their_own_keys_only() -> None:
+    engine = PolicyEngine()
+    ident = engine.allocator.allocate(Labels.from_strings(["k8s:app=a", "k8s:io.kubernetes.pod.namespace=default"]))
+    engine.upsert_endpoint(Endpoint(1, ident.id, ident.labels, ipv4="10.244.0.1"))
+    spec = {"endpointSelector": {}, "egress": [{"toCIDR": [f"198.51.{i}.0/24" for i in range(100)],
+                                                "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}]}
+    engine.upsert_policy(parse_policy_obj(cnp("few-peers", spec, "audit")))
+    staged = engine.resolve(1)
+    engine.upsert_policy(parse_policy_obj(cnp("few-peers", spec)))
+    enforced = engine.resolve(1)
+    # the enforced form plus the audited wildcard allow of the (still unenforced) egress
+    assert len(staged) == len(enforced) + 1
+    assert [k for k, v in staged.items() if v.audit] == [Key(0, EG)]

@@ -23,7 +23,10 @@ map's *whole decision* for the packets the key is the longest match of
 (the keys of one category nest, so that decision is constant there). An
 identity's own keys then always decide for it (a tie goes to the specific
 key) and a wildcard deny can only be a deny of the enforced map, so every
-packet gets the enforced map's verdict. Address keys (NetworkPolicy
+packet gets the enforced map's verdict. A re-keyed wildcard key is then
+dropped again where the lookup without it decides the same (the common
+case: a staged policy over many identities costs their own keys only).
+Address keys (NetworkPolicy
 ipBlock over pods, per-pod named ports) are kept as the enforced map has
 them and are not audited: their flows are reported at identity level.
 """
