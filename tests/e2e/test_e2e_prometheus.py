@@ -3,6 +3,7 @@ and a rate over Cilium's drop counter moves when a denied probe runs between two
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -19,9 +20,11 @@ DROPS = 'cilium_drop_count_total{reason="Policy denied",direction="INGRESS"}'
 
 
 def _kernel_datapath(datapath_probe: Any) -> str:
-    """The first datapath that enforces here (noop drops nothing)."""
+    """The first datapath that enforces here (noop drops nothing); the environment's
+    AXONEME_PROMETHEUS_DATAPATH picks one (iptables: its NFLOG drop events)."""
     reasons = []
-    for name in ("ebpf", "iptables"):
+    wanted = os.environ.get("AXONEME_PROMETHEUS_DATAPATH")
+    for name in [wanted] if wanted else ("ebpf", "iptables"):
         reason = datapath_probe(name)
         if reason is None:
             return name
