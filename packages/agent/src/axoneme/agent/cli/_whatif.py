@@ -176,7 +176,7 @@ def live_policies(args: argparse.Namespace) -> list[Policy]:
         if not isinstance(doc, dict):
             where = f"{view.get('namespace')}/" if view.get("namespace") else ""
             raise AxonemeError(f"the agent does not give the document of {view.get('kind')} "
-                              f"{where}{view.get('name')}: use --cluster with --old (--against)")
+                               f"{where}{view.get('name')}: use --cluster with --old (--against)")
         out.append(parse_policy_obj(doc, "<agent>", i))
     return out
 
