@@ -165,3 +165,23 @@ def test_config_key_policy_audit_mode(tmp_path: Path) -> None:
     conf.write_text("policy_audit_mode: enabled\n")
     with pytest.raises(ConfigError, match="policy_audit_mode: expected true or false"):
         load_config(str(conf))
+
+
+def test_promote_is_refused_in_kubernetes_mode() -> None:
+    """Policies come from the API server there: 409, as apply and delete."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from axoneme.agent._api import build_app
+
+    agent = SimpleNamespace(views=None, endpoints=None, policies=None, namespaces=None, pods=None,
+                            config=SimpleNamespace(k8s_mode=True, flow_injection=False))
+
+    async def go() -> tuple[int, dict]:
+        async with TestClient(TestServer(build_app(agent))) as client:  # type: ignore[arg-type]
+            resp = await client.post("/v1/policies/promote", json={"refs": [
+                {"kind": "NetworkPolicy", "namespace": "x", "name": "dd"}]})
+            return resp.status, await resp.json()
+
+    status, body = asyncio.run(go())
+    assert status == 409 and "Kubernetes mode" in body["error"]
