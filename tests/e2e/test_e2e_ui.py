@@ -12,16 +12,15 @@ writes a screenshot to docs/ui/ (the README shows them).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import select
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import _testnet  # tests/ is on sys.path (tests/conftest.py)
+import _obsproc  # tests/ is on sys.path (tests/conftest.py)
+import _testnet
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -63,35 +62,22 @@ def _browser_or_skip() -> Any:
 
 
 @pytest.fixture
-def ui_server(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """``start(socket)`` -> the URL of an `axoneme ui --allow-apply` on a free loopback port;
-    the process is stopped by its PID."""
-    procs: list[subprocess.Popen[str]] = []
+def ui_server(tmp_path: Path) -> Iterator[Any]:
+    """``start(socket)`` -> the URL of an `axoneme ui --allow-apply` on a free loopback port,
+    once it accepts; stopped by its PID (tests/_obsproc.py)."""
+    with contextlib.ExitStack() as stack:
+        def start(socket: str) -> str:
+            port = _obsproc.free_port()
+            log = tmp_path / "ui.log"
+            stack.enter_context(_obsproc.daemon(
+                [AXONEME, "ui", "--listen", f"127.0.0.1:{port}", "--allow-apply",
+                 "--api-socket", socket], log, port))
+            url = f"http://127.0.0.1:{port}/"
+            assert _testnet.poll(lambda: f"axoneme ui: serving {url} (policies can be applied"
+                                 in log.read_text(), timeout=10), log.read_text()
+            return url
 
-    def start(socket: str) -> str:
-        proc = subprocess.Popen([AXONEME, "ui", "--listen", "127.0.0.1:0", "--allow-apply",
-                                 "--api-socket", socket], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "axoneme ui printed nothing in 30 s"
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("axoneme ui: serving http://127.0.0.1:"), (
-            line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-        assert "policies can be applied" in line
-        return line.split()[3]
-
-    try:
         yield start
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
 
 
 def _curl(agent: Any, pod: str, url: str, timeout: str = "2") -> str:

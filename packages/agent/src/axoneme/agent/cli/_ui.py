@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+import textwrap
 
 from axoneme.agent.cli import EXIT_RUNTIME, UsageError, fail
 from axoneme.agent.cli._agentcmds import add_socket_flag
@@ -25,11 +26,11 @@ examples:
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ignore[type-arg]
     p = groups[""].add_parser(
         "ui", help="web UI: live service map, policy editor, what-if delta, recommendations",
-        description="Serve the web UI of the agent at --listen: a service map of the "
-                    "workloads by identity with edges from flows (click one for its flows and the "
-                    "deciding policy), a policy editor with validation at the field, the what-if "
-                    "delta of the edited policy against live policies and flows, and "
-                    "recommendations as drafts.",
+        description=textwrap.fill(
+            "Serve the web UI of the agent at --listen: a service map of the workloads by "
+            "identity with edges from flows (click one for its flows and the deciding policy), "
+            "a policy editor with validation at the field, the what-if delta of the edited "
+            "policy against live policies and flows, and recommendations as drafts.", 78),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to serve on (default {DEFAULT_LISTEN}; port 0: any free port); "

@@ -166,7 +166,7 @@ def service_map(endpoints: Iterable[Mapping[str, Any]], identities: Iterable[Map
                     label = ",".join(x.split(":", 1)[-1] for x in reserved[ident_i]) or str(ident_i)
                     nodes[nid] = _Node(nid, label, "", ident_i, "reserved", reserved[ident_i], set())
                 else:
-                    pod = side.get("pod_name")
+                    pod = str(side.get("pod_name") or "")
                     label = f"{side.get('namespace')}/{pod}" if pod else _ip(flow, which) or nid
                     nodes[nid] = _Node(nid, label, str(side.get("namespace") or ""), ident_i,
                                        "address" if not pod else "workload",

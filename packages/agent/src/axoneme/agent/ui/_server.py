@@ -119,7 +119,7 @@ class UIServer:
         cluster, cluster_name = live if isinstance(live, tuple) else (live, "")
         in_force = live_policies(args)
         observed = observe(self._flows(window), time.time() - window)
-        options = EngineOptions(cluster_name=cluster_name or EngineOptions.cluster_name)
+        options = EngineOptions(cluster_name=cluster_name) if cluster_name else EngineOptions()
         result = diff(cluster, in_force, compose(in_force, checked.policies), options, observed)
         return result.to_json()
 
