@@ -269,3 +269,47 @@ def test_missing_bundle_is_named(tmp_path: Path) -> None:
     assert problem is not None and "scripts/bootstrap" in problem and str(tmp_path) in problem
     (tmp_path / "index.html").write_text("x")
     assert bundle_problem(tmp_path) is None
+
+
+def _no_bundle_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import axoneme.agent.ui as ui_pkg
+
+    monkeypatch.setattr(ui_pkg, "bundle_problem", lambda static_dir=None: None)
+
+
+def test_non_loopback_listen_is_warned(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import axoneme.agent.ui._server as server_mod
+
+    _no_bundle_check(monkeypatch)
+    seen: list[tuple[str, int]] = []
+
+    async def fake_serve(server: UIServer, host: str, port: int, started: Any) -> None:
+        seen.append((host, port))
+        started(host, 12345)
+
+    monkeypatch.setattr(server_mod, "serve", fake_serve)
+    assert main(["ui", "--listen", "0.0.0.0:12000", "--api-socket", "/x.sock"]) == 0
+    out, err = capsys.readouterr()
+    assert seen == [("0.0.0.0", 12000)]
+    assert err.startswith("warning: serving the UI on 0.0.0.0, not loopback") and "(--listen)" in err
+    assert "can apply" not in err  # read-only
+    assert out == "axoneme ui: serving http://0.0.0.0:12345/ (read-only; agent /x.sock)\n"
+    assert main(["ui", "--api-socket", "/x.sock", "--allow-apply"]) == 0
+    out, err = capsys.readouterr()
+    assert seen[-1] == ("127.0.0.1", 12000) and err == ""  # the default: loopback, no warning
+    assert "(policies can be applied;" in out
+
+
+def test_port_in_use_exit_1_naming_the_flag(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    _no_bundle_check(monkeypatch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["ui", "--listen", f"127.0.0.1:{port}", "--api-socket", "/x.sock"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "(--listen)" in err
