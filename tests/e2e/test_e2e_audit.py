@@ -115,6 +115,7 @@ def test_audited_deny_drops_nothing_and_is_reported(agent_factory: Any, datapath
         assert res["policy-audit-mode"] == "enabled"
     assert _reaches(ap, url), ap.log()
     assert _testnet.poll(lambda: _audited(ap, 80, since), timeout=10)
+    assert {str(e["id"]) for e in ap.json("endpoint", "list") if e["policy_audit_mode"]} == set(ids)
     ap.restart()  # the setting is kept in the endpoint's record
     assert all(ap.json("endpoint", "config", i)["policy-audit-mode"] == "enabled" for i in ids)
     assert _reaches(ap, url), ap.log()

@@ -97,10 +97,10 @@ def endpoint_config_view(agent: Any, ep_id: int) -> dict[str, Any]:
 
 
 def _record(agent: Any, ep_id: int) -> Any:
-    for rec in agent.store.endpoints.values():
-        if rec.id == ep_id and ep_id in agent.store.endpoint_objs:
-            return rec
-    raise NotFound(f"no endpoint {ep_id}")
+    rec = agent.store.endpoint_record(ep_id)
+    if rec is None or ep_id not in agent.store.endpoint_objs:
+        raise NotFound(f"no endpoint {ep_id}")
+    return rec
 
 
 async def endpoint_config(agent: Any, ep_id: int, options: dict[str, Any]) -> dict[str, Any]:

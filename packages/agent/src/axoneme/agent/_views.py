@@ -106,6 +106,8 @@ class Views:
             rec.namespace, rec.pod_name).sorted_strings()
         return {"id": rec.id, "identity": rec.identity, "labels": labels, "ipv4": rec.ipv4,
                 "policy_enforcement": {"ingress": bool(ing), "egress": bool(egr)},
+                # audit mode (agent-wide or `endpoint config`): would-be drops forwarded
+                "policy_audit_mode": bool(ep is not None and self.engine.audit_mode(rec.id)),
                 "status": rec.status, "pod": f"{rec.namespace}/{rec.pod_name}",
                 "container_id": rec.container_id, "host_ifname": rec.host_ifname,
                 "host_ifindex": rec.host_ifindex, "netns": rec.netns_path,
