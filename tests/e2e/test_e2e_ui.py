@@ -209,6 +209,18 @@ def test_ui_seed_scenario_in_chromium(agent_factory: Any, datapath_probe: Any, u
             live = page.get_by_test_id("edit-live")
             live.wait_for()
             assert "NetworkPolicy shop/default-deny" in live.inner_text()  # the staged one
+            # the form speaks CiliumNetworkPolicy too: endpointSelector, fromEndpoints, toPorts
+            page.get_by_test_id("new-cnp").click()
+            page.get_by_test_id("form-namespace").fill("shop")
+            page.get_by_test_id("rule-ingress-0-peer").fill("app=client")
+            page.get_by_test_id("rule-ingress-0-add-port").click()
+            cnp = page.get_by_test_id("yaml").input_value()
+            for text in ("kind: CiliumNetworkPolicy", "endpointSelector: {}", "fromEndpoints:",
+                         "app: client", "toPorts:", 'port: "80"'):
+                assert text in cnp, cnp
+            page.wait_for_function(
+                "() => document.querySelector('[data-testid=validity]').textContent === 'valid'")
+            page.get_by_test_id("remove-draft").click()
             page.get_by_test_id("new-np").click()
             page.get_by_test_id("form-name").fill("default-deny")
             page.get_by_test_id("form-namespace").fill("shop")

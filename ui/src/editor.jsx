@@ -251,7 +251,7 @@ export function EditorView({ drafts, setDrafts, current, setCurrent, info, windo
             </label>
             {parseError && <div class="field-error">{parseError}</div>}
             <FieldErrors problems={unplaced.map((p) => ({ ...p, message: p.field ? `${p.field}: ${p.message}` : p.message }))} />
-            <button class="small danger" onClick={() => remove(current)}>remove draft</button>
+            <button class="small danger" data-testid="remove-draft" onClick={() => remove(current)}>remove draft</button>
           </div>
         )}
       </div>
@@ -261,7 +261,7 @@ export function EditorView({ drafts, setDrafts, current, setCurrent, info, windo
           <button data-testid="apply" disabled={!drafts.length || problems.length || busy || !info?.allow_apply}
             title={info?.allow_apply ? "apply every draft to the agent" : "read-only: start with axoneme ui --allow-apply"} onClick={apply}>Apply {drafts.length} polic{drafts.length === 1 ? "y" : "ies"}</button>
         </div>
-        <p class="muted">{problems.length ? `${problems.length} problem${problems.length > 1 ? "s" : ""}: fix them to see the delta` : drafts.length ? "valid" : ""}</p>
+        <p class="muted" data-testid="validity">{problems.length ? `${problems.length} problem${problems.length > 1 ? "s" : ""}: fix them to see the delta` : drafts.length ? "valid" : ""}</p>
         {message && <div class={message.error ? "error" : "ok"} data-testid="apply-result">{message.error || message.ok}</div>}
         {delta && <Delta delta={delta} />}
       </div>
