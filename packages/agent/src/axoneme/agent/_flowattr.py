@@ -113,10 +113,12 @@ class FlowAttributor:
         if not ep_id:
             return {}
         out: dict[str, Any] = {"trace_observation_point": point}
-        rec = self.store.endpoint_by_ip(ip)
-        if rec is not None and getattr(rec, "host_ifname", ""):
+        rec: Any = self.store.endpoint_by_ip(ip)
+        if rec is None:
+            return out
+        if rec.host_ifname:
             out["interface"] = (int(rec.host_ifindex or 0), str(rec.host_ifname))
-        pod_mac, host_mac = getattr(rec, "pod_mac", ""), getattr(rec, "host_mac", "")
+        pod_mac, host_mac = str(rec.pod_mac or ""), str(rec.host_mac or "")
         if pod_mac and host_mac and flow.ethernet is None:
             # on a pod's veth the other end is the node (the pod's gateway)
             out["ethernet"] = ((pod_mac, host_mac) if point == "FROM_ENDPOINT"
