@@ -114,9 +114,8 @@ class UIServer:
         if checked.problems:
             raise UIError(422, "the edited policy is invalid", problems=checked.problems)
         args = self._args()
-        live = live_cluster(args)
-        # (cluster, the cluster name its identities carry), as `policy diff --against live`
-        cluster, cluster_name = live if isinstance(live, tuple) else (live, "")
+        # the cluster and the cluster name its identities carry, as `policy diff --against live`
+        cluster, cluster_name = live_cluster(args)
         in_force = live_policies(args)
         observed = observe(self._flows(window), time.time() - window)
         options = EngineOptions(cluster_name=cluster_name) if cluster_name else EngineOptions()
