@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 from typing import Any
 
-from axoneme.agent._flowattr import FlowAttributor
+from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import flow_from_json
 from axoneme.core.endpoint import Endpoint
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowPolicy, FlowVerdict
@@ -154,3 +155,21 @@ def test_attribution_allowed_denied_and_default_deny() -> None:
     # replies carry no attribution; flows of unknown endpoints pass through untouched
     assert not w.ab(FlowVerdict.FORWARDED, is_reply=True).ingress_allowed_by
     assert not w.attr(_flow(FlowVerdict.DROPPED, reason=DropReason.POLICY_DENIED)).ingress_denied_by
+
+
+def test_fqdn_names_of_an_address() -> None:
+    entries = [SimpleNamespace(name="api.example.com.", ip="198.51.100.7"),
+               SimpleNamespace(name="www.example.com.", ip="198.51.100.7"),
+               SimpleNamespace(name="other.org.", ip="198.51.100.8")]
+    fqdn = SimpleNamespace(cache=SimpleNamespace(entries=lambda: entries))
+    assert fqdn_names(fqdn, "198.51.100.7") == ("api.example.com", "www.example.com")
+    assert fqdn_names(fqdn, "10.0.0.1") == ()
+    assert fqdn_names(SimpleNamespace(cache=None), "198.51.100.7") == ()
+    w = _World()
+    w.attr.names = lambda ip: fqdn_names(fqdn, ip)
+    f = w.attr(_flow(direction="EGRESS", src=(w.ids["b"], 2)))
+    assert f.destination_names == () and f.source_names == ()
+    out = w.attr(dataclasses.replace(_flow(direction="EGRESS", src=(w.ids["b"], 2)),
+                                     ip_destination="198.51.100.8"))
+    assert out.destination_names == ("other.org",)
+    assert out.to_json()["destination_names"] == ["other.org"]

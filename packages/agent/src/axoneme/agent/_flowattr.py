@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -63,12 +64,26 @@ def default_deny_policies(rules: list[Rule], direction: Direction) -> tuple[Flow
     return tuple(seen[k] for k in sorted(seen))
 
 
+_NAMES_TTL = 1.0  # seconds an IP -> names index of the DNS cache is reused
+# (the cache it was built from, when, the index): one agent, one cache
+_names_index: list[Any] = [None, 0.0, {}]
+
+
 def fqdn_names(fqdn: Any, ip: str) -> tuple[str, ...]:
-    """The names the agent's DNS cache holds for ``ip`` (sorted, without the trailing dot)."""
+    """The names the agent's DNS cache holds for ``ip`` (sorted, without the trailing
+    dot). The index is rebuilt at most once a second: flows come far more often
+    than the cache changes, and a name learned a second ago is shown a second late."""
     cache = getattr(fqdn, "cache", None)
     if cache is None:
         return ()
-    return tuple(sorted({str(e.name).rstrip(".") for e in cache.entries() if e.ip == ip}))
+    now = time.monotonic()
+    if _names_index[0] is not cache or now - _names_index[1] > _NAMES_TTL:
+        names: dict[str, set[str]] = {}
+        for e in cache.entries():
+            names.setdefault(str(e.ip), set()).add(str(e.name).rstrip("."))
+        _names_index[:] = [cache, now, {k: tuple(sorted(v)) for k, v in names.items()}]
+    index: dict[str, tuple[str, ...]] = _names_index[2]
+    return index.get(ip, ())
 
 
 class FlowAttributor:
