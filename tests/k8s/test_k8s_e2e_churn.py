@@ -82,11 +82,15 @@ def _flip_after(cl: Cluster, ns: str, pod: str, server: str, want_ok: bool, chan
     cl.exec(ns, pod, "rm", "-f", "/tmp/go")
     proc = subprocess.Popen([cl.kubectl_bin, "--kubeconfig", str(cl.kubeconfig), "-n", ns, "exec",
                              pod, "--", "sh", "-c", loop], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # the loop runs and shows the old verdict first
+    assert proc.stdout is not None
+    # the loop runs and shows the old verdict first (kubectl exec can take seconds to
+    # start on a loaded machine: wait for its first probe, not a fixed time)
+    first = proc.stdout.readline()
     t0 = _uptime()
     change()
     cl.exec(ns, pod, "touch", "/tmp/go")
-    out, _ = proc.communicate(timeout=30)
+    rest, _ = proc.communicate(timeout=30)
+    out = first + rest
     lines = [ln.split() for ln in out.splitlines() if ln.strip()]
     before = [r for t, r in lines if float(t) < t0]
     assert before and before[-1] != verdict, f"{ns}/{pod} had the new verdict before the change: {out}"
