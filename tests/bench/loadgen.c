@@ -7,9 +7,10 @@
  *   loadgen udp_rr IP PORT SECONDS       1-byte UDP request/response; "tps N"
  *   loadgen tcp_crr IP PORT SECONDS      connect/request/response/close; "tps N"
  *   loadgen flood IP PORT SECONDS        64-byte UDP datagrams as fast as possible; "sent N"
- *   loadgen udp_wait IP PORT SECONDS     1-byte UDP requests, 100 us apart, until one is answered;
- *                                        "waited S at T" (T: CLOCK_MONOTONIC seconds of the
- *                                        answer; exit 0) or exit 3 after SECONDS
+ *   loadgen udp_wait IP PORT SECONDS [GAP_US]
+ *                                        1-byte UDP requests, GAP_US (100) apart, until one is
+ *                                        answered; "waited S at T" (T: CLOCK_MONOTONIC seconds
+ *                                        of the answer; exit 0) or exit 3 after SECONDS
  *
  * Every loop is bounded by SECONDS; a client that gets no answer within 1 s
  * reports the rate so far and exits 3 (a denied path, not a hang).
@@ -167,7 +168,7 @@ static int flood(const char *ip, int port, double secs) {
 }
 
 /* how long until a path opens (a policy change reaching the kernel) */
-static int udp_wait(const char *ip, int port, double secs) {
+static int udp_wait(const char *ip, int port, double secs, long gap_us) {
     struct sockaddr_in a = addr_of(ip, port);
     int u = socket(AF_INET, SOCK_DGRAM, 0);
     if (connect(u, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
@@ -175,7 +176,7 @@ static int udp_wait(const char *ip, int port, double secs) {
     double start = now(), end = start + secs;
     /* ppoll's timeout is an hrtimer: SO_RCVTIMEO would round up to a jiffy (1-4 ms) */
     struct pollfd pfd = {u, POLLIN, 0};
-    struct timespec gap = {0, 100000};
+    struct timespec gap = {gap_us / 1000000, (gap_us % 1000000) * 1000};
     while (now() < end) {
         send(u, &c, 1, MSG_DONTWAIT);
         if (ppoll(&pfd, 1, &gap, NULL) == 1 && recv(u, &c, 1, MSG_DONTWAIT) == 1) {
@@ -195,7 +196,8 @@ int main(int argc, char **argv) {
     if (argc >= 5 && !strcmp(argv[1], "tcp_rr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_STREAM, 0);
     if (argc >= 5 && !strcmp(argv[1], "udp_rr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_DGRAM, 0);
     if (argc >= 5 && !strcmp(argv[1], "tcp_crr")) return rr(argv[2], atoi(argv[3]), atof(argv[4]), SOCK_STREAM, 1);
-    if (argc >= 5 && !strcmp(argv[1], "udp_wait")) return udp_wait(argv[2], atoi(argv[3]), atof(argv[4]));
+    if (argc >= 5 && !strcmp(argv[1], "udp_wait"))
+        return udp_wait(argv[2], atoi(argv[3]), atof(argv[4]), argc >= 6 ? atol(argv[5]) : 100);
     if (argc >= 5 && !strcmp(argv[1], "flood")) return flood(argv[2], atoi(argv[3]), atof(argv[4]));
     fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
     return 2;

@@ -955,7 +955,8 @@ def agent_start(args: list[str]) -> dict[str, float]:
                PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
     log = open(os.path.join(work, "agent.log"), "wb")
     cmd = [AXONEME, "agent", "run", *args, "--state-dir", state, "--api-socket", sock,
-           "--pod-cidr", free_subnet() + ".0/24"]
+           "--pod-cidr", free_subnet() + ".0/24",
+           "--bpffs-root", f"/sys/fs/bpf/axb-agent-{secrets.token_hex(4)}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, start_new_session=True)
@@ -996,8 +997,11 @@ class Agent:
         self.state = os.path.join(self.work, "state")
         self.env = dict(os.environ, AXONEME_API_SOCKET=self.sock,
                         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        # its own bpffs root: pinned maps are never shared with another agent
+        # (a default-root agent of a test running beside the suite)
         self.cmd = [AXONEME, "agent", "run", *args, "--state-dir", self.state,
-                    "--api-socket", self.sock, "--pod-cidr", free_subnet() + ".0/24"]
+                    "--api-socket", self.sock, "--pod-cidr", free_subnet() + ".0/24",
+                    "--bpffs-root", f"/sys/fs/bpf/axb-agent-{secrets.token_hex(4)}"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120) -> float:
@@ -1073,7 +1077,9 @@ def bench_b5_agent(plan: Plan, res: Results, lg: str, order: list[str]) -> None:
     args = {"ebpf": ["--datapath", "ebpf", "--policy-map-max", map_max],
             "iptables-plain": ["--datapath", "iptables", "--iptables-mode", "plain"],
             "iptables-ipset": ["--datapath", "iptables", "--iptables-mode", "ipset"]}
-    for cond in order:
+    # AXONEME_B5A_CONDITIONS=ebpf,iptables-plain: these, in this order
+    only = [c for c in os.environ.get("AXONEME_B5A_CONDITIONS", "").split(",") if c in args]
+    for cond in only or order:
         with iptables_host_lock(cond):
             _b5_agent_one(plan, res, lg, cond, args[cond])
 
@@ -1120,10 +1126,18 @@ def _b5_agent_one(plan: Plan, res: Results, lg: str, cond: str, args: list[str])
         agent.close()
 
 
-def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float) -> subprocess.Popen[str]:
+def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float,
+           gap_us: int = 100) -> subprocess.Popen[str]:
     return subprocess.Popen(["nsenter", f"--net={cli_ns}", lg, "udp_wait", srv_ip, str(PORT),
-                             str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                             str(seconds), str(gap_us)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+# The waiting prober's gap: 100 us for eBPF (sub-ms latencies); 2 ms for
+# iptables, whose per-packet rule walk at N = 10k+ would turn 10k denied
+# packets a second into the machine's bottleneck (B2: ipset 10k forwards
+# ~150 packets/s) and slow the very change being measured.
+PROBE_GAP_US = {"agent-ebpf": 100}
 
 
 def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns: str,
@@ -1158,7 +1172,7 @@ def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns:
         before = _probe(lg, cli_ns, srv_ip, 0.3)
         before.communicate(timeout=30)
         denied_before = denied_before and before.returncode == 3
-        prober = _probe(lg, cli_ns, srv_ip, 120)
+        prober = _probe(lg, cli_ns, srv_ip, 120, PROBE_GAP_US.get(t.condition, 2000))
         time.sleep(0.05)  # the prober is sending before the change
         # CLOCK_MONOTONIC both here and in the prober (it prints when the echo came)
         t0 = time.monotonic()
