@@ -287,3 +287,13 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     ours = ap.cli("observe", "--last", "4000", "--verdict", "DROPPED", check=True).stdout
     assert "DROPPED BY client-egress (CiliumNetworkPolicy)" in ours, ours
     assert "DROPPED BY web-ingress (CiliumNetworkPolicy)" in ours, ours
+    # Hubble's filters and outputs in axoneme observe, through the agent
+    table = ap.cli("observe", "-o", "table", "--since", "10m", "--verdict", "DROPPED",
+                   "--to-ip", f"{web}/32", "--not", "--from-ip", ips["client"],
+                   check=True).stdout.splitlines()
+    assert table[0].split() == ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
+    assert len(table) > 1 and all("default/other" in row for row in table[1:]), table
+    assert any("DROPPED BY web-ingress (CiliumNetworkPolicy)" in row for row in table[1:]), table
+    blocks = ap.cli("observe", "-o", "dict", "--last", "5", "-n", "default", "--http-status", "403",
+                    check=True).stdout
+    assert "    VERDICT: DROPPED BY web-ingress" in blocks and "       TYPE: http-" in blocks, blocks
