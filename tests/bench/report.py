@@ -180,6 +180,9 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
       f"{p['seed']}; traffic N: " + "; ".join(f"{LABEL[c]} {list(v)}" for c, v in p['sizes'].items()))
     w(f"- command: `{command}` (full suite: `scripts/bench`; quick: "
       "`AXONEME_BENCH_QUICK=1 .venv/bin/python -m pytest tests/bench -m bench -q`)")
+    for key, note in sorted(res.extra.items()):
+        if key.startswith("note"):
+            w(f"- note: {note}")
     w("")
     w("## Method\n")
     w("One session; every repetition runs all (condition, N) pairs in a freshly shuffled order; "

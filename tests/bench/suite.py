@@ -1342,14 +1342,20 @@ def _group(bench: str, cond: str) -> str:
 
 
 def merge(res: Results, old: dict[str, Any], ran: Sequence[str]) -> None:
-    """Keep an earlier run's trials of the benchmarks not run now (same plan shape)."""
+    """Keep an earlier run's trials of the benchmarks not run now (same plan
+    shape); with AXONEME_B5A_CONDITIONS, B5A trials of the other conditions too."""
+    only = {f"agent-{c}" for c in os.environ.get("AXONEME_B5A_CONDITIONS", "").split(",") if c}
+
+    def kept(group: str, cond: str) -> bool:
+        return group not in ran or (group == "B5A" and bool(only) and cond not in only)
+
     for t in old["trials"]:
-        if _group(t["bench"], t["condition"]) not in ran:
+        if kept(_group(t["bench"], t["condition"]), t["condition"]):
             res.trials.append(Trial(**t))
     for k, v in old["not_run"].items():
         head, _, rest = k.partition("/")
         group = "B5A" if head == "B5" and rest.startswith("agent-") else head
-        if group not in ran and k not in res.not_run:
+        if kept(group, rest.split("/")[0]) and k not in res.not_run:
             res.not_run[k] = v
     res.plan = old["plan"]
     res.machine = {**old["machine"], "merged_date": res.machine["date"]}
