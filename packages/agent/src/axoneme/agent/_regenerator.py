@@ -54,8 +54,10 @@ def _can(dp: Datapath, capability: str) -> bool:
     return not caps or capability in caps
 
 
-# Up to this many pending keys/prefixes a regeneration runs on the agent's loop.
+# Up to this many pending keys/prefixes a regeneration runs on the agent's
+# loop, while the last such one took less than INLINE_COST_S.
 INLINE_CHANGES = 64
+INLINE_COST_S = 0.002
 
 
 class Regenerator:
@@ -81,6 +83,7 @@ class Regenerator:
         self.retry_delay = 1.0
         self.retry_at = 0.0
         self.after_regenerate: Callable[[], None] = lambda: None  # the agent's gauges
+        self._small_cost = float("inf")  # how long the last small regeneration took
 
     # -- raw datapath access (serialised) ----------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -313,11 +316,17 @@ class Regenerator:
         a one-entry change is a few syscalls, the thread hop would cost more
         than the write); endpoint records say which endpoints are not ready
         (lock held)."""
-        if self.engine.pending_size() <= INLINE_CHANGES and not self._resync \
-                and self.ipcache_pending is None and self._lock_free():
+        small = (self.engine.pending_size() <= INLINE_CHANGES and not self._resync
+                 and self.ipcache_pending is None)
+        t0 = time.perf_counter()
+        if small and self._small_cost < INLINE_COST_S and self._lock_free():
             errors = self.regenerate_sync()
         else:
             errors = await asyncio.to_thread(self.regenerate_sync)
+        if small:
+            # datapaths differ (a BPF map write vs an iptables-restore): the
+            # loop runs small ones only while they stay cheap, whatever runs them
+            self._small_cost = time.perf_counter() - t0
         for rec in self.store.endpoints.values():
             if rec.id in errors:
                 rec.status = f"not-ready: {errors[rec.id]}"
