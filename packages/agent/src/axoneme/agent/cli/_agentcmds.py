@@ -17,6 +17,7 @@ from axoneme.agent.cli._agentconfig import build_agent_config
 from axoneme.agent.cli._output import add_list_flags, dump_json, emit, joined_labels, select, table
 from axoneme.agent.client import AgentClient, q
 from axoneme.core.errors import InvalidRule
+from axoneme.core.policy.api import staged_document
 from axoneme.core.policy.parse import load_documents, parse_policy
 
 LOG = logging.getLogger(__name__)
@@ -313,9 +314,8 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     if not parsed:
         raise UsageError(f"no policy found in {', '.join(paths)}")
     docs = [{"file": d.file, "index": d.index, "obj": d.obj} for _, d in parsed]
-    if args.audit:  # policy apply --audit (cli/_audit.py)
-        from axoneme.agent.cli._audit import stage_documents
-        stage_documents(docs)
+    if args.audit:  # policy apply --audit: staged, not enforced (cli/_audit.py)
+        docs = [{**d, "obj": staged_document(d["obj"])} for d in docs]
     res = client(args).post("/v1/policies", {"documents": docs})
     if args.output == "json":
         dump_json(res)

@@ -12,7 +12,7 @@ from axoneme.agent.cli import UsageError, add_output_flag
 from axoneme.agent.cli._agentcmds import add_socket_flag, client
 from axoneme.agent.cli._output import dump_json
 from axoneme.agent.cli._policyget import _matches, _wanted, _where, check_one
-from axoneme.core.policy.api import MODE_ANNOTATION
+from axoneme.core.policy.api import staged_document
 
 AUDIT_OPTION = "policy-audit-mode"
 
@@ -78,9 +78,7 @@ def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParse
 def stage_documents(docs: list[dict[str, Any]]) -> None:
     """``policy apply --audit``: annotate every document ``policy.axoneme.io/mode: audit``."""
     for d in docs:
-        obj = d["obj"] = dict(d["obj"])
-        meta = obj["metadata"] = dict(obj.get("metadata") or {})
-        meta["annotations"] = {**(meta.get("annotations") or {}), MODE_ANNOTATION: "audit"}
+        d["obj"] = staged_document(d["obj"])
 
 
 def cmd_policy_promote(args: argparse.Namespace) -> int:

@@ -67,6 +67,14 @@ class PolicyRef:
 # ``policy.axoneme.io/mode: audit`` is computed as if enforced but only
 # reported (flows with verdict AUDIT); ``enforce`` (or no annotation) enforces.
 MODE_ANNOTATION = "policy.axoneme.io/mode"
+
+
+def staged_document(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of policy document ``obj`` annotated ``policy.axoneme.io/mode: audit``
+    (``policy apply --audit``): staged, counted and reported, not enforced."""
+    meta = dict(obj.get("metadata") or {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), MODE_ANNOTATION: "audit"}
+    return {**obj, "metadata": meta}
 MODES = ("enforce", "audit")
 
 
