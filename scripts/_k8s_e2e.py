@@ -127,7 +127,10 @@ def write_results(dest: Path, summary: dict[str, object], tests: list[dict[str, 
     lines = [f"# Upstream NetworkPolicy e2e: {summary['datapath']}", "",
              f"- date: {summary['date']}", f"- Kubernetes (e2e.test and cluster): {summary['kubernetes']}",
              f"- axoneme: {summary['axoneme']}", f"- focus: `{summary['focus']}`",
-             f"- skip: `{summary['skip'] or '-'}`", f"- duration: {summary['duration_s']} s",
+             f"- skip: `{summary['skip'] or '-'}`",
+             *([f"- left out for a missing machine capability: {summary['left_out']}"]
+               if summary.get("left_out") else []),
+             f"- duration: {summary['duration_s']} s",
              f"- **{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped**",
              "", "| test | outcome | s |", "|---|---|---|"]
     for t in sorted(tests, key=lambda t: t["name"]):
@@ -189,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if inner:
         focus = f"{FOCUS}.*({inner})"
     skip = args.skip or ""
+    left_out = ""
     if not sctp_available():
+        left_out = ("[Feature:SCTPConnectivity] (SCTP connections): this kernel has no SCTP "
+                    "(an SCTP socket cannot be made); the SCTP-policy tests that probe TCP run")
         say("the kernel has no SCTP: the suite's [Feature:SCTPConnectivity] tests are left out")
         skip = "|".join(x for x in (skip, r"\[Feature:SCTPConnectivity\]") if x)
 
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"datapath": label, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "kubernetes": version, "axoneme": head, "focus": focus, "skip": skip,
                "duration_s": round(duration), "total_s": round(time.monotonic() - t0),
-               "e2e_exit": rc, **counts}
+               "e2e_exit": rc, "left_out": left_out, **counts}
     write_results(dest, summary, tests)
     write_junit(dest / "junit.xml", junits)
     if not args.keep_cluster and not was_up:
