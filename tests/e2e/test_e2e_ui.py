@@ -7,7 +7,7 @@ drop); write the default deny, enforced, in the policy editor (first a bad port:
 shown at its field), see the what-if delta (the observed flows it would drop), take the
 recommended policies as drafts, see that deny + recommended flips no observed flow, apply, and
 see the edge of a new, unexpected connection turn red after its probe is dropped. Each step
-writes a screenshot to docs/ui/ (the README shows them).
+writes a screenshot to docs/ui/ with AXONEME_UPDATE_SCREENSHOTS=1 (the README shows them).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
 REPO = Path(__file__).resolve().parents[2]
-SHOTS = REPO / "docs" / "ui"
+# the README's screenshots are refreshed with AXONEME_UPDATE_SCREENSHOTS=1; any other run
+# writes them to a temporary directory (a test run never changes tracked files)
+SHOTS = REPO / "docs" / "ui" if os.environ.get("AXONEME_UPDATE_SCREENSHOTS") == "1" else \
+    Path(tempfile.gettempdir()) / f"axoneme-ui-shots-{os.getpid()}"
 CHROMIUM = "/usr/lib/chromium/chromium"
 AXONEME = str(Path(sys.executable).parent / "axoneme")
 RED = "rgb(198,40,40)"  # VERDICT_COLOURS.DROPPED in ui/src/map.jsx
