@@ -195,3 +195,13 @@ def kernel_agent_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def conftest_module() -> Any:
+    """The shared tests/conftest.py module (AgentProcess, free_pod_cidr, probe helpers),
+    as loaded by pytest (importlib import mode: not importable by name)."""
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None) or ""
+        if f.endswith(os.path.join("tests", "conftest.py")) and hasattr(mod, "AgentProcess"):
+            return mod
+    raise RuntimeError("tests/conftest.py is not loaded")

@@ -94,14 +94,6 @@ def hubble_cli() -> str:
     return path
 
 
-def _conftest() -> Any:
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None) or ""
-        if f.endswith(os.path.join("tests", "conftest.py")) and hasattr(mod, "AgentProcess"):
-            return mod
-    raise RuntimeError("tests/conftest.py is not loaded")
-
-
 class Hubble:
     def __init__(self, cli: str, server: str, home: Path, *tls: str) -> None:
         self.cli, self.server, self.home, self.tls = cli, server, home, tls
@@ -129,7 +121,7 @@ def node(request: pytest.FixtureRequest, guard: str) -> Iterator[Any]:
     if reason:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    cf = _conftest()
+    cf = _testnet.conftest_module()
     with _testnet.kernel_agent_lock():
         workdir = Path(tempfile.mkdtemp(prefix="axhub-", dir="/tmp"))
         certs = make_certs(workdir / "certs")

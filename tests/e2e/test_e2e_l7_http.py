@@ -21,7 +21,6 @@ import random
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -62,15 +61,6 @@ KEEPALIVE_CLIENT = textwrap.dedent('''\
     out["same_connection"] = conn.sock is sock and conn.sock.getsockname() == name
     print(json.dumps(out))
 ''')
-
-
-def _conftest() -> Any:
-    """The shared tests/conftest.py module (AgentProcess, free_pod_cidr, probe helpers)."""
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None) or ""
-        if f.endswith(os.path.join("tests", "conftest.py")) and hasattr(mod, "AgentProcess"):
-            return mod
-    raise RuntimeError("tests/conftest.py is not loaded")
 
 
 def _unavailable(name: str, mode: str) -> str | None:
@@ -245,7 +235,7 @@ def cluster(request: pytest.FixtureRequest, guard: str) -> Iterator[Cluster]:
     if reason:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    cf = _conftest()
+    cf = _testnet.conftest_module()
     node_lock = _testnet.kernel_agent_lock()
     node_lock.__enter__()
     if name == "iptables":
@@ -502,7 +492,7 @@ def test_policy_change_applies_to_open_keepalive_connection(cl: Cluster) -> None
                                '[{method: GET, path: "/public"}]'))
     ready, go = cl.tmp / f"ready-{secrets.token_hex(3)}", cl.tmp / f"go-{secrets.token_hex(3)}"
     client = cl.agent.workdir / "keepalive_client.py"
-    proc = subprocess.Popen([_conftest().AXONEME, "pod", "exec", "app2", "--", PYTHON, "-u", str(client),
+    proc = subprocess.Popen([_testnet.conftest_module().AXONEME, "pod", "exec", "app2", "--", PYTHON, "-u", str(client),
                              shop, str(ready), str(go)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cl.agent.env())
