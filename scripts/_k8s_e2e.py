@@ -87,36 +87,35 @@ def sctp_available() -> bool:
         return False
 
 
+SUITE_NODES = ("[SynchronizedBeforeSuite]", "[SynchronizedAfterSuite]", "[ReportAfterSuite]",
+               "[ReportBeforeSuite]", "[BeforeSuite]", "[AfterSuite]")
+
+
+def filtered_out(case: ET.Element) -> bool:
+    """A spec the focus/skip filtered out (Ginkgo's bare "skipped"): not part of the run.
+    A skip the suite decides itself carries its reason."""
+    skipped = case.find("skipped")
+    return skipped is not None and (skipped.get("message") or "") in ("", "skipped")
+
+
 def parse_junit(path: Path) -> list[dict[str, str]]:
-    """The outcome of each test the run selected (Ginkgo's JUnit report)."""
+    """The outcome of each test the run selected (Ginkgo's JUnit report); a suite
+    node (before/after suite) only when it failed."""
     out = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if filtered_out(case):
+            continue
         name = case.get("name") or ""
-        if name.startswith(("[SynchronizedBeforeSuite]", "[SynchronizedAfterSuite]",
-                            "[ReportAfterSuite]", "[ReportBeforeSuite]", "[BeforeSuite]",
-                            "[AfterSuite]")):
-            fail = case.find("failure")
-            if fail is None:
-                fail = case.find("error")
-            if fail is not None:
-                out.append({"name": name, "outcome": "failed",
-                            "message": (fail.get("message") or "")[:2000]})
-            continue
-        skipped = case.find("skipped")
-        if skipped is not None:
-            message = skipped.get("message") or ""
-            # filtered out by focus/skip (Ginkgo's bare "skipped"): not part of the run;
-            # a skip the suite decides carries its reason
-            if message in ("", "skipped"):
-                continue
-            out.append({"name": name, "outcome": "skipped", "message": message[:2000],
-                        "time_s": case.get("time") or "0"})
-            continue
         fail = case.find("failure")
         if fail is None:
             fail = case.find("error")
-        out.append({"name": name, "outcome": "failed" if fail is not None else "passed",
-                    "message": ((fail.get("message") or "") if fail is not None else "")[:2000],
+        skipped = case.find("skipped")
+        if name.startswith(SUITE_NODES) and fail is None:
+            continue
+        outcome, why = (("failed", fail) if fail is not None else
+                        ("skipped", skipped) if skipped is not None else ("passed", None))
+        out.append({"name": name, "outcome": outcome,
+                    "message": ((why.get("message") or "") if why is not None else "")[:2000],
                     "time_s": case.get("time") or "0"})
     return out
 
@@ -149,8 +148,7 @@ def write_junit(path: Path, junits: list[Path]) -> None:
                                                    if k in ("name", "package", "time", "timestamp")})
             n = 0
             for case in suite.iter("testcase"):
-                skipped = case.find("skipped")
-                if skipped is not None and (skipped.get("message") or "") in ("", "skipped"):
+                if filtered_out(case):
                     continue
                 keep.append(case)
                 n += 1
