@@ -75,8 +75,8 @@ def slice_backends(eps: Obj) -> dict[tuple[str, str], list[Backend]]:
     ready = []
     for ep in eps.get("endpoints") or []:
         cond = ep.get("conditions") or {}
-        # kube-proxy: ready (unset means ready), or serving and not terminating
-        # when nothing else is; ready is what a client should get
+        # ready endpoints only (unset means ready); kube-proxy's fallback to
+        # serving-but-terminating endpoints is not done
         if cond.get("ready") is False:
             continue
         ready += [ip for ip in (_v4(a) for a in ep.get("addresses") or []) if ip]
@@ -131,7 +131,7 @@ class ServiceTable:
             found = by_service.get(svc, {})
             for p in ports:
                 backends = tuple(sorted(found.get((p.name, p.protocol), ()),
-                                        key=lambda b: (tuple(int(x) for x in b[0].split(".")), b[1])))
+                                        key=lambda b: (IPv4Address(b[0]), b[1])))
                 for ip in ips:
                     out[(ip, p.protocol, p.port)] = backends
         return out
