@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
@@ -218,11 +219,7 @@ def kafka(request: pytest.FixtureRequest, guard: str, datapath_probe: Any) -> It
     if reason is not None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    # conftest's AgentProcess, from the loaded conftest module (importlib import mode)
-    conftest = next(m for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None) and
-                    Path(m.__file__).resolve() == Path(__file__).resolve().parents[1] /
-                    "conftest.py")
+    conftest = _testnet.conftest_module()
     # the iptables datapath's chains (AXON-PRE, AXON-EP-<id>-*) are host-wide: one
     # iptables agent at a time among the tests that take this lock
     lock = open("/tmp/axoneme-iptables-datapath.lock", "w")
