@@ -11,9 +11,16 @@
 3. e2e.test with Ginkgo's focus on the NetworkPolicy tests (the `Netpol`
    suite: `[Feature:NetworkPolicy]`, UDP, SCTP where the kernel has it, and the
    API tests), its JUnit report in the results directory;
-4. the per-test outcome and the summary (date, versions, datapath, duration)
-   as results.json and README.md there; the last line printed is
-   `N passed, M failed, K skipped`. Exit 0 only when nothing failed.
+4. the differential (scripts/_k8s_differential.py): while the tests run, the
+   cluster's states and the kernel's verdicts (the agent's flows) are
+   recorded; afterwards every pod-to-pod attempt is decided offline by the
+   engine of `axoneme policy trace/matrix` with the state it happened in, and
+   each disagreement is listed (differential.json; `--no-differential` leaves
+   it out);
+5. the per-test outcome and the summary (date, versions, datapath, duration,
+   the differential's counts) as results.json and README.md there; the last
+   line printed is `N passed, M failed, K skipped`. Exit 0 only when nothing
+   failed and the engine agreed with the kernel on every attempt.
 
 Only tests the focus selects are counted: a spec Ginkgo filtered out is not
 "skipped". A test the suite skips itself (e.g. SCTP when the kernel has no
@@ -27,11 +34,15 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _k8s_differential as differential  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / ".cluster"
@@ -131,12 +142,26 @@ def write_results(dest: Path, summary: dict[str, object], tests: list[dict[str, 
                if summary.get("left_out") else []),
              f"- duration: {summary['duration_s']} s",
              f"- **{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped**",
+             *_differential_lines(summary.get("differential")),
              "", "| test | outcome | s |", "|---|---|---|"]
     for t in sorted(tests, key=lambda t: t["name"]):
         name = t["name"].replace("[It] ", "").replace("|", "\\|")
         why = f" ({t['message'].splitlines()[0][:120]})" if t["outcome"] != "passed" and t["message"] else ""
         lines.append(f"| {name} | {t['outcome']}{why} | {float(t.get('time_s') or 0):.0f} |")
     (dest / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _differential_lines(d: object) -> list[str]:
+    if not isinstance(d, dict):
+        return []
+    lines = [f"- differential (`axoneme policy trace` offline vs the kernel, every pod-to-pod "
+             f"attempt the tests made, in the cluster state it was made in): "
+             f"**{d['connections']} connections, {d['attempts']} attempts, {d['states_with_attempts']} "
+             f"states, {len(d['disagreements'])} disagreements** (differential.json)"]
+    for x in d["disagreements"][:20]:
+        lines.append(f"  - {x['from']} -> {x['to']} {x['port']}/{x['protocol']}: kernel {x['kernel']}, "
+                     f"engine {x['engine']}")
+    return lines
 
 
 def write_junit(path: Path, junits: list[Path]) -> None:
@@ -166,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", choices=("ci",), help="ci: the bounded subset CI runs")
     p.add_argument("--keep-cluster", action="store_true",
                    help="leave the cluster up afterwards (default: leave it as found)")
+    p.add_argument("--no-differential", dest="differential", action="store_false",
+                   help="do not record the cluster's states and flows to compare with the engine")
     p.add_argument("--results", type=Path, help="results directory (default: "
                    "conformance-results/<datapath>, or a temporary one for --focus/--subset)")
     args = p.parse_args(argv)
@@ -217,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     if skip:
         cmd.append(f"--ginkgo.skip={skip}")
     log = work / "e2e.log"
+    recorder = None
+    if args.differential:
+        diff_work = work / "differential"
+        if diff_work.exists():
+            shutil.rmtree(diff_work)
+        recorder = differential.Recorder([str(CLUSTER / "bin" / "kubectl"),
+                                          f"--kubeconfig={CLUSTER / 'kubeconfig'}"], diff_work)
+        recorder.start()
     say(f"running e2e.test (log: {log})")
     t1 = time.monotonic()
     with open(log, "w") as f:
@@ -230,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(line.rstrip(), flush=True)
         rc = proc.wait()
     duration = time.monotonic() - t1
+    diff_result = None
+    if recorder is not None:
+        recorder.stop()
+        diff_result = differential.decide(differential.windows_of(recorder.polls),
+                                          differential.load_flows(recorder.flows_file),
+                                          recorder.work)
+        for err in recorder.errors[:10]:
+            say(f"differential: {err}")
     junits = sorted(report.glob("*.xml"))
     if not junits:
         say(f"error: e2e.test (exit {rc}) wrote no JUnit report; see {log}")
@@ -243,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                "kubernetes": version, "axoneme": head, "focus": focus, "skip": skip,
                "duration_s": round(duration), "total_s": round(time.monotonic() - t0),
                "e2e_exit": rc, "left_out": left_out, **counts}
+    if diff_result is not None:
+        summary["differential"] = diff_result.to_json()
+        (dest / "differential.json").write_text(json.dumps(diff_result.to_json(), indent=2) + "\n")
     write_results(dest, summary, tests)
     write_junit(dest / "junit.xml", junits)
     if not args.keep_cluster and not was_up:
@@ -250,9 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     for t in tests:
         if t["outcome"] != "passed":
             say(f"{t['outcome'].upper()}: {t['name']}: {t['message'].splitlines()[0] if t['message'] else ''}")
+    agreed = True
+    if diff_result is not None:
+        for x in diff_result.disagreements:
+            say(f"DISAGREEMENT: {x.attempt.source} -> {x.attempt.destination} "
+                f"{x.attempt.port}/{x.attempt.protocol}: kernel "
+                f"{'admitted' if x.attempt.admitted else 'dropped'}, engine {x.engine}: {x.reproduce}")
+        say(diff_result.summary())
+        agreed = not diff_result.disagreements and diff_result.attempts > 0
+        if diff_result.attempts == 0:
+            say("differential: error: no attempt was decided (were any flows recorded?)")
     say(f"results in {dest} (e2e.test's log and full report: {work})")
     print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
-    return 0 if counts["failed"] == 0 and rc == 0 else 1
+    return 0 if counts["failed"] == 0 and rc == 0 and agreed else 1
 
 
 if __name__ == "__main__":

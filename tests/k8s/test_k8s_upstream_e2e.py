@@ -3,7 +3,8 @@
 CI runs `scripts/k8s-e2e --subset ci` (the three ipBlock tests that Cilium
 fails and skips, a named port, a namespace selector, default deny) on the eBPF
 datapath and on iptables; the full suite is `scripts/k8s-e2e` and its latest
-results are checked in under conformance-results/.
+results are checked in under conformance-results/. Both check the differential:
+the offline engine's verdict on every attempt the tests made against the kernel's.
 """
 
 from __future__ import annotations
@@ -38,3 +39,8 @@ def test_upstream_netpol_subset(cluster_session, datapath: str, tmp_path: Path) 
     assert results["failed"] == 0 and results["skipped"] == 0
     assert last == f"{results['passed']} passed, 0 failed, 0 skipped", last
     assert results["passed"] >= len(CI_SUBSET)
+    # the differential: the offline engine decided every pod-to-pod attempt the tests made, in
+    # the cluster state it was made in, as the kernel did
+    diff = results["differential"]
+    assert diff["attempts"] >= 100, diff
+    assert not diff["disagreements"], json.dumps(diff["disagreements"][:10], indent=1)

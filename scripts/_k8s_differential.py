@@ -1,0 +1,367 @@
+"""The differential of scripts/k8s-e2e: did `axoneme policy matrix` predict what the kernel did?
+
+While upstream's NetworkPolicy e2e tests run, two recorders watch the cluster:
+
+- the state: every second, `kubectl get namespaces,pods,networkpolicies -A -o json`
+  (every namespace but the system ones). Each distinct state (namespace
+  labels; pods with their labels, address and ports; NetworkPolicy specs) gets
+  a window: from the end of the first poll that showed it plus a settle time
+  (the agent's programming latency) to the start of the last poll that still
+  showed it. A connection seen outside every window (around a change) is not
+  decided: the kernel may be between two states there.
+- the kernel: every flow the agent reports, live (`axoneme observe -f -o json`
+  inside the agent pod, Hubble's JSON). Each attempt a pod makes to a pod is
+  an outcome: dropped by policy (a DROPPED flow with a policy drop reason, at
+  either end) or admitted (the destination pod's ingress verdict FORWARDED).
+
+Afterwards each window's pods, namespaces and policies are written as files
+(`state-N/cluster.json`, `state-N/policies.json`) and loaded into the offline
+engine of `axoneme policy trace/matrix`; every attempt in the window is decided
+with it. A disagreement (the kernel admitted what the engine denies, or the
+reverse) is a bug in one of them; each is listed with the `axoneme policy trace`
+command that reproduces the engine's side from those files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axoneme.core.cluster import Cluster
+from axoneme.core.mapstate import Protocol
+from axoneme.core.policy.engine import EngineOptions
+from axoneme.core.policy.observed import PASSED, POLICY_DROPS
+from axoneme.core.policy.parse import parse_policies
+from axoneme.core.policy.trace import DENIED, OfflineCluster, resolve_peer, trace
+
+SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SETTLE_S = 2.0
+POLL_S = 1.0
+
+Obj = Mapping[str, Any]
+
+
+# -- the state -------------------------------------------------------------------------
+
+def _pod_view(pod: Obj) -> dict[str, Any] | None:
+    """What of a pod decides policy; None while it has no address (or is finished)."""
+    meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+    if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    if spec.get("hostNetwork"):
+        return None
+    ports = [{k: p.get(k) for k in ("name", "containerPort", "protocol")}
+             for c in spec.get("containers") or [] for p in c.get("ports") or []]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": {"containers": [{"name": "c", "ports": ports}]},
+            "status": {"podIP": status["podIP"],
+                       "podIPs": status.get("podIPs") or [{"ip": status["podIP"]}]}}
+
+
+def state_of(items: Iterable[Obj]) -> dict[str, list[dict[str, Any]]]:
+    """Namespaces, pods and NetworkPolicies of a `kubectl get -A -o json` list, reduced to
+    what decides policy, in a stable order (so equal states compare equal)."""
+    namespaces, pods, policies = [], [], []
+    for item in items:
+        kind, meta = item.get("kind"), item.get("metadata") or {}
+        ns = meta.get("namespace") or meta.get("name")
+        if ns in SYSTEM_NAMESPACES:
+            continue
+        if kind == "Namespace":
+            namespaces.append({"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": meta.get("name"),
+                                            "labels": dict(meta.get("labels") or {})}})
+        elif kind == "Pod":
+            view = _pod_view(item)
+            if view is not None:
+                pods.append(view)
+        elif kind == "NetworkPolicy":
+            policies.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                             "metadata": {"name": meta.get("name"), "namespace": ns},
+                             "spec": item.get("spec") or {}})
+
+    def key(o: Obj) -> tuple[str, str]:
+        return (o["metadata"].get("namespace") or "", o["metadata"]["name"])
+
+    return {"namespaces": sorted(namespaces, key=key), "pods": sorted(pods, key=key),
+            "policies": sorted(policies, key=key)}
+
+
+def digest(state: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Window:
+    """One state and when it held for sure: [start, end] in epoch seconds."""
+
+    state: dict[str, list[dict[str, Any]]]
+    first_poll_end: float
+    last_poll_start: float
+
+    def bounds(self, settle: float) -> tuple[float, float]:
+        return self.first_poll_end + settle, self.last_poll_start
+
+
+def windows_of(polls: Sequence[tuple[float, float, dict[str, Any]]]) -> list[Window]:
+    """Polls (start, end, state), in time order -> one window per run of equal states."""
+    out: list[Window] = []
+    last = None
+    for start, end, state in polls:
+        d = digest(state)
+        if out and d == last:
+            out[-1].last_poll_start = start
+        else:
+            out.append(Window(state, end, start))
+            last = d
+    return out
+
+
+# -- the kernel ------------------------------------------------------------------------
+
+def _time(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value:
+        text = value.replace("Z", "+00:00")
+        if "." in text:  # Python < 3.11 wants at most 6 fraction digits
+            head, _, tail = text.partition(".")
+            digits = "".join(ch for ch in tail if ch.isdigit())
+            rest = tail[len(digits):]
+            text = f"{head}.{digits[:6]}{rest}"
+        try:
+            return dt.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One outcome the kernel gave a pod-to-pod attempt."""
+
+    time: float
+    source: str  # ns/pod
+    destination: str
+    source_ip: str
+    destination_ip: str
+    protocol: str
+    port: int
+    admitted: bool
+
+
+def attempt_of(flow: Obj) -> tuple[Attempt | None, str]:
+    """An attempt of one Hubble flow, or None and why it is not one."""
+    if "flow" in flow and isinstance(flow["flow"], Mapping):
+        flow = flow["flow"]
+    if flow.get("is_reply") is True:
+        return None, "reply"
+    when = _time(flow.get("time"))
+    verdict = str(flow.get("verdict") or "").upper()
+    if verdict == "DROPPED":
+        drop = str(flow.get("drop_reason_desc") or flow.get("drop_reason") or "")
+        if drop not in POLICY_DROPS:
+            return None, "dropped, not by policy"
+        admitted = False
+    elif verdict in PASSED:
+        if str(flow.get("traffic_direction") or "").upper() != "INGRESS":
+            return None, "egress verdict of an admitted attempt (its ingress one decides)"
+        admitted = True
+    else:
+        return None, "not a policy verdict"
+    l4 = flow.get("l4") or {}
+    proto = next((p for p in PROTOCOLS if isinstance(l4.get(p), Mapping)), None)
+    if proto is None:
+        return None, "not TCP, UDP or SCTP"
+    if proto == "TCP":
+        flags = (l4["TCP"].get("flags") or {})
+        if flags and not flags.get("SYN"):
+            return None, "TCP segment after the handshake"
+    ip = flow.get("IP") or {}
+    src, dst = flow.get("source") or {}, flow.get("destination") or {}
+    if not (src.get("pod_name") and dst.get("pod_name")):
+        return None, "not pod to pod"
+    if when is None:
+        return None, "no time"
+    return Attempt(when, f"{src.get('namespace')}/{src['pod_name']}",
+                   f"{dst.get('namespace')}/{dst['pod_name']}", str(ip.get("source")),
+                   str(ip.get("destination")), proto,
+                   int(l4[proto].get("destination_port") or 0), admitted), ""
+
+
+# -- recording -------------------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """The two recorders of the module doc, as threads around the e2e run."""
+
+    kubectl: list[str]  # kubectl and its --kubeconfig
+    work: Path
+    polls: list[tuple[float, float, dict[str, Any]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _observer: subprocess.Popen[str] | None = None
+
+    @property
+    def flows_file(self) -> Path:
+        return self.work / "flows.ndjson"
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.flows_file.write_text("")
+        for target in (self._poll, self._observe):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._observer is not None and self._observer.poll() is None:
+            self._observer.terminate()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            start = time.time()
+            res = subprocess.run([*self.kubectl, "get", "namespaces,pods,networkpolicies", "-A",
+                                  "-o", "json"], capture_output=True, text=True, timeout=60)
+            end = time.time()
+            if res.returncode == 0:
+                self.polls.append((start, end, state_of(json.loads(res.stdout)["items"])))
+            else:
+                self.errors.append(f"kubectl get: {res.stderr.strip()[:200]}")
+            self._stop.wait(max(0.0, POLL_S - (end - start)))
+
+    def _observe(self) -> None:
+        # the stream ends if the exec is cut: start it again (a gap shows as fewer attempts)
+        with open(self.flows_file, "a") as out:
+            while not self._stop.is_set():
+                self._observer = subprocess.Popen(
+                    [*self.kubectl, "-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme",
+                     "observe", "-f", "-o", "json"], stdout=out, stderr=subprocess.PIPE, text=True)
+                _, err = self._observer.communicate()
+                if not self._stop.is_set():
+                    self.errors.append(f"observe ended ({self._observer.returncode}): "
+                                       f"{err.strip()[:200]}; restarted")
+                    self._stop.wait(1.0)
+
+
+# -- deciding --------------------------------------------------------------------------
+
+@dataclass
+class Disagreement:
+    window: int
+    attempt: Attempt
+    engine: str  # ALLOWED / DENIED (the engine's verdict)
+    reproduce: str
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.attempt
+        return {"state": self.window, "time": a.time, "from": a.source, "to": a.destination,
+                "source_ip": a.source_ip, "destination_ip": a.destination_ip,
+                "protocol": a.protocol, "port": a.port,
+                "kernel": "admitted" if a.admitted else "dropped", "engine": self.engine,
+                "reproduce": self.reproduce}
+
+
+@dataclass
+class Result:
+    states: int = 0  # windows with at least one decided attempt
+    windows: int = 0
+    attempts: int = 0
+    connections: int = 0  # distinct (state, from, to, protocol, port) decided
+    disagreements: list[Disagreement] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, why: str, n: int = 1) -> None:
+        if n:
+            self.skipped[why] = self.skipped.get(why, 0) + n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"windows": self.windows, "states_with_attempts": self.states,
+                "attempts": self.attempts, "connections": self.connections,
+                "disagreements": [d.to_json() for d in self.disagreements],
+                "skipped": dict(sorted(self.skipped.items()))}
+
+    def summary(self) -> str:
+        return (f"differential: {self.connections} connections ({self.attempts} attempts) in "
+                f"{self.states} cluster states decided offline, "
+                f"{len(self.disagreements)} disagreements with the kernel")
+
+
+def decide(windows: Sequence[Window], flows: Iterable[Obj], work: Path,
+           settle: float = SETTLE_S) -> Result:
+    """Every attempt in a window, decided by the offline engine of that window's state."""
+    result = Result(windows=len(windows))
+    bounds = [w.bounds(settle) for w in windows]
+    by_window: dict[int, list[Attempt]] = {}
+    for flow in flows:
+        attempt, why = attempt_of(flow)
+        if attempt is None:
+            result.skip(why)
+            continue
+        hit = next((i for i, (lo, hi) in enumerate(bounds) if lo <= attempt.time <= hi), None)
+        if hit is None:
+            result.skip("around a change of the cluster's state (no settled state)")
+            continue
+        by_window.setdefault(hit, []).append(attempt)
+    for i, attempts in sorted(by_window.items()):
+        state = windows[i].state
+        pods = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["status"]["podIP"]
+                for p in state["pods"]}
+        known = [a for a in attempts if pods.get(a.source) == a.source_ip
+                 and pods.get(a.destination) == a.destination_ip]
+        result.skip("a pod (or its address) not in the recorded state", len(attempts) - len(known))
+        if not known:
+            continue
+        d = work / f"state-{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        cluster_file, policy_file = d / "cluster.json", d / "policies.json"
+        cluster_file.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                            "items": state["namespaces"] + state["pods"]}, indent=1))
+        policy_file.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                           "items": state["policies"]}, indent=1))
+        env = OfflineCluster.build(Cluster.load([str(cluster_file)]),
+                                   parse_policies([str(policy_file)]) if state["policies"] else [],
+                                   EngineOptions())
+        result.states += 1
+        verdicts: dict[tuple[str, str, str, int], str] = {}
+        for a in known:
+            key = (a.source, a.destination, a.protocol, a.port)
+            if key not in verdicts:
+                r = trace(env, resolve_peer(env, a.source, "from"),
+                          resolve_peer(env, a.destination, "to"), Protocol[a.protocol], a.port)
+                verdicts[key] = "DENIED" if r.verdict == DENIED else "ALLOWED"
+            result.attempts += 1
+            if (verdicts[key] == "ALLOWED") != a.admitted:
+                result.disagreements.append(Disagreement(
+                    i, a, verdicts[key],
+                    f"axoneme policy trace --cluster {cluster_file} -f {policy_file} "
+                    f"--from {a.source} --to {a.destination} --port {a.port}/{a.protocol}"))
+        result.connections += len(verdicts)
+    return result
+
+
+def load_flows(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
