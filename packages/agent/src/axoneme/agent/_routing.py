@@ -1,0 +1,485 @@
+"""Pod-to-pod routing between nodes: the kernel routes to other nodes' pod CIDRs.
+
+Each Node object of the API says where its pods live (``spec.podCIDR``) and
+how to reach the node (``status.addresses``, InternalIP). The agent keeps
+this node's kernel in step with the other nodes, in one of Cilium's two
+routing modes (``routing_mode``, ``agent run --routing-mode``):
+
+- ``native`` (Cilium's native routing with auto-direct-node-routes): one
+  route per remote pod CIDR via that node's IP,
+  ``ip route replace 10.244.1.0/24 via 10.255.253.2 proto 164``. The node's
+  IP must be on a directly connected network (the kernel refuses the route
+  otherwise: that node is reported, the others are routed).
+- ``tunnel`` (Cilium's VXLAN tunnel): one VXLAN device of ours,
+  ``axon_vxlan`` (Cilium: ``cilium_vxlan``), UDP port 8472 (the Linux VXLAN
+  port Cilium uses), VNI 1, no learning, its address ``local`` = this node's
+  IP, its MAC derived from that IP (``vtep_mac``: ``0e:ae`` + the four bytes
+  of the address, so every node knows every other node's VTEP MAC without
+  asking). Per remote node: the route ``<pod CIDR> via <node IP> dev
+  axon_vxlan onlink proto 164``, a permanent neighbour ``<node IP> lladdr
+  vtep_mac(node IP) dev axon_vxlan`` and an FDB entry ``vtep_mac(node IP)
+  dev axon_vxlan dst <node IP>``: a packet to a remote pod leaves
+  encapsulated in UDP to the remote node, which decapsulates it on its own
+  ``axon_vxlan`` and forwards it to the pod. The device's MTU is the
+  underlay's (at most 1500) minus the 50 bytes of VXLAN over IPv4.
+
+What is ours is found by name, never by guessing: routes by their protocol
+number (``ROUTE_PROTO`` = 164, in the main table), neighbours and FDB
+entries by the device, the device by its name. ``NodeRouting.apply`` is
+idempotent and diffs what the kernel holds against what the nodes say (a
+node added, changed or deleted: its routes/entries follow; a mode switch
+removes the other mode's state); ``cleanup`` removes all of it. Nothing else
+is touched: no other link, no route of another protocol (a route of another
+protocol with a pod CIDR as its exact destination is left alone and the node
+reported), never a default route (a pod CIDR must be IPv4, /8 or longer, and
+not contain any node's address).
+
+Kubernetes mode runs ``RoutingService``: Node events from the informer
+(``KubernetesSource.listeners``) -> ``NodeInfo`` -> ``NodeRouting.apply`` in
+a worker thread, one at a time. On a clean stop the routes stay, like the
+datapath's enforcement (other nodes keep reaching this node's pods while its
+agent restarts); ``axoneme agent cleanup`` and a restart without Kubernetes
+mode remove them (the state file records that routing was on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from axoneme.core.errors import AxonemeError
+
+LOG = logging.getLogger(__name__)
+
+MODES = ("native", "tunnel")
+ROUTE_PROTO = 164  # our routes' protocol number (rtm_protocol): how they are found again
+VXLAN_DEVICE = "axon_vxlan"
+VXLAN_PORT = 8472
+VXLAN_VNI = 1
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MIN_PREFIXLEN = 8  # a pod CIDR shorter than this is refused: never a default-ish route
+
+__all__ = ["MODES", "ROUTE_PROTO", "VXLAN_DEVICE", "VXLAN_PORT", "Desired", "NodeInfo",
+           "NodeRouting", "Route", "RoutingError", "RoutingService", "desired_state",
+           "node_info", "vtep_mac"]
+
+
+class RoutingError(AxonemeError):
+    """The kernel refused a routing change (the node it was for is reported)."""
+
+
+# -- the nodes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node as routing needs it: its name, address and pod CIDR (IPv4)."""
+
+    name: str
+    ip: ipaddress.IPv4Address | None
+    pod_cidr: ipaddress.IPv4Network | None
+
+
+def node_info(obj: Mapping[str, Any]) -> NodeInfo:
+    """A Node object of the API -> NodeInfo: the first IPv4 of ``spec.podCIDRs``
+    (else ``spec.podCIDR``) and the first IPv4 InternalIP of
+    ``status.addresses`` (else ExternalIP, as Cilium). Missing or malformed:
+    None in that field (the node is then not routed, and says why)."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    cidrs = [c for c in (spec.get("podCIDRs") or []) if isinstance(c, str)]
+    if isinstance(spec.get("podCIDR"), str):
+        cidrs.append(spec["podCIDR"])
+    pod_cidr = None
+    for text in cidrs:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network):
+            pod_cidr = net
+            break
+    ip = None
+    addresses = [a for a in status.get("addresses") or [] if isinstance(a, dict)]
+    for kind in ("InternalIP", "ExternalIP"):
+        for a in addresses:
+            if a.get("type") != kind:
+                continue
+            try:
+                addr = ipaddress.ip_address(str(a.get("address")))
+            except ValueError:
+                continue
+            if isinstance(addr, ipaddress.IPv4Address):
+                ip = addr
+                break
+        if ip is not None:
+            break
+    return NodeInfo(str(meta.get("name") or ""), ip, pod_cidr)
+
+
+def vtep_mac(ip: ipaddress.IPv4Address) -> str:
+    """The VXLAN device MAC of the node with address ``ip`` (locally administered
+    unicast ``0e:ae`` + the address), known to every node without asking."""
+    return "0e:ae:" + ":".join(f"{b:02x}" for b in ip.packed)
+
+
+# -- what the kernel should hold ------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, order=True)
+class Route:
+    """``dst via gateway [dev device onlink] proto ROUTE_PROTO``."""
+
+    dst: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    device: str = ""  # tunnel mode: the VXLAN device (onlink); native: the kernel picks
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Neighbour:
+    ip: ipaddress.IPv4Address
+    mac: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FdbEntry:
+    mac: str
+    dst: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """This node's routing state. ``device_local`` is the VXLAN device's local
+    address (tunnel mode), None when no device should exist."""
+
+    mode: str
+    routes: frozenset[Route] = frozenset()
+    neighbours: frozenset[Neighbour] = frozenset()
+    fdb: frozenset[FdbEntry] = frozenset()
+    device_local: ipaddress.IPv4Address | None = None
+    problems: Mapping[str, str] = field(default_factory=dict)  # node name -> why not routed
+    owners: Mapping[ipaddress.IPv4Network, str] = field(default_factory=dict)  # dst -> node
+
+
+def desired_state(mode: str, local: NodeInfo | None, remotes: Iterable[NodeInfo]) -> Desired:
+    """What the kernel of node ``local`` should hold to reach ``remotes``' pods.
+
+    A remote node is skipped (named in ``problems``) when:
+    1. it has no IPv4 address or no IPv4 pod CIDR;
+    2. its pod CIDR is shorter than /8, or contains its own, this node's or
+       another node's address (it would swallow node traffic);
+    3. its pod CIDR overlaps this node's pod CIDR (this node's pods win);
+    4. its pod CIDR overlaps one of a remote node whose name sorts first,
+       or its address is this node's or such a node's;
+    5. tunnel mode and this node has no address (no VXLAN device then).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown routing mode {mode!r} (one of {', '.join(MODES)})")
+    problems: dict[str, str] = {}
+    remotes = sorted((n for n in remotes if local is None or n.name != local.name),
+                     key=lambda n: n.name)
+    node_ips = {n.ip for n in remotes if n.ip is not None}
+    if local is not None and local.ip is not None:
+        node_ips.add(local.ip)
+    if mode == "tunnel" and (local is None or local.ip is None):
+        return Desired(mode, problems={n.name: "tunnel mode: this node has no IPv4 address "
+                                               "(status.addresses InternalIP)" for n in remotes})
+    taken: list[tuple[ipaddress.IPv4Network, str]] = []
+    if local is not None and local.pod_cidr is not None:
+        taken.append((local.pod_cidr, f"this node's pod CIDR ({local.name})"))
+    seen_ips: dict[ipaddress.IPv4Address, str] = {}
+    if local is not None and local.ip is not None:
+        seen_ips[local.ip] = f"this node ({local.name})"
+    routes: set[Route] = set()
+    neighbours: set[Neighbour] = set()
+    fdb: set[FdbEntry] = set()
+    owners: dict[ipaddress.IPv4Network, str] = {}
+    for node in remotes:
+        if node.ip is None:
+            problems[node.name] = "no IPv4 address (status.addresses InternalIP)"
+            continue
+        if node.pod_cidr is None:
+            problems[node.name] = "no IPv4 pod CIDR (spec.podCIDR)"
+            continue
+        cidr = node.pod_cidr
+        if cidr.prefixlen < MIN_PREFIXLEN:
+            problems[node.name] = f"pod CIDR {cidr} is shorter than /{MIN_PREFIXLEN}"
+            continue
+        inside = sorted(str(ip) for ip in node_ips if ip in cidr)
+        if inside:
+            problems[node.name] = f"pod CIDR {cidr} contains node address {inside[0]}"
+            continue
+        clash = next((who for net, who in taken if net.overlaps(cidr)), None)
+        if clash is not None:
+            problems[node.name] = f"pod CIDR {cidr} overlaps {clash}"
+            continue
+        if node.ip in seen_ips:
+            problems[node.name] = f"address {node.ip} is also {seen_ips[node.ip]}"
+            continue
+        taken.append((cidr, f"node {node.name}'s pod CIDR"))
+        seen_ips[node.ip] = f"node {node.name}"
+        owners[cidr] = node.name
+        if mode == "native":
+            routes.add(Route(cidr, node.ip))
+        else:
+            routes.add(Route(cidr, node.ip, VXLAN_DEVICE))
+            neighbours.add(Neighbour(node.ip, vtep_mac(node.ip)))
+            fdb.add(FdbEntry(vtep_mac(node.ip), node.ip))
+    return Desired(mode, frozenset(routes), frozenset(neighbours), frozenset(fdb),
+                   local.ip if mode == "tunnel" and local is not None else None, problems,
+                   owners)
+
+
+# -- the kernel -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What of ours the kernel holds."""
+
+    routes: frozenset[Route]
+    device: dict[str, Any] | None  # `ip -d -j link show` of the VXLAN device, if any
+    neighbours: frozenset[Neighbour]
+    fdb: frozenset[FdbEntry]
+
+
+class NodeRouting:
+    """Keeps one network namespace's routing in step with a ``Desired`` state.
+
+    ``netns``: a named network namespace (``ip -n``), None for the agent's own.
+    Not thread-safe: one caller at a time (``RoutingService`` serialises)."""
+
+    def __init__(self, netns: str | None = None, device: str = VXLAN_DEVICE,
+                 port: int = VXLAN_PORT, vni: int = VXLAN_VNI, proto: int = ROUTE_PROTO) -> None:
+        self.netns = netns
+        self.device = device
+        self.port = port
+        self.vni = vni
+        self.proto = proto
+        self.problems: dict[str, str] = {}  # node name -> why it is not routed
+        self.applied: Desired | None = None
+
+    # -- commands ---------------------------------------------------------------------------
+    def _cmd(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [tool] + (["-n", self.netns] if self.netns else []) + list(args)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise RoutingError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
+        return proc
+
+    def _json(self, tool: str, *args: str) -> list[dict[str, Any]]:
+        out = self._cmd(tool, "-j", *args, check=False)
+        if out.returncode != 0 or not out.stdout.strip():
+            return []
+        data = json.loads(out.stdout)
+        return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+    # -- reading ----------------------------------------------------------------------------
+    def observe(self) -> Observed:
+        routes = set()
+        for r in self._json("ip", "-4", "route", "show", "table", "main", "proto",
+                            str(self.proto)):
+            try:
+                dst = ipaddress.IPv4Network(r["dst"])
+                gw = ipaddress.IPv4Address(r["gateway"])
+            except (KeyError, ValueError):
+                # ours by protocol, but not a shape we make: remove it too
+                routes.add(Route(ipaddress.IPv4Network(_dst(r)), ipaddress.IPv4Address(0),
+                                 "?"))
+                continue
+            dev = str(r.get("dev") or "")
+            routes.add(Route(dst, gw, dev if dev == self.device else ""))
+        links = self._json("ip", "-d", "link", "show", "dev", self.device)
+        device = links[0] if links else None
+        neighbours: set[Neighbour] = set()
+        fdb: set[FdbEntry] = set()
+        if device is not None:
+            for n in self._json("ip", "-4", "neigh", "show", "dev", self.device):
+                if "PERMANENT" in (n.get("state") or []) and n.get("lladdr"):
+                    neighbours.add(Neighbour(ipaddress.IPv4Address(n["dst"]), n["lladdr"]))
+            for f in self._json("bridge", "fdb", "show", "dev", self.device):
+                if f.get("dst") and f.get("mac"):
+                    try:
+                        fdb.add(FdbEntry(f["mac"], ipaddress.IPv4Address(f["dst"])))
+                    except ValueError:
+                        continue
+        return Observed(frozenset(routes), device, frozenset(neighbours), frozenset(fdb))
+
+    def _device_ok(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address) -> bool:
+        if dev is None:
+            return False
+        info = ((dev.get("linkinfo") or {}).get("info_data") or {})
+        return ((dev.get("linkinfo") or {}).get("info_kind") == "vxlan"
+                and info.get("id") == self.vni and info.get("port") == self.port
+                and info.get("local") == str(local) and not info.get("learning", False)
+                and str(dev.get("address")) == vtep_mac(local)
+                and "UP" in (dev.get("flags") or []))
+
+    def _underlay_mtu(self, local: ipaddress.IPv4Address) -> int:
+        for link in self._json("ip", "-4", "addr", "show"):
+            if any(a.get("local") == str(local) for a in link.get("addr_info") or []):
+                return int(link.get("mtu") or 1500)
+        return 1500
+
+    # -- writing ----------------------------------------------------------------------------
+    def apply(self, desired: Desired) -> dict[str, str]:
+        """Make the kernel hold exactly ``desired`` (of what is ours). Idempotent.
+        Returns the nodes not routed and why (``desired``'s problems plus the
+        kernel's refusals)."""
+        problems = dict(desired.problems)
+        before = self.observe()
+        # routes first out, devices last: nothing points at a device being removed
+        for route in sorted(before.routes - desired.routes):
+            self._cmd("ip", "route", "del", str(route.dst), "proto", str(self.proto),
+                      check=False)
+        if desired.device_local is None:
+            if before.device is not None:
+                self._cmd("ip", "link", "del", "dev", self.device, check=False)
+        else:
+            made = self._ensure_device(before.device, desired.device_local)
+            now = self.observe() if made else before
+            for n in sorted(now.neighbours - desired.neighbours):
+                self._cmd("ip", "neigh", "del", str(n.ip), "dev", self.device, check=False)
+            for f in sorted(now.fdb - desired.fdb):
+                self._cmd("bridge", "fdb", "del", f.mac, "dev", self.device, "dst", str(f.dst),
+                          check=False)
+            for f in sorted(desired.fdb - now.fdb):
+                self._cmd("bridge", "fdb", "replace", f.mac, "dev", self.device, "dst",
+                          str(f.dst), "self", "permanent")
+            for n in sorted(desired.neighbours - now.neighbours):
+                self._cmd("ip", "neigh", "replace", str(n.ip), "lladdr", n.mac, "dev",
+                          self.device, "nud", "permanent")
+        by_dst = {r.dst: r for r in before.routes}
+        foreign = self._foreign_routes({r.dst for r in desired.routes})
+        for route in sorted(desired.routes):
+            if by_dst.get(route.dst) == route:
+                continue
+            node = desired.owners.get(route.dst, str(route.dst))
+            if route.dst in foreign:
+                problems[node] = (f"the kernel already has a route to {route.dst} that is not "
+                                  f"ours ({foreign[route.dst]}): left alone")
+                continue
+            argv = ["route", "replace", str(route.dst), "via", str(route.gateway)]
+            if route.device:
+                argv += ["dev", route.device, "onlink"]
+            proc = self._cmd("ip", *argv, "proto", str(self.proto), check=False)
+            if proc.returncode != 0:
+                problems[node] = f"ip {' '.join(argv)}: {proc.stderr.strip()}"
+                LOG.warning("routing: node %s not routed: %s", node, problems[node])
+        self.problems = problems
+        self.applied = desired
+        return problems
+
+    def _ensure_device(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address) -> bool:
+        """The VXLAN device as it should be; True when it was (re)made."""
+        if self._device_ok(dev, local):
+            return False
+        if dev is not None:  # another local address or shape: make it again
+            self._cmd("ip", "link", "del", "dev", self.device, check=False)
+        mtu = min(self._underlay_mtu(local), 1500) - VXLAN_OVERHEAD
+        self._cmd("ip", "link", "add", self.device, "address", vtep_mac(local), "mtu", str(mtu),
+                  "type", "vxlan", "id", str(self.vni), "local", str(local), "dstport",
+                  str(self.port), "nolearning")
+        for key, value in (("rp_filter", "0"), ("forwarding", "1")):
+            self._sysctl(f"net.ipv4.conf.{self.device}.{key}", value)
+        self._cmd("ip", "link", "set", self.device, "up")
+        return True
+
+    def _sysctl(self, key: str, value: str) -> None:
+        argv = (["ip", "netns", "exec", self.netns] if self.netns else []) + [
+            "sysctl", "-qw", f"{key}={value}"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            LOG.warning("routing: %s=%s: %s", key, value, proc.stderr.strip())
+
+    def _foreign_routes(self, dsts: set[ipaddress.IPv4Network]) -> dict[ipaddress.IPv4Network, str]:
+        """Routes of the main table to exactly one of ``dsts`` that are not ours."""
+        out = {}
+        for r in self._json("ip", "-4", "route", "show", "table", "main"):
+            if r.get("protocol") == str(self.proto) or str(r.get("protocol")) == str(self.proto):
+                continue
+            try:
+                dst = ipaddress.IPv4Network(_dst(r))
+            except ValueError:
+                continue
+            if dst in dsts:
+                out[dst] = f"dev {r.get('dev', '?')} proto {r.get('protocol', '?')}"
+        return out
+
+    def cleanup(self) -> int:
+        """Remove every route and the device of ours (its neighbours and FDB
+        entries go with it). Idempotent; returns how many routes and devices
+        went."""
+        before = self.observe()
+        self.apply(Desired("native"))  # no routes, no device
+        after = self.observe()
+        return (len(before.routes) - len(after.routes)
+                + int(before.device is not None and after.device is None))
+
+    def view(self) -> dict[str, Any]:
+        d = self.applied
+        return {"mode": d.mode if d else "", "device": self.device if d and d.device_local else "",
+                "routes": sorted(f"{r.dst} via {r.gateway}{' dev ' + r.device if r.device else ''}"
+                                 for r in (d.routes if d else ())),
+                "problems": dict(sorted(self.problems.items()))}
+
+
+def _dst(route: Mapping[str, Any]) -> str:
+    dst = str(route.get("dst") or "")
+    return "0.0.0.0/0" if dst == "default" else dst
+
+
+# -- the agent's side (Kubernetes mode) ------------------------------------------------------
+
+class RoutingService:
+    """Node events in, this node's routes out (in a worker thread, one at a time)."""
+
+    def __init__(self, mode: str, node: str, kernel: NodeRouting | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown routing mode {mode!r} (one of {', '.join(MODES)})")
+        self.mode = mode
+        self.node = node
+        self.kernel = kernel if kernel is not None else NodeRouting()
+        self.nodes: dict[str, NodeInfo] = {}
+        self._lock = threading.Lock()
+        self.on_applied: Callable[[Desired], None] | None = None
+
+    async def on_node_events(self, events: Sequence[tuple[str, Mapping[str, Any]]],
+                             initial: bool) -> None:
+        changed = False
+        for kind, obj in events:
+            info = node_info(obj)
+            if kind == "DELETED":
+                changed |= self.nodes.pop(info.name, None) is not None
+            elif self.nodes.get(info.name) != info:
+                self.nodes[info.name] = info
+                changed = True
+        if changed or initial:
+            await asyncio.to_thread(self.reconcile)
+
+    def desired(self) -> Desired:
+        local = self.nodes.get(self.node)
+        return desired_state(self.mode, local, self.nodes.values())
+
+    def reconcile(self) -> dict[str, str]:
+        with self._lock:
+            want = self.desired()
+            problems = self.kernel.apply(want)
+        for name, why in sorted(problems.items()):
+            LOG.warning("routing (%s): node %s is not routed: %s", self.mode, name, why)
+        LOG.info("routing (%s): %d remote pod CIDRs routed", self.mode, len(want.routes))
+        if self.on_applied is not None:
+            self.on_applied(want)
+        return problems
+
+    def cleanup(self) -> None:
+        with self._lock:
+            self.kernel.cleanup()
+
+    def view(self) -> dict[str, Any]:
+        return {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes)}

@@ -1,0 +1,250 @@
+"""Node routing on the real kernel, without Kubernetes: two "nodes" as network
+namespaces of ours joined by a bridge of ours (in a third namespace, so the
+host's own network is never involved), each with a pod namespace behind a
+veth as the agent wires pods (the pod's /32, a permanent gateway neighbour,
+the node's /32 route to the pod). ``NodeRouting`` runs for each node in its
+namespace (``ip -n``) and pods talk across nodes in native and in tunnel
+mode; a node removed takes its routes and FDB entries with it; cleanup
+leaves nothing.
+
+Address plan: node network 10.255.252.0/24 (only inside these namespaces),
+pods 10.244.100.0/24 (node a) and 10.244.101.0/24 (node b).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from axoneme.agent._routing import (
+    ROUTE_PROTO,
+    VXLAN_DEVICE,
+    NodeInfo,
+    NodeRouting,
+    desired_state,
+    vtep_mac,
+)
+from axoneme.testing.capability import lacks_root, lacks_tools
+from axoneme.testing.netns import add_netns, del_netns
+
+pytestmark = [pytest.mark.privileged]
+
+GATEWAY = "169.254.1.1"
+NODE_NET = "10.255.252.0/24"
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    pod_netns: str
+    ip: str
+    pod_cidr: str
+    pod_ip: str
+
+    @property
+    def info(self) -> NodeInfo:
+        return NodeInfo(self.name, ipaddress.IPv4Address(self.ip),
+                        ipaddress.IPv4Network(self.pod_cidr))
+
+
+def sh(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(full)}: {proc.stderr.strip()}")
+    return proc
+
+
+def _make_node(wire: str, tag: str, name: str, ip: str, pod_cidr: str, pod_ip: str) -> Node:
+    node = Node(name, f"axrn-{tag}-{name}", f"axrp-{tag}-{name}", ip, pod_cidr, pod_ip)
+    add_netns(node.netns)
+    add_netns(node.pod_netns)
+    # the node's "uplink": a veth to the wire bridge
+    sh("ip", "-n", wire, "link", "add", f"w{name}", "type", "veth", "peer", "name", "und0",
+       "netns", node.netns)
+    sh("ip", "-n", wire, "link", "set", f"w{name}", "master", "br0", "up")
+    sh("ip", "-n", node.netns, "addr", "add", f"{ip}/24", "dev", "und0")
+    sh("ip", "-n", node.netns, "link", "set", "und0", "up")
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node.netns)
+    # the pod, wired as the agent wires it (_netlink.setup_endpoint)
+    sh("ip", "-n", node.netns, "link", "add", "lxc0", "type", "veth", "peer", "name", "eth0",
+       "netns", node.pod_netns)
+    sh("ip", "-n", node.netns, "link", "set", "lxc0", "up")
+    host_mac = json.loads(sh("ip", "-j", "-n", node.netns, "link", "show", "lxc0").stdout)[0][
+        "address"]
+    sh("ip", "-n", node.pod_netns, "addr", "add", f"{pod_ip}/32", "dev", "eth0")
+    sh("ip", "-n", node.pod_netns, "link", "set", "eth0", "up")
+    sh("ip", "-n", node.pod_netns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
+    sh("ip", "-n", node.pod_netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+    sh("ip", "-n", node.pod_netns, "neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0",
+       "nud", "permanent")
+    sh("ip", "-n", node.netns, "route", "add", f"{pod_ip}/32", "dev", "lxc0", "scope", "link")
+    return node
+
+
+@pytest.fixture
+def nodes() -> Iterator[tuple[Node, Node]]:
+    why = lacks_root() or lacks_tools("ip", "bridge", "sysctl", "ping")
+    if why:
+        pytest.skip(why)
+    tag = secrets.token_hex(3)
+    wire = f"axrw-{tag}"
+    made = [wire]
+    try:
+        add_netns(wire)
+        sh("ip", "-n", wire, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", wire, "link", "set", "br0", "up")
+        a = _make_node(wire, tag, "a", "10.255.252.1", "10.244.100.0/24", "10.244.100.10")
+        made += [a.netns, a.pod_netns]
+        b = _make_node(wire, tag, "b", "10.255.252.2", "10.244.101.0/24", "10.244.101.10")
+        made += [b.netns, b.pod_netns]
+        yield a, b
+    finally:
+        for ns in reversed(made):  # the links and routes of each go with it
+            del_netns(ns)
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert tag not in left
+
+
+def ping(src: Node, dst: Node) -> bool:
+    return sh("ping", "-c", "1", "-W", "1", dst.pod_ip, netns=src.pod_netns,
+              check=False).returncode == 0
+
+
+_TCP = textwrap.dedent("""\
+    import socket, sys
+    role, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if role == "serve":
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ip, port)); s.listen(1); print("ready", flush=True)
+        c, peer = s.accept(); data = c.recv(100); c.sendall(data + b" from " + peer[0].encode())
+        c.close()
+    else:
+        c = socket.create_connection((ip, port), timeout=3); c.sendall(b"hello")
+        print(c.recv(200).decode())
+""")
+
+
+def tcp(src: Node, dst: Node, port: int = 8080) -> str:
+    """One TCP exchange from src's pod to dst's pod; what the server answered."""
+    server = subprocess.Popen(["ip", "netns", "exec", dst.pod_netns, sys.executable, "-c", _TCP,
+                               "serve", dst.pod_ip, str(port)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        out = sh(sys.executable, "-c", _TCP, "connect", dst.pod_ip, str(port),
+                 netns=src.pod_netns, check=False)
+        return out.stdout.strip()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def our_routes(node: Node) -> list[dict[str, object]]:
+    out = sh("ip", "-j", "-n", node.netns, "-4", "route", "show", "proto", str(ROUTE_PROTO))
+    return json.loads(out.stdout or "[]")
+
+
+def device(node: Node) -> dict[str, object] | None:
+    out = sh("ip", "-j", "-n", node.netns, "-s", "link", "show", VXLAN_DEVICE, check=False)
+    return json.loads(out.stdout)[0] if out.returncode == 0 else None
+
+
+def fdb(node: Node) -> list[dict[str, object]]:
+    out = sh("bridge", "-j", "-n", node.netns, "fdb", "show", "dev", VXLAN_DEVICE, check=False)
+    return [f for f in json.loads(out.stdout or "[]") if f.get("dst")] if out.returncode == 0 \
+        else []
+
+
+def route_all(mode: str, a: Node, b: Node) -> tuple[NodeRouting, NodeRouting]:
+    ka, kb = NodeRouting(netns=a.netns), NodeRouting(netns=b.netns)
+    for kernel, me in ((ka, a), (kb, b)):
+        problems = kernel.apply(desired_state(mode, me.info, [a.info, b.info]))
+        assert problems == {}
+    return ka, kb
+
+
+def test_native_routing_pod_to_pod_across_nodes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert not ping(a, b)  # no route yet: the node drops it
+    ka, kb = route_all("native", a, b)
+    assert [(r["dst"], r["gateway"]) for r in our_routes(a)] == [(b.pod_cidr, b.ip)]
+    assert device(a) is None  # native: no tunnel device
+    assert ping(a, b) and ping(b, a)
+    assert tcp(a, b) == f"hello from {a.pod_ip}"  # the pod's own address, no NAT
+    # idempotent: the same state again changes nothing and keeps traffic flowing
+    before = our_routes(a)
+    assert ka.apply(desired_state("native", a.info, [a.info, b.info])) == {}
+    assert our_routes(a) == before and ping(a, b)
+    # reconcile: node b deleted -> its route is gone on a, b's pods unreachable
+    ka.apply(desired_state("native", a.info, [a.info]))
+    assert our_routes(a) == [] and not ping(a, b)
+    # cleanup: nothing of ours left on either node
+    ka.cleanup()
+    kb.cleanup()
+    assert our_routes(a) == our_routes(b) == []
+
+
+def test_tunnel_routing_pod_to_pod_across_nodes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    ka, kb = route_all("tunnel", a, b)
+    dev = device(a)
+    assert dev is not None and dev["address"] == vtep_mac(ipaddress.IPv4Address(a.ip))
+    assert int(dev["mtu"]) == 1450
+    assert [(r["dst"], r["gateway"], r["dev"]) for r in our_routes(a)] == \
+        [(b.pod_cidr, b.ip, VXLAN_DEVICE)]
+    assert [(f["mac"], f["dst"]) for f in fdb(a)] == [(vtep_mac(ipaddress.IPv4Address(b.ip)),
+                                                       b.ip)]
+    sent = int(device(a)["stats64"]["tx"]["packets"])  # type: ignore[index]
+    got = int(device(b)["stats64"]["rx"]["packets"])  # type: ignore[index]
+    assert ping(a, b) and ping(b, a)
+    assert tcp(a, b) == f"hello from {a.pod_ip}"
+    # the packets went through the tunnel devices, not routed on the wire
+    assert int(device(a)["stats64"]["tx"]["packets"]) > sent  # type: ignore[index]
+    assert int(device(b)["stats64"]["rx"]["packets"]) > got  # type: ignore[index]
+    # without the tunnel the wire does not route pod addresses: switch b to
+    # native while a stays tunnel -> a's packets reach b, b's replies cannot go
+    # encapsulated; back to tunnel and it works again (the mode switch is exact)
+    kb.apply(desired_state("native", b.info, [a.info, b.info]))
+    assert device(b) is None and [r.get("dev") for r in our_routes(b)] == ["und0"]
+    kb.apply(desired_state("tunnel", b.info, [a.info, b.info]))
+    assert device(b) is not None and ping(a, b)
+    # reconcile: node b deleted on a -> its route, neighbour and FDB entry go
+    ka.apply(desired_state("tunnel", a.info, [a.info]))
+    assert our_routes(a) == [] and fdb(a) == [] and not ping(a, b)
+    neigh = sh("ip", "-j", "-n", a.netns, "neigh", "show", "dev", VXLAN_DEVICE).stdout
+    assert json.loads(neigh or "[]") == []
+    # cleanup: no route, no device
+    assert kb.cleanup() == 2  # b's route and its device
+    ka.cleanup()
+    for n in (a, b):
+        assert our_routes(n) == [] and device(n) is None
+
+
+def test_foreign_routes_and_unreachable_nodes_are_left_alone(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    # a route of someone else's to a pod CIDR a node announces: never replaced
+    sh("ip", "-n", a.netns, "route", "add", "blackhole", "10.244.102.0/24")
+    c = NodeInfo("c", ipaddress.IPv4Address("10.255.252.3"), ipaddress.IPv4Network("10.244.102.0/24"))
+    # a node whose address is not on a connected network: the kernel refuses the route
+    d = NodeInfo("d", ipaddress.IPv4Address("10.255.99.4"), ipaddress.IPv4Network("10.244.103.0/24"))
+    ka = NodeRouting(netns=a.netns)
+    problems = ka.apply(desired_state("native", a.info, [a.info, b.info, c, d]))
+    assert set(problems) == {"c", "d"}
+    assert "not ours" in problems["c"]
+    assert [r["dst"] for r in our_routes(a)] == [b.pod_cidr]
+    routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
+    assert [r.get("type") for r in routes] == ["blackhole"]
+    assert ping(a, b) is False  # b has no route back: only a was routed
+    ka.cleanup()
+    routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
+    assert [r.get("type") for r in routes] == ["blackhole"]  # cleanup leaves it too
+    assert our_routes(a) == []
