@@ -30,6 +30,7 @@ from axoneme.core.policy.api import (
     PortProtocol,
     PortRule,
     Rule,
+    ServicePeer,
 )
 from axoneme.core.policy.fqdn import fqdn_selector
 from axoneme.core.policy.walk import item, join
@@ -69,6 +70,8 @@ ICMP_TYPES: dict[str, dict[str, int]] = {
 
 
 class _CiliumParser(_ParserBase):
+    services = False  # a Service source resolves toServices (else it is refused)
+
     def cilium_policy(self, m: Mapping[str, Any], ref: PolicyRef) -> list[Rule]:
         w = self.w
         specs: list[tuple[str, object]] = []
@@ -185,6 +188,9 @@ class _CiliumParser(_ParserBase):
         }
         if deny and not ingress:
             unsupported["toFQDNs"] = "toFQDNs is not allowed in deny rules"
+            # Cilium translates toServices in egress allow rules only: in a deny
+            # rule it would deny nothing
+            unsupported["toServices"] = "toServices is not allowed in deny rules"
         m = w.mapping(value, path, allowed, unsupported)
         if m is None:
             return None
@@ -229,11 +235,11 @@ class _CiliumParser(_ParserBase):
                 got_cidr = self.cidr_set(cm, cp, except_field="except")
                 if got_cidr is not None:
                     peers.append(got_cidr)
-        services = False
         if not ingress:
             for i, s in enumerate(present("toServices")):
-                self.to_service(s, item(join(path, "toServices"), i))
-                services = True
+                got_svc = self.to_service(s, item(join(path, "toServices"), i))
+                if got_svc is not None:
+                    peers.append(got_svc)
             for i, f in enumerate(present("toFQDNs")):
                 got_fqdn = fqdn_selector(w, f, item(join(path, "toFQDNs"), i))
                 if got_fqdn is not None:
@@ -243,8 +249,6 @@ class _CiliumParser(_ParserBase):
                 w.problem(join(path, "toFQDNs"), f"toFQDNs cannot be combined with {others} in one rule")
 
         port_items = w.list(m.get("toPorts"), join(path, "toPorts"))
-        if services and port_items:
-            w.problem(join(path, "toServices"), "toServices cannot be combined with toPorts")
         port_rules: list[PortRule] = []
         for i, pr in enumerate(port_items):
             got_pr = self.port_rule(pr, item(join(path, "toPorts"), i), direction, deny, host)
@@ -280,38 +284,53 @@ class _CiliumParser(_ParserBase):
                 Requirement(f"k8s:{POD_NAMESPACE_LABEL}", Operator.IN, frozenset({self.namespace})))
         return EndpointPeer(sel)
 
-    def to_service(self, value: object, path: str) -> None:
+    def to_service(self, value: object, path: str) -> ServicePeer | None:
+        """One toServices item (Cilium ``api.Service``): exactly one of
+        ``k8sService {serviceName, namespace}`` and ``k8sServiceSelector
+        {selector, namespace}``; an empty or absent namespace matches the
+        Service in every namespace (Cilium). Refused where no Service source
+        exists (``services`` off): nothing would ever match it."""
         w = self.w
         before = len(w.problems)
         m = w.mapping(value, path, ("k8sService", "k8sServiceSelector"))
         if m is None:
-            return
+            return None
         present = [k for k in ("k8sService", "k8sServiceSelector") if m.get(k) is not None]
         if len(present) != 1:
             w.problem(path, "exactly one of k8sService or k8sServiceSelector is required")
-            return
+            return None
         sp = join(path, present[0])
+        name: str | None = None
+        selector: LabelSelector | None = None
+        namespace: str | None = None
         if present[0] == "k8sService":
             sm = w.mapping(m["k8sService"], sp, ("serviceName", "namespace"))
             if sm is not None:
                 if sm.get("serviceName") is None:
                     w.problem(join(sp, "serviceName"), "missing required field \"serviceName\"")
                 else:
-                    w.string(sm["serviceName"], join(sp, "serviceName"), allow_empty=False)
-                w.opt_string(sm, "namespace", sp)
+                    name = w.string(sm["serviceName"], join(sp, "serviceName"), allow_empty=False)
+                namespace = w.opt_string(sm, "namespace", sp)
         else:
             sm = w.mapping(m["k8sServiceSelector"], sp, ("selector", "namespace"))
             if sm is not None:
                 if sm.get("selector") is None:
                     w.problem(join(sp, "selector"), "missing required field \"selector\"")
                 else:
-                    self.selector(sm["selector"], join(sp, "selector"))
-                w.opt_string(sm, "namespace", sp)
-        if len(w.problems) == before:
+                    selector = self.selector(sm["selector"], join(sp, "selector"))
+                namespace = w.opt_string(sm, "namespace", sp)
+        if len(w.problems) != before:
+            return None
+        if not self.services:
             # A field that is parsed is enforced or refused: toServices needs the
-            # Services/EndpointSlices of a cluster, and no source provides them yet.
-            w.problem(path, "toServices is not supported: no Service source (select the "
-                            "backends with toEndpoints, or their addresses with toCIDRSet)")
+            # Services/EndpointSlices of a cluster (the agent in Kubernetes mode,
+            # or Service/EndpointSlice objects given to an offline command).
+            w.problem(path, "toServices is not supported here: no Service source (the agent "
+                            "in Kubernetes mode resolves it; offline, give the Services and "
+                            "EndpointSlices with --cluster; or select the backends with "
+                            "toEndpoints, their addresses with toCIDRSet)")
+            return None
+        return ServicePeer(name=name, selector=selector, namespace=namespace or None, path=path)
 
     def port_rule(
         self, value: object, path: str, direction: Direction, deny: bool, host: bool,

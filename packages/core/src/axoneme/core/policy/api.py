@@ -147,7 +147,22 @@ class FQDNPeer:
     match_pattern: str | None = None
 
 
-Peer = EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer
+@dataclass(frozen=True, slots=True)
+class ServicePeer:
+    """toServices: ``k8sService`` (``name``) or ``k8sServiceSelector``
+    (``selector`` over the Service's labels); ``namespace`` None = the
+    Service's namespace does not matter (Cilium: an empty namespace matches
+    every namespace). The engine replaces it by the peers the matching
+    Services give (``axoneme.core.policy.services``); ``path`` is where it
+    was written, for errors."""
+
+    name: str | None = None
+    selector: LabelSelector | None = None
+    namespace: str | None = None
+    path: str = field(default="", compare=False)
+
+
+Peer = EndpointPeer | EntityPeer | CIDRPeer | FQDNPeer | ServicePeer
 
 
 # --- ports and L7 ---------------------------------------------------------------

@@ -12,7 +12,10 @@ change computes only the entries it touches:
   peer rules that look at the cluster's addresses (egress named ports,
   CIDR peers over pod/node addresses) when an address, its identity or its
   named ports changed (node addresses too);
-- a selector's selection change (identities, toFQDNs): the peer rules using it.
+- a selector's selection change (identities, toFQDNs): the peer rules using it;
+- a Service change (toServices, ``update_services``): the policies whose
+  toServices match it are translated again (``services``) and, when their
+  rules changed, upserted as above.
 Changed keys accumulate until ``pending_changes()`` hands them out, so the
 cost of a change follows the entries it changes, not the endpoint's size.
 Bulk loads (``batch``), audit mode and staged policies rebuild whole
@@ -25,7 +28,7 @@ import ipaddress
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,6 +53,13 @@ from axoneme.core.policy._selectorcache import Selector, SelectorCache
 from axoneme.core.policy.api import ADDRESS_NODES, ADDRESS_PODS, FQDNPeer, Policy, PolicyRef, Rule
 from axoneme.core.policy.audit import resolve_audited
 from axoneme.core.policy.repository import PolicyRepository, policy_cidrs, policy_selectors
+from axoneme.core.policy.services import (
+    Service,
+    ServiceKey,
+    has_service_peers,
+    policy_uses,
+    translate,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -127,6 +137,8 @@ class PolicyEngine:
         self._host_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
         self._audit_endpoints: set[int] = set()  # per-endpoint audit mode (PolicyAuditMode)
+        self._services: dict[ServiceKey, Service] = {}  # toServices: what the source said
+        self._svc_sources: dict[PolicyRef, Policy] = {}  # policies with toServices, as given
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -156,19 +168,34 @@ class PolicyEngine:
 
     # -- policies ------------------------------------------------------------------
     def policies(self) -> list[Policy]:
+        """The applied policies as given (toServices not translated)."""
         with self._lock:
-            return self._repo.policies()
+            return [self._svc_sources.get(p.ref, p) for p in self._repo.policies()]
 
     def policy_count(self) -> int:
         with self._lock:
             return len(self._repo)
 
     def get_policy(self, ref: PolicyRef) -> Policy | None:
+        """The policy as given (toServices not translated)."""
         with self._lock:
-            return self._repo.get(ref)
+            return self._svc_sources.get(ref) or self._repo.get(ref)
 
     def upsert_policy(self, policy: Policy) -> int:
-        """Add or replace (by ref). Raises PolicyError (and changes nothing) on an L7 conflict."""
+        """Add or replace (by ref). Raises PolicyError (and changes nothing) on an L7 conflict.
+
+        A policy with toServices is kept as given and enforced translated
+        with the Services known now (``services.translate``)."""
+        with self._lock:
+            if not has_service_peers(policy):
+                rev = self._put_policy(policy)
+                self._svc_sources.pop(policy.ref, None)
+                return rev
+            rev = self._put_policy(translate(policy, self._services))
+            self._svc_sources[policy.ref] = policy
+            return rev
+
+    def _put_policy(self, policy: Policy) -> int:
         with self._lock:
             old = self._repo.get(policy.ref)
             changed = self._add_cidrs(policy_cidrs(policy))
@@ -207,6 +234,7 @@ class PolicyEngine:
             old = self._repo.remove(ref)
             if old is None:
                 raise PolicyError(f"no policy {ref}")
+            self._svc_sources.pop(ref, None)
             self._recompute(self._endpoints_selected(old))
             self._release_policy(old)
             return self._repo.revision
@@ -278,6 +306,49 @@ class PolicyEngine:
             changed |= self._cache.set_fqdn(peer, frozenset(self._cidr_ids[n].id for n in nets))
             changed |= self._remove_cidrs(old - nets)
             self._recompute(self._dependents(changed), sels=changed)
+
+    # -- toServices ------------------------------------------------------------------
+    def services(self) -> list[Service]:
+        with self._lock:
+            return [self._services[k] for k in sorted(self._services)]
+
+    def set_services(self, services: Iterable[Service]) -> None:
+        """Replace every known Service (a full list); see ``update_services``."""
+        with self._lock:
+            new = {s.key: s for s in services}
+            changed: dict[ServiceKey, Service | None] = {
+                k: new.get(k) for k in self._services.keys() | new.keys()
+                if self._services.get(k) != new.get(k)}
+            self.update_services(changed)
+
+    def update_services(self, changed: Mapping[ServiceKey, Service | None]) -> list[PolicyRef]:
+        """Services changed (None: deleted): the policies whose toServices match
+        the old or new version are translated again and, when their rules
+        changed, upserted (Cilium's updateToServicesPolicies). Returns those
+        refs; one the engine refuses (an L7 conflict) keeps its previous
+        translation and is logged."""
+        with self._lock:
+            olds = {k: self._services.get(k) for k in changed}
+            for k, svc in changed.items():
+                if svc is None:
+                    self._services.pop(k, None)
+                else:
+                    self._services[k] = svc
+            out = []
+            for ref, src in sorted(self._svc_sources.items()):
+                if not any(policy_uses(src, s) for k, new in changed.items()
+                           for s in (olds[k], new)):
+                    continue
+                pol = translate(src, self._services)
+                cur = self._repo.get(ref)
+                if cur is not None and cur.rules == pol.rules:
+                    continue
+                try:
+                    self._put_policy(pol)
+                    out.append(ref)
+                except PolicyError as e:
+                    LOG.error("%s: toServices after a Service change refused: %s", ref, e)
+            return out
 
     def identities(self) -> list[Identity]:
         """Every identity the engine knows (reserved, endpoints, CIDR, extra)."""

@@ -15,9 +15,13 @@ Where axoneme differs from Cilium on purpose:
   yet"). ``toFQDNs`` mixed with other L3 fields is rejected as in Cilium.
 - ``icmps`` together with ``toPorts`` is accepted (traffic must match one
   of them); Cilium rejects it.
-- ``toServices`` is validated and then refused ("no Service source"): no
-  source of Services/EndpointSlices exists yet, and a field is enforced or
-  refused, never accepted and ignored.
+- ``toServices`` is parsed into ``ServicePeer`` where a Service source
+  will resolve it (``services=True``: the agent in Kubernetes mode, offline
+  commands given Service objects; ``axoneme.core.policy.services``) and
+  refused everywhere else ("no Service source"): a field is enforced or
+  refused, never accepted and ignored. It may be combined with ``toPorts``
+  (current Cilium: the ports apply to the Services' peers); it is refused in
+  deny rules (Cilium translates it in allow rules only).
 - A NetworkPolicy ``ipBlock`` matches pod and node addresses too, per
   address (upstream Kubernetes; Cilium matches non-cluster peers only);
   Cilium's CIDR fields keep Cilium's meaning unless the engine's
@@ -86,10 +90,16 @@ _METADATA_FIELDS = (
 )
 
 
-def parse_policy(doc: Document) -> Policy:
-    """Parse one document; raises ``InvalidRule`` listing all its problems."""
+def parse_policy(doc: Document, services: bool = False) -> Policy:
+    """Parse one document; raises ``InvalidRule`` listing all its problems.
+
+    ``services``: a Service source will resolve ``toServices`` (the agent in
+    Kubernetes mode, an offline command given Services); without one it is
+    refused."""
     w = Walker(doc.file, doc.index)
-    policy = _Parser(w).document(doc.obj)
+    parser = _Parser(w)
+    parser.services = services
+    policy = parser.document(doc.obj)
     if w.problems or policy is None:
         raise InvalidRule(w.all_problems() or [make_problem(doc.file, doc.index, "", "invalid policy")])
     # The parser only reads the fields it knows; the whole document is kept
@@ -102,27 +112,29 @@ def parse_policy(doc: Document) -> Policy:
     return policy
 
 
-def parse_policy_obj(obj: Any, file: str = "<api>", index: int = 0) -> Policy:
+def parse_policy_obj(obj: Any, file: str = "<api>", index: int = 0,
+                     services: bool = False) -> Policy:
     """Parse an already-decoded object (e.g. from the API)."""
-    return parse_policy(Document(file, index, obj))
+    return parse_policy(Document(file, index, obj), services)
 
 
-def parse_policies(paths: Sequence[str]) -> list[Policy]:
+def parse_policies(paths: Sequence[str], services: bool = False) -> list[Policy]:
     """Parse every document of ``paths``; raises ``InvalidRule`` with every
     problem of every document (including unreadable files)."""
-    policies, problems, _, _ = check_paths(paths)
+    policies, problems, _, _ = check_paths(paths, services)
     if problems:
         raise InvalidRule(problems)
     return policies
 
 
-def check_paths(paths: Sequence[str]) -> tuple[list[Policy], list[Problem], list[str], list[Document]]:
+def check_paths(paths: Sequence[str], services: bool = False
+                ) -> tuple[list[Policy], list[Problem], list[str], list[Document]]:
     """(policies, problems, files, documents): validation without raising."""
     files, docs, problems = load_paths(paths)
     policies: list[Policy] = []
     for doc in docs:
         try:
-            policies.append(parse_policy(doc))
+            policies.append(parse_policy(doc, services))
         except InvalidRule as e:
             problems.extend(e.problems)
     return policies, in_input_order(problems, paths, files), files, docs

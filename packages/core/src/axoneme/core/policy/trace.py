@@ -45,6 +45,7 @@ from axoneme.core.policy.api import Policy
 from axoneme.core.policy.audit import policy_names
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 from axoneme.core.policy.fqdn import fqdn_matches
+from axoneme.core.policy.services import Service
 from axoneme.core.yamlsafe import excerpt
 
 LOG = logging.getLogger(__name__)
@@ -68,10 +69,13 @@ class OfflineCluster:
 
     @classmethod
     def build(cls, cluster: Cluster, policies: Sequence[Policy],
-              options: EngineOptions | None = None) -> OfflineCluster:
+              options: EngineOptions | None = None, services: Iterable[Service] = ()
+              ) -> OfflineCluster:
+        """``services``: what toServices resolves against (``ServiceCatalog``)."""
         opts = options or EngineOptions()
         engine = PolicyEngine(options=opts)
         out = cls(cluster, engine)
+        engine.set_services(services)
         with engine.batch():
             for n, key in enumerate(sorted(cluster.pods), 1):
                 pod = cluster.pods[key]
