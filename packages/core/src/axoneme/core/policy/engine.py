@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from axoneme.core.datapath import IPCacheChanges
-from axoneme.core.endpoint import Endpoint
+from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import (
     RESERVED_IDENTITIES,
@@ -137,6 +137,10 @@ class PolicyEngine:
         self._host_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
         self._audit_endpoints: set[int] = set()  # per-endpoint audit mode (PolicyAuditMode)
+        # pods of other nodes (``upsert_remote_endpoint``): key -> Endpoint with a negative id
+        self._remote: dict[str, Endpoint] = {}
+        self._remote_nets: dict[IPNetwork, dict[str, int]] = {}  # address -> {key: identity}
+        self._remote_ids = 0
         self._services: dict[ServiceKey, Service] = {}  # toServices: what the source said
         self._svc_sources: dict[PolicyRef, Policy] = {}  # policies with toServices, as given
 
@@ -420,6 +424,68 @@ class PolicyEngine:
                     if not owners:
                         del self._ep_nets[net]
 
+    # -- endpoints of other nodes -----------------------------------------------------
+    def upsert_remote_endpoint(self, key: str, identity: Identity, ipv4: str | None = None,
+                               ipv6: str | None = None,
+                               named_ports: tuple[NamedPort, ...] = ()) -> None:
+        """A pod of another node (Kubernetes mode; ``key`` names it, e.g.
+        ``ns/pod``): its addresses map to ``identity`` in the ipcache (below
+        this node's endpoints, above host and CIDR identities) and join the
+        AddressBook (ipBlock over pods, named ports per destination), so this
+        node's policies judge its traffic by identity. Its identity selects
+        like any other; no policy is computed for it (its own node does that)."""
+        with self._lock:
+            old = self._remote.get(key)
+            if old is None:
+                self._remote_ids += 1
+            rid = old.id if old is not None else -self._remote_ids
+            new = Endpoint(id=rid, identity=identity.id, labels=identity.labels, ipv4=ipv4,
+                           ipv6=ipv6, named_ports=tuple(named_ports))
+            if old == new:
+                return
+            self._remote[key] = new
+            changed: set[Selector] = set()
+            if old is None or old.identity != new.identity:
+                changed |= self._cache.add_identity(identity)
+                if old is not None:
+                    changed |= self._cache.remove_identity(old.identity)
+            self._link_remote(key, old, new)
+            if old is None or _address_facts(old) != _address_facts(new):
+                self._book = None
+                self._recompute(set(self._address_users), addresses=True)
+            self._recompute(self._dependents(changed), sels=changed)
+
+    def remove_remote_endpoint(self, key: str) -> None:
+        """A pod of another node is gone (or no longer has addresses)."""
+        with self._lock:
+            old = self._remote.pop(key, None)
+            if old is None:
+                return
+            self._link_remote(key, old, None)
+            changed = self._cache.remove_identity(old.identity)
+            self._book = None
+            self._recompute(set(self._address_users), addresses=True)
+            self._recompute(self._dependents(changed), sels=changed)
+
+    def remote_endpoints(self) -> dict[str, Endpoint]:
+        with self._lock:
+            return dict(self._remote)
+
+    def _link_remote(self, key: str, old: Endpoint | None, new: Endpoint | None) -> None:
+        for ep, add in ((old, False), (new, True)):
+            for ip in (ep.ipv4, ep.ipv6) if ep is not None else ():
+                if not ip:
+                    continue
+                net = ipaddress.ip_network(ip)
+                self._ipc_dirty.add(net)
+                owners = self._remote_nets.setdefault(net, {})
+                if add:
+                    owners[key] = ep.identity  # type: ignore[union-attr]
+                else:
+                    owners.pop(key, None)
+                    if not owners:
+                        del self._remote_nets[net]
+
     def endpoints(self) -> list[Endpoint]:
         with self._lock:
             return [self._endpoints[i] for i in sorted(self._endpoints)]
@@ -432,7 +498,7 @@ class PolicyEngine:
         if self._book is None:
             out = [ClusterAddress(str(net.network_address), int(ReservedIdentity.HOST), ADDRESS_NODES)
                    for net in self._host_nets if net.prefixlen == net.max_prefixlen]
-            for ep in self._endpoints.values():
+            for ep in (*self._endpoints.values(), *self._remote.values()):
                 out += [ClusterAddress(str(ipaddress.ip_address(ip)), ep.identity, ADDRESS_PODS,
                                        ep.named_ports, ep.id) for ip in (ep.ipv4, ep.ipv6) if ip]
             self._book = AddressBook(out)
@@ -706,6 +772,9 @@ class PolicyEngine:
             last = [eid for eid in self._endpoints if eid in owners][-1:]
             if last:
                 return owners[last[0]]
+        remote = self._remote_nets.get(net)
+        if remote:
+            return list(remote.values())[-1]  # two on one address: the later one
         if net in self._host_nets:
             return int(ReservedIdentity.HOST)
         ident = self._cidr_ids.get(net)
@@ -732,8 +801,8 @@ class PolicyEngine:
 
     def ipcache(self) -> dict[IPNetwork, int]:
         """Prefix -> identity: world prefixes, CIDR identities, node addresses
-        (host, even inside a CIDR rule's prefix, as Cilium), local endpoints'
-        addresses (they win)."""
+        (host, even inside a CIDR rule's prefix, as Cilium), other nodes' pods,
+        local endpoints' addresses (they win)."""
         with self._lock:
             return dict(self._ipcache_current())
 
