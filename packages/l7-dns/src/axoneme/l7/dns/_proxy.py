@@ -27,45 +27,56 @@ One asyncio UDP + TCP listener on one port. For each query:
    silently. At most ``max_inflight`` queries are processed at once; extra
    ones are dropped (the client retries), as with Cilium's
    ``--dnsproxy-concurrency-limit``.
+
+The parts: ``_proxyconfig`` (settings, counters, the hooks' shapes),
+``_hooks`` (policy_for and on_answer: steps 1 and 4), ``_upstream`` (the
+exchange with the resolver: steps 3 and 5), ``_flows`` (the L7 flows); the
+wire format and the name matching are ``_wire``'s and ``_match``'s. Here:
+the listeners and the per-query sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
-from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
-from axoneme.core.l7 import L7Request, L7Verdict
+from axoneme.core.flow import FlowEndpoint, FlowVerdict
 from axoneme.core.l7proxy import (
     Addr,
     ConnectUpstream,
     ProxyConfig,
-    ProxyPolicy,
-    family_of,
     is_transparent,
     make_listener,
     make_udp_listener,
     recv_datagram,
     send_from,
-    set_mark,
 )
 from axoneme.core.l7proxy import PolicyFor as CorePolicyFor
 from axoneme.core.mapstate import Direction
 from axoneme.l7.dns._cache import FQDNCache
+from axoneme.l7.dns._flows import dns_flow
+from axoneme.l7.dns._hooks import learn_answer, policy_verdict
 from axoneme.l7.dns._match import match_query
+from axoneme.l7.dns._proxyconfig import (
+    DnsProxyConfig,
+    DnsProxyStats,
+    EndpointFor,
+    FlowSink,
+    OnAnswer,
+    PolicyFor,
+)
+from axoneme.l7.dns._upstream import tcp_exchange, udp_exchange
 from axoneme.l7.dns._wire import (
     RCODE_SERVFAIL,
     DnsAnswer,
     DnsQuery,
     MalformedMessage,
-    parse_answer,
     parse_query,
     rcode_value,
     reject_reply,
@@ -75,57 +86,6 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["DnsProxy", "DnsProxyConfig", "DnsProxyStats", "PolicyFor", "OnAnswer", "FlowSink",
            "dns_proxy_factory"]
-
-PolicyFor = Callable[[str, str, int], "Sequence[Any] | ProxyPolicy | None | Awaitable[Any]"]
-OnAnswer = Callable[[str, frozenset[str], int], "Awaitable[None] | None"]
-FlowSink = Callable[[Flow], None]
-EndpointFor = Callable[[str], "FlowEndpoint | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class DnsProxyConfig:
-    """How one DNS proxy listens and forwards.
-
-    ``listen_port`` 0 picks a free port (UDP and TCP share it). With
-    ``transparent`` the listeners get IP_TRANSPARENT (needs CAP_NET_ADMIN)
-    and each query goes to its original destination; ``upstream`` is then
-    only used for queries that were not redirected (no original address).
-    """
-
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0
-    transparent: bool = False
-    upstream: Addr | None = None
-    reject_rcode: int | str = "REFUSED"  # or "NXDOMAIN" / "nameError"
-    upstream_timeout: float = 2.0
-    max_inflight: int = 512
-    response_max_delay: float = 0.5
-    upstream_mark: int | None = None  # SO_MARK on upstream sockets (MARK_MAGIC_FROM_PROXY)
-    reply_mark: int | None = None  # SO_MARK on transparent UDP replies
-    udp: bool = True
-    tcp: bool = True
-    tcp_idle_timeout: float = 10.0
-    max_tcp_connections: int = 256  # open client connections; more are closed at once
-
-
-@dataclass(slots=True)
-class DnsProxyStats:
-    """Counters (the agent exports them as metrics)."""
-
-    queries: int = 0
-    allowed: int = 0
-    refused: int = 0
-    malformed: int = 0
-    upstream_errors: int = 0
-    overloaded: int = 0
-    learned_names: int = 0
-    latency_ns: list[int] = field(default_factory=list)  # proxy upstream round trips, last 1024
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 class DnsProxy:
@@ -375,7 +335,9 @@ class DnsProxy:
             self.stats.upstream_errors += 1
             LOG.warning("dns proxy: no upstream for query %s from %s", query.qname, client)
             return reject_reply(data, RCODE_SERVFAIL, query)
-        verdict, eps = await self._decide(query, client, server)
+        verdict, eps = await policy_verdict(
+            query, client, server, policy_for=self.policy_for,
+            core_policy_for=self.core_policy_for, direction=self.direction, match=self.match)
         if not verdict.allowed:
             self.stats.refused += 1
             self._emit(FlowVerdict.DROPPED, "REQUEST", query, client, server, proto, eps,
@@ -386,9 +348,13 @@ class DnsProxy:
         t0 = time.perf_counter_ns()
         try:
             if proto == "TCP":
-                resp, answer = await self._tcp_exchange(data, client, server, query)
+                resp, answer = await tcp_exchange(
+                    data, client, server, query, timeout=self.config.upstream_timeout,
+                    mark=self.config.upstream_mark, connect=self.connect_upstream)
             else:
-                resp, answer = await self._udp_exchange(data, client, server, query)
+                resp, answer = await udp_exchange(
+                    data, client, server, query, timeout=self.config.upstream_timeout,
+                    mark=self.config.upstream_mark, connect=self.connect_upstream_udp)
         except (TimeoutError, OSError, MalformedMessage, asyncio.IncompleteReadError) as exc:
             self.stats.upstream_errors += 1
             LOG.info("dns proxy: upstream %s:%d failed for %s: %s", server[0], server[1],
@@ -400,145 +366,13 @@ class DnsProxy:
         self.stats.latency_ns.append(latency)
         if len(self.stats.latency_ns) > 1024:
             del self.stats.latency_ns[:512]
-        await self._learn(answer)
+        await learn_answer(answer, cache=self.cache, on_answer=self.on_answer, stats=self.stats,
+                           max_delay=self.config.response_max_delay)
         self._emit(FlowVerdict.FORWARDED, "RESPONSE", query, client, server, proto, eps,
                    rcode=answer.rcode, answer=answer, latency_ns=latency)
         return resp
 
-    async def _decide(self, query: DnsQuery, client: Addr, server: Addr
-                      ) -> tuple[L7Verdict, tuple[FlowEndpoint, FlowEndpoint] | None]:
-        """The verdict, and the flow endpoints when the policy names them."""
-        try:
-            if self.core_policy_for is not None:
-                got = await _maybe_await(self.core_policy_for(
-                    client[0], client[1], server[0], server[1], self.direction))
-            else:
-                assert self.policy_for is not None
-                got = await _maybe_await(self.policy_for(client[0], server[0], server[1]))
-        except Exception:
-            LOG.exception("dns proxy: policy_for(%s, %s, %d) failed", client[0], server[0],
-                          server[1])
-            return L7Verdict(False, None, "policy lookup failed"), None
-        eps = None
-        if isinstance(got, ProxyPolicy):
-            eps = (got.source, got.destination)
-            got = got.rules
-        if got is None:
-            return L7Verdict(False, None, f"no DNS policy for {client[0]} -> "
-                                          f"{server[0]}:{server[1]}"), None
-        return self.match(got, L7Request({"qname": query.qname,
-                                                 "qtype": query.qtype})), eps
-
-    async def _learn(self, answer: DnsAnswer) -> None:
-        """Cache the answer, then hold it until the agent's hook is done."""
-        if answer.rcode != 0 or not answer.ips:
-            return
-        if self.cache is not None:
-            try:
-                changed = self.cache.record_answer(answer)
-                self.stats.learned_names += len(changed)
-            except Exception:
-                LOG.exception("dns proxy: caching %s failed", answer.qname)
-        if self.on_answer is None:
-            return
-        ips = frozenset(answer.ips)
-        ttl = answer.ttl if self.cache is None else max(answer.ttl, self.cache.min_ttl)
-
-        async def one(name: str) -> None:
-            try:
-                await _maybe_await(self.on_answer(name, ips, ttl))  # type: ignore[misc]
-            except Exception:
-                LOG.exception("dns proxy: on_answer(%s) failed", name)
-
-        try:
-            await asyncio.wait_for(asyncio.gather(*(one(n) for n in answer.names)),
-                                   self.config.response_max_delay)
-        except TimeoutError:
-            LOG.warning("dns proxy: datapath update for %s took longer than %.3fs; "
-                        "relaying the answer anyway", answer.qname,
-                        self.config.response_max_delay)
-
-    # --- upstream -----------------------------------------------------------
-
-    def _upstream_socket(self, server: Addr, kind: socket.SocketKind) -> socket.socket:
-        sock = socket.socket(family_of(server[0]), kind)
-        try:
-            set_mark(sock, self.config.upstream_mark)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    async def _udp_exchange(self, data: bytes, client: Addr, server: Addr,
-                            query: DnsQuery) -> tuple[bytes, DnsAnswer]:
-        loop = asyncio.get_running_loop()
-        # A fresh socket (random source port) per query, like a stub resolver;
-        # the agent's connector may bind the pod's address (transparent source).
-        if self.connect_upstream_udp is not None:
-            sock = await asyncio.wait_for(self.connect_upstream_udp(client, server),
-                                          self.config.upstream_timeout)
-        else:
-            sock = self._upstream_socket(server, socket.SOCK_DGRAM)
-        try:
-            if self.connect_upstream_udp is None:
-                await loop.sock_connect(sock, server)
-            await loop.sock_sendall(sock, data)
-            deadline = loop.time() + self.config.upstream_timeout
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError("upstream timeout")
-                resp = await asyncio.wait_for(loop.sock_recv(sock, 65535), remaining)
-                try:
-                    return resp, parse_answer(resp, query)
-                except MalformedMessage as exc:  # stray or spoofed: keep waiting
-                    LOG.debug("dns proxy: ignoring upstream datagram: %s", exc)
-        finally:
-            sock.close()
-
-    async def _tcp_exchange(self, data: bytes, client: Addr, server: Addr,
-                            query: DnsQuery) -> tuple[bytes, DnsAnswer]:
-        loop = asyncio.get_running_loop()
-        if self.connect_upstream is not None:
-            # the agent's connector: original source address, from-proxy mark
-            sock = await asyncio.wait_for(self.connect_upstream(client, server),
-                                          self.config.upstream_timeout)
-        else:
-            sock = self._upstream_socket(server, socket.SOCK_STREAM)
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, server),
-                                       self.config.upstream_timeout)
-            except BaseException:
-                sock.close()
-                raise
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            async def exchange() -> bytes:
-                writer.write(struct.pack("!H", len(data)) + data)
-                await writer.drain()
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                return await reader.readexactly(length)
-            resp = await asyncio.wait_for(exchange(), self.config.upstream_timeout)
-            return resp, parse_answer(resp, query)
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except Exception:
-                pass
-
     # --- flows --------------------------------------------------------------
-
-    def _endpoint(self, ip: str) -> FlowEndpoint:
-        if self.endpoint_for is not None:
-            try:
-                ep = self.endpoint_for(ip)
-                if ep is not None:
-                    return ep
-            except Exception:
-                LOG.exception("dns proxy: endpoint_for(%s) failed", ip)
-        return FlowEndpoint()
 
     def _emit(self, verdict: FlowVerdict, kind: str, query: DnsQuery, client: Addr,
               server: Addr, proto: str, eps: tuple[FlowEndpoint, FlowEndpoint] | None, *,
@@ -546,39 +380,9 @@ class DnsProxy:
               latency_ns: int = 0, reason: str = "") -> None:
         if self.flow_sink is None:
             return
-        dns: dict[str, Any] = {
-            "query": query.qname,
-            "rcode": rcode,
-            "qtypes": [query.qtype],
-            "observation_source": "proxy",
-        }
-        if answer is not None:
-            dns.update(ips=list(answer.ips), ttl=answer.ttl, cnames=list(answer.cnames),
-                       rrtypes=list(answer.rrtypes))
-        reply = kind == "RESPONSE"
-        if reply and answer is not None:
-            shown = ",".join(answer.ips) if answer.ips else f"RCode: {rcode}"
-            summary = (f'DNS Answer "{shown}" TTL: {answer.ttl} '
-                       f"(Proxy {query.qname} {query.qtype})")
-        elif reply:
-            summary = f"DNS Answer RCode: {rcode} (Proxy {query.qname} {query.qtype})"
-        else:
-            summary = f"DNS Query {query.qname} {query.qtype}"
-        l7: dict[str, Any] = {"type": kind, "latency_ns": latency_ns, "dns": dns}
-        if reason:
-            l7["reason"] = reason
-        src, dst = (server, client) if reply else (client, server)
-        if eps is not None:
-            src_ep, dst_ep = (eps[1], eps[0]) if reply else eps
-        else:
-            src_ep, dst_ep = self._endpoint(src[0]), self._endpoint(dst[0])
-        version = "IPv6" if ":" in client[0] else "IPv4"
-        flow = Flow(
-            time=time.time(), verdict=verdict, ip_source=src[0], ip_destination=dst[0],
-            source=src_ep, destination=dst_ep,
-            traffic_direction=self.direction.name, type="L7", event_type="l7",
-            l4={proto: {"source_port": src[1], "destination_port": dst[1]}},
-            l7=l7, is_reply=reply, ip_version=version, summary=summary)
+        flow = dns_flow(verdict, kind, query, client, server, proto, eps,
+                        direction=self.direction, endpoint_for=self.endpoint_for, rcode=rcode,
+                        answer=answer, latency_ns=latency_ns, reason=reason)
         try:
             self.flow_sink(flow)
         except Exception:
