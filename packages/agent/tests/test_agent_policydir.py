@@ -114,10 +114,10 @@ def test_a_parser_failure_skips_only_that_file(tmp_path: Path, monkeypatch: pyte
         (tmp_path / f"{name}.yaml").write_text(GOOD % name)
     real = parse.parse_policy
 
-    def flaky(doc: Any) -> Any:
+    def flaky(doc: Any, *args: Any) -> Any:
         if doc.file.endswith("b.yaml"):
             raise RuntimeError("parser bug " + "z" * 5000)
-        return real(doc)
+        return real(doc, *args)
 
     monkeypatch.setattr(parse, "parse_policy", flaky)
     agent = FakePolicies()

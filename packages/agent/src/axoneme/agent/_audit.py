@@ -69,7 +69,8 @@ async def promote(service: PolicyService, refs: Sequence[PolicyRef]) -> dict[str
         if not set_mode(obj, audit=False):
             already.append(ref)
             continue
-        pol = parse_policy_obj(obj, str(doc.get("file", "<api>")), int(doc.get("index", 0)))
+        pol = parse_policy_obj(obj, str(doc.get("file", "<api>")), int(doc.get("index", 0)),
+                               service.services_source)
         parsed.append((pol, {**doc, "obj": obj}))
     res: dict[str, Any] = {"revision": service.revision, "applied": [], "errors": {}}
     if parsed:

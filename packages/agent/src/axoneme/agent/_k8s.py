@@ -16,7 +16,8 @@ are applied on the agent's loop:
   and never holds up the others; each CNP/CCNP gets this node's status
   (``status.nodes.<node>``) and each policy an Event (``StatusWriter``);
 - services and endpoint slices feed the ClusterIP translation in the pods'
-  namespaces (``_services``, with ``kube_proxy_replacement``).
+  namespaces (``_services``, with ``kube_proxy_replacement``) and, always,
+  the CNP/CCNP ``toServices`` peers (``ServicePolicies``).
 
 ``start()`` returns when the first list of every resource is applied: the
 agent adopts endpoints and serves CNI ADD only against a synced cache.
@@ -45,7 +46,7 @@ from axoneme.agent._k8sclient import (
 )
 from axoneme.agent._k8sinformer import Event, Informer, Obj, obj_key
 from axoneme.agent._policies import PolicyService, policy_key
-from axoneme.agent._services import ServiceTranslator
+from axoneme.agent._services import ServicePolicies, ServiceTranslator
 from axoneme.agent._state import StateStore
 from axoneme.core.cluster import Cluster, Namespace, Pod, namespace_labels
 from axoneme.core.errors import InvalidRule, PolicyError
@@ -136,6 +137,7 @@ class KubernetesSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Condition | None = None
         self.services: ServiceTranslator | None = None
+        self.service_policies = ServicePolicies(policies, store)
         if getattr(config, "kube_proxy_replacement", True):
             self.services = ServiceTranslator(
                 lambda: {r.container_id: r.netns_path for r in store.endpoints.values()
@@ -153,9 +155,8 @@ class KubernetesSource:
         calls = listers(api)
         handlers = {"namespaces": self._on_namespaces, "pods": self._on_pods,
                     "nodes": self._on_nodes, "networkpolicies": self._on_policies,
-                    "cnps": self._on_policies, "ccnps": self._on_policies}
-        if self.services is not None:
-            handlers.update(services=self._on_services, endpointslices=self._on_services)
+                    "cnps": self._on_policies, "ccnps": self._on_policies,
+                    "services": self._on_services, "endpointslices": self._on_services}
         for name, handler in handlers.items():
             self.informers[name] = Informer(name, getattr(calls, name),
                                             self._deliverer(name, handler), self._stop,
@@ -318,8 +319,9 @@ class KubernetesSource:
                 self.nodes.add(name)
 
     async def _on_services(self, informer: str, events: Sequence[Event], initial: bool) -> None:
-        assert self.services is not None
-        await self.services.on_events(informer, events)
+        await self.service_policies.on_events(informer, events)
+        if self.services is not None:
+            await self.services.on_events(informer, events)
 
     async def pod_ready(self, netns_path: str) -> None:
         if self.services is not None and self.services.synced:
@@ -358,7 +360,7 @@ class KubernetesSource:
                 continue  # our own status write, or a resync: nothing new to enforce
             where = f"k8s:{kind.value}/{ref.namespace + '/' if ref.namespace else ''}{ref.name}"
             try:
-                pol = parse_policy_obj(doc, where, 0)
+                pol = parse_policy_obj(doc, where, 0, services=True)
             except (PolicyError, ValueError, TypeError, RecursionError) as e:
                 problems = e.problems if isinstance(e, InvalidRule) else [e]
                 problem = str(problems[0]) if problems else str(e)
@@ -438,6 +440,7 @@ class KubernetesSource:
                 "resources": infs, "pods_cached": len(self.pods),
                 "namespaces_cached": len(self.namespaces), "nodes": len(self.nodes),
                 "services": self.services.view() if self.services is not None else None,
+                "to_services": self.service_policies.view(),
                 "refused_policies": dict(sorted(dict(self.refused).items())),
                 "status_writes": self.status_writer.view() if self.status_writer else {},
                 "last_error": errors[-1] if errors else ""}

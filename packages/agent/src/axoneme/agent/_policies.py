@@ -73,6 +73,8 @@ class PolicyService:
         self.rev_base = 0
         self.source_errors: dict[str, list[str]] = {}  # policy file -> its problems
         self.dropped: list[dict[str, Any]] = []  # --drop-unparseable-policies
+        # Kubernetes mode watches Services: toServices resolves (else the parser refuses it)
+        self.services_source = bool(getattr(config, "k8s_mode", False))
         store.contribute(lambda: {"policy_revision": self.revision})
 
     @property
@@ -103,7 +105,7 @@ class PolicyService:
             try:
                 doc = rec.get("doc", {})
                 pol = parse_policy_obj(doc.get("obj"), doc.get("file", "<state>"),
-                                       int(doc.get("index", 0)))
+                                       int(doc.get("index", 0)), self.services_source)
             except (PolicyError, AttributeError, TypeError, ValueError, RecursionError) as e:
                 bad.append((key, rec, problem_text(e)))
                 continue
@@ -135,7 +137,7 @@ class PolicyService:
         for d in docs:
             try:
                 parsed.append((parse_policy_obj(d.get("obj"), str(d.get("file", "<api>")),
-                                                int(d.get("index", 0))), d))
+                                                int(d.get("index", 0)), self.services_source), d))
             except InvalidRule as e:
                 problems.extend(e.problems)
         if problems:

@@ -103,8 +103,9 @@ class PolicyDirWatcher:
                 out = []
                 for d in docs:
                     try:
-                        out.append((policy_parse.parse_policy(d), {"file": d.file, "index": d.index,
-                                                      "obj": d.obj}))
+                        pol = policy_parse.parse_policy(
+                            d, getattr(self.policies, "services_source", False))
+                        out.append((pol, {"file": d.file, "index": d.index, "obj": d.obj}))
                     except InvalidRule as e:
                         problems.extend(e.problems)
                 if problems:

@@ -16,6 +16,13 @@ and written whole, in one nft transaction, into every local pod's namespace
 when it changes and into a new pod's before its CNI ADD returns. The host
 itself gets no translation: a hostNetwork client reaches services by their
 endpoints (the agent reaches the API server on the node address).
+
+The same Services and EndpointSlices resolve CiliumNetworkPolicy
+``toServices`` (``ServicePolicies``, with or without the translation): a
+``ServiceCatalog`` of core follows the watch events and hands each changed
+Service to ``PolicyEngine.update_services``, which translates the policies
+selecting it again (semantics in ``axoneme.core.policy.services``); the
+datapath follows in the same regeneration as any policy change.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
+
+from axoneme.core.policy.engine import PolicyEngine
+from axoneme.core.policy.services import ServiceCatalog
 
 LOG = logging.getLogger(__name__)
 
@@ -218,3 +228,40 @@ class ServiceTranslator:
                 "without_endpoints": sum(1 for b in fronts.values() if not b),
                 "namespaces": len(self._written), "errors": self.errors,
                 "last_error": self.last_error}
+
+
+# informer name -> the kind ServiceCatalog.apply takes
+_KINDS = {"services": "Service", "endpointslices": "EndpointSlice"}
+
+
+class ServicePolicies:
+    """toServices in Kubernetes mode: watch events -> ``engine.update_services``.
+
+    ``policies`` is the ``PolicyService`` (its engine, and its regenerator:
+    the only writer to the datapath); ``store`` the state store, whose lock
+    a Service change holds as a policy change does."""
+
+    def __init__(self, policies: Any, store: Any) -> None:
+        self.catalog = ServiceCatalog()
+        self.policies = policies
+        self.store = store
+        self.translations = 0  # policies translated again after a Service change
+
+    async def on_events(self, informer: str, events: Iterable[tuple[str, Obj]]) -> None:
+        kind = _KINDS[informer]
+        changed: set[tuple[str, str]] = set()
+        for etype, obj in events:
+            changed |= self.catalog.apply(kind, etype, obj)
+        if not changed:
+            return
+        async with self.store.lock:
+            engine: PolicyEngine = self.policies.engine
+            refs = engine.update_services({k: self.catalog.get(k) for k in changed})
+            if refs:
+                LOG.info("toServices: %d Services changed, %d policies translated again: %s",
+                         len(changed), len(refs), ", ".join(str(r) for r in refs))
+                self.translations += len(refs)
+                await self.policies.regen.regenerate()
+
+    def view(self) -> dict[str, Any]:
+        return {"services": len(self.catalog.services()), "translations": self.translations}

@@ -14,6 +14,7 @@ from axoneme.core.errors import PolicyError
 from axoneme.core.mapstate import Direction, Protocol
 from axoneme.core.policy.engine import EngineOptions
 from axoneme.core.policy.parse import parse_policies
+from axoneme.core.policy.services import ServiceCatalog
 from axoneme.core.policy.trace import (
     ALLOWED,
     DENIED,
@@ -78,7 +79,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", dest="cluster", action="append", required=True, metavar="PATH",
-                   help="cluster description: v1 Namespace and v1 Pod objects (file or directory)")
+                   help="cluster description: v1 Namespace and v1 Pod objects (file or directory); "
+                        "v1 Service and discovery.k8s.io/v1 EndpointSlice objects resolve toServices")
     p.add_argument("-f", "--filename", dest="files", action="extend", nargs="+", default=[],
                    metavar="PATH", help="policy file or directory (repeatable)")
     p.add_argument("--policy-cidr-match-mode", default="", metavar="MODE",
@@ -92,8 +94,10 @@ def _load(args: argparse.Namespace) -> OfflineCluster:
     except PolicyError as e:
         raise TraceInputError(f"{e} (--policy-cidr-match-mode)") from None
     cluster = Cluster.load(args.cluster)
-    policies = parse_policies(args.files) if args.files else []
-    return OfflineCluster.build(cluster, policies, options)
+    # Services in the cluster description are a Service source: toServices resolves
+    catalog = ServiceCatalog.load(args.cluster)
+    policies = parse_policies(args.files, services=catalog.has_services) if args.files else []
+    return OfflineCluster.build(cluster, policies, options, catalog.services())
 
 
 _L7_FLAGS = ("http_method", "http_path", "http_host", "http_headers", "kafka_role", "kafka_topic",
