@@ -31,6 +31,21 @@ def upstream_socket(server: Addr, kind: socket.SocketKind, mark: int | None) -> 
     return sock
 
 
+async def _connected(kind: socket.SocketKind, client: Addr, server: Addr, *, timeout: float,
+                     mark: int | None, connect: ConnectUpstream | None) -> socket.socket:
+    """A socket connected to ``server``: the agent's connector's (original
+    source address, from-proxy mark) or a fresh one of ours."""
+    if connect is not None:
+        return await asyncio.wait_for(connect(client, server), timeout)
+    sock = upstream_socket(server, kind, mark)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, server), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def udp_exchange(data: bytes, client: Addr, server: Addr, query: DnsQuery, *,
                        timeout: float, mark: int | None,
                        connect: ConnectUpstream | None = None) -> tuple[bytes, DnsAnswer]:
@@ -38,13 +53,9 @@ async def udp_exchange(data: bytes, client: Addr, server: Addr, query: DnsQuery,
     loop = asyncio.get_running_loop()
     # A fresh socket (random source port) per query, like a stub resolver;
     # the agent's connector may bind the pod's address (transparent source).
-    if connect is not None:
-        sock = await asyncio.wait_for(connect(client, server), timeout)
-    else:
-        sock = upstream_socket(server, socket.SOCK_DGRAM, mark)
+    sock = await _connected(socket.SOCK_DGRAM, client, server, timeout=timeout, mark=mark,
+                            connect=connect)
     try:
-        if connect is None:
-            await loop.sock_connect(sock, server)
         await loop.sock_sendall(sock, data)
         deadline = loop.time() + timeout
         while True:
@@ -64,17 +75,8 @@ async def tcp_exchange(data: bytes, client: Addr, server: Addr, query: DnsQuery,
                        timeout: float, mark: int | None,
                        connect: ConnectUpstream | None = None) -> tuple[bytes, DnsAnswer]:
     """Send ``data`` over TCP (2-byte length prefix); the answer to ``query``."""
-    loop = asyncio.get_running_loop()
-    if connect is not None:
-        # the agent's connector: original source address, from-proxy mark
-        sock = await asyncio.wait_for(connect(client, server), timeout)
-    else:
-        sock = upstream_socket(server, socket.SOCK_STREAM, mark)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, server), timeout)
-        except BaseException:
-            sock.close()
-            raise
+    sock = await _connected(socket.SOCK_STREAM, client, server, timeout=timeout, mark=mark,
+                            connect=connect)
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         async def exchange() -> bytes:
