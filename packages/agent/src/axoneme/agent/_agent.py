@@ -48,6 +48,8 @@ from axoneme.agent._policies import PolicyService, PolicySource
 from axoneme.agent._policydir import PolicyDirWatcher
 from axoneme.agent._prometheus import AgentStateCollector, MetricsServer
 from axoneme.agent._regenerator import Regenerator
+from axoneme.agent._remotepods import RemotePods
+from axoneme.agent._routing import NodeRouting, RoutingService
 from axoneme.agent._runtime import PodRuntime
 from axoneme.agent._state import StateStore
 from axoneme.agent._views import FlowEnricher, Views
@@ -122,6 +124,16 @@ class Agent:
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:
             self.policy_sources.append(PolicyDirWatcher(self.policies, config.policy_dir))
+        # Kubernetes mode: other nodes' pods in the ipcache, routes to their pod CIDRs
+        self.remote_pods: RemotePods | None = None
+        self.routing: RoutingService | None = None
+        if self.k8s is not None:
+            self.remote_pods = RemotePods(self.k8s, self.engine, self.allocator,
+                                          self.regenerator, self.store.lock, config.cluster_name)
+            self.k8s.listen("pods", self.remote_pods.on_pods)
+            self.k8s.listen("namespaces", self.remote_pods.on_namespaces)
+            self.routing = RoutingService(config.routing_mode, self.k8s.node)
+            self.k8s.listen("nodes", self.routing.on_node_events)
         self.datapath_options: dict[str, Any] = {}
         self.store.contribute(self._state_fields)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -147,7 +159,9 @@ class Agent:
                 "datapath_options": self.datapath_options,
                 "datapath_mode": str(self.datapath_options.get("mode", "")),
                 "bpffs_root": self.config.bpffs_root,
-                "l7_proxies": bool(self.proxies.ports)}
+                "l7_proxies": bool(self.proxies.ports),
+                # routes/VXLAN device of ours to remove when routing is off (_routing)
+                "routing": self.routing.mode if self.routing is not None else ""}
 
     def make_datapath(self) -> Datapath:
         """The configured datapath, its options checked against what it declares."""
@@ -180,7 +194,7 @@ class Agent:
     async def _start(self) -> None:
         config = self.config
         self._start_observability()  # a taken port fails before the kernel is touched
-        self.store.load()
+        saved = self.store.load() or {}
         self.endpoints.restore_ipam()
         # datapath calls never run on the event loop's thread: some use
         # synchronous pyroute2, which runs an event loop of its own
@@ -200,6 +214,9 @@ class Agent:
             self.views.guard_installed = True
         nl.enable_forwarding()
         await asyncio.to_thread(nl.warm_up)
+        if self.routing is None and saved.get("routing"):
+            # routing was on (Kubernetes mode) and is not now: what it made goes
+            await asyncio.to_thread(NodeRouting().cleanup)
         await asyncio.to_thread(self.regenerator.call, dp.start)
         await self.endpoints.reconcile_interrupted()
         await self.pods.reconcile_interrupted()

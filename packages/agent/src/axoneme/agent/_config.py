@@ -70,6 +70,9 @@ class AgentConfig:
     # Kubernetes mode: translate Service ClusterIPs in each pod's namespace
     # (Cilium's kube-proxy replacement; no kube-proxy needed). Config key only.
     kube_proxy_replacement: bool = True
+    # Kubernetes mode: how pods reach other nodes' pods (Cilium's --routing-mode):
+    # native (a route per Node spec.podCIDR via its InternalIP) or tunnel (VXLAN)
+    routing_mode: str = "native"  # --routing-mode native|tunnel (_routing)
     cni_conf_dir: str = "/etc/cni/net.d"  # --install-cni: where the conflist goes
     cni_bin_dir: str = "/opt/cni/bin"  # --install-cni: where the plugin goes
     # observability (docs/cli.md "Metrics", "Traces"): off unless set

@@ -21,6 +21,7 @@ from axoneme.agent._hubble import start_hubble
 from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import cleanup_redirect_rules
 from axoneme.agent._records import PodRecord
+from axoneme.agent._routing import NodeRouting
 from axoneme.agent._runtime import kill_pod_process
 from axoneme.agent._statefile import StateCorrupt, read_json
 from axoneme.core.datapath import build_datapath, datapath_class
@@ -191,6 +192,11 @@ def _cleanup(state_dir: str) -> int:
             cleanup_redirect_rules(state_dir)
         except Exception as e:
             sys.stderr.write(f"warning: L7 redirect rules cleanup failed: {e}\n")
+    if data.get("routing"):  # Kubernetes mode: routes to other nodes' pods (_routing)
+        try:
+            NodeRouting().cleanup()
+        except Exception as e:
+            sys.stderr.write(f"warning: routing cleanup failed: {e}\n")
     try:
         guard.remove(state_dir)
     except Exception as e:

@@ -128,6 +128,8 @@ class KubernetesSource:
         self.namespaces: dict[str, dict[str, str]] = {}
         self.pods: dict[str, PodMeta] = {}
         self.nodes: set[str] = set()
+        # resource -> async fn(events, initial) run after its own handler (``listen``)
+        self.listeners: dict[str, list[Any]] = {}
         # policy key -> canonical JSON of what was last applied (or refused)
         self._applied: dict[str, str] = {}
         self.refused: dict[str, str] = {}  # policy key -> first problem (with field path)
@@ -191,12 +193,24 @@ class KubernetesSource:
                 if self.informers[n].stats.last_error]
         return "; ".join(errs) or "no answer yet"
 
+    def listen(self, resource: str, listener: Any) -> None:
+        """``await listener(events, initial)`` after each batch of ``resource``
+        (``nodes``, ``pods``, ...) is applied to the cache: node routing and
+        other nodes' pods (``_routing``, ``_remotepods``)."""
+        self.listeners.setdefault(resource, []).append(listener)
+
     def _deliverer(self, name: str, handler: Any) -> Any:
-        """The informer thread's ``deliver``: run ``handler`` on the loop, wait for it."""
+        """The informer thread's ``deliver``: run ``handler`` (then the
+        resource's listeners) on the loop, wait for it."""
+        async def handle(events: Sequence[Event], initial: bool) -> None:
+            await handler(name, events, initial)
+            for listener in self.listeners.get(name, ()):
+                await listener(events, initial)
+
         def deliver(events: Sequence[Event], initial: bool) -> None:
             assert self._loop is not None
             fut = asyncio.run_coroutine_threadsafe(
-                tracing.within("k8s.event", handler(name, events, initial), resource=name,
+                tracing.within("k8s.event", handle(events, initial), resource=name,
                                events=len(events), initial=initial), self._loop)
             while True:
                 try:

@@ -66,6 +66,10 @@ def register(groups: dict[str, SubParsers]) -> None:
                      help="this node's name in Kubernetes (default $NODE_NAME, else the "
                           "hostname)")
     run.add_argument("--pod-cidr", default=None, help="pod CIDR (default 10.244.0.0/16)")
+    run.add_argument("--routing-mode", choices=["native", "tunnel"], default=None,
+                     help="Kubernetes mode: reach other nodes' pods by a route per Node "
+                          "podCIDR via its InternalIP (native, default) or through the VXLAN "
+                          "device axon_vxlan, UDP 8472 (tunnel), as Cilium's --routing-mode")
     run.add_argument("--flow-buffer", type=int, default=None, help="flows kept (default 4095)")
     run.add_argument("--no-guard", action="store_true", default=None,
                      help="do not install the forwarding guard (unsafe)")

@@ -27,7 +27,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
-                "kube_proxy_replacement", "hubble_socket_path", "hubble_listen_address",
+                "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files")
 
 
@@ -106,6 +106,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "k8s_node_name": args.k8s_node_name, "cni_conf_dir": args.cni_conf_dir,
         "cni_bin_dir": args.cni_bin_dir,
         "policy_cidr_match_mode": getattr(args, "policy_cidr_match_mode", None),
+        "routing_mode": getattr(args, "routing_mode", None),
         "prometheus_serve_addr": getattr(args, "prometheus_serve_addr", None),
         "otlp_endpoint": getattr(args, "otlp_endpoint", None),
         "hubble_socket_path": getattr(args, "hubble_socket_path", None),
@@ -134,6 +135,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         parse_cidr_match_mode(cfg.policy_cidr_match_mode)
     except PolicyError as e:
         raise UsageError(f"--policy-cidr-match-mode: {e}") from None
+    if cfg.routing_mode not in ("native", "tunnel"):
+        raise UsageError(f"routing_mode must be native or tunnel, got {cfg.routing_mode!r}")
     if cfg.k8s_pod_wait < 0:
         raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
     check_observability(cfg)
