@@ -127,10 +127,12 @@ class FakeKernel:
     def __init__(self) -> None:
         self.applied: list[Desired] = []
         self.cleaned = 0
+        self.problems: dict[str, str] = {}
 
     def apply(self, desired: Desired) -> dict[str, str]:
         self.applied.append(desired)
-        return dict(desired.problems)
+        self.problems = dict(desired.problems)
+        return self.problems
 
     def cleanup(self) -> int:
         self.cleaned += 1
@@ -160,6 +162,9 @@ def test_service_follows_node_events() -> None:
         assert {r.dst for r in kernel.applied[-1].routes} == {C.pod_cidr}
         await svc.on_node_events([("DELETED", a)], False)  # this node gone: still routes c
         assert {r.dst for r in kernel.applied[-1].routes} == {C.pod_cidr}
+        assert svc.faults() == []
+        await svc.on_node_events([("ADDED", node_obj("d", "10.255.252.4"))], False)
+        assert svc.faults() == ["routing: node d not routed: no IPv4 pod CIDR (spec.podCIDR)"]
 
     asyncio.run(run())
-    assert svc.view()["nodes"] == 1
+    assert svc.view()["nodes"] == 2 and svc.view()["mode"] == "native"

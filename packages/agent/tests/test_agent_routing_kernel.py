@@ -199,6 +199,8 @@ def test_tunnel_routing_pod_to_pod_across_nodes(nodes: tuple[Node, Node]) -> Non
     dev = device(a)
     assert dev is not None and dev["address"] == vtep_mac(ipaddress.IPv4Address(a.ip))
     assert int(dev["mtu"]) == 1450
+    rp = sh("cat", f"/proc/sys/net/ipv4/conf/{VXLAN_DEVICE}/rp_filter", netns=a.netns).stdout
+    assert rp.strip() == "0"
     assert [(r["dst"], r["gateway"], r["dev"]) for r in our_routes(a)] == \
         [(b.pod_cidr, b.ip, VXLAN_DEVICE)]
     assert [(f["mac"], f["dst"]) for f in fdb(a)] == [(vtep_mac(ipaddress.IPv4Address(b.ip)),

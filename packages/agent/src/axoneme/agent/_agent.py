@@ -134,6 +134,7 @@ class Agent:
             self.k8s.listen("namespaces", self.remote_pods.on_namespaces)
             self.routing = RoutingService(config.routing_mode, self.k8s.node)
             self.k8s.listen("nodes", self.routing.on_node_events)
+            self.views.routing = self.routing
         self.datapath_options: dict[str, Any] = {}
         self.store.contribute(self._state_fields)
         self._tasks: list[asyncio.Task[Any]] = []

@@ -391,11 +391,19 @@ class NodeRouting:
         return True
 
     def _sysctl(self, key: str, value: str) -> None:
-        argv = (["ip", "netns", "exec", self.netns] if self.netns else []) + [
-            "sysctl", "-qw", f"{key}={value}"]
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            LOG.warning("routing: %s=%s: %s", key, value, proc.stderr.strip())
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            if self.netns is None:
+                with open(path, "w") as f:
+                    f.write(value)
+                return
+            # /proc/sys/net is the opener's namespace's: write it from inside
+            proc = subprocess.run(["ip", "netns", "exec", self.netns, "sh", "-c",
+                                   f"echo {value} > {path}"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise OSError(proc.stderr.strip())
+        except OSError as e:
+            LOG.warning("routing: %s=%s: %s", key, value, e)
 
     def _foreign_routes(self, dsts: set[ipaddress.IPv4Network]) -> dict[ipaddress.IPv4Network, str]:
         """Routes of the main table to exactly one of ``dsts`` that are not ours."""
@@ -482,4 +490,9 @@ class RoutingService:
             self.kernel.cleanup()
 
     def view(self) -> dict[str, Any]:
+        """``status`` components.routing: mode, device, routes, problems, nodes."""
         return {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes)}
+
+    def faults(self) -> list[str]:
+        return [f"routing: node {name} not routed: {why}"
+                for name, why in sorted(self.kernel.problems.items())]

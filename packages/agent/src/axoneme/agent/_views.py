@@ -92,6 +92,7 @@ class Views:
         self.guard_installed = False
         self.started = 0.0
         self.k8s: Any = None  # Kubernetes mode: the KubernetesSource (view(), faults())
+        self.routing: Any = None  # Kubernetes mode: _routing.RoutingService (view(), faults())
 
     # -- endpoints, identities ------------------------------------------------------------
     def endpoint_view(self, rec: EndpointRecord) -> dict[str, Any]:
@@ -174,6 +175,8 @@ class Views:
         out += self.policies.faults()
         if self.k8s is not None:
             out += self.k8s.faults()
+        if self.routing is not None:
+            out += self.routing.faults()
         return out
 
     def status(self) -> dict[str, Any]:
@@ -201,5 +204,6 @@ class Views:
                 "l7_proxies": self.proxies.listeners(),
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
                 **({"kubernetes": self.k8s.view()} if self.k8s is not None else {}),
+                **({"routing": self.routing.view()} if self.routing is not None else {}),
             },
         }
