@@ -292,7 +292,8 @@ def test_kubernetes_event_batches_are_spans(spans: InMemorySpanExporter) -> None
             pass
 
     async def go() -> None:
-        fake = SimpleNamespace(_loop=asyncio.get_running_loop(), _stop=threading.Event())
+        fake = SimpleNamespace(_loop=asyncio.get_running_loop(), _stop=threading.Event(),
+                               listeners={})
         deliver = KubernetesSource._deliverer(fake, "cnps", handler)  # type: ignore[arg-type]
         await asyncio.to_thread(deliver, [("ADDED", {}), ("MODIFIED", {})], True)
 
