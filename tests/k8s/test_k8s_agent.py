@@ -39,7 +39,8 @@ def crds(control_plane: Any) -> Any:
     def established() -> bool:
         return all(control_plane.kubectl("get", f"crd/{c}.cilium.io", "-o", f"jsonpath={path}",
                                          check=False).stdout == "True"
-                   for c in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"))
+                   for c in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies",
+                             "ciliumidentities"))
 
     assert wait(established, 60, 0.2), "the CRDs are not Established"
     return control_plane

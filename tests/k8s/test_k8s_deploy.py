@@ -44,6 +44,10 @@ CONTRACT_RULES = {
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "get"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "list"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "watch"),
+    # cluster-wide identities (CRD mode): created, watched, marked and collected by the agents
+    ("cilium.io", "ciliumidentities", "get"), ("cilium.io", "ciliumidentities", "list"),
+    ("cilium.io", "ciliumidentities", "watch"), ("cilium.io", "ciliumidentities", "create"),
+    ("cilium.io", "ciliumidentities", "patch"), ("cilium.io", "ciliumidentities", "delete"),
     ("cilium.io", "ciliumnetworkpolicies/status", "patch"),
     ("cilium.io", "ciliumnetworkpolicies/status", "update"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "patch"),
@@ -69,6 +73,8 @@ FORBIDDEN = [
     ("patch", "ciliumnetworkpolicies.cilium.io", "-n", "default"),
     ("create", "ciliumnetworkpolicies.cilium.io", "-n", "default"),
     ("delete", "ciliumclusterwidenetworkpolicies.cilium.io"),
+    ("update", "ciliumidentities.cilium.io"),
+    ("deletecollection", "ciliumidentities.cilium.io"),
     ("update", "ciliumclusterwidenetworkpolicies.cilium.io"),
     ("list", "events", "-A"),
     ("delete", "events", "-n", "default"),
@@ -197,7 +203,7 @@ def test_apply_k_is_idempotent_and_renders_with_kubectls_kustomize(deployed):
     assert "created" not in res.stdout and "configured" not in res.stdout, res.stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(deployed.kubectl("kustomize", str(DEPLOY)).stdout)]
     assert sorted(kinds) == sorted(["CustomResourceDefinition", "CustomResourceDefinition",
-                                    "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                    "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
                                     "ConfigMap", "DaemonSet"])
 
 

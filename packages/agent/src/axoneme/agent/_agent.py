@@ -40,6 +40,7 @@ from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
+from axoneme.agent._identityk8s import CRDIdentities
 from axoneme.agent._k8s import KubernetesSource
 from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import L7Proxies
@@ -81,6 +82,11 @@ class Agent:
             store = self.pm.hook.axoneme_identity_store(config=dataclasses.asdict(config))
         except Exception as e:
             raise ConfigError(f"identity store plugin failed: {e}") from e
+        # Kubernetes mode: identities shared through the API server (CiliumIdentity)
+        self.crd_identities: CRDIdentities | None = None
+        if store is None and config.k8s_mode and config.identity_allocation_mode == "crd":
+            self.crd_identities = CRDIdentities(config)
+            store = self.crd_identities.store
         self.allocator = IdentityAllocator(store)
         self.metrics = AgentMetrics(self._datapath_metrics)
         self.metrics.register(AgentStateCollector(self))
@@ -120,6 +126,9 @@ class Agent:
         if config.k8s_mode:
             self.k8s = KubernetesSource(config, self.store, self.endpoints, self.policies)
             self.endpoints.metadata = self.views.k8s = self.k8s
+            if self.crd_identities is not None:
+                self.crd_identities.attach(self.k8s, self.allocator, self.endpoints, self.store)
+                self.k8s.identities = self.crd_identities
         # policy sources besides the API and the API server
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:
@@ -228,6 +237,8 @@ class Agent:
             # empty cache would give them wrong identities and no policy
             await self.k8s.start()
             self._tasks.append(asyncio.create_task(self.k8s.run()))
+            if self.crd_identities is not None and self.crd_identities.gc is not None:
+                self._tasks.append(asyncio.create_task(self.crd_identities.gc.run()))
         await self.endpoints.adopt()
         if self.k8s is not None:
             await self.k8s.services_ready()

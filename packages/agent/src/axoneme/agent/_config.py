@@ -67,6 +67,13 @@ class AgentConfig:
     k8s_api_server: str | None = None  # --k8s-api-server https://HOST:PORT (in-cluster auth)
     k8s_node_name: str | None = None  # default: $NODE_NAME, else the hostname
     k8s_pod_wait: float = 10.0  # CNI ADD of a pod not (yet) in the cache: wait this long
+    # Kubernetes mode: identities as CiliumIdentity objects shared by every node
+    # (crd, Cilium's default) or per node (local); config keys only
+    # (docs/kubernetes.md "Identities"). The collector: every interval seconds
+    # (0: off), an identity unused for heartbeat_timeout seconds is deleted
+    identity_allocation_mode: str = "crd"
+    identity_gc_interval: float = 60.0
+    identity_heartbeat_timeout: float = 900.0
     # Kubernetes mode: translate Service ClusterIPs in each pod's namespace
     # (Cilium's kube-proxy replacement; no kube-proxy needed). Config key only.
     kube_proxy_replacement: bool = True

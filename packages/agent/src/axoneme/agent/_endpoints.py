@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from axoneme.agent import _tracing as tracing
 from axoneme.agent._config import AgentConfig
-from axoneme.agent._errors import BadRequest, Conflict, NotFound
+from axoneme.agent._errors import BadRequest, Conflict, NotFound, TryAgain
 from axoneme.agent._ipam import IPAM
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._netlink import EndpointNetlink
@@ -26,7 +26,7 @@ from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._state import StateStore
 from axoneme.core.cluster import Namespace, Pod, namespace_labels, pod_identity_labels
 from axoneme.core.endpoint import Endpoint
-from axoneme.core.errors import AxonemeError, DatapathError
+from axoneme.core.errors import AxonemeError, DatapathError, IdentityError
 from axoneme.core.identity import Identity, IdentityAllocator
 from axoneme.core.labels import Labels
 from axoneme.core.names import (
@@ -233,7 +233,7 @@ class EndpointService:
             rec.host_mac, rec.pod_mac = link.host_mac, link.pod_mac
             identity: Identity | None = None
             try:
-                identity = self.allocator.allocate(self.identity_labels(namespace, pod_name))
+                identity = await self._allocate(self.identity_labels(namespace, pod_name))
                 ep = self.build_endpoint(rec, identity)
                 self.engine.upsert_endpoint(ep)
                 store.endpoints[container_id] = rec
@@ -264,6 +264,16 @@ class EndpointService:
         LOG.info("endpoint %d ready: %s/%s %s identity %d", rec.id, namespace, pod_name, ip,
                  rec.identity)
         return self.cni_result(rec)
+
+    async def _allocate(self, labels: Labels) -> Identity:
+        """A shared store (the API server) answers over the network: off the loop,
+        and a failure of it is worth retrying (503: the CNI plugin says try again)."""
+        if not self.allocator.shared:
+            return self.allocator.allocate(labels)
+        try:
+            return await asyncio.to_thread(self.allocator.allocate, labels)
+        except IdentityError as e:
+            raise TryAgain(str(e)) from e
 
     async def _rollback(self, rec: EndpointRecord, identity: Identity | None) -> None:
         self.store.endpoints.pop(rec.container_id, None)

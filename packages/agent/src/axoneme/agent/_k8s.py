@@ -139,6 +139,10 @@ class KubernetesSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Condition | None = None
         self.services: ServiceTranslator | None = None
+        # resources other services follow (CRD identities, ``_identityk8s``):
+        # name -> (list call made from the ApiClient, handler); their API may be missing
+        self.extra_informers: dict[str, tuple[Any, Any]] = {}
+        self.identities: Any = None  # _identityk8s.CRDIdentities: view and faults
         self.service_policies = ServicePolicies(policies, store)
         if getattr(config, "kube_proxy_replacement", True):
             self.services = ServiceTranslator(
@@ -163,6 +167,9 @@ class KubernetesSource:
             self.informers[name] = Informer(name, getattr(calls, name),
                                             self._deliverer(name, handler), self._stop,
                                             optional=name in ("cnps", "ccnps"))
+        for name, (make_lister, handler) in self.extra_informers.items():
+            self.informers[name] = Informer(name, make_lister(api), self._deliverer(name, handler),
+                                            self._stop, optional=True)
         LOG.warning("kubernetes mode: api server %s, node %s: listing", self.server, self.node)
         for inf in self.informers.values():
             inf.start()
@@ -456,6 +463,7 @@ class KubernetesSource:
                 "services": self.services.view() if self.services is not None else None,
                 "to_services": self.service_policies.view(),
                 "refused_policies": dict(sorted(dict(self.refused).items())),
+                "identities": self.identities.view() if self.identities is not None else None,
                 "status_writes": self.status_writer.view() if self.status_writer else {},
                 "last_error": errors[-1] if errors else ""}
 
@@ -464,4 +472,6 @@ class KubernetesSource:
         out = [f"kubernetes {name}: not connected: {r['last_error']}"
                for name, r in v["resources"].items() if not r["connected"]]
         out += [f"kubernetes policy {key} refused: {why}" for key, why in v["refused_policies"].items()]
+        if self.identities is not None:
+            out += self.identities.faults()
         return out

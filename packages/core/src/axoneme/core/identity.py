@@ -6,6 +6,13 @@ labels get the same number on every node and after a restart; the allocator's
 state can be persisted and restored (``snapshot``/``restore``) and a store
 shared between nodes (etcd/CRD) plugs in through ``IdentityStore``. CIDR and
 FQDN identities are node-local: ``1 << 24 | n``.
+
+With a store the cluster is the truth: a number's label set is what the store
+holds, identities other nodes allocated arrive through ``learn``/``forget``
+(the store's watch), an identity this node no longer uses stays known until
+the store drops it, and when two numbers hold one label set (a race the
+store could not prevent) ``lookup``/``allocate`` answer the lowest, so every
+node converges on it (agent/_identityk8s.py).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
@@ -110,17 +117,24 @@ def cidr_labels(net: IPNetwork) -> Labels:
 class IdentityStore(Protocol):
     """Where allocations are shared (a file for one node; etcd/CRD for many).
 
-    Who implements: the agent (state dir) and cluster stores (etcd, CRD).
+    Who implements: cluster stores (the agent's CRD store, agent/_identityk8s.py;
+    a plugin's etcd store through ``axoneme_identity_store``). A store may also
+    have ``acquire(number, labels)``: called (allocator lock held) when this node
+    starts using an identity it did not allocate itself, so the store can take
+    back a garbage collector's mark; it raises IdentityError when the identity
+    is gone and cannot be had again (the allocator then probes on).
     """
 
     def load(self) -> Mapping[int, list[str]]: ...
 
     def claim(self, number: int, labels: list[str]) -> bool:
-        """Claim ``number`` for ``labels``; False if another label set holds it."""
+        """Claim ``number`` for ``labels``; False if another label set holds it.
+        Raises IdentityError when the store cannot answer (no probing on)."""
         ...
 
 
-def _preferred_number(key: tuple[str, ...]) -> int:
+def preferred_number(key: tuple[str, ...]) -> int:
+    """Where probing starts for a label set (sorted label strings)."""
     digest = hashlib.sha256("\n".join(key).encode()).digest()
     span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
     return MIN_CLUSTER_IDENTITY + int.from_bytes(digest[:8], "big") % span
@@ -134,8 +148,10 @@ class IdentityAllocator:
     allocator probes upwards (and, with a shared store, the store arbitrates).
     """
 
-    def __init__(self, store: IdentityStore | None = None) -> None:
+    def __init__(self, store: IdentityStore | None = None,
+                 preferred: Callable[[tuple[str, ...]], int] = preferred_number) -> None:
         self._lock = threading.RLock()
+        self._preferred = preferred  # tests force collisions with a constant
         self._by_id: dict[int, Identity] = {i.id: i for i in RESERVED_IDENTITIES}
         self._by_labels: dict[tuple[str, ...], Identity] = {
             tuple(i.label_strings()): i for i in RESERVED_IDENTITIES
@@ -149,16 +165,21 @@ class IdentityAllocator:
         if store is not None:
             self.restore(store.load())
 
+    @property
+    def shared(self) -> bool:
+        """Whether a store shared between nodes arbitrates (allocate may block on it)."""
+        return self._store is not None
+
     # -- cluster identities -------------------------------------------------
     def allocate(self, labels: Labels) -> Identity:
         """The identity of ``labels`` (allocating one if new). Idempotent."""
         key = tuple(labels.sorted_strings())
         with self._lock:
             found = self._by_labels.get(key)
-            if found is not None:
+            if found is not None and self._acquired(found, key):
                 self._refs[found.id] = self._refs.get(found.id, 0) + 1
                 return found
-            number = _preferred_number(key)
+            number = self._preferred(key)
             span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
             for _ in range(span):
                 if number not in self._by_id and (
@@ -166,12 +187,87 @@ class IdentityAllocator:
                 ):
                     ident = Identity(number, labels)
                     self._by_id[number] = ident
-                    self._by_labels[key] = ident
+                    self._index(key, ident)
                     self._refs[number] = 1
                     self._snapped(ident)
                     return ident
                 number = MIN_CLUSTER_IDENTITY + (number - MIN_CLUSTER_IDENTITY + 1) % span
             raise IdentityError("cluster identity space 256-65535 is exhausted")
+
+    def _acquired(self, found: Identity, key: tuple[str, ...]) -> bool:
+        """Whether a known identity can be used: a store's, unused here so far,
+        is acquired from the store first (its GC mark taken back); one the
+        store lost is forgotten and the caller allocates anew."""
+        acquire = getattr(self._store, "acquire", None)
+        if acquire is None or found.reserved or found.local or self._refs.get(found.id, 0) > 0:
+            return True
+        try:
+            acquire(found.id, list(key))
+            return True
+        except IdentityError:
+            self._drop(found)
+            return False
+
+    def _index(self, key: tuple[str, ...], ident: Identity) -> None:
+        """``_by_labels`` names the lowest number holding a label set."""
+        old = self._by_labels.get(key)
+        if old is None or old.id not in self._by_id or ident.id < old.id:
+            self._by_labels[key] = ident
+
+    def _drop(self, ident: Identity) -> None:
+        """Forget a number (no references left); another number holding the same
+        label set (a duplicate) becomes the answer for it."""
+        self._by_id.pop(ident.id, None)
+        self._refs.pop(ident.id, None)
+        key = tuple(ident.label_strings())
+        if self._by_labels.get(key) is ident:
+            del self._by_labels[key]
+            for other in self._by_id.values():
+                if tuple(other.label_strings()) == key:
+                    self._index(key, other)
+        if self._snap is not None:
+            self._snap.pop(ident.id, None)
+        if ident.cidr is not None:
+            self._cidr.pop(ident.cidr, None)
+
+    # -- what a shared store says (its watch) ----------------------------------------
+    def learn(self, number: int, strings: Iterable[str]) -> bool:
+        """The store holds ``number`` for these labels (another node's, or ours).
+        False (and nothing changed) when this node uses ``number`` for other
+        labels: the caller must settle that with the store."""
+        labels = Labels.from_strings(strings)
+        key = tuple(labels.sorted_strings())
+        with self._lock:
+            old = self._by_id.get(number)
+            if old is not None and tuple(old.label_strings()) == key:
+                return True
+            if old is not None:
+                if self._refs.get(number, 0) > 0:
+                    return False
+                self._drop(old)
+            ident = Identity(number, labels)
+            self._by_id[number] = ident
+            self._refs.setdefault(number, 0)
+            self._index(key, ident)
+            self._snapped(ident)
+            return True
+
+    def forget(self, number: int) -> bool:
+        """The store dropped ``number``. False (still known) while this node uses
+        it: the caller puts it back into the store."""
+        with self._lock:
+            ident = self._by_id.get(number)
+            if ident is None or ident.reserved or ident.local:
+                return True
+            if self._refs.get(number, 0) > 0:
+                return False
+            self._drop(ident)
+            return True
+
+    def references(self) -> dict[int, int]:
+        """Identities this node uses: number -> references (endpoints)."""
+        with self._lock:
+            return {n: r for n, r in self._refs.items() if r > 0}
 
     def release(self, identity: Identity) -> bool:
         """Drop one reference; returns True when the identity was freed."""
@@ -181,13 +277,12 @@ class IdentityAllocator:
             self._refs[identity.id] -= 1
             if self._refs[identity.id] > 0:
                 return False
-            del self._refs[identity.id]
-            ident = self._by_id.pop(identity.id)
-            self._by_labels.pop(tuple(ident.label_strings()), None)
-            if self._snap is not None:
-                self._snap.pop(ident.id, None)
-            if ident.cidr is not None:
-                self._cidr.pop(ident.cidr, None)
+            if self._store is not None and not identity.local:
+                # still allocated in the store (other nodes may use it): its
+                # garbage collector decides, and ``forget`` tells us
+                self._refs[identity.id] = 0
+                return True
+            self._drop(self._by_id[identity.id])
             return True
 
     # -- local (CIDR) identities ---------------------------------------------
@@ -269,6 +364,10 @@ class IdentityAllocator:
                         self._cidr[cidr] = Identity(number, labels, cidr)
                     self._next_local = max(self._next_local, (number & ~LOCAL_IDENTITY_FLAG) + 1)
                 ident = self._cidr[cidr] if cidr is not None else Identity(number, labels)
+                old = self._by_id.get(number)
+                if old is not None and old is not ident and self._by_labels.get(
+                        tuple(old.label_strings())) is old:
+                    del self._by_labels[tuple(old.label_strings())]
                 self._by_id[number] = ident
                 self._by_labels[tuple(labels.sorted_strings())] = ident
                 self._refs.setdefault(number, 0)

@@ -26,6 +26,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "policy_map_full", "drop_unparseable_policies", "plugins", "policy_audit_mode",
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
+                "identity_allocation_mode", "identity_gc_interval", "identity_heartbeat_timeout",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files")
@@ -139,6 +140,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"routing_mode must be native or tunnel, got {cfg.routing_mode!r}")
     if cfg.k8s_pod_wait < 0:
         raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
+    check_identity_config(cfg, args.config)
     check_observability(cfg)
     if cfg.k8s_kubeconfig:
         cfg.k8s_kubeconfig = os.path.abspath(cfg.k8s_kubeconfig)
@@ -150,6 +152,19 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         cfg.hubble_socket_path = os.path.abspath(cfg.hubble_socket_path)
     check_hubble(cfg)
     return cfg
+
+
+def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
+    """identity_allocation_mode, identity_gc_interval, identity_heartbeat_timeout
+    (config keys only: ConfigError naming the key and the file, exit 2)."""
+    where = f" ({path})" if path else ""
+    if cfg.identity_allocation_mode not in ("crd", "local"):
+        raise ConfigError(f"config key identity_allocation_mode: expected crd or local, got "
+                          f"{yamlsafe.excerpt(repr(cfg.identity_allocation_mode))}{where}")
+    for key in ("identity_gc_interval", "identity_heartbeat_timeout"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key {key}: expected 0 or more seconds, got "
+                              f"{getattr(cfg, key)!r}{where}")
 
 
 def check_hubble(cfg: AgentConfig) -> None:

@@ -1,0 +1,342 @@
+"""Cluster-wide identities through the API server: Cilium's CRD mode.
+
+Kubernetes mode with ``identity_allocation_mode: crd`` (the default there):
+every identity is a cluster-scoped ``CiliumIdentity`` (cilium.io/v2,
+deploy/crds/ciliumidentities.yaml) whose name is the number and whose
+``security-labels`` field holds the label set (``{"k8s:app": "web", ...}``);
+its ``metadata.labels`` carry the ``k8s:`` labels that are valid Kubernetes
+labels, so ``kubectl get ciliumid -l app=web`` finds it. Standalone mode and
+``identity_allocation_mode: local`` keep the node-local allocator.
+
+Allocation (``_identitycrd.CRDIdentityStore``, the allocator's ``IdentityStore``)
+--------------------------------------------------------------------------------
+1. A label set the cache already maps to a number (the watch below keeps
+   every identity of the cluster in it) gets that number: the lowest one if
+   two hold it.
+2. Otherwise the allocator walks the label set's probe sequence (a hash of
+   the sorted labels, then upwards) and, for each number the cache does not
+   show taken, creates the object: 201 is ours; 409 AlreadyExists reads the
+   object: the same labels (another node won the race) is ours too, other
+   labels means the next number. The API server's create is the arbiter, so
+   no number ever names two label sets, and two nodes racing on a new label
+   set walk the same sequence and meet at its first free number.
+3. A label set can still end up under two numbers when the garbage collector
+   deletes a number in the middle of another node's walk. Every node then
+   answers the lowest of them, re-identifies its endpoints that hold a higher
+   one, and the higher one, unused, is collected: the cluster converges.
+
+The watch (``IdentitySync``)
+----------------------------
+An informer follows ``ciliumidentities``: what other nodes create becomes
+known here (``identity list`` shows it, endpoints of other nodes resolve to
+it), what is deleted is forgotten unless this node uses it, in which case
+the agent creates it again with the same number and labels (as Cilium's
+allocator re-creates a master key it still holds).
+
+Garbage collection (``IdentityGC``)
+-----------------------------------
+Cilium's operator marks an identity no CiliumEndpoint uses with the
+``io.cilium.heartbeat`` annotation and deletes it a heartbeat timeout later
+with the object's resourceVersion as precondition; an agent that starts
+using a marked identity removes the mark, which changes the resourceVersion
+and so fails the operator's delete. axoneme has no operator: every agent
+runs the same collector from its own caches, every ``identity_gc_interval``
+seconds (0: off):
+
+- an identity is used when this node's endpoints hold it, or when a pod of
+  the cluster (the pods informer: every pod, every node) has exactly its
+  labels and it is the lowest number for them;
+- used and marked: the mark is removed; unused and unmarked: it is marked
+  with the time (a merge patch carrying the resourceVersion it was judged
+  at: a change since fails it with 409 and it is judged again next round);
+- unused and marked at least ``identity_heartbeat_timeout`` seconds ago: it
+  is deleted with preconditions uid and resourceVersion.
+
+Two agents collecting at once are safe: every write is conditional, the loser
+gets 409/404 and moves on. An agent that acquires an identity (its first
+endpoint with it) removes a mark first (``CRDIdentityStore.acquire``); if the
+identity was deleted meanwhile it creates it again, or, when the number was
+taken for other labels in between, allocates anew. The grace period covers
+caches that lag: a pod must stay unseen by the collecting agent for the
+whole timeout before its identity goes.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from axoneme.agent._identitycrd import (
+    CRDIdentityStore,
+    KubernetesIdentityAPI,
+    http_status,
+    marked_at,
+    meta_field,
+    object_labels,
+    object_number,
+)
+from axoneme.agent._k8sinformer import Event, Obj, short_error
+from axoneme.core.errors import IdentityError
+from axoneme.core.identity import (
+    MAX_CLUSTER_IDENTITY,
+    MIN_CLUSTER_IDENTITY,
+    IdentityAllocator,
+)
+from axoneme.core.labels import Labels
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["CRDIdentities", "IdentityGC", "IdentitySync", "pod_label_sets"]
+
+
+class IdentitySync:
+    """Applies the ``ciliumidentities`` watch to the allocator (on the agent's loop).
+
+    ``relabel(numbers)`` re-identifies this node's endpoints holding one of
+    ``numbers`` (a lower number now holds their labels)."""
+
+    def __init__(self, store: CRDIdentityStore, allocator: IdentityAllocator,
+                 relabel: Callable[[set[int]], Awaitable[None]]) -> None:
+        self.store = store
+        self.allocator = allocator
+        self.relabel = relabel
+        self.conflicts: dict[int, str] = {}  # number -> what the API says instead
+
+    async def on_events(self, _: str, events: Sequence[Event], initial: bool) -> None:
+        store, alloc = self.store, self.allocator
+        lost: list[int] = []  # deleted from the API while this node uses them
+        seen: set[int] = set()
+        for kind, obj in events:
+            number = object_number(obj)
+            if number is None:
+                LOG.warning("CiliumIdentity %s: not a number in %d-%d: ignored",
+                            meta_field(obj, "name"), MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY)
+                continue
+            if kind == "DELETED":
+                store.objects.pop(number, None)
+                self.conflicts.pop(number, None)
+                if not alloc.forget(number):
+                    lost.append(number)
+                continue
+            seen.add(number)
+            store.objects[number] = obj
+            labels = object_labels(obj)
+            if alloc.learn(number, labels):
+                self.conflicts.pop(number, None)
+            else:
+                # this node holds the number for other labels: it lost a race it
+                # could not see (or someone wrote the object by hand)
+                self.conflicts[number] = ",".join(labels)
+                LOG.error("identity %d: the API server says %s, this node uses it for %s",
+                          number, ",".join(labels), ",".join(
+                              alloc.get(number).label_strings()))  # type: ignore[union-attr]
+        if initial:
+            # what the state file restored and the cluster no longer has
+            for ident in alloc.all():
+                if ident.reserved or ident.local or ident.id in seen:
+                    continue
+                if not alloc.forget(ident.id):
+                    lost.append(ident.id)
+        refs = alloc.references()
+        unmark = [n for n in refs if n in store.objects and marked_at(store.objects[n]) is not None]
+        if lost or unmark:
+            await asyncio.to_thread(self.repair, lost, unmark)
+        stale = set()
+        for number in refs:
+            held = alloc.get(number)
+            canonical = alloc.lookup(held.labels) if held is not None else None
+            if canonical is not None and canonical.id != number:
+                stale.add(number)
+        if stale:
+            LOG.warning("identities %s: a lower number holds the same labels: "
+                        "re-identifying their endpoints", ",".join(map(str, sorted(stale))))
+            await self.relabel(stale)
+
+    def repair(self, lost: Iterable[int], unmark: Iterable[int]) -> None:
+        """Put back what this node uses (a worker thread: API writes)."""
+        for number in lost:
+            ident = self.allocator.get(number)
+            if ident is None:
+                continue
+            try:
+                if self.store.claim(number, ident.label_strings()):
+                    LOG.warning("identity %d was deleted while in use here: created again",
+                                number)
+                else:
+                    self.conflicts[number] = "taken for other labels after a delete"
+                    LOG.error("identity %d was deleted while in use here and is now taken "
+                              "for other labels", number)
+            except IdentityError as e:
+                LOG.warning("identity %d: cannot create it again: %s", number, e)
+        for number in unmark:
+            ident = self.allocator.get(number)
+            if ident is None:
+                continue
+            try:
+                self.store.acquire(number, ident.label_strings())
+            except IdentityError as e:
+                LOG.warning("identity %d: cannot take back its mark: %s", number, e)
+
+    def faults(self) -> list[str]:
+        return [f"identity {n}: the API server holds it for {what}"
+                for n, what in sorted(self.conflicts.items())]
+
+
+class IdentityGC:
+    """The collector of the module docstring. ``used_labels()`` is the set of
+    label sets (sorted strings) of the cluster's pods."""
+
+    def __init__(self, store: CRDIdentityStore, allocator: IdentityAllocator,
+                 used_labels: Callable[[], set[tuple[str, ...]]], interval: float,
+                 timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.allocator = allocator
+        self.used_labels = used_labels
+        self.interval = interval
+        self.timeout = timeout
+        self.clock = clock
+        self.runs = 0
+        self.marked = 0
+        self.unmarked = 0
+        self.deleted = 0
+        self.conflicts = 0
+        self.last_error = ""
+        self._lock = threading.Lock()  # one pass at a time
+
+    def plan(self) -> list[tuple[str, int, Obj]]:
+        """What one pass does: ("mark" | "unmark" | "delete", number, object judged)."""
+        refs = self.allocator.references()
+        pods = self.used_labels()
+        now = self.clock()
+        out = []
+        for number, obj in sorted(self.store.objects.items()):
+            labels = tuple(object_labels(obj))
+            canonical = self.allocator.lookup(Labels.from_strings(labels))
+            used = number in refs or (labels in pods and canonical is not None
+                                      and canonical.id == number)
+            mark = marked_at(obj)
+            if used and mark is not None:
+                out.append(("unmark", number, obj))
+            elif not used and mark is None:
+                out.append(("mark", number, obj))
+            elif not used and mark is not None and now - mark >= self.timeout:
+                out.append(("delete", number, obj))
+        return out
+
+    def run_once(self) -> None:
+        """One pass: judge, then write."""
+        self.execute(self.plan())
+
+    def execute(self, plan: Sequence[tuple[str, int, Obj]]) -> None:
+        """The writes of a pass (a worker thread: API calls)."""
+        with self._lock:
+            api = self.store.api
+            if api is None:
+                return
+            self.runs += 1
+            for action, number, obj in plan:
+                rv, uid = meta_field(obj, "resourceVersion"), meta_field(obj, "uid")
+                try:
+                    if action == "delete":
+                        api.delete(number, uid, rv)
+                        self.deleted += 1
+                        LOG.info("identity %d: unused for %gs: deleted", number, self.timeout)
+                    else:
+                        stamp = (datetime.fromtimestamp(self.clock(), UTC)
+                                 .isoformat().replace("+00:00", "Z"))
+                        updated = api.set_mark(number, rv, stamp if action == "mark" else None)
+                        self.store.objects[number] = updated
+                        if action == "mark":
+                            self.marked += 1
+                            LOG.info("identity %d: unused: marked for deletion", number)
+                        else:
+                            self.unmarked += 1
+                except Exception as e:
+                    if http_status(e) in (404, 409):
+                        self.conflicts += 1  # changed or gone since judged: next round
+                        continue
+                    self.last_error = f"{action} {number}: {short_error(e)}"
+                    LOG.warning("identity gc: %s", self.last_error)
+
+    async def run(self) -> None:
+        if self.interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                # judged on the loop (the caches change there), written from a thread
+                await asyncio.to_thread(self.execute, self.plan())
+            except Exception:
+                LOG.warning("identity gc pass failed", exc_info=True)
+
+    def view(self) -> dict[str, Any]:
+        return {"interval": self.interval, "heartbeat_timeout": self.timeout, "runs": self.runs,
+                "marked": self.marked, "unmarked": self.unmarked, "deleted": self.deleted,
+                "conflicts": self.conflicts, "last_error": self.last_error}
+
+
+class CRDIdentities:
+    """CRD mode wired into the agent: the store (give it to the allocator), the
+    watch (an extra informer of ``KubernetesSource``) and the collector."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.store = CRDIdentityStore()
+        self.sync: IdentitySync | None = None
+        self.gc: IdentityGC | None = None
+
+    def attach(self, source: Any, allocator: IdentityAllocator, endpoints: Any,
+               state: Any) -> None:
+        """Follow ``ciliumidentities`` through ``source`` (``KubernetesSource``);
+        ``endpoints``/``state``: re-identification under the agent's lock."""
+        config = self.config
+
+        async def relabel(numbers: set[int]) -> None:
+            async with state.lock:
+                await endpoints.relabel(lambda rec: rec.identity in numbers)
+                await state.persist(strict=False)
+
+        def lister(api: Any) -> Callable[..., Any]:
+            real = KubernetesIdentityAPI(api)
+            self.store.api = real
+            return real.lister()
+
+        def used_labels() -> set[tuple[str, ...]]:
+            return pod_label_sets(source, config.cluster_name)
+
+        self.sync = IdentitySync(self.store, allocator, relabel)
+        self.gc = IdentityGC(self.store, allocator, used_labels,
+                             float(config.identity_gc_interval),
+                             float(config.identity_heartbeat_timeout))
+        source.extra_informers["identities"] = (lister, self.sync.on_events)
+
+    def view(self) -> dict[str, Any]:
+        out = self.store.view()
+        if self.gc is not None:
+            out["gc"] = self.gc.view()
+        return out
+
+    def faults(self) -> list[str]:
+        return self.sync.faults() if self.sync is not None else []
+
+
+def pod_label_sets(source: Any, cluster_name: str) -> set[tuple[str, ...]]:
+    """The identity label sets of the cluster's pods (``KubernetesSource``'s
+    cache; host-network pods have none)."""
+    from axoneme.core.cluster import Namespace, namespace_labels, pod_identity_labels
+
+    out = set()
+    for meta in list(source.pods.values()):
+        if meta.host_network:
+            continue
+        name = meta.pod.namespace
+        # as EndpointService.namespace_obj: a namespace not cached yet has its name label
+        ns = source.namespace(name) or Namespace(name, namespace_labels(name))
+        out.add(tuple(pod_identity_labels(meta.pod, ns, cluster_name).sorted_strings()))
+    return out
