@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from axoneme.core.datapath import IPCacheChanges
 from axoneme.core.endpoint import Endpoint, NamedPort
@@ -64,6 +65,7 @@ from axoneme.core.policy.services import (
 LOG = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_K = TypeVar("_K", int, str)  # an address index's owner: endpoint id or remote key
 WORLD_PREFIXES: dict[IPNetwork, int] = {
     ipaddress.ip_network("0.0.0.0/0"): int(ReservedIdentity.WORLD),
     ipaddress.ip_network("::/0"): int(ReservedIdentity.WORLD),
@@ -375,7 +377,7 @@ class PolicyEngine:
                 if old is not None:
                     self._unlink_identity(old)
                     changed |= self._cache.remove_identity(old.identity)
-            self._link_addresses(old, endpoint)
+            self._link_addresses(self._ep_nets, endpoint.id, old, endpoint)
             moved = old is None or _address_facts(old) != _address_facts(endpoint)
             if moved:
                 self._book = None
@@ -391,7 +393,7 @@ class PolicyEngine:
             if old is None:
                 return
             self._unlink_identity(old)
-            self._link_addresses(old, None)
+            self._link_addresses(self._ep_nets, old.id, old, None)
             changed = self._cache.remove_identity(old.identity)
             self._forget(endpoint_id)
             self._audit_endpoints.discard(endpoint_id)
@@ -406,8 +408,10 @@ class PolicyEngine:
             if not users:
                 del self._by_identity[ep.identity]
 
-    def _link_addresses(self, old: Endpoint | None, new: Endpoint | None) -> None:
-        """Keep the endpoint address index (for the ipcache) current."""
+    def _link_addresses(self, index: dict[IPNetwork, dict[_K, int]], owner: _K,
+                        old: Endpoint | None, new: Endpoint | None) -> None:
+        """Keep an address index for the ipcache current: ``_ep_nets`` (this
+        node's endpoints, by id) or ``_remote_nets`` (other nodes' pods, by key)."""
         for ep, add in ((old, False), (new, True)):
             if ep is None:
                 continue
@@ -416,13 +420,13 @@ class PolicyEngine:
                     continue
                 net = ipaddress.ip_network(ip)
                 self._ipc_dirty.add(net)
-                owners = self._ep_nets.setdefault(net, {})
+                owners = index.setdefault(net, {})
                 if add:
-                    owners[ep.id] = ep.identity
+                    owners[owner] = ep.identity
                 else:
-                    owners.pop(ep.id, None)
+                    owners.pop(owner, None)
                     if not owners:
-                        del self._ep_nets[net]
+                        del index[net]
 
     # -- endpoints of other nodes -----------------------------------------------------
     def upsert_remote_endpoint(self, key: str, identity: Identity, ipv4: str | None = None,
@@ -449,7 +453,7 @@ class PolicyEngine:
                 changed |= self._cache.add_identity(identity)
                 if old is not None:
                     changed |= self._cache.remove_identity(old.identity)
-            self._link_remote(key, old, new)
+            self._link_addresses(self._remote_nets, key, old, new)
             if old is None or _address_facts(old) != _address_facts(new):
                 self._book = None
                 self._recompute(set(self._address_users), addresses=True)
@@ -461,7 +465,7 @@ class PolicyEngine:
             old = self._remote.pop(key, None)
             if old is None:
                 return
-            self._link_remote(key, old, None)
+            self._link_addresses(self._remote_nets, key, old, None)
             changed = self._cache.remove_identity(old.identity)
             self._book = None
             self._recompute(set(self._address_users), addresses=True)
@@ -470,21 +474,6 @@ class PolicyEngine:
     def remote_endpoints(self) -> dict[str, Endpoint]:
         with self._lock:
             return dict(self._remote)
-
-    def _link_remote(self, key: str, old: Endpoint | None, new: Endpoint | None) -> None:
-        for ep, add in ((old, False), (new, True)):
-            for ip in (ep.ipv4, ep.ipv6) if ep is not None else ():
-                if not ip:
-                    continue
-                net = ipaddress.ip_network(ip)
-                self._ipc_dirty.add(net)
-                owners = self._remote_nets.setdefault(net, {})
-                if add:
-                    owners[key] = ep.identity  # type: ignore[union-attr]
-                else:
-                    owners.pop(key, None)
-                    if not owners:
-                        del self._remote_nets[net]
 
     def endpoints(self) -> list[Endpoint]:
         with self._lock:
