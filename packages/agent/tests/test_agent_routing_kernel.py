@@ -246,7 +246,14 @@ def test_foreign_routes_and_unreachable_nodes_are_left_alone(nodes: tuple[Node, 
     routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
     assert [r.get("type") for r in routes] == ["blackhole"]
     assert ping(a, b) is False  # b has no route back: only a was routed
+    # ours by protocol but not a shape we make: removed; a default route: never touched
+    sh("ip", "-n", a.netns, "route", "add", "10.244.200.0/24", "dev", "und0", "proto",
+       str(ROUTE_PROTO))
+    sh("ip", "-n", a.netns, "route", "add", "default", "via", "10.255.252.254", "proto",
+       str(ROUTE_PROTO))
+    ka.apply(desired_state("native", a.info, [a.info, b.info]))
+    assert sorted(str(r["dst"]) for r in our_routes(a)) == [b.pod_cidr, "default"]
     ka.cleanup()
     routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
     assert [r.get("type") for r in routes] == ["blackhole"]  # cleanup leaves it too
-    assert our_routes(a) == []
+    assert [r["dst"] for r in our_routes(a)] == ["default"]

@@ -285,12 +285,16 @@ class NodeRouting:
         for r in self._json("ip", "-4", "route", "show", "table", "main", "proto",
                             str(self.proto)):
             try:
-                dst = ipaddress.IPv4Network(r["dst"])
+                dst = ipaddress.IPv4Network(_dst(r))
+            except ValueError:
+                continue
+            if dst.prefixlen < MIN_PREFIXLEN:
+                continue  # never one of ours: a default-ish route is never touched
+            try:
                 gw = ipaddress.IPv4Address(r["gateway"])
             except (KeyError, ValueError):
-                # ours by protocol, but not a shape we make: remove it too
-                routes.add(Route(ipaddress.IPv4Network(_dst(r)), ipaddress.IPv4Address(0),
-                                 "?"))
+                # ours by protocol, but not a shape we make: removed too
+                routes.add(Route(dst, ipaddress.IPv4Address(0), "?"))
                 continue
             dev = str(r.get("dev") or "")
             routes.add(Route(dst, gw, dev if dev == self.device else ""))
@@ -333,8 +337,10 @@ class NodeRouting:
         kernel's refusals)."""
         problems = dict(desired.problems)
         before = self.observe()
-        # routes first out, devices last: nothing points at a device being removed
-        for route in sorted(before.routes - desired.routes):
+        # routes first out, devices last: nothing points at a device being removed;
+        # a route whose destination stays is replaced below, never deleted first
+        wanted = {r.dst for r in desired.routes}
+        for route in sorted(r for r in before.routes - desired.routes if r.dst not in wanted):
             self._cmd("ip", "route", "del", str(route.dst), "proto", str(self.proto),
                       check=False)
         if desired.device_local is None:
