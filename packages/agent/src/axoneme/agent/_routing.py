@@ -462,6 +462,7 @@ class RoutingService:
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
         self.on_applied: Callable[[Desired], None] | None = None
+        self.remote_pods: Any = None  # _remotepods.RemotePods: its count joins the view
 
     async def on_node_events(self, events: Sequence[tuple[str, Mapping[str, Any]]],
                              initial: bool) -> None:
@@ -496,8 +497,12 @@ class RoutingService:
             self.kernel.cleanup()
 
     def view(self) -> dict[str, Any]:
-        """``status`` components.routing: mode, device, routes, problems, nodes."""
-        return {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes)}
+        """``status`` components.routing: mode, device, routes, problems, nodes
+        (and remote_pods: other nodes' pods in the ipcache)."""
+        out = {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes)}
+        if self.remote_pods is not None:
+            out.update(self.remote_pods.view())
+        return out
 
     def faults(self) -> list[str]:
         return [f"routing: node {name} not routed: {why}"
