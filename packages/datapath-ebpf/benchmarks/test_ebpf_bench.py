@@ -86,8 +86,8 @@ def ct_packets(dp) -> int:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("n_entries", SIZES)
 def test_bench_from_container_hot_key(benchmark, bench_dp, n_entries: int, path: str) -> None:  # type: ignore[no-untyped-def]
     """``cached``: an established connection (CT verdict cache of the current
-    policy revision). ``full``: every packet walks the ipcache and both policy
-    LPM lookups (forced with the proxy's mark, which bypasses the cache)."""
+    policy revision). ``full``: every packet runs the whole decision, ipcache and
+    policy lookups (forced with the proxy's mark, which bypasses the cache)."""
     from axoneme.core.marks import MARK_MAGIC_PROXY_INGRESS
     from axoneme.datapath.ebpf import _bpf
     from axoneme.datapath.ebpf import _packets as P

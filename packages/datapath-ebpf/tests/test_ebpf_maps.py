@@ -216,3 +216,35 @@ def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # t
             assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
         finally:
             dp.stop()
+
+
+def test_host_entries_move_from_the_trie_to_the_host_hash(start_ebpf) -> None:  # type: ignore[no-untyped-def]
+    """A /32 or /128 in the ipcache trie (what a version without the host hash
+    wrote) moves to axoneme_ipcache_host_v1 at start: the programs look host
+    addresses up there first, and deletes go there (lib/ipcache.h)."""
+    from axoneme.datapath.ebpf import EbpfDatapath, _bpf
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf._datapath import ipcache_key
+
+    host4, host6 = ipaddress.ip_network("10.244.77.7/32"), ipaddress.ip_network("fd00:77::7/128")
+    cidr = ipaddress.ip_network("10.244.77.0/24")
+    with start_ebpf(ct_max=64, ipcache_max=64, options={"max_endpoints": 2}) as first:
+        first.ipcache_apply(IPCacheChanges(upserts={cidr: 5001}))
+        for net, ident in ((host4, 5002), (host6, 5003)):
+            v = L.IPCacheValue()
+            v.identity = ident
+            _bpf.map_update(first.map_fd("ax_ipcache"), ipcache_key(net), v)  # the old layout
+        first.stop()
+        dp = EbpfDatapath(first.config)
+        dp.start()
+        try:
+            trie = {bytes(k) for k in _bpf.map_keys(dp.map_fd("ax_ipcache"), L.IPCacheKey)}
+            host = {bytes(k) for k in _bpf.map_keys(dp.map_fd("ax_ipcache_host"), L.IPCacheKey)}
+            assert bytes(ipcache_key(cidr)) in trie
+            assert {bytes(ipcache_key(host4)), bytes(ipcache_key(host6))} <= host - trie
+            got = dp.dump_ipcache()
+            assert (got[cidr], got[host4], got[host6]) == (5001, 5002, 5003)
+            dp.ipcache_apply(IPCacheChanges(deletes=frozenset({host4, host6, cidr})))
+            assert not {cidr, host4, host6} & set(dp.dump_ipcache())
+        finally:
+            dp.stop()

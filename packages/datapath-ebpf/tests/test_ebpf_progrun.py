@@ -143,3 +143,75 @@ def test_audit_entry_forwards_and_reports_audit(dp) -> None:  # type: ignore[no-
             flow = _events.to_flow(dp._queue.popleft(), 0.0)
             seen[flow.ports()[1] or 0] = flow.verdict
     assert seen == {22: FlowVerdict.AUDIT, 80: FlowVerdict.FORWARDED}
+
+
+def _record_flags(dp) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """The flags of A's record in both endpoint maps."""
+    import ctypes as ct
+
+    from axoneme.datapath.ebpf import _bpf
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf._datapath import lxc_key
+
+    by_if, by_ip = L.Endpoint(), L.Endpoint()
+    assert _bpf.map_lookup(dp.map_fd("ax_endpoints"), ct.c_uint32(LO), by_if)
+    assert _bpf.map_lookup(dp.map_fd("ax_lxc"), lxc_key(A.ipv4), by_ip)
+    return int(by_if.flags), int(by_ip.flags)
+
+
+def test_lookups_are_skipped_only_while_no_such_key_exists(dp) -> None:  # type: ignore[no-untyped-def]
+    """The NO_WILD_*/NO_ADDR flags (lib/endpoint.h) follow the endpoint's keys:
+    cleared before the first wildcard/address key is written (the packet it
+    allows passes at once), set again after the last one is deleted."""
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf import _packets as P
+
+    all_off = L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_WILD_EGRESS | L.EP_F_NO_ADDR
+    base = MapState({Key(PEER, EG, TCP, 80, 16): ALLOW})
+    dp.sync(A, base)
+    assert {f & all_off for f in _record_flags(dp)} == {all_off}
+    to81 = P.ipv4(A.ipv4, "10.244.251.2", sport=46000, dport=81)
+    to82 = P.ipv4(A.ipv4, "10.244.251.2", sport=46001, dport=82)
+    assert run(dp, "from_container", to81).retval == SHOT
+    # a wildcard egress key: NO_WILD_EGRESS goes, the others stay
+    dp.sync(A, MapState({**base, Key(0, EG, TCP, 81, 16): ALLOW}))
+    assert {f & all_off for f in _record_flags(dp)} == {L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_ADDR}
+    assert run(dp, "from_container", to81).retval == OK
+    # an address key (the peer's address, port 82): NO_ADDR goes too
+    addr_key = Key.for_address("10.244.251.2", EG, TCP, 82, 16)
+    dp.sync(A, MapState({**base, Key(0, EG, TCP, 81, 16): ALLOW, addr_key: ALLOW}))
+    assert {f & all_off for f in _record_flags(dp)} == {L.EP_F_NO_WILD_INGRESS}
+    assert run(dp, "from_container", to82).retval == OK
+    # a wildcard deny still wins over the identity's allow while it exists
+    dp.sync(A, MapState({**base, Key(0, EG, TCP, 80, 16): DENY}))
+    assert {f & all_off for f in _record_flags(dp)} == {L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_ADDR}
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=46002, dport=80)).retval == SHOT
+    # back to identity keys only: every lookup is skipped again, same verdicts
+    dp.sync(A, base)
+    assert {f & all_off for f in _record_flags(dp)} == {all_off}
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=46003, dport=80)).retval == OK
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=46004, dport=81)).retval == SHOT
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=46005, dport=82)).retval == SHOT
+
+
+def test_every_key_shape_decides_from_its_map(dp) -> None:  # type: ignore[no-untyped-def]
+    """Keys of prefix 72 and 96 live in the policy hash, the others in the trie
+    (lib/policy.h): the longest match over both is what decides."""
+    from axoneme.datapath.ebpf import _packets as P
+    from axoneme.datapath.ebpf._datapath import policy_key_bytes, policy_map_of
+
+    l3 = Key(PEER, EG)                       # prefix 72: hash
+    port_range = Key(PEER, EG, TCP, 0x2000, 3)  # 0x2000-0x3fff: trie
+    full = Key(PEER, EG, TCP, 0x2001, 16)   # prefix 96: hash
+    assert [policy_map_of(policy_key_bytes(A.id, k)) for k in (l3, port_range, full)] == \
+        ["ax_policy_hash", "ax_policy", "ax_policy_hash"]
+    dp.sync(A, MapState({l3: DENY}))
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47000, dport=0x2001)).retval == SHOT
+    dp.sync(A, MapState({l3: ALLOW, port_range: DENY, full: Entry(proxy_port=15003)}))
+    r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47001, dport=0x2001))
+    assert r.retval == OK and r.mark == to_proxy_mark(15003)  # the full port: longest
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47002, dport=0x2002)).retval == SHOT
+    assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47003, dport=80)).retval == OK
+    assert dp.policy_counters(A, full)[0] == 1 and dp.policy_counters(A, port_range)[0] == 1
+    assert dp.policy_counters(A, l3)[0] == 1
+    dp.sync(A, MapState())

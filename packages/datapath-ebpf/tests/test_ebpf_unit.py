@@ -41,7 +41,7 @@ def test_policy_key_roundtrip_and_prefix(key: Key) -> None:
 def test_policy_key_port_is_network_order() -> None:
     pk = policy_key(1, Key(1, Direction.EGRESS, Protocol.TCP, 0x1F90, 16))
     raw = bytes(pk)
-    assert raw[-2:] == b"\x1f\x90"
+    assert raw[14:16] == b"\x1f\x90" and raw[16:] == bytes(4)  # dport, then the pad
 
 
 @pytest.mark.parametrize("entry", [Entry(), Entry(deny=True), Entry(proxy_port=15001),
@@ -61,7 +61,10 @@ def test_ipcache_key_roundtrip(net: str) -> None:
 
 def test_sizes_are_stable() -> None:
     # the C side is checked by test_ebpf_maps (privileged); these catch accidental edits
-    assert ct.sizeof(L.PolicyKey) == 16 and ct.sizeof(L.PolicyEntry) == 24
+    assert ct.sizeof(L.PolicyKey) == 20 and ct.sizeof(L.PolicyEntry) == 24
+    # a trie node's value follows the 24-byte node header and the key data:
+    # the policy entry's u64 counters (atomic adds) must be 8-byte aligned there
+    assert (24 + ct.sizeof(L.PolicyKey) - 4) % 8 == 0
     assert ct.sizeof(L.IPCacheKey) == 24 and ct.sizeof(L.Tuple) == 40
     assert ct.sizeof(L.Event) == 80 and ct.sizeof(L.CTEntry) == 64
 
@@ -211,7 +214,7 @@ def fake_dp(monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel):  # type: ignor
     kernel.install(monkeypatch)
     dp = EbpfDatapath()
     dp._bpf = object()  # "started": map access goes to the fake
-    dp._fds = {"ax_policy": 1, "ax_rev": 2}
+    dp._fds = {"ax_policy": 1, "ax_policy_hash": 1, "ax_rev": 2}
     return dp
 
 
@@ -258,3 +261,37 @@ def test_apply_rolls_back_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
                                 deletes=frozenset({k[1]})))
     assert dp.dump(ep) == before
     assert dp._map_full_errors == 1
+
+
+def test_keys_and_prefixes_go_to_their_map() -> None:
+    """Prefix 72 and 96 policy keys and host ipcache entries live in hashes
+    (lib/policy.h, lib/ipcache.h); everything else in the tries."""
+    from axoneme.datapath.ebpf._datapath import ipcache_map_of, policy_key_bytes, policy_map_of
+
+    def where(key: Key) -> str:
+        return policy_map_of(policy_key_bytes(3, key))
+
+    assert where(Key(5, Direction.INGRESS)) == "ax_policy_hash"
+    assert where(Key(0, Direction.EGRESS, Protocol.UDP, 53, 16)) == "ax_policy_hash"
+    assert where(Key(5, Direction.INGRESS, Protocol.ICMP, 8, 16)) == "ax_policy_hash"
+    assert where(Key(5, Direction.INGRESS, Protocol.TCP)) == "ax_policy"
+    assert where(Key(5, Direction.INGRESS, Protocol.TCP, 0x8000, 1)) == "ax_policy"
+    assert where(Key(5, Direction.INGRESS, Protocol.TCP, 80, 15)) == "ax_policy"
+    for net, name in (("10.0.0.1/32", "ax_ipcache_host"), ("fd00::1/128", "ax_ipcache_host"),
+                      ("10.0.0.0/31", "ax_ipcache"), ("fd00::/64", "ax_ipcache"),
+                      ("0.0.0.0/0", "ax_ipcache")):
+        assert ipcache_map_of(ipaddress.ip_network(net)) == name, net
+
+
+def test_skip_flags_follow_the_key_kinds() -> None:
+    from axoneme.core.mapstate import Key as K
+    from axoneme.datapath.ebpf._datapath import skip_bit, skip_flags
+
+    every = L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_WILD_EGRESS | L.EP_F_NO_ADDR
+    assert skip_flags({}) == every
+    assert skip_bit(K(7, Direction.INGRESS)) == 0
+    assert skip_bit(K(0, Direction.INGRESS, Protocol.TCP, 80, 16)) == L.EP_F_NO_WILD_INGRESS
+    assert skip_bit(K(0, Direction.EGRESS)) == L.EP_F_NO_WILD_EGRESS
+    assert skip_bit(K.for_address("10.0.0.1", Direction.INGRESS)) == L.EP_F_NO_ADDR
+    assert skip_flags({L.EP_F_NO_WILD_EGRESS: 2, L.EP_F_NO_ADDR: 0}) == \
+        L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_ADDR

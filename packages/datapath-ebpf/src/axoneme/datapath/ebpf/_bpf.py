@@ -28,6 +28,8 @@ TO_CONTAINER = "ax_to_container"
 # C map variable (kernel map name, <= 15 chars) -> pin file name under bpffs_root.
 PINNED_MAPS = {
     "ax_policy": "axoneme_policy_v1",
+    "ax_policy_hash": "axoneme_policy_hash_v1",
+    "ax_ipcache_host": "axoneme_ipcache_host_v1",
     "ax_paddr": "axoneme_paddr_v1",
     "ax_ipcache": "axoneme_ipcache_v1",
     "ax_endpoints": "axoneme_endpoints_v1",

@@ -1,9 +1,11 @@
 """The eBPF datapath: BCC-compiled tc programs on each pod's host veth, pinned maps.
 
 Kernel objects (all under ``config.bpffs_root``, default /sys/fs/bpf/axoneme):
-``axoneme_policy_v1`` (LPM trie, every endpoint's MapState), ``axoneme_ipcache_v1``
-(LPM trie), ``axoneme_endpoints_v1`` / ``axoneme_lxc_v1`` (local endpoints by
-ifindex / by IP), ``axoneme_ct_v1`` (LRU conntrack), ``axoneme_metrics_v1``.
+``axoneme_policy_v1`` (LPM trie) and ``axoneme_policy_hash_v1`` (hash: prefix 72 and
+96 keys), every endpoint's MapState; ``axoneme_ipcache_v1`` (LPM trie) and
+``axoneme_ipcache_host_v1`` (hash: /32 and /128), ``axoneme_endpoints_v1`` /
+``axoneme_lxc_v1`` (local endpoints by ifindex / by IP), ``axoneme_ct_v1`` (LRU
+conntrack), ``axoneme_metrics_v1``.
 ``stop()`` leaves programs attached and maps pinned; the next ``start()``
 recompiles against the same pinned maps (adoption) and swaps the filters in
 place, so established connections survive an agent restart.
@@ -66,12 +68,13 @@ OPTIONS = (
     DatapathOption("policy_map_max", int, _CONFIG_DEFAULTS["policy_map_max"],
                    "policy entries per endpoint (Cilium --bpf-policy-map-max); more: MapFullError"),
     DatapathOption("ipcache_max", int, _CONFIG_DEFAULTS["ipcache_max"],
-                   "entries of the ipcache LPM trie (IPs and CIDRs)"),
+                   "entries of each ipcache map (host hash, prefix trie)"),
     DatapathOption("ct_max", int, _CONFIG_DEFAULTS["ct_max"],
                    "entries of the connection-tracking LRU map"),
     DatapathOption("max_endpoints", int, 256, "endpoints on this node (sizes the endpoint maps)"),
     DatapathOption("policy_map_total", int, 0,
-                   "entries of the policy trie all endpoints share; 0: policy_map_max x max_endpoints"),
+                   "entries of each policy map all endpoints share (hash, trie); "
+                   "0: policy_map_max x max_endpoints"),
     DatapathOption("ringbuf_pages", int, 256, "pages of the event ring buffer (a power of 2)"),
 )
 _OPTION_NAMES = frozenset(o.name for o in OPTIONS)
@@ -96,15 +99,52 @@ def policy_key(ep_id: int, key: Key, slot: int = 0) -> L.PolicyKey:
 
 
 _PK_HEAD = struct.Struct("=IIIBB")  # DO NOT CHANGE: mirrors struct ax_policy_key (dport follows, big-endian)
+_PK_TAIL = b"\0\0\0\0"  # ax_policy_key.pad
+_PK_ANY_TAIL = b"\0\0" + _PK_TAIL  # dport 0, pad
 
 
 def policy_key_bytes(ep_id: int, key: Key, slot: int = 0) -> bytes:
     """policy_key() as raw bytes: the hot path of large batches."""
     ident = slot if key.is_address else key.identity
     if key.protocol is Protocol.ANY:
-        return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX, ep_id, ident, key.direction, 0) + b"\0\0"
+        return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX, ep_id, ident, key.direction, 0) + _PK_ANY_TAIL
     return _PK_HEAD.pack(L.POLICY_STATIC_PREFIX + 8 + key.prefix_len, ep_id, ident,
-                         key.direction, key.protocol) + key.port.to_bytes(2, "big")
+                         key.direction, key.protocol) + key.port.to_bytes(2, "big") + _PK_TAIL
+
+
+_PREFIXLEN = struct.Struct("=I")  # the prefixlen that starts every LPM key
+_HASHED_PREFIXES = frozenset((L.POLICY_STATIC_PREFIX, L.POLICY_FULL_PREFIX))
+
+
+def policy_map_of(raw: bytes) -> str:
+    """The map a raw policy key lives in (lib/policy.h): ``ax_policy_hash``
+    for prefix 72 (protocol ANY) and 96 (a full port), else the trie."""
+    return "ax_policy_hash" if _PREFIXLEN.unpack_from(raw)[0] in _HASHED_PREFIXES else "ax_policy"
+
+
+def ipcache_map_of(net: IPNetwork) -> str:
+    """The map an ipcache entry lives in (lib/ipcache.h): host entries in
+    ``ax_ipcache_host``, shorter prefixes in the trie."""
+    return "ax_ipcache_host" if net.prefixlen == net.max_prefixlen else "ax_ipcache"
+
+
+# The endpoint record's NO_* flags (lib/endpoint.h): lookups the programs skip.
+_SKIP_MASK = L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_WILD_EGRESS | L.EP_F_NO_ADDR
+
+
+def skip_bit(key: Key) -> int:
+    """The NO_* flag a key of this kind rules out (0: none)."""
+    if key.is_address:
+        return L.EP_F_NO_ADDR
+    if key.identity == 0:
+        return L.EP_F_NO_WILD_INGRESS if key.direction is Direction.INGRESS else L.EP_F_NO_WILD_EGRESS
+    return 0
+
+
+def skip_flags(kinds: Mapping[int, int]) -> int:
+    """The NO_* flags of an endpoint holding ``kinds`` (NO_* flag -> how many
+    keys rule it out)."""
+    return _SKIP_MASK & ~sum(bit for bit, n in kinds.items() if n > 0)
 
 
 def key_from_policy(k: L.PolicyKey, address: str = "") -> Key:
@@ -245,6 +285,9 @@ class EbpfDatapath(Datapath):
         # dump() reads the values from the kernel for exactly these keys, so it
         # costs O(entries of the endpoint), not O(entries of all endpoints).
         self._index: dict[int, dict[bytes, Key]] | None = None
+        # ep id -> {NO_* flag: how many of its keys rule it out}; built with _index
+        self._kinds: dict[int, dict[int, int]] = {}
+        self._ifindex: dict[int, int] = {}  # ep id -> host ifindex of its record (_register)
         self._ipcache_keys: set[bytes] | None = None  # what ax_ipcache holds (counted once)
         # ep id -> {peer address: its slot} of the address keys (axoneme_paddr_v1)
         self._slots: dict[int, dict[str, int]] | None = None
@@ -412,7 +455,8 @@ class EbpfDatapath(Datapath):
         v.identity = ep.identity
         v.ifindex = ifindex
         v.flags = (L.EP_F_ENFORCE_INGRESS if enforce_ingress else 0) | (
-            L.EP_F_ENFORCE_EGRESS if enforce_egress else 0) | self._fail_closed.get(ep.id, 0)
+            L.EP_F_ENFORCE_EGRESS if enforce_egress else 0) | self._fail_closed.get(ep.id, 0) \
+            | self._skip_flags(ep.id)
         if ep.ipv4:
             ct.memmove(v.ipv4, ipaddress.IPv4Address(ep.ipv4.split("/")[0]).packed, 4)
         if ep.ipv6:
@@ -466,6 +510,7 @@ class EbpfDatapath(Datapath):
                 if ip:
                     _bpf.map_update(self._fds["ax_lxc"], lxc_key(ip), val)
             _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(ifindex), val)
+            self._ifindex[endpoint.id] = ifindex
             self._bump_revision()
         except OSError as e:
             if e.errno in _FULL_ERRNOS:
@@ -501,18 +546,7 @@ class EbpfDatapath(Datapath):
             self._fail_closed[endpoint.id] = bits
             found = False
             try:
-                for idx, val in self._endpoints().items():
-                    if val.ep_id != endpoint.id:
-                        continue
-                    found = True
-                    val.flags = (val.flags & ~mask) | bits
-                    for family, raw in ((4, bytes(val.ipv4)), (6, bytes(val.ipv6))):
-                        if any(raw):
-                            k = L.LxcKey()
-                            k.family = family
-                            ct.memmove(k.addr, raw + bytes(16 - len(raw)), 16)
-                            _bpf.map_update(self._fds["ax_lxc"], k, val)
-                    _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(idx), val)
+                found = self._set_flags(endpoint.id, mask, bits)
             except OSError as e:
                 raise DatapathProgramError("endpoint fail-closed", e.errno, str(e)) from e
             finally:
@@ -521,10 +555,36 @@ class EbpfDatapath(Datapath):
                 raise DatapathProgramError("endpoint fail-closed", errno.ENOENT,
                                            f"endpoint {endpoint.id} has no record")
 
+    def _set_flags(self, ep_id: int, mask: int, bits: int) -> bool:
+        """Set the ``mask`` flags of the endpoint's records (both maps) to
+        ``bits``; False if it has none."""
+        found = False
+        idx = self._ifindex.get(ep_id)
+        if idx is not None:
+            val = L.Endpoint()
+            records = {idx: val} if _bpf.map_lookup(self._fds["ax_endpoints"], ct.c_uint32(idx), val) \
+                else {}
+        else:
+            records = self._endpoints()
+        for idx, val in records.items():
+            if val.ep_id != ep_id:
+                continue
+            found = True
+            val.flags = (val.flags & ~mask) | bits
+            for family, raw in ((4, bytes(val.ipv4)), (6, bytes(val.ipv6))):
+                if any(raw):
+                    k = L.LxcKey()
+                    k.family = family
+                    ct.memmove(k.addr, raw + bytes(16 - len(raw)), 16)
+                    _bpf.map_update(self._fds["ax_lxc"], k, val)
+            _bpf.map_update(self._fds["ax_endpoints"], ct.c_uint32(idx), val)
+        return found
+
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         with self._lock:
             self._require()
             self._fail_closed.pop(endpoint.id, None)
+            self._ifindex.pop(endpoint.id, None)
             for idx, old in self._endpoints().items():
                 if old.ep_id == endpoint.id:
                     self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
@@ -538,13 +598,14 @@ class EbpfDatapath(Datapath):
             for ip in (endpoint.ipv4, endpoint.ipv6):
                 if ip:
                     _bpf.map_delete(self._fds["ax_lxc"], lxc_key(ip))
-            fd = self._fds["ax_policy"]
-            for k in [k for k in _bpf.map_keys(fd, L.PolicyKey) if k.ep_id == endpoint.id]:
-                _bpf.map_delete(fd, k)
+            for fd in self._policy_fds():
+                for k in [k for k in _bpf.map_keys(fd, L.PolicyKey) if k.ep_id == endpoint.id]:
+                    _bpf.map_delete(fd, k)
             for address in self._slots_index().pop(endpoint.id, {}):
                 _bpf.map_delete(self._fds["ax_paddr"], paddr_key(endpoint.id, address))
             if self._index is not None:
                 self._index.pop(endpoint.id, None)
+                self._kinds.pop(endpoint.id, None)
             self._bump_revision()
 
     # ---- ipcache -------------------------------------------------------------------
@@ -554,12 +615,14 @@ class EbpfDatapath(Datapath):
 
         ``prune`` also removes node entries for addresses the node no longer has
         (a full ipcache walk: only at start)."""
-        fd = self._fds["ax_ipcache"]
+        fd = self._fds["ax_ipcache_host"]  # node addresses are host entries
         self._ipcache_keys = None  # node entries change outside ipcache_apply: count again
         want = set()
         for _family, addr in _tc.node_addresses():
             ip = ipaddress.ip_address(addr)
             want.add(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
+        if prune:
+            self._move_host_entries()
         for net in want:
             k, cur = ipcache_key(net), L.IPCacheValue()
             if _bpf.map_lookup(fd, k, cur) and not cur.flags & L.IPCACHE_F_NODE:
@@ -570,26 +633,40 @@ class EbpfDatapath(Datapath):
                 _bpf.map_update(fd, k, v)
             except OSError as e:
                 LOG.warning("cannot add node address %s to the ipcache: %s", net, e)
-        for k in list(_bpf.map_keys(fd, L.IPCacheKey)) if prune else ():
-            v = L.IPCacheValue()
-            if _bpf.map_lookup(fd, k, v) and v.flags & L.IPCACHE_F_NODE and net_from_ipcache(k) not in want:
+        for k, v in list(self._ipcache_items(fd)) if prune else ():
+            if v.flags & L.IPCACHE_F_NODE and net_from_ipcache(k) not in want:
                 _bpf.map_delete(fd, k)
+
+    def _ipcache_items(self, fd: int) -> Iterator[tuple[L.IPCacheKey, L.IPCacheValue]]:
+        ksz, vsz = ct.sizeof(L.IPCacheKey), ct.sizeof(L.IPCacheValue)
+        for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
+            yield L.IPCacheKey.from_buffer_copy(kb), L.IPCacheValue.from_buffer_copy(vb)
+
+    def _move_host_entries(self) -> None:
+        """Host entries in the ipcache trie (left by a version without the host
+        hash) move to ``ax_ipcache_host``: written there first, then removed
+        from the trie, so a packet finds the address all along."""
+        trie, host = self._fds["ax_ipcache"], self._fds["ax_ipcache_host"]
+        for k, v in list(self._ipcache_items(trie)):
+            if k.prefixlen == 32 + (32 if k.family == 4 else 128):
+                _bpf.map_update(host, k, v)
+                _bpf.map_delete(trie, k)
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:
             self._require()
-            fd = self._fds["ax_ipcache"]
+            fds = self._fds
             known = self._ipcache_keys
             try:
                 for net in changes.deletes:
                     if net not in changes.upserts:
-                        _bpf.map_delete(fd, ipcache_key(net))
+                        _bpf.map_delete(fds[ipcache_map_of(net)], ipcache_key(net))
                         if known is not None:
                             known.discard(bytes(ipcache_key(net)))
                 for net, identity in changes.upserts.items():
                     v = L.IPCacheValue()
                     v.identity = identity
-                    _bpf.map_update(fd, ipcache_key(net), v)
+                    _bpf.map_update(fds[ipcache_map_of(net)], ipcache_key(net), v)
                     if known is not None:
                         known.add(bytes(ipcache_key(net)))
             except OSError as e:
@@ -604,12 +681,11 @@ class EbpfDatapath(Datapath):
     def dump_ipcache(self) -> dict[IPNetwork, int]:
         with self._lock:
             self._require()
-            fd = self._fds["ax_ipcache"]
             out: dict[IPNetwork, int] = {}
-            for k in list(_bpf.map_keys(fd, L.IPCacheKey)):
-                v = L.IPCacheValue()
-                if _bpf.map_lookup(fd, k, v) and not v.flags & L.IPCACHE_F_NODE:
-                    out[net_from_ipcache(k)] = int(v.identity)
+            for name in ("ax_ipcache_host", "ax_ipcache"):
+                for k, v in self._ipcache_items(self._fds[name]):
+                    if not v.flags & L.IPCACHE_F_NODE:
+                        out[net_from_ipcache(k)] = int(v.identity)
             return out
 
     # ---- policy ---------------------------------------------------------------------
@@ -617,19 +693,37 @@ class EbpfDatapath(Datapath):
     def _policy_items(self) -> Iterator[tuple[L.PolicyKey, L.PolicyEntry]]:
         """Every policy entry of every endpoint (one kernel-side walk)."""
         ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
-        for kb, vb in _bpf.map_items_batch(self._fds["ax_policy"], ksz, vsz):
-            yield L.PolicyKey.from_buffer_copy(kb), L.PolicyEntry.from_buffer_copy(vb)
+        for fd in self._policy_fds():
+            for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
+                yield L.PolicyKey.from_buffer_copy(kb), L.PolicyEntry.from_buffer_copy(vb)
+
+    def _policy_fds(self) -> list[int]:
+        """The two policy maps (lib/policy.h): the hash, then the trie."""
+        return list(dict.fromkeys((self._fds["ax_policy_hash"], self._fds["ax_policy"])))
+
+    def _pfd(self, raw: bytes) -> int:
+        return self._fds[policy_map_of(raw)]
 
     def _keys_index(self) -> dict[int, dict[bytes, Key]]:
         """ep id -> {raw policy key bytes: Key} of what the kernel holds."""
         if self._index is None:
             index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
+            kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
             for k, _ in self._policy_items():
                 key = self._key_of(k)
                 if key is not None:
                     index[k.ep_id][bytes(k)] = key
+                    bit = skip_bit(key)
+                    if bit:
+                        kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
             self._index = dict(index)
+            self._kinds = dict(kinds)
         return self._index
+
+    def _skip_flags(self, ep_id: int) -> int:
+        """The NO_* flags the endpoint's records may carry (lib/endpoint.h)."""
+        self._keys_index()
+        return skip_flags(self._kinds.get(ep_id, {}))
 
     # ---- address keys: peer address -> slot (axoneme_paddr_v1) ----------------------
 
@@ -700,7 +794,6 @@ class EbpfDatapath(Datapath):
                current: Mapping[Key, L.PolicyEntry] | None = None) -> None:
         """``current``: the endpoint's kernel entries when the caller just read
         them (sync), saving a lookup per changed key."""
-        fd = self._fds["ax_policy"]
         # identical values share one struct (the kernel copies on update)
         values: dict[tuple[int, Entry], L.PolicyEntry] = {}
         adds: dict[Key, L.PolicyEntry] = {}
@@ -731,7 +824,7 @@ class EbpfDatapath(Datapath):
             lookup = _bpf.map_lookup
             for k, pk in pkeys.items():
                 cur = L.PolicyEntry()
-                old[k] = cur if lookup(fd, pk, cur) else None
+                old[k] = cur if lookup(self._pfd(pk), pk, cur) else None
 
         new_keys = sum(1 for k in adds if old[k] is None)
         gone = sum(1 for k in deletes if old[k] is not None)
@@ -740,6 +833,22 @@ class EbpfDatapath(Datapath):
             raise MapFullError(
                 f"policy map of endpoint {ep_id} would hold {count + new_keys - gone} entries "
                 f"(policy_map_max {self.config.policy_map_max}); nothing applied")
+        kinds = self._kinds.get(ep_id, {})
+        after = dict(kinds)
+        for k in adds:
+            if old[k] is None and (bit := skip_bit(k)):
+                after[bit] = after.get(bit, 0) + 1
+        for k in deletes:
+            if old[k] is not None and (bit := skip_bit(k)):
+                after[bit] = after.get(bit, 0) - 1
+        skip_before, skip_after = skip_flags(kinds), skip_flags(after)
+        if skip_before & ~skip_after:
+            # a lookup the programs skip finds keys from now on: no longer skipped
+            # before the first such key is written
+            try:
+                self._set_flags(ep_id, _SKIP_MASK, skip_before & skip_after)
+            except OSError as e:
+                raise DatapathProgramError("endpoint flags", e.errno, str(e)) from e
 
         def is_deny(v: L.PolicyEntry | None) -> bool:
             return v is not None and bool(v.deny)
@@ -749,7 +858,7 @@ class EbpfDatapath(Datapath):
         # 1. new denies (and allow->deny flips), 2. deletions of allows,
         # 3. in-place updates that keep allow/deny, 4. new allows (and
         # deny->allow flips), 5. deletions of denies.
-        # Each write phase is one BPF_MAP_UPDATE_BATCH; phases run in order.
+        # Each write phase is one BPF_MAP_UPDATE_BATCH per map; phases run in order.
         phases: list[tuple[bool, list[Key]]] = [
             (True, [k for k, v in adds.items() if v.deny and not is_deny(old[k])]),
             (False, [k for k in deletes if old[k] is not None and not is_deny(old[k])]),
@@ -763,18 +872,14 @@ class EbpfDatapath(Datapath):
         vbytes = {id(v): bytes(v) for v in values.values()}
         done: list[Key] = []
         try:
-            for is_update, ks in phases:
-                if is_update:
+            for is_update, phase in phases:
+                for fd, ks in self._by_map(phase, pkeys):
                     try:
-                        _bpf.map_update_batch(fd, [pkeys[k] for k in ks],
-                                              [vbytes[id(adds[k])] for k in ks])
-                    except OSError as e:
-                        done.extend(ks[:getattr(e, "written", 0)])
-                        raise
-                    done.extend(ks)
-                else:
-                    try:
-                        _bpf.map_delete_batch(fd, [pkeys[k] for k in ks])
+                        if is_update:
+                            _bpf.map_update_batch(fd, [pkeys[k] for k in ks],
+                                                  [vbytes[id(adds[k])] for k in ks])
+                        else:
+                            _bpf.map_delete_batch(fd, [pkeys[k] for k in ks])
                     except OSError as e:
                         done.extend(ks[:getattr(e, "written", 0)])
                         raise
@@ -795,11 +900,24 @@ class EbpfDatapath(Datapath):
             held[pkeys[k]] = k
         if self._index is not None:
             self._index[ep_id] = held
+        self._kinds[ep_id] = {bit: n for bit, n in after.items() if n > 0}
         if any(k.is_address for k in deletes):
             self._drop_unused_slots(ep_id, held)
+        if skip_after & ~skip_before:
+            # the last such key is gone: the lookup can be skipped again
+            try:
+                self._set_flags(ep_id, _SKIP_MASK, skip_after)
+            except OSError:
+                LOG.warning("endpoint %d: lookups stay on (flags not written)", ep_id, exc_info=True)
+
+    def _by_map(self, ks: list[Key], pkeys: Mapping[Key, bytes]) -> list[tuple[int, list[Key]]]:
+        """``ks`` split by the policy map each lives in (order kept within a map)."""
+        out: dict[int, list[Key]] = {}
+        for k in ks:
+            out.setdefault(self._pfd(pkeys[k]), []).append(k)
+        return list(out.items())
 
     def _rollback(self, ep_id: int, done: list[Key], old: Mapping[Key, L.PolicyEntry | None]) -> None:
-        fd = self._fds["ax_policy"]
         for k in reversed(done):
             prev = old[k]
             try:
@@ -807,9 +925,9 @@ class EbpfDatapath(Datapath):
                 if raw is None:
                     continue
                 if prev is None:
-                    _bpf.map_delete(fd, raw)
+                    _bpf.map_delete(self._pfd(raw), raw)
                 else:
-                    _bpf.map_update(fd, raw, prev)
+                    _bpf.map_update(self._pfd(raw), raw, prev)
             except OSError:
                 LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
                 self._index = None  # rebuilt from the kernel on next use
@@ -839,27 +957,27 @@ class EbpfDatapath(Datapath):
         return MapState({k: entry_from_policy(v) for k, v in self._dump_raw(ep_id).items()})
 
     def _dump_raw(self, ep_id: int) -> dict[Key, L.PolicyEntry]:
-        fd = self._fds["ax_policy"]
         out: dict[Key, L.PolicyEntry] = {}
         held = self._keys_index().get(ep_id, {})
         if len(held) > 4096:
             # big endpoint: one kernel walk beats a syscall per key
             ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
-            for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
-                k = held.get(kb)
-                if k is None:
-                    pk = L.PolicyKey.from_buffer_copy(kb)
-                    if pk.ep_id != ep_id:
-                        continue
-                    k = self._key_of(pk)
+            for fd in self._policy_fds():
+                for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
+                    k = held.get(kb)
                     if k is None:
-                        continue
-                out[k] = L.PolicyEntry.from_buffer_copy(vb)
+                        pk = L.PolicyKey.from_buffer_copy(kb)
+                        if pk.ep_id != ep_id:
+                            continue
+                        k = self._key_of(pk)
+                        if k is None:
+                            continue
+                    out[k] = L.PolicyEntry.from_buffer_copy(vb)
             return out
         lookup = _bpf.map_lookup
         for raw, k in list(held.items()):
             v = L.PolicyEntry()
-            if lookup(fd, raw, v):
+            if lookup(self._pfd(raw), raw, v):
                 out[k] = v
         return out
 
@@ -869,7 +987,7 @@ class EbpfDatapath(Datapath):
             self._require()
             v = L.PolicyEntry()
             raw = self._pkey(endpoint.id, key)
-            if raw is None or not _bpf.map_lookup(self._fds["ax_policy"], raw, v):
+            if raw is None or not _bpf.map_lookup(self._pfd(raw), raw, v):
                 return 0, 0
             return int(v.packets), int(v.bytes)
 
@@ -901,8 +1019,8 @@ class EbpfDatapath(Datapath):
         """Entries in the ipcache: counted from the kernel once, then kept by
         ipcache_apply (status and metrics must not cost O(policy size))."""
         if self._ipcache_keys is None:
-            self._ipcache_keys = {bytes(k) for k in
-                                  _bpf.map_keys(self._fds["ax_ipcache"], L.IPCacheKey)}
+            self._ipcache_keys = {bytes(k) for name in ("ax_ipcache_host", "ax_ipcache")
+                                  for k in _bpf.map_keys(self._fds[name], L.IPCacheKey)}
         return len(self._ipcache_keys)
 
     def metrics(self) -> Mapping[str, float]:

@@ -38,10 +38,14 @@ EP_F_ENFORCE_INGRESS = 1
 EP_F_ENFORCE_EGRESS = 2
 EP_F_FAIL_CLOSED_INGRESS = 4
 EP_F_FAIL_CLOSED_EGRESS = 8
+EP_F_NO_WILD_INGRESS = 16
+EP_F_NO_WILD_EGRESS = 32
+EP_F_NO_ADDR = 64
 # DO NOT CHANGE: mirrors lib/ipcache.h
 IPCACHE_F_NODE = 1
 # DO NOT CHANGE: mirrors lib/policy.h
 POLICY_STATIC_PREFIX = 72
+POLICY_FULL_PREFIX = 96
 POLICY_F_AUDIT = 1
 POLICY_F_AUTH = 2
 # DO NOT CHANGE: mirrors lib/events.h
@@ -103,6 +107,7 @@ class PolicyKey(ct.Structure):
         ("direction", ct.c_uint8),
         ("protocol", ct.c_uint8),
         ("dport", ct.c_uint16),  # network byte order
+        ("pad", ct.c_uint32),  # 0: aligns the trie node's value (see lib/policy.h)
     ]
 
 
@@ -218,6 +223,8 @@ MIRRORS: tuple[tuple[type[ct.Structure], str], ...] = (
 # pin name -> (key size, value size) the programs of this version expect
 PINNED_SIZES = {
     "axoneme_policy_v1": (ct.sizeof(PolicyKey), ct.sizeof(PolicyEntry)),
+    "axoneme_policy_hash_v1": (ct.sizeof(PolicyKey), ct.sizeof(PolicyEntry)),
+    "axoneme_ipcache_host_v1": (ct.sizeof(IPCacheKey), ct.sizeof(IPCacheValue)),
     "axoneme_paddr_v1": (ct.sizeof(PolicyAddrKey), ct.sizeof(PolicyAddrValue)),
     "axoneme_ipcache_v1": (ct.sizeof(IPCacheKey), ct.sizeof(IPCacheValue)),
     "axoneme_endpoints_v1": (4, ct.sizeof(Endpoint)),

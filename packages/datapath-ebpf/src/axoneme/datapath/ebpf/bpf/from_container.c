@@ -51,7 +51,7 @@ int ax_from_container(struct __sk_buff *skb)
         return TC_ACT_OK;
 
     struct ax_endpoint *dst_ep = ax_lxc_lookup(p.t.family, p.t.daddr);
-    __u32 dst_id = dst_ep ? dst_ep->identity : ax_peer_identity(p.t.family, p.t.daddr, 0);
+    __u32 dst_id = dst_ep ? dst_ep->identity : ax_remote_identity(p.t.family, p.t.daddr, 0);
 
     struct ax_verdict ve = {};
     if (ax_endpoint_drops(&p, ep, AX_DIR_EGRESS, src_id, dst_id, now, &ve))

@@ -8,6 +8,9 @@
 #define AX_EP_F_ENFORCE_EGRESS 2
 #define AX_EP_F_FAIL_CLOSED_INGRESS 4
 #define AX_EP_F_FAIL_CLOSED_EGRESS 8
+#define AX_EP_F_NO_WILD_INGRESS 16
+#define AX_EP_F_NO_WILD_EGRESS 32
+#define AX_EP_F_NO_ADDR 64
 
 /* Value of both endpoint maps. ifname/ifindex let cleanup() find the tc
  * filters a previous agent attached. The enforce flags are informational:
@@ -15,7 +18,12 @@
  * for a direction it does not enforce). A FAIL_CLOSED flag overrides the
  * policy map: the endpoint's new policy could not be written (map full), so
  * every packet it would decide in that direction is dropped
- * (AX_DROP_EP_NOT_READY) rather than decided by the stale, older policy. */
+ * (AX_DROP_EP_NOT_READY) rather than decided by the stale, older policy.
+ * The NO_* flags let the policy decision skip lookups that would miss: the
+ * endpoint has no wildcard (identity 0) key in that direction (NO_WILD_*),
+ * no address key at all (NO_ADDR). The agent clears a NO_* flag before it
+ * writes the first such key and sets it after the last one is deleted; a
+ * record without them (an older agent's) just does every lookup. */
 struct ax_endpoint {
     __u32 ep_id;
     __u32 identity;
@@ -46,6 +54,12 @@ BPF_TABLE_PINNED("hash", struct ax_lxc_key, struct ax_endpoint, ax_lxc, AX_EP_MA
 static __always_inline int ax_ep_failing_closed(const struct ax_endpoint *ep, __u8 dir)
 {
     __u32 bit = dir == AX_DIR_INGRESS ? AX_EP_F_FAIL_CLOSED_INGRESS : AX_EP_F_FAIL_CLOSED_EGRESS;
+    return (ep->flags & bit) != 0;
+}
+
+static __always_inline int ax_ep_no_wild(const struct ax_endpoint *ep, __u8 dir)
+{
+    __u32 bit = dir == AX_DIR_INGRESS ? AX_EP_F_NO_WILD_INGRESS : AX_EP_F_NO_WILD_EGRESS;
     return (ep->flags & bit) != 0;
 }
 

@@ -8,16 +8,23 @@
 
 /* Order: a local endpoint's own identity, then the longest ipcache prefix,
  * then host for packets the node itself sent (no input interface), else
- * world (Cilium: anything the ipcache does not know is world). */
+ * world (Cilium: anything the ipcache does not know is world).
+ * ax_remote_identity: the same once the address is known not to be a local
+ * endpoint's (the caller looked it up already). */
+static __always_inline __u32 ax_remote_identity(__u8 family, const __u8 *addr, int local_origin)
+{
+    __u32 id = ax_ipcache_identity(family, addr);
+    if (id)
+        return id;
+    return local_origin ? AX_ID_HOST : AX_ID_WORLD;
+}
+
 static __always_inline __u32 ax_peer_identity(__u8 family, const __u8 *addr, int local_origin)
 {
     struct ax_endpoint *e = ax_lxc_lookup(family, addr);
     if (e)
         return e->identity;
-    __u32 id = ax_ipcache_identity(family, addr);
-    if (id)
-        return id;
-    return local_origin ? AX_ID_HOST : AX_ID_WORLD;
+    return ax_remote_identity(family, addr, local_origin);
 }
 
 static __always_inline void ax_drop_simple(const struct ax_pkt *p, __u8 dir, __u32 ep_id,

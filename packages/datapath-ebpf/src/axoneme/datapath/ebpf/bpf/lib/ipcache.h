@@ -25,6 +25,14 @@ struct ax_ipcache_value {
 BPF_TABLE_PINNED("lpm_trie", struct ax_ipcache_key, struct ax_ipcache_value, ax_ipcache,
                  AX_IPCACHE_MAX, AX_PIN_ROOT "/axoneme_ipcache_v1", BPF_F_NO_PREALLOC);
 
+/* axoneme_ipcache_host_v1: the host entries (/32, /128) live in this hash
+ * instead of the trie, which holds only the shorter prefixes. Same key (with
+ * the full prefixlen) and value. An exact match is the longest prefix, so
+ * hash, else trie, is the longest match over all entries, and a pod or node
+ * address costs one hash lookup however many entries there are. */
+BPF_TABLE_PINNED("hash", struct ax_ipcache_key, struct ax_ipcache_value, ax_ipcache_host,
+                 AX_IPCACHE_MAX, AX_PIN_ROOT "/axoneme_ipcache_host_v1", BPF_F_NO_PREALLOC);
+
 /* Identity of an address; 0 when the ipcache has no covering prefix. */
 static __always_inline __u32 ax_ipcache_identity(__u8 family, const __u8 *addr)
 {
@@ -32,7 +40,9 @@ static __always_inline __u32 ax_ipcache_identity(__u8 family, const __u8 *addr)
     k.prefixlen = 32 + (family == 4 ? 32 : 128);
     k.family = family;
     __builtin_memcpy(k.addr, addr, 16);
-    struct ax_ipcache_value *v = ax_ipcache.lookup(&k);
+    struct ax_ipcache_value *v = ax_ipcache_host.lookup(&k);
+    if (!v)
+        v = ax_ipcache.lookup(&k);
     return v ? v->identity : 0;
 }
 

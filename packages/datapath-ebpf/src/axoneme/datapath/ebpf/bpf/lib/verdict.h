@@ -23,7 +23,8 @@ static __always_inline int ax_endpoint_drops(const struct ax_pkt *p, const struc
     else
         ax_policy_decide(ep->ep_id, peer, p->t.family,
                          dir == AX_DIR_INGRESS ? p->t.saddr : p->t.daddr,
-                         dir, p->t.proto, p->policy_port, p->len, v);
+                         dir, p->t.proto, p->policy_port, p->len,
+                         (ep->flags & AX_EP_F_NO_ADDR) != 0, ax_ep_no_wild(ep, dir), v);
     if (!v->reason)
         return 0;
     ax_emit_drop(p, dir, ep->ep_id, src_id, dst_id, v, now);
