@@ -246,6 +246,15 @@ def test_foreign_routes_and_unreachable_nodes_are_left_alone(nodes: tuple[Node, 
     routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
     assert [r.get("type") for r in routes] == ["blackhole"]
     assert ping(a, b) is False  # b has no route back: only a was routed
+    # tunnel mode: a node reached through a gateway (here a route of a's) is not routed
+    # either: its encapsulated packets would leave by that gateway
+    sh("ip", "-n", a.netns, "route", "add", "10.255.99.0/24", "via", "10.255.252.254")
+    e = NodeInfo("e", ipaddress.IPv4Address("10.255.99.5"), ipaddress.IPv4Network("10.244.105.0/24"))
+    problems = ka.apply(desired_state("tunnel", a.info, [a.info, b.info, e]))
+    assert set(problems) == {"e"} and "via 10.255.252.254" in problems["e"], problems
+    assert [r["dst"] for r in our_routes(a)] == [b.pod_cidr]
+    assert [f["dst"] for f in fdb(a)] == [b.ip]  # no FDB entry for a node not routed
+    ka.cleanup()
     # ours by protocol but not a shape we make: removed; a default route: never touched
     sh("ip", "-n", a.netns, "route", "add", "10.244.200.0/24", "dev", "und0", "proto",
        str(ROUTE_PROTO))

@@ -45,6 +45,7 @@ mode remove them (the state file records that routing was on).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -337,6 +338,7 @@ class NodeRouting:
         kernel's refusals)."""
         problems = dict(desired.problems)
         before = self.observe()
+        desired = self._admit(desired, before, problems)
         # routes first out, devices last: nothing points at a device being removed;
         # a route whose destination stays is replaced below, never deleted first
         wanted = {r.dst for r in desired.routes}
@@ -360,16 +362,8 @@ class NodeRouting:
             for n in sorted(desired.neighbours - now.neighbours):
                 self._cmd("ip", "neigh", "replace", str(n.ip), "lladdr", n.mac, "dev",
                           self.device, "nud", "permanent")
-        by_dst = {r.dst: r for r in before.routes}
-        foreign = self._foreign_routes({r.dst for r in desired.routes})
-        for route in sorted(desired.routes):
-            if by_dst.get(route.dst) == route:
-                continue
+        for route in sorted(desired.routes - before.routes):
             node = desired.owners.get(route.dst, str(route.dst))
-            if route.dst in foreign:
-                problems[node] = (f"the kernel already has a route to {route.dst} that is not "
-                                  f"ours ({foreign[route.dst]}): left alone")
-                continue
             argv = ["route", "replace", str(route.dst), "via", str(route.gateway)]
             if route.device:
                 argv += ["dev", route.device, "onlink"]
@@ -380,6 +374,35 @@ class NodeRouting:
         self.problems = problems
         self.applied = desired
         return problems
+
+    def _admit(self, desired: Desired, before: Observed, problems: dict[str, str]) -> Desired:
+        """``desired`` without the nodes this node must not route to (their
+        reasons added to ``problems``): a route to their pod CIDR that is not
+        ours, or an address not on a connected network. Checked for routes not
+        in place yet (one ``ip route get`` each), so a steady state costs none."""
+        new = desired.routes - before.routes
+        if not new:
+            return desired
+        foreign = self._foreign_routes({r.dst for r in new})
+        dropped = set()
+        for route in sorted(new):
+            if route.dst in foreign:
+                why = (f"the kernel already has a route to {route.dst} that is not ours "
+                       f"({foreign[route.dst]}): left alone")
+            else:
+                why = self._not_connected(route.gateway)
+            if why:
+                node = desired.owners.get(route.dst, str(route.dst))
+                problems[node] = why
+                LOG.warning("routing: node %s not routed: %s", node, why)
+                dropped.add(route)
+        if not dropped:
+            return desired
+        gateways = {r.gateway for r in dropped}
+        return dataclasses.replace(
+            desired, routes=desired.routes - dropped,
+            neighbours=frozenset(n for n in desired.neighbours if n.ip not in gateways),
+            fdb=frozenset(f for f in desired.fdb if f.dst not in gateways))
 
     def _ensure_device(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address) -> bool:
         """The VXLAN device as it should be; True when it was (re)made."""
@@ -410,6 +433,21 @@ class NodeRouting:
                 raise OSError(proc.stderr.strip())
         except OSError as e:
             LOG.warning("routing: %s=%s: %s", key, value, e)
+
+    def _not_connected(self, ip: ipaddress.IPv4Address) -> str:
+        """Why node address ``ip`` is not on a directly connected network ('' when
+        it is). Both modes need it: native routes via it (the kernel would
+        refuse too), and tunnel packets to it must not follow a default or
+        other gatewayed route out of the machine's uplink."""
+        found = self._json("ip", "-4", "route", "get", str(ip))
+        if not found:
+            return f"node address {ip}: no route to it"
+        r = found[0]
+        if r.get("gateway") or r.get("type", "unicast") not in ("unicast", "local"):
+            how = f"via {r['gateway']}" if r.get("gateway") else str(r.get("type"))
+            return (f"node address {ip} is not on a connected network (reached {how} dev "
+                    f"{r.get('dev', '?')}): not routed")
+        return ""
 
     def _foreign_routes(self, dsts: set[ipaddress.IPv4Network]) -> dict[ipaddress.IPv4Network, str]:
         """Routes of the main table to exactly one of ``dsts`` that are not ours."""
