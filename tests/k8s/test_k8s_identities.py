@@ -224,3 +224,48 @@ def test_agent_restart_keeps_every_number(idents):
         assert _endpoint_identity(cl, "web2") == before["web"]
     finally:
         cl.kubectl("-n", NS, "delete", "pod", "web2", "--wait=false", check=False)
+
+
+# -- entities from the API server ------------------------------------------------------------------
+
+def _apiserver_addresses(cl: Cluster) -> list[str]:
+    out = cl.kubectl("-n", "default", "get", "endpointslices", "-l",
+                     "kubernetes.io/service-name=kubernetes", "-o",
+                     "jsonpath={.items[*].endpoints[*].addresses[*]}").stdout.split()
+    assert out, "default/kubernetes has no EndpointSlice addresses"
+    return sorted(set(out))
+
+
+def _egress_policy(entity: str) -> str:
+    return json.dumps({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "to-apiserver", "namespace": NS},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "client"}},
+                 "egress": [{"toEntities": [entity]}]}})
+
+
+def test_kube_apiserver_entity_is_the_api_servers_endpoints(idents):
+    """kube-apiserver from default/kubernetes' EndpointSlices: on this one-node
+    cluster the API server runs on the node, so its address stays host and the
+    host identity carries kube-apiserver too (Cilium): toEntities kube-apiserver
+    reaches it, toEntities world does not."""
+    cl = idents
+    addrs = _apiserver_addresses(cl)
+    k8s = _agent_json(cl, "status")["components"]["kubernetes"]
+    assert k8s["entities"]["kube_apiserver"] == addrs
+    target = f"{addrs[0]}:6443"
+
+    def reaches() -> bool:
+        res = cl.exec(NS, "client", "/agnhost", "connect", target, "--timeout=1s",
+                      "--protocol=tcp")
+        return res.returncode == 0
+
+    try:
+        cl.apply(_egress_policy("kube-apiserver"))
+        assert _wait(reaches, 10), f"toEntities kube-apiserver does not reach {target}"
+        cl.apply(_egress_policy("world"))
+        assert _wait(lambda: not reaches(), 10), f"toEntities world reaches {target}"
+        cl.apply(_egress_policy("host"))
+        assert _wait(reaches, 10), f"toEntities host does not reach {target} (host address)"
+    finally:
+        cl.kubectl("-n", NS, "delete", "cnp", "to-apiserver", "--ignore-not-found", check=False)

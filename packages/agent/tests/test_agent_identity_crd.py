@@ -694,3 +694,21 @@ def test_store_backed_release_keeps_the_identity_known_until_the_store_drops_it(
     plain = IdentityAllocator()
     ident = plain.allocate(labels(1))
     assert plain.release(ident) and plain.get(ident.id) is None
+
+
+def test_failpoint_identity_collide_forces_every_label_set_to_probe_from_256():
+    from axoneme.agent._identityk8s import CRDIdentities
+    from axoneme.core import failpoints
+    from axoneme.core.identity import preferred_number
+
+    key = tuple(labels(1).sorted_strings())
+    assert CRDIdentities.preferred(key) == preferred_number(key)
+    failpoints.configure("identity.collide=error")
+    try:
+        assert CRDIdentities.preferred(key) == 256
+        api = FakeIdentityAPI()
+        alloc = IdentityAllocator(CRDIdentityStore(api), preferred=CRDIdentities.preferred)
+        assert [alloc.allocate(labels(i)).id for i in range(3)] == [256, 257, 258]
+    finally:
+        failpoints.configure(None)
+    assert CRDIdentities.preferred(key) == preferred_number(key)

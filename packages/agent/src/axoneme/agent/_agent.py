@@ -36,6 +36,7 @@ from axoneme.agent._audit import AuditCounter
 from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._endpoints import EndpointService
+from axoneme.agent._entities import ClusterEntities
 from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import FlowStore
@@ -86,8 +87,10 @@ class Agent:
         self.crd_identities: CRDIdentities | None = None
         if store is None and config.k8s_mode and config.identity_allocation_mode == "crd":
             self.crd_identities = CRDIdentities(config)
-            store = self.crd_identities.store
-        self.allocator = IdentityAllocator(store)
+            self.allocator = IdentityAllocator(self.crd_identities.store,
+                                               preferred=self.crd_identities.preferred)
+        else:
+            self.allocator = IdentityAllocator(store)
         self.metrics = AgentMetrics(self._datapath_metrics)
         self.metrics.register(AgentStateCollector(self))
         self.audit_counter = AuditCounter(self.metrics)
@@ -123,12 +126,20 @@ class Agent:
         self.proxies.acquire_kwargs = self.fqdn.proxy_kwargs
         # Kubernetes mode: policies and pod/namespace labels from the API server
         self.k8s: KubernetesSource | None = None
+        self.entities: ClusterEntities | None = None
         if config.k8s_mode:
             self.k8s = KubernetesSource(config, self.store, self.endpoints, self.policies)
             self.endpoints.metadata = self.views.k8s = self.k8s
             if self.crd_identities is not None:
                 self.crd_identities.attach(self.k8s, self.allocator, self.endpoints, self.store)
                 self.k8s.identities = self.crd_identities
+            # remote-node and kube-apiserver from Nodes and the API server's endpoints
+            k8s = self.k8s
+            self.entities = ClusterEntities(k8s.node, self.engine, self.regenerator, self.store,
+                                            lambda: k8s.server)
+            k8s.listen("nodes", self.entities.on_nodes)
+            k8s.listen("endpointslices", self.entities.on_slices)
+            k8s.entities = self.entities
         # policy sources besides the API and the API server
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:

@@ -83,10 +83,12 @@ from axoneme.agent._identitycrd import (
 )
 from axoneme.agent._k8sinformer import Event, Obj, short_error
 from axoneme.core.errors import IdentityError
+from axoneme.core.failpoints import failpoint
 from axoneme.core.identity import (
     MAX_CLUSTER_IDENTITY,
     MIN_CLUSTER_IDENTITY,
     IdentityAllocator,
+    preferred_number,
 )
 from axoneme.core.labels import Labels
 
@@ -281,6 +283,10 @@ class IdentityGC:
                 "conflicts": self.conflicts, "last_error": self.last_error}
 
 
+class _Collide(Exception):
+    pass
+
+
 class CRDIdentities:
     """CRD mode wired into the agent: the store (give it to the allocator), the
     watch (an extra informer of ``KubernetesSource``) and the collector."""
@@ -290,6 +296,17 @@ class CRDIdentities:
         self.store = CRDIdentityStore()
         self.sync: IdentitySync | None = None
         self.gc: IdentityGC | None = None
+
+    @staticmethod
+    def preferred(key: tuple[str, ...]) -> int:
+        """Where a label set's probing starts: its hash, or, with the failpoint
+        ``identity.collide`` armed (tests: AXONEME_FAILPOINTS), 256 for every
+        label set, so each new one collides with all before it."""
+        try:
+            failpoint("identity.collide", _Collide)
+        except _Collide:
+            return MIN_CLUSTER_IDENTITY
+        return preferred_number(key)
 
     def attach(self, source: Any, allocator: IdentityAllocator, endpoints: Any,
                state: Any) -> None:

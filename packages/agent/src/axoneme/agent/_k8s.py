@@ -143,6 +143,7 @@ class KubernetesSource:
         # name -> (list call made from the ApiClient, handler); their API may be missing
         self.extra_informers: dict[str, tuple[Any, Any]] = {}
         self.identities: Any = None  # _identityk8s.CRDIdentities: view and faults
+        self.entities: Any = None  # _entities.ClusterEntities: view
         self.service_policies = ServicePolicies(policies, store)
         if getattr(config, "kube_proxy_replacement", True):
             self.services = ServiceTranslator(
@@ -464,6 +465,7 @@ class KubernetesSource:
                 "to_services": self.service_policies.view(),
                 "refused_policies": dict(sorted(dict(self.refused).items())),
                 "identities": self.identities.view() if self.identities is not None else None,
+                "entities": self.entities.view() if self.entities is not None else None,
                 "status_writes": self.status_writer.view() if self.status_writer else {},
                 "last_error": errors[-1] if errors else ""}
 

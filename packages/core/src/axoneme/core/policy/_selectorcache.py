@@ -29,7 +29,7 @@ import ipaddress
 from collections.abc import Hashable, Iterable
 
 from axoneme.core.identity import Identity, ReservedIdentity
-from axoneme.core.labels import SOURCE_FQDN
+from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED
 from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
 from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
 
@@ -41,8 +41,6 @@ _EMPTY: set[Selector] = set()
 WORLD_IDS = frozenset({int(R.WORLD), int(R.WORLD_IPV4), int(R.WORLD_IPV6)})
 _ENTITY_IDS: dict[str, frozenset[int]] = {
     "host": frozenset({int(R.HOST)}),
-    "remote-node": frozenset({int(R.REMOTE_NODE)}),
-    "kube-apiserver": frozenset({int(R.KUBE_APISERVER)}),
     "init": frozenset({int(R.INIT)}),
     "health": frozenset({int(R.HEALTH)}),
     "unmanaged": frozenset({int(R.UNMANAGED)}),
@@ -50,6 +48,9 @@ _ENTITY_IDS: dict[str, frozenset[int]] = {
     "all": frozenset({0}),
     "none": frozenset(),
 }
+
+
+LABELLED_ENTITIES = frozenset({"remote-node", "kube-apiserver"})
 
 
 def _entity_matches(entity: str, ident: Identity) -> bool:
@@ -62,6 +63,11 @@ def _entity_matches(entity: str, ident: Identity) -> bool:
         return ident.id in (R.WORLD, R.WORLD_IPV6) or (ident.cidr is not None and ident.cidr.version == 6)
     if entity == "cluster":
         return not ident.is_world and ident.id != 0
+    if entity in LABELLED_ENTITIES:
+        # by their reserved label, as Cilium: kube-apiserver (7) carries
+        # remote-node too, and host carries kube-apiserver while the API server
+        # runs on this node (PolicyEngine.set_cluster_addresses)
+        return ident.labels.lookup(SOURCE_RESERVED, entity) is not None
     return False
 
 
@@ -188,6 +194,18 @@ class SelectorCache:
             self._by_id[ident.id] = set(changed)
         return changed
 
+    def replace_identity(self, ident: Identity) -> set[Selector]:
+        """The labels of a known identity changed (the host's, when the API
+        server runs on it): its references stay, its selections are redone."""
+        refs = self._refs.get(ident.id)
+        if refs is None:
+            return set()
+        self._refs[ident.id] = 1
+        changed = self.remove_identity(ident.id)
+        changed |= self.add_identity(ident)
+        self._refs[ident.id] = refs
+        return changed
+
     def remove_identity(self, number: int) -> set[Selector]:
         """Drop one reference; when the last goes, returns the selectors that lost it."""
         if number not in self._refs:
@@ -247,6 +265,8 @@ class SelectorCache:
             fixed = _ENTITY_IDS.get(sel.entity)
             if fixed is not None:
                 return [i for i in fixed if i in self._idents]
+            if sel.entity in LABELLED_ENTITIES:
+                return list(self._kv.get((sel.entity, ""), ()))
         return list(self._idents)
 
     def add_selector(self, sel: Selector) -> None:

@@ -38,10 +38,12 @@ from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import (
     RESERVED_IDENTITIES,
+    RESERVED_NAMES,
     Identity,
     IdentityAllocator,
     ReservedIdentity,
 )
+from axoneme.core.labels import SOURCE_RESERVED, Label, Labels
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapChanges, MapState, Protocol
 from axoneme.core.policy._resolve import (
     AddressBook,
@@ -137,6 +139,9 @@ class PolicyEngine:
                                                            for n in WORLD_PREFIXES)
         self._ep_nets: dict[IPNetwork, dict[int, int]] = {}  # endpoint address -> {ep id: identity}
         self._host_nets: frozenset[IPNetwork] = frozenset()
+        # Kubernetes mode (``set_cluster_addresses``): other nodes, the API server
+        self._node_nets: frozenset[IPNetwork] = frozenset()
+        self._apiserver_nets: frozenset[IPNetwork] = frozenset()
         self._deferred: set[int] | None = None  # endpoints to recompute when a batch ends
         self._audit_endpoints: set[int] = set()  # per-endpoint audit mode (PolicyAuditMode)
         # pods of other nodes (``upsert_remote_endpoint``): key -> Endpoint with a negative id
@@ -487,6 +492,11 @@ class PolicyEngine:
         if self._book is None:
             out = [ClusterAddress(str(net.network_address), int(ReservedIdentity.HOST), ADDRESS_NODES)
                    for net in self._host_nets if net.prefixlen == net.max_prefixlen]
+            out += [ClusterAddress(str(net.network_address), number, ADDRESS_NODES)
+                    for nets, number in ((self._apiserver_nets, ReservedIdentity.KUBE_APISERVER),
+                                         (self._node_nets - self._apiserver_nets,
+                                          ReservedIdentity.REMOTE_NODE))
+                    for net in nets - self._host_nets if net.prefixlen == net.max_prefixlen]
             for ep in (*self._endpoints.values(), *self._remote.values()):
                 out += [ClusterAddress(str(ipaddress.ip_address(ip)), ep.identity, ADDRESS_PODS,
                                        ep.named_ports, ep.id) for ip in (ep.ipv4, ep.ipv6) if ip]
@@ -751,7 +761,43 @@ class PolicyEngine:
             if changed:
                 self._book = None
                 self._recompute(set(self._address_users), addresses=True)
+                self._host_carries_apiserver()
             return changed
+
+    def set_cluster_addresses(self, remote_nodes: Iterable[str],
+                              apiserver: Iterable[str]) -> bool:
+        """Kubernetes mode: other nodes' addresses map to remote-node (6) and the
+        API server's to kube-apiserver (7) in the ipcache, below endpoints and
+        this node's own addresses (host wins: an API server running here is
+        host, whose identity then also carries ``reserved:kube-apiserver``, so
+        ``toEntities: kube-apiserver`` selects it, as Cilium). Returns whether
+        they changed (then push ``pending_ipcache_changes``)."""
+        nodes = frozenset(ipaddress.ip_network(a) for a in remote_nodes)
+        api = frozenset(ipaddress.ip_network(a) for a in apiserver)
+        with self._lock:
+            changed = (nodes, api) != (self._node_nets, self._apiserver_nets)
+            self._ipc_dirty |= (nodes ^ self._node_nets) | (api ^ self._apiserver_nets)
+            self._node_nets, self._apiserver_nets = nodes, api
+            if changed:
+                self._book = None
+                self._recompute(set(self._address_users), addresses=True)
+                self._host_carries_apiserver()
+            return changed
+
+    def _host_carries_apiserver(self) -> None:
+        """The host identity's labels: ``reserved:kube-apiserver`` too while one
+        of the API server's addresses is this node's."""
+        host = self._cache.identity(int(ReservedIdentity.HOST))
+        if host is None:
+            return
+        mark = Label(SOURCE_RESERVED, RESERVED_NAMES[ReservedIdentity.KUBE_APISERVER])
+        want = bool(self._apiserver_nets & self._host_nets)
+        if (mark in host.labels.values()) == want:
+            return
+        labels = host.labels.union([mark]) if want else Labels(
+            [lab for lab in host.labels.values() if lab != mark])
+        changed = self._cache.replace_identity(Identity(host.id, labels))
+        self._recompute(self._dependents(changed), sels=changed)
 
     def _ipcache_value(self, net: IPNetwork) -> int | None:
         """The identity the ipcache maps ``net`` to (precedence as ``ipcache``)."""
@@ -766,6 +812,10 @@ class PolicyEngine:
             return list(remote.values())[-1]  # two on one address: the later one
         if net in self._host_nets:
             return int(ReservedIdentity.HOST)
+        if net in self._apiserver_nets:
+            return int(ReservedIdentity.KUBE_APISERVER)
+        if net in self._node_nets:
+            return int(ReservedIdentity.REMOTE_NODE)
         ident = self._cidr_ids.get(net)
         if ident is not None:
             return ident.id
