@@ -217,7 +217,7 @@ class IdentityGC:
         pods = self.used_labels()
         now = self.clock()
         out = []
-        for number, obj in sorted(self.store.objects.items()):
+        for number, obj in sorted(dict(self.store.objects).items()):  # a copy: threads write it
             labels = tuple(object_labels(obj))
             canonical = self.allocator.lookup(Labels.from_strings(labels))
             used = number in refs or (labels in pods and canonical is not None
