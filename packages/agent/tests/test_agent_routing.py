@@ -114,6 +114,16 @@ def test_overlap_goes_to_the_first_name_whatever_the_order() -> None:
         assert set(want.problems) == {"z"}
 
 
+def test_pods_get_the_tunnel_overhead_off_their_mtu() -> None:
+    from axoneme.agent._config import AgentConfig
+
+    k8s = {"k8s_kubeconfig": "kubeconfig"}
+    assert AgentConfig(**k8s, routing_mode="tunnel").pod_mtu == 1450  # type: ignore[arg-type]
+    assert AgentConfig(**k8s, routing_mode="tunnel", mtu=9000).pod_mtu == 8950  # type: ignore[arg-type]
+    assert AgentConfig(**k8s).pod_mtu == 1500  # type: ignore[arg-type]
+    assert AgentConfig(routing_mode="tunnel").pod_mtu == 1500  # standalone: no routing
+
+
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown routing mode 'vxlan'"):
         desired_state("vxlan", A, [B])

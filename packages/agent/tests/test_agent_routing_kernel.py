@@ -219,6 +219,10 @@ def test_tunnel_routing_pod_to_pod_across_nodes(nodes: tuple[Node, Node]) -> Non
     assert device(b) is None and [r.get("dev") for r in our_routes(b)] == ["und0"]
     kb.apply(desired_state("tunnel", b.info, [a.info, b.info]))
     assert device(b) is not None and ping(a, b)
+    # the agent's mtu lowered: the device is made again with it, traffic flows
+    small = NodeRouting(netns=a.netns, mtu=1400)
+    assert small.apply(desired_state("tunnel", a.info, [a.info, b.info])) == {}
+    assert int(device(a)["mtu"]) == 1350 and ping(a, b)  # type: ignore[index]
     # reconcile: node b deleted on a -> its route, neighbour and FDB entry go
     ka.apply(desired_state("tunnel", a.info, [a.info]))
     assert our_routes(a) == [] and fdb(a) == [] and not ping(a, b)

@@ -152,7 +152,8 @@ class Agent:
                                           self.regenerator, self.store.lock, config.cluster_name)
             self.k8s.listen("pods", self.remote_pods.on_pods)
             self.k8s.listen("namespaces", self.remote_pods.on_namespaces)
-            self.routing = RoutingService(config.routing_mode, self.k8s.node)
+            self.routing = RoutingService(config.routing_mode, self.k8s.node,
+                                          NodeRouting(mtu=config.mtu))
             self.k8s.listen("nodes", self.routing.on_node_events)
             self.views.routing = self.routing
             self.routing.remote_pods = self.remote_pods

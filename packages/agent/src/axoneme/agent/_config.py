@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from axoneme.agent._flowstore import DEFAULT_FLOW_BUFFER
+from axoneme.agent._routing import VXLAN_OVERHEAD
 from axoneme.agent.client import DEFAULT_SOCKET
 
 DEFAULT_STATE_DIR = "/var/lib/axoneme"
@@ -92,6 +93,14 @@ class AgentConfig:
     hubble_tls_cert_file: str | None = None  # --hubble-tls-cert-file PEM
     hubble_tls_key_file: str | None = None  # --hubble-tls-key-file PEM
     hubble_tls_client_ca_files: list[str] | None = None  # --hubble-tls-client-ca-files: mTLS
+
+    @property
+    def pod_mtu(self) -> int:
+        """The pods' MTU: ``mtu``, less the VXLAN overhead in tunnel routing
+        (as Cilium's route MTU), so an encapsulated packet fits the link."""
+        if self.k8s_mode and self.routing_mode == "tunnel":
+            return self.mtu - VXLAN_OVERHEAD
+        return self.mtu
 
     @property
     def k8s_mode(self) -> bool:

@@ -220,7 +220,7 @@ class EndpointService:
             try:
                 await store.persist()
                 link = await asyncio.to_thread(self.nl.setup_endpoint, container_id, netns_path,
-                                               ifname, ip, self.config.mtu)
+                                               ifname, ip, self.config.pod_mtu)
             except BaseException:
                 store.endpoints.pop(container_id, None)
                 self.ipam.release(ip)

@@ -21,7 +21,8 @@ routing modes (``routing_mode``, ``agent run --routing-mode``):
   dev axon_vxlan dst <node IP>``: a packet to a remote pod leaves
   encapsulated in UDP to the remote node, which decapsulates it on its own
   ``axon_vxlan`` and forwards it to the pod. The device's MTU is the
-  underlay's (at most 1500) minus the 50 bytes of VXLAN over IPv4.
+  underlay's (at most the agent's ``mtu``) minus the 50 bytes of VXLAN over
+  IPv4; pods get ``mtu`` minus 50 too (``AgentConfig.pod_mtu``).
 
 What is ours is found by name, never by guessing: routes by their protocol
 number (``ROUTE_PROTO`` = 164, in the main table), neighbours and FDB
@@ -256,8 +257,10 @@ class NodeRouting:
     Not thread-safe: one caller at a time (``RoutingService`` serialises)."""
 
     def __init__(self, netns: str | None = None, device: str = VXLAN_DEVICE,
-                 port: int = VXLAN_PORT, vni: int = VXLAN_VNI, proto: int = ROUTE_PROTO) -> None:
+                 port: int = VXLAN_PORT, vni: int = VXLAN_VNI, proto: int = ROUTE_PROTO,
+                 mtu: int = 1500) -> None:
         self.netns = netns
+        self.mtu = mtu  # the agent's mtu: the VXLAN device's is at most this less the overhead
         self.device = device
         self.port = port
         self.vni = vni
@@ -315,8 +318,9 @@ class NodeRouting:
                         continue
         return Observed(frozenset(routes), device, frozenset(neighbours), frozenset(fdb))
 
-    def _device_ok(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address) -> bool:
-        if dev is None:
+    def _device_ok(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address,
+                   mtu: int) -> bool:
+        if dev is None or dev.get("mtu") != mtu:
             return False
         info = ((dev.get("linkinfo") or {}).get("info_data") or {})
         return ((dev.get("linkinfo") or {}).get("info_kind") == "vxlan"
@@ -349,17 +353,17 @@ class NodeRouting:
             if before.device is not None:
                 self._cmd("ip", "link", "del", "dev", self.device, check=False)
         else:
-            made = self._ensure_device(before.device, desired.device_local)
-            now = self.observe() if made else before
-            for n in sorted(now.neighbours - desired.neighbours):
+            if self._ensure_device(before.device, desired.device_local):
+                before = self.observe()  # its routes, neighbours and FDB went with the old one
+            for n in sorted(before.neighbours - desired.neighbours):
                 self._cmd("ip", "neigh", "del", str(n.ip), "dev", self.device, check=False)
-            for f in sorted(now.fdb - desired.fdb):
+            for f in sorted(before.fdb - desired.fdb):
                 self._cmd("bridge", "fdb", "del", f.mac, "dev", self.device, "dst", str(f.dst),
                           check=False)
-            for f in sorted(desired.fdb - now.fdb):
+            for f in sorted(desired.fdb - before.fdb):
                 self._cmd("bridge", "fdb", "replace", f.mac, "dev", self.device, "dst",
                           str(f.dst), "self", "permanent")
-            for n in sorted(desired.neighbours - now.neighbours):
+            for n in sorted(desired.neighbours - before.neighbours):
                 self._cmd("ip", "neigh", "replace", str(n.ip), "lladdr", n.mac, "dev",
                           self.device, "nud", "permanent")
         for route in sorted(desired.routes - before.routes):
@@ -406,11 +410,11 @@ class NodeRouting:
 
     def _ensure_device(self, dev: dict[str, Any] | None, local: ipaddress.IPv4Address) -> bool:
         """The VXLAN device as it should be; True when it was (re)made."""
-        if self._device_ok(dev, local):
+        mtu = min(self._underlay_mtu(local), self.mtu) - VXLAN_OVERHEAD
+        if self._device_ok(dev, local, mtu):
             return False
-        if dev is not None:  # another local address or shape: make it again
+        if dev is not None:  # another local address, MTU or shape: make it again
             self._cmd("ip", "link", "del", "dev", self.device, check=False)
-        mtu = min(self._underlay_mtu(local), 1500) - VXLAN_OVERHEAD
         self._cmd("ip", "link", "add", self.device, "address", vtep_mac(local), "mtu", str(mtu),
                   "type", "vxlan", "id", str(self.vni), "local", str(local), "dstport",
                   str(self.port), "nolearning")
