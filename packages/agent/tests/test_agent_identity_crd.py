@@ -676,6 +676,8 @@ def test_agent_wires_crd_identities_in_kubernetes_mode_only(tmp_path):
     assert crd.k8s.identities is crd.crd_identities
     assert (crd.crd_identities.gc.interval, crd.crd_identities.gc.timeout) == (3, 7)
     assert crd.k8s.view()["identities"]["mode"] == "crd"
+    assert crd.remote_pods is not None
+    assert crd.crd_identities.renumber_hooks == [crd.remote_pods.renumbered]
     local = agent(k8s_kubeconfig="/nonexistent", identity_allocation_mode="local")
     assert not local.allocator.shared and local.crd_identities is None
     assert local.k8s is not None and not local.k8s.extra_informers
@@ -712,3 +714,42 @@ def test_failpoint_identity_collide_forces_every_label_set_to_probe_from_256():
     finally:
         failpoints.configure(None)
     assert CRDIdentities.preferred(key) == preferred_number(key)
+
+
+def test_other_nodes_pods_move_to_the_lower_duplicate_too():
+    """RemotePods holds identities of other nodes' pods: when a lower number
+    turns up for their labels, their ipcache entries take it as endpoints do."""
+    from types import SimpleNamespace
+
+    from axoneme.agent._k8s import PodMeta
+    from axoneme.agent._remotepods import RemotePods
+    from axoneme.core.cluster import Namespace, Pod, namespace_labels, pod_identity_labels
+    from axoneme.core.policy.engine import PolicyEngine
+
+    class Regen:
+        async def regenerate(self) -> dict[int, str]:
+            return {}
+
+    api = FakeIdentityAPI()
+    store = CRDIdentityStore(api)
+    alloc = IdentityAllocator(store, preferred=collide)
+    engine = PolicyEngine(alloc)
+    pod = Pod("p", "prod", {"app": "web"}, ("10.244.1.5",))
+    cache = SimpleNamespace(pods={"prod/p": PodMeta(pod, "node-2", False, "u1")}, node="node-1",
+                            namespace=lambda name: None)
+    web = pod_identity_labels(pod, Namespace("prod", namespace_labels("prod")), "default")
+    high = api.create(identity_object(300, web.sorted_strings()))
+
+    async def run() -> None:
+        remote = RemotePods(cache, engine, alloc, Regen(), asyncio.Lock())
+        sync = IdentitySync(store, alloc, remote.renumbered)
+        await sync.on_events("identities", [("ADDED", high)], True)
+        await remote.on_pods([("ADDED", {"metadata": {"name": "p", "namespace": "prod"}})], False)
+        assert remote.entries["prod/p"].identity.id == 300
+        low = api.create(identity_object(256, web.sorted_strings()))
+        await sync.on_events("identities", [("ADDED", low)], False)
+        assert remote.entries["prod/p"].identity.id == 256
+        assert engine.identity_of_ip("10.244.1.5") == 256
+        assert alloc.references() == {256: 1}
+
+    asyncio.run(run())

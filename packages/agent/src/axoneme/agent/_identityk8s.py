@@ -296,6 +296,8 @@ class CRDIdentities:
         self.store = CRDIdentityStore()
         self.sync: IdentitySync | None = None
         self.gc: IdentityGC | None = None
+        # more holders of identities to move to a lower duplicate (other nodes' pods)
+        self.renumber_hooks: list[Callable[[set[int]], Awaitable[None]]] = []
 
     @staticmethod
     def preferred(key: tuple[str, ...]) -> int:
@@ -318,6 +320,8 @@ class CRDIdentities:
             async with state.lock:
                 await endpoints.relabel(lambda rec: rec.identity in numbers)
                 await state.persist(strict=False)
+            for hook in self.renumber_hooks:  # they take the lock themselves
+                await hook(numbers)
 
         def lister(api: Any) -> Callable[..., Any]:
             real = KubernetesIdentityAPI(api)

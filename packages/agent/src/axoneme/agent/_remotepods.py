@@ -86,6 +86,11 @@ class RemotePods:
             if changed and not initial:
                 await self.regenerator.regenerate()
 
+    async def renumbered(self, numbers: set[int]) -> None:
+        """CRD identities: a lower number now holds the labels of ``numbers``
+        (``_identityk8s``): the pods holding one of them take it."""
+        await self._sync({k for k, e in self.entries.items() if e.identity.id in numbers}, False)
+
     # -- one pod ----------------------------------------------------------------------------------
     def update(self, key: str) -> bool:
         """Bring ``key``'s entry in step with the cache; True when it changed."""
