@@ -28,6 +28,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 import yaml
 
@@ -49,13 +50,8 @@ def _pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
                                      "imagePullPolicy": "IfNotPresent"}]}}
 
 
-def _wait(pred: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got or time.monotonic() >= deadline:
-            return got
-        time.sleep(interval)
+def _wait(pred: Callable[[], Any], timeout: float) -> Any:
+    return _testnet.poll(pred, timeout, 0.5)
 
 
 def _agent_json(cl: Cluster, *cmd: str) -> Any:
