@@ -19,8 +19,10 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from axoneme.agent._routing import (
@@ -270,3 +272,69 @@ def test_foreign_routes_and_unreachable_nodes_are_left_alone(nodes: tuple[Node, 
     routes = json.loads(sh("ip", "-j", "-n", a.netns, "route", "show", "10.244.102.0/24").stdout)
     assert [r.get("type") for r in routes] == ["blackhole"]  # cleanup leaves it too
     assert [r["dst"] for r in our_routes(a)] == ["default"]
+
+
+def test_agent_cleanup_removes_the_routing_its_state_file_records(
+        nodes: tuple[Node, Node], tmp_path: Path) -> None:
+    """``axoneme agent cleanup`` (in node a's namespace, as the node's agent runs)
+    removes the routes and the VXLAN device when the state file says routing was
+    on, and leaves them when it does not."""
+    a, b = nodes
+    NodeRouting(netns=a.netns).apply(desired_state("tunnel", a.info, [a.info, b.info]))
+    assert our_routes(a) and device(a) is not None
+    axoneme = str(Path(sys.executable).parent / "axoneme")
+
+    def cleanup(state: dict[str, object]) -> None:
+        state_dir = tmp_path / "state"
+        state_dir.mkdir(exist_ok=True)
+        (state_dir / "state.json").write_text(json.dumps(state))
+        out = sh(axoneme, "agent", "cleanup", "--state-dir", str(state_dir), netns=a.netns,
+                 check=False)
+        assert out.returncode == 0, out.stderr
+
+    cleanup({"version": 1})  # an agent that never routed: not its routes to remove
+    assert our_routes(a) and device(a) is not None
+    cleanup({"version": 1, "routing": "tunnel"})
+    assert our_routes(a) == [] and device(a) is None
+
+
+def test_an_agent_restarted_without_kubernetes_mode_removes_the_routing(
+        nodes: tuple[Node, Node], tmp_path: Path) -> None:
+    """Routing switched off: an agent whose state file records routing, started
+    again in standalone mode (no Node objects to route to), removes the routes
+    and the device (run in node a's namespace, noop datapath)."""
+    a, b = nodes
+    axoneme = str(Path(sys.executable).parent / "axoneme")
+    state_dir, sock = tmp_path / "state", tmp_path / "agent.sock"
+    argv = ["ip", "netns", "exec", a.netns, axoneme, "agent", "run", "--datapath", "noop",
+            "--state-dir", str(state_dir), "--api-socket", str(sock), "--no-guard",
+            "--no-l7-proxies", "--hubble-socket-path", "", "--pod-cidr", a.pod_cidr]
+
+    def run_agent() -> None:
+        log = open(tmp_path / "agent.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        log.close()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = subprocess.run([axoneme, "status", "--api-socket", str(sock)],
+                                        capture_output=True, text=True)
+                if status.returncode == 0:
+                    break
+                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+                time.sleep(0.2)
+            else:
+                raise AssertionError("agent not ready: " + (tmp_path / "agent.log").read_text())
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    run_agent()  # a state file of this agent's own
+    state = json.loads((state_dir / "state.json").read_text())
+    assert state.get("routing") == ""  # standalone: no routing of its own
+    NodeRouting(netns=a.netns).apply(desired_state("tunnel", a.info, [a.info, b.info]))
+    assert our_routes(a) and device(a) is not None
+    (state_dir / "state.json").write_text(json.dumps({**state, "routing": "tunnel"}))
+    run_agent()
+    assert our_routes(a) == [] and device(a) is None
