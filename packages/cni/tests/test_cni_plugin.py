@@ -18,7 +18,22 @@ import pytest
 from axoneme.cni.plugin import CNIError, parse_cni_args
 
 PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")
+# the Go fast path (scripts/cni-build): every test below runs against both
+NATIVE = str(Path(sys.executable).parent / "axoneme-cni-native")
 NETNS = "/proc/self/ns/net"  # exists everywhere; the fake agent never touches it
+_in_use = [PLUGIN]
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def plugin(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The executable run_plugin() runs: the Python plugin, or the native one
+    (which answers plain ADD/DEL itself and hands the rest to the Python one)."""
+    exe = PLUGIN if request.param == "python" else NATIVE
+    if not os.access(exe, os.X_OK):
+        pytest.skip(f"{exe} is not built (scripts/cni-build needs a Go toolchain)")
+    _in_use[0] = exe
+    yield exe
+    _in_use[0] = PLUGIN
 
 
 class _UnixHTTPServer(HTTPServer):
@@ -86,7 +101,7 @@ def run_plugin(command: str, config: Any, env: dict[str, str] | None = None,
     full = {"CNI_COMMAND": command, "CNI_PATH": os.path.dirname(PLUGIN), "PATH": "/usr/bin:/bin"}
     full.update(env or {})
     stdin = raw if raw is not None else json.dumps(config)
-    res = subprocess.run([PLUGIN], input=stdin, capture_output=True, text=True, env=full,
+    res = subprocess.run([_in_use[0]], input=stdin, capture_output=True, text=True, env=full,
                          timeout=60)
     out = json.loads(res.stdout) if res.stdout.strip() else None
     return res.returncode, out
@@ -267,3 +282,53 @@ def test_add_accepts_a_container_runtimes_container_name(fake_agent: FakeAgent) 
     assert code == 0, out
     assert fake_agent.requests[-1][1]["pod_name"] == "elastic_Meninsky.2"
     assert fake_agent.requests[-1][1]["namespace"] == "default"
+
+
+@pytest.mark.parametrize("plugin", ["native"], indirect=True)
+def test_native_answers_plain_add_and_del_and_hands_over_the_rest(
+        fake_agent: FakeAgent, plugin: str, tmp_path: Path) -> None:
+    """The native plugin answers a plainly valid ADD/DEL with one agent request
+    and no Python start-up; anything else (other commands, input it does not
+    accept outright, an agent it cannot connect to) goes, stdin included, to
+    the Python plugin, which stays the one definition of the error cases."""
+    marker = tmp_path / "handed-over"
+    stand_in = tmp_path / "python-plugin"
+    stand_in.write_text(f"#!/bin/sh\ncat > {marker}\necho '{{}}'\n")
+    stand_in.chmod(0o755)
+    fake_agent.responses["/v1/cni/add"] = (200, {"ips": [{"address": "10.244.0.7/32"}],
+                                                 "endpoint_id": 9})
+    env = {"AXONEME_CNI_FALLBACK": str(stand_in)}
+    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-1"
+    code, out = run_plugin("ADD", conf(fake_agent.path, "1.1.0"), {**add_env("a" * 64, args), **env})
+    assert code == 0 and not marker.exists()
+    assert out == {"cniVersion": "1.1.0", "interfaces": [], "ips": [{"address": "10.244.0.7/32"}],
+                   "routes": [], "dns": {}}
+    assert fake_agent.requests[-1] == ("/v1/cni/add", {
+        "container_id": "a" * 64, "netns": NETNS, "ifname": "eth0", "network": "axnet",
+        "cni_version": "1.1.0", "namespace": "prod", "pod_name": "web-1"})
+    code, out = run_plugin("DEL", conf(fake_agent.path), {"CNI_CONTAINERID": "a" * 64, **env})
+    assert code == 0 and out is None and not marker.exists()
+    assert fake_agent.requests[-1] == ("/v1/cni/del", {
+        "container_id": "a" * 64, "netns": "", "ifname": "eth0", "network": "axnet"})
+    # the agent's refusal is mapped here too (the request is never sent twice)
+    fake_agent.responses["/v1/cni/add"] = (503, {"error": "pod not in the cache yet"})
+    n = len(fake_agent.requests)
+    code, out = run_plugin("ADD", conf(fake_agent.path), {**add_env(), **env})
+    assert code == 1 and out["code"] == 11 and out["details"] == "pod not in the cache yet"
+    assert len(fake_agent.requests) == n + 1 and not marker.exists()
+    handed = [
+        ("CHECK", conf(fake_agent.path, prevResult={}), add_env()),
+        ("VERSION", conf(fake_agent.path), {}),
+        ("ADD", conf(fake_agent.path, "0.4.0"), add_env()),
+        ("ADD", conf(fake_agent.path, mtu=1500.0), add_env()),
+        ("ADD", conf(fake_agent.path), add_env(args="K8S_POD_NAME= web")),
+        ("ADD", conf(fake_agent.path), {**add_env(), "CNI_IFNAME": "é0"}),
+        ("DEL", conf(str(tmp_path / "nobody.sock")), add_env()),
+    ]
+    for command, config, extra in handed:
+        n = len(fake_agent.requests)
+        code, out = run_plugin(command, config, {**extra, **env})
+        assert code == 0 and out == {}, (command, config, extra)
+        assert json.loads(marker.read_text()) == config  # stdin given again, as it came
+        assert len(fake_agent.requests) == n  # nothing sent before handing over
+        marker.unlink()

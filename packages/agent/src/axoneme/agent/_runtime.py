@@ -37,11 +37,15 @@ class CNIError(AxonemeError):
 
 
 def cni_binary(explicit: str | None = None) -> str:
+    """The plugin: ``axoneme-cni-native`` (the Go fast path scripts/cni-build
+    puts next to the Python plugin; it hands what it does not answer to it)
+    when built, else ``axoneme-cni``; beside this interpreter, else on PATH."""
     if explicit:
         return explicit
-    here = os.path.join(os.path.dirname(sys.executable), "axoneme-cni")
-    if os.access(here, os.X_OK):
-        return here
+    for name in ("axoneme-cni-native", "axoneme-cni"):
+        here = os.path.join(os.path.dirname(sys.executable), name)
+        if os.access(here, os.X_OK):
+            return here
     found = shutil.which("axoneme-cni")
     if found:
         return found

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +28,20 @@ EXIT_BAD_INPUT = 2
 # work not landed yet), a broken one fails loudly.
 _AREAS = ("_plugins", "_validate", "_offline", "_agentcmds", "_pods", "_observe", "_policyget", "_completion", "_whatif", "_audit", "_ui")
 
+# Start-up: a top-level command whose whole parser these areas build (no other
+# area adds to it) gets a parser of just them, so `axoneme pod run` imports the
+# pod commands' modules, not every command's (policy engine, asyncio, YAML).
+# An area that adds to one of these commands goes in its tuple too
+# (packages/agent/tests/test_cli_startup.py compares every entry with a full build).
+_COMMAND_AREAS = {
+    "pod": ("_pods",),
+    "observe": ("_observe",),
+    "plugins": ("_plugins",),
+    "ui": ("_ui",),
+    **dict.fromkeys(("status", "identity", "namespace", "ns"), ("_agentcmds",)),
+    **dict.fromkeys(("agent", "endpoint", "ep"), ("_agentcmds", "_audit")),
+}
+
 
 # Third-party modules of the `agent` extra: the offline and client commands never import them.
 AGENT_EXTRA_MODULES = frozenset({"aiohttp", "pyroute2", "prometheus_client"})
@@ -35,10 +49,25 @@ AGENT_EXTRA_MODULES = frozenset({"aiohttp", "pyroute2", "prometheus_client"})
 
 def version() -> str:
     """The installed distribution's version (all axoneme distributions share it)."""
+    import importlib.metadata  # only when asked: it costs more than the rest of start-up
+
     try:
         return importlib.metadata.version("axoneme")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"  # run from a source tree that is not installed
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: argparse's version action, the version looked up when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show program's version number and exit") -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser._print_message(f"axoneme {version()}\n", sys.stdout)
+        parser.exit()
 
 
 class UsageError(AxonemeError):
@@ -64,9 +93,11 @@ def fail(message: str, where: str, code: int) -> int:
     return code
 
 
-def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  # type: ignore[type-arg]
+def build_parser(areas: Sequence[str] = _AREAS) -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  # type: ignore[type-arg]
+    """The parser of ``areas``' commands (main(): every area, or the ones of the
+    command given, see _COMMAND_AREAS)."""
     parser = CLIParser(prog="axoneme", description="identity-based network policy for pods and containers")
-    parser.add_argument("--version", action="version", version=f"axoneme {version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--debug", action="store_true", help="log at DEBUG to stderr")
     parser.add_argument("--api-socket", default=None,
                         help="agent API socket (default: $AXONEME_API_SOCKET or /var/run/axoneme/axoneme.sock)")
@@ -74,7 +105,7 @@ def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  
     groups: dict[str, argparse._SubParsersAction] = {"": top}  # type: ignore[type-arg]
     policy = top.add_parser("policy", help="validate, trace, apply and list policies")
     groups["policy"] = policy.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=CLIParser)
-    for area in _AREAS:
+    for area in areas:
         try:
             mod = importlib.import_module(f"axoneme.agent.cli.{area}")
         except ModuleNotFoundError as e:
@@ -88,8 +119,24 @@ def build_parser() -> tuple[CLIParser, dict[str, argparse._SubParsersAction]]:  
     return parser, groups
 
 
+def _command_areas(argv: Sequence[str]) -> Sequence[str]:
+    """The areas main() builds: those of the command in ``argv`` when one area
+    set builds all of it, else every area (help, completion, unknown flags)."""
+    if "_ARGCOMPLETE" in os.environ:
+        return _AREAS
+    args = iter(argv)
+    for arg in args:
+        if arg == "--debug" or arg.startswith("--api-socket="):
+            continue
+        if arg == "--api-socket":
+            next(args, None)
+            continue
+        return _COMMAND_AREAS.get(arg, _AREAS)
+    return _AREAS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _ = build_parser()
+    parser, _ = build_parser(_command_areas(sys.argv[1:] if argv is None else argv))
     from axoneme.agent.cli._completion import autocomplete
 
     autocomplete(parser)  # a shell asking for completions: answered, then exit

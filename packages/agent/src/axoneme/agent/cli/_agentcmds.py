@@ -13,12 +13,9 @@ from typing import Any
 from axoneme.agent._errors import BadRequest
 from axoneme.agent._records import parse_labels
 from axoneme.agent.cli import UsageError, add_output_flag
-from axoneme.agent.cli._agentconfig import build_agent_config
 from axoneme.agent.cli._output import add_list_flags, dump_json, emit, joined_labels, select, table
 from axoneme.agent.client import AgentClient, q
 from axoneme.core.errors import InvalidRule
-from axoneme.core.policy.api import staged_document
-from axoneme.core.policy.parse import load_documents, parse_policy
 
 LOG = logging.getLogger(__name__)
 
@@ -209,6 +206,14 @@ def register(groups: dict[str, SubParsers]) -> None:
 
 # -- agent ------------------------------------------------------------------------------
 
+def build_agent_config(*args: Any, **kwargs: Any) -> Any:
+    """cli/_agentconfig.build_agent_config, imported when used: it loads the
+    policy engine, which the client commands of this module never need."""
+    from axoneme.agent.cli._agentconfig import build_agent_config as build
+
+    return build(*args, **kwargs)
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
     # the agent's heavy dependencies (aiohttp, pyroute2, prometheus) load only
     # for `agent run`/`agent cleanup`, not for the offline commands
@@ -299,6 +304,8 @@ def _flatten(files: Sequence[Sequence[str]] | None) -> list[str]:
 
 def _parse_files(paths: list[str]) -> list[Any]:
     """Documents and parsed policies of ``paths``; InvalidRule with every problem."""
+    from axoneme.core.policy.parse import load_documents, parse_policy
+
     docs = load_documents(paths)
     problems = []
     out = []
@@ -319,6 +326,8 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
         raise UsageError(f"no policy found in {', '.join(paths)}")
     docs = [{"file": d.file, "index": d.index, "obj": d.obj} for _, d in parsed]
     if args.audit:  # policy apply --audit: staged, not enforced (cli/_audit.py)
+        from axoneme.core.policy.api import staged_document
+
         docs = [{**d, "obj": staged_document(d["obj"])} for d in docs]
     res = client(args).post("/v1/policies", {"documents": docs})
     if args.output == "json":
