@@ -15,6 +15,7 @@ from axoneme.agent._routing import (
     Neighbour,
     NodeInfo,
     Route,
+    RoutingError,
     RoutingService,
     desired_state,
     node_info,
@@ -178,3 +179,16 @@ def test_service_follows_node_events() -> None:
 
     asyncio.run(run())
     assert svc.view()["nodes"] == 2 and svc.view()["mode"] == "native"
+
+
+def test_a_kernel_failure_is_reported_not_raised() -> None:
+    class Broken(FakeKernel):
+        def apply(self, desired: Desired) -> dict[str, str]:
+            raise RoutingError("ip link add axon_vxlan ...: RTNETLINK answers: Address in use")
+
+    kernel = Broken()
+    svc = RoutingService("tunnel", "a", kernel)  # type: ignore[arg-type]
+    objs = [("ADDED", node_obj(n.name, str(n.ip), str(n.pod_cidr))) for n in (A, B)]
+    asyncio.run(svc.on_node_events(objs, True))  # the informer goes on
+    assert svc.faults() == ["routing: node b not routed: routing failed: ip link add "
+                            "axon_vxlan ...: RTNETLINK answers: Address in use"]

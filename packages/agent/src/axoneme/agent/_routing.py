@@ -7,9 +7,7 @@ routing modes (``routing_mode``, ``agent run --routing-mode``):
 
 - ``native`` (Cilium's native routing with auto-direct-node-routes): one
   route per remote pod CIDR via that node's IP,
-  ``ip route replace 10.244.1.0/24 via 10.255.253.2 proto 164``. The node's
-  IP must be on a directly connected network (the kernel refuses the route
-  otherwise: that node is reported, the others are routed).
+  ``ip route replace 10.244.1.0/24 via 10.255.252.2 proto 164``.
 - ``tunnel`` (Cilium's VXLAN tunnel): one VXLAN device of ours,
   ``axon_vxlan`` (Cilium: ``cilium_vxlan``), UDP port 8472 (the Linux VXLAN
   port Cilium uses), VNI 1, no learning, its address ``local`` = this node's
@@ -22,7 +20,15 @@ routing modes (``routing_mode``, ``agent run --routing-mode``):
   encapsulated in UDP to the remote node, which decapsulates it on its own
   ``axon_vxlan`` and forwards it to the pod. The device's MTU is the
   underlay's (at most the agent's ``mtu``) minus the 50 bytes of VXLAN over
-  IPv4; pods get ``mtu`` minus 50 too (``AgentConfig.pod_mtu``).
+  IPv4; pods get ``mtu`` minus 50 too (``AgentConfig.pod_mtu``). The VNI
+  carries no identity (Cilium's eBPF sets it per packet to the source's):
+  the receiving node finds the source's identity in its ipcache
+  (``_remotepods``).
+
+In both modes a node's address must be on a directly connected network
+(``ip route get`` names no gateway): native routes need such a next hop, and
+tunnel packets must never leave by a gateway, the uplink's default route
+included. Such a node is not routed and is reported; the others are.
 
 What is ours is found by name, never by guessing: routes by their protocol
 number (``ROUTE_PROTO`` = 164, in the main table), neighbours and FDB
@@ -36,7 +42,7 @@ reported), never a default route (a pod CIDR must be IPv4, /8 or longer, and
 not contain any node's address).
 
 Kubernetes mode runs ``RoutingService``: Node events from the informer
-(``KubernetesSource.listeners``) -> ``NodeInfo`` -> ``NodeRouting.apply`` in
+(``KubernetesSource.listen``) -> ``NodeInfo`` -> ``NodeRouting.apply`` in
 a worker thread, one at a time. On a clean stop the routes stay, like the
 datapath's enforcement (other nodes keep reaching this node's pods while its
 agent restarts); ``axoneme agent cleanup`` and a restart without Kubernetes
@@ -52,7 +58,7 @@ import json
 import logging
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,7 +380,6 @@ class NodeRouting:
             proc = self._cmd("ip", *argv, "proto", str(self.proto), check=False)
             if proc.returncode != 0:
                 problems[node] = f"ip {' '.join(argv)}: {proc.stderr.strip()}"
-                LOG.warning("routing: node %s not routed: %s", node, problems[node])
         self.problems = problems
         self.applied = desired
         return problems
@@ -398,7 +403,6 @@ class NodeRouting:
             if why:
                 node = desired.owners.get(route.dst, str(route.dst))
                 problems[node] = why
-                LOG.warning("routing: node %s not routed: %s", node, why)
                 dropped.add(route)
         if not dropped:
             return desired
@@ -503,7 +507,6 @@ class RoutingService:
         self.kernel = kernel if kernel is not None else NodeRouting()
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
-        self.on_applied: Callable[[Desired], None] | None = None
         self.remote_pods: Any = None  # _remotepods.RemotePods: its count joins the view
 
     async def on_node_events(self, events: Sequence[tuple[str, Mapping[str, Any]]],
@@ -524,14 +527,22 @@ class RoutingService:
         return desired_state(self.mode, local, self.nodes.values())
 
     def reconcile(self) -> dict[str, str]:
+        """Apply what the nodes say. A kernel failure is reported per node (the
+        status faults) and logged, never raised: the Node informer goes on, and
+        the next Node event tries again."""
         with self._lock:
             want = self.desired()
-            problems = self.kernel.apply(want)
+            try:
+                problems = self.kernel.apply(want)
+            except (RoutingError, OSError, ValueError) as e:
+                LOG.error("routing (%s) failed: %s", self.mode, e)
+                problems = {**{n: f"routing failed: {e}" for n in want.owners.values()},
+                            **want.problems}
+                self.kernel.problems = problems
         for name, why in sorted(problems.items()):
             LOG.warning("routing (%s): node %s is not routed: %s", self.mode, name, why)
-        LOG.info("routing (%s): %d remote pod CIDRs routed", self.mode, len(want.routes))
-        if self.on_applied is not None:
-            self.on_applied(want)
+        LOG.info("routing (%s): %d remote pod CIDRs routed", self.mode,
+                 len(want.routes) - len(set(problems) & set(want.owners.values())))
         return problems
 
     def cleanup(self) -> None:
