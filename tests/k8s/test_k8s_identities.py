@@ -9,6 +9,9 @@ server and the agent pod's CLI:
   ``axoneme endpoint list`` say in the agent pod;
 - an identity object made by "another node" (``kubectl apply`` of a
   CiliumIdentity with labels no pod here has) becomes known to the agent;
+- two more allocators (the agent's own code, in this process, every label set
+  forced to collide at 256) racing through the real API server agree with
+  each other and with the agent;
 - a deleted pod's identity is marked unused (``io.cilium.heartbeat``) and
   deleted after the heartbeat timeout, not before, while identities in use are
   never touched;
@@ -163,6 +166,79 @@ def test_identity_made_by_another_node_is_known_then_collected(idents):
         assert _wait(lambda: not known(), 10), "the agent still knows a deleted identity"
     finally:
         cl.kubectl("delete", "ciliumidentity", str(number), "--ignore-not-found", check=False)
+
+
+def _other_node(cl: Cluster) -> Any:
+    """"Another node": the agent's own allocator (CRD store, forced collisions: every
+    label set probes from 256) in this process, against the cluster's API server,
+    knowing what is there now as an agent's first list would."""
+    from axoneme.agent._config import AgentConfig
+    from axoneme.agent._identitycrd import CRDIdentityStore, KubernetesIdentityAPI
+    from axoneme.agent._k8sclient import api_client
+    from axoneme.core.identity import IdentityAllocator
+
+    api = KubernetesIdentityAPI(api_client(AgentConfig(k8s_kubeconfig=str(cl.kubeconfig))))
+    alloc = IdentityAllocator(CRDIdentityStore(api), preferred=lambda key: 256)
+    for number, obj in _objects(cl).items():
+        alloc.learn(number, _label_strings(obj))
+    return alloc
+
+
+def test_allocators_racing_through_the_api_server_agree_with_the_agent(idents):
+    """Two more allocators race on 30 new label sets through the real API server
+    (create, 409 AlreadyExists, get), every label set colliding at 256: they
+    give each label set one number, no number two label sets, the agent learns
+    every one of them, and the pods' label sets get the agent's numbers."""
+    import threading
+
+    from axoneme.core.labels import Labels
+
+    cl = idents
+    tag = secrets.token_hex(3)
+    sets = [Labels.from_strings([f"k8s:app=race-{tag}-{i}", "k8s:io.kubernetes.pod.namespace=away",
+                                 "k8s:io.cilium.k8s.policy.cluster=default"]) for i in range(30)]
+    web = _endpoint_identity(cl, "web")
+    web_labels = Labels.from_strings(_label_strings(_objects(cl)[web]))
+    got: dict[str, dict[int, int]] = {}
+    errors: list[BaseException] = []
+
+    def race(name: str, order: list[int]) -> None:
+        try:
+            alloc = _other_node(cl)
+            got[name] = {i: alloc.allocate(sets[i]).id for i in order}
+            got[name][-1] = alloc.allocate(web_labels).id
+        except BaseException as e:
+            errors.append(e)
+
+    orders = [list(range(30)), list(reversed(range(30)))]
+    threads = [threading.Thread(target=race, args=(n, o)) for n, o in zip("bc", orders, strict=True)]
+    try:
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        # the agent's collector may delete these unused identities after its
+        # heartbeat timeout: the race must be over well before
+        assert time.monotonic() - t0 < HEARTBEAT_TIMEOUT_S, time.monotonic() - t0
+        assert got["b"] == got["c"]
+        assert got["b"][-1] == web  # an existing label set: the agent's number
+        numbers = [got["b"][i] for i in range(30)]
+        assert len(set(numbers)) == 30
+        objects = _objects(cl)
+        for i, number in enumerate(numbers):
+            assert _label_strings(objects[number]) == sets[i].sorted_strings()
+
+        def agent_knows() -> bool:
+            listed = {i["id"]: sorted(i["labels"]) for i in _agent_json(cl, "identity", "list")}
+            return all(listed.get(n) == sets[i].sorted_strings() for i, n in enumerate(numbers))
+
+        assert _wait(agent_knows, 15), "the agent does not know every identity made elsewhere"
+    finally:
+        made = [str(n) for n in got.get("b", {}).values() if n != web]
+        if made:
+            cl.kubectl("delete", "ciliumidentity", *made, "--ignore-not-found", check=False)
 
 
 def test_deleted_pods_identity_is_collected_after_the_timeout_and_used_ones_stay(idents):
