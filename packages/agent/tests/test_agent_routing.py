@@ -8,6 +8,7 @@ import ipaddress
 from typing import Any
 
 import pytest
+from axoneme.agent._noderoutes import RoutingService
 from axoneme.agent._routing import (
     VXLAN_DEVICE,
     Desired,
@@ -16,7 +17,6 @@ from axoneme.agent._routing import (
     NodeInfo,
     Route,
     RoutingError,
-    RoutingService,
     desired_state,
     node_info,
     vtep_mac,

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from axoneme.agent._noderoutes import NodeRouting
 from axoneme.agent._routing import (
     ROUTE_PROTO,
     VXLAN_DEVICE,
     NodeInfo,
-    NodeRouting,
     desired_state,
     vtep_mac,
 )

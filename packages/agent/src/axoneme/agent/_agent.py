@@ -46,12 +46,12 @@ from axoneme.agent._k8s import KubernetesSource
 from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
+from axoneme.agent._noderoutes import NodeRouting, RoutingService
 from axoneme.agent._policies import PolicyService, PolicySource
 from axoneme.agent._policydir import PolicyDirWatcher
 from axoneme.agent._prometheus import AgentStateCollector, MetricsServer
 from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._remotepods import RemotePods
-from axoneme.agent._routing import NodeRouting, RoutingService
 from axoneme.agent._runtime import PodRuntime
 from axoneme.agent._state import StateStore
 from axoneme.agent._views import FlowEnricher, Views

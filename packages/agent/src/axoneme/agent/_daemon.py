@@ -20,8 +20,8 @@ from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._hubble import start_hubble
 from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import cleanup_redirect_rules
+from axoneme.agent._noderoutes import NodeRouting
 from axoneme.agent._records import PodRecord
-from axoneme.agent._routing import NodeRouting
 from axoneme.agent._runtime import kill_pod_process
 from axoneme.agent._statefile import StateCorrupt, read_json
 from axoneme.core.datapath import build_datapath, datapath_class
