@@ -32,6 +32,10 @@ def pod(name: str, node: str, ip: str | None, host_network: bool = False,
     return o
 
 
+def node(name: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}}
+
+
 def namespace(**labels: str) -> dict[str, Any]:
     return {"metadata": {"name": "n", "labels": labels}}
 
@@ -58,8 +62,10 @@ def test_remote_pods_follow_pod_and_namespace_events() -> None:
     remote = RemotePods(src, engine, engine.allocator, regen, store.lock, "c1")
     src.listen("pods", remote.on_pods)
     src.listen("namespaces", remote.on_namespaces)
+    src.listen("nodes", remote.on_nodes)
     deliver_pods = src._deliverer("pods", src._on_pods)
     deliver_ns = src._deliverer("namespaces", src._on_namespaces)
+    deliver_nodes = src._deliverer("nodes", src._on_nodes)
 
     def labels_of(ip: str) -> set[str]:
         ident = engine.allocator.get(engine.identity_of_ip(ip))
@@ -71,11 +77,14 @@ def test_remote_pods_follow_pod_and_namespace_events() -> None:
         src._changed = asyncio.Condition()
         # the informer threads deliver; the loop applies (as in the agent)
         await asyncio.to_thread(deliver_ns, [("ADDED", namespace(team="a"))], True)
+        await asyncio.to_thread(deliver_nodes, [("ADDED", node("n1")), ("ADDED", node("n2")),
+                                                ("ADDED", node("n3"))], True)
         await asyncio.to_thread(deliver_pods, [
             ("ADDED", pod("local", "n1", "10.244.0.5", app="server")),
             ("ADDED", pod("client", "n2", "10.244.1.5", app="client")),
             ("ADDED", pod("hostnet", "n2", "10.255.252.2", True, app="agent")),
-            ("ADDED", pod("pending", "", None, app="client"))], True)
+            ("ADDED", pod("pending", "", None, app="client")),
+            ("ADDED", pod("nowhere", "n9", "10.244.9.9", app="client"))], True)
         assert regen.calls == 0  # the first list: the endpoints' full sync follows
         assert set(engine.remote_endpoints()) == {"n/client"}
         assert {"k8s:app=client", "k8s:io.kubernetes.pod.namespace=n",
@@ -83,6 +92,7 @@ def test_remote_pods_follow_pod_and_namespace_events() -> None:
                 "k8s:io.cilium.k8s.policy.cluster=c1"} <= labels_of("10.244.1.5")
         assert engine.identity_of_ip("10.244.0.5") == ReservedIdentity.WORLD  # local: an endpoint's
         assert engine.identity_of_ip("10.255.252.2") == ReservedIdentity.WORLD
+        assert engine.identity_of_ip("10.244.9.9") == ReservedIdentity.WORLD  # no such node
         first = engine.identity_of_ip("10.244.1.5")
         # relabelled on its node -> another identity on this one
         await asyncio.to_thread(deliver_pods, [("MODIFIED", pod("client", "n2", "10.244.1.5",
@@ -107,6 +117,12 @@ def test_remote_pods_follow_pod_and_namespace_events() -> None:
                                 False)
         assert NET("10.244.1.5/32") in engine.pending_ipcache_changes().deletes
         assert engine.identity_of_ip("10.244.1.5") == ReservedIdentity.WORLD
+        assert set(engine.remote_endpoints()) == {"n/pending"}
+        # its node deleted: its pods leave the ipcache before the pod collector comes
+        await asyncio.to_thread(deliver_nodes, [("DELETED", node("n3"))], False)
+        assert engine.remote_endpoints() == {} and regen.calls == 5
+        # a node of that name again: they are back
+        await asyncio.to_thread(deliver_nodes, [("ADDED", node("n3"))], False)
         assert set(engine.remote_endpoints()) == {"n/pending"}
 
     asyncio.run(go())

@@ -152,6 +152,7 @@ class Agent:
                                           self.regenerator, self.store.lock, config.cluster_name)
             self.k8s.listen("pods", self.remote_pods.on_pods)
             self.k8s.listen("namespaces", self.remote_pods.on_namespaces)
+            self.k8s.listen("nodes", self.remote_pods.on_nodes)
             if self.crd_identities is not None:  # a lower duplicate: their pods move too
                 self.crd_identities.renumber_hooks.append(self.remote_pods.renumbered)
             self.routing = RoutingService(config.routing_mode, self.k8s.node,

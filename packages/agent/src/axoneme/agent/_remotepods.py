@@ -6,14 +6,17 @@ the address to the pod's identity (Cilium fills its ipcache from the
 CiliumEndpoints of every node, or the kvstore). Here the API's Pods are that
 source: the metadata cache of ``KubernetesSource`` holds every pod of the
 cluster, and for each pod scheduled on another node (not host-network, with
-addresses) this keeps ``PolicyEngine.upsert_remote_endpoint`` current:
+addresses) on a node the API still has, this keeps
+``PolicyEngine.upsert_remote_endpoint`` current:
 
 - its identity comes from its labels, its namespace's labels, its service
   account and the cluster name, exactly as a local endpoint's
   (``pod_identity_labels``), allocated through the agent's allocator (the
   same labels get the same number on every node: that is the allocator's
   job, and this node holds a reference while the pod exists);
-- a pod added, relabelled, moved or deleted, or its namespace relabelled,
+- a pod added, relabelled, moved or deleted, its namespace relabelled, or
+  its node deleted (its pods stay in the API until the pod garbage collector
+  comes, 40 s or more later; their addresses leave the ipcache at once),
   updates the entry; then the regenerator pushes the ipcache change (and the
   policies whose selection changed) to the datapath.
 
@@ -44,6 +47,7 @@ class PodCache(Protocol):
 
     node: str
     pods: dict[str, Any]  # "ns/name" -> _k8s.PodMeta
+    nodes: set[str]  # the Node objects' names
 
     def namespace(self, name: str) -> Namespace | None: ...
 
@@ -73,6 +77,11 @@ class RemotePods:
     # -- informer listeners (on the agent's loop, after the cache is updated) ----------------
     async def on_pods(self, events: Sequence[Event], initial: bool) -> None:
         await self._sync({obj_key(obj) for _, obj in events}, initial)
+
+    async def on_nodes(self, events: Sequence[Event], initial: bool) -> None:
+        names = {str((obj.get("metadata") or {}).get("name") or "") for _, obj in events}
+        keys = {k for k, m in self.cache.pods.items() if m.node in names}
+        await self._sync(keys, initial)
 
     async def on_namespaces(self, events: Sequence[Event], initial: bool) -> None:
         names = {str((obj.get("metadata") or {}).get("name") or "") for _, obj in events}
@@ -117,7 +126,8 @@ class RemotePods:
 
     def _entry(self, meta: Any) -> _Entry | None:
         """The entry of a pod of another node (None: not one, or no address)."""
-        if meta.host_network or not meta.node or meta.node == self.cache.node:
+        if meta.host_network or not meta.node or meta.node == self.cache.node \
+                or meta.node not in self.cache.nodes:
             return None
         ipv4 = ipv6 = None
         for text in meta.pod.ips:
