@@ -736,7 +736,7 @@ def test_other_nodes_pods_move_to_the_lower_duplicate_too():
     engine = PolicyEngine(alloc)
     pod = Pod("p", "prod", {"app": "web"}, ("10.244.1.5",))
     cache = SimpleNamespace(pods={"prod/p": PodMeta(pod, "node-2", False, "u1")}, node="node-1",
-                            namespace=lambda name: None)
+                            nodes={"node-1", "node-2"}, namespace=lambda name: None)
     web = pod_identity_labels(pod, Namespace("prod", namespace_labels("prod")), "default")
     high = api.create(identity_object(300, web.sorted_strings()))
 
@@ -753,3 +753,148 @@ def test_other_nodes_pods_move_to_the_lower_duplicate_too():
         assert alloc.references() == {256: 1}
 
     asyncio.run(run())
+
+
+def test_kubernetes_api_calls_bind_to_the_clients_methods():
+    """KubernetesIdentityAPI's calls, bound to the real CustomObjectsApi method
+    signatures (a recorder answers instead of the network)."""
+    import inspect
+
+    from axoneme.agent._identitycrd import KubernetesIdentityAPI
+    from kubernetes import client
+
+    calls: list[tuple[str, inspect.BoundArguments]] = []
+
+    class Recorder:
+        def __getattr__(self, name: str):
+            real = getattr(client.CustomObjectsApi, name)
+
+            def call(*args, **kwargs):
+                bound = inspect.signature(real).bind(None, *args, **kwargs)
+                calls.append((name, bound))
+                if name == "get_cluster_custom_object" and args[3] == "404":
+                    raise ApiError(404)
+                return {"metadata": {"name": args[3] if len(args) > 3 else "x"}}
+            return call
+
+    api = KubernetesIdentityAPI(client.ApiClient())
+    api.custom = Recorder()
+    obj = identity_object(300, labels(1).sorted_strings())
+    api.create(obj)
+    assert api.get(404) is None and api.get(300) is not None
+    api.set_mark(300, "17", "2026-12-04T19:00:00Z")
+    api.delete(300, "uid-1", "18")
+    api.lister()(watch=True, resource_version="5", _preload_content=False)
+    names = [n for n, _ in calls]
+    assert names == ["create_cluster_custom_object", "get_cluster_custom_object",
+                     "get_cluster_custom_object", "patch_cluster_custom_object",
+                     "delete_cluster_custom_object", "list_cluster_custom_object"]
+    create = calls[0][1].arguments
+    assert (create["group"], create["version"], create["plural"]) == ("cilium.io", "v2",
+                                                                      "ciliumidentities")
+    assert create["body"] is obj
+    patch = calls[3][1].arguments
+    assert patch["name"] == "300" and patch["body"] == {
+        "metadata": {"resourceVersion": "17", "annotations": {MARK: "2026-12-04T19:00:00Z"}}}
+    assert patch["_content_type"] == "application/merge-patch+json"
+    delete = calls[4][1].arguments
+    assert client.ApiClient().sanitize_for_serialization(delete["body"]) == {
+        "preconditions": {"resourceVersion": "18", "uid": "uid-1"}}
+
+
+def test_the_store_over_http_speaks_the_api_servers_wire():
+    """CRDIdentityStore + KubernetesIdentityAPI through the real `kubernetes`
+    client to a local HTTP server that answers as the API server does for
+    CiliumIdentities (201, 409 AlreadyExists with a Status, 200, 404): the
+    paths, verbs, content types and bodies on the wire, and 409 read back as
+    "another label set holds it"."""
+    import http.server
+    import json
+    import threading
+
+    from axoneme.agent._identitycrd import KubernetesIdentityAPI
+    from kubernetes import client
+
+    base = "/apis/cilium.io/v2/ciliumidentities"
+    seen: list[tuple[str, str, str, Any]] = []
+    held = {"256": identity_object(256, labels(9).sorted_strings())}
+    held["256"]["metadata"].update(resourceVersion="7", uid="u-256")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, code: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> Any:
+            n = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(n)) if n else None
+
+        def _status(self, code: int, reason: str) -> None:
+            self._answer(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": reason, "code": code})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self._body()
+            seen.append(("POST", self.path, self.headers.get("Content-Type"), body))
+            name = body["metadata"]["name"]
+            if name in held:
+                return self._status(409, "AlreadyExists")
+            held[name] = dict(body, metadata=dict(body["metadata"], resourceVersion="8",
+                                                  uid=f"u-{name}"))
+            self._answer(201, held[name])
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(("GET", self.path, None, None))
+            name = self.path.rsplit("/", 1)[-1]
+            if name not in held:
+                return self._status(404, "NotFound")
+            self._answer(200, held[name])
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            body = self._body()
+            seen.append(("PATCH", self.path, self.headers.get("Content-Type"), body))
+            self._answer(200, held[self.path.rsplit("/", 1)[-1]])
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            body = self._body()
+            seen.append(("DELETE", self.path, self.headers.get("Content-Type"), body))
+            self._status(409, "Conflict")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{server.server_address[1]}"
+        api = KubernetesIdentityAPI(client.ApiClient(cfg))
+        alloc = IdentityAllocator(CRDIdentityStore(api), preferred=collide)
+        assert alloc.allocate(labels(1)).id == 257  # 256: 409, read, other labels
+        # (the client sends creates and deletes without a Content-Type, as its Event
+        # creates: the API server reads them as JSON)
+        assert [(m, p) for m, p, _, _ in seen] == [("POST", base), ("GET", f"{base}/256"),
+                                                   ("POST", base)]
+        created = seen[2][3]
+        assert created["kind"] == "CiliumIdentity" and created["metadata"]["name"] == "257"
+        assert created["security-labels"] == {"k8s:app": "app1",
+                                              "k8s:io.kubernetes.pod.namespace": "default"}
+        api.set_mark(257, "8", None)
+        method, path, ctype, body = seen[-1]
+        assert (method, path, ctype) == ("PATCH", f"{base}/257", "application/merge-patch+json")
+        assert body == {"metadata": {"resourceVersion": "8", "annotations": {MARK: None}}}
+        with pytest.raises(client.exceptions.ApiException) as e:
+            api.delete(257, "u-257", "8")
+        assert e.value.status == 409
+        assert seen[-1][:2] == ("DELETE", f"{base}/257")
+        assert seen[-1][3]["preconditions"] == {"resourceVersion": "8", "uid": "u-257"}
+        assert api.get(999) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
