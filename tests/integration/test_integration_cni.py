@@ -13,10 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from axoneme.testing.cni import KINDS, plugin_executable
 
 pytestmark = [pytest.mark.privileged]
 
 PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")
+_in_use = [PLUGIN]
+
+
+@pytest.fixture(autouse=True, params=KINDS)
+def plugin(request: pytest.FixtureRequest) -> Any:
+    exe = plugin_executable(request.param)
+    _in_use[0] = exe
+    yield exe
+    _in_use[0] = PLUGIN
 
 
 def cni(command: str, config: dict[str, Any], container_id: str, netns: str = "",
@@ -24,7 +34,7 @@ def cni(command: str, config: dict[str, Any], container_id: str, netns: str = ""
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
            "CNI_IFNAME": ifname, "CNI_PATH": os.path.dirname(PLUGIN), "CNI_ARGS": args,
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    res = subprocess.run([PLUGIN], input=json.dumps(config), capture_output=True, text=True,
+    res = subprocess.run([_in_use[0]], input=json.dumps(config), capture_output=True, text=True,
                          env=env, timeout=120)
     return res.returncode, (json.loads(res.stdout) if res.stdout.strip() else None)
 
@@ -140,11 +150,11 @@ def test_gc_removes_only_stale_attachments_of_its_network(net: tuple[Any, dict[s
     assert code == 0
 
 
-def test_install_cni_writes_conflist_and_wrapper(tmp_path: Path) -> None:
+def test_install_cni_writes_conflist_and_wrapper(tmp_path: Path, plugin: str) -> None:
     from axoneme.agent._agent import AgentConfig
     from axoneme.agent._cniinstall import install_cni
 
-    cfg = AgentConfig(api_socket=str(tmp_path / "a.sock"), cni_bin=PLUGIN)
+    cfg = AgentConfig(api_socket=str(tmp_path / "a.sock"), cni_bin=plugin)
     install_cni(cfg, conf_dir=str(tmp_path / "net.d"), bin_dir=str(tmp_path / "bin"))
     conflist = json.loads((tmp_path / "net.d" / "05-axoneme.conflist").read_text())
     assert conflist["plugins"][0] == {"type": "axoneme-cni", "agentSocket": str(tmp_path / "a.sock")}

@@ -16,21 +16,18 @@ from typing import Any
 
 import pytest
 from axoneme.cni.plugin import CNIError, parse_cni_args
+from axoneme.testing.cni import KINDS, plugin_executable
 
 PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")
-# the Go fast path (scripts/cni-build): every test below runs against both
-NATIVE = str(Path(sys.executable).parent / "axoneme-cni-native")
 NETNS = "/proc/self/ns/net"  # exists everywhere; the fake agent never touches it
 _in_use = [PLUGIN]
 
 
-@pytest.fixture(autouse=True, params=["python", "native"])
+@pytest.fixture(autouse=True, params=KINDS)
 def plugin(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The executable run_plugin() runs: the Python plugin, or the native one
+    """Every test runs against both: the executable run_plugin() runs: the Python plugin, or the native one
     (which answers plain ADD/DEL itself and hands the rest to the Python one)."""
-    exe = PLUGIN if request.param == "python" else NATIVE
-    if not os.access(exe, os.X_OK):
-        pytest.skip(f"{exe} is not built (scripts/cni-build needs a Go toolchain)")
+    exe = plugin_executable(request.param)
     _in_use[0] = exe
     yield exe
     _in_use[0] = PLUGIN
