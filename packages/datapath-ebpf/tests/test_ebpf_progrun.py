@@ -215,3 +215,43 @@ def test_every_key_shape_decides_from_its_map(dp) -> None:  # type: ignore[no-un
     assert dp.policy_counters(A, full)[0] == 1 and dp.policy_counters(A, port_range)[0] == 1
     assert dp.policy_counters(A, l3)[0] == 1
     dp.sync(A, MapState())
+
+
+def test_program_decides_as_mapstate_lookup_on_random_states(dp) -> None:  # type: ignore[no-untyped-def]
+    """Differential: random states of every key shape (wildcard, identity and
+    address keys; L3, protocol-only, port-range and full-port; allow, deny,
+    proxy), reached by sync and by apply (so the NO_* flags and both policy
+    maps change under the packets), decide every probe as MapState.lookup."""
+    import random
+
+    from axoneme.datapath.ebpf import _packets as P
+
+    world_ip = "10.244.251.9"  # no ipcache entry: world
+    ids = {"10.244.251.2": PEER, world_ip: 2}
+    pool: list[Key] = []
+    for peer in (0, PEER, 2):
+        pool += [Key(peer, EG), Key(peer, EG, TCP), Key(peer, EG, Protocol.UDP, 80, 16),
+                 Key(peer, EG, TCP, 80, 16), Key(peer, EG, TCP, 80, 15), Key(peer, EG, TCP, 82, 16)]
+    for addr in ids:
+        pool += [Key.for_address(addr, EG), Key.for_address(addr, EG, TCP, 81, 16),
+                 Key.for_address(addr, EG, TCP, 80, 14)]
+    entries = (ALLOW, ALLOW, DENY, Entry(proxy_port=15009))
+    rng = random.Random(1701)
+    held = MapState()
+    sport = 48000
+    for rnd in range(40):
+        state = MapState({k: rng.choice(entries) for k in rng.sample(pool, rng.randrange(0, 7))})
+        if rnd % 2:
+            dp.apply(A, held.diff(state))
+        else:
+            dp.sync(A, state)
+        held = state
+        for addr, ident in ids.items():
+            for proto, pname in ((TCP, "tcp"), (Protocol.UDP, "udp")):
+                for port in (80, 81, 82, 83):
+                    sport += 1
+                    pkt = P.ipv4(A.ipv4, addr, sport=sport, dport=port, proto=6 if pname == "tcp" else 17)
+                    got = run(dp, "from_container", pkt, mark=MARK_MAGIC_PROXY_INGRESS).retval == OK
+                    want = state.lookup(ident, EG, proto, port, addr).allowed
+                    assert got == want, f"round {rnd}: {addr} {pname}/{port}: {got} != {want}\n{state}"
+    dp.sync(A, MapState())
