@@ -87,3 +87,9 @@ def test_version_flag() -> None:
     out = subprocess.run([sys.executable, "-c", "import sys\nfrom axoneme.agent.cli import main\n"
                           "sys.exit(main())", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == f"axoneme {cli.version()}\n"
+
+
+def test_a_command_without_its_subcommand_prints_the_full_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["pod"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "pod" in err and "policy" in err and "status" in err and "observe" in err

@@ -136,7 +136,8 @@ def _command_areas(argv: Sequence[str]) -> Sequence[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _ = build_parser(_command_areas(sys.argv[1:] if argv is None else argv))
+    areas = _command_areas(sys.argv[1:] if argv is None else argv)
+    parser, _ = build_parser(areas)
     from axoneme.agent.cli._completion import autocomplete
 
     autocomplete(parser)  # a shell asking for completions: answered, then exit
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
+        if areas != _AREAS:  # the help lists every command
+            parser, _ = build_parser()
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     try:
