@@ -380,6 +380,10 @@ class EbpfDatapath(Datapath):
             b[b"ax_events"].open_ring_buffer(self._on_event)
             self._refresh_node_addresses(prune=True)
             adopted = self._reattach_all()
+            # after the swap: a previous version's programs, still attached until
+            # then, look host addresses up in the trie only
+            if self._move_host_entries():
+                self._refresh_node_addresses(prune=True)  # prune the moved node entries too
             LOG.info("ebpf datapath started in %.2fs (bpffs %s, %d endpoints adopted)",
                      self._compile_seconds, self.config.bpffs_root, adopted)
 
@@ -621,8 +625,6 @@ class EbpfDatapath(Datapath):
         for _family, addr in _tc.node_addresses():
             ip = ipaddress.ip_address(addr)
             want.add(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
-        if prune:
-            self._move_host_entries()
         for net in want:
             k, cur = ipcache_key(net), L.IPCacheValue()
             if _bpf.map_lookup(fd, k, cur) and not cur.flags & L.IPCACHE_F_NODE:
@@ -642,15 +644,20 @@ class EbpfDatapath(Datapath):
         for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
             yield L.IPCacheKey.from_buffer_copy(kb), L.IPCacheValue.from_buffer_copy(vb)
 
-    def _move_host_entries(self) -> None:
+    def _move_host_entries(self) -> int:
         """Host entries in the ipcache trie (left by a version without the host
         hash) move to ``ax_ipcache_host``: written there first, then removed
-        from the trie, so a packet finds the address all along."""
+        from the trie, so a packet finds the address all along. How many moved."""
         trie, host = self._fds["ax_ipcache"], self._fds["ax_ipcache_host"]
+        moved = 0
         for k, v in list(self._ipcache_items(trie)):
             if k.prefixlen == 32 + (32 if k.family == 4 else 128):
                 _bpf.map_update(host, k, v)
                 _bpf.map_delete(trie, k)
+                moved += 1
+        if moved:
+            self._ipcache_keys = None  # counted again
+        return moved
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:
