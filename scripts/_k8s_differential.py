@@ -2,13 +2,15 @@
 
 While upstream's NetworkPolicy e2e tests run, two recorders watch the cluster:
 
-- the state: every second, `kubectl get namespaces,pods,networkpolicies -A -o json`
-  (every namespace but the system ones). Each distinct state (namespace
-  labels; pods with their labels, address and ports; NetworkPolicy specs) gets
-  a window: from the end of the first poll that showed it plus a settle time
-  (the agent's programming latency) to the start of the last poll that still
-  showed it. A connection seen outside every window (around a change) is not
-  decided: the kernel may be between two states there.
+- the state: a watch of namespaces, pods and NetworkPolicies (`kubectl get
+  KIND -A --watch --output-watch-events -o json`; the system namespaces left
+  out), sampled every 0.2 s and on every event. Each distinct state
+  (namespace labels; pods with their labels, address and ports;
+  NetworkPolicy specs) gets a window: from its first sample plus a settle
+  time (the agent's programming latency) to its last sample. A connection
+  seen outside every window (around a change) is not decided: the kernel may
+  be between two states there. While a watch is restarted (the API server
+  ends watches after 30-60 min) there is no state, and nothing is decided.
 - the kernel: every flow the agent reports, live (`axoneme observe -f -o json`
   inside the agent pod, Hubble's JSON). Each attempt a pod makes to a pod is
   an outcome: dropped by policy (a DROPPED flow with a policy drop reason, at
@@ -44,8 +46,10 @@ from axoneme.core.policy.trace import DENIED, OfflineCluster, resolve_peer, trac
 
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 PROTOCOLS = ("TCP", "UDP", "SCTP")
-SETTLE_S = 2.0
-POLL_S = 1.0
+SETTLE_S = 1.0  # the agent programs a change in ~0.3 s (tests/k8s/test_k8s_e2e_churn.py)
+SAMPLE_S = 0.2
+RESYNC_S = 3.0  # no state for this long after a watch is restarted (its list replays)
+KINDS = ("namespaces", "pods", "networkpolicies")
 
 Obj = Mapping[str, Any]
 
@@ -114,11 +118,15 @@ class Window:
         return self.first_poll_end + settle, self.last_poll_start
 
 
-def windows_of(polls: Sequence[tuple[float, float, dict[str, Any]]]) -> list[Window]:
-    """Polls (start, end, state), in time order -> one window per run of equal states."""
+def windows_of(polls: Sequence[tuple[float, float, dict[str, Any] | None]]) -> list[Window]:
+    """Samples (start, end, state), in time order -> one window per run of equal states;
+    a sample without a state (None: the watch resyncing) ends a run."""
     out: list[Window] = []
     last = None
     for start, end, state in polls:
+        if state is None:
+            last = None
+            continue
         d = digest(state)
         if out and d == last:
             out[-1].last_poll_start = start
@@ -208,11 +216,15 @@ class Recorder:
 
     kubectl: list[str]  # kubectl and its --kubeconfig
     work: Path
-    polls: list[tuple[float, float, dict[str, Any]]] = field(default_factory=list)
+    polls: list[tuple[float, float, dict[str, Any] | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
-    _observer: subprocess.Popen[str] | None = None
+    _procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = field(default_factory=dict)
+    _resync_until: float = 0.0
+    _state: dict[str, Any] | None = None
 
     @property
     def flows_file(self) -> Path:
@@ -221,40 +233,95 @@ class Recorder:
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.flows_file.write_text("")
-        for target in (self._poll, self._observe):
+        self._resync_until = time.time() + RESYNC_S
+        targets = [self._observe, self._sample] + [
+            (lambda kind=kind: self._watch(kind)) for kind in KINDS]
+        for target in targets:
             t = threading.Thread(target=target, daemon=True)
             t.start()
             self._threads.append(t)
+        self._stop.wait(RESYNC_S)  # the watches' lists are in before the tests start
 
     def stop(self) -> None:
         self._stop.set()
-        if self._observer is not None and self._observer.poll() is None:
-            self._observer.terminate()
+        for proc in list(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
         for t in self._threads:
             t.join(timeout=30)
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            start = time.time()
-            res = subprocess.run([*self.kubectl, "get", "namespaces,pods,networkpolicies", "-A",
-                                  "-o", "json"], capture_output=True, text=True, timeout=60)
-            end = time.time()
-            if res.returncode == 0:
-                self.polls.append((start, end, state_of(json.loads(res.stdout)["items"])))
+    def _record(self, now: float) -> None:
+        """One sample (under the lock)."""
+        self.polls.append((now, now, None if now < self._resync_until else self._state))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            with self._lock:
+                self._record(time.time())
+
+    def _event(self, kind: str, event: Mapping[str, Any]) -> None:
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        with self._lock:
+            objs = self._objects.setdefault(kind, {})
+            if event.get("type") == "DELETED":
+                objs.pop(key, None)
+            elif event.get("type") in ("ADDED", "MODIFIED"):
+                objs[key] = obj
             else:
-                self.errors.append(f"kubectl get: {res.stderr.strip()[:200]}")
-            self._stop.wait(max(0.0, POLL_S - (end - start)))
+                return
+            self._state = state_of([o for per in self._objects.values() for o in per.values()])
+            self._record(time.time())
+
+    def _spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(argv, text=True, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def _watch(self, kind: str) -> None:
+        decoder = json.JSONDecoder()
+        while not self._stop.is_set():
+            proc = self._spawn([*self.kubectl, "get", kind, "-A", "--watch",
+                                "--output-watch-events", "-o", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None
+            buf = ""
+            while True:
+                chunk = proc.stdout.readline()  # kubectl writes each event indented, line by line
+                if not chunk:
+                    break
+                buf += chunk
+                while True:
+                    buf = buf.lstrip()
+                    try:
+                        event, end = decoder.raw_decode(buf)
+                    except json.JSONDecodeError:
+                        break  # an incomplete object: read more
+                    buf = buf[end:]
+                    if isinstance(event, dict):
+                        self._event(kind, event)
+            proc.wait()
+            if self._stop.is_set():
+                return
+            err = proc.stderr.read() if proc.stderr else ""
+            self.errors.append(f"watch {kind} ended ({proc.returncode}): {err.strip()[:200]}; "
+                               f"restarted")
+            with self._lock:  # its list replays: no state until it is in again
+                self._objects.pop(kind, None)
+                self._resync_until = time.time() + RESYNC_S
+                self._record(time.time())
 
     def _observe(self) -> None:
         # the stream ends if the exec is cut: start it again (a gap shows as fewer attempts)
         with open(self.flows_file, "a") as out:
             while not self._stop.is_set():
-                self._observer = subprocess.Popen(
-                    [*self.kubectl, "-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme",
-                     "observe", "-f", "-o", "json"], stdout=out, stderr=subprocess.PIPE, text=True)
-                _, err = self._observer.communicate()
+                proc = self._spawn([*self.kubectl, "-n", "kube-system", "exec", "ds/axoneme", "--",
+                                    "axoneme", "observe", "-f", "-o", "json"],
+                                   stdout=out, stderr=subprocess.PIPE)
+                _, err = proc.communicate()
                 if not self._stop.is_set():
-                    self.errors.append(f"observe ended ({self._observer.returncode}): "
+                    self.errors.append(f"observe ended ({proc.returncode}): "
                                        f"{err.strip()[:200]}; restarted")
                     self._stop.wait(1.0)
 
@@ -302,31 +369,73 @@ class Result:
                 f"{len(self.disagreements)} disagreements with the kernel")
 
 
-def decide(windows: Sequence[Window], flows: Iterable[Obj], work: Path,
-           settle: float = SETTLE_S) -> Result:
-    """Every attempt in a window, decided by the offline engine of that window's state."""
-    result = Result(windows=len(windows))
-    bounds = [w.bounds(settle) for w in windows]
-    by_window: dict[int, list[Attempt]] = {}
+class _Index:
+    """One state's objects by key, for the part of it an attempt depends on."""
+
+    def __init__(self, state: Mapping[str, list[dict[str, Any]]]) -> None:
+        self.state = state
+        self.digest = digest(state)
+        self.namespaces = {n["metadata"]["name"]: n for n in state["namespaces"]}
+        self.pods = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
+                     for p in state["pods"]}
+        self.policies: dict[str, list[dict[str, Any]]] = {}
+        for pol in state["policies"]:
+            self.policies.setdefault(pol["metadata"]["namespace"], []).append(pol)
+
+    def relevant(self, src: str, dst: str) -> str:
+        """What decides src -> dst under NetworkPolicy: both pods (labels, address,
+        ports), their namespaces' labels, and the policies of those namespaces (a
+        NetworkPolicy selects pods of its own namespace only)."""
+        nss = sorted({src.split("/")[0], dst.split("/")[0]})
+        return json.dumps([self.pods.get(src), self.pods.get(dst),
+                           [self.namespaces.get(n) for n in nss],
+                           [self.policies.get(n) for n in nss]], sort_keys=True)
+
+
+def decide(polls: Sequence[tuple[float, float, dict[str, Any] | None]], flows: Iterable[Obj],
+           work: Path, settle: float = SETTLE_S) -> Result:
+    """Every attempt whose part of the state (_Index.relevant) held from ``settle``
+    seconds before it until it, decided by the offline engine of the state then.
+
+    The samples are the recorder's (time, time, state); changes elsewhere in the
+    cluster (another test's namespace going away) leave an attempt decidable."""
+    import bisect
+
+    times = [end for _, end, _ in polls]
+    indexes: dict[int, _Index] = {}
+
+    def index(state: dict[str, Any]) -> _Index:
+        if id(state) not in indexes:
+            indexes[id(state)] = _Index(state)
+        return indexes[id(state)]
+
+    result = Result(windows=len(windows_of(polls)))
+    by_state: dict[str, tuple[_Index, list[Attempt]]] = {}
     for flow in flows:
         attempt, why = attempt_of(flow)
         if attempt is None:
             result.skip(why)
             continue
-        hit = next((i for i, (lo, hi) in enumerate(bounds) if lo <= attempt.time <= hi), None)
-        if hit is None:
+        last = bisect.bisect_right(times, attempt.time) - 1
+        first = bisect.bisect_right(times, attempt.time - settle) - 1
+        span = [polls[i][2] for i in range(max(first, 0), last + 1)]
+        if first < 0 or any(st is None for st in span):
             result.skip("around a change of the cluster's state (no settled state)")
             continue
-        by_window.setdefault(hit, []).append(attempt)
-    for i, attempts in sorted(by_window.items()):
-        state = windows[i].state
-        pods = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["status"]["podIP"]
-                for p in state["pods"]}
-        known = [a for a in attempts if pods.get(a.source) == a.source_ip
-                 and pods.get(a.destination) == a.destination_ip]
-        result.skip("a pod (or its address) not in the recorded state", len(attempts) - len(known))
-        if not known:
+        seen = {index(st).relevant(attempt.source, attempt.destination)  # type: ignore[arg-type]
+                for st in span}
+        if len(seen) != 1:
+            result.skip("around a change of the cluster's state (no settled state)")
             continue
+        ix = index(span[-1])  # type: ignore[arg-type]
+        src, dst = ix.pods.get(attempt.source), ix.pods.get(attempt.destination)
+        if src is None or dst is None or src["status"]["podIP"] != attempt.source_ip \
+                or dst["status"]["podIP"] != attempt.destination_ip:
+            result.skip("a pod (or its address) not in the recorded state")
+            continue
+        by_state.setdefault(ix.digest, (ix, []))[1].append(attempt)
+    for i, (ix, attempts) in enumerate(by_state.values()):
+        state = ix.state
         d = work / f"state-{i}"
         d.mkdir(parents=True, exist_ok=True)
         cluster_file, policy_file = d / "cluster.json", d / "policies.json"
@@ -339,7 +448,7 @@ def decide(windows: Sequence[Window], flows: Iterable[Obj], work: Path,
                                    EngineOptions())
         result.states += 1
         verdicts: dict[tuple[str, str, str, int], str] = {}
-        for a in known:
+        for a in attempts:
             key = (a.source, a.destination, a.protocol, a.port)
             if key not in verdicts:
                 r = trace(env, resolve_peer(env, a.source, "from"),

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     diff_result = None
     if recorder is not None:
         recorder.stop()
-        diff_result = differential.decide(differential.windows_of(recorder.polls),
+        diff_result = differential.decide(recorder.polls,
                                           differential.load_flows(recorder.flows_file),
                                           recorder.work)
         for err in recorder.errors[:10]:

@@ -79,7 +79,7 @@ def test_windows_and_decisions(tmp_path: Path) -> None:
         _flow(117.0, "x/a", "y/b", "FORWARDED"),  # y is open: agreed
         _flow(118.0, "x/a", "y/b", "DROPPED", drop_reason_desc="CT_MAP_INSERTION_FAILED"),
     ]
-    result = d.decide(windows, flows, tmp_path)
+    result = d.decide(polls, flows, tmp_path)
     assert (result.states, result.attempts, result.connections) == (2, 4, 3)
     assert [(x.window, x.attempt.source, x.attempt.admitted, x.engine)
             for x in result.disagreements] == [(1, "y/b", True, "DENIED")]
@@ -99,9 +99,25 @@ def test_windows_and_decisions(tmp_path: Path) -> None:
 
 def test_attempt_outside_the_recorded_pods_is_counted_not_decided(tmp_path: Path) -> None:
     state = d.state_of(_items([]))
-    windows = d.windows_of([(0.0, 0.1, state), (50.0, 50.1, state)])
+    polls = [(0.0, 0.1, state), (50.0, 50.1, state)]
     moved = _flow(10.0, "y/b", "x/a", "FORWARDED")
     moved["IP"]["destination"] = "10.244.0.99"  # x/a's address is not this one any more
-    result = d.decide(windows, [moved], tmp_path)
+    result = d.decide(polls, [moved], tmp_path)
     assert result.attempts == 0
     assert result.skipped == {"a pod (or its address) not in the recorded state": 1}
+
+
+def test_a_change_elsewhere_leaves_an_attempt_decidable(tmp_path: Path) -> None:
+    """Another test's namespace going away (its pods deleted one by one) changes
+    nothing y/b -> x/a depends on: the attempt is decided."""
+    other = {"kind": "Pod", "metadata": {"name": "c", "namespace": "z", "labels": {"pod": "c"}},
+             "spec": {}, "status": {"phase": "Running", "podIP": "10.244.0.12"}}
+    with_z, without_z = d.state_of(_items([DENY_X]) + [other]), d.state_of(_items([DENY_X]))
+    polls = [(100.0, 100.0, with_z), (104.8, 104.8, without_z), (106.0, 106.0, without_z)]
+    result = d.decide(polls, [_flow(105.0, "y/b", "x/a", "FORWARDED")], tmp_path, settle=1.0)
+    assert result.attempts == 1 and len(result.disagreements) == 1  # decided (denied): counted
+    # a change of what it depends on (x's policies) within the settle time: not decided
+    polls = [(100.0, 100.0, d.state_of(_items([]))), (104.8, 104.8, without_z)]
+    result = d.decide(polls, [_flow(105.0, "y/b", "x/a", "DROPPED",
+                                    drop_reason_desc="POLICY_DENIED")], tmp_path, settle=1.0)
+    assert result.attempts == 0
