@@ -42,5 +42,5 @@ def test_upstream_netpol_subset(cluster_session, datapath: str, tmp_path: Path) 
     # the differential: the offline engine decided every pod-to-pod attempt the tests made, in
     # the cluster state it was made in, as the kernel did
     diff = results["differential"]
-    assert diff["attempts"] >= 100, diff
+    assert diff["attempts"] >= 50, diff  # ~125 on either datapath here
     assert not diff["disagreements"], json.dumps(diff["disagreements"][:10], indent=1)

@@ -178,7 +178,7 @@ def test_endpoint_list_formats_and_selector(fake_agent: None, capsys: pytest.Cap
 def test_identity_policy_namespace_pod_lists(fake_agent: None, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "identity", "list", "-l", "!reserved:host", "-o", "json")
     assert [i["id"] for i in json.loads(out)] == [300]
-    assert set(json.loads(out)[0]) == {"id", "labels", "reserved"}
+    assert set(json.loads(out)[0]) == {"id", "labels", "reserved", "endpoints"}
     code, out, _ = run(capsys, "identity", "list", "-o", "wide")
     assert "RESERVED" in out.splitlines()[0] and "ENDPOINTS" in out.splitlines()[0]
     code, out, _ = run(capsys, "policy", "list", "-l", "team", "-o", "yaml")

@@ -413,5 +413,5 @@ def cmd_id_list(args: argparse.Namespace) -> int:
                 rows.append(["", extra, *[""] * len(more)])
         table(["ID", "LABELS", *(["RESERVED", "ENDPOINTS"] if wide else [])], rows)
 
-    return emit(args, [{"id": i["id"], "labels": i["labels"], "reserved": i["reserved"]} for i in res],
-                render)
+    return emit(args, [{"id": i["id"], "labels": i["labels"], "reserved": i["reserved"],
+                        "endpoints": i.get("endpoints", 0)} for i in res], render)
