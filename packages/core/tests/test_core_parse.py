@@ -126,12 +126,13 @@ def test_ccnp_has_no_namespace_but_empty_peer_selects_pods_only() -> None:
     )
 
 
-def test_ccnp_node_selector_is_host_policy() -> None:
+def test_ccnp_node_selector_is_refused_until_the_host_firewall_exists() -> None:
+    """Parsed and not enforced is refused: a host policy names spec.nodeSelector."""
     spec = {"nodeSelector": {"matchLabels": {"node-role": "worker"}}, "ingress": [{"fromEntities": ["cluster"]}]}
-    rule = parse_policy_obj(cnp(spec, kind="CiliumClusterwideNetworkPolicy", namespace=None)).rules[0]
-    assert rule.node_selector
-    assert rule.subject == LabelSelector.build({"node-role": "worker"})
-    assert rule.enforce_ingress and not rule.enforce_egress
+    with pytest.raises(InvalidRule) as e:
+        parse_policy_obj(cnp(spec, kind="CiliumClusterwideNetworkPolicy", namespace=None))
+    [p] = e.value.problems
+    assert p.field == "spec.nodeSelector" and "host firewall is not implemented" in p.message
 
 
 def test_selector_key_sources_are_kept() -> None:

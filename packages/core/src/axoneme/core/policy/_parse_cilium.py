@@ -116,6 +116,11 @@ class _CiliumParser(_ParserBase):
                     Requirement(f"k8s:{POD_NAMESPACE_LABEL}", Operator.IN, frozenset({self.namespace})))
         else:
             subject = self.selector(m["nodeSelector"], join(path, "nodeSelector"))
+            # A field that is parsed is enforced or refused: a host policy needs the
+            # host firewall (the node's own endpoint in each datapath), not built yet.
+            w.problem(join(path, "nodeSelector"),
+                      "host policies (nodeSelector) are not supported: the host firewall is "
+                      "not implemented (select pods with endpointSelector)")
         host = has_ns and not has_es
         description = ""
         if m.get("description") is not None:
