@@ -26,6 +26,7 @@ command that reproduces the engine's side from those files.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import json
@@ -399,8 +400,6 @@ def decide(polls: Sequence[tuple[float, float, dict[str, Any] | None]], flows: I
 
     The samples are the recorder's (time, time, state); changes elsewhere in the
     cluster (another test's namespace going away) leave an attempt decidable."""
-    import bisect
-
     times = [end for _, end, _ in polls]
     indexes: dict[int, _Index] = {}
 
