@@ -177,7 +177,7 @@ def test_configmap_config_is_a_valid_agent_config(tmp_path):
     path.write_text(cm["data"]["config.yaml"])
     conf = load_config(str(path))  # refuses an unknown key or a mistyped value
     assert conf["datapath"] == "ebpf"
-    assert conf["pod_cidr"] == "10.244.0.0/24"
+    assert conf["pod_cidr"] == "10.244.0.0/16"  # the cluster's: IPs from the Node's podCIDR
     assert (cm["data"]["k8sServiceHost"], cm["data"]["k8sServicePort"]) == ("10.255.254.1", "6443")
 
 

@@ -52,6 +52,7 @@ from axoneme.agent._policydir import PolicyDirWatcher
 from axoneme.agent._prometheus import AgentStateCollector, MetricsServer
 from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._remotepods import RemotePods
+from axoneme.agent._routing import node_pod_cidr
 from axoneme.agent._runtime import PodRuntime
 from axoneme.agent._state import StateStore
 from axoneme.agent._views import FlowEnricher, Views
@@ -252,6 +253,7 @@ class Agent:
             # every resource listed before endpoints are adopted or served: an
             # empty cache would give them wrong identities and no policy
             await self.k8s.start()
+            self._use_node_pod_cidr()
             self._tasks.append(asyncio.create_task(self.k8s.run()))
             if self.crd_identities is not None and self.crd_identities.gc is not None:
                 self._tasks.append(asyncio.create_task(self.crd_identities.gc.run()))
@@ -274,6 +276,20 @@ class Agent:
             self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
+
+    def _use_node_pod_cidr(self) -> None:
+        """Kubernetes mode: pod IPs come from this Node's spec.podCIDR (Cilium's
+        Kubernetes IPAM), so the nodes of one cluster never share an address
+        and the other nodes' routes (``_routing``) point at the right node."""
+        assert self.k8s is not None
+        nodes = self.k8s.informers["nodes"].cache.values()
+        cidr, why = node_pod_cidr(nodes, self.k8s.node, self.config.pod_cidr)
+        if cidr is None:
+            LOG.warning("pod IPs from pod_cidr %s, not this node's: %s", self.config.pod_cidr, why)
+            self.endpoints.use_pod_cidr(self.config.pod_cidr, "config", why)
+            return
+        LOG.warning("pod IPs from node %s's pod CIDR %s", self.k8s.node, cidr)
+        self.endpoints.use_pod_cidr(cidr, "node")
 
     def _start_observability(self) -> None:
         """--prometheus-serve-addr and --otlp-endpoint (ConfigError: exit 2)."""

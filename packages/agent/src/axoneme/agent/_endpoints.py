@@ -75,6 +75,10 @@ class EndpointService:
         self.hooks = hooks  # pluggy hook relay: axoneme_endpoint_added/removed
         self.on_change = on_change  # gauges
         self.ipam = IPAM(config.pod_cidr)
+        # where the IPAM range comes from: "config" (pod_cidr) or, in Kubernetes
+        # mode, "node" (this Node's spec.podCIDR, ``use_pod_cidr``)
+        self.ipam_source = "config"
+        self.ipam_note = ""
         self.metadata: PodMetadata | None = None
 
     # -- identities ------------------------------------------------------------------
@@ -119,6 +123,18 @@ class EndpointService:
         """IPAM from the loaded records (their IPs stay theirs)."""
         self.ipam = IPAM(self.config.pod_cidr, {e.ipv4: e.container_id
                                                 for e in self.store.endpoints.values() if e.ipv4})
+
+    def use_pod_cidr(self, cidr: str, source: str, note: str = "") -> None:
+        """Allocate from ``cidr`` from now on (Kubernetes mode: this node's
+        Node.spec.podCIDR, so two nodes never hand out one address); the
+        addresses already handed out stay reserved to their owners."""
+        self.ipam = IPAM(cidr, self.ipam.allocated())
+        self.ipam_source = source
+        self.ipam_note = note
+
+    def ipam_view(self) -> dict[str, Any]:
+        return {"pod_cidr": str(self.ipam.network), "source": self.ipam_source,
+                "allocated": len(self.ipam.allocated()), "note": self.ipam_note}
 
     async def reconcile_interrupted(self) -> None:
         """An endpoint still ``creating`` when the agent stopped: its veth (by

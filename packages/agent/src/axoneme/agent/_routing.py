@@ -126,6 +126,35 @@ def node_info(obj: Mapping[str, Any]) -> NodeInfo:
     return NodeInfo(str(meta.get("name") or ""), ip, pod_cidr)
 
 
+def node_pod_cidr(nodes: Iterable[Mapping[str, Any]], name: str,
+                  cluster_cidrs: str) -> tuple[str | None, str]:
+    """This node's IPAM range in Kubernetes mode (Cilium's ``ipam: kubernetes``):
+    the IPv4 pod CIDR of the Node called ``name`` among ``nodes`` (API objects).
+
+    Returns (CIDR, "") when it has one inside ``cluster_cidrs`` (the agent's
+    ``pod_cidr``: one CIDR or several, comma-separated), else (None, why): the
+    agent then allocates from ``pod_cidr`` itself (a Node without a pod CIDR:
+    a controller-manager without ``--allocate-node-cidrs``). A pod CIDR outside
+    ``pod_cidr`` is refused (None, why): the guard and the datapath's pod
+    scope cover ``pod_cidr`` only, so such pods would not be guarded."""
+    obj = next((o for o in nodes if (o.get("metadata") or {}).get("name") == name), None)
+    if obj is None:
+        return None, f"no Node {name!r} in the API"
+    info = node_info(obj)
+    if info.pod_cidr is None:
+        return None, f"Node {name!r} has no IPv4 spec.podCIDR"
+    outer = []
+    for text in cluster_cidrs.split(","):
+        try:
+            outer.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            continue
+    if not any(isinstance(o, ipaddress.IPv4Network) and info.pod_cidr.subnet_of(o) for o in outer):
+        return None, (f"Node {name!r} spec.podCIDR {info.pod_cidr} is outside pod_cidr "
+                      f"{cluster_cidrs} (set pod_cidr to the cluster's CIDR)")
+    return str(info.pod_cidr), ""
+
+
 def vtep_mac(ip: ipaddress.IPv4Address) -> str:
     """The VXLAN device MAC of the node with address ``ip`` (locally administered
     unicast ``0e:ae`` + the address), known to every node without asking."""

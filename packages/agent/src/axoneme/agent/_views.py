@@ -195,6 +195,7 @@ class Views:
                           "last_error": store.error},
                 "l7_proxy": proxy,
                 "guard": {"installed": self.guard_installed, "pod_cidr": self.config.pod_cidr},
+                "ipam": self.endpoints.ipam_view(),
                 "flows": {"stored": len(self.flows), "capacity": self.flows.capacity,
                           "seen": self.flows.seen},
                 "policies": self.policies.view(),
