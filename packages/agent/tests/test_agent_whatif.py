@@ -236,6 +236,39 @@ spec:
         ("shop/client", "shop/web-1", 80, "allowed")}
 
 
+def test_diff_cluster_dump_policies_are_in_force(capsys: pytest.CaptureFixture[str],
+                                                 files: dict[str, str], tmp_path: Path) -> None:
+    """A Kubernetes dump (`kubectl get ns,pods,netpol,cnp -A -o yaml`: one List) holds
+    the policies in force with the pods: they are in force (and --old adds or replaces),
+    never silently skipped (the candidate would look like it adds what is there)."""
+    dump = {"apiVersion": "v1", "kind": "List", "items": [
+        *yaml.safe_load_all(CLUSTER), {**yaml.safe_load(DENY), "status": {}}]}
+    dump["items"][-1]["metadata"].update(uid="0b0b", resourceVersion="7", managedFields=[
+        {"manager": "kubectl", "operation": "Update"}])
+    path = tmp_path / "dump.yaml"
+    path.write_text(yaml.safe_dump(dump))
+    base = ("policy", "diff", "--cluster", str(path))
+    code, out, _ = run(capsys, *base, "-f", files["deny"])
+    assert code == 0 and "Candidate: 0 added, 1 replaced, 0 removed (1 policies)" in out, out
+    code, out, _ = run(capsys, *base, "--remove", "netpol/shop/deny", "-o", "json")
+    assert code == 1 and {f["after"] for f in json.loads(out)["flips"]} == {"allowed"}
+    # --old is in force too, and replaces the dump's policy of the same kind/ns/name
+    code, out, _ = run(capsys, *base, "--old", files["allow"], "-f", files["deny"], "-o", "json")
+    assert code == 0 and json.loads(out)["candidate"]["replaced"] == [
+        {"kind": "NetworkPolicy", "namespace": "shop", "name": "deny"}]
+    staged = DENY.replace("namespace: shop}", "namespace: shop, annotations: "
+                          "{policy.axoneme.io/mode: audit}}")
+    (tmp_path / "staged.yaml").write_text(staged)
+    code, out, _ = run(capsys, *base, "--old", str(tmp_path / "staged.yaml"), "--promote",
+                       "netpol/shop/deny")
+    assert code == 1 and "1 promoted" in out, out
+    # a bad policy in the dump: exit 2 naming the file and field
+    dump["items"][-1]["spec"]["policyTypes"] = ["Sideways"]
+    path.write_text(yaml.safe_dump(dump))
+    code, _, err = run(capsys, *base, "-f", files["deny"])
+    assert code == 2 and str(path) in err and "spec.policyTypes[0]" in err, err
+
+
 class _FakeAgent:
     """The agent API answers `policy diff`/`recommend` read (a unit-test fake; the e2e
     tests run the real agent)."""

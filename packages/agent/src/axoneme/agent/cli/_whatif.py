@@ -21,7 +21,7 @@ from axoneme.agent.cli import EXIT_OK, UsageError, add_output_flag
 from axoneme.agent.cli._agentcmds import _KINDS, add_socket_flag, client
 from axoneme.agent.cli._observe import parse_time
 from axoneme.core.cluster import Cluster
-from axoneme.core.errors import AxonemeError, PolicyError
+from axoneme.core.errors import AxonemeError, InvalidRule, PolicyError
 from axoneme.core.labels import (
     CLUSTER_LABEL,
     NAMESPACE_LABELS_PREFIX,
@@ -33,7 +33,7 @@ from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.diff import DiffResult, FlowFlip, ProbeFlip, compose, diff
 from axoneme.core.policy.engine import EngineOptions
 from axoneme.core.policy.observed import Observed, load_flow_lines, observe
-from axoneme.core.policy.parse import parse_policies, parse_policy_obj
+from axoneme.core.policy.parse import load_documents, parse_policies, parse_policy, parse_policy_obj
 from axoneme.core.policy.recommend import CNP, NP, recommend
 from axoneme.core.policy.trace import SideResult, TraceInputError, TraceResult, parse_port
 
@@ -56,9 +56,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
                    help="compare with the live agent's policies, pods and flows (the default "
                         "without --cluster)")
     d.add_argument("--cluster", dest="cluster", action="append", default=None, metavar="PATH",
-                   help="offline: cluster description (v1 Namespace and v1 Pod objects)")
+                   help="offline: cluster description (v1 Namespace and v1 Pod objects; the "
+                        "policies it holds, e.g. a kubectl dump's, are in force)")
     d.add_argument("--old", dest="old", action="extend", nargs="+", default=[], metavar="PATH",
-                   help="with --cluster: the policies in force (repeatable)")
+                   help="with --cluster: policies in force too (repeatable; one of the same "
+                        "kind, namespace and name replaces the cluster file's)")
     d.add_argument("--replace", action="store_true",
                    help="the candidate is the -f policies alone (everything in force is replaced)")
     d.add_argument("--remove", action="append", default=[], metavar="KIND/[NS/]NAME",
@@ -181,6 +183,24 @@ def live_policies(args: argparse.Namespace) -> list[Policy]:
     return out
 
 
+def cluster_policies(paths: Sequence[str]) -> list[Policy]:
+    """The policies a cluster description holds: a Kubernetes dump (`kubectl get
+    ns,pods,netpol,cnp,ccnp -A -o yaml`) lists them with the pods, and they are what is
+    in force (Cluster.load skips them). InvalidRule naming file and field for a bad one."""
+    kinds = {k.value for k in PolicyKind}
+    out: list[Policy] = []
+    problems = []
+    for doc in load_documents(paths):
+        if isinstance(doc.obj, dict) and doc.obj.get("kind") in kinds:
+            try:
+                out.append(parse_policy(doc))
+            except InvalidRule as e:
+                problems.extend(e.problems)
+    if problems:
+        raise InvalidRule(problems)
+    return out
+
+
 def _ref(text: str, flag: str) -> PolicyRef:
     kind_s, sep, rest = text.partition("/")
     kind = _KINDS.get(kind_s.lower().split(".")[0])
@@ -219,7 +239,8 @@ def run_diff(args: argparse.Namespace) -> int:
     cluster_name = ""
     if args.cluster:
         cluster = Cluster.load(args.cluster)
-        in_force = parse_policies(args.old) if args.old else []
+        in_force = compose(cluster_policies(args.cluster),
+                           parse_policies(args.old) if args.old else []).policies
     else:
         cluster, cluster_name = live_cluster(args)
         in_force = live_policies(args)
@@ -346,4 +367,4 @@ def run_recommend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["live_cluster", "live_policies", "register", "render_diff", "run_diff", "run_recommend"]
+__all__ = ["cluster_policies", "live_cluster", "live_policies", "register", "render_diff", "run_diff", "run_recommend"]
