@@ -126,13 +126,13 @@ def test_ccnp_has_no_namespace_but_empty_peer_selects_pods_only() -> None:
     )
 
 
-def test_ccnp_node_selector_is_refused_until_the_host_firewall_exists() -> None:
-    """Parsed and not enforced is refused: a host policy names spec.nodeSelector."""
+def test_ccnp_node_selector_is_a_host_policy() -> None:
+    """A CCNP nodeSelector parses as a host policy rule (the host firewall enforces it)."""
     spec = {"nodeSelector": {"matchLabels": {"node-role": "worker"}}, "ingress": [{"fromEntities": ["cluster"]}]}
-    with pytest.raises(InvalidRule) as e:
-        parse_policy_obj(cnp(spec, kind="CiliumClusterwideNetworkPolicy", namespace=None))
-    [p] = e.value.problems
-    assert p.field == "spec.nodeSelector" and "host firewall is not implemented" in p.message
+    pol = parse_policy_obj(cnp(spec, kind="CiliumClusterwideNetworkPolicy", namespace=None))
+    [rule] = pol.rules
+    assert rule.node_selector and rule.enforce_ingress and not rule.enforce_egress
+    assert rule.subject == LabelSelector.build({"node-role": "worker"})
 
 
 def test_selector_key_sources_are_kept() -> None:

@@ -390,8 +390,8 @@ def test_l7_in_deny_rule() -> None:
 def test_l7_in_host_policy() -> None:
     probs = problems(cnp({"nodeSelector": {}, "ingress": [{"toPorts": [tcp(rules={"http": [{}]})]}]},
                          kind="CiliumClusterwideNetworkPolicy"))
-    # host policies are refused as such (no host firewall yet), and L7 in one named too
-    assert [p.field for p in probs] == ["spec.nodeSelector", "spec.ingress[0].toPorts[0].rules.http"]
+    # L7 in a host policy is refused (as Cilium, which allows only DNS there)
+    assert [p.field for p in probs] == ["spec.ingress[0].toPorts[0].rules.http"]
 
 
 @pytest.mark.parametrize(("kafka", "field", "text"), [

@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from axoneme.core.labels import Labels
 
+#: The node's own endpoint (the host firewall, Cilium's host endpoint): the
+#: node's network namespace, identity 1 (reserved:host), selected by the
+#: nodeSelector of CiliumClusterwideNetworkPolicies. Pod endpoint ids count up
+#: from 1 and never reach it.
+HOST_ENDPOINT_ID = 1 << 30
+
 
 @dataclass(frozen=True, slots=True)
 class NamedPort:
@@ -20,6 +26,8 @@ class Endpoint:
 
     ``host_ifname``/``host_ifindex`` name the host side of the pod's veth,
     where datapaths enforce. ``identity`` is the numeric security identity.
+    The host endpoint (``HOST_ENDPOINT_ID``) has no veth: ``devices`` names the
+    node's external interfaces its programs attach to (eBPF).
     """
 
     id: int
@@ -36,6 +44,11 @@ class Endpoint:
     pod_name: str = ""
     named_ports: tuple[NamedPort, ...] = ()
     container_id: str = field(default="", compare=False)
+    devices: tuple[str, ...] = ()
+
+    @property
+    def is_host(self) -> bool:
+        return self.id == HOST_ENDPOINT_ID
 
     @property
     def pod(self) -> str:

@@ -115,12 +115,9 @@ class _CiliumParser(_ParserBase):
                 subject = subject.with_requirement(
                     Requirement(f"k8s:{POD_NAMESPACE_LABEL}", Operator.IN, frozenset({self.namespace})))
         else:
+            # a host policy: selects nodes by their labels (the host firewall
+            # enforces it on the host endpoint of each selected node)
             subject = self.selector(m["nodeSelector"], join(path, "nodeSelector"))
-            # A field that is parsed is enforced or refused: a host policy needs the
-            # host firewall (the node's own endpoint in each datapath), not built yet.
-            w.problem(join(path, "nodeSelector"),
-                      "host policies (nodeSelector) are not supported: the host firewall is "
-                      "not implemented (select pods with endpointSelector)")
         host = has_ns and not has_es
         description = ""
         if m.get("description") is not None:

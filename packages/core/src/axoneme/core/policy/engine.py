@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from axoneme.core.datapath import IPCacheChanges
-from axoneme.core.endpoint import Endpoint, NamedPort
+from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint, NamedPort
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import (
     RESERVED_IDENTITIES,
@@ -280,8 +280,11 @@ class PolicyEngine:
 
     def _endpoints_selected(self, policy: Policy) -> set[int]:
         out: set[int] = set()
+        host = self._endpoints.get(HOST_ENDPOINT_ID)
         for rule in policy.rules:
             if rule.node_selector:
+                if host is not None and rule.subject.matches(host.labels):
+                    out.add(HOST_ENDPOINT_ID)
                 continue
             for ident in self._cache.selected(rule.subject):
                 out |= self._by_identity.get(ident, set())
@@ -291,11 +294,9 @@ class PolicyEngine:
     def fqdn_selectors(self) -> list[FQDNPeer]:
         """toFQDNs selectors used by the applied policies (what to ask the DNS cache about)."""
         with self._lock:
-            out: set[FQDNPeer] = set()
-            for policy in self._repo:
-                for sel in policy_selectors(policy):
-                    if isinstance(sel, FQDNPeer):
-                        out.add(sel)
+            # the selector cache counts references: O(toFQDNs selectors), not
+            # O(policy size) (called after every policy change)
+            out = self._cache.fqdn_selectors()
             return sorted(out, key=lambda p: (p.match_name or "", p.match_pattern or ""))
 
     def update_fqdn(self, peer: FQDNPeer, ips: Iterable[str]) -> None:
@@ -481,8 +482,41 @@ class PolicyEngine:
             return dict(self._remote)
 
     def endpoints(self) -> list[Endpoint]:
+        """This node's pod endpoints (not the host endpoint)."""
         with self._lock:
-            return [self._endpoints[i] for i in sorted(self._endpoints)]
+            return [self._endpoints[i] for i in sorted(self._endpoints) if i != HOST_ENDPOINT_ID]
+
+    # -- the host endpoint (host firewall) ---------------------------------------------
+    def set_host_endpoint(self, endpoint: Endpoint | None) -> None:
+        """The node's own endpoint (``HOST_ENDPOINT_ID``, identity host), or None
+        (the host firewall is off). Its ``labels`` are the node's (plus
+        ``reserved:host``): host policies (CCNP ``nodeSelector``) whose selector
+        matches them select it, with the same per-direction default deny as a
+        pod. Its identity is the reserved host identity, already known to the
+        selector cache; it has no address of its own in the ipcache (the node's
+        addresses are ``set_host_addresses``)."""
+        with self._lock:
+            old = self._endpoints.get(HOST_ENDPOINT_ID)
+            if endpoint is None:
+                if old is not None:
+                    del self._endpoints[HOST_ENDPOINT_ID]
+                    self._audit_endpoints.discard(HOST_ENDPOINT_ID)
+                    self._forget(HOST_ENDPOINT_ID)
+                return
+            if endpoint.id != HOST_ENDPOINT_ID or endpoint.identity != int(ReservedIdentity.HOST):
+                raise PolicyError("the host endpoint has id HOST_ENDPOINT_ID and identity host (1)")
+            self._endpoints[HOST_ENDPOINT_ID] = endpoint
+            self._recompute({HOST_ENDPOINT_ID}, full=old != endpoint)
+
+    def host_endpoint(self) -> Endpoint | None:
+        with self._lock:
+            return self._endpoints.get(HOST_ENDPOINT_ID)
+
+    def _rules_of(self, ep: Endpoint) -> list[Rule]:
+        """The rules selecting an endpoint: pods by identity, the host by node labels."""
+        if ep.id == HOST_ENDPOINT_ID:
+            return self._repo.host_rules(ep.labels)
+        return self._repo.rules_for(ep.identity, self._cache)
 
     def endpoint(self, endpoint_id: int) -> Endpoint | None:
         with self._lock:
@@ -512,7 +546,7 @@ class PolicyEngine:
 
     def _compute(self, endpoint_id: int, strict: bool) -> Resolved:
         ep = self._endpoints[endpoint_id]
-        rules = self._repo.rules_for(ep.identity, self._cache)
+        rules = self._rules_of(ep)
 
         def resolve(rules: Sequence[Rule]) -> Resolved:
             return resolve_endpoint(ep, rules, self._cache, self._address_book(),
@@ -562,7 +596,7 @@ class PolicyEngine:
         ``sels``: selectors whose selection changed; ``addresses``: the
         cluster's addresses changed; ``full``: rebuild from scratch."""
         ep = self._endpoints[endpoint_id]
-        rules = self._repo.rules_for(ep.identity, self._cache)
+        rules = self._rules_of(ep)
         pol = self._policies.get(endpoint_id)
         if self._opaque(endpoint_id, rules):
             conflicts: list[str] = []

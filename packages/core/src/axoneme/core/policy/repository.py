@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
+from axoneme.core.labels import Labels
 from axoneme.core.policy._selectorcache import Selector, SelectorCache, cidr_prefixes
 from axoneme.core.policy.api import CIDRPeer, EndpointPeer, Policy, PolicyRef, Rule
 from axoneme.core.selectors import LabelSelector
@@ -113,6 +114,12 @@ class PolicyRepository:
                 found.extend(bucket.items())
         found.sort(key=lambda item: item[0])
         return [rule for _, rule in found]
+
+    def host_rules(self, node_labels: Labels) -> list[Rule]:
+        """Host policy rules (CCNP nodeSelector) whose selector selects a node
+        with ``node_labels``, in a stable order (the host endpoint's rules)."""
+        return [rule for ref in sorted(self._policies) for rule in self._policies[ref].rules
+                if rule.node_selector and rule.subject.matches(node_labels)]
 
     def subjects(self) -> list[LabelSelector]:
         return list(self._by_subject)

@@ -1,0 +1,112 @@
+"""Host policies (CCNP nodeSelector) on the host endpoint (``set_host_endpoint``):
+selected by the node's labels, default deny per direction only where a host
+policy selects the host, pods untouched, as Cilium's host firewall."""
+
+from __future__ import annotations
+
+import textwrap
+
+import yaml
+
+from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint
+from axoneme.core.identity import ReservedIdentity
+from axoneme.core.labels import Labels
+from axoneme.core.mapstate import Direction, Protocol, Verdict
+from axoneme.core.policy.engine import PolicyEngine
+from axoneme.core.policy.parse import parse_policy_obj
+
+IN, EG, TCP = Direction.INGRESS, Direction.EGRESS, Protocol.TCP
+R = ReservedIdentity
+
+CLUSTER_ONLY = textwrap.dedent("""\
+    apiVersion: cilium.io/v2
+    kind: CiliumClusterwideNetworkPolicy
+    metadata: {name: nodeport-cluster-only}
+    spec:
+      nodeSelector: {matchLabels: {node-role: worker}}
+      ingress:
+      - fromEntities: [cluster]
+        toPorts: [{ports: [{port: "30080", protocol: TCP}]}]
+    """)
+
+
+def host(**labels: str) -> Endpoint:
+    lab = Labels.from_strings(["reserved:host", *(f"k8s:{k}={v}" for k, v in labels.items())])
+    return Endpoint(HOST_ENDPOINT_ID, int(R.HOST), lab, devices=("eth0",))
+
+
+def engine_with(policy: str, **labels: str) -> PolicyEngine:
+    engine = PolicyEngine()
+    pod = engine.allocator.allocate(Labels.from_strings(["k8s:app=client",
+                                                         "k8s:io.kubernetes.pod.namespace=default"]))
+    engine.upsert_endpoint(Endpoint(1, pod.id, pod.labels, ipv4="10.244.0.10",
+                                    namespace="default", pod_name="client"))
+    engine.set_host_endpoint(host(**labels))
+    engine.upsert_policy(parse_policy_obj(yaml.safe_load(policy)))
+    return engine
+
+
+def verdict(engine: PolicyEngine, d: Direction, peer: int, port: int = 30080) -> Verdict:
+    return engine.explain(HOST_ENDPOINT_ID, d, peer, TCP, port).verdict
+
+
+def test_a_selected_host_is_default_deny_in_ingress_only() -> None:
+    engine = engine_with(CLUSTER_ONLY, **{"node-role": "worker"})
+    pod = engine.endpoints()[0].identity
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (True, False)
+    assert verdict(engine, IN, pod) is Verdict.ALLOWED
+    assert verdict(engine, IN, int(R.REMOTE_NODE)) is Verdict.ALLOWED
+    assert verdict(engine, IN, int(R.WORLD)) is Verdict.DENIED  # the outside peer
+    assert verdict(engine, IN, pod, port=22) is Verdict.DENIED  # another port
+    assert verdict(engine, EG, int(R.WORLD)) is Verdict.ALLOWED  # egress not selected
+    [rule] = engine.selecting_rules(HOST_ENDPOINT_ID)
+    assert rule.ref.name == "nodeport-cluster-only"
+    # the pod is not selected by a host policy
+    assert engine.enforcement(1) == (False, False)
+
+
+def test_a_host_whose_labels_do_not_match_is_not_selected() -> None:
+    engine = engine_with(CLUSTER_ONLY, **{"node-role": "control-plane"})
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (False, False)
+    assert verdict(engine, IN, int(R.WORLD)) is Verdict.ALLOWED
+    assert engine.selecting_rules(HOST_ENDPOINT_ID) == []
+
+
+def test_node_labels_changing_select_and_unselect() -> None:
+    engine = engine_with(CLUSTER_ONLY, **{"node-role": "control-plane"})
+    engine.pending_changes()
+    engine.set_host_endpoint(host(**{"node-role": "worker"}))
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (True, False)
+    assert HOST_ENDPOINT_ID in engine.pending_changes()
+    engine.set_host_endpoint(None)
+    assert engine.host_endpoint() is None
+    assert [ep.id for ep in engine.endpoints()] == [1]
+
+
+def test_policy_delete_ends_default_deny_and_egress_rules_select_egress() -> None:
+    egress = CLUSTER_ONLY.replace("ingress:", "egress:").replace("fromEntities", "toEntities")
+    engine = engine_with(egress, **{"node-role": "worker"})
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (False, True)
+    assert verdict(engine, EG, int(R.WORLD)) is Verdict.DENIED
+    assert verdict(engine, IN, int(R.WORLD)) is Verdict.ALLOWED
+    [pol] = engine.policies()
+    engine.delete_policy(pol.ref)
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (False, False)
+    assert verdict(engine, EG, int(R.WORLD)) is Verdict.ALLOWED
+
+
+def test_an_empty_node_selector_selects_every_node_and_pod_policies_not_the_host() -> None:
+    pods_only = textwrap.dedent("""\
+        apiVersion: cilium.io/v2
+        kind: CiliumClusterwideNetworkPolicy
+        metadata: {name: pods}
+        spec:
+          endpointSelector: {}
+          ingress: [{fromEntities: [cluster]}]
+        """)
+    engine = engine_with(pods_only)
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (False, False)
+    assert engine.enforcement(1) == (True, False)
+    every = CLUSTER_ONLY.replace("{matchLabels: {node-role: worker}}", "{}")
+    engine = engine_with(every)
+    assert engine.enforcement(HOST_ENDPOINT_ID) == (True, False)
