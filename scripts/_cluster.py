@@ -29,9 +29,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import _cluster_nodes as cn
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,8 @@ def cmdline(pid: int) -> list[str]:
 def is_ours(pid: int, name: str) -> bool:
     """The PID still runs the binary we started (a PID is never trusted alone: it may be reused)."""
     argv = cmdline(pid)
-    return bool(argv) and os.path.basename(argv[0]) == name and _state_of(pid) != "Z"
+    binary = name.split("@")[0]  # `kubelet@node2`: node 2's kubelet
+    return bool(argv) and os.path.basename(argv[0]) == binary and _state_of(pid) != "Z"
 
 
 def _state_of(pid: int) -> str:
@@ -152,19 +154,24 @@ def _state_of(pid: int) -> str:
         return "X"
 
 
-def start(name: str, *args: str | Path, env: dict[str, str] | None = None) -> int:
+def start(name: str, *args: str | Path, env: dict[str, str] | None = None,
+          node: cn.Node | None = None) -> int:
+    """BIN/name detached; with `node`, inside that node's namespaces (nsenter execs it: the
+    PID is the component's), recorded as `name@nodeK`."""
     LOGS.mkdir(parents=True, exist_ok=True)
-    with open(LOGS / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([str(BIN / name), *map(str, args)], stdout=log, stderr=log,
+    label = node.label(name) if node else name
+    prefix = node.enter() if node else []
+    with open(LOGS / f"{label}.log", "ab") as log:
+        proc = subprocess.Popen([*prefix, str(BIN / name), *map(str, args)], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, cwd=D, env=env or os.environ.copy(),
                                 start_new_session=True)
     with open(PIDS, "a") as f:
-        f.write(f"{proc.pid} {name}\n")
-    for _ in range(100):  # /proc/PID/cmdline is empty until the exec is done
-        if is_ours(proc.pid, name) or proc.poll() is not None:
+        f.write(f"{proc.pid} {label}\n")
+    for _ in range(100):  # /proc/PID/cmdline is empty (or nsenter's) until the exec is done
+        if is_ours(proc.pid, label) or proc.poll() is not None:
             break
         time.sleep(0.02)
-    say(f"started {name} (pid {proc.pid})")
+    say(f"started {label} (pid {proc.pid})")
     return proc.pid
 
 
@@ -227,7 +234,7 @@ def http_ok(url: str) -> bool:
 
 # -- certificates and kubeconfigs ----------------------------------------------------------------
 
-def make_pki() -> None:
+def make_pki(extra: Sequence[cn.Node] = ()) -> None:
     PKI.mkdir(parents=True, exist_ok=True)
     os.chmod(PKI, 0o700)
 
@@ -251,12 +258,16 @@ def make_pki() -> None:
     # the apiserver dials the kubelet on the node's InternalIP: the serving cert must carry it
     cert("kubelet", f"/CN={NODE_NAME}",
          f"subjectAltName=IP:{NODE_IP},DNS:{NODE_NAME}\nextendedKeyUsage=serverAuth\n")
-    for name, cn, org in (("admin", "admin", "system:masters"),
-                          ("kcm", "system:kube-controller-manager", ""),
-                          ("scheduler", "system:kube-scheduler", ""),
-                          ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
-                          ("node", f"system:node:{NODE_NAME}", "system:nodes")):
-        cert(name, (f"/O={org}" if org else "") + f"/CN={cn}", "extendedKeyUsage=clientAuth\n")
+    for name, cname, org in (("admin", "admin", "system:masters"),
+                             ("kcm", "system:kube-controller-manager", ""),
+                             ("scheduler", "system:kube-scheduler", ""),
+                             ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
+                             ("node", f"system:node:{NODE_NAME}", "system:nodes"),
+                             *((f"node{n.k}", f"system:node:{n.name}", "system:nodes") for n in extra)):
+        cert(name, (f"/O={org}" if org else "") + f"/CN={cname}", "extendedKeyUsage=clientAuth\n")
+    for n in extra:  # each kubelet serves on its node's address
+        cert(f"kubelet{n.k}", f"/CN={n.name}",
+             f"subjectAltName=IP:{n.ip},DNS:{n.name}\nextendedKeyUsage=serverAuth\n")
     ssl_("genrsa", "-out", f"{PKI}/sa.key", "2048")
     ssl_("rsa", "-in", f"{PKI}/sa.key", "-pubout", "-out", f"{PKI}/sa.pub")
 
@@ -282,21 +293,27 @@ def cgroup_hierarchies() -> list[Path]:
     return sorted(p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink())
 
 
-def make_cgroups() -> None:
-    """kubelet wants its cgroupRoot in every v1 hierarchy; cpuset needs cpus/mems to take tasks."""
+def make_cgroups(extra: Sequence[cn.Node] = ()) -> None:
+    """kubelet wants its cgroupRoot in every v1 hierarchy; cpuset needs cpus/mems to take tasks.
+    Node k's kubelet has /axoneme-cluster/node<k> (inside the cluster's: `down` and the stray
+    killer find every node's processes by the one root)."""
     for h in cgroup_hierarchies():
-        (h / CGROUP_ROOT).mkdir(exist_ok=True)
-        if h.name == "cpuset":
-            for f in ("cpuset.cpus", "cpuset.mems"):
-                (h / CGROUP_ROOT / f).write_text((h / f).read_text())
+        for rel in (CGROUP_ROOT, *(f"{CGROUP_ROOT}/{n.cgroup}" for n in extra)):
+            (h / rel).mkdir(exist_ok=True)
+            if h.name == "cpuset":
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (h / rel / f).write_text((h / f).read_text())
 
 
-def containerd_config() -> str:
+def containerd_config(ctrd: Path = CTRD) -> str:
+    """Node 1's (CTRD) or node k's (its own dir; the same CNI paths, which its mount
+    namespace resolves to its own)."""
+    sock = ctrd / "containerd.sock"
     return f"""\
 # written by scripts/cluster: everything under {D}
 version = 4
-root = '{CTRD}/root'
-state = '{CTRD}/state'
+root = '{ctrd}/root'
+state = '{ctrd}/state'
 imports = []
 
 [plugins.'io.containerd.cri.v1.images'.pinned_images]
@@ -314,42 +331,46 @@ imports = []
     use_internal_loopback = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
     SystemdCgroup = false
-    Root = '{CTRD}/runc'
+    Root = '{ctrd}/runc'
 
 [plugins.'io.containerd.grpc.v1.cri']
   stream_server_address = '127.0.0.1'
 
 [plugins.'io.containerd.internal.v1.opt']
-  path = '{CTRD}/opt'
+  path = '{ctrd}/opt'
 
 [plugins.'io.containerd.image-verifier.v1.bindir']
-  bin_dir = '{CTRD}/image-verifier'
+  bin_dir = '{ctrd}/image-verifier'
 
 [plugins.'io.containerd.nri.v1.nri']
   disable = true
 
 [plugins.'io.containerd.server.v1.grpc']
-  address = '{SOCK}'
+  address = '{sock}'
 
 [plugins.'io.containerd.server.v1.ttrpc']
-  address = '{SOCK}.ttrpc'
+  address = '{sock}.ttrpc'
 """
 
 
-def kubelet_config(ports: dict[str, int]) -> dict[str, object]:
+def kubelet_config(ports: dict[str, int], node: cn.Node | None = None) -> dict[str, object]:
+    """Node 1's kubelet, or node k's (its address, socket, logs, cgroup parent, serving cert;
+    the ports are the same: each node has its own network namespace)."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
         # this VM runs cgroup v1: kubelet 1.35+ refuses it unless told (KEP-5573)
-        "failCgroupV1": False, "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{CGROUP_ROOT}",
+        "failCgroupV1": False, "cgroupDriver": "cgroupfs",
+        "cgroupRoot": f"/{CGROUP_ROOT}" + (f"/{node.cgroup}" if node else ""),
         "failSwapOn": False,
-        "address": NODE_IP, "port": ports["kubelet"], "readOnlyPort": 0,
+        "address": node.ip if node else NODE_IP, "port": ports["kubelet"], "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1", "healthzPort": ports["kubelet-healthz"],
-        "containerRuntimeEndpoint": f"unix://{SOCK}",
-        "podLogsDir": str(D / "pod-logs"),
+        "containerRuntimeEndpoint": f"unix://{node.sock if node else SOCK}",
+        "podLogsDir": str((node.dir if node else D) / "pod-logs"),
         "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
                            "x509": {"clientCAFile": str(PKI / "ca.crt")}},
         "authorization": {"mode": "Webhook"},
-        "tlsCertFile": str(PKI / "kubelet.crt"), "tlsPrivateKeyFile": str(PKI / "kubelet.key"),
+        "tlsCertFile": str(PKI / f"kubelet{node.k if node else ''}.crt"),
+        "tlsPrivateKeyFile": str(PKI / f"kubelet{node.k if node else ''}.key"),
         "clusterDomain": "cluster.local", "clusterDNS": ["10.96.0.10"],
         "resolvConf": str(RESOLV),
         # a development VM's disk is often fuller than kubelet's defaults like
@@ -369,12 +390,14 @@ def base_config() -> dict[str, object]:
     raise ClusterError("deploy/configmap.yaml: no ConfigMap axoneme-config with data.config.yaml")
 
 
-def write_overlay(datapath: str, mode: str) -> None:
+def write_overlay(datapath: str, mode: str, routing_mode: str = "native") -> None:
     """deploy/ as a user changes it (docs/kubernetes.md, "Overlays"): the datapath in config.yaml,
     the cluster's CNI dirs, and the agent state dir at the same path on the host and in the
     container (the plugin on the host dials the socket the conflist names)."""
     conf = base_config()
-    conf.update({"datapath": datapath, "iptables_mode": mode, "pod_cidr": POD_CIDR,
+    # pod_cidr is the cluster's: each agent hands out IPs from its Node's spec.podCIDR
+    conf.update({"datapath": datapath, "iptables_mode": mode, "pod_cidr": CLUSTER_CIDR,
+                 "routing_mode": routing_mode,
                  # its own pin root: agents on the host (tests) keep /sys/fs/bpf/axoneme
                  "bpffs_root": BPFFS_ROOT})
     sock = str(AGENT_STATE / "axoneme.sock")
@@ -422,18 +445,28 @@ def save_state(**kw: object) -> None:
     STATE.write_text(json.dumps(state, indent=1) + "\n")
 
 
-def node_ready() -> bool:
-    out = kubectl("get", "node", NODE_NAME, "-o",
+def extra_nodes(state: dict[str, object]) -> list[cn.Node]:
+    """Nodes 2..N of the cluster `state` describes."""
+    return cn.nodes(D, int(state.get("nodes", 1)))  # type: ignore[call-overload]
+
+
+def node_names(state: dict[str, object]) -> list[str]:
+    return [NODE_NAME, *(n.name for n in extra_nodes(state))]
+
+
+def node_ready(name: str = NODE_NAME) -> bool:
+    out = kubectl("get", "node", name, "-o",
                   'jsonpath={.status.conditions[?(@.type=="Ready")].status}', check=False, timeout=15)
     return out.returncode == 0 and out.stdout.strip() == "True"
 
 
-def ds_ready() -> bool:
+def ds_ready(n: int = 1) -> bool:
+    """The DaemonSet's pod ready on each of the n nodes."""
     out = kubectl("-n", "kube-system", "get", "ds", "axoneme", "-o",
                   "jsonpath={.status.desiredNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}",
                   check=False, timeout=15)
     parts = out.stdout.split()
-    return out.returncode == 0 and len(parts) == 3 and parts[0] == parts[1] == parts[2] == "1"
+    return out.returncode == 0 and len(parts) == 3 and parts[0] == parts[1] == parts[2] == str(n)
 
 
 def component_health(state: dict[str, object]) -> dict[str, tuple[int, bool]]:
@@ -459,13 +492,31 @@ def component_health(state: dict[str, object]) -> dict[str, tuple[int, bool]]:
             except (KeyError, OSError, subprocess.SubprocessError):
                 ok = False
         out[name] = (pid, ok)
+    for node in extra_nodes(state):  # node k's containerd and kubelet, in its namespaces
+        node_checks: dict[str, Callable[[], bool]] = {
+            "containerd": lambda n=node: run(BIN / "ctr", "--address", n.sock, "version", check=False,
+                                             timeout=10).returncode == 0,
+            "kubelet": lambda n=node: cn.http_ok_in(
+                n, f"http://127.0.0.1:{ports['kubelet-healthz']}/healthz")}
+        for name, check in node_checks.items():
+            label = node.label(name)
+            pid = pids.get(label, 0)
+            ok = is_ours(pid, label)
+            if ok:
+                try:
+                    ok = check()
+                except (KeyError, OSError, subprocess.SubprocessError):
+                    ok = False
+            out[label] = (pid, ok)
     return out
 
 
 def healthy(state: dict[str, object]) -> bool:
     if state.get("phase") != "up":
         return False
-    return all(ok for _, ok in component_health(state).values()) and node_ready() and ds_ready()
+    return (all(ok for _, ok in component_health(state).values())
+            and all(node_ready(name) for name in node_names(state))
+            and ds_ready(int(state.get("nodes", 1))))  # type: ignore[call-overload]
 
 
 # -- up --------------------------------------------------------------------------------------
@@ -473,20 +524,25 @@ def healthy(state: dict[str, object]) -> bool:
 def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     state = load_state()
+    want = (args.datapath, args.iptables_mode, args.nodes, args.routing_mode)
     if state:
         if healthy(state):
-            if (state.get("datapath"), state.get("iptables_mode")) == (args.datapath, args.iptables_mode):
-                say(f"already up ({args.datapath}), healthy")
+            have = (state.get("datapath"), state.get("iptables_mode"), state.get("nodes", 1),
+                    state.get("routing_mode", "native"))
+            if have == want:
+                say(f"already up ({args.datapath}, {args.nodes} node(s), {args.routing_mode} routing), healthy")
                 print(f"KUBECONFIG={KUBECONFIG}")
                 return 0
             # another datapath: the old one's kernel state (pins or chains) is only removed by the
-            # agent cleanup `down` runs; a rollout would leave it behind
-            say(f"up with datapath {state.get('datapath')}/{state.get('iptables_mode')}: "
-                f"recreating it with {args.datapath}/{args.iptables_mode}")
+            # agent cleanup `down` runs; a rollout would leave it behind. Other nodes or routing:
+            # the nodes' namespaces and routes are made by `up` and removed by `down` alike
+            say(f"up with datapath {have[0]}/{have[1]}, {have[2]} node(s), {have[3]} routing: "
+                f"recreating it with {args.datapath}/{args.iptables_mode}, {args.nodes} node(s), "
+                f"{args.routing_mode} routing")
         else:
             say("a previous cluster is not healthy (crashed or half made): cleaning it up first")
         do_down()
-    elif D.exists() and (PIDS.exists() or any(mounts_under(D))):
+    elif (D.exists() and (PIDS.exists() or any(mounts_under(D)))) or cn.netns_exists(cn.FABRIC_NS):
         say("leftovers of a previous cluster: cleaning them up first")
         do_down()
 
@@ -498,20 +554,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = dict(zip(("etcd", "etcd-peer", "kcm", "scheduler", "kubelet-healthz"), free_ports(5), strict=True))
     ports["kubelet"] = 10250
     save_state(phase="starting", datapath=args.datapath, iptables_mode=args.iptables_mode, ports=ports,
-               node=NODE_NAME, node_ip=NODE_IP)
+               node=NODE_NAME, node_ip=NODE_IP, nodes=args.nodes, routing_mode=args.routing_mode)
+    extra = cn.nodes(D, args.nodes)
     try:
         os.link(BIN / "kubectl", KUBECTL)
     except OSError:
         shutil.copy2(BIN / "kubectl", KUBECTL)
     RESOLV.write_text(f"# pods' resolver (scripts/cluster): not the host's\nnameserver {NAMESERVER}\n")
 
-    say(f"node address {NODE_IP}/32 on lo")
-    if not lo_has_ip():
-        run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
+    if extra:
+        # the API server's address is node 1's on the fabric, which nodes 2..N reach directly
+        say(f"nodes 2..{args.nodes}: namespaces axon-node2.., bridge {cn.BRIDGE} in {cn.FABRIC_NS}, "
+            f"node address {NODE_IP}/{cn.PREFIXLEN} on {cn.HOST_LINK}; guard {cn.HOST_GUARD}")
+        cn.install_host_guard()
+        try:
+            cn.make_fabric(D, args.nodes)
+        except cn.NodeError as e:
+            raise ClusterError(str(e)) from e
+    else:
+        say(f"node address {NODE_IP}/32 on lo")
+        if not lo_has_ip():
+            run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
     say("certificates")
-    make_pki()
+    make_pki(extra)
     write_kubeconfig(KUBECONFIG, "admin")
-    for user in ("kcm", "scheduler", "node"):
+    for user in ("kcm", "scheduler", "node", *(f"node{n.k}" for n in extra)):
         write_kubeconfig(D / f"{user}.kubeconfig", user)
 
     start("etcd", "--name", "axoneme", "--data-dir", D / "etcd-data",
@@ -551,42 +618,71 @@ def cmd_up(args: argparse.Namespace) -> int:
           "--authorization-kubeconfig", sched, "--bind-address", "127.0.0.1",
           "--secure-port", str(ports["scheduler"]), "--leader-elect=false")
 
-    make_cgroups()
+    make_cgroups(extra)
     save_state(made_run_containerd=not RUN_CONTAINERD.exists())
     (CTRD / "config.toml").write_text(containerd_config())
     env = os.environ.copy()
     env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"  # the shim, runc
     start("containerd", "--config", CTRD / "config.toml", env=env)
-    poll("containerd ready", 60, lambda: run(BIN / "ctr", "--address", SOCK, "version", check=False,
-                                       timeout=10).returncode == 0, check_alive("containerd"))
+    for node in extra:
+        try:
+            cn.make_mount_ns(node)
+        except cn.NodeError as e:
+            raise ClusterError(f"node {node.name}: {e}") from e
+        (node.dir / "containerd").mkdir(parents=True, exist_ok=True)
+        (node.dir / "containerd" / "config.toml").write_text(containerd_config(node.dir / "containerd"))
+        start("containerd", "--config", node.dir / "containerd" / "config.toml", env=env, node=node)
+    everything = [*COMPONENTS[:-1], *(n.label("containerd") for n in extra)]
+    poll("containerd ready", 60, lambda: all(
+        run(BIN / "ctr", "--address", sock, "version", check=False, timeout=10).returncode == 0
+        for sock in (SOCK, *(n.sock for n in extra))), check_alive(*everything))
     poll("kube-controller-manager ready", 60, lambda: http_ok(f"https://127.0.0.1:{ports['kcm']}/healthz"),
          check_alive("kube-controller-manager"))
     poll("kube-scheduler ready", 60, lambda: http_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"),
          check_alive("kube-scheduler"))
 
-    import_images()
+    for sock in (SOCK, *(n.sock for n in extra)):
+        import_images(sock)
 
     (D / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(ports), sort_keys=False))
     start("kubelet", "--config", D / "kubelet.yaml", "--kubeconfig", D / "node.kubeconfig",
           "--root-dir", KUBELET_DIR, "--cert-dir", KUBELET_DIR / "pki",
           "--hostname-override", NODE_NAME, "--node-ip", NODE_IP, env=env)
-    poll(f"node {NODE_NAME} registered", 120,
-         lambda: kubectl("get", "node", NODE_NAME, check=False, timeout=10).returncode == 0,
-         check_alive(*COMPONENTS))
-    poll(f"node pod CIDR {POD_CIDR}", 60, lambda: kubectl(
-        "get", "node", NODE_NAME, "-o", "jsonpath={.spec.podCIDR}", timeout=10).stdout == POD_CIDR,
-        check_alive(*COMPONENTS))
+    everything.append("kubelet")
+    wait_node(NODE_NAME, POD_CIDR, everything)
+    # one kubelet after the other: the controller-manager hands out /24s in registration
+    # order, so node k's pod CIDR is 10.244.<k-1>.0/24
+    for node in extra:
+        (node.dir / "kubelet").mkdir(parents=True, exist_ok=True)
+        (node.dir / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(ports, node), sort_keys=False))
+        start("kubelet", "--config", node.dir / "kubelet.yaml", "--kubeconfig", D / f"node{node.k}.kubeconfig",
+              "--root-dir", node.dir / "kubelet", "--cert-dir", node.dir / "kubelet" / "pki",
+              "--hostname-override", node.name, "--node-ip", node.ip, env=env, node=node)
+        everything.append(node.label("kubelet"))
+        wait_node(node.name, f"10.244.{node.k - 1}.0/24", everything)
 
     say(f"installing axoneme: kubectl apply -k {OVERLAY.relative_to(REPO)} (deploy/, datapath "
-        f"{args.datapath}, iptables mode {args.iptables_mode})")
-    write_overlay(args.datapath, args.iptables_mode)
+        f"{args.datapath}, iptables mode {args.iptables_mode}, routing {args.routing_mode})")
+    write_overlay(args.datapath, args.iptables_mode, args.routing_mode)
     apply_overlay()
-    poll("DaemonSet kube-system/axoneme ready", 900, ds_ready, check_alive(*COMPONENTS), agent_progress)
-    poll(f"node {NODE_NAME} Ready", 120, node_ready, check_alive(*COMPONENTS), node_progress)
+    poll(f"DaemonSet kube-system/axoneme ready on {args.nodes} node(s)", 900,
+         lambda: ds_ready(args.nodes), check_alive(*everything), agent_progress)
+    for name in (NODE_NAME, *(n.name for n in extra)):
+        poll(f"node {name} Ready", 120, lambda nm=name: node_ready(nm), check_alive(*everything),
+             lambda nm=name: node_progress(nm))
     save_state(phase="up")
     say(f"up in {time.monotonic() - t0:.1f} s")
     print(f"KUBECONFIG={KUBECONFIG}", flush=True)
     return 0
+
+
+def wait_node(name: str, cidr: str, components: Sequence[str]) -> None:
+    poll(f"node {name} registered", 120,
+         lambda: kubectl("get", "node", name, check=False, timeout=10).returncode == 0,
+         check_alive(*components))
+    poll(f"node {name} pod CIDR {cidr}", 60, lambda: kubectl(
+        "get", "node", name, "-o", "jsonpath={.spec.podCIDR}", timeout=10).stdout == cidr,
+        check_alive(*components))
 
 
 def apply_overlay() -> None:
@@ -597,16 +693,16 @@ def apply_overlay() -> None:
         say(f"  {line}")
 
 
-def import_images() -> None:
+def import_images(sock: Path = SOCK) -> None:
     script = REPO / "scripts" / "k8s-images"
     if not script.exists():
         raise ClusterError("scripts/k8s-images is missing: it builds and imports the pause, agnhost and "
                            "axoneme images")
-    say(f"images (scripts/k8s-images --address {SOCK})")
-    if subprocess.run([str(script), "--address", str(SOCK)], stdout=sys.stdout,
+    say(f"images (scripts/k8s-images --address {sock})")
+    if subprocess.run([str(script), "--address", str(sock)], stdout=sys.stdout,
                       stderr=sys.stderr).returncode:
         raise ClusterError("scripts/k8s-images failed (above)")
-    have = set(run(BIN / "ctr", "--address", SOCK, "-n", "k8s.io", "images", "ls", "-q").stdout.split())
+    have = set(run(BIN / "ctr", "--address", sock, "-n", "k8s.io", "images", "ls", "-q").stdout.split())
     missing = [i for i in IMAGES if i not in have]
     if missing:
         raise ClusterError(f"images missing in containerd after scripts/k8s-images: {', '.join(missing)}")
@@ -620,8 +716,8 @@ def agent_progress() -> str:
     return (out.stdout.strip() or out.stderr.strip() or "no agent pod yet")[:600]
 
 
-def node_progress() -> str:
-    out = kubectl("get", "node", NODE_NAME, "-o",
+def node_progress(name: str = NODE_NAME) -> str:
+    out = kubectl("get", "node", name, "-o",
                   'jsonpath={.status.conditions[?(@.type=="Ready")].message}', check=False, timeout=15)
     return out.stdout.strip()[:400]
 
@@ -642,26 +738,33 @@ def umount_all(paths: Iterable[str]) -> None:
             run("umount", "-l", mp, check=False)
 
 
-def containerd_cleanup(env: dict[str, str]) -> None:
-    """Kill every container of this cluster's containerd (starting it again if it died, to list them)
-    and umount/remove their network namespaces."""
-    cfg = CTRD / "config.toml"
+def containerd_cleanup(env: dict[str, str], node: cn.Node | None = None) -> None:
+    """Kill every container of this cluster's containerd (node 1's, or node k's: the same in
+    its namespaces) (starting it again if it died, to list them) and umount/remove their
+    network namespaces."""
+    ctrd = node.dir / "containerd" if node else CTRD
+    sock = node.sock if node else SOCK
+    label = node.label("containerd") if node else "containerd"
+    cfg = ctrd / "config.toml"
     if not cfg.exists():
         return
     pids = recorded()
     temp = None
-    if not is_ours(pids.get("containerd", 0), "containerd"):
-        if not (CTRD / "root").exists():
+    if not is_ours(pids.get(label, 0), label):
+        if not (ctrd / "root").exists():
             return
-        say("starting containerd again to list its containers")
-        temp = start("containerd", "--config", cfg, env=env)
+        if node and not (cn.netns_exists(node.netns) and cn._mounted(node.mntns)):
+            say(f"{node.name}'s namespaces are gone: its containers are found by cgroup")
+            return
+        say(f"starting {label} again to list its containers")
+        temp = start("containerd", "--config", cfg, env=env, node=node)
         try:
-            poll("containerd ready", 30, lambda: run(BIN / "ctr", "--address", SOCK, "version", check=False,
-                                               timeout=10).returncode == 0, check_alive("containerd"))
+            poll(f"{label} ready", 30, lambda: run(BIN / "ctr", "--address", sock, "version", check=False,
+                                                  timeout=10).returncode == 0, check_alive(label))
         except ClusterError as e:
-            say(f"containerd does not start ({e}): its containers are found by cgroup")
+            say(f"{label} does not start ({e}): its containers are found by cgroup")
             return
-    ctr = (str(BIN / "ctr"), "--address", str(SOCK), "-n", "k8s.io")
+    ctr = (str(BIN / "ctr"), "--address", str(sock), "-n", "k8s.io")
     netns: set[str] = set()
     ids = run(*ctr, "containers", "ls", "-q", check=False).stdout.split()
     for cid in ids:
@@ -679,31 +782,33 @@ def containerd_cleanup(env: dict[str, str]) -> None:
         run(*ctr, "tasks", "delete", "-f", cid, check=False, timeout=30)
         # containerd puts shim sockets in /run/containerd/s whatever its state dir, named by the
         # hash of address/namespace/id; a killed shim leaves its socket behind
-        digest = hashlib.sha256(f"{SOCK}/k8s.io/{cid}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{sock}/k8s.io/{cid}".encode()).hexdigest()
         Path(RUN_CONTAINERD / "s" / digest).unlink(missing_ok=True)
     if ids:
-        say(f"killed {len(ids)} containers")
+        say(f"killed {len(ids)} containers of {label}")
     for path in sorted(netns):
         if os.path.exists(path):
-            run("umount", path, check=False)
+            # node k's pod namespaces are mounted in its mount namespace only
+            run(*(["nsenter", f"--mount={node.mntns}"] if node else []), "umount", path, check=False)
             try:
                 os.unlink(path)
                 say(f"removed netns {os.path.basename(path)}")
             except OSError:
                 pass
     if temp:
-        stop_pid(temp, "containerd")
+        stop_pid(temp, label)
 
 
 def kill_strays() -> None:
-    """Shims of this containerd and processes in this cluster's cgroups, by PID."""
+    """Shims of this cluster's containerds and processes in this cluster's cgroups, by PID."""
     marker = f"/{CGROUP_ROOT}/"
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == os.getpid():
             continue
         pid = int(p.name)
         argv = cmdline(pid)
-        shim = str(SOCK) in argv and argv and "containerd-shim" in os.path.basename(argv[0])
+        shim = bool(argv) and "containerd-shim" in os.path.basename(argv[0]) and any(
+            a.startswith(str(D) + "/") and a.endswith("containerd.sock") for a in argv)
         try:
             in_cg = any(marker in ln for ln in (p / "cgroup").read_text().splitlines())
         except OSError:
@@ -751,21 +856,28 @@ def do_down() -> None:
     env = os.environ.copy()
     env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     pids = recorded()
-    if "kubelet" in pids:  # first: it would restart the pods
-        stop_pid(pids["kubelet"], "kubelet")
+    extra = cn.recorded_nodes(D)
+    for label in ("kubelet", *(n.label("kubelet") for n in extra)):  # first: they would restart pods
+        if label in pids:
+            stop_pid(pids[label], label)
     if D.exists():
         containerd_cleanup(env)
+        for node in extra:
+            containerd_cleanup(env, node)
     kill_strays()
     if AGENT_STATE.is_dir():
         res = run(REPO / ".venv" / "bin" / "axoneme", "agent", "cleanup", "--state-dir", AGENT_STATE,
                   check=False, timeout=300)
         say(f"axoneme agent cleanup --state-dir {AGENT_STATE}: exit {res.returncode} "
             f"{(res.stderr or res.stdout).strip()[-300:]}")
-    for name in reversed(COMPONENTS):
+    for name in (*(n.label("containerd") for n in extra), *reversed(COMPONENTS)):
         pid = recorded().get(name)
         if pid:
             stop_pid(pid, name)
     kill_strays()
+    for node in extra:  # its mounts (bpffs, binds, containerd's, kubelet's) go with it
+        if cn.remove_mount_ns(node):
+            say(f"removed {node.name}'s mount namespace")
     umount_all(mounts_under(D))
     if load_state().get("made_run_containerd") and RUN_CONTAINERD.is_dir():
         # empty dirs only (s, fifo, runc/k8s.io: a dead shim's cleanup uses runc's default root)
@@ -785,6 +897,8 @@ def do_down() -> None:
     if lo_has_ip():
         run("ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo")
         say(f"removed {NODE_IP}/32 from lo")
+    for what in cn.remove_fabric(D):  # node namespaces (their kernel state with them), bridge, guard
+        say(f"removed {what}")
     left = list(mounts_under(D))
     if left:
         raise ClusterError(f"mounts left under {D}, not removing it: {left[:5]}")
@@ -812,14 +926,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, (pid, alive) in component_health(state).items():
         print(f"{name:24} pid {pid or '-':>7}  {'running' if alive else 'DOWN'}")
         ok &= alive
-    nr = node_ready()
-    dr = ds_ready()
-    print(f"{'node ' + NODE_NAME:24} {'Ready' if nr else 'NOT Ready'}")
-    print(f"{'daemonset axoneme':24} {'ready' if dr else 'NOT ready'}")
+    n = int(state.get("nodes", 1))  # type: ignore[call-overload]
+    agents = agents_by_node()
+    for name in node_names(state):
+        ready = node_ready(name)
+        ok &= ready
+        cidr = kubectl("get", "node", name, "-o", "jsonpath={.spec.podCIDR} {.status.addresses[0].address}",
+                       check=False, timeout=15).stdout.split()
+        pod, pod_ready = agents.get(name, ("-", False))
+        print(f"{'node ' + name:24} {'Ready' if ready else 'NOT Ready':9}  address {(cidr[1:] or ['-'])[0]:14} "
+              f"pod CIDR {(cidr or ['-'])[0]:15} agent {pod} {'ready' if pod_ready else 'NOT ready'}")
+    dr = ds_ready(n)
+    print(f"{'daemonset axoneme':24} {'ready' if dr else 'NOT ready'} ({n} node(s))")
     print(f"{'datapath':24} {state.get('datapath')} (iptables mode {state.get('iptables_mode')})")
+    print(f"{'routing':24} {state.get('routing_mode', 'native')}")
     print(f"{'phase':24} {state.get('phase')}")
     print(f"KUBECONFIG={KUBECONFIG}")
-    return 0 if ok and nr and dr and state.get("phase") == "up" else 1
+    return 0 if ok and dr and state.get("phase") == "up" else 1
+
+
+def agents_by_node() -> dict[str, tuple[str, bool]]:
+    """node name -> (its axoneme agent pod, ready)."""
+    out = kubectl("-n", "kube-system", "get", "pods", "-l", "k8s-app=axoneme", "-o", "json",
+                  check=False, timeout=15)
+    try:
+        items = json.loads(out.stdout)["items"]
+    except (ValueError, KeyError):
+        return {}
+    return {str(p["spec"].get("nodeName")): (
+        p["metadata"]["name"],
+        any(c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (p.get("status") or {}).get("conditions") or [])) for p in items}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -828,18 +965,19 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the cluster (idempotent)")
     up.add_argument("--datapath", choices=("ebpf", "iptables"), default="ebpf")
     up.add_argument("--iptables-mode", choices=("plain", "ipset"), default="plain")
-    up.add_argument("--nodes", type=int, default=1, help="only 1 (a single-node cluster)")
+    up.add_argument("--nodes", type=int, default=1,
+                    help=f"nodes (1 to {cn.MAX_NODES}): node 1 is this machine's network namespace, "
+                         "node k a network and mount namespace of its own (default 1)")
     up.add_argument("--routing-mode", choices=("native", "tunnel"), default="native",
-                    help="only native (one node: no tunnel)")
+                    help="pod traffic between nodes: routes via the nodes' addresses, or VXLAN "
+                         "(the agents' routing_mode; default native)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop everything and remove everything it made").set_defaults(func=cmd_down)
-    sub.add_parser("status", help="components, node, DaemonSet; exit 0 when all is up").set_defaults(
+    sub.add_parser("status", help="components, nodes, DaemonSet; exit 0 when all is up").set_defaults(
         func=cmd_status)
     args = p.parse_args(argv)
-    if args.cmd == "up" and args.nodes != 1:
-        p.error(f"--nodes {args.nodes}: only a single-node cluster is supported (--nodes 1)")
-    if args.cmd == "up" and args.routing_mode != "native":
-        p.error("--routing-mode tunnel: a single-node cluster routes natively (--routing-mode native)")
+    if args.cmd == "up" and not 1 <= args.nodes <= cn.MAX_NODES:
+        p.error(f"--nodes {args.nodes}: 1 to {cn.MAX_NODES} nodes")
     if os.geteuid() != 0:
         print("scripts/cluster: needs root (containerd, kubelet, the node address, the agent)", file=sys.stderr)
         return 1

@@ -24,9 +24,6 @@ CLI_MD = ROOT / "docs" / "cli.md"
 # Promised by docs/cli.md, not implemented yet: (command, flag) -> the issue that adds it.
 # flag None: the whole command (and every flag of it) is still to come.
 NOT_YET: dict[tuple[str, str | None], int] = {
-    # issue 20: several nodes
-    ("scripts/cluster up", "--nodes"): 20,
-    ("scripts/cluster up", "--routing-mode"): 20,
     # issue 19: audit and staged policies, what-if, recommendations, the UI
 }
 
