@@ -167,3 +167,45 @@ def test_trace_dns_answer(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert code == 2 and "--dns-answer" in err
     code, _, err = run(capsys, *base, "--to", "198.51.100.10", "--dns-answer", "a.io=not-an-ip")
     assert code == 2 and "not-an-ip" in err
+
+
+def test_policy_change_resyncs_only_new_selectors(tmp_path: Path) -> None:
+    """A policy change that keeps the toFQDNs selectors costs no push and no
+    snapshot write; one that adds a selector gives it the cache's IPs and pushes."""
+    from axoneme.core.policy.parse import parse_policy_obj
+
+    agent = FakeAgent(tmp_path)
+    apply_policy(agent)
+    mgr = manager(agent)
+    mgr.start()
+    mgr.cache.record("api.twitter.com", ["198.51.100.10"], 60)
+    mgr.cache.record("db.example.org", ["198.51.100.20"], 60)
+    mgr.push()
+    pushes = len(agent.pushes)
+    snap = tmp_path / FQDN_STATE_FILE
+    snap.unlink()
+    other = json.loads(json.dumps(POLICY))
+    other["metadata"]["name"] = "same-selectors"
+    agent.engine.upsert_policy(parse_policy_obj(other, "<test>", 0))
+    mgr.policy_changed()
+    mgr.push()
+    assert len(agent.pushes) == pushes and not snap.exists()
+
+    new = json.loads(json.dumps(POLICY))
+    new["metadata"]["name"] = "to-db"
+    new["spec"]["egress"][0]["toFQDNs"] = [{"matchName": "db.example.org"}]
+    agent.engine.upsert_policy(parse_policy_obj(new, "<test>", 0))
+    assert agent.engine.identity_of_ip("198.51.100.20") == agent.engine.identity_of_ip(
+        "198.51.100.99")  # not resolved yet: the selector is new
+    mgr.policy_changed()
+    mgr.push()
+    assert len(agent.pushes) == pushes + 1
+    assert "198.51.100.20/32" in {str(k) for k in agent.pushes[-1].upserts}
+    assert agent.engine.identity_of_ip("198.51.100.20") != agent.engine.identity_of_ip(
+        "198.51.100.99")
+    assert not snap.exists()  # the cache itself did not change
+    # removing it changes the selector set again; the engine forgets its IP
+    agent.engine.delete_policy(parse_policy_obj(new, "<test>", 0).ref)
+    mgr.policy_changed()
+    assert agent.engine.fqdn_selectors() == sorted(
+        mgr._selectors, key=lambda p: (p.match_name or "", p.match_pattern or ""))

@@ -59,7 +59,9 @@ class FQDNManager:
         self.sync: Any = None
         self._parser: FQDNParser | None = None
         self.path = os.path.join(config.state_dir, FQDN_STATE_FILE)
-        self._dirty = False
+        self._dirty = False  # the cache changed: push and save a snapshot
+        self._regen = False  # the toFQDNs selectors changed: push
+        self._selectors: frozenset[Any] = frozenset()  # as of the last policy_changed
         self._changed_at: float | None = None  # first cache change not pushed yet (perf_counter)
         self._last_write = 0.0
         self._push_lock = threading.Lock()
@@ -104,6 +106,7 @@ class FQDNManager:
             except (ValueError, TypeError) as e:
                 LOG.warning("ignoring the FQDN cache snapshot %s: %s", self.path, e)
         self._unsubscribe = self.cache.subscribe(self._on_change)
+        self._selectors = frozenset(self.engine.fqdn_selectors())
         self.sync = parser.bind_engine(self.cache, self.engine)  # resyncs once
         self.pm.register(_PolicyHook(self), name=f"axoneme-fqdn-{id(self)}")
         try:
@@ -157,9 +160,10 @@ class FQDNManager:
 
         Returns when the pushed change was first seen (perf_counter), or None."""
         with self._push_lock:
-            changed, self._dirty = self._dirty, False
+            changed, self._dirty = self._dirty, False  # the cache changed
+            regen, self._regen = changed or self._regen, False  # ... or the selectors
             since, self._changed_at = self._changed_at, None
-            if changed:
+            if regen:
                 try:
                     errors = self.regenerate()
                     if errors:
@@ -201,11 +205,19 @@ class FQDNManager:
             await asyncio.sleep(min(max(delay, 0.1), 5.0))
 
     def policy_changed(self) -> None:
-        """New or removed toFQDNs selectors: give them the cache's IPs, then push."""
+        """New or removed toFQDNs selectors: give them the cache's IPs, then push.
+
+        A policy change that leaves the set of toFQDNs selectors as it was
+        (most: the others already hold the cache's IPs) costs nothing here:
+        no resync, no second regeneration, no snapshot write."""
         if self.sync is None:
             return
+        selectors = frozenset(self.engine.fqdn_selectors())
+        if selectors == self._selectors:
+            return
+        self._selectors = selectors
         self.sync.resync()
-        self._dirty = True
+        self._regen = True
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._spawn_push)
 

@@ -135,6 +135,7 @@ class SelectorCache:
         self._sel_by_kv: dict[tuple[str, str], set[Selector]] = {}
         self._sel_by_cidr: dict[tuple[int, int], dict[int, set[Selector]]] = {}
         self._sel_general: set[Selector] = set()
+        self._fqdn_sels: set[FQDNPeer] = set()  # toFQDNs selectors referenced now
 
     def _matches(self, sel: Selector, ident: Identity) -> bool:
         if isinstance(sel, FQDNPeer) and ident.id in self._fqdn.get(sel, frozenset()):
@@ -274,6 +275,8 @@ class SelectorCache:
         self._sel_refs[sel] = self._sel_refs.get(sel, 0) + 1
         if sel in self._sel:
             return
+        if isinstance(sel, FQDNPeer):
+            self._fqdn_sels.add(sel)
         fixed = self._wildcard(sel)
         if fixed is not None:
             self._sel[sel] = set(fixed)
@@ -284,6 +287,10 @@ class SelectorCache:
             self._by_id.setdefault(i, set()).add(sel)
         self._index_selector(sel, add=True)
 
+    def fqdn_selectors(self) -> frozenset[FQDNPeer]:
+        """The toFQDNs selectors referenced now (O(their number), not O(policies))."""
+        return frozenset(self._fqdn_sels)
+
     def remove_selector(self, sel: Selector) -> None:
         refs = self._sel_refs.get(sel)
         if refs is None:
@@ -293,6 +300,7 @@ class SelectorCache:
             return
         del self._sel_refs[sel]
         ids = self._sel.pop(sel)
+        self._fqdn_sels.discard(sel)  # type: ignore[arg-type]
         if self._wildcard(sel) is not None:
             return
         self._index_selector(sel, add=False)
