@@ -185,3 +185,12 @@ def test_promote_is_refused_in_kubernetes_mode() -> None:
 
     status, body = asyncio.run(go())
     assert status == 409 and "Kubernetes mode" in body["error"]
+
+
+def test_promote_names_itself_for_a_bad_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad KIND/NAME is exit 2 naming `policy promote` (the lookup is policy get's)."""
+    code, _, err = run(capsys, "policy", "promote", "deployment/web", "--api-socket",
+                       "/nonexistent/ax.sock")
+    assert code == 2 and err.rstrip().endswith("(policy promote)"), err
+    code, _, err = run(capsys, "policy", "get", "deployment/web", "--api-socket", "/nonexistent/ax.sock")
+    assert code == 2 and err.rstrip().endswith("(policy get)"), err

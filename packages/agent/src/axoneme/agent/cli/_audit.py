@@ -82,7 +82,7 @@ def stage_documents(docs: list[dict[str, Any]]) -> None:
 
 
 def cmd_policy_promote(args: argparse.Namespace) -> int:
-    kind, name = _wanted(args)
+    kind, name = _wanted(args, "policy promote")
     api = client(args)
     found = [p for p in api.get("/v1/policies")["policies"] if _matches(p, kind, name, args.namespace)]
     assert name is not None  # a required argument

@@ -32,8 +32,8 @@ def register(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParse
     g.set_defaults(handler=cmd_policy_get)
 
 
-def _wanted(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(kind or None for any, name or None for every policy)."""
+def _wanted(args: argparse.Namespace, command: str = "policy get") -> tuple[str | None, str | None]:
+    """(kind or None for any, name or None for every policy); ``command`` for the error."""
     if not args.name:
         return None, None
     kind_s, sep, name = args.name.partition("/")
@@ -43,7 +43,7 @@ def _wanted(args: argparse.Namespace) -> tuple[str | None, str | None]:
     if kind is None or not name:
         raise UsageError(f"expected NAME or KIND/NAME with KIND one of NetworkPolicy (netpol), "
                          f"CiliumNetworkPolicy (cnp), CiliumClusterwideNetworkPolicy (ccnp), "
-                         f"got {args.name!r} (policy get)")
+                         f"got {args.name!r} ({command})")
     return kind, name
 
 
