@@ -27,7 +27,6 @@ command that reproduces the engine's side from those files.
 from __future__ import annotations
 
 import bisect
-import datetime as dt
 import hashlib
 import json
 import subprocess
@@ -41,7 +40,7 @@ from typing import Any
 from axoneme.core.cluster import Cluster
 from axoneme.core.mapstate import Protocol
 from axoneme.core.policy.engine import EngineOptions
-from axoneme.core.policy.observed import PASSED, POLICY_DROPS
+from axoneme.core.policy.observed import PASSED, POLICY_DROPS, flow_time
 from axoneme.core.policy.parse import parse_policies
 from axoneme.core.policy.trace import DENIED, OfflineCluster, resolve_peer, trace
 
@@ -115,9 +114,6 @@ class Window:
     first_poll_end: float
     last_poll_start: float
 
-    def bounds(self, settle: float) -> tuple[float, float]:
-        return self.first_poll_end + settle, self.last_poll_start
-
 
 def windows_of(polls: Sequence[tuple[float, float, dict[str, Any] | None]]) -> list[Window]:
     """Samples (start, end, state), in time order -> one window per run of equal states;
@@ -139,23 +135,6 @@ def windows_of(polls: Sequence[tuple[float, float, dict[str, Any] | None]]) -> l
 
 # -- the kernel ------------------------------------------------------------------------
 
-def _time(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value:
-        text = value.replace("Z", "+00:00")
-        if "." in text:  # Python < 3.11 wants at most 6 fraction digits
-            head, _, tail = text.partition(".")
-            digits = "".join(ch for ch in tail if ch.isdigit())
-            rest = tail[len(digits):]
-            text = f"{head}.{digits[:6]}{rest}"
-        try:
-            return dt.datetime.fromisoformat(text).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
 @dataclass(frozen=True)
 class Attempt:
     """One outcome the kernel gave a pod-to-pod attempt."""
@@ -176,7 +155,7 @@ def attempt_of(flow: Obj) -> tuple[Attempt | None, str]:
         flow = flow["flow"]
     if flow.get("is_reply") is True:
         return None, "reply"
-    when = _time(flow.get("time"))
+    when = flow_time(flow.get("time")) or None
     verdict = str(flow.get("verdict") or "").upper()
     if verdict == "DROPPED":
         drop = str(flow.get("drop_reason_desc") or flow.get("drop_reason") or "")

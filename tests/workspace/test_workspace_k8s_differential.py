@@ -68,7 +68,7 @@ def test_windows_and_decisions(tmp_path: Path) -> None:
     polls = [(100.0, 100.2, open_state), (101.0, 101.2, open_state), (110.0, 110.2, open_state),
              (111.0, 111.2, deny_state), (120.0, 120.2, deny_state)]
     windows = d.windows_of(polls)
-    assert [w.bounds(2.0) for w in windows] == [(102.2, 110.0), (113.2, 120.0)]
+    assert [(w.first_poll_end, w.last_poll_start) for w in windows] == [(100.2, 110.0), (111.2, 120.0)]
     flows = [
         _flow(105.0, "y/b", "x/a", "FORWARDED"),  # open: admitted, agreed
         _flow(105.1, "y/b", "x/a", "FORWARDED", "EGRESS"),  # the egress half: not an attempt

@@ -140,7 +140,9 @@ class Observed:
         return set(self.names_by_client.get(client, {}).get(ip, set()))
 
 
-def _time(value: Any) -> float:
+def flow_time(value: Any) -> float:
+    """A flow's ``time`` (epoch seconds, or RFC 3339 with any fraction digits) ->
+    epoch seconds; 0.0 when absent or unreadable."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and value:
@@ -202,7 +204,7 @@ def observe(flows: Iterable[Mapping[str, Any]], since: float | None = None) -> O
         out.records += 1
         if "flow" in d and isinstance(d["flow"], Mapping):  # observe -o jsonpb
             d = d["flow"]
-        when = _time(d.get("time"))
+        when = flow_time(d.get("time"))
         if since is not None and when and when < since:
             out.skip("older than --since")
             continue
