@@ -1,7 +1,9 @@
-"""scripts/cluster: a single-node Kubernetes cluster from upstream components, with axoneme
-installed from deploy/ as a user installs it.
+"""scripts/cluster: a Kubernetes cluster from upstream components, with axoneme installed from
+deploy/ as a user installs it; one node, or up to three on this machine (--nodes N: nodes 2..N
+are namespaces of ours, scripts/_cluster_nodes.py).
 
-    scripts/cluster up [--datapath ebpf|iptables] [--iptables-mode plain|ipset]
+    scripts/cluster up [--nodes N] [--datapath ebpf|iptables] [--iptables-mode plain|ipset]
+                       [--routing-mode native|tunnel]
     scripts/cluster down
     scripts/cluster status
 
@@ -11,7 +13,9 @@ installs axoneme-cni there), the kustomize overlay, the kubeconfig and bin/kubec
 by name: the node address 10.255.254.1/32 on lo, the cgroup root /axoneme-cluster in every v1
 hierarchy, the pods' netns (/var/run/netns/cni-*, the ones this cluster's containerd made), the
 kubelet's iptables chains, the agent's kernel objects (pins under /sys/fs/bpf/axoneme-cluster).
-`down` removes all of it. docs/kubernetes.md, "scripts/cluster", says why each setting is there.
+`down` removes all of it. docs/kubernetes.md, "scripts/cluster", says why each setting is there;
+"Several nodes on one machine" what --nodes adds (under .cluster/nodes and .cluster/ns; the
+namespaces axon-fabric and axon-node<k>, the link axon-n1, the chain AXON-FABRIC-GUARD).
 """
 
 from __future__ import annotations

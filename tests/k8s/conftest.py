@@ -13,6 +13,7 @@ test kills etcd and kube-apiserver during churn).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -133,11 +134,31 @@ def control_plane() -> Iterator[ControlPlane]:
                        capture_output=True, text=True, timeout=120)
 
 
-# -- the whole single-node cluster (scripts/cluster) -----------------------------------------
+# -- the whole cluster (scripts/cluster): one node, or several (--nodes N) ---------------------
 
 @dataclass
 class Cluster(ControlPlane):
     datapath: str = "ebpf"
+    nodes: int = 1
+    routing: str = "native"
+
+    def node_names(self) -> list[str]:
+        """Node 1 (this machine's network namespace) first, then node k (axon-node<k>)."""
+        return ["axoneme-node", *(f"axoneme-node{k}" for k in range(2, self.nodes + 1))]
+
+    def agent_pod(self, node: str) -> str:
+        """The DaemonSet's agent pod on ``node``."""
+        out = self.kubectl("-n", "kube-system", "get", "pods", "-l", "k8s-app=axoneme",
+                           "--field-selector", f"spec.nodeName={node}", "-o", "json").stdout
+        names = [p["metadata"]["name"] for p in json.loads(out)["items"]
+                 if p["metadata"].get("deletionTimestamp") is None]
+        assert len(names) == 1, f"agent pods on {node}: {names}"
+        return names[0]
+
+    def agent_on(self, node: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The CLI inside ``node``'s agent pod (``agent`` picks any one of them)."""
+        return self.kubectl("-n", "kube-system", "exec", self.agent_pod(node), "--", "axoneme", *cmd,
+                            check=False, timeout=timeout)
 
     def pod_ip(self, ns: str, name: str) -> str:
         return self.kubectl("-n", ns, "get", "pod", name, "-o", "jsonpath={.status.podIP}").stdout
@@ -163,6 +184,7 @@ class Cluster(ControlPlane):
 
 
 _CLUSTER: dict[str, Cluster] = {}
+_TRIED: list[str] = []  # every `up` run: a failed one is brought down at the end as well
 
 
 def _cluster_cmd(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -170,16 +192,21 @@ def _cluster_cmd(*args: str, timeout: float = 1800) -> subprocess.CompletedProce
                           text=True, timeout=timeout)
 
 
-def cluster_up(datapath: str) -> Cluster:
-    """``scripts/cluster up --datapath D`` (a running cluster of another datapath is brought
-    down first); brought down at the end of the session."""
+def cluster_up(datapath: str, nodes: int = 1, routing: str = "native") -> Cluster:
+    """``scripts/cluster up --datapath D [--nodes N --routing-mode R]`` (a running cluster of
+    another datapath, node count or routing is brought down first: `up` does that itself);
+    brought down at the end of the session. Single-node tests ask for nodes=1 and get a
+    single-node cluster again after a multi-node module."""
     capability.require_root("a kubelet, containerd and the agent's DaemonSet run as root")
-    if datapath in _CLUSTER:
-        return _CLUSTER[datapath]
-    if _CLUSTER:
-        cluster_down()
+    key = datapath if (nodes, routing) == (1, "native") else f"{datapath}/{nodes}/{routing}"
+    if key in _CLUSTER:
+        return _CLUSTER[key]
+    _CLUSTER.clear()  # `up` replaces whatever runs
+    _TRIED.append(key)
     dp, _, mode = datapath.partition(":")
     args = ["up", "--datapath", dp] + (["--iptables-mode", mode] if mode else [])
+    if (nodes, routing) != (1, "native"):
+        args += ["--nodes", str(nodes), "--routing-mode", routing]
     res = _cluster_cmd(*args)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines or not lines[-1].startswith("KUBECONFIG="):
@@ -187,13 +214,14 @@ def cluster_up(datapath: str) -> Cluster:
                              f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     kubeconfig = Path(lines[-1].split("=", 1)[1])
     cl = Cluster(dir=kubeconfig.parent, kubeconfig=kubeconfig, bin=kubeconfig.parent / "bin",
-                 datapath=datapath)
-    _CLUSTER[datapath] = cl
+                 datapath=datapath, nodes=nodes, routing=routing)
+    _CLUSTER[key] = cl
     return cl
 
 
 def cluster_down() -> None:
     _CLUSTER.clear()
+    _TRIED.clear()
     res = _cluster_cmd("down", timeout=600)
     if res.returncode != 0:
         raise AssertionError(f"scripts/cluster down failed: {res.stdout[-3000:]}{res.stderr[-3000:]}")
@@ -204,5 +232,5 @@ def cluster_session() -> Iterator[None]:
     try:
         yield
     finally:
-        if _CLUSTER:
+        if _CLUSTER or _TRIED:
             cluster_down()

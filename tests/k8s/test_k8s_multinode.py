@@ -1,0 +1,262 @@
+"""Several nodes on one machine (``scripts/cluster up --nodes 2 --routing-mode R``, issue 20).
+
+Node 1 is this machine's network namespace, node 2 the namespaces ``axon-node2`` (network and
+mount) with its own containerd, kubelet and the DaemonSet's agent pod (docs/kubernetes.md,
+"Several nodes"). Two namespaces ``mnx``/``mny`` with pods a (node 1), b and c (node 2), pinned
+with ``nodeSelector: kubernetes.io/hostname`` in mnx and ``nodeName`` in mny. Per routing mode
+(native, then tunnel):
+
+- every pod's address is in its Node's ``spec.podCIDR`` and each agent says it allocates from
+  it (``status -o json`` components.ipam); each agent has only its own node's endpoints;
+- the kernel routes the other node's pod CIDR as the mode says (a proto 164 route via the
+  node's address, or through ``axon_vxlan``, whose counters prove the tunnel carried it);
+- every pod reaches every pod across nodes with no policy; with a NetworkPolicy allowing
+  mnx/b only from mnx's pod a, the 36 probes equal ``axoneme policy matrix --cluster`` fed
+  with ``kubectl get -o json`` of the same objects; the cross-node deny (mny/a on node 1 to
+  mnx/b on node 2) is decided on node 2 by the sender's identity from node 2's ipcache, and
+  node 2's flows show the drop with that identity;
+- the same labels have the same identity number on both nodes (``identity list -o json`` in
+  each node's agent pod), and no number names two label sets.
+
+Time: each mode brings a 2-node cluster up (about 1.5 to 2 min here) and probes twice;
+``AXONEME_K8S_MULTINODE_ROUTING=native`` (what CI sets, .ci/run) runs one mode only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import Cluster, cluster_up
+
+pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
+
+NAMESPACES = ("mnx", "mny")
+PODS = ("a", "b", "c")
+PORT = 80
+NODE1, NODE2 = "axoneme-node", "axoneme-node2"
+PLACEMENT = {"a": NODE1, "b": NODE2, "c": NODE2}
+AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+AXONEME = str(Path(sys.executable).parent / "axoneme")
+ROUTING = [m for m in ("native", "tunnel")
+           if os.environ.get("AXONEME_K8S_MULTINODE_ROUTING", m) == m]
+
+POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+          "metadata": {"name": "b-from-a", "namespace": "mnx"},
+          "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}}
+
+
+def _pod(ns: str, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "agnhost", "image": AGNHOST, "imagePullPolicy": "IfNotPresent",
+                        "command": ["/agnhost", "porter"],
+                        "env": [{"name": f"SERVE_TCP_PORT_{PORT}", "value": "foo"}],
+                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]}]}
+    if ns == "mnx":  # the scheduler places it
+        spec["nodeSelector"] = {"kubernetes.io/hostname": PLACEMENT[name]}
+    else:  # bound directly
+        spec["nodeName"] = PLACEMENT[name]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}}, "spec": spec}
+
+
+@pytest.fixture(scope="module", params=ROUTING)
+def mn(request: pytest.FixtureRequest, cluster_session: None) -> Any:
+    cl = cluster_up("ebpf", nodes=2, routing=request.param)
+    objs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": ns, "labels": {"ns": ns}}} for ns in NAMESPACES]
+    objs += [_pod(ns, p) for ns in NAMESPACES for p in PODS]
+    cl.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+    try:
+        for ns in NAMESPACES:
+            cl.wait_pods_ready(ns)
+        yield cl
+    finally:
+        cl.kubectl("delete", "ns", *NAMESPACES, "--wait=true", "--timeout=120s", check=False,
+                   timeout=150)
+
+
+def _pods(cl: Cluster) -> dict[str, dict[str, Any]]:
+    out = {}
+    for ns in NAMESPACES:
+        for item in json.loads(cl.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]:
+            out[f"{ns}/{item['metadata']['name']}"] = item
+    return out
+
+
+def _node_cidrs(cl: Cluster) -> dict[str, str]:
+    items = json.loads(cl.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    return {n["metadata"]["name"]: n["spec"]["podCIDR"] for n in items}
+
+
+def _agent_json(cl: Cluster, node: str, *cmd: str) -> Any:
+    res = cl.agent_on(node, *cmd, "-o", "json")
+    assert res.returncode == 0, f"{node}: axoneme {' '.join(cmd)}: {res.stderr}"
+    return json.loads(res.stdout)
+
+
+def _ns(node: str) -> list[str]:
+    """`ip` in that node's network namespace (node 1: this machine's)."""
+    return ["ip"] if node == NODE1 else ["ip", "-n", "axon-node" + node.removeprefix("axoneme-node")]
+
+
+def test_each_node_allocates_from_its_own_pod_cidr(mn: Cluster) -> None:
+    cidrs = _node_cidrs(mn)
+    assert cidrs == {NODE1: "10.244.0.0/24", NODE2: "10.244.1.0/24"}, cidrs
+    for key, pod in _pods(mn).items():
+        node = pod["spec"]["nodeName"]
+        assert node == PLACEMENT[key.split("/")[1]], (key, node)
+        ip = ipaddress.ip_address(pod["status"]["podIP"])
+        assert ip in ipaddress.ip_network(cidrs[node]), f"{key} on {node}: {ip} not in {cidrs[node]}"
+    for node in (NODE1, NODE2):
+        status = _agent_json(mn, node, "status")
+        ipam = status["components"]["ipam"]
+        assert (ipam["pod_cidr"], ipam["source"]) == (cidrs[node], "node"), (node, ipam)
+        assert status["components"]["routing"]["mode"] == mn.routing
+        assert not status["faults"], (node, status["faults"])
+        # each agent has its own node's endpoints only (its own state, pins and CNI)
+        mine = {e["pod"] for e in _agent_json(mn, node, "endpoint", "list")
+                if e["pod"].split("/")[0] in NAMESPACES}
+        want = {f"{ns}/{p}" for ns in NAMESPACES for p in PODS if PLACEMENT[p] == node}
+        assert mine == want, (node, mine)
+
+
+def test_the_other_nodes_pod_cidr_is_routed_as_the_mode_says(mn: Cluster) -> None:
+    for node, other, via in ((NODE1, "10.244.1.0/24", "10.255.254.2"),
+                             (NODE2, "10.244.0.0/24", "10.255.254.1")):
+        routes = subprocess.run([*_ns(node), "-j", "route", "show", "proto", "164"],
+                                capture_output=True, text=True, check=True).stdout
+        got = {r["dst"]: r for r in json.loads(routes)}
+        assert other in got, (node, routes)
+        assert got[other]["gateway"] == via, got[other]
+        want_dev = "axon_vxlan" if mn.routing == "tunnel" else ("axon-n1" if node == NODE1 else "eth0")
+        assert got[other]["dev"] == want_dev, (node, got[other])
+
+
+def _probe_all(cl: Cluster, pods: dict[str, dict[str, Any]]) -> dict[tuple[str, str], bool]:
+    """Every pod to every pod on PORT, from inside the source pod (one exec per source)."""
+    ips = {k: p["status"]["podIP"] for k, p in pods.items()}
+    script = ("for t in " + " ".join(f"{ip}:{PORT}" for ip in ips.values()) + "; do "
+              "( if /agnhost connect $t --timeout=1s --protocol=tcp >/dev/null 2>&1; "
+              "then echo \"$t ok\"; else echo \"$t no\"; fi ) & done; wait")
+    by_ip = {ip: key for key, ip in ips.items()}
+    out: dict[tuple[str, str], bool] = {}
+    for src in ips:
+        ns, name = src.split("/")
+        res = cl.exec(ns, name, "sh", "-c", script, timeout=60)
+        assert res.returncode == 0, f"probe from {src} failed: {res.stderr}"
+        for line in res.stdout.splitlines():
+            if line.strip():
+                target, verdict = line.split()
+                out[(src, by_ip[target.rsplit(":", 1)[0]])] = verdict == "ok"
+    assert len(out) == len(ips) ** 2, "some probes did not answer"
+    return out
+
+
+def _matrix(cl: Cluster, policies: list[dict[str, Any]], work: Path) -> dict[tuple[str, str], bool]:
+    """``axoneme policy matrix --cluster`` on the cluster's own objects."""
+    items = []
+    for ns in NAMESPACES:
+        items.append(json.loads(cl.kubectl("get", "ns", ns, "-o", "json").stdout))
+        items += json.loads(cl.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]
+    (work / "cluster.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items}))
+    (work / "policies.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policies}))
+    res = subprocess.run([AXONEME, "policy", "matrix", "--cluster", str(work / "cluster.yaml"),
+                          "-f", str(work / "policies.json"), "--port", str(PORT), "-o", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return {(p["from"], p["to"]): p["verdict"] == "allowed" for p in json.loads(res.stdout)["probes"]}
+
+
+def _settled(cl: Cluster, pods: dict[str, dict[str, Any]],
+             want: dict[tuple[str, str], bool]) -> list[str]:
+    """Probe until the table equals `want` (programming is asynchronous); the differences left."""
+    diff: list[str] = []
+    for _ in range(4):
+        got = _probe_all(cl, pods)
+        diff = [f"{s} -> {d}: probe {'allowed' if v else 'denied'}, matrix "
+                f"{'allowed' if want.get((s, d)) else 'denied'}"
+                for (s, d), v in sorted(got.items()) if v != want.get((s, d))]
+        if not diff:
+            return []
+        time.sleep(1.0)
+    return diff
+
+
+def _vxlan_rx(node: str) -> int:
+    out = subprocess.run([*_ns(node), "-s", "-j", "link", "show", "axon_vxlan"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+def test_cross_node_truth_table_equals_the_matrix(mn: Cluster) -> None:
+    pods = _pods(mn)
+    with tempfile.TemporaryDirectory(prefix="ax-mn-") as tmp:
+        work = Path(tmp)
+        # no policy: every pod reaches every pod, across the nodes too
+        open_table = _matrix(mn, [], work)
+        assert all(open_table.values()) and len(open_table) == 36, open_table
+        rx = {n: _vxlan_rx(n) for n in (NODE1, NODE2)} if mn.routing == "tunnel" else {}
+        diff = _settled(mn, pods, open_table)
+        assert not diff, f"{mn.routing}, no policy:\n" + "\n".join(diff)
+        if mn.routing == "tunnel":  # cross-node probes came through the tunnel, both ways
+            for node in (NODE1, NODE2):
+                assert _vxlan_rx(node) > rx[node], f"{node}: axon_vxlan received nothing"
+
+        want = _matrix(mn, [POLICY], work)
+        # what the case is about: one cross-node pair allowed, one denied, by identity on node 2
+        assert want[("mnx/a", "mnx/b")] and not want[("mny/a", "mnx/b")], want
+        mn.kubectl("apply", "-f", str(work / "policies.json"))
+        try:
+            diff = _settled(mn, pods, want)
+            assert not diff, f"{mn.routing}, policy b-from-a:\n" + "\n".join(diff)
+            _drop_seen_on_node2_with_the_senders_identity(mn, pods)
+        finally:
+            mn.kubectl("delete", "-f", str(work / "policies.json"), "--wait=true", check=False)
+
+
+def _drop_seen_on_node2_with_the_senders_identity(cl: Cluster, pods: dict[str, dict[str, Any]]) -> None:
+    """Node 2's agent dropped mny/a's SYN to mnx/b and knew the sender by the identity node 1's
+    agent gave it (node 2's ipcache, fed from the API)."""
+    sender = next(e for e in _agent_json(cl, NODE1, "endpoint", "list") if e["pod"] == "mny/a")
+    src, dst = pods["mny/a"]["status"]["podIP"], pods["mnx/b"]["status"]["podIP"]
+    res = cl.agent_on(NODE2, "observe", "--last", "2000", "--verdict", "DROPPED", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    flows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    seen = [f for f in flows if f["IP"]["source"] == src and f["IP"]["destination"] == dst]
+    assert seen, f"node 2 recorded no drop {src} -> {dst} ({len(flows)} drops)"
+    assert {f["source"]["identity"] for f in seen} == {sender["identity"]}, seen[:2]
+
+
+def test_same_labels_same_identity_on_every_node(mn: Cluster) -> None:
+    by_node: dict[str, dict[frozenset[str], int]] = {}
+    for node in mn.node_names():
+        ids = {frozenset(i["labels"]): int(i["id"]) for i in _agent_json(mn, node, "identity", "list")
+               if not i["reserved"] and int(i["id"]) <= 65535}  # CIDR identities are node-local
+        assert len(set(ids.values())) == len(ids), f"{node}: one number for two label sets"
+        by_node[node] = ids
+    one, two = by_node[NODE1], by_node[NODE2]
+    pods = {f"k8s:pod={p}" for p in PODS}
+    # every pod's identity (both namespaces) is known to both nodes, with one number
+    of_pods = [labels for labels in one if pods & labels and any("mnx" in x or "mny" in x for x in labels)]
+    assert len(of_pods) == 6, of_pods
+    for labels in set(one) & set(two):
+        assert one[labels] == two[labels], (sorted(labels), one[labels], two[labels])
+    assert all(labels in two for labels in of_pods)
+    # no number names two label sets across the nodes
+    names = {}
+    for ids in by_node.values():
+        for labels, num in ids.items():
+            assert names.setdefault(num, labels) == labels, (num, sorted(labels), sorted(names[num]))
