@@ -4,7 +4,8 @@ Every PromQL expression of the Grafana dashboard is parsed by Prometheus' own
 `promtool` (as recording rules, Grafana's `$__rate_interval` as 5m); every
 metric name it uses must be a series the agent's registry exports (read from a
 real Agent's registry after flows and regenerations fed it), and every label a
-selector matches on must be one of that metric's labels.
+selector matches on must be one of that metric's labels; so must every label a
+query groups by and every label its legend prints.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(=~|!~|!=|=)")
 IDENT = re.compile(r"[a-zA-Z_:][\w:]*")
 
 
-def expressions() -> list[tuple[str, str]]:
-    """(panel title, expr) of every target, Grafana's macros substituted."""
+def expressions(legends: bool = False) -> list[Any]:
+    """(panel title, expr) of every target, Grafana's macros substituted; with
+    ``legends``, (title, expr, legendFormat)."""
     dash = json.loads(DASHBOARD.read_text())
     out = []
     for panel in dash["panels"]:
@@ -39,8 +41,16 @@ def expressions() -> list[tuple[str, str]]:
             expr = target["expr"]
             for macro, value in GRAFANA_MACROS.items():
                 expr = expr.replace(macro, value)
-            out.append((panel["title"], expr))
+            out.append((panel["title"], expr, target.get("legendFormat", "")) if legends
+                       else (panel["title"], expr))
     return out
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """The labels of an expression's by/without/on/ignoring/group_* clauses."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return {name for m in GROUPING.finditer(expr)
+            for name in re.findall(r"[a-zA-Z_]\w*", m.group(0).split("(", 1)[1])}
 
 
 def metric_names(expr: str) -> dict[str, set[str]]:
@@ -97,6 +107,12 @@ def exported() -> dict[str, set[str]]:
             out.setdefault(family.name + suffix, set())
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
+        # a gauge read at scrape time with no series yet still declares its labels
+        out.setdefault(family.name, set()).update(getattr(family, "_labelnames", ()))
+    for collector in list(m.registry._collector_to_names):  # counters nothing counted yet
+        for name in m.registry._collector_to_names[collector]:
+            if name in out:
+                out[name].update(getattr(collector, "_labelnames", ()))
     return out
 
 
@@ -149,6 +165,21 @@ def test_every_metric_is_exported(series: dict[str, set[str]]) -> None:
             "cilium_endpoint_regenerations_total", "cilium_identity",
             "cilium_policy", "cilium_policy_l7_total", "cilium_bpf_map_pressure",
             "cilium_fqdn_active_names"} <= used_names
+
+
+def test_grouping_and_legend_labels_exist(series: dict[str, set[str]]) -> None:
+    """`sum by (x)` and a legend's {{x}} name labels the expression's metrics have
+    (a renamed label would otherwise leave a panel with one unnamed series)."""
+    assert grouping_labels('sum by (a, b) (x) / on(c) group_left(d) max without (e) (y)') == {
+        "a", "b", "c", "d", "e"}
+    problems = []
+    for title, expr, legend in expressions(legends=True):
+        have = set().union(*(series.get(n, set()) for n in metric_names(expr)))
+        for label in sorted(grouping_labels(expr) - have):
+            problems.append(f"{title!r}: groups by {label}, which no metric of it has")
+        for label in sorted(set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)) - have):
+            problems.append(f"{title!r}: legend prints {label}, which no metric of it has")
+    assert not problems, "\n".join(problems)
 
 
 def test_an_unknown_metric_would_be_caught(series: dict[str, Any]) -> None:

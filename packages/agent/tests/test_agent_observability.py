@@ -88,8 +88,10 @@ def test_regenerations_are_counted_by_outcome() -> None:
     get = m.registry.get_sample_value
     assert get("cilium_policy_regeneration_total") == 1
     assert get("cilium_policy_regeneration_time_stats_seconds_count", {"scope": "total"}) == 1
-    assert get("cilium_endpoint_regenerations_total", {"outcome": "success"}) == 1
-    assert get("cilium_endpoint_regenerations_total", {"outcome": "fail"}) == 1
+    assert get("cilium_endpoint_regenerations_total",
+               {"reason": "PolicyUpdate", "outcome": "success", "error": ""}) == 1
+    assert get("cilium_endpoint_regenerations_total",
+               {"reason": "PolicyUpdate", "outcome": "fail", "error": "PolicyBPFError"}) == 1
     assert get("axoneme_policy_regeneration_seconds_count") == 1
 
 
@@ -275,7 +277,7 @@ def test_state_collector_reads_identities_states_pressure_redirects_and_dns() ->
     assert get("cilium_endpoint_state", {"endpoint_state": "not-ready"}) == 1
     assert get("cilium_endpoint") == 2 and get("cilium_policy_max_revision") == 3
     assert get("cilium_bpf_map_pressure", {"map_name": "axoneme_policy_v1"}) == 0.5
-    assert get("cilium_proxy_redirects", {"protocol": "http"}) == 1
+    assert get("cilium_proxy_redirects", {"protocol_l7": "http"}) == 1
     assert (get("cilium_fqdn_active_names"), get("cilium_fqdn_active_ips")) == (1, 2)
 
 

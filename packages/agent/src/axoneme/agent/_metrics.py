@@ -6,7 +6,8 @@ with ``--prometheus-serve-addr``, over TCP by ``_prometheus``):
 - Cilium's names and labels, literally, where Cilium has the metric (users'
   dashboards and alerts query them): ``cilium_drop_count_total{reason,direction}``
   with Cilium's reason text ("Policy denied"), ``cilium_forward_count_total``,
-  ``cilium_policy_regeneration_*``, ``cilium_endpoint_regenerations_total{outcome}``,
+  ``cilium_policy_regeneration_*`` (older Cilium's), ``cilium_policy_implementation_delay{source}``,
+  ``cilium_endpoint_regenerations_total{reason,outcome,error}``,
   ``cilium_policy_l7_total{rule,proxy_type}``; the gauges read from the agent's
   state at scrape time (``cilium_identity``, ``cilium_policy``, map pressure...)
   come from ``_prometheus.AgentStateCollector``.
@@ -28,6 +29,8 @@ from prometheus_client.registry import Collector
 # Cilium's regeneration histograms (pkg/metrics: 1 ms .. ~2 min)
 REGENERATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                         30, 60, 120)
+# Cilium's policy_implementation_delay buckets (prometheus.ExponentialBuckets(10e-6, 10, 8))
+IMPLEMENTATION_BUCKETS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # verdicts whose packet went on: an AUDIT flow is one a policy in audit mode
 # would have dropped, forwarded (as Cilium's datapath counts it)
 FORWARDED = (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED, FlowVerdict.AUDIT)
@@ -89,12 +92,17 @@ class AgentMetrics:
             "cilium_policy_regeneration_time_stats_seconds",
             "Policy regeneration time stats labeled by the scope", ["scope"],
             buckets=REGENERATION_BUCKETS, registry=r)
+        self.policy_implementation_delay = Histogram(
+            "cilium_policy_implementation_delay", "Time between a policy change and it being "
+            "fully deployed into the datapath", ["source"],
+            buckets=IMPLEMENTATION_BUCKETS, registry=r)
         self.endpoint_regenerations = Counter(
             "cilium_endpoint_regenerations", "Count of all endpoint regenerations that have "
-            "completed, tagged by outcome", ["outcome"], registry=r)
+            "completed, tagged by reason, outcome and error", ["reason", "outcome", "error"],
+            registry=r)
         self.endpoint_regeneration_time = Histogram(
             "cilium_endpoint_regeneration_time_stats_seconds",
-            "Endpoint regeneration time stats labeled by the scope", ["scope"],
+            "Endpoint regeneration time stats labeled by the scope", ["scope", "status"],
             buckets=REGENERATION_BUCKETS, registry=r)
         self.policy_l7 = Counter(
             "cilium_policy_l7", "Number of total proxy requests handled",
@@ -194,10 +202,21 @@ class AgentMetrics:
         self.policy_regenerations.inc()
         self.policy_regeneration_time.labels(scope="total").observe(seconds)
 
-    def endpoint_regenerated(self, seconds: float, ok: bool) -> None:
-        """One endpoint's policy written (``ok``) or not, in ``seconds``."""
-        self.endpoint_regenerations.labels(outcome="success" if ok else "fail").inc()
-        self.endpoint_regeneration_time.labels(scope="total").observe(seconds)
+    def endpoint_regenerated(self, seconds: float, ok: bool, reason: str = "PolicyUpdate") -> None:
+        """One endpoint's policy written (``ok``) or not, in ``seconds``. Labels as
+        Cilium's (pkg/endpoint/metrics.go): ``reason`` a regeneration.Reason
+        (PolicyUpdate, RegenerationFailure for a retry), ``error`` "" or, when the
+        datapath refused the policy, PolicyBPFError (Cilium's name for a policy map
+        write that failed; the iptables datapath's failures count there too)."""
+        self.endpoint_regenerations.labels(reason=reason, outcome="success" if ok else "fail",
+                                           error="" if ok else "PolicyBPFError").inc()
+        self.endpoint_regeneration_time.labels(
+            scope="total", status="success" if ok else "failure").observe(seconds)
+
+    def policy_implemented(self, seconds: float, source: str) -> None:
+        """A policy change of ``source`` (Cilium's: api, directory, k8s,
+        custom-resource) in force in the datapath ``seconds`` after it was given."""
+        self.policy_implementation_delay.labels(source=source).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

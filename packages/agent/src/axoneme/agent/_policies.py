@@ -12,10 +12,11 @@ enforces it) while the other sources are their own record.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from axoneme.agent import _tracing as tracing
@@ -30,13 +31,43 @@ from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._state import StateStore
 from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
 from axoneme.core.errors import InvalidRule, PolicyError
-from axoneme.core.policy.api import Policy, PolicyRef
+from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.engine import PolicyEngine
 from axoneme.core.policy.parse import parse_policy_obj
 
 LOG = logging.getLogger(__name__)
 
 API = "api"
+K8S = "k8s"  # the Kubernetes watcher's source name (_k8s.SOURCE)
+
+
+def cilium_source(source: str, ref: PolicyRef) -> str:
+    """Cilium's ``source`` label (pkg/source) of a change from ``source``: ``api``,
+    ``k8s`` (a NetworkPolicy from the API server), ``custom-resource`` (a CNP or
+    CCNP from it), ``directory`` (a --policy-dir file)."""
+    if source == API:
+        return "api"
+    if source == K8S:
+        return "k8s" if ref.kind is PolicyKind.NETWORK_POLICY else "custom-resource"
+    return "directory"
+
+
+def implementation_delay(change: Callable[..., tuple[str, Sequence[PolicyRef]]]) -> Any:
+    """cilium_policy_implementation_delay{source} of a PolicyService change: from
+    the call to the datapath holding it, once per Cilium source among the
+    policies it touched (``change(self, *args)`` -> (our source, refs))."""
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            res = await fn(self, *args, **kwargs)
+            seconds = time.perf_counter() - t0
+            source, refs = change(self, *args, **kwargs)
+            for label in sorted({cilium_source(source, r) for r in refs}):
+                self.regen.metrics.policy_implemented(seconds, label)
+            return res
+        return timed
+    return wrap
 
 
 class PolicySource(Protocol):
@@ -147,6 +178,8 @@ class PolicyService:
     @tracing.traced("policy.apply", lambda self, parsed, source, remove_refs=(): {
         "policy": ", ".join(policy_key(p.ref) for p, _ in parsed), "source": source},
         lambda res: {"revision": res["revision"]})
+    @implementation_delay(lambda self, parsed, source, remove_refs=(): (
+        source, [*remove_refs, *(p.ref for p, _ in parsed)]))
     async def upsert(self, parsed: Sequence[tuple[Policy, Mapping[str, Any]]], source: str,
                      remove_refs: Sequence[PolicyRef] = ()) -> dict[str, Any]:
         """Add or replace ``parsed`` and remove ``remove_refs``, as one change."""
@@ -191,6 +224,7 @@ class PolicyService:
     @tracing.traced("policy.delete",
                     lambda self, refs: {"policy": ", ".join(policy_key(r) for r in refs)},
                     lambda res: {"revision": res["revision"]})
+    @implementation_delay(lambda self, refs: (API, refs))
     async def delete(self, refs: Sequence[PolicyRef]) -> dict[str, Any]:
         store = self.store
         async with store.lock:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from axoneme.core.errors import ConfigError
+from axoneme.core.identity import RESERVED_IDENTITIES
 from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -97,10 +98,13 @@ class AgentStateCollector(Collector):
                      ("endpoint_state",))
 
     def _identities(self) -> Iterator[GaugeMetricFamily]:
-        ids = list(self.agent.allocator.snapshot())
+        ids = list(self.agent.allocator.snapshot())  # allocated: not the reserved ones
         kinds = Tally("node_local" if i >= CIDR_IDENTITY_BASE else "cluster_local" for i in ids)
+        # Cilium counts its reserved identities (host, world, ...) as type="reserved"
+        kinds["reserved"] = len(RESERVED_IDENTITIES)
         yield _gauge("cilium_identity", "Number of identities currently allocated",
-                     {(k,): kinds.get(k, 0) for k in ("cluster_local", "node_local")}, ("type",))
+                     {(k,): kinds.get(k, 0) for k in ("cluster_local", "node_local", "reserved")},
+                     ("type",))
 
     def _policies(self) -> Iterator[GaugeMetricFamily]:
         yield _gauge("cilium_policy", "Number of policies currently loaded",
@@ -132,8 +136,8 @@ class AgentStateCollector(Collector):
             for entry in state.values():
                 if entry.is_redirect:
                     counts[by_port.get(entry.proxy_port, "unknown")] += 1
-        yield _gauge("cilium_proxy_redirects", "Number of redirects installed for endpoints",
-                     {(p,): n for p, n in counts.items()}, ("protocol",))
+        yield _gauge("cilium_proxy_redirects", "Number of redirects installed for endpoints, "
+                     "labeled by protocol", {(p,): n for p, n in counts.items()}, ("protocol_l7",))
 
     def _fqdn(self) -> Iterator[GaugeMetricFamily]:
         entries = self.agent.fqdn.view()

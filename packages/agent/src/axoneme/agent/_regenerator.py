@@ -183,13 +183,14 @@ class Regenerator:
                     continue
                 if not changes and ep_id not in self._resync:
                     continue
+                reason = "RegenerationFailure" if ep_id in self._resync else "PolicyUpdate"
                 t1 = time.perf_counter()
                 with tracing.span("endpoint.regeneration", endpoint=ep.id,
                                   identity=ep.identity) as esp:
                     error = self._write_policy(dp, ep, changes)
                     tracing.set_attributes(esp, outcome="fail" if error else "success",
                                            error=error)
-                self.metrics.endpoint_regenerated(time.perf_counter() - t1, error is None)
+                self.metrics.endpoint_regenerated(time.perf_counter() - t1, error is None, reason)
                 if error is not None:
                     errors[ep_id] = error
                     self._resync.add(ep_id)
