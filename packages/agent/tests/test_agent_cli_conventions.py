@@ -213,6 +213,25 @@ def test_policy_get(fake_agent: None, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 2 and "expected NAME or KIND/NAME" in err
 
 
+def test_every_listing_has_the_outputs_and_a_selector() -> None:
+    """Every `... list` command (and `policy get`, `plugins`, which list too) takes
+    -o table|wide|json|yaml, and every `list` takes -l: a new listing cannot forget them."""
+    parser, _ = build_parser()
+    listings = {path: sub for path, sub in _commands(parser)
+                if path.split()[-1] == "list" or path in ("policy get", "plugins")}
+    assert {"endpoint list", "identity list", "policy list", "namespace list",
+            "pod list", "policy get", "plugins"} <= set(listings)
+    problems = []
+    for path, sub in sorted(listings.items()):
+        flags = {s: a for a in sub._actions for s in a.option_strings}
+        output = flags.get("-o")
+        if output is None or not {"table", "wide", "json", "yaml"} <= set(output.choices or ()):
+            problems.append(f"axoneme {path}: -o lacks table|wide|json|yaml")
+        if path != "plugins" and not {"-l", "--selector"} <= set(flags):
+            problems.append(f"axoneme {path}: no -l/--selector")
+    assert not problems, "\n".join(problems)
+
+
 # -- policy trace -o json, --exit-code -----------------------------------------------------
 
 TRACE = ("policy", "trace", "--cluster", str(DEMO / "cluster.yaml"), "-f", str(DEMO / "policies"))
