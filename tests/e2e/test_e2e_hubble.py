@@ -279,6 +279,14 @@ def test_hubble_observes_axoneme(node: Any, hubble_cli: str) -> None:
     ours = ap.cli("observe", "--last", "4000", "--verdict", "DROPPED", check=True).stdout
     assert "DROPPED BY client-egress (CiliumNetworkPolicy)" in ours, ours
     assert "DROPPED BY web-ingress (CiliumNetworkPolicy)" in ours, ours
+    # and so does its JSON (the same flow.Flow fields as over Hubble's API)
+    ours_json = [json.loads(line) for line in ap.cli(
+        "observe", "--last", "4000", "--verdict", "DROPPED", "-o", "json",
+        check=True).stdout.splitlines() if line.strip()]
+    ours_eg = [f for f in _named(ours_json, "egress_denied_by", "client-egress")
+               if f.get("drop_reason_desc") == "POLICY_DENIED"]
+    assert ours_eg and "axoneme:default-deny=true" in ours_eg[0]["egress_denied_by"][0]["labels"]
+    assert _named(ours_json, "ingress_denied_by", "web-ingress"), ours_json
     # Hubble's filters and outputs in axoneme observe, through the agent
     table = ap.cli("observe", "-o", "table", "--since", "10m", "--verdict", "DROPPED",
                    "--to-ip", f"{web}/32", "--not", "--from-ip", ips["client"],
