@@ -96,9 +96,12 @@ def test_prometheus_scrapes_drops_and_a_rate_moves(agent_factory: Any, datapath_
         names = set(_obsproc.get_json(f"{api}/api/v1/label/__name__/values")["data"])
         for name in ("cilium_forward_count_total", "cilium_endpoint_regenerations_total",
                      "cilium_policy_regeneration_time_stats_seconds_bucket", "cilium_identity",
-                     "cilium_policy", "cilium_bpf_map_pressure", "cilium_endpoint"):
+                     "cilium_policy", "cilium_bpf_map_pressure", "cilium_endpoint",
+                     "cilium_policy_implementation_delay_bucket"):
             assert name in names, name
         assert _query(api, "cilium_policy") == 1.0
+        # the policy apply above, timed until the datapath held it (Cilium 1.20's metric)
+        assert _query(api, 'cilium_policy_implementation_delay_count{source="api"}') == 1.0
         assert _query(api, 'sum(cilium_endpoint_regenerations_total{outcome="success"})')
 
 
