@@ -162,6 +162,15 @@ def test_endpoint_regenerations_carry_reason_outcome_error() -> None:
                    {"scope": "total", "status": status}) == 1
 
 
+def test_dns_proxy_requests_are_ciliums_fqdn_proxy_type() -> None:
+    m = AgentMetrics()
+    m.observe_flow(_flow(FlowVerdict.FORWARDED, {"type": "REQUEST", "dns": {"query": "a."}}))
+    m.observe_flow(_flow(FlowVerdict.DROPPED, {"type": "REQUEST", "http": {"method": "GET"}}))
+    get = m.registry.get_sample_value
+    assert get("cilium_policy_l7_total", {"rule": "forwarded", "proxy_type": "fqdn"}) == 1
+    assert get("cilium_policy_l7_total", {"rule": "denied", "proxy_type": "http"}) == 1
+
+
 def test_gauges_read_reserved_identities_and_redirects_by_protocol_l7() -> None:
     r = CollectorRegistry()
     r.register(AgentStateCollector(_fake_agent()))

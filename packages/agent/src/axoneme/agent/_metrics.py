@@ -34,8 +34,10 @@ IMPLEMENTATION_BUCKETS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # verdicts whose packet went on: an AUDIT flow is one a policy in audit mode
 # would have dropped, forwarded (as Cilium's datapath counts it)
 FORWARDED = (FlowVerdict.FORWARDED, FlowVerdict.REDIRECTED, FlowVerdict.AUDIT)
-# what Cilium's cilium_policy_l7_total{proxy_type} says for each parser's flows
-PROXY_TYPE = {"http": "http", "kafka": "kafka", "dns": "dns"}
+# what cilium_policy_l7_total{proxy_type} says for each parser's flows: Cilium's
+# "fqdn" for the DNS proxy; Cilium says "envoy" for HTTP and Kafka, which here go
+# through our own proxies, named by their protocol
+PROXY_TYPE = {"http": "http", "kafka": "kafka", "dns": "fqdn"}
 
 
 # Hubble's metric labels (hubble/metrics: flow, drop, policy handlers)
