@@ -6,7 +6,6 @@ Root-free: the noop datapath, a fake agent for the gauges read at scrape time.""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from pathlib import Path
@@ -49,27 +48,6 @@ OLDER_OR_NARROWER = {
     "fqdn_active_names": set(),
     "fqdn_active_ips": set(),
 }
-POLICY = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-          "metadata": {"name": "web", "namespace": "default"},
-          "spec": {"endpointSelector": {"matchLabels": {"app": "web"}}, "ingress": [{}]}}
-NETPOL = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-          "metadata": {"name": "db", "namespace": "default"},
-          "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}}
-
-
-def _agent(tmp_path: Path) -> Any:
-    from axoneme.agent._agent import Agent
-    from axoneme.agent.cli import build_parser
-    from axoneme.agent.cli._agentconfig import build_agent_config
-
-    parser, _ = build_parser()
-    cfg = build_agent_config(parser.parse_args([
-        "agent", "run", "--datapath", "noop", "--state-dir", str(tmp_path / "state"),
-        "--api-socket", str(tmp_path / "s.sock")]))
-    (tmp_path / "state").mkdir()
-    agent = Agent(cfg)
-    agent.datapath = agent.make_datapath()
-    return agent
 
 
 def _fake_agent() -> SimpleNamespace:
@@ -178,30 +156,3 @@ def test_gauges_read_reserved_identities_and_redirects_by_protocol_l7() -> None:
     assert get("cilium_identity", {"type": "reserved"}) == len(RESERVED_IDENTITIES) > 0
     assert get("cilium_identity", {"type": "cluster_local"}) == 1
     assert get("cilium_proxy_redirects", {"protocol_l7": "http"}) == 1
-
-
-def test_policy_implementation_delay_by_ciliums_source(tmp_path: Path) -> None:
-    agent = _agent(tmp_path)
-    svc = agent.policies
-
-    def count(source: str) -> float:
-        v = agent.metrics.registry.get_sample_value("cilium_policy_implementation_delay_count",
-                                                    {"source": source})
-        return v or 0.0
-
-    async def go() -> None:
-        from axoneme.core.policy.parse import parse_policy_obj
-
-        await svc.apply([{"obj": POLICY}])  # the API
-        assert count("api") == 1
-        cnp, netpol = (parse_policy_obj(o, "k8s", 0) for o in (POLICY, NETPOL))
-        await svc.upsert([(cnp, {"obj": POLICY}), (netpol, {"obj": NETPOL})], source="k8s")
-        assert (count("k8s"), count("custom-resource")) == (1, 1)
-        await svc.upsert([(netpol, {"obj": NETPOL})], str(tmp_path / "dir" / "p.yaml"))
-        assert count("directory") == 1
-        await svc.delete([netpol.ref])
-        assert count("api") == 2
-
-    asyncio.run(go())
-    assert agent.metrics.registry.get_sample_value(
-        "cilium_policy_implementation_delay_sum", {"source": "api"}) > 0

@@ -305,3 +305,35 @@ def test_kubernetes_event_batches_are_spans(spans: InMemorySpanExporter) -> None
     assert (event.attributes["axoneme.resource"], event.attributes["axoneme.events"],
             event.attributes["axoneme.initial"]) == ("cnps", 2, True)
     assert got["policy.apply"].parent.span_id == event.context.span_id
+
+
+NETPOL = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+          "metadata": {"name": "db", "namespace": "default"},
+          "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}}
+
+
+def test_policy_implementation_delay_by_ciliums_source(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    svc = agent.policies
+
+    def count(source: str) -> float:
+        v = agent.metrics.registry.get_sample_value("cilium_policy_implementation_delay_count",
+                                                    {"source": source})
+        return v or 0.0
+
+    async def go() -> None:
+        from axoneme.core.policy.parse import parse_policy_obj
+
+        await svc.apply([{"obj": POLICY}])  # the API
+        assert count("api") == 1
+        cnp, netpol = (parse_policy_obj(o, "k8s", 0) for o in (POLICY, NETPOL))
+        await svc.upsert([(cnp, {"obj": POLICY}), (netpol, {"obj": NETPOL})], source="k8s")
+        assert (count("k8s"), count("custom-resource")) == (1, 1)
+        await svc.upsert([(netpol, {"obj": NETPOL})], str(tmp_path / "dir" / "p.yaml"))
+        assert count("directory") == 1
+        await svc.delete([netpol.ref])
+        assert count("api") == 2
+
+    asyncio.run(go())
+    assert agent.metrics.registry.get_sample_value(
+        "cilium_policy_implementation_delay_sum", {"source": "api"}) > 0
