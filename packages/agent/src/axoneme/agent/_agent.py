@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from axoneme.agent import _gcpause
 from axoneme.agent import _netlink as nl
 from axoneme.agent import _tracing as tracing
 from axoneme.agent import guard as guard_mod
@@ -213,7 +214,8 @@ class Agent:
             raise StateDirLocked(self.config.state_dir, e) from None
         self._state_lock = lock
         try:
-            await self._start()
+            with _gcpause.paused():  # adopting a large state: see _gcpause
+                await self._start()
         except BaseException:
             lock.release()  # a failed start leaves the dir to whoever comes next
             raise

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from axoneme.agent import _gcpause
 from axoneme.agent import _tracing as tracing
 from axoneme.agent._config import AgentConfig
 from axoneme.agent._errors import (
@@ -163,17 +164,19 @@ class PolicyService:
     async def apply(self, docs: Sequence[Mapping[str, Any]], source: str = API) -> dict[str, Any]:
         """Parse documents (``{"file", "index", "obj"}``) and upsert them; InvalidRule
         with every problem of every document, nothing applied."""
-        parsed = []
-        problems = []
-        for d in docs:
-            try:
-                parsed.append((parse_policy_obj(d.get("obj"), str(d.get("file", "<api>")),
-                                                int(d.get("index", 0)), self.services_source), d))
-            except InvalidRule as e:
-                problems.extend(e.problems)
-        if problems:
-            raise InvalidRule(problems)
-        return await self.upsert(parsed, source)
+        with _gcpause.paused():  # a 50k-peer policy: a million objects (see _gcpause)
+            parsed = []
+            problems = []
+            for d in docs:
+                try:
+                    parsed.append((parse_policy_obj(d.get("obj"), str(d.get("file", "<api>")),
+                                                    int(d.get("index", 0)), self.services_source),
+                                   d))
+                except InvalidRule as e:
+                    problems.extend(e.problems)
+            if problems:
+                raise InvalidRule(problems)
+            return await self.upsert(parsed, source)
 
     @tracing.traced("policy.apply", lambda self, parsed, source, remove_refs=(): {
         "policy": ", ".join(policy_key(p.ref) for p, _ in parsed), "source": source},
@@ -183,8 +186,13 @@ class PolicyService:
     async def upsert(self, parsed: Sequence[tuple[Policy, Mapping[str, Any]]], source: str,
                      remove_refs: Sequence[PolicyRef] = ()) -> dict[str, Any]:
         """Add or replace ``parsed`` and remove ``remove_refs``, as one change."""
-        applied = []
-        removed = []
+        with _gcpause.paused():
+            return await self._upsert(parsed, source, remove_refs)
+
+    async def _upsert(self, parsed: Sequence[tuple[Policy, Mapping[str, Any]]], source: str,
+                      remove_refs: Sequence[PolicyRef]) -> dict[str, Any]:
+        applied: list[PolicyRef] = []
+        removed: list[PolicyRef] = []
         store = self.store
         async with store.lock:
             undo = _PolicyUndo(self, [*remove_refs, *(pol.ref for pol, _ in parsed)])
@@ -226,6 +234,10 @@ class PolicyService:
                     lambda res: {"revision": res["revision"]})
     @implementation_delay(lambda self, refs: (API, refs))
     async def delete(self, refs: Sequence[PolicyRef]) -> dict[str, Any]:
+        with _gcpause.paused():
+            return await self._delete(refs)
+
+    async def _delete(self, refs: Sequence[PolicyRef]) -> dict[str, Any]:
         store = self.store
         async with store.lock:
             unknown = [r for r in refs if policy_key(r) not in store.policy_docs]

@@ -122,6 +122,18 @@ def policy_map_of(raw: bytes) -> str:
     return "ax_policy_hash" if _PREFIXLEN.unpack_from(raw)[0] in _HASHED_PREFIXES else "ax_policy"
 
 
+def _ipcache_write(fd: int, keys: list[bytes], values: list[bytes]) -> None:
+    """Batch update; one by one where the map type has no batch op (an LPM
+    trie before kernel 5.x' generic batch ops: EINVAL/ENOTSUPP, nothing written)."""
+    try:
+        _bpf.map_update_batch(fd, keys, values)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524) or getattr(e, "written", 0):
+            raise
+        for k, v in zip(keys, values, strict=True):
+            _bpf.map_update(fd, k, v)
+
+
 def ipcache_map_of(net: IPNetwork) -> str:
     """The map an ipcache entry lives in (lib/ipcache.h): host entries in
     ``ax_ipcache_host``, shorter prefixes in the trie."""
@@ -670,12 +682,23 @@ class EbpfDatapath(Datapath):
                         _bpf.map_delete(fds[ipcache_map_of(net)], ipcache_key(net))
                         if known is not None:
                             known.discard(bytes(ipcache_key(net)))
+                # one BPF_MAP_UPDATE_BATCH per map (a 50k-peer fromCIDR policy
+                # is 50k /32 entries); identical values share their bytes
+                batches: dict[str, tuple[list[bytes], list[bytes]]] = {}
+                values: dict[int, bytes] = {}
                 for net, identity in changes.upserts.items():
-                    v = L.IPCacheValue()
-                    v.identity = identity
-                    _bpf.map_update(fds[ipcache_map_of(net)], ipcache_key(net), v)
+                    vb = values.get(identity)
+                    if vb is None:
+                        v = L.IPCacheValue()
+                        v.identity = identity
+                        vb = values[identity] = bytes(v)
+                    ks, vs = batches.setdefault(ipcache_map_of(net), ([], []))
+                    ks.append(bytes(ipcache_key(net)))
+                    vs.append(vb)
+                for name, (ks, vs) in batches.items():
+                    _ipcache_write(fds[name], ks, vs)
                     if known is not None:
-                        known.add(bytes(ipcache_key(net)))
+                        known.update(ks)
             except OSError as e:
                 self._ipcache_keys = None  # counted from the kernel again
                 self._bump_revision()
@@ -828,8 +851,15 @@ class EbpfDatapath(Datapath):
         elif current is not None:
             old = {k: current.get(k) for k in pkeys}
         else:
+            # the index mirrors the kernel (built from a dump, kept by every
+            # write): an added key it does not hold is new, no lookup needed
+            # (a 50k-peer policy on an endpoint holding a few entries);
+            # deletions still look (a key found is deleted, whatever the index)
             lookup = _bpf.map_lookup
             for k, pk in pkeys.items():
+                if pk not in held and k in adds:
+                    old[k] = None
+                    continue
                 cur = L.PolicyEntry()
                 old[k] = cur if lookup(self._pfd(pk), pk, cur) else None
 

@@ -1,0 +1,60 @@
+"""_gcpause: the collector paused around bulk policy work, bulk allocations frozen."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+from axoneme.agent import _gcpause
+
+
+class Obj:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _collector_back() -> object:
+    enabled = gc.isenabled()
+    gc.enable()
+    yield None
+    gc.unfreeze()
+    if not enabled:
+        gc.disable()
+
+
+def test_paused_nests_and_reenables_even_on_error() -> None:
+    with _gcpause.paused():
+        assert not gc.isenabled()
+        with _gcpause.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _gcpause.paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+
+
+def test_a_disabled_collector_stays_disabled() -> None:
+    gc.disable()
+    with _gcpause.paused():
+        pass
+    assert not gc.isenabled()
+
+
+def test_small_block_is_not_frozen() -> None:
+    before = gc.get_freeze_count()
+    with _gcpause.paused():
+        keep = [Obj() for _ in range(100)]
+    assert gc.get_freeze_count() == before and len(keep) == 100
+
+
+def test_bulk_block_is_frozen_and_still_freed_by_refcount() -> None:
+    before = gc.get_freeze_count()
+    with _gcpause.paused():
+        bulk = [[Obj()] for _ in range(_gcpause.FREEZE_AFTER)]
+    assert gc.get_freeze_count() >= before + _gcpause.FREEZE_AFTER
+    probe = weakref.ref(bulk[0][0])
+    del bulk  # the policy goes: reference counting frees frozen objects too
+    assert probe() is None
+    assert gc.get_freeze_count() < before + _gcpause.FREEZE_AFTER
