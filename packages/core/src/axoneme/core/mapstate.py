@@ -77,8 +77,14 @@ class Key:
     port: int = 0
     prefix_len: int = 0
     address: str = ""  # canonical peer address of an address key, else ""
+    # computed once: every dict/set a key passes through (the engine's
+    # contributions, pending changes, the datapath's write phases) hashes it
+    # again, and a 50k-peer policy is 100k keys (issue 17)
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.identity, self.direction, self.protocol,
+                                                self.port, self.prefix_len, self.address)))
         if bool(self.address) != (self.identity == ADDRESS_IDENTITY):
             raise ValueError("an address key has identity ADDRESS_IDENTITY and an address")
         if self.protocol is Protocol.ANY and (self.port or self.prefix_len):
@@ -88,6 +94,14 @@ class Key:
         mask = port_mask(self.prefix_len)
         if self.port & ~mask & 0xFFFF:
             raise ValueError(f"port {self.port} has bits outside prefix /{self.prefix_len}")
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt through __init__: str hashes differ between processes
+        return (Key, (self.identity, self.direction, self.protocol, self.port,
+                      self.prefix_len, self.address))
 
     @property
     def l4_prefix(self) -> int:

@@ -154,6 +154,8 @@ def _with_identity(template: Key, identity: int) -> Key:
     _set_field(key, "port", template.port)
     _set_field(key, "prefix_len", template.prefix_len)
     _set_field(key, "address", "")
+    _set_field(key, "_hash", hash((identity, template.direction, template.protocol,
+                                   template.port, template.prefix_len, "")))
     return key
 
 
