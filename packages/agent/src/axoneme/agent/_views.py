@@ -18,19 +18,44 @@ from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._state import StateStore
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.identity import IdentityAllocator
-from axoneme.core.mapstate import MapState
+from axoneme.core.mapstate import Key, MapState
 from axoneme.core.policy.engine import PolicyEngine
 
 
+def _key_order(key: Key) -> tuple[Any, ...]:
+    # Key's own order (its fields, in order), compared as one C tuple
+    return (key.identity, key.direction, key.protocol, key.port, key.prefix_len, key.address)
+
+
 def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
+    """The entries in Key order (``endpoint get``): O(entries); what is the same
+    for many entries (an entry shared by N peers, the L4 part of a key) is
+    formatted once."""
     out = []
-    for key in sorted(ms):
+    entries: dict[int, tuple[str, list[str]]] = {}  # id(entry) -> (str, derived_from)
+    l4s: dict[tuple[Any, ...], tuple[str, str, tuple[str, str]]] = {}  # -> key str parts
+    for key in sorted(ms, key=_key_order):
         entry = ms[key]
-        out.append({"key": str(key), "identity": key.identity, "direction": key.direction.name,
-                    "protocol": str(key.protocol), "port": key.port, "prefix_len": key.prefix_len,
+        shown = entries.get(id(entry))
+        if shown is None:
+            shown = entries[id(entry)] = (str(entry), sorted(entry.derived_from))
+        if key.address or key.identity == 0:
+            text, dname, proto = str(key), key.direction.name, str(key.protocol)
+        else:
+            l4 = (key.direction, key.protocol, key.port, key.prefix_len)
+            parts = l4s.get(l4)
+            if parts is None:
+                # str(Key) with identity 1, split around it: "<dir> id=<identity> <l4>"
+                head, _, tail = str(Key(1, *l4)).partition(" id=1 ")
+                parts = l4s[l4] = (f"{head} id=", f" {tail}", (key.direction.name,
+                                                               str(key.protocol)))
+            text = f"{parts[0]}{key.identity}{parts[1]}"
+            dname, proto = parts[2]
+        out.append({"key": text, "identity": key.identity, "direction": dname,
+                    "protocol": proto, "port": key.port, "prefix_len": key.prefix_len,
                     "address": key.address,  # an address key's peer address, else ""
-                    "entry": str(entry), "deny": entry.deny, "proxy_port": entry.proxy_port,
-                    "derived_from": sorted(entry.derived_from)})
+                    "entry": shown[0], "deny": entry.deny, "proxy_port": entry.proxy_port,
+                    "derived_from": list(shown[1])})
     return out
 
 
