@@ -125,7 +125,24 @@ def targets(r: _R) -> list[tuple[str, str, str, str]]:
                  "not measured" if x is None else ("met" if x >= 1000 else "MISSED"), "p50"))
     rows += _b1_targets(r)
     rows += _agent_targets(r)
+    rows += _agent_report().targets(r)
     return rows
+
+
+def _agent_report() -> Any:
+    """report_agent.py, next to this file (tests/bench is not a package)."""
+    import importlib.util
+    import sys
+
+    key = "axoneme_bench_report_agent"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(
+            "report_agent.py"))
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[key] = mod
+    return sys.modules[key]
 
 
 def _b1_targets(r: Any) -> list[tuple[str, str, str, str]]:
@@ -338,6 +355,7 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
         if k.startswith("B5/"):
             w(f"\n- {k}: not run: {v}")
     w("")
+    _agent_report().section(r, w)
     w("## B6 full resync of N entries (`Datapath.sync` from empty)\n")
     w("| condition | N | sync | dump matches |")
     w("|---|---|---|---|")

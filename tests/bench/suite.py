@@ -1115,15 +1115,67 @@ def _b5_agent_one(plan: Plan, res: Results, lg: str, cond: str, args: list[str])
                 break
             t = Trial("B5", f"agent-{cond}", n, 0)
             try:
-                _b5_agent_cell(plan, t, api, lg, srv_ip, cli_ns, srv_ep, n)
+                _b5_agent_cell(plan, t, api, lg, srv_ip, cli_ns, srv_ep, n,
+                               agent.proc.pid if agent.proc is not None else 0)
             except Exception as e:
                 t.error = f"{type(e).__name__}: {e}"
                 LOG.warning("B5 agent %s N=%d: %s", cond, n, traceback.format_exc())
             res.trials.append(t)
             if t.error:
                 break  # a bigger N will not go better
+        else:
+            if not plan.quick and cond == "ebpf":
+                res.trials.append(_agent_adopt(agent, plan.b5a_sizes[-1], srv_ep))
     finally:
         agent.close()
+
+
+def _timed_get(api: Any, path: str) -> float:
+    t0 = time.perf_counter()
+    api.get(path)
+    return time.perf_counter() - t0
+
+
+def _views_timed(t: Trial, api: Any, srv_ep: int, get: bool = True) -> None:
+    """The read paths at this policy size: status and lists must not grow with
+    it (O(1) in policy size); endpoint get is O(that endpoint's entries)."""
+    for name, path in (("status_s", "/v1/status"), ("ep_list_s", "/v1/endpoints"),
+                       ("pol_list_s", "/v1/policies")):
+        t.metrics[name] = min(_timed_get(api, path) for _ in range(3))
+    if get:
+        t.metrics["ep_get_s"] = _timed_get(api, f"/v1/endpoints/{srv_ep}")
+
+
+def _agent_adopt(agent: Agent, n: int, srv_ep: int) -> Trial:
+    """With the N-peer policy in force (N CIDR identities): the agent's RSS,
+    then a restart that adopts the state (SIGTERM keeps the kernel's state;
+    the new agent reloads its state file and the pinned maps) until healthy,
+    its RSS again, and proof the kernel still holds the computed policy."""
+    t = Trial("B5", "agent-ebpf-adopt", n, 0)
+    try:
+        assert agent.proc is not None
+        t.metrics["rss_mb_before"] = _rss_kb(agent.proc.pid) / 1024
+        t.metrics["identities"] = len(agent.api().get("/v1/identities"))
+        agent.proc.send_signal(signal.SIGTERM)
+        agent.proc.wait(120)
+        t.metrics["ready_s"] = agent.start(timeout=300)
+        t.metrics["rss_mb"] = _rss_kb(agent.proc.pid) / 1024
+        metrics = subprocess.run(["curl", "-s", "--unix-socket", agent.sock, "http://x/metrics"],
+                                 capture_output=True, text=True, timeout=60).stdout
+        compile_s = [float(line.split()[-1]) for line in metrics.splitlines()
+                     if "compile_seconds" in line and not line.startswith("#")]
+        t.metrics["datapath_load_s"] = compile_s[0] if compile_s else float("nan")
+        api = agent.api()
+        view = api.get(f"/v1/endpoints/{srv_ep}")
+        held = len(view.get("datapath") or [])
+        t.enforced = bool(view.get("in_sync")) and held >= n
+        t.proof = (f"after the restart the kernel's copy equals the computed policy "
+                   f"(in_sync {view.get('in_sync')}, {held:,} entries)")
+        _views_timed(t, api, srv_ep)
+    except Exception as e:
+        t.error = f"{type(e).__name__}: {e}"
+        LOG.warning("agent adopt N=%d: %s", n, traceback.format_exc())
+    return t
 
 
 def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float,
@@ -1140,15 +1192,25 @@ def _probe(lg: str, cli_ns: str, srv_ip: str, seconds: float,
 PROBE_GAP_US = {"agent-ebpf": 100}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns: str,
-                   srv_ep: int, n: int) -> None:
+                   srv_ep: int, n: int, pid: int = 0) -> None:
     doc = lambda obj: {"documents": [{"file": "bench", "index": 0, "obj": obj}]}  # noqa: E731
     base = _cnp("peers", [{"fromCIDR": [f"{fake_ip(i)}/32" for i in range(n)],
                            "toPorts": _ports("TCP", "UDP")}])
+    cpu0 = _cpu_s(pid) if pid else 0.0
     t0 = time.perf_counter()
     # the agent applies synchronously: the POST returns once the kernel holds the policy
     api.post("/v1/policies", doc(base))
     t.metrics["base_apply_s"] = time.perf_counter() - t0
+    if pid:
+        # the agent's own CPU time for it: what a shared, loaded machine does not inflate
+        t.metrics["base_apply_cpu_s"] = _cpu_s(pid) - cpu0
     # proof (not timed): the kernel's copy (dump) equals the computed policy, N peers in it
     t1 = time.perf_counter()
     view = api.get(f"/v1/endpoints/{srv_ep}")
@@ -1157,7 +1219,8 @@ def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns:
     if not view.get("in_sync") or size < n:
         raise RuntimeError(f"N={n} policy not in the datapath after the POST returned (holds "
                            f"{size}, in_sync {view.get('in_sync')})")
-    t.metrics["verify_get_s"] = time.perf_counter() - t1
+    t.metrics["verify_get_s"] = t.metrics["ep_get_s"] = time.perf_counter() - t1
+    _views_timed(t, api, srv_ep, get=False)
     change = _cnp("client", [{"fromEndpoints": [{"matchLabels": {"app": "cli"}}],
                               "toPorts": _ports("UDP")}])
     lat: list[float] = []
@@ -1347,7 +1410,9 @@ def merge(res: Results, old: dict[str, Any], ran: Sequence[str]) -> None:
     only = {f"agent-{c}" for c in os.environ.get("AXONEME_B5A_CONDITIONS", "").split(",") if c}
 
     def kept(group: str, cond: str) -> bool:
-        return group not in ran or (group == "B5A" and bool(only) and cond not in only)
+        # agent-ebpf-adopt (the restart after agent-ebpf's cells) goes with agent-ebpf
+        return group not in ran or (group == "B5A" and bool(only)
+                                    and cond.removesuffix("-adopt") not in only)
 
     for t in old["trials"]:
         if kept(_group(t["bench"], t["condition"]), t["condition"]):
