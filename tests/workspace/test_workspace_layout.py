@@ -174,7 +174,7 @@ IMPORT_DIST = {
     "pyroute2": "pyroute2", "prometheus_client": "prometheus-client", "dnslib": "dnslib",
     "h11": "h11", "kafka": "kafka-python", "aiokafka": "aiokafka", "opentelemetry": "opentelemetry-api",
     "re2": "google-re2", "pytest": "pytest", "kubernetes": "kubernetes", "argcomplete": "argcomplete",
-    "grpc": "grpcio", "google": "protobuf",
+    "grpc": "grpcio", "google": "protobuf", "uvloop": "uvloop", "httptools": "httptools",
 }
 # distributions that share a top-level import name with another: the module they own
 DIST_IMPORT = {"opentelemetry-sdk": "opentelemetry.sdk",

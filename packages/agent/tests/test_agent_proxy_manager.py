@@ -231,3 +231,19 @@ def test_crashed_proxy_loop_is_reported_and_revived() -> None:
         pm.stop()
         srv.shutdown()
     assert pm.proxies() == []
+
+
+def test_proxies_share_one_uvloop_loop() -> None:
+    """Every proxy (HTTP, Kafka, DNS) runs on the manager's one loop, uvloop's
+    (the agent extra declares it): an HTTP and a Kafka listener serve there."""
+    import uvloop
+
+    pm = ProxyManager(lambda *a: ProxyPolicy(), lambda f: None, port_range=_free_range(),
+                      redirect=False, transparent=False)
+    try:
+        ports = [pm.acquire("http", Direction.EGRESS), pm.acquire("kafka", Direction.EGRESS)]
+        assert isinstance(pm._loop, uvloop.Loop), type(pm._loop)
+        for port in ports:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        pm.stop()

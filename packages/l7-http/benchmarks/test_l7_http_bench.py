@@ -95,7 +95,13 @@ PROXY = textwrap.dedent("""
         await p.start()
         print(s.getsockname()[1], flush=True)
         await asyncio.Event().wait()
-    asyncio.run(main())
+    try:  # the agent runs its proxies on uvloop when installed
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
 """)
 
 PYLOAD = textwrap.dedent("""

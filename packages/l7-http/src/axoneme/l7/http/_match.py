@@ -25,6 +25,7 @@ Semantics (Cilium rules.http[], enforced by Envoy there):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,11 +57,25 @@ class HttpVerdict(L7Verdict):
     logs: tuple[str, ...] = ()  # LOG mismatches, for the access log
 
 
+# Values up to this length have their match results cached: a keep-alive
+# client repeats the same method/path/host, and one RE2 call through its
+# Python wrapper costs more than parsing the whole request head. Bounded
+# (entries x length), so distinct attacker paths only evict, never grow it.
+_CACHED_VALUE = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_fullmatch(pattern: str, value: str) -> bool:
+    return regex_fullmatch(pattern, value)
+
+
 def _full(pattern: str | None, value: str) -> bool:
     if not pattern:  # empty = any
         return True
     # RE2, linear in the value (the request comes from a pod); a pattern that
     # validation would refuse matches nothing, so it can only deny.
+    if len(value) <= _CACHED_VALUE:
+        return _cached_fullmatch(pattern, value)
     return regex_fullmatch(pattern, value)
 
 

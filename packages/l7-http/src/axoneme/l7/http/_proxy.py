@@ -88,6 +88,7 @@ class HttpProxy(StreamProxyServer):
         super().__init__(sock, max_connections=self.config.max_connections, stream_limit=STREAM_LIMIT,
                          name="http proxy")
         self.direction = direction
+        self.direction_name = str(direction)  # per flow record: computed once
         self.policy_for = policy_for
         self.flow_sink = flow_sink
         self.connect_upstream = connect_upstream or plain_connect
@@ -247,6 +248,8 @@ class _Conn:
         try:
             res = self.p.policy_for(self.client[0], self.client[1], self.dst[0], self.dst[1],
                                     self.p.direction)
+            if type(res) is ProxyPolicy:  # the agent's answer: skip the checks below
+                return res
             if inspect.isawaitable(res):
                 res = await res
         except Exception:
@@ -277,13 +280,14 @@ class _Conn:
             summary = f"{req.version} {code} {latency_ns // 1_000_000}ms ({req.method} {url})"
         l7 = {"type": "RESPONSE" if reply else "REQUEST", "latency_ns": latency_ns, "http": http}
         (sip, sport), (dip, dport) = self.client, self.dst
+        ipv = "IPv6" if ":" in sip else "IPv4"
         if reply:
-            return Flow(time.time(), verdict, dip, sip, dst_ep, src_ep, str(self.p.direction),
+            return Flow(time.time(), verdict, dip, sip, dst_ep, src_ep, self.p.direction_name,
                         type="L7", event_type="l7", l4=_l4(dport, sport), l7=l7, is_reply=True,
-                        summary=summary, ip_version="IPv6" if ":" in sip else "IPv4")
-        return Flow(time.time(), verdict, sip, dip, src_ep, dst_ep, str(self.p.direction),
+                        summary=summary, ip_version=ipv)
+        return Flow(time.time(), verdict, sip, dip, src_ep, dst_ep, self.p.direction_name,
                     type="L7", event_type="l7", l4=_l4(sport, dport), l7=l7, is_reply=False,
-                    summary=summary, ip_version="IPv6" if ":" in sip else "IPv4")
+                    summary=summary, ip_version=ipv)
 
     async def _handle(self, req: RequestHead, t0: float) -> bool:
         """Serve one request; returns whether the connection stays open."""

@@ -61,6 +61,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from axoneme.l7.http._llhttp import tokenize as _llhttp_tokenize
+
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # header lines, request line excluded
 MAX_HEADERS = 100
@@ -222,6 +224,10 @@ def normalize_path(path: str) -> str:
     Rules 4a-f of the module docstring; raises HttpError(400) for what is
     refused. Idempotent: ``normalize_path(normalize_path(p)) == normalize_path(p)``.
     """
+    if "%" not in path and "/." not in path and path.isascii():
+        # Nothing to decode, no dot-segment (each one starts after a "/"),
+        # so nothing below would change or refuse it: the common case.
+        return path
     if _PCT.search(path):
         raise HttpError(400, "malformed percent-encoding in path")
 
@@ -292,15 +298,8 @@ def _codings(values: list[str]) -> list[str]:
     return [t.strip(" \t").lower() for v in values for t in v.split(",")]
 
 
-def parse_request_head(block: bytes) -> RequestHead:
-    """Parse a request head (request line + header lines, without the final CRLFCRLF)."""
-    eol = block.find(b"\r\n")
-    line = block if eol < 0 else block[:eol]
-    if len(line) > MAX_REQUEST_LINE:
-        raise HttpError(414, "request line too long")
-    n_crlf = block.count(b"\r\n")
-    if block.count(b"\r") != n_crlf or block.count(b"\n") != n_crlf:
-        raise HttpError(400, "bare CR or LF in message head")
+def _parse_request_line(line: bytes) -> tuple[bytes, bytes, str]:
+    """Rule 1 of the module docstring, parsed here."""
     parts = line.split(b" ")
     if len(parts) != 3 or not parts[1]:
         raise HttpError(400, "malformed request line")
@@ -311,21 +310,55 @@ def parse_request_head(block: bytes) -> RequestHead:
         if version_b.startswith(b"HTTP/") and len(version_b) == 8:
             raise HttpError(505, "HTTP version not supported")
         raise HttpError(400, "malformed HTTP version")
-    try:
-        target = target_b.decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpError(400, "non-ASCII request-target") from None
-    method = method_b.decode("ascii")
-    version = version_b.decode("ascii")
-    if method == "CONNECT":
-        raise HttpError(400, "CONNECT (authority-form) is not proxied")
-    if method not in METHODS:
-        raise HttpError(501, "unknown method")
+    return method_b, target_b, version_b.decode("ascii")
+
+
+def _parse_headers(block: bytes, eol: int, n_crlf: int) -> list[tuple[str, str]]:
+    """Rule 2 of the module docstring, parsed here."""
     headers: list[tuple[str, str]] | None = []
     if eol > 0:
         headers = _fast_headers(block[eol + 2:] + b"\r\n", n_crlf)
     if headers is None:  # the slow path says precisely what is wrong
         headers = parse_header_lines(block.split(b"\r\n")[1:])
+    return headers
+
+
+def parse_request_head(block: bytes) -> RequestHead:
+    """Parse a request head (request line + header lines, without the final CRLFCRLF)."""
+    eol = block.find(b"\r\n")
+    line = block if eol < 0 else block[:eol]
+    if len(line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    n_crlf = block.count(b"\r\n")
+    if block.count(b"\r") != n_crlf or block.count(b"\n") != n_crlf:
+        raise HttpError(400, "bare CR or LF in message head")
+    tokens = _llhttp_tokenize(block, n_crlf) if eol != 0 else None
+    headers: list[tuple[str, str]] | None = None
+    if tokens is not None:
+        # llhttp read the head as received (``_llhttp``); the whole header
+        # section still passes the one-regex validity check and the limits.
+        method_b, target_b, version, raw_headers = tokens
+        section = block[eol + 2:] + b"\r\n"
+        if n_crlf <= MAX_HEADERS and len(section) <= MAX_HEAD_BYTES and \
+                _HEADER_SECTION.fullmatch(section) is not None:
+            headers = [(n.decode("ascii"), v.strip(_OWS).decode("latin-1")) for n, v in raw_headers]
+    if headers is None:
+        # The hand-written parser: says precisely what is wrong, and reads
+        # what llhttp refuses but the rules here accept (as before).
+        method_b, target_b, version = _parse_request_line(line)
+    if _TOKEN.fullmatch(method_b) is None:
+        raise HttpError(400, "invalid method")
+    try:
+        target = target_b.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "non-ASCII request-target") from None
+    method = method_b.decode("ascii")
+    if method == "CONNECT":
+        raise HttpError(400, "CONNECT (authority-form) is not proxied")
+    if method not in METHODS:
+        raise HttpError(501, "unknown method")
+    if headers is None:
+        headers = _parse_headers(block, eol, n_crlf)
     path, authority = parse_target(target)
 
     by: dict[str, list[str]] = {}

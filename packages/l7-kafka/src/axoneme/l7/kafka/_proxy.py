@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvloop
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Verdict
 from axoneme.core.l7proxy import FlowSink, StreamProxyServer, plain_connect
@@ -506,7 +507,8 @@ class StandaloneKafkaProxy(StreamProxyServer):
     # -- threaded use ---------------------------------------------------------
 
     def start_thread(self) -> tuple[str, int]:
-        loop = asyncio.new_event_loop()
+        # uvloop, as the agent's proxy loop (axoneme.agent.proxy)
+        loop = uvloop.new_event_loop()
         started = threading.Event()
         box: dict[str, Any] = {}
 
