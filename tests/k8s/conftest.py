@@ -13,6 +13,7 @@ test kills etcd and kube-apiserver during churn).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -181,6 +182,21 @@ class Cluster(ControlPlane):
     def wait_pods_ready(self, ns: str, timeout: int = 180) -> None:
         self.kubectl("-n", ns, "wait", "--for=condition=Ready", "pod", "--all",
                      f"--timeout={timeout}s", timeout=timeout + 30)
+
+    @contextlib.contextmanager
+    def objects(self, items: list[dict], namespaces: Sequence[str]) -> Iterator[Cluster]:
+        """Apply ``items`` (namespaces and pods) as one List, wait until the pods of
+        ``namespaces`` are Ready; delete those namespaces afterwards."""
+        # JSON, not YAML: kubectl reads YAML 1.1, where a bare namespace name y is true
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                           "items": items}))
+        try:
+            for ns in namespaces:
+                self.wait_pods_ready(ns)
+            yield self
+        finally:
+            self.kubectl("delete", "ns", *namespaces, "--wait=true", "--timeout=120s", check=False,
+                         timeout=150)
 
 
 _CLUSTER: dict[str, Cluster] = {}

@@ -86,16 +86,8 @@ def netpol_cluster(cluster_session):
     objs = [{"apiVersion": "v1", "kind": "Namespace",
              "metadata": {"name": ns, "labels": {"ns": ns}}} for ns in NAMESPACES]
     objs += [_pod(ns, p) for ns in NAMESPACES for p in PODS]
-    # JSON, not YAML: kubectl reads YAML 1.1, where the bare namespace name y is true
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objs})
-    cl.kubectl("apply", "-f", "-", input=manifest)
-    try:
-        for ns in NAMESPACES:
-            cl.wait_pods_ready(ns)
+    with cl.objects(objs, NAMESPACES):
         yield cl
-    finally:
-        cl.kubectl("delete", "ns", *NAMESPACES, "--wait=true", "--timeout=120s", check=False,
-                   timeout=150)
 
 
 def pod_ips(cl: Cluster) -> dict[str, str]:

@@ -78,14 +78,8 @@ def mn(request: pytest.FixtureRequest, cluster_session: None) -> Any:
     objs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": ns, "labels": {"ns": ns}}} for ns in NAMESPACES]
     objs += [_pod(ns, p) for ns in NAMESPACES for p in PODS]
-    cl.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
-    try:
-        for ns in NAMESPACES:
-            cl.wait_pods_ready(ns)
+    with cl.objects(objs, NAMESPACES):
         yield cl
-    finally:
-        cl.kubectl("delete", "ns", *NAMESPACES, "--wait=true", "--timeout=120s", check=False,
-                   timeout=150)
 
 
 def _pods(cl: Cluster) -> dict[str, dict[str, Any]]:
