@@ -3,9 +3,12 @@ direct on loopback, keep-alive and a new connection per request, in one run.
 
 Two upstreams: a minimal asyncio server (a no-op handler: the proxy's cost
 shows in full) and the stdlib ThreadingHTTPServer (a typical Python app
-server). Upstream, proxy and load generator each run in their own process. The load generator is ``wrk`` when
-installed, else a bounded Python one. Numbers go to the benchmark's
-extra_info and are printed; nothing is asserted on speed.
+server). Upstream, proxy and load generator each run in their own process;
+the proxy on uvloop, as in the agent. A bare uvloop relay (bytes only, no
+HTTP logic) is measured in the same run: the floor any proxy process here
+starts from (two more socket round trips per request). The load generator
+is ``wrk`` when installed, else a bounded Python one. Numbers go to the
+benchmark's extra_info and are printed; nothing is asserted on speed.
 AXONEME_BENCH_QUICK=1: 1 s per case instead of 5 s.
 """
 
@@ -104,6 +107,34 @@ PROXY = textwrap.dedent("""
         runner.run(main())
 """)
 
+# The floor of any proxy here: a uvloop protocol that relays bytes with no
+# HTTP logic at all (no parsing, policy or flow records), per connection.
+RELAY = textwrap.dedent("""
+    import asyncio, socket, sys, uvloop
+    UP = ("127.0.0.1", int(sys.argv[1]))
+    class Up(asyncio.Protocol):
+        def __init__(self, client): self.client = client
+        def data_received(self, d): self.client.write(d)
+        def connection_lost(self, e): self.client.close()
+    class Client(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t, self.up, self.pending = t, None, []
+            asyncio.get_running_loop().create_task(self.connect())
+        async def connect(self):
+            self.up, _ = await asyncio.get_running_loop().create_connection(lambda: Up(self.t), *UP)
+            for d in self.pending: self.up.write(d)
+        def data_received(self, d):
+            if self.up is None: self.pending.append(d)
+            else: self.up.write(d)
+        def connection_lost(self, e):
+            if self.up is not None: self.up.close()
+    async def main():
+        srv = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", 0, backlog=1024)
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+    uvloop.run(main())
+""")
+
 PYLOAD = textwrap.dedent("""
     import asyncio, sys, time
     port, conns, seconds, close = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
@@ -150,17 +181,19 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.fixture(scope="module", params=["minimal", "stdlib"])
-def servers(request) -> Iterator[tuple[str, int, int, int, int]]:
-    """(upstream kind, upstream port, proxy port, upstream pid, proxy pid)."""
+def servers(request) -> Iterator[tuple[str, int, int, int, int, int]]:
+    """(upstream kind, upstream port, proxy port, upstream pid, proxy pid, relay port)."""
     procs: list[subprocess.Popen[str]] = []
     try:
         up, up_port = _spawn(UPSTREAM if request.param == "minimal" else APPSERVER)
         procs.append(up)
         px, px_port = _spawn(PROXY, str(up_port))
         procs.append(px)
-        for port in (up_port, px_port):
+        relay, relay_port = _spawn(RELAY, str(up_port))
+        procs.append(relay)
+        for port in (up_port, px_port, relay_port):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        yield request.param, up_port, px_port, up.pid, px.pid
+        yield request.param, up_port, px_port, up.pid, px.pid, relay_port
     finally:
         for p in procs:
             p.terminate()
@@ -205,12 +238,12 @@ CASES = [("keepalive", False, CONNS), ("keepalive-1conn", False, 1), ("newconn",
 
 
 def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
-    kind, up_port, px_port, up_pid, px_pid = servers
+    kind, up_port, px_port, up_pid, px_pid, relay_port = servers
     results: dict[str, dict[str, float]] = {}
 
     def run() -> None:
         for name, close, conns in CASES:
-            for via, port in (("direct", up_port), ("proxy", px_port)):
+            for via, port in (("direct", up_port), ("proxy", px_port), ("relay", relay_port)):
                 cpu0 = _cpu_seconds(px_pid), _cpu_seconds(up_pid)
                 rps, p50, p99 = load(port, conns, close)
                 cpu1 = _cpu_seconds(px_pid), _cpu_seconds(up_pid)
@@ -226,15 +259,19 @@ def test_bench_http_proxy_vs_direct(benchmark, servers) -> None:
     lines = [f"upstream: {kind}; load generator: {'wrk' if shutil.which('wrk') else 'python'}, "
              f"{SECONDS}s per case"]
     for name, _, conns in CASES:
-        d, p = results[f"{name}/direct"], results[f"{name}/proxy"]
+        d, p, r = results[f"{name}/direct"], results[f"{name}/proxy"], results[f"{name}/relay"]
         ratio = p["rps"] / d["rps"] if d["rps"] else 0.0
-        benchmark.extra_info[name] = {"direct": d, "proxy": p, "throughput_ratio": round(ratio, 3),
+        floor = r["rps"] / d["rps"] if d["rps"] else 0.0
+        benchmark.extra_info[name] = {"direct": d, "proxy": p, "relay": r,
+                                      "throughput_ratio": round(ratio, 3),
+                                      "relay_ratio": round(floor, 3),
                                       "added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
                                       "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3)}
         lines.append(f"{name:16} c={conns:<3} direct {d['rps']:9.0f} req/s p50 {d['p50_ms']:.3f} "
                      f"p99 {d['p99_ms']:.3f} ms | proxy {p['rps']:9.0f} req/s p50 {p['p50_ms']:.3f} "
-                     f"p99 {p['p99_ms']:.3f} ms | ratio {ratio:.2f} | CPU/req: proxy "
-                     f"{p['proxy_cpu_us']:.0f} us, upstream {d['upstream_cpu_us']:.0f} us")
+                     f"p99 {p['p99_ms']:.3f} ms | ratio {ratio:.2f} (bare relay {floor:.2f}) | "
+                     f"CPU/req: proxy {p['proxy_cpu_us']:.0f} us, upstream "
+                     f"{d['upstream_cpu_us']:.0f} us")
     report = "\n".join(lines)
     print("\n" + report)
     with open(os.path.join(tempfile.gettempdir(), f"axoneme-l7-http-bench-{kind}.txt"), "w") as f:
