@@ -478,6 +478,12 @@ class _Conn:
         elif resp.chunked:
             self.w.write(resp.raw)
             await self._relay_chunked(up_r, self.w, self.cfg.upstream_timeout, 502)
+        elif resp.content_length is not None and \
+                len(up_r._buffer) >= resp.content_length:  # type: ignore[attr-defined]
+            # The whole (small) body already arrived with the head: one write.
+            self.w.write(resp.raw + await up_r.readexactly(resp.content_length))
+            self.arm(self.cfg.body_timeout)
+            await self.w.drain()
         elif resp.content_length is not None:
             await self._relay_exact(up_r, self.w, resp.content_length, self.cfg.upstream_timeout,
                                     resp.raw, side="upstream")
