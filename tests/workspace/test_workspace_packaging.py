@@ -80,6 +80,7 @@ def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     heavy = {re.split(r"[<>=]", r)[0] for r in extras["agent"]}
     assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes",
                      "opentelemetry-api", "opentelemetry-sdk",
-                     "opentelemetry-exporter-otlp-proto-http", "grpcio", "protobuf"}
+                     "opentelemetry-exporter-otlp-proto-http", "grpcio", "protobuf",
+                     "uvloop"}  # the proxies' event loop
     for datapath in ("ebpf", "iptables"):
         assert "axoneme[agent]" in extras[datapath], f"axoneme[{datapath}] must be a working node"
