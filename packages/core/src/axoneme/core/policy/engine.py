@@ -778,9 +778,13 @@ class PolicyEngine:
 
     def explain(self, endpoint_id: int, direction: Direction, peer_identity: int,
                 protocol: Protocol, port: int, peer_address: str | None = None) -> Decision:
-        """The decision for one packet and the entry that made it (derived_from names rules)."""
-        return self.resolve(endpoint_id).lookup(peer_identity, direction, protocol, port,
-                                                peer_address)
+        """The decision for one packet and the entry that made it (derived_from names rules).
+
+        On the live entries under the lock (no O(entries) snapshot per flow:
+        every allowed flow's attribution asks this)."""
+        with self._lock:
+            return MapState.view(self._policy(endpoint_id).state).lookup(
+                peer_identity, direction, protocol, port, peer_address)
 
     # -- ipcache ---------------------------------------------------------------------
     def set_host_addresses(self, addresses: Iterable[str]) -> bool:
