@@ -13,6 +13,7 @@ from axoneme.datapath.ebpf import EbpfDatapath
 
 # capability -> the test (file::function) that exercises it on a real kernel
 PROOF = {
+    "host_policy": "test_ebpf_hostfw.py::test_host_ingress_policy_on_the_device",
     "l7_redirect": "test_ebpf_progrun.py::test_proxy_redirect_mark",
     "events": "test_ebpf_datapath.py::test_events_drop_and_verdict",
     "ipv6": "test_ebpf_progrun.py::test_ipv4_and_ipv6_decided_by_policy",

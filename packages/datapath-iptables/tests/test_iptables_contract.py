@@ -14,6 +14,7 @@ from axoneme.datapath.iptables import _datapath as dpm
 
 # capability -> the test (file::function) that exercises it on a real kernel
 PROOF = {
+    "host_policy": "test_iptables_hostfw.py::test_host_endpoint_enforces_input_and_reports_drops",
     "l7_redirect": "test_iptables_kernel.py::test_redirect_entries_mark_packets_before_routing",
     "events": "test_iptables_kernel.py::test_events",
     "ipv6": "test_iptables_kernel.py::test_ipv6",

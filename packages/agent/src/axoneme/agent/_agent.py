@@ -42,6 +42,7 @@ from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
+from axoneme.agent._hostfw import HostFirewall
 from axoneme.agent._identityk8s import CRDIdentities
 from axoneme.agent._k8s import KubernetesSource
 from axoneme.agent._k8sclient import node_name
@@ -142,6 +143,13 @@ class Agent:
             k8s.listen("nodes", self.entities.on_nodes)
             k8s.listen("endpointslices", self.entities.on_slices)
             k8s.entities = self.entities
+        # the host firewall: host policies on this node's own endpoint (off by default)
+        self.hostfw: HostFirewall | None = None
+        if config.host_firewall:
+            self.hostfw = HostFirewall(config, self.engine, self.regenerator, self.store,
+                                       node=self.k8s.node if self.k8s is not None else "")
+            if self.k8s is not None:
+                self.k8s.listen("nodes", self.hostfw.on_nodes)
         # policy sources besides the API and the API server
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:
@@ -229,6 +237,9 @@ class Agent:
         # synchronous pyroute2, which runs an event loop of its own
         dp = await asyncio.to_thread(self.make_datapath)
         await asyncio.to_thread(dp.probe)  # DatapathUnavailable -> exit 1, no fallback
+        if self.hostfw is not None and "host_policy" not in dp.capabilities:
+            raise ConfigError(f"host_firewall (--enable-host-firewall): the {dp.name} datapath "
+                              f"does not enforce host policies (capability host_policy)")
         self.datapath = dp
         if self.store.saved_identities:
             self.allocator.restore(self.store.saved_identities)
@@ -260,6 +271,8 @@ class Agent:
             if self.crd_identities is not None and self.crd_identities.gc is not None:
                 self._tasks.append(asyncio.create_task(self.crd_identities.gc.run()))
         await self.endpoints.adopt()
+        if self.hostfw is not None:
+            await self.hostfw.start()
         if self.k8s is not None:
             await self.k8s.services_ready()
         self.flows.bind_loop(asyncio.get_running_loop())

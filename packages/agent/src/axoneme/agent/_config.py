@@ -42,6 +42,16 @@ class AgentConfig:
     # reported with verdict AUDIT (per endpoint: `axoneme endpoint config`)
     policy_audit_mode: bool = False
     cluster_name: str = "default"
+    # the host firewall (Cilium's --enable-host-firewall): host policies (CCNP
+    # nodeSelector) enforced on this node's own endpoint; off by default and
+    # refused in the machine's initial network namespace (_hostfw)
+    host_firewall: bool = False
+    # the node's labels host policies select on (standalone mode; Kubernetes
+    # mode reads this node's Node object): --node-labels k=v,...
+    node_labels: dict[str, str] = field(default_factory=dict)
+    # where the host firewall enforces (Cilium's --devices); [] = every interface up
+    # but loopback, pod veths and our VXLAN device
+    devices: list[str] = field(default_factory=list)
     cni_bin: str | None = None
     dns_server: str = DNS_SERVER
     mtu: int = 1500

@@ -84,6 +84,7 @@ class Regenerator:
         self.retry_at = 0.0
         self.after_regenerate: Callable[[], None] = lambda: None  # the agent's gauges
         self._small_cost = float("inf")  # how long the last small regeneration took
+        self.host_endpoint: Endpoint | None = None  # the host firewall's endpoint (_hostfw)
 
     # -- raw datapath access (serialised) ----------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -175,7 +176,7 @@ class Regenerator:
             self._write_ipcache(dp)
             pending = self.engine.pending_changes()
             for ep_id in sorted(set(pending) | self._resync):
-                ep = self.store.endpoint_objs.get(ep_id)
+                ep = self._endpoint(ep_id)
                 changes = pending.get(ep_id)
                 if ep is None:
                     self._resync.discard(ep_id)
@@ -201,6 +202,29 @@ class Regenerator:
             tracing.set_attributes(sp, endpoints_failed=len(errors))
         self.metrics.regenerated(time.perf_counter() - t0)
         return errors
+
+    def _endpoint(self, ep_id: int) -> Endpoint | None:
+        host = self.host_endpoint
+        if host is not None and ep_id == host.id:
+            return host
+        ep: Endpoint | None = self.store.endpoint_objs.get(ep_id)
+        return ep
+
+    async def host_endpoint_added(self, ep: Endpoint) -> None:
+        """The host firewall's endpoint: attached, its whole policy written
+        (what a previous run left in the kernel is replaced), lock held."""
+        self.host_endpoint = ep
+        await self.endpoint_added(ep)
+        dp = self._dp()
+
+        def sync() -> None:
+            with self._lock:
+                try:
+                    _policy_write(dp.sync, ep, self.engine.resolve(ep.id))
+                except DatapathError as e:
+                    self._fail_closed_after(dp, ep, None, e)
+                    self._resync.add(ep.id)
+        await asyncio.to_thread(sync)
 
     def _write_ipcache(self, dp: Datapath) -> None:
         ipc = merge_ipcache(self.ipcache_pending, self.engine.pending_ipcache_changes())

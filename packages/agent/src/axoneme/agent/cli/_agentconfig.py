@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
+from axoneme.agent._hostfw import check_netns, parse_devices, parse_node_labels
 from axoneme.agent._tracing import traces_url
 from axoneme.agent.cli import UsageError
 from axoneme.agent.client import resolve_socket
@@ -29,7 +30,8 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "identity_allocation_mode", "identity_gc_interval", "identity_heartbeat_timeout",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
-                "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files")
+                "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files",
+                "host_firewall", "node_labels", "devices")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -115,6 +117,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         "hubble_tls_cert_file": getattr(args, "hubble_tls_cert_file", None),
         "hubble_tls_key_file": getattr(args, "hubble_tls_key_file", None),
         "hubble_tls_client_ca_files": getattr(args, "hubble_tls_client_ca_files", None),
+        "host_firewall": getattr(args, "enable_host_firewall", None),
     }
     if args.no_guard:
         flags["guard"] = False
@@ -124,7 +127,14 @@ def build_agent_config(args: argparse.Namespace) -> Any:
     conf["api_socket"] = resolve_socket(conf.get("api_socket"))
     conf["datapath_options"] = _datapath_options(conf.get("datapath_options"),
                                                  getattr(args, "datapath_opt", None))
+    conf["node_labels"] = parse_node_labels(
+        getattr(args, "node_labels", None) or conf.get("node_labels"),
+        "--node-labels" if getattr(args, "node_labels", None) else "config key node_labels")
+    conf["devices"] = parse_devices(
+        getattr(args, "devices", None) or conf.get("devices"),
+        "--devices" if getattr(args, "devices", None) else "config key devices")
     cfg = AgentConfig(**conf)
+    check_netns(cfg.host_firewall)
     if cfg.flow_buffer < 1:
         raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
     if not isinstance(cfg.policy_map_max, int) or cfg.policy_map_max < 1:

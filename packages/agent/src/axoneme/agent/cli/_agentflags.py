@@ -75,6 +75,17 @@ def add_agent_run_flags(run: argparse.ArgumentParser) -> None:
                      help="cluster addresses Cilium's toCIDR/toCIDRSet/fromCIDR/fromCIDRSet also "
                           "match: empty (default: non-cluster peers only, as Cilium), nodes, pods, "
                           "or nodes,pods (a NetworkPolicy ipBlock always matches both)")
+    run.add_argument("--enable-host-firewall", dest="enable_host_firewall", action="store_true",
+                     default=None,
+                     help="enforce host policies (CCNP nodeSelector) on this node's own "
+                          "network namespace (Cilium's flag; off by default; refused in the "
+                          "machine's initial network namespace)")
+    run.add_argument("--node-labels", default=None, metavar="K=V,...",
+                     help="standalone mode: this node's labels, which host policies' "
+                          "nodeSelector selects on (Kubernetes mode: the Node object's)")
+    run.add_argument("--devices", default=None, metavar="DEV,...",
+                     help="host firewall: the node's external interfaces to enforce on "
+                          "(default: every interface up but lo, pod veths and axon_vxlan)")
     run.add_argument("--cluster-name", default=None,
                      help="cluster name in identities' io.cilium.k8s.policy.cluster label "
                           "(default 'default')")

@@ -21,9 +21,12 @@ from axoneme.core import marks
 
 LOG = logging.getLogger(__name__)
 
-PROGRAM_FILES = ("from_container.c", "to_container.c")
+PROGRAM_FILES = ("from_container.c", "to_container.c", "host.c")
 FROM_CONTAINER = "ax_from_container"
 TO_CONTAINER = "ax_to_container"
+FROM_NETDEV = "ax_from_netdev"  # the host firewall, on the node's devices (host.c)
+TO_NETDEV = "ax_to_netdev"
+PROGRAMS = (FROM_CONTAINER, TO_CONTAINER, FROM_NETDEV, TO_NETDEV)
 
 # C map variable (kernel map name, <= 15 chars) -> pin file name under bpffs_root.
 PINNED_MAPS = {
@@ -79,12 +82,12 @@ def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROG
 
 
 def compile_programs(defines: dict[str, str | int]) -> tuple[Any, dict[str, Any]]:
-    """Compile with BCC and load both tc programs; returns (BPF, {name: fn})."""
+    """Compile with BCC and load the tc programs; returns (BPF, {name: fn})."""
     import bcc  # type: ignore[import-untyped]
 
     text = assemble_source(defines)
     b = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function"])
-    fns = {name: b.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in (FROM_CONTAINER, TO_CONTAINER)}
+    fns = {name: b.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in PROGRAMS}
     release_compiler_memory(b)
     return b, fns
 

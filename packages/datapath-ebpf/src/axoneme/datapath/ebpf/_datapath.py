@@ -38,7 +38,7 @@ from axoneme.core.datapath import (
     IPNetwork,
     check_options,
 )
-from axoneme.core.endpoint import Endpoint
+from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint
 from axoneme.core.errors import DatapathProgramError, DatapathUnavailable, MapFullError
 from axoneme.core.flow import Flow
 from axoneme.core.mapstate import (
@@ -52,6 +52,7 @@ from axoneme.core.mapstate import (
 )
 from axoneme.datapath.ebpf import _bpf, _events, _tc
 from axoneme.datapath.ebpf import _layout as L
+from axoneme.datapath.ebpf._hostep import HostEndpointMixin
 
 LOG = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def _bpffs_mounted(path: str) -> bool:
     return fstype == "bpf"
 
 
-class EbpfDatapath(Datapath):
+class EbpfDatapath(HostEndpointMixin, Datapath):
     """tc programs compiled with BCC; per-endpoint state in pinned maps.
 
     Thread-safe: map writers hold one lock; ``events()`` may run in its own
@@ -271,7 +272,8 @@ class EbpfDatapath(Datapath):
 
     name = "ebpf"
     # each is proven by a test named in tests/test_ebpf_contract.py
-    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump"})
+    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump",
+                              "host_policy"})
     options = OPTIONS
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
@@ -492,6 +494,9 @@ class EbpfDatapath(Datapath):
     def endpoint_added(self, endpoint: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:
         with self._lock:
             self._require()
+            if endpoint.is_host:
+                self._host_added(endpoint, enforce_ingress, enforce_egress)
+                return
             ifindex = endpoint.host_ifindex or (_tc.ifindex_of(endpoint.host_ifname)
                                                 if endpoint.host_ifname else 0)
             if not ifindex:
@@ -548,7 +553,10 @@ class EbpfDatapath(Datapath):
         for ifindex, val in self._endpoints().items():
             name = _tc.ifname_of(ifindex)
             if name and name == val.ifname.decode(errors="replace"):
-                self._attach(ifindex)
+                if val.ep_id == HOST_ENDPOINT_ID:
+                    self._attach_host(ifindex)  # a device of the host firewall
+                else:
+                    self._attach(ifindex)
                 n += 1
         return n
 
@@ -1087,9 +1095,11 @@ class EbpfDatapath(Datapath):
     # ---- for tests and benchmarks --------------------------------------------------
 
     def program_fd(self, which: str) -> int:
-        """fd of the loaded ``from_container`` or ``to_container`` program."""
+        """fd of a loaded program: ``from_container``, ``to_container``, ``from_netdev``
+        or ``to_netdev``."""
         self._require()
-        name = {"from_container": _bpf.FROM_CONTAINER, "to_container": _bpf.TO_CONTAINER}[which]
+        name = {"from_container": _bpf.FROM_CONTAINER, "to_container": _bpf.TO_CONTAINER,
+                "from_netdev": _bpf.FROM_NETDEV, "to_netdev": _bpf.TO_NETDEV}[which]
         return int(self._fns[name].fd)
 
     def map_fd(self, name: str) -> int:

@@ -71,7 +71,8 @@ class IptablesDatapath(_Flows, _Transactions):
 
     name = "iptables"
     # each is proven by a test named in tests/test_iptables_contract.py
-    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump"})
+    capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump",
+                              "host_policy"})
     options = OPTIONS
 
     # ---- lifecycle ------------------------------------------------------------
@@ -210,7 +211,9 @@ class IptablesDatapath(_Flows, _Transactions):
 
     def _adopt_rules(self, family: int, table: rd.Table) -> None:
         if family == 4:
-            for ref in rd.parse_endpoint_refs(table.chains.get(rd.FWD_CHAIN, [])):
+            # pods' refs are on their FORWARD jumps, the host endpoint's on its INPUT jump
+            for ref in rd.parse_endpoint_refs(table.chains.get(rd.FWD_CHAIN, [])
+                                              + table.chains.get(rd.INPUT_CHAIN, [])):
                 self._refs[ref.id] = ref
             for ep_id in self._refs:
                 rules = (table.chains.get(rd.ep_chain(ep_id, Direction.INGRESS), [])
@@ -258,10 +261,12 @@ class IptablesDatapath(_Flows, _Transactions):
     # ---- endpoints ------------------------------------------------------------
 
     def endpoint_added(self, endpoint: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:
-        if not endpoint.host_ifname:
+        if not endpoint.host_ifname and not endpoint.is_host:
             raise DatapathProgramError("endpoint_added", None,
                                        f"endpoint {endpoint.id} has no host interface")
-        ref = rd.EndpointRef(endpoint.id, endpoint.host_ifname, endpoint.ipv4 or "",
+        # the host endpoint has no interface: INPUT/OUTPUT (_render.hook_chains)
+        ifname = rd.HOST_IFNAME if endpoint.is_host else endpoint.host_ifname
+        ref = rd.EndpointRef(endpoint.id, ifname, endpoint.ipv4 or "",
                              endpoint.ipv6 or "", enforce_ingress, enforce_egress)
         with self._lock:
             self._endpoints[endpoint.id] = endpoint

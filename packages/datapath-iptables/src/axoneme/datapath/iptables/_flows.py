@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from axoneme.core.endpoint import HOST_ENDPOINT_ID
 from axoneme.core.flow import DropReason, Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.identity import ReservedIdentity
 from axoneme.core.mapstate import Direction, Protocol
 from axoneme.datapath.iptables import _render as rd
 from axoneme.datapath.iptables._ipsets import _IPSets
@@ -35,6 +37,9 @@ class _Flows(_IPSets):
                 return FlowEndpoint(identity=ep.identity or ident, namespace=ep.namespace,
                                     pod_name=ep.pod_name,
                                     labels=tuple(ep.labels.sorted_strings()), id=ep_id)
+        if ident == int(ReservedIdentity.HOST) and HOST_ENDPOINT_ID in self._refs:
+            # the node's own address: the host endpoint (host firewall) decided
+            return FlowEndpoint(identity=ident, id=HOST_ENDPOINT_ID)
         return FlowEndpoint(identity=ident)
 
     def flow_from_log(self, prefix: str, ts: float, payload: bytes) -> Flow | None:

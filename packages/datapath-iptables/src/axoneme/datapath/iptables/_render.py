@@ -21,6 +21,12 @@ Chain layout (filter table, both families):
   endpoint fails closed in that direction: log, DROP; its ``AXFC`` rule comes
   right after the reply rule, before any key, so nothing its policy would
   decide passes).
+- The host endpoint (host firewall, ``HOST_ENDPOINT_ID``): its chains are
+  reached from ``AXON-INPUT`` (``! -i lo``, after the pods' jumps: the
+  host's INGRESS policy, for packets to the node from anywhere, its local
+  pods included) and ``AXON-OUTPUT`` (``! -o lo``, before the pods' jumps:
+  its EGRESS policy); never from ``AXON-FWD`` (forwarded traffic is not the
+  host's). Its ``AXEP`` comment (interface ``*host``) sits on its INPUT rule.
 - Unknown endpoints: after the per-endpoint jumps, packets through one of
   our pod interfaces (``-i``/``-o <prefix>+``) with a pod address (the pod
   CIDR) jump to ``AXON-NOEP-OUT``/``AXON-NOEP-IN``, which return for every
@@ -45,6 +51,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from axoneme.core.endpoint import HOST_ENDPOINT_ID
 from axoneme.core.mapstate import Direction, Entry, Key, MapState, Protocol
 from axoneme.core.marks import (
     MARK_MAGIC_HOST_MASK,
@@ -59,6 +66,7 @@ INPUT_CHAIN = "AXON-INPUT"
 OUTPUT_CHAIN = "AXON-OUTPUT"
 HOOKS = (("FORWARD", FWD_CHAIN), ("INPUT", INPUT_CHAIN), ("OUTPUT", OUTPUT_CHAIN))
 HOOK_COMMENT = "axon-hook"
+HOST_IFNAME = "*host"  # the host endpoint's EndpointRef.ifname: no interface of its own
 
 # A match no packet satisfies: the same mark bit must be both 1 and 0.
 NEVER = "-m mark --mark 0x1/0x1 -m mark --mark 0x0/0x1"
@@ -483,14 +491,18 @@ def hook_chains(endpoints: Sequence[EndpointRef], scope: PodScope | None = None,
                 family: int = 4) -> dict[str, list[str]]:
     """The hook chains; with ``scope``, the catch-all for pod interfaces
     without an endpoint after the per-endpoint jumps (and its two chains)."""
-    eps = sorted(endpoints, key=lambda e: e.id)
+    eps = sorted((e for e in endpoints if e.id != HOST_ENDPOINT_ID), key=lambda e: e.id)
+    hosts = [e for e in endpoints if e.id == HOST_ENDPOINT_ID]
     fwd = [_join(f"-i {e.ifname}", e.comment(), f"-j {ep_chain(e.id, Direction.EGRESS)}") for e in eps]
     fwd += [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps]
     out = {
         FWD_CHAIN: fwd,
         INPUT_CHAIN: [f"-i {e.ifname} -j {ep_chain(e.id, Direction.EGRESS)}" for e in eps],
-        OUTPUT_CHAIN: [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps],
+        OUTPUT_CHAIN: [f"! -o lo -j {ep_chain(e.id, Direction.EGRESS)}" for e in hosts]
+        + [f"-o {e.ifname} -j {ep_chain(e.id, Direction.INGRESS)}" for e in eps],
     }
+    out[INPUT_CHAIN] += [_join("! -i lo", e.comment(), f"-j {ep_chain(e.id, Direction.INGRESS)}")
+                         for e in hosts]
     if scope is None or not scope.ifname_prefix or not scope.cidrs:
         return out
     wild = f"{scope.ifname_prefix}+"

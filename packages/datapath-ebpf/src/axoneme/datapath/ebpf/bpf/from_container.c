@@ -8,6 +8,9 @@
  * 3. If the destination is a local endpoint, its INGRESS policy decides too
  *    (before routing, so an ingress L7 redirect can still go to the proxy);
  *    the skb is then marked CHECKED so its to-container program skips it.
+ * 3b. If the destination is the host (identity host, not a pod) and the
+ *    host firewall is on (a host endpoint record), the host's INGRESS
+ *    policy decides too.
  * 4. Allowed: tracked in CT (a new connection emits policy-verdict events);
  *    an entry with a proxy port marks the skb for the proxy (TPROXY), unless
  *    the packet already comes from the proxy.
@@ -70,6 +73,14 @@ int ax_from_container(struct __sk_buff *skb)
             redirect = vi.proxy_port;
     }
 
+    struct ax_verdict vh = {};
+    struct ax_endpoint *host = 0;
+    if (!dst_ep && !redirect && dst_id == AX_ID_HOST) {
+        host = ax_host_endpoint();
+        if (host && ax_endpoint_drops(&p, host, AX_DIR_INGRESS, src_id, dst_id, now, &vh))
+            return TC_ACT_SHOT;
+    }
+
     __u32 mark = 0;
     if (redirect)
         mark = ax_to_proxy_mark(redirect);
@@ -85,6 +96,9 @@ int ax_from_container(struct __sk_buff *skb)
         if (checked_ingress)
             ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&vi, vi.proxy_port && !from_proxy),
                     AX_DIR_INGRESS, dst_ep_id, src_id, dst_id, &vi, now);
+        if (host)
+            ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&vh, 0),
+                    AX_DIR_INGRESS, host->ep_id, src_id, dst_id, &vh, now);
     }
     return ax_pass(skb, mark, redirect != 0);
 }

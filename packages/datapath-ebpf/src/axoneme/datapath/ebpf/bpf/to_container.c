@@ -8,6 +8,8 @@
  * 3. The pod's INGRESS policy decides (peer = source identity; packets the
  *    node itself sent without an ipcache entry are host), unless the
  *    endpoint fails closed in that direction (dropped, EP_NOT_READY).
+ * 3b. A packet the host itself sent (identity host, no input interface)
+ *    meets the host's EGRESS policy first when the host firewall is on.
  * 4. Allowed: tracked in CT; a new connection emits a policy-verdict event.
  *    Step 3 is skipped when the CT entry caches a verdict of the current
  *    policy revision (see conntrack.h).
@@ -57,6 +59,13 @@ int ax_to_container(struct __sk_buff *skb)
 
     __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 
+    struct ax_verdict vh = {};
+    struct ax_endpoint *host = 0;
+    if (src_id == AX_ID_HOST && skb->ingress_ifindex == 0) {
+        host = ax_host_endpoint();
+        if (host && ax_endpoint_drops(&p, host, AX_DIR_EGRESS, src_id, dst_id, now, &vh))
+            return TC_ACT_SHOT;
+    }
     struct ax_verdict v = {};
     if (ax_endpoint_drops(&p, ep, AX_DIR_INGRESS, src_id, dst_id, now, &v))
         return TC_ACT_SHOT;
@@ -66,8 +75,12 @@ int ax_to_container(struct __sk_buff *skb)
                            from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_TO_CONTAINER, rev, mark);
     if (ct < 0)
         return ax_ct_create_failed(&p, AX_DIR_INGRESS, ep_id, src_id, dst_id, now);
-    if (ct > 0)
+    if (ct > 0) {
+        if (host)
+            ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&vh, 0),
+                    AX_DIR_EGRESS, host->ep_id, src_id, dst_id, &vh, now);
         ax_emit(&p, AX_EVENT_POLICY_VERDICT, AX_ALLOWED_VERDICT(&v, redirect),
                 AX_DIR_INGRESS, ep_id, src_id, dst_id, &v, now);
+    }
     return ax_pass(skb, mark, redirect != 0);
 }

@@ -37,6 +37,8 @@ struct ax_ct_entry {
 #define AX_CT_CACHE_NONE 0
 #define AX_CT_CACHE_FROM_CONTAINER 1
 #define AX_CT_CACHE_TO_CONTAINER 2
+#define AX_CT_CACHE_FROM_NETDEV 3
+#define AX_CT_CACHE_TO_NETDEV 4
 
 /* axoneme_rev_v1: one u64, the policy revision (pinned: programs of a
  * previous agent run and the current one must see the same revision). */

@@ -39,6 +39,17 @@ struct ax_endpoint {
 BPF_TABLE_PINNED("hash", __u32, struct ax_endpoint, ax_endpoints, AX_EP_MAX,
                  AX_PIN_ROOT "/axoneme_endpoints_v1");
 
+/* The host endpoint (host firewall) is also recorded under key 0 (no
+ * interface has ifindex 0), so the pod programs find it: traffic between the
+ * host and its local pods meets the host's policy too, as Cilium's. */
+#define AX_HOST_EP_KEY 0
+
+static __always_inline struct ax_endpoint *ax_host_endpoint(void)
+{
+    __u32 k = AX_HOST_EP_KEY;
+    return ax_endpoints.lookup(&k);
+}
+
 /* axoneme_lxc_v1 key: an endpoint's own address. family 4 or 6, IPv4 in
  * addr[0..3] with the rest zero. Lets from-container find a local destination
  * endpoint and apply its ingress policy before routing. */
