@@ -8,7 +8,7 @@ import textwrap
 
 import yaml
 
-from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint
+from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint, host_endpoint
 from axoneme.core.identity import ReservedIdentity
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import Direction, Protocol, Verdict
@@ -31,8 +31,7 @@ CLUSTER_ONLY = textwrap.dedent("""\
 
 
 def host(**labels: str) -> Endpoint:
-    lab = Labels.from_strings(["reserved:host", *(f"k8s:{k}={v}" for k, v in labels.items())])
-    return Endpoint(HOST_ENDPOINT_ID, int(R.HOST), lab, devices=("eth0",))
+    return host_endpoint(labels, ("eth0",))
 
 
 def engine_with(policy: str, **labels: str) -> PolicyEngine:
@@ -110,3 +109,22 @@ def test_an_empty_node_selector_selects_every_node_and_pod_policies_not_the_host
     every = CLUSTER_ONLY.replace("{matchLabels: {node-role: worker}}", "{}")
     engine = engine_with(every)
     assert engine.enforcement(HOST_ENDPOINT_ID) == (True, False)
+
+
+def test_offline_trace_evaluates_host_policies_for_a_node_with_labels() -> None:
+    from axoneme.core.cluster import Cluster, Pod
+    from axoneme.core.policy.trace import OfflineCluster, resolve_peer, trace
+
+    cluster = Cluster(pods={"default/client": Pod("client", "default", {"app": "client"})})
+    policy = parse_policy_obj(yaml.safe_load(CLUSTER_ONLY))
+    env = OfflineCluster.build(cluster, [policy], node_labels={"node-role": "worker"})
+    host = resolve_peer(env, "entity:host", "--to")
+    world = resolve_peer(env, "entity:world", "--from")
+    pod = resolve_peer(env, "default/client", "--from")
+    assert trace(env, world, host, TCP, 30080).verdict == "denied"
+    assert trace(env, pod, host, TCP, 30080).verdict == "allowed"
+    assert trace(env, pod, host, TCP, 22).verdict == "denied"
+    # without a node, host policies are not evaluated (as without the host firewall)
+    env = OfflineCluster.build(cluster, [policy])
+    assert trace(env, world, resolve_peer(env, "entity:host", "--to"), TCP, 30080).verdict \
+        == "allowed"

@@ -32,10 +32,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from axoneme.agent._k8sinformer import Event
-from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint
+from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint, host_endpoint
 from axoneme.core.errors import ConfigError
-from axoneme.core.identity import ReservedIdentity
-from axoneme.core.labels import Label, Labels, valid_label_key, valid_label_value
+from axoneme.core.labels import valid_label_key, valid_label_value
 
 LOG = logging.getLogger(__name__)
 
@@ -143,13 +142,6 @@ def external_devices() -> list[str]:
     return sorted(found)
 
 
-def host_endpoint(node_labels: Mapping[str, str], devices: Sequence[str]) -> Endpoint:
-    labels = Labels([Label("reserved", "host"),
-                     *(Label("k8s", k, v) for k, v in sorted(node_labels.items()))])
-    return Endpoint(HOST_ENDPOINT_ID, int(ReservedIdentity.HOST), labels,
-                    devices=tuple(devices), pod_name="")
-
-
 class HostFirewall:
     """Keeps the host endpoint in the engine and the datapath (agent wiring)."""
 
@@ -211,5 +203,5 @@ class HostFirewall:
                 "node_labels": dict(sorted(self.labels.items()))}
 
 
-__all__ = ["HostFirewall", "check_netns", "external_devices", "host_endpoint",
+__all__ = ["HostFirewall", "check_netns", "external_devices",
            "in_initial_netns", "parse_devices", "parse_node_labels"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from axoneme.core.labels import Labels
+from axoneme.core.labels import Label, Labels
 
 #: The node's own endpoint (the host firewall, Cilium's host endpoint): the
 #: node's network namespace, identity 1 (reserved:host), selected by the
@@ -52,4 +53,15 @@ class Endpoint:
 
     @property
     def pod(self) -> str:
+        if self.id == HOST_ENDPOINT_ID:
+            return "host"
         return f"{self.namespace}/{self.pod_name}" if self.pod_name else ""
+
+
+def host_endpoint(node_labels: Mapping[str, str], devices: Sequence[str] = ()) -> Endpoint:
+    """The host endpoint of a node with ``node_labels``: identity host (1),
+    labels ``reserved:host`` and ``k8s:<key>=<value>`` per node label (what a
+    CCNP nodeSelector matches, with or without the ``k8s:`` source)."""
+    labels = Labels([Label("reserved", "host"),
+                     *(Label("k8s", k, v) for k, v in sorted(node_labels.items()))])
+    return Endpoint(HOST_ENDPOINT_ID, 1, labels, devices=tuple(devices))

@@ -41,6 +41,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
     t.add_argument("--from", dest="src", required=True, metavar="SRC",
                    help="ns/pod, an IP address, or entity:world / entity:host")
     t.add_argument("--to", dest="dst", required=True, metavar="DST", help="like --from")
+    t.add_argument("--node-labels", default=None, metavar="K=V,...",
+                   help="entity:host is a node with these labels: host policies (CCNP "
+                        "nodeSelector) that select it decide its side, as the agent's host "
+                        "firewall (without it they are not evaluated)")
     t.add_argument("--port", default=None, metavar="PORT[/PROTO]",
                    help="destination port (number or named port), protocol TCP (default), UDP or SCTP")
     t.add_argument("--icmp-type", default=None, metavar="T", help="ICMP type (number or name) instead of --port")
@@ -97,7 +101,12 @@ def _load(args: argparse.Namespace) -> OfflineCluster:
     # Services in the cluster description are a Service source: toServices resolves
     catalog = ServiceCatalog.load(args.cluster)
     policies = parse_policies(args.files, services=catalog.has_services) if args.files else []
-    return OfflineCluster.build(cluster, policies, options, catalog.services())
+    node_labels = None
+    if getattr(args, "node_labels", None) is not None:
+        from axoneme.agent._hostfw import parse_node_labels
+
+        node_labels = parse_node_labels(args.node_labels)
+    return OfflineCluster.build(cluster, policies, options, catalog.services(), node_labels)
 
 
 _L7_FLAGS = ("http_method", "http_path", "http_host", "http_headers", "kafka_role", "kafka_topic",

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from axoneme.core.cluster import Cluster, Pod
-from axoneme.core.endpoint import Endpoint
+from axoneme.core.endpoint import Endpoint, host_endpoint
 from axoneme.core.errors import AxonemeError, PolicyError
-from axoneme.core.identity import RESERVED_NAMES
+from axoneme.core.identity import RESERVED_NAMES, ReservedIdentity
 from axoneme.core.l7 import GenericRule, fqdn_parser
 from axoneme.core.mapstate import (
     ADDRESS_IDENTITY,
@@ -69,13 +69,18 @@ class OfflineCluster:
 
     @classmethod
     def build(cls, cluster: Cluster, policies: Sequence[Policy],
-              options: EngineOptions | None = None, services: Iterable[Service] = ()
-              ) -> OfflineCluster:
-        """``services``: what toServices resolves against (``ServiceCatalog``)."""
+              options: EngineOptions | None = None, services: Iterable[Service] = (),
+              node_labels: Mapping[str, str] | None = None) -> OfflineCluster:
+        """``services``: what toServices resolves against (``ServiceCatalog``);
+        ``node_labels``: the node ``entity:host`` stands for, whose host endpoint
+        host policies (CCNP nodeSelector) select (None: no host endpoint, host
+        policies are not evaluated, as on an agent without the host firewall)."""
         opts = options or EngineOptions()
         engine = PolicyEngine(options=opts)
         out = cls(cluster, engine)
         engine.set_services(services)
+        if node_labels is not None:
+            engine.set_host_endpoint(host_endpoint(node_labels))
         with engine.batch():
             for n, key in enumerate(sorted(cluster.pods), 1):
                 pod = cluster.pods[key]
@@ -129,7 +134,10 @@ def resolve_peer(env: OfflineCluster, text: str, flag: str) -> Peer:
         name = text.split(":", 1)[1]
         if name not in _ENTITY_IDS:
             raise TraceInputError(f"unknown entity {name!r} (one of {', '.join(sorted(_ENTITY_IDS))}) ({flag})")
-        return Peer(text, _ENTITY_IDS[name])
+        # the host firewall's endpoint, when the trace has a node (host policies apply)
+        return Peer(text, _ENTITY_IDS[name],
+                    env.engine.host_endpoint() if _ENTITY_IDS[name] == int(ReservedIdentity.HOST)
+                    else None)
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
