@@ -107,3 +107,13 @@ def test_agent_run_refuses_the_host_firewall_here(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "host_firewall (--enable-host-firewall) refused" in r.stderr
     assert not state.exists()
+
+
+def test_host_firewall_nodes_leaves_other_nodes_off() -> None:
+    cfg = SimpleNamespace(host_firewall=True, host_firewall_nodes=["node2"], k8s_mode=True,
+                          k8s_node_name="node1")
+    _hostfw.host_firewall_here(cfg)  # node1 is not listed: off, no netns check
+    assert cfg.host_firewall is False
+    with pytest.raises(ConfigError, match="host_firewall_nodes: expected a list"):
+        _hostfw.host_firewall_here(SimpleNamespace(host_firewall=True, host_firewall_nodes="n2",
+                                                   k8s_mode=True, k8s_node_name="n2"))

@@ -52,6 +52,10 @@ class AgentConfig:
     # where the host firewall enforces (Cilium's --devices); [] = every interface up
     # but loopback, pod veths and our VXLAN device
     devices: list[str] = field(default_factory=list)
+    # Kubernetes mode: the nodes (names) whose agent turns host_firewall on; [] =
+    # every node. One DaemonSet config serves every node: a node that is the
+    # machine itself (scripts/cluster's node 1) is left out here.
+    host_firewall_nodes: list[str] = field(default_factory=list)
     cni_bin: str | None = None
     dns_server: str = DNS_SERVER
     mtu: int = 1500

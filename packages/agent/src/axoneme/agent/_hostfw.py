@@ -83,6 +83,25 @@ def check_netns(enabled: bool, initial: bool | None = None) -> None:
             "without a default route (scripts/cluster up --nodes N, ip netns exec NODE ...)")
 
 
+def host_firewall_here(cfg: Any, path: str | None = None) -> None:
+    """Whether this agent turns the host firewall on: ``host_firewall``, and in
+    Kubernetes mode this node among ``host_firewall_nodes`` (when set; else it
+    is turned off here, logged); then ``check_netns`` (ConfigError, exit 2)."""
+    nodes = cfg.host_firewall_nodes
+    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+        raise ConfigError(f"config key host_firewall_nodes: expected a list of node names"
+                          f"{f' ({path})' if path else ''}")
+    if cfg.host_firewall and nodes and cfg.k8s_mode:
+        from axoneme.agent._k8sclient import node_name
+
+        me = node_name(cfg)
+        if me not in nodes:
+            LOG.warning("host firewall off on node %s: not in host_firewall_nodes (%s)", me,
+                        ", ".join(nodes))
+            cfg.host_firewall = False
+    check_netns(cfg.host_firewall)
+
+
 def parse_node_labels(value: Any, where: str = "--node-labels") -> dict[str, str]:
     """``k=v,k2=v2`` (flag) or a mapping (config key) -> {key: value};
     ConfigError naming ``where`` for anything else."""
@@ -203,5 +222,5 @@ class HostFirewall:
                 "node_labels": dict(sorted(self.labels.items()))}
 
 
-__all__ = ["HostFirewall", "check_netns", "external_devices",
+__all__ = ["HostFirewall", "check_netns", "external_devices", "host_firewall_here",
            "in_initial_netns", "parse_devices", "parse_node_labels"]

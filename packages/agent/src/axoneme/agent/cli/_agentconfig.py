@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
-from axoneme.agent._hostfw import check_netns, parse_devices, parse_node_labels
+from axoneme.agent._hostfw import host_firewall_here, parse_devices, parse_node_labels
 from axoneme.agent._tracing import traces_url
 from axoneme.agent.cli import UsageError
 from axoneme.agent.client import resolve_socket
@@ -31,7 +31,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files",
-                "host_firewall", "node_labels", "devices")
+                "host_firewall", "node_labels", "devices", "host_firewall_nodes")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         getattr(args, "devices", None) or conf.get("devices"),
         "--devices" if getattr(args, "devices", None) else "config key devices")
     cfg = AgentConfig(**conf)
-    check_netns(cfg.host_firewall)
+    host_firewall_here(cfg, args.config)
     if cfg.flow_buffer < 1:
         raise UsageError(f"--flow-buffer must be positive, got {cfg.flow_buffer}")
     if not isinstance(cfg.policy_map_max, int) or cfg.policy_map_max < 1:
