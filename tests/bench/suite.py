@@ -1239,12 +1239,14 @@ def _b5_agent_cell(plan: Plan, t: Trial, api: Any, lg: str, srv_ip: str, cli_ns:
         time.sleep(0.05)  # the prober is sending before the change
         # CLOCK_MONOTONIC both here and in the prober (it prints when the echo came)
         t0 = time.monotonic()
-        api.post("/v1/policies", doc(change))
+        resp = api.post("/v1/policies", doc(change))
         api_lat.append(time.monotonic() - t0)
         out, err = prober.communicate(timeout=180)
         if prober.returncode != 0:
+            faults = api.get("/v1/status").get("faults")
             raise RuntimeError(f"the client was never allowed after the change (prober exit "
-                               f"{prober.returncode}: {out.strip()} {err.strip()[-200:]})")
+                               f"{prober.returncode}: {out.strip()} {err.strip()[-200:]}; round "
+                               f"{it}; the POST's errors {resp.get('errors')}; faults {faults})")
         words = out.split()
         lat.append(float(words[words.index("at") + 1]) - t0)
         api.post("/v1/policies/delete", {"refs": [{"kind": "CiliumNetworkPolicy",
