@@ -184,6 +184,10 @@ def test_host_policy_allows_only_cluster_to_a_node_port(nodenet: NodeNet,
         (net.tmp / "hostpol.yaml").write_text(POLICY)
         net.ax("policy", "apply", "-f", str(net.tmp / "hostpol.yaml"))
         time.sleep(1.0)  # the regeneration reaches the kernel
+        status = json.loads(net.ax("status", "-o", "json").stdout)["components"]["host_firewall"]
+        assert status["enabled"] and status["devices"] == ["hfu0"], status
+        assert status["policy_enforcement"] == {"ingress": True, "egress": False}
+        assert status["policies"] == ["nodeport-cluster-only"]
         assert not probe(net, net.out, NODE_IP, PORT)  # world: dropped
         assert pod_probe(net, NODE_IP, PORT)  # cluster (a pod of the node): allowed
         assert not pod_probe(net, NODE_IP, OTHER_PORT)  # the host's default deny

@@ -150,6 +150,7 @@ class Agent:
                                        node=self.k8s.node if self.k8s is not None else "")
             if self.k8s is not None:
                 self.k8s.listen("nodes", self.hostfw.on_nodes)
+            self.views.hostfw = self.hostfw
         # policy sources besides the API and the API server
         self.policy_sources: list[PolicySource] = []
         if config.policy_dir:

@@ -218,8 +218,16 @@ class HostFirewall:
             await self.set_labels({str(k): str(v) for k, v in labels.items()})
 
     def view(self) -> dict[str, Any]:
-        return {"enabled": self.started, "endpoint": HOST_ENDPOINT_ID, "devices": self.devices,
-                "node_labels": dict(sorted(self.labels.items()))}
+        """``status -o json`` components.host_firewall."""
+        out: dict[str, Any] = {"enabled": self.started, "endpoint": HOST_ENDPOINT_ID,
+                               "devices": self.devices,
+                               "node_labels": dict(sorted(self.labels.items()))}
+        if self.started:
+            ingress, egress = self.engine.enforcement(HOST_ENDPOINT_ID)
+            out["policy_enforcement"] = {"ingress": ingress, "egress": egress}
+            out["policies"] = sorted({r.ref.name for r in
+                                      self.engine.selecting_rules(HOST_ENDPOINT_ID)})
+        return out
 
 
 __all__ = ["HostFirewall", "check_netns", "external_devices", "host_firewall_here",

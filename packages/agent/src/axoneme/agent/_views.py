@@ -118,6 +118,7 @@ class Views:
         self.started = 0.0
         self.k8s: Any = None  # Kubernetes mode: the KubernetesSource (view(), faults())
         self.routing: Any = None  # Kubernetes mode: _routing.RoutingService (view(), faults())
+        self.hostfw: Any = None  # the host firewall (_hostfw.HostFirewall), when on
 
     # -- endpoints, identities ------------------------------------------------------------
     def endpoint_view(self, rec: EndpointRecord) -> dict[str, Any]:
@@ -231,5 +232,6 @@ class Views:
                 "uptime_seconds": round(time.time() - self.started, 1) if self.started else 0,
                 **({"kubernetes": self.k8s.view()} if self.k8s is not None else {}),
                 **({"routing": self.routing.view()} if self.routing is not None else {}),
+                **({"host_firewall": self.hostfw.view()} if self.hostfw is not None else {}),
             },
         }

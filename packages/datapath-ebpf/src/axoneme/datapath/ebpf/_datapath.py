@@ -391,6 +391,7 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
             self._ipcache_keys = None
             self._slots = None
             self._stopped.clear()
+            self._host_attached = None  # programs are new: attach the host's again
             b[b"ax_events"].open_ring_buffer(self._on_event)
             self._refresh_node_addresses(prune=True)
             adopted = self._reattach_all()
@@ -607,6 +608,8 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         with self._lock:
             self._require()
+            if endpoint.is_host:
+                self._host_attached = None
             self._fail_closed.pop(endpoint.id, None)
             self._ifindex.pop(endpoint.id, None)
             for idx, old in self._endpoints().items():

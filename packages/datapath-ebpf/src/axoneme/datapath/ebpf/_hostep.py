@@ -27,10 +27,17 @@ class HostEndpointMixin:
     _fds: dict[str, int]
     _fns: dict[str, Any]
 
+    # device name -> ifindex of the devices this run attached to: a later
+    # endpoint_added of the host (its enforcement flags changed) only rewrites
+    # the records, with map syscalls and no netlink (pyroute2 must not run on
+    # the agent's event loop, where a small regeneration may write)
+    _host_attached: dict[str, int] | None = None
+
     def _host_added(self: Any, ep: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:
+        attached: dict[str, int] = self._host_attached or {}
         devices: dict[int, str] = {}
         for name in ep.devices:
-            idx = _tc.ifindex_of(name)
+            idx = attached.get(name) or _tc.ifindex_of(name)
             if not idx:
                 raise DatapathProgramError("endpoint_added", errno.ENODEV,
                                            f"host firewall: no device {name!r}")
@@ -39,9 +46,12 @@ class HostEndpointMixin:
             raise DatapathProgramError("endpoint_added", errno.ENODEV,
                                        "host firewall: the host endpoint names no device")
         self._host_records(ep, devices, enforce_ingress, enforce_egress)
-        for idx in devices:
+        new = {idx: name for idx, name in devices.items() if attached.get(name) != idx}
+        for idx in new:
             self._attach_host(idx)
-        self._refresh_node_addresses()
+        if new:
+            self._refresh_node_addresses()
+        self._host_attached = {name: idx for idx, name in devices.items()}
         self._bump_revision()
 
     def _host_records(self: Any, ep: Endpoint, devices: dict[int, str], enforce_ingress: bool,
