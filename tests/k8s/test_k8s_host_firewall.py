@@ -15,7 +15,8 @@ Then, with the CCNP ``hostfw-cluster-only`` (nodeSelector on that label, ingress
 fromEntities [cluster] to 30080/TCP):
 - the outside peer cannot connect to 198.51.100.1:30080 (it could before the policy);
 - a pod on node 1 reaches node 2's address 10.255.254.2:30080 (cluster: its identity is
-  known on node 2 through the ipcache), and not 30081 (the host's default deny);
+  known on node 2 through the ipcache), and not 30081 (the host's default deny; the second
+  rule allows node 1 itself and the API server, not its pods);
 - node 2's flows (``observe -o json`` in its agent pod) hold the drop: source
   198.51.100.2 (identity world), destination identity 1 (host), traffic_direction INGRESS,
   ingress_denied_by naming the CCNP; node 1's agent has no host endpoint (status).
@@ -55,6 +56,10 @@ POLICY = textwrap.dedent(f"""\
       ingress:
       - fromEntities: [cluster]
         toPorts: [{{ports: [{{port: "{PORT}", protocol: TCP}}]}}]
+      # the control plane, as Cilium's host firewall guide allows it: kubectl exec/logs
+      # reach node 2's kubelet from the API server, and replies of connections node 2
+      # opened before its host firewall started (no CT entry yet) come from there
+      - fromEntities: [kube-apiserver, remote-node]
     """)
 
 _PROBE = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1],int(sys.argv[2])),"
