@@ -60,7 +60,7 @@ from axoneme.agent._state import StateStore
 from axoneme.agent._views import FlowEnricher, Views
 from axoneme.agent._workloads import NamespaceService, PodService
 from axoneme.core.datapath import Datapath, build_datapath, datapath_class
-from axoneme.core.endpoint import Endpoint
+from axoneme.core.endpoint import Endpoint, host_endpoint
 from axoneme.core.errors import ConfigError
 from axoneme.core.flow import Flow
 from axoneme.core.identity import IdentityAllocator
@@ -274,6 +274,9 @@ class Agent:
         await self.endpoints.adopt()
         if self.hostfw is not None:
             await self.hostfw.start()
+        elif "host_policy" in dp.capabilities:
+            # a previous run's host firewall must not keep enforcing a stale policy
+            await asyncio.to_thread(self.regenerator.call, dp.endpoint_removed, host_endpoint({}))
         if self.k8s is not None:
             await self.k8s.services_ready()
         self.flows.bind_loop(asyncio.get_running_loop())

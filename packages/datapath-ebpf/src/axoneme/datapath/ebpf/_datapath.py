@@ -610,6 +610,8 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
             self._require()
             if endpoint.is_host:
                 self._host_attached = None
+                if not any(v.ep_id == endpoint.id for v in self._endpoints().values()):
+                    return  # no host firewall here (an agent start checks): nothing to walk
             self._fail_closed.pop(endpoint.id, None)
             self._ifindex.pop(endpoint.id, None)
             for idx, old in self._endpoints().items():
