@@ -226,3 +226,55 @@ def test_host_policy_allows_only_cluster_to_a_node_port(nodenet: NodeNet,
         log.close()
         sh(AX, "agent", "cleanup", "--state-dir", str(state), netns=net.node, check=False,
            env=net.env())
+
+
+def _start(net: NodeNet, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [AX, "agent", "run", "--datapath", "ebpf", "--state-dir", str(net.tmp / "state"),
+           "--api-socket", str(net.tmp / "api.sock"), "--bpffs-root", net.bpffs,
+           "--pod-cidr", "10.244.250.0/24", "--no-l7-proxies", *extra]
+    agent = subprocess.Popen([*in_netns(net.node), *cmd], stdout=(net.tmp / "agent.log").open("ab"),
+                             stderr=subprocess.STDOUT, env=net.env())
+    deadline = time.monotonic() + 90
+    while net.ax("status", check=False).returncode != 0:
+        assert agent.poll() is None and time.monotonic() < deadline, \
+            (net.tmp / "agent.log").read_text()
+        time.sleep(0.3)
+    return agent
+
+
+def _stop(agent: subprocess.Popen[bytes]) -> None:
+    agent.terminate()
+    try:
+        agent.wait(30)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+
+
+def test_an_agent_restarted_without_the_host_firewall_removes_it(nodenet: NodeNet) -> None:
+    """Kernel state outlives the agent: a restart with the host firewall off must
+    not leave the previous run's host policy enforcing (eBPF)."""
+    net = nodenet
+    server = subprocess.Popen([*in_netns(net.node), sys.executable, "-c", _SERVE, "-", str(PORT)],
+                              stdout=subprocess.PIPE, text=True)
+    agent = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        agent = _start(net, "--enable-host-firewall", "--node-labels", "node-role=worker")
+        (net.tmp / "hostpol.yaml").write_text(POLICY)
+        net.ax("policy", "apply", "-f", str(net.tmp / "hostpol.yaml"))
+        time.sleep(1.0)
+        assert not probe(net, net.out, NODE_IP, PORT)
+        _stop(agent)
+        assert not probe(net, net.out, NODE_IP, PORT)  # enforcement stays in the kernel
+        agent = _start(net)  # the policy is still there; the host firewall is not
+        assert probe(net, net.out, NODE_IP, PORT)
+        status = json.loads(net.ax("status", "-o", "json").stdout)["components"]
+        assert "host_firewall" not in status
+    finally:
+        server.kill()
+        server.wait(10)
+        if agent is not None:
+            _stop(agent)
+        sh(AX, "agent", "cleanup", "--state-dir", str(net.tmp / "state"), netns=net.node,
+           check=False, env=net.env())

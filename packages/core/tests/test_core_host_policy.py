@@ -82,6 +82,18 @@ def test_node_labels_changing_select_and_unselect() -> None:
     assert [ep.id for ep in engine.endpoints()] == [1]
 
 
+def test_a_synced_host_endpoint_gets_diffs_deleting_its_allow_all() -> None:
+    """After a full sync (mark_synced), a host policy's change deletes the
+    unenforced direction's allow-all key (not only adds)."""
+    engine = PolicyEngine()
+    engine.set_host_endpoint(host(**{"node-role": "worker"}))
+    engine.mark_synced(HOST_ENDPOINT_ID)
+    assert HOST_ENDPOINT_ID not in engine.pending_changes()
+    engine.upsert_policy(parse_policy_obj(yaml.safe_load(CLUSTER_ONLY)))
+    changes = engine.pending_changes()[HOST_ENDPOINT_ID]
+    assert any(k.identity == 0 and k.direction is IN for k in changes.deletes)
+
+
 def test_policy_delete_ends_default_deny_and_egress_rules_select_egress() -> None:
     egress = CLUSTER_ONLY.replace("ingress:", "egress:").replace("fromEntities", "toEntities")
     engine = engine_with(egress, **{"node-role": "worker"})

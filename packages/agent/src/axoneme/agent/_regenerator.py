@@ -221,6 +221,8 @@ class Regenerator:
             with self._lock:
                 try:
                     _policy_write(dp.sync, ep, self.engine.resolve(ep.id))
+                    # the kernel holds it all: the next change is a diff against it
+                    self.engine.mark_synced(ep.id)
                 except DatapathError as e:
                     self._fail_closed_after(dp, ep, None, e)
                     self._resync.add(ep.id)

@@ -508,6 +508,18 @@ class PolicyEngine:
             self._endpoints[HOST_ENDPOINT_ID] = endpoint
             self._recompute({HOST_ENDPOINT_ID}, full=old != endpoint)
 
+    def mark_synced(self, endpoint_id: int) -> None:
+        """The datapath was just made to hold the endpoint's whole resolved
+        policy (a full ``sync``): nothing of it is pending any more, and the
+        next change is a diff against it."""
+        with self._lock:
+            pol = self._policies.get(endpoint_id)
+            if pol is None:
+                return
+            self._reported[endpoint_id] = dict(pol.state)
+            pol.touched = set()
+            self._dirty.discard(endpoint_id)
+
     def host_endpoint(self) -> Endpoint | None:
         with self._lock:
             return self._endpoints.get(HOST_ENDPOINT_ID)
