@@ -28,9 +28,8 @@ import inspect
 import logging
 import socket
 import time
-from typing import Any
 
-from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.l7 import L7Request
 from axoneme.core.l7proxy import (
     ConnectUpstream,
@@ -42,9 +41,10 @@ from axoneme.core.l7proxy import (
     plain_connect,
 )
 from axoneme.core.mapstate import Direction
+from axoneme.l7.http._flows import http_flow
 from axoneme.l7.http._match import apply_actions, match_rules
+from axoneme.l7.http._relay import BodyRelay, _Closed
 from axoneme.l7.http._wire import (
-    MAX_CHUNK_LINE,
     MAX_DRAIN,
     MAX_HEAD_BYTES,
     MAX_REQUEST_LINE,
@@ -53,9 +53,6 @@ from axoneme.l7.http._wire import (
     RequestHead,
     denied_response,
     error_response,
-    filter_trailers,
-    parse_chunk_size,
-    parse_header_lines,
     parse_request_head,
     parse_response_head,
     without_upgrade,
@@ -63,17 +60,7 @@ from axoneme.l7.http._wire import (
 
 LOG = logging.getLogger(__name__)
 
-READ_SIZE = 64 * 1024
 STREAM_LIMIT = MAX_REQUEST_LINE + MAX_HEAD_BYTES + 4
-REDACTED = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
-
-
-class _Closed(Exception):
-    """The client connection must be closed (already answered or gone)."""
-
-
-def _l4(sport: int, dport: int) -> dict[str, Any]:
-    return {"TCP": {"source_port": sport, "destination_port": dport}}
 
 
 class HttpProxy(StreamProxyServer):
@@ -134,7 +121,7 @@ class HttpProxy(StreamProxyServer):
             LOG.exception("flow sink failed")
 
 
-class _Conn:
+class _Conn(BodyRelay):
     __slots__ = ("p", "r", "w", "client", "dst", "up_r", "up_w", "policy", "cfg", "loop",
                  "deadline", "side", "idle", "timed_out")
 
@@ -267,27 +254,8 @@ class _Conn:
 
     def _flow(self, req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
               reply: bool, code: int = 0, latency_ns: int = 0) -> Flow:
-        src_ep = pol.source if pol else FlowEndpoint()
-        dst_ep = pol.destination if pol else FlowEndpoint()
-        url = f"http://{req.host}{req.path}"
-        http: dict[str, Any] = {"code": code, "method": req.method, "url": url,
-                                "protocol": req.version}
-        if not reply:
-            http["headers"] = [{"key": n, "value": "HUBBLE_REDACTED" if n.lower() in REDACTED else v}
-                               for n, v in req.headers]
-            summary = f"{req.version} {req.method} {url}"
-        else:
-            summary = f"{req.version} {code} {latency_ns // 1_000_000}ms ({req.method} {url})"
-        l7 = {"type": "RESPONSE" if reply else "REQUEST", "latency_ns": latency_ns, "http": http}
-        (sip, sport), (dip, dport) = self.client, self.dst
-        ipv = "IPv6" if ":" in sip else "IPv4"
-        if reply:
-            return Flow(time.time(), verdict, dip, sip, dst_ep, src_ep, self.p.direction_name,
-                        type="L7", event_type="l7", l4=_l4(dport, sport), l7=l7, is_reply=True,
-                        summary=summary, ip_version=ipv)
-        return Flow(time.time(), verdict, sip, dip, src_ep, dst_ep, self.p.direction_name,
-                    type="L7", event_type="l7", l4=_l4(sport, dport), l7=l7, is_reply=False,
-                    summary=summary, ip_version=ipv)
+        return http_flow(req, pol, verdict, self.client, self.dst, self.p.direction_name,
+                         reply, code, latency_ns)
 
     async def _handle(self, req: RequestHead, t0: float) -> bool:
         """Serve one request; returns whether the connection stays open."""
@@ -366,82 +334,6 @@ class _Conn:
             return False
         return True
 
-    async def _relay_exact(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, n: int,
-                           timeout: float, prefix: bytes = b"", side: str = "client") -> None:
-        """Relay exactly n bytes; ``prefix`` (a head) goes out with the first piece."""
-        while n > 0:
-            self.arm(timeout, side)
-            data = await src.read(min(n, READ_SIZE))
-            if not data:
-                raise _Closed()
-            n -= len(data)
-            if prefix:
-                data, prefix = prefix + data, b""
-            dst.write(data)
-            self.arm(timeout, "upstream" if side == "client" else "client")
-            await dst.drain()
-
-    async def _relay_chunked(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                             timeout: float, err_status: int) -> None:
-        """Relay a chunked body, re-encoded (extensions dropped), trailers validated
-        and filtered (``filter_trailers``)."""
-        side = "client" if err_status == 400 else "upstream"
-        try:
-            while True:
-                self.arm(timeout, side)
-                line = await src.readuntil(b"\r\n")
-                size = parse_chunk_size(line[:-2])
-                if size == 0:
-                    # Framing/routing fields in trailers (RFC 9110 §6.5.1) are
-                    # dropped: an upstream merging them would reframe or reroute.
-                    trailers = filter_trailers(await self._read_trailers(src, timeout, side))
-                    out = b"0\r\n" + b"".join(n.encode("ascii") + b": " + v.encode("latin-1") +
-                                             b"\r\n" for n, v in trailers) + b"\r\n"
-                    dst.write(out)
-                    self.arm(timeout, "upstream" if side == "client" else "client")
-                    await dst.drain()
-                    return
-                dst.write(b"%x\r\n" % size)
-                await self._relay_exact(src, dst, size, timeout, side=side)
-                self.arm(timeout, side)
-                crlf = await src.readexactly(2)
-                if crlf != b"\r\n":
-                    raise HttpError(err_status, "missing CRLF after chunk data")
-                dst.write(b"\r\n")
-        except HttpError as e:
-            await self._fail(e, err_status)
-        except asyncio.LimitOverrunError:
-            await self._fail(HttpError(err_status, "chunk-size line too long"), err_status)
-        except asyncio.IncompleteReadError:
-            raise _Closed() from None
-
-    async def _fail(self, e: HttpError, err_status: int) -> None:
-        LOG.info("proxy %d: %s: %s", self.p.port, self.client, e)
-        # Mid-body on the request side: the upstream got a partial request,
-        # so both connections go; the client learns why if nothing was sent.
-        if err_status == 400:
-            with contextlib.suppress(Exception):
-                await self._send(error_response(400, "Bad Request", e.reason.encode() + b"\n", True))
-        raise _Closed()
-
-    async def _read_trailers(self, src: asyncio.StreamReader, timeout: float, side: str
-                             ) -> list[tuple[str, str]]:
-        lines: list[bytes] = []
-        total = 0
-        while True:
-            self.arm(timeout, side)
-            line = await src.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            total += len(line)
-            if total > MAX_HEAD_BYTES or len(lines) >= 100 or len(line) > MAX_CHUNK_LINE * 2:
-                raise HttpError(431, "trailers too large")
-            body = line[:-2]
-            if b"\r" in body or b"\n" in body:
-                raise HttpError(400, "bare CR or LF in trailer")
-            lines.append(body)
-        return parse_header_lines(lines, "trailer")
-
     async def _relay_response(self, req: RequestHead, pol: ProxyPolicy | None, t0: float) -> bool:
         up_r, up_w = self.up_r, self.up_w
         assert up_r is not None and up_w is not None
@@ -496,34 +388,6 @@ class _Conn:
             up_w.close()
             self.up_w = None
         return req.keep_alive and not resp.close
-
-    async def _relay_to_eof(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while True:
-            self.arm(self.cfg.upstream_timeout, "upstream")
-            data = await src.read(READ_SIZE)
-            if not data:
-                await dst.drain()
-                return
-            dst.write(data)
-            self.arm(self.cfg.body_timeout)
-            await dst.drain()
-
-    async def _tunnel(self) -> None:
-        assert self.up_r is not None and self.up_w is not None
-
-        self.deadline = 0.0  # a tunnel (websocket) may idle: no deadline
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(READ_SIZE):
-                    dst.write(data)
-                    await dst.drain()
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.write_eof()
-
-        await asyncio.gather(pump(self.r, self.up_w), pump(self.up_r, self.w),
-                             return_exceptions=True)
 
 
 __all__ = ["HttpProxy", "plain_connect"]

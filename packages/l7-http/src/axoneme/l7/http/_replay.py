@@ -20,7 +20,8 @@ from typing import Any
 from axoneme.core.flow import Flow
 from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.l7.http._proxy import STREAM_LIMIT, HttpProxy, _Closed, _Conn
+from axoneme.l7.http._proxy import STREAM_LIMIT, HttpProxy, _Conn
+from axoneme.l7.http._relay import _Closed
 from axoneme.l7.http._wire import RequestHead
 
 LOG = logging.getLogger(__name__)
