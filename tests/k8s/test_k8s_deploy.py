@@ -581,3 +581,21 @@ def test_overlay_switches_the_datapath(deployed, tmp_path):
     assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] == "state"} == {"/srv/cluster/state"}
     assert {v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == "state"} == {"/srv/cluster/state"}
     deployed.kubectl("apply", "-k", str(tmp_path), "--dry-run=server")
+
+
+def test_host_wide_locks_are_in_a_directory_the_daemonset_shares_with_the_host():
+    """The iptables one-agent-per-netns lock and the guard/proxy rule locks must be
+    the same files for the DaemonSet's agent and for anything run on the host (a
+    standalone agent, `agent cleanup`): a lock in the container's own /run would let
+    a host agent take "its" lock and its cleanup remove the DaemonSet agent's chains."""
+    from axoneme.agent import guard
+    from axoneme.agent.proxy import _rules
+    from axoneme.datapath.iptables._datapath import HOST_LOCK_DIR
+
+    ds = yaml.safe_load((DEPLOY / "daemonset.yaml").read_text())
+    pod = ds["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    shared = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])
+              if host_paths.get(m["name"]) == m["mountPath"]}
+    for path in (HOST_LOCK_DIR, os.path.dirname(guard.LOCK_PATH), os.path.dirname(_rules.LOCK_PATH)):
+        assert path in shared, f"{path} is not a hostPath mounted at the same path: {sorted(shared)}"

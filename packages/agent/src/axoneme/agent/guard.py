@@ -26,7 +26,9 @@ from axoneme.core.errors import AxonemeError
 LOG = logging.getLogger(__name__)
 
 CHAIN = "AXON-GUARD"
-LOCK_PATH = "/run/axoneme-guard.lock"
+# in the directory the DaemonSet shares with the host (an agent in a container and
+# one on the host serialise their guard edits on the same file)
+LOCK_PATH = "/var/run/axoneme/guard.lock"
 
 __all__ = ["CHAIN", "GuardError", "GuardRule", "install", "installed_rules", "remove", "uplinks"]
 

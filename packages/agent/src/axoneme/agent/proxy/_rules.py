@@ -54,7 +54,8 @@ LOG = logging.getLogger(__name__)
 CHAIN = "AXON-PROXY"
 RULE_PREF = 9
 DEFAULT_STATE_DIR = "/var/lib/axoneme"
-LOCK_PATH = "/run/axoneme-proxy-rules.lock"
+# shared with the host by the DaemonSet, as the guard's lock (agent.guard)
+LOCK_PATH = "/var/run/axoneme/proxy-rules.lock"
 
 
 def chain_for_state_dir(state_dir: str) -> str:
@@ -69,6 +70,7 @@ def chain_for_state_dir(state_dir: str) -> str:
 def _host_lock() -> Iterator[None]:
     """Serialize base-rule changes of all agents on the host (best effort without /run)."""
     try:
+        os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
         fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         yield

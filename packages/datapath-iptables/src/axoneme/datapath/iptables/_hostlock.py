@@ -4,6 +4,11 @@ Chain names (``AXON-*``) and the NFLOG group are per netns, so a second agent
 there would share them (and run "Ok" with no events). The lock is a pid file
 per netns; it is per process: instances of one process (tests, adoption)
 share it, counted.
+
+The lock lives in /var/run/axoneme, the directory the DaemonSet mounts from
+the host (on the host /var/run is /run): an agent in a container and one run
+on the host must see the same lock file, or each would take "its own" lock
+and the second one's cleanup would remove the first one's chains.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import threading
 
 from axoneme.core.lockfile import PidLock
 
-HOST_LOCK_DIR = "/run/axoneme"
+HOST_LOCK_DIR = "/var/run/axoneme"
 _host_locks: dict[str, tuple[PidLock, int]] = {}
 _host_locks_guard = threading.Lock()
 
