@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import _testnet  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 import yaml
 
@@ -125,7 +126,7 @@ def hostfw(cluster_session: None) -> Iterator[Cluster]:
     made_out = False
     try:
         # the outside peer: a namespace of ours linked to node 2 only
-        _sh("ip", "netns", "add", OUT_NETNS)
+        _testnet.add_netns(OUT_NETNS)  # its own resolv.conf
         made_out = True
         _sh("ip", "-n", NODE2_NETNS, "link", "add", "hfk0", "type", "veth", "peer", "name",
             "hfo0", "netns", OUT_NETNS)
@@ -158,7 +159,7 @@ def hostfw(cluster_session: None) -> Iterator[Cluster]:
         finally:
             _sh("ip", "-n", NODE2_NETNS, "link", "del", "hfk0", check=False)
             if made_out:
-                _sh("ip", "netns", "del", OUT_NETNS, check=False)
+                _testnet.del_netns(OUT_NETNS)
 
 
 def test_host_policy_on_node2_blocks_the_outside_peer_and_is_in_flows(hostfw: Cluster) -> None:

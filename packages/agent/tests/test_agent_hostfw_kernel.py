@@ -141,6 +141,30 @@ def pod_probe(net: NodeNet, ip: str, port: int) -> bool:
     return r.stdout.startswith("open")
 
 
+def _start(net: NodeNet, *extra: str, datapath: str = "ebpf") -> subprocess.Popen[bytes]:
+    """The agent in the node's namespace, once it answers."""
+    cmd = [AX, "agent", "run", "--datapath", datapath, "--state-dir", str(net.tmp / "state"),
+           "--api-socket", str(net.tmp / "api.sock"), "--bpffs-root", net.bpffs,
+           "--pod-cidr", "10.244.250.0/24", "--no-l7-proxies", *extra]
+    agent = subprocess.Popen([*in_netns(net.node), *cmd], stdout=(net.tmp / "agent.log").open("ab"),
+                             stderr=subprocess.STDOUT, env=net.env())
+    deadline = time.monotonic() + 90
+    while net.ax("status", check=False).returncode != 0:
+        assert agent.poll() is None and time.monotonic() < deadline, \
+            (net.tmp / "agent.log").read_text()
+        time.sleep(0.3)
+    return agent
+
+
+def _stop(agent: subprocess.Popen[bytes]) -> None:
+    agent.terminate()
+    try:
+        agent.wait(30)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+
+
 DATAPATHS = [pytest.param(("ebpf", ""), id="ebpf"),
              pytest.param(("iptables", "plain"), id="iptables-plain"),
              pytest.param(("iptables", "ipset"), id="iptables-ipset")]
@@ -154,27 +178,16 @@ def test_host_policy_allows_only_cluster_to_a_node_port(nodenet: NodeNet,
         pytest.skip(lacks_tools("iptables", "ipset"))
     net = nodenet
     state = net.tmp / "state"
-    cmd = [AX, "agent", "run", "--datapath", name, "--state-dir", str(state),
-           "--api-socket", str(net.tmp / "api.sock"), "--bpffs-root", net.bpffs,
-           "--pod-cidr", "10.244.250.0/24", "--enable-host-firewall",
-           "--node-labels", "node-role=worker,zone=a", "--no-l7-proxies"]
-    if mode:
-        cmd += ["--datapath-opt", f"mode={mode}"]
-    log = (net.tmp / "agent.log").open("wb")
-    agent = subprocess.Popen([*in_netns(net.node), *cmd], stdout=log,
-                             stderr=subprocess.STDOUT, env=net.env())
     server = subprocess.Popen([*in_netns(net.node), sys.executable, "-c", _SERVE,
                                "-", str(PORT), str(OTHER_PORT)], stdout=subprocess.PIPE, text=True)
     outside = subprocess.Popen([*in_netns(net.out), sys.executable, "-c", _SERVE,
                                 "-", "8080"], stdout=subprocess.PIPE, text=True)
+    agent = None
     try:
         for proc in (server, outside):
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 90
-        while net.ax("status", check=False).returncode != 0:
-            assert agent.poll() is None, (net.tmp / "agent.log").read_text()
-            assert time.monotonic() < deadline, (net.tmp / "agent.log").read_text()
-            time.sleep(0.3)
+        agent = _start(net, "--enable-host-firewall", "--node-labels", "node-role=worker,zone=a",
+                       *(["--datapath-opt", f"mode={mode}"] if mode else []), datapath=name)
         net.ax("pod", "run", "client", "--labels", "app=client", "--", "sleep", "600")
 
         # no host policy yet: the host is not enforced
@@ -217,38 +230,10 @@ def test_host_policy_allows_only_cluster_to_a_node_port(nodenet: NodeNet,
         for proc in (server, outside):
             proc.kill()
             proc.wait(10)
-        agent.terminate()
-        try:
-            agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        log.close()
+        if agent is not None:
+            _stop(agent)
         sh(AX, "agent", "cleanup", "--state-dir", str(state), netns=net.node, check=False,
            env=net.env())
-
-
-def _start(net: NodeNet, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [AX, "agent", "run", "--datapath", "ebpf", "--state-dir", str(net.tmp / "state"),
-           "--api-socket", str(net.tmp / "api.sock"), "--bpffs-root", net.bpffs,
-           "--pod-cidr", "10.244.250.0/24", "--no-l7-proxies", *extra]
-    agent = subprocess.Popen([*in_netns(net.node), *cmd], stdout=(net.tmp / "agent.log").open("ab"),
-                             stderr=subprocess.STDOUT, env=net.env())
-    deadline = time.monotonic() + 90
-    while net.ax("status", check=False).returncode != 0:
-        assert agent.poll() is None and time.monotonic() < deadline, \
-            (net.tmp / "agent.log").read_text()
-        time.sleep(0.3)
-    return agent
-
-
-def _stop(agent: subprocess.Popen[bytes]) -> None:
-    agent.terminate()
-    try:
-        agent.wait(30)
-    except subprocess.TimeoutExpired:
-        agent.kill()
-        agent.wait()
 
 
 def test_an_agent_restarted_without_the_host_firewall_removes_it(nodenet: NodeNet) -> None:
