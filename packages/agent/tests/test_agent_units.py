@@ -249,3 +249,22 @@ def test_agent_config_values_have_the_declared_kind(tmp_path: Path, text: str,
     with pytest.raises(ConfigError) as e:
         build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
     assert message in str(e.value) and str(conf) in str(e.value)
+
+
+def test_host_addresses_over_netlink_are_what_ip_addr_shows() -> None:
+    """host_addresses reads netlink (no fork of the agent per tick); it must give
+    exactly the addresses `ip -o addr show` lists, minus loopback, link-local,
+    multicast and the excluded CIDR."""
+    import ipaddress
+
+    from axoneme.agent._netlink import host_addresses
+
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    everything = {ipaddress.ip_interface(p[3]).ip for p in (ln.split() for ln in out.splitlines())
+                  if len(p) >= 4 and p[2] in ("inet", "inet6")}
+    unicast = {ip for ip in everything if not (ip.is_loopback or ip.is_link_local or ip.is_multicast)}
+    assert host_addresses() == sorted(str(ip) for ip in unicast)
+    v4 = sorted((ip for ip in unicast if ip.version == 4), key=int)
+    if v4:  # excluding one address's /32 removes exactly it
+        assert host_addresses(f"{v4[0]}/32") == sorted(str(ip) for ip in unicast - {v4[0]})

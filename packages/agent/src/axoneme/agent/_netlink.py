@@ -200,16 +200,21 @@ def teardown_endpoint(host: str) -> bool:
 
 def host_addresses(exclude_cidr: str = "") -> list[str]:
     """The node's own unicast addresses (host identity), except loopback,
-    link-local and any inside ``exclude_cidr`` (the pod CIDR)."""
-    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
-                         check=False).stdout
+    link-local and any inside ``exclude_cidr`` (the pod CIDR).
+
+    Read over netlink: the agent's tick calls this every second, and forking
+    ``ip`` from an agent holding a large policy copies its page tables each time."""
     excluded = ipaddress.ip_network(exclude_cidr) if exclude_cidr else None
     found: set[str] = set()
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) < 4 or parts[2] not in ("inet", "inet6"):
+    with _iproute() as ipr:
+        msgs = ipr.get_addr()
+    for msg in msgs:
+        # IFA_LOCAL is the address of the interface (IFA_ADDRESS is the peer's
+        # on a point-to-point link), as `ip addr` shows it
+        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if not raw:
             continue
-        ip = ipaddress.ip_interface(parts[3]).ip
+        ip = ipaddress.ip_address(raw)
         if ip.is_loopback or ip.is_link_local or ip.is_multicast:
             continue
         if excluded is not None and ip.version == excluded.version and ip in excluded:
