@@ -36,32 +36,40 @@ ID_A, ID_B = 1101, 1102
 HOST = Endpoint(HOST_ENDPOINT_ID, 1, Labels(), devices=("lo",))
 
 
-def _serve(stop: threading.Event) -> socket.socket:
+def _serve(stop: threading.Event, port: int) -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((NODE_IP, PORT))
+    s.bind((NODE_IP, port))
     s.listen(64)
     s.settimeout(0.2)
 
-    def loop() -> None:
+    def loop() -> None:  # echoes, as Topology.tcp expects
         while not stop.is_set():
             try:
-                s.accept()[0].close()
+                c = s.accept()[0]
             except OSError:
                 continue
+            with c:
+                c.settimeout(1.0)
+                try:
+                    c.sendall(c.recv(16))
+                except OSError:
+                    pass
     threading.Thread(target=loop, daemon=True).start()
     return s
 
 
 @pytest.fixture(scope="module", params=["plain", "ipset"])
-def hostdp(request: pytest.FixtureRequest, topology: Topology) -> Iterator[IptablesDatapath]:
+def hostdp(request: pytest.FixtureRequest, topology: Topology
+           ) -> Iterator[tuple[IptablesDatapath, int]]:
     group = 7300 + int(topology.suffix, 16) % 300 + (0 if request.param == "plain" else 300)
     dp = IptablesDatapath(DatapathConfig(mode=request.param, options={
         "nflog_group": group, "host_ifname_prefix": f"axh{topology.suffix}"}))
     dp.probe()
     subprocess.run(["ip", "addr", "replace", f"{NODE_IP}/32", "dev", "lo"], check=True)
     stop = threading.Event()
-    sock = _serve(stop)
+    port = PORT if request.param == "plain" else PORT + 1  # each mode its own listener
+    sock = _serve(stop, port)
     try:
         dp.start()
         a, b, w = topology.pods["a"], topology.pods["b"], topology.world
@@ -73,7 +81,7 @@ def hostdp(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Iptab
             dp.endpoint_added(ep, False, False)
             dp.sync(ep, MapState({Key(0, IN): ALLOW, Key(0, OUT): ALLOW}))
         assert w.ips
-        yield dp
+        yield dp, port
     finally:
         stop.set()
         sock.close()
@@ -81,9 +89,9 @@ def hostdp(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Iptab
         subprocess.run(["ip", "addr", "del", f"{NODE_IP}/32", "dev", "lo"], check=False)
 
 
-def test_host_endpoint_enforces_input_and_reports_drops(hostdp: IptablesDatapath,
-                                                        topology: Topology) -> None:
-    dp, topo = hostdp, topology
+def test_host_endpoint_enforces_input_and_reports_drops(
+        hostdp: tuple[IptablesDatapath, int], topology: Topology) -> None:
+    (dp, port), topo = hostdp, topology
     a, b, w = topo.pods["a"], topo.pods["b"], topo.world
     flows: list = []  # type: ignore[type-arg]
     reader = threading.Thread(target=lambda: flows.extend(dp.events()), daemon=True)
@@ -91,14 +99,14 @@ def test_host_endpoint_enforces_input_and_reports_drops(hostdp: IptablesDatapath
     # the host firewall on, no host policy: nothing changes
     dp.endpoint_added(HOST, False, False)
     dp.sync(HOST, MapState({Key(0, IN): ALLOW, Key(0, OUT): ALLOW}))
-    assert topo.probe([("tcp", a, NODE_IP, PORT), ("tcp", w, NODE_IP, PORT)]) == [True, True]
+    assert topo.probe([("tcp", a, NODE_IP, port), ("tcp", w, NODE_IP, port)]) == [True, True]
     # a host policy: only identity a to the node port, egress open
-    state = MapState({Key(ID_A, IN, TCP, PORT, 16): ALLOW, Key(0, OUT): ALLOW})
+    state = MapState({Key(ID_A, IN, TCP, port, 16): ALLOW, Key(0, OUT): ALLOW})
     dp.endpoint_added(HOST, True, False)
     dp.sync(HOST, state)
     assert dp.dump(HOST) == state
-    assert topo.probe([("tcp", a, NODE_IP, PORT), ("tcp", b, NODE_IP, PORT),
-                       ("tcp", w, NODE_IP, PORT)]) == [True, False, False]
+    assert topo.probe([("tcp", a, NODE_IP, port), ("tcp", b, NODE_IP, port),
+                       ("tcp", w, NODE_IP, port)]) == [True, False, False]
     # forwarded pod traffic is not the host's: a -> b still passes
     assert topo.tcp(a, b.ip, 80)
     deadline = time.monotonic() + 5
@@ -111,4 +119,4 @@ def test_host_endpoint_enforces_input_and_reports_drops(hostdp: IptablesDatapath
     assert drop.drop_reason is DropReason.POLICY_DENIED
     # the host endpoint goes: the node is open again
     dp.endpoint_removed(HOST)
-    assert topo.probe([("tcp", b, NODE_IP, PORT), ("tcp", w, NODE_IP, PORT)]) == [True, True]
+    assert topo.probe([("tcp", b, NODE_IP, port), ("tcp", w, NODE_IP, port)]) == [True, True]
