@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import k8s_converge  # tests/bench/, this script's own directory
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -195,23 +196,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--api-pods", type=int, default=1000)
     ap.add_argument("--out", default=str(REPO / "bench-results" / "k8s"))
+    ap.add_argument("--scale-sizes", default="100,1000,5000",
+                    help="pods in the API at which the agent's CPU per pod event is measured")
+    ap.add_argument("--only", choices=("all", "scale"), default="all",
+                    help="scale: only convergence under churn and CPU per pod event "
+                         "(the other figures are kept from --out's results.json)")
     args = ap.parse_args(argv)
     results: dict = {"datapath": args.datapath, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{os.cpu_count()} cores, kernel {os.uname().release}"}
-    kubeconfig, warm = cluster_up(args.datapath, fresh=True)
-    results["cluster_up_warm_s"] = round(warm, 1)
-    print(f"cluster up (warm): {warm:.1f} s", flush=True)
-    k = Kubectl(kubeconfig)
-    results["pod_ready_s"] = summary(bench_pod_ready(k, kubeconfig, args.pods))
-    print(f"pod create -> Ready: {results['pod_ready_s']}", flush=True)
-    results["policy_enforced_s"] = summary(bench_policy_enforced(k, args.policies))
-    print(f"kubectl apply -> enforced: {results['policy_enforced_s']}", flush=True)
-    results["agent_rss"] = bench_agent_rss(k, args.api_pods)
-    print(f"agent RSS: {results['agent_rss']}", flush=True)
     out = Path(args.out)
+    if args.only == "scale":
+        results = {**results, **json.loads((out / "results.json").read_text()),
+                   "scale_date": results["date"]}
+        kubeconfig, _ = cluster_up(args.datapath, fresh=False)
+    else:
+        kubeconfig, warm = cluster_up(args.datapath, fresh=True)
+        results["cluster_up_warm_s"] = round(warm, 1)
+        print(f"cluster up (warm): {warm:.1f} s", flush=True)
+    k = Kubectl(kubeconfig)
+    if args.only == "all":
+        results["pod_ready_s"] = summary(bench_pod_ready(k, kubeconfig, args.pods))
+        print(f"pod create -> Ready: {results['pod_ready_s']}", flush=True)
+        results["policy_enforced_s"] = summary(bench_policy_enforced(k, args.policies))
+        print(f"kubectl apply -> enforced: {results['policy_enforced_s']}", flush=True)
+        results["agent_rss"] = bench_agent_rss(k, args.api_pods)
+        print(f"agent RSS: {results['agent_rss']}", flush=True)
+    sizes = tuple(int(x) for x in args.scale_sizes.split(","))
+    results["scale"] = k8s_converge.run(k, kubeconfig, agent_pid(), sizes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     pr, pe, rss = results["pod_ready_s"], results["policy_enforced_s"], results["agent_rss"]
+    sc = results["scale"]
+    conv = sc["converge"]
+    cpu = " / ".join(f"{r['cpu_ms_per_event']} ms at {r['pods']:,}" for r in sc["cpu_per_pod_event"])
     (out / "README.md").write_text(
         f"# Kubernetes-mode benchmarks ({results['date']}, {results['machine']}, "
         f"datapath {args.datapath})\n\nProduced by `scripts/bench-k8s`; see tests/bench/k8s_bench.py "
@@ -221,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         f"| {pe['n']} |\n\n| measure | value |\n|---|---|\n"
         f"| `scripts/cluster up`, warm (s) | {results['cluster_up_warm_s']} |\n"
         f"| agent RSS, {rss['pods_in_api']} pods in the API (MB) | {rss['rss_mb_after']} "
-        f"(before: {rss['rss_mb_before']}) |\n")
+        f"(before: {rss['rss_mb_before']}) |\n"
+        f"| {conv['pod_events']:,} pod events + {conv['policy_changes']} policy changes written "
+        f"concurrently ({conv['writes_s']} s) -> the exact kernel state (s after the last write; "
+        f"target <= 10) | {conv['converged_after_last_write_s']} |\n"
+        f"| agent CPU per pod event, pods in the API ({cpu}; flat: max/min <= 1.5) | "
+        f"max/min {sc['cpu_spread']} |\n\n"
+        f"The scale rows ({results.get('scale_date', results['date'])}): "
+        f"tests/bench/k8s_converge.py (pods of a Node without a kubelet, "
+        f"the kernel read with bpftool from the pinned maps).\n")
     return 0
 
 
