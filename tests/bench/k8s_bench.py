@@ -2,6 +2,7 @@
 
     scripts/bench-k8s [--datapath ebpf|iptables] [--pods 50] [--policies 20]
                       [--api-pods 1000] [--out bench-results/k8s]
+                      [--scale-sizes 100,1000,5000] [--only all|scale]
 
 - ``cluster up`` warm: ``scripts/cluster down`` then ``up`` with every build and
   image cached (the cold figure, with nothing built, is the build's: see
@@ -19,6 +20,11 @@
   host) with N pods in the API besides the running ones (bound to another node
   name, so they never run here, but the agent caches them all as it must for
   cluster-wide identities).
+
+- scale (k8s_converge.py): 1,000 pod events and 100 policy changes written
+  concurrently -> the exact kernel state; the agent's CPU per pod event at
+  100 / 1,000 / 5,000 pods in the API (``--only scale`` runs only these and
+  keeps the other figures of --out's results.json).
 
 Writes results.json and README.md (a table) under --out.
 """
