@@ -37,6 +37,7 @@ def test_a_namespace_with_a_default_route_counts_as_the_machines(monkeypatch: An
     assert not _hostfw.in_initial_netns()
     # PID 1's namespace, when it can be read, is the machine's whatever its routes
     monkeypatch.setattr(_hostfw, "_netns_inode", lambda path: 7)
+    monkeypatch.setattr(_hostfw, "nested_pid_namespace", lambda status="": False)
     assert _hostfw.in_initial_netns()
 
 
@@ -117,3 +118,19 @@ def test_host_firewall_nodes_leaves_other_nodes_off() -> None:
     with pytest.raises(ConfigError, match="host_firewall_nodes: expected a list"):
         _hostfw.host_firewall_here(SimpleNamespace(host_firewall=True, host_firewall_nodes="n2",
                                                    k8s_mode=True, k8s_node_name="n2"))
+
+
+def test_in_a_container_pid_1_is_not_the_machines(monkeypatch: Any, tmp_path: Path) -> None:
+    """A DaemonSet agent (hostNetwork, own PID namespace) sees its container's init
+    as PID 1, in the node's own network namespace: that is no sign of the machine's
+    namespace there; only a default route is."""
+    nested, flat = tmp_path / "nested", tmp_path / "flat"
+    nested.write_text("Name:\tpython3\nNSpid:\t4242\t7\n")
+    flat.write_text("Name:\tpython3\nNSpid:\t4242\n")
+    assert _hostfw.nested_pid_namespace(str(nested)) and not _hostfw.nested_pid_namespace(str(flat))
+    monkeypatch.setattr(_hostfw, "_netns_inode", lambda path: 7)  # PID 1 in our netns
+    monkeypatch.setattr(_hostfw, "has_default_route", lambda: False)
+    assert not _hostfw.in_initial_netns(status=str(nested))
+    assert _hostfw.in_initial_netns(status=str(flat))
+    monkeypatch.setattr(_hostfw, "has_default_route", lambda: True)
+    assert _hostfw.in_initial_netns(status=str(nested))

@@ -60,13 +60,30 @@ def has_default_route() -> bool:
     return False
 
 
-def in_initial_netns(self_ns: str = "/proc/self/ns/net", init_ns: str = "/proc/1/ns/net") -> bool:
+def nested_pid_namespace(status: str = "/proc/self/status") -> bool:
+    """Whether this process runs in a PID namespace of its own (a container):
+    its ``NSpid`` line then lists more than one pid."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) > 2
+    except OSError:
+        pass
+    return False
+
+
+def in_initial_netns(self_ns: str = "/proc/self/ns/net", init_ns: str = "/proc/1/ns/net",
+                     status: str = "/proc/self/status") -> bool:
     """Whether this process may run in the machine's own network namespace:
-    PID 1's (when readable: the same namespace), or any namespace holding a
-    default route (the way to the real uplink; nodes of ours have none)."""
-    mine, init = _netns_inode(self_ns), _netns_inode(init_ns)
-    if mine is not None and mine == init:
-        return True
+    PID 1's (when readable, and PID 1 is the machine's: in a container, PID 1 is
+    the container's own init, which shares a hostNetwork pod's namespace), or any
+    namespace holding a default route (the way to the real uplink; nodes of ours
+    have none)."""
+    if not nested_pid_namespace(status):
+        mine, init = _netns_inode(self_ns), _netns_inode(init_ns)
+        if mine is not None and mine == init:
+            return True
     return has_default_route()
 
 
