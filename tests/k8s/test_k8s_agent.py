@@ -51,6 +51,11 @@ def ns(crds: Any) -> Iterator[str]:
     """A namespace of the test's own; its objects deleted at once afterwards."""
     name = f"axk-{secrets.token_hex(3)}"
     crds.kubectl("create", "namespace", name)
+    # pods need its "default" ServiceAccount, which the controller-manager makes
+    # (more than 20 s once under a loaded CI run)
+    assert wait(lambda: crds.kubectl("-n", name, "get", "serviceaccount", "default",
+                                     check=False).returncode == 0 or None, 120, 0.5), \
+        f"no default ServiceAccount in {name} after 120 s"
     try:
         yield name
     finally:

@@ -109,7 +109,8 @@ def seen() -> Iterator[Seen]:
 
 
 def test_bad_input_exit_2():
-    for args in (["up", "--datapath", "xdp"], ["up", "--iptables-mode", "nft"], ["up", "--nodes", "3"],
+    for args in (["up", "--datapath", "xdp"], ["up", "--iptables-mode", "nft"], ["up", "--nodes", "4"],
+                 ["up", "--nodes", "0"],
                  ["sideways"]):
         res = cluster(*args, timeout=60)
         assert res.returncode == 2, (args, res.stderr)
