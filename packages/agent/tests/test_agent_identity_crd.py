@@ -555,8 +555,8 @@ def test_pod_label_sets_use_the_endpoint_labels():
     pod = Pod("p", "prod", {"app": "web"}, ())
     hostnet = Pod("h", "prod", {"app": "host"}, ())
     source = SimpleNamespace(
-        pods={"prod/p": SimpleNamespace(pod=pod, host_network=False),
-              "prod/h": SimpleNamespace(pod=hostnet, host_network=True)},
+        pods={"prod/p": SimpleNamespace(pod=pod, host_network=False, node=""),
+              "prod/h": SimpleNamespace(pod=hostnet, host_network=True, node="")},
         namespace=lambda name: Namespace(name, {"kubernetes.io/metadata.name": name}))
     want = pod_identity_labels(pod, Namespace("prod", {"kubernetes.io/metadata.name": "prod"}),
                                "c1")
@@ -699,21 +699,23 @@ def test_store_backed_release_keeps_the_identity_known_until_the_store_drops_it(
 
 
 def test_failpoint_identity_collide_forces_every_label_set_to_probe_from_256():
+    from axoneme.agent._config import AgentConfig
     from axoneme.agent._identityk8s import CRDIdentities
     from axoneme.core import failpoints
     from axoneme.core.identity import preferred_number
 
+    crd = CRDIdentities(AgentConfig())
     key = tuple(labels(1).sorted_strings())
-    assert CRDIdentities.preferred(key) == preferred_number(key)
+    assert crd.preferred(key) == preferred_number(key)
     failpoints.configure("identity.collide=error")
     try:
-        assert CRDIdentities.preferred(key) == 256
+        assert crd.preferred(key) == 256
         api = FakeIdentityAPI()
-        alloc = IdentityAllocator(CRDIdentityStore(api), preferred=CRDIdentities.preferred)
+        alloc = IdentityAllocator(CRDIdentityStore(api), preferred=crd.preferred)
         assert [alloc.allocate(labels(i)).id for i in range(3)] == [256, 257, 258]
     finally:
         failpoints.configure(None)
-    assert CRDIdentities.preferred(key) == preferred_number(key)
+    assert crd.preferred(key) == preferred_number(key)
 
 
 def test_other_nodes_pods_move_to_the_lower_duplicate_too():

@@ -299,16 +299,16 @@ class CRDIdentities:
         # more holders of identities to move to a lower duplicate (other nodes' pods)
         self.renumber_hooks: list[Callable[[set[int]], Awaitable[None]]] = []
 
-    @staticmethod
-    def preferred(key: tuple[str, ...]) -> int:
-        """Where a label set's probing starts: its hash, or, with the failpoint
+    def preferred(self, key: tuple[str, ...]) -> int:
+        """Where a label set's probing starts: its hash (``identity_hash_bits``
+        of it: a test knob, fewer bits force collisions), or, with the failpoint
         ``identity.collide`` armed (tests: AXONEME_FAILPOINTS), 256 for every
         label set, so each new one collides with all before it."""
         try:
             failpoint("identity.collide", _Collide)
         except _Collide:
             return MIN_CLUSTER_IDENTITY
-        return preferred_number(key)
+        return preferred_number(key, int(getattr(self.config, "identity_hash_bits", 16)))
 
     def attach(self, source: Any, allocator: IdentityAllocator, endpoints: Any,
                state: Any) -> None:
@@ -349,12 +349,18 @@ class CRDIdentities:
 
 def pod_label_sets(source: Any, cluster_name: str) -> set[tuple[str, ...]]:
     """The identity label sets of the cluster's pods (``KubernetesSource``'s
-    cache; host-network pods have none)."""
+    cache; host-network pods have none). A pod bound to a Node the API no
+    longer has does not count: its node is gone (the pod garbage collector
+    deletes such pods 40 s or more later), so the identities only its pods
+    held are collected a heartbeat timeout after the Node's delete."""
     from axoneme.core.cluster import Namespace, namespace_labels, pod_identity_labels
 
     out = set()
+    nodes = getattr(source, "nodes", None)
     for meta in list(source.pods.values()):
         if meta.host_network:
+            continue
+        if meta.node and nodes is not None and meta.node not in nodes:
             continue
         name = meta.pod.namespace
         # as EndpointService.namespace_obj: a namespace not cached yet has its name label

@@ -133,10 +133,16 @@ class IdentityStore(Protocol):
         ...
 
 
-def preferred_number(key: tuple[str, ...]) -> int:
-    """Where probing starts for a label set (sorted label strings)."""
+def preferred_number(key: tuple[str, ...], bits: int = 16) -> int:
+    """Where probing starts for a label set (sorted label strings).
+
+    ``bits`` < 16 shrinks the hash to ``2**bits`` first choices (256 up): a
+    test knob (the agent's ``identity_hash_bits``) that makes many label sets
+    collide, so probing and the store's arbitration run on every allocation."""
     digest = hashlib.sha256("\n".join(key).encode()).digest()
     span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
+    if bits < 16:
+        span = 1 << max(bits, 0)
     return MIN_CLUSTER_IDENTITY + int.from_bytes(digest[:8], "big") % span
 
 

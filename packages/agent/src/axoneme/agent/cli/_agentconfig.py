@@ -28,6 +28,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "identity_allocation_mode", "identity_gc_interval", "identity_heartbeat_timeout",
+                "identity_hash_bits",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files",
@@ -165,7 +166,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
 
 
 def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
-    """identity_allocation_mode, identity_gc_interval, identity_heartbeat_timeout
+    """identity_allocation_mode, identity_gc_interval, identity_heartbeat_timeout,
+    identity_hash_bits
     (config keys only: ConfigError naming the key and the file, exit 2)."""
     where = f" ({path})" if path else ""
     if cfg.identity_allocation_mode not in ("crd", "local"):
@@ -175,6 +177,10 @@ def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key {key}: expected 0 or more seconds, got "
                               f"{getattr(cfg, key)!r}{where}")
+    bits = cfg.identity_hash_bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ConfigError(f"config key identity_hash_bits: expected an integer 1-16, got "
+                          f"{yamlsafe.excerpt(repr(bits))}{where}")
 
 
 def check_hubble(cfg: AgentConfig) -> None:
