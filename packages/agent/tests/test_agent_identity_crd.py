@@ -126,11 +126,11 @@ class Node:
     """One agent's identity side: store, allocator, the watch (from a position
     in the fake's event log) and its endpoints (label-set key -> number held)."""
 
-    def __init__(self, api: FakeIdentityAPI, name: str) -> None:
+    def __init__(self, api: FakeIdentityAPI, name: str, preferred: Any = collide) -> None:
         self.name = name
         self.api = api
         self.store = CRDIdentityStore(api)
-        self.alloc = IdentityAllocator(self.store, preferred=collide)
+        self.alloc = IdentityAllocator(self.store, preferred=preferred)
         self.sync = IdentitySync(self.store, self.alloc, self.relabel)
         self.pos = 0
         self.synced = False
@@ -270,15 +270,22 @@ def _race(seed: int, nodes: int, sets: int, garbage: int) -> tuple[FakeIdentityA
                                                    random.Random(rng.random())))
                for m in members]
     threads.append(threading.Thread(target=collector, args=(random.Random(rng.random()),)))
+    run_and_drain(threads, members, errors)
+    return api, members
+
+
+def run_and_drain(threads: list[threading.Thread], members: list[Node],
+                  errors: list[BaseException]) -> None:
+    """Run the racing threads, then drain the watches: duplicates seen, endpoints
+    re-identified."""
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors, errors
-    for _ in range(3):  # drained: duplicates seen, endpoints re-identified
+    for _ in range(3):
         for m in members:
             m.deliver()
-    return api, members
 
 
 def _check_converged(api: FakeIdentityAPI, members: list[Node], sets: int) -> None:

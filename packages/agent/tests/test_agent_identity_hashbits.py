@@ -11,7 +11,6 @@ when its watch delivers. The real API server: tests/k8s/test_k8s_multinode_ident
 
 from __future__ import annotations
 
-import asyncio
 import random
 import sys
 import threading
@@ -21,15 +20,14 @@ from typing import Any
 
 import pytest
 from axoneme.agent._config import AgentConfig
-from axoneme.agent._identitycrd import CRDIdentityStore
-from axoneme.agent._identityk8s import CRDIdentities, IdentitySync, pod_label_sets
-from axoneme.core.identity import MIN_CLUSTER_IDENTITY, IdentityAllocator, preferred_number
+from axoneme.agent._identityk8s import CRDIdentities, pod_label_sets
+from axoneme.core.identity import MIN_CLUSTER_IDENTITY, preferred_number
 from axoneme.core.labels import Labels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))  # the fake API server (import-mode=importlib)
-from test_agent_identity_crd import FakeIdentityAPI  # noqa: E402
+from test_agent_identity_crd import FakeIdentityAPI, Node, run_and_drain  # noqa: E402
 
 
 def _labels(i: int) -> Labels:
@@ -86,51 +84,18 @@ def test_pods_of_a_deleted_node_no_longer_keep_their_identities():
     assert apps == {"k8s:app=a", "k8s:app=pending"}
 
 
-class Member:
-    """One agent's identity side with the hash-bits knob: store, allocator, watch, endpoints."""
+def _member(api: FakeIdentityAPI, name: str, bits: int) -> Node:
+    """One agent's identity side (store, allocator, watch, endpoints) with the hash-bits knob."""
+    return Node(api, name, preferred=CRDIdentities(AgentConfig(identity_hash_bits=bits)).preferred)
 
-    def __init__(self, api: FakeIdentityAPI, name: str, bits: int) -> None:
-        self.name, self.api = name, api
-        self.store = CRDIdentityStore(api)
-        crd = CRDIdentities(AgentConfig(identity_hash_bits=bits))
-        self.alloc = IdentityAllocator(self.store, preferred=crd.preferred)
-        self.sync = IdentitySync(self.store, self.alloc, self.relabel)
-        self.pos = 0
-        self.synced = False
-        self.held: dict[tuple[str, ...], int] = {}
-        self.lock = threading.RLock()
 
-    async def relabel(self, numbers: set[int]) -> None:
-        with self.lock:
-            for key, number in list(self.held.items()):
-                if number in numbers:
-                    old = self.alloc.get(number)
-                    self.held[key] = self.alloc.allocate(Labels.from_strings(key)).id
-                    assert old is not None
-                    self.alloc.release(old)
-
-    def deliver(self, upto: int | None = None) -> None:
-        with self.api.lock:
-            end = len(self.api.events) if upto is None else min(upto, len(self.api.events))
-            batch = self.api.events[self.pos:end]
-        with self.lock:
-            self.pos = end
-            initial, self.synced = not self.synced, True
-            asyncio.run(self.sync.on_events("identities", batch, initial))
-
-    def toggle(self, i: int) -> int | None:
-        """Use label set ``i`` (its number) or stop using it (None)."""
-        lab = _labels(i)
-        key = tuple(lab.sorted_strings())
-        with self.lock:
-            if key in self.held:
-                ident = self.alloc.get(self.held.pop(key))
-                assert ident is not None
-                self.alloc.release(ident)
-                return None
-            ident = self.alloc.allocate(lab)
-            self.held[key] = ident.id
-            return ident.id
+def _toggle(m: Node, i: int) -> int | None:
+    """Use label set ``i`` (its number) or stop using it (None)."""
+    lab = _labels(i)
+    if tuple(lab.sorted_strings()) in m.held:
+        m.stop_using(lab)
+        return None
+    return m.use(lab)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -148,23 +113,23 @@ def test_property_allocators_racing_with_forced_collisions_converge(bits, nodes,
     label set."""
     rng = random.Random(seed)
     api = FakeIdentityAPI()
-    seeder = Member(api, "seed", bits)
+    seeder = _member(api, "seed", bits)
     junk = []
     for i in range(garbage):
-        junk.append(seeder.toggle(10_000 + i))
-        seeder.toggle(10_000 + i)
-    members = [Member(api, f"n{k}", bits) for k in range(nodes)]
+        junk.append(_toggle(seeder, 10_000 + i))
+        _toggle(seeder, 10_000 + i)
+    members = [_member(api, f"n{k}", bits) for k in range(nodes)]
     for m in members:
         m.deliver()
     errors: list[BaseException] = []
     start = threading.Barrier(nodes + 1)
 
-    def work(m: Member, r: random.Random) -> None:
+    def work(m: Node, r: random.Random) -> None:
         try:
             start.wait(10)
             for _ in range(2 * sets):
                 i = r.randrange(sets)
-                number = m.toggle(i)
+                number = _toggle(m, i)
                 if number is not None:
                     key = tuple(_labels(i).sorted_strings())
                     assert api.labels_of(number) in (key, None), (m.name, number, key)
@@ -188,14 +153,7 @@ def test_property_allocators_racing_with_forced_collisions_converge(bits, nodes,
     threads = [threading.Thread(target=work, args=(m, random.Random(rng.random())))
                for m in members]
     threads.append(threading.Thread(target=collector, args=(random.Random(rng.random()),)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    for _ in range(3):  # drain: duplicates seen, endpoints moved to the lowest number
-        for m in members:
-            m.deliver()
+    run_and_drain(threads, members, errors)
     numbers: dict[tuple[str, ...], set[int]] = {}
     for m in members:
         for key, number in m.held.items():
