@@ -429,31 +429,58 @@ def json_problem(obj: Any, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None
     by ``load_json`` unchanged, so whatever is accepted can be persisted and
     read back at the next start. Walked without recursion.
     """
+    # A path is built only for the problem found: the walk carries (parent,
+    # key, is-a-list-index) links (a policy of 50k peers has 100k keys and
+    # items; rendering each one's path cost more than the walk itself).
     seen: set[int] = set()
-    stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
+    stack: list[tuple[Any, _PathLink, int]] = [(obj, None, 1)]
     while stack:
-        o, path, depth = stack.pop()
+        o, link, depth = stack.pop()
         if isinstance(o, Mapping | list):
             if depth > max_depth:
-                return path, f"nesting deeper than {max_depth} levels"
+                return _path(link), f"nesting deeper than {max_depth} levels"
             if id(o) in seen:
                 continue  # an alias of a subtree already checked
             seen.add(id(o))
+            # values that are always fine are not walked (the order problems
+            # are found in stays the document's)
             if isinstance(o, list):
-                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(o))))
+                stack.extend((v, (link, i, True), depth + 1)
+                             for i, v in reversed(list(enumerate(o))) if type(v) not in _FINE)
                 continue
             for k, v in reversed(list(o.items())):
-                sub = f"{path}.{excerpt(k)}" if path else excerpt(k)
-                if not isinstance(k, str):
+                if type(k) is not str:
                     bad = _scalar_problem(k)
                     if bad is not None:
-                        return sub, f"key: {bad}"
-                stack.append((v, sub, depth + 1))
+                        return _path((link, k, False)), f"key: {bad}"
+                if type(v) not in _FINE:
+                    stack.append((v, (link, k, False), depth + 1))
             continue
         bad = _scalar_problem(o)
         if bad is not None:
-            return path, bad
+            return _path(link), bad
     return None
+
+
+# scalar types json_problem never objects to (exact types: a HugeInt is an int)
+_FINE = frozenset({str, bool, type(None)})
+# (parent link, mapping key or list index, whether it is an index); None: the root
+_PathLink = tuple[Any, Any, bool] | None
+
+
+def _path(link: _PathLink) -> str:
+    """The field path of ``link``: ``a.b[2].c``, keys shown by ``excerpt``."""
+    steps: list[tuple[Any, bool]] = []
+    while link is not None:
+        link, step, index = link
+        steps.append((step, index))
+    path = ""
+    for step, index in reversed(steps):
+        if index:
+            path = f"{path}[{step}]"
+        else:
+            path = f"{path}.{excerpt(step)}" if path else excerpt(step)
+    return path
 
 
 def _scalar_problem(o: Any) -> str | None:
