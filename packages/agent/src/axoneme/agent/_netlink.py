@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Protocol
@@ -125,9 +126,14 @@ def warm_up() -> None:
 
 
 def link_index(name: str) -> int:
-    """Index of a host link, 0 if it does not exist."""
+    """Index of a host link, 0 if it does not exist.
+
+    Asked of the kernel in the calling thread's network namespace
+    (SIOCGIFINDEX): /sys/class/net shows the namespace sysfs was mounted in,
+    not the agent's when it runs in a node netns entered with ``nsenter --net``
+    (its pods' veths looked gone there and a restart disconnected them)."""
     try:
-        return int(open(f"/sys/class/net/{name}/ifindex").read())
+        return socket.if_nametoindex(name)
     except (OSError, ValueError):
         return 0
 
