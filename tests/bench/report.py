@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,18 +127,18 @@ def targets(r: _R) -> list[tuple[str, str, str, str]]:
     rows += _b1_targets(r)
     rows += _agent_targets(r)
     rows += _agent_report().targets(r)
+    rows += _agent_report("xnode_report").targets(sys.modules[__name__], r)
     return rows
 
 
-def _agent_report() -> Any:
-    """report_agent.py, next to this file (tests/bench is not a package)."""
+def _agent_report(name: str = "report_agent") -> Any:
+    """report_agent.py (or ``name``.py), next to this file (tests/bench is not a package)."""
     import importlib.util
-    import sys
 
-    key = "axoneme_bench_report_agent"
+    key = f"axoneme_bench_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(
-            "report_agent.py"))
+            f"{name}.py"))
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -386,6 +387,7 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
     w("The ipset mode renders one `-m set --match-set` rule per peer identity, so the chain "
       "is as long as in plain mode: a set per identity does not collapse the rule walk for "
       "identity-per-rule policies. Its rows in B2/B3/B5/B6 above are reported as they are.\n")
+    L.extend(_agent_report("xnode_report").section(sys.modules[__name__], r))
     w("## Charts\n")
     for c in charts:
         w(f"![{c}]({c})")

@@ -1003,7 +1003,9 @@ class Agent:
     there, so an iptables agent never meets the host's chains or the
     cluster's agent and needs no host lock. The node has no uplink."""
 
-    def __init__(self, args: list[str], node: bool = False) -> None:
+    def __init__(self, args: list[str], node: bool = False, netns: str = "",
+                 pod_cidr: str = "") -> None:
+        """``netns``: run in this existing namespace of the caller's (it stays)."""
         self.work = tempfile.mkdtemp(prefix="axb-", dir="/tmp")
         self.sock = os.path.join(self.work, "a.sock")
         self.state = os.path.join(self.work, "state")
@@ -1011,7 +1013,9 @@ class Agent:
                         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
         self.node = ""
         self.prefix: list[str] = []
-        if node:
+        if netns:
+            self.prefix = ["nsenter", f"--net=/run/netns/{netns}"]
+        elif node:
             from axoneme.testing.netns import add_netns
 
             self.node = add_netns(f"axb-node-{os.getpid()}-{secrets.token_hex(3)}")
@@ -1022,7 +1026,7 @@ class Agent:
         # (a default-root agent of a test running beside the suite)
         self.cmd = [*self.prefix, AXONEME, "agent", "run", *args, "--state-dir", self.state,
                     "--api-socket", self.sock, "--pod-cidr",
-                    ("10.244.16" if node else free_subnet()) + ".0/24",
+                    pod_cidr or ("10.244.16" if node else free_subnet()) + ".0/24",
                     "--bpffs-root", f"/sys/fs/bpf/axb-agent-{secrets.token_hex(4)}"]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -1414,6 +1418,21 @@ def run_suite(plan: Plan, progress: Callable[[str], None] = lambda s: None,
     return res
 
 
+def run_xnode(plan: Plan, res: Results, progress: Callable[[str], None]) -> None:
+    """XNODE (tests/bench/xnode.py): cross-node traffic through agents in node
+    namespaces of its own; nothing on the host's network, so no guard or lock."""
+    if os.geteuid() != 0:
+        raise PermissionError("the benchmark suite needs root (netns, veth, BPF, iptables)")
+    X = sibling("xnode")
+    tmp = tempfile.mkdtemp(prefix="axbench-xnode-")
+    try:
+        X.bench_xnode(sys.modules[__name__], X.XPlan.quick() if plan.quick else X.XPlan(), res,
+                      build_loadgen(tmp), plan.seed, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res.machine["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def sibling(name: str) -> Any:
     """A module next to this file (tests/bench is not a package)."""
     import importlib.util
@@ -1468,7 +1487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     default=os.environ.get("AXONEME_BENCH_QUICK") == "1")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--only", default="B1,B2,B5,B5A,B7", help="comma list of B1,B2,B5,B5A,B7")
+    ap.add_argument("--only", default="B1,B2,B5,B5A,B7,XNODE",
+                    help="comma list of B1,B2,B5,B5A,B7,XNODE (cross-node, tests/bench/xnode.py)")
     ap.add_argument("--merge", help="results.json of an earlier run: keep its trials of the "
                     "benchmarks not run now")
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
@@ -1502,13 +1522,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     t0 = time.time()
-    res = run_suite(plan, lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True),
-                    benches=a.only.split(","))
+    benches = [b.strip().upper() for b in a.only.split(",") if b.strip()]
+    unknown = set(benches) - {"B1", "B2", "B5", "B5A", "B7", "XNODE"}
+    if unknown:
+        ap.error(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))}")
+    progress = lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True)  # noqa: E731
+    suite = [b for b in benches if b != "XNODE"]
+    res = run_suite(plan, progress, benches=suite) if suite else \
+        Results(plan=asdict(plan), machine=machine_info())
+    if "XNODE" in benches:
+        run_xnode(plan, res, progress)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(sys.argv)
     if a.merge:
-        merge(res, json.loads(Path(a.merge).read_text()), a.only.split(","))
+        merge(res, json.loads(Path(a.merge).read_text()), benches)
         command = f"{res.extra.get('command', '')} + {command}"
     res.extra["command"] = command
     (out / "results.json").write_text(json.dumps(
