@@ -19,6 +19,7 @@ PROOF = {
     "ipv6": "test_ebpf_progrun.py::test_ipv4_and_ipv6_decided_by_policy",
     "fail_closed": "test_ebpf_failclosed.py::test_fail_closed_overrides_the_policy_map_per_direction",
     "ipcache_dump": "test_ebpf_maps.py::test_ipcache_roundtrip_v4_v6",
+    "tunnel_identity": "test_ebpf_tunnel.py::test_vni_carries_the_source_identity",
 }
 
 

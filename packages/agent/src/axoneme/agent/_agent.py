@@ -259,6 +259,7 @@ class Agent:
             # routing was on (Kubernetes mode) and is not now: what it made goes
             await asyncio.to_thread(NodeRouting().cleanup)
         await asyncio.to_thread(self.regenerator.call, dp.start)
+        await self._wire_node_devices(dp)
         await self.endpoints.reconcile_interrupted()
         await self.pods.reconcile_interrupted()
         # the node's addresses are the host entity, for every datapath
@@ -295,6 +296,21 @@ class Agent:
             self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
+
+    async def _wire_node_devices(self, dp: Datapath) -> None:
+        """The node's devices for the datapath (``Datapath.node_devices``): the
+        configured ``devices``; in Kubernetes mode also the device of this
+        node's address and, in tunnel routing, the VXLAN device, which is
+        collect_md when the datapath carries identities in it
+        (``tunnel_identity``): routing names them after each change."""
+        extra = list(self.config.devices or [])
+        if self.routing is None:
+            if extra:
+                await asyncio.to_thread(self.regenerator.call, dp.node_devices, extra)
+            return
+        self.routing.kernel.external = "tunnel_identity" in dp.capabilities
+        self.routing.devices_hook = lambda devs: self.regenerator.call(
+            dp.node_devices, list(dict.fromkeys([*extra, *devs])))
 
     def _use_node_pod_cidr(self) -> None:
         """Kubernetes mode: pod IPs come from this Node's spec.podCIDR (Cilium's

@@ -11,7 +11,7 @@ import json
 import logging
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,13 @@ class NodeRouting:
 
     def __init__(self, netns: str | None = None, device: str = VXLAN_DEVICE,
                  port: int = VXLAN_PORT, vni: int = VXLAN_VNI, proto: int = ROUTE_PROTO,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, external: bool = False) -> None:
         self.netns = netns
+        # tunnel mode: a collect_md ("external") VXLAN device, for a datapath that
+        # sets each packet's VNI and remote itself (capability tunnel_identity):
+        # no VNI of its own and no FDB entries (the neighbours stay, so the kernel
+        # never ARPs through it); False: a plain device with VNI ``vni`` and FDB
+        self.external = external
         self.mtu = mtu  # the agent's mtu: the VXLAN device's is at most this less the overhead
         self.device = device
         self.port = port
@@ -125,7 +130,8 @@ class NodeRouting:
             return False
         info = ((dev.get("linkinfo") or {}).get("info_data") or {})
         return ((dev.get("linkinfo") or {}).get("info_kind") == "vxlan"
-                and info.get("id") == self.vni and info.get("port") == self.port
+                and bool(info.get("external", False)) == self.external
+                and (self.external or info.get("id") == self.vni) and info.get("port") == self.port
                 and info.get("local") == str(local) and not info.get("learning", False)
                 and str(dev.get("address")) == vtep_mac(local)
                 and "UP" in (dev.get("flags") or []))
@@ -142,6 +148,8 @@ class NodeRouting:
         Returns the nodes not routed and why (``desired``'s problems plus the
         kernel's refusals)."""
         problems = dict(desired.problems)
+        if self.external:
+            desired = dataclasses.replace(desired, fdb=frozenset())
         before = self.observe()
         desired = self._admit(desired, before, problems)
         # routes first out, devices last: nothing points at a device being removed;
@@ -214,8 +222,9 @@ class NodeRouting:
             return False
         if dev is not None:  # another local address, MTU or shape: make it again
             self._cmd("ip", "link", "del", "dev", self.device, check=False)
+        vni = ["external"] if self.external else ["id", str(self.vni)]
         self._cmd("ip", "link", "add", self.device, "address", vtep_mac(local), "mtu", str(mtu),
-                  "type", "vxlan", "id", str(self.vni), "local", str(local), "dstport",
+                  "type", "vxlan", *vni, "local", str(local), "dstport",
                   str(self.port), "nolearning")
         for key, value in (("rp_filter", "0"), ("forwarding", "1")):
             self._sysctl(f"net.ipv4.conf.{self.device}.{key}", value)
@@ -236,6 +245,13 @@ class NodeRouting:
                 raise OSError(proc.stderr.strip())
         except OSError as e:
             LOG.warning("routing: %s=%s: %s", key, value, e)
+
+    def device_of(self, ip: ipaddress.IPv4Address) -> str:
+        """The interface holding address ``ip`` ('' when none does)."""
+        for link in self._json("ip", "-4", "addr", "show"):
+            if any(a.get("local") == str(ip) for a in link.get("addr_info") or []):
+                return str(link.get("ifname") or "")
+        return ""
 
     def _not_connected(self, ip: ipaddress.IPv4Address) -> str:
         """Why node address ``ip`` is not on a directly connected network ('' when
@@ -303,6 +319,9 @@ class RoutingService:
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
         self.remote_pods: Any = None  # _remotepods.RemotePods: its count joins the view
+        # the agent's: names this node's devices to the datapath after each apply
+        self.devices_hook: Callable[[list[str]], None] | None = None
+        self.devices_sent: list[str] = []
 
     async def on_node_events(self, events: Sequence[tuple[str, Mapping[str, Any]]],
                              initial: bool) -> None:
@@ -334,11 +353,39 @@ class RoutingService:
                 problems = {**{n: f"routing failed: {e}" for n in want.owners.values()},
                             **want.problems}
                 self.kernel.problems = problems
+            self._name_devices(want)
         for name, why in sorted(problems.items()):
             LOG.warning("routing (%s): node %s is not routed: %s", self.mode, name, why)
         LOG.info("routing (%s): %d remote pod CIDRs routed", self.mode,
                  len(want.routes) - len(set(problems) & set(want.owners.values())))
         return problems
+
+    def node_devices(self, want: Desired) -> list[str]:
+        """This node's devices: the one holding its address (other nodes' pods
+        in native routing, peers outside the cluster) and, in tunnel mode, the
+        VXLAN device."""
+        out = []
+        local = self.nodes.get(self.node)
+        if local is not None and local.ip is not None:
+            dev = self.kernel.device_of(local.ip)
+            if dev:
+                out.append(dev)
+        if want.device_local is not None and self.kernel.observe().device is not None:
+            out.append(self.kernel.device)
+        return out
+
+    def _name_devices(self, want: Desired) -> None:
+        """Tell the datapath (``devices_hook``); a failure is logged, never
+        raised (the next Node event tries again)."""
+        if self.devices_hook is None:
+            return
+        try:
+            devices = self.node_devices(want)
+            self.devices_hook(devices)
+            self.devices_sent = devices
+        except Exception as e:  # a datapath error must not stop the Node informer
+            LOG.error("routing (%s): naming the node's devices to the datapath failed: %s",
+                      self.mode, e)
 
     def cleanup(self) -> None:
         with self._lock:
@@ -347,7 +394,8 @@ class RoutingService:
     def view(self) -> dict[str, Any]:
         """``status`` components.routing: mode, device, routes, problems, nodes
         (and remote_pods: other nodes' pods in the ipcache)."""
-        out = {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes)}
+        out = {**self.kernel.view(), "mode": self.mode, "nodes": len(self.nodes),
+               "node_devices": list(self.devices_sent)}
         if self.remote_pods is not None:
             out.update(self.remote_pods.view())
         return out

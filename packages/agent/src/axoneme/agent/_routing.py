@@ -20,10 +20,16 @@ routing modes (``routing_mode``, ``agent run --routing-mode``):
   encapsulated in UDP to the remote node, which decapsulates it on its own
   ``axon_vxlan`` and forwards it to the pod. The device's MTU is the
   underlay's (at most the agent's ``mtu``) minus the 50 bytes of VXLAN over
-  IPv4; pods get ``mtu`` minus 50 too (``AgentConfig.pod_mtu``). The VNI
-  carries no identity (Cilium's eBPF sets it per packet to the source's):
-  the receiving node finds the source's identity in its ipcache
-  (``_remotepods``).
+  IPv4; pods get ``mtu`` minus 50 too (``AgentConfig.pod_mtu``).
+  Identity in the VNI, as Cilium: with a datapath that has the capability
+  ``tunnel_identity`` (eBPF) the device is collect_md ("external": no VNI of
+  its own, no FDB entries; ``NodeRouting.external``) and the datapath's
+  programs on it set each packet's VNI to the source's security identity
+  and its remote to the route's next hop, and judge arriving packets by the
+  VNI's identity, so a pod whose ipcache entry has not arrived (or is stale)
+  is still judged by what it is. Otherwise (iptables) the device is plain,
+  VNI 1 with the FDB entries above, and the receiving node finds the
+  source's identity in its ipcache alone (``_remotepods``).
 
 In both modes a node's address must be on a directly connected network
 (``ip route get`` names no gateway): native routes need such a next hop, and

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import ipaddress
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -48,6 +48,9 @@ CAPABILITIES = frozenset({
     "host_policy",   # enforces policy on the host's own traffic
     "fail_closed",   # implements ``endpoint_fail_closed``
     "ipcache_dump",  # ``dump_ipcache()`` reads the kernel's ipcache back
+    # carries the source's identity in the tunnel header (the VNI) and judges
+    # tunnelled packets by it: needs a collect_md VXLAN device (``node_devices``)
+    "tunnel_identity",
 })
 
 
@@ -141,6 +144,18 @@ class Datapath(abc.ABC):
         Default: NotImplementedError (the agent then removes the endpoint's
         entries in those directions, so its default deny drops them)."""
         raise NotImplementedError
+
+    def node_devices(self, devices: Sequence[str]) -> None:
+        """The node's devices (Cilium's ``--devices``), the tunnel device of
+        tunnel routing among them: where traffic from other nodes and from
+        outside the cluster enters. A datapath that decides such traffic for
+        local endpoints before routing (so ingress L7 rules can redirect it to
+        the proxy) attaches there; with ``tunnel_identity`` it also carries the
+        source's identity through a collect_md VXLAN device. Called with the
+        whole list whenever it changes (a device no longer listed is left).
+        Default: nothing to do (iptables decides in netfilter, PREROUTING).
+        Raises DatapathProgramError when a device does not exist."""
+        return None
 
     @abc.abstractmethod
     def ipcache_apply(self, changes: IPCacheChanges) -> None:

@@ -21,12 +21,14 @@ from axoneme.core import marks
 
 LOG = logging.getLogger(__name__)
 
-PROGRAM_FILES = ("from_container.c", "to_container.c", "host.c")
+PROGRAM_FILES = ("from_container.c", "to_container.c", "host.c", "overlay.c")
 FROM_CONTAINER = "ax_from_container"
 TO_CONTAINER = "ax_to_container"
-FROM_NETDEV = "ax_from_netdev"  # the host firewall, on the node's devices (host.c)
+FROM_NETDEV = "ax_from_netdev"  # on the node's devices: host firewall, local delivery (host.c)
 TO_NETDEV = "ax_to_netdev"
-PROGRAMS = (FROM_CONTAINER, TO_CONTAINER, FROM_NETDEV, TO_NETDEV)
+FROM_OVERLAY = "ax_from_overlay"  # on the tunnel device: the VNI's identity (overlay.c)
+TO_OVERLAY = "ax_to_overlay"
+PROGRAMS = (FROM_CONTAINER, TO_CONTAINER, FROM_NETDEV, TO_NETDEV, FROM_OVERLAY, TO_OVERLAY)
 
 # C map variable (kernel map name, <= 15 chars) -> pin file name under bpffs_root.
 PINNED_MAPS = {

@@ -53,6 +53,7 @@ from axoneme.core.mapstate import (
 from axoneme.datapath.ebpf import _bpf, _events, _tc
 from axoneme.datapath.ebpf import _layout as L
 from axoneme.datapath.ebpf._hostep import HostEndpointMixin
+from axoneme.datapath.ebpf._nodedev import NodeDevicesMixin
 
 LOG = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _bpffs_mounted(path: str) -> bool:
     return fstype == "bpf"
 
 
-class EbpfDatapath(HostEndpointMixin, Datapath):
+class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
     """tc programs compiled with BCC; per-endpoint state in pinned maps.
 
     Thread-safe: map writers hold one lock; ``events()`` may run in its own
@@ -273,7 +274,7 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
     name = "ebpf"
     # each is proven by a test named in tests/test_ebpf_contract.py
     capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump",
-                              "host_policy"})
+                              "host_policy", "tunnel_identity"})
     options = OPTIONS
 
     def __init__(self, config: DatapathConfig | None = None) -> None:
@@ -395,6 +396,7 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
             b[b"ax_events"].open_ring_buffer(self._on_event)
             self._refresh_node_addresses(prune=True)
             adopted = self._reattach_all()
+            self._reattach_node_devices()
             # after the swap: a previous version's programs, still attached until
             # then, look host addresses up in the trie only
             if self._move_host_entries():
@@ -428,6 +430,7 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
     def cleanup(self) -> None:
         """Detach every filter recorded in the pinned endpoint map, unpin all maps."""
         self.stop()
+        self._cleanup_node_devices()
         root = self.config.bpffs_root
         path = os.path.join(root, _bpf.PINNED_MAPS["ax_endpoints"])
         if os.path.exists(path):
@@ -616,7 +619,8 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
             self._ifindex.pop(endpoint.id, None)
             for idx, old in self._endpoints().items():
                 if old.ep_id == endpoint.id:
-                    self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
+                    if not (endpoint.is_host and idx in self.node_device_ifindexes()):
+                        self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
                     _bpf.map_delete(self._fds["ax_endpoints"], ct.c_uint32(idx))
                     for family, raw in ((4, bytes(old.ipv4)), (6, bytes(old.ipv6))):
                         if any(raw):
@@ -1100,11 +1104,12 @@ class EbpfDatapath(HostEndpointMixin, Datapath):
     # ---- for tests and benchmarks --------------------------------------------------
 
     def program_fd(self, which: str) -> int:
-        """fd of a loaded program: ``from_container``, ``to_container``, ``from_netdev``
-        or ``to_netdev``."""
+        """fd of a loaded program: ``from_container``, ``to_container``, ``from_netdev``,
+        ``to_netdev``, ``from_overlay`` or ``to_overlay``."""
         self._require()
         name = {"from_container": _bpf.FROM_CONTAINER, "to_container": _bpf.TO_CONTAINER,
-                "from_netdev": _bpf.FROM_NETDEV, "to_netdev": _bpf.TO_NETDEV}[which]
+                "from_netdev": _bpf.FROM_NETDEV, "to_netdev": _bpf.TO_NETDEV,
+                "from_overlay": _bpf.FROM_OVERLAY, "to_overlay": _bpf.TO_OVERLAY}[which]
         return int(self._fns[name].fd)
 
     def map_fd(self, name: str) -> int:

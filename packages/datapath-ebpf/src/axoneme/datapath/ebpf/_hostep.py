@@ -61,8 +61,10 @@ class HostEndpointMixin:
         want = {HOST_EP_KEY: "", **devices}
         for idx, old in self._endpoints().items():
             if old.ep_id == HOST_ENDPOINT_ID and idx not in want:
-                # a device no longer enforced on (or a previous run's)
-                self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
+                # a device no longer enforced on (or a previous run's); a node
+                # device keeps the programs (_nodedev: local delivery)
+                if idx not in self.node_device_ifindexes():
+                    self._detach_if_ours(idx, old.ifname.decode(errors="replace"))
                 _bpf.map_delete(fd, ct.c_uint32(idx))
         try:
             for idx, name in want.items():

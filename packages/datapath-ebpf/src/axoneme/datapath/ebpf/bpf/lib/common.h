@@ -47,6 +47,7 @@ static __always_inline __u32 ax_to_proxy_mark(__u16 port)
 /* Reserved identities (Cilium numbers). */
 #define AX_ID_HOST 1
 #define AX_ID_WORLD 2
+#define AX_ID_REMOTE_NODE 6
 
 /* Drop reasons: Cilium's DROP_* codes (positive), Hubble's DropReason. */
 #define AX_DROP_POLICY 133

@@ -39,6 +39,8 @@ struct ax_ct_entry {
 #define AX_CT_CACHE_TO_CONTAINER 2
 #define AX_CT_CACHE_FROM_NETDEV 3
 #define AX_CT_CACHE_TO_NETDEV 4
+#define AX_CT_CACHE_NETDEV_LOCAL 5  /* from-netdev deciding for a local endpoint (deliver.h) */
+#define AX_CT_CACHE_FROM_OVERLAY 6  /* from-overlay deciding for a local endpoint (overlay.c) */
 
 /* axoneme_rev_v1: one u64, the policy revision (pinned: programs of a
  * previous agent run and the current one must see the same revision). */
