@@ -328,6 +328,7 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
             b = _bcc.BPF(text=b"int ax_probe(struct __sk_buff *skb) { return 0; }")
             b.load_func(b"ax_probe", _bcc.BPF.SCHED_CLS)
             b.cleanup()
+            _bpf.release_compiler_memory(b)
         except Exception as e:
             raise DatapathUnavailable(f"compiling/loading a tc program failed: {e}") from e
         self._probe_clsact()
