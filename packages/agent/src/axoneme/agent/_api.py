@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from axoneme.agent import _audit as audit
 from axoneme.agent._agent import Agent
+from axoneme.agent._apifast import HotHandler
 from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError, TryAgain
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.core import failpoints
@@ -23,10 +24,38 @@ from axoneme.core.policy.api import PolicyKind, PolicyRef
 LOG = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HOT_ROUTES = web.AppKey("axoneme_hot_routes", dict)  # (method, path) -> _apifast.HotHandler
+MAX_BODY = 64 * 1024 * 1024  # a 100k-peer policy is ~3 MB of JSON
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def error_reply(e: BaseException, method: str, path: str) -> tuple[int, Any]:
+    """(status, JSON body) of a request that raised ``e``: the API's one error
+    mapping (the aiohttp middleware and the hot routes' front, ``_apifast``)."""
+    if isinstance(e, InvalidRule):
+        return 400, {"error": str(e), "problems": [str(p) for p in e.problems]}
+    if isinstance(e, NotFound):
+        return 404, {"error": str(e)}
+    if isinstance(e, Conflict):
+        return 409, {"error": str(e)}
+    if isinstance(e, BadRequest | PolicyError | ConfigError):
+        return 400, {"error": str(e)}
+    if isinstance(e, TryAgain):
+        return 503, {"error": str(e)}
+    if isinstance(e, StateWriteError):  # nothing changed; worth retrying
+        LOG.warning("%s %s refused: %s", method, path, e)
+        return 503, {"error": f"{e}; nothing was changed"}
+    if isinstance(e, AxonemeError):
+        LOG.warning("%s %s failed: %s", method, path, e)
+        return 500, {"error": str(e)}
+    if isinstance(e, json.JSONDecodeError | ValueError | KeyError | TypeError | RecursionError):
+        return 400, {"error": f"bad request: {e}"}
+    # a bug, but the API keeps serving
+    LOG.error("%s %s crashed", method, path, exc_info=e)
+    return 500, {"error": f"internal error: {e}"}
 
 
 @web.middleware
@@ -35,27 +64,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except web.HTTPException:
         raise
-    except InvalidRule as e:
-        return _json({"error": str(e), "problems": [str(p) for p in e.problems]}, 400)
-    except NotFound as e:
-        return _json({"error": str(e)}, 404)
-    except Conflict as e:
-        return _json({"error": str(e)}, 409)
-    except (BadRequest, PolicyError, ConfigError) as e:
-        return _json({"error": str(e)}, 400)
-    except TryAgain as e:
-        return _json({"error": str(e)}, 503)
-    except StateWriteError as e:  # nothing changed; worth retrying
-        LOG.warning("%s %s refused: %s", request.method, request.path, e)
-        return _json({"error": f"{e}; nothing was changed"}, 503)
-    except AxonemeError as e:
-        LOG.warning("%s %s failed: %s", request.method, request.path, e)
-        return _json({"error": str(e)}, 500)
-    except (json.JSONDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
-        return _json({"error": f"bad request: {e}"}, 400)
-    except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
-        LOG.exception("%s %s crashed", request.method, request.path)
-        return _json({"error": f"internal error: {e}"}, 500)
+    except Exception as e:
+        return _json(*reversed(error_reply(e, request.method, request.path)))
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def _ref(d: dict[str, Any]) -> PolicyRef:
 def build_app(agent: Agent) -> web.Application:
     views, endpoints, policies = agent.views, agent.endpoints, agent.policies
     namespaces, pods = agent.namespaces, agent.pods
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
     r = app.router
 
     async def healthz(request: web.Request) -> web.Response:
@@ -132,10 +142,28 @@ def build_app(agent: Agent) -> web.Application:
                            "server; use kubectl apply/delete (NetworkPolicy, "
                            "CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy)")
 
-    async def pol_apply(request: web.Request) -> web.Response:
+    # the policy changes: also served by the hot routes' front (_apifast), same handlers
+    async def apply_hot(read: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, Any]:
         k8s_policies_only()
-        body = await _body(request)
-        return _json(await policies.apply(body.get("documents") or []))
+        body = await read()
+        return 200, await policies.apply(body.get("documents") or [])
+
+    async def delete_hot(read: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, Any]:
+        k8s_policies_only()
+        refs = [_ref(d) for d in (await read()).get("refs") or []]
+        if not refs:
+            raise BadRequest("no policy given")
+        return 200, await policies.delete(refs)
+
+    def routed(hot: HotHandler) -> Handler:
+        async def route(request: web.Request) -> web.Response:
+            status, value = await hot(lambda: _body(request))
+            return _json(value, status)
+        return route
+
+    pol_apply, pol_delete = routed(apply_hot), routed(delete_hot)
+    app[HOT_ROUTES] = {("POST", "/v1/policies"): apply_hot,
+                       ("POST", "/v1/policies/delete"): delete_hot}
 
     async def pol_promote(request: web.Request) -> web.Response:
         k8s_policies_only()  # in Kubernetes: kubectl annotate ... policy.axoneme.io/mode-
@@ -143,14 +171,6 @@ def build_app(agent: Agent) -> web.Application:
         if not refs:
             raise BadRequest("no policy given")
         return _json(await audit.promote(policies, refs))
-
-    async def pol_delete(request: web.Request) -> web.Response:
-        k8s_policies_only()
-        body = await _body(request)
-        refs = [_ref(d) for d in body.get("refs") or []]
-        if not refs:
-            raise BadRequest("no policy given")
-        return _json(await policies.delete(refs))
 
     # pods
     async def pod_list(request: web.Request) -> web.Response:

@@ -14,7 +14,8 @@ from aiohttp import web
 from axoneme.agent import _netlink as nl
 from axoneme.agent import guard
 from axoneme.agent._agent import Agent
-from axoneme.agent._api import build_app, socket_in_use
+from axoneme.agent._api import HOT_ROUTES, MAX_BODY, build_app, error_reply, socket_in_use
+from axoneme.agent._apifast import FrontSite
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._errors import StateDirLocked
 from axoneme.agent._hubble import start_hubble
@@ -81,7 +82,8 @@ async def _serve(config: AgentConfig) -> int:
         pass
     old = os.umask(0o177)
     try:
-        site = web.UnixSite(runner, config.api_socket)
+        # the policy changes are served by a lean front, everything else by aiohttp (_apifast)
+        site = FrontSite(runner, config.api_socket, app[HOT_ROUTES], error_reply, MAX_BODY)
         await site.start()
     finally:
         os.umask(old)

@@ -79,6 +79,10 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# methods http.client sends "Content-Length: 0" for when they carry no body
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 def _with_query(path: str, query: dict[str, Any] | None) -> str:
     if not query:
         return path
@@ -102,14 +106,28 @@ class AgentClient:
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
                 timeout: float | None = None) -> Any:
-        """The decoded JSON answer (text when the agent did not answer JSON)."""
+        """The decoded JSON answer (text when the agent did not answer JSON).
+
+        The request goes out in one write, head and body together
+        (``http.client`` writes them separately: the agent would wake up for the
+        head, then again for the body); the answer is read by ``http.client``."""
+        data = None if body is None else json.dumps(body).encode()
+        head = [f"{method} {_with_query(path, query)} HTTP/1.1", "Host: localhost",
+                "Accept-Encoding: identity"]
+        if data is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        elif method in _BODY_METHODS:
+            head.append("Content-Length: 0")
+        if any(c <= " " or c == "\x7f" for c in head[0][len(method) + 1:-9]):
+            raise http.client.InvalidURL(f"URL can't contain control characters: {path!r}")
         conn = self._conn(timeout if timeout is not None else self.timeout)
+        resp = None
         try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if data is not None else {}
             try:
-                conn.request(method, _with_query(path, query), body=data, headers=headers)
-                resp = conn.getresponse()
+                assert conn.sock is not None
+                conn.sock.sendall("\r\n".join(head).encode("ascii") + b"\r\n\r\n" + (data or b""))
+                resp = http.client.HTTPResponse(conn.sock, method=method)
+                resp.begin()
                 raw = resp.read()
             except (TimeoutError, ConnectionError) as e:
                 raise AgentUnreachable(self.socket_path, f"no answer: {e}") from e
@@ -127,6 +145,8 @@ class AgentClient:
                 raise AgentError(resp.status, msg, body_d)
             return payload
         finally:
+            if resp is not None:
+                resp.close()
             conn.close()
 
     def get(self, path: str, **query: Any) -> Any:

@@ -1,0 +1,237 @@
+"""The API's hot-route front (_apifast): the policy changes served by the lean
+front answer exactly as the aiohttp routes do; everything else, and any
+unusual request, is aiohttp's (real unix socket, real clients: the CLI's
+AgentClient, curl, raw bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from axoneme.agent._api import HOT_ROUTES, MAX_BODY, build_app, error_reply
+from axoneme.agent._apifast import FrontSite
+from axoneme.agent.client import AgentBadRequest, AgentClient
+from axoneme.core.policy.parse import parse_policy_obj
+
+POLICY = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+          "metadata": {"name": "web", "namespace": "default"},
+          "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                   "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "cli"}}]}]}}
+
+
+class FakePolicies:
+    """The policy service's two changes, parsing for real (InvalidRule as the agent)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def apply(self, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        pols = [parse_policy_obj(d.get("obj"), str(d.get("file", "<api>"))) for d in docs]
+        self.calls.append(("apply", [p.ref.name for p in pols]))
+        return {"revision": 7, "applied": [p.ref.name for p in pols], "errors": {}}
+
+    async def delete(self, refs: list[Any]) -> dict[str, Any]:
+        self.calls.append(("delete", [r.name for r in refs]))
+        return {"revision": 7, "removed": [r.name for r in refs]}
+
+
+class Served:
+    def __init__(self, path: str, policies: FakePolicies) -> None:
+        self.path = path
+        self.policies = policies
+
+    def raw(self, data: bytes, chunks: int = 1) -> bytes:
+        """Send ``data`` (in ``chunks`` pieces), read the answer until the agent closes
+        (the requests say Connection: close; aiohttp does not answer a half-closed one)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.path)
+        step = max(1, len(data) // chunks)
+        for i in range(0, len(data), step):
+            s.sendall(data[i:i + step])
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        s.close()
+        return out
+
+
+@contextmanager
+def serve(path: str, k8s_mode: bool = False) -> Iterator[Served]:
+    """The agent's app behind the front (as ``agent run`` serves it) on its own loop."""
+    policies = FakePolicies()
+    agent = SimpleNamespace(views=SimpleNamespace(status=lambda: {"ok": 1}), endpoints=None,
+                            policies=policies, namespaces=None, pods=None,
+                            config=SimpleNamespace(k8s_mode=k8s_mode, flow_injection=False))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        app = build_app(agent)  # type: ignore[arg-type]
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = FrontSite(runner, path, app[HOT_ROUTES], error_reply, MAX_BODY)
+        await site.start()
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    th = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    th.start()
+    assert ready.wait(10)
+    try:
+        yield Served(path, policies)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        th.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    with serve(str(tmp_path / "api.sock")) as s:
+        yield s
+
+
+def _request(method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+    hdrs = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    head += [f"{k}: {v}" for k, v in hdrs.items() if v is not None]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _answer(raw: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # aiohttp's streamed answers
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            out, rest = out + rest[:n], rest[n + 2:]
+            if n == 0:
+                break
+        body = out
+    value = json.loads(body) if "json" in headers.get("content-type", "") else body
+    return int(lines[0].split()[1]), headers, value
+
+
+BODIES = [
+    json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode(),
+    b"{not json",
+    b"[1, 2]",
+    b"",
+    b"\xff\xfe",
+    json.dumps({"documents": [{"file": "a.yaml", "index": 0,
+                               "obj": {**POLICY, "kind": "Deployment"}}]}).encode(),
+    json.dumps({"documents": [{"obj": {**POLICY, "spec": {"x": float("nan")}}}]}).encode(),
+]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_hot_route_answers_as_aiohttp(served: Served, body: bytes) -> None:
+    """The front's answer to POST /v1/policies equals aiohttp's to the same
+    request (a query string sends it to aiohttp: same route, same handler)."""
+    fast = _answer(served.raw(_request("POST", "/v1/policies", body)))
+    slow = _answer(served.raw(_request("POST", "/v1/policies?via=aiohttp", body)))
+    assert fast[0] == slow[0] and fast[2] == slow[2], (fast, slow)
+    assert fast[1]["connection"] == "close" and "server" not in fast[1]  # the front's own
+    assert "server" in slow[1]  # aiohttp's
+    assert fast[1]["content-type"] == slow[1]["content-type"] == "application/json; charset=utf-8"
+
+
+def test_delete_and_errors_through_the_cli_client(served: Served) -> None:
+    """The CLI's client: an apply, a delete, an unknown kind (exit-2 error with
+    the problems), a delete without refs; the handlers ran once each."""
+    api = AgentClient(served.path, timeout=10)
+    doc = {"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}
+    assert api.post("/v1/policies", doc)["applied"] == ["web"]
+    ref = {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "web"}
+    assert api.post("/v1/policies/delete", {"refs": [ref]})["removed"] == ["web"]
+    with pytest.raises(AgentBadRequest) as e:
+        api.post("/v1/policies", {"documents": [{"obj": {**POLICY, "kind": "Pod"}}]})
+    assert e.value.status == 400 and "unsupported kind" in str(e.value)
+    assert e.value.body["problems"]
+    with pytest.raises(AgentBadRequest, match="no policy given"):
+        api.post("/v1/policies/delete", {"refs": []})
+    assert served.policies.calls == [("apply", ["web"]), ("delete", ["web"])]
+    assert api.get("/v1/healthz") == {"ok": True}  # aiohttp's route, same socket
+
+
+def test_kubernetes_mode_conflict_before_the_body(tmp_path: Path) -> None:
+    """In Kubernetes mode both changes are 409 on the front as on aiohttp, even
+    with a bad body (the mode is checked first), and nothing is applied."""
+    with serve(str(tmp_path / "k8s.sock"), k8s_mode=True) as s:
+        for path in ("/v1/policies", "/v1/policies/delete"):
+            fast = _answer(s.raw(_request("POST", path, b"{not json")))
+            slow = _answer(s.raw(_request("POST", path + "?via=aiohttp", b"{not json")))
+            assert fast[0] == slow[0] == 409 and fast[2] == slow[2], (fast, slow)
+            assert "Kubernetes mode" in fast[2]["error"]
+        assert s.policies.calls == []
+
+
+@pytest.mark.parametrize("headers", [
+    {"Expect": "100-continue"},
+    {"Transfer-Encoding": "chunked", "Content-Length": None},
+    {"Content-Type": "text/plain"},
+], ids=["expect", "chunked", "text-plain"])
+def test_unusual_requests_go_to_aiohttp(served: Served, headers: dict[str, Any]) -> None:
+    """Expect, chunked bodies and other content types are aiohttp's (its answer,
+    its Server header), and still apply the policy."""
+    body = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode()
+    if headers.get("Transfer-Encoding") == "chunked":
+        wire = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    else:
+        wire = body
+    raw = served.raw(_request("POST", "/v1/policies", wire, headers))
+    if headers.get("Expect"):
+        assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        raw = raw.split(b"\r\n\r\n", 1)[1]
+    status, hdrs, value = _answer(raw)
+    assert status == 200 and value["applied"] == ["web"] and "server" in hdrs
+
+
+def test_split_writes_and_garbage(served: Served) -> None:
+    """A request written a few bytes at a time is served; bytes that are not
+    HTTP get aiohttp's 400."""
+    body = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode()
+    status, hdrs, value = _answer(served.raw(_request("POST", "/v1/policies", body), chunks=40))
+    assert status == 200 and value["applied"] == ["web"] and hdrs["connection"] == "close"
+    assert served.raw(b"\x16\x03\x01 not http\r\n\r\n").startswith(b"HTTP/1.0 400")
+
+
+def test_keep_alive_after_a_hand_over(served: Served) -> None:
+    """Two requests on one connection to aiohttp's routes: both answered."""
+    two = (b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = served.raw(two)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_big_body(served: Served, tmp_path: Path) -> None:
+    """curl sends Expect: 100-continue for a body over 1 KiB: the documented
+    `curl --unix-socket ... -d @file` apply works (aiohttp serves it)."""
+    peers = [f"198.51.100.{i}/32" for i in range(1, 200)]
+    pol = {**POLICY, "spec": {**POLICY["spec"], "ingress": [{"fromCIDR": peers}]}}
+    f = tmp_path / "body.json"
+    f.write_text(json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": pol}]}))
+    out = subprocess.run(["curl", "-s", "--unix-socket", served.path, "-H",
+                          "Content-Type: application/json", "--data-binary", f"@{f}",
+                          "http://localhost/v1/policies"], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "NO_PROXY": "*"})
+    assert json.loads(out.stdout)["applied"] == ["web"], out
