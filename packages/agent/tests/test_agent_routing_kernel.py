@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from axoneme.agent._noderoutes import NodeRouting
+from axoneme.agent._noderoutes import NodeRouting, RoutingService
 from axoneme.agent._routing import (
     ROUTE_PROTO,
     VXLAN_DEVICE,
@@ -235,6 +235,44 @@ def test_tunnel_routing_pod_to_pod_across_nodes(nodes: tuple[Node, Node]) -> Non
     ka.cleanup()
     for n in (a, b):
         assert our_routes(n) == [] and device(n) is None
+
+
+def test_tunnel_device_is_collect_md_for_a_datapath_that_sets_the_vni(
+        nodes: tuple[Node, Node]) -> None:
+    """``external``: the device a datapath with ``tunnel_identity`` needs (it sets
+    each packet's VNI and remote): collect_md, no FDB entries, the neighbour
+    and route as in plain tunnel mode; a switch either way makes it again."""
+    a, b = nodes
+
+    def info(node: Node) -> dict[str, object]:
+        out = sh("ip", "-d", "-j", "-n", node.netns, "link", "show", VXLAN_DEVICE).stdout
+        return dict(json.loads(out)[0]["linkinfo"]["info_data"])
+
+    ka = NodeRouting(netns=a.netns, external=True)
+    assert ka.apply(desired_state("tunnel", a.info, [a.info, b.info])) == {}
+    assert info(a).get("external") is True
+    assert fdb(a) == []  # the datapath names the remote per packet
+    neigh = json.loads(sh("ip", "-j", "-n", a.netns, "neigh", "show", "dev", VXLAN_DEVICE).stdout)
+    assert [(n["dst"], n["lladdr"]) for n in neigh] == [(b.ip, vtep_mac(ipaddress.IPv4Address(b.ip)))]
+    assert [(r["dst"], r["dev"]) for r in our_routes(a)] == [(b.pod_cidr, VXLAN_DEVICE)]
+    ifindex = device(a)["ifindex"]  # type: ignore[index]
+    assert ka.apply(desired_state("tunnel", a.info, [a.info, b.info])) == {}
+    assert device(a)["ifindex"] == ifindex  # type: ignore[index]  # idempotent: not made again
+    # the node's devices the agent names to the datapath: its address's and the tunnel
+    svc = RoutingService("tunnel", "a", ka)
+    svc.nodes = {"a": a.info, "b": b.info}
+    named: list[list[str]] = []
+    svc.devices_hook = named.append
+    svc.reconcile()
+    assert named == [["und0", VXLAN_DEVICE]] and svc.view()["node_devices"] == named[0]
+    # a plain device (iptables: VNI 1 and FDB entries), then back
+    assert NodeRouting(netns=a.netns).apply(desired_state("tunnel", a.info, [a.info, b.info])) == {}
+    assert info(a).get("external", False) is False and info(a)["id"] == 1
+    assert [f["dst"] for f in fdb(a)] == [b.ip]
+    assert ka.apply(desired_state("tunnel", a.info, [a.info, b.info])) == {}
+    assert info(a).get("external") is True and fdb(a) == []
+    ka.cleanup()
+    assert device(a) is None and our_routes(a) == []
 
 
 def test_foreign_routes_and_unreachable_nodes_are_left_alone(nodes: tuple[Node, Node]) -> None:
