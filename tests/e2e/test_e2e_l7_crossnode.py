@@ -29,7 +29,7 @@ from pathlib import Path
 import _capability  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 from axoneme.testing.capability import lacks_root, lacks_tools
-from axoneme.testing.twonodes import OUTSIDE_PEER_IP, VXLAN, TwoNodes, sh
+from axoneme.testing.twonodes import AX, OUTSIDE_PEER_IP, VXLAN, TwoNodes, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
@@ -143,3 +143,13 @@ def test_l7_ingress_from_another_node_and_outside(nodes: TwoNodes,
     for src in (client_ip, OUTSIDE_PEER_IP):
         assert (src, "allowed", "FORWARDED") in l7, sorted(l7)
         assert (src, "denied", "DROPPED") in l7, sorted(l7)
+
+
+def test_a_device_that_does_not_exist_exits_2(tmp_path: Path) -> None:
+    """Bad input: `--devices` naming no interface of the agent's network namespace
+    exits 2 naming it, before any datapath is started."""
+    res = sh(AX, "agent", "run", "--datapath", "noop", "--state-dir", str(tmp_path / "state"),
+             "--api-socket", str(tmp_path / "api.sock"), "--no-guard", "--no-l7-proxies",
+             "--hubble-socket-path", "", "--devices", "axnosuch0", check=False, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "axnosuch0" in res.stderr and "--devices" in res.stderr, res.stderr

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -236,6 +237,7 @@ class Agent:
         self.endpoints.restore_ipam()
         # datapath calls never run on the event loop's thread: some use
         # synchronous pyroute2, which runs an event loop of its own
+        self._check_devices()  # before the datapath: bad input changes nothing
         dp = await asyncio.to_thread(self.make_datapath)
         await asyncio.to_thread(dp.probe)  # DatapathUnavailable -> exit 1, no fallback
         if self.hostfw is not None and "host_policy" not in dp.capabilities:
@@ -296,6 +298,15 @@ class Agent:
             self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
+
+    def _check_devices(self) -> None:
+        """Every configured device exists in this network namespace (ConfigError)."""
+        for name in self.config.devices or []:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                raise ConfigError(f"devices (--devices): no interface {name!r} in this "
+                                  f"network namespace") from None
 
     async def _wire_node_devices(self, dp: Datapath) -> None:
         """The node's devices for the datapath (``Datapath.node_devices``): the
