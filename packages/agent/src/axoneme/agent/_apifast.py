@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
@@ -57,33 +58,56 @@ class _Request:
         self.complete = False
 
 
-class FrontProtocol(asyncio.Protocol):
-    """One connection: a hot request served here, or the connection handed to aiohttp."""
+class _Replay(asyncio.Protocol):
+    """Hands an accepted connection to ``real`` (aiohttp's protocol) with the
+    bytes the front already read, before anything newer."""
 
-    def __init__(self, fallback: Callable[[], asyncio.Protocol],
-                 routes: Mapping[tuple[str, str], HotHandler], error_reply: ErrorReply,
-                 max_body: int, inflight: set[asyncio.Task[None]]) -> None:
-        self.fallback = fallback
-        self.routes = routes
-        self.error_reply = error_reply
-        self.max_body = max_body
-        self.inflight = inflight
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, real: asyncio.Protocol, data: bytes) -> None:
+        self.real = real
+        self.data = data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_protocol(self.real)
+        self.real.connection_made(transport)
+        if self.data:
+            self.real.data_received(self.data)
+
+
+class FrontConn:
+    """One accepted connection: a hot request served here, or the connection
+    handed to aiohttp. The socket is read with ``loop.add_reader`` and
+    written with ``sock_sendall``: no asyncio transport (its accept task,
+    transport and protocol setup cost ~50 us per connection, the front's
+    whole budget)."""
+
+    def __init__(self, front: Front, sock: socket.socket) -> None:
+        self.front = front
+        self.sock = sock
         self.raw = bytearray()  # every byte read until the request is judged
         self.req = _Request()
         self.parser = httptools.HttpRequestParser(self)
         self.hot: HotHandler | None = None
         self.judged = False  # the head was read: hot or handed over
-        self.serving = False
+        self.reading = False
 
-    # -- asyncio.Protocol ------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def start(self) -> None:
+        self.front.conns.add(self)
+        self.readable()  # the request is often there already
+        if not self.judged or (self.hot is not None and not self.req.complete):
+            self.reading = True
+            self.front.loop.add_reader(self.sock.fileno(), self.readable)
 
-    def data_received(self, data: bytes) -> None:
-        if self.serving:
-            return  # after the request (pipelining is not spoken here: Connection: close)
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away before its request was whole
+            self.close()
+            return
         if not self.judged:
             self.raw += data
         try:
@@ -92,13 +116,26 @@ class FrontProtocol(asyncio.Protocol):
             self.judged = True
             self.hot = None  # aiohttp says what is wrong with it
         if self.judged and self.hot is None:
-            self._hand_over()
+            self._stop_reading()
+            self._spawn(self._hand_over())
         elif self.req.complete and self.hot is not None:
-            self._serve(self.hot)
+            self._stop_reading()
+            self._spawn(self._serve(self.hot))
 
-    def eof_received(self) -> bool | None:
-        # the client shut its side after sending: the answer still goes out
-        return True if self.serving else None
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.front.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.front.loop.create_task(coro)
+        self.front.inflight.add(task)
+        task.add_done_callback(self.front.inflight.discard)
+
+    def close(self) -> None:
+        self._stop_reading()
+        self.front.conns.discard(self)
+        self.sock.close()
 
     # -- httptools callbacks ----------------------------------------------------------------
     def on_url(self, url: bytes) -> None:
@@ -113,9 +150,9 @@ class FrontProtocol(asyncio.Protocol):
         self.judged = True
         h = self.req.headers
         method = self.parser.get_method().decode("latin-1")
-        handler = self.routes.get((method, self.req.url.decode("latin-1")))
+        handler = self.front.routes.get((method, self.req.url.decode("latin-1")))
         length = h.get(b"content-length", b"")
-        if (handler is not None and length.isdigit() and int(length) <= self.max_body
+        if (handler is not None and length.isdigit() and int(length) <= self.front.max_body
                 and b"transfer-encoding" not in h and b"expect" not in h
                 and h.get(b"content-type", b"").lower() in _JSON_TYPES):
             self.hot = handler
@@ -129,25 +166,17 @@ class FrontProtocol(asyncio.Protocol):
         self.req.complete = True
 
     # -- the two ways on ----------------------------------------------------------------------
-    def _hand_over(self) -> None:
+    async def _hand_over(self) -> None:
         """aiohttp's protocol takes the connection, with what was read so far."""
-        assert self.transport is not None
-        proto = self.fallback()
-        self.transport.set_protocol(proto)
-        proto.connection_made(self.transport)
-        if self.raw:
-            proto.data_received(bytes(self.raw))
-        self.raw = bytearray()
+        self.front.conns.discard(self)
+        data, self.raw = bytes(self.raw), bytearray()
+        try:
+            await self.front.loop.connect_accepted_socket(
+                lambda: _Replay(self.front.fallback(), data), self.sock)
+        except OSError:
+            self.sock.close()
 
-    def _serve(self, handler: HotHandler) -> None:
-        self.serving = True
-        assert self.transport is not None
-        self.transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._run(handler))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
-
-    async def _run(self, handler: HotHandler) -> None:
+    async def _serve(self, handler: HotHandler) -> None:
         method = self.parser.get_method().decode("latin-1")
         path = self.req.url.decode("latin-1")
         body = b"".join(self.req.body)
@@ -165,28 +194,80 @@ class FrontProtocol(asyncio.Protocol):
         try:
             status, value = await handler(read)
         except Exception as e:
-            status, value = self.error_reply(e, method, path)
+            status, value = self.front.error_reply(e, method, path)
         try:
             payload = json.dumps(value, default=str).encode()
         except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
             LOG.exception("%s %s: answer not JSON", method, path)
             status, payload = 500, json.dumps({"error": f"internal error: {e}"}).encode()
-        self._respond(status, payload)
-
-    def _respond(self, status: int, payload: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return  # the client went away; the change itself was done
-        major, minor = self.parser.get_http_version().split(".") if self.parser else ("1", "1")
-        head = (f"HTTP/{major}.{minor} {status} {HTTPStatus(status).phrase}\r\n"
+        version = self.parser.get_http_version()
+        head = (f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
                 f"Content-Type: application/json; charset=utf-8\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
-        t.write(head + payload)
-        t.close()
+        try:
+            await self.front.loop.sock_sendall(self.sock, head + payload)
+        except OSError:
+            pass  # the client went away; the change itself was done
+        finally:
+            self.close()
+
+
+class Front:
+    """The listening socket and what its connections share."""
+
+    def __init__(self, fallback: Callable[[], asyncio.Protocol],
+                 routes: Mapping[tuple[str, str], HotHandler], error_reply: ErrorReply,
+                 max_body: int) -> None:
+        self.fallback = fallback
+        self.routes = routes
+        self.error_reply = error_reply
+        self.max_body = max_body
+        self.loop = asyncio.get_running_loop()
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.conns: set[FrontConn] = set()
+        self.listener: socket.socket | None = None
+
+    def listen(self, path: str, backlog: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(64):  # then the loop's other work gets a turn
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE...: the next readiness tries again
+                LOG.warning("API socket: accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            FrontConn(self, conn).start()
+
+    async def close(self) -> None:
+        """No new connections; requests not yet whole are dropped; the changes
+        that began are finished (and answered)."""
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.conns):
+            if not conn.judged or conn.hot is not None and not conn.req.complete:
+                conn.close()
+        if self.inflight:
+            await asyncio.wait(list(self.inflight), timeout=60)
 
 
 class FrontSite(web.UnixSite):
-    """``web.UnixSite`` whose connections start at ``FrontProtocol``."""
+    """``web.UnixSite`` whose connections start at the front (``Front``)."""
 
     def __init__(self, runner: web.BaseRunner, path: str,
                  routes: Mapping[tuple[str, str], HotHandler], error_reply: ErrorReply,
@@ -195,19 +276,17 @@ class FrontSite(web.UnixSite):
         self._routes = routes
         self._error_reply = error_reply
         self._max_body = max_body
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._front: Front | None = None
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(
-            lambda: FrontProtocol(server, self._routes, self._error_reply, self._max_body,
-                                  self._inflight),
-            self._path, backlog=self._backlog)
+        self._front = Front(server, self._routes, self._error_reply, self._max_body)
+        self._front.listen(str(self._path), self._backlog)
 
     async def stop(self) -> None:
         await super().stop()
-        if self._inflight:  # changes that began are finished (and answered)
-            await asyncio.wait(list(self._inflight), timeout=60)
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
