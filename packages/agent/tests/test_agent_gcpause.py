@@ -58,3 +58,29 @@ def test_bulk_block_is_frozen_and_still_freed_by_refcount() -> None:
     del bulk  # the policy goes: reference counting frees frozen objects too
     assert probe() is None
     assert gc.get_freeze_count() < before + _gcpause.FREEZE_AFTER
+
+
+def _rss_anon_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_bulk_block_gives_the_freed_heap_back() -> None:
+    """A bulk block's transient garbage (here ~64 MB of malloc'd buffers, freed
+    before the block ends) does not stay in the process once it is over."""
+    if not _gcpause.trim_heap() and _rss_anon_kb() == 0:
+        pytest.skip("no glibc malloc_trim or no /proc/self/status RssAnon")
+    base = _rss_anon_kb()
+    with _gcpause.paused():
+        keep = [[Obj()] for _ in range(_gcpause.FREEZE_AFTER)]
+        # bytes > 512 come from malloc; interleaved with kept ones so the heap
+        # top alone would not hold them
+        junk = [bytearray(1024) for _ in range(64_000)]
+        peak = _rss_anon_kb()
+        del junk
+    after = _rss_anon_kb()
+    assert peak - base > 40_000, (base, peak)
+    assert after - base < (peak - base) // 2, (base, peak, after)
+    assert len(keep) == _gcpause.FREEZE_AFTER

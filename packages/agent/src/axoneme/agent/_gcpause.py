@@ -15,14 +15,22 @@ the agent's loop thread). When the block allocated more than
 collection later; anything frozen is still freed by reference counting.
 The cost: a reference cycle that became garbage before the freeze stays
 until the process ends. Small blocks (one policy change) just re-enable.
+
+After such a bulk block the C heap is trimmed (``malloc_trim``): a large
+policy's load or a restart's recompute frees as much transient memory
+(request bodies, parse trees, old map states) as it keeps, and glibc holds
+freed pages inside the heap until asked; the agent is long lived.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+LOG = logging.getLogger(__name__)
 FREEZE_AFTER = 200_000  # container objects allocated in one pause
 
 _depth = 0
@@ -43,7 +51,17 @@ def paused() -> Iterator[None]:
         if _depth == 0 and _was_enabled:
             if gc.get_count()[0] >= FREEZE_AFTER:
                 gc.freeze()
+                trim_heap()
             gc.enable()
 
 
-__all__ = ["FREEZE_AFTER", "paused"]
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        LOG.debug("malloc_trim unavailable", exc_info=True)
+        return False
+
+
+__all__ = ["FREEZE_AFTER", "paused", "trim_heap"]
