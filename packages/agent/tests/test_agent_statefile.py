@@ -217,3 +217,50 @@ def test_a_bad_journal_record_is_state_corrupt(tmp_path: Path) -> None:
     Path(store.journal_file).write_text('{"seq": 1}\nnot json\n')
     with pytest.raises(StateCorrupt, match=r"state\.json\.journal is corrupt: line 2"):
         _store(tmp_path).load()
+
+
+def test_journal_is_synced_before_flush_returns(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """flush_journal fdatasyncs the journal before it returns, on the loop while
+    the disk is fast and in a worker thread after a slow (or failed) one."""
+    import asyncio
+    import threading
+
+    from axoneme.agent import _state
+
+    store = _store(tmp_path)
+    asyncio.run(store.persist())
+    synced: list[tuple[str, bool]] = []
+    slow = {"on": False}
+
+    def fdatasync(fd: int) -> None:  # the disk's speed is the test's: fast or slow
+        if slow["on"]:
+            import time
+
+            time.sleep(2 * _state.INLINE_SYNC_S)
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"),
+                       threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    async def change(i: int) -> None:
+        key = f"CiliumNetworkPolicy/default/p{i}"
+        store.policy_docs[key] = _rec(f"p{i}")
+        await store.persist_policies([key], i)
+        before = len(synced)
+        await store.flush_journal()
+        assert len(synced) == before + 1 and synced[-1][0] == store.journal_file
+
+    async def run() -> None:
+        for i in range(3):
+            await change(i)
+        slow["on"] = True
+        await change(3)  # judged fast: on the loop; it was slow
+        await change(4)  # so this one in a thread
+        slow["on"] = False
+        await change(5)  # the thread's was slow too: still a thread
+        await change(6)  # fast again: back on the loop
+
+    asyncio.run(run())
+    # the first append makes the file (append_line syncs it itself): then the flushes
+    assert [main for _, main in synced] == [True, False, True, True, True, False, False, True]
