@@ -246,6 +246,7 @@ class Agent:
         self.datapath = dp
         if self.store.saved_identities:
             self.allocator.restore(self.store.saved_identities)
+            self.store.saved_identities = {}  # the allocator has them (100k lists at scale)
         await asyncio.to_thread(
             self.proxies.setup, enabled=config.l7_proxies, state_dir=config.state_dir,
             store=self.store, identity_of_ip=self.engine.identity_of_ip,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from typing import Protocol
 
 from axoneme.core.errors import IdentityError
 from axoneme.core.labels import SOURCE_CIDR, SOURCE_RESERVED, Label, Labels
+
+LOG = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -107,6 +110,8 @@ RESERVED_IDENTITIES: tuple[Identity, ...] = tuple(reserved_identity(r) for r in 
 
 
 _WORLD_LABEL = Label(SOURCE_RESERVED, "world")
+_WORLD_STRING = f"{SOURCE_RESERVED}:world"
+_CIDR_PREFIX = f"{SOURCE_CIDR}:"
 
 
 def cidr_labels(net: IPNetwork) -> Labels:
@@ -163,6 +168,9 @@ class IdentityAllocator:
             tuple(i.label_strings()): i for i in RESERVED_IDENTITIES
         }
         self._cidr: dict[IPNetwork, Identity] = {}
+        # restored CIDR identities not asked for yet: prefix text -> number
+        # (see restore; any other read settles them first)
+        self._lazy_cidr: dict[str, int] = {}
         self._next_local = 1
         self._refs: dict[int, int] = {}
         # snapshot(), kept current once asked for (the agent reads it on every state write)
@@ -181,6 +189,7 @@ class IdentityAllocator:
         """The identity of ``labels`` (allocating one if new). Idempotent."""
         key = tuple(labels.sorted_strings())
         with self._lock:
+            self._settle()
             found = self._by_labels.get(key)
             if found is not None and self._acquired(found, key):
                 self._refs[found.id] = self._refs.get(found.id, 0) + 1
@@ -244,6 +253,7 @@ class IdentityAllocator:
         labels = Labels.from_strings(strings)
         key = tuple(labels.sorted_strings())
         with self._lock:
+            self._settle()
             old = self._by_id.get(number)
             if old is not None and tuple(old.label_strings()) == key:
                 return True
@@ -262,6 +272,7 @@ class IdentityAllocator:
         """The store dropped ``number``. False (still known) while this node uses
         it: the caller puts it back into the store."""
         with self._lock:
+            self._settle()
             ident = self._by_id.get(number)
             if ident is None or ident.reserved or ident.local:
                 return True
@@ -273,11 +284,13 @@ class IdentityAllocator:
     def references(self) -> dict[int, int]:
         """Identities this node uses: number -> references (endpoints)."""
         with self._lock:
+            self._settle()
             return {n: r for n, r in self._refs.items() if r > 0}
 
     def release(self, identity: Identity) -> bool:
         """Drop one reference; returns True when the identity was freed."""
         with self._lock:
+            self._settle()
             if identity.reserved or identity.id not in self._refs:
                 return False
             self._refs[identity.id] -= 1
@@ -298,6 +311,14 @@ class IdentityAllocator:
             found = self._cidr.get(net)
             if found is not None:
                 return found
+            # == cidr_labels(net) and its label_strings() ("cidr:" sorts before
+            # "reserved:"), without sorting Label objects or printing the
+            # prefix twice: a 100k-prefix policy allocates 100k of these
+            text = str(net).replace(":", "-")
+            restored = self._lazy_cidr.pop(text, None) if self._lazy_cidr else None
+            if restored is not None:
+                self._refs.setdefault(restored, 0)  # as restore() does
+                return self._add_cidr(restored, net, text)
             if self._next_local > MAX_LOCAL_IDENTITY - LOCAL_IDENTITY_FLAG:
                 raise IdentityError("local identity space is exhausted")
             number = LOCAL_IDENTITY_FLAG | self._next_local
@@ -305,34 +326,53 @@ class IdentityAllocator:
                 self._next_local += 1
                 number = LOCAL_IDENTITY_FLAG | self._next_local
             self._next_local += 1
-            # == cidr_labels(net) and its label_strings() ("cidr:" sorts before
-            # "reserved:"), without sorting Label objects or printing the
-            # prefix twice: a 100k-prefix policy allocates 100k of these
-            text = str(net).replace(":", "-")
-            ident = Identity(number, Labels([Label(SOURCE_CIDR, text), _WORLD_LABEL]), net)
-            self._cidr[net] = ident
-            self._by_id[number] = ident
-            strings = [f"{SOURCE_CIDR}:{text}", f"{SOURCE_RESERVED}:world"]
-            self._by_labels[tuple(strings)] = ident
-            if self._snap is not None:
-                self._snap[number] = strings
-            return ident
+            return self._add_cidr(number, net, text)
+
+    def _add_cidr(self, number: int, net: IPNetwork, text: str) -> Identity:
+        ident = Identity(number, Labels([Label(SOURCE_CIDR, text), _WORLD_LABEL]), net)
+        self._cidr[net] = ident
+        self._by_id[number] = ident
+        strings = [f"{SOURCE_CIDR}:{text}", f"{SOURCE_RESERVED}:world"]
+        self._by_labels[tuple(strings)] = ident
+        if self._snap is not None:
+            self._snap[number] = strings
+        return ident
+
+    def _settle(self) -> None:
+        """Create the restored CIDR identities nothing asked for yet (under the lock)."""
+        if not self._lazy_cidr:
+            return
+        lazy, self._lazy_cidr = self._lazy_cidr, {}
+        for text, number in lazy.items():
+            try:
+                net = ipaddress.ip_network(text.replace("-", ":"))
+            except ValueError:
+                LOG.warning("restored identity %d: bad prefix %r, dropped", number, text)
+                continue
+            if net in self._cidr or number in self._by_id:
+                continue
+            self._refs.setdefault(number, 0)
+            self._add_cidr(number, net, text)
 
     def cidr_identities(self) -> dict[IPNetwork, Identity]:
         with self._lock:
+            self._settle()
             return dict(self._cidr)
 
     # -- lookup / persistence -------------------------------------------------
     def get(self, number: int) -> Identity | None:
         with self._lock:
+            self._settle()
             return self._by_id.get(number)
 
     def lookup(self, labels: Labels) -> Identity | None:
         with self._lock:
+            self._settle()
             return self._by_labels.get(tuple(labels.sorted_strings()))
 
     def all(self) -> list[Identity]:
         with self._lock:
+            self._settle()
             return sorted(self._by_id.values(), key=lambda i: i.id)
 
     def _snapped(self, ident: Identity) -> None:
@@ -345,6 +385,7 @@ class IdentityAllocator:
         A read-only view kept current as identities come and go (O(1) after
         the first call): copy it to keep it."""
         with self._lock:
+            self._settle()
             if self._snap is None:
                 self._snap = {i.id: i.label_strings() for i in self._by_id.values()
                               if not i.reserved}
@@ -353,13 +394,31 @@ class IdentityAllocator:
     def count(self) -> int:
         """How many identities are allocated (reserved ones included)."""
         with self._lock:
+            self._settle()
             return len(self._by_id)
 
     def restore(self, saved: Mapping[int, Iterable[str]]) -> None:
-        """Re-create identities saved by ``snapshot`` (same numbers)."""
+        """Re-create identities saved by ``snapshot`` (same numbers).
+
+        A CIDR identity (labels exactly ``cidr:<prefix>``, ``reserved:world``)
+        only has its number noted: the restored policies allocate their
+        prefixes again right after (then it is made as ``allocate_cidr``
+        makes it, with that number), and any other read of the allocator
+        makes the rest first. A 100k-prefix agent restarts without parsing
+        100k label sets and prefixes twice (issue 17)."""
         with self._lock:
             for number, strings in saved.items():
                 number = int(number)
+                if number & LOCAL_IDENTITY_FLAG and number not in self._by_id:
+                    pair = strings if isinstance(strings, list | tuple) else list(strings)
+                    if (len(pair) == 2 and pair[1] == _WORLD_STRING
+                            and pair[0].startswith(_CIDR_PREFIX)
+                            and pair[0][len(_CIDR_PREFIX):] not in self._lazy_cidr):
+                        self._lazy_cidr[pair[0][len(_CIDR_PREFIX):]] = number
+                        self._next_local = max(self._next_local,
+                                               (number & ~LOCAL_IDENTITY_FLAG) + 1)
+                        continue
+                    strings = pair
                 labels = Labels.from_strings(strings)
                 cidr: IPNetwork | None = None
                 if number & LOCAL_IDENTITY_FLAG:
