@@ -345,15 +345,16 @@ class Regenerator:
         (lock held)."""
         small = (self.engine.pending_size() <= INLINE_CHANGES and not self._resync
                  and self.ipcache_pending is None)
-        t0 = time.perf_counter()
         if small and self._small_cost < INLINE_COST_S and self._lock_free():
-            errors = self.regenerate_sync()
+            errors, cost = self._timed_regenerate()
         else:
-            errors = await asyncio.to_thread(self.regenerate_sync)
+            errors, cost = await asyncio.to_thread(self._timed_regenerate)
         if small:
             # datapaths differ (a BPF map write vs an iptables-restore): the
-            # loop runs small ones only while they stay cheap, whatever runs them
-            self._small_cost = time.perf_counter() - t0
+            # loop runs small ones only while they stay cheap, whatever runs
+            # them (the write's own time: a thread's hand-off on a loaded
+            # machine must not keep later small ones off the loop)
+            self._small_cost = cost
         for rec in self.store.endpoints.values():
             if rec.id in errors:
                 rec.status = f"not-ready: {errors[rec.id]}"
@@ -361,6 +362,12 @@ class Regenerator:
                 rec.status = "ready"
         self.after_regenerate()
         return errors
+
+    def _timed_regenerate(self) -> tuple[dict[int, str], float]:
+        """``regenerate_sync`` and the seconds it took (waiting for the lock included)."""
+        t0 = time.perf_counter()
+        errors = self.regenerate_sync()
+        return errors, time.perf_counter() - t0
 
     def _lock_free(self) -> bool:
         """Whether no worker thread holds the datapath (a dump, a sync): the
