@@ -28,8 +28,7 @@ from pathlib import Path
 
 import _capability  # tests/ is on sys.path (tests/conftest.py)
 import pytest
-from axoneme.testing.capability import lacks_root, lacks_tools
-from axoneme.testing.twonodes import AX, OUTSIDE_PEER_IP, VXLAN, TwoNodes, sh
+from axoneme.testing.twonodes import AX, OUTSIDE_PEER_IP, VXLAN, TwoNodes, sh, two_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
@@ -56,8 +55,8 @@ SERVER = textwrap.dedent("""\
             self.end_headers(); self.wfile.write(body)
         def log_message(self, *a):
             pass
-    http.server.ThreadingHTTPServer(("0.0.0.0", %d), H).serve_forever()
-""" % PORT)
+    http.server.ThreadingHTTPServer(("0.0.0.0", @N@), H).serve_forever()
+""".replace("@N@", str(PORT)))
 GET = textwrap.dedent("""\
     import sys, urllib.error, urllib.request
     try:
@@ -78,15 +77,8 @@ CASES = [pytest.param(("ebpf", "", "native"), id="ebpf-native"),
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[TwoNodes]:
-    why = lacks_root() or lacks_tools("ip", "bridge", "nsenter", "sysctl")
-    if why:
-        pytest.skip(why)
-    net = TwoNodes(tmp_path)
-    try:
-        net.setup()
+    with two_nodes(tmp_path) as net:
         yield net
-    finally:
-        net.close()
 
 
 def status_of(out: str) -> tuple[int, str]:

@@ -32,6 +32,7 @@ import pytest
 from axoneme.core.endpoint import HOST_ENDPOINT_ID
 from axoneme.testing.capability import lacks_root, lacks_tools
 from axoneme.testing.netns import add_netns, del_netns
+from axoneme.testing.twonodes import in_netns, sh
 
 pytestmark = [pytest.mark.privileged]
 
@@ -70,21 +71,6 @@ _SERVE = textwrap.dedent("""\
     print("ready", flush=True)
     threading.Event().wait()
 """)
-
-
-def in_netns(netns: str) -> list[str]:
-    """Enter only the network namespace (``ip netns exec`` would also give the
-    agent a mount namespace of its own, hiding the pod namespaces it mounts)."""
-    return ["nsenter", f"--net=/run/netns/{netns}"]
-
-
-def sh(*argv: str, netns: str | None = None, check: bool = True,
-       env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    full = (in_netns(netns) if netns else []) + list(argv)
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(full)}: {proc.stdout}{proc.stderr}")
-    return proc
 
 
 @dataclass

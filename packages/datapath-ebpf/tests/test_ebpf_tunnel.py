@@ -17,7 +17,6 @@ client is dropped, the intruder gets in, which is what the VNI prevents.
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 import json
 import os
@@ -32,8 +31,7 @@ import pytest
 from axoneme.datapath.ebpf import _bpf
 from axoneme.datapath.ebpf import _layout as L
 from axoneme.datapath.ebpf._datapath import ipcache_key
-from axoneme.testing.capability import lacks_root, lacks_tools
-from axoneme.testing.twonodes import VXLAN, VXLAN_PORT, TwoNodes, in_netns
+from axoneme.testing.twonodes import TCP_PROBE, VXLAN, VXLAN_PORT, TwoNodes, in_netns, two_nodes
 
 pytestmark = [pytest.mark.privileged]
 
@@ -51,18 +49,10 @@ POLICY = textwrap.dedent(f"""\
 SERVE = textwrap.dedent("""\
     import socket
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", %d)); s.listen(64)
+    s.bind(("0.0.0.0", @N@)); s.listen(64)
     while True:
         s.accept()[0].close()
-""" % PORT)
-PROBE = textwrap.dedent("""\
-    import socket, sys
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5).close()
-        print("open")
-    except OSError as e:
-        print("closed", e)
-""")
+""".replace("@N@", str(PORT)))
 # VXLAN frames through a bridge port of the wire: (VNI, inner source address), as JSON
 CAPTURE = textwrap.dedent("""\
     import json, socket, struct, sys, time
@@ -78,7 +68,7 @@ CAPTURE = textwrap.dedent("""\
         if f[12:14] != b"\\x08\\x00":
             continue
         ihl = (f[14] & 15) * 4
-        if f[23] != 17 or struct.unpack("!H", f[14 + ihl + 2:14 + ihl + 4])[0] != %d:
+        if f[23] != 17 or struct.unpack("!H", f[14 + ihl + 2:14 + ihl + 4])[0] != @N@:
             continue
         vx = 14 + ihl + 8
         vni = int.from_bytes(f[vx + 4:vx + 7], "big")
@@ -86,24 +76,17 @@ CAPTURE = textwrap.dedent("""\
         if f[vx + 8 + 12:vx + 8 + 14] == b"\\x08\\x00":
             seen.add((vni, socket.inet_ntoa(f[inner + 12:inner + 16])))
     print(json.dumps(sorted(seen)))
-""" % VXLAN_PORT)
+""".replace("@N@", str(VXLAN_PORT)))
 
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[TwoNodes]:
-    why = lacks_root() or lacks_tools("ip", "bridge", "nsenter", "sysctl")
-    if why:
-        pytest.skip(why)
-    net = TwoNodes(tmp_path)
-    try:
-        net.setup()
+    with two_nodes(tmp_path) as net:
         yield net
-    finally:
-        net.close()
 
 
 def probe(net: TwoNodes, pod: str, ip: str) -> bool:
-    out = net.a.exec(pod, sys.executable, "-c", PROBE, ip, str(PORT)).stdout
+    out = net.a.exec(pod, sys.executable, "-c", TCP_PROBE, ip, str(PORT)).stdout
     return out.startswith("open")
 
 

@@ -29,10 +29,15 @@ import secrets
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+from axoneme.testing.capability import lacks_root, lacks_tools
 from axoneme.testing.netns import add_netns, del_netns
 
 AX = str(Path(sys.executable).with_name("axoneme"))
@@ -40,6 +45,15 @@ WIRE_NET = "10.255.252"
 OUTSIDE_NODE_IP, OUTSIDE_PEER_IP = "198.51.100.1", "198.51.100.2"
 VXLAN = "axon_vxlan"
 VXLAN_PORT = 8472
+# argv: HOST PORT; prints "open" or "closed <why>" (one TCP connect, 1.5 s)
+TCP_PROBE = textwrap.dedent("""\
+    import socket, sys
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5).close()
+        print("open")
+    except OSError as e:
+        print("closed", e)
+""")
 
 
 def vtep_mac(ip: str) -> str:
@@ -204,3 +218,18 @@ class TwoNodes:
             shutil.rmtree(node.bpffs, ignore_errors=True)
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert self.tag not in left, left
+
+
+@contextmanager
+def two_nodes(tmp: Path) -> Iterator[TwoNodes]:
+    """``TwoNodes`` set up, and closed on the way out, success or failure (a
+    test without root or the tools is skipped, saying which)."""
+    why = lacks_root() or lacks_tools("ip", "bridge", "nsenter", "sysctl")
+    if why:
+        pytest.skip(why)
+    net = TwoNodes(tmp)
+    try:
+        net.setup()
+        yield net
+    finally:
+        net.close()
