@@ -37,7 +37,7 @@ def test_a_namespace_with_a_default_route_counts_as_the_machines(monkeypatch: An
     assert not _hostfw.in_initial_netns()
     # PID 1's namespace, when it can be read, is the machine's whatever its routes
     monkeypatch.setattr(_hostfw, "_netns_inode", lambda path: 7)
-    monkeypatch.setattr(_hostfw, "nested_pid_namespace", lambda status="": False)
+    monkeypatch.setattr(_hostfw, "nested_pid_namespace", lambda pid_ns="": False)
     assert _hostfw.in_initial_netns()
 
 
@@ -125,12 +125,13 @@ def test_in_a_container_pid_1_is_not_the_machines(monkeypatch: Any, tmp_path: Pa
     as PID 1, in the node's own network namespace: that is no sign of the machine's
     namespace there; only a default route is."""
     nested, flat = tmp_path / "nested", tmp_path / "flat"
-    nested.write_text("Name:\tpython3\nNSpid:\t4242\t7\n")
-    flat.write_text("Name:\tpython3\nNSpid:\t4242\n")
+    nested.symlink_to("pid:[4026532317]")  # what a container's /proc/self/ns/pid reads
+    flat.symlink_to(f"pid:[{0xEFFFFFFC}]")  # the initial PID namespace's fixed inode
     assert _hostfw.nested_pid_namespace(str(nested)) and not _hostfw.nested_pid_namespace(str(flat))
+    assert not _hostfw.nested_pid_namespace(str(tmp_path / "absent"))
     monkeypatch.setattr(_hostfw, "_netns_inode", lambda path: 7)  # PID 1 in our netns
     monkeypatch.setattr(_hostfw, "has_default_route", lambda: False)
-    assert not _hostfw.in_initial_netns(status=str(nested))
-    assert _hostfw.in_initial_netns(status=str(flat))
+    assert not _hostfw.in_initial_netns(pid_ns=str(nested))
+    assert _hostfw.in_initial_netns(pid_ns=str(flat))
     monkeypatch.setattr(_hostfw, "has_default_route", lambda: True)
-    assert _hostfw.in_initial_netns(status=str(nested))
+    assert _hostfw.in_initial_netns(pid_ns=str(nested))

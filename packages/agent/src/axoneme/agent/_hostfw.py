@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,27 +61,31 @@ def has_default_route() -> bool:
     return False
 
 
-def nested_pid_namespace(status: str = "/proc/self/status") -> bool:
-    """Whether this process runs in a PID namespace of its own (a container):
-    its ``NSpid`` line then lists more than one pid."""
+# the kernel's fixed inode of the initial PID namespace (PROC_PID_INIT_INO, 0xEFFFFFFC)
+INIT_PID_NS_INODE = 0xEFFFFFFC
+
+
+def nested_pid_namespace(pid_ns: str = "/proc/self/ns/pid") -> bool:
+    """Whether this process runs in a PID namespace of its own (a container): its PID
+    namespace is not the initial one, whose inode the kernel fixes. (``NSpid`` in
+    /proc/self/status is no sign: a container mounts its own /proc, where it lists
+    one pid.) Unreadable counts as not nested, so PID 1's netns is then compared."""
     try:
-        with open(status) as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return len(line.split()) > 2
+        link = os.readlink(pid_ns)
     except OSError:
-        pass
-    return False
+        return False
+    match = re.fullmatch(r"pid:\[(\d+)\]", link)
+    return match is not None and int(match.group(1)) != INIT_PID_NS_INODE
 
 
 def in_initial_netns(self_ns: str = "/proc/self/ns/net", init_ns: str = "/proc/1/ns/net",
-                     status: str = "/proc/self/status") -> bool:
+                     pid_ns: str = "/proc/self/ns/pid") -> bool:
     """Whether this process may run in the machine's own network namespace:
     PID 1's (when readable, and PID 1 is the machine's: in a container, PID 1 is
     the container's own init, which shares a hostNetwork pod's namespace), or any
     namespace holding a default route (the way to the real uplink; nodes of ours
     have none)."""
-    if not nested_pid_namespace(status):
+    if not nested_pid_namespace(pid_ns):
         mine, init = _netns_inode(self_ns), _netns_inode(init_ns)
         if mine is not None and mine == init:
             return True
