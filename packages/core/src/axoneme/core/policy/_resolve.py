@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from axoneme.core.endpoint import Endpoint, NamedPort
 from axoneme.core.errors import PolicyError
@@ -29,6 +30,7 @@ from axoneme.core.mapstate import (
     Protocol,
     port_range_to_prefixes,
 )
+from axoneme.core.policy import _multimap as mm
 from axoneme.core.policy._selectorcache import Selector, SelectorCache
 from axoneme.core.policy.api import (
     ADDRESS_NODES,
@@ -405,7 +407,8 @@ class EndpointPolicy:
         self._at: dict[Key, list[tuple[CKey, Contrib]]] = {}
         self._deny_keys: dict[Group, set[Key]] = {}
         self._l7_keys: dict[L4Key, set[Key]] = {}
-        self._sel_users: dict[Selector, set[CKey]] = {}
+        # selector -> the peer rules using it (a lone one without a set: _multimap)
+        self._sel_users: dict[Selector, Any] = {}
         self._addr_prs: set[CKey] = set()
         self._dirty: set[Key] = set()
         self._deny_groups: set[Group] = set()
@@ -454,7 +457,7 @@ class EndpointPolicy:
         """Selections of ``selectors`` changed: recompute the peer rules using them."""
         ckeys: set[CKey] = set()
         for sel in selectors:
-            ckeys |= self._sel_users.get(sel, set())
+            ckeys.update(mm.members(self._sel_users, sel))
         for ck in ckeys:
             self._refresh(ck)
 
@@ -543,21 +546,15 @@ class EndpointPolicy:
             self._withdraw(key, ck, c)
 
     def _use(self, ck: CKey, deps: Iterable[Selector]) -> None:
+        users = self._sel_users
         for sel in deps:
-            users = self._sel_users.get(sel)
-            if users is None:
-                users = self._sel_users[sel] = set()
+            if mm.add(users, sel, ck):
                 self.deps_changed.append((sel, True))
-            users.add(ck)
 
     def _unuse(self, ck: CKey, deps: Iterable[Selector]) -> None:
+        users = self._sel_users
         for sel in deps:
-            users = self._sel_users.get(sel)
-            if users is None:
-                continue
-            users.discard(ck)
-            if not users:
-                del self._sel_users[sel]
+            if mm.discard(users, sel, ck):
                 self.deps_changed.append((sel, False))
 
     def _refresh(self, ck: CKey) -> None:

@@ -26,10 +26,12 @@ are added without re-resolving every rule).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable
+from typing import Any
 
 from axoneme.core.identity import Identity, ReservedIdentity
 from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED
+from axoneme.core.policy import _multimap as mm
 from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
 from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
 
@@ -37,7 +39,6 @@ Selector = Hashable  # LabelSelector | EntityPeer | CIDRPeer | FQDNPeer
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 R = ReservedIdentity
-_EMPTY: set[Selector] = set()
 WORLD_IDS = frozenset({int(R.WORLD), int(R.WORLD_IPV4), int(R.WORLD_IPV6)})
 _ENTITY_IDS: dict[str, frozenset[int]] = {
     "host": frozenset({int(R.HOST)}),
@@ -127,13 +128,14 @@ class SelectorCache:
         self._kv: dict[tuple[str, str], set[int]] = {}
         self._sel: dict[Selector, set[int]] = {}
         self._sel_refs: dict[Selector, int] = {}
-        self._by_id: dict[int, set[Selector]] = {}  # id -> selectors selecting it
+        # id -> selectors selecting it (a lone one without a set: _multimap)
+        self._by_id: dict[int, Any] = {}
         self._fqdn: dict[FQDNPeer, frozenset[int]] = {}  # learned IP identities per toFQDNs selector
         # CIDR identities: (version, prefix length) -> network address -> id
         self._cidr_ids: dict[tuple[int, int], dict[int, int]] = {}
         # selectors by what a matching identity must carry (see _sel_slots)
         self._sel_by_kv: dict[tuple[str, str], set[Selector]] = {}
-        self._sel_by_cidr: dict[tuple[int, int], dict[int, set[Selector]]] = {}
+        self._sel_by_cidr: dict[tuple[int, int], dict[int, Any]] = {}  # ... -> _multimap
         self._sel_general: set[Selector] = set()
         self._fqdn_sels: set[FQDNPeer] = set()  # toFQDNs selectors referenced now
 
@@ -154,13 +156,9 @@ class SelectorCache:
         if new == cur:
             return set()
         for i in cur - new:
-            users = self._by_id.get(i)
-            if users is not None:
-                users.discard(peer)
-                if not users:
-                    del self._by_id[i]
+            mm.discard(self._by_id, i, peer)
         for i in new - cur:
-            self._by_id.setdefault(i, set()).add(peer)
+            mm.add(self._by_id, i, peer)
         self._sel[peer] = new
         return {peer}
 
@@ -191,8 +189,8 @@ class SelectorCache:
             if self._matches(sel, ident):
                 self._sel[sel].add(ident.id)
                 changed.add(sel)
-        if changed:
-            self._by_id[ident.id] = set(changed)
+        for sel in changed:
+            mm.add(self._by_id, ident.id, sel)
         return changed
 
     def replace_identity(self, ident: Identity) -> set[Selector]:
@@ -229,7 +227,7 @@ class SelectorCache:
                 del by_addr[int(net.network_address)]
                 if not by_addr:
                     del self._cidr_ids[(net.version, net.prefixlen)]
-        changed = self._by_id.pop(number, set())
+        changed = set(mm.pop(self._by_id, number))
         for sel in changed:
             self._sel[sel].discard(number)
         return changed
@@ -284,7 +282,7 @@ class SelectorCache:
         ids = {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
         self._sel[sel] = ids
         for i in ids:
-            self._by_id.setdefault(i, set()).add(sel)
+            mm.add(self._by_id, i, sel)
         self._index_selector(sel, add=True)
 
     def fqdn_selectors(self) -> frozenset[FQDNPeer]:
@@ -305,11 +303,7 @@ class SelectorCache:
             return
         self._index_selector(sel, add=False)
         for i in ids:
-            users = self._by_id.get(i)
-            if users is not None:
-                users.discard(sel)
-                if not users:
-                    del self._by_id[i]
+            mm.discard(self._by_id, i, sel)
 
     def _cidr_inside(self, net: IPNetwork) -> list[int]:
         """CIDR identities whose prefix lies inside ``net`` (excepts not applied)."""
@@ -361,8 +355,15 @@ class SelectorCache:
                     bucket = self._sel_by_kv[kv] = set()
                 buckets.append(bucket)
         else:
-            by_addr = self._sel_by_cidr.setdefault((slots.version, slots.prefixlen), {})
-            buckets.append(by_addr.setdefault(int(slots.network_address), set()))
+            slot = (slots.version, slots.prefixlen)
+            if add:
+                mm.add(self._sel_by_cidr.setdefault(slot, {}), int(slots.network_address), sel)
+            elif slot in self._sel_by_cidr:
+                by_addr = self._sel_by_cidr[slot]
+                mm.discard(by_addr, int(slots.network_address), sel)
+                if not by_addr:
+                    del self._sel_by_cidr[slot]
+            return
         for bucket in buckets:
             if add:
                 bucket.add(sel)
@@ -376,12 +377,6 @@ class SelectorCache:
             for kv in slots:
                 if not self._sel_by_kv.get(kv, True):
                     del self._sel_by_kv[kv]
-        elif slots is not None:
-            by_addr = self._sel_by_cidr[(slots.version, slots.prefixlen)]
-            if not by_addr[int(slots.network_address)]:
-                del by_addr[int(slots.network_address)]
-            if not by_addr:
-                del self._sel_by_cidr[(slots.version, slots.prefixlen)]
 
     def _selector_candidates(self, ident: Identity) -> set[Selector]:
         """Cached selectors that may select ``ident`` (the indexes' superset)."""
@@ -396,9 +391,7 @@ class SelectorCache:
             for (version, plen), by_addr in self._sel_by_cidr.items():
                 if version == net.version and plen <= net.prefixlen:
                     shift = net.max_prefixlen - plen
-                    bucket = by_addr.get(addr >> shift << shift)
-                    if bucket:
-                        out |= bucket
+                    out.update(mm.members(by_addr, addr >> shift << shift))
         return out
 
     def selected(self, sel: Selector) -> set[int]:
@@ -411,9 +404,9 @@ class SelectorCache:
             return {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
         return found
 
-    def selectors_of(self, number: int) -> set[Selector]:
+    def selectors_of(self, number: int) -> Collection[Selector]:
         """Cached selectors (other than the fixed all/none) selecting an identity. Do not mutate."""
-        return self._by_id.get(number, _EMPTY)
+        return mm.members(self._by_id, number)
 
     def selects(self, sel: Selector, number: int) -> bool:
         return number in self.selected(sel)

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from axoneme.core.datapath import IPCacheChanges
 from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint, NamedPort
@@ -45,6 +45,7 @@ from axoneme.core.identity import (
 )
 from axoneme.core.labels import SOURCE_RESERVED, Label, Labels
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapChanges, MapState, Protocol
+from axoneme.core.policy import _multimap as mm
 from axoneme.core.policy._resolve import (
     AddressBook,
     ClusterAddress,
@@ -122,7 +123,8 @@ class PolicyEngine:
         self._endpoints: dict[int, Endpoint] = {}
         self._by_identity: dict[int, set[int]] = {}  # identity -> endpoint ids
         self._policies: dict[int, EndpointPolicy] = {}  # endpoint id -> its computed policy
-        self._dep_index: dict[Selector, set[int]] = {}  # peer selector -> endpoint ids
+        # peer selector -> endpoint ids (a lone one without a set: _multimap)
+        self._dep_index: dict[Selector, Any] = {}
         self._address_users: set[int] = set()  # endpoints whose policy reads the AddressBook
         self._book: AddressBook | None = None  # built on demand, dropped when an address changes
         self._cidr_match = parse_cidr_match_mode(options.cidr_match_mode)
@@ -552,8 +554,9 @@ class PolicyEngine:
     # -- resolution ------------------------------------------------------------------
     def _dependents(self, selectors: Iterable[Selector]) -> set[int]:
         out: set[int] = set()
+        dep = self._dep_index
         for sel in selectors:
-            out |= self._dep_index.get(sel, set())
+            out.update(mm.members(dep, sel))
         return out
 
     def _compute(self, endpoint_id: int, strict: bool) -> Resolved:
@@ -652,16 +655,12 @@ class PolicyEngine:
 
     def _track(self, endpoint_id: int, pol: EndpointPolicy) -> None:
         """Index what the policy reads (selectors, addresses); note it changed."""
+        dep = self._dep_index
         for sel, used in pol.deps_changed:
-            users = self._dep_index.get(sel)
             if used:
-                if users is None:
-                    users = self._dep_index[sel] = set()
-                users.add(endpoint_id)
-            elif users is not None:
-                users.discard(endpoint_id)
-                if not users:
-                    del self._dep_index[sel]
+                mm.add(dep, sel, endpoint_id)
+            else:
+                mm.discard(dep, sel, endpoint_id)
         pol.deps_changed = []
         res = pol.opaque
         uses = (res.uses_named_ports or res.uses_addresses) if res is not None \
@@ -676,11 +675,7 @@ class PolicyEngine:
     def _unindex(self, endpoint_id: int, pol: EndpointPolicy) -> None:
         deps = pol.opaque.deps if pol.opaque is not None else pol.deps
         for sel in deps:
-            users = self._dep_index.get(sel)
-            if users is not None:
-                users.discard(endpoint_id)
-                if not users:
-                    del self._dep_index[sel]
+            mm.discard(self._dep_index, sel, endpoint_id)
 
     def _forget(self, endpoint_id: int) -> None:
         old = self._policies.pop(endpoint_id, None)

@@ -1,0 +1,80 @@
+"""A dict of sets that keeps a lone member without a set (issue 17: RSS).
+
+The engine's reverse indexes (identity -> selectors selecting it, CIDR slot
+-> selectors, selector -> endpoints and peer rules using it) mostly hold ONE
+member per key: a 100k-peer ``fromCIDR`` policy has 100k selectors, each
+selecting one identity, used by one rule of one endpoint. An empty ``set``
+costs 216 bytes; a lone member is stored as itself (0 bytes more) and only
+the second one makes a set (``_Many``, so a member can never be mistaken
+for a bag). Members must be hashable and not ``_Many``.
+
+``members`` gives a read-only iterable (the set itself, or a 1-tuple).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, MutableMapping
+from typing import Any, TypeVar, cast
+
+K = TypeVar("K")
+V = TypeVar("V", bound=Hashable)
+
+_NONE: tuple[Any, ...] = ()
+
+
+class _Many(set):  # type: ignore[type-arg]
+    """Two or more members of one key."""
+
+    __slots__ = ()
+
+
+def add(d: MutableMapping[K, Any], key: K, member: Hashable) -> bool:
+    """Add ``member`` under ``key``; True when the key is new."""
+    cur = d.get(key, _NONE)
+    if cur is _NONE:
+        d[key] = member
+        return True
+    if type(cur) is _Many:
+        cur.add(member)
+    elif cur != member:
+        d[key] = _Many((cur, member))
+    return False
+
+
+def discard(d: MutableMapping[K, Any], key: K, member: Hashable) -> bool:
+    """Remove ``member`` from ``key``; True when the key is gone now (it held
+    nothing else), False when it still holds members or was never there."""
+    cur = d.get(key, _NONE)
+    if cur is _NONE:
+        return False
+    if type(cur) is _Many:
+        cur.discard(member)
+        if len(cur) == 1:
+            d[key] = next(iter(cur))
+        elif not cur:  # pragma: no cover - a _Many never shrinks below 1 here
+            del d[key]
+            return True
+        return False
+    if cur == member:
+        del d[key]
+        return True
+    return False
+
+
+def members(d: MutableMapping[K, Any] | dict[K, Any], key: K) -> Collection[Any]:
+    """The members of ``key`` (empty if none). Do not mutate."""
+    cur = d.get(key, _NONE)
+    if cur is _NONE:
+        return ()
+    return cast("Collection[Any]", cur) if type(cur) is _Many else (cur,)
+
+
+def pop(d: MutableMapping[K, Any], key: K) -> Collection[Any]:
+    """Remove ``key``; its members (empty if none)."""
+    cur = d.pop(key, _NONE)
+    if cur is _NONE:
+        return ()
+    return cast("Collection[Any]", cur) if type(cur) is _Many else (cur,)
+
+
+__all__ = ["add", "discard", "members", "pop"]
