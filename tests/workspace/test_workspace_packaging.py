@@ -81,6 +81,7 @@ def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes",
                      "opentelemetry-api", "opentelemetry-sdk",
                      "opentelemetry-exporter-otlp-proto-http", "grpcio", "protobuf",
-                     "uvloop"}  # the proxies' event loop
+                     "uvloop",  # the proxies' event loop
+                     "httptools"}  # the API socket's front for the policy changes (_apifast)
     for datapath in ("ebpf", "iptables"):
         assert "axoneme[agent]" in extras[datapath], f"axoneme[{datapath}] must be a working node"
