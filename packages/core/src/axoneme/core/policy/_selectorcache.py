@@ -125,7 +125,8 @@ class SelectorCache:
         self._idents: dict[int, Identity] = {}
         self._refs: dict[int, int] = {}
         # (label key, value) -> ids carrying it (any source); candidates for In
-        self._kv: dict[tuple[str, str], set[int]] = {}
+        # (a CIDR identity's own label has one id: a lone one without a set, _multimap)
+        self._kv: dict[tuple[str, str], Any] = {}
         self._sel: dict[Selector, set[int]] = {}
         self._sel_refs: dict[Selector, int] = {}
         # id -> selectors selecting it (a lone one without a set: _multimap)
@@ -179,7 +180,7 @@ class SelectorCache:
             return set()
         self._idents[ident.id] = ident
         for lab in ident.labels.values():
-            self._kv.setdefault((lab.key, lab.value), set()).add(ident.id)
+            mm.add(self._kv, (lab.key, lab.value), ident.id)
         if ident.cidr is not None:
             net = ident.cidr
             self._cidr_ids.setdefault((net.version, net.prefixlen), {})[
@@ -215,11 +216,7 @@ class SelectorCache:
         del self._refs[number]
         ident = self._idents.pop(number)
         for lab in ident.labels.values():
-            bucket = self._kv.get((lab.key, lab.value))
-            if bucket is not None:
-                bucket.discard(number)
-                if not bucket:
-                    del self._kv[(lab.key, lab.value)]
+            mm.discard(self._kv, (lab.key, lab.value), number)
         if ident.cidr is not None:
             net = ident.cidr
             by_addr = self._cidr_ids.get((net.version, net.prefixlen))
@@ -249,7 +246,7 @@ class SelectorCache:
                 key = split_selector_key(req.key)[1]
                 cand: set[int] = set()
                 for v in req.values:
-                    cand |= self._kv.get((key, v), set())
+                    cand.update(mm.members(self._kv, (key, v)))
                 if best is None or len(cand) < len(best):
                     best = cand
                     if not best:
@@ -265,7 +262,7 @@ class SelectorCache:
             if fixed is not None:
                 return [i for i in fixed if i in self._idents]
             if sel.entity in LABELLED_ENTITIES:
-                return list(self._kv.get((sel.entity, ""), ()))
+                return list(mm.members(self._kv, (sel.entity, "")))
         return list(self._idents)
 
     def add_selector(self, sel: Selector) -> None:
