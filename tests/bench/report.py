@@ -387,7 +387,7 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
     w("The ipset mode renders one `-m set --match-set` rule per peer identity, so the chain "
       "is as long as in plain mode: a set per identity does not collapse the rule walk for "
       "identity-per-rule policies. Its rows in B2/B3/B5/B6 above are reported as they are.\n")
-    L.extend(_agent_report("xnode_report").section(sys.modules[__name__], r))
+    L.extend(_agent_report("xnode_report").section(sys.modules[__name__], r, out))
     w("## Charts\n")
     for c in charts:
         w(f"![{c}]({c})")

@@ -69,13 +69,16 @@ class Nodes:
     """The wire, two node namespaces with an uplink each, forwarding on."""
 
     def __init__(self, sh: Callable[..., Any]) -> None:
-        from axoneme.testing.netns import add_netns
-
         self.sh = sh
         self.tag = secrets.token_hex(3)
         self.wire = f"axx-{self.tag}-w"
         self.ns = {k: f"axx-{self.tag}-{k}" for k in ("a", "b")}
         self.made: list[str] = []
+
+    def create(self) -> Nodes:
+        from axoneme.testing.netns import add_netns
+
+        sh = self.sh
         for name in (self.wire, *self.ns.values()):
             self.made.append(name)  # recorded first: an interrupt never leaks it
             add_netns(name)
@@ -89,6 +92,7 @@ class Nodes:
             sh("ip", "-n", ns, "link", "set", "und0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        return self
 
     @staticmethod
     def ip(k: str) -> str:
@@ -132,10 +136,11 @@ class Cell:
     netns: dict[str, str] | None = None  # pod -> its netns path
 
 
-def _start_cell(S: Any, cond: str, nodes: Nodes, lg: str) -> Cell:
-    cell = Cell(cond, nodes, {})
-    for k, ns in nodes.ns.items():
-        agent = S.Agent([*CONDS[cond], "--no-l7-proxies", "--hubble-socket-path", ""],
+def _start_cell(S: Any, cell: Cell) -> None:
+    """The agents (recorded in ``cell`` before they start: the caller closes them)
+    and the pods."""
+    for k, ns in cell.nodes.ns.items():
+        agent = S.Agent([*CONDS[cell.cond], "--no-l7-proxies", "--hubble-socket-path", ""],
                         netns=ns, pod_cidr=f"{POD_NETS[k]}.0/24")
         cell.agents[k] = agent
         agent.start()
@@ -155,7 +160,6 @@ def _start_cell(S: Any, cond: str, nodes: Nodes, lg: str) -> Cell:
     pods = {p["name"]: p["ip"] for agent in (a, b)
             for p in json.loads(agent.cli("pod", "list", "-o", "json"))}
     cell.srv_ip, cell.cli_ip, cell.bad_ip = pods["srv"], pods["cli"], pods["bad"]
-    return cell
 
 
 def _spawn(netns: str, *args: str, cpu: int | None = None) -> subprocess.Popen[str]:
@@ -272,9 +276,15 @@ def measure(S: Any, cell: Cell, lg: str, n: int, mode: str, rep: int, seconds: f
     try:
         if not _wait_allowed(S, cell, lg):
             raise RuntimeError("the allowed client never got an answer across the nodes")
+        # the agents' own CPU while traffic runs: on 2 shared CPUs an agent busy with
+        # its N identities would take cycles from the packets it is measured on
+        pids = [a.proc.pid for a in cell.agents.values() if a.proc is not None]
+        cpu0, w0 = sum(S._cpu_s(p) for p in pids), time.monotonic()
         runs = {"udp_rr": _client(S, cell, lg, "cli", "udp_rr", S.PORT, seconds),
                 "tcp_rr": _client(S, cell, lg, "cli", "tcp_rr", S.PORT, seconds),
                 "flood_pps": _flood(S, cell, lg, seconds)}
+        t.metrics["agents_cpu_pct"] = 100 * (sum(S._cpu_s(p) for p in pids) - cpu0) / (
+            time.monotonic() - w0)
         for k, r in runs.items():
             t.metrics[k] = r.value
         ok = all(r.rc == 0 and r.value > 0 for r in runs.values())
@@ -321,13 +331,13 @@ def run_cell(S: Any, plan: XPlan, res: Any, lg: str, cond: str, n: int, rep: int
     allocator: the client's CIDR identity is the newest, so it comes after the
     N peers; identities an agent releases are not reused at once), the policy,
     then every routing mode in a shuffled order."""
-    nodes = None
-    cell = None
+    nodes = Nodes(S.sh)
+    cell = Cell(cond, nodes, {})
     procs: list[subprocess.Popen[str]] = []
     try:
-        nodes = Nodes(S.sh)
+        nodes.create()
         t0 = time.perf_counter()
-        cell = _start_cell(S, cond, nodes, lg)
+        _start_cell(S, cell)
         procs = _servers(cell, lg, S)
         res.extra.setdefault("xnode_setup_s", {}).setdefault(cond, []).append(
             round(time.perf_counter() - t0, 2))
@@ -356,11 +366,9 @@ def run_cell(S: Any, plan: XPlan, res: Any, lg: str, cond: str, n: int, rep: int
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
-        if cell is not None:
-            for agent in cell.agents.values():
-                agent.close()  # kills it, `agent cleanup` in its node: pods, maps, chains
-        if nodes is not None:
-            nodes.close()
+        for agent in cell.agents.values():
+            agent.close()  # kills it, `agent cleanup` in its node: pods, maps, chains
+        nodes.close()
 
 
 def bench_xnode(S: Any, plan: XPlan, res: Any, lg: str, seed: int,

@@ -34,7 +34,8 @@ def targets(R: Any, r: Any) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def section(R: Any, r: Any) -> list[str]:
+def section(R: Any, r: Any, out: Any = None) -> list[str]:
+    """The section; ``out``/xnode-reading.md (hand-written, after a run) follows it."""
     res = r.res
     if not any(t.bench == "XNODE" for t in res.trials):
         return []
@@ -48,8 +49,10 @@ def section(R: Any, r: Any) -> list[str]:
       "condition's datapath, and `axoneme pod run` wires its pods: node a holds the client and "
       "an intruder, node b the server. The nodes route each other's pod CIDR with the agent's "
       "own `NodeRouting`: *native* (a route via the other node's address) or *tunnel* (VXLAN "
-      "device `axon_vxlan`, UDP 8472). Packets cross two node namespaces, a bridge and both "
-      "nodes' datapaths (the client's egress on node a, the server's ingress on node b).\n")
+      "device `axon_vxlan`, UDP 8472, VNI 1, for every datapath: the eBPF identity-in-VNI device "
+      "needs identities shared by the nodes, i.e. Kubernetes mode). Packets cross two node "
+      "namespaces, a bridge and both nodes' datapaths (the client's veth on node a, where no "
+      "policy selects it, and the server's ingress on node b).\n")
     w("The server's agent knows the client through its ipcache: a standalone agent has no "
       "Pod objects of other nodes, so the client's /32 is a `fromCIDR` peer (a CIDR identity). "
       "Node b's policy: N fake peers (/32s in 10.244.128.0/17, one identity each, TCP/UDP "
@@ -77,15 +80,18 @@ def section(R: Any, r: Any) -> list[str]:
     w("")
     for mode in _modes(r):
         w(f"### XNODE {mode} routing: rates, median (min–max) of counted trials\n")
-        w("| condition | N | " + " | ".join(t for _, t in METRICS) + " | policy load | counted |")
-        w("|---|---|---|---|---|---|---|")
+        w("| condition | N | " + " | ".join(t for _, t in METRICS) +
+          " | policy load | both agents' CPU during traffic | counted |")
+        w("|---|---|---|---|---|---|---|---|")
         for cond in ("none", *CONDS):
             for n in r.sizes("XNODE", f"{cond}/{mode}"):
                 ok = r.counted("XNODE", f"{cond}/{mode}", n)
                 cells = [R.mmm(R._vals(ok, m)) for m, _ in METRICS]
                 load = R.fmt(R.med(R._vals(ok, "setup_s")), "s") if cond != "none" else "–"
-                w(f"| {R.LABEL[cond]} | {n:,} | " + " | ".join(cells) +
-                  f" | {load} | {len(ok)}/{len(r.all('XNODE', f'{cond}/{mode}', n))} |")
+                cpu = R.med(R._vals(ok, "agents_cpu_pct"))
+                w(f"| {R.LABEL[cond]} | {n:,} | " + " | ".join(cells) + f" | {load} | "
+                  + ("–" if cpu is None else f"{cpu:.1f} %") +
+                  f" | {len(ok)}/{len(r.all('XNODE', f'{cond}/{mode}', n))} |")
         w("")
         w(f"Ratios ({mode}), medians: eBPF over each, and each over no policy\n")
         w("| N | metric | eBPF / no policy | eBPF / iptables plain | eBPF / iptables ipset | "
@@ -103,4 +109,7 @@ def section(R: Any, r: Any) -> list[str]:
                 w(f"| {n:,} | {title} | " + " | ".join(
                     "–" if x is None else f"{x:.2f}" for x in cells) + " |")
         w("")
+    reading = out / "xnode-reading.md" if out is not None else None
+    if reading is not None and reading.exists():
+        w(reading.read_text().strip() + "\n")
     return L
