@@ -30,6 +30,16 @@ def _adopt(r: Any) -> Any | None:
     return ts[-1] if ts else None
 
 
+def _split(m: dict[str, float]) -> str:
+    """Anonymous / file-backed / proportional, when the trial recorded them."""
+    if "rssanon_mb_before" not in m:
+        return ""
+    parts = [f"{when}: anon {m.get(f'rssanon_mb{sfx}', 0):.0f}, file {m.get(f'rssfile_mb{sfx}', 0):.0f}, "
+             f"PSS {m.get(f'pss_mb{sfx}', 0):.0f} MB" for when, sfx in (("before", "_before"),
+                                                                       ("after", ""))]
+    return " (" + "; ".join(parts) + ")"
+
+
 def targets(r: Any) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     cells = _cells(r)
@@ -63,7 +73,8 @@ def targets(r: Any) -> list[tuple[str, str, str, str]]:
     rows.append((f"{t.n // 1000}k-identity agent RSS <= {RSS_MAX_MB:.0f} MB", f"{rss:.0f} MB",
                  "met" if rss <= RSS_MAX_MB else "MISSED",
                  f"{int(m.get('identities', 0)):,} identities (N CIDR identities); before the "
-                 f"restart {m.get('rss_mb_before', 0):.0f} MB, after it {m.get('rss_mb', 0):.0f} MB"))
+                 f"restart {m.get('rss_mb_before', 0):.0f} MB, after it {m.get('rss_mb', 0):.0f} MB"
+                 + _split(m)))
     load = m.get("datapath_load_s", float("nan"))
     own = m["ready_s"] - (0.0 if math.isnan(load) else load)
     rows.append((f"agent start adopting {t.n // 1000}k identities <= {START_MAX_S:g} s + "
@@ -94,6 +105,7 @@ def section(r: Any, w: Callable[[str], None]) -> None:
         w(f"\n**Restart adopting the N={t.n:,} state** (SIGTERM, then `agent run` on the same "
           f"state dir and pinned maps): ready in {m.get('ready_s', float('nan')):.2f} s, of "
           f"which the datapath's compile/load {m.get('datapath_load_s', float('nan')):.2f} s; "
-          f"RSS {m.get('rss_mb_before', 0):.0f} MB before, {m.get('rss_mb', 0):.0f} MB after; "
+          f"RSS {m.get('rss_mb_before', 0):.0f} MB before, {m.get('rss_mb', 0):.0f} MB after"
+          f"{_split(m)}; "
           f"{t.proof if not t.error else 'FAILED: ' + t.error}.")
     w("")

@@ -897,6 +897,22 @@ def bench_b5_b6(plan: Plan, res: Results, conds: Conditions, order: list[str]) -
 
 # ---- B7 and B5 through the agent ------------------------------------------------------------
 
+def _mem_split_mb(pid: int) -> dict[str, float]:
+    """RssAnon, RssFile (file-backed pages: shared libraries, e.g. the BPF
+    compiler's code, shared with every other process mapping them) and PSS."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss"] = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def _rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -1011,6 +1027,10 @@ class Agent:
         self.state = os.path.join(self.work, "state")
         self.env = dict(os.environ, AXONEME_API_SOCKET=self.sock,
                         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        # an installed agent starts from compiled bytecode (pip writes it): a
+        # session's PYTHONDONTWRITEBYTECODE made every start (and the restart
+        # measured) compile the changed sources again
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.node = ""
         self.prefix: list[str] = []
         if netns:
@@ -1185,11 +1205,13 @@ def _agent_adopt(agent: Agent, n: int, srv_ep: int) -> Trial:
     try:
         assert agent.proc is not None
         t.metrics["rss_mb_before"] = _rss_kb(agent.proc.pid) / 1024
+        t.metrics.update({f"{k}_mb_before": v for k, v in _mem_split_mb(agent.proc.pid).items()})
         t.metrics["identities"] = len(agent.api().get("/v1/identities"))
         agent.proc.send_signal(signal.SIGTERM)
         agent.proc.wait(120)
         t.metrics["ready_s"] = agent.start(timeout=300)
         t.metrics["rss_mb"] = _rss_kb(agent.proc.pid) / 1024
+        t.metrics.update({f"{k}_mb": v for k, v in _mem_split_mb(agent.proc.pid).items()})
         metrics = subprocess.run(["curl", "-s", "--unix-socket", agent.sock, "http://x/metrics"],
                                  capture_output=True, text=True, timeout=60).stdout
         compile_s = [float(line.split()[-1]) for line in metrics.splitlines()
