@@ -255,3 +255,25 @@ def test_program_decides_as_mapstate_lookup_on_random_states(dp) -> None:  # typ
                     want = state.lookup(ident, EG, proto, port, addr).allowed
                     assert got == want, f"round {rnd}: {addr} {pname}/{port}: {got} != {want}\n{state}"
     dp.sync(A, MapState())
+
+
+@pytest.mark.parametrize("which", ["from_netdev", "from_overlay"])
+def test_local_delivery_at_the_node_devices(dp, which: str) -> None:  # type: ignore[no-untyped-def]
+    """A packet entering through a node device (from another node, from outside)
+    to a local endpoint: its ingress policy decides there, before routing
+    (lib/deliver.h): an L7 entry marks it for the proxy, an allow marks it
+    CHECKED (to-container lets it through), no entry drops it; a packet to
+    an address that is no local endpoint passes untouched. (No tunnel key in
+    a test run: from-overlay falls back to the ipcache, as for VNI 0.)"""
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(PEER, IN, TCP, 8080, 16): Entry(proxy_port=15003),
+                         Key(PEER, IN, TCP, 8081, 16): ALLOW, Key(0, EG): ALLOW}))
+    r = run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45000, dport=8080))
+    assert r.retval == OK and r.mark == to_proxy_mark(15003)
+    r = run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45001, dport=8081))
+    assert r.retval == OK and r.mark == MARK_MAGIC_CHECKED
+    assert run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45002, dport=8082)).retval == SHOT
+    assert run(dp, which, P.ipv4("10.244.251.9", A.ipv4, sport=45003, dport=8081)).retval == SHOT
+    r = run(dp, which, P.ipv4("10.244.251.2", "10.244.251.77", sport=45004, dport=8080))
+    assert r.retval == OK and r.mark == 0
