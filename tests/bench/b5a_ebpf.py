@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--merge", help="results.json to merge into (its other trials are kept)")
     ap.add_argument("--note", help="a note for the report's header (kept by later merges)")
+    ap.add_argument("--drop-note", action="append", default=[], metavar="KEY",
+                    help="an earlier note this run makes stale (its key in results.json extra)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root (netns, veth, BPF)")
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     guard = suite.Guard()
     old_fwd = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
     t0 = time.time()
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     try:
         guard.install()  # before anything that could forward
         suite.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -55,11 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     command = " ".join(sys.argv)
     if a.merge:
+        load_end = res.machine.get("loadavg_end", "?")
         suite.merge(res, json.loads(Path(a.merge).read_text()), ["B5A"])
+        res.machine["loadavg_end_b5a"] = load_end
         command = f"{res.extra.get('command', '')} + {command}"
     res.extra["command"] = command
+    for key in a.drop_note:
+        res.extra.pop(key, None)
     if a.note:
-        res.extra[f"note_{time.strftime('%Y_%m_%d_%H%M', time.gmtime(t0))}"] = a.note
+        # merge() keeps the earlier run's machine section: this run's load goes in its note
+        res.extra[f"note_{time.strftime('%Y_%m_%d_%H%M', time.gmtime(t0))}"] = (
+            f"{a.note} ({time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} UTC, load average "
+            f"(1/5/15 min) {load_start} at its start, "
+            f"{res.machine.get('loadavg_end_b5a', res.machine.get('loadavg_end', '?'))} "
+            f"at its end)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     elapsed = time.time() - t0 + float(res.extra.get("merged_elapsed_s", 0))
