@@ -436,7 +436,8 @@ def json_problem(obj: Any, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None
     stack: list[tuple[Any, _PathLink, int]] = [(obj, None, 1)]
     while stack:
         o, link, depth = stack.pop()
-        if isinstance(o, Mapping | list):
+        t = type(o)  # exact dict and list first: no ABC check
+        if t is dict or t is list or isinstance(o, Mapping | list):
             if depth > max_depth:
                 return _path(link), f"nesting deeper than {max_depth} levels"
             if id(o) in seen:
@@ -444,7 +445,7 @@ def json_problem(obj: Any, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None
             seen.add(id(o))
             # values that are always fine are not walked (the order problems
             # are found in stays the document's)
-            if isinstance(o, list):
+            if t is list or (t is not dict and isinstance(o, list)):
                 stack.extend((v, (link, i, True), depth + 1)
                              for i, v in reversed(list(enumerate(o))) if type(v) not in _FINE)
                 continue

@@ -62,6 +62,22 @@ def type_name(value: object) -> str:
     return type(value).__name__
 
 
+# The parsers name a mapping's fields as tuple constants: their sets are made once
+# (bounded: a caller building tuples on the fly only misses the cache).
+_FIELD_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _field_set(allowed: Iterable[str]) -> frozenset[str]:
+    if type(allowed) is not tuple:
+        return frozenset(allowed)
+    got = _FIELD_SETS.get(allowed)
+    if got is None:
+        got = frozenset(allowed)
+        if len(_FIELD_SETS) < 1024:
+            _FIELD_SETS[allowed] = got
+    return got
+
+
 class Walker:
     """Collects the problems of one document."""
 
@@ -103,11 +119,11 @@ class Walker:
         """
         if value is None:
             return {}
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):  # dict: no ABC check
             self.wrong_type(path, "a mapping", value)
             return None
         out: dict[str, Any] = {}
-        allowed_set = set(allowed) if allowed is not None else None
+        allowed_set = _field_set(allowed) if allowed is not None else None
         for key, sub in value.items():
             if not isinstance(key, str):
                 self.problem(path, f"field names must be strings, got {type_name(key)} {excerpt(key)}")
