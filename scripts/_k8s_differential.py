@@ -196,6 +196,9 @@ class Recorder:
 
     kubectl: list[str]  # kubectl and its --kubeconfig
     work: Path
+    # the nodes whose agents' flows are recorded (each to flows-<node>.ndjson); empty: the
+    # one agent of a single-node cluster (ds/axoneme, to flows.ndjson)
+    nodes: list[str] = field(default_factory=list)
     polls: list[tuple[float, float, dict[str, Any] | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -210,11 +213,25 @@ class Recorder:
     def flows_file(self) -> Path:
         return self.work / "flows.ndjson"
 
+    @property
+    def flows_files(self) -> list[Path]:
+        """Every node's flows (an attempt across nodes has its ingress verdict on the
+        destination's node, a policy drop on either)."""
+        if not self.nodes:
+            return [self.flows_file]
+        return [self.work / f"flows-{node}.ndjson" for node in self.nodes]
+
+    def flows(self) -> list[Obj]:
+        return [f for path in self.flows_files for f in load_flows(path)]
+
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        self.flows_file.write_text("")
+        for path in self.flows_files:
+            path.write_text("")
         self._resync_until = time.time() + RESYNC_S
-        targets = [self._observe, self._sample] + [
+        observers = ([lambda node=node: self._observe(node) for node in self.nodes]
+                     if self.nodes else [lambda: self._observe(None)])
+        targets = [*observers, self._sample] + [
             (lambda kind=kind: self._watch(kind)) for kind in KINDS]
         for target in targets:
             t = threading.Thread(target=target, daemon=True)
@@ -292,17 +309,28 @@ class Recorder:
                 self._resync_until = time.time() + RESYNC_S
                 self._record(time.time())
 
-    def _observe(self) -> None:
+    def _agent_pod(self, node: str | None) -> str:
+        """ds/axoneme, or the agent pod on ``node`` (looked up at each start: it may change)."""
+        if node is None:
+            return "ds/axoneme"
+        res = subprocess.run([*self.kubectl, "-n", "kube-system", "get", "pods", "-l",
+                              "k8s-app=axoneme", "--field-selector", f"spec.nodeName={node}",
+                              "-o", "name"], capture_output=True, text=True, timeout=30)
+        return (res.stdout.split() or ["ds/axoneme"])[0]
+
+    def _observe(self, node: str | None) -> None:
         # the stream ends if the exec is cut: start it again (a gap shows as fewer attempts)
-        with open(self.flows_file, "a") as out:
+        path = self.flows_file if node is None else self.work / f"flows-{node}.ndjson"
+        with open(path, "a") as out:
             while not self._stop.is_set():
-                proc = self._spawn([*self.kubectl, "-n", "kube-system", "exec", "ds/axoneme", "--",
+                proc = self._spawn([*self.kubectl, "-n", "kube-system", "exec",
+                                    self._agent_pod(node), "--",
                                     "axoneme", "observe", "-f", "-o", "json"],
                                    stdout=out, stderr=subprocess.PIPE)
                 _, err = proc.communicate()
                 if not self._stop.is_set():
-                    self.errors.append(f"observe ended ({proc.returncode}): "
-                                       f"{err.strip()[:200]}; restarted")
+                    self.errors.append(f"observe{'' if node is None else ' on ' + node} ended "
+                                       f"({proc.returncode}): {err.strip()[:200]}; restarted")
                     self._stop.wait(1.0)
 
 

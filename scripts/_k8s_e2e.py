@@ -1,6 +1,7 @@
 """scripts/k8s-e2e: upstream Kubernetes' NetworkPolicy e2e tests against axoneme.
 
     scripts/k8s-e2e [--datapath ebpf|iptables] [--iptables-mode plain|ipset]
+                    [--nodes 1|2|3] [--routing-mode native|tunnel]
                     [--focus REGEX] [--skip REGEX] [--subset ci] [--keep-cluster]
                     [--results DIR]
 
@@ -79,9 +80,9 @@ def build() -> Path:
     return Path(out)
 
 
-def cluster_up(datapath: str, mode: str) -> None:
+def cluster_up(datapath: str, mode: str, nodes: int = 1, routing: str = "native") -> None:
     res = run([str(REPO / "scripts" / "cluster"), "up", "--datapath", datapath,
-               "--iptables-mode", mode])
+               "--iptables-mode", mode, "--nodes", str(nodes), "--routing-mode", routing])
     if res.returncode != 0:
         raise SystemExit("k8s-e2e: error: scripts/cluster up failed")
 
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/k8s-e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--datapath", choices=("ebpf", "iptables"), default="ebpf")
     p.add_argument("--iptables-mode", choices=("plain", "ipset"), default="plain")
+    p.add_argument("--nodes", type=int, choices=(1, 2, 3), default=1,
+                   help="the cluster's nodes (scripts/cluster up --nodes; default 1)")
+    p.add_argument("--routing-mode", choices=("native", "tunnel"), default="native",
+                   help="how pods reach each other across nodes (with --nodes 2 or 3)")
     p.add_argument("--focus", help="run only the NetworkPolicy tests whose name matches REGEX")
     p.add_argument("--skip", help="leave out the tests whose name matches REGEX")
     p.add_argument("--subset", choices=("ci",), help="ci: the bounded subset CI runs")
@@ -209,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print("k8s-e2e: needs root (it brings the cluster up)", file=sys.stderr)
         return 1
     label = args.datapath if args.datapath == "ebpf" else f"iptables-{args.iptables_mode}"
+    if args.nodes > 1:
+        label += f"-{args.nodes}nodes" + ("-tunnel" if args.routing_mode == "tunnel" else "")
     partial = bool(args.focus or args.subset)
     dest = args.results or (DEFAULT_RESULTS / label if not partial
                             else Path("/tmp") / f"axoneme-k8s-e2e-{label}")
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     was_up = (CLUSTER / "state.json").exists()
     t0 = time.monotonic()
     bindir = build()
-    cluster_up(args.datapath, args.iptables_mode)
+    cluster_up(args.datapath, args.iptables_mode, args.nodes, args.routing_mode)
     # Ginkgo's own report lists all ~3,200 specs (the filtered ones as skipped) and the
     # log is megabytes: both stay in a work directory; the results get the selected tests
     work = Path("/tmp") / f"axoneme-k8s-e2e-work-{label}"
@@ -249,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         diff_work = work / "differential"
         if diff_work.exists():
             shutil.rmtree(diff_work)
+        nodes = ([] if args.nodes == 1 else
+                 ["axoneme-node", *(f"axoneme-node{k}" for k in range(2, args.nodes + 1))])
         recorder = differential.Recorder([str(CLUSTER / "bin" / "kubectl"),
-                                          f"--kubeconfig={CLUSTER / 'kubeconfig'}"], diff_work)
+                                          f"--kubeconfig={CLUSTER / 'kubeconfig'}"], diff_work,
+                                         nodes)
         recorder.start()
     say(f"running e2e.test (log: {log})")
     t1 = time.monotonic()
@@ -268,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     diff_result = None
     if recorder is not None:
         recorder.stop()
-        diff_result = differential.decide(recorder.polls,
-                                          differential.load_flows(recorder.flows_file),
-                                          recorder.work)
+        diff_result = differential.decide(recorder.polls, recorder.flows(), recorder.work)
         for err in recorder.errors[:10]:
             say(f"differential: {err}")
     junits = sorted(report.glob("*.xml"))
@@ -282,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     version = bindir.parent.name
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
-    summary = {"datapath": label, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    summary = {"datapath": label, "nodes": args.nodes, "routing_mode": args.routing_mode,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "kubernetes": version, "axoneme": head, "focus": focus, "skip": skip,
                "duration_s": round(duration), "total_s": round(time.monotonic() - t0),
                "e2e_exit": rc, "left_out": left_out, **counts}

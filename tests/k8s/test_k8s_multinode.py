@@ -29,15 +29,13 @@ import ipaddress
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from ._truth import matrix, pods_of, porter_pod, settled
 from .conftest import Cluster, cluster_up
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
@@ -47,8 +45,6 @@ PODS = ("a", "b", "c")
 PORT = 80
 NODE1, NODE2 = "axoneme-node", "axoneme-node2"
 PLACEMENT = {"a": NODE1, "b": NODE2, "c": NODE2}
-AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
-AXONEME = str(Path(sys.executable).parent / "axoneme")
 ROUTING = [m for m in ("native", "tunnel")
            if os.environ.get("AXONEME_K8S_MULTINODE_ROUTING", m) == m]
 
@@ -58,19 +54,10 @@ POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}}
 
 
-def _pod(ns: str, name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "agnhost", "image": AGNHOST, "imagePullPolicy": "IfNotPresent",
-                        "command": ["/agnhost", "porter"],
-                        "env": [{"name": f"SERVE_TCP_PORT_{PORT}", "value": "foo"}],
-                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]}]}
+def _placement(ns: str, name: str) -> dict[str, Any]:
     if ns == "mnx":  # the scheduler places it
-        spec["nodeSelector"] = {"kubernetes.io/hostname": PLACEMENT[name]}
-    else:  # bound directly
-        spec["nodeName"] = PLACEMENT[name]
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}}, "spec": spec}
+        return {"nodeSelector": {"kubernetes.io/hostname": PLACEMENT[name]}}
+    return {"nodeName": PLACEMENT[name]}  # bound directly
 
 
 @pytest.fixture(scope="module", params=ROUTING)
@@ -78,17 +65,9 @@ def mn(request: pytest.FixtureRequest, cluster_session: None) -> Any:
     cl = cluster_up("ebpf", nodes=2, routing=request.param)
     objs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": ns, "labels": {"ns": ns}}} for ns in NAMESPACES]
-    objs += [_pod(ns, p) for ns in NAMESPACES for p in PODS]
+    objs += [porter_pod(ns, p, PORT, _placement(ns, p)) for ns in NAMESPACES for p in PODS]
     with cl.objects(objs, NAMESPACES):
         yield cl
-
-
-def _pods(cl: Cluster) -> dict[str, dict[str, Any]]:
-    out = {}
-    for ns in NAMESPACES:
-        for item in json.loads(cl.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]:
-            out[f"{ns}/{item['metadata']['name']}"] = item
-    return out
 
 
 def _node_cidrs(cl: Cluster) -> dict[str, str]:
@@ -109,8 +88,11 @@ def _ns(node: str) -> list[str]:
 
 def test_each_node_allocates_from_its_own_pod_cidr(mn: Cluster) -> None:
     cidrs = _node_cidrs(mn)
-    assert cidrs == {NODE1: "10.244.0.0/24", NODE2: "10.244.1.0/24"}, cidrs
-    for key, pod in _pods(mn).items():
+    # node 1 first gets 10.244.0.0/24; node 2 another /24 of the cluster CIDR (usually
+    # 10.244.1.0/24: scripts/_cluster.py wait_node says when not)
+    assert cidrs[NODE1] == "10.244.0.0/24" and cidrs[NODE2] != cidrs[NODE1], cidrs
+    assert ipaddress.ip_network(cidrs[NODE2]).subnet_of(ipaddress.ip_network("10.244.0.0/16"))
+    for key, pod in pods_of(mn, NAMESPACES).items():
         node = pod["spec"]["nodeName"]
         assert node == PLACEMENT[key.split("/")[1]], (key, node)
         ip = ipaddress.ip_address(pod["status"]["podIP"])
@@ -129,8 +111,9 @@ def test_each_node_allocates_from_its_own_pod_cidr(mn: Cluster) -> None:
 
 
 def test_the_other_nodes_pod_cidr_is_routed_as_the_mode_says(mn: Cluster) -> None:
-    for node, other, via in ((NODE1, "10.244.1.0/24", "10.255.254.2"),
-                             (NODE2, "10.244.0.0/24", "10.255.254.1")):
+    cidrs = _node_cidrs(mn)
+    for node, other, via in ((NODE1, cidrs[NODE2], "10.255.254.2"),
+                             (NODE2, cidrs[NODE1], "10.255.254.1")):
         routes = subprocess.run([*_ns(node), "-j", "route", "show", "proto", "164"],
                                 capture_output=True, text=True, check=True).stdout
         got = {r["dst"]: r for r in json.loads(routes)}
@@ -140,56 +123,6 @@ def test_the_other_nodes_pod_cidr_is_routed_as_the_mode_says(mn: Cluster) -> Non
         assert got[other]["dev"] == want_dev, (node, got[other])
 
 
-def _probe_all(cl: Cluster, pods: dict[str, dict[str, Any]]) -> dict[tuple[str, str], bool]:
-    """Every pod to every pod on PORT, from inside the source pod (one exec per source)."""
-    ips = {k: p["status"]["podIP"] for k, p in pods.items()}
-    script = ("for t in " + " ".join(f"{ip}:{PORT}" for ip in ips.values()) + "; do "
-              "( if /agnhost connect $t --timeout=1s --protocol=tcp >/dev/null 2>&1; "
-              "then echo \"$t ok\"; else echo \"$t no\"; fi ) & done; wait")
-    by_ip = {ip: key for key, ip in ips.items()}
-    out: dict[tuple[str, str], bool] = {}
-    for src in ips:
-        ns, name = src.split("/")
-        res = cl.exec(ns, name, "sh", "-c", script, timeout=60)
-        assert res.returncode == 0, f"probe from {src} failed: {res.stderr}"
-        for line in res.stdout.splitlines():
-            if line.strip():
-                target, verdict = line.split()
-                out[(src, by_ip[target.rsplit(":", 1)[0]])] = verdict == "ok"
-    assert len(out) == len(ips) ** 2, "some probes did not answer"
-    return out
-
-
-def _matrix(cl: Cluster, policies: list[dict[str, Any]], work: Path) -> dict[tuple[str, str], bool]:
-    """``axoneme policy matrix --cluster`` on the cluster's own objects."""
-    items = []
-    for ns in NAMESPACES:
-        items.append(json.loads(cl.kubectl("get", "ns", ns, "-o", "json").stdout))
-        items += json.loads(cl.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]
-    (work / "cluster.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items}))
-    (work / "policies.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policies}))
-    res = subprocess.run([AXONEME, "policy", "matrix", "--cluster", str(work / "cluster.yaml"),
-                          "-f", str(work / "policies.json"), "--port", str(PORT), "-o", "json"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return {(p["from"], p["to"]): p["verdict"] == "allowed" for p in json.loads(res.stdout)["probes"]}
-
-
-def _settled(cl: Cluster, pods: dict[str, dict[str, Any]],
-             want: dict[tuple[str, str], bool]) -> list[str]:
-    """Probe until the table equals `want` (programming is asynchronous); the differences left."""
-    diff: list[str] = []
-    for _ in range(4):
-        got = _probe_all(cl, pods)
-        diff = [f"{s} -> {d}: probe {'allowed' if v else 'denied'}, matrix "
-                f"{'allowed' if want.get((s, d)) else 'denied'}"
-                for (s, d), v in sorted(got.items()) if v != want.get((s, d))]
-        if not diff:
-            return []
-        time.sleep(1.0)
-    return diff
-
-
 def _vxlan_rx(node: str) -> int:
     out = subprocess.run([*_ns(node), "-s", "-j", "link", "show", "axon_vxlan"],
                          capture_output=True, text=True, check=True).stdout
@@ -197,25 +130,25 @@ def _vxlan_rx(node: str) -> int:
 
 
 def test_cross_node_truth_table_equals_the_matrix(mn: Cluster) -> None:
-    pods = _pods(mn)
+    pods = pods_of(mn, NAMESPACES)
     with tempfile.TemporaryDirectory(prefix="ax-mn-") as tmp:
         work = Path(tmp)
         # no policy: every pod reaches every pod, across the nodes too
-        open_table = _matrix(mn, [], work)
+        open_table = matrix(mn, NAMESPACES, [], PORT, work)
         assert all(open_table.values()) and len(open_table) == 36, open_table
         rx = {n: _vxlan_rx(n) for n in (NODE1, NODE2)} if mn.routing == "tunnel" else {}
-        diff = _settled(mn, pods, open_table)
+        diff = settled(mn, pods, open_table, PORT)
         assert not diff, f"{mn.routing}, no policy:\n" + "\n".join(diff)
         if mn.routing == "tunnel":  # cross-node probes came through the tunnel, both ways
             for node in (NODE1, NODE2):
                 assert _vxlan_rx(node) > rx[node], f"{node}: axon_vxlan received nothing"
 
-        want = _matrix(mn, [POLICY], work)
+        want = matrix(mn, NAMESPACES, [POLICY], PORT, work)
         # what the case is about: one cross-node pair allowed, one denied, by identity on node 2
         assert want[("mnx/a", "mnx/b")] and not want[("mny/a", "mnx/b")], want
         mn.kubectl("apply", "-f", str(work / "policies.json"))
         try:
-            diff = _settled(mn, pods, want)
+            diff = settled(mn, pods, want, PORT)
             assert not diff, f"{mn.routing}, policy b-from-a:\n" + "\n".join(diff)
             _drop_seen_on_node2_with_the_senders_identity(mn, pods)
         finally:
