@@ -17,6 +17,7 @@ LABEL = {
     "iptables-plain": "iptables plain",
     "iptables-ipset": "iptables ipset",
     "iptables-stateful": "iptables stateful",
+    "ebpf-devices": "eBPF, uplink a device",  # XNODE: from-netdev decides (Kubernetes mode's)
 }
 
 

@@ -1446,13 +1446,23 @@ def run_xnode(plan: Plan, res: Results, progress: Callable[[str], None]) -> None
     if os.geteuid() != 0:
         raise PermissionError("the benchmark suite needs root (netns, veth, BPF, iptables)")
     X = sibling("xnode")
+    xplan = X.XPlan.quick() if plan.quick else X.XPlan()
+    only = xnode_conds()
+    if only:
+        import dataclasses
+
+        xplan = dataclasses.replace(xplan, conds=tuple(only))
     tmp = tempfile.mkdtemp(prefix="axbench-xnode-")
     try:
-        X.bench_xnode(sys.modules[__name__], X.XPlan.quick() if plan.quick else X.XPlan(), res,
-                      build_loadgen(tmp), plan.seed, progress)
+        X.bench_xnode(sys.modules[__name__], xplan, res, build_loadgen(tmp), plan.seed, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res.machine["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def xnode_conds() -> list[str]:
+    """AXONEME_XNODE_CONDS=none,ebpf,ebpf-devices,...: these XNODE conditions only."""
+    return [c for c in os.environ.get("AXONEME_XNODE_CONDS", "").split(",") if c]
 
 
 def sibling(name: str) -> Any:
@@ -1548,6 +1558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(benches) - {"B1", "B2", "B5", "B5A", "B7", "XNODE"}
     if unknown:
         ap.error(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))}")
+    bad = set(xnode_conds()) - set(sibling("xnode").CONDS)
+    if bad:
+        ap.error(f"AXONEME_XNODE_CONDS: unknown condition(s) {', '.join(sorted(bad))} "
+                 f"(known: {', '.join(sibling('xnode').CONDS)})")
     progress = lambda s: print(f"[{time.time() - t0:7.1f}s] {s}", flush=True)  # noqa: E731
     suite = [b for b in benches if b != "XNODE"]
     res = run_suite(plan, progress, benches=suite) if suite else \

@@ -46,6 +46,12 @@ POD_NETS = {"a": "10.244.120", "b": "10.244.121"}
 SIZES = (10, 1000, 10_000)
 CONDS = {"none": ["--datapath", "noop"],
          "ebpf": ["--datapath", "ebpf", "--policy-map-max", str(2 * max(SIZES) + 64)],
+         # eBPF as Kubernetes mode runs it (docs/cli.md, "L7 ingress across nodes"): the
+         # node's uplink named as a device, so traffic from other nodes is decided at
+         # from-netdev before routing (not in the default plan: --only XNODE with
+         # AXONEME_XNODE_CONDS=ebpf-devices,...)
+         "ebpf-devices": ["--datapath", "ebpf", "--policy-map-max", str(2 * max(SIZES) + 64),
+                          "--devices", "und0"],
          "iptables-plain": ["--datapath", "iptables", "--iptables-mode", "plain"],
          "iptables-ipset": ["--datapath", "iptables", "--iptables-mode", "ipset"]}
 MODES = ("native", "tunnel")
@@ -57,7 +63,7 @@ class XPlan:
     seconds: float = 2.0  # per traffic measurement
     sizes: tuple[int, ...] = SIZES
     modes: tuple[str, ...] = MODES
-    conds: tuple[str, ...] = tuple(CONDS)
+    conds: tuple[str, ...] = tuple(c for c in CONDS if c != "ebpf-devices")
 
     @classmethod
     def quick(cls) -> XPlan:
@@ -306,6 +312,12 @@ def measure(S: Any, cell: Cell, lg: str, n: int, mode: str, rep: int, seconds: f
             t.enforced = t.enforced and bool(view.get("in_sync")) and len(held) >= n
             if cell.cond.startswith("iptables"):
                 proof.append(_client_last(cell, n))
+            if cell.cond == "ebpf-devices":  # from-netdev is there to decide
+                tc = subprocess.run([*cell.agents["b"].prefix, "tc", "filter", "show", "dev",
+                                     "und0", "ingress"], capture_output=True, text=True,
+                                    timeout=30).stdout
+                proof.append(f"und0 ingress has ax_from_netdev: {'ax_from_netdev' in tc}")
+                t.enforced = t.enforced and "ax_from_netdev" in tc
     except Exception as e:
         t.error = f"{type(e).__name__}: {e}"
         S.LOG.warning("xnode %s N=%d %s rep %d: %s", cell.cond, n, mode, rep,

@@ -83,7 +83,7 @@ def section(R: Any, r: Any, out: Any = None) -> list[str]:
         w("| condition | N | " + " | ".join(t for _, t in METRICS) +
           " | policy load | both agents' CPU during traffic | counted |")
         w("|---|---|---|---|---|---|---|---|")
-        for cond in ("none", *CONDS):
+        for cond in ("none", "ebpf", "ebpf-devices", *CONDS[1:]):
             for n in r.sizes("XNODE", f"{cond}/{mode}"):
                 ok = r.counted("XNODE", f"{cond}/{mode}", n)
                 cells = [R.mmm(R._vals(ok, m)) for m, _ in METRICS]
@@ -93,10 +93,12 @@ def section(R: Any, r: Any, out: Any = None) -> list[str]:
                   + ("–" if cpu is None else f"{cpu:.1f} %") +
                   f" | {len(ok)}/{len(r.all('XNODE', f'{cond}/{mode}', n))} |")
         w("")
+        dev = bool(r.sizes("XNODE", f"ebpf-devices/{mode}"))
         w(f"Ratios ({mode}), medians: eBPF over each, and each over no policy\n")
         w("| N | metric | eBPF / no policy | eBPF / iptables plain | eBPF / iptables ipset | "
-          "iptables plain / no policy | iptables ipset / no policy |")
-        w("|---|---|---|---|---|---|---|")
+          "iptables plain / no policy | iptables ipset / no policy |"
+          + (" eBPF, uplink a device / no policy |" if dev else ""))
+        w("|---|---|---|---|---|---|---|" + ("---|" if dev else ""))
         base = {m: _med(R, r, "none", mode, 0, m) for m, _ in METRICS}
         sizes = sorted({n for c in CONDS for n in r.sizes("XNODE", f"{c}/{mode}")})
         for n in sizes:
@@ -106,6 +108,8 @@ def section(R: Any, r: Any, out: Any = None) -> list[str]:
                          R.ratio(v["ebpf"], v["iptables-ipset"]),
                          R.ratio(v["iptables-plain"], base[m]),
                          R.ratio(v["iptables-ipset"], base[m])]
+                if dev:
+                    cells.append(R.ratio(_med(R, r, "ebpf-devices", mode, n, m), base[m]))
                 w(f"| {n:,} | {title} | " + " | ".join(
                     "–" if x is None else f"{x:.2f}" for x in cells) + " |")
         w("")
