@@ -106,11 +106,38 @@ K8S_TESTS = Path(__file__).resolve().parent
 BUILD_TIMEOUT_S = 2700
 
 
+# the modules on a multi-node cluster, by the cluster they ask for (cluster_up): each change
+# of cluster is a `down` and an `up` (1-2 min), so the tests run grouped by cluster
+TWO_NODES_NATIVE = ("test_k8s_host_firewall", "test_k8s_multinode_identities")
+TWO_NODES_BY_ROUTING = ("test_k8s_multinode", "test_k8s_multinode_l7")
+THREE_NODES = ("test_k8s_multinode_matrix",)
+
+
+def cluster_group(item: pytest.Item) -> float:
+    """0: a single eBPF node; 0.5: a single iptables node (a module's datapath parameter);
+    1: 2 nodes, native routing; 2: 2 nodes, tunnel; 3: 3 nodes."""
+    module = Path(str(item.fspath)).stem
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if module in TWO_NODES_NATIVE:
+        return 1
+    if module in TWO_NODES_BY_ROUTING:
+        return 2 if "tunnel" in params.values() else 1
+    if module in THREE_NODES:
+        return 3
+    return 0.5 if any(str(v).startswith("iptables") for v in params.values()) else 0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if K8S_TESTS in Path(str(item.fspath)).resolve().parents and \
-                item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
+    slots = []
+    for i, item in enumerate(items):
+        if K8S_TESTS in Path(str(item.fspath)).resolve().parents:
+            slots.append(i)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S))
+    # the Kubernetes tests keep their places among the others, grouped by cluster (stable)
+    ordered = sorted((items[i] for i in slots), key=cluster_group)
+    for i, item in zip(slots, ordered, strict=True):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")
