@@ -2,7 +2,7 @@
 
     scripts/bench-k8s [--datapath ebpf|iptables] [--pods 50] [--policies 20]
                       [--api-pods 1000] [--out bench-results/k8s]
-                      [--scale-sizes 100,1000,5000] [--only all|scale]
+                      [--scale-sizes 100,1000,5000] [--only all|scale|ready] [--rounds 2]
 
 - ``cluster up`` warm: ``scripts/cluster down`` then ``up`` with every build and
   image cached (the cold figure, with nothing built, is the build's: see
@@ -25,6 +25,10 @@
   concurrently -> the exact kernel state; the agent's CPU per pod event at
   100 / 1,000 / 5,000 pods in the API (``--only scale`` runs only these and
   keeps the other figures of --out's results.json).
+- ready (k8s_ready.py, ``--only ready``): pod create -> Ready with the native
+  CNI plugin the agent installed and with the Python plugin's zipapp in its
+  place, interleaved, --rounds times, on the running cluster (up if it is not);
+  the load average with each run; keeps the other figures.
 
 Writes results.json and README.md (a table) under --out.
 """
@@ -41,6 +45,7 @@ import time
 from pathlib import Path
 
 import k8s_converge  # tests/bench/, this script's own directory
+import k8s_ready
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -204,16 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench-results" / "k8s"))
     ap.add_argument("--scale-sizes", default="100,1000,5000",
                     help="pods in the API at which the agent's CPU per pod event is measured")
-    ap.add_argument("--only", choices=("all", "scale"), default="all",
-                    help="scale: only convergence under churn and CPU per pod event "
+    ap.add_argument("--only", choices=("all", "scale", "ready"), default="all",
+                    help="scale: only convergence under churn and CPU per pod event; ready: only "
+                         "pod create -> Ready, native CNI plugin against the Python one "
                          "(the other figures are kept from --out's results.json)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="--only ready: rounds of --pods pods per plugin, interleaved")
     args = ap.parse_args(argv)
     results: dict = {"datapath": args.datapath, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{os.cpu_count()} cores, kernel {os.uname().release}"}
     out = Path(args.out)
-    if args.only == "scale":
+    if args.only in ("scale", "ready"):
         results = {**results, **json.loads((out / "results.json").read_text()),
-                   "scale_date": results["date"]}
+                   f"{args.only}_date": results["date"]}
         kubeconfig, _ = cluster_up(args.datapath, fresh=False)
     else:
         kubeconfig, warm = cluster_up(args.datapath, fresh=True)
@@ -227,8 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubectl apply -> enforced: {results['policy_enforced_s']}", flush=True)
         results["agent_rss"] = bench_agent_rss(k, args.api_pods)
         print(f"agent RSS: {results['agent_rss']}", flush=True)
-    sizes = tuple(int(x) for x in args.scale_sizes.split(","))
-    results["scale"] = k8s_converge.run(k, kubeconfig, agent_pid(), sizes)
+    if args.only == "ready":
+        runs = k8s_ready.run(lambda: bench_pod_ready(k, kubeconfig, args.pods), args.rounds)
+        results["pod_ready_by_plugin"] = {
+            kind: {**summary([v for r in rs for v in r["values"]]),  # type: ignore[attr-defined]
+                   "runs_p50": [summary(r["values"])["p50"] for r in rs],  # type: ignore[arg-type]
+                   "load": [r["load"] for r in rs]}
+            for kind, rs in runs.items()}
+    else:
+        sizes = tuple(int(x) for x in args.scale_sizes.split(","))
+        results["scale"] = k8s_converge.run(k, kubeconfig, agent_pid(), sizes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     pr, pe, rss = results["pod_ready_s"], results["policy_enforced_s"], results["agent_rss"]
@@ -252,8 +268,24 @@ def main(argv: list[str] | None = None) -> int:
         f"max/min {sc['cpu_spread']} |\n\n"
         f"The scale rows ({results.get('scale_date', results['date'])}): "
         f"tests/bench/k8s_converge.py (pods of a Node without a kubelet, "
-        f"the kernel read with bpftool from the pinned maps).\n")
+        f"the kernel read with bpftool from the pinned maps).\n" + ready_rows(results))
     return 0
+
+
+def ready_rows(results: dict) -> str:
+    """The --only ready table: pod create -> Ready by the CNI plugin containerd runs."""
+    by = results.get("pod_ready_by_plugin")
+    if not by:
+        return ""
+    rows = "".join(
+        f"| {kind} | {r['p50']} | {r['p99']} | {r['n']} | {', '.join(map(str, r['runs_p50']))} | "
+        f"{', '.join(f'{a}-{b}' for a, b in r['load'])} |\n" for kind, r in sorted(by.items()))
+    return (f"\n## Pod create -> Ready by CNI plugin ({results.get('ready_date', results['date'])})\n\n"
+            f"`scripts/bench-k8s --only ready` (tests/bench/k8s_ready.py): the native plugin the "
+            f"agent installs as axoneme-cni, and the Python plugin's zipapp (axoneme-cni-python) "
+            f"put in its place, interleaved on one cluster.\n\n"
+            f"| plugin | p50 (s) | p99 (s) | n | p50 of each run (s) | load average (1 min, "
+            f"before-after each run) |\n|---|---|---|---|---|---|\n{rows}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,40 @@ def test_pod_on_pod_network_exec_and_logs(seen):
     seen.note_processes()
 
 
+def test_containerd_runs_the_native_cni_plugin(seen):
+    """The agent installed the image's native plugin as axoneme-cni and the Python plugin's zipapp
+    beside it; a new pod's ADD is answered by the native one: the endpoint appears while a
+    stand-in put over the zipapp (which records any hand-over, then runs the zipapp) stays unused."""
+    bin_dir = D / "cni" / "bin"
+    plugin, fallback = bin_dir / "axoneme-cni", bin_dir / "axoneme-cni-python"
+    assert plugin.read_bytes()[:4] == b"\x7fELF", "axoneme-cni is not the native plugin"
+    assert fallback.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert "installed CNI config" in kubectl("-n", "kube-system", "logs", "ds/axoneme").stderr + \
+        kubectl("-n", "kube-system", "logs", "ds/axoneme").stdout
+
+    def endpoints() -> list[str]:
+        res = kubectl("-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme", "endpoint", "list",
+                      "-o", "json")
+        return sorted(e["pod"] for e in json.loads(res.stdout))
+
+    before = endpoints()
+    real, marker = bin_dir / "axoneme-cni-python.real", bin_dir / "handed-over"
+    fallback.rename(real)
+    try:
+        stand_in = bin_dir / "axoneme-cni-python.tmp"
+        stand_in.write_text(f"#!/bin/sh\necho \"$CNI_COMMAND\" >> {marker}\nexec {real} \"$@\"\n")
+        stand_in.chmod(0o755)
+        stand_in.replace(fallback)
+        kubectl("run", "native", f"--image={AGNHOST}", "--image-pull-policy=Never", "--", "pause")
+        kubectl("wait", "--for=condition=Ready", "pod/native", "--timeout=120s", timeout=150)
+        assert endpoints() == sorted([*before, "default/native"])
+        assert not marker.exists(), f"handed to the Python plugin: {marker.read_text()}"
+    finally:
+        real.replace(fallback)
+        marker.unlink(missing_ok=True)
+        kubectl("delete", "pod", "native", "--wait=true", "--timeout=60s", check=False, timeout=90)
+
+
 def test_agent_cli_in_its_pod(seen):
     res = kubectl("-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme", "status", "-o", "json",
                   check=False)

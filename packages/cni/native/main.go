@@ -12,7 +12,9 @@
 // never sent twice.
 //
 // Built by scripts/cni-build (from scripts/bootstrap) with the Python
-// plugin's path in main.fallback.
+// plugin's path in main.fallback; built by scripts/k8s-images into the agent's
+// image with main.fallback empty: the agent installs it on the node beside
+// the Python plugin's zipapp, axoneme-cni-python, which it then runs.
 package main
 
 import (
@@ -24,6 +26,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -33,8 +36,13 @@ import (
 )
 
 // The Python plugin (set with -ldflags "-X main.fallback=..."; the environment
-// variable AXONEME_CNI_FALLBACK overrides it).
+// variable AXONEME_CNI_FALLBACK overrides it). Empty: siblingFallback next to
+// this executable.
 var fallback = ""
+
+// The Python plugin's name beside this executable when main.fallback is empty
+// (axoneme.agent._cniinstall.PYTHON_PLUGIN).
+const siblingFallback = "axoneme-cni-python"
 
 const (
 	defaultSocket = "/var/run/axoneme/axoneme.sock" // axoneme.core.apiclient.DEFAULT_SOCKET
@@ -334,6 +342,13 @@ func handOver(stdin []byte) {
 	plugin := fallback
 	if p := os.Getenv("AXONEME_CNI_FALLBACK"); p != "" {
 		plugin = p // tests: prove which path answered
+	} else if plugin == "" {
+		self, err := os.Executable()
+		if err != nil {
+			fail(os.Getenv("CNI_COMMAND"), "1.1.0", &cniError{errIO, "cannot find the plugin",
+				err.Error()})
+		}
+		plugin = filepath.Join(filepath.Dir(self), siblingFallback)
 	}
 	err := syscall.Exec(plugin, []string{plugin}, os.Environ())
 	fail(os.Getenv("CNI_COMMAND"), "1.1.0", &cniError{errIO, "cannot run the plugin",

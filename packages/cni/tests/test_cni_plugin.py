@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from axoneme.cni.plugin import CNIError, parse_cni_args
-from axoneme.testing.cni import KINDS, plugin_executable
+from axoneme.testing.cni import KINDS, build_native_without_fallback, plugin_executable
 
 PLUGIN = str(Path(sys.executable).parent / "axoneme-cni")
 NETNS = "/proc/self/ns/net"  # exists everywhere; the fake agent never touches it
@@ -329,3 +329,35 @@ def test_native_answers_plain_add_and_del_and_hands_over_the_rest(
         assert json.loads(marker.read_text()) == config  # stdin given again, as it came
         assert len(fake_agent.requests) == n  # nothing sent before handing over
         marker.unlink()
+
+
+@pytest.mark.parametrize("plugin", ["native"], indirect=True)
+def test_native_without_a_compiled_in_fallback_runs_the_python_plugin_beside_it(
+        fake_agent: FakeAgent, plugin: str, tmp_path: Path) -> None:
+    """As the agent's image builds it (main.fallback empty) and installs it on a node: the
+    native plugin hands over to axoneme-cni-python in its own directory; AXONEME_CNI_FALLBACK
+    still overrides; a plain ADD is still answered without it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    native = build_native_without_fallback(str(Path(__file__).parents[1] / "native"),
+                                           str(bin_dir / "axoneme-cni"))
+    sibling, other = bin_dir / "axoneme-cni-python", tmp_path / "other-plugin"
+    for stand_in in (sibling, other):
+        stand_in.write_text(f"#!/bin/sh\ncat > {stand_in}.stdin\necho '{{\"by\": \"{stand_in.name}\"}}'\n")
+        stand_in.chmod(0o755)
+    config = conf(fake_agent.path)
+    _in_use[0] = native
+    code, out = run_plugin("VERSION", config)
+    assert (code, out) == (0, {"by": "axoneme-cni-python"})
+    assert json.loads(Path(f"{sibling}.stdin").read_text()) == config  # stdin handed over as it came
+    code, out = run_plugin("VERSION", config, {"AXONEME_CNI_FALLBACK": str(other)})
+    assert (code, out) == (0, {"by": "other-plugin"})
+    fake_agent.responses["/v1/cni/add"] = (200, {"ips": [{"address": "10.244.0.9/32"}]})
+    Path(f"{sibling}.stdin").unlink()
+    code, out = run_plugin("ADD", config, add_env())
+    assert code == 0 and out["ips"] == [{"address": "10.244.0.9/32"}]
+    assert fake_agent.requests[-1][0] == "/v1/cni/add" and not Path(f"{sibling}.stdin").exists()
+    # no plugin beside it: a CNI error naming the path, not a hang or a crash
+    sibling.unlink()
+    code, out = run_plugin("VERSION", config)
+    assert code == 1 and out["msg"] == "cannot run the plugin" and str(sibling) in out["details"]

@@ -7,7 +7,13 @@ point into the image. There the plugin is a self-contained zipapp (what
 ``python3 -m zipapp`` makes, shebang ``/usr/bin/env python3``) of
 ``axoneme.cni`` and the ``axoneme.core`` modules it imports, built at install
 time from the installed package files. Those must need the standard library
-only: the build checks every import and refuses anything else.
+only: the build checks every import and refuses anything else. When the
+installation has the native fast path (``axoneme-cni-native`` beside this
+interpreter: scripts/k8s-images builds it into the image, static, with no
+fallback path compiled in), that is installed as ``axoneme-cni`` and the
+zipapp beside it as ``axoneme-cni-python``, which the native plugin runs for
+everything it does not answer itself; without it the zipapp is
+``axoneme-cni``, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ BIN_DIR = "/opt/cni/bin"
 CONFLIST = "05-axoneme.conflist"
 NETWORK = "axoneme"
 PLUGIN = "axoneme-cni"
+PYTHON_PLUGIN = "axoneme-cni-python"  # the native plugin's fallback beside it (native/main.go)
+NATIVE = "axoneme-cni-native"
 PLUGIN_MODULE = "axoneme.cni.plugin"
 INTERPRETER = "/usr/bin/env python3"
 
@@ -51,8 +59,7 @@ def install_cni(config: AgentConfig, conf_dir: str | None = None,
     plugin = os.path.join(bin_dir, PLUGIN)
     # the plugin first: a runtime that sees the conflist must find it
     if config.k8s_mode and not config.cni_bin:
-        modules = build_zipapp(plugin)
-        what = f"zipapp of {len(modules)} modules"
+        what = install_k8s_plugin(bin_dir, native_plugin())
     else:
         target = cni_binary(config.cni_bin)
         _write_executable(plugin, f"#!/bin/sh\n# installed by axoneme agent run --install-cni\n"
@@ -61,6 +68,27 @@ def install_cni(config: AgentConfig, conf_dir: str | None = None,
     write_json_atomic(os.path.join(conf_dir, CONFLIST), conflist(config.api_socket))
     LOG.warning("installed CNI config %s and plugin %s (%s)", os.path.join(conf_dir, CONFLIST),
                 plugin, what)
+
+
+def native_plugin() -> str | None:
+    """The native fast path beside this interpreter, if this installation has it."""
+    here = os.path.join(os.path.dirname(sys.executable), NATIVE)
+    return here if os.access(here, os.X_OK) else None
+
+
+def install_k8s_plugin(bin_dir: str, native: str | None) -> str:
+    """Kubernetes mode: the plugin files in ``bin_dir``, each written atomically, the
+    fallback before the plugin that runs it; what was installed, for the log."""
+    plugin = os.path.join(bin_dir, PLUGIN)
+    if native is None:
+        modules = build_zipapp(plugin)
+        return f"zipapp of {len(modules)} modules; no native plugin ({NATIVE}) in this installation"
+    modules = build_zipapp(os.path.join(bin_dir, PYTHON_PLUGIN))
+    partial = plugin + ".tmp"
+    shutil.copyfile(native, partial)
+    os.chmod(partial, 0o755)
+    os.replace(partial, plugin)
+    return f"native {native}, its fallback {PYTHON_PLUGIN} a zipapp of {len(modules)} modules"
 
 
 def _write_executable(path: str, text: str) -> None:
