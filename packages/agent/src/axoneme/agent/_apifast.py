@@ -2,10 +2,11 @@
 
 A policy change through the API is the path a user waits on end to end
 (issue 17: applied at the API -> enforced in the kernel). Through aiohttp a
-request costs ~0.25 ms on the agent's loop before the handler runs (the
-protocol, the Request and its middleware chain, a task per request), more than
-the policy change itself. So the socket's protocol is ``FrontProtocol``: it
-reads the request head with llhttp (``httptools``) and
+request cost ~0.25 ms on the agent's loop before the handler ran (asyncio's
+accept task and transport, aiohttp's protocol, Request, middleware chain and
+task per request), more than the policy change itself. So the socket is the
+front's (``Front``): each accepted connection (``FrontConn``) is read with
+``loop.add_reader``, its request head parsed by llhttp (``httptools``), and
 
 1. a request for a hot route (``HOT_ROUTES``: the policy changes) with a plain
    body (a Content-Length, no Transfer-Encoding, no ``Expect``, a JSON or no
@@ -14,8 +15,9 @@ reads the request head with llhttp (``httptools``) and
    the same JSON; the answer carries ``Connection: close`` (the agent's
    clients make one connection per request);
 2. anything else (every other route, an unusual request, one llhttp refuses)
-   is handed to aiohttp untouched: its protocol takes over the connection and
-   is given every byte read so far, so every route keeps its contract.
+   is handed to aiohttp untouched: its protocol takes the connection
+   (``connect_accepted_socket``) and is given every byte read so far first,
+   so every route keeps its contract.
 
 A hot request is never cancelled when its client goes away (aiohttp's
 default too): a change that began is finished and recorded. ``FrontSite``
@@ -41,7 +43,7 @@ LOG = logging.getLogger(__name__)
 # JSON object (BadRequest otherwise; called at most once), the answer's
 # (status, JSON value).
 HotHandler = Callable[[Callable[[], Awaitable[dict[str, Any]]]], Awaitable[tuple[int, Any]]]
-# (status, JSON body) for an exception the API maps, None for a bug (500)
+# (status, JSON body) of a request that raised: (exception, method, path)
 ErrorReply = Callable[[BaseException, str, str], tuple[int, Any]]
 
 _JSON_TYPES = frozenset({b"", b"application/json", b"application/json; charset=utf-8",
