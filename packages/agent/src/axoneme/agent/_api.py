@@ -1,4 +1,4 @@
-"""The agent's REST/JSON API (aiohttp on a unix socket)."""
+"""The agent's REST/JSON API (aiohttp on a unix socket; the policy changes are also served by the lean front in ``_apifast``, with the same handlers)."""
 
 from __future__ import annotations
 
