@@ -3,7 +3,7 @@
 The agents (``scripts/cluster up --nodes 2``) run with ``identity_hash_bits: 3`` (a test knob:
 every label set's first-choice number is one of 256-263, so almost every new label set collides
 and probes through the API server's create-with-conflict-detection), and a short collector
-(``identity_gc_interval: 1``, ``identity_heartbeat_timeout: 2``), set in the ConfigMap.
+(``identity_gc_interval: 0.5``, ``identity_heartbeat_timeout: 1``), set in the ConfigMap.
 
 1. Cycles: pods are created and deleted (one create + one delete per cycle, 4 writers at once)
    on a Node object with no kubelet (``idn-ghost``; tests/bench/k8s_converge.py's way), over 40
@@ -14,7 +14,9 @@ and probes through the API server's create-with-conflict-detection), and a short
    every living label set to the number of its one CiliumIdentity, no number names two label
    sets (within a node, across nodes, against the objects), and the kernel's ipcache (bpftool
    on the node's pinned maps) maps every living pod's address to that number.
-2. ``kubectl rollout restart ds/axoneme``: every number (and object uid) is unchanged.
+2. Every agent pod deleted and replaced (not ``rollout restart``: the DaemonSet also has a pod on
+   the kubelet-less node, never ready, which would hold a rolling update): every number (and
+   object uid) is unchanged.
 3. The ghost Node deleted: on both nodes its pods' addresses leave the kernel's ipcache and their
    identities (used by nothing else) leave the API and both agents, each within 5 s.
 4. Node 2's agent container killed (SIGKILL through node 2's containerd) while pods probe a
@@ -54,9 +56,11 @@ GHOST, GHOST_NS, GHOST_CIDR = "idn-ghost", "idn", "10.244.200.0/24"
 NS = "idk"
 HASH_BITS = 3
 GROUPS, ALIVE = 40, 20
+GC_INTERVAL_S, HEARTBEAT_S = 0.5, 1
 CYCLES = int(os.environ.get("AXONEME_K8S_IDENTITY_CYCLES", "100"))
 AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
-FIGURES: dict[str, Any] = {"hash_bits": HASH_BITS, "groups": GROUPS, "cycles": CYCLES}
+FIGURES: dict[str, Any] = {"hash_bits": HASH_BITS, "groups": GROUPS, "cycles": CYCLES,
+                           "gc_interval_s": GC_INTERVAL_S, "heartbeat_timeout_s": HEARTBEAT_S}
 
 
 def _wait(pred: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
@@ -86,8 +90,8 @@ def idn(cluster_session: None) -> Any:
         cm = json.loads(cl.kubectl("-n", "kube-system", "get", "configmap", "axoneme-config",
                                    "-o", "json").stdout)
         conf = yaml.safe_load(cm["data"]["config.yaml"]) or {}
-        conf.update(identity_hash_bits=HASH_BITS, identity_gc_interval=1,
-                    identity_heartbeat_timeout=2)
+        conf.update(identity_hash_bits=HASH_BITS, identity_gc_interval=GC_INTERVAL_S,
+                    identity_heartbeat_timeout=HEARTBEAT_S)
         text = ("# test_k8s_multinode_identities.py: forced collisions, a short collector\n"
                 + yaml.safe_dump(conf, sort_keys=False))
         cl.kubectl("-n", "kube-system", "patch", "configmap", "axoneme-config", "--type", "merge",
@@ -214,6 +218,26 @@ def test_cycles_with_forced_collisions_give_one_number_per_label_set_everywhere(
     FIGURES["gc_node1"] = {k: gc[k] for k in ("marked", "deleted", "conflicts")}
 
 
+def _replace_agent_pods(cl: Cluster) -> None:
+    """Every real node's agent pod deleted and replaced. Not ``rollout restart``: the DaemonSet
+    tolerates every taint, so it has a pod on the kubelet-less node too, which never gets
+    ready and would hold a rolling update forever."""
+    old = {node: cl.agent_pod(node) for node in cl.node_names()}
+    cl.kubectl("-n", "kube-system", "delete", "pod", *old.values(), "--wait=true",
+               "--timeout=120s", timeout=150)
+
+    def replaced() -> bool:
+        for node, name in old.items():
+            try:
+                if cl.agent_pod(node) == name:
+                    return False
+            except AssertionError:  # none yet
+                return False
+        return _healthy(cl, list(old))
+
+    assert _wait(replaced, 180, 1), "the agent pods were not replaced and healthy within 180 s"
+
+
 def test_restarting_every_agent_changes_no_number(idn: Any) -> None:
     cl, ghosts = idn
     assert _wait(lambda: not _consistency(cl, ghosts), 60, 1), "\n".join(_consistency(cl, ghosts))
@@ -225,7 +249,7 @@ def test_restarting_every_agent_changes_no_number(idn: Any) -> None:
     assert len(kept) == len(living), (kept, living)
     before = {n: objects[n]["metadata"]["uid"] for n in kept}
     listed = {node: _listed(cl, node) for node in cl.node_names()}
-    _restart_agents(cl)
+    _replace_agent_pods(cl)
     assert _wait(lambda: not _consistency(cl, ghosts), 60, 1), "\n".join(_consistency(cl, ghosts))
     after = {n: o["metadata"]["uid"] for n, o in _objects(cl).items()}
     for n in kept:
