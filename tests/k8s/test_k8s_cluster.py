@@ -164,8 +164,8 @@ def test_containerd_runs_the_native_cni_plugin(seen):
     plugin, fallback = bin_dir / "axoneme-cni", bin_dir / "axoneme-cni-python"
     assert plugin.read_bytes()[:4] == b"\x7fELF", "axoneme-cni is not the native plugin"
     assert fallback.read_bytes().startswith(b"#!/usr/bin/env python3\n")
-    assert "installed CNI config" in kubectl("-n", "kube-system", "logs", "ds/axoneme").stderr + \
-        kubectl("-n", "kube-system", "logs", "ds/axoneme").stdout
+    logs = kubectl("-n", "kube-system", "logs", "ds/axoneme").stdout
+    assert "(native /opt/axoneme/bin/axoneme-cni-native, its fallback axoneme-cni-python" in logs
 
     def endpoints() -> list[str]:
         res = kubectl("-n", "kube-system", "exec", "ds/axoneme", "--", "axoneme", "endpoint", "list",
