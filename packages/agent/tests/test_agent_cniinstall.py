@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,28 @@ def test_native_plugin_is_the_one_beside_the_interpreter(
     assert _cniinstall.native_plugin() is None  # not executable: not a plugin
     native.chmod(0o755)
     assert _cniinstall.native_plugin() == str(native)
+
+
+def test_agents_sharing_one_bin_dir_install_together(native: str, tmp_path: Path) -> None:
+    """Several nodes' agents on one host (scripts/cluster --nodes N) share the bin directory:
+    installs at the same time each write their own temporary files; the result is whole."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    errors: list[BaseException] = []
+
+    def agent() -> None:
+        try:
+            for _ in range(3):
+                _cniinstall.install_k8s_plugin(str(bin_dir), native)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=agent) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(os.listdir(bin_dir)) == ["axoneme-cni", "axoneme-cni-python"]
+    assert (bin_dir / "axoneme-cni").read_bytes() == Path(native).read_bytes()
+    assert version(bin_dir / "axoneme-cni").returncode == 0

@@ -19,6 +19,7 @@ everything it does not answer itself; without it the zipapp is
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import logging
 import os
@@ -84,19 +85,33 @@ def install_k8s_plugin(bin_dir: str, native: str | None) -> str:
         modules = build_zipapp(plugin)
         return f"zipapp of {len(modules)} modules; no native plugin ({NATIVE}) in this installation"
     modules = build_zipapp(os.path.join(bin_dir, PYTHON_PLUGIN))
-    partial = plugin + ".tmp"
-    shutil.copyfile(native, partial)
-    os.chmod(partial, 0o755)
-    os.replace(partial, plugin)
+    _install_file(native, plugin)
     return f"native {native}, its fallback {PYTHON_PLUGIN} a zipapp of {len(modules)} modules"
 
 
+def _install_file(src: str, dest: str) -> None:
+    with open(src, "rb") as f:
+        _install_bytes(f.read(), dest)
+
+
 def _write_executable(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    _install_bytes(text.encode(), path)
+
+
+def _install_bytes(data: bytes, dest: str) -> None:
+    """``data`` as ``dest`` (mode 0755), written under a temporary name of its own and renamed:
+    a runtime never runs a partial file, and agents of several nodes sharing one host directory
+    (scripts/cluster --nodes N) never write into each other's copy."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # -- the zipapp -------------------------------------------------------------------------------
@@ -177,8 +192,5 @@ def build_zipapp(target: str) -> list[str]:
         out = os.path.join(tmp, "plugin.pyz")
         zipapp.create_archive(src, out, interpreter=INTERPRETER)
         os.chmod(out, 0o755)
-        partial = target + ".tmp"
-        shutil.copyfile(out, partial)
-        os.chmod(partial, 0o755)
-        os.replace(partial, target)
+        _install_file(out, target)
     return sorted(modules)
