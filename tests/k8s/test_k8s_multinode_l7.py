@@ -10,7 +10,9 @@ identity). L7: tiefighter's ``POST /v1/request-landing`` lands, ``PUT /v1/exhaus
 gets node 2's proxy's 403 "Access denied" (the redirect is decided at node 2's device,
 before routing), xwing is still dropped.
 
-``AXONEME_K8S_MULTINODE_ROUTING=native`` (or ``tunnel``) runs one mode only.
+``AXONEME_K8S_MULTINODE_ROUTING=native`` (or ``tunnel``) runs one mode only. Time
+(2026-12-05, 2 cores): tunnel, this module and test_k8s_multinode.py in one run, `up --nodes
+2` and `down` included: 309 s.
 """
 
 from __future__ import annotations
