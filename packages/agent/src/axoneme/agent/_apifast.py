@@ -194,24 +194,24 @@ class FrontConn:
             return data
 
         try:
-            status, value = await handler(read)
-        except Exception as e:
-            status, value = self.front.error_reply(e, method, path)
-        try:
-            payload = json.dumps(value, default=str).encode()
-        except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
-            LOG.exception("%s %s: answer not JSON", method, path)
-            status, payload = 500, json.dumps({"error": f"internal error: {e}"}).encode()
-        version = self.parser.get_http_version()
-        head = (f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
-                f"Content-Type: application/json; charset=utf-8\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
-        try:
+            try:
+                status, value = await handler(read)
+            except Exception as e:
+                status, value = self.front.error_reply(e, method, path)
+            try:
+                payload = json.dumps(value, default=str).encode()
+            except Exception as e:  # pragma: no cover - a bug, but the API keeps serving
+                LOG.exception("%s %s: answer not JSON", method, path)
+                status, payload = 500, json.dumps({"error": f"internal error: {e}"}).encode()
+            version = self.parser.get_http_version()
+            head = (f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
+                    f"Content-Type: application/json; charset=utf-8\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
             await self.front.loop.sock_sendall(self.sock, head + payload)
         except OSError:
             pass  # the client went away; the change itself was done
         finally:
-            self.close()
+            self.close()  # also when cancelled (the agent stopping)
 
 
 class Front:
