@@ -36,8 +36,10 @@ class FakePolicies:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.delay = 0.0
 
     async def apply(self, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        await asyncio.sleep(self.delay)
         pols = [parse_policy_obj(d.get("obj"), str(d.get("file", "<api>"))) for d in docs]
         self.calls.append(("apply", [p.ref.name for p in pols]))
         return {"revision": 7, "applied": [p.ref.name for p in pols], "errors": {}}
@@ -236,3 +238,24 @@ def test_curl_big_body(served: Served, tmp_path: Path) -> None:
                           "http://localhost/v1/policies"], capture_output=True, text=True,
                          timeout=30, env={**os.environ, "NO_PROXY": "*"})
     assert json.loads(out.stdout)["applied"] == ["web"], out
+
+
+def test_a_change_in_flight_is_finished_and_answered_when_the_agent_stops(tmp_path: Path) -> None:
+    """The agent stopping (the runner's cleanup) waits for a hot change that began."""
+    body = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode()
+    with serve(str(tmp_path / "stop.sock")) as s:
+        s.policies.delay = 0.5
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(s.path)
+        conn.sendall(_request("POST", "/v1/policies", body))
+        import time
+
+        time.sleep(0.1)  # the change has begun; leaving the block stops the server
+    out = b""
+    while chunk := conn.recv(65536):
+        out += chunk
+    conn.close()
+    status, _, value = _answer(out)
+    assert status == 200 and value["applied"] == ["web"]
+    assert s.policies.calls == [("apply", ["web"])]
