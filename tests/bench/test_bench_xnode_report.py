@@ -36,6 +36,9 @@ def _results() -> Any:
     # not counted: a leak must not move the medians
     res.trials.append(S.Trial("XNODE", "ebpf/native", 10_000, 3, metrics={
         "udp_rr": 1.0, "tcp_rr": 1.0, "flood_pps": 1.0}, enforced=False, proof="rc=0/0/0"))
+    # the device condition ran in repetition 1 only: compared with eBPF's repetition 1
+    res.trials.append(S.Trial("XNODE", "ebpf-devices/native", 10_000, 1, metrics={
+        "udp_rr": 8_100, "tcp_rr": 8_100, "flood_pps": 16_200}, enforced=True))
     res.extra["xnode_plan"] = {"reps": 3, "seconds": 2.0, "sizes": [10_000],
                                "modes": ["native"]}
     return res
@@ -50,7 +53,7 @@ def test_xnode_tables_and_ratios() -> None:
     assert "| eBPF | 10,000 | 18,000 (16,200–19,800) |" in text
     assert "| 500.0 ms | – | 3/4 |" in text  # the leak ran, did not count; no CPU figure
     # eBPF / no policy 0.90; eBPF / plain 12.00; eBPF / ipset 200.00; plain / none 0.07
-    assert "| 10,000 | UDP RR (tps) | 0.90 | 12.00 | 200.00 | 0.07 | 0.00 |" in text
+    assert "| 10,000 | UDP RR (tps) | 0.90 | 12.00 | 200.00 | 0.07 | 0.00 | 0.50 |" in text
     rows = X.targets(R, r)
     assert [(row[1], row[2]) for row in rows] == [("12.00x", "met"), ("12.00x", "met"),
                                                   ("12.00x", "met")]
