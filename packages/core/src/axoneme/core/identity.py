@@ -332,7 +332,7 @@ class IdentityAllocator:
         ident = Identity(number, Labels([Label(SOURCE_CIDR, text), _WORLD_LABEL]), net)
         self._cidr[net] = ident
         self._by_id[number] = ident
-        strings = [f"{SOURCE_CIDR}:{text}", f"{SOURCE_RESERVED}:world"]
+        strings = [f"{SOURCE_CIDR}:{text}", _WORLD_STRING]  # one world string for all
         self._by_labels[tuple(strings)] = ident
         if self._snap is not None:
             self._snap[number] = strings

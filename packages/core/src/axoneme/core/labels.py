@@ -75,6 +75,9 @@ class Label:
         return cls(source, key, value)
 
 
+_RESERVED_KEYS: dict[str, str] = {}  # reserved label name -> its "reserved:<name>" key
+
+
 class Labels(Mapping[str, Label]):
     """An immutable set of labels keyed by ``source:key`` (one value per key)."""
 
@@ -83,7 +86,15 @@ class Labels(Mapping[str, Label]):
     def __init__(self, labels: Iterable[Label] = ()) -> None:
         self._by_key: dict[str, Label] = {}
         for label in labels:
-            self._by_key[f"{label.source}:{label.key}"] = label
+            if label.source == SOURCE_RESERVED:  # a few names, in every CIDR identity: one string each
+                key = _RESERVED_KEYS.get(label.key)
+                if key is None:
+                    key = f"{SOURCE_RESERVED}:{label.key}"
+                    if len(_RESERVED_KEYS) < 64:  # bounded: any text can claim the source
+                        _RESERVED_KEYS[label.key] = key
+            else:
+                key = f"{label.source}:{label.key}"
+            self._by_key[key] = label
         self._hash: int | None = None
 
     @classmethod
