@@ -52,7 +52,7 @@ from .conftest import Cluster, cluster_down, cluster_up
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
 
 NODE1, NODE2 = "axoneme-node", "axoneme-node2"
-GHOST, GHOST_NS, GHOST_CIDR = "idn-ghost", "idn", "10.244.200.0/24"
+GHOST, GHOST_NS, GHOST_CIDR = "idn-ghost", "idn", "10.244.192.0/20"  # 4,094 addresses
 NS = "idk"
 HASH_BITS = 3
 GROUPS, ALIVE = 40, 20
