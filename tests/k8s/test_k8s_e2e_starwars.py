@@ -31,19 +31,24 @@ def _curl(cl: Cluster, ship: str, method: str, url: str) -> tuple[int, str]:
     return res.returncode, res.stdout.strip()
 
 
+def deploy(cl: Cluster, app: str) -> str:
+    """Apply the app's manifests; deathstar's URL once every pod is ready."""
+    cl.kubectl("-n", NS, "apply", "-f", "-", input=app)
+    cl.kubectl("-n", NS, "rollout", "status", "deploy/deathstar", "--timeout=180s", timeout=200)
+    cl.kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/tiefighter", "pod/xwing",
+               "--timeout=180s", timeout=200)
+    ip = cl.kubectl("-n", NS, "get", "pods", "-l", "org=empire,class=deathstar", "-o",
+                    "jsonpath={.items[0].status.podIP}").stdout
+    assert ip.startswith("10.244."), f"deathstar has no pod IP: {ip!r}"
+    return f"http://{ip}"
+
+
 @pytest.fixture(params=["ebpf", "iptables"])
 def starwars(request, cluster_session):
     cl = cluster_up(request.param)
     app = (MANIFESTS / "sw-app.yaml").read_text()
-    cl.kubectl("-n", NS, "apply", "-f", "-", input=app)
     try:
-        cl.kubectl("-n", NS, "rollout", "status", "deploy/deathstar", "--timeout=180s", timeout=200)
-        cl.kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/tiefighter", "pod/xwing",
-                   "--timeout=180s", timeout=200)
-        ip = cl.kubectl("-n", NS, "get", "pods", "-l", "org=empire,class=deathstar", "-o",
-                        "jsonpath={.items[0].status.podIP}").stdout
-        assert ip.startswith("10.244."), f"deathstar has no pod IP: {ip!r}"
-        yield cl, f"http://{ip}"
+        yield cl, deploy(cl, app)
     finally:
         cl.kubectl("-n", NS, "delete", "cnp", "rule1", "--ignore-not-found", check=False)
         cl.kubectl("-n", NS, "delete", "-f", "-", "--wait=true", "--timeout=120s", input=app,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,12 +26,10 @@ import yaml
 from _testnet import poll
 
 from .conftest import Cluster, cluster_up
+from .test_k8s_e2e_starwars import MANIFESTS, NS, POLICIES, _curl, deploy
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
 
-MANIFESTS = Path(__file__).parent / "manifests"
-POLICIES = Path(__file__).resolve().parents[2] / "examples" / "starwars"
-NS = "default"
 NODE1, NODE2 = "axoneme-node", "axoneme-node2"
 ROUTING = [m for m in ("tunnel", "native")
            if os.environ.get("AXONEME_K8S_MULTINODE_ROUTING", m) == m]
@@ -48,29 +45,16 @@ def _placed(docs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(docs)
 
 
-def _curl(cl: Cluster, ship: str, method: str, url: str) -> tuple[int, str]:
-    """(curl's exit code, body + HTTP code) of one request from ``ship``."""
-    res = cl.exec(NS, ship, "curl", "-s", "--connect-timeout", "2", "--max-time", "5",
-                  "-w", "\n%{http_code}", "-X", method, url, timeout=30)
-    return res.returncode, res.stdout.strip()
-
-
 @pytest.fixture(scope="module", params=ROUTING)
 def starwars(request: pytest.FixtureRequest, cluster_session: None) -> Any:
     cl = cluster_up("ebpf", nodes=2, routing=request.param)
     app = _placed(list(yaml.safe_load_all((MANIFESTS / "sw-app.yaml").read_text())))
-    cl.kubectl("-n", NS, "apply", "-f", "-", input=app)
     try:
-        cl.kubectl("-n", NS, "rollout", "status", "deploy/deathstar", "--timeout=180s", timeout=200)
-        cl.kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/tiefighter", "pod/xwing",
-                   "--timeout=180s", timeout=200)
+        url = deploy(cl, app)
         pods = json.loads(cl.kubectl("-n", NS, "get", "pods", "-o", "json").stdout)["items"]
         where = {p["metadata"]["name"].split("-")[0]: p["spec"]["nodeName"] for p in pods}
         assert (where["deathstar"], where["tiefighter"], where["xwing"]) == (NODE2, NODE1, NODE1)
-        ip = cl.kubectl("-n", NS, "get", "pods", "-l", "org=empire,class=deathstar", "-o",
-                        "jsonpath={.items[0].status.podIP}").stdout
-        assert ip.startswith("10.244."), f"deathstar has no pod IP: {ip!r}"
-        yield cl, f"http://{ip}"
+        yield cl, url
     finally:
         cl.kubectl("-n", NS, "delete", "cnp", "rule1", "--ignore-not-found", check=False)
         cl.kubectl("-n", NS, "delete", "-f", "-", "--wait=true", "--timeout=120s", input=app,
