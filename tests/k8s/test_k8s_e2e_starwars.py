@@ -43,6 +43,19 @@ def deploy(cl: Cluster, app: str) -> str:
     return f"http://{ip}"
 
 
+def land_then_l3_l4(cl: Cluster, landing: str) -> None:
+    """No policy: every ship lands; then rule1 (L3/L4): only the empire lands,
+    xwing's SYN is dropped (curl's exit 28)."""
+    for ship in ("tiefighter", "xwing"):
+        rc, out = _curl(cl, ship, "POST", landing)
+        assert rc == 0 and out.startswith("Ship landed"), (ship, rc, out)
+    cl.kubectl("-n", NS, "apply", "-f", str(POLICIES / "sw_l3_l4_policy.yaml"))
+    assert poll(lambda: _curl(cl, "xwing", "POST", landing)[0] == 28, timeout=15, interval=0.3), \
+        "xwing still reaches deathstar under rule1 (L3/L4)"
+    rc, out = _curl(cl, "tiefighter", "POST", landing)
+    assert rc == 0 and out.startswith("Ship landed"), (rc, out)
+
+
 @pytest.fixture(params=["ebpf", "iptables"])
 def starwars(request, cluster_session):
     cl = cluster_up(request.param)
@@ -59,17 +72,7 @@ def test_starwars_l3_l4_then_l7(starwars):
     cl, deathstar = starwars
     landing, exhaust = f"{deathstar}/v1/request-landing", f"{deathstar}/v1/exhaust-port"
 
-    # no policy: every ship lands
-    for ship in ("tiefighter", "xwing"):
-        rc, out = _curl(cl, ship, "POST", landing)
-        assert rc == 0 and out.startswith("Ship landed"), (ship, rc, out)
-
-    # L3/L4: only the empire lands; xwing's SYN is dropped
-    cl.kubectl("-n", NS, "apply", "-f", str(POLICIES / "sw_l3_l4_policy.yaml"))
-    assert poll(lambda: _curl(cl, "xwing", "POST", landing)[0] == 28, timeout=15, interval=0.3), \
-        "xwing still reaches deathstar under rule1 (L3/L4)"
-    rc, out = _curl(cl, "tiefighter", "POST", landing)
-    assert rc == 0 and out.startswith("Ship landed"), (rc, out)
+    land_then_l3_l4(cl, landing)
     rc, out = _curl(cl, "tiefighter", "PUT", exhaust)
     assert rc == 0 and "Panic: deathstar exploded" in out, (rc, out)  # L3/L4 lets the PUT in
 

@@ -26,7 +26,7 @@ import yaml
 from _testnet import poll
 
 from .conftest import Cluster, cluster_up
-from .test_k8s_e2e_starwars import MANIFESTS, NS, POLICIES, _curl, deploy
+from .test_k8s_e2e_starwars import MANIFESTS, NS, POLICIES, _curl, deploy, land_then_l3_l4
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
 
@@ -70,15 +70,7 @@ def test_starwars_across_nodes_l3_l4_then_l7(starwars: tuple[Cluster, str]) -> N
     if cl.routing == "tunnel":  # node 2's tunnel device carries identities (collect_md)
         assert "axon_vxlan" in routing["node_devices"], routing
 
-    for ship in ("tiefighter", "xwing"):  # no policy: every ship lands, across the nodes
-        rc, out = _curl(cl, ship, "POST", landing)
-        assert rc == 0 and out.startswith("Ship landed"), (ship, rc, out)
-
-    cl.kubectl("-n", NS, "apply", "-f", str(POLICIES / "sw_l3_l4_policy.yaml"))
-    assert poll(lambda: _curl(cl, "xwing", "POST", landing)[0] == 28, timeout=15, interval=0.3), \
-        "xwing still reaches deathstar under rule1 (L3/L4)"
-    rc, out = _curl(cl, "tiefighter", "POST", landing)
-    assert rc == 0 and out.startswith("Ship landed"), (rc, out)
+    land_then_l3_l4(cl, landing)  # every request crosses the nodes
 
     # node 2 dropped xwing, knowing it by the identity node 1 gave it
     xwing_ip = cl.pod_ip(NS, "xwing")
