@@ -355,7 +355,10 @@ def test_killed_agent_keeps_enforcement_and_allowed_traffic(pods: Any) -> None:
 
         came_back = _wait(back, 180, 1)
         FIGURES["agent_kill_back_s"] = round(time.monotonic() - t0, 1)
-        time.sleep(3)  # and a few probes with the new agent in charge
+        # a few probes with the new agent in charge, and at least 10 per client since the kill
+        # (a denied probe takes its 1 s timeout)
+        time.sleep(3)
+        _wait(lambda: all(len(p.verdicts) >= before[c] + 10 for c, p in probers.items()), 40, 0.5)
     finally:
         seen = {c: p.stop() for c, p in probers.items()}
     assert came_back, "node 2's agent did not come back within 180 s"
