@@ -11,8 +11,8 @@ gets node 2's proxy's 403 "Access denied" (the redirect is decided at node 2's d
 before routing), xwing is still dropped.
 
 ``AXONEME_K8S_MULTINODE_ROUTING=native`` (or ``tunnel``) runs one mode only. Time
-(2026-12-05, 2 cores): tunnel, this module and test_k8s_multinode.py in one run, `up --nodes
-2` and `down` included: 309 s.
+(2026-12-05, 2 cores), this module and test_k8s_multinode.py in one run, `up --nodes 2` and
+`down` included: tunnel 309 s, native 90 s (all passed).
 """
 
 from __future__ import annotations
