@@ -60,24 +60,25 @@ def _ctr_bin() -> str:
     return str(Path(bindir) / "ctr")
 
 
-def ctr(cl: Cluster, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+def ctr(cl: Cluster, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``ctr -n k8s.io ARGS`` against ``node``'s containerd (its socket is a file under
     .cluster/, reachable from here as scripts/cluster's own health check does)."""
     k = _node_k(node)
     sock = cl.dir / ("containerd" if k == 1 else f"nodes/node{k}/containerd") / "containerd.sock"
     res = subprocess.run([_ctr_bin(), "--address", str(sock), "-n", "k8s.io", *args],
                          capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
+    if check and res.returncode != 0:
         raise AssertionError(f"ctr {' '.join(args)} on {node}: {(res.stderr or res.stdout)[-500:]}")
     return res
 
 
 def agent_container(cl: Cluster, node: str) -> tuple[str, int]:
-    """The agent pod's container on ``node``: (containerd id, restart count)."""
+    """The agent pod's container on ``node``: (containerd id, "" while there is none; restart
+    count)."""
     pod = json.loads(cl.kubectl("-n", "kube-system", "get", "pod", cl.agent_pod(node),
                                 "-o", "json").stdout)
-    status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == "agent")
-    return status["containerID"].split("://", 1)[1], int(status["restartCount"])
+    status = next(s for s in pod["status"].get("containerStatuses") or [] if s["name"] == "agent")
+    return (status.get("containerID") or "").partition("://")[2], int(status["restartCount"])
 
 
 class GhostPods:
