@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 from axoneme.testing.netns import add_netns, del_netns
+from axoneme.testing.twonodes import TCP_PROBE
 
 from .conftest import Cluster, cluster_up
 
@@ -63,8 +64,6 @@ POLICY = textwrap.dedent(f"""\
                             {{port: "{KUBELET_PORT}", protocol: TCP}}]}}]
     """)
 
-_PROBE = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1],int(sys.argv[2])),"
-          "timeout=1.5).close(); print('open')\nexcept OSError as e: print('closed', e)\n")
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -75,7 +74,7 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _outside_probe(port: int) -> bool:
-    out = _sh("ip", "netns", "exec", OUT_NETNS, "python3", "-c", _PROBE, NODE_OUT_IP, str(port),
+    out = _sh("ip", "netns", "exec", OUT_NETNS, "python3", "-c", TCP_PROBE, NODE_OUT_IP, str(port),
               check=False).stdout
     return out.startswith("open")
 
