@@ -89,7 +89,3 @@ def settled(cl: Cluster, pods: dict[str, dict[str, Any]], want: Table, port: int
             return []
         time.sleep(1.0)
     return diff
-
-
-def wait_policies_gone(cl: Cluster, work: Path) -> None:
-    cl.kubectl("delete", "-f", str(work / "policies.json"), "--wait=true", check=False)
