@@ -133,18 +133,27 @@ _CLEAR_POINT = """(id) => {
 
 
 def _click_edge(page: Any, edge: str, title: str) -> None:
-    """A real mouse click on the edge in the canvas, until its flows are shown (a map that
-    was laid out again between finding the point and the click took the click elsewhere)."""
-    box = page.get_by_test_id("service-map").bounding_box()
-    for _ in range(5):
+    """A real mouse click on the edge in the canvas, until its flows are shown. The map's
+    box and the edge's point are taken afresh for every try (a map laid out again, or an
+    error line above it, moves both), and a try waits for the panel to render (slow under
+    load) before clicking again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    shown = page.get_by_test_id("edge-title")
+    for _ in range(8):
+        box = page.get_by_test_id("service-map").bounding_box()
         point = page.evaluate(_CLEAR_POINT, edge)
-        assert point is not None, edge
+        assert point is not None and box is not None, edge
         page.mouse.click(box["x"] + point["x"], box["y"] + point["y"])
-        shown = page.get_by_test_id("edge-title")
-        if shown.count() and shown.inner_text() == title:
+        try:
+            page.wait_for_function(
+                "(t) => { const h = document.querySelector('[data-testid=edge-title]');"
+                " return h && h.innerText === t; }", arg=title, timeout=3_000)
             return
-        page.wait_for_timeout(500)
-    raise AssertionError(f"a click on {edge} did not show {title!r}")
+        except PlaywrightTimeout:  # try again from a fresh point
+            pass
+    got = shown.inner_text() if shown.count() else None
+    raise AssertionError(f"a click on {edge} did not show {title!r} (the panel shows {got!r})")
 
 
 def test_ui_seed_scenario_in_chromium(agent_factory: Any, datapath_probe: Any, ui_server: Any,
