@@ -165,6 +165,9 @@ class Agent:
             self.k8s.listen("pods", self.remote_pods.on_pods)
             self.k8s.listen("namespaces", self.remote_pods.on_namespaces)
             self.k8s.listen("nodes", self.remote_pods.on_nodes)
+            if self.crd_identities is not None and self.crd_identities.node_gc is not None:
+                # after RemotePods dropped the Node's pods (and their references)
+                self.k8s.listen("nodes", self.crd_identities.node_gc.on_nodes)
             if self.crd_identities is not None:  # a lower duplicate: their pods move too
                 self.crd_identities.renumber_hooks.append(self.remote_pods.renumbered)
             self.routing = RoutingService(config.routing_mode, self.k8s.node,

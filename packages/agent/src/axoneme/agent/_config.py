@@ -89,6 +89,9 @@ class AgentConfig:
     identity_allocation_mode: str = "crd"
     identity_gc_interval: float = 60.0
     identity_heartbeat_timeout: float = 900.0
+    # a Node's delete: the identities only its pods held are deleted after this
+    # grace instead (_identitynodegc; 0: they wait for the collector's timeout)
+    identity_node_gc_grace: float = 2.0
     # test knob: the first-choice number is this many bits of the label hash
     # (16: the whole 256-65535 space); fewer force collisions (issue 20's tests)
     identity_hash_bits: int = 16

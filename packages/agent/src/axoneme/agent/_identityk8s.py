@@ -81,6 +81,7 @@ from axoneme.agent._identitycrd import (
     object_labels,
     object_number,
 )
+from axoneme.agent._identitynodegc import NodeDeleteGC
 from axoneme.agent._k8sinformer import Event, Obj, short_error
 from axoneme.core.errors import IdentityError
 from axoneme.core.failpoints import failpoint
@@ -211,17 +212,27 @@ class IdentityGC:
         self.last_error = ""
         self._lock = threading.Lock()  # one pass at a time
 
-    def plan(self) -> list[tuple[str, int, Obj]]:
-        """What one pass does: ("mark" | "unmark" | "delete", number, object judged)."""
+    def user(self) -> Callable[[int, Obj], bool]:
+        """Whether an identity is used, judged from the caches as they are now
+        (this node's references, the cluster's pods): the module docstring's rule."""
         refs = self.allocator.references()
         pods = self.used_labels()
+
+        def used(number: int, obj: Obj) -> bool:
+            if number in refs:
+                return True
+            labels = tuple(object_labels(obj))
+            canonical = self.allocator.lookup(Labels.from_strings(labels))
+            return labels in pods and canonical is not None and canonical.id == number
+        return used
+
+    def plan(self) -> list[tuple[str, int, Obj]]:
+        """What one pass does: ("mark" | "unmark" | "delete", number, object judged)."""
+        is_used = self.user()
         now = self.clock()
         out = []
         for number, obj in sorted(dict(self.store.objects).items()):  # a copy: threads write it
-            labels = tuple(object_labels(obj))
-            canonical = self.allocator.lookup(Labels.from_strings(labels))
-            used = number in refs or (labels in pods and canonical is not None
-                                      and canonical.id == number)
+            used = is_used(number, obj)
             mark = marked_at(obj)
             if used and mark is not None:
                 out.append(("unmark", number, obj))
@@ -235,20 +246,23 @@ class IdentityGC:
         """One pass: judge, then write."""
         self.execute(self.plan())
 
-    def execute(self, plan: Sequence[tuple[str, int, Obj]]) -> None:
-        """The writes of a pass (a worker thread: API calls)."""
+    def execute(self, plan: Sequence[tuple[str, int, Obj]], why: str = "") -> None:
+        """The writes of a pass (a worker thread: API calls). ``why``: a targeted
+        pass's reason (``_identitynodegc``), for the log; it is not counted in runs."""
         with self._lock:
             api = self.store.api
             if api is None:
                 return
-            self.runs += 1
+            if not why:
+                self.runs += 1
             for action, number, obj in plan:
                 rv, uid = meta_field(obj, "resourceVersion"), meta_field(obj, "uid")
                 try:
                     if action == "delete":
                         api.delete(number, uid, rv)
                         self.deleted += 1
-                        LOG.info("identity %d: unused for %gs: deleted", number, self.timeout)
+                        LOG.info("identity %d: unused %s: deleted", number,
+                                 why or f"for {self.timeout:g}s")
                     else:
                         stamp = (datetime.fromtimestamp(self.clock(), UTC)
                                  .isoformat().replace("+00:00", "Z"))
@@ -256,7 +270,8 @@ class IdentityGC:
                         self.store.objects[number] = updated
                         if action == "mark":
                             self.marked += 1
-                            LOG.info("identity %d: unused: marked for deletion", number)
+                            LOG.info("identity %d: unused%s: marked for deletion", number,
+                                     f" {why}" if why else "")
                         else:
                             self.unmarked += 1
                 except Exception as e:
@@ -296,6 +311,8 @@ class CRDIdentities:
         self.store = CRDIdentityStore()
         self.sync: IdentitySync | None = None
         self.gc: IdentityGC | None = None
+        # a Node's delete: its pods' identities within seconds (a nodes listener, _agent)
+        self.node_gc: NodeDeleteGC | None = None
         # more holders of identities to move to a lower duplicate (other nodes' pods)
         self.renumber_hooks: list[Callable[[set[int]], Awaitable[None]]] = []
 
@@ -335,24 +352,32 @@ class CRDIdentities:
         self.gc = IdentityGC(self.store, allocator, used_labels,
                              float(config.identity_gc_interval),
                              float(config.identity_heartbeat_timeout))
+        self.node_gc = NodeDeleteGC(
+            self.gc, lambda nodes: pod_label_sets(source, config.cluster_name, on=nodes),
+            float(getattr(config, "identity_node_gc_grace", 2.0)))
         source.extra_informers["identities"] = (lister, self.sync.on_events)
 
     def view(self) -> dict[str, Any]:
         out = self.store.view()
         if self.gc is not None:
             out["gc"] = self.gc.view()
+        if self.node_gc is not None:
+            out["node_gc"] = self.node_gc.view()
         return out
 
     def faults(self) -> list[str]:
         return self.sync.faults() if self.sync is not None else []
 
 
-def pod_label_sets(source: Any, cluster_name: str) -> set[tuple[str, ...]]:
+def pod_label_sets(source: Any, cluster_name: str,
+                   on: set[str] | None = None) -> set[tuple[str, ...]]:
     """The identity label sets of the cluster's pods (``KubernetesSource``'s
     cache; host-network pods have none). A pod bound to a Node the API no
     longer has does not count: its node is gone (the pod garbage collector
     deletes such pods 40 s or more later), so the identities only its pods
-    held are collected a heartbeat timeout after the Node's delete."""
+    held are unused at once (``_identitynodegc`` collects them then).
+    ``on``: instead, the label sets of the pods bound to these nodes, gone or
+    not (what a Node's delete may leave unused)."""
     from axoneme.core.cluster import Namespace, namespace_labels, pod_identity_labels
 
     out = set()
@@ -360,7 +385,10 @@ def pod_label_sets(source: Any, cluster_name: str) -> set[tuple[str, ...]]:
     for meta in list(source.pods.values()):
         if meta.host_network:
             continue
-        if meta.node and nodes is not None and meta.node not in nodes:
+        if on is not None:
+            if meta.node not in on:
+                continue
+        elif meta.node and nodes is not None and meta.node not in nodes:
             continue
         name = meta.pod.namespace
         # as EndpointService.namespace_obj: a namespace not cached yet has its name label

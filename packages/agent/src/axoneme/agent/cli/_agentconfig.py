@@ -28,7 +28,7 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "identity_allocation_mode", "identity_gc_interval", "identity_heartbeat_timeout",
-                "identity_hash_bits",
+                "identity_node_gc_grace", "identity_hash_bits",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files",
@@ -167,13 +167,13 @@ def build_agent_config(args: argparse.Namespace) -> Any:
 
 def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
     """identity_allocation_mode, identity_gc_interval, identity_heartbeat_timeout,
-    identity_hash_bits
+    identity_node_gc_grace, identity_hash_bits
     (config keys only: ConfigError naming the key and the file, exit 2)."""
     where = f" ({path})" if path else ""
     if cfg.identity_allocation_mode not in ("crd", "local"):
         raise ConfigError(f"config key identity_allocation_mode: expected crd or local, got "
                           f"{yamlsafe.excerpt(repr(cfg.identity_allocation_mode))}{where}")
-    for key in ("identity_gc_interval", "identity_heartbeat_timeout"):
+    for key in ("identity_gc_interval", "identity_heartbeat_timeout", "identity_node_gc_grace"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key {key}: expected 0 or more seconds, got "
                               f"{getattr(cfg, key)!r}{where}")
