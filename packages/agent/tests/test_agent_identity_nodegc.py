@@ -377,3 +377,14 @@ def test_the_grace_is_a_config_key_and_the_pass_a_nodes_listener_after_remote_po
         build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
     assert "config key identity_node_gc_grace: expected 0 or more seconds" in str(e.value)
     assert str(conf) in str(e.value)
+
+
+def test_the_periodic_collector_jitters_its_interval():
+    """Two agents must not stay in step (each writing what the other just wrote)."""
+    from axoneme.agent._identityk8s import JITTER
+
+    api, _cluster, (a,) = _setup(("a",))
+    gc = IdentityGC(a.node.store, a.node.alloc, set, interval=10, timeout=900)
+    pauses = [gc.pause() for _ in range(200)]
+    assert all(10 * (1 - JITTER) <= p <= 10 * (1 + JITTER) for p in pauses)
+    assert max(pauses) - min(pauses) > 2 and 9 < sum(pauses) / len(pauses) < 11

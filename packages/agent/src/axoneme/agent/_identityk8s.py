@@ -41,7 +41,8 @@ with the object's resourceVersion as precondition; an agent that starts
 using a marked identity removes the mark, which changes the resourceVersion
 and so fails the operator's delete. axoneme has no operator: every agent
 runs the same collector from its own caches, every ``identity_gc_interval``
-seconds (0: off):
+seconds give or take a quarter (jitter, so that two agents do not stay in
+step, each writing what the other has just written) (0: off):
 
 - an identity is used when this node's endpoints hold it, or when a pod of
   the cluster (the pods informer: every pod, every node) has exactly its
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -96,6 +98,8 @@ from axoneme.core.labels import Labels
 LOG = logging.getLogger(__name__)
 
 __all__ = ["CRDIdentities", "IdentityGC", "IdentitySync", "pod_label_sets"]
+
+JITTER = 0.25  # of identity_gc_interval, either way (IdentityGC.pause)
 
 
 class IdentitySync:
@@ -281,11 +285,18 @@ class IdentityGC:
                     self.last_error = f"{action} {number}: {short_error(e)}"
                     LOG.warning("identity gc: %s", self.last_error)
 
+    def pause(self) -> float:
+        """Seconds to the next pass: the interval, give or take ``JITTER`` of it.
+        With a fixed interval two agents keep the phase they started with: two
+        that start close together collect in step for ever, and the later one's
+        writes conflict with the earlier one's (judged before it saw them)."""
+        return self.interval * random.uniform(1 - JITTER, 1 + JITTER)
+
     async def run(self) -> None:
         if self.interval <= 0:
             return
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.pause())
             try:
                 # judged on the loop (the caches change there), written from a thread
                 await asyncio.to_thread(self.execute, self.plan())
