@@ -260,7 +260,7 @@ def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[in
     for peer in pr.peers:
         sel: Selector = peer.selector if isinstance(peer, EndpointPeer) else peer
         deps.add(sel)
-        ids |= cache.selected(sel)
+        ids.update(cache.selected(sel))
     return ids
 
 
@@ -404,7 +404,10 @@ class EndpointPolicy:
         self.opaque: Resolved | None = None  # resolved whole by the engine (audit, mode never)
         self.deps_changed: list[tuple[Selector, bool]] = []  # (selector, now used), drained by the engine
         self._prs: dict[CKey, _PeerRuleState] = {}
-        self._at: dict[Key, list[tuple[CKey, Contrib]]] = {}
+        # key -> the peer rules contributing to it (a lone one bare, _multimap); the
+        # contribution itself is in that peer rule's ``keys`` (``_contribs``): no
+        # list and tuple per key (issue 17: a 100k-peer policy has 200k keys)
+        self._at: dict[Key, Any] = {}
         self._deny_keys: dict[Group, set[Key]] = {}
         self._l7_keys: dict[L4Key, set[Key]] = {}
         # selector -> the peer rules using it (a lone one without a set: _multimap)
@@ -578,10 +581,7 @@ class EndpointPolicy:
         self._prs[ck] = new
 
     def _contribute(self, key: Key, ck: CKey, c: Contrib) -> None:
-        at = self._at.get(key)
-        if at is None:
-            at = self._at[key] = []
-        at.append((ck, c))
+        mm.add(self._at, key, ck)
         if c[1]:
             deny_keys = self._deny_keys.get(_group(key))
             if deny_keys is None:
@@ -595,20 +595,15 @@ class EndpointPolicy:
         self._dirty.add(key)
 
     def _withdraw(self, key: Key, ck: CKey, c: Contrib) -> None:
-        at = self._at[key]
-        for i, (k, _) in enumerate(at):
-            if k == ck:
-                del at[i]
-                break
-        if c[1] and not any(x[1] for _, x in at):
+        gone = mm.discard(self._at, key, ck)
+        if c[1] and not any(x[1] for x in self._contribs(key)):
             group = _group(key)
             deny_keys = self._deny_keys[group]
             deny_keys.discard(key)
             if not deny_keys:
                 del self._deny_keys[group]
             self._deny_groups.add(group)
-        if not at:
-            del self._at[key]
+        if gone:
             l4 = (key.direction, key.protocol, key.port, key.prefix_len)
             l7_keys = self._l7_keys.get(l4)
             if l7_keys is not None:
@@ -650,10 +645,15 @@ class EndpointPolicy:
     def _wildcard_plain(self, key: Key) -> frozenset[str] | None:
         """derived_from of a plain allow for any peer on exactly ``key``'s L4."""
         wk = _key(0, key.direction, (key.protocol, key.port, key.prefix_len))
-        at = self._at.get(wk)
-        if not at or any(c[1] for _, c in at) or not any(c[2] for _, c in at) or self._denied(wk):
+        at = self._contribs(wk)
+        if not at or any(c[1] for c in at) or not any(c[2] for c in at) or self._denied(wk):
             return None
-        return frozenset(c[0] for _, c in at if c[0] is not None)
+        return frozenset(c[0] for c in at if c[0] is not None)
+
+    def _contribs(self, key: Key) -> list[Contrib]:
+        """The contributions to ``key`` now (each from its peer rule's ``keys``)."""
+        prs = self._prs
+        return [prs[ck].keys[key] for ck in mm.members(self._at, key)]
 
     def _merge_key(self, key: Key, conflicts: list[str]) -> Entry | None:
         """The entry of one key from its contributions.
@@ -672,16 +672,16 @@ class EndpointPolicy:
            (allow all, proxied) absorbs the others. Two parsers on one key are a
            conflict (reported; the first parser by name is used).
         """
-        at = self._at.get(key)
+        at = self._contribs(key)
         if not at:
             return None
-        denied_by = [c[0] for _, c in at if c[1]]
+        denied_by = [c[0] for c in at if c[1]]
         if denied_by:
             return Entry(deny=True, derived_from=frozenset(d for d in denied_by if d is not None))
         if self._denied(key):
             return None
-        derived = frozenset(c[0] for _, c in at if c[0] is not None)
-        if any(c[2] for _, c in at):
+        derived = frozenset(c[0] for c in at if c[0] is not None)
+        if any(c[2] for c in at):
             entry = self._plain.get(derived)
             if entry is None:
                 entry = self._plain[derived] = Entry(derived_from=derived)
@@ -690,7 +690,7 @@ class EndpointPolicy:
         if moot is not None:
             return Entry(derived_from=derived | moot)
         by_parser: dict[str, list[tuple[str, tuple[object, ...]]]] = {}
-        for _, c in at:
+        for c in at:
             for parser, rules in c[3]:
                 by_parser.setdefault(parser, []).append((c[0] or "", rules))
         parsers = sorted(by_parser)

@@ -26,7 +26,7 @@ are added without re-resolving every rule).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable, Set
 from typing import Any
 
 from axoneme.core.identity import Identity, ReservedIdentity
@@ -127,7 +127,9 @@ class SelectorCache:
         # (label key, value) -> ids carrying it (any source); candidates for In
         # (a CIDR identity's own label has one id: a lone one without a set, _multimap)
         self._kv: dict[tuple[str, str], Any] = {}
-        self._sel: dict[Selector, set[int]] = {}
+        # selector -> its selection: a set, or a lone id bare (a CIDR peer's /32
+        # selects one identity: no 216-byte set per peer of a 100k-peer policy)
+        self._sel: dict[Selector, set[int] | int] = {}
         self._sel_refs: dict[Selector, int] = {}
         # id -> selectors selecting it (a lone one without a set: _multimap)
         self._by_id: dict[int, Any] = {}
@@ -150,9 +152,9 @@ class SelectorCache:
         self._fqdn[peer] = frozenset(ids)
         if not ids:
             del self._fqdn[peer]
-        cur = self._sel.get(peer)
-        if cur is None:
+        if peer not in self._sel:
             return set()
+        cur = self.selected(peer)
         new = {i for i in self._idents if self._matches(peer, self._idents[i])}
         if new == cur:
             return set()
@@ -160,7 +162,7 @@ class SelectorCache:
             mm.discard(self._by_id, i, peer)
         for i in new - cur:
             mm.add(self._by_id, i, peer)
-        self._sel[peer] = new
+        self._sel[peer] = _packed(new)
         return {peer}
 
     # -- identities --------------------------------------------------------------
@@ -188,7 +190,14 @@ class SelectorCache:
         changed: set[Selector] = set()
         for sel in self._selector_candidates(ident):
             if self._matches(sel, ident):
-                self._sel[sel].add(ident.id)
+                cur = self._sel[sel]
+                if isinstance(cur, set):
+                    if cur:
+                        cur.add(ident.id)
+                    else:
+                        self._sel[sel] = ident.id
+                elif cur != ident.id:
+                    self._sel[sel] = {cur, ident.id}
                 changed.add(sel)
         for sel in changed:
             mm.add(self._by_id, ident.id, sel)
@@ -226,7 +235,13 @@ class SelectorCache:
                     del self._cidr_ids[(net.version, net.prefixlen)]
         changed = set(mm.pop(self._by_id, number))
         for sel in changed:
-            self._sel[sel].discard(number)
+            cur = self._sel[sel]
+            if isinstance(cur, set):
+                cur.discard(number)
+                if len(cur) == 1:
+                    self._sel[sel] = next(iter(cur))
+            elif cur == number:
+                self._sel[sel] = set()
         return changed
 
     # -- selectors ---------------------------------------------------------------
@@ -277,7 +292,7 @@ class SelectorCache:
             self._sel[sel] = set(fixed)
             return
         ids = {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
-        self._sel[sel] = ids
+        self._sel[sel] = _packed(ids)
         for i in ids:
             mm.add(self._by_id, i, sel)
         self._index_selector(sel, add=True)
@@ -299,7 +314,7 @@ class SelectorCache:
         if self._wildcard(sel) is not None:
             return
         self._index_selector(sel, add=False)
-        for i in ids:
+        for i in ids if isinstance(ids, set) else (ids,):
             mm.discard(self._by_id, i, sel)
 
     def _cidr_inside(self, net: IPNetwork) -> list[int]:
@@ -391,7 +406,7 @@ class SelectorCache:
                     out.update(mm.members(by_addr, addr >> shift << shift))
         return out
 
-    def selected(self, sel: Selector) -> set[int]:
+    def selected(self, sel: Selector) -> Set[int]:
         """Ids a cached selector selects (0 = wildcard). Do not mutate."""
         found = self._sel.get(sel)
         if found is None:
@@ -399,7 +414,7 @@ class SelectorCache:
             if fixed is not None:
                 return set(fixed)
             return {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
-        return found
+        return found if isinstance(found, set) else frozenset((found,))
 
     def selectors_of(self, number: int) -> Collection[Selector]:
         """Cached selectors (other than the fixed all/none) selecting an identity. Do not mutate."""
@@ -407,6 +422,11 @@ class SelectorCache:
 
     def selects(self, sel: Selector, number: int) -> bool:
         return number in self.selected(sel)
+
+
+def _packed(ids: set[int]) -> set[int] | int:
+    """A selection as ``SelectorCache._sel`` keeps it: one id bare."""
+    return next(iter(ids)) if len(ids) == 1 else ids
 
 
 def cidr_prefixes(peer: CIDRPeer) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
