@@ -52,3 +52,24 @@ def test_egress_and_policy_changes() -> None:
     del states[1]
     assert pf("10.244.0.2", 40000, "10.244.0.3", 80, Direction.EGRESS) is None
     assert pf("10.244.7.7", 40000, "10.244.0.3", 80, Direction.EGRESS) is None
+
+
+def test_the_marks_source_identity_beats_the_ipcache_on_ingress() -> None:
+    """A tunnelled client this node's ipcache does not know (world here): the
+    identity the datapath judged it by (the VNI's, passed on in the mark)
+    decides, and the flow's source names it; without it, the ipcache's world
+    is refused. On EGRESS the source is the local endpoint: the keyword is
+    ignored."""
+    states = {2: MapState({Key(1001, Direction.INGRESS, Protocol.TCP, 80, 16):
+                           Entry(proxy_port=15001, l7=L7Rules("http", RULES))}),
+              1: MapState({Key(1002, Direction.EGRESS, Protocol.TCP, 80, 16): Entry()})}
+    pf = _policy_for(states)
+    assert pf("10.244.9.9", 40000, "10.244.0.3", 80, Direction.INGRESS) is None
+    pol = pf("10.244.9.9", 40000, "10.244.0.3", 80, Direction.INGRESS, source_identity=1001)
+    assert pol is not None and tuple(pol.rules) == RULES
+    assert pol.source.identity == 1001 and pol.destination.pod_name == "server"
+    # a wrong ipcache entry loses too: the client's address is the server's identity there
+    assert pf("10.244.0.3", 40000, "10.244.0.3", 80, Direction.INGRESS,
+              source_identity=1001) is not None
+    pol = pf("10.244.0.2", 40000, "10.244.0.3", 80, Direction.EGRESS, source_identity=4242)
+    assert pol is not None and pol.source.identity == 1001

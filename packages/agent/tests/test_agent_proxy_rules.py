@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 
 import pytest
 from axoneme.agent.proxy import RedirectRules
@@ -35,7 +36,8 @@ def test_rules_install_idempotent_and_cleanup() -> None:
         dump = rules.dump()
         tproxy = [r for r in dump if "TPROXY" in r]
         assert len(tproxy) == 3
-        assert any(f"--mark {to_proxy_mark(15123):#x}/0xffff0f00" in r and "--on-port 15123" in r
+        # the plain rule's mask holds the identity flag: an identity mark never matches it
+        assert any(f"--mark {to_proxy_mark(15123):#x}/0xffff8f00" in r and "--on-port 15123" in r
                    and "--tproxy-mark 0x200/0xf00" in r for r in tproxy)
         assert sum("--socket" in r or "-m socket" in r for r in dump) == 1
         prerouting = _out("iptables", "-w", "5", "-t", "mangle", "-S", "PREROUTING")
@@ -43,6 +45,7 @@ def test_rules_install_idempotent_and_cleanup() -> None:
         rule_list = _out("ip", "rule", "list")
         assert rule_list.count(f"lookup {rules.table}") == 1
         assert "fwmark 0x200/0xf00" in rule_list
+        assert f"{rules.pref - 1}:\tfrom all fwmark 0x200/0xf00 iif lo lookup main" in rule_list
         assert "local default dev lo" in _out("ip", "route", "show", "table", str(rules.table))
         # fail closed: a marked packet that reaches FORWARD lost its redirect
         forward = _out("iptables", "-w", "5", "-S", "FORWARD")
@@ -63,6 +66,45 @@ def test_rules_install_idempotent_and_cleanup() -> None:
                           capture_output=True).returncode != 0
     assert f"-j {rules.chain}" not in _out("iptables", "-w", "5", "-t", "mangle", "-S", "PREROUTING")
     assert f"lookup {rules.table}" not in _out("ip", "rule", "list")
+    assert f"{rules.pref - 1}:" not in _out("ip", "rule", "list")
     assert _out("ip", "route", "show", "table", str(rules.table)).strip() == ""
     assert f"axoneme {rules.chain}:" not in _out("iptables", "-w", "5", "-S", "FORWARD")
     rules.cleanup()  # idempotent
+
+
+IDENTITY_RULES = """
+import sys
+from axoneme.agent.proxy import RedirectRules
+from axoneme.core.marks import identity_port_match
+
+def sysctl():
+    return open("/proc/sys/net/ipv4/tcp_fwmark_accept").read().strip()
+
+rules = RedirectRules(chain="AXT-ID", identity_marks=True)
+rules.install_base()
+rules.add_port(15001)
+rules.add_port(21000)  # outside the offset window: the plain rule only
+dump = rules.dump()
+print("sysctl", sysctl())
+print("identity", sum(f"--mark {identity_port_match(15001):#x}/0xffff" in r for r in dump))
+print("tproxy", sum("TPROXY" in r for r in dump))
+rules.cleanup()
+print("after", sysctl())
+"""
+
+
+def test_identity_marks_let_the_accepted_socket_inherit_the_mark(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """identity_marks (eBPF): a second TPROXY rule per port matches the identity
+    layout, tcp_fwmark_accept is 1 while the rules are installed and its old
+    value comes back with the cleanup. In a network namespace of ours (the
+    sysctl is per namespace): nothing on the host changes."""
+    ns = f"axt-idm-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", IDENTITY_RULES],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got = dict(line.split() for line in out.stdout.splitlines())
+        assert got == {"sysctl": "1", "identity": "1", "tproxy": "3", "after": "0"}, out.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -20,6 +20,7 @@ PROOF = {
     "fail_closed": "test_ebpf_failclosed.py::test_fail_closed_overrides_the_policy_map_per_direction",
     "ipcache_dump": "test_ebpf_maps.py::test_ipcache_roundtrip_v4_v6",
     "tunnel_identity": "test_ebpf_tunnel.py::test_vni_carries_the_source_identity",
+    "proxy_identity_mark": "test_ebpf_progrun.py::test_the_redirect_mark_carries_the_source_identity",
 }
 
 

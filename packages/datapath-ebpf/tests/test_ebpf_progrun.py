@@ -15,6 +15,8 @@ from axoneme.core.marks import (
     MARK_MAGIC_CHECKED,
     MARK_MAGIC_PROXY_EGRESS,
     MARK_MAGIC_PROXY_INGRESS,
+    from_proxy_mark,
+    to_proxy_identity_mark,
     to_proxy_mark,
 )
 
@@ -91,7 +93,7 @@ def test_proxy_redirect_mark(dp) -> None:  # type: ignore[no-untyped-def]
 
     dp.sync(A, MapState({Key(PEER, EG, TCP, 80, 16): Entry(proxy_port=15001), Key(0, IN): ALLOW}))
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43000, dport=80))
-    assert r.retval == OK and r.mark == to_proxy_mark(15001)
+    assert r.retval == OK and r.mark == to_proxy_identity_mark(15001, A.identity)
     # the proxy's own packets: not redirected again, still policed
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43001, dport=80),
             mark=MARK_MAGIC_PROXY_INGRESS)
@@ -99,6 +101,28 @@ def test_proxy_redirect_mark(dp) -> None:  # type: ignore[no-untyped-def]
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=43002, dport=81),
             mark=MARK_MAGIC_PROXY_INGRESS)
     assert r.retval == SHOT
+
+
+def test_the_redirect_mark_carries_the_source_identity(dp) -> None:  # type: ignore[no-untyped-def]
+    """The to-proxy mark carries the identity the packet was judged by, and the
+    port as an offset (core.marks.to_proxy_identity_mark): 0x8200 set, the
+    identity in bits 16..31. A port outside the offset window gets the plain
+    port mark. An ingress proxy's upstream packet is judged by the identity
+    its from-proxy mark carries, before the ipcache (which knows nothing of
+    10.244.251.9 here: world without the mark's identity)."""
+    from axoneme.datapath.ebpf import _packets as P
+
+    dp.sync(A, MapState({Key(PEER, IN, TCP, 8080, 16): Entry(proxy_port=15001),
+                         Key(PEER, IN, TCP, 8090, 16): Entry(proxy_port=21000),
+                         Key(PEER, IN, TCP, 8081, 16): ALLOW, Key(0, EG): ALLOW}))
+    r = run(dp, "from_netdev", P.ipv4("10.244.251.2", A.ipv4, sport=48000, dport=8080))
+    assert r.retval == OK and r.mark == (PEER << 16) | 0x8200 | 1, hex(r.mark)
+    r = run(dp, "from_netdev", P.ipv4("10.244.251.2", A.ipv4, sport=48001, dport=8090))
+    assert r.retval == OK and r.mark == to_proxy_mark(21000), hex(r.mark)
+    upstream = P.ipv4("10.244.251.9", A.ipv4, sport=48002, dport=8081)
+    assert run(dp, "to_container", upstream, mark=from_proxy_mark(IN, PEER)).retval == OK
+    upstream = P.ipv4("10.244.251.9", A.ipv4, sport=48003, dport=8081)
+    assert run(dp, "to_container", upstream, mark=from_proxy_mark(IN)).retval == SHOT
 
 
 def test_ingress_redirect_after_an_egress_proxy_only(dp) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +134,7 @@ def test_ingress_redirect_after_an_egress_proxy_only(dp) -> None:  # type: ignor
     dp.sync(A, MapState({Key(PEER, IN, TCP, 8080, 16): Entry(proxy_port=15002), Key(0, EG): ALLOW}))
     r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44000, dport=8080),
             mark=MARK_MAGIC_PROXY_EGRESS)
-    assert r.retval == OK and r.mark == to_proxy_mark(15002)
+    assert r.retval == OK and r.mark == to_proxy_identity_mark(15002, PEER)
     r = run(dp, "to_container", P.ipv4("10.244.251.2", A.ipv4, sport=44001, dport=8080),
             mark=MARK_MAGIC_PROXY_INGRESS)
     assert r.retval == OK and r.mark == MARK_MAGIC_PROXY_INGRESS
@@ -209,7 +233,7 @@ def test_every_key_shape_decides_from_its_map(dp) -> None:  # type: ignore[no-un
     assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47000, dport=0x2001)).retval == SHOT
     dp.sync(A, MapState({l3: ALLOW, port_range: DENY, full: Entry(proxy_port=15003)}))
     r = run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47001, dport=0x2001))
-    assert r.retval == OK and r.mark == to_proxy_mark(15003)  # the full port: longest
+    assert r.retval == OK and r.mark == to_proxy_identity_mark(15003, A.identity)  # longest
     assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47002, dport=0x2002)).retval == SHOT
     assert run(dp, "from_container", P.ipv4(A.ipv4, "10.244.251.2", sport=47003, dport=80)).retval == OK
     assert dp.policy_counters(A, full)[0] == 1 and dp.policy_counters(A, port_range)[0] == 1
@@ -270,7 +294,7 @@ def test_local_delivery_at_the_node_devices(dp, which: str) -> None:  # type: ig
     dp.sync(A, MapState({Key(PEER, IN, TCP, 8080, 16): Entry(proxy_port=15003),
                          Key(PEER, IN, TCP, 8081, 16): ALLOW, Key(0, EG): ALLOW}))
     r = run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45000, dport=8080))
-    assert r.retval == OK and r.mark == to_proxy_mark(15003)
+    assert r.retval == OK and r.mark == to_proxy_identity_mark(15003, PEER)
     r = run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45001, dport=8081))
     assert r.retval == OK and r.mark == MARK_MAGIC_CHECKED
     assert run(dp, which, P.ipv4("10.244.251.2", A.ipv4, sport=45002, dport=8082)).retval == SHOT

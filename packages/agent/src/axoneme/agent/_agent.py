@@ -253,7 +253,8 @@ class Agent:
         await asyncio.to_thread(
             self.proxies.setup, enabled=config.l7_proxies, state_dir=config.state_dir,
             store=self.store, identity_of_ip=self.engine.identity_of_ip,
-            policy_of=self._policy_of, flow_sink=self.flows.add)
+            policy_of=self._policy_of, flow_sink=self.flows.add,
+            identity_marks="proxy_identity_mark" in dp.capabilities)
         self.policies.restore()
         self.fqdn.start()  # restored DNS names are in the engine before endpoints sync
         if config.guard:

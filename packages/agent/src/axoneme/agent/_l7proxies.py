@@ -69,8 +69,11 @@ class L7Proxies:
     def setup(self, *, enabled: bool, state_dir: str, store: StateStore,
               identity_of_ip: Callable[[str], int],
               policy_of: Callable[[Endpoint], MapState | None],
-              flow_sink: Callable[[Flow], Any]) -> None:
-        """A ProxyManager for the installed parsers (listeners start lazily)."""
+              flow_sink: Callable[[Flow], Any], identity_marks: bool = False) -> None:
+        """A ProxyManager for the installed parsers (listeners start lazily).
+        ``identity_marks``: the datapath puts the source identity in its
+        to-proxy marks (capability ``proxy_identity_mark``): the redirect
+        rules match that layout and let accepted sockets inherit the mark."""
         parsers = sorted(installed(GROUP_L7))
         if not enabled or not parsers:
             return
@@ -86,7 +89,8 @@ class L7Proxies:
                                         protocol=self._protocol(parser))
                 for parser in parsers}
             # one redirect chain per agent: agents sharing a host never flush each other's
-            rules = RedirectRules(chain=chain_for_state_dir(state_dir))
+            rules = RedirectRules(chain=chain_for_state_dir(state_dir),
+                                  identity_marks=identity_marks)
             self.manager = ProxyManager(policy_for, flow_sink, rules=rules)
         except Exception as e:
             LOG.warning("L7 proxies disabled: %s", e)

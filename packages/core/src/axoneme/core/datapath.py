@@ -51,6 +51,10 @@ CAPABILITIES = frozenset({
     # carries the source's identity in the tunnel header (the VNI) and judges
     # tunnelled packets by it: needs a collect_md VXLAN device (``node_devices``)
     "tunnel_identity",
+    # puts the source identity it judged a packet by into the mark of a packet
+    # it redirects to an L7 proxy (core.marks.to_proxy_identity_mark), and
+    # judges a proxy's upstream packet by the identity its mark carries
+    "proxy_identity_mark",
 })
 
 

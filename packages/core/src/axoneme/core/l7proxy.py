@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.mapstate import Direction
-from axoneme.core.marks import MARK_MAGIC_FROM_PROXY
+from axoneme.core.marks import MARK_MAGIC_FROM_PROXY, identity_of_to_proxy_mark, with_source_identity
 
 LOG = logging.getLogger(__name__)
 
@@ -55,10 +55,15 @@ class ProxyPolicy:
 # (or an awaitable of it). None = the agent knows no redirect for this
 # connection: the proxy refuses the request (fail closed). Called for every
 # request, so a policy change applies to the next request of a connection.
-PolicyFor = Callable[[str, int, str, int, Direction], "ProxyPolicy | None | Awaitable[ProxyPolicy | None]"]
+# A proxy that read the source identity from the accepted socket's mark
+# (``take_source_identity``) passes it as the keyword ``source_identity=``
+# (only when it has one): the agent then judges the source by it rather
+# than by its ipcache.
+PolicyFor = Callable[..., "ProxyPolicy | None | Awaitable[ProxyPolicy | None]"]
 FlowSink = Callable[[Flow], None]
-# connect_upstream(src=(ip, port), dst=(ip, port)) -> a connected non-blocking socket.
-ConnectUpstream = Callable[[tuple[str, int], tuple[str, int]], Awaitable[socket.socket]]
+# connect_upstream(src=(ip, port), dst=(ip, port)) -> a connected non-blocking socket;
+# ``identity=`` (passed only when the proxy has one) goes into the from-proxy mark.
+ConnectUpstream = Callable[..., Awaitable[socket.socket]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +203,10 @@ class StreamProxyServer:
         raise NotImplementedError
 
 
-async def plain_connect(src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
-    """Upstream connect without transparency (tests, or when not root): ``src`` is unused."""
+async def plain_connect(src: tuple[str, int], dst: tuple[str, int],
+                        identity: int = 0) -> socket.socket:
+    """Upstream connect without transparency (tests, or when not root): ``src``
+    and ``identity`` are unused."""
     return await _connect(dst, mark=0, src=None)
 
 
@@ -253,8 +260,32 @@ def is_transparent(sock: socket.socket) -> bool:
 
 def set_mark(sock: socket.socket, mark: int | None) -> None:
     """SO_MARK, so the datapath knows the packet comes from the proxy."""
+    if mark:  # packed unsigned: a mark with bit 31 set (an identity >= 0x8000) is no C int
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("=I", mark & 0xFFFFFFFF))
+
+
+def take_source_identity(sock: Any) -> int:
+    """The source identity the datapath put in the mark of a diverted
+    connection (``axoneme.core.marks.identity_of_to_proxy_mark``), 0 when
+    there is none; the accepted socket's mark is then cleared, so its own
+    packets leave unmarked. ``sock``: the accepted socket, or the asyncio
+    transport's socket (``writer.get_extra_info("socket")``).
+
+    The accepted socket carries the SYN's mark only with
+    ``net.ipv4.tcp_fwmark_accept=1`` (the agent's redirect rules set it when
+    the datapath puts identities in its marks); otherwise its mark is 0."""
+    if sock is None:
+        return 0
+    try:
+        mark = int(sock.getsockopt(socket.SOL_SOCKET, SO_MARK)) & 0xFFFFFFFF  # read as signed
+    except (OSError, AttributeError):
+        return 0
     if mark:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, 0)
+        except OSError:  # not CAP_NET_ADMIN: the mark stays, the identity is still read
+            LOG.debug("cannot clear the mark of an accepted proxy connection", exc_info=True)
+    return identity_of_to_proxy_mark(mark)
 
 
 def make_listener(port: int, ip: str = "127.0.0.1", transparent: bool = True,
@@ -362,10 +393,14 @@ async def _connect(dst: Addr, *, mark: int, src: Addr | None) -> socket.socket:
 
 
 def transparent_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True) -> ConnectUpstream:
-    """A ``connect_upstream`` from the client's address (when ``spoof_source``), marked."""
+    """A ``connect_upstream`` from the client's address (when ``spoof_source``),
+    marked; ``identity`` (the source identity the proxy judged the client by)
+    goes into the mark's upper half, so the datapath judges the upstream leg
+    by it too."""
 
-    async def connect(src: Addr, dst: Addr) -> socket.socket:
-        return await _connect(dst, mark=mark, src=src if spoof_source else None)
+    async def connect(src: Addr, dst: Addr, identity: int = 0) -> socket.socket:
+        return await _connect(dst, mark=with_source_identity(mark, identity),
+                              src=src if spoof_source else None)
 
     return connect
 
@@ -391,4 +426,4 @@ __all__ = ["ProxyPolicy", "PolicyFor", "FlowSink", "ConnectUpstream", "ProxyConf
            "L7ProxyServer", "ProxyFactory", "StreamProxyServer", "plain_connect", "Addr",
            "IP_TRANSPARENT", "IPV6_TRANSPARENT", "SO_MARK", "family_of", "set_transparent",
            "is_transparent", "set_mark", "make_listener", "make_udp_listener", "recv_datagram",
-           "send_from", "transparent_connector", "transparent_udp_connector"]
+           "send_from", "transparent_connector", "transparent_udp_connector", "take_source_identity"]

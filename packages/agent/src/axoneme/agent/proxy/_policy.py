@@ -5,7 +5,11 @@ direction; this decides, from the endpoint's current MapState, which L7 rules
 apply right now:
 
 1. The local endpoint is the client (EGRESS) or the original destination
-   (INGRESS); the peer is the other side, its identity from the ipcache.
+   (INGRESS); the peer is the other side. Its identity, for INGRESS, is the
+   ``source_identity`` the datapath put in the connection's mark when the
+   proxy passes one (the identity the datapath judged the packet by: for a
+   tunnelled packet the VNI's, which this node's ipcache may lack or
+   contradict); otherwise, and for EGRESS, the ipcache's.
 2. ``MapState.lookup(peer identity, direction, TCP, destination port, peer
    address)`` (the address for address keys, as the datapath looks it up):
    - denied (the L3/L4 policy no longer allows it): None, the proxy refuses;
@@ -57,7 +61,7 @@ def make_policy_for(parser: str, *, endpoint_by_ip: Callable[[str], Endpoint | N
     proto = protocol if protocol is not None else Protocol.parse(l7_parser(parser).transport[-1])
 
     def policy_for(src_ip: str, src_port: int, dst_ip: str, dst_port: int,
-                   direction: Direction) -> ProxyPolicy | None:
+                   direction: Direction, source_identity: int = 0) -> ProxyPolicy | None:
         egress = Direction(direction) is Direction.EGRESS
         local_ip, peer_ip = (src_ip, dst_ip) if egress else (dst_ip, src_ip)
         local = endpoint_by_ip(local_ip)
@@ -66,7 +70,7 @@ def make_policy_for(parser: str, *, endpoint_by_ip: Callable[[str], Endpoint | N
         state = policy_of(local)
         if state is None:
             return None
-        peer_id = identity_of_ip(peer_ip)
+        peer_id = source_identity if source_identity and not egress else identity_of_ip(peer_ip)
         decision = state.lookup(peer_id, Direction(direction), proto, dst_port, _canonical(peer_ip))
         if not decision.allowed or decision.entry is None:
             return None

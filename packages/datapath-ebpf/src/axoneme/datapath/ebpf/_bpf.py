@@ -51,6 +51,10 @@ MARK_DEFINES: dict[str, str | int] = {
     "AX_MARK_MAGIC_TO_PROXY": f"{marks.MARK_MAGIC_TO_PROXY:#06x}",
     "AX_MARK_MAGIC_PROXY_INGRESS": f"{marks.MARK_MAGIC_PROXY_INGRESS:#06x}",
     "AX_MARK_MAGIC_CHECKED": f"{marks.MARK_MAGIC_CHECKED:#06x}",
+    "AX_MARK_TO_PROXY_IDENTITY": f"{marks.MARK_TO_PROXY_IDENTITY:#06x}",
+    "AX_PROXY_MARK_PORT_BASE": marks.PROXY_MARK_PORT_BASE,
+    "AX_PROXY_MARK_PORT_SPAN": marks.PROXY_MARK_PORT_SPAN,
+    "AX_MAX_MARK_IDENTITY": f"{marks.MAX_MARK_IDENTITY:#x}",
 }
 
 _INCLUDE = re.compile(r'^#include "(lib/[A-Za-z0-9_]+\.h)"\s*$', re.M)

@@ -274,7 +274,7 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
     name = "ebpf"
     # each is proven by a test named in tests/test_ebpf_contract.py
     capabilities = frozenset({"l7_redirect", "events", "ipv6", "fail_closed", "ipcache_dump",
-                              "host_policy", "tunnel_identity"})
+                              "host_policy", "tunnel_identity", "proxy_identity_mark"})
     options = OPTIONS
 
     def __init__(self, config: DatapathConfig | None = None) -> None:

@@ -39,6 +39,7 @@ from axoneme.core.l7proxy import (
     ProxyPolicy,
     StreamProxyServer,
     plain_connect,
+    take_source_identity,
 )
 from axoneme.core.mapstate import Direction
 from axoneme.l7.http._flows import http_flow
@@ -123,7 +124,7 @@ class HttpProxy(StreamProxyServer):
 
 class _Conn(BodyRelay):
     __slots__ = ("p", "r", "w", "client", "dst", "up_r", "up_w", "policy", "cfg", "loop",
-                 "deadline", "side", "idle", "timed_out")
+                 "deadline", "side", "idle", "timed_out", "source_kw")
 
     def __init__(self, proxy: HttpProxy, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -144,6 +145,10 @@ class _Conn(BodyRelay):
         self.idle = False  # waiting for a keep-alive follow-up request
         self.timed_out = False
         sock = writer.get_extra_info("socket")
+        # the source identity the datapath put in the connection's mark (eBPF):
+        # policy_for and the upstream's mark get it, only when there is one
+        source = take_source_identity(sock)
+        self.source_kw: dict[str, int] = {"source_identity": source} if source else {}
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -234,7 +239,7 @@ class _Conn(BodyRelay):
     async def _policy(self) -> ProxyPolicy | None:
         try:
             res = self.p.policy_for(self.client[0], self.client[1], self.dst[0], self.dst[1],
-                                    self.p.direction)
+                                    self.p.direction, **self.source_kw)
             if type(res) is ProxyPolicy:  # the agent's answer: skip the checks below
                 return res
             if inspect.isawaitable(res):
@@ -327,7 +332,9 @@ class _Conn(BodyRelay):
             self.up_w = None
         try:
             async with asyncio.timeout(self.cfg.upstream_connect_timeout):
-                sock = await self.p.connect_upstream(self.client, self.dst)
+                ident = self.source_kw.get("source_identity")
+                sock = await (self.p.connect_upstream(self.client, self.dst, identity=ident)
+                              if ident else self.p.connect_upstream(self.client, self.dst))
             self.up_r, self.up_w = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
         except (OSError, TimeoutError) as e:
             LOG.info("proxy %d: upstream %s unreachable: %s", self.p.port, self.dst, e)

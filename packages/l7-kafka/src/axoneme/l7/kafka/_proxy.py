@@ -41,7 +41,7 @@ from typing import Any
 import uvloop
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7 import L7Verdict
-from axoneme.core.l7proxy import FlowSink, StreamProxyServer, plain_connect
+from axoneme.core.l7proxy import FlowSink, StreamProxyServer, plain_connect, take_source_identity
 from axoneme.core.mapstate import Direction
 from axoneme.l7.kafka._codec import KafkaDecodeError
 from axoneme.l7.kafka._matcher import allowed_topics, match_request
@@ -445,8 +445,12 @@ class KafkaProxy(StreamProxyServer):
             LOG.warning("kafka proxy: direct connection from %s refused (would loop)", client)
             return
         timeout = getattr(self.config, "upstream_connect_timeout", 5.0)
+        # the source identity in the connection's mark (eBPF), passed on only when there is one
+        source = take_source_identity(writer.get_extra_info("socket"))
+        kw = {"source_identity": source} if source else {}
         try:
-            sock = await asyncio.wait_for(self.connect_upstream(client, upstream), timeout)
+            sock = await asyncio.wait_for(self.connect_upstream(
+                client, upstream, **({"identity": source} if source else {})), timeout)
             up_reader, up_writer = await asyncio.open_connection(sock=sock)
         except (OSError, TimeoutError) as exc:
             self.stats["upstream_failures"] += 1
@@ -458,7 +462,7 @@ class KafkaProxy(StreamProxyServer):
                         destination_port=upstream[1], traffic_direction=dname)
 
         def lookup() -> Any:
-            return self.policy_for(client[0], client[1], upstream[0], upstream[1], direction)
+            return self.policy_for(client[0], client[1], upstream[0], upstream[1], direction, **kw)
 
         await handle(reader, writer, up_reader, up_writer, lookup, self.flow_sink,
                      conn=conn, max_frame=self.max_frame,

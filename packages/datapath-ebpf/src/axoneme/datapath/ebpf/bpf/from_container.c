@@ -83,7 +83,7 @@ int ax_from_container(struct __sk_buff *skb)
 
     __u32 mark = 0;
     if (redirect)
-        mark = ax_to_proxy_mark(redirect);
+        mark = ax_to_proxy_mark(redirect, src_id);
     else if (checked_ingress)
         mark = AX_MARK_MAGIC_CHECKED;
     int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,

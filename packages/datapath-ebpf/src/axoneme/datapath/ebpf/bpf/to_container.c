@@ -5,8 +5,10 @@
  * 2. Replies of tracked connections pass without policy.
  * 0. An interface without an endpoint record: dropped (NO_LXC), link
  *    control aside.
- * 3. The pod's INGRESS policy decides (peer = source identity; packets the
- *    node itself sent without an ipcache entry are host), unless the
+ * 3. The pod's INGRESS policy decides (peer = source identity: the one an
+ *    ingress proxy's upstream packet carries in its mark, else the local
+ *    endpoint's or the ipcache's; packets the node itself sent without an
+ *    ipcache entry are host), unless the
  *    endpoint fails closed in that direction (dropped, EP_NOT_READY).
  * 3b. A packet the host itself sent (identity host, no input interface)
  *    meets the host's EGRESS policy first when the host firewall is on.
@@ -57,7 +59,11 @@ int ax_to_container(struct __sk_buff *skb)
     if (ax_ct_fast_path(skb, &p, now, AX_CT_CACHE_TO_CONTAINER, from_proxy, &ce, &rev))
         return TC_ACT_OK;
 
-    __u32 src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
+    /* an ingress proxy's upstream leg: the identity the proxy judged its
+     * client by (the node's ipcache may not know a tunnelled client) */
+    __u32 src_id = from_proxy ? ax_from_proxy_identity(skb) : 0;
+    if (!src_id)
+        src_id = ax_peer_identity(p.t.family, p.t.saddr, skb->ingress_ifindex == 0);
 
     struct ax_verdict vh = {};
     struct ax_endpoint *host = 0;
@@ -70,7 +76,7 @@ int ax_to_container(struct __sk_buff *skb)
     if (ax_endpoint_drops(&p, ep, AX_DIR_INGRESS, src_id, dst_id, now, &v))
         return TC_ACT_SHOT;
     __u16 redirect = from_proxy ? 0 : v.proxy_port;
-    __u32 mark = redirect ? ax_to_proxy_mark(redirect) : 0;
+    __u32 mark = redirect ? ax_to_proxy_mark(redirect, src_id) : 0;
     int ct = ax_ct_forward(ce, &p, now, ep_id, src_id, dst_id, redirect,
                            from_proxy ? AX_CT_CACHE_NONE : AX_CT_CACHE_TO_CONTAINER, rev, mark);
     if (ct < 0)

@@ -18,13 +18,20 @@
 
 /* skb->mark values (Cilium's MARK_MAGIC_* layout: magic in bits 8..11).
  * Not defined here: _bpf.assemble_source generates AX_MARK_MAGIC_MASK,
- * AX_MARK_MAGIC_TO_PROXY, AX_MARK_MAGIC_PROXY_INGRESS and AX_MARK_MAGIC_CHECKED
- * from axoneme.core.marks, the one definition the proxies share.
- * TO_PROXY: the packet goes to the L7 proxy listening on mark >> 16 (TPROXY).
+ * AX_MARK_MAGIC_TO_PROXY, AX_MARK_MAGIC_PROXY_INGRESS, AX_MARK_MAGIC_CHECKED and
+ * the identity layout's AX_MARK_TO_PROXY_IDENTITY, AX_PROXY_MARK_PORT_BASE/SPAN,
+ * AX_MAX_MARK_IDENTITY from axoneme.core.marks, the one definition the proxies
+ * share (its module doc draws the layout).
+ * TO_PROXY: the packet goes to the L7 proxy on a port (TPROXY): the mark
+ *        carries the source identity the packet was judged by and the port
+ *        as an offset (ax_to_proxy_mark), or just the port in bits 16..31
+ *        when the identity or the port does not fit.
  * PROXY_INGRESS: set by an ingress L7 proxy on its upstream sockets; such
  *        packets are never redirected again but still go through L3/L4
- *        policy. (An egress proxy's packets, PROXY_EGRESS, are not special
- *        here: the destination's ingress policy, L7 included, still applies.)
+ *        policy, as the source identity in the mark's upper 16 bits when
+ *        the proxy had one (ax_from_proxy_identity). (An egress proxy's
+ *        packets, PROXY_EGRESS, are not special here: the destination's
+ *        ingress policy, L7 included, still applies.)
  * CHECKED: from-container already applied the local destination's ingress
  *        policy, so to-container lets the packet through unchecked. */
 #ifndef AX_MARK_MAGIC_MASK
@@ -37,11 +44,25 @@ static __always_inline int ax_from_ingress_proxy(const struct __sk_buff *skb)
     return (skb->mark & AX_MARK_MAGIC_MASK) == AX_MARK_MAGIC_PROXY_INGRESS;
 }
 
-/* The mark that sends a packet to the L7 proxy listening on ``port``
- * (core.marks.to_proxy_mark). */
-static __always_inline __u32 ax_to_proxy_mark(__u16 port)
+/* The mark that sends a packet from ``src_id`` to the L7 proxy listening on
+ * ``port`` (core.marks.to_proxy_identity_mark): the identity reaches the
+ * proxy on its accepted socket, so the proxy judges the connection by the
+ * identity the datapath used (the VNI's for a tunnelled packet) rather than
+ * by its own ipcache lookup. */
+static __always_inline __u32 ax_to_proxy_mark(__u16 port, __u32 src_id)
 {
-    return AX_MARK_MAGIC_TO_PROXY | ((__u32)port << 16);
+    __u32 off = (__u32)port - AX_PROXY_MARK_PORT_BASE; /* wraps when port < base */
+    if (src_id == 0 || src_id > AX_MAX_MARK_IDENTITY || off >= AX_PROXY_MARK_PORT_SPAN)
+        return AX_MARK_MAGIC_TO_PROXY | ((__u32)port << 16);
+    return (src_id << 16) | AX_MARK_TO_PROXY_IDENTITY | ((off >> 8) << 12)
+           | AX_MARK_MAGIC_TO_PROXY | (off & 0xFF);
+}
+
+/* The source identity an ingress proxy's upstream packet carries (0: none;
+ * core.marks.identity_of_from_proxy_mark). */
+static __always_inline __u32 ax_from_proxy_identity(const struct __sk_buff *skb)
+{
+    return ax_from_ingress_proxy(skb) ? (skb->mark >> 16) & AX_MAX_MARK_IDENTITY : 0;
 }
 
 /* Reserved identities (Cilium numbers). */

@@ -44,7 +44,7 @@ static __always_inline int ax_deliver_local(struct __sk_buff *skb, struct ax_pkt
     if (ax_endpoint_drops(p, ep, AX_DIR_INGRESS, src_id, dst_id, now, &v))
         return TC_ACT_SHOT;
     __u16 redirect = v.proxy_port;
-    __u32 mark = redirect ? ax_to_proxy_mark(redirect) : AX_MARK_MAGIC_CHECKED;
+    __u32 mark = redirect ? ax_to_proxy_mark(redirect, src_id) : AX_MARK_MAGIC_CHECKED;
     int ct = ax_ct_forward(ce, p, now, ep_id, src_id, dst_id, redirect, owner, rev, mark);
     if (ct < 0)
         return ax_ct_create_failed(p, AX_DIR_INGRESS, ep_id, src_id, dst_id, now);
