@@ -84,3 +84,34 @@ def test_bulk_block_gives_the_freed_heap_back() -> None:
     assert peak - base > 40_000, (base, peak)
     assert after - base < (peak - base) // 2, (base, peak, after)
     assert len(keep) == _gcpause.FREEZE_AFTER
+
+
+def test_a_large_endpoint_view_is_followed_by_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/endpoints/<id> of a large policy (its entries as dicts, then
+    their JSON: transient) trims the heap once the answer is serialized; a
+    small one does not."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from axoneme.agent._api import build_app
+
+    trims: list[int] = []
+    monkeypatch.setattr(_gcpause, "trim_heap", lambda: trims.append(1) or True)
+    sizes = {1: _gcpause.TRIM_VIEW_ENTRIES, 2: 3}
+    views = SimpleNamespace(endpoint_get=lambda i: {
+        "id": i, "policy": [{"key": str(n)} for n in range(sizes[i])]})
+    adopted = asyncio.Event()
+    adopted.set()
+    agent = SimpleNamespace(adopted=adopted, views=views, endpoints=None, policies=None,
+                            namespaces=None, pods=None,
+                            config=SimpleNamespace(k8s_mode=False, flow_injection=False))
+
+    async def get(ep: int) -> int:
+        async with TestClient(TestServer(build_app(agent))) as client:  # type: ignore[arg-type]
+            resp = await client.get(f"/v1/endpoints/{ep}")
+            assert resp.status == 200
+            return len((await resp.json())["policy"])
+
+    assert asyncio.run(get(2)) == 3 and trims == []
+    assert asyncio.run(get(1)) == _gcpause.TRIM_VIEW_ENTRIES and trims == [1]

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from axoneme.agent import _audit as audit
+from axoneme.agent import _gcpause
 from axoneme.agent._agent import Agent
 from axoneme.agent._apifast import HotHandler
 from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError, TryAgain
@@ -206,7 +207,15 @@ def build_app(agent: Agent) -> web.Application:
             raise BadRequest(f"invalid endpoint id {request.match_info['id']!r}") from None
 
     async def ep_get(request: web.Request) -> web.Response:
-        return _json(await asyncio.to_thread(views.endpoint_get, endpoint_id(request)))
+        view = await asyncio.to_thread(views.endpoint_get, endpoint_id(request))
+        # a large policy's view (two lists of dicts, then their JSON) is transient:
+        # once serialized, the C heap's freed pages go back (_gcpause.trim_heap)
+        big = len(view.get("policy") or ()) >= _gcpause.TRIM_VIEW_ENTRIES
+        resp = _json(view)
+        del view
+        if big:
+            await asyncio.to_thread(_gcpause.trim_heap)
+        return resp
 
     async def ep_config_get(request: web.Request) -> web.Response:
         return _json(audit.endpoint_config_view(agent, endpoint_id(request)))

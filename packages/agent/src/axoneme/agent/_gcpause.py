@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 LOG = logging.getLogger(__name__)
 FREEZE_AFTER = 200_000  # container objects allocated in one pause
+TRIM_VIEW_ENTRIES = 10_000  # an endpoint view this large is followed by trim_heap (the API)
 
 _depth = 0
 _was_enabled = False
@@ -64,4 +65,4 @@ def trim_heap() -> bool:
         return False
 
 
-__all__ = ["FREEZE_AFTER", "paused", "trim_heap"]
+__all__ = ["FREEZE_AFTER", "TRIM_VIEW_ENTRIES", "paused", "trim_heap"]
