@@ -56,19 +56,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from axoneme.agent._identitycrd import marked_at, meta_field, object_labels
+from axoneme.agent._identitycrd import CRDIdentityStore, marked_at, meta_field, object_labels
 from axoneme.agent._k8sinformer import Event, Obj
-
-if TYPE_CHECKING:  # _identityk8s builds this
-    from axoneme.agent._identityk8s import IdentityGC
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["NodeDeleteGC", "NodePass"]
 
 STEP = 0.25  # seconds between a pass's rounds
+
+
+class Collector(Protocol):
+    """What a pass uses of the periodic collector (``_identityk8s.IdentityGC``; a
+    protocol so that this module does not import that one, which imports this):
+    its judgement and its conditional writes."""
+
+    store: CRDIdentityStore
+
+    def user(self) -> Callable[[int, Obj], bool]: ...
+
+    def execute(self, plan: Sequence[tuple[str, int, Obj]], why: str = "") -> None: ...
 
 
 class NodePass:
@@ -85,7 +94,7 @@ class NodePass:
         self.unmarked_rv: dict[int, str] = {}  # number -> the version this pass marked
         self.collected: set[int] = set()  # gone while the pass ran (whoever deleted them)
 
-    def plan(self, gc: IdentityGC, now: float) -> list[tuple[str, int, Obj]]:
+    def plan(self, gc: Collector, now: float) -> list[tuple[str, int, Obj]]:
         """The writes of one round (steps 2-6 of the module docstring)."""
         used = gc.user()
         out: list[tuple[str, int, Obj]] = []
@@ -120,7 +129,7 @@ class NodeDeleteGC:
     """Starts a ``NodePass`` when the nodes informer reports a Node deleted.
     ``pods_on(nodes)`` are the identity label sets of the pods bound to them."""
 
-    def __init__(self, gc: IdentityGC,
+    def __init__(self, gc: Collector,
                  pods_on: Callable[[set[str]], set[tuple[str, ...]]], grace: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.gc = gc
