@@ -28,7 +28,17 @@ from pathlib import Path
 
 import _capability  # tests/ is on sys.path (tests/conftest.py)
 import pytest
-from axoneme.testing.twonodes import AX, OUTSIDE_PEER_IP, VXLAN, TwoNodes, sh, two_nodes
+from axoneme.testing.twonodes import (
+    AX,
+    HTTP_GET,
+    HTTP_SERVER,
+    OUTSIDE_PEER_IP,
+    VXLAN,
+    TwoNodes,
+    http_status,
+    sh,
+    two_nodes,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
@@ -46,27 +56,6 @@ POLICY = textwrap.dedent(f"""\
           rules:
             http: [{{method: GET, path: /allowed}}]
     """)
-SERVER = textwrap.dedent("""\
-    import http.server
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"served " + self.path.encode()
-            self.send_response(200); self.send_header("Content-Length", str(len(body)))
-            self.end_headers(); self.wfile.write(body)
-        def log_message(self, *a):
-            pass
-    http.server.ThreadingHTTPServer(("0.0.0.0", @N@), H).serve_forever()
-""".replace("@N@", str(PORT)))
-GET = textwrap.dedent("""\
-    import sys, urllib.error, urllib.request
-    try:
-        r = urllib.request.urlopen(sys.argv[1], timeout=3)
-        print(r.status, r.read().decode())
-    except urllib.error.HTTPError as e:
-        print(e.code, e.read().decode(errors="replace")[:80])
-    except OSError as e:
-        print(0, e)
-""")
 
 CASES = [pytest.param(("ebpf", "", "native"), id="ebpf-native"),
          pytest.param(("ebpf", "", "tunnel"), id="ebpf-tunnel"),
@@ -79,11 +68,6 @@ CASES = [pytest.param(("ebpf", "", "native"), id="ebpf-native"),
 def nodes(tmp_path: Path) -> Iterator[TwoNodes]:
     with two_nodes(tmp_path) as net:
         yield net
-
-
-def status_of(out: str) -> tuple[int, str]:
-    code, _, body = out.strip().partition(" ")
-    return int(code or 0), body
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -102,14 +86,14 @@ def test_l7_ingress_from_another_node_and_outside(nodes: TwoNodes,
         # the node's devices (Kubernetes mode adds its address's and the tunnel's itself)
         node.start(datapath, mode, *(["--devices", ",".join(devices)] if ebpf else []))
     net.a.pod("client-a", "app=client")
-    server = net.b.pod("server-b", "app=server", sys.executable, "-c", SERVER)
+    server = net.b.pod("server-b", "app=server", sys.executable, "-c", HTTP_SERVER, str(PORT))
     url = f"http://{server['ipv4']}:{PORT}"
 
     def from_client(path: str) -> tuple[int, str]:
-        return status_of(net.a.exec("client-a", sys.executable, "-c", GET, url + path).stdout)
+        return http_status(net.a.exec("client-a", sys.executable, "-c", HTTP_GET, url + path).stdout)
 
     def from_outside(path: str) -> tuple[int, str]:
-        return status_of(sh(sys.executable, "-c", GET, url + path, netns=net.outside,
+        return http_status(sh(sys.executable, "-c", HTTP_GET, url + path, netns=net.outside,
                             check=False).stdout)
 
     deadline = time.monotonic() + 20

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import _capability  # tests/ is on sys.path (tests/conftest.py)
 import pytest
-from axoneme.testing.twonodes import VXLAN, TwoNodes, two_nodes
+from axoneme.testing.twonodes import HTTP_GET, HTTP_SERVER, VXLAN, TwoNodes, http_status, two_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged]
 
@@ -48,27 +48,6 @@ POLICY = textwrap.dedent(f"""\
           rules:
             http: [{{method: GET, path: /allowed}}]
     """)
-SERVER = textwrap.dedent("""\
-    import http.server
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"served " + self.path.encode()
-            self.send_response(200); self.send_header("Content-Length", str(len(body)))
-            self.end_headers(); self.wfile.write(body)
-        def log_message(self, *a):
-            pass
-    http.server.ThreadingHTTPServer(("0.0.0.0", @N@), H).serve_forever()
-""".replace("@N@", str(PORT)))
-GET = textwrap.dedent("""\
-    import sys, urllib.error, urllib.request
-    try:
-        r = urllib.request.urlopen(sys.argv[1], timeout=3)
-        print(r.status, r.read().decode())
-    except urllib.error.HTTPError as e:
-        print(e.code, e.read().decode(errors="replace")[:80])
-    except OSError as e:
-        print(0, e)
-""")
 
 
 @pytest.fixture
@@ -80,11 +59,6 @@ def nodes(tmp_path: Path) -> Iterator[TwoNodes]:
         yield net
 
 
-def status_of(out: str) -> tuple[int, str]:
-    code, _, body = out.strip().partition(" ")
-    return int(code or 0), body
-
-
 def test_the_proxy_judges_by_the_vni_identity_not_the_ipcache(nodes: TwoNodes) -> None:
     net = nodes
     net.route("tunnel", external=True)
@@ -92,13 +66,13 @@ def test_the_proxy_judges_by_the_vni_identity_not_the_ipcache(nodes: TwoNodes) -
         node.start("ebpf", "", "--devices", f"und0,{VXLAN}")
     client = net.a.pod("client-a", "app=client")
     intruder = net.a.pod("intruder-a", "app=intruder")
-    server = net.b.pod("server-b", "app=server", sys.executable, "-c", SERVER)
+    server = net.b.pod("server-b", "app=server", sys.executable, "-c", HTTP_SERVER, str(PORT))
     twin = net.b.pod("twin-b", "app=client")  # node b knows the client's labels' identity
     assert client["identity"] == twin["identity"] != intruder["identity"]
     url = f"http://{server['ipv4']}:{PORT}"
 
     def get(pod: str, path: str) -> tuple[int, str]:
-        return status_of(net.a.exec(pod, sys.executable, "-c", GET, url + path).stdout)
+        return http_status(net.a.exec(pod, sys.executable, "-c", HTTP_GET, url + path).stdout)
 
     deadline = time.monotonic() + 20
     while get("client-a", "/warmup")[0] != 200:  # no policy yet: straight to the server

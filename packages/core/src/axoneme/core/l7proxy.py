@@ -32,7 +32,11 @@ from typing import Any, Protocol
 
 from axoneme.core.flow import Flow, FlowEndpoint
 from axoneme.core.mapstate import Direction
-from axoneme.core.marks import MARK_MAGIC_FROM_PROXY, identity_of_to_proxy_mark, with_source_identity
+from axoneme.core.marks import (
+    MARK_MAGIC_FROM_PROXY,
+    identity_of_to_proxy_mark,
+    with_source_identity,
+)
 
 LOG = logging.getLogger(__name__)
 

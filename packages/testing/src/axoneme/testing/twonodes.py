@@ -55,6 +55,36 @@ TCP_PROBE = textwrap.dedent("""\
         print("closed", e)
 """)
 
+# argv: PORT; an HTTP server answering every GET with 200 "served <path>"
+HTTP_SERVER = textwrap.dedent("""\
+    import http.server, sys
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"served " + self.path.encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body)))
+            self.end_headers(); self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+""")
+# argv: URL; prints "<status> <body>" (0 and the error when no answer came, 3 s)
+HTTP_GET = textwrap.dedent("""\
+    import sys, urllib.error, urllib.request
+    try:
+        r = urllib.request.urlopen(sys.argv[1], timeout=3)
+        print(r.status, r.read().decode())
+    except urllib.error.HTTPError as e:
+        print(e.code, e.read().decode(errors="replace")[:80])
+    except OSError as e:
+        print(0, e)
+""")
+
+
+def http_status(out: str) -> tuple[int, str]:
+    """(status, body) of what ``HTTP_GET`` printed."""
+    code, _, body = out.strip().partition(" ")
+    return int(code or 0), body
+
 
 def vtep_mac(ip: str) -> str:
     """The VXLAN device MAC of a node (as _routing.vtep_mac)."""
