@@ -126,8 +126,9 @@ def _fwmark_accept_on() -> None:
         with open(FWMARK_ACCEPT, "w", encoding="ascii") as f:
             f.write("1")
     except OSError as e:
-        raise ProxyRulesError(f"cannot set {FWMARK_ACCEPT} (the proxy reads the source "
-                              f"identity from the accepted socket's mark): {e}") from e
+        # the proxies still work: without the mark they name the source by the ipcache
+        LOG.warning("cannot set %s (%s): the L7 proxies name their sources by the ipcache, "
+                    "not by the identity the datapath put in the mark", FWMARK_ACCEPT, e)
 
 
 def _fwmark_accept_restore() -> None:
