@@ -21,14 +21,13 @@ import hashlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from types import MappingProxyType
 from typing import Protocol
 
 from axoneme.core.errors import IdentityError
-from axoneme.core.labels import SOURCE_CIDR, SOURCE_RESERVED, Label, Labels
+from axoneme.core.labels import SOURCE_CIDR, SOURCE_RESERVED, Label, Labels, PrefixLabels
 
 LOG = logging.getLogger(__name__)
 
@@ -109,7 +108,6 @@ def reserved_identity(rid: ReservedIdentity) -> Identity:
 RESERVED_IDENTITIES: tuple[Identity, ...] = tuple(reserved_identity(r) for r in RESERVED_NAMES)
 
 
-_WORLD_LABEL = Label(SOURCE_RESERVED, "world")
 _WORLD_STRING = f"{SOURCE_RESERVED}:world"
 _CIDR_PREFIX = f"{SOURCE_CIDR}:"
 
@@ -190,7 +188,7 @@ class IdentityAllocator:
         key = tuple(labels.sorted_strings())
         with self._lock:
             self._settle()
-            found = self._by_labels.get(key)
+            found = self._labelled(key)
             if found is not None and self._acquired(found, key):
                 self._refs[found.id] = self._refs.get(found.id, 0) + 1
                 return found
@@ -237,8 +235,8 @@ class IdentityAllocator:
         key = tuple(ident.label_strings())
         if self._by_labels.get(key) is ident:
             del self._by_labels[key]
-            for other in self._by_id.values():
-                if tuple(other.label_strings()) == key:
+            for other in self._by_id.values():  # a CIDR identity never holds its label set
+                if not other.local and tuple(other.label_strings()) == key:
                     self._index(key, other)
         if self._snap is not None:
             self._snap.pop(ident.id, None)
@@ -329,14 +327,26 @@ class IdentityAllocator:
             return self._add_cidr(number, net, text)
 
     def _add_cidr(self, number: int, net: IPNetwork, text: str) -> Identity:
-        ident = Identity(number, Labels([Label(SOURCE_CIDR, text), _WORLD_LABEL]), net)
+        # labels made when read, found by prefix (not in _by_labels), listed
+        # by snapshot() when read: nothing per identity but it and its entries
+        ident = Identity(number, PrefixLabels(net), net)
         self._cidr[net] = ident
         self._by_id[number] = ident
-        strings = [f"{SOURCE_CIDR}:{text}", _WORLD_STRING]  # one world string for all
-        self._by_labels[tuple(strings)] = ident
-        if self._snap is not None:
-            self._snap[number] = strings
         return ident
+
+    def _labelled(self, key: tuple[str, ...]) -> Identity | None:
+        """The identity holding a label set (sorted strings): CIDR ones by prefix."""
+        found = self._by_labels.get(key)
+        if found is None and len(key) == 2 and key[1] == _WORLD_STRING and key[0].startswith(
+                _CIDR_PREFIX):
+            try:
+                found = self._cidr.get(ipaddress.ip_network(key[0][len(_CIDR_PREFIX):].replace(
+                    "-", ":")))
+            except ValueError:
+                return None
+            if found is not None and found.label_strings() != list(key):
+                return None  # "cidr:10.0.0.1" names no identity of 10.0.0.1/32
+        return found
 
     def _settle(self) -> None:
         """Create the restored CIDR identities nothing asked for yet (under the lock)."""
@@ -368,7 +378,7 @@ class IdentityAllocator:
     def lookup(self, labels: Labels) -> Identity | None:
         with self._lock:
             self._settle()
-            return self._by_labels.get(tuple(labels.sorted_strings()))
+            return self._labelled(tuple(labels.sorted_strings()))
 
     def all(self) -> list[Identity]:
         with self._lock:
@@ -383,13 +393,13 @@ class IdentityAllocator:
         """Allocated (non-reserved) identities: number -> sorted label strings.
 
         A read-only view kept current as identities come and go (O(1) after
-        the first call): copy it to keep it."""
+        the first call; CIDR identities' lists made when read): copy it to keep it."""
         with self._lock:
             self._settle()
             if self._snap is None:
                 self._snap = {i.id: i.label_strings() for i in self._by_id.values()
-                              if not i.reserved}
-            return MappingProxyType(self._snap)
+                              if not i.reserved and not isinstance(i.labels, PrefixLabels)}
+            return _Snapshot(self._snap, self._by_id)
 
     def count(self) -> int:
         """How many identities are allocated (reserved ones included)."""
@@ -437,3 +447,33 @@ class IdentityAllocator:
                 self._by_labels[tuple(labels.sorted_strings())] = ident
                 self._refs.setdefault(number, 0)
                 self._snapped(ident)
+
+
+class _Snapshot(Mapping[int, list[str]]):
+    """``IdentityAllocator.snapshot()``: the lists kept for cluster identities
+    (``plain``) and, made when read, those of CIDR identities (not in it)."""
+
+    __slots__ = ("_plain", "_by_id")
+
+    def __init__(self, plain: dict[int, list[str]], by_id: dict[int, Identity]) -> None:
+        self._plain = plain
+        self._by_id = by_id
+
+    def __getitem__(self, number: int) -> list[str]:
+        found = self._plain.get(number)
+        if found is not None:
+            return found
+        ident = self._by_id.get(number)
+        if ident is None or not isinstance(ident.labels, PrefixLabels):
+            raise KeyError(number)
+        return ident.label_strings()
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._plain
+        for number, ident in self._by_id.items():
+            if isinstance(ident.labels, PrefixLabels):
+                yield number
+
+    def __len__(self) -> int:
+        # every non-reserved identity is listed: plain or CIDR
+        return len(self._by_id) - sum(1 for n in range(1, MIN_CLUSTER_IDENTITY) if n in self._by_id)

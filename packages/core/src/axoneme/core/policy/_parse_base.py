@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from axoneme.core import yamlsafe
+from axoneme.core._hostnet import compact
 from axoneme.core.labels import NAMESPACE_LABELS_PREFIX, valid_label_key, valid_label_value
 from axoneme.core.policy.api import CIDRPeer, IPNetwork, PolicyKind, PortProtocol
 from axoneme.core.policy.walk import Walker, item, join, type_name
@@ -233,8 +234,9 @@ class _ParserBase:
             if "/" not in text:
                 if not allow_address:
                     raise ValueError("a prefix length is required")
-                return ipaddress.ip_network(text)
-            return ipaddress.ip_network(text, strict=False)
+                return compact(ipaddress.ip_network(text))
+            # a 100k-peer policy keeps 100k /32s: without their hosts closures
+            return compact(ipaddress.ip_network(text, strict=False))
         except ValueError as e:
             w.problem(path, f"invalid CIDR \"{_q(text)}\": {_q(str(e))}")
             return None

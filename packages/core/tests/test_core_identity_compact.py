@@ -1,0 +1,59 @@
+"""CIDR identities kept compact (issue 17: agent RSS at 100k CIDR identities).
+
+Their labels are made when read (``PrefixLabels``), they are found by prefix
+rather than in the label index, and ``snapshot()`` makes their lists when
+read: every answer must equal what full ``Labels`` objects gave.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from axoneme.core.identity import Identity, IdentityAllocator, cidr_labels
+from axoneme.core.labels import Label, Labels, PrefixLabels
+from axoneme.core.selectors import LabelSelector
+
+NETS = [ipaddress.ip_network(n) for n in
+        ("10.244.128.1/32", "10.0.0.0/8", "2001:db8::/64", "2001:db8::7/128")]
+
+
+@pytest.mark.parametrize("net", NETS, ids=str)
+def test_prefix_labels_equal_the_full_labels(net: ipaddress.IPv4Network) -> None:
+    lazy, full = PrefixLabels(net), cidr_labels(net)
+    assert lazy == full and full == lazy and hash(lazy) == hash(full)
+    assert lazy.sorted_strings() == full.sorted_strings() and list(lazy) == list(full)
+    assert len(lazy) == len(full) == 2 and dict(lazy) == dict(full)
+    assert sorted(lazy.values()) == sorted(full.values())
+    text = str(net).replace(":", "-")
+    for source, key in (("cidr", text), ("any", text), ("reserved", "world"), ("any", "world"),
+                        ("cidr", "world"), ("k8s", text), ("reserved", text), ("k8s", "app")):
+        assert lazy.lookup(source, key) == full.lookup(source, key), (source, key)
+    extra = Label("k8s", "app", "x")
+    assert lazy.union([extra]) == full.union([extra])
+    assert Identity(5, lazy, net) == Identity(5, full, net)
+    for sel in (LabelSelector.build(match_labels={"reserved:world": ""}),
+                LabelSelector.build(match_labels={f"cidr:{text}": ""}),
+                LabelSelector.build(match_labels={"app": "x"})):
+        assert sel.matches(lazy) == sel.matches(full)
+
+
+def test_allocator_finds_and_lists_cidr_identities_as_before() -> None:
+    a = IdentityAllocator()
+    app = a.allocate(Labels.from_strings(["k8s:app=web"]))
+    snap = a.snapshot()  # a live view: kept current
+    idents = [a.allocate_cidr(n) for n in NETS]
+    for ident, net in zip(idents, NETS, strict=True):
+        assert isinstance(ident.labels, PrefixLabels)
+        assert a.allocate_cidr(net) is ident and a.get(ident.id) is ident
+        assert a.lookup(cidr_labels(net)) is ident  # by its label set, too
+        assert snap[ident.id] == cidr_labels(net).sorted_strings()
+    assert a.lookup(Labels.from_strings(["cidr:10.244.128.1", "reserved:world"])) is None
+    assert a.lookup(Labels.from_strings(["cidr:not-a-prefix", "reserved:world"])) is None
+    want = {app.id: app.label_strings(), **{i.id: i.label_strings() for i in idents}}
+    assert dict(snap) == want and len(snap) == len(want) == len(a.snapshot())
+    assert set(snap) == set(want) and 1 not in snap  # reserved ones are not listed
+    with pytest.raises(KeyError):
+        snap[1]
+    # allocate() of a CIDR label set answers the CIDR identity, as the label index did
+    assert a.allocate(cidr_labels(NETS[0])) is idents[0]
