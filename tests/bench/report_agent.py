@@ -26,8 +26,23 @@ def _cells(r: Any) -> list[Any]:
 
 
 def _adopt(r: Any) -> Any | None:
+    """The restart trial with the median ready time (restart_adopt.py runs
+    several in a row; the suite one)."""
     ts = [t for n in r.sizes("B5", "agent-ebpf-adopt") for t in r.all("B5", "agent-ebpf-adopt", n)]
+    ok = sorted((t for t in ts if not t.error and "ready_s" in t.metrics),
+                key=lambda t: t.metrics["ready_s"])
+    if ok:
+        return ok[(len(ok) - 1) // 2]
     return ts[-1] if ts else None
+
+
+def _rebuilt(m: dict[str, float]) -> str:
+    """An adopting restart's background rebuild (agent/_checkpoint.py)."""
+    if not m.get("adopting"):
+        return ""
+    return (f"; it adopted the kernel's state (checkpoint and stamp matched): the policy "
+            f"state was rebuilt and compared with the kernel in the background, every "
+            f"request but /v1/healthz waiting for it, served from {m['rebuilt_s']:.2f} s")
 
 
 def _split(m: dict[str, float]) -> str:
@@ -81,7 +96,7 @@ def targets(r: Any) -> list[tuple[str, str, str, str]]:
                  f"datapath load", f"{own:.2f} s + {load:.2f} s",
                  "met" if own <= START_MAX_S and t.enforced else "MISSED",
                  f"SIGTERM, `agent run` again until /v1/healthz answers ({m['ready_s']:.2f} s); "
-                 f"datapath load = its compile_seconds metric; {t.proof}"))
+                 f"datapath load = its compile_seconds metric{_rebuilt(m)}; {t.proof}"))
     return rows
 
 
@@ -104,7 +119,8 @@ def section(r: Any, w: Callable[[str], None]) -> None:
         m = t.metrics
         w(f"\n**Restart adopting the N={t.n:,} state** (SIGTERM, then `agent run` on the same "
           f"state dir and pinned maps): ready in {m.get('ready_s', float('nan')):.2f} s, of "
-          f"which the datapath's compile/load {m.get('datapath_load_s', float('nan')):.2f} s; "
+          f"which the datapath's compile/load {m.get('datapath_load_s', float('nan')):.2f} s"
+          f"{_rebuilt(m)}; "
           f"RSS {m.get('rss_mb_before', 0):.0f} MB before, {m.get('rss_mb', 0):.0f} MB after"
           f"{_split(m)}; "
           f"{t.proof if not t.error else 'FAILED: ' + t.error}.")

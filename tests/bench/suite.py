@@ -1210,6 +1210,13 @@ def _agent_adopt(agent: Agent, n: int, srv_ep: int) -> Trial:
         agent.proc.send_signal(signal.SIGTERM)
         agent.proc.wait(120)
         t.metrics["ready_s"] = agent.start(timeout=300)
+        # an adopting restart answers /v1/healthz before its policy state is
+        # rebuilt in the background (agent/_checkpoint.py); every other request
+        # waits for the rebuild, the first one measures it
+        t0 = time.perf_counter()
+        t.metrics["adopting"] = float(bool(agent.api().get("/v1/healthz").get("adopting")))
+        agent.api().get("/v1/status")
+        t.metrics["rebuilt_s"] = t.metrics["ready_s"] + time.perf_counter() - t0
         t.metrics["rss_mb"] = _rss_kb(agent.proc.pid) / 1024
         t.metrics.update({f"{k}_mb": v for k, v in _mem_split_mb(agent.proc.pid).items()})
         metrics = subprocess.run(["curl", "-s", "--unix-socket", agent.sock, "http://x/metrics"],

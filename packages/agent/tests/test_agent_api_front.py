@@ -70,11 +70,18 @@ class Served:
         return out
 
 
+def _adopted() -> asyncio.Event:
+    """The agent's adoption gate, open (no restart rebuilding in the background)."""
+    ev = asyncio.Event()
+    ev.set()
+    return ev
+
+
 @contextmanager
 def serve(path: str, k8s_mode: bool = False) -> Iterator[Served]:
     """The agent's app behind the front (as ``agent run`` serves it) on its own loop."""
     policies = FakePolicies()
-    agent = SimpleNamespace(views=SimpleNamespace(status=lambda: {"ok": 1}), endpoints=None,
+    agent = SimpleNamespace(adopted=_adopted(), views=SimpleNamespace(status=lambda: {"ok": 1}), endpoints=None,
                             policies=policies, namespaces=None, pods=None,
                             config=SimpleNamespace(k8s_mode=k8s_mode, flow_injection=False))
     loop = asyncio.new_event_loop()

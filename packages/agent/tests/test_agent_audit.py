@@ -174,8 +174,10 @@ def test_promote_is_refused_in_kubernetes_mode() -> None:
     from aiohttp.test_utils import TestClient, TestServer
     from axoneme.agent._api import build_app
 
-    agent = SimpleNamespace(views=None, endpoints=None, policies=None, namespaces=None, pods=None,
-                            config=SimpleNamespace(k8s_mode=True, flow_injection=False))
+    adopted = asyncio.Event()
+    adopted.set()
+    agent = SimpleNamespace(adopted=adopted, views=None, endpoints=None, policies=None,
+                            namespaces=None, pods=None, config=SimpleNamespace(k8s_mode=True, flow_injection=False))
 
     async def go() -> tuple[int, dict]:
         async with TestClient(TestServer(build_app(agent))) as client:  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from axoneme.agent import _checkpoint as checkpoint
 from axoneme.agent import _gcpause
 from axoneme.agent import _netlink as nl
 from axoneme.agent import _tracing as tracing
@@ -180,6 +181,8 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._events_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.adoption = checkpoint.Adoption()  # a restart's background rebuild
+        self.adopted = self.adoption.done  # the API's gate (_api)
         self._state_lock: PidLock | None = None
 
     @property
@@ -236,6 +239,9 @@ class Agent:
     async def _start(self) -> None:
         config = self.config
         self._start_observability()  # a taken port fails before the kernel is touched
+        # the restart checkpoint and its inputs, before anything is written (_checkpoint)
+        ckpt = checkpoint.take(config)
+        inputs = checkpoint.inputs_fingerprint(config) if ckpt is not None else ""
         saved = self.store.load() or {}
         self.endpoints.restore_ipam()
         # datapath calls never run on the event loop's thread: some use
@@ -247,6 +253,9 @@ class Agent:
             raise ConfigError(f"host_firewall (--enable-host-firewall): the {dp.name} datapath "
                               f"does not enforce host policies (capability host_policy)")
         self.datapath = dp
+        # erased now whatever comes next: only a clean stop leaves one
+        stamp = await asyncio.to_thread(self.regenerator.call, dp.take_adopt_stamp)
+        why = checkpoint.adoptable(ckpt, inputs, stamp, self._not_adoptable())
         if self.store.saved_identities:
             self.allocator.restore(self.store.saved_identities)
             self.store.saved_identities = {}  # the allocator has them (100k lists at scale)
@@ -255,8 +264,9 @@ class Agent:
             store=self.store, identity_of_ip=self.engine.identity_of_ip,
             policy_of=self._policy_of, flow_sink=self.flows.add,
             identity_marks="proxy_identity_mark" in dp.capabilities)
-        self.policies.restore()
-        self.fqdn.start()  # restored DNS names are in the engine before endpoints sync
+        if why:
+            self.policies.restore()
+            self.fqdn.start()  # restored DNS names are in the engine before endpoints sync
         if config.guard:
             await asyncio.to_thread(guard_mod.install, config.pod_cidr, config.state_dir)
             self.views.guard_installed = True
@@ -267,10 +277,36 @@ class Agent:
             await asyncio.to_thread(NodeRouting().cleanup)
         await asyncio.to_thread(self.regenerator.call, dp.start)
         await self._wire_node_devices(dp)
+        if why:
+            await self._adopt_state(dp)
+            await self.store.persist()
+            self._update_gauges()
+        else:  # the API waits for it (_api's gate), /v1/healthz does not
+            self.adoption.begin(lambda: self._rebuild(dp), self._started_hook)
+        self.flows.bind_loop(asyncio.get_running_loop())
+        self._start_events(dp)
+        self.views.started = time.time()
+        if config.install_cni:
+            install_cni(config)
+        self._tasks.append(asyncio.create_task(self._tick()))
+        for source in self.policy_sources:
+            await source.start()
+            self._tasks.append(asyncio.create_task(source.run()))
+        if why:
+            await self._started_hook()
+
+    def _not_adoptable(self) -> str:
+        """Why this agent never adopts at once: sources read after the start."""
+        return ("Kubernetes mode" if self.k8s is not None else "a policy directory"
+                if self.policy_sources else "the host firewall" if self.hostfw else "")
+
+    async def _adopt_state(self, dp: Datapath) -> None:
+        """Undo interrupted work, adopt the endpoints, the kernel holds their policy."""
         await self.endpoints.reconcile_interrupted()
         await self.pods.reconcile_interrupted()
         # the node's addresses are the host entity, for every datapath
-        self.engine.set_host_addresses(await asyncio.to_thread(nl.host_addresses, config.pod_cidr))
+        self.engine.set_host_addresses(
+            await asyncio.to_thread(nl.host_addresses, self.config.pod_cidr))
         if self.k8s is not None:
             # every resource listed before endpoints are adopted or served: an
             # empty cache would give them wrong identities and no policy
@@ -287,22 +323,21 @@ class Agent:
             await asyncio.to_thread(self.regenerator.call, dp.endpoint_removed, host_endpoint({}))
         if self.k8s is not None:
             await self.k8s.services_ready()
-        self.flows.bind_loop(asyncio.get_running_loop())
-        self._start_events(dp)
-        await self.store.persist()
-        self.views.started = time.time()
-        self._update_gauges()
-        if config.install_cni:
-            install_cni(config)
-        self._tasks.append(asyncio.create_task(self._tick()))
-        for source in self.policy_sources:
-            await source.start()
-            self._tasks.append(asyncio.create_task(source.run()))
+
+    async def _started_hook(self) -> None:
         try:
             status = await asyncio.to_thread(self.views.status)
             self.pm.hook.axoneme_agent_started(status=status)
         except Exception:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
+
+    async def _rebuild(self, dp: Datapath) -> None:
+        async with self.store.lock:
+            await asyncio.to_thread(self.policies.restore)
+            self.fqdn.start()
+            await self._adopt_state(dp)
+            await self.store.persist()
+            self._update_gauges()
 
     def _check_devices(self) -> None:
         """Every configured device exists in this network namespace (ConfigError)."""
@@ -380,6 +415,7 @@ class Agent:
     async def stop(self) -> None:
         """Clean shutdown: stop readers; kernel enforcement stays in place."""
         self._stopping.set()
+        await self.adoption.finish()
         if self.k8s is not None:
             self.k8s.stop()
         for t in self._tasks:
@@ -402,10 +438,19 @@ class Agent:
         try:
             async with self.store.lock:
                 await self.store.persist()
+                await asyncio.to_thread(self._write_checkpoint)
         except Exception:
             LOG.exception("final state write failed")
         if self._state_lock is not None:
             self._state_lock.release()
+
+    def _write_checkpoint(self) -> None:
+        regen, dp = self.regenerator, self.datapath
+        checkpoint.leave(self.config, dp, self._not_adoptable() or (
+            "the datapath did not start" if dp is None else "the policy state was still "
+            "being rebuilt" if not self.adopted.is_set() else "datapath writes wait for a "
+            "retry" if regen.behind or regen.fail_closed else "policy changes not written"
+            if self.engine.pending_size() else self.store.error))
 
     # -- the periodic tick ------------------------------------------------------------
     async def _tick(self) -> None:

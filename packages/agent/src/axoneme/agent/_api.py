@@ -87,11 +87,22 @@ def _ref(d: dict[str, Any]) -> PolicyRef:
 def build_app(agent: Agent) -> web.Application:
     views, endpoints, policies = agent.views, agent.endpoints, agent.policies
     namespaces, pods = agent.namespaces, agent.pods
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    adopted = agent.adopted
+
+    @web.middleware
+    async def adoption_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # a restart adopting the kernel's state rebuilds the policy state in the
+        # background (_checkpoint): everything but the health check waits for it
+        if not adopted.is_set() and request.path != "/v1/healthz":
+            await adopted.wait()
+        return await handler(request)
+
+    app = web.Application(middlewares=[errors_middleware, adoption_gate],
+                          client_max_size=MAX_BODY)
     r = app.router
 
     async def healthz(request: web.Request) -> web.Response:
-        return _json({"ok": True})
+        return _json({"ok": True} if adopted.is_set() else {"ok": True, "adopting": True})
 
     async def status(request: web.Request) -> web.Response:
         return _json(await asyncio.to_thread(views.status))
@@ -146,11 +157,15 @@ def build_app(agent: Agent) -> web.Application:
     # the policy changes: also served by the hot routes' front (_apifast), same handlers
     async def apply_hot(read: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, Any]:
         k8s_policies_only()
+        if not adopted.is_set():  # the front (_apifast) skips the middlewares
+            await adopted.wait()
         body = await read()
         return 200, await policies.apply(body.get("documents") or [])
 
     async def delete_hot(read: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, Any]:
         k8s_policies_only()
+        if not adopted.is_set():
+            await adopted.wait()
         refs = [_ref(d) for d in (await read()).get("refs") or []]
         if not refs:
             raise BadRequest("no policy given")

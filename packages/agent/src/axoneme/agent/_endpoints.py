@@ -170,12 +170,9 @@ class EndpointService:
             rec.host_ifindex = idx
             self.store.endpoint_objs[rec.id] = self.build_endpoint(rec)
             rec.status = "ready"
-        with self.engine.batch():
-            for ep in self.store.endpoint_objs.values():
-                self.engine.upsert_endpoint(ep)
-            for rec in self.store.endpoints.values():
-                if rec.policy_audit_mode and rec.id in self.store.endpoint_objs:
-                    self.engine.set_audit_mode(rec.id, True)
+        # in a worker thread: at scale the batch's resolution takes seconds, and
+        # a restart adopting the kernel's state answers health checks meanwhile
+        await asyncio.to_thread(self._resolve_adopted)
         self.store.reindex()
         errors = await asyncio.to_thread(self.regen.sync_all,
                                          list(self.store.endpoint_objs.values()))
@@ -183,6 +180,14 @@ class EndpointService:
             if rec.id in errors:
                 LOG.error("endpoint %d: policy not applied at start: %s", rec.id, errors[rec.id])
                 rec.status = f"not-ready: {errors[rec.id]}"
+
+    def _resolve_adopted(self) -> None:
+        with self.engine.batch():
+            for ep in self.store.endpoint_objs.values():
+                self.engine.upsert_endpoint(ep)
+            for rec in self.store.endpoints.values():
+                if rec.policy_audit_mode and rec.id in self.store.endpoint_objs:
+                    self.engine.set_audit_mode(rec.id, True)
 
     # -- CNI ---------------------------------------------------------------------------
     @tracing.traced("cni.add", lambda self, req: {

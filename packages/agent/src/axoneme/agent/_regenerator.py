@@ -132,12 +132,22 @@ class Regenerator:
             current = dp.dump_ipcache() if _can(dp, "ipcache_dump") else {}
             stale = frozenset(k for k in current if k not in desired)
             dp.ipcache_apply(IPCacheChanges(dict(desired), stale))
+            if current and (stale or any(current.get(k) != v for k, v in desired.items())):
+                LOG.warning("start: the kernel's ipcache differed from the computed one "
+                            "(%d prefixes removed, %d written)", len(stale),
+                            sum(1 for k, v in desired.items() if current.get(k) != v))
             for ep in endpoints:
                 enf = self.engine.enforcement(ep.id)
                 dp.endpoint_added(ep, *enf)
                 self._enforcement[ep.id] = enf
                 try:
-                    _policy_write(dp.sync, ep, self.engine.resolve(ep.id))
+                    changed = _policy_write(dp.sync, ep, self.engine.resolve(ep.id))
+                    if changed:
+                        # expected after a change while the agent was down; else the
+                        # kernel was changed behind its back (or a write was lost)
+                        LOG.warning("start: endpoint %d: the kernel's policy differed from the "
+                                    "computed one (%d entries written, %d removed)", ep.id,
+                                    len(changed.adds), len(changed.deletes))
                     # a previous run may have left it failing closed: it fits now
                     self._switch_fail_closed(dp, ep, frozenset())
                 except DatapathError as e:

@@ -185,6 +185,22 @@ class Datapath(abc.ABC):
         """Verdict/drop events; blocks until ``stop()``. Default: none."""
         return iter(())
 
+    # A restart's adoption stamp (the agent's checkpoint, agent/_checkpoint.py):
+    # a clean stop leaves a token beside the kernel's state saying "this state
+    # is exactly what the stopping agent computed"; the next start takes it
+    # (reads and erases it, before any write of its own), so a token is only
+    # ever found after a clean stop with nothing written since. A datapath
+    # whose kernel state does not outlive the agent keeps none.
+    def take_adopt_stamp(self) -> str:
+        """The token ``set_adopt_stamp`` left in the kernel, erased now (may be
+        called before ``start``); "" if there is none. Default: none."""
+        return ""
+
+    def set_adopt_stamp(self, stamp: str) -> None:
+        """Leave ``stamp`` beside the kernel's state (a clean stop, after the
+        last write). Default: nothing is kept (``take_adopt_stamp`` finds none)."""
+        return None
+
     def status(self) -> DatapathStatus:
         return DatapathStatus(self.name, self.config.mode)
 

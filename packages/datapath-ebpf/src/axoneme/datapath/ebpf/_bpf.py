@@ -158,6 +158,9 @@ def libbpf() -> Any:
             ("bpf_map_delete_elem", [ct.c_int, ct.c_void_p]),
             ("bpf_map_get_next_key", [ct.c_int, ct.c_void_p, ct.c_void_p]),
             ("bpf_obj_get", [ct.c_char_p]),
+            ("bpf_obj_pin", [ct.c_int, ct.c_char_p]),
+            ("bpf_map_create", [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
+                                ct.c_void_p]),
             ("bpf_prog_test_run_opts", [ct.c_int, ct.c_void_p]),
             ("bpf_map_update_batch", [ct.c_int, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]),
@@ -315,6 +318,54 @@ def map_items_batch(fd: int, key_size: int, value_size: int,
             return
         ct.memmove(in_b, out_b, len(out_b))
         first = False
+
+
+# ---- the adoption stamp (Datapath.take_adopt_stamp) ---------------------------
+
+STAMP_PIN = "axoneme_stamp_v1"  # under bpffs_root; made from here, no program reads it
+STAMP_SIZE = 32
+_BPF_MAP_TYPE_ARRAY = 2
+
+
+def stamp_take(path: str) -> bytes:
+    """The token in the pinned stamp map at ``path`` (b"" if none), erased:
+    one array slot of ``STAMP_SIZE`` bytes, all zero when there is none."""
+    lib = libbpf()
+    fd = lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        return b""
+    try:
+        key, value = ct.c_uint32(0), (ct.c_uint8 * STAMP_SIZE)()
+        if not map_lookup(fd, key, value):
+            return b""
+        token = bytes(value)
+        if any(token):
+            map_update(fd, key, (ct.c_uint8 * STAMP_SIZE)())
+        return token if any(token) else b""
+    finally:
+        os.close(fd)
+
+
+def stamp_set(path: str, token: bytes) -> None:
+    """Write ``token`` (``STAMP_SIZE`` bytes) into the stamp map at ``path``,
+    creating and pinning the map when it is not there. OSError on failure."""
+    lib = libbpf()
+    fd = lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        fd = lib.bpf_map_create(_BPF_MAP_TYPE_ARRAY, b"ax_stamp", 4, STAMP_SIZE, 1, None)
+        if fd < 0:
+            e = _err(fd)
+            raise OSError(e, f"creating the stamp map: {os.strerror(e)}")
+        rc = lib.bpf_obj_pin(fd, path.encode())
+        if rc != 0:
+            e = _err(rc)
+            os.close(fd)
+            raise OSError(e, f"pinning {path}: {os.strerror(e)}")
+    try:
+        value = (ct.c_uint8 * STAMP_SIZE).from_buffer_copy(token.ljust(STAMP_SIZE, b"\0")[:STAMP_SIZE])
+        map_update(fd, ct.c_uint32(0), value)
+    finally:
+        os.close(fd)
 
 
 def possible_cpus() -> int:

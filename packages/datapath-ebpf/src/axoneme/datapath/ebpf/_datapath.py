@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import ctypes as ct
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -417,6 +418,30 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                 LOG.warning("pinned map %s has key/value sizes %s, this version needs %s: "
                             "replacing it", path, got, want)
                 os.unlink(path)
+
+    def take_adopt_stamp(self) -> str:
+        """The stamp a clean stop left in the pinned ``axoneme_stamp_v1`` map,
+        erased (see ``Datapath.take_adopt_stamp``); works before ``start``."""
+        with self._lock:
+            try:
+                token = _bpf.stamp_take(os.path.join(self.config.bpffs_root, _bpf.STAMP_PIN))
+            except OSError as e:
+                LOG.warning("cannot read the adoption stamp: %s", e)
+                return ""
+            return token.hex()
+
+    def set_adopt_stamp(self, stamp: str) -> None:
+        try:
+            token = bytes.fromhex(stamp)
+        except ValueError:
+            token = b""
+        if len(token) != _bpf.STAMP_SIZE:
+            token = hashlib.sha256(stamp.encode()).digest()
+        with self._lock:
+            try:
+                _bpf.stamp_set(os.path.join(self.config.bpffs_root, _bpf.STAMP_PIN), token)
+            except OSError as e:
+                raise DatapathProgramError("adoption stamp", e.errno, str(e)) from e
 
     def stop(self) -> None:
         self._stopped.set()
