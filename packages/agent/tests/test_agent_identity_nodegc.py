@@ -388,3 +388,42 @@ def test_the_periodic_collector_jitters_its_interval():
     pauses = [gc.pause() for _ in range(200)]
     assert all(10 * (1 - JITTER) <= p <= 10 * (1 + JITTER) for p in pauses)
     assert max(pauses) - min(pauses) > 2 and 9 < sum(pauses) / len(pauses) < 11
+
+
+def test_a_number_deleted_and_taken_for_other_labels_while_a_node_starts_using_it_moves():
+    """The e2e's interleaving (a loaded machine: 1,000 cycles, a 1 s heartbeat): x starts using
+    an identity again while its watch has not brought the collector's mark, so acquiring it
+    writes nothing; the collector deletes it; z, whose watch is current, creates the number for
+    other labels. x's watch then brings mark, delete and the new object: x cannot create it
+    again, so x's holders move to another number and x knows the number by the API's labels
+    (before: x kept it for its labels, a fault for ever, and one number named two label sets)."""
+    from test_agent_identity_crd import Clock
+
+    api = FakeIdentityAPI()
+    x, y, z = Node(api, "x"), Node(api, "y"), Node(api, "z")
+    for n in (x, y, z):
+        n.deliver()
+    number = x.use(labels(1))
+    x.stop_using(labels(1))
+    for n in (x, y, z):
+        n.deliver()
+    clock = Clock()
+    gc = IdentityGC(y.store, y.alloc, set, interval=1, timeout=1, clock=clock)
+    gc.run_once()  # y marks it (x's watch stops here)
+    y.deliver()
+    clock.now += 1
+    gc.run_once()  # and deletes it
+    assert api.get(number) is None
+    z.deliver()
+    assert z.use(labels(2)) == number  # the number is free: z's walk starts there
+    assert x.use(labels(1)) == number  # x's cache: unmarked, so nothing written
+    x.deliver()
+    moved = x.held[key(labels(1))]
+    assert moved != number and api.labels_of(moved) == key(labels(1))
+    assert x.alloc.get(number).label_strings() == list(key(labels(2)))  # type: ignore[union-attr]
+    assert x.alloc.lookup(labels(1)).id == moved  # type: ignore[union-attr]
+    assert x.alloc.references() == {moved: 1} and x.sync.faults() == []
+    for n in (x, y, z):
+        n.deliver()
+        assert n.alloc.lookup(labels(1)).id == moved  # type: ignore[union-attr]
+        assert n.alloc.lookup(labels(2)).id == number  # type: ignore[union-attr]

@@ -24,6 +24,13 @@ Allocation (``_identitycrd.CRDIdentityStore``, the allocator's ``IdentityStore``
    deletes a number in the middle of another node's walk. Every node then
    answers the lowest of them, re-identifies its endpoints that hold a higher
    one, and the higher one, unused, is collected: the cluster converges.
+4. A node can start using a number the collector is deleting (its watch had
+   not brought the mark, so acquiring it wrote nothing), and another node can
+   then create that number for other labels before this one creates it again.
+   The API's labels win: this node re-identifies the endpoints and remote pods
+   that hold the number (they get another number for their labels, through
+   1-2) and then knows the number by the API's labels
+   (``IdentitySync.move_off_taken``).
 
 The watch (``IdentitySync``)
 ----------------------------
@@ -154,6 +161,7 @@ class IdentitySync:
         unmark = [n for n in refs if n in store.objects and marked_at(store.objects[n]) is not None]
         if lost or unmark:
             await asyncio.to_thread(self.repair, lost, unmark)
+        await self.move_off_taken()
         stale = set()
         for number in refs:
             held = alloc.get(number)
@@ -164,6 +172,27 @@ class IdentitySync:
             LOG.warning("identities %s: a lower number holds the same labels: "
                         "re-identifying their endpoints", ",".join(map(str, sorted(stale))))
             await self.relabel(stale)
+
+    async def move_off_taken(self) -> None:
+        """Numbers this node holds for labels other than the API's (step 4 of the
+        module docstring: its delete and re-creation crossed this node's use): the
+        holders move to another number, then the number is what the API says."""
+        store, alloc = self.store, self.allocator
+        taken = set()
+        for number in list(self.conflicts):
+            obj, held = store.objects.get(number), alloc.get(number)
+            if obj is not None and held is not None and \
+                    object_labels(obj) != held.label_strings() and alloc.disown(number):
+                taken.add(number)
+        if not taken:
+            return
+        LOG.warning("identities %s: the API server gives them other labels now: moving "
+                    "their endpoints to another number", ",".join(map(str, sorted(taken))))
+        await self.relabel(taken)
+        for number in taken:
+            obj = store.objects.get(number)
+            if obj is not None and alloc.forget(number) and alloc.learn(number, object_labels(obj)):
+                self.conflicts.pop(number, None)
 
     def repair(self, lost: Iterable[int], unmark: Iterable[int]) -> None:
         """Put back what this node uses (a worker thread: API writes)."""

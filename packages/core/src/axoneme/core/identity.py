@@ -171,6 +171,9 @@ class IdentityAllocator:
         self._lazy_cidr: dict[str, int] = {}
         self._next_local = 1
         self._refs: dict[int, int] = {}
+        # numbers the store gives other labels while this node still holds them
+        # (``disown``): no longer the answer for their label set
+        self._disowned: set[int] = set()
         # snapshot(), kept current once asked for (the agent reads it on every state write)
         self._snap: dict[int, list[str]] | None = None
         self._store = store
@@ -223,6 +226,8 @@ class IdentityAllocator:
 
     def _index(self, key: tuple[str, ...], ident: Identity) -> None:
         """``_by_labels`` names the lowest number holding a label set."""
+        if ident.id in self._disowned:
+            return
         old = self._by_labels.get(key)
         if old is None or old.id not in self._by_id or ident.id < old.id:
             self._by_labels[key] = ident
@@ -232,6 +237,7 @@ class IdentityAllocator:
         label set (a duplicate) becomes the answer for it."""
         self._by_id.pop(ident.id, None)
         self._refs.pop(ident.id, None)
+        self._disowned.discard(ident.id)
         key = tuple(ident.label_strings())
         if self._by_labels.get(key) is ident:
             del self._by_labels[key]
@@ -264,6 +270,27 @@ class IdentityAllocator:
             self._refs.setdefault(number, 0)
             self._index(key, ident)
             self._snapped(ident)
+            return True
+
+    def disown(self, number: int) -> bool:
+        """The store holds ``number`` for other labels than this node, which
+        still uses it (its delete and re-creation for another label set
+        crossed this node's use): it stops being the answer for its label set,
+        so the holders can move to another number (allocate), then ``forget``
+        it and ``learn`` what the store says. False when unknown or not ours."""
+        with self._lock:
+            self._settle()
+            ident = self._by_id.get(number)
+            if ident is None or ident.reserved or ident.local:
+                return False
+            self._disowned.add(number)
+            key = tuple(ident.label_strings())
+            if self._by_labels.get(key) is ident:
+                del self._by_labels[key]
+                for other in self._by_id.values():
+                    if not other.local and other is not ident \
+                            and tuple(other.label_strings()) == key:
+                        self._index(key, other)
             return True
 
     def forget(self, number: int) -> bool:
