@@ -11,6 +11,7 @@ import sys
 import pytest
 from axoneme.agent.proxy import RedirectRules
 from axoneme.core.marks import to_proxy_mark
+from axoneme.testing.netns import add_netns, del_netns
 
 pytestmark = [
     pytest.mark.privileged,
@@ -99,7 +100,7 @@ def test_identity_marks_let_the_accepted_socket_inherit_the_mark(tmp_path) -> No
     value comes back with the cleanup. In a network namespace of ours (the
     sysctl is per namespace): nothing on the host changes."""
     ns = f"axt-idm-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    add_netns(ns)
     try:
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", IDENTITY_RULES],
                              capture_output=True, text=True, timeout=60)
@@ -107,4 +108,4 @@ def test_identity_marks_let_the_accepted_socket_inherit_the_mark(tmp_path) -> No
         got = dict(line.split() for line in out.stdout.splitlines())
         assert got == {"sysctl": "1", "identity": "1", "tproxy": "3", "after": "0"}, out.stdout
     finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+        del_netns(ns)
