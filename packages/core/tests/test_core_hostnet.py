@@ -30,6 +30,9 @@ def test_wider_prefixes_are_left_alone() -> None:
     for text in ("10.0.0.0/24", "10.0.0.0/31", "fd00::/64"):
         net = ipaddress.ip_network(text)
         assert compact(net) is net and type(net) in (ipaddress.IPv4Network, ipaddress.IPv6Network)
+    # a host prefix: a new object (the original keeps its closure)
+    host = ipaddress.ip_network("10.0.0.1/32")
+    assert compact(host) is not host and "hosts" in host.__dict__
 
 
 def test_parsed_cidr_peers_are_compact() -> None:

@@ -57,3 +57,43 @@ def test_allocator_finds_and_lists_cidr_identities_as_before() -> None:
         snap[1]
     # allocate() of a CIDR label set answers the CIDR identity, as the label index did
     assert a.allocate(cidr_labels(NETS[0])) is idents[0]
+
+
+@pytest.mark.parametrize("net", NETS, ids=str)
+def test_label_selectors_find_cidr_identities_without_an_index_entry(
+        net: ipaddress.IPv4Network) -> None:
+    """The selector cache leaves CIDR identities out of its label index; a
+    label selector on reserved:world or the cidr label still selects them,
+    selected first or added first, and lets them go."""
+    from axoneme.core.identity import RESERVED_IDENTITIES, ReservedIdentity
+    from axoneme.core.policy._selectorcache import SelectorCache
+
+    text = str(net).replace(":", "-")
+    sels = {"world": LabelSelector.build(match_labels={"reserved:world": ""}),
+            "cidr": LabelSelector.build(match_labels={f"cidr:{text}": ""}),
+            "any": LabelSelector.build(match_labels={f"any:{text}": ""}),
+            "other": LabelSelector.build(match_labels={"cidr:192.0.2.0/24": ""})}
+    worlds = {int(ReservedIdentity.WORLD)}  # world-ipv4/-ipv6 carry labels of their own
+    for selector_first in (True, False):
+        cache = SelectorCache()
+        for ident in RESERVED_IDENTITIES:
+            cache.add_identity(ident)
+        if selector_first:
+            for sel in sels.values():
+                cache.add_selector(sel)
+        ident = IdentityAllocator().allocate_cidr(net)
+        changed = cache.add_identity(ident)
+        if not selector_first:
+            for sel in sels.values():
+                cache.add_selector(sel)
+        else:
+            assert changed == {sels["world"], sels["cidr"], sels["any"]}
+        assert cache.cidr_identity(net) is ident and cache.cidr_identity(str(net)) is ident
+        assert set(cache.selected(sels["world"])) == worlds | {ident.id}
+        assert set(cache.selected(sels["cidr"])) == set(cache.selected(sels["any"])) == {ident.id}
+        assert set(cache.selected(sels["other"])) == set()
+        assert cache.add_identity(ident) == set()  # a second reference
+        assert cache.remove_identity(ident.id) == set() and ident.id in cache
+        assert cache.remove_identity(ident.id) == {sels["world"], sels["cidr"], sels["any"]}
+        assert ident.id not in cache and cache.cidr_identity(net) is None
+        assert set(cache.selected(sels["world"])) == worlds

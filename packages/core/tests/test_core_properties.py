@@ -351,8 +351,9 @@ def test_incremental_equals_full_recompute(ops: list[tuple[object, ...]], mode: 
 def _full_ipcache(engine: PolicyEngine) -> dict[object, int]:
     """The ipcache as the engine defines it, built from scratch."""
     out: dict[object, int] = {ipaddress.ip_network("0.0.0.0/0"): 2, ipaddress.ip_network("::/0"): 2}
-    for net, ident in engine._cidr_ids.items():
-        out[net] = ident.id
+    for ident in engine.identities():
+        if ident.cidr is not None:
+            out[ident.cidr] = ident.id
     for net in engine._host_nets:
         out[net] = 1
     for ep in engine.endpoints():

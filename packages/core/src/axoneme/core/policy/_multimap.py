@@ -61,6 +61,25 @@ def discard(d: MutableMapping[K, Any], key: K, member: Hashable) -> bool:
     return False
 
 
+def ref(more: dict[K, int], key: K) -> None:
+    """One more reference to ``key`` beyond its first (which its presence
+    elsewhere stands for): a count of 1, the usual one, takes no entry."""
+    more[key] = more.get(key, 0) + 1
+
+
+def unref(more: dict[K, int], key: K) -> bool:
+    """Drop one of the references beyond the first; False when there was
+    none (the caller drops the last one)."""
+    n = more.get(key)
+    if n is None:
+        return False
+    if n == 1:
+        del more[key]
+    else:
+        more[key] = n - 1
+    return True
+
+
 def members(d: MutableMapping[K, Any] | dict[K, Any], key: K) -> Collection[Any]:
     """The members of ``key`` (empty if none). Do not mutate."""
     cur = d.get(key, _NONE)
@@ -77,4 +96,4 @@ def pop(d: MutableMapping[K, Any], key: K) -> Collection[Any]:
     return cast("Collection[Any]", cur) if type(cur) is _Many else (cur,)
 
 
-__all__ = ["add", "discard", "members", "pop"]
+__all__ = ["add", "discard", "members", "pop", "ref", "unref"]

@@ -30,7 +30,7 @@ from collections.abc import Collection, Hashable, Iterable, Set
 from typing import Any
 
 from axoneme.core.identity import Identity, ReservedIdentity
-from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED
+from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED, PrefixLabels
 from axoneme.core.policy import _multimap as mm
 from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
 from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
@@ -123,14 +123,14 @@ class SelectorCache:
 
     def __init__(self) -> None:
         self._idents: dict[int, Identity] = {}
-        self._refs: dict[int, int] = {}
-        # (label key, value) -> ids carrying it (any source); candidates for In
-        # (a CIDR identity's own label has one id: a lone one without a set, _multimap)
+        self._more_refs: dict[int, int] = {}  # references beyond the first (_multimap.ref)
+        # (label key, value) -> ids carrying it (any source); candidates for In.
+        # CIDR identities with PrefixLabels are not in it: found by prefix (_label_ids)
         self._kv: dict[tuple[str, str], Any] = {}
         # selector -> its selection: a set, or a lone id bare (a CIDR peer's /32
         # selects one identity: no 216-byte set per peer of a 100k-peer policy)
         self._sel: dict[Selector, set[int] | int] = {}
-        self._sel_refs: dict[Selector, int] = {}
+        self._sel_more: dict[Selector, int] = {}  # references beyond the first
         # id -> selectors selecting it (a lone one without a set: _multimap)
         self._by_id: dict[int, Any] = {}
         self._fqdn: dict[FQDNPeer, frozenset[int]] = {}  # learned IP identities per toFQDNs selector
@@ -177,12 +177,13 @@ class SelectorCache:
 
     def add_identity(self, ident: Identity) -> set[Selector]:
         """Reference an identity; returns the selectors whose selection changed."""
-        self._refs[ident.id] = self._refs.get(ident.id, 0) + 1
         if ident.id in self._idents:
+            mm.ref(self._more_refs, ident.id)
             return set()
         self._idents[ident.id] = ident
-        for lab in ident.labels.values():
-            mm.add(self._kv, (lab.key, lab.value), ident.id)
+        if not isinstance(ident.labels, PrefixLabels):
+            for lab in ident.labels.values():
+                mm.add(self._kv, (lab.key, lab.value), ident.id)
         if ident.cidr is not None:
             net = ident.cidr
             self._cidr_ids.setdefault((net.version, net.prefixlen), {})[
@@ -206,26 +207,23 @@ class SelectorCache:
     def replace_identity(self, ident: Identity) -> set[Selector]:
         """The labels of a known identity changed (the host's, when the API
         server runs on it): its references stay, its selections are redone."""
-        refs = self._refs.get(ident.id)
-        if refs is None:
+        if ident.id not in self._idents:
             return set()
-        self._refs[ident.id] = 1
+        more = self._more_refs.pop(ident.id, None)
         changed = self.remove_identity(ident.id)
         changed |= self.add_identity(ident)
-        self._refs[ident.id] = refs
+        if more:
+            self._more_refs[ident.id] = more
         return changed
 
     def remove_identity(self, number: int) -> set[Selector]:
         """Drop one reference; when the last goes, returns the selectors that lost it."""
-        if number not in self._refs:
+        if number not in self._idents or mm.unref(self._more_refs, number):
             return set()
-        self._refs[number] -= 1
-        if self._refs[number] > 0:
-            return set()
-        del self._refs[number]
         ident = self._idents.pop(number)
-        for lab in ident.labels.values():
-            mm.discard(self._kv, (lab.key, lab.value), number)
+        if not isinstance(ident.labels, PrefixLabels):
+            for lab in ident.labels.values():
+                mm.discard(self._kv, (lab.key, lab.value), number)
         if ident.cidr is not None:
             net = ident.cidr
             by_addr = self._cidr_ids.get((net.version, net.prefixlen))
@@ -261,7 +259,7 @@ class SelectorCache:
                 key = split_selector_key(req.key)[1]
                 cand: set[int] = set()
                 for v in req.values:
-                    cand.update(mm.members(self._kv, (key, v)))
+                    cand.update(self._label_ids(key, v))
                 if best is None or len(cand) < len(best):
                     best = cand
                     if not best:
@@ -282,8 +280,8 @@ class SelectorCache:
 
     def add_selector(self, sel: Selector) -> None:
         """Reference a selector (computing its selection on first use)."""
-        self._sel_refs[sel] = self._sel_refs.get(sel, 0) + 1
         if sel in self._sel:
+            mm.ref(self._sel_more, sel)
             return
         if isinstance(sel, FQDNPeer):
             self._fqdn_sels.add(sel)
@@ -302,13 +300,8 @@ class SelectorCache:
         return frozenset(self._fqdn_sels)
 
     def remove_selector(self, sel: Selector) -> None:
-        refs = self._sel_refs.get(sel)
-        if refs is None:
+        if sel not in self._sel or mm.unref(self._sel_more, sel):
             return
-        if refs > 1:
-            self._sel_refs[sel] = refs - 1
-            return
-        del self._sel_refs[sel]
         ids = self._sel.pop(sel)
         self._fqdn_sels.discard(sel)  # type: ignore[arg-type]
         if self._wildcard(sel) is not None:
@@ -316,6 +309,28 @@ class SelectorCache:
         self._index_selector(sel, add=False)
         for i in ids if isinstance(ids, set) else (ids,):
             mm.discard(self._by_id, i, sel)
+
+    def _label_ids(self, key: str, value: str) -> Collection[int]:
+        """Ids carrying a label ``key=value`` (any source), a superset: the
+        index, and the CIDR identities it leaves out (reserved:world, their
+        prefix: a 100k-prefix policy keeps no index entry per identity)."""
+        found = mm.members(self._kv, (key, value))
+        if value:
+            return found
+        if key == "world":
+            return [*found, *(i for by_addr in self._cidr_ids.values() for i in by_addr.values())]
+        ident = self.cidr_identity(key.replace("-", ":"))
+        return found if ident is None else [*found, ident.id]
+
+    def cidr_identity(self, net: IPNetwork | str) -> Identity | None:
+        """The CIDR identity known for prefix ``net`` (text: None when not a prefix)."""
+        if isinstance(net, str):
+            try:
+                net = ipaddress.ip_network(net)
+            except ValueError:
+                return None
+        found = self._cidr_ids.get((net.version, net.prefixlen), {}).get(int(net.network_address))
+        return None if found is None else self._idents[found]
 
     def _cidr_inside(self, net: IPNetwork) -> list[int]:
         """CIDR identities whose prefix lies inside ``net`` (excepts not applied)."""

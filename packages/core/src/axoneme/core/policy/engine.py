@@ -128,8 +128,8 @@ class PolicyEngine:
         self._address_users: set[int] = set()  # endpoints whose policy reads the AddressBook
         self._book: AddressBook | None = None  # built on demand, dropped when an address changes
         self._cidr_match = parse_cidr_match_mode(options.cidr_match_mode)
-        self._cidr_refs: Counter[IPNetwork] = Counter()
-        self._cidr_ids: dict[IPNetwork, Identity] = {}
+        # prefix -> references beyond the first (its identity is in the selector cache)
+        self._cidr_more: dict[IPNetwork, int] = {}
         self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
         self._reported: dict[int, dict[Key, Entry]] = {}  # what pending_changes handed out
         self._dirty: set[int] = set()
@@ -261,21 +261,20 @@ class PolicyEngine:
     def _add_cidrs(self, nets: Iterable[IPNetwork]) -> set[Selector]:
         changed: set[Selector] = set()
         for net in nets:
-            self._cidr_refs[net] += 1
-            if self._cidr_refs[net] == 1:
-                ident = self.allocator.allocate_cidr(net)
-                self._cidr_ids[net] = ident
+            if self._cache.cidr_identity(net) is not None:
+                mm.ref(self._cidr_more, net)
+            else:
                 self._ipc_dirty.add(net)
-                changed |= self._cache.add_identity(ident)
+                changed |= self._cache.add_identity(self.allocator.allocate_cidr(net))
         return changed
 
     def _remove_cidrs(self, nets: Iterable[IPNetwork]) -> set[Selector]:
         changed: set[Selector] = set()
         for net in nets:
-            self._cidr_refs[net] -= 1
-            if self._cidr_refs[net] <= 0:
-                del self._cidr_refs[net]
-                ident = self._cidr_ids.pop(net)
+            if not mm.unref(self._cidr_more, net):
+                ident = self._cache.cidr_identity(net)
+                if ident is None:
+                    raise KeyError(net)
                 self._ipc_dirty.add(net)
                 changed |= self._cache.remove_identity(ident.id)
         return changed
@@ -317,7 +316,8 @@ class PolicyEngine:
                 self._fqdn_nets[peer] = nets
             else:
                 self._fqdn_nets.pop(peer, None)
-            changed |= self._cache.set_fqdn(peer, frozenset(self._cidr_ids[n].id for n in nets))
+            changed |= self._cache.set_fqdn(peer, frozenset(
+                self._cache.cidr_identity(n).id for n in nets))  # type: ignore[union-attr]
             changed |= self._remove_cidrs(old - nets)
             self._recompute(self._dependents(changed), sels=changed)
 
@@ -861,7 +861,7 @@ class PolicyEngine:
             return int(ReservedIdentity.KUBE_APISERVER)
         if net in self._node_nets:
             return int(ReservedIdentity.REMOTE_NODE)
-        ident = self._cidr_ids.get(net)
+        ident = self._cache.cidr_identity(net)
         if ident is not None:
             return ident.id
         return WORLD_PREFIXES.get(net)
