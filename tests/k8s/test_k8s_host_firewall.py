@@ -84,6 +84,17 @@ def _pod_probe(cl: Cluster, ip: str, port: int) -> bool:
     return res.returncode == 0
 
 
+def _diag(cl: Cluster) -> str:
+    """Node 2's host endpoint and agent log tail, for a failure message."""
+    status = cl.agent_on(NODE2, "status", "-o", "json")
+    try:
+        hostfw = json.loads(status.stdout)["components"].get("host_firewall")
+    except (ValueError, KeyError):
+        hostfw = status.stdout + status.stderr
+    logs = cl.kubectl("-n", "kube-system", "logs", "--tail=40", cl.agent_pod(NODE2), check=False)
+    return f"host_firewall: {json.dumps(hostfw, indent=1)}\nagent log:\n{logs.stdout}{logs.stderr}"
+
+
 def _config(cl: Cluster) -> str:
     out = cl.kubectl("-n", "kube-system", "get", "configmap", "axoneme-config", "-o", "json").stdout
     return str(json.loads(out)["data"]["config.yaml"])
@@ -202,6 +213,6 @@ def test_host_policy_on_node2_blocks_the_outside_peer_and_is_in_flows(hostfw: Cl
     deadline = time.monotonic() + 30
     while not _outside_probe(PORT) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _outside_probe(PORT), "node 2 unselected, but the port stays closed"
+    assert _outside_probe(PORT), "node 2 unselected, but the port stays closed\n" + _diag(cl)
     cl.kubectl("label", "node", NODE2, f"{LABEL[0]}={LABEL[1]}", "--overwrite")
     cl.kubectl("delete", "ccnp", "hostfw-cluster-only")

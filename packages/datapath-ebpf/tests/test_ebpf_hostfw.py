@@ -81,3 +81,56 @@ def test_without_the_host_record_the_device_programs_pass(dp) -> None:  # type: 
         assert dp.dump(HOST) == MapState()
     finally:
         dp._host_records(HOST, {LO: "lo"}, True, True)
+
+
+def _proc_tcp(rows: list[tuple[str, int, str, int, str]]) -> str:
+    """/proc/net/tcp text: (local, lport, remote, rport, state) rows."""
+    import socket
+
+    def a(ip: str, port: int) -> str:
+        return f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    return head + "".join(f"   {i}: {a(l, lp)} {a(r, rp)} {st} 00000000:00000000 00:00000000 "
+                          f"00000000     0        0 {1000 + i} 1\n"
+                          for i, (l, lp, r, rp, st) in enumerate(rows))
+
+
+def test_connections_from_before_the_attach_are_tracked(dp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The node's own connections opened before the host firewall attached (an API
+    watch that only receives) get their replies in; inbound ones stay policed."""
+    from axoneme.datapath.ebpf import _packets as P
+    from axoneme.datapath.ebpf._hostct import seed_host_connections
+
+    dp.sync(HOST, MapState({Key(PEER, IN, TCP, 30080, 16): ALLOW, Key(0, EG): ALLOW}))
+    watch = P.ipv4(WORLD_IP, NODE, sport=6443, dport=45000, flags=P.TCP_ACK)
+    inbound = P.ipv4(WORLD_IP, NODE, sport=45001, dport=22, flags=P.TCP_ACK)
+    assert run(dp, "from_netdev", watch).retval == SHOT  # untracked: a new packet from world
+    (tmp_path / "tcp").write_text(_proc_tcp([
+        (NODE, 45000, WORLD_IP, 6443, "01"),  # the node opened it
+        ("0.0.0.0", 22, "0.0.0.0", 0, "0A"),  # sshd listens ...
+        (NODE, 22, WORLD_IP, 45001, "01"),  # ... and accepted this one
+        ("127.0.0.1", 45002, "127.0.0.1", 8080, "01")]))  # loopback: never on a device
+    assert seed_host_connections(dp._fds["ax_ct"], tmp_path) == 2
+    assert seed_host_connections(dp._fds["ax_ct"], tmp_path) == 0  # kept, not rewritten
+    assert run(dp, "from_netdev", watch).retval == OK  # a reply of the node's connection
+    assert run(dp, "from_netdev", inbound).retval == SHOT  # forward: the policy decides
+
+
+def test_the_namespace_sockets_are_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    from axoneme.datapath.ebpf._hostct import tcp_sockets
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    try:
+        established, listening = tcp_sockets()
+        port = srv.getsockname()[1]
+        lo = socket.inet_aton("127.0.0.1")
+        assert (lo, port) in listening
+        assert (socket.AF_INET, lo, cli.getsockname()[1], lo, port) in established
+    finally:
+        for s in (cli, acc, srv):
+            s.close()

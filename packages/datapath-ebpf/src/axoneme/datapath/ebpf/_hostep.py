@@ -17,6 +17,7 @@ from typing import Any
 from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint
 from axoneme.core.errors import DatapathProgramError
 from axoneme.datapath.ebpf import _bpf, _tc
+from axoneme.datapath.ebpf._hostct import seed_host_connections
 
 HOST_EP_KEY = 0  # DO NOT CHANGE: mirrors AX_HOST_EP_KEY in lib/endpoint.h
 
@@ -47,9 +48,14 @@ class HostEndpointMixin:
                                        "host firewall: the host endpoint names no device")
         self._host_records(ep, devices, enforce_ingress, enforce_egress)
         new = {idx: name for idx, name in devices.items() if attached.get(name) != idx}
+        if new:
+            # the node's connections from before: tracked, before and after the attach
+            # (one opened in between is in the second pass)
+            seed_host_connections(self._fds["ax_ct"])
         for idx in new:
             self._attach_host(idx)
         if new:
+            seed_host_connections(self._fds["ax_ct"])
             self._refresh_node_addresses()
         self._host_attached = {name: idx for idx, name in devices.items()}
         self._bump_revision()
