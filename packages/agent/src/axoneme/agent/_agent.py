@@ -242,19 +242,19 @@ class Agent:
         # the restart checkpoint and its inputs, before anything is written (_checkpoint)
         ckpt = checkpoint.take(config)
         inputs = checkpoint.inputs_fingerprint(config) if ckpt is not None else ""
-        saved = self.store.load() or {}
+        saved = self.store.load(trusted=ckpt is not None and ckpt["inputs"] == inputs) or {}
         self.endpoints.restore_ipam()
         # datapath calls never run on the event loop's thread: some use
         # synchronous pyroute2, which runs an event loop of its own
         self._check_devices()  # before the datapath: bad input changes nothing
         dp = await asyncio.to_thread(self.make_datapath)
+        # erased now whatever comes next: only a clean stop leaves one
+        stamp = await asyncio.to_thread(dp.take_adopt_stamp)
         await asyncio.to_thread(dp.probe)  # DatapathUnavailable -> exit 1, no fallback
         if self.hostfw is not None and "host_policy" not in dp.capabilities:
             raise ConfigError(f"host_firewall (--enable-host-firewall): the {dp.name} datapath "
                               f"does not enforce host policies (capability host_policy)")
         self.datapath = dp
-        # erased now whatever comes next: only a clean stop leaves one
-        stamp = await asyncio.to_thread(self.regenerator.call, dp.take_adopt_stamp)
         why = checkpoint.adoptable(ckpt, inputs, stamp, self._not_adoptable())
         if self.store.saved_identities:
             self.allocator.restore(self.store.saved_identities)

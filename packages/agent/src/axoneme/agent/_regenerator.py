@@ -131,11 +131,12 @@ class Regenerator:
             self.proxies.start_wanted()
             current = dp.dump_ipcache() if _can(dp, "ipcache_dump") else {}
             stale = frozenset(k for k in current if k not in desired)
+            # all of it: a datapath may keep an in-memory view that only this fills
             dp.ipcache_apply(IPCacheChanges(dict(desired), stale))
-            if current and (stale or any(current.get(k) != v for k, v in desired.items())):
+            differ = sum(1 for k, v in desired.items() if current.get(k) != v)
+            if current and (stale or differ):
                 LOG.warning("start: the kernel's ipcache differed from the computed one "
-                            "(%d prefixes removed, %d written)", len(stale),
-                            sum(1 for k, v in desired.items() if current.get(k) != v))
+                            "(%d prefixes removed, %d changed or new)", len(stale), differ)
             for ep in endpoints:
                 enf = self.engine.enforcement(ep.id)
                 dp.endpoint_added(ep, *enf)

@@ -145,10 +145,12 @@ class StateStore:
         return ep_id
 
     # -- the file --------------------------------------------------------------------
-    def load(self) -> dict[str, Any] | None:
-        """Read the state file; StateCorrupt (exit 2) if it cannot be used."""
+    def load(self, trusted: bool = False) -> dict[str, Any] | None:
+        """Read the state file; StateCorrupt (exit 2) if it cannot be used.
+        ``trusted``: its bytes are what this agent wrote (``read_json``)."""
         path = self.config.state_file
-        data = read_agent_state(path)  # shape checked: StateCorrupt naming the field
+        # shape checked: StateCorrupt naming the field
+        data = read_agent_state(path, trusted=trusted)
         if data is None:
             return None
         self._replay_journal(data)

@@ -312,6 +312,7 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
         # ep id -> EP_F_FAIL_CLOSED_* bits the agent asked for; an endpoint not
         # in here keeps the bits its pinned record has (adoption after restart)
         self._fail_closed: dict[int, int] = {}
+        self._stamp_found = False  # take_adopt_stamp found a clean stop's stamp
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -323,6 +324,9 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
         except Exception as e:  # ImportError or a broken libbcc
             raise DatapathUnavailable(f"bcc is not importable: {e}") from e
         self._ensure_bpffs()
+        if self._stamp_found:  # see take_adopt_stamp; start() still fails if it cannot
+            self._probe_clsact()
+            return
         try:
             import bcc as _bcc
 
@@ -428,6 +432,9 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
             except OSError as e:
                 LOG.warning("cannot read the adoption stamp: %s", e)
                 return ""
+            # an agent on this boot compiled and loaded the programs (and stopped
+            # cleanly): probe() leaves the trial compile to start()'s own
+            self._stamp_found = bool(token)
             return token.hex()
 
     def set_adopt_stamp(self, stamp: str) -> None:
