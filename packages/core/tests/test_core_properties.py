@@ -348,6 +348,32 @@ def test_incremental_equals_full_recompute(ops: list[tuple[object, ...]], mode: 
         assert engine.ipcache() == _full_ipcache(engine)
 
 
+@SETTINGS
+@given(_ops(), st.lists(st.booleans(), min_size=12, max_size=12))
+def test_handed_out_changes_add_up_when_taken_now_and_then(ops: list[tuple[object, ...]],
+                                                          take: list[bool]) -> None:
+    """Several changes (endpoint rebuilds among them) between two hand-outs:
+    the engine keeps no copy of what it handed out (_handout), the changes
+    still turn what a datapath holds into each endpoint's state."""
+    engine = build([])
+    held: dict[int, MapState] = {}
+    for op, now in zip(ops, take, strict=False):
+        try:
+            _apply_op(engine, op)
+        except PolicyError:
+            pass
+        if op[0] == "remove":  # the datapath drops a removed endpoint's state
+            held.pop(int(op[1]), None)  # type: ignore[call-overload]
+        if now:
+            for eid, changes in engine.pending_changes().items():
+                held[eid] = held.get(eid, MapState()).apply(changes)
+    for eid, changes in engine.pending_changes().items():
+        held[eid] = held.get(eid, MapState()).apply(changes)
+    for ep in engine.endpoints():
+        assert _datapath_view(held.get(ep.id, MapState())) == _datapath_view(
+            engine.resolve(ep.id)), ops
+
+
 def _full_ipcache(engine: PolicyEngine) -> dict[object, int]:
     """The ipcache as the engine defines it, built from scratch."""
     out: dict[object, int] = {ipaddress.ip_network("0.0.0.0/0"): 2, ipaddress.ip_network("::/0"): 2}

@@ -381,8 +381,8 @@ class EndpointPolicy:
     allow) and, for L7, the wildcard key on the same L4. A change adds or
     withdraws contributions, marks their keys, and ``flush`` re-merges just
     those keys (plus the keys a changed deny or wildcard can affect).
-    ``touched`` collects the keys whose entry may have changed since the
-    caller last looked (None: everything, e.g. after a rebuild).
+    ``touched`` maps each key whose entry may have changed since the caller
+    last looked to its entry then (None: everything, after a rebuild; _handout).
     """
 
     def __init__(self, endpoint: Endpoint, cache: SelectorCache, book: Callable[[], AddressBook],
@@ -400,7 +400,7 @@ class EndpointPolicy:
         self.ingress = False
         self.egress = False
         self.state: dict[Key, Entry] = {}
-        self.touched: set[Key] | None = None
+        self.touched: dict[Key, Entry | None] | None = None
         self.opaque: Resolved | None = None  # resolved whole by the engine (audit, mode never)
         self.deps_changed: list[tuple[Selector, bool]] = []  # (selector, now used), drained by the engine
         self._prs: dict[CKey, _PeerRuleState] = {}
@@ -624,17 +624,17 @@ class EndpointPolicy:
         for k in [k for k in dirty if k.identity == 0]:
             dirty |= self._l7_keys.get((k.direction, k.protocol, k.port, k.prefix_len), set())
         conflicts: list[str] = []
-        state = self.state
+        state, touched = self.state, self.touched
         for k in dirty:
             entry = self._merge_key(k, conflicts)
+            if touched is not None and k not in touched:
+                touched[k] = state.get(k)  # its entry when last looked at
             if entry is None:
                 state.pop(k, None)
             else:
                 state[k] = entry
         if dirty:
             self._snap = None
-            if self.touched is not None:
-                self.touched |= dirty
         self._dirty = set()
         return conflicts
 

@@ -46,6 +46,7 @@ from axoneme.core.identity import (
 from axoneme.core.labels import SOURCE_RESERVED, Label, Labels
 from axoneme.core.mapstate import Decision, Direction, Entry, Key, MapChanges, MapState, Protocol
 from axoneme.core.policy import _multimap as mm
+from axoneme.core.policy._handout import handed_out, touched_changes
 from axoneme.core.policy._resolve import (
     AddressBook,
     ClusterAddress,
@@ -131,7 +132,8 @@ class PolicyEngine:
         # prefix -> references beyond the first (its identity is in the selector cache)
         self._cidr_more: dict[IPNetwork, int] = {}
         self._fqdn_nets: dict[FQDNPeer, frozenset[IPNetwork]] = {}
-        self._reported: dict[int, dict[Key, Entry]] = {}  # what pending_changes handed out
+        # a rebuilt endpoint: what was handed out of its previous policy (_handout)
+        self._base: dict[int, dict[Key, Entry]] = {}
         self._dirty: set[int] = set()
         self._reported_ipcache: dict[IPNetwork, int] = {}
         self._ipcache: dict[IPNetwork, int] = dict(WORLD_PREFIXES)  # kept current via _ipc_dirty
@@ -518,8 +520,8 @@ class PolicyEngine:
             pol = self._policies.get(endpoint_id)
             if pol is None:
                 return
-            self._reported[endpoint_id] = dict(pol.state)
-            pol.touched = set()
+            self._base.pop(endpoint_id, None)
+            pol.touched = {}
             self._dirty.discard(endpoint_id)
 
     def host_endpoint(self) -> Endpoint | None:
@@ -646,8 +648,10 @@ class PolicyEngine:
         old = self._policies.get(endpoint_id)
         if old is not None:
             self._unindex(endpoint_id, old)
+            if (base := handed_out(old)) is not None:
+                self._base[endpoint_id] = base
         self._policies[endpoint_id] = pol
-        pol.touched = None  # pending_changes diffs it whole
+        pol.touched = None  # pending_changes diffs it whole, against _base
         deps = pol.opaque.deps if pol.opaque is not None else None
         if deps is not None:
             pol.deps_changed = [(sel, True) for sel in deps]
@@ -683,7 +687,7 @@ class PolicyEngine:
             self._unindex(endpoint_id, old)
         self._address_users.discard(endpoint_id)
         self._dirty.discard(endpoint_id)
-        self._reported.pop(endpoint_id, None)
+        self._base.pop(endpoint_id, None)
 
     def _recompute(self, endpoint_ids: Iterable[int], strict: bool = False,
                    sels: Iterable[Selector] = (), addresses: bool = False,
@@ -743,7 +747,7 @@ class PolicyEngine:
             for eid in self._dirty:
                 pol = self._policies.get(eid)
                 if pol is not None:
-                    size += len(pol.state) + len(self._reported.get(eid, ())) \
+                    size += len(pol.state) + len(self._base.get(eid, ())) \
                         if pol.touched is None else len(pol.touched)
             return size
 
@@ -758,26 +762,12 @@ class PolicyEngine:
                 pol = self._policies.get(eid)
                 if pol is None:
                     continue
-                reported = self._reported.get(eid)
-                if reported is None or pol.touched is None:
-                    changes = MapState.view(reported or {}).diff(MapState.view(pol.state))
-                    self._reported[eid] = dict(pol.state)
+                if pol.touched is None:  # rebuilt (or new): against the previous hand-out
+                    changes = MapState.view(self._base.pop(eid, {})).diff(
+                        MapState.view(pol.state))
                 else:
-                    adds: dict[Key, Entry] = {}
-                    deletes: set[Key] = set()
-                    for key in pol.touched:
-                        new = pol.state.get(key)
-                        was = reported.get(key)
-                        if new is None:
-                            if was is not None:
-                                deletes.add(key)
-                                del reported[key]
-                            continue
-                        if was is None or was != new or was.l7 != new.l7:
-                            adds[key] = new
-                        reported[key] = new
-                    changes = MapChanges(adds, frozenset(deletes))
-                pol.touched = set()
+                    changes = touched_changes(pol)
+                pol.touched = {}
                 if changes:
                     out[eid] = changes
             self._dirty.clear()
