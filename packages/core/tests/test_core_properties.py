@@ -357,6 +357,14 @@ def test_handed_out_changes_add_up_when_taken_now_and_then(ops: list[tuple[objec
     still turn what a datapath holds into each endpoint's state."""
     engine = build([])
     held: dict[int, MapState] = {}
+    ipc: dict[object, int] = {}  # and the ipcache a datapath fed pending_ipcache_changes() holds
+
+    def take_ipcache() -> None:
+        changes = engine.pending_ipcache_changes()
+        for net in changes.deletes:
+            del ipc[net]
+        ipc.update(changes.upserts)
+
     for op, now in zip(ops, take, strict=False):
         try:
             _apply_op(engine, op)
@@ -365,8 +373,13 @@ def test_handed_out_changes_add_up_when_taken_now_and_then(ops: list[tuple[objec
         if op[0] == "remove":  # the datapath drops a removed endpoint's state
             held.pop(int(op[1]), None)  # type: ignore[call-overload]
         if now:
+            take_ipcache()
             for eid, changes in engine.pending_changes().items():
                 held[eid] = held.get(eid, MapState()).apply(changes)
+            engine.ipcache()  # a read in between changes nothing handed out
+    take_ipcache()
+    again = engine.pending_ipcache_changes()
+    assert ipc == engine.ipcache() and not again.upserts and not again.deletes
     for eid, changes in engine.pending_changes().items():
         held[eid] = held.get(eid, MapState()).apply(changes)
     for ep in engine.endpoints():

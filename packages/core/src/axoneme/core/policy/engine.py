@@ -135,10 +135,11 @@ class PolicyEngine:
         # a rebuilt endpoint: what was handed out of its previous policy (_handout)
         self._base: dict[int, dict[Key, Entry]] = {}
         self._dirty: set[int] = set()
-        self._reported_ipcache: dict[IPNetwork, int] = {}
         self._ipcache: dict[IPNetwork, int] = dict(WORLD_PREFIXES)  # kept current via _ipc_dirty
         self._ipc_dirty: set[IPNetwork] = set()  # prefixes whose ipcache identity may have changed
-        self._ipc_unreported: set[IPNetwork] = set()  # ... not yet compared by pending_ipcache_changes
+        # prefixes changed since pending_ipcache_changes -> their identity it handed out
+        # then (None: none; no copy of the whole hand-out, issue 17)
+        self._ipc_before: dict[IPNetwork, int | None] = dict.fromkeys(WORLD_PREFIXES)
         self._ipc_lens: Counter[tuple[int, int]] = Counter((n.version, n.prefixlen)
                                                            for n in WORLD_PREFIXES)
         self._ep_nets: dict[IPNetwork, dict[int, int]] = {}  # endpoint address -> {ep id: identity}
@@ -743,7 +744,7 @@ class PolicyEngine:
         """An upper bound of what ``pending_changes`` + ``pending_ipcache_changes``
         would hand out now (keys and prefixes; O(changed endpoints))."""
         with self._lock:
-            size = len(self._ipc_dirty) + len(self._ipc_unreported)
+            size = len(self._ipc_dirty) + len(self._ipc_before)
             for eid in self._dirty:
                 pol = self._policies.get(eid)
                 if pol is not None:
@@ -858,18 +859,20 @@ class PolicyEngine:
 
     def _ipcache_current(self) -> dict[IPNetwork, int]:
         """The ipcache, brought up to date for the prefixes that changed."""
+        before = self._ipc_before
         for net in self._ipc_dirty:
             value = self._ipcache_value(net)
-            had = net in self._ipcache
+            had = self._ipcache.get(net)
+            if net not in before:
+                before[net] = had  # what was handed out (nothing changed it since)
             if value is None:
-                if had:
+                if had is not None:
                     del self._ipcache[net]
                     self._ipc_lens[(net.version, net.prefixlen)] -= 1
             else:
-                if not had:
+                if had is None:
                     self._ipc_lens[(net.version, net.prefixlen)] += 1
                 self._ipcache[net] = value
-        self._ipc_unreported |= self._ipc_dirty
         self._ipc_dirty.clear()
         return self._ipcache
 
@@ -884,19 +887,16 @@ class PolicyEngine:
         """What changed since the last call; costs the prefixes that changed."""
         with self._lock:
             cur = self._ipcache_current()
-            dirty, self._ipc_unreported = self._ipc_unreported, set()
-            if not self._reported_ipcache:
-                dirty = set(cur)
+            before, self._ipc_before = self._ipc_before, {}
             upserts: dict[IPNetwork, int] = {}
             deletes: set[IPNetwork] = set()
-            for net in dirty:
+            for net, was in before.items():
                 value = cur.get(net)
                 if value is None:
-                    if self._reported_ipcache.pop(net, None) is not None:
+                    if was is not None:
                         deletes.add(net)
-                elif self._reported_ipcache.get(net) != value:
+                elif was != value:
                     upserts[net] = value
-                    self._reported_ipcache[net] = value
             return IPCacheChanges(upserts, frozenset(deletes))
 
     def identity_of_ip(self, ip: str) -> int:
