@@ -59,16 +59,19 @@ def _restart(agent: suite.Agent, n: int, srv_ep: int, spy: str = "") -> suite.Tr
             return real_start(timeout)
         finally:
             subprocess.Popen = orig  # type: ignore[misc]
-            sp = getattr(popen, "spy", None)
-            if sp is not None:
-                sp.send_signal(signal.SIGINT)
-                sp.wait(60)
+            spies.append(getattr(popen, "spy", None))
 
+    # recorded until the trial is done: the background rebuild included
+    spies: list[Any] = []
     agent.start = start  # type: ignore[method-assign]
     try:
         return suite._agent_adopt(agent, n, srv_ep)
     finally:
         agent.start = real_start  # type: ignore[method-assign]
+        for sp in spies:
+            if sp is not None:
+                sp.send_signal(signal.SIGINT)
+                sp.wait(60)
 
 
 def run(n: int, restarts: int, spy: str = "", cold: bool = False) -> list[suite.Trial]:
@@ -98,7 +101,9 @@ def run(n: int, restarts: int, spy: str = "", cold: bool = False) -> list[suite.
             trials.append(t)
             m = t.metrics
             print(f"restart {i + 1}: ready {m.get('ready_s', float('nan')):.2f} s, datapath "
-                  f"load {m.get('datapath_load_s', float('nan')):.2f} s, rss "
+                  f"load {m.get('datapath_load_s', float('nan')):.2f} s, rebuilt "
+                  f"{m.get('rebuilt_s', float('nan')):.2f} s (adopting "
+                  f"{bool(m.get('adopting'))}), rss "
                   f"{m.get('rss_mb', 0):.0f} MB, enforced {t.enforced}, load "
                   f"{m['loadavg_1m']:.2f} {t.error}", flush=True)
             for line in agent.log().splitlines():
