@@ -427,3 +427,18 @@ def test_a_number_deleted_and_taken_for_other_labels_while_a_node_starts_using_i
         n.deliver()
         assert n.alloc.lookup(labels(1)).id == moved  # type: ignore[union-attr]
         assert n.alloc.lookup(labels(2)).id == number  # type: ignore[union-attr]
+
+
+def test_a_mark_that_failed_in_an_outage_is_tried_again_after_the_grace():
+    api, cluster, (a,) = _setup(("a",))
+    n1 = a.node.held[key(labels(1))]
+    _delete_ghost(cluster, [a])
+    api.fail = 503
+    assert a.round() == [("mark", n1)]
+    assert "503" in a.gc.last_error
+    api.fail = None
+    _tick([a], GRACE / 2)
+    assert a.round() == []  # the same version: the write may still be on its way
+    _tick([a], GRACE / 2)
+    assert a.round() == [("mark", n1)]
+    assert marked_at(api.get(n1)) is not None  # type: ignore[arg-type]

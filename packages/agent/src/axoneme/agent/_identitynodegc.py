@@ -18,7 +18,9 @@ The pass (``NodeDeleteGC``), a round every ``STEP`` seconds:
    node's endpoints or other nodes' pods reference it, or a pod on a Node that
    still exists has its labels). From then on the periodic path handles it, as any
    other identity.
-3. Unused and unmarked: it is marked (the collector's conditional merge patch).
+3. Unused and unmarked: it is marked (the collector's conditional merge patch),
+   and marked again a grace later if the object has not changed meanwhile (the
+   write failed, e.g. the API server did not answer).
 4. Unused and marked: the grace starts when this agent first sees that version
    (resourceVersion) of the object marked, whichever agent marked it. When the
    grace ends, the object is deleted with uid and that resourceVersion as
@@ -91,7 +93,8 @@ class NodePass:
         self.grace = grace
         self.deadline = started + max(30.0, 10 * grace)
         self.seen: dict[int, tuple[str, float]] = {}  # number -> (marked version, first seen)
-        self.unmarked_rv: dict[int, str] = {}  # number -> the version this pass marked
+        # number -> (the version this pass marked, when)
+        self.marking: dict[int, tuple[str, float]] = {}
         self.collected: set[int] = set()  # gone while the pass ran (whoever deleted them)
 
     def plan(self, gc: Collector, now: float) -> list[tuple[str, int, Obj]]:
@@ -109,13 +112,14 @@ class NodePass:
                 continue
             rv = meta_field(obj, "resourceVersion")
             if marked_at(obj) is None:
-                if self.unmarked_rv.get(number) == rv:
-                    continue  # the version this pass marked: the mark failed, or an old event
-                if number in self.seen or number in self.unmarked_rv:
+                tried = self.marking.get(number)
+                if tried is not None and tried[0] == rv and now - tried[1] < self.grace:
+                    continue  # the version this pass marked: its write or its event is on the way
+                if number in self.seen or (tried is not None and tried[0] != rv):
                     self.pending.discard(number)  # 5: someone took the mark back
                     continue
-                self.unmarked_rv[number] = rv
-                out.append(("mark", number, obj))  # 3
+                self.marking[number] = (rv, now)  # 3 (again if the write failed: an outage)
+                out.append(("mark", number, obj))
                 continue
             first = self.seen.get(number)
             if first is None or first[0] != rv:  # 4: the grace starts now
