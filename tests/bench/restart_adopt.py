@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--merge", help="results.json whose agent-ebpf-adopt trials these replace")
     ap.add_argument("--out", help="where the merged results.json and report go")
+    ap.add_argument("--json", help="also write the trials here (a before/after pair)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root (netns, veth, BPF)")
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ready = [t.metrics["ready_s"] for t in trials if "ready_s" in t.metrics]
     if ready:
         print(f"median ready {statistics.median(ready):.2f} s over {len(ready)} restarts")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"load_start": load0, "load_end": " ".join(
+            f"{x:.2f}" for x in os.getloadavg()), "trials": [asdict(t) for t in trials]}, indent=1))
     if not a.merge:
         return 0 if trials and not any(t.error for t in trials) else 1
     old = json.loads(Path(a.merge).read_text())

@@ -332,7 +332,7 @@ class Agent:
             LOG.warning("axoneme_agent_started hook failed", exc_info=True)
 
     async def _rebuild(self, dp: Datapath) -> None:
-        async with self.store.lock:
+        async with self.store.lock, _gcpause.paused_async():  # as _start's (see _gcpause)
             await asyncio.to_thread(self.policies.restore)
             self.fqdn.start()
             await self._adopt_state(dp)

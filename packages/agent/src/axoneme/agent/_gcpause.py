@@ -24,15 +24,16 @@ freed pages inside the heap until asked; the agent is long lived.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 LOG = logging.getLogger(__name__)
 FREEZE_AFTER = 200_000  # container objects allocated in one pause
-TRIM_VIEW_ENTRIES = 10_000  # an endpoint view this large is followed by trim_heap (the API)
+TRIM_VIEW_BYTES = 4 << 20  # an endpoint view this large is followed by trim_heap (the API)
 
 _depth = 0
 _was_enabled = False
@@ -56,6 +57,15 @@ def paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.asynccontextmanager
+async def paused_async() -> AsyncIterator[None]:
+    """``paused()`` around a coroutine's awaits (the block still begins and
+    ends on the loop thread; its worker threads run with the collector off
+    too: it is process-wide)."""
+    with paused():
+        yield
+
+
 def trim_heap() -> bool:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
     try:
@@ -65,4 +75,4 @@ def trim_heap() -> bool:
         return False
 
 
-__all__ = ["FREEZE_AFTER", "TRIM_VIEW_ENTRIES", "paused", "trim_heap"]
+__all__ = ["FREEZE_AFTER", "TRIM_VIEW_BYTES", "paused", "trim_heap"]
