@@ -87,9 +87,9 @@ def test_bulk_block_gives_the_freed_heap_back() -> None:
 
 
 def test_a_large_endpoint_view_is_followed_by_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GET /v1/endpoints/<id> of a large policy (its entries as dicts, then
-    their JSON: transient) trims the heap once the answer is serialized; a
-    small one does not."""
+    """GET /v1/endpoints/<id> of a large policy (its entries' JSON: transient)
+    trims the heap once the answer is sent; a small one does not. The
+    answer is the JSON of endpoint_get, sent in chunks."""
     import asyncio
     from types import SimpleNamespace
 
@@ -98,9 +98,11 @@ def test_a_large_endpoint_view_is_followed_by_a_trim(monkeypatch: pytest.MonkeyP
 
     trims: list[int] = []
     monkeypatch.setattr(_gcpause, "trim_heap", lambda: trims.append(1) or True)
-    sizes = {1: _gcpause.TRIM_VIEW_ENTRIES, 2: 3}
-    views = SimpleNamespace(endpoint_get=lambda i: {
-        "id": i, "policy": [{"key": str(n)} for n in range(sizes[i])]})
+    from axoneme.agent._views import json_chunks
+
+    sizes = {1: _gcpause.TRIM_VIEW_BYTES // 16, 2: 3}  # entries of >= 16 bytes each
+    views = SimpleNamespace(endpoint_get_json=lambda i: json_chunks(
+        {"id": i, "policy": None}, {"policy": ({"key": str(n)} for n in range(sizes[i]))}))
     adopted = asyncio.Event()
     adopted.set()
     agent = SimpleNamespace(adopted=adopted, views=views, endpoints=None, policies=None,
@@ -114,4 +116,4 @@ def test_a_large_endpoint_view_is_followed_by_a_trim(monkeypatch: pytest.MonkeyP
             return len((await resp.json())["policy"])
 
     assert asyncio.run(get(2)) == 3 and trims == []
-    assert asyncio.run(get(1)) == _gcpause.TRIM_VIEW_ENTRIES and trims == [1]
+    assert asyncio.run(get(1)) == sizes[1] and trims == [1]

@@ -45,3 +45,32 @@ def test_view_equals_per_entry_formatting() -> None:
     ms = MapState(entries)
     assert mapstate_view(ms) == _plain_view(ms)
     assert mapstate_view(MapState()) == []
+
+
+def test_chunked_json_is_the_apis_json() -> None:
+    """endpoint get's answer, serialized a batch at a time in chunks
+    (json_chunks), is byte for byte json.dumps(view, default=str): lists of
+    one, many (several batches) or no entries, a missing list (null), text
+    that needs escaping, values only default=str can print."""
+    import json
+    import pathlib
+
+    from axoneme.agent._views import json_chunks
+
+    entries = [{"key": f"ingress id={i} TCP/80", "derived_from": ["p \"q\" é"], "n": i}
+               for i in range(1500)]
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({"id": 1, "policy": 0, "datapath": 0, "in_sync": True, "p": pathlib.Path("/x")},
+         {"policy": entries, "datapath": entries[:1]}),
+        ({"id": 2, "labels": ["k8s:a=\u0000b"], "policy": 0, "datapath": 0},
+         {"policy": [], "datapath": None}),
+        ({"id": 3}, {}),
+    ]
+    for view, lists in cases:
+        want = json.dumps({**view, **lists}, default=str).encode()
+        for size in (1, 100, 1 << 18):
+            chunks = json_chunks(view, {k: None if v is None else iter(v)
+                                        for k, v in lists.items()}, size)
+            assert b"".join(chunks) == want
+            assert size > 1 or not lists or len(chunks) > 3
+            assert all(chunks)

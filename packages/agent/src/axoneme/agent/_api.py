@@ -221,14 +221,19 @@ def build_app(agent: Agent) -> web.Application:
         except ValueError:
             raise BadRequest(f"invalid endpoint id {request.match_info['id']!r}") from None
 
-    async def ep_get(request: web.Request) -> web.Response:
-        view = await asyncio.to_thread(views.endpoint_get, endpoint_id(request))
-        # a large policy's view (two lists of dicts, then their JSON) is transient:
-        # once serialized, the C heap's freed pages go back (_gcpause.trim_heap)
-        big = len(view.get("policy") or ()) >= _gcpause.TRIM_VIEW_ENTRIES
-        resp = _json(view)
-        del view
-        if big:
+    async def ep_get(request: web.Request) -> web.StreamResponse:
+        # the same JSON as _json(views.endpoint_get(...)), serialized a batch of
+        # entries at a time and sent in chunks (a 100k-peer policy's answer is
+        # ~100 MB: no list of entry dicts, no one string; issue 17, RSS)
+        chunks = await asyncio.to_thread(views.endpoint_get_json, endpoint_id(request))
+        resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        resp.content_length = size = sum(map(len, chunks))
+        await resp.prepare(request)
+        chunks.reverse()
+        while chunks:
+            await resp.write(chunks.pop())
+        await resp.write_eof()
+        if size >= _gcpause.TRIM_VIEW_BYTES:  # what it freed goes back to the OS
             await asyncio.to_thread(_gcpause.trim_heap)
         return resp
 

@@ -4,7 +4,10 @@ details flows are enriched with. Read-only over the other services."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from axoneme.agent._config import AgentConfig
@@ -31,7 +34,11 @@ def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
     """The entries in Key order (``endpoint get``): O(entries); what is the same
     for many entries (an entry shared by N peers, the L4 part of a key) is
     formatted once."""
-    out = []
+    return list(mapstate_entries(ms))
+
+
+def mapstate_entries(ms: MapState) -> Iterator[dict[str, Any]]:
+    """``mapstate_view``'s entries, each formatted when read."""
     entries: dict[int, tuple[str, list[str]]] = {}  # id(entry) -> (str, derived_from)
     l4s: dict[tuple[Any, ...], tuple[str, str, tuple[str, str]]] = {}  # -> key str parts
     for key in sorted(ms, key=_key_order):
@@ -51,11 +58,53 @@ def mapstate_view(ms: MapState) -> list[dict[str, Any]]:
                                                                str(key.protocol)))
             text = f"{parts[0]}{key.identity}{parts[1]}"
             dname, proto = parts[2]
-        out.append({"key": text, "identity": key.identity, "direction": dname,
-                    "protocol": proto, "port": key.port, "prefix_len": key.prefix_len,
-                    "address": key.address,  # an address key's peer address, else ""
-                    "entry": shown[0], "deny": entry.deny, "proxy_port": entry.proxy_port,
-                    "derived_from": list(shown[1])})
+        yield {"key": text, "identity": key.identity, "direction": dname,
+               "protocol": proto, "port": key.port, "prefix_len": key.prefix_len,
+               "address": key.address,  # an address key's peer address, else ""
+               "entry": shown[0], "deny": entry.deny, "proxy_port": entry.proxy_port,
+               "derived_from": list(shown[1])}
+
+
+_ENCODER = json.JSONEncoder(default=str)  # the API's json.dumps(..., default=str)
+
+
+def json_chunks(view: dict[str, Any], lists: dict[str, Iterable[Any] | None],
+                size: int = 1 << 18) -> list[bytes]:
+    """``json.dumps(view | lists, default=str)``, the same text, as UTF-8 chunks
+    of about ``size`` bytes; the lists are read and serialized a batch at a time
+    (a 100k-peer endpoint: no list of 400k entry dicts and no 100 MB string
+    at once, whose freed memory the process kept: issue 17, RSS). ``view``
+    holds the lists' keys (any value) where they go."""
+    text = _ENCODER.encode({**view, **{name: f"\0{name}\0" for name in lists}})
+    out: list[bytes] = []
+    buf: list[str] = []
+    held = 0
+
+    def put(part: str) -> None:
+        nonlocal held
+        buf.append(part)
+        held += len(part)
+        if held >= size:
+            out.append("".join(buf).encode())
+            buf.clear()
+            held = 0
+
+    for name, items in lists.items():
+        head, text = text.split(_ENCODER.encode(f"\0{name}\0"), 1)
+        put(head)
+        if items is None:
+            put("null")
+            continue
+        put("[")
+        it = iter(items)
+        sep = ""
+        while batch := list(itertools.islice(it, 512)):
+            put(sep + _ENCODER.encode(batch)[1:-1])  # "[a, b]" -> "a, b"
+            sep = ", "
+        put("]")
+    put(text)
+    if buf:
+        out.append("".join(buf).encode())
     return out
 
 
@@ -148,10 +197,21 @@ class Views:
 
     def endpoint_get(self, ep_id: int) -> dict[str, Any]:
         """One endpoint with its resolved policy and the datapath's copy (worker thread)."""
+        view, lists = self._endpoint_get(ep_id)
+        view.update({k: None if v is None else list(v) for k, v in lists.items()})
+        return view
+
+    def endpoint_get_json(self, ep_id: int) -> list[bytes]:
+        """``endpoint_get`` as the API's JSON, in chunks (``json_chunks``; worker thread)."""
+        return json_chunks(*self._endpoint_get(ep_id))
+
+    def _endpoint_get(self, ep_id: int) -> tuple[dict[str, Any], dict[str, Iterable[Any] | None]]:
+        """The view, its two entry lists as iterables (formatted when read)."""
         rec = self.store.endpoint_record(ep_id)
         if rec is None:
             raise NotFound(f"endpoint {ep_id} not found")
         view = self.endpoint_view(rec)
+        lists: dict[str, Iterable[Any] | None] = {}
         ep = self.store.endpoint_objs.get(ep_id)
         if ep is not None:
             resolved = self.engine.resolve(ep_id)
@@ -160,11 +220,12 @@ class Views:
                 dump_error = ""
             except Exception as e:
                 dumped, dump_error = None, str(e)
-            view["policy"] = mapstate_view(resolved)
-            view["datapath"] = mapstate_view(dumped) if dumped is not None else None
+            lists["policy"] = mapstate_entries(resolved)
+            lists["datapath"] = mapstate_entries(dumped) if dumped is not None else None
+            view.update(lists)  # their places (key order)
             view["datapath_error"] = dump_error
             view["in_sync"] = dumped is not None and dumped == resolved
-        return view
+        return view, lists
 
     def identity_list(self) -> list[dict[str, Any]]:
         used: dict[int, int] = {}
