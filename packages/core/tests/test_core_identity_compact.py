@@ -97,3 +97,30 @@ def test_label_selectors_find_cidr_identities_without_an_index_entry(
         assert cache.remove_identity(ident.id) == {sels["world"], sels["cidr"], sels["any"]}
         assert ident.id not in cache and cache.cidr_identity(net) is None
         assert set(cache.selected(sels["world"])) == worlds
+
+
+@pytest.mark.parametrize("net", [n for n in NETS if n.prefixlen == n.max_prefixlen], ids=str)
+def test_host_prefix_selectors_are_found_without_an_index_entry(
+        net: ipaddress.IPv4Network) -> None:
+    """A host prefix's CIDR selectors are not indexed by prefix: an identity
+    added after them still finds each (every ``match``), a wider one too."""
+    from axoneme.core.policy._selectorcache import SelectorCache
+    from axoneme.core.policy.api import CIDRPeer
+
+    cache = SelectorCache()
+    wide = CIDRPeer(ipaddress.ip_network(f"{net.network_address}/{net.max_prefixlen - 8}",
+                                         strict=False))
+    sels = [CIDRPeer(net, (), frozenset(m)) for m in ((), ("pods",), ("nodes",), ("pods", "nodes"))]
+    nothing = CIDRPeer(net, (net,))  # its except is all of it
+    for sel in (*sels, wide, nothing):
+        cache.add_selector(sel)
+    assert not any(sel in by_addr.values() for by_addr in cache._sel_by_cidr.values()
+                   for sel in sels)
+    ident = IdentityAllocator().allocate_cidr(net)
+    assert cache.add_identity(ident) == {*sels, wide}
+    assert all(set(cache.selected(s)) == {ident.id} for s in (*sels, wide))
+    assert set(cache.selected(nothing)) == set()
+    assert cache.remove_identity(ident.id) == {*sels, wide}
+    for sel in (*sels, wide, nothing):
+        cache.remove_selector(sel)
+    assert cache._sel == {} and cache._sel_by_cidr == {} and cache._by_id == {}

@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 APPS = ("a", "b", "c", "d")
-NETS = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "198.51.100.128/25", "192.0.2.0/24", "0.0.0.0/0")]
+NETS = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "198.51.100.128/25", "192.0.2.0/24",
+                                          "0.0.0.0/0", "198.51.100.130/32", "198.51.100.7/32")]
 
 
 def sel(app: str | None) -> LabelSelector:
@@ -41,7 +42,7 @@ peers = st.one_of(
     st.builds(lambda a: EndpointPeer(sel(a)), st.sampled_from((*APPS, None))),
     st.builds(EntityPeer, st.sampled_from(("cluster", "world", "host", "all", "none"))),
     st.builds(lambda n, e: CIDRPeer(NETS[n], tuple(NETS[i] for i in e if NETS[i].subnet_of(NETS[n]) and i != n)),
-              st.integers(0, 3), st.lists(st.integers(0, 3), max_size=2)),
+              st.integers(0, len(NETS) - 1), st.lists(st.integers(0, len(NETS) - 1), max_size=2)),
 )
 port_protocols = st.sampled_from((
     PortProtocol(80, protocol="TCP"), PortProtocol(80), PortProtocol(0, protocol="UDP"),

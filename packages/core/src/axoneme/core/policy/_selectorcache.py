@@ -26,13 +26,14 @@ are added without re-resolving every rule).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Collection, Hashable, Iterable, Set
 from typing import Any
 
 from axoneme.core.identity import Identity, ReservedIdentity
 from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED, PrefixLabels
 from axoneme.core.policy import _multimap as mm
-from axoneme.core.policy.api import CIDRPeer, EntityPeer, FQDNPeer
+from axoneme.core.policy.api import CLUSTER_ADDRESS_CLASSES, CIDRPeer, EntityPeer, FQDNPeer
 from axoneme.core.selectors import LabelSelector, Operator, split_selector_key
 
 Selector = Hashable  # LabelSelector | EntityPeer | CIDRPeer | FQDNPeer
@@ -52,6 +53,9 @@ _ENTITY_IDS: dict[str, frozenset[int]] = {
 
 
 LABELLED_ENTITIES = frozenset({"remote-node", "kube-apiserver"})
+# every CIDRPeer.match: a host prefix's selectors are found by trying each (_host_selectors)
+_MATCHES = tuple(frozenset(c) for r in range(len(CLUSTER_ADDRESS_CLASSES) + 1)
+                 for c in itertools.combinations(sorted(CLUSTER_ADDRESS_CLASSES), r))
 
 
 def _entity_matches(entity: str, ident: Identity) -> bool:
@@ -303,7 +307,7 @@ class SelectorCache:
         if sel not in self._sel or mm.unref(self._sel_more, sel):
             return
         ids = self._sel.pop(sel)
-        self._fqdn_sels.discard(sel)  # type: ignore[arg-type]
+        self._fqdn_sels.discard(sel)
         if self._wildcard(sel) is not None:
             return
         self._index_selector(sel, add=False)
@@ -381,6 +385,8 @@ class SelectorCache:
                 if bucket is None:
                     bucket = self._sel_by_kv[kv] = set()
                 buckets.append(bucket)
+        elif slots.prefixlen == slots.max_prefixlen:
+            return  # a host prefix: found by trying its few selectors (_host_selectors)
         else:
             slot = (slots.version, slots.prefixlen)
             if add:
@@ -419,7 +425,15 @@ class SelectorCache:
                 if version == net.version and plen <= net.prefixlen:
                     shift = net.max_prefixlen - plen
                     out.update(mm.members(by_addr, addr >> shift << shift))
+            if net.prefixlen == net.max_prefixlen:
+                out.update(self._host_selectors(net))
         return out
+
+    def _host_selectors(self, net: IPNetwork) -> list[Selector]:
+        """The cached selectors of host prefix ``net`` itself, not indexed (a
+        100k-peer fromCIDR policy: no index entry per peer). One with excepts
+        (only ``net`` itself fits in it) selects nothing: not needed."""
+        return [peer for match in _MATCHES if (peer := CIDRPeer(net, (), match)) in self._sel]
 
     def selected(self, sel: Selector) -> Set[int]:
         """Ids a cached selector selects (0 = wildcard). Do not mutate."""
