@@ -19,30 +19,26 @@ from typing import Any, TypeVar, cast
 N = TypeVar("N", bound=ipaddress.IPv4Network | ipaddress.IPv6Network)
 
 
-class _Host4(ipaddress.IPv4Network):
-    __slots__ = ()
+def _host_class(base: type[N]) -> type[N]:
+    """``base`` whose ``hosts`` is a method giving the one address (what the
+    stdlib's closure gives a host prefix); pickles as ``base``."""
 
-    def hosts(self) -> list[ipaddress.IPv4Address]:  # type: ignore[override]
-        return [self.network_address]
+    class Host(base):  # type: ignore[valid-type,misc]
+        __slots__ = ()
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return ipaddress.IPv4Network, (str(self),)
+        def hosts(self) -> list[Any]:
+            return [self.network_address]
 
+        def __reduce__(self) -> tuple[Any, ...]:
+            return base, (str(self),)
 
-class _Host6(ipaddress.IPv6Network):
-    __slots__ = ()
-
-    def hosts(self) -> list[ipaddress.IPv6Address]:  # type: ignore[override]
-        return [self.network_address]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return ipaddress.IPv6Network, (str(self),)
+    # repr() and error texts name the class: they read as the stdlib's
+    Host.__name__ = Host.__qualname__ = base.__name__
+    return Host
 
 
-# repr() and error texts name the class: they read as the stdlib's
-_Host4.__name__ = _Host4.__qualname__ = "IPv4Network"
-_Host6.__name__ = _Host6.__qualname__ = "IPv6Network"
-_HOST_CLASS: dict[type, type] = {ipaddress.IPv4Network: _Host4, ipaddress.IPv6Network: _Host6}
+_HOST_CLASS: dict[type, type] = {b: _host_class(b)
+                                 for b in (ipaddress.IPv4Network, ipaddress.IPv6Network)}
 
 
 def compact(net: N) -> N:
