@@ -214,6 +214,16 @@ def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # t
             assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
             assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
             assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
+            # values compared as bytes (_sync_big): each kind of change is found
+            kinds = (DENY, Entry(proxy_port=15001), Entry(audit=True, auth_required=True))
+            other = MapState({**{k: kinds[i % 3] if i % 100 == 0 else v
+                                 for i, (k, v) in enumerate(smaller.items())},
+                              Key(0, IN): ALLOW, Key(5, EG, Protocol.UDP, 53, 16): DENY})
+            changes = dp.sync(ep(1), other)
+            assert len(changes.adds) == len(smaller) // 100 + (len(smaller) % 100 > 0) + 2
+            assert not changes.deletes
+            assert dp.dump(ep(1)) == other and dp.dump(ep(2)) == small
+            assert not dp.sync(ep(1), other)  # nothing left to change
         finally:
             dp.stop()
 

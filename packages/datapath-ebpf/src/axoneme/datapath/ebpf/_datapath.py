@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal, overload
 
 from axoneme.core.datapath import (
     Datapath,
@@ -214,6 +214,13 @@ def _entry_sig(e: Entry) -> tuple[int, int, int]:
     """(deny, proxy_port, flags) as policy_entry() stores them."""
     return (1 if e.deny else 0, 0 if e.deny else e.proxy_port,
             (L.POLICY_F_AUDIT if e.audit else 0) | (L.POLICY_F_AUTH if e.auth_required else 0))
+
+
+# DO NOT CHANGE: the head of struct ax_policy_entry (proxy_port, deny, flags), as
+# _entry_sig orders them for policy_entry(): what sync compares
+_SIG = struct.Struct("=HBB")
+# more entries than this: a dump walks the whole map instead of a lookup per key
+_BIG_ENDPOINT = 4096
 
 
 def _same_entry(a: L.PolicyEntry, b: L.PolicyEntry) -> bool:
@@ -1022,6 +1029,8 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
     def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
         with self._lock:
             self._require()
+            if len(self._keys_index().get(endpoint.id, ())) > _BIG_ENDPOINT:
+                return self._sync_big(endpoint.id, state)
             raw = self._dump_raw(endpoint.id)
             # compare what the kernel holds (deny, proxy port, flags), not Entry objects
             adds = {}
@@ -1035,6 +1044,29 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                 self._apply(endpoint.id, changes, raw)
             return changes
 
+    def _sync_big(self, ep_id: int, state: MapState) -> MapChanges:
+        """``sync`` of an endpoint holding many entries (a restart's comparison
+        at 100k peers): the kernel's values compared as bytes, only what
+        differs decoded."""
+        raw = self._dump_raw(ep_id, as_bytes=True)
+        sigs: dict[Entry, bytes] = {}
+        adds = {}
+        for k, e in state.items():
+            sig = sigs.get(e)
+            if sig is None:
+                deny, port, flags = _entry_sig(e)
+                sig = sigs[e] = _SIG.pack(port, deny, flags)
+            vb = raw.get(k)
+            if vb is None or vb[:_SIG.size] != sig:
+                adds[k] = e
+        deletes = frozenset(k for k in raw if k not in state)
+        changes = MapChanges(adds, deletes)
+        if changes:
+            current = {k: L.PolicyEntry.from_buffer_copy(raw[k])
+                       for k in (*adds, *deletes) if k in raw}
+            self._apply(ep_id, changes, current)
+        return changes
+
     def dump(self, endpoint: Endpoint) -> MapState:
         with self._lock:
             self._require()
@@ -1043,10 +1075,18 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
     def _dump(self, ep_id: int) -> MapState:
         return MapState({k: entry_from_policy(v) for k, v in self._dump_raw(ep_id).items()})
 
-    def _dump_raw(self, ep_id: int) -> dict[Key, L.PolicyEntry]:
-        out: dict[Key, L.PolicyEntry] = {}
+    @overload
+    def _dump_raw(self, ep_id: int) -> dict[Key, L.PolicyEntry]: ...
+
+    @overload
+    def _dump_raw(self, ep_id: int, as_bytes: Literal[True]) -> dict[Key, bytes]: ...
+
+    def _dump_raw(self, ep_id: int, as_bytes: bool = False) -> Any:
+        """The endpoint's entries in the kernel (``as_bytes``: the raw values,
+        big endpoints only)."""
+        out: dict[Key, Any] = {}
         held = self._keys_index().get(ep_id, {})
-        if len(held) > 4096:
+        if len(held) > _BIG_ENDPOINT:
             # big endpoint: one kernel walk beats a syscall per key
             ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
             for fd in self._policy_fds():
@@ -1059,8 +1099,9 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                         k = self._key_of(pk)
                         if k is None:
                             continue
-                    out[k] = L.PolicyEntry.from_buffer_copy(vb)
+                    out[k] = vb if as_bytes else L.PolicyEntry.from_buffer_copy(vb)
             return out
+        assert not as_bytes
         lookup = _bpf.map_lookup
         for raw, k in list(held.items()):
             v = L.PolicyEntry()
