@@ -61,17 +61,40 @@ def _restart(agent: suite.Agent, n: int, srv_ep: int, spy: str = "") -> suite.Tr
             subprocess.Popen = orig  # type: ignore[misc]
             spies.append(getattr(popen, "spy", None))
 
-    # recorded until the trial is done: the background rebuild included
+    # recorded until the rebuilt state answers (the trial's first /v1/status,
+    # which waits at the API's gate): the background rebuild included, the
+    # trial's own reads of 200k entries not
     spies: list[Any] = []
+
+    def stop_spies() -> None:
+        for sp in spies:
+            if sp is not None and sp.poll() is None:
+                sp.send_signal(signal.SIGINT)
+                sp.wait(60)
+
+    real_api = agent.api
+
+    def api(timeout: float = 600) -> Any:
+        client = real_api(timeout)
+        get = client.get
+
+        def spied_get(path: str, *a: Any, **kw: Any) -> Any:
+            out = get(path, *a, **kw)
+            if path == "/v1/status":
+                stop_spies()
+            return out
+
+        client.get = spied_get
+        return client
+
     agent.start = start  # type: ignore[method-assign]
+    agent.api = api  # type: ignore[method-assign]
     try:
         return suite._agent_adopt(agent, n, srv_ep)
     finally:
         agent.start = real_start  # type: ignore[method-assign]
-        for sp in spies:
-            if sp is not None:
-                sp.send_signal(signal.SIGINT)
-                sp.wait(60)
+        agent.api = real_api  # type: ignore[method-assign]
+        stop_spies()
 
 
 def run(n: int, restarts: int, spy: str = "", cold: bool = False) -> list[suite.Trial]:
