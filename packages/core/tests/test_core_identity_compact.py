@@ -124,3 +124,19 @@ def test_host_prefix_selectors_are_found_without_an_index_entry(
     for sel in (*sels, wide, nothing):
         cache.remove_selector(sel)
     assert cache._sel == {} and cache._sel_by_cidr == {} and cache._by_id == {}
+
+
+def test_restored_cidr_identities_keep_no_count_and_no_table() -> None:
+    """A restart's CIDR identities, asked for again by the restored policy, are
+    made as new ones (no reference count entry each) and the emptied table
+    of the ones not asked for yet goes."""
+    a = IdentityAllocator()
+    numbers = {n: a.allocate_cidr(n).id for n in NETS}
+    saved = {k: list(v) for k, v in a.snapshot().items()}
+    b = IdentityAllocator()
+    b.restore(saved)
+    for net in NETS:
+        assert b.allocate_cidr(net).id == numbers[net]
+    assert not any(n in b._refs for n in numbers.values())
+    assert b._lazy_cidr == {} and b.references() == a.references() == {}
+    assert dict(b.snapshot()) == saved

@@ -21,11 +21,12 @@ import hashlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
+from axoneme.core._identityview import IdentitySnapshot
 from axoneme.core.errors import IdentityError
 from axoneme.core.labels import SOURCE_CIDR, SOURCE_RESERVED, Label, Labels, PrefixLabels
 
@@ -342,7 +343,9 @@ class IdentityAllocator:
             text = str(net).replace(":", "-")
             restored = self._lazy_cidr.pop(text, None) if self._lazy_cidr else None
             if restored is not None:
-                self._refs.setdefault(restored, 0)  # as restore() does
+                if not self._lazy_cidr:  # all asked for: drop the emptied table too
+                    self._lazy_cidr = {}
+                # no reference count, as a new one (a 100k-prefix restart: 100k entries)
                 return self._add_cidr(restored, net, text)
             if self._next_local > MAX_LOCAL_IDENTITY - LOCAL_IDENTITY_FLAG:
                 raise IdentityError("local identity space is exhausted")
@@ -388,7 +391,6 @@ class IdentityAllocator:
                 continue
             if net in self._cidr or number in self._by_id:
                 continue
-            self._refs.setdefault(number, 0)
             self._add_cidr(number, net, text)
 
     def cidr_identities(self) -> dict[IPNetwork, Identity]:
@@ -426,7 +428,7 @@ class IdentityAllocator:
             if self._snap is None:
                 self._snap = {i.id: i.label_strings() for i in self._by_id.values()
                               if not i.reserved and not isinstance(i.labels, PrefixLabels)}
-            return _Snapshot(self._snap, self._by_id)
+            return IdentitySnapshot(self._snap, self._by_id, MIN_CLUSTER_IDENTITY)
 
     def count(self) -> int:
         """How many identities are allocated (reserved ones included)."""
@@ -474,33 +476,3 @@ class IdentityAllocator:
                 self._by_labels[tuple(labels.sorted_strings())] = ident
                 self._refs.setdefault(number, 0)
                 self._snapped(ident)
-
-
-class _Snapshot(Mapping[int, list[str]]):
-    """``IdentityAllocator.snapshot()``: the lists kept for cluster identities
-    (``plain``) and, made when read, those of CIDR identities (not in it)."""
-
-    __slots__ = ("_plain", "_by_id")
-
-    def __init__(self, plain: dict[int, list[str]], by_id: dict[int, Identity]) -> None:
-        self._plain = plain
-        self._by_id = by_id
-
-    def __getitem__(self, number: int) -> list[str]:
-        found = self._plain.get(number)
-        if found is not None:
-            return found
-        ident = self._by_id.get(number)
-        if ident is None or not isinstance(ident.labels, PrefixLabels):
-            raise KeyError(number)
-        return ident.label_strings()
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self._plain
-        for number, ident in self._by_id.items():
-            if isinstance(ident.labels, PrefixLabels):
-                yield number
-
-    def __len__(self) -> int:
-        # every non-reserved identity is listed: plain or CIDR
-        return len(self._by_id) - sum(1 for n in range(1, MIN_CLUSTER_IDENTITY) if n in self._by_id)
