@@ -258,3 +258,29 @@ def test_host_entries_move_from_the_trie_to_the_host_hash(start_ebpf) -> None:  
             assert not {cidr, host4, host6} & set(dp.dump_ipcache())
         finally:
             dp.stop()
+
+
+def test_a_start_prunes_node_entries_of_addresses_the_node_lost(start_ebpf) -> None:  # type: ignore[no-untyped-def]
+    """A node entry (IPCACHE_F_NODE) for an address this node no longer has
+    goes at start; the agent's own /32 entries beside it stay (the start reads
+    only the node entries' keys of the whole host map)."""
+    from axoneme.datapath.ebpf import EbpfDatapath, _bpf
+    from axoneme.datapath.ebpf import _layout as L
+    from axoneme.datapath.ebpf._datapath import ipcache_key
+
+    gone, peer = ipaddress.ip_network("198.51.100.77/32"), ipaddress.ip_network("10.244.78.9/32")
+    with start_ebpf(ct_max=64, ipcache_max=64, options={"max_endpoints": 2}) as first:
+        first.ipcache_apply(IPCacheChanges(upserts={peer: 5004}))
+        v = L.IPCacheValue()
+        v.identity, v.flags = L.ID_HOST, L.IPCACHE_F_NODE
+        _bpf.map_update(first.map_fd("ax_ipcache_host"), ipcache_key(gone), v)
+        first.stop()
+        dp = EbpfDatapath(first.config)
+        dp.start()
+        try:
+            host = {bytes(k) for k in _bpf.map_keys(dp.map_fd("ax_ipcache_host"), L.IPCacheKey)}
+            assert bytes(ipcache_key(gone)) not in host
+            assert dp.dump_ipcache()[peer] == 5004
+            assert ipaddress.ip_network("127.0.0.1/32") not in dp.dump_ipcache()  # node entries
+        finally:
+            dp.stop()

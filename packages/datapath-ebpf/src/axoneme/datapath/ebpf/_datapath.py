@@ -219,6 +219,9 @@ def _entry_sig(e: Entry) -> tuple[int, int, int]:
 # DO NOT CHANGE: the head of struct ax_policy_entry (proxy_port, deny, flags), as
 # _entry_sig orders them for policy_entry(): what sync compares
 _SIG = struct.Struct("=HBB")
+# DO NOT CHANGE: the head of struct ax_ipcache_key (prefixlen, family)
+_IPC_HEAD = struct.Struct("=IB")
+_IPC_VALUE = struct.Struct("=II")  # DO NOT CHANGE: struct ax_ipcache_value (identity, flags)
 # more entries than this: a dump walks the whole map instead of a lookup per key
 _BIG_ENDPOINT = 4096
 
@@ -704,8 +707,15 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                 _bpf.map_update(fd, k, v)
             except OSError as e:
                 LOG.warning("cannot add node address %s to the ipcache: %s", net, e)
-        for k, v in list(self._ipcache_items(fd)) if prune else ():
-            if v.flags & L.IPCACHE_F_NODE and net_from_ipcache(k) not in want:
+        if not prune:
+            return
+        # the whole host map (100k CIDR /32 peers live there): only node entries decoded
+        ksz, vsz = ct.sizeof(L.IPCacheKey), ct.sizeof(L.IPCacheValue)
+        nodes = [kb for kb, vb in _bpf.map_items_batch(fd, ksz, vsz)
+                 if _IPC_VALUE.unpack_from(vb)[1] & L.IPCACHE_F_NODE]
+        for kb in nodes:
+            k = L.IPCacheKey.from_buffer_copy(kb)
+            if net_from_ipcache(k) not in want:
                 _bpf.map_delete(fd, k)
 
     def _ipcache_items(self, fd: int) -> Iterator[tuple[L.IPCacheKey, L.IPCacheValue]]:
@@ -719,11 +729,16 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
         from the trie, so a packet finds the address all along. How many moved."""
         trie, host = self._fds["ax_ipcache"], self._fds["ax_ipcache_host"]
         moved = 0
-        for k, v in list(self._ipcache_items(trie)):
-            if k.prefixlen == 32 + (32 if k.family == 4 else 128):
-                _bpf.map_update(host, k, v)
-                _bpf.map_delete(trie, k)
-                moved += 1
+        ksz, vsz = ct.sizeof(L.IPCacheKey), ct.sizeof(L.IPCacheValue)
+        # every start walks the whole trie (100k CIDR peers): only a host
+        # entry is decoded (prefixlen and family lead the key)
+        hosts = [(kb, vb) for kb, vb in _bpf.map_items_batch(trie, ksz, vsz)
+                 if _IPC_HEAD.unpack_from(kb) in ((64, 4), (160, 6))]
+        for kb, vb in hosts:
+            k = L.IPCacheKey.from_buffer_copy(kb)
+            _bpf.map_update(host, k, L.IPCacheValue.from_buffer_copy(vb))
+            _bpf.map_delete(trie, k)
+            moved += 1
         if moved:
             self._ipcache_keys = None  # counted again
         return moved
