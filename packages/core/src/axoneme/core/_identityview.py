@@ -8,12 +8,9 @@ policy's identities keep no list each.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 from axoneme.core.labels import PrefixLabels
-
-if TYPE_CHECKING:
-    from axoneme.core.identity import Identity
 
 
 class IdentitySnapshot(Mapping[int, list[str]]):
@@ -24,7 +21,7 @@ class IdentitySnapshot(Mapping[int, list[str]]):
 
     __slots__ = ("_plain", "_by_id", "_reserved_below")
 
-    def __init__(self, plain: dict[int, list[str]], by_id: dict[int, Identity],
+    def __init__(self, plain: dict[int, list[str]], by_id: dict[int, Any],  # Identity
                  reserved_below: int) -> None:
         self._plain = plain
         self._by_id = by_id
@@ -37,7 +34,8 @@ class IdentitySnapshot(Mapping[int, list[str]]):
         ident = self._by_id.get(number)
         if ident is None or not isinstance(ident.labels, PrefixLabels):
             raise KeyError(number)
-        return ident.label_strings()
+        strings: list[str] = ident.label_strings()
+        return strings
 
     def __iter__(self) -> Iterator[int]:
         yield from self._plain
