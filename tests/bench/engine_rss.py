@@ -1,0 +1,79 @@
+"""The policy engine's memory on B5's workload (issue 17: agent RSS at 100k identities).
+
+A server endpoint with an N-peer ``fromCIDR`` policy (/32s, TCP and UDP: 2N
+entries, N CIDR identities), its changes handed out as the agent does; then
+the process's RSS, and with ``--trace DEPTH`` the live allocations the load
+added, grouped by where they were made (tracemalloc; slow)::
+
+    .venv/bin/python tests/bench/engine_rss.py 100000
+    .venv/bin/python tests/bench/engine_rss.py 100000 --trace 1 --top 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import profile_engine as pe  # noqa: E402
+from axoneme.core.endpoint import Endpoint  # noqa: E402
+from axoneme.core.labels import Labels  # noqa: E402
+from axoneme.core.policy.engine import EngineOptions, PolicyEngine  # noqa: E402
+from axoneme.core.policy.parse import parse_policy_obj  # noqa: E402
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("n", type=int, nargs="?", default=100_000)
+    ap.add_argument("--trace", type=int, default=0, metavar="DEPTH",
+                    help="tracemalloc with this many frames (0: off)")
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args(argv)
+    before = rss_mb()
+    if a.trace:
+        tracemalloc.start(a.trace)
+    engine = PolicyEngine(options=EngineOptions())
+    for ep_id, app in ((1, "srv"), (2, "cli")):
+        ident = engine.allocator.allocate(Labels.from_strings(
+            [f"k8s:app={app}", "k8s:io.kubernetes.pod.namespace=bench"]))
+        engine.upsert_endpoint(Endpoint(ep_id, ident.id, ident.labels, ipv4=f"10.244.0.{ep_id}",
+                                        pod_name=app, namespace="bench"))
+    engine.pending_changes()
+    engine.pending_ipcache_changes()
+    snap0 = tracemalloc.take_snapshot() if a.trace else None
+    t0 = time.perf_counter()
+    obj = pe._cnp("peers", [{"fromCIDR": [f"{pe.FAKE.network_address + 1 + i}/32"
+                                          for i in range(a.n)],
+                             "toPorts": pe._ports("TCP", "UDP")}])
+    engine.upsert_policy(parse_policy_obj(obj, "bench", 0))
+    del obj  # the policy keeps its own copy (Policy.raw), as the agent's does
+    adds = len(engine.pending_changes()[1].adds)
+    engine.pending_ipcache_changes()
+    took = time.perf_counter() - t0
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # as the agent after a bulk block (_gcpause)
+    print(f"N={a.n:,}: {adds:,} entries in {took:.2f} s; RSS {before:.0f} -> {rss_mb():.0f} MB")
+    if snap0 is not None:
+        stats = tracemalloc.take_snapshot().compare_to(snap0, "traceback")
+        print(f"allocations the load left: {sum(s.size_diff for s in stats) / 2**20:.1f} MB")
+        for s in stats[:a.top]:
+            where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                                for f in s.traceback)
+            print(f"{s.size_diff / 2**20:8.1f} MB {s.count_diff:9,d}  {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
