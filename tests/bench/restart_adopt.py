@@ -12,9 +12,11 @@ after); with ``--merge`` they replace the adopt trials of a results.json::
         --merge bench-results/results.json --out bench-results
     .venv/bin/python tests/bench/restart_adopt.py -n 50000 --py-spy flame.svg
 
-``--py-spy OUT.svg`` records the first restart's agent with py-spy (from the
-exec until healthy). ``--cold`` empties the compiled-object cache before
-each restart (what the first start on a node pays).
+``--py-spy OUT.svg`` (``OUT.txt``: collapsed stacks) records the first
+restart's agent with py-spy, from its exec until the rebuilt state answers.
+``--json FILE`` also writes the trials (a before/after pair: run it once with
+PYTHONPATH pointing at an older tree's packages); ``--from-json FILE
+--merge ...`` merges such a file instead of running.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -97,7 +98,7 @@ def _restart(agent: suite.Agent, n: int, srv_ep: int, spy: str = "") -> suite.Tr
         stop_spies()
 
 
-def run(n: int, restarts: int, spy: str = "", cold: bool = False) -> list[suite.Trial]:
+def run(n: int, restarts: int, spy: str = "") -> list[suite.Trial]:
     map_max = str(2 * n + 64)
     agent = suite.Agent(["--datapath", "ebpf", "--policy-map-max", map_max], node=True)
     trials: list[suite.Trial] = []
@@ -116,8 +117,6 @@ def run(n: int, restarts: int, spy: str = "", cold: bool = False) -> list[suite.
                          {"documents": [{"file": "bench", "index": 0, "obj": base}]})
         print(f"N={n:,} policy applied in {time.perf_counter() - t0:.2f} s", flush=True)
         for i in range(restarts):
-            if cold:
-                shutil.rmtree(os.path.join(agent.state, "bpf-cache"), ignore_errors=True)
             t = _restart(agent, n, srv_ep, spy if i == 0 else "")
             t.rep = i
             t.metrics["loadavg_1m"] = os.getloadavg()[0]
@@ -146,17 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=100_000)
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--py-spy", default="", metavar="OUT.svg")
-    ap.add_argument("--cold", action="store_true")
     ap.add_argument("--merge", help="results.json whose agent-ebpf-adopt trials these replace")
     ap.add_argument("--out", help="where the merged results.json and report go")
     ap.add_argument("--json", help="also write the trials here (a before/after pair)")
+    ap.add_argument("--note", default="", help="appended to the report's note")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="no run: merge the trials --json wrote (with --merge)")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (netns, veth, BPF)")
-    suite.OWNER_PID = os.getpid()
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.time()
-    trials = run(a.n, a.restarts, a.py_spy, a.cold)
+    if a.from_json:
+        got = json.loads(Path(a.from_json).read_text())
+        trials = [suite.Trial(**t) for t in got["trials"]]
+        load0 = f"{got['load_start']} at its start, {got['load_end']} at its end"
+        t0 = Path(a.from_json).stat().st_mtime
+    else:
+        if os.geteuid() != 0:
+            raise SystemExit("needs root (netns, veth, BPF)")
+        suite.OWNER_PID = os.getpid()
+        trials = run(a.n, a.restarts, a.py_spy)
     ready = [t.metrics["ready_s"] for t in trials if "ready_s" in t.metrics]
     if ready:
         print(f"median ready {statistics.median(ready):.2f} s over {len(ready)} restarts")
@@ -169,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     old["trials"] = [t for t in old["trials"] if t["condition"] != "agent-ebpf-adopt"]
     old["trials"] += [asdict(t) for t in trials]
     old.setdefault("extra", {})["note_restart_adopt"] = (
-        f"restart adopting the N={a.n:,} state re-measured by tests/bench/restart_adopt.py "
-        f"({a.restarts} restarts in a row, median reported; "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} UTC, load average {load0} at its "
-        f"start, {' '.join(f'{x:.2f}' for x in os.getloadavg())} at its end)")
+        f"restart adopting the N={trials[0].n if trials else a.n:,} state re-measured by tests/bench/restart_adopt.py "
+        f"({len(trials)} restarts in a row, the median's trial reported; written "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} UTC, load average "
+        f"{load0 if a.from_json else load0 + ' at its start'})" + (f"; {a.note}" if a.note else ""))
     out = Path(a.out or Path(a.merge).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(old, indent=1))
