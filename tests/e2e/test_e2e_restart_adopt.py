@@ -96,8 +96,21 @@ def _restart(s: dict[str, Any]) -> str:
         return f.read().decode(errors="replace")
 
 
-def test_a_clean_restart_adopts_and_never_lets_a_denied_peer_through(setup: Any) -> None:
+def test_a_clean_restart_adopts_and_never_lets_a_denied_peer_through(setup: Any,
+                                                                       tmp_path: Path) -> None:
     ap = setup["ap"]
+    # scale: 5,000 CIDR peers more on the server (10k entries, 5k identities), so the
+    # restart's background rebuild and comparison run while the probes do
+    peers = "".join(f"    - 100.64.{i // 256}.{i % 256}/32\n" for i in range(5000))
+    big = tmp_path / "peers.yaml"
+    big.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+                   "metadata:\n  name: peers\n  namespace: default\n"
+                   "spec:\n  endpointSelector:\n    matchLabels:\n      app: web\n"
+                   "  ingress:\n  - fromCIDR:\n" + peers +
+                   "    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n"
+                   "      - port: \"80\"\n        protocol: UDP\n")
+    ap.cli("policy", "apply", "-f", str(big), check=True)
+    assert len(_in_sync(setup)["datapath"]) > 10_000
     bad, client = _prober(setup, "bad", 20), _prober(setup, "client", 20)
     assert ap.stop() == 0
     assert (ap.state_dir / "checkpoint.json").exists(), ap.log()
