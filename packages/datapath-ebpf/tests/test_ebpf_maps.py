@@ -212,6 +212,9 @@ def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # t
             smaller = MapState({k: v for i, (k, v) in enumerate(big.items()) if i % 2})
             changes = dp.sync(ep(1), smaller)
             assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
+            # the index holds the state's Key objects, not the dump's copies (RSS)
+            mine = {id(k) for k in smaller}
+            assert all(id(k) in mine for k in dp._keys_index()[1].values())
             assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
             assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
             # values compared as bytes (_sync_big): each kind of change is found

@@ -1076,6 +1076,11 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                 adds[k] = e
         deletes = frozenset(k for k in raw if k not in state)
         changes = MapChanges(adds, deletes)
+        # the index's Keys came from the kernel's dump (a restart): hold the state's
+        # equal ones instead, one Key per entry in the process (issue 17: RSS)
+        canon = {k: k for k in state}
+        for kb, k in (held := self._keys_index().get(ep_id, {})).items():
+            held[kb] = canon.get(k, k)
         if changes:
             current = {k: L.PolicyEntry.from_buffer_copy(raw[k])
                        for k in (*adds, *deletes) if k in raw}
