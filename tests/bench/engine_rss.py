@@ -21,9 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import profile_engine as pe  # noqa: E402
-from axoneme.core.endpoint import Endpoint  # noqa: E402
-from axoneme.core.labels import Labels  # noqa: E402
-from axoneme.core.policy.engine import EngineOptions, PolicyEngine  # noqa: E402
 from axoneme.core.policy.parse import parse_policy_obj  # noqa: E402
 
 
@@ -44,14 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     before = rss_mb()
     if a.trace:
         tracemalloc.start(a.trace)
-    engine = PolicyEngine(options=EngineOptions())
-    for ep_id, app in ((1, "srv"), (2, "cli")):
-        ident = engine.allocator.allocate(Labels.from_strings(
-            [f"k8s:app={app}", "k8s:io.kubernetes.pod.namespace=bench"]))
-        engine.upsert_endpoint(Endpoint(ep_id, ident.id, ident.labels, ipv4=f"10.244.0.{ep_id}",
-                                        pod_name=app, namespace="bench"))
-    engine.pending_changes()
-    engine.pending_ipcache_changes()
+    engine = pe.server_and_client()
     snap0 = tracemalloc.take_snapshot() if a.trace else None
     t0 = time.perf_counter()
     obj = pe._cnp("peers", [{"fromCIDR": [f"{pe.FAKE.network_address + 1 + i}/32"

@@ -35,7 +35,8 @@ def _ports(*protos: str) -> list[dict[str, Any]]:
     return [{"ports": [{"port": "5201", "protocol": p} for p in protos]}]
 
 
-def main(n: int, rounds: int = 5) -> None:
+def server_and_client() -> PolicyEngine:
+    """An engine with B5's two endpoints (server 1, client 2), their changes handed out."""
     engine = PolicyEngine(options=EngineOptions())
     for ep_id, app in ((1, "srv"), (2, "cli")):
         ident = engine.allocator.allocate(Labels.from_strings(
@@ -44,6 +45,11 @@ def main(n: int, rounds: int = 5) -> None:
                                         pod_name=app, namespace="bench"))
     engine.pending_changes()
     engine.pending_ipcache_changes()
+    return engine
+
+
+def main(n: int, rounds: int = 5) -> None:
+    engine = server_and_client()
     t0 = time.perf_counter()
     base = parse_policy_obj(_cnp("peers", [{
         "fromCIDR": [f"{FAKE.network_address + 1 + i}/32" for i in range(n)],
