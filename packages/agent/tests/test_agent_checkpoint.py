@@ -32,8 +32,9 @@ class _Stamped(NoopDatapath):
         s, type(self).stamp = type(self).stamp, ""
         return s
 
-    def set_adopt_stamp(self, stamp: str) -> None:
+    def set_adopt_stamp(self, stamp: str) -> bool:
         type(self).stamp = stamp
+        return True
 
 
 def test_a_clean_stop_leaves_what_the_next_start_adopts(tmp_path: Path) -> None:
@@ -46,12 +47,14 @@ def test_a_clean_stop_leaves_what_the_next_start_adopts(tmp_path: Path) -> None:
     assert cp.take(config) is None  # once
 
 
-def test_a_blocker_leaves_nothing(tmp_path: Path) -> None:
+def test_a_blocker_or_a_datapath_without_stamps_leaves_nothing(tmp_path: Path) -> None:
     config = _config(tmp_path)
     dp = _Stamped()
     dp.stamp = ""
     cp.leave(config, dp, "datapath writes wait for a retry")
     assert cp.take(config) is None and dp.take_adopt_stamp() == ""
+    cp.leave(config, NoopDatapath(), "")  # keeps no stamp: no checkpoint either
+    assert not os.path.exists(cp.path_of(config))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "checksum", "version", "empty stamp"])

@@ -172,7 +172,8 @@ def leave(config: AgentConfig, dp: Datapath | None, blocker: str) -> None:
     stamp = new_stamp()
     try:
         inputs = inputs_fingerprint(config)
-        dp.set_adopt_stamp(stamp)
+        if not dp.set_adopt_stamp(stamp):
+            return  # the datapath keeps none: every start rebuilds first
         write(config, stamp, inputs)
     except (OSError, DatapathError) as e:
         LOG.warning("no restart checkpoint: %s", e)

@@ -196,10 +196,11 @@ class Datapath(abc.ABC):
         called before ``start``); "" if there is none. Default: none."""
         return ""
 
-    def set_adopt_stamp(self, stamp: str) -> None:
+    def set_adopt_stamp(self, stamp: str) -> bool:
         """Leave ``stamp`` beside the kernel's state (a clean stop, after the
-        last write). Default: nothing is kept (``take_adopt_stamp`` finds none)."""
-        return None
+        last write); whether it was kept. Default: nothing is kept
+        (``take_adopt_stamp`` finds none), so the agent writes no checkpoint."""
+        return False
 
     def status(self) -> DatapathStatus:
         return DatapathStatus(self.name, self.config.mode)

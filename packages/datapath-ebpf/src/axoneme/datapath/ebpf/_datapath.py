@@ -447,7 +447,7 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
             self._stamp_found = bool(token)
             return token.hex()
 
-    def set_adopt_stamp(self, stamp: str) -> None:
+    def set_adopt_stamp(self, stamp: str) -> bool:
         try:
             token = bytes.fromhex(stamp)
         except ValueError:
@@ -459,6 +459,7 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
                 _bpf.stamp_set(os.path.join(self.config.bpffs_root, _bpf.STAMP_PIN), token)
             except OSError as e:
                 raise DatapathProgramError("adoption stamp", e.errno, str(e)) from e
+        return True
 
     def stop(self) -> None:
         self._stopped.set()
