@@ -356,6 +356,17 @@ class IdentityAllocator:
             self._next_local += 1
             return self._add_cidr(number, net, text)
 
+    def release_cidr(self, ident: Identity) -> bool:
+        """Forget a CIDR identity no selector or ipcache entry uses any more
+        (the engine dropped its prefix's last reference), as Cilium releases
+        one: a policy replaced by one with other /32 peers no longer keeps the
+        old ones. Its number is not given out again by this process."""
+        with self._lock:
+            if ident.cidr is None or self._cidr.get(ident.cidr) is not ident:
+                return False
+            self._drop(ident)
+            return True
+
     def _add_cidr(self, number: int, net: IPNetwork, text: str) -> Identity:
         # labels made when read, found by prefix (not in _by_labels), listed
         # by snapshot() when read: nothing per identity but it and its entries

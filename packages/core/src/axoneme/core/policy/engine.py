@@ -278,8 +278,9 @@ class PolicyEngine:
                 ident = self._cache.cidr_identity(net)
                 if ident is None:
                     raise KeyError(net)
-                self._ipc_dirty.add(net)
+                self._ipc_dirty.add(net)  # its ipcache entry goes with it
                 changed |= self._cache.remove_identity(ident.id)
+                self.allocator.release_cidr(ident)
         return changed
 
     def _endpoints_selected(self, policy: Policy) -> set[int]:
