@@ -133,10 +133,10 @@ class Regenerator:
             stale = frozenset(k for k in current if k not in desired)
             # all of it: a datapath may keep an in-memory view that only this fills
             dp.ipcache_apply(IPCacheChanges(dict(desired), stale))
-            differ = sum(1 for k, v in desired.items() if current.get(k) != v)
-            if current and (stale or differ):
+            if current and current != desired:  # one C-level comparison when equal
                 LOG.warning("start: the kernel's ipcache differed from the computed one "
-                            "(%d prefixes removed, %d changed or new)", len(stale), differ)
+                            "(%d prefixes removed, %d changed or new)", len(stale),
+                            sum(1 for k, v in desired.items() if current.get(k) != v))
             for ep in endpoints:
                 enf = self.engine.enforcement(ep.id)
                 dp.endpoint_added(ep, *enf)

@@ -1064,6 +1064,13 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
         """``sync`` of an endpoint holding many entries (a restart's comparison
         at 100k peers): the kernel's values compared as bytes, only what
         differs decoded."""
+        # the index's Keys came from the kernel's dump (a restart): hold the state's
+        # equal ones instead, one Key per entry in the process (issue 17: RSS); first,
+        # so the dump below is keyed by the state's own objects (dict hits by identity,
+        # no Key.__eq__ per entry)
+        canon = {k: k for k in state}
+        for kb, k in (held := self._keys_index().get(ep_id, {})).items():
+            held[kb] = canon.get(k, k)
         raw = self._dump_raw(ep_id, as_bytes=True)
         sigs: dict[Entry, bytes] = {}
         adds = {}
@@ -1075,13 +1082,8 @@ class EbpfDatapath(HostEndpointMixin, NodeDevicesMixin, Datapath):
             vb = raw.get(k)
             if vb is None or vb[:_SIG.size] != sig:
                 adds[k] = e
-        deletes = frozenset(k for k in raw if k not in state)
+        deletes = frozenset(k for k in raw if k not in canon)
         changes = MapChanges(adds, deletes)
-        # the index's Keys came from the kernel's dump (a restart): hold the state's
-        # equal ones instead, one Key per entry in the process (issue 17: RSS)
-        canon = {k: k for k in state}
-        for kb, k in (held := self._keys_index().get(ep_id, {})).items():
-            held[kb] = canon.get(k, k)
         if changes:
             current = {k: L.PolicyEntry.from_buffer_copy(raw[k])
                        for k in (*adds, *deletes) if k in raw}
