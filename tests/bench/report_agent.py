@@ -5,6 +5,7 @@ its RSS and its restart adopting an N-identity state (see suite.py
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +26,17 @@ def _cells(r: Any) -> list[Any]:
             if not t.error]
 
 
+def _adopts(r: Any) -> list[Any]:
+    """The restart trials that finished, in the order they ran."""
+    ts = [t for n in r.sizes("B5", "agent-ebpf-adopt") for t in r.all("B5", "agent-ebpf-adopt", n)]
+    return sorted((t for t in ts if not t.error and "ready_s" in t.metrics), key=lambda t: t.rep)
+
+
 def _adopt(r: Any) -> Any | None:
     """The restart trial with the median ready time (restart_adopt.py runs
     several in a row; the suite one)."""
     ts = [t for n in r.sizes("B5", "agent-ebpf-adopt") for t in r.all("B5", "agent-ebpf-adopt", n)]
-    ok = sorted((t for t in ts if not t.error and "ready_s" in t.metrics),
-                key=lambda t: t.metrics["ready_s"])
+    ok = sorted(_adopts(r), key=lambda t: t.metrics["ready_s"])
     if ok:
         return ok[(len(ok) - 1) // 2]
     return ts[-1] if ts else None
@@ -85,11 +91,20 @@ def targets(r: Any) -> list[tuple[str, str, str, str]]:
         return rows
     m = t.metrics
     rss = max(m.get("rss_mb_before", 0.0), m.get("rss_mb", 0.0))
+    basis = (f"before the restart {m.get('rss_mb_before', 0):.0f} MB, after it "
+             f"{m.get('rss_mb', 0):.0f} MB" + _split(m))
+    runs = _adopts(r)
+    if len(runs) > 1:  # restarts in a row: the first one's agent loaded the policy (the API)
+        before = runs[0].metrics.get("rss_mb_before", 0.0)
+        after = statistics.median(x.metrics.get("rss_mb", 0.0) for x in runs)
+        rss = max(before, after)
+        basis = (f"before the first restart {before:.0f} MB (the agent that loaded the policy "
+                 f"through the API), after each adopting restart "
+                 + " / ".join(f"{x.metrics.get('rss_mb', 0):.0f}" for x in runs)
+                 + f" MB, median {after:.0f} MB; the median-ready one's" + _split(m))
     rows.append((f"{t.n // 1000}k-identity agent RSS <= {RSS_MAX_MB:.0f} MB", f"{rss:.0f} MB",
                  "met" if rss <= RSS_MAX_MB else "MISSED",
-                 f"{int(m.get('identities', 0)):,} identities (N CIDR identities); before the "
-                 f"restart {m.get('rss_mb_before', 0):.0f} MB, after it {m.get('rss_mb', 0):.0f} MB"
-                 + _split(m)))
+                 f"{int(m.get('identities', 0)):,} identities (N CIDR identities); " + basis))
     load = m.get("datapath_load_s", float("nan"))
     own = m["ready_s"] - (0.0 if math.isnan(load) else load)
     rows.append((f"agent start adopting {t.n // 1000}k identities <= {START_MAX_S:g} s + "
