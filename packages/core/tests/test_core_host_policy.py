@@ -7,7 +7,6 @@ from __future__ import annotations
 import textwrap
 
 import yaml
-
 from axoneme.core.endpoint import HOST_ENDPOINT_ID, Endpoint, host_endpoint
 from axoneme.core.identity import ReservedIdentity
 from axoneme.core.labels import Labels

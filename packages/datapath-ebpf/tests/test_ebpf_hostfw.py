@@ -91,9 +91,9 @@ def _proc_tcp(rows: list[tuple[str, int, str, int, str]]) -> str:
         return f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
 
     head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
-    return head + "".join(f"   {i}: {a(l, lp)} {a(r, rp)} {st} 00000000:00000000 00:00000000 "
+    return head + "".join(f"   {i}: {a(loc, lp)} {a(r, rp)} {st} 00000000:00000000 00:00000000 "
                           f"00000000     0        0 {1000 + i} 1\n"
-                          for i, (l, lp, r, rp, st) in enumerate(rows))
+                          for i, (loc, lp, r, rp, st) in enumerate(rows))
 
 
 def test_connections_from_before_the_attach_are_tracked(dp, tmp_path) -> None:  # type: ignore[no-untyped-def]
