@@ -49,6 +49,9 @@ def test_agents_keep_each_others_rules() -> None:
         # other agents on this host may keep the shared rule: remove our private table's
         subprocess.run(["ip", "-4", "rule", "del", "fwmark", "0x200/0xf00", "lookup", str(table),
                         "pref", str(pref)], capture_output=True)
+        subprocess.run(["ip", "-4", "rule", "del", "fwmark", "0x200/0xf00", "iif", "lo", "lookup",
+                        "main", "pref", str(pref - 1)], capture_output=True)
         subprocess.run(["ip", "-4", "route", "flush", "table", str(table)], capture_output=True)
+    assert f"{pref - 1}:" not in _out("ip", "rule", "list")
     assert subprocess.run(["iptables", "-w", "5", "-t", "mangle", "-S", a.chain],
                           capture_output=True).returncode != 0
