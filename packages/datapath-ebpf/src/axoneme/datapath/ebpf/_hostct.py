@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 
 from axoneme.core.endpoint import HOST_ENDPOINT_ID
+from axoneme.core.identity import ReservedIdentity
 from axoneme.datapath.ebpf import _bpf
 from axoneme.datapath.ebpf import _layout as L
 
 _ESTABLISHED, _LISTEN = "01", "0A"
-_HOST_ID = 1  # the reserved identity host
-_WORLD_ID = 2
+_HOST_ID, _WORLD_ID = int(ReservedIdentity.HOST), int(ReservedIdentity.WORLD)
+_LOOPBACK6 = socket.inet_pton(socket.AF_INET6, "::1")
+_WILDCARD = (b"\0" * 4, b"\0" * 16)
 
 
 def _addr(hexaddr: str) -> bytes:
@@ -89,15 +91,14 @@ def seed_host_connections(ct_fd: int, proc_net: Path = Path("/proc/self/net")) -
     """Track the namespace's established TCP connections (module docstring).
     Returns how many entries were written."""
     established, listening = tcp_sockets(proc_net)
-    wildcard = {b"\0" * 4, b"\0" * 16}
     now = time.monotonic_ns()  # bpf_ktime_get_ns: CLOCK_MONOTONIC
     written = 0
     for family, local, lport, remote, rport in established:
         local, remote = _v4(local), _v4(remote)
-        if local[:1] == b"\x7f" or local == socket.inet_pton(socket.AF_INET6, "::1"):
+        if local[:1] == b"\x7f" or local == _LOOPBACK6:
             continue  # loopback never crosses a device
         family = socket.AF_INET if len(local) == 4 else socket.AF_INET6
-        inbound = any((a, lport) in listening for a in (local, *wildcard)) or any(
+        inbound = any((a, lport) in listening for a in (local, *_WILDCARD)) or any(
             len(a) == 16 and _v4(a) == local and p == lport for a, p in listening)
         entry = L.CTEntry(created=now, last_seen=now, ep_id=HOST_ENDPOINT_ID)
         if inbound:
