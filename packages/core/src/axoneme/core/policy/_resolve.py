@@ -2,99 +2,45 @@
 
 Pure function of (endpoint, its selecting rules, the selector cache, the
 cluster's addresses and named ports, options); the engine decides when to
-call it.
+call it. The keys' ingredients are ``_peerkeys``'s; the cluster's
+addresses ``_addressbook``'s.
 """
 
 from __future__ import annotations
 
-import bisect
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from axoneme.core.endpoint import Endpoint, NamedPort
+from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import PolicyError
 from axoneme.core.identity import ReservedIdentity
-from axoneme.core.l7 import default_proxy_port as l7_default_proxy_port
 from axoneme.core.mapstate import (
     ADDRESS_IDENTITY,
-    PORT_BITS,
-    PORT_PROTOCOLS,
     Direction,
     Entry,
     Key,
     L7Rules,
     MapState,
     Protocol,
-    port_range_to_prefixes,
 )
 from axoneme.core.policy import _multimap as mm
-from axoneme.core.policy._selectorcache import Selector, SelectorCache
-from axoneme.core.policy.api import (
-    ADDRESS_NODES,
-    ADDRESS_PODS,
-    CIDRPeer,
-    EndpointPeer,
-    L7Spec,
-    PeerRule,
-    PortProtocol,
-    Rule,
+from axoneme.core.policy._addressbook import AddressBook, ClusterAddress, _peer_addresses
+from axoneme.core.policy._peerkeys import (
+    _KEY_CACHE,
+    _key,
+    _named_targets,
+    _peer_ids,
+    _peer_rule_l4s,
+    default_proxy_port,
 )
+from axoneme.core.policy._selectorcache import Selector, SelectorCache
+from axoneme.core.policy.api import ADDRESS_NODES, ADDRESS_PODS, L7Spec, PeerRule, Rule
 
 LOG = logging.getLogger(__name__)
 
 ALLOW_LOCALHOST = "allow-localhost"
-
-L4 = tuple[Protocol, int, int]  # protocol, port, prefix length
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterAddress:
-    """One address the cluster knows: a pod's (``pods``) or a node's (``nodes``)."""
-
-    address: str  # canonical text
-    identity: int
-    kind: str  # ADDRESS_PODS | ADDRESS_NODES
-    named_ports: tuple[NamedPort, ...] = ()
-    pod: int = 0  # endpoint id of a pod address (its v4 and v6 share it)
-
-
-class AddressBook:
-    """The cluster's addresses, for address keys (ipBlock over pods/nodes, CIDR
-    match modes) and per-destination named ports."""
-
-    __slots__ = ("addresses", "_parsed", "_pods")
-
-    def __init__(self, addresses: Iterable[ClusterAddress] = ()) -> None:
-        self.addresses = tuple(sorted(addresses, key=lambda a: (a.kind, a.address)))
-        # per IP version, sorted by address: a CIDR is one bisected range
-        parsed = sorted(((ipaddress.ip_address(a.address), a) for a in self.addresses),
-                        key=lambda p: (p[0].version, int(p[0])))
-        self._parsed = {v: ([int(ip) for ip, _ in parsed if ip.version == v],
-                            [(ip, a) for ip, a in parsed if ip.version == v]) for v in (4, 6)}
-        pods: dict[int, dict[int, list[ClusterAddress]]] = {}
-        for a in self.addresses:
-            if a.kind == ADDRESS_PODS:
-                pods.setdefault(a.identity, {}).setdefault(a.pod, []).append(a)
-        self._pods = pods
-
-    def in_block(self, peer: CIDRPeer, kinds: frozenset[str]) -> list[ClusterAddress]:
-        """The addresses of ``kinds`` in ``peer``'s CIDR and none of its excepts."""
-        numbers, entries = self._parsed[peer.cidr.version]
-        lo = bisect.bisect_left(numbers, int(peer.cidr.network_address))
-        hi = bisect.bisect_right(numbers, int(peer.cidr.broadcast_address))
-        return [a for ip, a in entries[lo:hi] if a.kind in kinds and peer.contains(ip)]
-
-    def pods_of(self, identity: int) -> list[list[ClusterAddress]]:
-        """Per pod of ``identity`` (0: every pod), its addresses."""
-        if identity == 0:
-            return [addrs for by_pod in self._pods.values() for addrs in by_pod.values()]
-        return list(self._pods.get(identity, {}).values())
-
-    def pod_identities(self) -> list[int]:
-        return sorted(self._pods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,182 +54,6 @@ class Resolved:
     uses_named_ports: bool  # egress named ports (depend on every endpoint's ports)
     rules: tuple[Rule, ...] = ()  # the selecting rules
     uses_addresses: bool = False  # CIDR peers over cluster addresses (depend on every address)
-
-
-# Keys are immutable and validated on construction, which costs more than the
-# rest of resolution; keys are interned per L4 template and identity (bounded:
-# cleared when it grows past _KEY_CACHE_MAX).
-_KEY_CACHE: dict[tuple[Direction, Protocol, int, int], dict[int, Key]] = {}
-_KEY_CACHE_MAX = 1 << 18
-_key_count = 0
-
-
-def _key(identity: int, d: Direction, l4: L4, address: str = "") -> Key:
-    global _key_count
-    if address:
-        return Key(ADDRESS_IDENTITY, d, *l4, address=address)
-    bucket = _KEY_CACHE.get((d, *l4))
-    if bucket is None:
-        bucket = _KEY_CACHE[(d, *l4)] = {}
-    key = bucket.get(identity)
-    if key is None:
-        if _key_count > _KEY_CACHE_MAX:
-            _KEY_CACHE.clear()
-            _key_count = 0
-            bucket = _KEY_CACHE[(d, *l4)] = {}
-        template = next(iter(bucket.values()), None)
-        if template is None or identity == ADDRESS_IDENTITY:
-            key = Key(identity, d, *l4)  # validated
-        else:
-            key = _with_identity(template, identity)
-        bucket[identity] = key
-        _key_count += 1
-    return key
-
-
-_new_object = object.__new__
-_set_field = object.__setattr__
-
-
-def _with_identity(template: Key, identity: int) -> Key:
-    """``template`` for another (non-address) identity: the L4 part was
-    validated when the template was made, so skip Key's checks (a 100k-peer
-    policy makes 100k keys)."""
-    key = _new_object(Key)
-    _set_field(key, "identity", identity)
-    _set_field(key, "direction", template.direction)
-    _set_field(key, "protocol", template.protocol)
-    _set_field(key, "port", template.port)
-    _set_field(key, "prefix_len", template.prefix_len)
-    _set_field(key, "address", "")
-    _set_field(key, "_hash", hash((identity, template.direction, template.protocol,
-                                   template.port, template.prefix_len, "")))
-    return key
-
-
-def default_proxy_port(parser: str, direction: Direction) -> int:
-    """Proxy port used when the engine is not told (offline tools, tests): the
-    parser's own ``default_proxy_port``. The agent passes
-    EngineOptions.proxy_port with the ports its proxies listen on."""
-    return l7_default_proxy_port(parser)
-
-
-def _protocols(pp: PortProtocol) -> tuple[Protocol, ...]:
-    return PORT_PROTOCOLS if pp.protocol.upper() == "ANY" else (Protocol.parse(pp.protocol),)
-
-
-def _named_l4s(pp: PortProtocol, ports: Iterable[NamedPort]) -> list[L4]:
-    """The numbers a set of container ports gives the name ``pp.name``."""
-    protos = _protocols(pp)
-    return sorted({(proto, np.port, PORT_BITS) for np in ports if np.name == pp.name
-                   for proto in (Protocol.parse(np.protocol),) if proto in protos})
-
-
-def _port_l4s(pp: PortProtocol, endpoint: Endpoint) -> list[L4]:
-    protos = _protocols(pp)
-    if pp.name:
-        # A named port here is ingress's: the endpoint's own container ports
-        # (egress named ports resolve per destination, _named_targets).
-        return _named_l4s(pp, endpoint.named_ports)
-    if pp.port == 0:
-        if pp.protocol.upper() == "ANY":
-            return [(Protocol.ANY, 0, 0)]
-        return [(p, 0, 0) for p in protos]
-    if pp.end_port is not None and pp.end_port > pp.port:
-        blocks = port_range_to_prefixes(pp.port, pp.end_port)
-    else:
-        blocks = [(pp.port, PORT_BITS)]
-    return [(p, port, plen) for p in protos for port, plen in blocks]
-
-
-Target = tuple[int, str]  # (identity, "") or (ADDRESS_IDENTITY, address)
-NamedEgress = tuple[PortProtocol, L7Spec | None]
-
-
-def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint
-                   ) -> tuple[list[tuple[L4, L7Spec | None]], list[NamedEgress]]:
-    """The L4 parts of one rule (with L7 specs) common to every peer, and its
-    egress named ports (resolved per destination)."""
-    if not pr.ports and not pr.icmps:
-        return [((Protocol.ANY, 0, 0), None)], []
-    out: list[tuple[L4, L7Spec | None]] = []
-    named: list[NamedEgress] = []
-    for port_rule in pr.ports:
-        l7 = None if pr.deny else port_rule.l7
-        if not port_rule.ports:
-            out.append(((Protocol.ANY, 0, 0), l7))
-            continue
-        for pp in port_rule.ports:
-            if pp.name and pr.direction is Direction.EGRESS:
-                named.append((pp, l7))
-            else:
-                out.extend((l4, l7) for l4 in _port_l4s(pp, endpoint))
-    for icmp in pr.icmps:
-        proto = Protocol.ICMPV6 if icmp.family.lower() == "ipv6" else Protocol.ICMP
-        out.append(((proto, icmp.type, PORT_BITS), None))
-    return out, named
-
-
-def _named_targets(pp: PortProtocol, ids: set[int], addrs: Sequence[ClusterAddress],
-                   book: AddressBook) -> list[tuple[Target, L4]]:
-    """An egress named port, per destination (upstream Kubernetes): each
-    destination pod allows only the numbers it names ``pp.name`` itself.
-
-    1. A peer identity whose pods all name it the same numbers: identity keys.
-    2. Pods of one identity naming different numbers (or some not at all):
-       address keys, each pod's own numbers for its addresses.
-    3. The any-peer wildcard stands for every pod identity; non-pod peers
-       (world, nodes) have no named ports: nothing.
-    4. Addresses a CIDR peer matched: that pod's own numbers.
-    """
-    out: list[tuple[Target, L4]] = []
-    idents = book.pod_identities() if 0 in ids else sorted(ids)
-    for ident in idents:
-        pods = book.pods_of(ident)
-        if not pods:
-            continue
-        per_pod = [_named_l4s(pp, pod[0].named_ports) for pod in pods]
-        if per_pod[0] and all(p == per_pod[0] for p in per_pod[1:]):
-            out.extend(((ident, ""), l4) for l4 in per_pod[0])
-            continue
-        for pod, l4s in zip(pods, per_pod, strict=True):
-            out.extend(((ADDRESS_IDENTITY, a.address), l4) for a in pod for l4 in l4s)
-    for a in addrs:
-        out.extend(((ADDRESS_IDENTITY, a.address), l4) for l4 in _named_l4s(pp, a.named_ports))
-    return out
-
-
-def _peer_ids(pr: PeerRule, cache: SelectorCache, deps: set[Selector]) -> set[int]:
-    if pr.peers is None:
-        return {0}
-    ids: set[int] = set()
-    for peer in pr.peers:
-        sel: Selector = peer.selector if isinstance(peer, EndpointPeer) else peer
-        deps.add(sel)
-        ids.update(cache.selected(sel))
-    return ids
-
-
-def _peer_addresses(pr: PeerRule, book: Callable[[], AddressBook], cidr_match: frozenset[str]
-                    ) -> tuple[list[ClusterAddress], bool]:
-    """Cluster addresses the rule's CIDR peers match one by one, and whether
-    any CIDR peer looks at cluster addresses at all (a dependency).
-
-    Per peer: in its CIDR and in none of its own excepts; another peer (or
-    rule) may still match an address one peer excepts (upstream's
-    "IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed")."""
-    found: dict[str, ClusterAddress] = {}
-    uses = False
-    for peer in pr.peers or ():
-        if not isinstance(peer, CIDRPeer):
-            continue
-        kinds = peer.match | cidr_match
-        if not kinds:
-            continue
-        uses = True
-        for a in book().in_block(peer, kinds):
-            found.setdefault(a.address, a)
-    return [found[k] for k in sorted(found)], uses
 
 
 # Resolution (Cilium semantics), for one endpoint:
