@@ -109,17 +109,68 @@ class Upstream:
         return [h.split(b" ", 2)[1] for h, _ in self.seen]
 
 
-@dataclass
+ENGINES = ("python", "native")
+
+
+def native_binary() -> str:
+    """The native engine, built by scripts/l7-build when missing or stale; a
+    missing Go toolchain (a machine capability) skips the native runs."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from axoneme.l7.http._native import engine_binary
+
+    root = Path(__file__).resolve().parents[3]
+    subprocess.run([str(root / "scripts" / "l7-build")], check=True, timeout=600,
+                   env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/local/go/bin"})
+    binary = engine_binary()
+    if binary is None:
+        pytest.skip("no Go toolchain on this machine: axoneme-l7-http cannot be built")
+    return binary
+
+
+def proxy_factory(engine: str) -> Any:
+    """The HTTP proxy class (constructor) of ``engine``."""
+    if engine == "python":
+        return HttpProxy
+    from axoneme.l7.http._native import NativeHttpProxy
+
+    binary = native_binary()
+    return lambda sock, **kw: NativeHttpProxy(sock, binary=binary, **kw)
+
+
 class Env:
-    loop: Loop
-    upstream: Upstream
-    proxy: HttpProxy
-    port: int
-    flows: list[Flow]
-    policy: dict[str, Any]
+    """A proxy of one engine, its upstream, its flows and its (mutable) policy."""
+
+    def __init__(self, loop: Loop, upstream: Any, proxy: Any, port: int, flows: list[Flow],
+                 policy: dict[str, Any], engine: str) -> None:
+        self.loop, self.upstream, self.proxy, self.port = loop, upstream, proxy, port
+        self._flows, self.policy, self.engine = flows, policy, engine
+
+    def policy_changed(self) -> None:
+        """What the agent does on a policy change: the native engine's cache goes."""
+        if hasattr(self.proxy, "invalidate"):
+            self.loop.run(self._invalidate())
+
+    async def _invalidate(self) -> None:
+        self.proxy.engine.invalidate()
 
     def set_rules(self, rules: Any) -> None:
         self.policy["rules"] = rules
+        self.policy_changed()
+
+    def set_none(self, none: bool = True) -> None:
+        """policy_for answers None (no redirect known: every request refused)."""
+        self.policy["none"] = none
+        self.policy_changed()
+
+    @property
+    def flows(self) -> list[Flow]:
+        """The flow records so far (the native engine's batches delivered first)."""
+        if hasattr(self.proxy, "sync"):
+            self.loop.run(self.proxy.sync())
+        return self._flows
 
     def connect(self, timeout: float = 5) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
@@ -173,10 +224,16 @@ def count_responses(buf: bytes) -> int:
         n += 1
 
 
-def make_env(rules: Any = (), config: ProxyConfig | None = None) -> Env:
+def make_env(rules: Any = (), config: ProxyConfig | None = None, engine: str = "python",
+             upstream: Any = None, upstream_addr: tuple[str, int] | None = None) -> Env:
+    """A proxy of ``engine`` before ``upstream`` (default: a recording
+    ``Upstream``; any object with ``async start()`` and ``port``, started on
+    the env's loop) or before the fixed address ``upstream_addr``."""
+    factory = proxy_factory(engine)
     loop = Loop()
-    up = Upstream()
-    loop.run(up.start())
+    up = upstream if upstream is not None else Upstream()
+    if upstream_addr is None:
+        loop.run(up.start())
     flows: list[Flow] = []
     policy: dict[str, Any] = {"rules": rules, "none": False}
 
@@ -191,24 +248,32 @@ def make_env(rules: Any = (), config: ProxyConfig | None = None) -> Env:
     lsock.listen(128)
     cfg = config or ProxyConfig(header_timeout=2, idle_timeout=2, body_timeout=2, upstream_timeout=2)
     from dataclasses import replace
-    cfg = replace(cfg, upstream=("127.0.0.1", up.port))
-    proxy = HttpProxy(lsock, direction=Direction.INGRESS, policy_for=policy_for,
-                      flow_sink=flows.append, config=cfg)
+    cfg = replace(cfg, upstream=upstream_addr or ("127.0.0.1", up.port))
+    proxy = factory(lsock, direction=Direction.INGRESS, policy_for=policy_for,
+                    flow_sink=flows.append, config=cfg)
     loop.run(proxy.start())
-    return Env(loop, up, proxy, lsock.getsockname()[1], flows, policy)
+    return Env(loop, up, proxy, lsock.getsockname()[1], flows, policy, engine)
 
 
 def close_env(env: Env) -> None:
     try:
         env.loop.run(env.proxy.stop())
-        env.upstream.server.close()
+        server = getattr(env.upstream, "server", None)
+        if server is not None:
+            server.close()
     finally:
         env.loop.close()
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    """Each test of the HTTP proxy runs on both engines (the Python proxy and axoneme-l7-http)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def env() -> Iterator[Env]:
-    e = make_env()
+def env(engine: str) -> Iterator[Env]:
+    e = make_env(engine=engine)
     try:
         yield e
     finally:
@@ -216,18 +281,22 @@ def env() -> Iterator[Env]:
 
 
 @pytest.fixture
-def h() -> Any:
-    """The harness helpers (test modules cannot import conftest in importlib mode)."""
+def h(engine: str) -> Any:
+    """The harness helpers bound to ``engine`` (test modules cannot import
+    conftest in importlib mode)."""
+    import functools
     import types
 
-    return types.SimpleNamespace(make_env=make_env, close_env=close_env, exchange=exchange,
-                                 count_responses=count_responses, Loop=Loop, Upstream=Upstream)
+    return types.SimpleNamespace(make_env=functools.partial(make_env, engine=engine),
+                                 close_env=close_env, exchange=exchange,
+                                 count_responses=count_responses, Loop=Loop, Upstream=Upstream,
+                                 engine=engine, factory=proxy_factory(engine))
 
 
-@pytest.fixture(scope="module")
-def menv() -> Iterator[Env]:
-    """One proxy + upstream for a whole module (hypothesis tests)."""
-    e = make_env()
+@pytest.fixture(scope="module", params=ENGINES)
+def menv(request) -> Iterator[Env]:
+    """One proxy + upstream for a whole module (hypothesis tests), per engine."""
+    e = make_env(engine=request.param)
     try:
         yield e
     finally:

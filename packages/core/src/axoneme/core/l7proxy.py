@@ -396,17 +396,27 @@ async def _connect(dst: Addr, *, mark: int, src: Addr | None) -> socket.socket:
     return sock
 
 
-def transparent_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True) -> ConnectUpstream:
+class TransparentConnector:
     """A ``connect_upstream`` from the client's address (when ``spoof_source``),
     marked; ``identity`` (the source identity the proxy judged the client by)
     goes into the mark's upper half, so the datapath judges the upstream leg
-    by it too."""
+    by it too. ``mark`` and ``spoof_source`` are attributes, so a proxy engine
+    outside this process (the native HTTP engine) connects the same way."""
 
-    async def connect(src: Addr, dst: Addr, identity: int = 0) -> socket.socket:
-        return await _connect(dst, mark=with_source_identity(mark, identity),
-                              src=src if spoof_source else None)
+    __slots__ = ("mark", "spoof_source")
 
-    return connect
+    def __init__(self, mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True) -> None:
+        self.mark = mark
+        self.spoof_source = spoof_source
+
+    async def __call__(self, src: Addr, dst: Addr, identity: int = 0) -> socket.socket:
+        return await _connect(dst, mark=with_source_identity(self.mark, identity),
+                              src=src if self.spoof_source else None)
+
+
+def transparent_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True) -> ConnectUpstream:
+    """A ``TransparentConnector`` (see there)."""
+    return TransparentConnector(mark, spoof_source)
 
 
 def transparent_udp_connector(mark: int = MARK_MAGIC_FROM_PROXY, spoof_source: bool = True,
@@ -430,4 +440,4 @@ __all__ = ["ProxyPolicy", "PolicyFor", "FlowSink", "ConnectUpstream", "ProxyConf
            "L7ProxyServer", "ProxyFactory", "StreamProxyServer", "plain_connect", "Addr",
            "IP_TRANSPARENT", "IPV6_TRANSPARENT", "SO_MARK", "family_of", "set_transparent",
            "is_transparent", "set_mark", "make_listener", "make_udp_listener", "recv_datagram",
-           "send_from", "transparent_connector", "transparent_udp_connector", "take_source_identity"]
+           "send_from", "transparent_connector", "TransparentConnector", "transparent_udp_connector", "take_source_identity"]

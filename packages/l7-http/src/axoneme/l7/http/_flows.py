@@ -19,8 +19,9 @@ def _l4(sport: int, dport: int) -> dict[str, Any]:
 
 def http_flow(req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
               client: tuple[str, int], dst: tuple[str, int], direction: str, reply: bool,
-              code: int = 0, latency_ns: int = 0) -> Flow:
-    """The record of ``req`` (``reply``: of its response, status ``code``)."""
+              code: int = 0, latency_ns: int = 0, when: float | None = None) -> Flow:
+    """The record of ``req`` (``reply``: of its response, status ``code``);
+    ``when``: the time it was observed (default now)."""
     src_ep = pol.source if pol else FlowEndpoint()
     dst_ep = pol.destination if pol else FlowEndpoint()
     url = f"http://{req.host}{req.path}"
@@ -35,11 +36,12 @@ def http_flow(req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
     l7 = {"type": "RESPONSE" if reply else "REQUEST", "latency_ns": latency_ns, "http": http}
     (sip, sport), (dip, dport) = client, dst
     ipv = "IPv6" if ":" in sip else "IPv4"
+    now = time.time() if when is None else when
     if reply:
-        return Flow(time.time(), verdict, dip, sip, dst_ep, src_ep, direction,
+        return Flow(now, verdict, dip, sip, dst_ep, src_ep, direction,
                     type="L7", event_type="l7", l4=_l4(dport, sport), l7=l7, is_reply=True,
                     summary=summary, ip_version=ipv)
-    return Flow(time.time(), verdict, sip, dip, src_ep, dst_ep, direction,
+    return Flow(now, verdict, sip, dip, src_ep, dst_ep, direction,
                 type="L7", event_type="l7", l4=_l4(sport, dport), l7=l7, is_reply=False,
                 summary=summary, ip_version=ipv)
 

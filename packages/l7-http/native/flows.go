@@ -1,0 +1,100 @@
+// L7 flow records for the agent: one JSON object per request or response,
+// batched (engine.flush). Strings are the raw bytes as latin-1 code points,
+// as the Python proxy decodes them.
+package main
+
+import (
+	"strconv"
+	"time"
+)
+
+const (
+	verdictForwarded = 0
+	verdictDropped   = 1
+	verdictError     = 2
+	maxPendingFlows  = 8 << 20 // beyond this the agent is not reading: records are dropped
+)
+
+const hexdigits = "0123456789abcdef"
+
+func appendStr(b []byte, s string) []byte {
+	b = append(b, '"')
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '"' || c == '\\':
+			b = append(b, '\\', c)
+		case c < 0x20 || c >= 0x7f:
+			b = append(b, '\\', 'u', '0', '0', hexdigits[c>>4], hexdigits[c&15])
+		default:
+			b = append(b, c)
+		}
+	}
+	return append(b, '"')
+}
+
+func appendInt(b []byte, key string, v int64) []byte {
+	b = append(b, ',', '"')
+	b = append(b, key...)
+	b = append(b, '"', ':')
+	return strconv.AppendInt(b, v, 10)
+}
+
+func (k *conn) flow(req *requestHead, pol *policy, verdict int, reply bool, code int, latency int64) {
+	pid := int64(-1)
+	if pol != nil && !pol.deny {
+		pid = pol.pid
+	}
+	b := make([]byte, 0, 256)
+	b = append(b, `{"l":`...)
+	b = strconv.AppendInt(b, k.l.id, 10)
+	b = appendInt(b, "p", pid)
+	b = appendInt(b, "v", int64(verdict))
+	r := int64(0)
+	if reply {
+		r = 1
+	}
+	b = appendInt(b, "r", r)
+	b = appendInt(b, "c", int64(code))
+	b = appendInt(b, "lat", latency)
+	b = append(b, `,"t":`...)
+	b = strconv.AppendFloat(b, float64(time.Now().UnixNano())/1e9, 'f', 6, 64)
+	b = append(b, `,"m":`...)
+	b = appendStr(b, req.method)
+	b = append(b, `,"h":`...)
+	b = appendStr(b, req.host)
+	b = append(b, `,"u":`...)
+	b = appendStr(b, req.path)
+	b = append(b, `,"ver":`...)
+	b = appendStr(b, req.version)
+	b = append(b, `,"ci":`...)
+	b = appendStr(b, k.clientIP)
+	b = appendInt(b, "cp", int64(k.clientPort))
+	b = append(b, `,"di":`...)
+	b = appendStr(b, k.dstIP)
+	b = appendInt(b, "dp", int64(k.dstPort))
+	if !reply {
+		b = append(b, `,"hd":[`...)
+		for i, h := range req.headers {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, '[')
+			b = appendStr(b, h.name)
+			b = append(b, ',')
+			b = appendStr(b, h.value)
+			b = append(b, ']')
+		}
+		b = append(b, ']')
+	}
+	b = append(b, '}')
+	e := k.l.eng
+	e.fmu.Lock()
+	if len(e.flows) < maxPendingFlows {
+		if len(e.flows) > 0 {
+			e.flows = append(e.flows, ',')
+		}
+		e.flows = append(e.flows, b...)
+	}
+	e.fmu.Unlock()
+}

@@ -1,0 +1,503 @@
+// The request and response heads, as packages/l7-http/src/axoneme/l7/http/_wire.py
+// and _target.py read them: the same refusals with the same statuses and
+// reasons (the proxy answers them to the client), the same normalisation.
+// Byte strings are raw (latin-1) throughout; only ASCII is ever interpreted.
+package main
+
+import (
+	"bytes"
+	"regexp"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+)
+
+const (
+	maxRequestLine     = 8 * 1024
+	maxHeadBytes       = 64 * 1024
+	maxHeaders         = 100
+	maxChunkLine       = 4 * 1024
+	maxChunkSizeDigits = 15
+	maxDrain           = 64 * 1024
+	streamLimit        = maxRequestLine + maxHeadBytes + 4 // asyncio's stream limit in _proxy.py
+)
+
+type httpError struct {
+	status int
+	reason string
+}
+
+func (e *httpError) Error() string { return strconv.Itoa(e.status) + " " + e.reason }
+
+func herr(status int, reason string) *httpError { return &httpError{status, reason} }
+
+var methods = map[string]bool{}
+
+func init() {
+	for _, m := range strings.Fields("GET HEAD POST PUT DELETE OPTIONS TRACE PATCH QUERY ACL BIND " +
+		"CHECKOUT COPY LINK LOCK MERGE MKACTIVITY MKCALENDAR MKCOL MOVE PROPFIND PROPPATCH REBIND " +
+		"REPORT SEARCH UNBIND UNLINK UNLOCK M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE SOURCE CONNECT") {
+		methods[m] = true
+	}
+}
+
+var tokenChar [256]bool
+
+func init() {
+	for c := '0'; c <= '9'; c++ {
+		tokenChar[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		tokenChar[c] = true
+		tokenChar[c-32] = true
+	}
+	for _, c := range "!#$%&'*+-.^_`|~" {
+		tokenChar[c] = true
+	}
+}
+
+func isToken(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		if !tokenChar[c] {
+			return false
+		}
+	}
+	return true
+}
+
+// _VALUE: [\t\x20-\x7e\x80-\xff]*
+func isValue(b []byte) bool {
+	for _, c := range b {
+		if c < 0x20 && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+func trimOWS(b []byte) []byte {
+	i, j := 0, len(b)
+	for i < j && (b[i] == ' ' || b[i] == '\t') {
+		i++
+	}
+	for j > i && (b[j-1] == ' ' || b[j-1] == '\t') {
+		j--
+	}
+	return b[i:j]
+}
+
+func trimOWSs(s string) string { return string(trimOWS([]byte(s))) }
+
+type header struct{ name, value string } // raw bytes (latin-1), value OWS-trimmed
+
+type requestHead struct {
+	method, target, path, version string
+	headers                       []header
+	host                          string
+	contentLength                 int64 // -1: none
+	chunked, keepAlive, expect    bool
+	upgrade, absolute, stripUpg   bool
+	raw                           []byte
+}
+
+func (r *requestHead) hasBody() bool { return r.chunked || r.contentLength > 0 }
+
+// serialize: the validated bytes as received when nothing changes, else rebuilt.
+func (r *requestHead) serialize(hs []header, changed bool) []byte {
+	if !changed && r.raw != nil && !r.absolute && r.path == r.target {
+		return r.raw
+	}
+	if !changed {
+		hs = r.headers
+	}
+	var b bytes.Buffer
+	b.WriteString(r.method + " " + r.path + " " + r.version)
+	for _, h := range hs {
+		b.WriteString("\r\n" + h.name + ": " + h.value)
+	}
+	b.WriteString("\r\n\r\n")
+	return b.Bytes()
+}
+
+// parse_header_lines
+func parseHeaderLines(lines [][]byte, what string) ([]header, *httpError) {
+	if len(lines) > maxHeaders {
+		return nil, herr(431, "too many "+what+" lines")
+	}
+	total := 0
+	for _, l := range lines {
+		total += len(l) + 2
+	}
+	if total > maxHeadBytes {
+		return nil, herr(431, what+" section too large")
+	}
+	out := make([]header, 0, len(lines))
+	for _, line := range lines {
+		if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') {
+			return nil, herr(400, "obsolete line folding")
+		}
+		i := bytes.IndexByte(line, ':')
+		if i < 0 || !isToken(line[:i]) {
+			return nil, herr(400, "malformed "+what+" line")
+		}
+		v := trimOWS(line[i+1:])
+		if !isValue(v) {
+			return nil, herr(400, "invalid character in "+what+" value")
+		}
+		out = append(out, header{string(line[:i]), string(v)})
+	}
+	return out, nil
+}
+
+// _list: comma-separated elements, OWS-trimmed, lower-case, empty ones dropped.
+func listOf(values []string) []string {
+	var out []string
+	for _, v := range values {
+		for _, t := range strings.Split(v, ",") {
+			if t = trimOWSs(t); t != "" {
+				out = append(out, lowerASCII(t))
+			}
+		}
+	}
+	return out
+}
+
+func lowerASCII(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= 'A' && c <= 'Z' {
+			return strings.Map(func(r rune) rune {
+				if r >= 'A' && r <= 'Z' {
+					return r + 32
+				}
+				return r
+			}, s)
+		}
+	}
+	return s
+}
+
+func contains(xs []string, s string) bool {
+	for _, x := range xs {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+var versionRe = regexp.MustCompile(`^HTTP/1\.[01]$`)
+var lengthRe = regexp.MustCompile(`^[0-9]{1,18}$`)
+
+func parseRequestHead(block []byte) (*requestHead, *httpError) {
+	eol := bytes.Index(block, []byte("\r\n"))
+	line := block
+	if eol >= 0 {
+		line = block[:eol]
+	}
+	if len(line) > maxRequestLine {
+		return nil, herr(414, "request line too long")
+	}
+	n := bytes.Count(block, []byte("\r\n"))
+	if bytes.Count(block, []byte("\r")) != n || bytes.Count(block, []byte("\n")) != n {
+		return nil, herr(400, "bare CR or LF in message head")
+	}
+	parts := bytes.Split(line, []byte(" "))
+	if len(parts) != 3 || len(parts[1]) == 0 {
+		return nil, herr(400, "malformed request line")
+	}
+	if !isToken(parts[0]) {
+		return nil, herr(400, "invalid method")
+	}
+	if !versionRe.Match(parts[2]) {
+		if bytes.HasPrefix(parts[2], []byte("HTTP/")) && len(parts[2]) == 8 {
+			return nil, herr(505, "HTTP version not supported")
+		}
+		return nil, herr(400, "malformed HTTP version")
+	}
+	for _, c := range parts[1] {
+		if c >= 0x80 {
+			return nil, herr(400, "non-ASCII request-target")
+		}
+	}
+	method, target, version := string(parts[0]), string(parts[1]), string(parts[2])
+	if method == "CONNECT" {
+		return nil, herr(400, "CONNECT (authority-form) is not proxied")
+	}
+	if !methods[method] {
+		return nil, herr(501, "unknown method")
+	}
+	headers := []header{}
+	if eol > 0 {
+		var e *httpError
+		if headers, e = parseHeaderLines(bytes.Split(block[eol+2:], []byte("\r\n")), "header"); e != nil {
+			return nil, e
+		}
+	}
+	path, authority, hasAuth, e := parseTarget(target)
+	if e != nil {
+		return nil, e
+	}
+	req := &requestHead{method: method, target: target, path: path, version: version,
+		headers: headers, absolute: hasAuth, contentLength: -1, keepAlive: true}
+	req.raw = make([]byte, 0, len(block)+4)
+	req.raw = append(append(req.raw, block...), "\r\n\r\n"...)
+	by := map[string][]string{}
+	for _, h := range headers {
+		k := lowerASCII(h.name)
+		by[k] = append(by[k], h.value)
+	}
+	hosts := by["host"]
+	if len(hosts) > 1 {
+		return nil, herr(400, "more than one Host header")
+	}
+	if len(hosts) == 1 {
+		if !hostRe.MatchString(hosts[0]) {
+			return nil, herr(400, "invalid Host header")
+		}
+		req.host = hosts[0]
+	} else if version == "HTTP/1.1" && !hasAuth {
+		return nil, herr(400, "missing Host header")
+	}
+	if hasAuth {
+		if len(hosts) == 1 && lowerASCII(hosts[0]) != lowerASCII(authority) {
+			return nil, herr(400, "Host header differs from the absolute-form authority")
+		}
+		if len(hosts) == 0 {
+			req.host = authority
+			req.headers = append(req.headers, header{"Host", authority})
+		}
+	}
+	cls, tes := by["content-length"], by["transfer-encoding"]
+	if len(cls) > 0 && len(tes) > 0 {
+		return nil, herr(400, "both Content-Length and Transfer-Encoding")
+	}
+	if len(cls) > 1 {
+		return nil, herr(400, "more than one Content-Length")
+	}
+	if len(cls) == 1 {
+		if !lengthRe.MatchString(cls[0]) {
+			return nil, herr(400, "invalid Content-Length")
+		}
+		req.contentLength, _ = strconv.ParseInt(cls[0], 10, 64)
+	}
+	if len(tes) > 0 {
+		if version == "HTTP/1.0" {
+			return nil, herr(400, "Transfer-Encoding in an HTTP/1.0 request")
+		}
+		var codings []string // _codings: empty elements kept
+		for _, v := range tes {
+			for _, t := range strings.Split(v, ",") {
+				codings = append(codings, lowerASCII(trimOWSs(t)))
+			}
+		}
+		if !(len(codings) == 1 && codings[0] == "chunked") {
+			nch := 0
+			for _, c := range codings {
+				if c == "chunked" {
+					nch++
+				}
+			}
+			if codings[len(codings)-1] != "chunked" || nch > 1 || contains(codings, "") {
+				return nil, herr(400, "Transfer-Encoding does not end in exactly one chunked")
+			}
+			return nil, herr(501, "unsupported Transfer-Encoding")
+		}
+		req.chunked = true
+	}
+	conn := listOf(by["connection"])
+	if version == "HTTP/1.0" {
+		req.keepAlive = false
+	} else {
+		req.keepAlive = !contains(conn, "close")
+	}
+	if expect := listOf(by["expect"]); len(expect) > 0 {
+		if len(expect) != 1 || expect[0] != "100-continue" {
+			return nil, herr(417, "unsupported Expect")
+		}
+		req.expect = true
+	}
+	if up, ok := by["upgrade"]; ok {
+		if u := listOf(up); contains(conn, "upgrade") && len(u) == 1 && u[0] == "websocket" {
+			if req.hasBody() {
+				return nil, herr(400, "Upgrade request with a body")
+			}
+			req.upgrade = true
+		} else {
+			req.stripUpg = true
+		}
+	}
+	return req, nil
+}
+
+// without_upgrade: headers minus Upgrade/HTTP2-Settings and their Connection tokens.
+func withoutUpgrade(hs []header) []header {
+	var out []header
+	for _, h := range hs {
+		ln := lowerASCII(h.name)
+		if ln == "upgrade" || ln == "http2-settings" {
+			continue
+		}
+		if ln == "connection" {
+			var toks []string
+			for _, t := range strings.Split(h.value, ",") {
+				t = trimOWSs(t)
+				if l := lowerASCII(t); t != "" && l != "upgrade" && l != "http2-settings" {
+					toks = append(toks, t)
+				}
+			}
+			if len(toks) == 0 {
+				continue
+			}
+			h = header{h.name, strings.Join(toks, ", ")}
+		}
+		out = append(out, h)
+	}
+	return out
+}
+
+// -- the request-target (_target.py) ---------------------------------------------
+
+const pchars = `A-Za-z0-9\-._~!$&'()*+,;=:@%`
+
+var (
+	originRe = regexp.MustCompile(`^(/[` + pchars + `/]*)(\?[` + pchars + `/?]*)?$`)
+	// Python's \s (str patterns) also takes \v and \x1c-\x1f
+	absoluteRe = regexp.MustCompile(`^[hH][tT][tT][pP]://([^/?#@\t\n\v\f\r \x1c-\x1f]+)(/[` + pchars + `/]*)?(\?[` + pchars + `/?]*)?$`)
+	hostRe     = regexp.MustCompile(`^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?$`)
+)
+
+func isHex(c byte) bool { return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F' }
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c >= 'a':
+		return c - 'a' + 10
+	}
+	return c - 'A' + 10
+}
+
+// _PCT.search: a "%" not followed by two hex digits
+func badPct(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && (i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2])) {
+			return true
+		}
+	}
+	return false
+}
+
+func isUnreserved(c byte) bool {
+	return c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' ||
+		c == '.' || c == '_' || c == '~'
+}
+
+func removeDotSegments(path string) string {
+	segs := strings.Split(path, "/")[1:]
+	out := make([]string, 0, len(segs))
+	for i, seg := range segs {
+		last := i == len(segs)-1
+		switch seg {
+		case ".":
+			if last {
+				out = append(out, "")
+			}
+		case "..":
+			if len(out) > 0 {
+				out = out[:len(out)-1]
+			}
+			if last {
+				out = append(out, "")
+			}
+		default:
+			out = append(out, seg)
+		}
+	}
+	return "/" + strings.Join(out, "/")
+}
+
+func normalizePath(path string) (string, *httpError) {
+	if !strings.Contains(path, "%") && !strings.Contains(path, "/.") {
+		return path, nil // ASCII already (the target was checked)
+	}
+	if badPct(path) {
+		return "", herr(400, "malformed percent-encoding in path")
+	}
+	var norm strings.Builder
+	for i := 0; i < len(path); i++ {
+		if path[i] != '%' {
+			norm.WriteByte(path[i])
+			continue
+		}
+		o := unhex(path[i+1])<<4 | unhex(path[i+2])
+		if o < 0x20 || o == 0x7f || o == '/' || o == '\\' {
+			return "", herr(400, "encoded '/', '\\' or control character in path")
+		}
+		if isUnreserved(o) {
+			norm.WriteByte(o)
+		} else {
+			norm.WriteString("%" + strings.ToUpper(path[i+1:i+3]))
+		}
+		i += 2
+	}
+	n := norm.String()
+	raw := make([]byte, 0, len(n))
+	for i := 0; i < len(n); i++ {
+		if n[i] == '%' {
+			raw = append(raw, unhex(n[i+1])<<4|unhex(n[i+2]))
+			i += 2
+		} else {
+			raw = append(raw, n[i])
+		}
+	}
+	if !utf8.Valid(raw) {
+		return "", herr(400, "invalid or overlong UTF-8 in path")
+	}
+	for _, seg := range strings.Split(string(raw), "/") {
+		if strings.HasPrefix(seg, ".;") || strings.HasPrefix(seg, "..;") {
+			return "", herr(400, "dot-segment with path parameters ('..;') in path")
+		}
+	}
+	return removeDotSegments(n), nil
+}
+
+// parse_target: (path to match and forward, authority, absolute-form?)
+func parseTarget(target string) (string, string, bool, *httpError) {
+	if strings.HasPrefix(target, "/") {
+		m := originRe.FindStringSubmatch(target)
+		if m == nil {
+			return "", "", false, herr(400, "invalid request-target")
+		}
+		p, e := normalizePath(m[1])
+		if e != nil {
+			return "", "", false, e
+		}
+		if m[2] != "" && badPct(m[2]) {
+			return "", "", false, herr(400, "malformed percent-encoding in query")
+		}
+		return p + m[2], "", false, nil
+	}
+	m := absoluteRe.FindStringSubmatch(target)
+	if m == nil {
+		return "", "", false, herr(400, "request-target is neither origin-form nor absolute-form")
+	}
+	authority, path, query := m[1], m[2], m[3]
+	if path == "" {
+		path = "/"
+	}
+	if !hostRe.MatchString(authority) {
+		return "", "", false, herr(400, "invalid authority in request-target")
+	}
+	p, e := normalizePath(path)
+	if e != nil {
+		return "", "", false, e
+	}
+	if query != "" && badPct(query) {
+		return "", "", false, herr(400, "malformed percent-encoding in query")
+	}
+	return p + query, authority, true, nil
+}
