@@ -8,9 +8,11 @@
  *   loadgen tcp_crr IP PORT SECONDS      connect/request/response/close; "tps N"
  *   loadgen flood IP PORT SECONDS        64-byte UDP datagrams as fast as possible; "sent N"
  *   loadgen udp_wait IP PORT SECONDS [GAP_US]
- *                                        1-byte UDP requests, GAP_US (100) apart, until one is
- *                                        answered; "waited S at T" (T: CLOCK_MONOTONIC seconds
- *                                        of the answer; exit 0) or exit 3 after SECONDS
+ *                                        4-byte UDP requests (a sequence number), GAP_US (100)
+ *                                        apart, until one is answered; "waited S at T sent K seq
+ *                                        N" (CLOCK_MONOTONIC seconds: T of the answer, K when the
+ *                                        send of the answered request N returned; exit 0) or
+ *                                        exit 3 after SECONDS
  *
  * Every loop is bounded by SECONDS; a client that gets no answer within 1 s
  * reports the rate so far and exits 3 (a denied path, not a hang).
@@ -167,21 +169,32 @@ static int flood(const char *ip, int port, double secs) {
     return 0;
 }
 
-/* how long until a path opens (a policy change reaching the kernel) */
+/* how long until a path opens (a policy change reaching the kernel). Each
+ * request carries its sequence number, echoed back; the time a send returned is
+ * kept per number (a ring: an answer comes long before it wraps). On a veth the
+ * whole path, the tc programs' verdict included, runs inside the send (the
+ * softirq of the sending CPU, at bh enable), so the send's return bounds when
+ * the kernel let the first answered request through: "sent" below. */
+#define WAIT_RING 65536
+static double wait_sent[WAIT_RING];
+
 static int udp_wait(const char *ip, int port, double secs, long gap_us) {
     struct sockaddr_in a = addr_of(ip, port);
     int u = socket(AF_INET, SOCK_DGRAM, 0);
     if (connect(u, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-    char c = 'w';
+    unsigned int seq = 0, got;
     double start = now(), end = start + secs;
     /* ppoll's timeout is an hrtimer: SO_RCVTIMEO would round up to a jiffy (1-4 ms) */
     struct pollfd pfd = {u, POLLIN, 0};
     struct timespec gap = {gap_us / 1000000, (gap_us % 1000000) * 1000};
     while (now() < end) {
-        send(u, &c, 1, MSG_DONTWAIT);
-        if (ppoll(&pfd, 1, &gap, NULL) == 1 && recv(u, &c, 1, MSG_DONTWAIT) == 1) {
+        send(u, &seq, sizeof seq, MSG_DONTWAIT);
+        wait_sent[seq % WAIT_RING] = now();
+        seq++;
+        if (ppoll(&pfd, 1, &gap, NULL) == 1 && recv(u, &got, sizeof got, MSG_DONTWAIT) == sizeof got
+                && got < seq) {
             double t = now();
-            printf("waited %.6f at %.6f\n", t - start, t);
+            printf("waited %.6f at %.6f sent %.6f seq %u\n", t - start, t, wait_sent[got % WAIT_RING], got);
             return 0;
         }
     }

@@ -336,12 +336,18 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
       "node, entered with `nsenter --net`: its chains, tc filters, routes and pods live there, "
       "so the iptables agents need no host lock and never meet the cluster's agent): the "
       "server pod has a CiliumNetworkPolicy allowing N `fromCIDR` /32 peers (fake addresses); "
-      "a prober in the client pod sends a 1-byte UDP request every 100 µs on eBPF, 2 ms on "
-      "iptables (whose rule walk would otherwise make the prober's denied packets the "
-      "bottleneck) (ppoll) and prints "
-      "the CLOCK_MONOTONIC time of the first echo; the clock starts right before "
-      "`POST /v1/policies` of a policy allowing the client pod (`fromEndpoints`) and stops at "
-      "that echo, received through the kernel. The client is checked to be "
+      "a prober in the client pod sends a UDP request carrying its sequence number every "
+      "100 µs on eBPF, 2 ms on iptables (whose rule walk would otherwise make the prober's "
+      "denied packets the bottleneck) (ppoll), keeps when each send returned, and prints, for "
+      "the first request answered, that time and the echo's (CLOCK_MONOTONIC); the clock "
+      "starts right before `POST /v1/policies` of a policy allowing the client pod "
+      "(`fromEndpoints`). *End to end* stops when the send of the first request the kernel let "
+      "through returned: on a veth the whole path, the datapath's verdict included, runs "
+      "inside that send (the sending CPU's softirq), so that is when the kernel enforced the "
+      "change, at most one probe gap after it did. *Echo* stops when that request's answer "
+      "reached the prober: it adds the echo server's and the prober's wake-ups (rows before "
+      "2026-12-05 10:30 UTC measured end to end this way, the echo only). The client is "
+      "checked to be "
       "denied before every change; the policy is deleted (and the denial observed) between "
       "rounds. *API* is the POST's own duration (the agent applies synchronously; it also "
       "waits for the fdatasync of the state journal, which the kernel update does not). "
@@ -351,13 +357,15 @@ def write_report(res: Any, out: Path, command: str, elapsed: float) -> None:
       "(at least 3 once a cell passes 45 s, at least 1 once it passes 300 s: an iptables change "
       "at 50k-100k peers takes seconds to minutes, and the *samples* column says how many "
       "fitted).\n")
-    w("| datapath | N | end to end p50 | p99 | API p50 | base policy load | samples | enforced |")
-    w("|---|---|---|---|---|---|---|---|")
+    w("| datapath | N | end to end p50 | p99 | echo p50 | API p50 | base policy load | samples "
+      "| enforced |")
+    w("|---|---|---|---|---|---|---|---|---|")
     for cond in ("ebpf", "iptables-plain", "iptables-ipset"):
         for n in r.sizes("B5", f"agent-{cond}"):
             for t in r.all("B5", f"agent-{cond}", n):
                 w(f"| {LABEL[cond]} | {n:,} | {fmt(t.metrics.get('p50_s'), 's')} | "
-                  f"{fmt(t.metrics.get('p99_s'), 's')} | {fmt(t.metrics.get('api_p50_s'), 's')} | "
+                  f"{fmt(t.metrics.get('p99_s'), 's')} | {fmt(t.metrics.get('echo_p50_s'), 's')} | "
+                  f"{fmt(t.metrics.get('api_p50_s'), 's')} | "
                   f"{fmt(t.metrics.get('base_apply_s'), 's')} | {int(t.metrics.get('samples', 0))} | "
                   f"{'yes' if t.enforced else 'NO ' + (t.error or t.proof)} |")
     for k, v in sorted(res.not_run.items()):
