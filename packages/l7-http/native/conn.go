@@ -217,10 +217,12 @@ func (k *conn) handle(req *requestHead, t0 time.Time) bool {
 	}
 	var err error
 	switch {
-	case req.chunked:
-		err = k.relayChunked(k.r, k.up, k.cfg.body, 400, head)
+	case req.chunked: // the head goes out first, as the Python proxy's write does
+		if err = write(k.up, k.cfg.body, head); err == nil {
+			err = k.relayChunked(k.r, k.up, k.cfg.body, 400, nil)
+		}
 	case req.contentLength > 0:
-		err = relayExact(k.r, k.up, req.contentLength, k.cfg.body, head)
+		err = relayExact(k.r, k.up, req.contentLength, k.cfg.body, head, false)
 	default:
 		err = write(k.up, k.cfg.body, head)
 	}
@@ -265,7 +267,9 @@ func (k *conn) ensureUpstream() bool {
 	}
 	c, err := d.Dial("tcp", k.dstAddr.String())
 	if err != nil {
-		log.Printf("proxy %d: upstream %s unreachable: %v", l.port, k.dstAddr, err)
+		if verbose {
+			log.Printf("proxy %d: upstream %s unreachable: %v", l.port, k.dstAddr, err)
+		}
 		return false
 	}
 	up := c.(*net.TCPConn)
@@ -298,7 +302,9 @@ func (k *conn) relayResponse(req *requestHead, pol *policy, t0 time.Time) bool {
 			if isTimeout(err) {
 				status = 504
 			}
-			log.Printf("proxy %d: bad/no response from %s: %v", k.l.port, k.dstAddr, err)
+			if verbose {
+				log.Printf("proxy %d: bad/no response from %s: %v", k.l.port, k.dstAddr, err)
+			}
 			k.flow(req, pol, verdictError, true, status, time.Since(t0).Nanoseconds())
 			k.send(statusError(status, "upstream response failed\n"))
 			return false
@@ -327,7 +333,7 @@ func (k *conn) relayResponse(req *requestHead, pol *policy, t0 time.Time) bool {
 	case resp.chunked:
 		err = k.relayChunked(k.ur, k.c, k.cfg.upstream, 502, resp.raw)
 	case resp.contentLength > 0:
-		err = relayExact(k.ur, k.c, resp.contentLength, k.cfg.upstream, resp.raw)
+		err = relayExact(k.ur, k.c, resp.contentLength, k.cfg.upstream, resp.raw, false)
 	default: // delimited by the end of the upstream connection
 		if k.send(resp.raw) == nil {
 			for {
@@ -349,8 +355,11 @@ func (k *conn) relayResponse(req *requestHead, pol *policy, t0 time.Time) bool {
 	return req.keepAlive && !resp.close
 }
 
-// relayExact: exactly n bytes from src to dst; prefix goes out with the first piece.
-func relayExact(src *rd, dst *net.TCPConn, n int64, timeout time.Duration, prefix []byte) error {
+// relayExact: exactly n bytes from src to dst; prefix goes out with the first
+// piece (or, with flushOnErr, also when src ends first: bytes the Python proxy
+// had already written).
+func relayExact(src *rd, dst *net.TCPConn, n int64, timeout time.Duration, prefix []byte,
+	flushOnErr bool) error {
 	for n > 0 {
 		src.arm(timeout)
 		max := int64(readSize)
@@ -359,6 +368,9 @@ func relayExact(src *rd, dst *net.TCPConn, n int64, timeout time.Duration, prefi
 		}
 		data, err := src.readSome(int(max))
 		if err != nil {
+			if flushOnErr && len(prefix) > 0 {
+				write(dst, timeout, prefix)
+			}
 			return errClosed
 		}
 		n -= int64(len(data))
@@ -377,10 +389,22 @@ func relayExact(src *rd, dst *net.TCPConn, n int64, timeout time.Duration, prefi
 
 // relayChunked: a chunked body re-encoded (extensions dropped), trailers
 // validated and filtered; errStatus 400 (request: the client is told) or 502.
+// prefix (a response head) and each size line and CRLF go out when the Python
+// proxy writes them, at the latest before an error ends the connection.
 func (k *conn) relayChunked(src *rd, dst *net.TCPConn, timeout time.Duration, errStatus int,
 	prefix []byte) error {
+	pending := prefix
+	closed := func() error {
+		if len(pending) > 0 {
+			write(dst, timeout, pending)
+		}
+		return errClosed
+	}
 	fail := func(e *httpError) error {
-		log.Printf("proxy %d: %s: %v", k.l.port, k.clientIP, e)
+		closed()
+		if verbose {
+			log.Printf("proxy %d: %s: %v", k.l.port, k.clientIP, e)
+		}
 		if errStatus == 400 {
 			k.send(errorResponse(400, "Bad Request", e.reason+"\n", true))
 		}
@@ -392,7 +416,7 @@ func (k *conn) relayChunked(src *rd, dst *net.TCPConn, timeout time.Duration, er
 		if err == errOverrun {
 			return fail(herr(errStatus, "chunk-size line too long"))
 		} else if err != nil {
-			return errClosed
+			return closed()
 		}
 		src.consume(len(line))
 		size, e := parseChunkSize(line[:len(line)-2])
@@ -404,11 +428,11 @@ func (k *conn) relayChunked(src *rd, dst *net.TCPConn, timeout time.Duration, er
 			if err == errOverrun {
 				return fail(herr(errStatus, "chunk-size line too long"))
 			} else if err != nil {
-				return errClosed
+				return closed()
 			} else if e != nil {
 				return fail(e)
 			}
-			out := append(prefix, "0\r\n"...)
+			out := append(pending, "0\r\n"...)
 			for _, t := range trailers {
 				if !forbiddenTrailers[lowerASCII(t.name)] {
 					out = append(append(append(append(out, t.name...), ": "...), t.value...), "\r\n"...)
@@ -416,8 +440,10 @@ func (k *conn) relayChunked(src *rd, dst *net.TCPConn, timeout time.Duration, er
 			}
 			return write(dst, timeout, append(out, "\r\n"...))
 		}
-		prefix = append(prefix, strconv.FormatInt(size, 16)+"\r\n"...)
-		if err := relayExact(src, dst, size, timeout, prefix); err != nil {
+		pending = append(pending, strconv.FormatInt(size, 16)+"\r\n"...)
+		err = relayExact(src, dst, size, timeout, pending, true)
+		pending = nil
+		if err != nil {
 			return err
 		}
 		src.arm(timeout)
@@ -428,7 +454,7 @@ func (k *conn) relayChunked(src *rd, dst *net.TCPConn, timeout time.Duration, er
 		if string(crlf) != "\r\n" {
 			return fail(herr(errStatus, "missing CRLF after chunk data"))
 		}
-		prefix = []byte("\r\n")
+		pending = []byte("\r\n")
 	}
 }
 

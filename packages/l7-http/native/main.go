@@ -34,6 +34,8 @@ import (
 	"time"
 )
 
+var verbose bool
+
 type listenerCfg struct {
 	header, idle, body, connect, upstream time.Duration
 }
@@ -357,6 +359,7 @@ func (e *engine) dispatch(t byte, p []byte) {
 
 func main() {
 	fd := flag.Int("control-fd", -1, "the control socket (inherited)")
+	flag.BoolVar(&verbose, "verbose", false, "log every refused request and upstream failure")
 	flag.Parse()
 	log.SetPrefix("axoneme-l7-http: ")
 	if *fd < 0 {
