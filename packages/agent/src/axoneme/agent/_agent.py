@@ -314,7 +314,7 @@ class Agent:
             self._use_node_pod_cidr()
             self._tasks.append(asyncio.create_task(self.k8s.run()))
             if self.crd_identities is not None and self.crd_identities.gc is not None:
-                self._tasks.append(asyncio.create_task(self.crd_identities.gc.run()))
+                self._tasks.append(asyncio.create_task(self.crd_identities.run()))
         await self.endpoints.adopt()
         if self.hostfw is not None:
             await self.hostfw.start()

@@ -92,6 +92,13 @@ class AgentConfig:
     # a Node's delete: the identities only its pods held are deleted after this
     # grace instead (_identitynodegc; 0: they wait for the collector's timeout)
     identity_node_gc_grace: float = 2.0
+    # the periodic collector only on the agent holding the Lease axoneme-identity-gc
+    # (_identitylease, client-go's leader election; false: every agent collects);
+    # the durations are the Cilium operator's leader-election-* (seconds)
+    identity_gc_leader_election: bool = True
+    leader_election_lease_duration: float = 15.0
+    leader_election_renew_deadline: float = 10.0
+    leader_election_retry_period: float = 2.0
     # test knob: the first-choice number is this many bits of the label hash
     # (16: the whole 256-65535 space); fewer force collisions (issue 20's tests)
     identity_hash_bits: int = 16

@@ -48,8 +48,10 @@ with the object's resourceVersion as precondition; an agent that starts
 using a marked identity removes the mark, which changes the resourceVersion
 and so fails the operator's delete. axoneme has no operator: every agent
 runs the same collector from its own caches, every ``identity_gc_interval``
-seconds give or take a quarter (jitter, so that two agents do not stay in
-step, each writing what the other has just written) (0: off):
+seconds give or take a quarter (jitter) (0: off), and by default only on
+the agent holding the Lease ``axoneme-identity-gc`` (``_identitylease``:
+client-go's leader election; ``identity_gc_leader_election: false`` lets
+every agent collect, each judging and writing):
 
 - an identity is used when this node's endpoints hold it, or when a pod of
   the cluster (the pods informer: every pod, every node) has exactly its
@@ -60,8 +62,9 @@ step, each writing what the other has just written) (0: off):
 - unused and marked at least ``identity_heartbeat_timeout`` seconds ago: it
   is deleted with preconditions uid and resourceVersion.
 
-Two agents collecting at once are safe: every write is conditional, the loser
-gets 409/404 and moves on. An agent that acquires an identity (its first
+Two agents collecting at once (the election off, or an old holder's last
+write crossing the new holder's first) are safe: every write is conditional,
+the loser gets 409/404 and moves on. An agent that acquires an identity (its first
 endpoint with it) removes a mark first (``CRDIdentityStore.acquire``); if the
 identity was deleted meanwhile it creates it again, or, when the number was
 taken for other labels in between, allocates anew. The grace period covers
@@ -90,6 +93,7 @@ from axoneme.agent._identitycrd import (
     object_labels,
     object_number,
 )
+from axoneme.agent._identitylease import KubernetesLeaseAPI, LeaseElector, lease_namespace
 from axoneme.agent._identitynodegc import NodeDeleteGC
 from axoneme.agent._k8sinformer import Event, Obj, short_error
 from axoneme.core.errors import IdentityError
@@ -243,6 +247,8 @@ class IdentityGC:
         self.deleted = 0
         self.conflicts = 0
         self.last_error = ""
+        # the leader election's "this agent holds the Lease now" (None: every agent collects)
+        self.may_collect: Callable[[], bool] | None = None
         self._lock = threading.Lock()  # one pass at a time
 
     def user(self) -> Callable[[int, Obj], bool]:
@@ -286,9 +292,15 @@ class IdentityGC:
             api = self.store.api
             if api is None:
                 return
-            if not why:
+            periodic = not why
+            if periodic and not self._may_collect():
+                return
+            if periodic:
                 self.runs += 1
             for action, number, obj in plan:
+                if periodic and not self._may_collect():
+                    LOG.info("identity gc: the lease was lost during a pass: stopped")
+                    return
                 rv, uid = meta_field(obj, "resourceVersion"), meta_field(obj, "uid")
                 try:
                     if action == "delete":
@@ -314,6 +326,9 @@ class IdentityGC:
                     self.last_error = f"{action} {number}: {short_error(e)}"
                     LOG.warning("identity gc: %s", self.last_error)
 
+    def _may_collect(self) -> bool:
+        return self.may_collect is None or self.may_collect()
+
     def pause(self) -> float:
         """Seconds to the next pass: the interval, give or take ``JITTER`` of it.
         With a fixed interval two agents keep the phase they started with: two
@@ -326,6 +341,8 @@ class IdentityGC:
             return
         while True:
             await asyncio.sleep(self.pause())
+            if not self._may_collect():
+                continue  # another agent holds the Lease: it collects
             try:
                 # judged on the loop (the caches change there), written from a thread
                 await asyncio.to_thread(self.execute, self.plan())
@@ -353,6 +370,8 @@ class CRDIdentities:
         self.gc: IdentityGC | None = None
         # a Node's delete: its pods' identities within seconds (a nodes listener, _agent)
         self.node_gc: NodeDeleteGC | None = None
+        # the Lease that picks the one agent running the periodic passes (_identitylease)
+        self.elector: LeaseElector | None = None
         # more holders of identities to move to a lower duplicate (other nodes' pods)
         self.renumber_hooks: list[Callable[[set[int]], Awaitable[None]]] = []
 
@@ -383,6 +402,10 @@ class CRDIdentities:
         def lister(api: Any) -> Callable[..., Any]:
             real = KubernetesIdentityAPI(api)
             self.store.api = real
+            if self.elector is not None:  # requests time out well within the renew deadline
+                elector = self.elector
+                elector.api = KubernetesLeaseAPI(
+                    api, elector.namespace, timeout=max(1.0, min(5.0, elector.renew_deadline / 2)))
             return real.lister()
 
         def used_labels() -> set[tuple[str, ...]]:
@@ -392,15 +415,39 @@ class CRDIdentities:
         self.gc = IdentityGC(self.store, allocator, used_labels,
                              float(config.identity_gc_interval),
                              float(config.identity_heartbeat_timeout))
+        if getattr(config, "identity_gc_leader_election", True) and self.gc.interval > 0:
+            self.elector = LeaseElector(
+                None, str(source.node), lease_namespace(),
+                lease_duration=float(config.leader_election_lease_duration),
+                renew_deadline=float(config.leader_election_renew_deadline),
+                retry_period=float(config.leader_election_retry_period))
+            self.gc.may_collect = self.elector.leading
         self.node_gc = NodeDeleteGC(
             self.gc, lambda nodes: pod_label_sets(source, config.cluster_name, on=nodes),
             float(getattr(config, "identity_node_gc_grace", 2.0)))
         source.extra_informers["identities"] = (lister, self.sync.on_events)
 
+    async def run(self) -> None:
+        """The periodic collector, and the election that lets it collect (until
+        cancelled: a clean stop releases the Lease, ``LeaseElector.run``)."""
+        if self.gc is None:
+            return
+        tasks = [asyncio.create_task(self.gc.run())]
+        if self.elector is not None:
+            tasks.append(asyncio.create_task(self.elector.run()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)  # the release is written before the agent goes on
+
     def view(self) -> dict[str, Any]:
         out = self.store.view()
         if self.gc is not None:
             out["gc"] = self.gc.view()
+            out["gc"]["leader_election"] = (self.elector.view() if self.elector is not None
+                                            else {"enabled": False})
         if self.node_gc is not None:
             out["node_gc"] = self.node_gc.view()
         return out

@@ -28,7 +28,9 @@ _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
                 "k8s_kubeconfig", "k8s_api_server", "k8s_node_name", "k8s_pod_wait",
                 "identity_allocation_mode", "identity_gc_interval", "identity_heartbeat_timeout",
-                "identity_node_gc_grace", "identity_hash_bits",
+                "identity_node_gc_grace", "identity_hash_bits", "identity_gc_leader_election",
+                "leader_election_lease_duration", "leader_election_renew_deadline",
+                "leader_election_retry_period",
                 "cni_conf_dir", "cni_bin_dir", "policy_cidr_match_mode",
                 "kube_proxy_replacement", "routing_mode", "hubble_socket_path", "hubble_listen_address",
                 "hubble_tls_cert_file", "hubble_tls_key_file", "hubble_tls_client_ca_files",
@@ -167,8 +169,8 @@ def build_agent_config(args: argparse.Namespace) -> Any:
 
 def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
     """identity_allocation_mode, identity_gc_interval, identity_heartbeat_timeout,
-    identity_node_gc_grace, identity_hash_bits
-    (config keys only: ConfigError naming the key and the file, exit 2)."""
+    identity_node_gc_grace, identity_hash_bits, leader_election_* (config keys
+    only: ConfigError naming the key and the file, exit 2)."""
     where = f" ({path})" if path else ""
     if cfg.identity_allocation_mode not in ("crd", "local"):
         raise ConfigError(f"config key identity_allocation_mode: expected crd or local, got "
@@ -177,10 +179,34 @@ def check_identity_config(cfg: AgentConfig, path: str | None) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key {key}: expected 0 or more seconds, got "
                               f"{getattr(cfg, key)!r}{where}")
+    check_leader_election(cfg, where)
     bits = cfg.identity_hash_bits
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ConfigError(f"config key identity_hash_bits: expected an integer 1-16, got "
                           f"{yamlsafe.excerpt(repr(bits))}{where}")
+
+
+def check_leader_election(cfg: AgentConfig, where: str) -> None:
+    """client-go's NewLeaderElector checks: every duration positive, the lease
+    longer than the renew deadline, the deadline longer than 1.2 retry periods
+    (its jitter), so a holder stops before its Lease can expire."""
+    lease, renew, retry = (cfg.leader_election_lease_duration, cfg.leader_election_renew_deadline,
+                           cfg.leader_election_retry_period)
+    for key, value in (("leader_election_lease_duration", lease),
+                       ("leader_election_renew_deadline", renew),
+                       ("leader_election_retry_period", retry)):
+        if not value > 0:
+            raise ConfigError(f"config key {key}: expected more than 0 seconds, got {value!r}{where}")
+    if lease != int(lease):
+        raise ConfigError(f"config key leader_election_lease_duration: expected whole seconds "
+                          f"(the Lease's leaseDurationSeconds), got {lease!r}{where}")
+    if not lease > renew:
+        raise ConfigError(f"config key leader_election_renew_deadline: expected less than "
+                          f"leader_election_lease_duration ({lease:g}), got {renew!r}{where}")
+    if not renew > 1.2 * retry:
+        raise ConfigError(f"config key leader_election_retry_period: expected less than "
+                          f"leader_election_renew_deadline / 1.2 ({renew / 1.2:g}), got "
+                          f"{retry!r}{where}")
 
 
 def check_hubble(cfg: AgentConfig) -> None:
