@@ -28,6 +28,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -360,6 +361,7 @@ func (e *engine) dispatch(t byte, p []byte) {
 func main() {
 	fd := flag.Int("control-fd", -1, "the control socket (inherited)")
 	flag.BoolVar(&verbose, "verbose", false, "log every refused request and upstream failure")
+	profile := flag.String("cpuprofile", "", "write a CPU profile (pprof) here until the agent goes")
 	flag.Parse()
 	log.SetPrefix("axoneme-l7-http: ")
 	if *fd < 0 {
@@ -379,6 +381,11 @@ func main() {
 			e.flush()
 		}
 	}()
+	if *profile != "" {
+		if f, err := os.Create(*profile); err == nil {
+			pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+	}
 	e.readControl()
-	os.Exit(0)
 }

@@ -147,7 +147,8 @@ class NativeEngine:
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = subprocess.Popen([self.binary, "--control-fd", str(child.fileno())],
+            extra = os.environ.get("AXONEME_L7_HTTP_ENGINE_ARGS", "").split()  # --verbose, --cpuprofile F
+            self.proc = subprocess.Popen([self.binary, "--control-fd", str(child.fileno()), *extra],
                                          pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         except BaseException:
             parent.close()
