@@ -56,8 +56,23 @@ CONTRACT_RULES = {
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
 }
 
+# the Role in kube-system: the identity collector's leader election (agent/_identitylease.py);
+# (group, resource, verb, resourceName: None for any)
+LEASE = "axoneme-identity-gc"
+ROLE_RULES = {("coordination.k8s.io", "leases", "create", None),
+              ("coordination.k8s.io", "leases", "get", LEASE),
+              ("coordination.k8s.io", "leases", "update", LEASE)}
+
 # verbs the agent does not need: each must be forbidden to its service account
 FORBIDDEN = [
+    ("get", "leases.coordination.k8s.io/kube-scheduler", "-n", "kube-system"),
+    ("update", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system"),
+    ("patch", f"leases.coordination.k8s.io/{LEASE}", "-n", "kube-system"),
+    ("delete", f"leases.coordination.k8s.io/{LEASE}", "-n", "kube-system"),
+    ("list", "leases.coordination.k8s.io", "-n", "kube-system"),
+    ("watch", "leases.coordination.k8s.io", "-n", "kube-system"),
+    ("create", "leases.coordination.k8s.io", "-n", "default"),
+    ("update", f"leases.coordination.k8s.io/{LEASE}", "-n", "default"),
     ("delete", "pods", "-n", "default"),
     ("create", "pods", "-n", "default"),
     ("patch", "pods", "-n", "default"),
@@ -168,6 +183,21 @@ def test_clusterrole_is_exactly_the_contract():
                                     "namespace": "kube-system"}]
 
 
+def test_role_is_exactly_the_lease_contract():
+    (role,) = _by_kind("Role")
+    assert (role["metadata"]["name"], role["metadata"]["namespace"]) == (LEASE, "kube-system")
+    granted = {(g, r, v, n) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]
+               for n in rule.get("resourceNames") or [None]}
+    assert granted == ROLE_RULES
+    (binding,) = _by_kind("RoleBinding")
+    assert binding["metadata"]["namespace"] == "kube-system"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": LEASE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "axoneme",
+                                    "namespace": "kube-system"}]
+
+
 def test_configmap_config_is_a_valid_agent_config(tmp_path):
     from axoneme.agent.cli._agentconfig import load_config
 
@@ -191,7 +221,8 @@ def deployed(control_plane):
     for obj in ("customresourcedefinition.apiextensions.k8s.io/ciliumnetworkpolicies.cilium.io",
                 "serviceaccount/axoneme", "clusterrole.rbac.authorization.k8s.io/axoneme",
                 "clusterrolebinding.rbac.authorization.k8s.io/axoneme", "configmap/axoneme-config",
-                "daemonset.apps/axoneme"):
+                f"role.rbac.authorization.k8s.io/{LEASE}",
+                f"rolebinding.rbac.authorization.k8s.io/{LEASE}", "daemonset.apps/axoneme"):
         assert obj in res.stdout, res.stdout
     cp.kubectl("wait", "--for", "condition=established", "--timeout=60s",
                "crd/ciliumnetworkpolicies.cilium.io", "crd/ciliumclusterwidenetworkpolicies.cilium.io")
@@ -204,7 +235,7 @@ def test_apply_k_is_idempotent_and_renders_with_kubectls_kustomize(deployed):
     kinds = [d["kind"] for d in yaml.safe_load_all(deployed.kubectl("kustomize", str(DEPLOY)).stdout)]
     assert sorted(kinds) == sorted(["CustomResourceDefinition", "CustomResourceDefinition",
                                     "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                    "ConfigMap", "DaemonSet"])
+                                    "Role", "RoleBinding", "ConfigMap", "DaemonSet"])
 
 
 def _yaml_blocks(md: Path) -> list[str]:
@@ -491,6 +522,41 @@ def test_agent_role_allows_every_contract_verb(deployed):
         target = f"{name}.{group}" if group else name
         extra = ("--subresource", sub) if sub else ()
         assert _can_i(deployed, verb, target, "-A", *extra), (verb, resource, group)
+    for group, resource, verb, name in sorted(ROLE_RULES, key=str):
+        target = f"{resource}.{group}" + (f"/{name}" if name else "")
+        assert _can_i(deployed, verb, target, "-n", "kube-system"), (verb, resource, name)
+
+
+def test_agent_elects_its_collector_with_its_own_token(deployed):
+    """Two electors (agent/_identitylease.py) over the real API as the agent's service account:
+    the first creates the Lease, the second cannot take it while fresh, a renew is an update,
+    a stale resourceVersion loses with 409, a release lets the second take it at once."""
+    from axoneme.agent._identitylease import KubernetesLeaseAPI, LeaseElector
+    from kubernetes import client
+
+    agent = _AsAgent(deployed)
+    cfg = client.Configuration()
+    cfg.host, cfg.api_key = agent.server, {"authorization": f"Bearer {agent.token}"}
+    cfg.ssl_ca_cert = str(deployed.dir / "pki" / "ca.crt")
+    cfg.assert_hostname = False
+    api = KubernetesLeaseAPI(client.ApiClient(cfg), "kube-system")
+    a, b = (LeaseElector(api, node, "kube-system") for node in ("node-a", "node-b"))
+    deployed.kubectl("-n", "kube-system", "delete", "lease", LEASE, "--ignore-not-found")
+    try:
+        assert a.attempt() and a.leading() and a.acquired == 1  # created
+        assert not b.attempt() and b.holder() == "node-a"  # held, fresh
+        stale = api.get()
+        assert a.attempt() and a.leading()  # renewed: an update
+        with pytest.raises(client.exceptions.ApiException) as e:
+            api.update(dict(stale, spec=dict(stale["spec"], holderIdentity="node-b")))
+        assert e.value.status == 409
+        assert a.release() and not a.leading()
+        assert b.attempt() and b.leading()  # released: taken at once
+        spec = api.get()["spec"]
+        assert spec["holderIdentity"] == "node-b" and spec["leaseTransitions"] == 1, spec
+        assert agent.kubectl("-n", "kube-system", "delete", "lease", LEASE).returncode != 0
+    finally:
+        deployed.kubectl("-n", "kube-system", "delete", "lease", LEASE, "--ignore-not-found")
 
 
 @pytest.mark.parametrize("verb", FORBIDDEN, ids=lambda v: " ".join(v))

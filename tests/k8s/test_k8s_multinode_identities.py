@@ -66,9 +66,12 @@ DEFAULT_GC = {"interval": 60, "heartbeat_timeout": 900}  # AgentConfig's
 DEFAULT_NODE_GC_GRACE = 2
 GC_KEYS = ("identity_gc_interval", "identity_heartbeat_timeout", "identity_node_gc_grace")
 CYCLES = int(os.environ.get("AXONEME_K8S_IDENTITY_CYCLES", "100"))
+# the collector on the Lease holder only (the default), or "0": on every agent (the figure before)
+ELECTION = os.environ.get("AXONEME_K8S_IDENTITY_LEADER_ELECTION", "1") != "0"
 AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
 FIGURES: dict[str, Any] = {"hash_bits": HASH_BITS, "groups": GROUPS, "cycles": CYCLES,
-                           "gc_interval_s": GC_INTERVAL_S, "heartbeat_timeout_s": HEARTBEAT_S}
+                           "gc_interval_s": GC_INTERVAL_S, "heartbeat_timeout_s": HEARTBEAT_S,
+                           "leader_election": ELECTION}
 
 
 def _wait(pred: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
@@ -131,6 +134,8 @@ def idn(cluster_session: None) -> Any:
         conf = _configmap(cl)
         conf.update(identity_hash_bits=HASH_BITS, identity_gc_interval=GC_INTERVAL_S,
                     identity_heartbeat_timeout=HEARTBEAT_S)
+        if not ELECTION:
+            conf["identity_gc_leader_election"] = False
         _set_configmap(cl, conf, "forced collisions, a short collector")
         _restart_agents(cl)
         ghosts = nk.GhostPods(cl, GHOST, GHOST_NS, GHOST_CIDR)
@@ -250,8 +255,16 @@ def test_cycles_with_forced_collisions_give_one_number_per_label_set_everywhere(
                    numbers=sorted(groups))
     assert all(preferred_number(lab, HASH_BITS) < 256 + (1 << HASH_BITS) for lab in groups.values())
     assert len(groups) > (1 << HASH_BITS) and len(moved) >= len(groups) - (1 << HASH_BITS), groups
-    gc = _agent_json(cl, NODE1, "status")["components"]["kubernetes"]["identities"]["gc"]
-    FIGURES["gc_node1"] = {k: gc[k] for k in ("marked", "deleted", "conflicts")}
+    gcs = {n: _agent_json(cl, n, "status")["components"]["kubernetes"]["identities"]["gc"]
+           for n in cl.node_names()}
+    FIGURES["gc_node1"] = {k: gcs[NODE1][k] for k in ("marked", "deleted", "conflicts")}
+    # every agent's collector (with the election, the holder's passes only)
+    FIGURES["gc_nodes"] = {n: {**{k: gc[k] for k in ("runs", "marked", "deleted", "conflicts")},
+                               "leading": gc["leader_election"].get("leading")}
+                           for n, gc in gcs.items()}
+    FIGURES["gc_conflicts_total"] = sum(gc["conflicts"] for gc in gcs.values())
+    if ELECTION:  # one collector: the other agent ran no pass since the restart
+        assert sum(1 for gc in gcs.values() if gc["runs"]) == 1, FIGURES["gc_nodes"]
 
 
 def _replace_agent_pods(cl: Cluster) -> None:
