@@ -128,8 +128,11 @@ def curl(t: Topo, path: str) -> tuple[str, str]:
     return code, body
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
 @pytest.mark.parametrize("direction", [Direction.EGRESS, Direction.INGRESS])
-def test_tproxy_redirect_enforces_http_rules(topo: Topo, direction: Direction) -> None:
+def test_tproxy_redirect_enforces_http_rules(topo: Topo, direction: Direction, engine: str) -> None:
+    """Both HTTP engines (the native one: axoneme-l7-http given the listener,
+    connecting upstream from the client's address with the from-proxy mark)."""
     t = topo
     flows: list[Flow] = []
     seen: list[tuple[str, str]] = []
@@ -142,7 +145,12 @@ def test_tproxy_redirect_enforces_http_rules(topo: Topo, direction: Direction) -
 
     rules = RedirectRules(chain=f"AXT-P{t.sfx}", table=random.randrange(3000, 3999),
                           pref=random.randrange(100, 200))
-    pm = ProxyManager(policy_for, flows.append, rules=rules)
+    from axoneme.l7.http._native import http_proxy_factory
+
+    if engine == "native" and http_proxy_factory("auto")[1] != "native":
+        pytest.skip("axoneme-l7-http is not built (scripts/l7-build: no Go toolchain here)")
+    pm = ProxyManager(policy_for, flows.append, rules=rules,
+                      factories={"http": http_proxy_factory(engine)[0]})
     mark_chain = f"AXT-M{t.sfx}"
     try:
         port = pm.acquire("http", direction)

@@ -261,9 +261,9 @@ class Agent:
             self.store.saved_identities = {}  # the allocator has them (100k lists at scale)
         await asyncio.to_thread(
             self.proxies.setup, enabled=config.l7_proxies, state_dir=config.state_dir,
-            store=self.store, identity_of_ip=self.engine.identity_of_ip,
-            policy_of=self._policy_of, flow_sink=self.flows.add,
-            identity_marks="proxy_identity_mark" in dp.capabilities)
+            store=self.store, identity_of_ip=self.engine.identity_of_ip, policy_of=self._policy_of,
+            flow_sink=self.flows.add, identity_marks="proxy_identity_mark" in dp.capabilities,
+            http_engine=config.l7_http_engine)
         if why:
             self.policies.restore()
             self.fqdn.start()  # restored DNS names are in the engine before endpoints sync

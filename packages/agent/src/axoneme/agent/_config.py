@@ -60,6 +60,9 @@ class AgentConfig:
     dns_server: str = DNS_SERVER
     mtu: int = 1500
     l7_proxies: bool = True  # run the installed axoneme.l7 proxies for L7 rules
+    # the HTTP proxy's engine: native (axoneme-l7-http, Go), python, or auto
+    # (native when scripts/l7-build built it); Kafka and DNS stay in Python
+    l7_http_engine: str = "auto"
     tofqdns_min_ttl: int = 0  # lower bound on DNS TTLs for toFQDNs (Cilium --tofqdns-min-ttl)
     dns_reject_rcode: str = "REFUSED"  # answer to a denied DNS query: REFUSED or NXDOMAIN
     bpffs_root: str = "/sys/fs/bpf/axoneme"  # where a BPF datapath pins its maps

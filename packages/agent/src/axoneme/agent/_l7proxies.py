@@ -36,6 +36,7 @@ class L7Proxies:
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
         self.manager: ProxyManager | None = None  # built by ``setup`` when parsers are installed
+        self.http_engine = ""  # the HTTP proxy's engine: native | python ("" before setup)
         self.ports: dict[tuple[str, int], int] = {}
         self._wanted: set[tuple[str, int]] = set()
         # extra ProxyManager.acquire arguments per parser (toFQDNs hooks for a DNS parser)
@@ -69,11 +70,14 @@ class L7Proxies:
     def setup(self, *, enabled: bool, state_dir: str, store: StateStore,
               identity_of_ip: Callable[[str], int],
               policy_of: Callable[[Endpoint], MapState | None],
-              flow_sink: Callable[[Flow], Any], identity_marks: bool = False) -> None:
+              flow_sink: Callable[[Flow], Any], identity_marks: bool = False,
+              http_engine: str = "auto") -> None:
         """A ProxyManager for the installed parsers (listeners start lazily).
         ``identity_marks``: the datapath puts the source identity in its
         to-proxy marks (capability ``proxy_identity_mark``): the redirect
-        rules match that layout and let accepted sockets inherit the mark."""
+        rules match that layout and let accepted sockets inherit the mark.
+        ``http_engine``: the HTTP proxy's engine (``l7_http_engine``): a
+        parser offering ``proxy_factory_for(engine)`` picks its factory by it."""
         parsers = sorted(installed(GROUP_L7))
         if not enabled or not parsers:
             return
@@ -91,10 +95,29 @@ class L7Proxies:
             # one redirect chain per agent: agents sharing a host never flush each other's
             rules = RedirectRules(chain=chain_for_state_dir(state_dir),
                                   identity_marks=identity_marks)
-            self.manager = ProxyManager(policy_for, flow_sink, rules=rules)
+            self.manager = ProxyManager(policy_for, flow_sink, rules=rules,
+                                        factories=self._factories(parsers, http_engine))
         except Exception as e:
             LOG.warning("L7 proxies disabled: %s", e)
             self.manager = None
+
+    def _factories(self, parsers: list[str], http_engine: str) -> dict[str, Any]:
+        """The HTTP parser's factory for ``http_engine`` (native: axoneme-l7-http)."""
+        if "http" not in parsers:
+            return {}
+        factory_for = getattr(l7_parser("http"), "proxy_factory_for", None)
+        if factory_for is None:
+            self.http_engine = "python"
+            return {}
+        factory, self.http_engine = factory_for(http_engine)
+        LOG.info("the HTTP L7 proxy runs on the %s engine", self.http_engine)
+        return {"http": factory}
+
+    def policy_changed(self) -> None:
+        """Policies, endpoints or the ipcache changed: proxies that cache
+        policy answers (the native HTTP engine) drop them (thread-safe)."""
+        if self.manager is not None:
+            self.manager.policy_changed()
 
     def start_wanted(self) -> None:
         """Start the listeners handed out by ``proxy_port`` (worker thread,
@@ -144,7 +167,9 @@ class L7Proxies:
         m = self.manager
         fault = self.health()
         return {"healthy": fault is None, "fault": fault or "",
-                "restarts": m.restarts if m else 0, "last_fault": m.last_fault if m else ""}
+                "restarts": m.restarts if m else 0, "last_fault": m.last_fault if m else "",
+                "http_engine": self.http_engine,
+                **({"engines": m.engines()} if m is not None and m.engines() else {})}
 
     def listeners(self) -> list[dict[str, Any]]:
         return [{"parser": i.parser, "direction": str(i.direction), "port": i.port}

@@ -103,10 +103,12 @@ class Regenerator:
         enf = self.engine.enforcement(ep.id)
         await asyncio.to_thread(self.call, dp.endpoint_added, ep, *enf)
         self._enforcement[ep.id] = enf
+        self.proxies.policy_changed()  # policy answers for its address may be cached
 
     async def endpoint_removed(self, ep: Endpoint) -> None:
         """Detach an endpoint; failures are logged (it is going anyway)."""
         self._enforcement.pop(ep.id, None)
+        self.proxies.policy_changed()
         if self.datapath is None:
             return
         try:
@@ -157,6 +159,7 @@ class Regenerator:
                     errors[ep.id] = self._fail_closed_after(dp, ep, None, e)
                     self._resync.add(ep.id)
         self.engine.pending_changes()  # sync applied everything (or _resync retries it)
+        self.proxies.policy_changed()
         return errors
 
     # -- incremental -----------------------------------------------------------------
@@ -211,6 +214,8 @@ class Regenerator:
                     if ep_id in self.fail_closed:
                         self._end_fail_closed(dp, ep)
             tracing.set_attributes(sp, endpoints_failed=len(errors))
+        # the native HTTP engine caches policy answers: they go (the next request asks)
+        self.proxies.policy_changed()
         self.metrics.regenerated(time.perf_counter() - t0)
         return errors
 

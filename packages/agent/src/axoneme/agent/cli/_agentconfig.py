@@ -22,7 +22,7 @@ from axoneme.core.policy.engine import parse_cidr_match_mode
 _CONFIG_KEYS = ("datapath", "iptables_mode", "state_dir", "api_socket", "policy_dir",
                 "install_cni", "pod_cidr", "flow_buffer", "guard", "enforcement_mode",
                 "allow_localhost", "cluster_name", "cni_bin", "dns_server", "mtu",
-                "l7_proxies", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
+                "l7_proxies", "l7_http_engine", "bpffs_root", "datapath_options", "tofqdns_min_ttl",
                 "dns_reject_rcode", "policy_map_max", "flow_injection",
                 "policy_map_full", "drop_unparseable_policies", "plugins", "policy_audit_mode",
                 "prometheus_serve_addr", "otlp_endpoint", "otlp_l7_sample_ratio",
@@ -151,6 +151,7 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--policy-cidr-match-mode: {e}") from None
     if cfg.routing_mode not in ("native", "tunnel"):
         raise UsageError(f"routing_mode must be native or tunnel, got {cfg.routing_mode!r}")
+    check_l7_http_engine(cfg, args.config)
     if cfg.k8s_pod_wait < 0:
         raise UsageError(f"k8s_pod_wait must be 0 or more seconds, got {cfg.k8s_pod_wait!r}")
     check_identity_config(cfg, args.config)
@@ -165,6 +166,26 @@ def build_agent_config(args: argparse.Namespace) -> Any:
         cfg.hubble_socket_path = os.path.abspath(cfg.hubble_socket_path)
     check_hubble(cfg)
     return cfg
+
+
+def check_l7_http_engine(cfg: AgentConfig, path: str | None) -> None:
+    """l7_http_engine: auto | native | python; native needs axoneme-l7-http
+    (ConfigError naming the key and the file, exit 2)."""
+    where = f" ({path})" if path else ""
+    if cfg.l7_http_engine not in ("auto", "native", "python"):
+        raise ConfigError(f"l7_http_engine must be auto, native or python, got "
+                          f"{cfg.l7_http_engine!r}{where}")
+    if cfg.l7_http_engine == "native" and cfg.l7_proxies:
+        from axoneme.core.errors import PluginError
+        from axoneme.core.plugins import l7_parser
+
+        try:
+            l7_parser("http").proxy_factory_for("native")
+        except (PluginError, AttributeError):
+            raise ConfigError(f"l7_http_engine: native, but the http L7 parser with a native "
+                              f"engine (axoneme-l7-http) is not installed{where}") from None
+        except FileNotFoundError as e:
+            raise ConfigError(f"{e}{where}") from None
 
 
 def check_identity_config(cfg: AgentConfig, path: str | None) -> None:

@@ -172,7 +172,32 @@ class ProxyManager:
             stalled = time.monotonic() - self._last_beat
             if stalled > STALL_AFTER:
                 return f"proxy event loop has not run for {stalled:.1f}s"
+            for server, info in self._servers.values():
+                # a proxy engine outside this process (the native HTTP one)
+                fault = getattr(server, "engine_fault", lambda: None)()
+                if fault:
+                    return f"{info.parser} proxy on port {info.port}: {fault}"
             return None
+
+    def engines(self) -> list[dict[str, Any]]:
+        """Proxy engines outside this process, once each: engine, binary, pid,
+        restarts, last_fault (the native HTTP engine's ``engine_view``)."""
+        with self._lock:
+            seen: dict[int, dict[str, Any]] = {}
+            for server, _ in self._servers.values():
+                view = getattr(server, "engine_view", None)
+                if view is not None:
+                    v = view()
+                    seen.setdefault(v.get("pid", 0), v)
+            return list(seen.values())
+
+    def policy_changed(self) -> None:
+        """Policies changed: proxies caching policy answers drop them (thread-safe)."""
+        with self._lock:
+            for server, _ in self._servers.values():
+                invalidate = getattr(server, "invalidate", None)
+                if invalidate is not None:
+                    invalidate()
 
     def revive(self) -> bool:
         """If the proxies' loop died, start a new one and every listener again.
@@ -187,6 +212,12 @@ class ProxyManager:
                 return False
             old = self._loop
             self._loop = self._thread = None
+            for lst in self._listeners.values():
+                # an engine process of the dead loop still holds the listening
+                # socket: it goes, the new loop starts its own
+                kill = getattr(lst.server, "kill", None)
+                if kill is not None:
+                    kill()
             try:
                 old.close()
             except RuntimeError:

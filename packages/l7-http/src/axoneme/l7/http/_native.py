@@ -368,10 +368,12 @@ class NativeEngine:
         return lst.id
 
     async def remove(self, lst: NativeHttpProxy) -> None:
-        if self.listeners.pop(lst.id, None) is None:
+        """The listener goes: its connections close, its last flows are delivered."""
+        if lst.id not in self.listeners:
             return
         if self.alive():
             await self._roundtrip("R", "r", lst.id)
+        self.listeners.pop(lst.id, None)
         if not self.listeners:
             await self.close()
 
@@ -498,6 +500,21 @@ class NativeHttpProxy:
     async def sync(self) -> None:
         if self.engine is not None:
             await self.engine.sync()
+
+    def engine_fault(self) -> str | None:
+        """What is wrong with the engine serving this listener (None: it serves)."""
+        eng = self.engine
+        if eng is None or eng.alive():
+            return None
+        return (eng.last_fault or "native HTTP engine is not running") + " (being restarted)"
+
+    def kill(self) -> None:
+        """The engine process goes now (any thread): its loop is dead (ProxyManager.revive)."""
+        eng = self.engine
+        if eng is not None and eng.proc is not None and eng.proc.poll() is None:
+            eng.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                eng.proc.wait(5)
 
     def engine_view(self) -> dict[str, Any]:
         eng = self.engine

@@ -132,5 +132,13 @@ class HttpParser(L7Parser):
 
         return HttpProxy
 
+    def proxy_factory_for(self, engine: str) -> tuple[Any, str]:
+        """(the proxy factory, the engine it runs) for the agent's
+        ``l7_http_engine``: native (axoneme-l7-http), python, or auto (native
+        when built). FileNotFoundError: native asked, the binary not built."""
+        from axoneme.l7.http._native import http_proxy_factory
+
+        return http_proxy_factory(engine)
+
 
 __all__ = ["HttpParser", "HttpVerdict", "HeaderAction", "apply_actions", "rule_matches"]
