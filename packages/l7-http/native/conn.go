@@ -18,6 +18,10 @@ const readSize = 64 * 1024
 
 var errClosed = errors.New("connection closed")
 
+// idleCheck: an upstream connection idle longer than this is checked for a
+// close (MSG_PEEK) before it is reused.
+const idleCheck = 20 * time.Millisecond
+
 type conn struct {
 	l          *listener
 	c          *net.TCPConn
@@ -32,7 +36,8 @@ type conn struct {
 	dstAddr    *net.TCPAddr
 	ident      int
 	cfg        *listenerCfg
-	upstream   bool // a fixed upstream (tests): no loop check
+	upstream   bool      // a fixed upstream (tests): no loop check
+	upUsed     time.Time // the end of the last response from up
 	mark       uint32
 	spoof      bool
 }
@@ -233,7 +238,9 @@ func (k *conn) handle(req *requestHead, t0 time.Time) bool {
 
 func (k *conn) ensureUpstream() bool {
 	if k.up != nil {
-		if k.ur.buffered() > 0 || !peerClosed(k.up) {
+		// An upstream closes idle connections; one busy a moment ago is
+		// reused without asking the kernel (a syscall per request).
+		if k.ur.buffered() > 0 || time.Since(k.upUsed) < idleCheck || !peerClosed(k.up) {
 			return true
 		}
 		k.setUp(nil)
@@ -351,5 +358,6 @@ func (k *conn) relayResponse(req *requestHead, pol *policy, t0 time.Time) bool {
 	if resp.close {
 		k.setUp(nil)
 	}
+	k.upUsed = time.Now()
 	return req.keepAlive && !resp.close
 }
