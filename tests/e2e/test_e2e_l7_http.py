@@ -330,6 +330,12 @@ def test_scenario1_public_allowed_private_denied(cl: Cluster) -> None:
     logs = cl.logs("app1")
     assert '"GET /public HTTP/1.1" 200' in logs, logs
     assert "/private" not in logs, logs
+    # l7_http_engine auto (the default): axoneme-l7-http serves when built (bootstrap builds it)
+    from axoneme.l7.http._native import engine_binary
+
+    proxy = cl.agent.json("status")["components"]["l7_proxy"]
+    assert proxy["http_engine"] == ("native" if engine_binary() else "python"), proxy
+    assert not engine_binary() or proxy["engines"][0]["pid"] > 0, proxy
 
 
 def test_scenario2_method_get_allowed_post_denied(cl: Cluster) -> None:
