@@ -264,3 +264,30 @@ def test_journal_is_synced_before_flush_returns(tmp_path: Path,
     asyncio.run(run())
     # the first append makes the file (append_line syncs it itself): then the flushes
     assert [main for _, main in synced] == [True, False, True, True, True, False, False, True]
+
+
+def test_state_written_in_pieces_is_the_same_bytes(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file is written a piece at a time (no whole text in memory at
+    100k identities): the bytes are json.dumps(indent=1, sort_keys=True)'s,
+    across piece boundaries, non-ASCII text and nesting included."""
+    writes: list[int] = []
+    real_write = os.write
+
+    def counted(fd: int, data: Any) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    state = {"version": 1, "z": None, "identities": {str(n): [f"cidr:10.{n >> 8}.{n & 255}.1/32",
+                                                              "reserved:world"]
+                                                     for n in range(20_000)},
+             "pods": {"default/é": {"name": "ü" * 300, "labels": {"b": "2", "a": "1"}}},
+             "nums": [1.5, -2, True, False, [], {}]}
+    monkeypatch.setattr(_statefile.os, "write", counted)
+    path = tmp_path / "state.json"
+    write_json_atomic(str(path), state)
+    monkeypatch.undo()
+    assert path.read_bytes() == json.dumps(state, indent=1, sort_keys=True).encode()
+    assert len(writes) > 10 and max(writes) < 2 * _statefile._WRITE_PIECE
+    write_json_atomic(str(path), [])  # a tiny document: one piece
+    assert path.read_bytes() == b"[]"
