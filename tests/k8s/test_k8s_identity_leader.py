@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from datetime import datetime
 from typing import Any
@@ -216,17 +217,31 @@ def test_a_clean_stop_releases_the_lease_and_the_other_takes_it_at_once(ldr: Any
     leader, other = pair
     before = _lease(cl)["spec"]  # type: ignore[index]
     pod = cl.agent_pod(leader)
-    cl.kubectl("-n", "kube-system", "delete", "pod", pod, "--wait=false")
-    t0 = time.monotonic()
-    released = False
-    while True:
-        spec = (_lease(cl) or {}).get("spec") or {}
-        released = released or spec.get("holderIdentity") in ("", None)
-        if spec.get("holderIdentity") == other:
-            break
-        assert time.monotonic() - t0 < LEASE_S + RETRY_S + 30, f"no handover: {spec}"
-        time.sleep(0.1)
-    handover_s = round(time.monotonic() - t0, 2)
+    # its log to the end (what its stop did, when the handover fails)
+    logs = subprocess.Popen([cl.kubectl_bin, "--kubeconfig", str(cl.kubeconfig), "-n",
+                             "kube-system", "logs", "-f", "--tail=5", pod],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        cl.kubectl("-n", "kube-system", "delete", "pod", pod, "--wait=false")
+        t0 = time.monotonic()
+        released = False
+        while True:
+            spec = (_lease(cl) or {}).get("spec") or {}
+            released = released or spec.get("holderIdentity") in ("", None)
+            if spec.get("holderIdentity") == other:
+                break
+            if time.monotonic() - t0 > LEASE_S + RETRY_S + 30:
+                break
+            time.sleep(0.1)
+        handover_s = round(time.monotonic() - t0, 2)
+    finally:
+        try:
+            out, _ = logs.communicate(timeout=40)  # ends with the pod
+        except subprocess.TimeoutExpired:
+            logs.kill()
+            out, _ = logs.communicate()
+    assert spec.get("holderIdentity") == other, f"no handover: {spec}; {pod}'s log:\n{out[-4000:]}"
     assert spec["leaseTransitions"] == before["leaseTransitions"] + 1, (before, spec)
     # released: the other took it at its next read, not after the lease duration
     assert handover_s <= RETRY_S + 5 < LEASE_S, handover_s

@@ -435,11 +435,11 @@ class CRDIdentities:
         tasks = [asyncio.create_task(self.gc.run())]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run()))
-        try:
-            await asyncio.gather(*tasks)
+        try:  # (not gather: cancelled, it returns at its first child's end, not its last)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for t in tasks:
-                t.cancel()
+                t.cancel()  # once each: the elector then writes its release
             await asyncio.wait(tasks)  # the release is written before the agent goes on
 
     def view(self) -> dict[str, Any]:

@@ -182,6 +182,7 @@ class LeaseElector:
         self.lost = 0  # times it stopped holding without releasing
         self.conflicts = 0  # writes that lost (409)
         self.last_error = ""
+        self.stopped = False  # released (a clean stop): no attempt writes again
         self._lock = threading.Lock()  # attempt and release, one at a time
 
     # -- state ---------------------------------------------------------------------------
@@ -230,6 +231,8 @@ class LeaseElector:
             return ok
 
     def _attempt(self) -> bool:
+        if self.stopped:  # an attempt still in a worker thread when the agent stopped
+            return False
         if self.api is None:
             self.last_error = "no API client yet"
             return False
@@ -284,6 +287,7 @@ class LeaseElector:
     def release(self) -> bool:
         """A clean stop: stop collecting, then hand the Lease back (holder
         emptied) if this agent holds it. True when the release was written."""
+        self.stopped = True  # before the lock: an attempt waiting for it writes nothing
         with self._lock:
             was = self.leader
             self.leader = False
@@ -331,14 +335,16 @@ class LeaseElector:
                 try:
                     await asyncio.wait_for(asyncio.to_thread(self.attempt),
                                            timeout=max(self.retry_period, 1.0) * 2)
-                except TimeoutError:
+                except TimeoutError:  # (not under _lock: the hung attempt holds it)
                     self.last_error = "the API server did not answer"
                     if self.leader and not self.leading():
-                        with self._lock:
-                            self._stop_leading("no answer")
+                        self._stop_leading("no answer")
+                except Exception:  # attempt catches the API's errors: this is a bug
+                    LOG.warning("identity gc lease: attempt failed", exc_info=True)
                 await asyncio.sleep(self.pause())
         except asyncio.CancelledError:
-            await asyncio.to_thread(self.release)
+            # shielded: a second cancel must not leave the release to chance
+            await asyncio.shield(asyncio.to_thread(self.release))
             raise
 
     def view(self) -> dict[str, Any]:
