@@ -231,6 +231,42 @@ def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # t
             dp.stop()
 
 
+def test_adopting_start_builds_the_index_from_the_first_sync(start_ebpf) -> None:  # type: ignore[no-untyped-def]
+    """A start registers its endpoints with flags from a walk that decodes no
+    Key (no index yet); the first sync builds the index holding the state's
+    own Keys (issue 17: an index decoded at start and replaced later left its
+    200k Keys' heap partly used under the rebuilt state)."""
+    from axoneme.datapath.ebpf import EbpfDatapath
+
+    with start_ebpf(policy_map_max=6000, ct_max=64, ipcache_max=64,
+                    options={"max_endpoints": 2}) as first:
+        big = MapState({**keys(5000, port0=1), Key(0, EG): DENY})
+        small = MapState({**keys(3, identity=9), Key(0, IN): ALLOW})
+        first.sync(ep(1), big)
+        first.sync(ep(2), small)
+        flags = (first._skip_flags(1), first._skip_flags(2), first._skip_flags(3))
+        assert len(set(flags)) == 3  # wildcard egress, wildcard ingress, nothing
+        first.stop()
+        dp = EbpfDatapath(first.config)
+        dp.start()
+        try:
+            assert (dp._skip_flags(1), dp._skip_flags(2), dp._skip_flags(3)) == flags
+            assert dp._index is None  # the walk kept no Key
+            fresh = MapState({Key(k.identity, k.direction, k.protocol, k.port, k.prefix_len): v
+                              for k, v in big.items()})
+            assert not dp.sync(ep(1), fresh)
+            mine = {id(k) for k in fresh}
+            assert all(id(k) in mine for k in dp._keys_index()[1].values())
+            assert len(dp._keys_index()[1]) == len(fresh)
+            assert dp.dump(ep(1)) == big and dp.dump(ep(2)) == small
+            assert (dp._skip_flags(1), dp._skip_flags(2)) == flags[:2]
+            # a write after it keeps the flags as before the restart
+            dp.apply(ep(2), MapChanges({}, frozenset({Key(0, IN)})))
+            assert dp._skip_flags(2) == flags[2]
+        finally:
+            dp.stop()
+
+
 def test_host_entries_move_from_the_trie_to_the_host_hash(start_ebpf) -> None:  # type: ignore[no-untyped-def]
     """A /32 or /128 in the ipcache trie (what a version without the host hash
     wrote) moves to axoneme_ipcache_host_v1 at start: the programs look host

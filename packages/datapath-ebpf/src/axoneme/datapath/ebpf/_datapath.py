@@ -168,6 +168,7 @@ class EbpfDatapath(EbpfEndpoints):
             self._bpf, self._fns = b, fns
             self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
             self._index = None
+            self._kinds_known = False
             self._ipcache_keys = None
             self._slots = None
             self._stopped.clear()

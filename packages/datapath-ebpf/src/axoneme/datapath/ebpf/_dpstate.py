@@ -70,7 +70,9 @@ class EbpfState(Datapath):
         # costs O(entries of the endpoint), not O(entries of all endpoints).
         self._index: dict[int, dict[bytes, Key]] | None = None
         # ep id -> {NO_* flag: how many of its keys rule it out}; built with _index
+        # (or, before it, by a walk of their own: _kinds_known, _skip_flags)
         self._kinds: dict[int, dict[int, int]] = {}
+        self._kinds_known = False
         self._ifindex: dict[int, int] = {}  # ep id -> host ifindex of its record (_register)
         self._ipcache_keys: set[bytes] | None = None  # what ax_ipcache holds (counted once)
         # ep id -> {peer address: its slot} of the address keys (axoneme_paddr_v1)

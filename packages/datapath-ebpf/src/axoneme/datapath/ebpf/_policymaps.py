@@ -58,26 +58,56 @@ class EbpfPolicyMaps(EbpfState):
     def _pfd(self, raw: bytes) -> int:
         return self._fds[policy_map_of(raw)]
 
-    def _keys_index(self) -> dict[int, dict[bytes, Key]]:
-        """ep id -> {raw policy key bytes: Key} of what the kernel holds."""
+    def _keys_index(self, canon: Mapping[Key, Key] | None = None) -> dict[int, dict[bytes, Key]]:
+        """ep id -> {raw policy key bytes: Key} of what the kernel holds.
+        Built from one walk of the maps; ``canon``: equal Keys the caller
+        holds (a sync's state), kept instead of the decoded ones."""
         if self._index is None:
             index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
             kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
-            for k, _ in self._policy_items():
-                key = self._key_of(k)
-                if key is not None:
-                    index[k.ep_id][bytes(k)] = key
+            ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
+            for fd in self._policy_fds():
+                for kb, _ in _bpf.map_items_batch(fd, ksz, vsz):
+                    k = L.PolicyKey.from_buffer_copy(kb)
+                    key = self._key_of(k)
+                    if key is None:
+                        continue
+                    if canon is not None:
+                        key = canon.get(key, key)
+                    index[k.ep_id][kb] = key
                     bit = skip_bit(key)
                     if bit:
                         kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
             self._index = dict(index)
             self._kinds = dict(kinds)
+            self._kinds_known = True
         return self._index
 
     def _skip_flags(self, ep_id: int) -> int:
-        """The NO_* flags the endpoint's records may carry (lib/endpoint.h)."""
-        self._keys_index()
+        """The NO_* flags the endpoint's records may carry (lib/endpoint.h).
+        Without the index (a start), the kinds come from a walk that makes no
+        Key (issue 17: RSS): an adopting start registers its endpoints long
+        before the rebuilt state exists, and an index of Keys decoded then
+        (200k at 100k peers) was replaced by the state's by ``sync``, leaving
+        ~30 MB of partly used heap under the rebuilt state."""
+        if self._index is None and not self._kinds_known:
+            self._walk_kinds()
         return skip_flags(self._kinds.get(ep_id, {}))
+
+    def _walk_kinds(self) -> None:
+        kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
+        ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
+        for fd in self._policy_fds():
+            for kb, _ in _bpf.map_items_batch(fd, ksz, vsz):
+                k = L.PolicyKey.from_buffer_copy(kb)
+                if k.identity != 0 and k.identity < L.ADDR_SLOT_BASE:
+                    continue  # an identity's key rules out no lookup (skip_bit 0)
+                key = self._key_of(k)
+                bit = skip_bit(key) if key is not None else 0
+                if bit:
+                    kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
+        self._kinds = dict(kinds)
+        self._kinds_known = True
 
     # ---- address keys: peer address -> slot (axoneme_paddr_v1) ----------------------
 
@@ -292,12 +322,19 @@ class EbpfPolicyMaps(EbpfState):
             except OSError:
                 LOG.error("rollback of policy key %s for endpoint %d failed", k, ep_id, exc_info=True)
                 self._index = None  # rebuilt from the kernel on next use
+                self._kinds_known = False
 
     def sync(self, endpoint: Endpoint, state: MapState) -> MapChanges:
         with self._lock:
             self._require()
+            canon = None
+            if self._index is None:
+                # the first sync after a start (adoption): the index holds the
+                # state's Keys from the outset, none decoded to be dropped
+                canon = {k: k for k in state}
+                self._keys_index(canon)
             if len(self._keys_index().get(endpoint.id, ())) > _BIG_ENDPOINT:
-                return self._sync_big(endpoint.id, state)
+                return self._sync_big(endpoint.id, state, canon)
             raw = self._dump_raw(endpoint.id)
             # compare what the kernel holds (deny, proxy port, flags), not Entry objects
             adds = {}
@@ -311,17 +348,19 @@ class EbpfPolicyMaps(EbpfState):
                 self._apply(endpoint.id, changes, raw)
             return changes
 
-    def _sync_big(self, ep_id: int, state: MapState) -> MapChanges:
+    def _sync_big(self, ep_id: int, state: MapState,
+                  canon: Mapping[Key, Key] | None = None) -> MapChanges:
         """``sync`` of an endpoint holding many entries (a restart's comparison
         at 100k peers): the kernel's values compared as bytes, only what
-        differs decoded."""
-        # the index's Keys came from the kernel's dump (a restart): hold the state's
-        # equal ones instead, one Key per entry in the process (issue 17: RSS); first,
-        # so the dump below is keyed by the state's own objects (dict hits by identity,
-        # no Key.__eq__ per entry)
-        canon = {k: k for k in state}
-        for kb, k in (held := self._keys_index().get(ep_id, {})).items():
-            held[kb] = canon.get(k, k)
+        differs decoded. ``canon``: the state's Keys, already in the index."""
+        if canon is None:
+            # the index's Keys came from the kernel's dump: hold the state's equal
+            # ones instead, one Key per entry in the process (issue 17: RSS); first,
+            # so the dump below is keyed by the state's own objects (dict hits by
+            # identity, no Key.__eq__ per entry)
+            canon = {k: k for k in state}
+            for kb, k in (held := self._keys_index().get(ep_id, {})).items():
+                held[kb] = canon.get(k, k)
         raw = self._dump_raw(ep_id, as_bytes=True)
         sigs: dict[Entry, bytes] = {}
         adds = {}
