@@ -28,6 +28,7 @@ import inspect
 import logging
 import socket
 import time
+from typing import Any
 
 from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.l7 import L7Request
@@ -62,6 +63,17 @@ from axoneme.l7.http._wire import (
 LOG = logging.getLogger(__name__)
 
 STREAM_LIMIT = MAX_REQUEST_LINE + MAX_HEAD_BYTES + 4
+
+
+def as_policy(res: Any) -> ProxyPolicy | None:
+    """What a ``policy_for`` answered, as a ProxyPolicy: tolerates
+    ``(rules, (source, destination))`` and ``(rules, info)`` (both engines)."""
+    if res is None or isinstance(res, ProxyPolicy):
+        return res
+    rules, info = res
+    if isinstance(info, tuple) and len(info) == 2:
+        return ProxyPolicy(tuple(rules), info[0], info[1])
+    return ProxyPolicy(tuple(rules))
 
 
 class HttpProxy(StreamProxyServer):
@@ -249,13 +261,7 @@ class _Conn(BodyRelay):
             LOG.exception("proxy %d: policy_for failed for %s -> %s", self.p.port, self.client,
                           self.dst)
             return None
-        if res is None or isinstance(res, ProxyPolicy):
-            return res
-        # tolerate (rules, (source, destination)) / (rules, info)
-        rules, info = res
-        if isinstance(info, tuple) and len(info) == 2:
-            return ProxyPolicy(tuple(rules), info[0], info[1])
-        return ProxyPolicy(tuple(rules))
+        return as_policy(res)
 
     def _flow(self, req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
               reply: bool, code: int = 0, latency_ns: int = 0) -> Flow:
@@ -397,4 +403,4 @@ class _Conn(BodyRelay):
         return req.keep_alive and not resp.close
 
 
-__all__ = ["HttpProxy", "plain_connect"]
+__all__ = ["HttpProxy", "plain_connect", "as_policy"]
