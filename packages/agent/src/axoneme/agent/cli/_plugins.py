@@ -32,7 +32,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:  # type: ig
 
 def capabilities(group: str, obj: Any) -> list[str]:
     """What a loaded plugin declares: a datapath's ``capabilities``; an L7
-    parser's transports, proxy, toFQDNs learning and rules field."""
+    parser's transports, proxy (and its engine), toFQDNs learning and rules field."""
     if group == GROUP_DATAPATH:
         return sorted(str(c) for c in getattr(obj, "capabilities", frozenset()))
     if group == GROUP_L7 and isinstance(obj, type):
@@ -45,6 +45,12 @@ def capabilities(group: str, obj: Any) -> list[str]:
             caps.append("proxy")
         if issubclass(obj, FQDNParser):
             caps.append("fqdn")
+        factory_for = getattr(obj, "proxy_factory_for", None)
+        if factory_for is not None:  # the engine l7_http_engine: auto would run
+            try:
+                caps.append(f"proxy-engine:{factory_for(obj(), 'auto')[1]}")
+            except Exception:  # noqa: BLE001 - a capability, not a load failure
+                pass
         caps.append(f"rules:{obj.rules_field}" if obj.rules_field else "rules:l7proto")
         return sorted(caps)
     return []
