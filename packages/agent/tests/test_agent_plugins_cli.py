@@ -49,6 +49,9 @@ def test_plugins_lists_every_kind_with_details(capsys: pytest.CaptureFixture[str
     assert http["distribution"] == "axoneme-l7-http" and http["loads"] and http["error"] is None
     assert http["entry_point"] == "axoneme.l7.http:HttpParser" and http["version"]
     assert {"proxy", "rules:http", "transport:tcp"} <= set(http["capabilities"])
+    from axoneme.l7.http._native import engine_binary  # what l7_http_engine: auto runs
+
+    assert f"proxy-engine:{'native' if engine_binary() else 'python'}" in http["capabilities"]
     assert "fqdn" in by[("l7", "dns")]["capabilities"]
     assert by[("datapath", "noop")]["distribution"] == "axoneme-core"
 
