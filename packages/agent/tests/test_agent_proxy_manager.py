@@ -193,18 +193,26 @@ def test_dns_proxy_starts_from_entry_point() -> None:
         pm.stop()
 
 
-def test_crashed_proxy_loop_is_reported_and_revived() -> None:
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_crashed_proxy_loop_is_reported_and_revived(engine: str) -> None:
     """The proxies' loop dies (failpoint proxy.loop): health() names it, nothing passes while
-    it is down, revive() brings every listener back on the same port, policy intact."""
+    it is down, revive() brings every listener back on the same port, policy intact. The
+    native HTTP engine: its process goes with the loop (a policy change meanwhile kills it
+    at once), a new one serves the new loop."""
     import time
 
     from axoneme.core import failpoints
     from axoneme.l7.http import HTTPRule
+    from axoneme.l7.http._native import http_proxy_factory
 
+    factory, running = http_proxy_factory("auto" if engine == "native" else "python")
+    if running != engine:
+        pytest.skip("axoneme-l7-http is not built (scripts/l7-build: no Go toolchain here)")
     srv = _echo_upstream()
     pm = ProxyManager(lambda *a: ProxyPolicy((HTTPRule(path="/ok"),)), lambda f: None,
                       port_range=_free_range(), redirect=False, transparent=False,
-                      config=ProxyConfig(upstream=srv.server_address[:2]))
+                      config=ProxyConfig(upstream=srv.server_address[:2]),
+                      factories={"http": factory})
     failpoints.configure("1")
     try:
         port = pm.acquire("http", Direction.INGRESS)
@@ -219,6 +227,10 @@ def test_crashed_proxy_loop_is_reported_and_revived() -> None:
         c.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
         with pytest.raises(TimeoutError):
             c.recv(100)
+        old = getattr(pm.server(port), "engine", None)
+        pm.policy_changed()  # native: the orphaned engine is killed, nothing stale is served
+        if old is not None:
+            assert old.proc is not None and old.proc.poll() is not None
         assert pm.revive() is True and pm.restarts == 1
         assert pm.health() is None
         c2 = socket.create_connection(("127.0.0.1", port), timeout=5)

@@ -194,10 +194,15 @@ class ProxyManager:
     def policy_changed(self) -> None:
         """Policies changed: proxies caching policy answers drop them (thread-safe)."""
         with self._lock:
-            for server, _ in self._servers.values():
+            for server, info in self._servers.values():
                 invalidate = getattr(server, "invalidate", None)
-                if invalidate is not None:
+                if invalidate is None:
+                    continue
+                try:
                     invalidate()
+                except Exception:  # a proxy's trouble must not fail a regeneration
+                    LOG.warning("the %s proxy on port %d could not drop its cached policy",
+                                info.parser, info.port, exc_info=True)
 
     def revive(self) -> bool:
         """If the proxies' loop died, start a new one and every listener again.

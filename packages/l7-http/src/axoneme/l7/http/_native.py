@@ -147,7 +147,14 @@ class NativeHttpProxy:
     def invalidate(self) -> None:
         """The policy changed (thread-safe): cached answers are dropped."""
         eng = self.engine
-        if eng is not None:
+        if eng is None:
+            return
+        if eng.loop.is_closed() or not eng.loop.is_running():
+            # the loop answering its questions died (ProxyManager.revive starts anew):
+            # the engine would go on with answers now stale, so it goes (fail closed)
+            self.kill()
+            return
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: the same, next time
             eng.loop.call_soon_threadsafe(eng.invalidate)
 
     async def sync(self) -> None:
