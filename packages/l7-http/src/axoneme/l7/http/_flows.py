@@ -4,7 +4,7 @@ request, one per response."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
 from axoneme.core.l7proxy import ProxyPolicy
@@ -17,7 +17,17 @@ def _l4(sport: int, dport: int) -> dict[str, Any]:
     return {"TCP": {"source_port": sport, "destination_port": dport}}
 
 
-def http_flow(req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
+class RequestFields(Protocol):
+    """What a flow record reads of a request (a RequestHead, or the native engine's record)."""
+
+    method: str
+    host: str
+    path: str
+    version: str
+    headers: list[tuple[str, str]]
+
+
+def http_flow(req: RequestHead | RequestFields, pol: ProxyPolicy | None, verdict: FlowVerdict,
               client: tuple[str, int], dst: tuple[str, int], direction: str, reply: bool,
               code: int = 0, latency_ns: int = 0, when: float | None = None) -> Flow:
     """The record of ``req`` (``reply``: of its response, status ``code``);
@@ -46,4 +56,4 @@ def http_flow(req: RequestHead, pol: ProxyPolicy | None, verdict: FlowVerdict,
                 summary=summary, ip_version=ipv)
 
 
-__all__ = ["http_flow", "REDACTED"]
+__all__ = ["http_flow", "REDACTED", "RequestFields"]

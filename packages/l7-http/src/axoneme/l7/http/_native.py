@@ -88,9 +88,10 @@ class NativeHttpProxy:
         else:
             raise ValueError("the native HTTP engine connects upstream itself: "
                              "connect_upstream must be a TransparentConnector or plain_connect")
-        self.binary = binary or engine_binary()
-        if self.binary is None:
+        found = binary or engine_binary()
+        if found is None:
             raise FileNotFoundError(f"{BINARY} not found (scripts/l7-build builds it)")
+        self.binary: str = found
         self.id = 0
         self.engine: NativeEngine | None = None
         self.stats: dict[str, int] = {"refused_connections": 0, "requests": 0, "denied": 0,
