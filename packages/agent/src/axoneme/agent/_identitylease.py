@@ -331,16 +331,17 @@ class LeaseElector:
         releases the Lease."""
         try:
             while True:
-                # bounded: a hung request must not hold the loop past the deadline
-                try:
-                    await asyncio.wait_for(asyncio.to_thread(self.attempt),
-                                           timeout=max(self.retry_period, 1.0) * 2)
-                except TimeoutError:  # (not under _lock: the hung attempt holds it)
+                # bounded: a hung request must not hold the loop past the deadline. Not
+                # wait_for: cancelled as the attempt ends, it returns the result and the
+                # cancel is lost (Python 3.11), and the agent's stop would wait for ever
+                fut = asyncio.ensure_future(asyncio.to_thread(self.attempt))
+                done, _ = await asyncio.wait({fut}, timeout=max(self.retry_period, 1.0) * 2)
+                if not done:  # (not under _lock: the hung attempt holds it)
                     self.last_error = "the API server did not answer"
                     if self.leader and not self.leading():
                         self._stop_leading("no answer")
-                except Exception:  # attempt catches the API's errors: this is a bug
-                    LOG.warning("identity gc lease: attempt failed", exc_info=True)
+                elif fut.exception() is not None:  # attempt catches the API's errors: a bug
+                    LOG.warning("identity gc lease: attempt failed", exc_info=fut.exception())
                 await asyncio.sleep(self.pause())
         except asyncio.CancelledError:
             # shielded: a second cancel must not leave the release to chance
