@@ -654,6 +654,21 @@ def test_thousand_pod_cycles_with_forced_collisions_and_gc_keep_one_number_per_l
     ("identity_heartbeat_timeout: -5\n",
      "config key identity_heartbeat_timeout: expected 0 or more seconds"),
     ("identity_gc_interval: soon\n", "config key identity_gc_interval: expected a number"),
+    # the collector's leader election (_identitylease; client-go's checks)
+    ("identity_gc_leader_election: maybe\n",
+     "config key identity_gc_leader_election: expected true or false, got str 'maybe'"),
+    ("leader_election_lease_duration: 0\n",
+     "config key leader_election_lease_duration: expected more than 0 seconds, got 0"),
+    ("leader_election_lease_duration: 15.5\n",
+     "config key leader_election_lease_duration: expected whole seconds"),
+    ("leader_election_renew_deadline: 15\n",
+     "config key leader_election_renew_deadline: expected less than "
+     "leader_election_lease_duration (15), got 15"),
+    ("leader_election_retry_period: 9\n",
+     "config key leader_election_retry_period: expected less than "
+     "leader_election_renew_deadline / 1.2 (8.33333), got 9"),
+    ("leader_election_retry_period: -2\n",
+     "config key leader_election_retry_period: expected more than 0 seconds, got -2"),
 ])
 def test_bad_identity_config_names_the_key_and_the_file(tmp_path, text, message):
     from axoneme.agent.cli import build_parser

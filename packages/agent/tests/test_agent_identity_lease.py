@@ -350,34 +350,7 @@ def test_targeted_node_delete_pass_writes_without_the_lease():
 
 # -- configuration ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("identity_gc_leader_election: maybe\n",
-     "config key identity_gc_leader_election: expected true or false, got str 'maybe'"),
-    ("leader_election_lease_duration: 0\n",
-     "config key leader_election_lease_duration: expected more than 0 seconds, got 0"),
-    ("leader_election_lease_duration: 15.5\n",
-     "config key leader_election_lease_duration: expected whole seconds"),
-    ("leader_election_renew_deadline: 15\n",
-     "config key leader_election_renew_deadline: expected less than "
-     "leader_election_lease_duration (15), got 15"),
-    ("leader_election_retry_period: 9\n",
-     "config key leader_election_retry_period: expected less than "
-     "leader_election_renew_deadline / 1.2 (8.33333), got 9"),
-    ("leader_election_retry_period: -2\n",
-     "config key leader_election_retry_period: expected more than 0 seconds, got -2"),
-])
-def test_bad_election_config_names_the_key_and_the_file(tmp_path, text, message):
-    from axoneme.agent.cli import build_parser
-    from axoneme.agent.cli._agentcmds import build_agent_config
-    from axoneme.core.errors import ConfigError
-
-    conf = tmp_path / "agent.yaml"
-    conf.write_text(text)
-    parser, _ = build_parser()
-    with pytest.raises(ConfigError) as e:
-        build_agent_config(parser.parse_args(["agent", "run", "--config", str(conf)]))
-    assert message in str(e.value) and str(conf) in str(e.value)
-
+# (bad values of the election's keys: test_agent_identity_crd.py's config test)
 
 def test_agent_wires_the_election_in_crd_mode_unless_turned_off(tmp_path):
     from axoneme.agent._agent import Agent
