@@ -15,18 +15,36 @@ import os
 import socket
 import struct
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from axoneme.core.flow import FlowEndpoint, FlowVerdict
-from axoneme.core.l7proxy import (
-    ProxyPolicy,
-)
+from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
+from axoneme.core.mapstate import Direction
 from axoneme.l7.http._flows import http_flow
 from axoneme.l7.http._proxy import as_policy
 from axoneme.l7.http._rules import HTTPRule
 
-if TYPE_CHECKING:
-    from axoneme.l7.http._native import NativeHttpProxy
+
+class Listener(Protocol):
+    """A listener the engine serves (``_native.NativeHttpProxy``)."""
+
+    id: int
+    sock: socket.socket
+    mark: int
+    spoof: bool
+    policy_for: Any
+    direction: Direction
+    direction_name: str
+    stats: dict[str, int]
+
+    @property
+    def config(self) -> ProxyConfig: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def emit(self, flow: Any) -> None: ...
+
 
 LOG = logging.getLogger("axoneme.l7.http._native")
 
@@ -70,7 +88,7 @@ class NativeEngine:
         self.binary = binary
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
-        self.listeners: dict[int, NativeHttpProxy] = {}
+        self.listeners: dict[int, Listener] = {}
         self.restarts = 0
         self.last_fault = ""
         self._next_id = 0
@@ -291,7 +309,7 @@ class NativeEngine:
 
     # -- listeners -----------------------------------------------------------------
     @staticmethod
-    def _listener_msg(lst: NativeHttpProxy) -> dict[str, Any]:
+    def _listener_msg(lst: Listener) -> dict[str, Any]:
         c = lst.config
         return {"id": lst.id, "mark": lst.mark, "spoof": lst.spoof,
                 "upstream": list(c.upstream) if c.upstream else None,
@@ -299,15 +317,15 @@ class NativeEngine:
                 "timeouts": [c.header_timeout, c.idle_timeout, c.body_timeout,
                              c.upstream_connect_timeout, c.upstream_timeout]}
 
-    def _add(self, lst: NativeHttpProxy) -> None:
+    def _add(self, lst: Listener) -> None:
         self._send("L", self._listener_msg(lst), [lst.sock.fileno()])
 
-    def update(self, lst: NativeHttpProxy) -> None:
+    def update(self, lst: Listener) -> None:
         """A listener's new ProxyConfig (its next connections use it)."""
         if lst.id in self.listeners:
             self._send("U", self._listener_msg(lst))
 
-    def add(self, lst: NativeHttpProxy) -> int:
+    def add(self, lst: Listener) -> int:
         self._next_id += 1
         lst.id = self._next_id
         self.listeners[lst.id] = lst
@@ -318,7 +336,7 @@ class NativeEngine:
             self._add(lst)
         return lst.id
 
-    async def remove(self, lst: NativeHttpProxy) -> None:
+    async def remove(self, lst: Listener) -> None:
         """The listener goes: its connections close, its last flows are delivered."""
         if lst.id not in self.listeners:
             return
