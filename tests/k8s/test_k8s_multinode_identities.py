@@ -259,7 +259,8 @@ def test_cycles_with_forced_collisions_give_one_number_per_label_set_everywhere(
            for n in cl.node_names()}
     FIGURES["gc_node1"] = {k: gcs[NODE1][k] for k in ("marked", "deleted", "conflicts")}
     # every agent's collector (with the election, the holder's passes only)
-    FIGURES["gc_nodes"] = {n: {**{k: gc[k] for k in ("runs", "marked", "deleted", "conflicts")},
+    FIGURES["gc_nodes"] = {n: {**{k: gc[k] for k in ("runs", "marked", "unmarked", "deleted",
+                                                     "conflicts")},
                                "leading": gc["leader_election"].get("leading")}
                            for n, gc in gcs.items()}
     FIGURES["gc_conflicts_total"] = sum(gc["conflicts"] for gc in gcs.values())

@@ -422,3 +422,26 @@ def test_agent_stop_releases_the_lease_whenever_it_comes(tmp_path):
         asyncio.run(go())
         assert server.writes[-1][1]["holderIdentity"] == "", (i, server.writes[-3:])
         assert crd.elector.stopped and not crd.elector.leading()
+
+
+def test_a_losing_write_is_not_repeated_until_the_watch_brings_the_new_version():
+    """A 409 means this collector judged an old version: the next passes leave that number
+    alone (no second losing write) until the watch brings another version, then judge it."""
+    api = FakeIdentityAPI()
+    a, b = Node(api, "a"), Node(api, "b")
+    a.deliver()
+    number = a.use(labels(1))
+    a.stop_using(labels(1))
+    a.deliver()
+    b.deliver()
+    clock = Clock()
+    ga, gb = _gc(a, set(), clock), _gc(b, set(), clock)
+    gb.run_once()  # b marks it; a's watch has not brought the mark
+    events = len(api.events)
+    for _ in range(3):
+        ga.run_once()
+    assert (ga.conflicts, ga.marked, len(api.events)) == (1, 0, events)  # one losing write
+    a.deliver()  # the mark arrives
+    clock.now += 31
+    ga.run_once()  # judged again: unused and marked long enough
+    assert api.get(number) is None and ga.deleted == 1 and not ga.stale

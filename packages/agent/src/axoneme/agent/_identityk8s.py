@@ -58,7 +58,7 @@ every agent collect, each judging and writing):
   labels and it is the lowest number for them;
 - used and marked: the mark is removed; unused and unmarked: it is marked
   with the time (a merge patch carrying the resourceVersion it was judged
-  at: a change since fails it with 409 and it is judged again next round);
+  at: a change since fails it with 409, judged again when the watch brings it);
 - unused and marked at least ``identity_heartbeat_timeout`` seconds ago: it
   is deleted with preconditions uid and resourceVersion.
 
@@ -249,6 +249,9 @@ class IdentityGC:
         self.last_error = ""
         # the leader election's "this agent holds the Lease now" (None: every agent collects)
         self.may_collect: Callable[[], bool] | None = None
+        # number -> the resourceVersion a write lost on (409/404): not judged again until
+        # the watch brings another version (each pass would repeat the same losing write)
+        self.stale: dict[int, str] = {}
         self._lock = threading.Lock()  # one pass at a time
 
     def user(self) -> Callable[[int, Obj], bool]:
@@ -270,7 +273,15 @@ class IdentityGC:
         is_used = self.user()
         now = self.clock()
         out = []
-        for number, obj in sorted(dict(self.store.objects).items()):  # a copy: threads write it
+        objects = dict(self.store.objects)  # a copy: threads write it
+        for number in [n for n in self.stale if n not in objects]:
+            del self.stale[number]
+        for number, obj in sorted(objects.items()):
+            rv = meta_field(obj, "resourceVersion")
+            if number in self.stale:
+                if self.stale[number] == rv:
+                    continue  # the write on this version lost: wait for the watch
+                del self.stale[number]
             used = is_used(number, obj)
             mark = marked_at(obj)
             if used and mark is not None:
@@ -322,6 +333,7 @@ class IdentityGC:
                 except Exception as e:
                     if http_status(e) in (404, 409):
                         self.conflicts += 1  # changed or gone since judged: next round
+                        self.stale[number] = rv
                         continue
                     self.last_error = f"{action} {number}: {short_error(e)}"
                     LOG.warning("identity gc: %s", self.last_error)
