@@ -51,6 +51,13 @@ class EbpfPolicyMaps(EbpfState):
             for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
                 yield L.PolicyKey.from_buffer_copy(kb), L.PolicyEntry.from_buffer_copy(vb)
 
+    def _policy_keys(self) -> Iterator[tuple[bytes, L.PolicyKey]]:
+        """Every policy key of every endpoint, raw and decoded (one kernel-side walk)."""
+        ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
+        for fd in self._policy_fds():
+            for kb, _ in _bpf.map_items_batch(fd, ksz, vsz):
+                yield kb, L.PolicyKey.from_buffer_copy(kb)
+
     def _policy_fds(self) -> list[int]:
         """The two policy maps (lib/policy.h): the hash, then the trie."""
         return list(dict.fromkeys((self._fds["ax_policy_hash"], self._fds["ax_policy"])))
@@ -65,19 +72,16 @@ class EbpfPolicyMaps(EbpfState):
         if self._index is None:
             index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
             kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
-            ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
-            for fd in self._policy_fds():
-                for kb, _ in _bpf.map_items_batch(fd, ksz, vsz):
-                    k = L.PolicyKey.from_buffer_copy(kb)
-                    key = self._key_of(k)
-                    if key is None:
-                        continue
-                    if canon is not None:
-                        key = canon.get(key, key)
-                    index[k.ep_id][kb] = key
-                    bit = skip_bit(key)
-                    if bit:
-                        kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
+            for kb, k in self._policy_keys():
+                key = self._key_of(k)
+                if key is None:
+                    continue
+                if canon is not None:
+                    key = canon.get(key, key)
+                index[k.ep_id][kb] = key
+                bit = skip_bit(key)
+                if bit:
+                    kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
             self._index = dict(index)
             self._kinds = dict(kinds)
             self._kinds_known = True
@@ -96,16 +100,13 @@ class EbpfPolicyMaps(EbpfState):
 
     def _walk_kinds(self) -> None:
         kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
-        ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
-        for fd in self._policy_fds():
-            for kb, _ in _bpf.map_items_batch(fd, ksz, vsz):
-                k = L.PolicyKey.from_buffer_copy(kb)
-                if k.identity != 0 and k.identity < L.ADDR_SLOT_BASE:
-                    continue  # an identity's key rules out no lookup (skip_bit 0)
-                key = self._key_of(k)
-                bit = skip_bit(key) if key is not None else 0
-                if bit:
-                    kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
+        for _, k in self._policy_keys():
+            if k.identity != 0 and k.identity < L.ADDR_SLOT_BASE:
+                continue  # an identity's key rules out no lookup (skip_bit 0)
+            key = self._key_of(k)
+            bit = skip_bit(key) if key is not None else 0
+            if bit:
+                kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
         self._kinds = dict(kinds)
         self._kinds_known = True
 
