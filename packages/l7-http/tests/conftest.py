@@ -149,12 +149,10 @@ class Env:
         self._flows, self.policy, self.engine = flows, policy, engine
 
     def policy_changed(self) -> None:
-        """What the agent does on a policy change: the native engine's cache goes."""
+        """What the agent does on a policy change: the native engine's cache goes
+        (from this thread, as the agent's regenerator: it returns once it went)."""
         if hasattr(self.proxy, "invalidate"):
-            self.loop.run(self._invalidate())
-
-    async def _invalidate(self) -> None:
-        self.proxy.engine.invalidate()
+            self.proxy.invalidate()
 
     def set_rules(self, rules: Any) -> None:
         self.policy["rules"] = rules

@@ -194,10 +194,14 @@ class ProxyManager:
     def policy_changed(self) -> None:
         """Policies changed: proxies caching policy answers drop them (thread-safe)."""
         with self._lock:
+            seen: set[int] = set()
             for server, info in self._servers.values():
                 invalidate = getattr(server, "invalidate", None)
-                if invalidate is None:
+                # listeners sharing one engine (the native HTTP one): it is told once
+                key = id(getattr(server, "engine", None) or server)
+                if invalidate is None or key in seen:
                     continue
+                seen.add(key)
                 try:
                     invalidate()
                 except Exception:  # a proxy's trouble must not fail a regeneration

@@ -365,6 +365,12 @@ class NativeEngine:
         if self.sock is not None:
             self._send("I", {"gen": self._gen})
 
+    async def invalidate_sync(self) -> None:
+        """``invalidate``, returning once the engine has dropped its answers
+        (it reads its control frames in order: a sync after it is answered later)."""
+        self.invalidate()
+        await self.sync()
+
     async def close(self) -> None:
         self._stopping = True
         proc = self.proc

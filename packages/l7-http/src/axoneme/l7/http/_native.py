@@ -27,6 +27,7 @@ HTTP semantics are the Python proxy's, byte for byte
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -52,6 +53,7 @@ from axoneme.l7.http._proxy import HttpProxy, as_policy
 LOG = logging.getLogger(__name__)
 
 BINARY = "axoneme-l7-http"
+INVALIDATE_WAIT = 2.0  # seconds an engine has to confirm a policy change
 
 
 def engine_binary() -> str | None:
@@ -146,7 +148,10 @@ class NativeHttpProxy:
             LOG.exception("flow sink failed")
 
     def invalidate(self) -> None:
-        """The policy changed (thread-safe): cached answers are dropped."""
+        """The policy changed (thread-safe): cached answers are dropped. From
+        another thread it returns once the engine has dropped them (a request
+        after it never meets an older answer); an engine that does not
+        confirm within INVALIDATE_WAIT goes (fail closed: restarted empty)."""
         eng = self.engine
         if eng is None:
             return
@@ -155,8 +160,22 @@ class NativeHttpProxy:
             # the engine would go on with answers now stale, so it goes (fail closed)
             self.kill()
             return
-        with contextlib.suppress(RuntimeError):  # closed meanwhile: the same, next time
-            eng.loop.call_soon_threadsafe(eng.invalidate)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is eng.loop:  # on the loop itself: nothing to wait with
+            eng.invalidate()
+            return
+        try:
+            fut = asyncio.run_coroutine_threadsafe(eng.invalidate_sync(), eng.loop)
+            fut.result(INVALIDATE_WAIT)
+        except RuntimeError:  # the loop closed meanwhile: the next call kills the engine
+            return
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            LOG.error("native HTTP engine did not confirm a policy change within %.0f s: "
+                      "killed (restarted without cached answers)", INVALIDATE_WAIT)
+            self.kill()
 
     async def sync(self) -> None:
         if self.engine is not None:
