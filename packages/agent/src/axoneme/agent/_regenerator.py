@@ -103,12 +103,10 @@ class Regenerator:
         enf = self.engine.enforcement(ep.id)
         await asyncio.to_thread(self.call, dp.endpoint_added, ep, *enf)
         self._enforcement[ep.id] = enf
-        self.proxies.policy_changed()  # policy answers for its address may be cached
 
     async def endpoint_removed(self, ep: Endpoint) -> None:
         """Detach an endpoint; failures are logged (it is going anyway)."""
         self._enforcement.pop(ep.id, None)
-        self.proxies.policy_changed()
         if self.datapath is None:
             return
         try:
@@ -214,7 +212,9 @@ class Regenerator:
                     if ep_id in self.fail_closed:
                         self._end_fail_closed(dp, ep)
             tracing.set_attributes(sp, endpoints_failed=len(errors))
-        # the native HTTP engine caches policy answers: they go (the next request asks)
+        # the native HTTP engine caches policy answers (also per endpoint address:
+        # endpoint adds and removals regenerate too): they go, confirmed, before
+        # anyone learns the change is in force; the next request asks again
         self.proxies.policy_changed()
         self.metrics.regenerated(time.perf_counter() - t0)
         return errors
