@@ -9,9 +9,12 @@ serves the engine's questions on the loop:
 
 1. Policy: the engine asks once per (listener, client address, original
    destination, source identity of the accepted socket's mark) and caches
-   the answer (the rules, compiled there) until ``invalidate()``: the agent
-   calls it on every policy, endpoint or ipcache change, so a change applies
-   to the next request, as with the Python proxy, which asks per request.
+   the answer (the rules, compiled there) until ``invalidate()``: the
+   agent's regenerator calls it after every change it applies (policies,
+   endpoints, the ipcache) and goes on once the engine confirmed, so a
+   change applies to the next request, as with the Python proxy, which asks
+   per request. If the loop serving these questions dies, the engine is
+   killed at the next change (it would go on with stale answers).
 2. Flows: the engine sends its L7 records in batches (every 20 ms, or on
    ``sync()``); each becomes the Flow the Python proxy would have emitted
    (``_flows.http_flow``), handed to ``flow_sink`` on this loop.
