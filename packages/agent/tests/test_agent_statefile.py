@@ -291,3 +291,23 @@ def test_state_written_in_pieces_is_the_same_bytes(tmp_path: Path,
     assert len(writes) > 10 and max(writes) < 2 * _statefile._WRITE_PIECE
     write_json_atomic(str(path), [])  # a tiny document: one piece
     assert path.read_bytes() == b"[]"
+
+
+def test_a_file_that_grows_while_read_is_read_whole(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read is sized by fstat; a file longer than that (it grew) is still
+    read to its end, and one over the cap is refused."""
+    path = tmp_path / "state.json"
+    state = {"version": 1, "pods": {"a": {"name": "x" * 1000}}}
+    path.write_text(json.dumps(state))
+    real = os.fstat
+
+    class Small:
+        def __init__(self, st: os.stat_result) -> None:
+            self.st_size = 5
+
+    monkeypatch.setattr(_statefile.os, "fstat", lambda fd: Small(real(fd)))
+    assert read_json(str(path)) == state
+    monkeypatch.setattr(_statefile, "STATE_MAX_BYTES", 100)
+    with pytest.raises(StateCorrupt, match="larger than"):
+        read_json(str(path))

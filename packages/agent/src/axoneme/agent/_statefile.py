@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from axoneme.core import yamlsafe
 from axoneme.core.errors import ConfigError
@@ -122,13 +122,24 @@ def sync_file(path: str) -> None:
         os.close(fd)
 
 
+def _read_capped(f: BinaryIO) -> bytes:
+    """At most ``STATE_MAX_BYTES + 1`` bytes of ``f``, in a buffer the size
+    of the file (``read(STATE_MAX_BYTES + 1)`` mapped a 256 MiB buffer
+    first, at every read; no measurable RSS change at 100k, RSS17C)."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(min(size, STATE_MAX_BYTES) + 1)
+    if len(raw) > size:  # it grew meanwhile: the rest, up to the cap
+        raw += f.read(max(0, STATE_MAX_BYTES + 1 - len(raw)))
+    return raw
+
+
 def read_journal(path: str) -> list[dict[str, Any]]:
     """The records of a JSON-lines journal, oldest first ([] when there is
     none). A torn last line (a crash while appending) is dropped; any other
     bad line is StateCorrupt."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(STATE_MAX_BYTES + 1)
+            raw = _read_capped(f)
     except FileNotFoundError:
         return []
     except OSError as e:
@@ -171,7 +182,7 @@ def read_json(path: str, expect: type = dict, trusted: bool = False) -> Any | No
     """
     try:
         with open(path, "rb") as f:
-            raw = f.read(STATE_MAX_BYTES + 1)
+            raw = _read_capped(f)
     except FileNotFoundError:
         return None
     except OSError as e:
