@@ -216,9 +216,11 @@ class LeaseElector:
     def attempt(self) -> bool:
         """Acquire or renew (steps 1-3): True when this agent holds the Lease now."""
         with self._lock:
+            # the deadline counts from before the request: the write may land any time after
+            started = self.clock()
             ok = self._attempt()
             if ok:
-                self.renewed_at = self.clock()
+                self.renewed_at = started
                 if not self.leader:
                     self.leader = True
                     self.acquired += 1
