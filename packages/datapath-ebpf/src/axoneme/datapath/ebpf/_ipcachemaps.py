@@ -33,7 +33,8 @@ def _ipcache_write(fd: int, keys: list[bytes], values: list[bytes]) -> None:
     try:
         _bpf.map_update_batch(fd, keys, values)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524) or getattr(e, "written", 0):
+        written: int = getattr(e, "written", 0)
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524) or written:
             raise
         for k, v in zip(keys, values, strict=True):
             _bpf.map_update(fd, k, v)
