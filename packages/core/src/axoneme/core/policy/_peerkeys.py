@@ -25,9 +25,12 @@ L4 = tuple[Protocol, int, int]  # protocol, port, prefix length
 
 # Keys are immutable and validated on construction, which costs more than the
 # rest of resolution; keys are interned per L4 template and identity (bounded:
-# cleared when it grows past _KEY_CACHE_MAX).
+# cleared when it grows past _KEY_CACHE_MAX). 64k keys: a 100k-peer policy's
+# 200k keys are not held by the cache's tables too (~10 MB at the former
+# 1 << 18, issue 17); past the bound, endpoints selected by the same rule no
+# longer share its keys.
 _KEY_CACHE: dict[tuple[Direction, Protocol, int, int], dict[int, Key]] = {}
-_KEY_CACHE_MAX = 1 << 18
+_KEY_CACHE_MAX = 1 << 16
 _key_count = 0
 
 
