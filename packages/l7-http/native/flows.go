@@ -1,4 +1,4 @@
-// L7 flow records for the agent: one JSON object per request or response,
+// L7 flow records for the agent: one JSON array per request or response,
 // batched (engine.flush). Strings are the raw bytes as latin-1 code points,
 // as the Python proxy decodes them.
 package main
@@ -33,61 +33,52 @@ func appendStr(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-func appendInt(b []byte, key string, v int64) []byte {
-	b = append(b, ',', '"')
-	b = append(b, key...)
-	b = append(b, '"', ':')
-	return strconv.AppendInt(b, v, 10)
+func appendInt(b []byte, v int64) []byte {
+	return strconv.AppendInt(append(b, ','), v, 10)
 }
 
+// flow: one record, a JSON array (an array decodes in ~60% of an object's
+// time on the agent's side). DO NOT CHANGE without _engine.py's _flows:
+// [listener, policy id, verdict, reply, code, latency ns, time, method,
+// host, path, version, client ip, client port, dst ip, dst port(, headers
+// flat: name, value, ...: requests only)].
 func (k *conn) flow(req *requestHead, pol *policy, verdict int, reply bool, code int, latency int64) {
 	pid := int64(-1)
 	if pol != nil && !pol.deny {
 		pid = pol.pid
 	}
 	b := make([]byte, 0, 256)
-	b = append(b, `{"l":`...)
+	b = append(b, '[')
 	b = strconv.AppendInt(b, k.l.id, 10)
-	b = appendInt(b, "p", pid)
-	b = appendInt(b, "v", int64(verdict))
+	b = appendInt(b, pid)
+	b = appendInt(b, int64(verdict))
 	r := int64(0)
 	if reply {
 		r = 1
 	}
-	b = appendInt(b, "r", r)
-	b = appendInt(b, "c", int64(code))
-	b = appendInt(b, "lat", latency)
-	b = append(b, `,"t":`...)
+	b = appendInt(b, r)
+	b = appendInt(b, int64(code))
+	b = appendInt(b, latency)
+	b = append(b, ',')
 	b = strconv.AppendFloat(b, float64(time.Now().UnixNano())/1e9, 'f', 6, 64)
-	b = append(b, `,"m":`...)
-	b = appendStr(b, req.method)
-	b = append(b, `,"h":`...)
-	b = appendStr(b, req.host)
-	b = append(b, `,"u":`...)
-	b = appendStr(b, req.path)
-	b = append(b, `,"ver":`...)
-	b = appendStr(b, req.version)
-	b = append(b, `,"ci":`...)
-	b = appendStr(b, k.clientIP)
-	b = appendInt(b, "cp", int64(k.clientPort))
-	b = append(b, `,"di":`...)
-	b = appendStr(b, k.dstIP)
-	b = appendInt(b, "dp", int64(k.dstPort))
+	for _, s := range [...]string{req.method, req.host, req.path, req.version, k.clientIP} {
+		b = appendStr(append(b, ','), s)
+	}
+	b = appendInt(b, int64(k.clientPort))
+	b = appendStr(append(b, ','), k.dstIP)
+	b = appendInt(b, int64(k.dstPort))
 	if !reply {
-		b = append(b, `,"hd":[`...)
+		b = append(b, `,[`...)
 		for i, h := range req.headers {
 			if i > 0 {
 				b = append(b, ',')
 			}
-			b = append(b, '[')
 			b = appendStr(b, h.name)
-			b = append(b, ',')
-			b = appendStr(b, h.value)
-			b = append(b, ']')
+			b = appendStr(append(b, ','), h.value)
 		}
 		b = append(b, ']')
 	}
-	b = append(b, '}')
+	b = append(b, ']')
 	e := k.l.eng
 	e.fmu.Lock()
 	if len(e.flows) < maxPendingFlows {

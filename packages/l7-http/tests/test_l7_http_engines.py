@@ -8,7 +8,8 @@ of the same kind of recording upstream. Compared, engine against engine:
 1. every byte the client receives (statuses, reasons, 403s, relayed responses);
 2. every byte the upstream receives (what was forwarded, normalised,
    re-chunked, trailers filtered: nothing more on either side);
-3. the flow records (type, verdict, URL, method, status).
+3. the flow records, whole (Flow.to_json: headers, redaction, endpoints,
+   summary), but their time, latency and the client's port.
 
 Cases: the head-parser smuggling corpus (``test_l7_http_llhttp.SMUGGLING``),
 the refused-request streams of ``test_l7_http_proxy``, the fuzz corpus
@@ -19,6 +20,8 @@ hosts) and random hostile streams (the differential test's strategy).
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import sys
 import time
@@ -123,6 +126,7 @@ def run(env: Any, data: bytes, rules: Any = RULES) -> tuple[bytes, bytes, list[A
     up: Recorder = env.upstream
     n_conns, n_flows = len(up.conns), len(env.flows)
     s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    client_port = s.getsockname()[1]
     out = b""
     try:
         try:
@@ -143,9 +147,21 @@ def run(env: Any, data: bytes, rules: Any = RULES) -> tuple[bytes, bytes, list[A
     deadline = time.monotonic() + 5
     while up.open and time.monotonic() < deadline:
         time.sleep(0.005)
-    flows = [(f.l7["type"], str(f.verdict), f.l7["http"]["url"], f.l7["http"]["method"],
-              f.l7["http"]["code"], f.is_reply) for f in env.flows[n_flows:]]
+    flows = [_comparable(f, client_port, up.port) for f in env.flows[n_flows:]]
     return out, b"|".join(bytes(c) for c in up.conns[n_conns:]), flows
+
+
+def _comparable(flow: Any, client_port: int, upstream_port: int) -> dict[str, Any]:
+    """A flow's whole JSON but what differs between the two engines' runs:
+    time, latency (also in a response's summary), the ports."""
+    d = json.loads(json.dumps(flow.to_json()))  # a copy: the flow's own l7 stays
+    del d["time"]
+    d["l7"]["latency_ns"] = 0
+    d["l4"] = {proto: {k: {client_port: "client", upstream_port: "upstream"}.get(v, v)
+                       for k, v in ports.items()}
+               for proto, ports in d["l4"].items()}
+    d["Summary"] = re.sub(r" \d+ms \(", " Nms (", d["Summary"])
+    return d
 
 
 def same(envs: dict[str, Any], data: bytes, rules: Any = RULES) -> tuple[bytes, bytes, list[Any]]:

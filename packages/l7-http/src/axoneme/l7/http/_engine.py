@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from axoneme.core.flow import FlowEndpoint, FlowVerdict
 from axoneme.core.l7proxy import ProxyConfig, ProxyPolicy
 from axoneme.core.mapstate import Direction
-from axoneme.l7.http._flows import http_flow
+from axoneme.l7.http._flows import http_flow_of
 from axoneme.l7.http._proxy import as_policy
 from axoneme.l7.http._rules import HTTPRule
 
@@ -66,16 +66,6 @@ def rules_json(rules: Any) -> list[dict[str, Any]]:
                     "hm": [{"name": m.name, "value": m.value, "mismatch": (m.mismatch or "").upper()}
                            for m in r.header_matches]})
     return out
-
-
-class _Req:
-    """The request fields a flow record needs (``http_flow`` reads these)."""
-
-    __slots__ = ("method", "host", "path", "version", "headers")
-
-    def __init__(self, rec: dict[str, Any]) -> None:
-        self.method, self.host, self.path, self.version = rec["m"], rec["h"], rec["u"], rec["ver"]
-        self.headers = [(n, v) for n, v in rec.get("hd", ())]
 
 
 class NativeEngine:
@@ -295,17 +285,21 @@ class NativeEngine:
         self._send("P", {"q": q["q"], "gen": gen, "pid": pid, "deny": False,
                          "rules": rules_json(pol.rules)})
 
-    def _flows(self, recs: list[dict[str, Any]]) -> None:
-        by_pid = self._by_pid
+    def _flows(self, recs: list[list[Any]]) -> None:
+        """An 'F' batch: records as arrays (flows.go), each the Flow the Python proxy emits."""
+        by_pid, listeners = self._by_pid, self.listeners
         for rec in recs:
-            lst = self.listeners.get(rec["l"])
+            lst = listeners.get(rec[0])
             if lst is None:
                 continue
-            pid = rec["p"]
+            pid = rec[1]
             pol = by_pid[pid] if 0 <= pid < len(by_pid) else None
-            lst.emit(http_flow(_Req(rec), pol, _VERDICTS[rec["v"]], (rec["ci"], rec["cp"]),
-                               (rec["di"], rec["dp"]), lst.direction_name, bool(rec["r"]),
-                               rec["c"], rec["lat"], when=rec["t"]))
+            hd = rec[15] if len(rec) > 15 else ()
+            headers = zip(hd[::2], hd[1::2], strict=True)
+            # DO NOT CHANGE without flows.go: l, p, v, r, c, lat, t, m, h, u, ver, ci, cp, di, dp[, hd]
+            lst.emit(http_flow_of(rec[7], rec[8], rec[9], rec[10], headers, pol,
+                                  _VERDICTS[rec[2]], rec[11], rec[12], rec[13], rec[14],
+                                  lst.direction_name, rec[3] == 1, rec[4], rec[5], rec[6]))
 
     # -- listeners -----------------------------------------------------------------
     @staticmethod

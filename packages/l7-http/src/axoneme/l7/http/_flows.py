@@ -4,17 +4,15 @@ request, one per response."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
-from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict
+from axoneme.core.flow import Flow, FlowEndpoint, FlowVerdict, new_flow
 from axoneme.core.l7proxy import ProxyPolicy
 from axoneme.l7.http._wire import RequestHead
 
 REDACTED = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
-
-
-def _l4(sport: int, dport: int) -> dict[str, Any]:
-    return {"TCP": {"source_port": sport, "destination_port": dport}}
+_NO_ENDPOINT = FlowEndpoint()
 
 
 class RequestFields(Protocol):
@@ -32,28 +30,35 @@ def http_flow(req: RequestHead | RequestFields, pol: ProxyPolicy | None, verdict
               code: int = 0, latency_ns: int = 0, when: float | None = None) -> Flow:
     """The record of ``req`` (``reply``: of its response, status ``code``);
     ``when``: the time it was observed (default now)."""
-    src_ep = pol.source if pol else FlowEndpoint()
-    dst_ep = pol.destination if pol else FlowEndpoint()
-    url = f"http://{req.host}{req.path}"
-    http: dict[str, Any] = {"code": code, "method": req.method, "url": url,
-                            "protocol": req.version}
-    if not reply:
-        http["headers"] = [{"key": n, "value": "HUBBLE_REDACTED" if n.lower() in REDACTED else v}
-                           for n, v in req.headers]
-        summary = f"{req.version} {req.method} {url}"
+    return http_flow_of(req.method, req.host, req.path, req.version, req.headers, pol, verdict,
+                        client[0], client[1], dst[0], dst[1], direction, reply, code, latency_ns,
+                        time.time() if when is None else when)
+
+
+def http_flow_of(method: str, host: str, path: str, version: str,
+                 headers: Iterable[tuple[str, str]], pol: ProxyPolicy | None,
+                 verdict: FlowVerdict, sip: str, sport: int, dip: str, dport: int,
+                 direction: str, reply: bool, code: int, latency_ns: int, when: float) -> Flow:
+    """``http_flow`` from the request's fields (the native engine's records
+    come as fields): one call and one ``new_flow`` per record, as the agent's
+    proxy thread builds two of these per proxied request."""
+    if pol is not None:
+        src_ep, dst_ep = pol.source, pol.destination
     else:
-        summary = f"{req.version} {code} {latency_ns // 1_000_000}ms ({req.method} {url})"
+        src_ep = dst_ep = _NO_ENDPOINT
+    url = f"http://{host}{path}"
+    http: dict[str, Any] = {"code": code, "method": method, "url": url, "protocol": version}
     l7 = {"type": "RESPONSE" if reply else "REQUEST", "latency_ns": latency_ns, "http": http}
-    (sip, sport), (dip, dport) = client, dst
     ipv = "IPv6" if ":" in sip else "IPv4"
-    now = time.time() if when is None else when
     if reply:
-        return Flow(now, verdict, dip, sip, dst_ep, src_ep, direction,
-                    type="L7", event_type="l7", l4=_l4(dport, sport), l7=l7, is_reply=True,
-                    summary=summary, ip_version=ipv)
-    return Flow(now, verdict, sip, dip, src_ep, dst_ep, direction,
-                type="L7", event_type="l7", l4=_l4(sport, dport), l7=l7, is_reply=False,
-                summary=summary, ip_version=ipv)
+        return new_flow(when, verdict, dip, sip, dst_ep, src_ep, direction, "L7", "l7", None,
+                        {"TCP": {"source_port": dport, "destination_port": sport}}, l7, True, ipv,
+                        "", f"{version} {code} {latency_ns // 1_000_000}ms ({method} {url})")
+    http["headers"] = [{"key": n, "value": "HUBBLE_REDACTED" if n.lower() in REDACTED else v}
+                       for n, v in headers]
+    return new_flow(when, verdict, sip, dip, src_ep, dst_ep, direction, "L7", "l7", None,
+                    {"TCP": {"source_port": sport, "destination_port": dport}}, l7, False, ipv,
+                    "", f"{version} {method} {url}")
 
 
-__all__ = ["http_flow", "REDACTED", "RequestFields"]
+__all__ = ["http_flow", "http_flow_of", "REDACTED", "RequestFields"]
