@@ -38,11 +38,13 @@ def _cached() -> int:
 
 
 def test_key_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_peerkeys, "_KEY_CACHE", {})
+    # the resolver holds the module's dict itself: emptied in place (a cache)
+    _peerkeys._KEY_CACHE.clear()
     monkeypatch.setattr(_peerkeys, "_key_count", 0)
     within = _resolved(300)
     assert _cached() >= 300  # one key per peer, all kept
-    monkeypatch.setattr(_peerkeys, "_KEY_CACHE", {})
+    _peerkeys._KEY_CACHE.clear()
+    monkeypatch.setattr(_peerkeys, "_key_count", 0)
     monkeypatch.setattr(_peerkeys, "_KEY_CACHE_MAX", 64)
     past = _resolved(300)
     assert _cached() <= 64 + 1

@@ -20,6 +20,7 @@ from typing import Any
 
 from axoneme.agent._errors import BadRequest, Conflict, NotFound
 from axoneme.agent._policies import API, PolicyService, policy_key, ref_view
+from axoneme.agent._statefile import unpack_document
 from axoneme.core.flow import Flow, FlowVerdict
 from axoneme.core.policy.api import MODE_ANNOTATION, PolicyRef
 from axoneme.core.policy.parse import parse_policy_obj
@@ -65,7 +66,7 @@ async def promote(service: PolicyService, refs: Sequence[PolicyRef]) -> dict[str
             raise Conflict(f"{ref} comes from {rec.get('source')}: remove its "
                            f"{MODE_ANNOTATION} annotation there to enforce it")
         doc = rec.get("doc") or {}
-        obj = copy.deepcopy(doc.get("obj"))
+        obj = copy.deepcopy(unpack_document(doc.get("obj")))
         if not set_mode(obj, audit=False):
             already.append(ref)
             continue

@@ -12,6 +12,7 @@ enforces it) while the other sources are their own record.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -30,7 +31,13 @@ from axoneme.agent._errors import (
 )
 from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._state import StateStore
-from axoneme.agent._statefile import StateCorrupt, read_json, write_json_atomic
+from axoneme.agent._statefile import (
+    StateCorrupt,
+    pack_document,
+    read_json,
+    unpack_document,
+    write_json_atomic,
+)
 from axoneme.core.errors import InvalidRule, PolicyError
 from axoneme.core.policy.api import Policy, PolicyKind, PolicyRef
 from axoneme.core.policy.engine import PolicyEngine
@@ -141,7 +148,8 @@ class PolicyService:
             except (PolicyError, AttributeError, TypeError, ValueError, RecursionError) as e:
                 bad.append((key, rec, problem_text(e)))
                 continue
-            self.engine.upsert_policy(pol)
+            rec["doc"] = {**doc, "obj": pack_document(doc.get("obj"))}
+            self.engine.upsert_policy(_sourceless(pol))
         if bad and not self.config.drop_unparseable_policies:
             raise PersistedPolicyError(self.config.state_file, [(k, why) for k, _, why in bad])
         if bad:
@@ -204,10 +212,11 @@ class PolicyService:
                         del store.policy_docs[key]
                         removed.append(ref)
                 for pol, doc in parsed:
-                    rev = self.engine.upsert_policy(pol) + self.rev_base
+                    rev = self.engine.upsert_policy(_sourceless(pol)) + self.rev_base
                     store.policy_docs[policy_key(pol.ref)] = {
                         "doc": {"file": str(doc.get("file", "<api>")),
-                                "index": int(doc.get("index", 0)), "obj": doc.get("obj")},
+                                "index": int(doc.get("index", 0)),
+                                "obj": pack_document(doc.get("obj"))},
                         "source": source, "revision": rev}
                     applied.append(pol.ref)
                 # write-ahead: a policy given through the API is in the state
@@ -274,7 +283,7 @@ class PolicyService:
         out = []
         for pol in self.engine.policies():
             rec = self.store.policy_docs.get(policy_key(pol.ref), {})
-            obj = (rec.get("doc") or {}).get("obj")
+            obj = unpack_document((rec.get("doc") or {}).get("obj"))
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             labels = meta.get("labels") if isinstance(meta, dict) else None
             view = {**ref_view(pol.ref), "revision": rec.get("revision", 0),
@@ -294,6 +303,14 @@ class PolicyService:
     def faults(self) -> list[str]:
         return [f"policy file {path}: {problems[0] if problems else 'error'}"
                 for path, problems in sorted(self.source_errors.items())]
+
+
+def _sourceless(pol: Policy) -> Policy:
+    """``pol`` without its copy of the document (``Policy.raw``): the agent
+    keeps each document in its store (``policy_docs``, packed when big), and
+    nothing in the agent reads the engine's copy (issue 17: the two shared a
+    100k-peer list, ~7 MB)."""
+    return dataclasses.replace(pol, raw={}) if pol.raw else pol
 
 
 class _PolicyUndo:

@@ -39,6 +39,7 @@ from axoneme.agent._records import EndpointRecord, PodRecord
 from axoneme.agent._statefile import (
     StateCorrupt,
     append_line,
+    json_default,
     read_agent_state,
     read_journal,
     sync_file,
@@ -247,7 +248,8 @@ class StateStore:
             policies[key] = rec if rec is not None and rec.get("source") == "api" else None
         seq = self._journal_seq + 1
         line = json.dumps({"seq": seq, "policy_revision": revision, "policies": policies},
-                          separators=(",", ":"), sort_keys=True).encode() + b"\n"
+                          separators=(",", ":"), sort_keys=True,
+                          default=json_default).encode() + b"\n"
         try:
             failpoint("state.write", OSError)
             append_line(self.journal_file, line, sync=False)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from axoneme.core import yamlsafe
@@ -27,6 +29,48 @@ class StateCorrupt(ConfigError):
         self.path = path
         super().__init__(f"state file {path} is corrupt: {reason}; refusing to start "
                          f"(move it away or run `axoneme agent cleanup`)")
+
+
+# a policy document whose compact JSON is longer than this is kept packed
+PACK_MIN_BYTES = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class PackedDocument:
+    """A policy document as it was given, kept as zlib-compressed compact JSON
+    (issue 17: a 100k-peer ``fromCIDR`` list is ~7 MB of ``str`` objects for
+    as long as the policy is applied, ~0.4 MB packed). Decoded when read:
+    ``policy get -o yaml``, promote, the state file and its journal (written
+    as the document itself: the same bytes as before)."""
+
+    data: bytes
+
+    def unpack(self) -> Any:
+        return json.loads(zlib.decompress(self.data))
+
+
+def pack_document(obj: Any) -> Any:
+    """``obj`` as a PackedDocument when its JSON is longer than
+    ``PACK_MIN_BYTES``, else ``obj`` itself. Key order and values survive
+    (the document passed the parser's JSON round-trip check)."""
+    if isinstance(obj, PackedDocument) or not isinstance(obj, dict):
+        return obj
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= PACK_MIN_BYTES:
+        return obj
+    return PackedDocument(zlib.compress(text, 6))
+
+
+def unpack_document(obj: Any) -> Any:
+    """A stored document as its JSON object (``pack_document`` undone)."""
+    return obj.unpack() if isinstance(obj, PackedDocument) else obj
+
+
+def json_default(obj: Any) -> Any:
+    """``json``'s ``default``: a PackedDocument is written as its document."""
+    if isinstance(obj, PackedDocument):
+        return obj.unpack()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -57,7 +101,7 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 # json.dumps(data, indent=1, sort_keys=True), the bytes a state file always had
-_ENCODER = json.JSONEncoder(indent=1, sort_keys=True)
+_ENCODER = json.JSONEncoder(indent=1, sort_keys=True, default=json_default)
 _WRITE_PIECE = 1 << 16
 
 
