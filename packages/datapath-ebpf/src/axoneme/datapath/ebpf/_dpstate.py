@@ -74,7 +74,7 @@ class EbpfState(Datapath):
         self._kinds: dict[int, dict[int, int]] = {}
         self._kinds_known = False
         self._ifindex: dict[int, int] = {}  # ep id -> host ifindex of its record (_register)
-        self._ipcache_keys: set[bytes] | None = None  # what ax_ipcache holds (counted once)
+        self._ipcache_entries: int | None = None  # entries in the ipcache maps (None: count them)
         # ep id -> {peer address: its slot} of the address keys (axoneme_paddr_v1)
         self._slots: dict[int, dict[str, int]] | None = None
         self._map_full_errors = 0

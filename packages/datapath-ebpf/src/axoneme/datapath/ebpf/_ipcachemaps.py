@@ -40,6 +40,19 @@ def _ipcache_write(fd: int, keys: list[bytes], values: list[bytes]) -> None:
             _bpf.map_update(fd, k, v)
 
 
+# a batch of more prefixes than this is not looked up key by key to keep the
+# count (~2.5 us a lookup): the count is taken from the kernel at its next
+# read instead (one batched walk, ~35 ms at 100k entries)
+_LOOKUPS_MAX = 1024
+
+
+def _new_keys(fd: int, keys: list[bytes]) -> int:
+    """How many of ``keys`` the map does not hold (before they are written)."""
+    cur = L.IPCacheValue()
+    lookup = _bpf.map_lookup
+    return sum(1 for k in keys if not lookup(fd, k, cur))
+
+
 class EbpfIPCache(EbpfState):
     """The ipcache maps."""
 
@@ -51,7 +64,7 @@ class EbpfIPCache(EbpfState):
         ``prune`` also removes node entries for addresses the node no longer has
         (a full ipcache walk: only at start)."""
         fd = self._fds["ax_ipcache_host"]  # node addresses are host entries
-        self._ipcache_keys = None  # node entries change outside ipcache_apply: count again
+        self._ipcache_entries = None  # node entries change outside ipcache_apply: count again
         want = set()
         for _family, addr in _tc.node_addresses():
             ip = ipaddress.ip_address(addr)
@@ -99,20 +112,23 @@ class EbpfIPCache(EbpfState):
             _bpf.map_delete(trie, k)
             moved += 1
         if moved:
-            self._ipcache_keys = None  # counted again
+            self._ipcache_entries = None  # counted again
         return moved
 
     def ipcache_apply(self, changes: IPCacheChanges) -> None:
         with self._lock:
             self._require()
             fds = self._fds
-            known = self._ipcache_keys
+            # the entries' count, kept by each write (status and metrics read
+            # it); when unknown (a start, a big batch), writes do not look and
+            # the next read counts the kernel's
+            count = self._ipcache_entries
             try:
                 for net in changes.deletes:
                     if net not in changes.upserts:
-                        _bpf.map_delete(fds[ipcache_map_of(net)], ipcache_key(net))
-                        if known is not None:
-                            known.discard(bytes(ipcache_key(net)))
+                        gone = _bpf.map_delete(fds[ipcache_map_of(net)], ipcache_key(net))
+                        if count is not None:
+                            count -= gone
                 # one BPF_MAP_UPDATE_BATCH per map (a 50k-peer fromCIDR policy
                 # is 50k /32 entries); identical values share their bytes
                 batches: dict[str, tuple[list[bytes], list[bytes]]] = {}
@@ -127,11 +143,13 @@ class EbpfIPCache(EbpfState):
                     ks.append(bytes(ipcache_key(net)))
                     vs.append(vb)
                 for name, (ks, vs) in batches.items():
+                    if count is not None:
+                        count = (count + _new_keys(fds[name], ks) if len(ks) <= _LOOKUPS_MAX
+                                 else None)
                     _ipcache_write(fds[name], ks, vs)
-                    if known is not None:
-                        known.update(ks)
+                self._ipcache_entries = count
             except OSError as e:
-                self._ipcache_keys = None  # counted from the kernel again
+                self._ipcache_entries = None  # counted from the kernel again
                 self._bump_revision()
                 if e.errno in _FULL_ERRNOS:
                     self._map_full_errors += 1
@@ -150,12 +168,15 @@ class EbpfIPCache(EbpfState):
             return out
 
     def _ipcache_count(self) -> int:
-        """Entries in the ipcache: counted from the kernel once, then kept by
-        ipcache_apply (status and metrics must not cost O(policy size))."""
-        if self._ipcache_keys is None:
-            self._ipcache_keys = {bytes(k) for name in ("ax_ipcache_host", "ax_ipcache")
-                                  for k in _bpf.map_keys(self._fds[name], L.IPCacheKey)}
-        return len(self._ipcache_keys)
+        """Entries in the ipcache: kept by ipcache_apply (status and metrics
+        must not cost O(policy size)); counted from the kernel when not known
+        (after a start, or a write of more than ``_LOOKUPS_MAX`` prefixes to
+        a map). A count, not a copy of the keys (issue 17: ~9 MB at 100k)."""
+        if self._ipcache_entries is None:
+            ksz, vsz = ct.sizeof(L.IPCacheKey), ct.sizeof(L.IPCacheValue)
+            self._ipcache_entries = sum(_bpf.map_count_batch(self._fds[name], ksz, vsz)
+                                       for name in ("ax_ipcache_host", "ax_ipcache"))
+        return self._ipcache_entries
 
 
 __all__ = ["EbpfIPCache"]
