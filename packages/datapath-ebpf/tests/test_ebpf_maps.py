@@ -13,6 +13,7 @@ from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import MapFullError
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import (
+    ADDRESS_IDENTITY,
     ALLOW,
     DENY,
     Direction,
@@ -112,6 +113,26 @@ def test_ipcache_roundtrip_v4_v6(small_dp) -> None:  # type: ignore[no-untyped-d
     assert {k: v for k, v in got.items() if k in nets} == nets
     small_dp.ipcache_apply(IPCacheChanges(deletes=frozenset(nets)))
     assert not set(small_dp.dump_ipcache()) & set(nets)
+
+
+def test_index_holds_the_last_written_keys(small_dp) -> None:  # type: ignore[no-untyped-def]
+    """The index of what the kernel holds keeps the Key objects last written
+    (the caller's state), not a copy of each: a write of keys equal to held
+    ones replaces them; deleted ones leave; address keys are found by their
+    slot (issue 17: no raw key bytes kept per entry)."""
+    first = MapState({**keys(6, identity=31), Key(ADDRESS_IDENTITY, EG, address="10.9.9.9"): ALLOW})
+    small_dp.sync(ep(6), first)
+    again = {Key(k.identity, k.direction, k.protocol, k.port, k.prefix_len, k.address): DENY
+             for k in list(first)[:3]}
+    gone = list(first)[3]
+    small_dp.apply(ep(6), MapChanges(again, frozenset({gone})))
+    held = small_dp._keys_index()[6]
+    assert held == set(first) - {gone}
+    assert {id(k) for k in again} <= {id(k) for k in held}
+    assert small_dp.dump(ep(6)) == MapState({**{k: v for k, v in first.items() if k != gone},
+                                             **again})
+    small_dp.sync(ep(6), MapState())
+    assert not small_dp._keys_index().get(6)
 
 
 def _kernel_ipcache_count(dp) -> int:  # type: ignore[no-untyped-def]
@@ -258,7 +279,7 @@ def test_big_endpoint_dump_and_sync_use_the_batch_walk(start_ebpf) -> None:  # t
             assert not changes.adds and len(changes.deletes) == len(big) - len(smaller)
             # the index holds the state's Key objects, not the dump's copies (RSS)
             mine = {id(k) for k in smaller}
-            assert all(id(k) in mine for k in dp._keys_index()[1].values())
+            assert all(id(k) in mine for k in dp._keys_index()[1])
             assert dp.dump(ep(1)) == smaller and dp.dump(ep(2)) == small
             assert dp.metrics()["policy_entries"] == len(smaller) + len(small)
             # values compared as bytes (_sync_big): each kind of change is found
@@ -300,7 +321,7 @@ def test_adopting_start_builds_the_index_from_the_first_sync(start_ebpf) -> None
                               for k, v in big.items()})
             assert not dp.sync(ep(1), fresh)
             mine = {id(k) for k in fresh}
-            assert all(id(k) in mine for k in dp._keys_index()[1].values())
+            assert all(id(k) in mine for k in dp._keys_index()[1])
             assert len(dp._keys_index()[1]) == len(fresh)
             assert dp.dump(ep(1)) == big and dp.dump(ep(2)) == small
             assert (dp._skip_flags(1), dp._skip_flags(2)) == flags[:2]

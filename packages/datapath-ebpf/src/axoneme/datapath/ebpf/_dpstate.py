@@ -68,7 +68,7 @@ class EbpfState(Datapath):
         # the trie at first use after start (adoption), then kept by apply().
         # dump() reads the values from the kernel for exactly these keys, so it
         # costs O(entries of the endpoint), not O(entries of all endpoints).
-        self._index: dict[int, dict[bytes, Key]] | None = None
+        self._index: dict[int, set[Key]] | None = None
         # ep id -> {NO_* flag: how many of its keys rule it out}; built with _index
         # (or, before it, by a walk of their own: _kinds_known, _skip_flags)
         self._kinds: dict[int, dict[int, int]] = {}

@@ -65,20 +65,22 @@ class EbpfPolicyMaps(EbpfState):
     def _pfd(self, raw: bytes) -> int:
         return self._fds[policy_map_of(raw)]
 
-    def _keys_index(self, canon: Mapping[Key, Key] | None = None) -> dict[int, dict[bytes, Key]]:
-        """ep id -> {raw policy key bytes: Key} of what the kernel holds.
-        Built from one walk of the maps; ``canon``: equal Keys the caller
-        holds (a sync's state), kept instead of the decoded ones."""
+    def _keys_index(self, canon: Mapping[Key, Key] | None = None) -> dict[int, set[Key]]:
+        """ep id -> the Keys of what the kernel holds (a set of the Keys the
+        agent's state holds anyway, no raw key bytes per entry: issue 17,
+        ~20 -> ~8 MB at 100k peers). Built from one walk of the maps;
+        ``canon``: equal Keys the caller holds (a sync's state), kept instead
+        of the decoded ones."""
         if self._index is None:
-            index: dict[int, dict[bytes, Key]] = collections.defaultdict(dict)
+            index: dict[int, set[Key]] = collections.defaultdict(set)
             kinds: dict[int, dict[int, int]] = collections.defaultdict(dict)
-            for kb, k in self._policy_keys():
+            for _, k in self._policy_keys():
                 key = self._key_of(k)
                 if key is None:
                     continue
                 if canon is not None:
                     key = canon.get(key, key)
-                index[k.ep_id][kb] = key
+                index[k.ep_id].add(key)
                 bit = skip_bit(key)
                 if bit:
                     kinds[k.ep_id][bit] = kinds[k.ep_id].get(bit, 0) + 1
@@ -162,10 +164,10 @@ class EbpfPolicyMaps(EbpfState):
             mine[address] = n
             used.add(n)
 
-    def _drop_unused_slots(self, ep_id: int, held: Mapping[bytes, Key]) -> None:
+    def _drop_unused_slots(self, ep_id: int, held: Iterable[Key]) -> None:
         """Remove the slots of addresses that have no key left (after their keys)."""
         mine = self._slots_index().get(ep_id, {})
-        live = {k.address for k in held.values() if k.is_address}
+        live = {k.address for k in held if k.is_address}
         for address in [a for a in mine if a not in live]:
             _bpf.map_delete(self._fds["ax_paddr"], paddr_key(ep_id, address))
             del mine[address]
@@ -197,7 +199,7 @@ class EbpfPolicyMaps(EbpfState):
             raw = self._pkey(ep_id, k)
             assert raw is not None  # slots of adds were just written
             pkeys[k] = raw
-        held = self._keys_index().get(ep_id, {})
+        held = self._keys_index().get(ep_id, set())
         count = len(held)
         old: dict[Key, L.PolicyEntry | None] = {}
         if count == 0:
@@ -212,7 +214,7 @@ class EbpfPolicyMaps(EbpfState):
             # deletions still look (a key found is deleted, whatever the index)
             lookup = _bpf.map_lookup
             for k, pk in pkeys.items():
-                if pk not in held and k in adds:
+                if k not in held and k in adds:
                     old[k] = None
                     continue
                 cur = L.PolicyEntry()
@@ -286,10 +288,10 @@ class EbpfPolicyMaps(EbpfState):
                     f"({os.strerror(e.errno or 0)}); rolled back") from e
             raise DatapathProgramError("policy map update", e.errno, str(e)) from e
         self._bump_revision()
-        for k in deletes:
-            held.pop(pkeys[k], None)
-        for k in adds:
-            held[pkeys[k]] = k
+        # an added key replaces an equal one held: the index keeps the Key
+        # objects the caller's state holds (not a second copy of each)
+        held.difference_update(deletes, adds)
+        held.update(adds)
         if self._index is not None:
             self._index[ep_id] = held
         self._kinds[ep_id] = {bit: n for bit, n in after.items() if n > 0}
@@ -360,8 +362,9 @@ class EbpfPolicyMaps(EbpfState):
             # so the dump below is keyed by the state's own objects (dict hits by
             # identity, no Key.__eq__ per entry)
             canon = {k: k for k in state}
-            for kb, k in (held := self._keys_index().get(ep_id, {})).items():
-                held[kb] = canon.get(k, k)
+            index = self._keys_index()
+            if ep_id in index:
+                index[ep_id] = {canon.get(k, k) for k in index[ep_id]}
         raw = self._dump_raw(ep_id, as_bytes=True)
         sigs: dict[Entry, bytes] = {}
         adds = {}
@@ -399,13 +402,15 @@ class EbpfPolicyMaps(EbpfState):
         """The endpoint's entries in the kernel (``as_bytes``: the raw values,
         big endpoints only)."""
         out: dict[Key, Any] = {}
-        held = self._keys_index().get(ep_id, {})
+        held = self._keys_index().get(ep_id, set())
         if len(held) > _BIG_ENDPOINT:
-            # big endpoint: one kernel walk beats a syscall per key
+            # big endpoint: one kernel walk beats a syscall per key; the
+            # index's Keys by their raw bytes for this walk only (not kept)
+            by_raw = {self._pkey(ep_id, k): k for k in held}
             ksz, vsz = ct.sizeof(L.PolicyKey), ct.sizeof(L.PolicyEntry)
             for fd in self._policy_fds():
                 for kb, vb in _bpf.map_items_batch(fd, ksz, vsz):
-                    k = held.get(kb)
+                    k = by_raw.get(kb)
                     if k is None:
                         pk = L.PolicyKey.from_buffer_copy(kb)
                         if pk.ep_id != ep_id:
@@ -417,7 +422,10 @@ class EbpfPolicyMaps(EbpfState):
             return out
         assert not as_bytes
         lookup = _bpf.map_lookup
-        for raw, k in list(held.items()):
+        for k in list(held):
+            raw = self._pkey(ep_id, k)
+            if raw is None:
+                continue
             v = L.PolicyEntry()
             if lookup(self._pfd(raw), raw, v):
                 out[k] = v
