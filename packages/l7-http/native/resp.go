@@ -30,6 +30,23 @@ type responseHead struct {
 	close         bool
 }
 
+// asciiFoldEq: b equals lower (lower-case ASCII) but for the case of ASCII letters.
+func asciiFoldEq(b []byte, lower string) bool {
+	if len(b) != len(lower) {
+		return false
+	}
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if c >= 'A' && c <= 'Z' {
+			c += 32
+		}
+		if c != lower[i] {
+			return false
+		}
+	}
+	return true
+}
+
 // validLines: the _HEADER_SECTION check (token ":" value CRLF, at most the limits)
 // or parse_header_lines over the lines: both refuse the same sections.
 func validSection(section []byte) bool {
@@ -64,19 +81,23 @@ func parseResponseHead(raw []byte) *responseHead {
 	}
 	resp := &responseHead{status: st, version: string(raw[:8]), raw: raw, contentLength: -1}
 	var cls, tes, conn []string
-	lines := bytes.Split(section, []byte("\r\n"))
-	for _, line := range lines[:len(lines)-1] {
+	for rest := section; len(rest) > 0; { // validSection: CRLF-terminated token ":" value lines
+		i := bytes.Index(rest, []byte("\r\n"))
+		line := rest[:i]
+		rest = rest[i+2:]
 		c := bytes.IndexByte(line, ':')
-		name := lowerASCII(string(line[:c]))
-		v := lowerASCII(string(trimOWS(line[c+1:])))
-		switch name {
-		case "content-length":
-			cls = append(cls, v)
-		case "transfer-encoding":
-			tes = append(tes, v)
-		case "connection":
-			conn = append(conn, v)
+		var to *[]string
+		switch name := line[:c]; { // a token: ASCII, so case-folding ASCII is lowerASCII's
+		case asciiFoldEq(name, "content-length"):
+			to = &cls
+		case asciiFoldEq(name, "transfer-encoding"):
+			to = &tes
+		case asciiFoldEq(name, "connection"):
+			to = &conn
+		default:
+			continue
 		}
+		*to = append(*to, lowerASCII(string(trimOWS(line[c+1:]))))
 	}
 	if len(tes) > 0 {
 		if len(cls) > 0 {
@@ -92,19 +113,16 @@ func parseResponseHead(raw []byte) *responseHead {
 			resp.chunked = true
 		}
 	} else if len(cls) > 0 {
-		vals := map[string]bool{}
-		for _, v := range listOf(cls) {
-			vals[v] = true
-		}
-		if len(vals) != 1 {
+		vals := listOf(cls) // exactly one distinct value, a length
+		if len(vals) == 0 || !isLength(vals[0]) {
 			return nil
 		}
-		for v := range vals {
-			if !lengthRe.MatchString(v) {
+		for _, v := range vals[1:] {
+			if v != vals[0] {
 				return nil
 			}
-			resp.contentLength, _ = strconv.ParseInt(v, 10, 64)
 		}
+		resp.contentLength, _ = strconv.ParseInt(vals[0], 10, 64)
 	}
 	cl := listOf(conn)
 	if contains(cl, "close") || (resp.version == "HTTP/1.0" && !contains(cl, "keep-alive")) {

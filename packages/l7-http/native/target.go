@@ -12,12 +12,76 @@ import (
 
 const pchars = `A-Za-z0-9\-._~!$&'()*+,;=:@%`
 
-var (
-	originRe = regexp.MustCompile(`^(/[` + pchars + `/]*)(\?[` + pchars + `/?]*)?$`)
-	// Python's \s (str patterns) also takes \v and \x1c-\x1f
-	absoluteRe = regexp.MustCompile(`^[hH][tT][tT][pP]://([^/?#@\t\n\v\f\r \x1c-\x1f]+)(/[` + pchars + `/]*)?(\?[` + pchars + `/?]*)?$`)
-	hostRe     = regexp.MustCompile(`^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?$`)
-)
+// originForm: ^(/[pchars/]*)(\?[pchars/?]*)?$ by hand (as a regexp it was a
+// fifth of a request head's parsing): the path up to the first "?", the query from it.
+func originForm(target string) (path, query string, ok bool) {
+	i := strings.IndexByte(target, '?')
+	if i < 0 {
+		i = len(target)
+	}
+	path, query = target[:i], target[i:]
+	if len(path) == 0 || path[0] != '/' {
+		return "", "", false
+	}
+	for j := 1; j < len(path); j++ {
+		if !pchar[path[j]] && path[j] != '/' {
+			return "", "", false
+		}
+	}
+	for j := 1; j < len(query); j++ {
+		if !pchar[query[j]] && query[j] != '/' && query[j] != '?' {
+			return "", "", false
+		}
+	}
+	return path, query, true
+}
+
+// isHost, by hand (as originForm): ^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?$
+// (neither class holds the character that ends it: no backtracking to mirror).
+func isHost(s string) bool {
+	i := 0
+	if len(s) > 0 && s[0] == '[' {
+		i = 1
+		for i < len(s) && (isHex(s[i]) || s[i] == ':' || s[i] == '.') {
+			i++
+		}
+		if i == 1 || i == len(s) || s[i] != ']' {
+			return false
+		}
+		i++
+	} else {
+		for i < len(s) && regName[s[i]] {
+			i++
+		}
+	}
+	if i == len(s) {
+		return true
+	}
+	if s[i] != ':' {
+		return false
+	}
+	for i++; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+var pchar, regName [256]bool
+
+func init() {
+	const alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+	for _, c := range []byte(alnum + "-._~!$&'()*+,;=:@%") {
+		pchar[c] = true
+	}
+	for _, c := range []byte(alnum + "-._~!$&'()*+,;=%") {
+		regName[c] = true
+	}
+}
+
+// Python's \s (str patterns) also takes \v and \x1c-\x1f
+var absoluteRe = regexp.MustCompile(`^[hH][tT][tT][pP]://([^/?#@\t\n\v\f\r \x1c-\x1f]+)(/[` + pchars + `/]*)?(\?[` + pchars + `/?]*)?$`)
 
 func isHex(c byte) bool { return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F' }
 
@@ -118,18 +182,18 @@ func normalizePath(path string) (string, *httpError) {
 // parse_target: (path to match and forward, authority, absolute-form?)
 func parseTarget(target string) (string, string, bool, *httpError) {
 	if strings.HasPrefix(target, "/") {
-		m := originRe.FindStringSubmatch(target)
-		if m == nil {
+		path, query, ok := originForm(target)
+		if !ok {
 			return "", "", false, herr(400, "invalid request-target")
 		}
-		p, e := normalizePath(m[1])
+		p, e := normalizePath(path)
 		if e != nil {
 			return "", "", false, e
 		}
-		if m[2] != "" && badPct(m[2]) {
+		if query != "" && badPct(query) {
 			return "", "", false, herr(400, "malformed percent-encoding in query")
 		}
-		return p + m[2], "", false, nil
+		return p + query, "", false, nil
 	}
 	m := absoluteRe.FindStringSubmatch(target)
 	if m == nil {
@@ -139,7 +203,7 @@ func parseTarget(target string) (string, string, bool, *httpError) {
 	if path == "" {
 		path = "/"
 	}
-	if !hostRe.MatchString(authority) {
+	if !isHost(authority) {
 		return "", "", false, herr(400, "invalid authority in request-target")
 	}
 	p, e := normalizePath(path)

@@ -6,7 +6,6 @@ package main
 
 import (
 	"bytes"
-	"regexp"
 	"strconv"
 	"strings"
 )
@@ -187,8 +186,23 @@ func contains(xs []string, s string) bool {
 	return false
 }
 
-var versionRe = regexp.MustCompile(`^HTTP/1\.[01]$`)
-var lengthRe = regexp.MustCompile(`^[0-9]{1,18}$`)
+// isVersion: ^HTTP/1\.[01]$ (by hand: two regexps a request were ~10% of the parsing)
+func isVersion(b []byte) bool {
+	return len(b) == 8 && string(b[:7]) == "HTTP/1." && (b[7] == '0' || b[7] == '1')
+}
+
+// isLength: ^[0-9]{1,18}$
+func isLength(s string) bool {
+	if len(s) == 0 || len(s) > 18 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
 
 func parseRequestHead(block []byte) (*requestHead, *httpError) {
 	eol := bytes.Index(block, []byte("\r\n"))
@@ -210,7 +224,7 @@ func parseRequestHead(block []byte) (*requestHead, *httpError) {
 	if !isToken(parts[0]) {
 		return nil, herr(400, "invalid method")
 	}
-	if !versionRe.Match(parts[2]) {
+	if !isVersion(parts[2]) {
 		if bytes.HasPrefix(parts[2], []byte("HTTP/")) && len(parts[2]) == 8 {
 			return nil, herr(505, "HTTP version not supported")
 		}
@@ -253,7 +267,7 @@ func parseRequestHead(block []byte) (*requestHead, *httpError) {
 		return nil, herr(400, "more than one Host header")
 	}
 	if len(hosts) == 1 {
-		if !hostRe.MatchString(hosts[0]) {
+		if !isHost(hosts[0]) {
 			return nil, herr(400, "invalid Host header")
 		}
 		req.host = hosts[0]
@@ -277,7 +291,7 @@ func parseRequestHead(block []byte) (*requestHead, *httpError) {
 		return nil, herr(400, "more than one Content-Length")
 	}
 	if len(cls) == 1 {
-		if !lengthRe.MatchString(cls[0]) {
+		if !isLength(cls[0]) {
 			return nil, herr(400, "invalid Content-Length")
 		}
 		req.contentLength, _ = strconv.ParseInt(cls[0], 10, 64)

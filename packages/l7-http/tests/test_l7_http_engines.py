@@ -20,6 +20,7 @@ hosts) and random hostile streams (the differential test's strategy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -247,7 +248,26 @@ def test_fuzz_streams_same_on_both_engines(envs, data: bytes) -> None:
 
 # -- the response side: fixed upstream answers ------------------------------------
 
-def _serve(reply: bytes) -> socket.socket:
+class _Served:
+    """``_serve``'s listener: closed only once its accepting thread is done (a
+    socket closed under a thread's accept() lets that call land on the next
+    socket given the same fd: the next case's listener, answered with this
+    case's reply)."""
+
+    def __init__(self, ls: socket.socket, thread: Any) -> None:
+        self.ls, self.thread = ls, thread
+
+    def getsockname(self) -> Any:
+        return self.ls.getsockname()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept() with an error
+        self.thread.join(5)
+        self.ls.close()
+
+
+def _serve(reply: bytes) -> _Served:
     """An upstream answering every request head with ``reply``; it closes the
     connection after answering when ``reply`` is not framed for keep-alive
     (no close between requests otherwise: whether the proxy has seen such a
@@ -286,8 +306,9 @@ def _serve(reply: bytes) -> socket.socket:
                 return
             threading.Thread(target=answer, args=(c,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return ls
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return _Served(ls, t)
 
 
 @pytest.mark.parametrize("reply", [
@@ -310,6 +331,22 @@ def _serve(reply: bytes) -> socket.socket:
     b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\ntunnelled",
+    # the framing headers in any case, list forms and bad lengths (resp.go reads them by hand)
+    b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 2\r\nCONNECTION: Close\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2,,2 \r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length:\t2\t\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1234567890123456789\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 000000000000000002\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length-X: 2\r\nContent-Lengt: 3\r\n\r\nraw",
+    b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: CHUNKED\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, CLOSE\r\nContent-Length: 2\r\n\r\nok",
 ], ids=lambda b: repr(b[:30]))
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 def test_upstream_answers_same_on_both_engines(reply: bytes, method: bytes) -> None:
