@@ -41,7 +41,7 @@ def _load(engine: object, n: int, first: int) -> int:
                                           for i in range(n)],
                              "toPorts": pe._ports("TCP", "UDP")}])
     engine.upsert_policy(parse_policy_obj(obj, "bench", 0))  # type: ignore[attr-defined]
-    del obj  # the policy keeps its own copy (Policy.raw), as the agent's does
+    del obj  # the policy keeps its own copy (Policy.raw); the agent keeps a packed one (f02b4e7)
     adds = len(engine.pending_changes()[1].adds)  # type: ignore[attr-defined]
     engine.pending_ipcache_changes()  # type: ignore[attr-defined]
     return adds
