@@ -93,3 +93,20 @@ def test_pack_document_round_trip() -> None:
     assert _statefile.unpack_document(big) is big
     small = _doc("small", 1)
     assert _statefile.pack_document(small) is small
+
+
+def test_listing_does_not_decode_a_packed_document(tmp_path: Path, monkeypatch: Any) -> None:
+    # `policy list` stays O(1) in a policy's size: its labels are kept beside the packed
+    # bytes; only `policy get -o yaml` (documents=True) decodes
+    agent = _agent(tmp_path / "state")
+    asyncio.run(agent.policies.apply([{"file": "a", "index": 0, "obj": _doc("peers", 6000)}]))
+    assert isinstance(agent.store.policy_docs[BIG_KEY]["doc"]["obj"], PackedDocument)
+
+    def refuse(self: PackedDocument) -> Any:
+        raise AssertionError("a packed document was decoded for a listing")
+
+    monkeypatch.setattr(PackedDocument, "unpack", refuse)
+    assert [v["labels"] for v in agent.policies.listing()] == [{"team": "b"}]
+    unlabelled = _doc("bare", 6000)
+    del unlabelled["metadata"]["labels"]
+    assert _statefile.document_labels(_statefile.pack_document(unlabelled)) is None

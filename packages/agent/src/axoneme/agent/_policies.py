@@ -33,6 +33,7 @@ from axoneme.agent._regenerator import Regenerator
 from axoneme.agent._state import StateStore
 from axoneme.agent._statefile import (
     StateCorrupt,
+    document_labels,
     pack_document,
     read_json,
     unpack_document,
@@ -143,7 +144,7 @@ class PolicyService:
         for key, rec in sorted(docs.items(), key=revision):
             try:
                 doc = rec.get("doc", {})
-                pol = parse_policy_obj(doc.get("obj"), doc.get("file", "<state>"),
+                pol = parse_policy_obj(unpack_document(doc.get("obj")), doc.get("file", "<state>"),
                                        int(doc.get("index", 0)), self.services_source)
             except (PolicyError, AttributeError, TypeError, ValueError, RecursionError) as e:
                 bad.append((key, rec, problem_text(e)))
@@ -283,15 +284,13 @@ class PolicyService:
         out = []
         for pol in self.engine.policies():
             rec = self.store.policy_docs.get(policy_key(pol.ref), {})
-            obj = unpack_document((rec.get("doc") or {}).get("obj"))
-            meta = obj.get("metadata") if isinstance(obj, dict) else None
-            labels = meta.get("labels") if isinstance(meta, dict) else None
+            obj = (rec.get("doc") or {}).get("obj")
             view = {**ref_view(pol.ref), "revision": rec.get("revision", 0),
                     "source": rec.get("source", API), "rules": len(pol.rules),
                     "mode": "audit" if pol.audit else "enforce",
-                    "labels": labels if isinstance(labels, dict) else {}}
-            if documents:
-                view["document"] = obj
+                    "labels": document_labels(obj) or {}}
+            if documents:  # a packed document is decoded only here (policy get -o yaml)
+                view["document"] = unpack_document(obj)
             out.append(view)
         out.sort(key=lambda p: (p["namespace"], p["kind"], p["name"]))
         return out

@@ -44,6 +44,9 @@ class PackedDocument:
     as the document itself: the same bytes as before)."""
 
     data: bytes
+    # the document's metadata.labels (when a dict), kept unpacked: `policy list`
+    # shows them for every policy and stays O(1) in a policy's size
+    labels: dict[str, Any] | None = None
 
     def unpack(self) -> Any:
         return json.loads(zlib.decompress(self.data))
@@ -58,12 +61,22 @@ def pack_document(obj: Any) -> Any:
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) <= PACK_MIN_BYTES:
         return obj
-    return PackedDocument(zlib.compress(text, 6))
+    return PackedDocument(zlib.compress(text, 6), document_labels(obj))
 
 
 def unpack_document(obj: Any) -> Any:
     """A stored document as its JSON object (``pack_document`` undone)."""
     return obj.unpack() if isinstance(obj, PackedDocument) else obj
+
+
+def document_labels(obj: Any) -> dict[str, Any] | None:
+    """A stored document's ``metadata.labels`` (a dict, else None), packed or
+    not, without decoding a packed one."""
+    if isinstance(obj, PackedDocument):
+        return obj.labels
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    return labels if isinstance(labels, dict) else None
 
 
 def json_default(obj: Any) -> Any:
