@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from axoneme.agent import _checkpoint as checkpoint
 from axoneme.agent import _gcpause
@@ -36,6 +36,7 @@ from axoneme.agent import _netlink as nl
 from axoneme.agent import _tracing as tracing
 from axoneme.agent import guard as guard_mod
 from axoneme.agent._audit import AuditCounter
+from axoneme.agent._cniinstall import install_cni
 from axoneme.agent._config import LOCK_FILE, AgentConfig
 from axoneme.agent._endpoints import EndpointService
 from axoneme.agent._entities import ClusterEntities
@@ -44,6 +45,8 @@ from axoneme.agent._flowattr import FlowAttributor, fqdn_names
 from axoneme.agent._flowstore import FlowStore
 from axoneme.agent._fqdn import FQDNManager
 from axoneme.agent._hostfw import HostFirewall
+from axoneme.agent._identityk8s import CRDIdentities
+from axoneme.agent._k8s import KubernetesSource
 from axoneme.agent._k8sclient import node_name
 from axoneme.agent._l7proxies import L7Proxies
 from axoneme.agent._metrics import AgentMetrics
@@ -68,12 +71,6 @@ from axoneme.core.mapstate import MapState
 from axoneme.core.plugins import configure, make_plugin_manager
 from axoneme.core.policy.engine import EngineOptions, PolicyEngine
 
-if TYPE_CHECKING:
-    # Kubernetes mode's and the CNI install's modules (~3-6 MB of code an
-    # agent outside Kubernetes never runs) are imported where they are used
-    from axoneme.agent._identityk8s import CRDIdentities
-    from axoneme.agent._k8s import KubernetesSource
-
 LOG = logging.getLogger(__name__)
 
 
@@ -94,8 +91,6 @@ class Agent:
         # Kubernetes mode: identities shared through the API server (CiliumIdentity)
         self.crd_identities: CRDIdentities | None = None
         if store is None and config.k8s_mode and config.identity_allocation_mode == "crd":
-            from axoneme.agent._identityk8s import CRDIdentities
-
             self.crd_identities = CRDIdentities(config)
             self.allocator = IdentityAllocator(self.crd_identities.store,
                                                preferred=self.crd_identities.preferred)
@@ -138,8 +133,6 @@ class Agent:
         self.k8s: KubernetesSource | None = None
         self.entities: ClusterEntities | None = None
         if config.k8s_mode:
-            from axoneme.agent._k8s import KubernetesSource
-
             self.k8s = KubernetesSource(config, self.store, self.endpoints, self.policies)
             self.endpoints.metadata = self.views.k8s = self.k8s
             if self.crd_identities is not None:
@@ -294,8 +287,6 @@ class Agent:
         self._start_events(dp)
         self.views.started = time.time()
         if config.install_cni:
-            from axoneme.agent._cniinstall import install_cni
-
             install_cni(config)
         self._tasks.append(asyncio.create_task(self._tick()))
         for source in self.policy_sources:
