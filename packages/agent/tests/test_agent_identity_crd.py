@@ -518,7 +518,10 @@ def test_acquiring_a_number_taken_for_other_labels_allocates_anew():
     assert api.labels_of(number) == tuple(labels(9).sorted_strings())
 
 
-def test_two_collectors_at_once_delete_once():
+def two_collectors_one_unused() -> tuple[FakeIdentityAPI, Node, Node, IdentityGC, IdentityGC,
+                                          Clock, int]:
+    """Nodes a and b, each with a collector, both knowing one identity number
+    that a made and no longer uses."""
     api = FakeIdentityAPI()
     a, b = Node(api, "a"), Node(api, "b")
     a.deliver()
@@ -527,7 +530,11 @@ def test_two_collectors_at_once_delete_once():
     a.deliver()
     b.deliver()
     clock = Clock()
-    ga, gb = _gc(a, set(), clock), _gc(b, set(), clock)
+    return api, a, b, _gc(a, set(), clock), _gc(b, set(), clock), clock, number
+
+
+def test_two_collectors_at_once_delete_once():
+    api, a, b, ga, gb, clock, number = two_collectors_one_unused()
     plans = ga.plan(), gb.plan()
     ga.execute(plans[0])
     gb.execute(plans[1])  # judged at the same version: 409

@@ -22,7 +22,14 @@ from axoneme.agent._identitycrd import marked_at
 from axoneme.agent._identitylease import LEASE_NAME, LeaseElector, lease_namespace, micro_time
 
 sys.path.insert(0, str(Path(__file__).parent))  # the fake CiliumIdentity API (import-mode=importlib)
-from test_agent_identity_crd import Clock, FakeIdentityAPI, Node, _gc, labels  # noqa: E402
+from test_agent_identity_crd import (  # noqa: E402
+    Clock,
+    FakeIdentityAPI,
+    Node,
+    _gc,
+    labels,
+    two_collectors_one_unused,
+)
 
 NS = "kube-system"
 MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -427,15 +434,7 @@ def test_agent_stop_releases_the_lease_whenever_it_comes(tmp_path):
 def test_a_losing_write_is_not_repeated_until_the_watch_brings_the_new_version():
     """A 409 means this collector judged an old version: the next passes leave that number
     alone (no second losing write) until the watch brings another version, then judge it."""
-    api = FakeIdentityAPI()
-    a, b = Node(api, "a"), Node(api, "b")
-    a.deliver()
-    number = a.use(labels(1))
-    a.stop_using(labels(1))
-    a.deliver()
-    b.deliver()
-    clock = Clock()
-    ga, gb = _gc(a, set(), clock), _gc(b, set(), clock)
+    api, a, b, ga, gb, clock, number = two_collectors_one_unused()
     gb.run_once()  # b marks it; a's watch has not brought the mark
     events = len(api.events)
     for _ in range(3):
