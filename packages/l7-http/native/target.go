@@ -179,6 +179,18 @@ func normalizePath(path string) (string, *httpError) {
 	return removeDotSegments(n), nil
 }
 
+// pathQuery: the normalized path and its query, both checked
+func pathQuery(path, query string) (string, *httpError) {
+	p, e := normalizePath(path)
+	if e != nil {
+		return "", e
+	}
+	if query != "" && badPct(query) {
+		return "", herr(400, "malformed percent-encoding in query")
+	}
+	return p + query, nil
+}
+
 // parse_target: (path to match and forward, authority, absolute-form?)
 func parseTarget(target string) (string, string, bool, *httpError) {
 	if strings.HasPrefix(target, "/") {
@@ -186,14 +198,8 @@ func parseTarget(target string) (string, string, bool, *httpError) {
 		if !ok {
 			return "", "", false, herr(400, "invalid request-target")
 		}
-		p, e := normalizePath(path)
-		if e != nil {
-			return "", "", false, e
-		}
-		if query != "" && badPct(query) {
-			return "", "", false, herr(400, "malformed percent-encoding in query")
-		}
-		return p + query, "", false, nil
+		pq, e := pathQuery(path, query)
+		return pq, "", false, e
 	}
 	m := absoluteRe.FindStringSubmatch(target)
 	if m == nil {
@@ -206,12 +212,9 @@ func parseTarget(target string) (string, string, bool, *httpError) {
 	if !isHost(authority) {
 		return "", "", false, herr(400, "invalid authority in request-target")
 	}
-	p, e := normalizePath(path)
+	pq, e := pathQuery(path, query)
 	if e != nil {
 		return "", "", false, e
 	}
-	if query != "" && badPct(query) {
-		return "", "", false, herr(400, "malformed percent-encoding in query")
-	}
-	return p + query, authority, true, nil
+	return pq, authority, true, nil
 }
