@@ -297,3 +297,17 @@ def test_skip_flags_follow_the_key_kinds() -> None:
     assert skip_bit(K.for_address("10.0.0.1", Direction.INGRESS)) == L.EP_F_NO_ADDR
     assert skip_flags({L.EP_F_NO_WILD_EGRESS: 2, L.EP_F_NO_ADDR: 0}) == \
         L.EP_F_NO_WILD_INGRESS | L.EP_F_NO_ADDR
+
+
+def test_possible_cpus_counts_the_ranges(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The per-CPU slot count from the kernel's list (bcc.utils's reading, without libbcc)."""
+    for text, n in (("0-3,8\n", 5), ("0\n", 1), ("0-1,4-5,7\n", 5)):
+        (tmp_path / "possible").write_text(text)
+        assert _bpf.possible_cpus(str(tmp_path / "possible")) == n
+
+
+def test_a_failing_compile_child_reports_its_error() -> None:
+    """Source that does not compile: OSError with the child's exit and stderr, no fds."""
+    with pytest.raises(OSError, match="compile child exited [1-9]") as e:
+        _bpf.load_in_child("this is not C;", ("ax_nothing",), ())
+    assert e.value.errno is not None

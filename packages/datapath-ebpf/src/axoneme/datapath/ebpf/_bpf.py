@@ -2,7 +2,9 @@
 
 The C sources are assembled into one translation unit (local ``lib/*.h``
 includes inlined once) so BCC's rewriter sees every map access, and compiled
-once per ``start()``; per-endpoint data lives in the pinned maps.
+once per ``start()`` in a child process (``load_in_child``: the agent holds the
+programs' and maps' fds, never libbcc or LLVM); per-endpoint data lives in the
+pinned maps.
 """
 
 from __future__ import annotations
@@ -87,60 +89,121 @@ def assemble_source(defines: dict[str, str | int], files: tuple[str, ...] = PROG
     return head + "\n".join(inline(f) for f in files)
 
 
-def compile_programs(defines: dict[str, str | int]) -> tuple[Any, dict[str, Any]]:
-    """Compile with BCC and load the tc programs; returns (BPF, {name: fn})."""
-    import bcc  # type: ignore[import-untyped]
+EVENTS_MAP = "ax_events"  # the ring buffer of flow events (not pinned)
 
-    text = assemble_source(defines)
-    b = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function"])
-    fns = {name: b.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in PROGRAMS}
-    release_compiler_memory(b)
-    return b, fns
-
-
-def release_compiler_memory(b: Any) -> None:
-    """LLVM/clang leave ~100 MB of freed heap behind after a compile: hand it
-    back to the OS (the agent is long-lived; RSS matters). The compiler's code
-    pages it touched (~80 MB of libLLVM/libclang-cpp text) go too (see
-    page_out_compiler)."""
-    try:
-        b.free_bcc_memory()
-        ct.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        LOG.debug("could not release compiler memory", exc_info=True)
-    page_out_compiler()
+# The compile runs in a child process (issue 17: RSS): BCC's libbcc maps libLLVM
+# and libclang-cpp, whose relocated data (~10 MB) and the compile's own heap
+# (~12 MB) an agent that compiled in-process kept for good. The child compiles
+# and loads with BCC and hands the programs' and maps' fds over a socketpair
+# (SCM_RIGHTS); the agent holds fds only and reads the event ring buffer with
+# libbpf. The child's stdin: {"text", "cflags", "programs", "maps"}.
+_CHILD = r"""
+import json, socket, sys
+req = json.loads(sys.stdin.read())
+import bcc
+b = bcc.BPF(text=req["text"].encode(), cflags=req["cflags"])
+fds = [b.load_func(n.encode(), bcc.BPF.SCHED_CLS).fd for n in req["programs"]]
+fds += [int(b[n.encode()].map_fd) for n in req["maps"]]
+s = socket.socket(fileno=int(sys.argv[1]))
+socket.send_fds(s, [b"ok"], fds)
+s.recv(1)
+"""
 
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4
-_COMPILER_LIBS = ("libLLVM", "libclang")
+class Program:
+    """A loaded program: its fd (held by the agent) and name."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
 
 
-def page_out_compiler(maps: str = "/proc/self/maps") -> int:
-    """Reclaim the resident pages of the compiler's read-only file mappings
-    (libLLVM, libclang-cpp: ~80 MB of code a compile touched, counted in the
-    agent's RSS until the kernel reclaims them under pressure). MADV_PAGEOUT
-    only drops clean pages this process alone maps (anything else is left;
-    never MADV_DONTNEED, which would discard relocated read-only data); the
-    next compile (a restart) faults them back in from the page cache.
-    Returns the bytes advised."""
-    try:
-        libc = ct.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ct.c_void_p, ct.c_size_t, ct.c_int)
-        with open(maps) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return 0
-    advised = 0
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or "w" in parts[1]:
-            continue
-        if not os.path.basename(parts[5]).startswith(_COMPILER_LIBS):
-            continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:
-            advised += hi - lo
-    return advised
+_RingBufferCallback = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+
+
+class Loaded:
+    """What a compile child loaded, as fds: the maps by C name, the programs,
+    and the event ring buffer read through libbpf (BCC's method names, so a
+    poller calls ``ring_buffer_poll`` as before)."""
+
+    def __init__(self, programs: dict[str, Program], maps: dict[str, int]) -> None:
+        self.programs = programs
+        self.maps = maps
+        self._rb: int | None = None
+        self._cb: Any = None
+
+    def open_ring_buffer(self, name: str, callback: Any) -> None:
+        """``callback(ctx, data, size) -> int`` for each record of map ``name``."""
+        lib = libbpf()
+        self._cb = _RingBufferCallback(callback)  # kept: libbpf calls it later
+        rb = lib.ring_buffer__new(self.maps[name], self._cb, None, None)
+        if not rb:
+            e = ct.get_errno() or errno_mod.EINVAL
+            raise OSError(e, f"ring_buffer__new: {os.strerror(e)}")
+        self._rb = rb
+
+    def ring_buffer_poll(self, timeout_ms: int) -> None:
+        if self._rb:
+            libbpf().ring_buffer__poll(self._rb, timeout_ms)
+
+    def cleanup(self) -> None:
+        """Free the ring buffer and close every fd (attached filters and pins keep theirs)."""
+        if self._rb:
+            libbpf().ring_buffer__free(self._rb)
+            self._rb = None
+        for fd in [*self.maps.values(), *(p.fd for p in self.programs.values())]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.maps, self.programs = {}, {}
+
+
+def load_in_child(text: str, programs: tuple[str, ...], maps: tuple[str, ...],
+                  cflags: tuple[str, ...] = ("-Wno-unused-function",)) -> Loaded:
+    """Compile ``text`` and load ``programs`` (tc) in a child process; its
+    fds for ``programs`` and the maps ``maps``. OSError with the child's
+    stderr when it fails."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(theirs.fileno())],
+                                    pass_fds=[theirs.fileno()], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        finally:
+            theirs.close()
+        try:
+            assert proc.stdin is not None
+            with proc.stdin:
+                proc.stdin.write(json.dumps({"text": text, "cflags": list(cflags),
+                                             "programs": list(programs),
+                                             "maps": list(maps)}).encode())
+            _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, len(programs) + len(maps) + 8)
+            if fds:
+                ours.send(b"x")  # the child may exit: ours are duplicates
+        finally:
+            rc = proc.wait()
+        if len(fds) != len(programs) + len(maps):
+            for fd in fds:
+                os.close(fd)
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-6:]
+            raise OSError(errno_mod.EIO, f"the compile child exited {rc}: " + " | ".join(tail))
+    progs = {n: Program(fd, n) for n, fd in zip(programs, fds[:len(programs)], strict=True)}
+    return Loaded(progs, dict(zip(maps, fds[len(programs):], strict=True)))
+
+
+def compile_programs(defines: dict[str, str | int]) -> tuple[Loaded, dict[str, Program]]:
+    """Compile with BCC (in a child process) and load the tc programs; returns
+    (the loaded fds, {name: program})."""
+    loaded = load_in_child(assemble_source(defines), PROGRAMS, (*PINNED_MAPS, EVENTS_MAP))
+    return loaded, loaded.programs
 
 
 # ---- libbpf map operations --------------------------------------------------
@@ -168,10 +231,15 @@ def libbpf() -> Any:
             ("bpf_map_delete_batch", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]),
             ("bpf_map_lookup_batch", [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]),
+            ("ring_buffer__poll", [ct.c_void_p, ct.c_int]),
         ):
             fn = getattr(lib, name)
             fn.argtypes = args
             fn.restype = ct.c_int
+        lib.ring_buffer__new.argtypes = [ct.c_int, _RingBufferCallback, ct.c_void_p, ct.c_void_p]
+        lib.ring_buffer__new.restype = ct.c_void_p
+        lib.ring_buffer__free.argtypes = [ct.c_void_p]
+        lib.ring_buffer__free.restype = None
         _libbpf = lib
     return _libbpf
 
@@ -382,10 +450,16 @@ def stamp_set(path: str, token: bytes) -> None:
         os.close(fd)
 
 
-def possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus  # type: ignore[import-untyped]
-
-    return len(get_possible_cpus())
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPUs a per-CPU map has a slot for (what ``bcc.utils`` reads,
+    without loading libbcc): ranges like ``0-3,8``."""
+    with open(path) as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
 
 
 def percpu_u64_sum(fd: int, slot: int) -> int:

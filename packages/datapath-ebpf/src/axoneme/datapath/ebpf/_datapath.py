@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -92,21 +93,17 @@ class EbpfDatapath(EbpfEndpoints):
     def probe(self) -> None:
         if os.geteuid() != 0:
             raise DatapathUnavailable("the ebpf datapath needs root (CAP_BPF, CAP_NET_ADMIN)")
-        try:
-            import bcc  # type: ignore[import-untyped]  # noqa: F401
-        except Exception as e:  # ImportError or a broken libbcc
-            raise DatapathUnavailable(f"bcc is not importable: {e}") from e
+        # bcc is found, not imported: the compiles run in a child process, and
+        # importing it would map libbcc and LLVM into the agent for good
+        if importlib.util.find_spec("bcc") is None:
+            raise DatapathUnavailable("bcc is not importable: no module named 'bcc'")
         self._ensure_bpffs()
         if self._stamp_found:  # see take_adopt_stamp; start() still fails if it cannot
             self._probe_clsact()
             return
         try:
-            import bcc as _bcc
-
-            b = _bcc.BPF(text=b"int ax_probe(struct __sk_buff *skb) { return 0; }")
-            b.load_func(b"ax_probe", _bcc.BPF.SCHED_CLS)
-            b.cleanup()
-            _bpf.release_compiler_memory(b)
+            _bpf.load_in_child("int ax_probe(struct __sk_buff *skb) { return 0; }",
+                               ("ax_probe",), (), cflags=()).cleanup()
         except Exception as e:
             raise DatapathUnavailable(f"compiling/loading a tc program failed: {e}") from e
         self._probe_clsact()
@@ -166,14 +163,14 @@ class EbpfDatapath(EbpfEndpoints):
                 raise DatapathUnavailable(f"compiling the tc programs failed: {e}") from e
             self._compile_seconds = time.monotonic() - t0
             self._bpf, self._fns = b, fns
-            self._fds = {name: int(b[name.encode()].map_fd) for name in _bpf.PINNED_MAPS}
+            self._fds = {name: b.maps[name] for name in _bpf.PINNED_MAPS}
             self._index = None
             self._kinds_known = False
             self._ipcache_entries = None
             self._slots = None
             self._stopped.clear()
             self._host_attached = None  # programs are new: attach the host's again
-            b[b"ax_events"].open_ring_buffer(self._on_event)
+            b.open_ring_buffer(_bpf.EVENTS_MAP, self._on_event)
             self._refresh_node_addresses(prune=True)
             adopted = self._reattach_all()
             self._reattach_node_devices()
@@ -318,7 +315,7 @@ class EbpfDatapath(EbpfEndpoints):
         return self._fds[name]
 
     def bpf(self) -> Any:
-        """The BCC object (layout checks read its generated Key/Leaf types)."""
+        """The loaded programs' and maps' fds (``_bpf.Loaded``; tests poll its ring buffer)."""
         self._require()
         return self._bpf
 
