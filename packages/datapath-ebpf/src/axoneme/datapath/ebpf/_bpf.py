@@ -199,11 +199,9 @@ def load_in_child(text: str, programs: tuple[str, ...], maps: tuple[str, ...],
     return Loaded(progs, dict(zip(maps, fds[len(programs):], strict=True)))
 
 
-def compile_programs(defines: dict[str, str | int]) -> tuple[Loaded, dict[str, Program]]:
-    """Compile with BCC (in a child process) and load the tc programs; returns
-    (the loaded fds, {name: program})."""
-    loaded = load_in_child(assemble_source(defines), PROGRAMS, (*PINNED_MAPS, EVENTS_MAP))
-    return loaded, loaded.programs
+def compile_programs(defines: dict[str, str | int]) -> Loaded:
+    """Compile with BCC (in a child process) and load the tc programs."""
+    return load_in_child(assemble_source(defines), PROGRAMS, (*PINNED_MAPS, EVENTS_MAP))
 
 
 # ---- libbpf map operations --------------------------------------------------

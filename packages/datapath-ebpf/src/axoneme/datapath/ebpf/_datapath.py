@@ -158,11 +158,11 @@ class EbpfDatapath(EbpfEndpoints):
             self._unpin_incompatible()
             t0 = time.monotonic()
             try:
-                b, fns = _bpf.compile_programs(self._defines())
+                b = _bpf.compile_programs(self._defines())
             except Exception as e:
                 raise DatapathUnavailable(f"compiling the tc programs failed: {e}") from e
             self._compile_seconds = time.monotonic() - t0
-            self._bpf, self._fns = b, fns
+            self._bpf, self._fns = b, b.programs
             self._fds = {name: b.maps[name] for name in _bpf.PINNED_MAPS}
             self._index = None
             self._kinds_known = False
