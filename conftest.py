@@ -4,8 +4,8 @@ Tests create kernel state (netns, links, tc filters, chains, processes)
 that their fixtures remove in teardown. A SIGTERM (CI's time limit,
 `timeout`, a runner stopping the job) would end pytest without teardown, so
 in the pytest process itself it is turned into a KeyboardInterrupt: pytest
-then runs every finalizer before exiting. A forked child (pyroute2 and
-multiprocessing fork) inherits the handler; there it must not unwind into
+then runs every finalizer before exiting. A forked child (multiprocessing
+fork, a test's os.fork) inherits the handler; there it must not unwind into
 the parent's fixtures, so it exits at once as SIGTERM would.
 """
 

@@ -98,8 +98,8 @@ class Plan:
                    100_000, seed)
 
 
-# The process that owns the kernel objects. pyroute2 forks helpers to open netns
-# sockets; if a SIGTERM handler (ours, or the repo's conftest) turns a signal
+# The process that owns the kernel objects. A forked child (multiprocessing, a
+# helper's fork) must not clean up: if a SIGTERM handler (ours, or the repo's conftest) turns a signal
 # in such a child into an exception, the child would unwind through our
 # cleanup code and tear down the parent's objects. Cleanup runs only here.
 OWNER_PID = os.getpid()
@@ -1557,7 +1557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def _stop(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:
-            # a forked helper (pyroute2 makes netns sockets in a child): die as by default,
+            # a forked child (multiprocessing, a helper's fork): die as by default,
             # never run the suite's cleanup there
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

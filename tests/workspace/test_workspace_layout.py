@@ -171,7 +171,7 @@ GENERATED = "_hubble_pb"
 # import name -> distribution, for third-party imports
 IMPORT_DIST = {
     "yaml": "PyYAML", "pluggy": "pluggy", "stevedore": "stevedore", "aiohttp": "aiohttp",
-    "pyroute2": "pyroute2", "prometheus_client": "prometheus-client", "dnslib": "dnslib",
+    "prometheus_client": "prometheus-client", "dnslib": "dnslib",
     "h11": "h11", "kafka": "kafka-python", "aiokafka": "aiokafka", "opentelemetry": "opentelemetry-api",
     "re2": "google-re2", "pytest": "pytest", "kubernetes": "kubernetes", "argcomplete": "argcomplete",
     "grpc": "grpcio", "google": "protobuf", "uvloop": "uvloop", "httptools": "httptools",

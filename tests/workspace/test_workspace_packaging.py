@@ -78,7 +78,7 @@ def test_agent_heavy_dependencies_are_the_agent_extra() -> None:
     assert agent["dependencies"] == ["argcomplete>=3.1", f"axoneme-core=={_version()}", "pyyaml>=6"]
     extras = agent["optional-dependencies"]
     heavy = {re.split(r"[<>=]", r)[0] for r in extras["agent"]}
-    assert heavy == {"aiohttp", "pyroute2", "prometheus-client", "kubernetes",
+    assert heavy == {"aiohttp", "prometheus-client", "kubernetes",
                      "opentelemetry-api", "opentelemetry-sdk",
                      "opentelemetry-exporter-otlp-proto-http", "grpcio", "protobuf",
                      "uvloop",  # the proxies' event loop

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README_SECTION = "## Install with pip"
 VERSION = tomllib.loads((ROOT / "packages" / "core" / "pyproject.toml").read_text())["project"]["version"]
 # what the `agent` extra adds: never in an offline-only install
-AGENT_EXTRA_MODULES = ("aiohttp", "pyroute2", "prometheus_client")
+AGENT_EXTRA_MODULES = ("aiohttp", "prometheus_client")
 PYTHON = "/usr/bin/python3"  # Debian's python, as scripts/bootstrap uses
 
 

@@ -244,8 +244,8 @@ class Agent:
         inputs = checkpoint.inputs_fingerprint(config) if ckpt is not None else ""
         saved = self.store.load(trusted=ckpt is not None and ckpt["inputs"] == inputs) or {}
         self.endpoints.restore_ipam()
-        # datapath calls never run on the event loop's thread: some use
-        # synchronous pyroute2, which runs an event loop of its own
+        # datapath calls never run on the event loop's thread: they block on
+        # syscalls (netlink, bpf, child processes)
         self._check_devices()  # before the datapath: bad input changes nothing
         dp = await asyncio.to_thread(self.make_datapath)
         # erased now whatever comes next: only a clean stop leaves one

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from axoneme.core.errors import AxonemeError
+from axoneme.core.netlink import NUD_PERMANENT, RT_SCOPE_LINK, Rtnl, RtnlError
 
 LOG = logging.getLogger(__name__)
 
@@ -105,24 +106,10 @@ def delete_netns(name: str) -> None:
             pass
 
 
-def _iproute(netns: str | None = None):  # type: ignore[no-untyped-def]
-    from pyroute2 import IPRoute, config
-
-    # pyroute2 forks a child to open a socket inside a netns and stops it with
-    # SIGTERM; the forked child shares asyncio's signal wakeup fd, so its
-    # Python-level SIGTERM handler would stop the agent. Default handlers in
-    # the child avoid that.
-    config.disable_mp_signal = True
-
-    if netns is None:
-        return IPRoute(groups=0)
-    return IPRoute(netns=netns, flags=0, groups=0)
-
-
 def warm_up() -> None:
-    """Import pyroute2 and open one socket now, so the first pod does not pay for it."""
-    with _iproute() as ipr:
-        ipr.link_lookup(ifname="lo")
+    """Open one netlink socket now, so the first pod does not pay for it."""
+    with Rtnl() as rtnl:
+        rtnl.link_index("lo")
 
 
 def link_index(name: str) -> int:
@@ -144,43 +131,47 @@ def setup_endpoint(container_id: str, netns_path: str, ifname: str, ip: str,
     if not os.path.exists(netns_path):
         raise NetlinkError(f"network namespace {netns_path} does not exist")
     host = host_ifname(container_id)
-    with _iproute() as ipr:
+    with Rtnl() as ipr:
         # a leftover from an interrupted ADD of the same container: ours, by name
-        for idx in ipr.link_lookup(ifname=host):
-            ipr.link("del", index=idx)
+        old = ipr.link_index(host)
+        if old:
+            ipr.link_del(old)
         nsfd = os.open(netns_path, os.O_RDONLY)
         try:
-            ipr.link("add", ifname=host, kind="veth", mtu=mtu,
-                     peer={"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu})
+            ipr.veth_add(host, ifname, mtu, peer_netns_fd=nsfd)
         except Exception as e:
             raise NetlinkError(f"cannot create veth {host} / {ifname} in {netns_path}: {e}") from e
         finally:
             os.close(nsfd)
         try:
-            idx = ipr.link_lookup(ifname=host)[0]
-            link = ipr.get_links(idx)[0]
-            host_mac = link.get_attr("IFLA_ADDRESS")
+            link = ipr.link_get(name=host)
+            if link is None:
+                raise RtnlError(errno.ENODEV, f"veth {host} is gone")
+            idx, host_mac = link.index, link.mac
             for key, value in (("proxy_arp", "1"), ("rp_filter", "0"), ("forwarding", "1")):
                 _sysctl(f"/proc/sys/net/ipv4/conf/{host}/{key}", value)
             _sysctl(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6", "1")
-            ipr.link("set", index=idx, state="up")
-            with _iproute(netns_path) as pod:
-                lo = pod.link_lookup(ifname="lo")
+            ipr.link_up(idx)
+            with Rtnl(netns_path) as pod:
+                lo = pod.link_index("lo")
                 if lo:
-                    pod.link("set", index=lo[0], state="up")
-                pidx = pod.link_lookup(ifname=ifname)[0]
-                pod_mac = pod.get_links(pidx)[0].get_attr("IFLA_ADDRESS")
-                pod.addr("add", index=pidx, address=ip, prefixlen=32)
-                pod.link("set", index=pidx, state="up")
-                pod.route("add", dst=GATEWAY_IP, dst_len=32, oif=pidx, scope=253)
-                pod.route("add", dst="0.0.0.0", dst_len=0, gateway=GATEWAY_IP, oif=pidx)
-                pod.neigh("replace", dst=GATEWAY_IP, lladdr=host_mac, ifindex=pidx, state=0x80)
-            ipr.route("replace", dst=ip, dst_len=32, oif=idx, scope=253)
-            ipr.neigh("replace", dst=ip, lladdr=pod_mac, ifindex=idx, state=0x80)
+                    pod.link_up(lo)
+                peer = pod.link_get(name=ifname)
+                if peer is None:
+                    raise RtnlError(errno.ENODEV, f"{ifname} is not in {netns_path}")
+                pidx, pod_mac = peer.index, peer.mac
+                pod.addr_add(pidx, ip, 32)
+                pod.link_up(pidx)
+                pod.route_add(GATEWAY_IP, 32, pidx, scope=RT_SCOPE_LINK)
+                pod.route_add("0.0.0.0", 0, pidx, gateway=GATEWAY_IP)
+                pod.neigh_replace(pidx, GATEWAY_IP, host_mac, NUD_PERMANENT)
+            ipr.route_add(ip, 32, idx, scope=RT_SCOPE_LINK, replace=True)
+            ipr.neigh_replace(idx, ip, pod_mac, NUD_PERMANENT)
         except Exception as e:
             try:
-                for i in ipr.link_lookup(ifname=host):
-                    ipr.link("del", index=i)
+                i = ipr.link_index(host)
+                if i:
+                    ipr.link_del(i)
             except Exception:  # pragma: no cover - best effort rollback
                 LOG.debug("rollback of %s failed", host, exc_info=True)
             raise NetlinkError(f"cannot configure endpoint {host} ({ip}): {e}") from e
@@ -193,15 +184,15 @@ def teardown_endpoint(host: str) -> bool:
     Idempotent: a missing link (ENODEV) counts as removed."""
     if not host:
         return False
-    with _iproute() as ipr:
-        found = ipr.link_lookup(ifname=host)
-        for idx in found:
+    with Rtnl() as ipr:
+        idx = ipr.link_index(host)
+        if idx:
             try:
-                ipr.link("del", index=idx)
-            except Exception as e:  # ENODEV: already gone
-                if getattr(e, "code", None) not in (errno.ENODEV,):
+                ipr.link_del(idx)
+            except RtnlError as e:  # ENODEV: already gone
+                if e.errno != errno.ENODEV:
                     raise NetlinkError(f"cannot delete {host}: {e}") from e
-        return bool(found)
+        return bool(idx)
 
 
 def host_addresses(exclude_cidr: str = "") -> list[str]:
@@ -212,12 +203,12 @@ def host_addresses(exclude_cidr: str = "") -> list[str]:
     ``ip`` from an agent holding a large policy copies its page tables each time."""
     excluded = ipaddress.ip_network(exclude_cidr) if exclude_cidr else None
     found: set[str] = set()
-    with _iproute() as ipr:
-        msgs = ipr.get_addr()
-    for msg in msgs:
+    with Rtnl() as rtnl:
+        addrs = rtnl.addr_dump()
+    for addr in addrs:
         # IFA_LOCAL is the address of the interface (IFA_ADDRESS is the peer's
         # on a point-to-point link), as `ip addr` shows it
-        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        raw = addr.local or addr.address
         if not raw:
             continue
         ip = ipaddress.ip_address(raw)

@@ -44,7 +44,7 @@ _COMMAND_AREAS = {
 
 
 # Third-party modules of the `agent` extra: the offline and client commands never import them.
-AGENT_EXTRA_MODULES = frozenset({"aiohttp", "pyroute2", "prometheus_client"})
+AGENT_EXTRA_MODULES = frozenset({"aiohttp", "prometheus_client"})
 
 
 def version() -> str:

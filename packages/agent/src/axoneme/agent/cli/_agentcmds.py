@@ -125,7 +125,7 @@ def build_agent_config(*args: Any, **kwargs: Any) -> Any:
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
-    # the agent's heavy dependencies (aiohttp, pyroute2, prometheus) load only
+    # the agent's heavy dependencies (aiohttp, prometheus) load only
     # for `agent run`/`agent cleanup`, not for the offline commands
     from axoneme.agent._daemon import run_agent
 
@@ -137,7 +137,6 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     if not args.debug:
         root.setLevel(logging.INFO)
         logging.getLogger("aiohttp").setLevel(logging.WARNING)
-        logging.getLogger("pyroute2").setLevel(logging.WARNING)
     return run_agent(cfg)
 
 

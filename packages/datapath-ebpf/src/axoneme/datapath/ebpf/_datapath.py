@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -121,21 +120,15 @@ class EbpfDatapath(EbpfEndpoints):
         raise DatapathUnavailable(f"no bpf filesystem mounted at {root} (mount -t bpf bpf /sys/fs/bpf)")
 
     def _probe_clsact(self) -> None:
-        from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
+        """Add a clsact qdisc to ``lo`` of a new, empty netns (made by a thread
+        that unshares its netns; it goes with the socket)."""
+        from axoneme.core.netlink import Rtnl
 
-        name = f"axprobe-{uuid.uuid4().hex[:8]}"
         try:
-            netns.create(name)
-            with IPRoute(netns=name) as ipr:
-                lo = ipr.link_lookup(ifname="lo")[0]
-                ipr.tc("add", "clsact", lo)
+            with Rtnl.in_new_netns() as rtnl:
+                rtnl.clsact_add(rtnl.link_index("lo"))
         except Exception as e:
             raise DatapathUnavailable(f"tc clsact is not supported: {e}") from e
-        finally:
-            try:
-                netns.remove(name)
-            except Exception:
-                LOG.debug("removing probe netns %s failed", name, exc_info=True)
 
     def _defines(self) -> dict[str, str | int]:
         return {

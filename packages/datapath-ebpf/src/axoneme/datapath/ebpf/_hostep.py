@@ -30,8 +30,8 @@ class HostEndpointMixin:
 
     # device name -> ifindex of the devices this run attached to: a later
     # endpoint_added of the host (its enforcement flags changed) only rewrites
-    # the records, with map syscalls and no netlink (pyroute2 must not run on
-    # the agent's event loop, where a small regeneration may write)
+    # the records, with map syscalls and no netlink (blocking netlink must not
+    # run on the agent's event loop, where a small regeneration may write)
     _host_attached: dict[str, int] | None = None
 
     def _host_added(self: Any, ep: Endpoint, enforce_ingress: bool, enforce_egress: bool) -> None:

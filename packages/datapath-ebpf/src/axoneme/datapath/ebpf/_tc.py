@@ -1,12 +1,12 @@
-"""tc clsact attach/detach with pyroute2 (direct-action bpf filters)."""
+"""tc clsact attach/detach over rtnetlink (direct-action bpf filters)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import socket
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from axoneme.core.netlink import Rtnl, RtnlError, tc_handle
 
 LOG = logging.getLogger(__name__)
 
@@ -17,65 +17,60 @@ FILTER_PRIO = 1
 FILTER_HANDLE = 1
 
 
-def ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+def ensure_clsact(rtnl: Rtnl, ifindex: int) -> None:
     """Add the clsact qdisc; EEXIST means it is there already (idempotent)."""
     try:
-        ipr.tc("add", "clsact", ifindex)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
+        rtnl.clsact_add(ifindex)
+    except RtnlError as e:
+        if e.errno != errno.EEXIST:
             raise
 
 
-def replace_filter(ipr: IPRoute, ifindex: int, parent: str, fd: int, name: str) -> None:
-    ipr.tc("replace-filter", "bpf", ifindex, fd=fd, name=name, parent=parent, classid=1,
-           direct_action=True, prio=FILTER_PRIO, handle=FILTER_HANDLE)
+def replace_filter(rtnl: Rtnl, ifindex: int, parent: str, fd: int, name: str) -> None:
+    rtnl.bpf_filter_replace(ifindex, tc_handle(parent), fd, name, prio=FILTER_PRIO,
+                            handle=FILTER_HANDLE, classid=1, direct_action=True)
 
 
-def delete_filter(ipr: IPRoute, ifindex: int, parent: str) -> bool:
+def delete_filter(rtnl: Rtnl, ifindex: int, parent: str) -> bool:
     """Delete our filter; a missing filter or interface is success (idempotent)."""
     try:
-        ipr.tc("del-filter", "bpf", ifindex, parent=parent, prio=FILTER_PRIO, handle=FILTER_HANDLE)
+        rtnl.filter_del(ifindex, tc_handle(parent), prio=FILTER_PRIO, handle=FILTER_HANDLE)
         return True
-    except NetlinkError as e:
-        if e.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+    except RtnlError as e:
+        if e.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
             return False
         raise
 
 
 def attach(ifindex: int, from_fd: int, from_name: str, to_fd: int, to_name: str) -> None:
-    with IPRoute() as ipr:
-        ensure_clsact(ipr, ifindex)
-        replace_filter(ipr, ifindex, PARENT_INGRESS, from_fd, from_name)
-        replace_filter(ipr, ifindex, PARENT_EGRESS, to_fd, to_name)
+    with Rtnl() as rtnl:
+        ensure_clsact(rtnl, ifindex)
+        replace_filter(rtnl, ifindex, PARENT_INGRESS, from_fd, from_name)
+        replace_filter(rtnl, ifindex, PARENT_EGRESS, to_fd, to_name)
 
 
 def detach(ifindex: int) -> None:
-    with IPRoute() as ipr:
+    with Rtnl() as rtnl:
         for parent in (PARENT_INGRESS, PARENT_EGRESS):
-            delete_filter(ipr, ifindex, parent)
+            delete_filter(rtnl, ifindex, parent)
 
 
 def ifindex_of(name: str) -> int:
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else 0
+    with Rtnl() as rtnl:
+        return rtnl.link_index(name)
 
 
 def ifname_of(ifindex: int) -> str:
-    with IPRoute() as ipr:
+    with Rtnl() as rtnl:
         try:
-            link = ipr.link("get", index=ifindex)[0]
-        except NetlinkError:
+            link = rtnl.link_get(ifindex)
+        except RtnlError:
             return ""
-    return str(link.get_attr("IFLA_IFNAME") or "")
+    return link.name if link else ""
 
 
 def node_addresses() -> list[tuple[int, str]]:
     """(family, address) of every address in this (the node's) netns."""
-    out: list[tuple[int, str]] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr:
-                out.append((4 if msg["family"] == 2 else 6, str(addr)))
-    return out
+    with Rtnl() as rtnl:
+        addrs = rtnl.addr_dump()
+    return [(4 if a.family == socket.AF_INET else 6, a.address) for a in addrs if a.address]

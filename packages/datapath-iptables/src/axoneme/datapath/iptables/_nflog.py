@@ -1,7 +1,7 @@
 """A small NFLOG reader: raw AF_NETLINK / NETLINK_NETFILTER, nfnetlink_log.
 
-pyroute2 has no NFLOG support, and the format is a few TLVs, so we speak it
-directly: bind a group, ask for packet copies, and parse NFULNL_MSG_PACKET
+The format is a few TLVs, so we speak it directly (as axoneme.core.netlink
+does rtnetlink): bind a group, ask for packet copies, and parse NFULNL_MSG_PACKET
 messages into (prefix, timestamp, payload).
 """
 
