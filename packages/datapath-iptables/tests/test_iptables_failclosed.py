@@ -27,6 +27,7 @@ from axoneme.core.flow import DropReason, FlowVerdict
 from axoneme.core.labels import Labels
 from axoneme.core.mapstate import ALLOW, Direction, Key, MapState, Protocol
 from axoneme.datapath.iptables import _datapath as dpm
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 
 IN, OUT = Direction.INGRESS, Direction.EGRESS
@@ -113,7 +114,7 @@ def test_catch_all_follows_the_endpoint_jumps_and_skips_known_interfaces() -> No
     assert "--nflog-prefix AXON:U:E " in shared["AXON-UNKNOWN-OUT"][0]
     assert "--nflog-prefix AXON:U:I " in shared["AXON-UNKNOWN-IN"][0]
     assert shared["AXON-UNKNOWN-OUT"][-1] == shared["AXON-UNKNOWN-IN"][-1] == "-j DROP"
-    assert all(rd.OWNED_CHAIN_RE.match(c) for c in [*hooks, *shared])  # cleanup removes them
+    assert all(rb.OWNED_CHAIN_RE.match(c) for c in [*hooks, *shared])  # cleanup removes them
 
 
 def test_catch_all_scope() -> None:
@@ -131,9 +132,9 @@ def test_fail_closed_rule_follows_the_reply_rule() -> None:
     main = rd.render_endpoint(3, OUT, state, peers, True, fail_closed=True)[rd.ep_chain(3, OUT)]
     assert main[0] == rd.REPLY_RULE
     assert main[1] == "-m comment --comment AXFC -g AXON-NRDY-OUT"
-    assert rd.parse_key_rules(main) == state  # dump() still reads the policy
-    assert rd.is_fail_closed(main)
-    assert not rd.is_fail_closed(rd.render_endpoint(3, OUT, state, peers, True)[rd.ep_chain(3, OUT)])
+    assert rb.parse_key_rules(main) == state  # dump() still reads the policy
+    assert rb.is_fail_closed(main)
+    assert not rb.is_fail_closed(rd.render_endpoint(3, OUT, state, peers, True)[rd.ep_chain(3, OUT)])
     six = rd.render_endpoint(3, IN, {}, rd.Peers("plain", 6, lambda i: []), True,
                              fail_closed=True)[rd.ep_chain(3, IN)]
     assert six[: 1 + len(rd.ND_RULES)] == [rd.REPLY_RULE, *rd.ND_RULES]
@@ -144,7 +145,7 @@ def test_fail_closed_rule_follows_the_reply_rule() -> None:
     shared = rd.shared_chains(7301)
     assert "--nflog-prefix AXON:N:E " in shared["AXON-NRDY-OUT"][0]
     assert shared["AXON-NRDY-OUT"][-1] == "-j DROP"
-    assert rd.is_fail_closed(['-m comment --comment "AXFC" -g AXON-NRDY-IN'])  # as saved
+    assert rb.is_fail_closed(['-m comment --comment "AXFC" -g AXON-NRDY-IN'])  # as saved
 
 
 def _tcp(src: str, dst: str) -> bytes:
@@ -206,9 +207,9 @@ def test_fail_closed_survives_readd_and_restart(kernel: FakeKernel, tmp_path: Pa
     dp.sync(A, policy)
     dp.endpoint_fail_closed(A, frozenset({IN}))
     for family in (4, 6):
-        assert rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN), family))
-        assert not rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, OUT), family))
-    assert not rd.is_fail_closed(_chain(kernel, rd.ep_chain(B.id, IN)))
+        assert rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN), family))
+        assert not rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, OUT), family))
+    assert not rb.is_fail_closed(_chain(kernel, rd.ep_chain(B.id, IN)))
     assert dp.dump(A) == policy  # the keys stay
     writes = len(kernel.payloads)
     dp.endpoint_fail_closed(A, frozenset({IN}))  # idempotent: nothing to write
@@ -216,25 +217,25 @@ def test_fail_closed_survives_readd_and_restart(kernel: FakeKernel, tmp_path: Pa
     # re-added with other enforcement flags, and a policy change: still failing closed
     dp.endpoint_added(A, False, True)
     dp.sync(A, MapState({Key(0, IN): ALLOW}))
-    assert rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN)))
+    assert rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN)))
     # a restarted datapath adopts it from the kernel
     dp.stop()
     fresh = _dp(tmp_path)
     assert fresh._fail_closed == {A.id: frozenset({IN})}
     fresh.endpoint_added(A, False, True)
     fresh.sync(A, MapState({Key(0, IN): ALLOW}))
-    assert rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN)))
+    assert rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, IN)))
     fresh.endpoint_fail_closed(A, frozenset({IN, OUT}))
-    assert rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, OUT)))
+    assert rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, OUT)))
     fresh.endpoint_fail_closed(A, frozenset())  # ends it
-    assert not any(rd.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, d), f))
+    assert not any(rb.is_fail_closed(_chain(kernel, rd.ep_chain(A.id, d), f))
                    for d in Direction for f in (4, 6))
     # an endpoint without chains cannot fail closed now, but its chains will
     with pytest.raises(DatapathProgramError):
         fresh.endpoint_fail_closed(OTHER, frozenset({OUT}))
     fresh.endpoint_added(OTHER, True, True)
-    assert rd.is_fail_closed(_chain(kernel, rd.ep_chain(OTHER.id, OUT)))
+    assert rb.is_fail_closed(_chain(kernel, rd.ep_chain(OTHER.id, OUT)))
     fresh.endpoint_removed(OTHER)
     fresh.endpoint_added(OTHER, True, True)  # removed: forgotten
-    assert not rd.is_fail_closed(_chain(kernel, rd.ep_chain(OTHER.id, OUT)))
+    assert not rb.is_fail_closed(_chain(kernel, rd.ep_chain(OTHER.id, OUT)))
     fresh.cleanup()

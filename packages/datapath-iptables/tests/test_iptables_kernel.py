@@ -33,6 +33,7 @@ from axoneme.core.mapstate import (
 )
 from axoneme.core.marks import MARK_TO_PROXY_MASK, to_proxy_mark
 from axoneme.datapath.iptables import IptablesDatapath
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 
 if TYPE_CHECKING:
@@ -110,12 +111,12 @@ def env(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Env]:
 def _assert_clean() -> None:
     save = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     owned = [ln for ln in save.splitlines()
-             if ln.startswith(":") and rd.OWNED_CHAIN_RE.match(ln[1:].split()[0])]
+             if ln.startswith(":") and rb.OWNED_CHAIN_RE.match(ln[1:].split()[0])]
     hooks = [ln for ln in save.splitlines() if rd.HOOK_COMMENT in ln]
     sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True,
                           check=True).stdout.split()
     assert not owned and not hooks, (owned, hooks)
-    assert not [s for s in sets if rd.OWNED_SET_RE.match(s)], sets
+    assert not [s for s in sets if rb.OWNED_SET_RE.match(s)], sets
 
 
 def test_identity_and_port(env: Env) -> None:

@@ -19,6 +19,7 @@ from axoneme.core.mapstate import (
     port_mask,
 )
 from axoneme.datapath.iptables import _prefixes as px
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -178,7 +179,7 @@ def test_rendered_rules_reproduce_lookup(raw: dict[Key, Entry], pkts: list[Packe
     for pkt in pkts:
         assert run(chains, rd.ep_chain(9, OUT), pkt) == expected(state, pkt), (pkt, chains)
     # every key is recorded exactly once per key, whatever the addresses
-    assert rd.parse_key_rules([r for c in chains.values() for r in c]) == state
+    assert rb.parse_key_rules([r for c in chains.values() for r in c]) == state
 
 
 def test_effective_ranges_are_exact_lpm() -> None:
@@ -206,14 +207,14 @@ def test_unenforced_tail_and_placeholders() -> None:
     main = chains[rd.ep_chain(3, OUT)]
     assert sum(rd.NEVER in r for r in main) == 2  # ICMPv6 in IPv4, identity without addresses
     assert main[-1].endswith("-j RETURN")
-    assert rd.parse_key_rules(main) == state
+    assert rb.parse_key_rules(main) == state
 
 
 def test_endpoint_refs_roundtrip() -> None:
     refs = [rd.EndpointRef(4, "lxc1", "10.244.0.4", "fd00::4", True, False),
             rd.EndpointRef(5, "lxc2", "", "", False, True)]
     hooks = rd.hook_chains(refs)
-    assert rd.parse_endpoint_refs(hooks[rd.FWD_CHAIN]) == refs
+    assert rb.parse_endpoint_refs(hooks[rd.FWD_CHAIN]) == refs
     assert len(hooks[rd.FWD_CHAIN]) == 4 and len(hooks[rd.INPUT_CHAIN]) == 2
 
 
@@ -221,9 +222,9 @@ def test_parse_save() -> None:
     text = ("*filter\n:INPUT ACCEPT [0:0]\n:AXON-EP-1-IN - [0:0]\n:AXON-GUARD - [0:0]\n"
             "-A AXON-EP-1-IN -m comment --comment \"AXK:5:0:6:80:16:0:0:0:0\" -g AXON-ALLOW-IN\n"
             "COMMIT\n*mangle\n:AXON-EP-1-IN - [0:0]\n-A AXON-EP-1-IN -j RETURN\nCOMMIT\n")
-    table = rd.parse_save(text)
+    table = rb.parse_save(text)
     assert table.axon_chains() == ["AXON-EP-1-IN"]  # AXON-GUARD is not ours
-    assert rd.parse_key_rules(table.chains["AXON-EP-1-IN"]) == MapState(
+    assert rb.parse_key_rules(table.chains["AXON-EP-1-IN"]) == MapState(
         {Key(5, Direction.INGRESS, Protocol.TCP, 80, 16): Entry()})
 
 

@@ -38,6 +38,7 @@ from axoneme.core.endpoint import Endpoint
 from axoneme.core.errors import DatapathError, DatapathProgramError, DatapathUnavailable
 from axoneme.core.lockfile import LockHeld
 from axoneme.core.mapstate import Direction, MapChanges, MapState
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 from axoneme.datapath.iptables._backend import Backend, detect
 from axoneme.datapath.iptables._flows import _Flows
@@ -131,8 +132,8 @@ class IptablesDatapath(_Flows, _Transactions):
             self._adopt_ipsets()
             # Read each table once: with nf_tables, reading back a large table
             # is the expensive part of a restart.
-            tables = {f: (rd.parse_save(self.backend.save(f)),
-                          rd.parse_save(self.backend.save(f, "mangle"), "mangle"))
+            tables = {f: (rb.parse_save(self.backend.save(f)),
+                          rb.parse_save(self.backend.save(f, "mangle"), "mangle"))
                       for f in self._families}
             for family, (filt, mangle) in tables.items():
                 self._adopt_rules(family, filt)
@@ -182,7 +183,7 @@ class IptablesDatapath(_Flows, _Transactions):
                         LOG.debug("pre-flush failed; the full cleanup below still runs")
                 payload = ""
                 for tname, hooks in (("filter", rd.HOOKS), ("mangle", rd.MANGLE_HOOKS)):
-                    table = rd.parse_save(backend.save(family, tname), tname)
+                    table = rb.parse_save(backend.save(family, tname), tname)
                     post = []
                     for builtin, chain in hooks:
                         for rule in table.chains.get(builtin, []):
@@ -209,17 +210,17 @@ class IptablesDatapath(_Flows, _Transactions):
 
     # ---- adoption -------------------------------------------------------------
 
-    def _adopt_rules(self, family: int, table: rd.Table) -> None:
+    def _adopt_rules(self, family: int, table: rb.Table) -> None:
         if family == 4:
             # pods' refs are on their FORWARD jumps, the host endpoint's on its INPUT jump
-            for ref in rd.parse_endpoint_refs(table.chains.get(rd.FWD_CHAIN, [])
+            for ref in rb.parse_endpoint_refs(table.chains.get(rd.FWD_CHAIN, [])
                                               + table.chains.get(rd.INPUT_CHAIN, [])):
                 self._refs[ref.id] = ref
             for ep_id in self._refs:
                 rules = (table.chains.get(rd.ep_chain(ep_id, Direction.INGRESS), [])
                          + table.chains.get(rd.ep_chain(ep_id, Direction.EGRESS), []))
-                self._states[ep_id] = rd.parse_key_rules(rules)
-                closed = frozenset(d for d in Direction if rd.is_fail_closed(
+                self._states[ep_id] = rb.parse_key_rules(rules)
+                closed = frozenset(d for d in Direction if rb.is_fail_closed(
                     table.chains.get(rd.ep_chain(ep_id, d), [])))
                 if closed:
                     self._fail_closed[ep_id] = closed
@@ -234,7 +235,7 @@ class IptablesDatapath(_Flows, _Transactions):
                 if len(parts) == 4 and parts[2].isdigit() and parts[3] in _DIRS:
                     self._rule_counts[(int(parts[2]), family, _DIRS[parts[3]])] = len(rules)
 
-    def _adopt_mangle(self, family: int, table: rd.Table) -> None:
+    def _adopt_mangle(self, family: int, table: rb.Table) -> None:
         for chain in table.chains:
             if m := _MEP_RE.match(chain):
                 self._mangle.setdefault((int(m.group(1)), family, _DIRS[m.group(2)]),
@@ -291,7 +292,7 @@ class IptablesDatapath(_Flows, _Transactions):
             ref = self._refs.pop(endpoint.id, None)
             self._states.pop(endpoint.id, None)
             for family in self._families:
-                table = rd.parse_save(self.backend.save(family))
+                table = rb.parse_save(self.backend.save(family))
                 prefix = f"AXON-EP-{endpoint.id}-"
                 dead = [c for c in table.chains if c.startswith(prefix)]
                 if ref is None and not dead:
@@ -360,10 +361,10 @@ class IptablesDatapath(_Flows, _Transactions):
 
     def dump(self, endpoint: Endpoint) -> MapState:
         with self._lock:
-            table = rd.parse_save(self.backend.save(4))
+            table = rb.parse_save(self.backend.save(4))
             rules = (table.chains.get(rd.ep_chain(endpoint.id, Direction.INGRESS), [])
                      + table.chains.get(rd.ep_chain(endpoint.id, Direction.EGRESS), []))
-            return rd.parse_key_rules(rules)
+            return rb.parse_key_rules(rules)
 
     # ---- status ---------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from axoneme.core.datapath import IPCacheChanges, IPNetwork
 from axoneme.datapath.iptables import _prefixes as px
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 from axoneme.datapath.iptables._backend import Backend
 from axoneme.datapath.iptables._state import _State
@@ -62,7 +63,7 @@ class _IPSets(_State):
     def _destroy_ipsets(self) -> None:
         """Destroy every ipset of ours (the rules using them are gone)."""
         names = [m.group(1) for line in Backend.ipset_save().splitlines()
-                 if (m := _SET_CREATE_RE.match(line)) and rd.OWNED_SET_RE.match(m.group(1))]
+                 if (m := _SET_CREATE_RE.match(line)) and rb.OWNED_SET_RE.match(m.group(1))]
         Backend.ipset_restore("".join(f"destroy {name}\n" for name in names))
 
     def _identity_of(self, ip: str) -> int:

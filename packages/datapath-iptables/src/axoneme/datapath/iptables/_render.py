@@ -1,7 +1,7 @@
-"""MapState -> iptables rule text, and rule text -> MapState.
+"""MapState -> iptables rule text.
 
 Everything here is pure (no kernel): the datapath feeds the output to
-``iptables-restore --noflush`` and parses ``iptables-save`` back.
+``iptables-restore --noflush``; ``_readback`` parses ``iptables-save`` back.
 
 Chain layout (filter table, both families):
 
@@ -39,7 +39,8 @@ Chain layout (filter table, both families):
   not create).
 
 Every rule that stands for a MapState key carries the key and entry in its
-comment (``AXK:...``), so ``dump()`` reconstructs the MapState exactly; a key
+comment (``AXK:...``), so ``dump()`` reconstructs the MapState exactly
+(``_readback.parse_key_rules``); a key
 that has no address in a family (an identity without prefixes, ICMPv6 in
 the IPv4 table) is kept as a rule that can never match.
 """
@@ -47,12 +48,11 @@ the IPv4 table) is kept as a rule that can never match.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from axoneme.core.endpoint import HOST_ENDPOINT_ID
-from axoneme.core.mapstate import Direction, Entry, Key, MapState, Protocol
+from axoneme.core.mapstate import Direction, Entry, Key, Protocol
 from axoneme.core.marks import (
     MARK_MAGIC_HOST_MASK,
     MARK_MAGIC_PROXY_INGRESS,
@@ -154,11 +154,7 @@ def proxy_chain_rules(port: int, d: Direction, group: int) -> list[str]:
             _log(group, f"AXON:{LOG_REDIRECT}:{ld}:{port}", f"axon-r{ld}", True)]
 
 
-# ---- keys <-> comments -------------------------------------------------------
-
-_KEY_RE = re.compile(r'--comment "?AXK:(\d+):(\d+):(\d+):(\d+):(\d+):(\d):(\d+):(\d):(\d)'
-                     r'(?:@([0-9A-Fa-f.:]+))?"?')
-
+# ---- key comments (read back by _readback.parse_key_rules) ------------------
 
 def key_comment(key: Key, entry: Entry) -> str:
     # an address key appends "@<address>" (IPv6 addresses hold ':', so not ':')
@@ -166,18 +162,6 @@ def key_comment(key: Key, entry: Entry) -> str:
     return (f"-m comment --comment AXK:{key.identity}:{int(key.direction)}:{int(key.protocol)}:"
             f"{key.port}:{key.prefix_len}:{int(entry.deny)}:{entry.proxy_port}:"
             f"{int(entry.audit)}:{int(entry.auth_required)}{addr}")
-
-
-def parse_key_rules(rules: Sequence[str]) -> MapState:
-    out: dict[Key, Entry] = {}
-    for rule in rules:
-        m = _KEY_RE.search(rule)
-        if not m:
-            continue
-        v = [int(x) for x in m.groups()[:9]]
-        key = Key(v[0], Direction(v[1]), Protocol(v[2]), v[3], v[4], m.group(10) or "")
-        out[key] = Entry(deny=bool(v[5]), proxy_port=v[6], audit=bool(v[7]), auth_required=bool(v[8]))
-    return MapState(out)
 
 
 # ---- L4 matches --------------------------------------------------------------
@@ -435,11 +419,6 @@ def _render_keys(chains: dict[str, list[str]], chain: str, specific: list[tuple[
             rules.append(_join(l4, comment, targets.verdict(w[1], direction)))
 
 
-def is_fail_closed(rules: Sequence[str]) -> bool:
-    """Whether an endpoint chain (rules as iptables-save prints them) fails closed."""
-    return any(re.search(rf'--comment "?{FAIL_CLOSED_COMMENT}"? ', r) for r in rules)
-
-
 def proxy_ports(state: Mapping[Key, Entry]) -> set[tuple[int, Direction]]:
     return {(e.proxy_port, k.direction) for k, e in state.items() if e.is_redirect}
 
@@ -462,19 +441,6 @@ class EndpointRef:
         return (f"-m comment --comment AXEP,{self.id},{self.ifname},{self.ipv4 or '-'},"
                 f"{self.ipv6 or '-'},{tails}")
 
-
-_EP_RE = re.compile(r'--comment "?AXEP,(\d+),([^,\s"]+),([^,\s"]+),([^,\s"]+),([ad])([ad])')
-
-
-def parse_endpoint_refs(rules: Sequence[str]) -> list[EndpointRef]:
-    out = []
-    for rule in rules:
-        m = _EP_RE.search(rule)
-        if m:
-            ep_id, ifname, v4, v6, ti, to = m.groups()
-            out.append(EndpointRef(int(ep_id), ifname, "" if v4 == "-" else v4,
-                                   "" if v6 == "-" else v6, ti == "d", to == "d"))
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,42 +520,7 @@ def pre_chain(endpoints: Sequence[EndpointRef], redirecting: set[tuple[int, Dire
     return rules
 
 
-# ---- iptables-save parsing ---------------------------------------------------
-
-# The chains this datapath creates. Other AXON- chains (the agent's guard and
-# proxy chains) belong to someone else and are never touched.
-OWNED_CHAIN_RE = re.compile(
-    r"^AXON-(FWD|INPUT|OUTPUT|PRE|(ALLOW|AUDIT|DENY|DROP|NRDY|NOEP|UNKNOWN)-(IN|OUT)|EP-\d+-(IN|OUT)(-S\d+)?"
-    r"|PXY-\d+-(IN|OUT)|MPXY-\d+)$")
-OWNED_SET_RE = re.compile(r"^AXON-(ID6?-\d+|IPC[46])$")
-
-
-@dataclass(slots=True)
-class Table:
-    chains: dict[str, list[str]]  # chain -> rules (text after "-A <chain> ")
-
-    def axon_chains(self) -> list[str]:
-        """Chains we own, sub-chains first (a chain can only go once unreferenced)."""
-        owned = [c for c in self.chains if OWNED_CHAIN_RE.match(c)]
-        return sorted(owned, key=lambda c: (-c.count("-"), c))
-
-
-def parse_save(text: str, table: str = "filter") -> Table:
-    chains: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            current = line[1:].strip()
-            continue
-        if current != table:
-            continue
-        if line.startswith(":"):
-            chains.setdefault(line[1:].split(" ", 1)[0], [])
-        elif line.startswith("-A "):
-            _, chain, rest = line.split(" ", 2)
-            chains.setdefault(chain, []).append(rest)
-    return Table(chains)
-
+# ---- iptables-restore payload ------------------------------------------------
 
 def restore_payload(table: str, chains: Mapping[str, Sequence[str]], *,
                     delete_chains: Sequence[str] = (), pre: Sequence[str] = (),

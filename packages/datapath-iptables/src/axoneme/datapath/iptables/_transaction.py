@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from axoneme.core.errors import DatapathError, DatapathProgramError
 from axoneme.core.mapstate import Direction, Entry, Key, MapState
+from axoneme.datapath.iptables import _readback as rb
 from axoneme.datapath.iptables import _render as rd
 from axoneme.datapath.iptables._ipsets import _IPSets
 
@@ -180,7 +181,7 @@ class _Transactions(_IPSets):
     def _redirecting(self, family: int) -> set[tuple[int, Direction]]:
         return {(ep, d) for (ep, fam, d) in self._mangle if fam == family}
 
-    def _write_base(self, tables: Mapping[int, tuple[rd.Table, rd.Table]]) -> None:
+    def _write_base(self, tables: Mapping[int, tuple[rb.Table, rb.Table]]) -> None:
         """Verdict and hook chains (flushed and refilled: they are derived) and
         the jump rules from the built-in chains (added only when missing)."""
         for family in self._families:
