@@ -132,3 +132,83 @@ def test_a_large_endpoint_view_is_followed_by_a_trim(monkeypatch: pytest.MonkeyP
 
     assert asyncio.run(get(2)) == 3 and trims == []
     assert asyncio.run(get(1)) == sizes[1] and trims == [1]
+
+
+_HEAP_CHILD = r"""
+import ctypes, sys, threading
+from axoneme.agent import _gcpause
+libc = ctypes.CDLL(None)
+glibc = hasattr(libc, "mallopt") and hasattr(libc, "malloc_info")
+tuned = sys.argv[1] == "tuned" and _gcpause.tune_heap()
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+def anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+# a freed 16 MB table raises glibc's moving mmap threshold to 16 MB ...
+big = libc.malloc(16 << 20); libc.memset(big, 1, 16 << 20); libc.free(big)
+base = anon_kb()
+# ... then an 8 MB one comes from the heap, and stays there once freed
+table = libc.malloc(8 << 20); libc.memset(table, 1, 8 << 20); libc.free(table)
+kept_kb = anon_kb() - base
+# a thread's allocations: an arena of its own unless tuned
+t = threading.Thread(target=lambda: libc.free(libc.malloc(1000)))
+t.start(); t.join()
+libc.open_memstream.restype = ctypes.c_void_p
+buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+fp = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fflush(ctypes.c_void_p(fp))
+heaps = buf.value.decode().count("<heap nr=")
+libc.fclose(ctypes.c_void_p(fp))
+print(int(glibc), int(bool(tuned)), kept_kb, heaps)
+"""
+
+
+def _heap_child(mode: str) -> tuple[int, int, int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    glibc, tuned, kept_kb, heaps = (int(x) for x in out)
+    return glibc, tuned, kept_kb, heaps
+
+
+def test_tuned_heap_returns_freed_tables_and_keeps_one_arena() -> None:
+    """``tune_heap`` (the agent's start): a large freed block leaves no pages
+    behind even after a larger one moved glibc's threshold, and a thread
+    allocates from the one arena. The untuned child shows both effects: an
+    8 MB table kept resident after its free, a second arena."""
+    glibc, tuned, kept_kb, heaps = _heap_child("tuned")
+    if not glibc:
+        pytest.skip("not glibc: no mallopt or malloc_info")
+    assert tuned
+    assert kept_kb < 1024, kept_kb
+    assert heaps == 1, heaps
+    _, _, kept_untuned, heaps_untuned = _heap_child("plain")
+    assert kept_untuned > 6 * 1024 and heaps_untuned >= 2, (kept_untuned, heaps_untuned)
+
+
+def test_the_agent_tunes_the_heap_before_its_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from axoneme.agent import _daemon
+
+    order: list[str] = []
+
+    def tune() -> bool:
+        order.append("tune")
+        return True
+
+    monkeypatch.setattr(_gcpause, "tune_heap", tune)
+
+    async def serve(config: object) -> int:
+        order.append("serve")
+        return 0
+
+    monkeypatch.setattr(_daemon, "_serve", serve)
+    assert _daemon.run_agent(object()) == 0  # type: ignore[arg-type]
+    assert order == ["tune", "serve"]

@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from axoneme.agent import _gcpause, guard
 from axoneme.agent import _netlink as nl
-from axoneme.agent import guard
 from axoneme.agent._agent import Agent
 from axoneme.agent._api import HOT_ROUTES, MAX_BODY, build_app, error_reply, socket_in_use
 from axoneme.agent._apifast import FrontSite
@@ -37,6 +37,7 @@ EXIT_BAD_INPUT = 2
 
 def run_agent(config: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; the exit code."""
+    _gcpause.tune_heap()  # before any thread: the C heap of a long-lived agent (see _gcpause)
     try:
         return asyncio.run(_serve(config))
     except KeyboardInterrupt:  # pragma: no cover

@@ -24,6 +24,18 @@ After such a bulk block the C heap is trimmed (``malloc_trim``): a large
 policy's load or a restart's recompute frees as much transient memory
 (request bodies, parse trees, old map states) as it keeps, and glibc holds
 freed pages inside the heap until asked; the agent is long lived.
+
+What a trim cannot give back is free space scattered between live blocks,
+and the C heap scatters it unless tuned at the agent's start
+(``tune_heap``): glibc gives each thread that allocates an arena of its own
+(up to 8 per CPU) and, once a large freed block has raised its moving
+``mmap`` threshold, serves the large blocks (a dict or set table of a
+100k-entry policy: 1-16 MB) from those arenas instead of pages of their
+own. A restart's rebuild runs in worker threads and makes and drops such
+tables (the kernel's dumps, the comparison's maps): at 100k peers the
+restarted agent held 0-17 MB more than the one that loaded the same policy,
+with the same live objects and the same bytes in use, by which threads
+happened to run what (issue 17, RESTARTRSS in bench-results/ANALYSIS.md).
 """
 
 from __future__ import annotations
@@ -71,6 +83,28 @@ async def paused_async() -> AsyncIterator[None]:
         yield
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 256 << 10  # a block this large gets pages of its own, returned when freed
+ARENA_MAX = 1  # threads run Python under one lock: one arena loses nothing to contention
+
+
+def tune_heap() -> bool:
+    """Set the C heap up for a long-lived process that makes and drops large
+    tables: one arena for every thread, and blocks of ``MMAP_THRESHOLD`` or
+    more mapped on their own (a fixed threshold: glibc's moving one is
+    turned off). Call before the process starts threads. False when this is
+    not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        LOG.debug("mallopt unavailable", exc_info=True)
+        return False
+    return bool(mallopt(_M_ARENA_MAX, ARENA_MAX)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def trim_heap() -> bool:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
     try:
@@ -80,4 +114,4 @@ def trim_heap() -> bool:
         return False
 
 
-__all__ = ["FREEZE_AFTER", "TRIM_VIEW_BYTES", "paused", "trim_heap"]
+__all__ = ["FREEZE_AFTER", "TRIM_VIEW_BYTES", "paused", "trim_heap", "tune_heap"]
