@@ -137,6 +137,40 @@ class _PeerRuleState:
         self.addresses = addresses  # CIDR peers over cluster addresses
 
 
+class _KeyReuse:
+    """The keys of peer rules being replaced (a rule of an edited policy, a
+    peer rule recomputed), for the rules that replace them.
+
+    The state, the datapath's index and the handed-out changes keep the first
+    instance of each key (a dict keeps its first key on an update); a
+    successor computing equal keys anew, once the bounded key cache
+    (``_peerkeys``) has let them go, made the agent hold two of each for as
+    long as the policy stayed (issue 17, B5HIST: a 100k-peer policy edited
+    once, 200k more keys with their hashes, ~25 MB). Indexed by L4 then
+    identity on first use; address keys are not reused (few)."""
+
+    __slots__ = ("_states", "_by_l4")
+
+    def __init__(self, states: Iterable[_PeerRuleState]) -> None:
+        self._states = states
+        self._by_l4: dict[L4Key, dict[int, Key]] | None = None
+
+    def on(self, d: Direction, l4: tuple[Protocol, int, int]) -> dict[int, Key] | None:
+        """identity -> key, for the keys on direction ``d`` and ``l4``."""
+        if self._by_l4 is None:
+            by_l4: dict[L4Key, dict[int, Key]] = {}
+            for st in self._states:
+                for key in st.keys:
+                    if not key.address:
+                        l4k = (key.direction, key.protocol, key.port, key.prefix_len)
+                        got = by_l4.get(l4k)
+                        if got is None:
+                            got = by_l4[l4k] = {}
+                        got[key.identity] = key
+            self._by_l4 = by_l4
+        return self._by_l4.get((d, *l4))
+
+
 def _group(key: Key) -> Group:
     return (key.identity, key.address, key.direction)
 
@@ -214,15 +248,20 @@ class EndpointPolicy:
         their contributions, new ones add theirs (rules are compared by object)."""
         new = {id(r) for r in rules}
         old = {id(r) for r in self.rules}
+        gone: list[_PeerRuleState] = []
         for rule in self.rules:
             if id(rule) not in new:
                 for i in range(len(rule.rules)):
-                    self._drop((id(rule), i))
+                    st = self._drop((id(rule), i))
+                    if st is not None and st.keys:
+                        gone.append(st)
+        # a replaced rule's keys serve its successor (an edited policy: B5HIST)
+        reuse = _KeyReuse(gone) if gone else None
         for rule in rules:
             if id(rule) not in old:
                 for i, pr in enumerate(rule.rules):
                     if not pr.allows_nothing:
-                        self._add((id(rule), i), self._compute(rule, pr))
+                        self._add((id(rule), i), self._compute(rule, pr, reuse))
         self.rules = tuple(rules)
         self._set_enforcement()
 
@@ -259,8 +298,11 @@ class EndpointPolicy:
                 self._add(ck, _PeerRuleState(None, None, {want[0]: want[1]}))
 
     # -- contributions --------------------------------------------------------------
-    def _compute(self, rule: Rule, pr: PeerRule) -> _PeerRuleState:
-        """One peer rule's contributions (rules 3 and 4 above)."""
+    def _compute(self, rule: Rule, pr: PeerRule, reuse: _KeyReuse | None = None
+                 ) -> _PeerRuleState:
+        """One peer rule's contributions (rules 3 and 4 above); ``reuse``: the
+        keys of the peer rules it replaces, used before the key cache's (see
+        _KeyReuse)."""
         deps: set[Selector] = set()
         ids = _peer_ids(pr, self.cache, deps)
         addrs, addr_dep = _peer_addresses(pr, self.book, self.cidr_match)
@@ -288,8 +330,11 @@ class EndpointPolicy:
         extra = [a.address for a in addrs if a.identity not in ids]
         for l4, l7 in l4s:
             bucket = _KEY_CACHE.get((d, *l4))
+            prior = reuse.on(d, l4) if reuse is not None else None
             for ident in ids:
-                key = bucket.get(ident) if bucket is not None else None
+                key = prior.get(ident) if prior else None
+                if key is None:
+                    key = bucket.get(ident) if bucket is not None else None
                 if key is None:
                     key = _key(ident, d, l4)
                     bucket = _KEY_CACHE.get((d, *l4))
@@ -309,14 +354,15 @@ class EndpointPolicy:
         for key, c in st.keys.items():
             self._contribute(key, ck, c)
 
-    def _drop(self, ck: CKey) -> None:
+    def _drop(self, ck: CKey) -> _PeerRuleState | None:
         st = self._prs.pop(ck, None)
         if st is None:
-            return
+            return None
         self._unuse(ck, st.deps)
         self._addr_prs.discard(ck)
         for key, c in st.keys.items():
             self._withdraw(key, ck, c)
+        return st
 
     def _use(self, ck: CKey, deps: Iterable[Selector]) -> None:
         users = self._sel_users
@@ -335,7 +381,7 @@ class EndpointPolicy:
         st = self._prs[ck]
         if st.rule is None or st.pr is None:
             return
-        new = self._compute(st.rule, st.pr)
+        new = self._compute(st.rule, st.pr, _KeyReuse((st,)) if st.keys else None)
         self._unuse(ck, st.deps - new.deps)
         self._use(ck, new.deps - st.deps)
         if new.named or new.addresses:

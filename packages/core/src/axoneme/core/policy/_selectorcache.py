@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Collection, Hashable, Iterable, Set
-from typing import Any
+from typing import Any, cast
 
 from axoneme.core.identity import Identity, ReservedIdentity
 from axoneme.core.labels import SOURCE_FQDN, SOURCE_RESERVED, PrefixLabels
@@ -282,22 +282,48 @@ class SelectorCache:
                 return list(mm.members(self._kv, (sel.entity, "")))
         return list(self._idents)
 
-    def add_selector(self, sel: Selector) -> None:
-        """Reference a selector (computing its selection on first use)."""
+    def add_selector(self, sel: Selector) -> Selector:
+        """Reference a selector (computing its selection on first use); returns
+        the instance the cache holds for it (``held``): ``sel`` itself when new."""
         if sel in self._sel:
             mm.ref(self._sel_more, sel)
-            return
+            return self.held(sel) or sel
         if isinstance(sel, FQDNPeer):
             self._fqdn_sels.add(sel)
         fixed = self._wildcard(sel)
         if fixed is not None:
             self._sel[sel] = set(fixed)
-            return
+            return sel
         ids = {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
         self._sel[sel] = _packed(ids)
         for i in ids:
             mm.add(self._by_id, i, sel)
         self._index_selector(sel, add=True)
+        return sel
+
+    def held(self, sel: Selector) -> Selector | None:
+        """The cached instance equal to ``sel`` (the one the cache's tables
+        keep), found through the indexes for a CIDR peer; None otherwise.
+
+        A policy replaced by an equal or overlapping one (a 100k-peer list
+        edited, B5's 50k -> 100k) brings new, equal selectors: the cache keeps
+        the first instances as its keys, so unless the new policy uses those,
+        the agent holds both (issue 17, B5HIST: a /32 peer with its prefix
+        and address ~230 B, 23 MB at 100k). Label selectors are not looked
+        for: a policy has few."""
+        if not isinstance(sel, CIDRPeer) or sel.cidr.prefixlen == 0:
+            return None
+        net = sel.cidr
+        addr = int(net.network_address)
+        if net.prefixlen == net.max_prefixlen:
+            number = self._cidr_ids.get((net.version, net.prefixlen), {}).get(addr)
+            found = () if number is None else mm.members(self._by_id, number)
+        else:
+            found = mm.members(self._sel_by_cidr.get((net.version, net.prefixlen), {}), addr)
+        for cached in found:
+            if cached == sel:
+                return cast("Selector", cached)
+        return None
 
     def fqdn_selectors(self) -> frozenset[FQDNPeer]:
         """The toFQDNs selectors referenced now (O(their number), not O(policies))."""

@@ -40,8 +40,8 @@ from axoneme.core.identity import Identity
 from axoneme.core.policy._engine_endpoints import EngineEndpoints
 from axoneme.core.policy._engine_handout import EngineHandout
 from axoneme.core.policy._engine_state import CIDR_MATCH_MODES, EngineOptions, parse_cidr_match_mode
-from axoneme.core.policy.api import FQDNPeer, Policy, PolicyRef
-from axoneme.core.policy.repository import policy_cidrs, policy_selectors
+from axoneme.core.policy.api import CIDRPeer, FQDNPeer, Peer, Policy, PolicyRef
+from axoneme.core.policy.repository import policy_cidrs, policy_selectors, with_peers
 from axoneme.core.policy.services import (
     Service,
     ServiceKey,
@@ -89,8 +89,15 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
         with self._lock:
             old = self._repo.get(policy.ref)
             changed = self._add_cidrs(policy_cidrs(policy))
+            # the policy keeps the selectors the cache already holds, not equal
+            # copies: a replaced (edited) policy would leave both (B5HIST)
+            held: dict[int, Peer] = {}
             for sel in policy_selectors(policy):
-                self._cache.add_selector(sel)
+                cached = self._cache.add_selector(sel)
+                if cached is not sel and isinstance(cached, CIDRPeer):
+                    held[id(sel)] = cached
+            if held:
+                policy = with_peers(policy, held)
             self._repo.put(policy)
             affected = self._endpoints_selected(policy) | self._dependents(changed)
             if old is not None:

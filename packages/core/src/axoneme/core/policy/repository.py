@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from axoneme.core.labels import Labels
 from axoneme.core.policy._selectorcache import Selector, SelectorCache, cidr_prefixes
-from axoneme.core.policy.api import CIDRPeer, EndpointPeer, Policy, PolicyRef, Rule
+from axoneme.core.policy.api import CIDRPeer, EndpointPeer, Peer, Policy, PolicyRef, Rule
 from axoneme.core.selectors import LabelSelector
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -23,6 +24,19 @@ def policy_selectors(policy: Policy) -> list[Selector]:
             for peer in pr.peers or ():
                 out.append(peer.selector if isinstance(peer, EndpointPeer) else peer)
     return out
+
+
+def with_peers(policy: Policy, held: Mapping[int, Peer]) -> Policy:
+    """``policy`` with each peer whose ``id`` is in ``held`` replaced by the
+    (equal) selector there; the rules without such a peer stay as they are."""
+    rules: list[Rule] = []
+    for rule in policy.rules:
+        prs = tuple(dataclasses.replace(pr, peers=tuple(held.get(id(p), p) for p in pr.peers))
+                    if pr.peers and any(id(p) in held for p in pr.peers) else pr
+                    for pr in rule.rules)
+        changed = any(a is not b for a, b in zip(prs, rule.rules, strict=True))
+        rules.append(dataclasses.replace(rule, rules=prs) if changed else rule)
+    return dataclasses.replace(policy, rules=tuple(rules))
 
 
 def policy_cidrs(policy: Policy) -> list[IPNetwork]:
