@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -187,6 +188,10 @@ static int udp_wait(const char *ip, int port, double secs, long gap_us) {
     /* ppoll's timeout is an hrtimer: SO_RCVTIMEO would round up to a jiffy (1-4 ms) */
     struct pollfd pfd = {u, POLLIN, 0};
     struct timespec gap = {gap_us / 1000000, (gap_us % 1000000) * 1000};
+    /* the default timer slack (50 us) would stretch every gap by up to half
+     * again: the moment the kernel starts letting the probes through would be
+     * seen up to 150 us late instead of 100 */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     while (now() < end) {
         send(u, &seq, sizeof seq, MSG_DONTWAIT);
         wait_sent[seq % WAIT_RING] = now();
