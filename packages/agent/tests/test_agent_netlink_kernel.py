@@ -140,3 +140,31 @@ def test_host_addresses_skip_loopback_and_the_pod_cidr() -> None:
     if got:
         first = got[0]
         assert first not in nl.host_addresses(first + ("/32" if ":" not in first else "/128"))
+
+
+def test_ipv6_address_route_and_neighbour_reach_the_kernel(pod_ns: tuple[str, str]) -> None:
+    """The IPv6 encodings (the product's pods are IPv4 today): what the kernel
+    holds afterwards, read back with ip(8)."""
+    ns, _ = pod_ns
+    subprocess.run(["ip", "-n", ns, "link", "add", "axv6a", "type", "veth", "peer", "name", "axv6b"],
+                   check=True)
+    with Rtnl(f"/run/netns/{ns}") as rt:
+        index = rt.link_index("axv6a")
+        rt.link_up(index)
+        rt.addr_add(index, "fd00:a::7", 128)
+        rt.route_add("fd00:a:1::", 64, index)
+        rt.route_add("fd00:a:2::", 64, index, gateway="fe80::1")
+        rt.neigh_replace(index, "fe80::1", "02:00:00:00:00:01")
+        assert ("fd00:a::7", 128) in [(a.address, a.prefixlen) for a in rt.addr_dump()]
+        with pytest.raises(RtnlError) as err:
+            rt.addr_add(index, "fd00:a::7", 128)  # NLM_F_EXCL: already there
+        assert err.value.errno == 17
+    addrs = _ipj("-n", ns, "-6", "addr", "show", "dev", "axv6a")[0]["addr_info"]
+    assert {(a["local"], a["prefixlen"]) for a in addrs if a["scope"] == "global"} == {("fd00:a::7", 128)}
+    routes = {r["dst"]: r for r in _ipj("-n", ns, "-6", "route", "show", "dev", "axv6a")}
+    assert "gateway" not in routes["fd00:a:1::/64"]
+    assert routes["fd00:a:2::/64"]["gateway"] == "fe80::1"
+    assert {routes[d]["protocol"] for d in ("fd00:a:1::/64", "fd00:a:2::/64")} == {"static"}
+    neigh = _ipj("-n", ns, "-6", "neigh", "show", "dev", "axv6a")
+    assert [(n["dst"], n["lladdr"], n["state"]) for n in neigh] == [
+        ("fe80::1", "02:00:00:00:00:01", ["PERMANENT"])]
