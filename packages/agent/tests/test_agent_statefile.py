@@ -311,3 +311,49 @@ def test_a_file_that_grows_while_read_is_read_whole(tmp_path: Path,
     monkeypatch.setattr(_statefile, "STATE_MAX_BYTES", 100)
     with pytest.raises(StateCorrupt, match="larger than"):
         read_json(str(path))
+
+
+def test_the_journal_is_kept_open_and_reopened_when_its_path_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journal records go to the file kept open (one write each, no open per
+    record: issue 17, B5CUT); a journal removed or replaced behind the agent's
+    back is opened anew, so no record goes to a file the path no longer names;
+    the full write closes and empties it."""
+    import asyncio
+
+    store = _store(tmp_path)
+    asyncio.run(store.persist())
+    opened: list[str] = []
+    real_open = os.open
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(_statefile.os, "open", counted)
+    journal = Path(store.journal_file)
+
+    def change(i: int) -> None:
+        key = f"CiliumNetworkPolicy/default/p{i}"
+        store.policy_docs[key] = _rec(f"p{i}")
+        asyncio.run(store.persist_policies([key], i))
+        asyncio.run(store.flush_journal())
+
+    for i in range(4):
+        change(i)
+    assert opened.count(str(journal)) == 1  # the first record made it, the rest appended
+    assert len(journal.read_bytes().splitlines()) == 4
+    journal.unlink()  # removed behind the agent's back: the next record makes it again
+    change(4)
+    assert [json.loads(x)["seq"] for x in journal.read_bytes().splitlines()] == [5]
+    journal.rename(tmp_path / "old")  # replaced: the next record goes to the new file
+    journal.write_bytes(b"")
+    change(5)
+    assert [json.loads(x)["seq"] for x in journal.read_bytes().splitlines()] == [6]
+    assert opened.count(str(journal)) == 3
+    asyncio.run(store.persist())  # the full write holds every record: the journal goes
+    assert not journal.exists()
+    change(6)
+    assert [json.loads(x)["seq"] for x in journal.read_bytes().splitlines()] == [7]
+    again = _store(tmp_path)
+    assert again.load() is not None and again.policy_docs == store.policy_docs

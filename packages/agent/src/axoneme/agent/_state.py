@@ -37,12 +37,11 @@ from axoneme.agent._errors import StateWriteError
 from axoneme.agent._metrics import AgentMetrics
 from axoneme.agent._records import EndpointRecord, PodRecord
 from axoneme.agent._statefile import (
+    JournalFile,
     StateCorrupt,
-    append_line,
     json_default,
     read_agent_state,
     read_journal,
-    sync_file,
     write_json_atomic,
 )
 from axoneme.core.endpoint import Endpoint
@@ -55,10 +54,14 @@ JOURNAL_MAX_RECORDS = 256
 INLINE_SYNC_S = 0.001  # a journal fdatasync this fast runs on the loop (flush_journal)
 
 
-def _timed_sync(path: str) -> float:
-    """``sync_file(path)``; the seconds it took."""
+# a journal record's JSON (json.dumps builds an encoder per call)
+_RECORD = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=json_default).encode
+
+
+def _timed_sync(journal: JournalFile) -> float:
+    """``journal.sync()``; the seconds it took."""
     t0 = time.perf_counter()
-    sync_file(path)
+    journal.sync()
     return time.perf_counter() - t0
 
 
@@ -121,6 +124,7 @@ class StateStore:
         self._full_written = False  # a full write landed in this run: journal records may follow it
         self._unsynced = False  # journal records written, not yet fdatasync'ed
         self._sync_cost = float("inf")  # how long the last journal fdatasync took
+        self._journal = JournalFile(self.journal_file)  # kept open between records
 
     @property
     def journal_file(self) -> str:
@@ -219,6 +223,7 @@ class StateStore:
         if self._journal_records:
             # the state file holds every record now (journal_seq): a crash
             # before the unlink only replays nothing newer
+            self._journal.close()
             try:
                 os.unlink(self.journal_file)
             except FileNotFoundError:
@@ -247,12 +252,14 @@ class StateStore:
             rec = self.policy_docs.get(key)
             policies[key] = rec if rec is not None and rec.get("source") == "api" else None
         seq = self._journal_seq + 1
-        line = json.dumps({"seq": seq, "policy_revision": revision, "policies": policies},
-                          separators=(",", ":"), sort_keys=True,
-                          default=json_default).encode() + b"\n"
+        line = _RECORD({"seq": seq, "policy_revision": revision, "policies": policies}
+                       ).encode() + b"\n"
+        if self._journal.path != self.journal_file:  # the config names another file now
+            self._journal.close()
+            self._journal = JournalFile(self.journal_file)
         try:
             failpoint("state.write", OSError)
-            append_line(self.journal_file, line, sync=False)
+            self._journal.append(line)
         except OSError as e:
             self._write_failed(self.journal_file, e, strict)
             return
@@ -273,9 +280,9 @@ class StateStore:
         self._unsynced = False
         try:
             if self._sync_cost < INLINE_SYNC_S:
-                self._sync_cost = _timed_sync(self.journal_file)
+                self._sync_cost = _timed_sync(self._journal)
             else:
-                self._sync_cost = await asyncio.to_thread(_timed_sync, self.journal_file)
+                self._sync_cost = await asyncio.to_thread(_timed_sync, self._journal)
         except OSError as e:
             self._sync_cost = float("inf")
             self._write_failed(self.journal_file, e, strict=False)
