@@ -1077,10 +1077,10 @@ class Agent:
         except OSError:
             return ""
 
-    def api(self, timeout: float = 600) -> Any:
+    def api(self, timeout: float = 600, keep_alive: bool = False) -> Any:
         from axoneme.agent.client import AgentClient
 
-        return AgentClient(self.sock, timeout=timeout)
+        return AgentClient(self.sock, timeout=timeout, keep_alive=keep_alive)
 
     def cli(self, *args: str, timeout: float = 120) -> str:
         res = subprocess.run([*self.prefix, AXONEME, *args], capture_output=True, text=True,
@@ -1147,7 +1147,9 @@ def _b5_agent_one(plan: Plan, res: Results, lg: str, cond: str, args: list[str])
         eps = {e["pod"]: e for e in json.loads(agent.cli("endpoint", "list", "-o", "json"))}
         srv_ip, cli_ns = pods["srv"]["ip"], eps["bench/cli"]["netns"]
         srv_ep = eps["bench/srv"]["id"]
-        api = agent.api()
+        # one connection kept for every request, as a controller's client does
+        # (the CLI, a process per call, makes one per call; B5CUT)
+        api = agent.api(keep_alive=True)
     except Exception as e:
         res.not_run[f"B5/agent-{cond}"] = f"agent unusable: {type(e).__name__}: {e}"
         agent.close()
@@ -1177,6 +1179,7 @@ def _b5_agent_one(plan: Plan, res: Results, lg: str, cond: str, args: list[str])
             if not plan.quick and cond == "ebpf":
                 res.trials.append(_agent_adopt(agent, plan.b5a_sizes[-1], srv_ep))
     finally:
+        api.close()
         agent.close()
 
 

@@ -39,11 +39,18 @@ class FakePolicies:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.delay = 0.0
+        self.delay: float | None = 0.0  # None: no await at all (a change that never waits)
+        self.fail: BaseException | None = None  # raised before anything is applied
+        self.checked: list[bool] = []  # json_checked of each apply
 
-    async def apply(self, docs: list[dict[str, Any]]) -> dict[str, Any]:
-        await asyncio.sleep(self.delay)
-        pols = [parse_policy_obj(d.get("obj"), str(d.get("file", "<api>"))) for d in docs]
+    async def apply(self, docs: list[dict[str, Any]], json_checked: bool = False) -> dict[str, Any]:
+        if self.fail is not None:
+            raise self.fail
+        if self.delay is not None:
+            await asyncio.sleep(self.delay)
+        self.checked.append(json_checked)
+        pols = [parse_policy_obj(d.get("obj"), str(d.get("file", "<api>")), 0, False, json_checked)
+                for d in docs]
         self.calls.append(("apply", [p.ref.name for p in pols]))
         return {"revision": 7, "applied": [p.ref.name for p in pols], "errors": {}}
 
@@ -300,3 +307,192 @@ def test_a_connection_is_freed_without_the_cyclic_gc(served: Served,
     finally:
         gc.enable()
     assert len(made) == 2 and alive == 0
+
+
+def _keep(method: str, path: str, body: bytes, version: str = "1.1",
+          headers: dict[str, str] | None = None) -> bytes:
+    """A request that keeps its connection (no Connection: close)."""
+    head = [f"{method} {path} HTTP/{version}", "Host: localhost",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _read_answer(s: socket.socket) -> tuple[int, dict[str, str], Any]:
+    """One answer read off a kept connection (by its Content-Length)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed before an answer: {buf!r}"
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int(next(v for k, _, v in (x.partition(b":") for x in head.split(b"\r\n")[1:])
+                      if k.lower() == b"content-length"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk
+        body += chunk
+    assert len(body) == length  # nothing more was sent
+    return _answer(head + b"\r\n\r\n" + body)
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(5)
+    return s.recv(1) == b""
+
+
+APPLY = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode()
+
+
+@pytest.mark.parametrize("delay", [None, 0.0], ids=["never-waits", "waits"])
+def test_keep_alive_serves_requests_on_one_connection(served: Served, delay: float | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that keeps its connection: a change, a bad request, a change
+    again and a delete, each answered on the same connection (one FrontConn),
+    whether the handler ran to its end at once (eager) or waited (a task)."""
+    made: list[FrontConn] = []
+    real_init = FrontConn.__init__
+
+    def init(self: FrontConn, *args: Any) -> None:
+        real_init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(FrontConn, "__init__", init)
+    served.policies.delay = delay
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(served.path)
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    status, hdrs, value = _read_answer(s)
+    assert status == 200 and value["applied"] == ["web"] and "connection" not in hdrs
+    s.sendall(_keep("POST", "/v1/policies", b"{not json"))
+    status, hdrs, value = _read_answer(s)
+    assert status == 400 and "connection" not in hdrs
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    assert _read_answer(s)[0] == 200
+    ref = {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "web"}
+    s.sendall(_keep("POST", "/v1/policies/delete", json.dumps({"refs": [ref]}).encode(),
+                    headers={"Connection": "close"}))
+    status, hdrs, value = _read_answer(s)
+    assert status == 200 and value["removed"] == ["web"] and hdrs["connection"] == "close"
+    assert _closed(s)
+    s.close()
+    assert len(made) == 1
+    assert served.policies.calls == [("apply", ["web"]), ("apply", ["web"]), ("delete", ["web"])]
+
+
+def test_a_handler_that_raises_at_once_is_answered_and_the_connection_kept(
+        served: Served) -> None:
+    """The handler raising in its first (eager) step: the error mapping's
+    answer, and the connection serves the next request."""
+    served.policies.fail = RuntimeError("boom")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(served.path)
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    status, _, value = _read_answer(s)
+    assert status == 500 and "boom" in value["error"]
+    served.policies.fail = None
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    status, _, value = _read_answer(s)
+    assert status == 200 and value["applied"] == ["web"]
+    s.close()
+
+
+def test_a_client_that_half_closes_is_answered_then_closed(served: Served) -> None:
+    """A keep-alive request then the client's write side shut: answered, then
+    the connection closed (not kept for a request that cannot come)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(served.path)
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    s.shutdown(socket.SHUT_WR)
+    status, _, value = _read_answer(s)
+    assert status == 200 and value["applied"] == ["web"]
+    assert _closed(s)
+    s.close()
+
+
+def test_a_pipelined_request_is_not_served_and_the_connection_closes(served: Served) -> None:
+    """Two changes in one write (the second sent before the first's answer):
+    the first is served whole (its path, headers and body untouched by the
+    second's), its answer closes the connection, the second is not applied."""
+    other = json.dumps({"documents": [{"obj": {**POLICY, "metadata": {"name": "other"}}}]}).encode()
+    raw = served.raw(_keep("POST", "/v1/policies", APPLY) + _keep("POST", "/v1/policies", other))
+    status, hdrs, value = _answer(raw)
+    assert status == 200 and value["applied"] == ["web"] and hdrs["connection"] == "close"
+    assert raw.count(b"HTTP/1.1") == 1
+    assert served.policies.calls == [("apply", ["web"])]
+
+
+def test_http10_closes_unless_it_asks_to_keep(served: Served) -> None:
+    """HTTP/1.0 closes after the answer; with Connection: keep-alive it is kept
+    (and the answer says so)."""
+    status, hdrs, _ = _answer(served.raw(_keep("POST", "/v1/policies", APPLY, version="1.0")))
+    assert status == 200 and hdrs["connection"] == "close"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(served.path)
+    for _ in range(2):
+        s.sendall(_keep("POST", "/v1/policies", APPLY, version="1.0",
+                        headers={"Connection": "keep-alive"}))
+        status, hdrs, _ = _read_answer(s)
+        assert status == 200 and hdrs["connection"] == "keep-alive"
+    s.close()
+
+
+def test_an_idle_kept_connection_is_closed(served: Served,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept connection with no request for KEEP_ALIVE_S is closed by the agent."""
+    from axoneme.agent import _apifast
+
+    monkeypatch.setattr(_apifast, "KEEP_ALIVE_S", 0.2)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(served.path)
+    s.sendall(_keep("POST", "/v1/policies", APPLY))
+    assert _read_answer(s)[0] == 200
+    t0 = time.monotonic()
+    assert _closed(s)
+    assert time.monotonic() - t0 < 5
+    s.close()
+
+
+def test_the_client_keeps_its_connection(served: Served,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """AgentClient(keep_alive=True): changes, an error and an aiohttp route on
+    one connection; after the agent closed it (idle), the next request makes
+    a new one; close() ends it. Without keep_alive, one connection each."""
+    from axoneme.agent import _apifast
+
+    made: list[FrontConn] = []
+    real_init = FrontConn.__init__
+
+    def init(self: FrontConn, *args: Any) -> None:
+        real_init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(FrontConn, "__init__", init)
+    doc = {"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}
+    api = AgentClient(served.path, timeout=10, keep_alive=True)
+    assert api.post("/v1/policies", doc)["applied"] == ["web"]
+    with pytest.raises(AgentBadRequest):
+        api.post("/v1/policies", {"documents": [{"obj": {**POLICY, "kind": "Pod"}}]})
+    assert api.post("/v1/policies", doc)["applied"] == ["web"]
+    assert api.get("/v1/healthz") == {"ok": True}  # handed to aiohttp, which keeps it too
+    assert api.post("/v1/policies", doc)["applied"] == ["web"]
+    assert len(made) == 1
+    api.close()  # aiohttp has that connection now (it keeps it 75 s)
+    assert api._sock is None
+    monkeypatch.setattr(_apifast, "KEEP_ALIVE_S", 0.1)
+    assert api.post("/v1/policies/delete", {"refs": [
+        {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "web"}]})["removed"]
+    assert len(made) == 2
+    time.sleep(0.5)  # the agent closes it
+    assert api.post("/v1/policies", doc)["applied"] == ["web"]
+    assert len(made) == 3
+    api.close()
+    once = AgentClient(served.path, timeout=10)
+    for _ in range(2):
+        once.post("/v1/policies", doc)
+    assert len(made) == 5

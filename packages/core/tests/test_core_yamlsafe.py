@@ -3,14 +3,18 @@ crash, a freeze or a huge allocation (issue 13 items 2-4)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 from axoneme.core import yamlsafe
 from axoneme.core.yamlsafe import MAX_DEPTH, HugeInt, InputError, load_all, load_json, load_one
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def error_of(data: str | bytes, json_: bool = False) -> InputError:
@@ -196,3 +200,38 @@ def test_deep_api_object_is_refused_without_recursion() -> None:
            "spec": {"endpointSelector": {}}, "status": deep}
     with pytest.raises(InvalidRule, match="nesting deeper than 100 levels"):
         parse_policy_obj(obj)
+
+
+# --- json_text_safe: a proof from the text that json_problem finds nothing ---------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON_VALUES, st.sampled_from([2, 5, 100]))
+def test_json_text_safe_implies_no_json_problem(value: Any, depth: int) -> None:
+    """Whatever text json_text_safe passes decodes to a value json_problem
+    finds nothing in (at the same depth bound): the parser may skip that walk."""
+    text = json.dumps(value).encode()
+    if yamlsafe.json_text_safe(text, depth):
+        assert yamlsafe.json_problem(json.loads(text), depth) is None
+
+
+@pytest.mark.parametrize("text,safe", [
+    (b'{"a": [1, "x", true, null, 1.5, -7]}', True),
+    (b'{"a": NaN}', False),
+    (b'{"a": -Infinity}', False),
+    (b'{"a": 1e400}', False),  # decodes to inf
+    (b'{"a": 9223372036854775808}', False),  # int64 + 1
+    (b'{"a": "NaN is a string here"}', False),  # not proven: json_problem decides
+    (b"[" * 100 + b"]" * 100, True),
+    (b"[" * 101 + b"]" * 101, False),
+])
+def test_json_text_safe_cases(text: bytes, safe: bool) -> None:
+    assert yamlsafe.json_text_safe(text) is safe
+    if not safe and b"string" not in text:
+        assert yamlsafe.json_problem(json.loads(text)) is not None

@@ -14,7 +14,7 @@ from aiohttp import web
 from axoneme.agent import _audit as audit
 from axoneme.agent import _gcpause
 from axoneme.agent._agent import Agent
-from axoneme.agent._apifast import HotHandler
+from axoneme.agent._apifast import CheckedJSON, HotHandler
 from axoneme.agent._errors import BadRequest, Conflict, NotFound, StateWriteError, TryAgain
 from axoneme.agent._flowstore import FlowFilter, flow_from_json
 from axoneme.core import failpoints
@@ -160,7 +160,8 @@ def build_app(agent: Agent) -> web.Application:
         if not adopted.is_set():  # the front (_apifast) skips the middlewares
             await adopted.wait()
         body = await read()
-        return 200, await policies.apply(body.get("documents") or [])
+        return 200, await policies.apply(body.get("documents") or [],
+                                         json_checked=type(body) is CheckedJSON)
 
     async def delete_hot(read: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, Any]:
         k8s_policies_only()

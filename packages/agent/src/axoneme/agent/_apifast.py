@@ -12,11 +12,18 @@ front's (``Front``): each accepted connection (``FrontConn``) is read with
    body (a Content-Length, no Transfer-Encoding, no ``Expect``, a JSON or no
    Content-Type, no query) is served here: the same handler function as the
    aiohttp route (``_api``), the same error mapping (``_api.error_reply``),
-   the same JSON; the answer carries ``Connection: close`` (the agent's
-   clients make one connection per request);
+   the same JSON. The connection is kept for the client's next request when
+   HTTP/1.1 says so (no ``Connection: close``; HTTP/1.0 with ``keep-alive``):
+   a client that keeps its connection (``AgentClient(keep_alive=True)``, a
+   controller) spares each change the connect, the accept and a new
+   ``FrontConn`` (issue 17, B5CUT). A kept connection idle for
+   ``KEEP_ALIVE_S`` is closed, as aiohttp's keep-alive timeout does. A
+   request pipelined behind a hot one (sent before its answer) is not served:
+   the answer says ``Connection: close``;
 2. anything else (every other route, an unusual request, one llhttp refuses)
    is handed to aiohttp untouched: its protocol takes the connection
-   (``connect_accepted_socket``) and is given every byte read so far first,
+   (``connect_accepted_socket``) and is given every byte read so far first
+   (of this request: a kept connection's earlier requests were the front's),
    so every route keeps its contract.
 
 A hot request is never cancelled when its client goes away (aiohttp's
@@ -27,15 +34,19 @@ waits for those in flight when the agent stops.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+import types
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from http import HTTPStatus
 from typing import Any
 
 import httptools
 from aiohttp import web
+from axoneme.core.yamlsafe import json_text_safe
 
 LOG = logging.getLogger(__name__)
 
@@ -46,18 +57,39 @@ HotHandler = Callable[[Callable[[], Awaitable[dict[str, Any]]]], Awaitable[tuple
 # (status, JSON body) of a request that raised: (exception, method, path)
 ErrorReply = Callable[[BaseException, str, str], tuple[int, Any]]
 
+# a kept connection with no request for this long is closed (aiohttp: 75 s)
+KEEP_ALIVE_S = 60.0
+# one read's buffer, shared by the connections (the loop reads one at a time):
+# a fresh 256 KiB ``recv`` buffer per read is over the C heap's mmap threshold
+# (an mmap, mremap and munmap per request: ~0.1 ms on a cold agent, B5CUT)
+READ_SIZE = 262144
+
 _JSON_TYPES = frozenset({b"", b"application/json", b"application/json; charset=utf-8",
                          b"application/json;charset=utf-8"})
 
 
+# an answer's Connection header: closing, or kept (HTTP/1.1 keeps by default)
+_CLOSE = "Connection: close\r\n"
+_KEEP = {"1.0": "Connection: keep-alive\r\n"}
+
+
+class CheckedJSON(dict):  # type: ignore[type-arg]
+    """A request body decoded from JSON text that ``yamlsafe.json_text_safe``
+    passed: nothing in it can fail the policy parser's JSON round-trip check
+    (``parse_policy(json_checked=True)`` skips that walk; issue 17, B5CUT)."""
+
+    __slots__ = ()
+
+
 class _Request:
-    __slots__ = ("url", "headers", "body", "complete")
+    __slots__ = ("url", "headers", "body", "complete", "keep")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.complete = False
+        self.keep = False  # the client keeps the connection (llhttp's verdict when whole)
 
 
 class _Replay(asyncio.Protocol):
@@ -94,38 +126,60 @@ class FrontConn:
         self.hot: HotHandler | None = None
         self.judged = False  # the head was read: hot or handed over
         self.reading = False
+        # a request began after the one being served was whole (pipelined):
+        # not served, the connection closes after the answer
+        self.pipelined = False
+        self.serving = False  # a hot request is being served (eagerly or in a task)
+        self.idle: asyncio.TimerHandle | None = None  # a kept connection's timeout
 
     def start(self) -> None:
         self.front.conns.add(self)
         self.readable()  # the request is often there already
-        if not self.judged or (self.hot is not None and not self.req.complete):
+        if self._ours() and not self.reading and not self.serving:
             self.reading = True
             self.front.loop.add_reader(self.sock.fileno(), self.readable)
 
+    def _ours(self) -> bool:
+        """Neither closed nor handed (or being handed) to aiohttp."""
+        return self.parser is not None and not (self.judged and self.hot is None)
+
     def readable(self) -> None:
+        if self.serving:
+            # bytes (a pipelined request) or EOF while a change is served: read
+            # once it is answered, not again and again meanwhile
+            self._stop_reading()
+            return
+        buf = self.front.rbuf
         try:
-            data = self.sock.recv(262144)
+            n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:  # the client went away before its request was whole
+            n = 0
+        if not n:  # the client went away before its request was whole (or when idle)
             self.close()
             return
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        data = buf[:n]
         if not self.judged:
             self.raw += data
         try:
             assert self.parser is not None  # not read once done
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self.judged = True
-            self.hot = None  # aiohttp says what is wrong with it
+            if self.req.complete and self.hot is not None:
+                self.pipelined = True  # garbage behind a whole request: served, then closed
+            else:
+                self.judged = True
+                self.hot = None  # aiohttp says what is wrong with it
         if self.judged and self.hot is None:
             self._stop_reading()
             self._spawn(self._hand_over())
         elif self.req.complete and self.hot is not None:
-            self._stop_reading()
-            self._spawn(self._serve(self.hot))
+            self.serving = True
+            self._run(self._serve(self.hot))
 
     def _stop_reading(self) -> None:
         if self.reading:
@@ -137,8 +191,27 @@ class FrontConn:
         self.front.inflight.add(task)
         task.add_done_callback(self.front.inflight.discard)
 
+    def _run(self, coro: Any) -> None:
+        """Run ``coro`` here, now, to its end or until it must wait (eagerly, as
+        3.12's eager tasks): a small policy change never waits (the journal's
+        fdatasync on a fast disk, a one-entry map write, the answer's send all
+        run on the loop), so it needs no task and no trip round the loop (issue
+        17, B5CUT). One that waits is continued by a task, in the same context
+        (``contextvars``: the handler's first step ran in it)."""
+        ctx = contextvars.copy_context()
+        try:
+            pending = ctx.run(coro.send, None)
+        except StopIteration:
+            return
+        task = self.front.loop.create_task(_resume(coro, pending), context=ctx)
+        self.front.inflight.add(task)
+        task.add_done_callback(self.front.inflight.discard)
+
     def close(self) -> None:
         self._stop_reading()
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
         self.front.conns.discard(self)
         self.sock.close()
         self._drop_parser()
@@ -153,15 +226,24 @@ class FrontConn:
         self.parser = None
 
     # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.req.complete:
+            self.pipelined = True  # its callbacks leave the request being served alone
+
     def on_url(self, url: bytes) -> None:
-        self.req.url += url
+        if not self.pipelined:
+            self.req.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.pipelined:
+            return
         key = name.lower()
         # a repeated header (two Content-Lengths...) is aiohttp's to judge
         self.req.headers[key] = value if key not in self.req.headers else b"\0repeated"
 
     def on_headers_complete(self) -> None:
+        if self.pipelined:
+            return
         self.judged = True
         h = self.req.headers
         assert self.parser is not None  # its own callback
@@ -175,11 +257,14 @@ class FrontConn:
             self.raw = bytearray()
 
     def on_body(self, body: bytes) -> None:
-        if self.hot is not None:
+        if self.hot is not None and not self.pipelined:
             self.req.body.append(body)
 
     def on_message_complete(self) -> None:
-        self.req.complete = True
+        if not self.pipelined:
+            self.req.complete = True
+            assert self.parser is not None  # its own callback
+            self.req.keep = self.parser.should_keep_alive()
 
     # -- the two ways on ----------------------------------------------------------------------
     async def _hand_over(self) -> None:
@@ -199,6 +284,7 @@ class FrontConn:
         method = parser.get_method().decode("latin-1")
         path = self.req.url.decode("latin-1")
         body = b"".join(self.req.body)
+        kept = False
 
         async def read() -> dict[str, Any]:
             if not body:
@@ -208,7 +294,7 @@ class FrontConn:
                 from axoneme.agent._errors import BadRequest
 
                 raise BadRequest("request body must be a JSON object")
-            return data
+            return CheckedJSON(data) if json_text_safe(body) else data
 
         try:
             try:
@@ -221,14 +307,53 @@ class FrontConn:
                 LOG.exception("%s %s: answer not JSON", method, path)
                 status, payload = 500, json.dumps({"error": f"internal error: {e}"}).encode()
             version = parser.get_http_version()
+            keep = self.req.keep and not self.pipelined
             head = (f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
                     f"Content-Type: application/json; charset=utf-8\r\n"
-                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+                    f"Content-Length: {len(payload)}\r\n"
+                    f"{_KEEP.get(version, '') if keep else _CLOSE}\r\n").encode()
             await self.front.loop.sock_sendall(self.sock, head + payload)
+            # the agent stopping (Front.close) does not wait for the next request
+            kept = keep and not self.pipelined and self.front.listener is not None
         except OSError:
             pass  # the client went away; the change itself was done
         finally:
-            self.close()  # also when cancelled (the agent stopping)
+            self.serving = False
+            if kept:
+                self._next()
+            else:
+                self.close()  # also when cancelled (the agent stopping)
+
+    def _next(self) -> None:
+        """A kept connection waits for its next request (the parser, past the
+        last one, reads it)."""
+        self.req = _Request()
+        self.hot = None
+        self.judged = False
+        self.raw = bytearray()
+        self.idle = self.front.loop.call_later(KEEP_ALIVE_S, self.close)
+        if not self.reading:
+            self.reading = True
+            self.front.loop.add_reader(self.sock.fileno(), self.readable)
+
+
+@types.coroutine
+def _resume(coro: Any, pending: Any) -> Generator[Any, None, Any]:
+    """The rest of ``coro``, already started and waiting on ``pending`` (what
+    its last step yielded), for a task to drive: the task waits for
+    ``pending``, then each step goes on in ``coro`` (a cancellation is thrown
+    into it)."""
+    while True:
+        try:
+            yield pending
+        except BaseException as e:  # noqa: BLE001 - the task's cancellation, for coro
+            step = functools.partial(coro.throw, e)
+        else:
+            step = functools.partial(coro.send, None)
+        try:
+            pending = step()
+        except StopIteration as stop:
+            return stop.value
 
 
 class Front:
@@ -245,6 +370,7 @@ class Front:
         self.inflight: set[asyncio.Task[None]] = set()
         self.conns: set[FrontConn] = set()
         self.listener: socket.socket | None = None
+        self.rbuf = memoryview(bytearray(READ_SIZE))
 
     def listen(self, path: str, backlog: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -170,16 +170,19 @@ class PolicyService:
         self.rev_base = max(0, self.store.saved_revision - self.engine.revision)
 
     # -- changes -------------------------------------------------------------------------
-    async def apply(self, docs: Sequence[Mapping[str, Any]], source: str = API) -> dict[str, Any]:
+    async def apply(self, docs: Sequence[Mapping[str, Any]], source: str = API,
+                    json_checked: bool = False) -> dict[str, Any]:
         """Parse documents (``{"file", "index", "obj"}``) and upsert them; InvalidRule
-        with every problem of every document, nothing applied."""
+        with every problem of every document, nothing applied. ``json_checked``:
+        decoded from JSON text that ``yamlsafe.json_text_safe`` passed."""
         with _gcpause.paused():  # a 50k-peer policy: a million objects (see _gcpause)
             parsed = []
             problems = []
             for d in docs:
                 try:
                     parsed.append((parse_policy_obj(d.get("obj"), str(d.get("file", "<api>")),
-                                                    int(d.get("index", 0)), self.services_source),
+                                                    int(d.get("index", 0)), self.services_source,
+                                                    json_checked),
                                    d))
                 except InvalidRule as e:
                     problems.extend(e.problems)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -90,11 +92,23 @@ def _with_query(path: str, query: dict[str, Any] | None) -> str:
 
 
 class AgentClient:
-    """Synchronous JSON requests, one connection each (the agent is local)."""
+    """Synchronous JSON requests (the agent is local).
 
-    def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0) -> None:
+    One connection per request, unless ``keep_alive``: then the client keeps
+    its connection for the next request (the agent's policy changes keep it
+    too; its other routes are aiohttp's, which keeps it as well), as a
+    controller or kubectl does: each request spares the connect and the
+    agent's accept (issue 17, B5CUT). A kept connection the agent closed
+    meanwhile (idle, restarted) is noticed before the request goes out and a
+    new one made; ``close()`` ends it. Requests on one client are serialized."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0,
+                 keep_alive: bool = False) -> None:
         self.socket_path = resolve_socket(socket_path)
         self.timeout = timeout
+        self.keep_alive = keep_alive
+        self._sock: socket.socket | None = None  # the kept connection
+        self._lock = threading.Lock()
 
     def _conn(self, timeout: float | None) -> _UnixConnection:
         conn = _UnixConnection(self.socket_path, timeout)
@@ -103,6 +117,41 @@ class AgentClient:
         except OSError as e:
             raise AgentUnreachable(self.socket_path, f"cannot connect: {e}") from e
         return conn
+
+    def close(self) -> None:
+        """Ends the kept connection (if any); the next request makes a new one."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kept(self, timeout: float | None) -> socket.socket:
+        """The kept connection, alive (the agent has not closed it), else a new one."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                # an idle connection has nothing to read: readable (EOF, an error,
+                # stray bytes) means the agent is done with it
+                alive = not select.select([sock], [], [], 0)[0]
+            except (OSError, ValueError):
+                alive = False
+            if alive:
+                sock.settimeout(timeout)
+                return sock
+            self._drop()
+        conn = self._conn(timeout)
+        assert conn.sock is not None
+        self._sock, conn.sock = conn.sock, None
+        return self._sock
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
                 timeout: float | None = None) -> Any:
@@ -120,13 +169,40 @@ class AgentClient:
             head.append("Content-Length: 0")
         if any(c <= " " or c == "\x7f" for c in head[0][len(method) + 1:-9]):
             raise http.client.InvalidURL(f"URL can't contain control characters: {path!r}")
-        conn = self._conn(timeout if timeout is not None else self.timeout)
+        wire = "\r\n".join(head).encode("ascii") + b"\r\n\r\n" + (data or b"")
+        timeout = timeout if timeout is not None else self.timeout
+        if not self.keep_alive:
+            conn = self._conn(timeout)
+            try:
+                assert conn.sock is not None
+                status, payload, _ = self._exchange(conn.sock, method, wire)
+            finally:
+                conn.close()
+        else:
+            with self._lock:
+                sock = self._kept(timeout)
+                reusable = False
+                try:
+                    status, payload, reusable = self._exchange(sock, method, wire)
+                finally:
+                    if not reusable:
+                        self._drop()
+        if status >= 400:
+            body_d = payload if isinstance(payload, dict) else None
+            msg = str(body_d.get("error", body_d)) if body_d is not None else str(payload)
+            if status in BAD_REQUEST_STATUSES:
+                raise AgentBadRequest(status, msg, body_d)
+            raise AgentError(status, msg, body_d)
+        return payload
+
+    def _exchange(self, sock: socket.socket, method: str, wire: bytes) -> tuple[int, Any, bool]:
+        """Send one request, read its answer: (status, the decoded answer,
+        whether the connection can carry another request)."""
         resp = None
         try:
             try:
-                assert conn.sock is not None
-                conn.sock.sendall("\r\n".join(head).encode("ascii") + b"\r\n\r\n" + (data or b""))
-                resp = http.client.HTTPResponse(conn.sock, method=method)
+                sock.sendall(wire)
+                resp = http.client.HTTPResponse(sock, method=method)
                 resp.begin()
                 raw = resp.read()
             except (TimeoutError, ConnectionError) as e:
@@ -136,18 +212,11 @@ class AgentClient:
                 try:
                     payload = json.loads(raw) if raw else None
                 except json.JSONDecodeError:
-                    pass  # keep the text: the error below or the caller shows it
-            if resp.status >= 400:
-                body_d = payload if isinstance(payload, dict) else None
-                msg = str(body_d.get("error", body_d)) if body_d is not None else str(payload)
-                if resp.status in BAD_REQUEST_STATUSES:
-                    raise AgentBadRequest(resp.status, msg, body_d)
-                raise AgentError(resp.status, msg, body_d)
-            return payload
+                    pass  # keep the text: the error raised or the caller shows it
+            return resp.status, payload, not resp.will_close
         finally:
             if resp is not None:
                 resp.close()
-            conn.close()
 
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)

@@ -30,6 +30,7 @@ that never embeds more than a short excerpt of the input.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from axoneme.core.errors import AxonemeError
 
 __all__ = [
     "MAX_DEPTH", "MAX_EXPANDED_BYTES", "MAX_EXPANDED_NODES", "MAX_INT_CHARS", "HugeInt",
-    "InputError", "excerpt", "iter_load_all", "json_problem", "load_all", "load_json", "load_one",
+    "InputError", "excerpt", "iter_load_all", "json_problem", "json_text_safe", "load_all", "load_json", "load_one",
 ]
 
 # Real policies nest about 10 levels (specs[].egress[].toPorts[].rules.http[]
@@ -461,6 +462,24 @@ def json_problem(obj: Any, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None
         if bad is not None:
             return _path(link), bad
     return None
+
+
+# what in JSON text could decode to something json_problem objects to: NaN and
+# infinities (json.loads takes them, and a float literal with an exponent may
+# overflow to one) and integers of 19+ digits (int64 has 19)
+_JSON_SUSPECT = re.compile(rb"NaN|Infinity|[0-9][eE]|[0-9]{19}")
+
+
+def json_text_safe(text: bytes, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether ``json.loads(text)``, and every part of it, is proven to pass
+    ``json_problem`` from the text alone: no more brackets than ``max_depth``
+    (so no deeper nesting), no NaN or infinity token, no float literal with
+    an exponent, no run of 19+ digits (JSON keys are strings). False says
+    only "not proven" (the text may be fine; ``json_problem`` decides): a
+    suspect run inside a string is enough. A scan of the bytes, no walk of
+    the decoded objects (issue 17, B5CUT: the API's small policy bodies)."""
+    return (text.count(b"{") + text.count(b"[") <= max_depth
+            and _JSON_SUSPECT.search(text) is None)
 
 
 # scalar types json_problem never objects to (exact types: a HugeInt is an int)

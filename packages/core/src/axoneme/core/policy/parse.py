@@ -90,12 +90,14 @@ _METADATA_FIELDS = (
 )
 
 
-def parse_policy(doc: Document, services: bool = False) -> Policy:
+def parse_policy(doc: Document, services: bool = False, json_checked: bool = False) -> Policy:
     """Parse one document; raises ``InvalidRule`` listing all its problems.
 
     ``services``: a Service source will resolve ``toServices`` (the agent in
     Kubernetes mode, an offline command given Services); without one it is
-    refused."""
+    refused. ``json_checked``: the document was decoded from JSON text that
+    ``yamlsafe.json_text_safe`` passed, so the JSON round-trip check below
+    cannot find a problem and is skipped."""
     w = Walker(doc.file, doc.index)
     parser = _Parser(w)
     parser.services = services
@@ -106,16 +108,17 @@ def parse_policy(doc: Document, services: bool = False) -> Policy:
     # (Policy.raw), sent as JSON and persisted, so it must also survive a
     # JSON round trip and the state file's bounds (e.g. `status` holding a
     # huge integer or NaN would be accepted, then refused at the next start).
-    bad = yamlsafe.json_problem(doc.obj)
+    bad = None if json_checked else yamlsafe.json_problem(doc.obj)
     if bad is not None:
         raise InvalidRule([make_problem(doc.file, doc.index, bad[0], bad[1])])
     return policy
 
 
 def parse_policy_obj(obj: Any, file: str = "<api>", index: int = 0,
-                     services: bool = False) -> Policy:
-    """Parse an already-decoded object (e.g. from the API)."""
-    return parse_policy(Document(file, index, obj), services)
+                     services: bool = False, json_checked: bool = False) -> Policy:
+    """Parse an already-decoded object (e.g. from the API); ``json_checked``:
+    see ``parse_policy``."""
+    return parse_policy(Document(file, index, obj), services, json_checked)
 
 
 def parse_policies(paths: Sequence[str], services: bool = False) -> list[Policy]:
