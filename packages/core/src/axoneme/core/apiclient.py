@@ -145,7 +145,8 @@ class AgentClient:
             except (OSError, ValueError):
                 alive = False
             if alive:
-                sock.settimeout(timeout)
+                if sock.gettimeout() != timeout:  # settimeout is a syscall (ioctl)
+                    sock.settimeout(timeout)
                 return sock
             self._drop()
         conn = self._conn(timeout)
