@@ -71,7 +71,10 @@ class LabelSelector:
         return cls(frozenset(reqs))
 
     def matches(self, labels: Labels) -> bool:
-        return all(r.matches(labels) for r in self.requirements)
+        for r in self.requirements:  # a loop, not all() over a generator (B5ENGINE)
+            if not r.matches(labels):
+                return False
+        return True
 
     @property
     def is_wildcard(self) -> bool:

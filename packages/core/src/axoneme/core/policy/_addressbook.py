@@ -80,6 +80,8 @@ def _peer_addresses(pr: PeerRule, book: Callable[[], AddressBook], cidr_match: f
         uses = True
         for a in book().in_block(peer, kinds):
             found.setdefault(a.address, a)
+    if not found:  # the usual peer rule: no sort, no comprehension (B5ENGINE)
+        return [], uses
     return [found[k] for k in sorted(found)], uses
 
 

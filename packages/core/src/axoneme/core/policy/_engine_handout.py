@@ -82,7 +82,7 @@ class EngineHandout(EngineState):
                 else:
                     changes = touched_changes(pol)
                 pol.touched = {}
-                if changes:
+                if changes.adds or changes.deletes:  # MapChanges.__bool__ without its call
                     out[eid] = changes
             self._dirty.clear()
             return out

@@ -192,11 +192,6 @@ class EngineState:
         """Whether the endpoint is in audit mode (agent-wide or its own)."""
         return self.options.policy_audit_mode or endpoint_id in self._audit_endpoints
 
-    def _opaque(self, endpoint_id: int, rules: Sequence[Rule]) -> bool:
-        """Endpoints resolved whole, not incrementally: mode never, audit mode, staged rules."""
-        return (self.options.enforcement_mode == "never" or self.audit_mode(endpoint_id)
-                or any(r.audit for r in rules))
-
     def _new_policy(self, ep: Endpoint) -> EndpointPolicy:
         return EndpointPolicy(ep, self._cache, self._address_book, self.options.enforcement_mode,
                               self.options.allow_localhost, self.options.proxy_port,
@@ -213,7 +208,17 @@ class EngineState:
         ep = self._endpoints[endpoint_id]
         rules = self._rules_of(ep)
         pol = self._policies.get(endpoint_id)
-        if self._opaque(endpoint_id, rules):
+        # resolved whole, not incrementally: mode never, audit mode (``audit_mode``
+        # inline), staged rules
+        opts = self.options
+        opaque = (opts.enforcement_mode == "never" or opts.policy_audit_mode
+                  or endpoint_id in self._audit_endpoints)
+        if not opaque:
+            for r in rules:  # a loop, not any() over a generator (B5ENGINE)
+                if r.audit:
+                    opaque = True
+                    break
+        if opaque:
             conflicts: list[str] = []
             try:
                 res = self._compute(endpoint_id, strict=True)

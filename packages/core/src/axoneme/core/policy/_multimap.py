@@ -29,6 +29,10 @@ class _Many(set):  # type: ignore[type-arg]
     __slots__ = ()
 
 
+# for readers that inline ``members`` on a hot path: ``type(cur) is MANY``
+MANY = _Many
+
+
 def add(d: MutableMapping[K, Any], key: K, member: Hashable) -> bool:
     """Add ``member`` under ``key``; True when the key is new."""
     cur = d.get(key, _NONE)
@@ -104,7 +108,9 @@ def members(d: MutableMapping[K, Any] | dict[K, Any], key: K) -> Collection[Any]
     cur = d.get(key, _NONE)
     if cur is _NONE:
         return ()
-    return cast("Collection[Any]", cur) if type(cur) is _Many else (cur,)
+    # no typing.cast here: a call on every lookup of the engine's indexes (issue 17, B5ENGINE)
+    many: Collection[Any] = cur
+    return many if type(cur) is _Many else (cur,)
 
 
 def pop(d: MutableMapping[K, Any], key: K) -> Collection[Any]:
@@ -115,4 +121,4 @@ def pop(d: MutableMapping[K, Any], key: K) -> Collection[Any]:
     return cast("Collection[Any]", cur) if type(cur) is _Many else (cur,)
 
 
-__all__ = ["add", "discard", "members", "pop", "ref", "shrink", "unref"]
+__all__ = ["MANY", "add", "discard", "members", "pop", "ref", "shrink", "unref"]

@@ -109,7 +109,11 @@ def _port_l4s(pp: PortProtocol, endpoint: Endpoint) -> list[L4]:
         blocks = port_range_to_prefixes(pp.port, pp.end_port)
     else:
         blocks = [(pp.port, PORT_BITS)]
-    return [(p, port, plen) for p in protos for port, plen in blocks]
+    out: list[L4] = []
+    for p in protos:  # loops, not a comprehension's call (B5ENGINE)
+        for port, plen in blocks:
+            out.append((p, port, plen))
+    return out
 
 
 Target = tuple[int, str]  # (identity, "") or (ADDRESS_IDENTITY, address)
@@ -133,7 +137,8 @@ def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint
             if pp.name and pr.direction is Direction.EGRESS:
                 named.append((pp, l7))
             else:
-                out.extend((l4, l7) for l4 in _port_l4s(pp, endpoint))
+                for l4 in _port_l4s(pp, endpoint):  # no generator's call (B5ENGINE)
+                    out.append((l4, l7))
     for icmp in pr.icmps:
         proto = Protocol.ICMPV6 if icmp.family.lower() == "ipv6" else Protocol.ICMP
         out.append(((proto, icmp.type, PORT_BITS), None))

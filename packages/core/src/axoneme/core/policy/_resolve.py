@@ -119,6 +119,15 @@ Group = tuple[int, str, Direction]  # the keys one deny key can cover
 L4Key = tuple[Direction, Protocol, int, int]
 _UNENFORCED = "unenforced"
 _LOCALHOST = "allow-localhost"
+# The synthetic allows of _set_enforcement, made once (not two Keys per change)
+_CK_UNENFORCED_IN: CKey = (_UNENFORCED, int(Direction.INGRESS))
+_CK_UNENFORCED_EG: CKey = (_UNENFORCED, int(Direction.EGRESS))
+_CK_LOCALHOST: CKey = (_LOCALHOST, 0)
+_UNENFORCED_IN = (Key(0, Direction.INGRESS), (None, False, True, ()))
+_UNENFORCED_EG = (Key(0, Direction.EGRESS), (None, False, True, ()))
+_LOCALHOST_IN = (Key(int(ReservedIdentity.HOST), Direction.INGRESS),
+                 (ALLOW_LOCALHOST, False, True, ()))
+_MANY = mm.MANY
 
 
 class _PeerRuleState:
@@ -221,6 +230,7 @@ class EndpointPolicy:
         self._deny_groups: set[Group] = set()
         self._plain: dict[frozenset[str], Entry] = {}
         self._snap: MapState | None = None
+        self._enforced: tuple[bool, bool] | None = None  # what _set_enforcement last applied
 
     # -- what it depends on --------------------------------------------------------
     @property
@@ -246,8 +256,8 @@ class EndpointPolicy:
     def set_rules(self, rules: Sequence[Rule]) -> None:
         """Make the selecting rules ``rules``: rules no longer there withdraw
         their contributions, new ones add theirs (rules are compared by object)."""
-        new = {id(r) for r in rules}
-        old = {id(r) for r in self.rules}
+        new = set(map(id, rules))
+        old = set(map(id, self.rules))
         gone: list[_PeerRuleState] = []
         for rule in self.rules:
             if id(rule) not in new:
@@ -279,19 +289,26 @@ class EndpointPolicy:
             self._refresh(ck)
 
     def _set_enforcement(self) -> None:
-        always = self.enforcement_mode == "always"
-        self.ingress = always or any(r.enforces(Direction.INGRESS) for r in self.rules)
-        self.egress = always or any(r.enforces(Direction.EGRESS) for r in self.rules)
-        wanted: dict[CKey, tuple[Key, Contrib] | None] = {
-            (_UNENFORCED, int(Direction.INGRESS)): None if self.ingress else (
-                Key(0, Direction.INGRESS), (None, False, True, ())),
-            (_UNENFORCED, int(Direction.EGRESS)): None if self.egress else (
-                Key(0, Direction.EGRESS), (None, False, True, ())),
-            (_LOCALHOST, 0): (Key(int(ReservedIdentity.HOST), Direction.INGRESS),
-                              (ALLOW_LOCALHOST, False, True, ()))
-            if self.ingress and self.allow_localhost == "auto" else None,
-        }
-        for ck, want in wanted.items():
+        ingress = egress = self.enforcement_mode == "always"
+        if not ingress:
+            # loops, not any() over generators: every change comes here (B5ENGINE)
+            for r in self.rules:
+                if r.enforce_ingress:
+                    ingress = True
+                if r.enforce_egress:
+                    egress = True
+        self.ingress, self.egress = ingress, egress
+        if self._enforced == (ingress, egress):
+            # the synthetic allows depend on nothing else, and only this
+            # method adds or drops them: they are as wanted already
+            return
+        self._enforced = (ingress, egress)
+        wanted: tuple[tuple[CKey, tuple[Key, Contrib] | None], ...] = (
+            (_CK_UNENFORCED_IN, None if ingress else _UNENFORCED_IN),
+            (_CK_UNENFORCED_EG, None if egress else _UNENFORCED_EG),
+            (_CK_LOCALHOST, _LOCALHOST_IN if ingress and self.allow_localhost == "auto" else None),
+        )
+        for ck, want in wanted:
             if want is None:
                 self._drop(ck)
             elif ck not in self._prs:
@@ -327,7 +344,7 @@ class EndpointPolicy:
                 keys[key] = (derived, False, False, (*cur[3], (l7.parser, l7.rules)))
 
         # an address whose identity the rule selects anyway needs no key of its own
-        extra = [a.address for a in addrs if a.identity not in ids]
+        extra = [a.address for a in addrs if a.identity not in ids] if addrs else ()
         for l4, l7 in l4s:
             bucket = _KEY_CACHE.get((d, *l4))
             prior = reuse.on(d, l4) if reuse is not None else None
@@ -437,8 +454,13 @@ class EndpointPolicy:
             groups = self._deny_groups
             dirty.update(k for k in self._at if _group(k) in groups)
             self._deny_groups = set()
-        for k in [k for k in dirty if k.identity == 0]:
-            dirty |= self._l7_keys.get((k.direction, k.protocol, k.port, k.prefix_len), set())
+        if self._l7_keys:
+            wild: list[Key] = []
+            for k in dirty:  # a loop, not a list comprehension's call (B5ENGINE)
+                if k.identity == 0:
+                    wild.append(k)
+            for k in wild:
+                dirty |= self._l7_keys.get((k.direction, k.protocol, k.port, k.prefix_len), set())
         conflicts: list[str] = []
         state, touched = self.state, self.touched
         for k in dirty:
@@ -488,9 +510,24 @@ class EndpointPolicy:
            (allow all, proxied) absorbs the others. Two parsers on one key are a
            conflict (reported; the first parser by name is used).
         """
-        at = self._contribs(key)
-        if not at:
+        cur = self._at.get(key)
+        if cur is None:
             return None
+        if type(cur) is not _MANY:
+            # one contribution (the usual key): rules 1 and 3 without the
+            # comprehensions below (issue 17, B5ENGINE)
+            c = self._prs[cur].keys[key]
+            if c[1]:
+                return Entry(deny=True, derived_from=frozenset(() if c[0] is None else (c[0],)))
+            if self._deny_keys and self._denied(key):
+                return None
+            if c[2]:
+                derived = frozenset(() if c[0] is None else (c[0],))
+                entry = self._plain.get(derived)
+                if entry is None:
+                    entry = self._plain[derived] = Entry(derived_from=derived)
+                return entry
+        at = self._contribs(key)
         denied_by = [c[0] for c in at if c[1]]
         if denied_by:
             return Entry(deny=True, derived_from=frozenset(d for d in denied_by if d is not None))

@@ -294,7 +294,11 @@ class SelectorCache:
         if fixed is not None:
             self._sel[sel] = set(fixed)
             return sel
-        ids = {i for i in self._candidates(sel) if self._matches(sel, self._idents[i])}
+        ids: set[int] = set()
+        idents = self._idents
+        for i in self._candidates(sel):  # a loop, not a set comprehension's call (B5ENGINE)
+            if self._matches(sel, idents[i]):
+                ids.add(i)
         self._sel[sel] = _packed(ids)
         for i in ids:
             mm.add(self._by_id, i, sel)
@@ -391,11 +395,25 @@ class SelectorCache:
         ``key=value`` pairs (a label selector's first ``In`` requirement, by
         key), a prefix inside a CIDR; None: no index applies."""
         if isinstance(sel, LabelSelector):
-            reqs = sorted((r for r in sel.requirements if r.operator is Operator.IN),
-                          key=lambda r: (r.key, sorted(r.values)))
+            # loops; sorted only when there is a choice (B5ENGINE: a change's
+            # new selector is indexed on the way in and out)
+            reqs = []
+            keys = []
+            for r in sel.requirements:
+                if r.operator is Operator.IN:
+                    reqs.append(r)
+                    keys.append(r.key)
+            if len(reqs) > 1:
+                if len(set(keys)) == len(keys):  # distinct keys: the least key comes first
+                    reqs = [reqs[keys.index(min(keys))]]
+                else:
+                    reqs.sort(key=lambda r: (r.key, sorted(r.values)))
             if reqs:
                 key = split_selector_key(reqs[0].key)[1]
-                return [(key, v) for v in reqs[0].values]
+                slots = []
+                for v in reqs[0].values:
+                    slots.append((key, v))
+                return slots
         if isinstance(sel, CIDRPeer) and sel.cidr.prefixlen != 0:
             return sel.cidr
         return None

@@ -58,9 +58,11 @@ class PolicyRef:
     name: str
 
     def __str__(self) -> str:
+        # ``_value_``, not the ``value`` property (two calls into enum.py): every
+        # peer rule a change computes names its policy (issue 17, B5ENGINE)
         if self.namespace:
-            return f"{self.kind.value} {self.namespace}/{self.name}"
-        return f"{self.kind.value} {self.name}"
+            return f"{self.kind._value_} {self.namespace}/{self.name}"
+        return f"{self.kind._value_} {self.name}"
 
 
 # Per-policy staging (Calico's staged policies): a policy annotated

@@ -107,8 +107,10 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
                 if old is not None:
                     self._release_policy(old)
                 return self._repo.revision
-            conflicts = [msg for eid in sorted(affected) if eid in self._endpoints
-                         for msg in self._update(eid, changed)]
+            conflicts: list[str] = []
+            for eid in sorted(affected):  # a loop, not a comprehension's call (B5ENGINE)
+                if eid in self._endpoints:
+                    conflicts += self._update(eid, changed)
             if conflicts:
                 # refused: put the repository and cache back, then rebuild
                 # what the partial change touched (equal to the state before)
@@ -140,7 +142,8 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
         for sel in policy_selectors(old):
             self._cache.remove_selector(sel)
         changed = self._remove_cidrs(policy_cidrs(old))
-        self._recompute(self._dependents(changed), sels=changed)
+        if changed:
+            self._recompute(self._dependents(changed), sels=changed)
 
     def _endpoints_selected(self, policy: Policy) -> set[int]:
         out: set[int] = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import operator
 from collections.abc import Iterator, Mapping
 
 from axoneme.core.labels import Labels
@@ -12,6 +13,8 @@ from axoneme.core.policy.api import CIDRPeer, EndpointPeer, Peer, Policy, Policy
 from axoneme.core.selectors import LabelSelector
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 
 def policy_selectors(policy: Policy) -> list[Selector]:
@@ -126,8 +129,9 @@ class PolicyRepository:
             bucket = self._by_subject.get(subject)  # type: ignore[call-overload]
             if bucket is not None:
                 found.extend(bucket.items())
-        found.sort(key=lambda item: item[0])
-        return [rule for _, rule in found]
+        if len(found) > 1:
+            found.sort(key=_first)
+        return list(map(_second, found))  # C calls only (B5ENGINE)
 
     def host_rules(self, node_labels: Labels) -> list[Rule]:
         """Host policy rules (CCNP nodeSelector) whose selector selects a node

@@ -83,8 +83,13 @@ def service_peers(svc: Service) -> tuple[Peer, ...]:
 
 
 def has_service_peers(policy: Policy) -> bool:
-    return any(isinstance(p, ServicePeer) for rule in policy.rules for pr in rule.rules
-               for p in pr.peers or ())
+    # loops, not any() over a generator: every policy upsert asks (issue 17, B5ENGINE)
+    for rule in policy.rules:
+        for pr in rule.rules:
+            for p in pr.peers or ():
+                if isinstance(p, ServicePeer):
+                    return True
+    return False
 
 
 def policy_uses(policy: Policy, svc: Service | None) -> bool:
