@@ -46,7 +46,7 @@ class Protocol(IntEnum):
     @classmethod
     def parse(cls, name: str) -> Protocol:
         # the usual spellings from a dict (no str methods, no EnumMeta.__getitem__)
-        found = _PROTOCOL_NAMES.get(name)
+        found = PROTOCOL_NAMES.get(name)
         if found is not None:
             return found
         return cls[name.upper().replace("ICMPV4", "ICMP")]
@@ -55,8 +55,9 @@ class Protocol(IntEnum):
         return {"ICMP": "ICMPv4", "ICMPV6": "ICMPv6"}.get(self.name, self.name)
 
 
-_PROTOCOL_NAMES: dict[str, Protocol] = {p.name: p for p in Protocol}
-_PROTOCOL_NAMES["ICMPV4"] = Protocol.ICMP
+# Protocol.parse's usual spellings (the policy engine reads it inline too)
+PROTOCOL_NAMES: dict[str, Protocol] = {p.name: p for p in Protocol}
+PROTOCOL_NAMES["ICMPV4"] = Protocol.ICMP
 
 PORT_BITS = 16
 # MapState lookups scan up to this many entries; bigger ones probe their keys

@@ -12,6 +12,7 @@ from axoneme.core.mapstate import (
     ADDRESS_IDENTITY,
     PORT_BITS,
     PORT_PROTOCOLS,
+    PROTOCOL_NAMES,
     Direction,
     Key,
     Protocol,
@@ -136,6 +137,14 @@ def _peer_rule_l4s(pr: PeerRule, endpoint: Endpoint
         for pp in port_rule.ports:
             if pp.name and pr.direction is Direction.EGRESS:
                 named.append((pp, l7))
+                continue
+            # one numbered port of one protocol (the usual one): _port_l4s's
+            # answer without its three calls (issue 17, B5ENGINE)
+            proto = None if pp.name or not pp.port or (
+                pp.end_port is not None and pp.end_port > pp.port) \
+                else PROTOCOL_NAMES.get(pp.protocol)
+            if proto is not None and proto is not Protocol.ANY:
+                out.append(((proto, pp.port, PORT_BITS), l7))
             else:
                 for l4 in _port_l4s(pp, endpoint):  # no generator's call (B5ENGINE)
                     out.append((l4, l7))

@@ -263,7 +263,8 @@ class SelectorCache:
                 key = split_selector_key(req.key)[1]
                 cand: set[int] = set()
                 for v in req.values:
-                    cand.update(self._label_ids(key, v))
+                    # a value: the index alone (``_label_ids`` without its call)
+                    cand.update(mm.members(self._kv, (key, v)) if v else self._label_ids(key, v))
                 if best is None or len(cand) < len(best):
                     best = cand
                     if not best:
