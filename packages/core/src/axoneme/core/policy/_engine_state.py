@@ -271,7 +271,7 @@ class EngineState:
         pol.deps_changed = []
         res = pol.opaque
         uses = (res.uses_named_ports or res.uses_addresses) if res is not None \
-            else pol.uses_addresses
+            else bool(pol._addr_prs)  # pol.uses_addresses without the property's call
         if uses:
             self._address_users.add(endpoint_id)
         else:

@@ -88,7 +88,8 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
     def _put_policy(self, policy: Policy) -> int:
         with self._lock:
             old = self._repo.get(policy.ref)
-            changed = self._add_cidrs(policy_cidrs(policy))
+            cidrs = policy_cidrs(policy)
+            changed = self._add_cidrs(cidrs) if cidrs else set()
             # the policy keeps the selectors the cache already holds, not equal
             # copies: a replaced (edited) policy would leave both (B5HIST)
             held: dict[int, Peer] = {}
@@ -124,8 +125,9 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
                 raise PolicyError(conflicts[0])
             if old is not None:
                 self._release_policy(old)
-            LOG.debug("policy %s applied: revision %d, %d endpoints recomputed",
-                      policy.ref, self._repo.revision, len(affected))
+            if LOG.isEnabledFor(logging.DEBUG):  # one call, not two (B5ENGINE)
+                LOG.debug("policy %s applied: revision %d, %d endpoints recomputed",
+                          policy.ref, self._repo.revision, len(affected))
             return self._repo.revision
 
     def delete_policy(self, ref: PolicyRef) -> int:
@@ -141,7 +143,8 @@ class PolicyEngine(EngineEndpoints, EngineHandout):
     def _release_policy(self, old: Policy) -> None:
         for sel in policy_selectors(old):
             self._cache.remove_selector(sel)
-        changed = self._remove_cidrs(policy_cidrs(old))
+        cidrs = policy_cidrs(old)
+        changed = self._remove_cidrs(cidrs) if cidrs else set()
         if changed:
             self._recompute(self._dependents(changed), sels=changed)
 
