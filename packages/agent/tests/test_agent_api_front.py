@@ -460,10 +460,13 @@ def test_an_idle_kept_connection_is_closed(served: Served,
 
 def test_the_client_keeps_its_connection(served: Served,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """AgentClient(keep_alive=True): changes, an error and an aiohttp route on
-    one connection; after the agent closed it (idle), the next request makes
-    a new one; close() ends it. Without keep_alive, one connection each."""
+    """AgentClient(keep_alive=True): the changes and an error on one kept
+    connection; a GET on a connection of its own (aiohttp would keep the one
+    it is given: later changes would miss the front), the changes after it
+    still on the kept one; after the agent closed it (idle), the next change
+    makes a new one; close() ends it. Without keep_alive, one connection each."""
     from axoneme.agent import _apifast
+    from axoneme.core.apiclient import KEPT_ROUTES
 
     made: list[FrontConn] = []
     real_init = FrontConn.__init__
@@ -478,12 +481,10 @@ def test_the_client_keeps_its_connection(served: Served,
     assert api.post("/v1/policies", doc)["applied"] == ["web"]
     with pytest.raises(AgentBadRequest):
         api.post("/v1/policies", {"documents": [{"obj": {**POLICY, "kind": "Pod"}}]})
+    assert api.get("/v1/healthz") == {"ok": True}  # its own connection, handed to aiohttp
     assert api.post("/v1/policies", doc)["applied"] == ["web"]
-    assert api.get("/v1/healthz") == {"ok": True}  # handed to aiohttp, which keeps it too
-    assert api.post("/v1/policies", doc)["applied"] == ["web"]
-    assert len(made) == 1
-    api.close()  # aiohttp has that connection now (it keeps it 75 s)
-    assert api._sock is None
+    assert len(made) == 2 and made[0].parser is not None  # the kept one is the front's
+    assert served.policies.checked == [True, True, True]  # plain JSON: no walk in the parser
     monkeypatch.setattr(_apifast, "KEEP_ALIVE_S", 0.1)
     assert api.post("/v1/policies/delete", {"refs": [
         {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "web"}]})["removed"]
@@ -492,7 +493,24 @@ def test_the_client_keeps_its_connection(served: Served,
     assert api.post("/v1/policies", doc)["applied"] == ["web"]
     assert len(made) == 3
     api.close()
+    assert api._sock is None
     once = AgentClient(served.path, timeout=10)
     for _ in range(2):
         once.post("/v1/policies", doc)
     assert len(made) == 5
+    # the client's kept routes are the ones the agent's front serves
+    agent = SimpleNamespace(adopted=_adopted(), views=None, endpoints=None, policies=FakePolicies(),
+                            namespaces=None, pods=None,
+                            config=SimpleNamespace(k8s_mode=False, flow_injection=False))
+    app = build_app(agent)  # type: ignore[arg-type]
+    assert set(app[HOT_ROUTES]) == KEPT_ROUTES
+
+
+def test_a_body_not_proven_clean_is_walked(served: Served) -> None:
+    """A body whose text json_text_safe cannot clear (here "NaN" in a label
+    value) is parsed with the JSON round-trip walk; a plain one without."""
+    odd = {**POLICY, "metadata": {"name": "web", "labels": {"note": "NaN"}}}
+    for obj in (odd, POLICY):
+        body = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": obj}]}).encode()
+        assert _answer(served.raw(_request("POST", "/v1/policies", body)))[0] == 200
+    assert served.policies.checked == [False, True]

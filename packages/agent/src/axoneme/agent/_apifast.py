@@ -68,6 +68,8 @@ _JSON_TYPES = frozenset({b"", b"application/json", b"application/json; charset=u
                          b"application/json;charset=utf-8"})
 
 
+# status -> reason phrase (HTTPStatus(status) runs the enum's Python lookup per answer)
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 # an answer's Connection header: closing, or kept (HTTP/1.1 keeps by default)
 _CLOSE = "Connection: close\r\n"
 _KEEP = {"1.0": "Connection: keep-alive\r\n"}
@@ -308,7 +310,7 @@ class FrontConn:
                 status, payload = 500, json.dumps({"error": f"internal error: {e}"}).encode()
             version = parser.get_http_version()
             keep = self.req.keep and not self.pipelined
-            head = (f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
+            head = (f"HTTP/{version} {status} {_PHRASES.get(status, '')}\r\n"
                     f"Content-Type: application/json; charset=utf-8\r\n"
                     f"Content-Length: {len(payload)}\r\n"
                     f"{_KEEP.get(version, '') if keep else _CLOSE}\r\n").encode()

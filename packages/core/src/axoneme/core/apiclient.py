@@ -28,8 +28,8 @@ SOCKET_ENV = "AXONEME_API_SOCKET"
 # Statuses with which the agent says "your request is wrong" (exit 2), not "I failed".
 BAD_REQUEST_STATUSES = frozenset({400, 404, 409, 422})
 
-__all__ = ["BAD_REQUEST_STATUSES", "DEFAULT_SOCKET", "SOCKET_ENV", "AgentBadRequest", "AgentClient",
-           "AgentError", "AgentUnreachable", "q", "resolve_socket"]
+__all__ = ["BAD_REQUEST_STATUSES", "DEFAULT_SOCKET", "KEPT_ROUTES", "SOCKET_ENV", "AgentBadRequest",
+           "AgentClient", "AgentError", "AgentUnreachable", "q", "resolve_socket"]
 
 
 class AgentUnreachable(AxonemeError):
@@ -81,6 +81,10 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# the requests a keep-alive client sends on its kept connection: the policy
+# changes, which the agent's lean front serves (agent/_apifast.py HOT_ROUTES)
+KEPT_ROUTES = frozenset({("POST", "/v1/policies"), ("POST", "/v1/policies/delete")})
+
 # methods http.client sends "Content-Length: 0" for when they carry no body
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -94,13 +98,16 @@ def _with_query(path: str, query: dict[str, Any] | None) -> str:
 class AgentClient:
     """Synchronous JSON requests (the agent is local).
 
-    One connection per request, unless ``keep_alive``: then the client keeps
-    its connection for the next request (the agent's policy changes keep it
-    too; its other routes are aiohttp's, which keeps it as well), as a
-    controller or kubectl does: each request spares the connect and the
-    agent's accept (issue 17, B5CUT). A kept connection the agent closed
-    meanwhile (idle, restarted) is noticed before the request goes out and a
-    new one made; ``close()`` ends it. Requests on one client are serialized."""
+    One connection per request, unless ``keep_alive``: then the policy
+    changes (``KEPT_ROUTES``) go on one connection the client keeps, as a
+    controller or kubectl keeps theirs: each change spares the connect and
+    the agent's accept (issue 17, B5CUT). Every other request still makes a
+    connection of its own: the agent serves the changes on a lean front and
+    hands a connection that asks for anything else to aiohttp for good, so a
+    kept connection that carried a GET would serve every later change on the
+    slow path. A kept connection the agent closed meanwhile (idle,
+    restarted) is noticed before the request goes out and a new one made;
+    ``close()`` ends it. Requests on one client are serialized."""
 
     def __init__(self, socket_path: str | None = None, timeout: float | None = 120.0,
                  keep_alive: bool = False) -> None:
@@ -172,7 +179,7 @@ class AgentClient:
             raise http.client.InvalidURL(f"URL can't contain control characters: {path!r}")
         wire = "\r\n".join(head).encode("ascii") + b"\r\n\r\n" + (data or b"")
         timeout = timeout if timeout is not None else self.timeout
-        if not self.keep_alive:
+        if not self.keep_alive or (method, path) not in KEPT_ROUTES or query:
             conn = self._conn(timeout)
             try:
                 assert conn.sock is not None
