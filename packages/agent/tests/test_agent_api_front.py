@@ -503,7 +503,7 @@ def test_the_client_keeps_its_connection(served: Served,
                             namespaces=None, pods=None,
                             config=SimpleNamespace(k8s_mode=False, flow_injection=False))
     app = build_app(agent)  # type: ignore[arg-type]
-    assert set(app[HOT_ROUTES]) == KEPT_ROUTES
+    assert set(app[HOT_ROUTES]) == KEPT_ROUTES  # type: ignore[index]
 
 
 def test_a_body_not_proven_clean_is_walked(served: Served) -> None:

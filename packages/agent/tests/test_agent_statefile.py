@@ -330,7 +330,7 @@ def test_the_journal_is_kept_open_and_reopened_when_its_path_changes(
         opened.append(str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(_statefile.os, "open", counted)
+    monkeypatch.setattr(os, "open", counted)  # the module _statefile opens with
     journal = Path(store.journal_file)
 
     def change(i: int) -> None:
