@@ -335,3 +335,38 @@ def test_node_addresses_are_the_host_identity_in_the_ipcache():
     assert changes.upserts[_ip.ip_network("192.0.2.7/32")] == int(_R.HOST)
     assert eng.set_host_addresses(["198.51.100.1"])
     assert _ip.ip_network("192.0.2.7/32") in eng.pending_ipcache_changes().deletes
+
+
+def test_synthetic_allows_follow_enforcement_through_changes() -> None:
+    """The unenforced-direction and allow-localhost entries are kept only when the
+    endpoint's enforcement changes (B5ENGINE): through a sequence of edits each
+    endpoint's state equals a fresh engine's for the same policies."""
+    b = EndpointPeer(sel(app="b"))
+    steps = [
+        [policy("in", sel(app="a"), PeerRule(IN, peers=(b,), ports=ports((80, "TCP"))))],
+        [policy("in", sel(app="a"), PeerRule(IN, peers=(b,), ports=ports((81, "TCP"))))],  # edit, same enforcement
+        [policy("in", sel(app="a"), PeerRule(IN, peers=(b,))),
+         policy("eg", sel(app="a"), PeerRule(EG, peers=(b,)))],  # egress enforced too
+        [policy("eg", sel(app="a"), PeerRule(EG, peers=(b,)))],  # ingress no longer
+        [],  # nothing enforced
+        [policy("in", sel(app="a"), PeerRule(IN, peers=(b,)))],  # ingress again
+    ]
+    w = World()
+    applied: set[PolicyRef] = set()
+    for pols in steps:
+        for p in pols:
+            w.engine.upsert_policy(p)
+        for r in applied - {p.ref for p in pols}:
+            w.engine.delete_policy(r)
+        applied = {p.ref for p in pols}
+        fresh = World()
+        for p in pols:
+            fresh.engine.upsert_policy(p)
+        for ep in (1, 2, 3):
+            assert w.engine.resolve(ep) == fresh.engine.resolve(ep)
+            assert w.engine.enforcement(ep) == fresh.engine.enforcement(ep)
+        ingress, egress = w.engine.enforcement(1)
+        state = w.engine.resolve(1)
+        assert (Key(0, IN) in state) is not ingress
+        assert (Key(0, EG) in state) is not egress
+        assert (Key(int(ReservedIdentity.HOST), IN) in state) is ingress
