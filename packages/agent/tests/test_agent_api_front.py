@@ -341,6 +341,19 @@ def _closed(s: socket.socket) -> bool:
     return s.recv(1) == b""
 
 
+def _conns_made(monkeypatch: pytest.MonkeyPatch) -> list[FrontConn]:
+    """Every FrontConn the front makes from now on, in order."""
+    made: list[FrontConn] = []
+    real_init = FrontConn.__init__
+
+    def init(self: FrontConn, *args: Any) -> None:
+        real_init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(FrontConn, "__init__", init)
+    return made
+
+
 APPLY = json.dumps({"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}).encode()
 
 
@@ -350,14 +363,7 @@ def test_keep_alive_serves_requests_on_one_connection(served: Served, delay: flo
     """A client that keeps its connection: a change, a bad request, a change
     again and a delete, each answered on the same connection (one FrontConn),
     whether the handler ran to its end at once (eager) or waited (a task)."""
-    made: list[FrontConn] = []
-    real_init = FrontConn.__init__
-
-    def init(self: FrontConn, *args: Any) -> None:
-        real_init(self, *args)
-        made.append(self)
-
-    monkeypatch.setattr(FrontConn, "__init__", init)
+    made = _conns_made(monkeypatch)
     served.policies.delay = delay
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
@@ -468,14 +474,7 @@ def test_the_client_keeps_its_connection(served: Served,
     from axoneme.agent import _apifast
     from axoneme.core.apiclient import KEPT_ROUTES
 
-    made: list[FrontConn] = []
-    real_init = FrontConn.__init__
-
-    def init(self: FrontConn, *args: Any) -> None:
-        real_init(self, *args)
-        made.append(self)
-
-    monkeypatch.setattr(FrontConn, "__init__", init)
+    made = _conns_made(monkeypatch)
     doc = {"documents": [{"file": "a.yaml", "index": 0, "obj": POLICY}]}
     api = AgentClient(served.path, timeout=10, keep_alive=True)
     assert api.post("/v1/policies", doc)["applied"] == ["web"]
