@@ -82,7 +82,8 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 # the requests a keep-alive client sends on its kept connection: the policy
-# changes, which the agent's lean front serves (agent/_apifast.py HOT_ROUTES)
+# changes, which the agent's lean front serves (agent/_api.py HOT_ROUTES; a
+# test in packages/agent keeps the two equal)
 KEPT_ROUTES = frozenset({("POST", "/v1/policies"), ("POST", "/v1/policies/delete")})
 
 # methods http.client sends "Content-Length: 0" for when they carry no body
