@@ -301,8 +301,8 @@ def _fuzz_response(stream: bytes) -> None:
         httptools.HttpResponseParser(Cb()).feed_data(resp.raw + wire_body)
     except httptools.HttpParserError:
         # A stricter client refusing what the upstream sent (identical
-        # repeated Content-Length, empty Transfer-Encoding list elements,
-        # both allowed by RFC 9110) closes the connection: no desync.
+        # repeated Content-Length, allowed by RFC 9110) closes the
+        # connection: no desync.
         return
     assert got == {"body": body, "complete": 1}, (got, resp.raw)
 

@@ -97,11 +97,24 @@ func parseResponseHead(raw []byte) *responseHead {
 		default:
 			continue
 		}
+		if to == &tes && bytes.IndexByte(line[c+1:], '\t') >= 0 {
+			// llhttp (Node's client, httptools) reads "chunked<HTAB>" as not
+			// chunked, to the end of the connection: framed as chunked here,
+			// the next response would be read from its body. (_wire.py too.)
+			return nil
+		}
 		*to = append(*to, lowerASCII(string(trimOWS(line[c+1:]))))
 	}
 	if len(tes) > 0 {
 		if len(cls) > 0 {
 			return nil
+		}
+		for _, v := range tes {
+			for _, t := range strings.Split(v, ",") {
+				if trimOWSs(t) == "" {
+					return nil // "chunked,": llhttp's reading is not chunked (see above)
+				}
+			}
 		}
 		codings := listOf(tes)
 		if len(codings) == 0 || codings[len(codings)-1] != "chunked" {

@@ -175,6 +175,58 @@ def test_response_framing() -> None:
         assert e.value.status == 502
 
 
+@pytest.mark.parametrize("te", [b"chunked\t", b"chunked \t", b"\tchunked", b"gzip,\tchunked",
+                                b"chunked,", b"chunked, ", b"chunked,,", b",chunked"])
+def test_response_transfer_encoding_llhttp_reads_otherwise(te: bytes) -> None:
+    # llhttp (a client's parser) reads a trailing HTAB or empty element as
+    # "not chunked": the body to the end of the connection. Framed as chunked
+    # here, the next response would be read from this one's body (fuzz find);
+    # an HTAB anywhere or any empty element is refused.
+    with pytest.raises(HttpError) as e:
+        parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
+    assert e.value.status == 502
+
+
+def test_response_transfer_encoding_agrees_with_llhttp() -> None:
+    # Every short Transfer-Encoding value (and a second header around it)
+    # that is framed as chunked here is chunked to llhttp too.
+    import itertools
+
+    import httptools
+
+    def llhttp_chunked(raw: bytes) -> bool:
+        got = {"body": b"", "complete": 0}
+
+        class Cb:
+            def on_body(self, b: bytes) -> None:
+                got["body"] += b  # type: ignore[operator]
+
+            def on_message_complete(self) -> None:
+                got["complete"] += 1  # type: ignore[operator]
+
+        try:
+            httptools.HttpResponseParser(Cb()).feed_data(raw + b"0\r\n\r\n")
+        except httptools.HttpParserError:
+            return True  # refused by the client: it closes, no desync
+        return got == {"body": b"", "complete": 1}
+
+    atoms = [b"chunked", b"gzip", b"", b" ", b"\t", b",", b"identity"]
+    checked = 0
+    for n in (1, 2, 3):
+        for combo in itertools.product(atoms, repeat=n):
+            v = b"".join(combo)
+            for values in ([v], [b"gzip", v], [v, b"chunked"], [b"chunked", v]):
+                raw = b"HTTP/1.1 200 OK\r\n" + b"".join(
+                    b"Transfer-Encoding: " + x + b"\r\n" for x in values) + b"\r\n"
+                try:
+                    chunked = parse_response_head(raw).chunked
+                except HttpError:
+                    continue
+                checked += chunked
+                assert not chunked or llhttp_chunked(raw), values
+    assert checked > 10
+
+
 @pytest.mark.parametrize("method", [b"get", b"FOO", b"Get", b"PRI", b"M-SEARCHX"])
 def test_unknown_methods_are_501(method: bytes) -> None:
     # llhttp (the upstream's parser, often) refuses them; "get" is not GET

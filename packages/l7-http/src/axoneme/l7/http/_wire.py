@@ -50,6 +50,9 @@ closed):
 
    The query is forwarded as received (only malformed escapes are refused).
 5. HTTP/1.1 requires exactly one Host header; HTTP/1.0 allows none.
+6. Responses (``parse_response_head``, 502): framed as a client's llhttp
+   frames them; a Transfer-Encoding with an HTAB or an empty element
+   (``chunked<HTAB>``, ``chunked,``: not chunked to llhttp) is refused.
 
 Every regex below runs on attacker bytes, so each is linear: no lazy
 quantifier is followed by something its own class can also match (such a
@@ -366,18 +369,27 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     cls: list[str] = []
     tes: list[str] = []
     conn: list[str] = []
-    for n, v in _FRAMING.findall(b"\r\n" + section.lower()):
-        v = v.strip(_OWS)
+    for n, raw_v in _FRAMING.findall(b"\r\n" + section.lower()):
+        v = raw_v.strip(_OWS)
         if n == b"content-length":
             cls.append(v.decode("latin-1"))
         elif n == b"transfer-encoding":
+            if b"\t" in raw_v:
+                # llhttp (Node's client, httptools) reads ``chunked<HTAB>``
+                # as not chunked, to the end of the connection: framed as
+                # chunked here, the next response would be read from its body.
+                raise HttpError(502, "bad upstream response: HTAB in Transfer-Encoding")
             tes.append(v.decode("latin-1"))
         else:
             conn.append(v.decode("latin-1"))
     if tes:
         if cls:
             raise HttpError(502, "bad upstream response: both Content-Length and Transfer-Encoding")
-        codings = _list(tes)
+        codings = _codings(tes)
+        if "" in codings:
+            # ``chunked,``: an empty element, which llhttp reads as the end
+            # of the list being something other than chunked (see above).
+            raise HttpError(502, "bad upstream response: empty Transfer-Encoding element")
         if codings[-1:] != ["chunked"]:
             # Not chunked: the body runs to the end of the connection.
             resp.close = True
