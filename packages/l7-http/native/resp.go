@@ -91,17 +91,17 @@ func parseResponseHead(raw []byte) *responseHead {
 		case asciiFoldEq(name, "content-length"):
 			to = &cls
 		case asciiFoldEq(name, "transfer-encoding"):
+			if bytes.IndexByte(line[c+1:], '\t') >= 0 {
+				// llhttp (Node's client, httptools) reads "chunked<HTAB>" as not
+				// chunked, to the end of the connection: framed as chunked here,
+				// the next response would be read from its body. (_wire.py too.)
+				return nil
+			}
 			to = &tes
 		case asciiFoldEq(name, "connection"):
 			to = &conn
 		default:
 			continue
-		}
-		if to == &tes && bytes.IndexByte(line[c+1:], '\t') >= 0 {
-			// llhttp (Node's client, httptools) reads "chunked<HTAB>" as not
-			// chunked, to the end of the connection: framed as chunked here,
-			// the next response would be read from its body. (_wire.py too.)
-			return nil
 		}
 		*to = append(*to, lowerASCII(string(trimOWS(line[c+1:]))))
 	}
@@ -109,15 +109,11 @@ func parseResponseHead(raw []byte) *responseHead {
 		if len(cls) > 0 {
 			return nil
 		}
-		for _, v := range tes {
-			for _, t := range strings.Split(v, ",") {
-				if trimOWSs(t) == "" {
-					return nil // "chunked,": llhttp's reading is not chunked (see above)
-				}
-			}
+		codings := codingsOf(tes)
+		if contains(codings, "") {
+			return nil // "chunked,": llhttp's reading is not chunked (see above)
 		}
-		codings := listOf(tes)
-		if len(codings) == 0 || codings[len(codings)-1] != "chunked" {
+		if codings[len(codings)-1] != "chunked" {
 			resp.close = true // the body runs to the end of the connection
 		} else {
 			if len(codings) != 1 {

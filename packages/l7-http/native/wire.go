@@ -163,6 +163,18 @@ func listOf(values []string) []string {
 	return out
 }
 
+// _codings: Transfer-Encoding elements, OWS-trimmed, lower-case, "" for an
+// empty one (refused: ambiguous).
+func codingsOf(values []string) []string {
+	var out []string
+	for _, v := range values {
+		for _, t := range strings.Split(v, ",") {
+			out = append(out, lowerASCII(trimOWSs(t)))
+		}
+	}
+	return out
+}
+
 func lowerASCII(s string) string {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; c >= 'A' && c <= 'Z' {
@@ -300,12 +312,7 @@ func parseRequestHead(block []byte) (*requestHead, *httpError) {
 		if version == "HTTP/1.0" {
 			return nil, herr(400, "Transfer-Encoding in an HTTP/1.0 request")
 		}
-		var codings []string // _codings: empty elements kept
-		for _, v := range tes {
-			for _, t := range strings.Split(v, ",") {
-				codings = append(codings, lowerASCII(trimOWSs(t)))
-			}
-		}
+		codings := codingsOf(tes)
 		if !(len(codings) == 1 && codings[0] == "chunked") {
 			nch := 0
 			for _, c := range codings {
